@@ -1,0 +1,3 @@
+"""Public ops of the mhc family (not yet implemented)."""
+
+__all__ = []

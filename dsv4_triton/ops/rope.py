@@ -1,0 +1,3 @@
+"""Public ops of the rope family (not yet implemented)."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""Public ops of the router family (not yet implemented)."""
+
+__all__ = []

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m dsv4_triton.bench [family ...]`` (see harness.py)."""

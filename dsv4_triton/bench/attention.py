@@ -1,0 +1,5 @@
+"""Benchmark cases of the attention family (none yet)."""
+
+
+def cases(quick: bool):
+    return []

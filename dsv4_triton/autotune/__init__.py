@@ -110,7 +110,7 @@ def main(argv: List[str] | None = None) -> int:
     from ..bench.__main__ import run_benchmarks
 
     os.environ.setdefault("DSV4_BENCH_QUICK", "1")
-    run_benchmarks(argv, write_results=False)
+    run_benchmarks(argv, write_results=False, compile_baselines=False)
     print(f"autotune: wrote {save()}")
     return 0
 

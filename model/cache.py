@@ -1,0 +1,253 @@
+"""The decode cache of a batch of requests, and the candidate indices attention reads.
+
+One ``KVCache`` owns every layer's storage, sized ``[max_batch, ...]`` once at
+construction (nothing is allocated per decode step), and hides its layout behind methods:
+
+* a sliding-window ring of ``W`` KV slots: the token at position ``q`` lives in slot ``q % W``;
+* the layer's compressed KV entries (CSA and HCA layers): entry ``j`` lives at ``W + j``,
+  so one ``[W + n_entries, D]`` tensor per request is what attention reads (SPEC 5,
+  "index convention");
+* for CSA layers the indexer's compressed keys, ``[n_entries, index_head_dim]``;
+* each compressor's partial-window state (SPEC 6): the projected ``a`` and gate ``z`` of
+  the tokens of the window being filled, ``[L, c*d]`` in FP32, in the row layout
+  ``ops.compress_entries`` takes: ratio 128 (c = 1) rows ``0..127`` are the window's tokens
+  (token ``q`` in row ``q % 128``); ratio 4 (c = 2) rows ``0..3`` hold the previous
+  window's tokens and rows ``4..7`` the current one's (token ``q`` in row ``4 + q % 4``).
+
+Storage format: KV entries are kept as the BF16 values the model computes, which are
+already QAT'd (the non-RoPE part passed through ``qat8``, the indexer keys through
+``qat4``, SPEC 2), so storing their FP8/FP4 codes instead would be exact; this layout is
+what the methods below hide when that change is made.
+
+Positions are per request: every method takes the ``[B]`` positions (or lengths) of the
+requests in rows ``0..B-1``.  Nothing here synchronises with the host: writes that only
+some requests make in a step (a compressed entry is emitted when ``(p+1) % ratio == 0``)
+are masked, not branched on.
+
+Candidate indices (SPEC 5.3) are int32 rows, ``-1`` for an empty slot:
+* decode (one token at ``p``, indices into the cache tensor above): the window's
+  positions ``p-W+1..p`` in ascending order (ring slots), then the compressed entries,
+  HCA: every ``j < (p+1) // 128``; CSA: the indexer's top-k (``W + j``).
+* prefill (indices into ``[the S prompt tokens | the n compressed entries]``): token ``s``
+  sees tokens ``s-W+1..s``, then entries as above, entry ``j`` at ``S + j``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .config import CSA_RATIO, HCA_RATIO, WINDOW_ONLY, DSV4Config
+
+MAIN, INDEX = "main", "index"  # the two compressors of a CSA layer
+
+
+def state_rows(ratio: int) -> int:
+    """Rows of a compressor's partial-window state (and of one ``compress_entries`` window)."""
+    return 2 * ratio if ratio == CSA_RATIO else ratio
+
+
+def _state_width(ratio: int, d: int) -> int:
+    return 2 * d if ratio == CSA_RATIO else d
+
+
+class KVCache:
+    """Decode state of up to ``max_batch`` requests of up to ``max_seq_len`` tokens."""
+
+    def __init__(self, config: DSV4Config, max_batch: int, max_seq_len: int,
+                 device: torch.device, dtype: torch.dtype = torch.bfloat16):
+        if max_batch <= 0 or max_seq_len <= 0:
+            raise ValueError(f"max_batch/max_seq_len: expected positive ints, got {max_batch}/{max_seq_len}")
+        self.config = config
+        self.window = config.sliding_window
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.device = torch.device(device)
+        self.ratios: Tuple[int, ...] = config.compress_ratios[:config.num_hidden_layers]
+        d, di = config.head_dim, config.index_head_dim
+        self._kv: List[torch.Tensor] = []
+        self._index_keys: List[Optional[torch.Tensor]] = []
+        self._state: List[dict] = []
+        for ratio in self.ratios:
+            n_entries = max_seq_len // ratio if ratio else 0
+            self._kv.append(torch.zeros(max_batch, self.window + n_entries, d, dtype=dtype, device=device))
+            states = {}
+            if ratio:
+                states[MAIN] = self._new_state(ratio, d)
+            if ratio == CSA_RATIO:
+                self._index_keys.append(torch.zeros(max_batch, n_entries, di, dtype=dtype, device=device))
+                states[INDEX] = self._new_state(ratio, di)
+            else:
+                self._index_keys.append(None)
+            self._state.append(states)
+        # Next position of each request (tokens cached so far), for checked-mode validation.
+        self.next_pos = torch.zeros(max_batch, dtype=torch.int64, device=device)
+
+    def _new_state(self, ratio: int, d: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.max_batch, state_rows(ratio), _state_width(ratio, d))
+        return (torch.zeros(shape, dtype=torch.float32, device=self.device),
+                torch.zeros(shape, dtype=torch.float32, device=self.device))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> None:
+        """Forget every request (zero all storage, so a reused cache is deterministic)."""
+        for t in self._kv:
+            t.zero_()
+        for t in self._index_keys:
+            if t is not None:
+                t.zero_()
+        for states in self._state:
+            for a, z in states.values():
+                a.zero_()
+                z.zero_()
+        self.next_pos.zero_()
+
+    def n_entries(self, layer: int) -> int:
+        """Capacity of the layer's compressed-entry store (per request)."""
+        ratio = self.ratios[layer]
+        return self.max_seq_len // ratio if ratio else 0
+
+    def nbytes(self) -> int:
+        tensors = self._kv + [t for t in self._index_keys if t is not None]
+        tensors += [t for states in self._state for pair in states.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ------------------------------------------------------------------ views for attention
+    def kv(self, layer: int, batch: int) -> torch.Tensor:
+        """``[batch, W + n_entries, D]``: the tensor decode attention indexes into."""
+        return self._kv[layer][:batch]
+
+    def index_keys(self, layer: int, batch: int) -> torch.Tensor:
+        """``[batch, n_entries, index_head_dim]``: the indexer's compressed keys (CSA layers)."""
+        keys = self._index_keys[layer]
+        if keys is None:
+            raise ValueError(f"layer {layer}: ratio {self.ratios[layer]} has no indexer")
+        return keys[:batch]
+
+    def state(self, layer: int, which: str, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The compressor's ``(a, z)`` windows, ``[batch, L, c*d]`` FP32 each (rows as documented above)."""
+        a, z = self._state[layer][which]
+        return a[:batch], z[:batch]
+
+    # ------------------------------------------------------------------ prefill writes
+    def fill_window(self, layer: int, kv: torch.Tensor, lengths: torch.Tensor) -> None:
+        """After a prefill of ``kv [B, S, D]`` (request b's real tokens are ``0..lengths[b]-1``):
+        ring slot ``s`` gets the latest real token ``q <= lengths-1`` with ``q % W == s``."""
+        B, S, _ = kv.shape
+        W = self.window
+        slots = torch.arange(W, device=kv.device)
+        last = (lengths.to(torch.int64) - 1)[:, None]
+        src = last - torch.remainder(last - slots, W)  # [B, W], may be < 0: slot never used
+        rows = torch.arange(B, device=kv.device)[:, None]
+        self._kv[layer][:B, :W] = kv[rows, src.clamp(0, S - 1)]
+
+    def write_entries(self, layer: int, which: str, entries: torch.Tensor) -> None:
+        """After a prefill: the ``[B, n, d]`` entries computed from the prompt, at ``0..n-1``.
+
+        Entries a request's padding produced (``j >= lengths[b] // ratio``) are stored too: no
+        token sees them before decode rewrites them (entry j is emitted at position
+        ``ratio*j + ratio - 1``, which is past every real prompt token)."""
+        B, n, _ = entries.shape
+        if which == MAIN:
+            self._kv[layer][:B, self.window:self.window + n] = entries
+        else:
+            self._index_keys[layer][:B, :n] = entries
+
+    def fill_state(self, layer: int, which: str, a: torch.Tensor, z: torch.Tensor, lengths: torch.Tensor) -> None:
+        """After a prefill of projections ``a, z [B, S, c*d]``: the partial window that decode continues.
+
+        Row r of the state holds token ``base + r`` with ``base = (len // ratio) * ratio``
+        (ratio 128), or ``base - 4`` (ratio 4, whose rows 0..3 are the previous window);
+        rows for tokens past the prompt are overwritten by decode before they are pooled,
+        and rows before position 0 are ignored by the op (entry 0 has no previous window)."""
+        ratio = self.ratios[layer]
+        B, S, _ = a.shape
+        rows = state_rows(ratio)
+        first = (lengths.to(torch.int64) // ratio) * ratio - (ratio if ratio == CSA_RATIO else 0)
+        src = (first[:, None] + torch.arange(rows, device=a.device)).clamp(0, S - 1)
+        batch = torch.arange(B, device=a.device)[:, None]
+        sa, sz = self._state[layer][which]
+        sa[:B] = a[batch, src]
+        sz[:B] = z[batch, src]
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Record ``[B]`` next positions (tokens cached) of rows ``0..B-1``."""
+        self.next_pos[:positions.shape[0]] = positions
+
+    # ------------------------------------------------------------------ decode writes
+    def write_token(self, layer: int, kv: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: the new tokens' ``kv [B, D]`` at positions ``[B]`` into their ring slots."""
+        B = kv.shape[0]
+        rows = torch.arange(B, device=kv.device)
+        self._kv[layer][rows, torch.remainder(positions, self.window)] = kv
+
+    def push_state(self, layer: int, which: str, a: torch.Tensor, z: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: the new tokens' projections ``a, z [B, c*d]`` into the partial window."""
+        ratio = self.ratios[layer]
+        B = a.shape[0]
+        row = torch.remainder(positions, ratio) + (CSA_RATIO if ratio == CSA_RATIO else 0)
+        rows = torch.arange(B, device=a.device)
+        sa, sz = self._state[layer][which]
+        sa[rows, row] = a
+        sz[rows, row] = z
+
+    def emit_entry(self, layer: int, which: str, entry: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: store ``entry [B, d]`` (pooled from the state) as entry ``p // ratio`` of the
+        requests whose token completed a window (``(p+1) % ratio == 0``); for ratio 4 those
+        requests' current window becomes their previous one.  Masked, no host sync."""
+        ratio = self.ratios[layer]
+        if self.n_entries(layer) == 0:
+            return  # max_seq_len < ratio: no position ever completes a window
+        B = entry.shape[0]
+        emit = torch.remainder(positions + 1, ratio) == 0
+        j = (positions // ratio).clamp(max=self.n_entries(layer) - 1)
+        rows = torch.arange(B, device=entry.device)
+        if which == MAIN:
+            store, col = self._kv[layer], self.window + j
+        else:
+            store, col = self._index_keys[layer], j
+        store[rows, col] = torch.where(emit[:, None], entry.to(store.dtype), store[rows, col])
+        if ratio == CSA_RATIO:
+            for t in self._state[layer][which]:
+                t[:B, :CSA_RATIO] = torch.where(emit[:, None, None], t[:B, CSA_RATIO:], t[:B, :CSA_RATIO])
+
+    # ------------------------------------------------------------------ candidate indices
+    def decode_candidates(self, layer: int, positions: torch.Tensor,
+                          topk: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """int32 ``[B, 1, K]`` indices into ``kv(layer, B)`` for tokens at ``positions [B]``.
+
+        ``topk`` (CSA layers): the indexer's ``[B, 1, k]`` entry ids, -1 padded."""
+        ratio = self.ratios[layer]
+        W = self.window
+        p = positions.to(torch.int64)[:, None]
+        q = p - (W - 1) + torch.arange(W, device=p.device)  # window positions, ascending
+        parts = [torch.where(q >= 0, torch.remainder(q, W), -1)]
+        if ratio == HCA_RATIO:
+            j = torch.arange(self.n_entries(layer), device=p.device)
+            parts.append(torch.where(j < (p + 1) // ratio, W + j, -1))
+        elif ratio == CSA_RATIO:
+            if topk is None:
+                raise ValueError(f"topk: layer {layer} is a CSA layer, its candidates need the indexer's top-k")
+            t = topk[:, 0].to(torch.int64)
+            parts.append(torch.where(t >= 0, W + t, -1))
+        return torch.cat(parts, dim=-1).to(torch.int32)[:, None, :]
+
+    @staticmethod
+    def prefill_candidates(seq_len: int, window: int, ratio: int, n_entries: int,
+                           topk: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+        """int32 ``[1 or B, S, K]`` indices into ``[S prompt tokens | n_entries entries]`` for
+        the tokens at positions ``0..S-1`` (every request's prompt starts at position 0)."""
+        s = torch.arange(seq_len, device=device)[:, None]
+        q = s - (window - 1) + torch.arange(window, device=device)
+        parts = [torch.where(q >= 0, q, -1)[None]]
+        if ratio == HCA_RATIO and n_entries:
+            j = torch.arange(n_entries, device=device)
+            parts.append(torch.where(j < (s + 1) // ratio, seq_len + j, -1)[None])
+        elif ratio == CSA_RATIO and topk is not None:
+            t = topk.to(torch.int64)
+            parts.append(torch.where(t >= 0, seq_len + t, -1))
+        elif ratio not in (WINDOW_ONLY, HCA_RATIO, CSA_RATIO):
+            raise ValueError(f"ratio: expected one of 0, 4, 128, got {ratio}")
+        batch = max(p.shape[0] for p in parts)
+        return torch.cat([p.expand(batch, -1, -1) for p in parts], dim=-1).to(torch.int32)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .. import validate as V
+from ..kernels import rope as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import rope as _reference  # noqa: F401  (registers the reference backend)
 from ..registry import call, declare_torch_op, define_op, dispatch
 
@@ -161,7 +162,8 @@ def apply_rope_(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, i
     if slot_view(x, positions.dim()) is None:
         raise ValueError(f"x: in-place RoPE needs the dims of positions and the remaining leading dims "
                          f"each to flatten without a copy, got shape {tuple(x.shape)} strides {x.stride()}")
-    if torch._debug_has_internal_overlap(x) == 1:
-        raise ValueError("x: in-place RoPE needs x without overlapping elements (e.g. not an expand())")
+    if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
+        raise ValueError(f"x: in-place RoPE needs x without overlapping elements, got a broadcast (stride 0) dim: "
+                         f"shape {tuple(x.shape)} strides {x.stride()}")
     call("apply_rope_", x.device, x, freqs, positions, inverse)
     return x

@@ -5,11 +5,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, use_backend
 from dsv4_triton.formats import FP4_VALUES, e8m0_to_float, fp4_unpack
+from dsv4_triton.kernels.formats import cast_rne
 from dsv4_triton.reference import quant as ref
+from helpers import ULP
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -184,3 +188,241 @@ _x = torch.zeros(4, 64)
 def test_bad_input(fn, kwargs, err, match):
     with pytest.raises(err, match=match):
         fn(**kwargs)
+
+
+# --- Triton kernels against the oracles --------------------------------------------------
+
+def _triton(fn, *args, **kw):
+    with use_backend("triton"):
+        return fn(*args, **kw)
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-identical, except that any NaN matches any NaN (torch and GPUs write different
+    NaN payloads into float outputs; codes and scale bytes are compared as plain bytes)."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    if a.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+        assert torch.equal(nan_a, nan_e), f"{what}: NaN mismatch at {(nan_a != nan_e).nonzero()[:5].tolist()}"
+        a, e = a.masked_fill(nan_a, 0), e.masked_fill(nan_e, 0)
+    ab, eb = a.contiguous().view(ints), e.contiguous().view(ints)
+    bad = (ab != eb).nonzero()
+    assert bad.numel() == 0, (f"{what}: {bad.shape[0]} of {ab.numel()} differ, first at {bad[0].tolist()}: "
+                              f"got {a[tuple(bad[0])].item()!r}, expected {e[tuple(bad[0])].item()!r}")
+
+
+def _tie_block(g: torch.Generator, block: int, kind: str) -> torch.Tensor:
+    """A block whose scale is exactly 2^k and whose other values are rounding ties at that scale."""
+    k = int(torch.randint(-8, 7, (), generator=g))
+    if kind == "fp8":
+        grid = _fp8_grid()
+        mids = (grid[:-1] + grid[1:]) / 2
+        top = 448.0
+    else:
+        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+        top = 6.0
+    vals = mids[torch.randint(0, mids.numel(), (block,), generator=g)]
+    vals = torch.where(torch.rand(block, generator=g) < 0.5, -vals, vals)
+    vals[int(torch.randint(0, block, (), generator=g))] = top
+    return vals * 2.0 ** k
+
+
+def _input(seed: int, lead, n: int, block: int, dtype: torch.dtype, scale: float, specials: bool,
+           kind: str = "fp8") -> torch.Tensor:
+    """Random values; with ``specials`` each block may instead be all zeros, subnormal, near the
+    dtype's max, hold a +-Inf or a NaN, or consist of rounding ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n, generator=g) * scale
+    if specials and x.numel():
+        fi = torch.finfo(dtype)
+        xb = x.view(-1, block)
+        for i, case in enumerate(torch.randint(0, 9, (xb.shape[0],), generator=g).tolist()):
+            j = int(torch.randint(0, block, (), generator=g))
+            if case == 1:
+                xb[i] = 0.0
+            elif case == 2:
+                xb[i] = torch.randn(block, generator=g) * fi.tiny * 0.25  # subnormal in dtype
+            elif case == 3:
+                xb[i] = (torch.rand(block, generator=g) * 0.5 + 0.5) * fi.max * torch.randn(block, generator=g).sign()
+            elif case == 4:
+                xb[i, j] = float("inf")
+            elif case == 5:
+                xb[i, j] = float("-inf")
+            elif case == 6:
+                xb[i, j] = float("nan")
+            elif case == 7:
+                xb[i] = _tie_block(g, block, kind)
+    return x.to(dtype)
+
+
+_lead = st.lists(st.integers(0, 5), min_size=1, max_size=2)  # odd sizes, 1 and 0 included
+
+
+@given(lead=_lead, nblocks=st.integers(1, 4), block=st.sampled_from([1, 16, 32, 64, 128]),
+       dtype=st.sampled_from(DTYPES), pow2=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       specials=st.booleans(), seed=st.integers(0, 2**31))
+def test_act_quant_and_qat8_bit_exact(device, lead, nblocks, block, dtype, pow2, scale, specials, seed):
+    x = _input(seed, lead, nblocks * block, block, dtype, scale, specials).to(device)
+    q, s = _triton(ops.act_quant, x, block, pow2)
+    rq, rs = ref.act_quant(x, block, pow2)
+    assert_same_bits(q.view(torch.uint8), rq.view(torch.uint8), "act_quant codes")
+    assert_same_bits(s, rs, "act_quant scales")
+    assert_same_bits(_triton(ops.qat8, x, block, pow2), ref.qat8(x, block, pow2), "qat8")
+
+
+@given(lead=_lead, nblocks=st.integers(1, 4), block=st.sampled_from([2, 16, 32, 64]),
+       dtype=st.sampled_from(DTYPES), scale=st.sampled_from([1e-3, 1.0, 1e3]), specials=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_fp4_quant_and_qat4_bit_exact(device, lead, nblocks, block, dtype, scale, specials, seed):
+    x = _input(seed, lead, nblocks * block, block, dtype, scale, specials, kind="fp4").to(device)
+    p, s = _triton(ops.fp4_quant, x, block)
+    rp, rs = ref.fp4_quant(x, block)
+    assert_same_bits(p, rp, "fp4_quant codes")
+    assert_same_bits(s.view(torch.uint8), rs.view(torch.uint8), "fp4_quant scales")
+    assert_same_bits(_triton(ops.qat4, x, block), ref.qat4(x, block), "qat4")
+
+
+@given(lead=_lead, nblocks=st.integers(1, 4), block=st.sampled_from([2, 32, 64]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
+def test_fp4_dequant_bit_exact(device, lead, nblocks, block, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = nblocks * block
+    packed = torch.randint(0, 256, (*lead, n // 2), generator=g, dtype=torch.uint8)
+    # Scale bytes: anywhere, with the extremes (2^-127, 2^127, NaN) and 1.0 likely.
+    pool = torch.tensor([0, 1, 2, 126, 127, 128, 253, 254, 255], dtype=torch.uint8)
+    byte = torch.where(torch.rand(*lead, nblocks, generator=g) < 0.5,
+                       pool[torch.randint(0, pool.numel(), (*lead, nblocks), generator=g)],
+                       torch.randint(0, 256, (*lead, nblocks), generator=g, dtype=torch.uint8))
+    scale = byte.view(torch.float8_e8m0fnu)
+    packed, scale = packed.to(device), scale.to(device)
+    assert_same_bits(_triton(ops.fp4_dequant, packed, scale, dtype), ref.fp4_dequant(packed, scale, dtype), "fp4_dequant")
+    # int8 and float4_e2m1fn_x2 storage and raw uint8 scale bytes decode the same.
+    for p in (packed.view(torch.int8), packed.view(torch.float4_e2m1fn_x2)):
+        assert_same_bits(_triton(ops.fp4_dequant, p, scale.view(torch.uint8), dtype),
+                         ref.fp4_dequant(packed, scale, dtype), "fp4_dequant views")
+
+
+def test_fp4_dequant_every_byte_in_every_position(device):
+    packed = torch.arange(256, dtype=torch.uint8).reshape(2, 128).to(device)
+    scale = torch.tensor([[120, 127, 130, 0, 254, 255, 1, 128]] * 2, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    scale = scale.to(device)
+    y = _triton(ops.fp4_dequant, packed, scale, torch.float32)
+    assert_same_bits(y, ref.fp4_dequant(packed, scale, torch.float32), "fp4_dequant")
+    lut = torch.tensor(FP4_VALUES)
+    b = torch.arange(256)
+    expect = torch.stack((lut[b & 15], lut[b >> 4]), -1).reshape(2, 256) * e8m0_to_float(scale.cpu()).repeat_interleave(32, -1)
+    assert_same_bits(y.cpu(), expect, "fp4_dequant vs SPEC table")
+
+
+def test_quantisers_strided_inputs(device):
+    base = torch.randn(6, 5, 2 * 128, device=device)
+    for x in (base[..., ::2], base.transpose(0, 1)[..., :128]):
+        assert_same_bits(_triton(ops.act_quant, x, 32)[0].view(torch.uint8),
+                         ref.act_quant(x, 32, True)[0].view(torch.uint8), "act_quant strided")
+        assert_same_bits(_triton(ops.qat8, x, 64), ref.qat8(x, 64, True), "qat8 strided")
+        assert_same_bits(_triton(ops.fp4_quant, x)[0], ref.fp4_quant(x, 32)[0], "fp4_quant strided")
+        assert_same_bits(_triton(ops.qat4, x), ref.qat4(x, 32), "qat4 strided")
+    p, s = ref.fp4_quant(base, 32)
+    assert_same_bits(_triton(ops.fp4_dequant, p[..., ::2], s[..., ::2]), ref.fp4_dequant(p[..., ::2], s[..., ::2], torch.bfloat16))
+
+
+def test_zero_size_inputs(device):
+    x = torch.zeros(0, 3, 64, device=device)
+    q, s = _triton(ops.act_quant, x, 64)
+    assert q.shape == (0, 3, 64) and s.shape == (0, 3, 1)
+    p, e = _triton(ops.fp4_quant, x)
+    assert p.shape == (0, 3, 32) and e.shape == (0, 3, 2)
+    assert _triton(ops.fp4_dequant, p, e).shape == (0, 3, 64)
+    for fn in (ops.qat8, ops.qat4, ops.hadamard):
+        assert _triton(fn, x).shape == x.shape
+
+
+@given(rows=st.integers(1, 6), dtype=st.sampled_from(DTYPES), pow2=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**31))
+def test_qat_round_trip_error_is_at_most_half_a_step(device, rows, dtype, pow2, scale, seed):
+    x = _input(seed, [rows], 128, 32, dtype, scale, specials=False).to(device)
+    xf = x.float().cpu()
+    # FP8 (3 mantissa bits): half a step is <= 2^-4 |v| for normal v, 2^-10 below (subnormal
+    # spacing 2^-9), in units of the block scale s.
+    _, s = ref.act_quant(x, 32, pow2)
+    s = s.cpu().repeat_interleave(32, -1)
+    err = (_triton(ops.qat8, x, 32, pow2).float().cpu() - xf).abs()
+    out_rounding = ULP[dtype] * xf.abs()  # non-pow2 scales: q * s rounds again to the dtype
+    assert bool((err <= torch.maximum(xf.abs() * 2.0 ** -4, s * 2.0 ** -10) + out_rounding).all())
+    # FP4 grid 0 .5 1 1.5 2 3 4 6: half a step is <= max(s / 4, |v| / 4).
+    _, sc = ref.fp4_quant(x, 32)
+    s4 = e8m0_to_float(sc.cpu()).repeat_interleave(32, -1)
+    err = (_triton(ops.qat4, x, 32).float().cpu() - xf).abs()
+    assert bool((err <= torch.maximum(s4 / 4, xf.abs() / 4)).all())
+
+
+def _hadamard_bound(x: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Kernel vs oracle: both sum the same n exact products in FP32 in different orders
+    (tensor cores may truncate, so unit 2^-23): each is within (n-1) 2^-23 sum|x| n^-0.5 of the
+    exact value; then each rounds once to the output dtype (one ulp apart at most). FP32 inputs
+    below 2^-100 lose low bits in the BF16 three-way split: 2^-120 absolute covers it."""
+    n = x.shape[-1]
+    xf = x.float().cpu()
+    order = 2 * (n - 1) * 2.0 ** -23 * xf.abs().sum(-1, keepdim=True) * n ** -0.5
+    return order + ULP[x.dtype] * expected.float().cpu().abs() + 2.0 ** -120
+
+
+@given(lead=_lead, n=st.sampled_from([64, 128, 256, 512]), dtype=st.sampled_from(DTYPES),
+       scale=st.sampled_from([1e-20, 1e-3, 1.0, 1e4]), seed=st.integers(0, 2**31))
+def test_hadamard_matches_oracle(device, lead, n, dtype, scale, seed):
+    if dtype == torch.float16 and scale == 1e-20:
+        scale = 1e-5  # stay inside FP16's range
+    x = (torch.randn(*lead, n, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype).to(device)
+    y = _triton(ops.hadamard, x)
+    expected = ref.hadamard(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    err = (y.float().cpu() - expected.float().cpu()).abs()
+    assert bool((err <= _hadamard_bound(x, expected)).all()), f"max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("n", [64, 512])
+def test_hadamard_exact_on_integers_and_non_finite(device, n):
+    # Small integers: every sum is exact in FP32, so kernel and oracle agree bit for bit.
+    x = torch.randint(-100, 100, (5, n), generator=torch.Generator().manual_seed(n)).float().to(device)
+    for dtype in DTYPES:
+        assert_same_bits(_triton(ops.hadamard, x.to(dtype)), ref.hadamard(x.to(dtype)), "hadamard integers")
+    x[1, 3] = float("inf")  # one Inf: every output +-Inf, no cancellation
+    x[2, 0] = float("nan")
+    x[3, 1] = x[3, 2] = float("inf")  # two Infs: Inf - Inf = NaN in half the outputs
+    y = _triton(ops.hadamard, x)
+    assert_same_bits(y, ref.hadamard(x), "hadamard non-finite")
+    assert torch.isinf(y[1]).all() and torch.isnan(y[2]).all()
+
+
+def test_hadamard_strided_input(device):
+    base = torch.randn(4, 3, 2 * 256, device=device)
+    for x in (base[..., ::2], base.transpose(0, 1)[..., :256]):
+        err = (_triton(ops.hadamard, x).cpu() - ref.hadamard(x).cpu()).abs()
+        assert bool((err <= _hadamard_bound(x, ref.hadamard(x))).all())
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, cast_rne(x, y_ptr.dtype.element_ty), mask=offs < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_rne_matches_torch(device, dtype):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-140, 128, (4096,), generator=g).float())
+    # Exact ties between neighbouring BF16 values (odd and even), values that round up to
+    # Inf, subnormals, signed zeros, Inf and NaN.
+    bf = torch.randn(512, generator=g).to(torch.bfloat16)
+    ties = (bf.float() + torch.nextafter(bf, torch.full_like(bf, float("inf"))).float()) / 2
+    fmax = torch.finfo(torch.float32).max
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), fmax, -fmax,
+                            3.3961e38, 1e-40, -1e-45, 65520.0, 65519.0, 2.0 ** -25, 2.0 ** -24 * 1.5])
+    x = torch.cat([base, ties, special]).to(device)
+    y = torch.empty(x.shape, dtype=dtype, device=device)
+    _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert_same_bits(y, x.to(dtype), "cast_rne")

@@ -108,3 +108,25 @@ def e8m0_value(byte):
     b = byte.to(tl.int32)
     val = tl.where(b == 0, (1 << 22), b << 23).to(tl.float32, bitcast=True)
     return tl.where(b == 255, float("nan"), val)
+
+
+@triton.jit
+def _bf16_rne_exact(v):
+    # Round the FP32 bits to their top 16 with ties to even; NaN stays a (quiet) NaN.
+    bits = v.to(tl.uint32, bitcast=True)
+    r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    r = tl.where(v != v, 0x7FC0, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def cast_rne(v, dtype: tl.constexpr):
+    """float32 -> ``dtype`` (bf16/fp16/fp32) rounded to nearest even, as torch's ``.to`` does.
+
+    The interpreter's FP32 -> BF16 conversion truncates, so under ``TRITON_INTERPRET=1`` an
+    exact integer rounding runs instead; on a GPU it is the hardware RNE conversion.
+    """
+    if INTERPRET and dtype == tl.bfloat16:
+        return _bf16_rne_exact(v)
+    else:
+        return v.to(dtype)

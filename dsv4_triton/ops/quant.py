@@ -11,6 +11,7 @@ from typing import Tuple
 import torch
 
 from .. import validate as V
+from ..kernels import quant as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import quant as _reference  # noqa: F401  (registers the reference backend)
 from ..registry import call, define_op
 

@@ -61,7 +61,7 @@ def act_quant(x: torch.Tensor, block: int, pow2: bool):
 @register("qat8", "reference")
 def qat8(x: torch.Tensor, block: int, pow2: bool) -> torch.Tensor:
     q, s = act_quant(x, block, pow2)
-    y = q.float().reshape(*x.shape[:-1], -1, block) * s[..., None]
+    y = _blocks(q, block) * s[..., None]
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -92,7 +92,7 @@ def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
     codes = fp4_unpack(packed)
     n = codes.shape[-1]
     block = n // scale.shape[-1]
-    y = fp4_decode(codes).reshape(*codes.shape[:-1], -1, block) * e8m0_to_float(scale)[..., None]
+    y = fp4_decode(codes).reshape(*codes.shape[:-1], n // block, block) * e8m0_to_float(scale)[..., None]
     return y.reshape(codes.shape).to(dtype)
 
 

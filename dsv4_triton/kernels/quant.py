@@ -1,0 +1,338 @@
+"""Triton quantisers (FP8, FP4/MXFP4, QAT simulation) and the Hadamard rotation.
+
+Quantisers: the input, viewed as ``[rows, n]``, is a list of ``rows * n / block`` blocks;
+each program takes ``TILE / BLOCK`` consecutive blocks, reduces each block's amax in
+registers and writes codes and scales (or the dequantised values) in the same pass, so
+each op is one launch that reads x once and writes its outputs once.  Scales and codes
+come from the device functions of ``kernels/formats.py``, bit-exact twins of the oracle.
+
+Hadamard: ``H_n`` has entries +-1, exact in BF16/FP16, so ``x @ H_n`` on tensor cores with
+16-bit x has exact products and FP32 sums.  FP32 operands are split exactly into three
+BF16 parts (8 + 8 + 8 significant bits) and multiplied three times.  For n <= 128 one
+``[ROWS, n] @ [n, n]`` product; for n = 16A (256, 512) the Sylvester matrix factors as
+``H_A (x) H_16`` (high index bits, low index bits), so two small products (over A, then
+over 16) replace one of size n: 2A + 6 * 16 MACs per element instead of n.  The matrices
+are built in registers from ``H[i, j] = (-1)^popcount(i & j)``; programs loop over row
+tiles so each builds them once.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import autotune
+from ..registry import register
+from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code,
+                      fp4_value, to_fp8)
+from .norm import as_rows
+
+FP4_AMAX_FLOOR: tl.constexpr = tl.constexpr(6.0 * 2.0 ** -126)
+FP8_AMAX_FLOOR: tl.constexpr = tl.constexpr(1e-4)
+
+# TILE = elements per program; the first config is valid for every block (MAX_BLOCK = 1024).
+_TILE_CONFIGS = [triton.Config({"TILE": t}, num_warps=w) for t, w in
+                 ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))]
+
+
+def _prune_tiles(configs, nargs, **kw):
+    return [c for c in configs if c.kwargs["TILE"] >= kw["BLOCK"]] or configs[:1]
+
+
+@triton.jit
+def _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    """This program's ``[BPP, BLOCK]`` tile of blocks as FP32, their flat ids and validity."""
+    bid = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
+    ok = bid < n_blocks
+    row = bid // blocks_per_row
+    col = (bid - row * blocks_per_row) * BLOCK
+    offs = row[:, None] * stride_row + col[:, None] + tl.arange(0, BLOCK)[None, :]
+    x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    return x, bid, ok
+
+
+@triton.jit
+def fp8_quantise(x, POW2: tl.constexpr):
+    """Blocks ``[R, B]`` (FP32, one block per row) -> (FP8 codes, FP32 scales ``[R]``), SPEC 2.
+
+    A block with a NaN/Inf amax gets scale NaN and NaN codes (0x7F).
+    """
+    amax = amax_nan(x, 1)
+    invalid = ~(amax < float("inf"))
+    s = tl.math.div_rn(tl.where(invalid, 1.0, tl.maximum(amax, FP8_AMAX_FLOOR)), 448.0)
+    if POW2:
+        e = ceil_log2(s)
+        v = x * exp2i(-e)[:, None]  # exact: x / 2^e
+        s = exp2i(e)
+    else:
+        v = tl.math.div_rn(x, s[:, None])
+    v = tl.where(invalid[:, None], float("nan"), clamp_nan(v, -448.0, 448.0))
+    return to_fp8(v), tl.where(invalid, float("nan"), s)
+
+
+@triton.jit
+def fp4_quantise(x):
+    """Blocks ``[R, B]`` (FP32) -> (E2M1 codes int32, scale exponents e int32 ``[R]``, invalid ``[R]``).
+
+    Scale ``2^e``; a block with a NaN/Inf amax is invalid: codes 0 (E8M0 byte 0xFF on store).
+    """
+    amax = amax_nan(x, 1)
+    invalid = ~(amax < float("inf"))
+    e = ceil_log2(tl.math.div_rn(tl.where(invalid, 6.0, tl.maximum(amax, FP4_AMAX_FLOOR)), 6.0))
+    codes = fp4_code(clamp_nan(x * exp2i(-e)[:, None], -6.0, 6.0))  # exact: x / 2^e
+    return tl.where(invalid[:, None], 0, codes), e, invalid
+
+
+@triton.jit
+def fp4_qat_values(codes, e, invalid):
+    """Dequantised FP32 values of ``fp4_quantise``'s output (NaN for invalid blocks)."""
+    y = fp4_value(codes) * exp2i(e)[:, None]
+    return tl.where(invalid[:, None], float("nan"), y)
+
+
+@autotune(configs=_TILE_CONFIGS, key=["BLOCK", "POW2", "QAT"], name="fp8_blocks",
+          prune_configs_by={"early_config_prune": _prune_tiles})
+@triton.jit
+def _fp8_blocks_kernel(x_ptr, q_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, stride_row,
+                       BLOCK: tl.constexpr, POW2: tl.constexpr, QAT: tl.constexpr, TILE: tl.constexpr):
+    BPP: tl.constexpr = TILE // BLOCK
+    x, bid, ok = _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK, BPP)
+    q, s = fp8_quantise(x, POW2)
+    out = bid[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    if QAT:
+        y = q.to(tl.float32) * s[:, None]
+        tl.store(y_ptr + out, cast_rne(y, y_ptr.dtype.element_ty), mask=ok[:, None])
+    else:
+        tl.store(q_ptr + out, q.to(tl.uint8, bitcast=True), mask=ok[:, None])
+        tl.store(s_ptr + bid, s, mask=ok)
+
+
+@autotune(configs=_TILE_CONFIGS, key=["BLOCK", "QAT"], name="fp4_blocks",
+          prune_configs_by={"early_config_prune": _prune_tiles})
+@triton.jit
+def _fp4_blocks_kernel(x_ptr, p_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, stride_row,
+                       BLOCK: tl.constexpr, QAT: tl.constexpr, TILE: tl.constexpr):
+    BPP: tl.constexpr = TILE // BLOCK
+    x, bid, ok = _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK, BPP)
+    codes, e, invalid = fp4_quantise(x)
+    if QAT:
+        y = fp4_qat_values(codes, e, invalid)
+        out = bid[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        tl.store(y_ptr + out, cast_rne(y, y_ptr.dtype.element_ty), mask=ok[:, None])
+    else:
+        lo, hi = tl.split(tl.reshape(codes, [BPP, BLOCK // 2, 2]))  # element 2k low nibble
+        out = bid[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+        tl.store(p_ptr + out, (lo | (hi << 4)).to(tl.uint8), mask=ok[:, None])
+        tl.store(s_ptr + bid, tl.where(invalid, 255, e + 127).to(tl.uint8), mask=ok)
+
+
+@autotune(configs=_TILE_CONFIGS, key=["BLOCK"], name="fp4_dequant",
+          prune_configs_by={"early_config_prune": _prune_tiles})
+@triton.jit
+def _fp4_dequant_kernel(p_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, stride_p, stride_s,
+                        BLOCK: tl.constexpr, TILE: tl.constexpr):
+    BPP: tl.constexpr = TILE // BLOCK
+    HALF: tl.constexpr = BLOCK // 2
+    bid = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
+    ok = bid < n_blocks
+    row = bid // blocks_per_row
+    blk = bid - row * blocks_per_row
+    byte = tl.load(p_ptr + row[:, None] * stride_p + blk[:, None] * HALF + tl.arange(0, HALF)[None, :],
+                   mask=ok[:, None], other=0).to(tl.int32)
+    scale = e8m0_value(tl.load(s_ptr + row * stride_s + blk, mask=ok, other=127))
+    v = tl.reshape(tl.join(fp4_value(byte & 15), fp4_value(byte >> 4)), [BPP, BLOCK])
+    y = v * scale[:, None]
+    out = bid[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(y_ptr + out, cast_rne(y, y_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def _flat_blocks(x: torch.Tensor, block: int):
+    x2 = as_rows(x)
+    return x2, x2.shape[0] * (x2.shape[1] // block), x2.shape[1] // block
+
+
+def _grid(n_blocks: int, block: int):
+    return lambda meta: (triton.cdiv(n_blocks, meta["TILE"] // block),)
+
+
+@register("act_quant", "triton")
+def act_quant(x: torch.Tensor, block: int, pow2: bool):
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((*x.shape[:-1], x.shape[-1] // block), dtype=torch.float32, device=x.device)
+    if q.numel():
+        x2, n_blocks, per_row = _flat_blocks(x, block)
+        _fp8_blocks_kernel[_grid(n_blocks, block)](x2, q.view(torch.uint8), s, x2, n_blocks, per_row, x2.stride(0),
+                                                   BLOCK=block, POW2=pow2, QAT=False)
+    return q, s
+
+
+@register("qat8", "triton")
+def qat8(x: torch.Tensor, block: int, pow2: bool) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel():
+        x2, n_blocks, per_row = _flat_blocks(x, block)
+        _fp8_blocks_kernel[_grid(n_blocks, block)](x2, x2, x2, y, n_blocks, per_row, x2.stride(0),
+                                                   BLOCK=block, POW2=pow2, QAT=True)
+    return y
+
+
+@register("fp4_quant", "triton")
+def fp4_quant(x: torch.Tensor, block: int):
+    p = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
+    s = torch.empty((*x.shape[:-1], x.shape[-1] // block), dtype=torch.float8_e8m0fnu, device=x.device)
+    if p.numel():
+        x2, n_blocks, per_row = _flat_blocks(x, block)
+        _fp4_blocks_kernel[_grid(n_blocks, block)](x2, p, s.view(torch.uint8), x2, n_blocks, per_row, x2.stride(0),
+                                                   BLOCK=block, QAT=False)
+    return p, s
+
+
+@register("qat4", "triton")
+def qat4(x: torch.Tensor, block: int) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel():
+        x2, n_blocks, per_row = _flat_blocks(x, block)
+        _fp4_blocks_kernel[_grid(n_blocks, block)](x2, x2, x2, y, n_blocks, per_row, x2.stride(0),
+                                                   BLOCK=block, QAT=True)
+    return y
+
+
+@register("fp4_dequant", "triton")
+def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = 2 * packed.shape[-1]
+    y = torch.empty((*packed.shape[:-1], n), dtype=dtype, device=packed.device)
+    if y.numel():
+        block = n // scale.shape[-1]
+        p2 = as_rows(packed.view(torch.uint8))
+        s2 = as_rows(scale.view(torch.uint8))
+        per_row = n // block
+        n_blocks = p2.shape[0] * per_row
+        _fp4_dequant_kernel[_grid(n_blocks, block)](p2, s2, y, n_blocks, per_row, p2.stride(0), s2.stride(0),
+                                                    BLOCK=block)
+    return y
+
+
+# --- Hadamard ----------------------------------------------------------------------------
+
+@triton.jit
+def sylvester(N: tl.constexpr, dtype: tl.constexpr):
+    """The Sylvester Hadamard matrix ``H_N`` (N <= 2^16) in ``dtype``: (-1)^popcount(i & j)."""
+    i = tl.arange(0, N)
+    v = i[:, None] & i[None, :]
+    v = v ^ (v >> 8)
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    return (1 - 2 * (v & 1)).to(tl.float32).to(dtype)
+
+
+@triton.jit
+def _mma(a, b, acc):
+    if INTERPRET:
+        # The interpreter multiplies BF16 operands as raw integers: use the exact FP32 values.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def dot_pm1(a, h, acc):
+    """``acc + a @ h`` for a +-1 matrix ``h`` (BF16, or FP16 when ``a`` is FP16) with exact products.
+
+    16-bit ``a``: one tensor-core product.  FP32 ``a``: split exactly into three BF16 parts
+    (the residuals of round-to-BF16 are exact in FP32), smallest part first.  A non-finite
+    part leaves no residual (the value's BF16 rounding carries the Inf/NaN).
+    """
+    if a.dtype == tl.float32:
+        hi = a.to(tl.bfloat16)
+        hi32 = hi.to(tl.float32)
+        r = tl.where(tl.abs(hi32) < float("inf"), a - hi32, 0.0)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = _mma(lo, h, acc)
+        acc = _mma(mid, h, acc)
+        return _mma(hi, h, acc)
+    else:
+        return _mma(a, h, acc)
+
+
+@triton.jit
+def hadamard_rows(x, scale, ROWS: tl.constexpr, N: tl.constexpr, KRON_A: tl.constexpr,
+                  h_a, h_16, h_n):
+    """``(x @ H_N) * scale`` for a ``[ROWS, N]`` tile (FP32 result).
+
+    KRON_A = 0: one product with ``h_n``.  Otherwise N = 16 * KRON_A and the index splits as
+    i = 16 a + b: the product over a (``h_a``, KRON_A x KRON_A) then over b (``h_16``).
+    """
+    if KRON_A == 0:
+        y = dot_pm1(x, h_n, tl.zeros([ROWS, N], dtype=tl.float32))
+    else:
+        xt = tl.permute(tl.reshape(x, [ROWS, KRON_A, 16]), (0, 2, 1))  # [ROWS, b, a]
+        z = dot_pm1(tl.reshape(xt, [ROWS * 16, KRON_A]), h_a, tl.zeros([ROWS * 16, KRON_A], dtype=tl.float32))
+        zt = tl.permute(tl.reshape(z, [ROWS, 16, KRON_A]), (0, 2, 1))  # [ROWS, a, b]
+        y = dot_pm1(tl.reshape(zt, [ROWS * KRON_A, 16]), h_16, tl.zeros([ROWS * KRON_A, 16], dtype=tl.float32))
+        y = tl.reshape(y, [ROWS, N])
+    return y * scale
+
+
+_HADAMARD_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
+                     ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
+
+
+@autotune(configs=_HADAMARD_CONFIGS, key=["N"], name="hadamard")
+@triton.jit
+def _hadamard_kernel(x_ptr, y_ptr, n_rows, stride_x, scale, N: tl.constexpr, KRON_A: tl.constexpr,
+                     MMA_DTYPE: tl.constexpr, ROWS: tl.constexpr):
+    if KRON_A == 0:
+        h_n = sylvester(N, MMA_DTYPE)
+        h_a = h_n
+        h_16 = h_n
+    else:
+        h_a = sylvester(KRON_A, MMA_DTYPE)
+        h_16 = sylvester(16, tl.bfloat16)  # the second product's operand is FP32: BF16 parts
+        h_n = h_a
+    cols = tl.arange(0, N)
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # n_rows < 2^31; offsets are not
+        mask = (rows < n_rows)[:, None]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        y = hadamard_rows(x, scale, ROWS, N, KRON_A, h_a, h_16, h_n)
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+def kron_split(n: int) -> int:
+    """KRON_A for ``hadamard_rows``: 0 (one product) for n <= 128, else n / 16."""
+    return 0 if n <= 128 else n // 16
+
+
+def mma_dtype(dtype: torch.dtype):
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def max_programs(device: torch.device) -> int:
+    """Programs for row-looping kernels: a few per SM (the interpreter runs them one by one)."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def hadamard_scale(n: int) -> float:
+    """``n ** -0.5`` rounded to FP32, as a Python float (passed to kernels exactly)."""
+    return float(torch.tensor(n ** -0.5, dtype=torch.float32))
+
+
+@register("hadamard", "triton")
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    x2 = as_rows(x)
+    rows = x2.shape[0]
+    progs = max_programs(x.device)
+    grid = lambda meta: (min(triton.cdiv(rows, meta["ROWS"]), progs),)
+    _hadamard_kernel[grid](x2, y, rows, x2.stride(0), hadamard_scale(n), N=n, KRON_A=kron_split(n),
+                           MMA_DTYPE=mma_dtype(x.dtype))
+    return y

@@ -69,7 +69,7 @@ def test_rope_freqs_yarn_leaves_high_frequencies_and_divides_low_ones():
 def _complex_rope(x, table, positions, inverse):
     """What a user writes: view the rotated dims as complex numbers and multiply."""
     rope_dim = 2 * table.shape[1]
-    pairs = x[..., -rope_dim:].float().reshape(*x.shape[:-1], rope_dim // 2, 2).contiguous()
+    pairs = x[..., -rope_dim:].float().reshape(*x.shape[:-1], rope_dim // 2, 2).clone()  # view_as_complex needs an even offset
     rot = torch.view_as_complex(table[positions.long()])
     rot = rot.reshape(*rot.shape[:-1], *([1] * (x.dim() - positions.dim() - 1)), rot.shape[-1])
     if inverse:

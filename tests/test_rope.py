@@ -9,7 +9,7 @@ import triton.language as tl
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, use_backend
-from dsv4_triton.kernels.rope import cast_rne
+from dsv4_triton.kernels.formats import cast_rne
 from dsv4_triton.reference import rope as ref
 from helpers import assert_close
 

@@ -18,9 +18,8 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import clamp_nan
+from .formats import cast_rne, clamp_nan
 from .norm import as_rows
-from .rope import cast_rne
 
 MAX_TILE = 8192
 

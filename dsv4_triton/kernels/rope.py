@@ -23,32 +23,12 @@ from triton.language.extra import libdevice
 from ..autotune import autotune
 from ..reference.rope import yarn_ramp_range
 from ..registry import register
-from .formats import INTERPRET
+from .formats import INTERPRET, cast_rne
 
 # Largest column block one program holds per row for the copied (not rotated) dims;
 # longer heads loop over it.
 MAX_PASS_BLOCK = 1024
 MAX_TILE = 16384
-
-
-@triton.jit
-def _bf16_rne_exact(v):
-    """FP32 -> bfloat16, round to nearest even, on the float bits (NaN stays a quiet NaN)."""
-    bits = v.to(tl.int32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(v != v, (bits >> 16) | 0x40, rounded)
-    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def cast_rne(v, dtype: tl.constexpr):
-    """FP32 ``v`` rounded to ``dtype`` (nearest even).  The interpreter's own FP32 ->
-    bfloat16 cast truncates, so under ``TRITON_INTERPRET=1`` bfloat16 takes an exact
-    integer path; on a GPU this is the hardware conversion."""
-    if INTERPRET and dtype == tl.bfloat16:
-        return _bf16_rne_exact(v)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit

@@ -130,3 +130,13 @@ def cast_rne(v, dtype: tl.constexpr):
         return _bf16_rne_exact(v)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def to_f32(x):
+    """Exact upcast to float32.  Under ``TRITON_INTERPRET=1`` BF16 goes through its bits (the
+    interpreter's BF16 -> FP32 conversion mis-scales subnormals); on a GPU a plain conversion."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)

@@ -25,7 +25,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..registry import register
 from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code,
-                      fp4_value, to_fp8)
+                      fp4_value, to_f32, to_fp8)
 from .norm import as_rows
 
 FP4_AMAX_FLOOR: tl.constexpr = tl.constexpr(6.0 * 2.0 ** -126)
@@ -48,7 +48,7 @@ def _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK: tl.constexp
     row = bid // blocks_per_row
     col = (bid - row * blocks_per_row) * BLOCK
     offs = row[:, None] * stride_row + col[:, None] + tl.arange(0, BLOCK)[None, :]
-    x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    x = to_f32(tl.load(x_ptr + offs, mask=ok[:, None], other=0.0))
     return x, bid, ok
 
 
@@ -231,7 +231,7 @@ def sylvester(N: tl.constexpr, dtype: tl.constexpr):
 def _mma(a, b, acc):
     if INTERPRET:
         # The interpreter multiplies BF16 operands as raw integers: use the exact FP32 values.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 
@@ -246,10 +246,10 @@ def dot_pm1(a, h, acc):
     """
     if a.dtype == tl.float32:
         hi = a.to(tl.bfloat16)
-        hi32 = hi.to(tl.float32)
+        hi32 = to_f32(hi)
         r = tl.where(tl.abs(hi32) < float("inf"), a - hi32, 0.0)
         mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        lo = (r - to_f32(mid)).to(tl.bfloat16)
         acc = _mma(lo, h, acc)
         acc = _mma(mid, h, acc)
         return _mma(hi, h, acc)

@@ -22,7 +22,7 @@ MAX_BLOCK = 16384
 @autotune(
     configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in
              ((1, 4), (1, 8), (1, 16), (2, 8), (4, 4), (4, 8), (8, 4))],
-    key=["n_cols"],
+    key=["BLOCK"],  # tuned per row-length bucket, not per exact length
     name="rms_norm",
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
         c for c in configs if c.kwargs["ROWS"] * kw["BLOCK"] <= MAX_BLOCK] or configs[:1]},
@@ -74,7 +74,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 @register("rms_norm", "triton")
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if y.numel() == 0:
         return y
     x2 = as_rows(x)

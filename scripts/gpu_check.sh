@@ -21,7 +21,7 @@ PY
 
 if [[ $mode == tests || $mode == all ]]; then
   HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} timeout "${TEST_TIMEOUT:-540}" \
-    python3 -m pytest -q -x --junitxml="$out/gpu_tests.xml" -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+    python3 -m pytest -q -x --durations=15 --junitxml="$out/gpu_tests.xml" -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
   rc=${PIPESTATUS[0]}; [[ $rc == 0 ]] || status=$rc
 fi
 if [[ $mode == bench || $mode == all ]]; then
@@ -31,5 +31,5 @@ fi
 
 echo "== summary =="
 [[ -f $out/gpu_tests.log ]] && tail -n 3 "$out/gpu_tests.log"
-for md in "$out"/*.md; do [[ -f $md ]] && grep -E '^\| ' "$md" | cut -d'|' -f2-8,13,14; done
+for md in "$out"/*.md; do [[ -f $md ]] && grep -E '^\| ' "$md" | cut -d"|" -f2-9,14,15; done
 exit $status

@@ -118,3 +118,240 @@ def test_hc_pre_matches_oracle(device, T, dim, seed):
     out = _triton("hc_pre", X, fn, scale, base)
     assert out[0].shape == (T, dim) and out[1].shape == (T, 4) and out[2].shape == (T, 4, 4)
     _check_pre(X, fn, scale, base, out)
+
+
+@given(T=st.sampled_from([1, 4, 9]), dim=st.sampled_from([256, 384, 1024]), seed=st.integers(0, 2**31),
+       scales=st.sampled_from([(40.0, 40.0, 1.0), (0.5, 0.5, 30.0), (1e-3, 1e-3, 1e-3)]),
+       iters=st.sampled_from([1, 3, 20]))
+def test_hc_pre_extreme_mixes(device, T, dim, seed, scales, iters):
+    # Large scales saturate the sigmoids (pre -> eps or 1 + eps, post -> 0 or 2) and make the
+    # Sinkhorn logits huge (softmax rows one-hot); tiny scales leave everything near base.
+    X, fn, scale, base = _inputs(T, dim, seed, device, scale=scales)
+    _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base, iters), iters=iters)
+
+
+def test_hc_pre_comb_is_doubly_stochastic(device):
+    X, fn, scale, base = _inputs(9, 256, 3, device, scale=(0.5, 0.5, 0.3))
+    _, _, comb = _triton("hc_pre", X, fn, scale, base)
+    # Columns are normalised last (sum 1 up to eps and rounding); rows after 20 rounds of
+    # Sinkhorn on logits of spread ~1 are within 1e-4 of 1 (see the oracle test).
+    assert_close(comb.sum(-2), torch.ones(9, 4), rtol=0, atol=1e-5, what="column sums")
+    assert_close(comb.sum(-1), torch.ones(9, 4), rtol=0, atol=1e-4, what="row sums")
+    assert bool((comb > 0).all())
+
+
+def test_hc_pre_many_tiles_wrap_the_workspace_ring(device):
+    # 150 tokens in tiles of 16 are 10 tiles: more than the ring's slots, so tiles wait for a
+    # slot's previous tile and the last LAG tiles are drained by the extra programs.
+    X, fn, scale, base = _inputs(150, 64, 5, device)
+    _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))
+    # Every counter is back to zero: the next launch starts clean.
+    for _, _, sync in kern._workspaces.values():
+        assert int(sync.abs().sum()) == 0
+
+
+def test_hc_pre_strided_input(device):
+    X, fn, scale, base = _inputs(6, 256, 7, device)
+    wide = torch.zeros(6, 4, 300, dtype=torch.bfloat16, device=device)
+    wide[:, :, :256] = X
+    _check_pre(X, fn, scale, base, _triton("hc_pre", wide[:, :, :256], fn, scale, base))
+    t_major = X.transpose(0, 1).contiguous().transpose(0, 1)  # stride(1) > stride(0)
+    _check_pre(X, fn, scale, base, _triton("hc_pre", t_major, fn, scale, base))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_hc_pre_nan_inf_propagate_like_oracle(device, bad):
+    X, fn, scale, base = _inputs(5, 256, 11, device)
+    X[1, 2, 17] = bad  # rsqrt(inf) = 0 and inf * 0 = NaN: the token's mixes are all NaN
+    out = _triton("hc_pre", X, fn, scale, base)
+    for got, name in zip(out, ("y", "post", "comb")):
+        assert bool(torch.isnan(got[1].float()).all()), f"{name} of the bad token is not NaN"
+        assert not bool(torch.isnan(got[[0, 2, 3, 4]].float()).any()), f"{name}: NaN leaked to other tokens"
+    _check_pre(X, fn, scale, base, out)
+
+
+@pytest.mark.parametrize("config", [kern._MIX_CONFIGS[0], (32, 128, 64, 4)])
+def test_hc_pre_and_head_explicit_configs(device, config):
+    # 40 tokens and dim 300: partial tiles, and chunks running past dim.
+    X, fn, scale, base = _inputs(40, 300, 13, device)
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config))
+    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
+                                                               config=config))
+
+
+def _check_head(X, fn, scale, base, y, eps=1e-6):
+    y_r = ref.hc_head(X, fn, scale, base, eps, 1e-6)
+    assert y.dtype == torch.bfloat16 and y.shape == y_r.shape
+    pre_tol = scale.float().abs().cpu()[0] * _mix_error_bound(X, fn) / 4 + 4 * FP32_EPS
+    y_err = (y.float().cpu() - y_r.float().cpu()).abs()
+    y_tol = BF16_ULP * y_r.float().cpu().abs() + pre_tol.amax(-1, keepdim=True) * X.float().abs().sum(1).cpu() + 1e-30
+    fin = torch.isfinite(y_r.float().cpu())
+    assert torch.equal(torch.isnan(y.float().cpu()), torch.isnan(y_r.float().cpu())), "y: NaN mismatch"
+    assert bool((y_err[fin] <= y_tol[fin]).all()), f"y: err {y_err[fin].max()}"
+
+
+@given(T=st.sampled_from([1, 2, 5, 19]), dim=st.sampled_from([256, 300, 768]), seed=st.integers(0, 2**31),
+       s=st.sampled_from([0.5, 30.0]))
+def test_hc_head_matches_oracle(device, T, dim, seed, s):
+    X, fn, scale, base = _inputs(T, dim, seed, device, scale=(s,), n_mix=4)
+    _check_head(X, fn, scale, base, _triton("hc_head", X, fn, scale, base))
+
+
+def test_hc_head_nan_propagates(device):
+    X, fn, scale, base = _inputs(3, 256, 17, device, n_mix=4)
+    X[2, 0, 0] = float("nan")
+    y = _triton("hc_head", X, fn, scale, base)
+    assert bool(torch.isnan(y[2].float()).all()) and not bool(torch.isnan(y[:2].float()).any())
+
+
+@given(T=st.integers(1, 9), dim=st.sampled_from([1, 7, 256, 1000, 1100]), seed=st.integers(0, 2**31))
+def test_hc_post_matches_oracle(device, T, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(T, dim, generator=g).to(torch.bfloat16).to(device)
+    X = torch.randn(T, 4, dim, generator=g).to(torch.bfloat16).to(device)
+    post = (2 * torch.rand(T, 4, generator=g)).to(device)
+    comb = torch.rand(T, 4, 4, generator=g).to(device)
+    out = _triton("hc_post", F, X, post, comb)
+    assert out.dtype == torch.bfloat16 and out.shape == (T, 4, dim)
+    # Five FP32 products summed in another order (a few FP32 ulps of sum |terms|), then one
+    # BF16 rounding.
+    mag = (post.unsqueeze(-1) * F.float().abs().unsqueeze(1)
+           + (comb.unsqueeze(-1) * X.float().abs().unsqueeze(2)).sum(1)).cpu()
+    expected = ref.hc_post(F, X, post, comb).float().cpu()
+    err = (out.float().cpu() - expected).abs()
+    assert bool((err <= BF16_ULP * expected.abs() + 8 * FP32_EPS * mag + 1e-30).all()), f"hc_post: err {err.max()}"
+
+
+def test_hc_post_strided_and_nan(device):
+    g = torch.Generator().manual_seed(19)
+    F = torch.randn(4, 2 * 256, generator=g).to(torch.bfloat16).to(device)[:, ::2]  # non-unit stride
+    X = torch.randn(4, 4, 256, generator=g).to(torch.bfloat16).to(device).transpose(0, 1).contiguous().transpose(0, 1)
+    post = torch.rand(4, 4, generator=g).to(device)
+    comb = torch.rand(4, 4, 4, generator=g).to(device)
+    X[0, 3, 9] = float("nan")
+    comb[2, 1, 1] = float("inf")
+    out = _triton("hc_post", F, X, post, comb)
+    expected = ref.hc_post(F, X, post, comb)
+    # The NaN of stream 3 reaches every output stream of token 0 at column 9 only; the inf
+    # weight reaches output stream 1 of token 2 (as +-inf, or NaN where X is 0).
+    assert_close(out, expected, rtol=2 * BF16_ULP, atol=1e-6, what="hc_post")
+
+
+def test_zero_tokens(device):
+    X, fn, scale, base = _inputs(0, 256, 0, device)
+    y, post, comb = _triton("hc_pre", X, fn, scale, base)
+    assert y.shape == (0, 256) and post.shape == (0, 4) and comb.shape == (0, 4, 4)
+    assert _triton("hc_head", X, fn[:4], scale[:1], base[:4]).shape == (0, 256)
+    assert _triton("hc_post", y, X, post, comb).shape == (0, 4, 256)
+
+
+def test_custom_ops_schema_and_fake():
+    X, fn, scale, base = _inputs(3, 64, 23, "cpu")
+    torch.library.opcheck(torch.ops.dsv4.hc_pre.default, (X, fn, scale, base, 20, 1e-6, 1e-6))
+    torch.library.opcheck(torch.ops.dsv4.hc_head.default, (X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6))
+    y, post, comb = ops.hc_pre(X, fn, scale, base)
+    torch.library.opcheck(torch.ops.dsv4.hc_post.default, (y, X, post, comb))
+
+
+_X = torch.zeros(2, 4, 8, dtype=torch.bfloat16)
+_FN, _SC, _B = torch.zeros(24, 32), torch.zeros(3), torch.zeros(24)
+
+
+@pytest.mark.parametrize("kw, err, name", [
+    (dict(X=_X.float()), TypeError, "X"),
+    (dict(X=torch.zeros(2, 3, 8, dtype=torch.bfloat16)), ValueError, "X"),
+    (dict(X=torch.zeros(8, 32, dtype=torch.bfloat16)), ValueError, "X"),
+    (dict(fn=torch.zeros(24, 33)), ValueError, "fn"),
+    (dict(fn=torch.zeros(24, 32, dtype=torch.bfloat16)), TypeError, "fn"),
+    (dict(scale=torch.zeros(2)), ValueError, "scale"),
+    (dict(base=torch.zeros(24, dtype=torch.float64)), TypeError, "base"),
+    (dict(iters=0), ValueError, "iters"),
+    (dict(iters=2.0), TypeError, "iters"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(norm_eps=-1.0), ValueError, "norm_eps"),
+])
+def test_hc_pre_bad_input(kw, err, name):
+    args = dict(X=_X, fn=_FN, scale=_SC, base=_B)
+    args.update(kw)
+    with pytest.raises(err, match=name):
+        ops.hc_pre(**args)
+
+
+@pytest.mark.parametrize("kw, err, name", [
+    (dict(F=torch.zeros(2, 9, dtype=torch.bfloat16)), ValueError, "F"),
+    (dict(F=torch.zeros(2, 8)), TypeError, "F"),
+    (dict(post=torch.zeros(2, 3)), ValueError, "post"),
+    (dict(comb=torch.zeros(2, 4, 4, dtype=torch.bfloat16)), TypeError, "comb"),
+    (dict(X=torch.zeros(3, 4, 8, dtype=torch.bfloat16)), ValueError, "F"),
+])
+def test_hc_post_bad_input(kw, err, name):
+    args = dict(F=torch.zeros(2, 8, dtype=torch.bfloat16), X=_X, post=torch.zeros(2, 4), comb=torch.zeros(2, 4, 4))
+    args.update(kw)
+    with pytest.raises(err, match=name):
+        ops.hc_post(**args)
+
+
+@pytest.mark.parametrize("kw, err, name", [
+    (dict(fn=_FN), ValueError, "fn"),
+    (dict(scale=_SC), ValueError, "scale"),
+    (dict(base=_B), ValueError, "base"),
+    (dict(eps=-1e-6), ValueError, "eps"),
+])
+def test_hc_head_bad_input(kw, err, name):
+    args = dict(X=_X, fn=torch.zeros(4, 32), scale=torch.zeros(1), base=torch.zeros(4))
+    args.update(kw)
+    with pytest.raises(err, match=name):
+        ops.hc_head(**args)
+
+
+# ---------------------------------------------------------------- GPU: model sizes, every config
+
+@pytest.mark.gpu
+@given(T=st.sampled_from([1, 3, 8, 64, 65, 300, 1000, 4096]), dim=st.sampled_from([4096, 7168]),
+       seed=st.integers(0, 2**31))
+def test_hc_pre_head_model_sizes_gpu(T, dim, seed):
+    X, fn, scale, base = _inputs(T, dim, seed, "cuda")
+    _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))
+    _check_head(X, fn[:4], scale[:1], base[:4], _triton("hc_head", X, fn[:4], scale[:1], base[:4]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", kern._MIX_CONFIGS)
+@pytest.mark.parametrize("T, dim", [(1, 7168), (64, 4096), (333, 7168), (4096, 4096)])
+def test_every_mix_config_gpu(config, T, dim):
+    X, fn, scale, base = _inputs(T, dim, T + dim, "cuda")
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config))
+    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
+                                                               config=config))
+
+
+@pytest.mark.gpu
+def test_hc_pre_deterministic_and_stream_safe_gpu():
+    # Partials are summed in a fixed order: repeated launches are bit-identical, also when
+    # two streams run launches at the same time (each stream has its own workspace).
+    X, fn, scale, base = _inputs(2048, 7168, 29, "cuda")
+    first = _triton("hc_pre", X, fn, scale, base)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = []
+    torch.cuda.synchronize()
+    for s in streams:
+        with torch.cuda.stream(s):
+            outs.append([_triton("hc_pre", X, fn, scale, base) for _ in range(3)])
+    torch.cuda.synchronize()
+    for per_stream in outs:
+        for out in per_stream:
+            for a, b in zip(out, first):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@given(T=st.sampled_from([1, 8, 64, 4096]), dim=st.sampled_from([4096, 7168]), seed=st.integers(0, 2**31))
+def test_hc_post_model_sizes_gpu(T, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(T, dim, generator=g).to(torch.bfloat16).cuda()
+    X = torch.randn(T, 4, dim, generator=g).to(torch.bfloat16).cuda()
+    post, comb = (2 * torch.rand(T, 4, generator=g)).cuda(), torch.rand(T, 4, 4, generator=g).cuda()
+    out = _triton("hc_post", F, X, post, comb)
+    mag = post.unsqueeze(-1) * F.float().abs().unsqueeze(1) + (comb.unsqueeze(-1) * X.float().abs().unsqueeze(2)).sum(1)
+    expected = ref.hc_post(F, X, post, comb).float()
+    assert bool(((out.float() - expected).abs() <= BF16_ULP * expected.abs() + 8 * FP32_EPS * mag + 1e-30).all())

@@ -68,9 +68,10 @@ def rotate_interleaved(x, table_ptr, pos, ROPE_DIM: tl.constexpr, INVERSE: tl.co
 
 @autotune(
     configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in
-             ((4, 4), (1, 4), (2, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8))],
+             ((4, 4), (1, 4), (2, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8), (64, 8), (128, 8))],
     key=["HEAD_DIM", "ROPE_DIM", "COPY_PASS"],
     name="apply_rope",
+    restore_value=["out_ptr"],  # tuning the in-place form must not rotate x once per trial
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
         c for c in configs if c.kwargs["ROWS"] * (kw["BLOCK_PASS"] + kw["BLOCK_ROPE"]) <= MAX_TILE] or configs[:1]},
 )
@@ -112,13 +113,14 @@ def _launch_apply_rope(x3: torch.Tensor, out3: torch.Tensor, freqs: torch.Tensor
     table = freqs.contiguous()
     pos = positions.reshape(n_slots)
     pass_dim = head_dim - rope_dim
-    block_pass = min(triton.next_power_of_2(pass_dim), MAX_PASS_BLOCK) if pass_dim else 1
+    copy_pass = copy_pass and pass_dim > 0
+    block_pass = min(triton.next_power_of_2(pass_dim), MAX_PASS_BLOCK) if copy_pass else 1
     grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
     _apply_rope_kernel[grid](
         x3, out3, table, pos, n_rows, rows_per_slot, table.shape[0],
         *x3.stride(), *out3.stride(), pos.stride(0),
         HEAD_DIM=head_dim, ROPE_DIM=rope_dim, BLOCK_PASS=block_pass,
-        BLOCK_ROPE=triton.next_power_of_2(rope_dim), COPY_PASS=copy_pass and pass_dim > 0,
+        BLOCK_ROPE=triton.next_power_of_2(rope_dim), COPY_PASS=copy_pass,
         INVERSE=inverse, enable_fp_fusion=False)
 
 

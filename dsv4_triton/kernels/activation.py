@@ -22,6 +22,7 @@ from .formats import cast_rne, clamp_nan
 from .norm import as_rows
 
 MAX_TILE = 8192
+MAX_GRID_Y = 65535  # column blocks go on grid axis 1
 
 
 @autotune(
@@ -32,7 +33,8 @@ MAX_TILE = 8192
     name="swiglu",
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
         c for c in configs if c.kwargs["BLOCK"] <= max(128, triton.next_power_of_2(nargs["n_cols"]))
-        and c.kwargs["ROWS"] * c.kwargs["BLOCK"] <= MAX_TILE] or configs[:1]},
+        and c.kwargs["ROWS"] * c.kwargs["BLOCK"] <= MAX_TILE
+        and triton.cdiv(nargs["n_cols"], c.kwargs["BLOCK"]) <= MAX_GRID_Y] or configs[:1]},
 )
 @triton.jit
 def _swiglu_kernel(gate_ptr, up_ptr, weight_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_weight, limit,

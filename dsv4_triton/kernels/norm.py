@@ -1,8 +1,10 @@
-"""Triton RMSNorm: one read of each row, FP32 math, one write.
+"""Triton RMSNorm: one read of each row from memory, FP32 math, one write.
 
-Rows of up to ``MAX_BLOCK`` elements are held in registers whole; longer rows are
-streamed twice (sum of squares, then scale), the second pass mostly from L2.
-Several short rows share a program so each program moves enough bytes to hide latency.
+A program owns ``ROWS`` rows. A row is either held in registers whole (one chunk of the
+row's power-of-two width) or streamed in ``CHUNK``-wide pieces twice: sum of squares,
+then scale, the second pass hitting L2 (the row was just read). The chunked form also
+avoids the idle lanes of padding a row like 7168 up to 8192; the tuner picks per
+row-width bucket.
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ MAX_BLOCK = 16384
 
 
 @autotune(
-    configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in
-             ((1, 4), (1, 8), (1, 16), (2, 8), (4, 4), (4, 8), (8, 4))],
-    key=["BLOCK"],  # tuned per row-length bucket, not per exact length
+    configs=[triton.Config({"ROWS": r, "SPLIT": s}, num_warps=w) for r, s, w in
+             ((1, 1, 4), (1, 1, 8), (1, 1, 16), (2, 1, 8), (4, 1, 4), (4, 1, 8), (8, 1, 4),
+              (1, 2, 8), (1, 4, 4), (1, 4, 8), (1, 8, 4), (2, 4, 8))],
+    key=["BLOCK"],  # tuned per row-width bucket, not per exact length
     name="rms_norm",
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
-        c for c in configs if c.kwargs["ROWS"] * kw["BLOCK"] <= MAX_BLOCK] or configs[:1]},
+        c for c in configs if c.kwargs["ROWS"] * kw["BLOCK"] // c.kwargs["SPLIT"] <= MAX_BLOCK
+        and kw["BLOCK"] // c.kwargs["SPLIT"] >= min(256, kw["BLOCK"])] or configs[:1]},
 )
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, eps,
-                     HAS_W: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                     HAS_W: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    if BLOCK >= n_cols:
-        cols = tl.arange(0, BLOCK)
+    CHUNK: tl.constexpr = BLOCK // SPLIT
+    if CHUNK >= n_cols:
+        cols = tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
@@ -43,15 +48,15 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, eps,
             y = w[None, :] * y
         tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        acc = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
+        for start in range(0, n_cols, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
             x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += x * x
         r = tl.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        for start in range(0, n_cols, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
             x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = x * r[:, None]

@@ -10,8 +10,8 @@ import triton.language as tl
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, use_backend
-from dsv4_triton.formats import FP4_VALUES, e8m0_to_float, fp4_unpack
-from dsv4_triton.kernels.formats import cast_rne
+from dsv4_triton.formats import FP4_VALUES, e8m0_to_float, exp2_int, fp4_decode, fp4_encode, fp4_unpack
+from dsv4_triton.kernels.formats import cast_rne, to_f32
 from dsv4_triton.reference import quant as ref
 from helpers import ULP
 
@@ -426,3 +426,146 @@ def test_cast_rne_matches_torch(device, dtype):
     y = torch.empty(x.shape, dtype=dtype, device=device)
     _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     assert_same_bits(y, x.to(dtype), "cast_rne")
+
+
+@triton.jit
+def _upcast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, to_f32(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_f32_is_exact_for_every_16_bit_pattern(device, dtype):
+    x = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype).to(device)
+    y = torch.empty(x.shape, dtype=torch.float32, device=device)
+    _upcast_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    assert_same_bits(y, x.float(), "to_f32")
+
+
+# --- fused finishing steps ---------------------------------------------------------------
+
+def _table(max_pos: int, rope_dim: int, g: torch.Generator, right_angles: bool = False) -> torch.Tensor:
+    """A (cos, sin) table: real RoPE angles, or rotations by multiples of 90 degrees (exact)."""
+    if right_angles:
+        k = torch.randint(0, 4, (max_pos, rope_dim // 2), generator=g)
+        return torch.stack((torch.tensor([1.0, 0.0, -1.0, 0.0])[k], torch.tensor([0.0, 1.0, 0.0, -1.0])[k]), -1)
+    return ops.rope_freqs(rope_dim, max_pos, 10000.0)
+
+
+def _positions(g: torch.Generator, shape, max_pos: int) -> torch.Tensor:
+    # A few out-of-range positions: the kernels clamp them like the oracle (unchecked mode).
+    return torch.randint(-2, max_pos + 2, shape, generator=g)
+
+
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=3), rope_dim=st.sampled_from([32, 64]),
+       nblocks=st.integers(0, 7), block=st.sampled_from([32, 64]), dtype=st.sampled_from(DTYPES),
+       specials=st.booleans(), seed=st.integers(0, 2**31))
+def test_rope_qat8_equals_the_chain_bit_for_bit(device, lead, rope_dim, nblocks, block, dtype, specials, seed):
+    g = torch.Generator().manual_seed(seed)
+    nope = nblocks * block
+    x = torch.cat([_input(seed, lead, nope, block, torch.float32, 1.0, specials).reshape(*lead, nope),
+                   torch.randn(*lead, rope_dim, generator=g)], -1).to(dtype).to(device)
+    freqs = _table(40, rope_dim, g).to(device)
+    pos = _positions(g, lead[:int(torch.randint(1, len(lead) + 1, (), generator=g))], 40).to(device)
+    y = _triton(ops.rope_qat8, x, freqs, pos, block)
+    expected = ref.rope_qat8(x, freqs, pos, block)
+    assert_same_bits(y, expected, "rope_qat8")
+    # The oracle itself is the chain of public ops.
+    assert_same_bits(expected[..., nope:], ops.apply_rope(x, freqs, pos)[..., nope:], "rope part")
+    if nope:
+        assert_same_bits(expected[..., :nope], ref.qat8(x[..., :nope], block, True), "qat8 part")
+
+
+def test_rope_qat8_strided_kv_slice(device):
+    g = torch.Generator().manual_seed(3)
+    fused = torch.randn(6, 3, 512 + 128, generator=g).to(torch.bfloat16).to(device)
+    x = fused[..., 128:]  # the KV vector inside a wider projection output
+    freqs, pos = _table(16, 64, g).to(device), torch.arange(6, device=device)
+    assert_same_bits(_triton(ops.rope_qat8, x, freqs, pos), ref.rope_qat8(x, freqs, pos, 64), "strided")
+    xt = fused.transpose(0, 1)[..., :512]  # positions on a non-leading stride
+    pos3 = torch.arange(3, device=device)
+    assert_same_bits(_triton(ops.rope_qat8, xt, freqs, pos3), ref.rope_qat8(xt, freqs, pos3, 64), "permuted")
+
+
+def _assert_qat4_of_nearby(y: torch.Tensor, h: torch.Tensor, slack: torch.Tensor, what: str) -> None:
+    """``y`` must be ``qat4(h')`` (block 32) for some ``h'`` with ``|h' - h| <= slack``: each
+    block on the FP4 grid of one power-of-two scale that some amax in range gives, each
+    element between the codes of ``h - slack`` and ``h + slack`` at that scale."""
+    yb, hb = y.float().cpu().reshape(-1, 32), h.float().cpu().reshape(-1, 32)
+    sb = slack.expand(h.shape).reshape(-1, 32)
+    grid = torch.tensor(FP4_VALUES[:8])
+    ok = torch.zeros(yb.shape[0], dtype=torch.bool)
+    for amax in ((hb.abs() - sb).clamp_min(0).amax(-1), (hb.abs() + sb).amax(-1)):
+        amax = amax.clamp_min(ref.FP4_AMAX_FLOOR)
+        s = exp2_int(ref.fp4_exponent(amax, torch.zeros_like(amax, dtype=torch.bool)))[:, None]
+        v = yb / s
+        lo = fp4_decode(fp4_encode(((hb - sb) / s).clamp(-6, 6)))
+        hi = fp4_decode(fp4_encode(((hb + sb) / s).clamp(-6, 6)))
+        on_grid = (v.abs()[..., None] == grid).any(-1)
+        ok |= (on_grid & (v >= lo) & (v <= hi)).all(-1)
+    assert bool(ok.all()), f"{what}: {int((~ok).sum())} of {ok.numel()} blocks are not qat4 of a nearby input"
+
+
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=2), n=st.sampled_from([64, 128, 256, 512]),
+       dtype=st.sampled_from(DTYPES), scale=st.sampled_from([1e-2, 1.0, 1e2]), seed=st.integers(0, 2**31))
+def test_rope_hadamard_qat4_matches_the_chain(device, lead, n, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, n, generator=g) * scale).to(dtype).to(device)
+    freqs = _table(30, 64, g).to(device)
+    pos = _positions(g, lead[:1], 30).to(device)
+    y = _triton(ops.rope_hadamard_qat4, x, freqs, pos)
+    assert y.dtype == dtype and y.shape == x.shape
+    r = ref._rope.apply_rope(x, freqs, pos, False)
+    h = ref.hadamard(r)
+    # The Hadamard sums may round differently (see _hadamard_bound); the quantiser after them
+    # is exact, so the result is qat4 of a Hadamard output within that bound.
+    _assert_qat4_of_nearby(y, h, _hadamard_bound(r, h), "rope_hadamard_qat4")
+    assert_same_bits(ref.rope_hadamard_qat4(x, freqs, pos), ref.qat4(h, 32), "oracle is the chain")
+
+
+@pytest.mark.parametrize("n", [64, 128, 512])
+def test_rope_hadamard_qat4_bit_exact_when_sums_are_exact(device, n):
+    # Small integers rotated by multiples of 90 degrees: every RoPE and Hadamard sum is exact,
+    # so kernel and oracle see identical values before the quantiser and agree bit for bit.
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-8, 9, (7, 3, n), generator=g).float()
+    x[2, 1, 5] = float("inf")
+    x[4, 0, n - 3] = float("nan")  # in the rotated dims
+    freqs = _table(10, 64, g, right_angles=True).to(device)
+    pos = torch.randint(0, 10, (7,), generator=g).to(device)
+    for dtype in DTYPES:
+        xd = x.to(dtype).to(device)
+        y = _triton(ops.rope_hadamard_qat4, xd, freqs, pos)
+        assert_same_bits(y, ref.rope_hadamard_qat4(xd, freqs, pos), f"rope_hadamard_qat4 {dtype}")
+        assert torch.isnan(y[2, 1]).all() and torch.isnan(y[4, 0]).all()
+
+
+def test_rope_hadamard_qat4_strided(device):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(-8, 9, (4, 6, 2 * 128), generator=g).to(torch.bfloat16).to(device)
+    freqs = _table(8, 64, g, right_angles=True).to(device)
+    for x, pos in ((base[..., ::2], torch.arange(4)), (base.transpose(0, 1)[..., :128], torch.arange(6))):
+        pos = pos.to(device)
+        assert_same_bits(_triton(ops.rope_hadamard_qat4, x, freqs, pos), ref.rope_hadamard_qat4(x, freqs, pos))
+
+
+_f = torch.zeros(8, 32, 2)
+_p = torch.zeros(4, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("fn, kwargs, err, match", [
+    (ops.rope_qat8, dict(x=torch.zeros(4, 100), freqs=_f, positions=_p), ValueError,
+     "x: last dim minus rope_dim 64 must be a multiple of 64"),
+    (ops.rope_qat8, dict(x=torch.zeros(4, 128), freqs=_f, positions=_p, block=48), ValueError, "block"),
+    (ops.rope_qat8, dict(x=torch.zeros(4, 128), freqs=_f, positions=_p.float()), TypeError, "positions"),
+    (ops.rope_qat8, dict(x=torch.zeros(4, 128), freqs=_f, positions=torch.zeros(5, dtype=torch.int64)),
+     ValueError, "positions"),
+    (ops.rope_qat8, dict(x=torch.zeros(4, 32), freqs=_f, positions=_p), ValueError, "x: last dim must be >= rope_dim"),
+    (ops.rope_hadamard_qat4, dict(x=torch.zeros(4, 96), freqs=_f, positions=_p), ValueError, "x: last dim must be one of"),
+    (ops.rope_hadamard_qat4, dict(x=torch.zeros(4, 128), freqs=torch.zeros(8, 24, 2), positions=_p), ValueError,
+     "freqs: rope_dim"),
+    (ops.rope_hadamard_qat4, dict(x=torch.zeros(4, 128), freqs=_f.double(), positions=_p), TypeError, "freqs"),
+])
+def test_fused_bad_input(fn, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fn(**kwargs)

@@ -14,9 +14,16 @@ BF16 parts (8 + 8 + 8 significant bits) and multiplied three times.  For n <= 12
 over 16) replace one of size n: 2A + 6 * 16 MACs per element instead of n.  The matrices
 are built in registers from ``H[i, j] = (-1)^popcount(i & j)``; programs loop over row
 tiles so each builds them once.
+
+Fused finishing steps (one launch each, x read once): ``rope_qat8`` (RoPE on the last R
+dims, qat8 on the rest) and ``rope_hadamard_qat4`` (RoPE, Hadamard, qat4, each step rounded
+to x's dtype like the chain of public ops).  The rotation is ``kernels/rope.py``'s
+``rotate_interleaved``, launched without FMA contraction as ``apply_rope`` is, so the RoPE
+values are bit-identical to it.
 """
 
 import functools
+import math
 
 import torch
 import triton
@@ -27,6 +34,7 @@ from ..registry import register
 from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code,
                       fp4_value, to_f32, to_fp8)
 from .norm import as_rows
+from .rope import clamp_position, rotate_interleaved
 
 FP4_AMAX_FLOOR: tl.constexpr = tl.constexpr(6.0 * 2.0 ** -126)
 FP8_AMAX_FLOOR: tl.constexpr = tl.constexpr(1e-4)
@@ -335,4 +343,125 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     grid = lambda meta: (min(triton.cdiv(rows, meta["ROWS"]), progs),)
     _hadamard_kernel[grid](x2, y, rows, x2.stride(0), hadamard_scale(n), N=n, KRON_A=kron_split(n),
                            MMA_DTYPE=mma_dtype(x.dtype))
+    return y
+
+
+# --- fused finishing steps: RoPE + quantiser ---------------------------------------------
+
+_ROWS_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
+                 ((16, 4), (4, 4), (8, 4), (16, 8), (32, 8), (64, 8))]
+
+
+@autotune(configs=_ROWS_CONFIGS, key=["HEAD_DIM", "ROPE_DIM", "BLOCK"], name="rope_qat8")
+@triton.jit
+def _rope_qat8_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_per_slot, max_pos,
+                      stride_xs, stride_xm, stride_xd, stride_pos,
+                      HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                      NB_P2: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
+    NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < n_rows
+    slot = row // rows_per_slot
+    inner = row - slot * rows_per_slot
+    x_row = x_ptr + slot * stride_xs + inner * stride_xm
+    y_row = y_ptr + row * HEAD_DIM
+    out_dtype: tl.constexpr = y_ptr.dtype.element_ty
+    if NOPE > 0:
+        # The nope dims as [ROWS, NB_P2, BLOCK] blocks (NB_P2 = NOPE / BLOCK rounded up to a
+        # power of two; the extra blocks are masked out).
+        b = tl.arange(0, NB_P2)
+        col = b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = row_ok[:, None, None] & (b < NOPE // BLOCK)[None, :, None]
+        x = to_f32(tl.load(x_row[:, None, None] + col[None, :, :] * stride_xd, mask=mask, other=0.0))
+        q, s = fp8_quantise(tl.reshape(x, [ROWS * NB_P2, BLOCK]), True)
+        v = tl.reshape(q.to(tl.float32) * s[:, None], [ROWS, NB_P2, BLOCK])
+        tl.store(y_row[:, None, None] + col[None, :, :], cast_rne(v, out_dtype), mask=mask)
+    pos = clamp_position(tl.load(pos_ptr + slot * stride_pos, mask=row_ok, other=0), max_pos)
+    c = tl.arange(0, BLOCK_R)
+    mask = row_ok[:, None] & (c < ROPE_DIM)[None, :]
+    xr = to_f32(tl.load(x_row[:, None] + (NOPE + c)[None, :] * stride_xd, mask=mask, other=0.0))
+    yr = rotate_interleaved(xr, table_ptr, pos, ROPE_DIM, False)
+    tl.store(y_row[:, None] + NOPE + c[None, :], cast_rne(yr, out_dtype), mask=mask)
+
+
+@autotune(configs=_HADAMARD_CONFIGS, key=["HEAD_DIM", "ROPE_DIM"], name="rope_hadamard_qat4")
+@triton.jit
+def _rope_hadamard_qat4_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_per_slot, max_pos,
+                               stride_xs, stride_xm, stride_xd, stride_pos, scale,
+                               HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, KRON_A: tl.constexpr,
+                               MMA_DTYPE: tl.constexpr, ROWS: tl.constexpr):
+    CHUNKS: tl.constexpr = HEAD_DIM // ROPE_DIM
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    if KRON_A == 0:
+        h_n = sylvester(HEAD_DIM, MMA_DTYPE)
+        h_a = h_n
+        h_16 = h_n
+    else:
+        h_a = sylvester(KRON_A, MMA_DTYPE)
+        h_16 = sylvester(16, tl.bfloat16)
+        h_n = h_a
+    cols = tl.arange(0, HEAD_DIM)
+    c = tl.arange(0, ROPE_DIM)
+    last_chunk = (tl.arange(0, CHUNKS) == CHUNKS - 1)[None, :, None]
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        row = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # n_rows < 2^31; offsets are not
+        row_ok = row < n_rows
+        slot = row // rows_per_slot
+        inner = row - slot * rows_per_slot
+        x_row = x_ptr + slot * stride_xs + inner * stride_xm
+        x = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xd, mask=row_ok[:, None], other=0.0))
+        # RoPE on the last chunk of R dims (reloaded from L1), merged back into the row.
+        pos = clamp_position(tl.load(pos_ptr + slot * stride_pos, mask=row_ok, other=0), max_pos)
+        xr = to_f32(tl.load(x_row[:, None] + (HEAD_DIM - ROPE_DIM + c)[None, :] * stride_xd,
+                            mask=row_ok[:, None], other=0.0))
+        yr = rotate_interleaved(xr, table_ptr, pos, ROPE_DIM, False)
+        r = tl.where(last_chunk, yr[:, None, :], tl.reshape(x, [ROWS, CHUNKS, ROPE_DIM]))
+        # Each step rounds to x's dtype, as the chain apply_rope -> hadamard -> qat4 does.
+        r = cast_rne(tl.reshape(r, [ROWS, HEAD_DIM]), dtype)
+        h = to_f32(cast_rne(hadamard_rows(r, scale, ROWS, HEAD_DIM, KRON_A, h_a, h_16, h_n), dtype))
+        codes, e, invalid = fp4_quantise(tl.reshape(h, [ROWS * HEAD_DIM // 32, 32]))
+        y = tl.reshape(fp4_qat_values(codes, e, invalid), [ROWS, HEAD_DIM])
+        tl.store(y_ptr + row[:, None] * HEAD_DIM + cols[None, :], cast_rne(y, dtype), mask=row_ok[:, None])
+
+
+def _slots(x: torch.Tensor, positions: torch.Tensor):
+    """``x`` as ``[P, M, D]`` (P = positions' elements; a view when the strides allow) and
+    the positions as ``[P]``."""
+    n_slots = positions.numel()
+    x3 = x.reshape(n_slots, math.prod(x.shape[positions.dim():-1]), x.shape[-1])
+    return x3, positions.reshape(n_slots)
+
+
+@register("rope_qat8", "triton")
+def rope_qat8(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, block: int) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    x3, pos = _slots(x, positions)
+    n_rows = x3.shape[0] * x3.shape[1]
+    head_dim, rope_dim = x.shape[-1], 2 * freqs.shape[1]
+    table = freqs.contiguous()
+    grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
+    _rope_qat8_kernel[grid](x3, y, table, pos, n_rows, x3.shape[1], table.shape[0], *x3.stride(), pos.stride(0),
+                            HEAD_DIM=head_dim, ROPE_DIM=rope_dim, BLOCK=block,
+                            NB_P2=triton.next_power_of_2(max(1, (head_dim - rope_dim) // block)),
+                            BLOCK_R=triton.next_power_of_2(rope_dim), enable_fp_fusion=False)
+    return y
+
+
+@register("rope_hadamard_qat4", "triton")
+def rope_hadamard_qat4(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    x3, pos = _slots(x, positions)
+    n_rows = x3.shape[0] * x3.shape[1]
+    head_dim = x.shape[-1]
+    table = freqs.contiguous()
+    progs = max_programs(x.device)
+    grid = lambda meta: (min(triton.cdiv(n_rows, meta["ROWS"]), progs),)
+    _rope_hadamard_qat4_kernel[grid](x3, y, table, pos, n_rows, x3.shape[1], table.shape[0], *x3.stride(),
+                                     pos.stride(0), hadamard_scale(head_dim), HEAD_DIM=head_dim,
+                                     ROPE_DIM=2 * freqs.shape[1], KRON_A=kron_split(head_dim),
+                                     MMA_DTYPE=mma_dtype(x.dtype), enable_fp_fusion=False)
     return y

@@ -14,8 +14,9 @@ from .. import validate as V
 from ..kernels import quant as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import quant as _reference  # noqa: F401  (registers the reference backend)
 from ..registry import call, define_op
+from .rope import _check_rope_args
 
-__all__ = ["act_quant", "qat8", "fp4_quant", "fp4_dequant", "qat4", "hadamard"]
+__all__ = ["act_quant", "qat8", "fp4_quant", "fp4_dequant", "qat4", "hadamard", "rope_qat8", "rope_hadamard_qat4"]
 
 MAX_BLOCK = 1024
 HADAMARD_SIZES = (64, 128, 256, 512)
@@ -171,3 +172,55 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] not in HADAMARD_SIZES:
         raise ValueError(f"x: last dim must be one of {HADAMARD_SIZES}, got {x.shape[-1]}")
     return call("hadamard", x.device, x)
+
+
+# --- fused finishing steps ---------------------------------------------------------------
+
+def _rope_qat8_stub(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, block: int) -> torch.Tensor:
+    raise NotImplementedError
+
+
+def _rope_hadamard_qat4_stub(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError
+
+
+define_op("rope_qat8", _rope_qat8_stub,
+          fake=lambda x, freqs, positions, block: torch.empty(x.shape, dtype=x.dtype, device=x.device))
+define_op("rope_hadamard_qat4", _rope_hadamard_qat4_stub,
+          fake=lambda x, freqs, positions: torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def rope_qat8(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The KV vector's finishing step (SPEC 5.2), one pass: RoPE on the last
+    ``R = 2 * freqs.shape[1]`` dims (as ``apply_rope``) and ``qat8(., block, pow2=True)`` on
+    the first ``D - R``; returns a new tensor of ``x.dtype``, bit-identical to that chain.
+
+    x: ``[..., D]`` bf16/fp16/fp32, any strides, ``(D - R) % block == 0``.  freqs, positions:
+    as ``apply_rope`` (positions out of range raise in checked mode, are clamped otherwise).
+    """
+    _check_rope_args(x, freqs, positions, False)
+    V.positive_int("block", block)
+    if block & (block - 1) or block > MAX_BLOCK:
+        raise ValueError(f"block: expected a power of two in [1, {MAX_BLOCK}], got {block}")
+    nope = x.shape[-1] - 2 * freqs.shape[1]
+    V.divisible("x", nope, block, what=f"last dim minus rope_dim {2 * freqs.shape[1]}")
+    return call("rope_qat8", x.device, x, freqs, positions, block)
+
+
+def rope_hadamard_qat4(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The indexer query's finishing step (SPEC 7), one pass: RoPE on the last
+    ``R = 2 * freqs.shape[1]`` dims, Hadamard over all D dims, ``qat4`` (block 32).
+
+    Each step rounds to ``x.dtype`` as the chain ``qat4(hadamard(apply_rope(x)))`` does; the
+    fused result equals that chain except where the Hadamard's FP32 sums, taken in another
+    order, round to a different neighbour (see ``hadamard``).
+    x: ``[..., D]`` bf16/fp16/fp32, D in {64, 128, 256, 512}, any strides; R a power of two.
+    freqs, positions: as ``apply_rope``.
+    """
+    _check_rope_args(x, freqs, positions, False)
+    if x.shape[-1] not in HADAMARD_SIZES:
+        raise ValueError(f"x: last dim must be one of {HADAMARD_SIZES}, got {x.shape[-1]}")
+    rope_dim = 2 * freqs.shape[1]
+    if rope_dim & (rope_dim - 1):
+        raise ValueError(f"freqs: rope_dim 2 * freqs.shape[1] must be a power of two, got {rope_dim}")
+    return call("rope_hadamard_qat4", x.device, x, freqs, positions)

@@ -21,6 +21,7 @@ import torch
 from ..formats import (E8M0_NAN, FP4_MAX, FP8_MAX, ceil_log2, e8m0_encode, e8m0_to_float, exp2_int,
                        fp4_decode, fp4_encode, fp4_pack, fp4_unpack, fp8_encode)
 from ..registry import register
+from . import rope as _rope
 
 FP8_AMAX_FLOOR = 1e-4
 FP4_AMAX_FLOOR = FP4_MAX * 2.0 ** -126  # the smallest amax whose scale 2^-126 is a normal float
@@ -125,5 +126,25 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-__all__ = ["act_quant", "qat8", "fp4_quant", "fp4_dequant", "qat4", "hadamard", "sylvester",
-           "fp8_scale", "fp4_exponent", "FP8_AMAX_FLOOR", "FP4_AMAX_FLOOR", "E8M0_NAN"]
+@register("rope_qat8", "reference")
+def rope_qat8(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, block: int) -> torch.Tensor:
+    """The KV finishing step (SPEC 5.2): RoPE on the last R dims, ``qat8`` (pow2) on the rest."""
+    y = _rope.apply_rope(x, freqs, positions, False)
+    nope = x.shape[-1] - 2 * freqs.shape[1]
+    if nope:
+        y[..., :nope] = qat8(x[..., :nope], block, True)
+    return y
+
+
+@register("rope_hadamard_qat4", "reference")
+def rope_hadamard_qat4(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The indexer query's finishing step (SPEC 7): RoPE, Hadamard, ``qat4`` (block 32).
+
+    Each step returns ``x.dtype``, as the release's code does (and as the chain of the public
+    ops does), so the fused kernel equals ``qat4(hadamard(apply_rope(x)))``.
+    """
+    return qat4(hadamard(_rope.apply_rope(x, freqs, positions, False)), 32)
+
+
+__all__ = ["act_quant", "qat8", "fp4_quant", "fp4_dequant", "qat4", "hadamard", "rope_qat8", "rope_hadamard_qat4",
+           "sylvester", "fp8_scale", "fp4_exponent", "FP8_AMAX_FLOOR", "FP4_AMAX_FLOOR", "E8M0_NAN"]

@@ -19,6 +19,9 @@ TINY_YARN = dict(factor=16, original_max_position_embeddings=64, beta_fast=32, b
 # original 6 at R = 64, theta 1e4: both correction dims round to 0, so SPEC's high == low
 # branch (high += 0.001) is taken.
 DEGENERATE_YARN = dict(factor=4, original_max_position_embeddings=6, beta_fast=32, beta_slow=1)
+# At theta 1e4 the ramp runs from i = 22 to high = 35 > R/2 - 1: SPEC bounds high by R - 1,
+# so the last frequency is still only 9/13 of the way along the ramp.
+WIDE_RAMP_YARN = dict(factor=8, original_max_position_embeddings=138000, beta_fast=32, beta_slow=1)
 
 
 def spec_table(rope_dim, max_pos, theta, yarn):
@@ -40,11 +43,13 @@ def spec_table(rope_dim, max_pos, theta, yarn):
 
 @pytest.mark.parametrize("rope_dim, theta, yarn", [
     (64, 10000.0, None), (64, 160000.0, RELEASE_YARN), (64, 160000.0, TINY_YARN),
-    (64, 10000.0, DEGENERATE_YARN), (6, 500.0, None), (2, 10000.0, TINY_YARN),
+    (64, 10000.0, DEGENERATE_YARN), (64, 10000.0, WIDE_RAMP_YARN), (6, 500.0, None), (2, 10000.0, TINY_YARN),
 ])
-def test_rope_freqs_oracle_matches_spec_formula(rope_dim, theta, yarn):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rope_freqs_matches_spec_formula(device, backend, rope_dim, theta, yarn):
     max_pos = 3000
-    table = ops.rope_freqs(rope_dim, max_pos, theta, yarn, device="cpu")
+    with use_backend(backend):
+        table = ops.rope_freqs(rope_dim, max_pos, theta, yarn, device=device).cpu()
     assert table.shape == (max_pos, rope_dim // 2, 2) and table.dtype == torch.float32
     cos, sin, angle = spec_table(rope_dim, max_pos, theta, yarn)
     # The table's angle is pos * fp32(f_i) rounded to FP32: two relative roundings of 2^-24

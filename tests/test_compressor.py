@@ -4,11 +4,12 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dsv4_triton import ops, set_checks
+from dsv4_triton import ops, set_checks, use_backend
 from dsv4_triton.reference import compressor as ref
 from dsv4_triton.reference import norm as ref_norm
 from dsv4_triton.reference import quant as ref_quant
 from dsv4_triton.reference import rope as ref_rope
+from helpers import ULP, assert_close
 
 ROPE_DIM = 64
 YARN = dict(factor=16, original_max_position_embeddings=64, beta_fast=32, beta_slow=1)
@@ -102,6 +103,142 @@ def test_oracle_finishing_steps_follow_spec(ratio, kind, n_entries, seed):
     # RoPE keeps each rotated pair's length.
     pairs = roped[:, d - ROPE_DIM:].reshape(n_entries, ROPE_DIM // 2, 2).norm(dim=-1)
     torch.testing.assert_close(pairs, normed[:, d - ROPE_DIM:].reshape(n_entries, ROPE_DIM // 2, 2).norm(dim=-1))
+
+
+# --- the Triton kernel against the oracle ------------------------------------------------
+
+def _run_triton(*args, **kw):
+    with use_backend("triton"):
+        return ops.compress_entries(*args, **kw)
+
+
+def _fp8_spacing(m):
+    """Distance between neighbouring E4M3 values at magnitude ``m`` (subnormal step 2^-9)."""
+    return torch.exp2(torch.floor(torch.log2(m.clamp_min(2.0 ** -6))) - 3)
+
+
+def _fp4_spacing(m):
+    return torch.where(m < 2, 0.5, torch.where(m < 4, 1.0, 2.0))
+
+
+def assert_matches_oracle(out, a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps=1e-6):
+    """The kernel's entries against the oracle's.
+
+    Before the encode step the two differ by FP32 rounding only (exp, rsqrt, division and
+    summation order).  So: NaN exactly where the oracle has NaN; the unquantised RoPE dims
+    (kind "kv") within one BF16 rounding plus 2^-16 of the row's largest value; each
+    quantised value on the QAT grid and equal to the oracle's, or one grid step apart where
+    the FP32 value sits on a rounding boundary (two steps if the block's amax sits on a
+    power of two and the scale doubles).  FP32 rounding moves a value across a BF16 or QAT
+    rounding boundary with probability ~2^-14 or less, so at most 0.1% of the values (plus
+    two values, or one block whose scale flipped) may differ from the oracle at all: a
+    systematic error far below one BF16 step still fails that count.
+    """
+    args = (a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps)
+    cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in args]
+    expected = ref.compress_entries(*cpu).float()
+    got = out.float().cpu()
+    assert out.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)), "NaN positions differ"
+    n, d = got.shape
+    pooled = ref.pool_windows(cpu[0], cpu[1], cpu[2], cpu[5], ratio)
+    v = ref_rope.apply_rope(ref_norm.rms_norm(pooled, cpu[3].float(), eps), cpu[4], cpu[5].long() * ratio, False)
+    if kind == "kv":
+        row_max = v.abs().amax(-1, keepdim=True).nan_to_num(0.0)
+        assert_close(got[:, d - ROPE_DIM:], expected[:, d - ROPE_DIM:], rtol=ULP[torch.bfloat16],
+                     atol=float(2.0 ** -16 * row_max.max()), what="rope dims")
+        rope_fin = ~torch.isnan(expected[:, d - ROPE_DIM:])
+        differing = int((got[:, d - ROPE_DIM:] != expected[:, d - ROPE_DIM:])[rope_fin].sum())
+        assert differing <= 2 + rope_fin.sum() // 1000, f"rope dims: {differing} values differ from the oracle"
+        got, expected, v = got[:, :d - ROPE_DIM], expected[:, :d - ROPE_DIM], v[:, :d - ROPE_DIM]
+        block, qmax, floor, spacing, qat = 64, 448.0, ref_quant.FP8_AMAX_FLOOR, _fp8_spacing, \
+            lambda x: ref_quant.qat8(x, 64, True)
+    else:
+        v = ref_quant.hadamard(v)
+        block, qmax, floor, spacing, qat = 32, 6.0, ref_quant.FP4_AMAX_FLOOR, _fp4_spacing, \
+            lambda x: ref_quant.qat4(x, 32)
+    fin = ~torch.isnan(expected)
+    assert torch.equal(qat(got)[fin], got[fin]), "kernel values off the QAT grid"
+    vb = v.reshape(n, -1, block)
+    scale = torch.exp2(torch.ceil(torch.log2(vb.abs().amax(-1, keepdim=True).clamp_min(floor) / qmax)))
+    scale = scale.expand_as(vb).reshape(got.shape)
+    mag = torch.maximum(got.abs(), expected.abs()) / scale
+    bound = 2 * scale * spacing(mag)
+    err = (got - expected).abs()
+    assert bool((err[fin] <= bound[fin]).all()), f"{kind}: a value more than one grid step from the oracle"
+    differing = int((err[fin] > 0).sum())
+    assert differing <= block + fin.sum() // 1000, f"{kind}: {differing} quantised values differ from the oracle"
+
+
+@given(ratio=st.sampled_from([4, 128]), kind=st.sampled_from(["kv", "indexer"]), n_entries=st.integers(1, 5),
+       wide=st.booleans(), z_scale=st.sampled_from([1.0, 30.0, 1e4]), a_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       token_major=st.booleans(), seed=st.integers(0, 2**31))
+def test_kernel_matches_oracle(device, ratio, kind, n_entries, wide, z_scale, a_scale, token_major, seed):
+    """Both ratios and kinds, odd entry counts, entry 0 (no previous window), d not a power
+    of two (kind kv), saturated softmaxes (large z), strided window views."""
+    g = torch.Generator().manual_seed(seed)
+    d = (192 if wide else 128) if kind == "kv" else (256 if wide and ratio == 4 else 64 if wide else 128)
+    c = 2 if ratio == 4 else 1
+    slots = 2 * ratio if ratio == 4 else ratio
+    first = int(torch.randint(0, 3, (), generator=g))
+    if token_major:
+        lead = ratio if ratio == 4 else 0
+        a_tok, z_tok = token_projections(g, lead + ratio * n_entries, c * d, z_scale)
+        a, z = windows(a_tok * a_scale, ratio, n_entries), windows(z_tok, ratio, n_entries)
+        entry_idx = torch.arange(first, first + n_entries)
+    else:
+        a = torch.randn(n_entries, slots, c * d, generator=g) * a_scale
+        z = torch.randn(n_entries, slots, c * d, generator=g) * z_scale
+        entry_idx = torch.randint(0, 40, (n_entries,), generator=g)
+        entry_idx[0] = 0
+    ape = torch.randn(ratio, c * d, generator=g)
+    norm_w = torch.rand(d, generator=g) + 0.5
+    freqs = rope_table(40 * ratio + 1)
+    args = [t.to(device) for t in (a, z, ape, norm_w, freqs, entry_idx.to(torch.int32 if seed % 2 else torch.int64))]
+    out = _run_triton(*args, ratio, kind)
+    assert_matches_oracle(out, *args, ratio, kind)
+
+
+@pytest.mark.parametrize("ratio, kind", [(4, "kv"), (4, "indexer"), (128, "kv")])
+def test_kernel_nan_and_absent_slots(device, ratio, kind):
+    """A NaN in a present slot poisons its entry (as in the oracle); a NaN or Inf in the
+    absent previous window of entry 0 changes nothing."""
+    g = torch.Generator().manual_seed(1)
+    d, c = 128, (2 if ratio == 4 else 1)
+    slots = 2 * ratio if ratio == 4 else ratio
+    a = torch.randn(3, slots, c * d, generator=g)
+    z = torch.randn(3, slots, c * d, generator=g)
+    entry_idx = torch.tensor([0, 5, 6])
+    if ratio == 4:
+        a[0, :4] = float("nan")
+        z[0, :4] = float("inf")
+    a[1, slots - 1, -1] = float("nan")  # a used channel of entry 1
+    ape = torch.randn(ratio, c * d, generator=g)
+    norm_w = torch.rand(d, generator=g) + 0.5
+    args = [t.to(device) for t in (a, z, ape, norm_w, rope_table(8 * ratio), entry_idx)]
+    out = _run_triton(*args, ratio, kind)
+    assert not torch.isnan(out[0].float()).any() and not torch.isnan(out[2].float()).any()
+    assert torch.isnan(out[1].float()).all()
+    assert_matches_oracle(out, *args, ratio, kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio, kind, d", [(4, "kv", 512), (128, "kv", 512), (4, "indexer", 128), (128, "indexer", 128)])
+def test_kernel_matches_oracle_at_model_size(device, ratio, kind, d):
+    """Prefill-sized: 4096 tokens as a strided view of token-major projections."""
+    g = torch.Generator().manual_seed(ratio + d)
+    c = 2 if ratio == 4 else 1
+    n_entries = 4096 // ratio
+    lead = ratio if ratio == 4 else 0
+    a_tok, z_tok = token_projections(g, lead + ratio * n_entries, c * d, z_scale=4.0)
+    a_tok, z_tok = a_tok.to(device), z_tok.to(device)
+    a, z = windows(a_tok, ratio, n_entries), windows(z_tok, ratio, n_entries)
+    ape = torch.randn(ratio, c * d, generator=g).to(device)
+    norm_w = (torch.rand(d, generator=g) + 0.5).to(device)
+    entry_idx = torch.arange(n_entries, device=device)
+    freqs = rope_table(4096, device)
+    out = _run_triton(a, z, ape, norm_w, freqs, entry_idx, ratio, kind)
+    assert_matches_oracle(out, a, z, ape, norm_w, freqs, entry_idx, ratio, kind)
 
 
 @pytest.mark.parametrize("ratio", [4, 128])

@@ -30,7 +30,8 @@ def spec_table(rope_dim, max_pos, theta, yarn):
     freqs = [theta ** (-2 * i / rope_dim) for i in range(half)]
     if yarn is not None:
         def c(r):
-            return rope_dim * math.log(yarn["original_max_position_embeddings"] / (2 * math.pi * r)) / (2 * math.log(theta))
+            original = yarn["original_max_position_embeddings"]
+            return rope_dim * math.log(original / (2 * math.pi * r)) / (2 * math.log(theta))
         low = max(math.floor(c(yarn["beta_fast"])), 0)
         high = min(math.ceil(c(yarn["beta_slow"])), rope_dim - 1)
         if high == low:
@@ -74,7 +75,8 @@ def test_rope_freqs_yarn_leaves_high_frequencies_and_divides_low_ones():
 def _complex_rope(x, table, positions, inverse):
     """What a user writes: view the rotated dims as complex numbers and multiply."""
     rope_dim = 2 * table.shape[1]
-    pairs = x[..., -rope_dim:].float().reshape(*x.shape[:-1], rope_dim // 2, 2).clone()  # view_as_complex needs an even offset
+    # clone: view_as_complex needs an even storage offset
+    pairs = x[..., -rope_dim:].float().reshape(*x.shape[:-1], rope_dim // 2, 2).clone()
     rot = torch.view_as_complex(table[positions.long()])
     rot = rot.reshape(*rot.shape[:-1], *([1] * (x.dim() - positions.dim() - 1)), rot.shape[-1])
     if inverse:
@@ -306,8 +308,8 @@ def test_apply_rope_large_matches_oracle(device):
     x = torch.randn(8192, 128, 512, device=device, generator=g).to(torch.bfloat16)
     positions = torch.randint(0, 1 << 16, (8192,), device=device, generator=g)
     for inverse in (False, True):
-        assert_close(_triton(ops.apply_rope, x, table, positions, inverse), ref.apply_rope(x, table, positions, inverse),
-                     0.0, 0.0)
+        want = ref.apply_rope(x, table, positions, inverse)
+        assert_close(_triton(ops.apply_rope, x, table, positions, inverse), want, 0.0, 0.0)
     x_kv = x[:, 0]  # [T, D] rows with a stride of 128 * D
     y = ref.apply_rope(x_kv, table, positions, False)
     _triton(ops.apply_rope_, x_kv, table, positions)

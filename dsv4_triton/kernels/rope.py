@@ -110,7 +110,7 @@ def _launch_apply_rope(x3: torch.Tensor, out3: torch.Tensor, freqs: torch.Tensor
     n_rows = n_slots * rows_per_slot
     if n_rows == 0:
         return
-    table = freqs.contiguous()
+    table = freqs.contiguous()  # rotate_interleaved indexes a contiguous table (a no-op for rope_freqs' own)
     pos = positions.reshape(n_slots)
     pass_dim = head_dim - rope_dim
     copy_pass = copy_pass and pass_dim > 0
@@ -176,9 +176,8 @@ def _rope_freqs_kernel(out_ptr, max_pos, ROPE_DIM: tl.constexpr, THETA: tl.const
         freq = freq / tl.full([BLOCK_HALF], YARN_FACTOR, tl.float64) * ramp + freq * (1.0 - ramp)
     angle = pos.to(tl.float32)[:, None] * freq.to(tl.float32)[None, :]  # one FP32 product
     cos, sin = _cos_sin_f64(angle.to(tl.float64))
-    k = tl.arange(0, 2)
-    offs = pos.to(tl.int64)[:, None, None] * ROPE_DIM + 2 * i[None, :, None] + k[None, None, :]
-    mask = (pos[:, None, None] < max_pos) & (i[None, :, None] < HALF) & (k[None, None, :] < 2)
+    offs = pos.to(tl.int64)[:, None, None] * ROPE_DIM + 2 * i[None, :, None] + tl.arange(0, 2)[None, None, :]
+    mask = tl.broadcast_to(((pos[:, None] < max_pos) & (i[None, :] < HALF))[:, :, None], [BLOCK_POS, BLOCK_HALF, 2])
     tl.store(out_ptr + offs, tl.join(cos.to(tl.float32), sin.to(tl.float32)), mask=mask)
 
 

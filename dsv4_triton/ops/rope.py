@@ -54,7 +54,7 @@ define_op("apply_rope_", _apply_rope_inplace_stub, fake=lambda x, freqs, positio
           mutates_args=("x",))
 
 
-def _yarn_scalars(yarn, rope_dim: int, theta: float):
+def _yarn_scalars(yarn):
     if yarn is None:
         return None, None, None, None
     if not isinstance(yarn, dict):
@@ -98,7 +98,7 @@ def rope_freqs(rope_dim: int, max_pos: int, theta: float, yarn: Optional[dict] =
     theta = V.number("theta", theta)
     if not (theta > 1.0 and math.isfinite(theta)):
         raise ValueError(f"theta: expected a finite number > 1, got {theta}")
-    factor, original, beta_fast, beta_slow = _yarn_scalars(yarn, rope_dim, theta)
+    factor, original, beta_fast, beta_slow = _yarn_scalars(yarn)
     if device is None:
         device = torch.get_default_device()
     elif not isinstance(device, (str, torch.device)):

@@ -214,20 +214,18 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "
                               f"got {a[tuple(bad[0])].item()!r}, expected {e[tuple(bad[0])].item()!r}")
 
 
-def _tie_block(g: torch.Generator, block: int, kind: str) -> torch.Tensor:
-    """A block whose scale is exactly 2^k and whose other values are rounding ties at that scale."""
-    k = int(torch.randint(-8, 7, (), generator=g))
+def _tie_blocks(g: torch.Generator, count: int, block: int, kind: str) -> torch.Tensor:
+    """``count`` blocks whose scale is exactly 2^k (one element is 448 * 2^k, or 6 * 2^k for
+    FP4) and whose other elements are rounding ties at that scale."""
     if kind == "fp8":
         grid = _fp8_grid()
-        mids = (grid[:-1] + grid[1:]) / 2
-        top = 448.0
+        mids, top = (grid[:-1] + grid[1:]) / 2, 448.0
     else:
-        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-        top = 6.0
-    vals = mids[torch.randint(0, mids.numel(), (block,), generator=g)]
-    vals = torch.where(torch.rand(block, generator=g) < 0.5, -vals, vals)
-    vals[int(torch.randint(0, block, (), generator=g))] = top
-    return vals * 2.0 ** k
+        mids, top = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), 6.0
+    vals = mids[torch.randint(0, mids.numel(), (count, block), generator=g)]
+    vals = torch.where(torch.rand(count, block, generator=g) < 0.5, -vals, vals)
+    vals[torch.arange(count), torch.randint(0, block, (count,), generator=g)] = top
+    return vals * torch.exp2(torch.randint(-8, 7, (count, 1), generator=g).float())
 
 
 def _input(seed: int, lead, n: int, block: int, dtype: torch.dtype, scale: float, specials: bool,
@@ -239,22 +237,19 @@ def _input(seed: int, lead, n: int, block: int, dtype: torch.dtype, scale: float
     if specials and x.numel():
         fi = torch.finfo(dtype)
         xb = x.view(-1, block)
-        for i, case in enumerate(torch.randint(0, 9, (xb.shape[0],), generator=g).tolist()):
-            j = int(torch.randint(0, block, (), generator=g))
-            if case == 1:
-                xb[i] = 0.0
-            elif case == 2:
-                xb[i] = torch.randn(block, generator=g) * fi.tiny * 0.25  # subnormal in dtype
-            elif case == 3:
-                xb[i] = (torch.rand(block, generator=g) * 0.5 + 0.5) * fi.max * torch.randn(block, generator=g).sign()
-            elif case == 4:
-                xb[i, j] = float("inf")
-            elif case == 5:
-                xb[i, j] = float("-inf")
-            elif case == 6:
-                xb[i, j] = float("nan")
-            elif case == 7:
-                xb[i] = _tie_block(g, block, kind)
+        nb = xb.shape[0]
+        case = torch.randint(0, 9, (nb,), generator=g)
+        col = torch.randint(0, block, (nb,), generator=g)
+        rand = torch.randn(nb, block, generator=g)
+        xb[case == 1] = 0.0
+        xb[case == 2] = (rand * fi.tiny * 0.25)[case == 2]  # subnormal in dtype
+        huge = (torch.rand(nb, block, generator=g) * 0.5 + 0.5) * fi.max * rand.sign()
+        xb[case == 3] = huge[case == 3]
+        for c, v in ((4, float("inf")), (5, float("-inf")), (6, float("nan"))):
+            m = case == c
+            xb[m.nonzero()[:, 0], col[m]] = v
+        ties = case == 7
+        xb[ties] = _tie_blocks(g, int(ties.sum()), block, kind)
     return x.to(dtype)
 
 
@@ -569,3 +564,82 @@ _p = torch.zeros(4, dtype=torch.int64)
 def test_fused_bad_input(fn, kwargs, err, match):
     with pytest.raises(err, match=match):
         fn(**kwargs)
+
+
+def _every_bf16(limit: float) -> torch.Tensor:
+    """Every finite BF16 value with ``|v| <= limit`` (FP32)."""
+    v = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    return v[torch.isfinite(v) & (v.abs() <= limit)]
+
+
+def test_every_bf16_value_encodes_like_the_oracle(device):
+    # Blocks of two [top, v] fix the scale at 1, so v itself goes through the FP8 / FP4
+    # rounding: every BF16 value in range, subnormals and ties included (on a GPU this is
+    # the hardware FP8 conversion).
+    for top, quant, qat in ((448.0, lambda x: _triton(ops.act_quant, x, 2)[0].view(torch.uint8), ops.qat8),
+                            (6.0, lambda x: _triton(ops.fp4_quant, x, 2)[0], ops.qat4)):
+        v = _every_bf16(top)
+        x = torch.stack((torch.full_like(v, top), v), -1).reshape(1, -1).to(device)
+        expect = (ref.act_quant(x, 2, True)[0].view(torch.uint8) if top == 448.0 else ref.fp4_quant(x, 2)[0])
+        assert_same_bits(quant(x), expect, f"encode, top {top}")
+        assert_same_bits(_triton(qat, x, 2), (ref.qat8(x, 2, True) if top == 448.0 else ref.qat4(x, 2)), "qat")
+
+
+# --- large shapes on a GPU (hardware FP8 conversion, FTZ behaviour, many tiles) --------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_quantisers_large(device, dtype):
+    x = _input(11, [1031], 7168, 128, dtype, 1.0, specials=True).to(device)
+    q, s = _triton(ops.act_quant, x, 128)
+    rq, rs = ref.act_quant(x, 128, True)
+    assert_same_bits(q.view(torch.uint8), rq.view(torch.uint8), "act_quant codes")
+    assert_same_bits(s, rs, "act_quant scales")
+    q, s = _triton(ops.act_quant, x, 128, False)
+    assert_same_bits(q.view(torch.uint8), ref.act_quant(x, 128, False)[0].view(torch.uint8), "act_quant non-pow2")
+    x = _input(12, [4099], 448, 64, dtype, 1.0, specials=True).to(device)
+    assert_same_bits(_triton(ops.qat8, x, 64), ref.qat8(x, 64, True), "qat8")
+    assert_same_bits(_triton(ops.qat8, x, 64, False), ref.qat8(x, 64, False), "qat8 non-pow2")
+    x = _input(13, [1031], 7168, 32, dtype, 1.0, specials=True, kind="fp4").to(device)
+    p, s = _triton(ops.fp4_quant, x, 32)
+    rp, rs = ref.fp4_quant(x, 32)
+    assert_same_bits(p, rp, "fp4_quant codes")
+    assert_same_bits(s.view(torch.uint8), rs.view(torch.uint8), "fp4_quant scales")
+    assert_same_bits(_triton(ops.qat4, x, 32), ref.qat4(x, 32), "qat4")
+    assert_same_bits(_triton(ops.fp4_dequant, rp, rs, dtype), ref.fp4_dequant(rp, rs, dtype), "fp4_dequant")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [64, 128, 256, 512])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_hadamard_large(device, n, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(20011, n, generator=g) * torch.exp2(torch.randint(-20, 10, (20011, 1), generator=g).float()))
+    x = x.to(dtype).to(device)
+    y, expected = _triton(ops.hadamard, x), ref.hadamard(x)
+    err = (y.float().cpu() - expected.float().cpu()).abs()
+    assert bool((err <= _hadamard_bound(x, expected)).all()), f"max err {err.max().item():.3g}"
+    xi = torch.randint(-100, 100, (4097, n), generator=g).to(dtype).to(device)
+    assert_same_bits(_triton(ops.hadamard, xi), ref.hadamard(xi), "hadamard integers")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_fused_large(device, dtype):
+    g = torch.Generator().manual_seed(7)
+    freqs = ops.rope_freqs(64, 4096, 160000.0, dict(factor=16, original_max_position_embeddings=65536,
+                                                     beta_fast=32, beta_slow=1), device=device)
+    x = torch.cat([_input(7, [8191], 448, 64, dtype, 1.0, specials=True).float(),
+                   torch.randn(8191, 64, generator=g)], -1).to(dtype).to(device)
+    pos = torch.randint(0, 4096, (8191,), generator=g).to(device)
+    assert_same_bits(_triton(ops.rope_qat8, x, freqs, pos), ref.rope_qat8(x, freqs, pos, 64), "rope_qat8")
+    xq = torch.randn(1023, 64, 128, generator=g).to(dtype).to(device)
+    posq = torch.randint(0, 4096, (1023,), generator=g).to(device)
+    r = ref._rope.apply_rope(xq, freqs, posq, False)
+    h = ref.hadamard(r)
+    _assert_qat4_of_nearby(_triton(ops.rope_hadamard_qat4, xq, freqs, posq), h, _hadamard_bound(r, h),
+                           "rope_hadamard_qat4")
+    xi = torch.randint(-8, 9, (1023, 64, 128), generator=g).to(dtype).to(device)
+    table = _table(4096, 64, g, right_angles=True).to(device)
+    assert_same_bits(_triton(ops.rope_hadamard_qat4, xi, table, posq), ref.rope_hadamard_qat4(xi, table, posq),
+                     "rope_hadamard_qat4 exact sums")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dsv4_triton import ops
+from dsv4_triton import ops, use_backend
 from dsv4_triton.formats import fp4_pack
+from dsv4_triton.kernels import gemm as kern
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.reference import quant as ref_quant
 from helpers import ULP, assert_close
@@ -170,3 +171,246 @@ def _fp8_args(n=128, k=128):
 def test_bad_input_names_the_argument(fn, args, err, name):
     with pytest.raises(err, match=rf"^{name}:"):
         fn(*args)
+
+
+
+# --- Triton kernels against the oracles ----------------------------------------------------
+
+def _triton(fn, *args):
+    with use_backend("triton"):
+        return fn(*args)
+
+
+def sum_tolerance(device) -> float:
+    """Difference allowed (relative to the sum of |terms|) between two FP32 sums of the same
+    products beyond the K * 2^-24 of each: on a GPU the FP8 tensor-core dot of one
+    128-block keeps about 14 significant bits internally (DeepSeek-V3 report, 3.3.2); that
+    is why the kernels promote every 128-block into FP32 and why no more is allowed."""
+    return 2.0 ** -11 if device.type == "cuda" else 0.0
+
+
+def assert_gemm_close(y, oracle, xd, wd, extra=None, what=""):
+    """|y - oracle| <= one bf16 rounding (2^-8 relative each side) + the FP32 summation error
+    of both (K * 2^-23 of the sum of |terms|) + the GPU FP8-dot allowance [+ ``extra``];
+    NaN exactly where the oracle has NaN.  ``xd``/``wd``: the dequantised operands."""
+    k = xd.shape[-1]
+    mag = xd.double().abs().nan_to_num(0) @ wd.double().abs().nan_to_num(0).t()
+    # + K * 2^-126: FP32 subnormal products may be flushed to zero on a GPU.
+    bound = (2.0 ** -7 * oracle.double().abs() + (k * 2.0 ** -23 + sum_tolerance(y.device)) * mag
+             + k * 2.0 ** -126)
+    if extra is not None:
+        bound = bound + extra
+    a, e = y.double(), oracle.double()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ"
+    fin = ~torch.isnan(e)
+    err, bound = (a - e).abs()[fin], bound[fin]
+    ok = err <= bound
+    assert bool(ok.all()), (f"{what}: {int((~ok).sum())} of {ok.numel()} out of tolerance, worst excess "
+                            f"{(err - bound).max().item():.3g}")
+
+
+@given(m=st.integers(1, 300), n=st.integers(1, 160), k=st.integers(1, 300), fused=st.booleans(),
+       fp32_scale=st.booleans(), seed=st.integers(0, 2**31))
+def test_fp8_linear_matches_oracle(device, m, n, k, fused, fp32_scale, seed):
+    g = _gen(seed)
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((_cdiv(n, 128), _cdiv(k, 128)), g, device)
+    if fp32_scale:
+        ws = ref.scale_to_float(ws) * (1 + torch.rand(ws.shape, generator=g)).to(device)  # not powers of two
+    y = kern.scaled_gemm(x, w, ws, "fp8", None, fused_quant=fused)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
+
+
+@given(lead=st.sampled_from([(), (1,), (2, 3), (5,)]), seed=st.integers(0, 2**31))
+def test_fp8_linear_public_op_any_leading_shape_and_strides(device, lead, seed):
+    g = _gen(seed)
+    base = torch.randn(*lead, 2 * 192, generator=g).to(torch.bfloat16).to(device)
+    x = base[..., ::2]  # K = 192, non-unit stride
+    w = random_fp8((72, 192), g, device)
+    ws = random_e8m0((1, 2), g, device)
+    y = _triton(ops.fp8_linear, x, w, ws)
+    assert y.shape == (*lead, 72)
+    assert_gemm_close(y.reshape(-1, 72), ref.fp8_linear(x, w, ws).reshape(-1, 72),
+                      ref.dequant_activation(x).reshape(-1, 192), ref.dequant_fp8_weight(w, ws))
+
+
+@given(m=st.integers(1, 300), n=st.integers(1, 100), kb=st.integers(1, 9), fmt=st.sampled_from(["mxfp4", "nvfp4"]),
+       fused=st.booleans(), seed=st.integers(0, 2**31))
+def test_fp4_linear_matches_oracle(device, m, n, kb, fmt, fused, seed):
+    g = _gen(seed)
+    k = 32 * kb  # K a multiple of the MXFP4 block, not always of 128
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(n, k, g, device, fmt)
+    y = kern.scaled_gemm(x, w, ws, fmt, gs, fused_quant=fused)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert_gemm_close(y, ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w, ws, fmt, gs))
+
+
+def _mxfp4_spread_error(ws: torch.Tensor, k: int) -> torch.Tensor:
+    """Per weight element, the largest error the FP8 expansion may make: 0 where the row's
+    128-block exponents span <= 14 binades (exact), else 2^(e_max - 16) (kernels/gemm.py)."""
+    e = ws.view(torch.uint8).long().cpu() - 127
+    n, nsub = e.shape
+    pad = (-nsub) % 4
+    eb = torch.nn.functional.pad(e, (0, pad), value=-127).reshape(n, -1, 4)
+    e_max = eb.amax(-1, keepdim=True)
+    err = torch.where(e_max - eb > 14, torch.pow(2.0, (e_max - 16).double()), torch.zeros(()).double())
+    return err.reshape(n, -1)[:, :nsub].repeat_interleave(32, 1)[:, :k]
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 40), spread=st.integers(0, 30), seed=st.integers(0, 2**31))
+def test_mxfp4_exponent_spread_within_a_block(device, m, n, spread, seed):
+    # Exact (up to FP32 summation order) while the four 32-block exponents of a 128-block span
+    # <= 14 binades; beyond, the small blocks' values are off by at most 2^(e_max - 16) each.
+    g = _gen(seed)
+    k = 256
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, _, _ = random_fp4(n, k, g, device)
+    e = torch.randint(0, spread + 1, (n, k // 32), generator=g) - spread // 2 - 5
+    ws = (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu).to(device)
+    y = _triton(ops.fp4_linear, x, w, ws)
+    xd = ref.dequant_activation(x)
+    extra = xd.double().abs() @ _mxfp4_spread_error(ws, k).to(device).t()
+    if spread <= 14:
+        assert float(extra.max()) == 0.0
+    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), xd, ref.dequant_fp4_weight(w, ws, "mxfp4", None),
+                      extra=extra)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_kernel_decodes_every_byte_exactly(device, fmt):
+    # x = unit rows (act_quant exact: q = 256, s = 2^-8), so y = w_deq^T element by element,
+    # bit for bit: every byte value, both nibbles, in both rows' orders.  (A sum with +0
+    # terms cannot keep -0.0, so the sign of zero is checked on the oracle's decoder only.)
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    w = torch.stack([packed, packed.flip(0)]).to(device)  # [2, 256] -> K = 512
+    k = 512
+    x = torch.eye(k, dtype=torch.bfloat16, device=device)
+    if fmt == "mxfp4":
+        ws = torch.full((2, k // 32), 127 + 3, dtype=torch.uint8).view(torch.float8_e8m0fnu).to(device)
+        gs = None
+    else:
+        ws = torch.full((2, k // 16), 0.75).to(torch.float8_e4m3fn).to(device)
+        gs = torch.tensor(2.0, device=device)
+    y = _triton(ops.fp4_linear, x, w, ws, fmt, gs)
+    expect = torch.tensor(SPEC_FP4)[torch.stack([packed & 15, packed >> 4], -1).flatten().long()]
+    scale = 8.0 if fmt == "mxfp4" else 1.5
+    assert torch.equal(y[:, 0].float().cpu(), expect * scale)
+    assert torch.equal(y[:, 1].float().cpu(), expect.reshape(256, 2).flip(0).flatten() * scale)
+
+
+@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1.0)])
+def test_fp4_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
+    # Tiny and huge E8M0 scales (the products stay inside the FP32 range; see reference/gemm.py).
+    g = _gen(5)
+    x = (torch.randn(20, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
+    w, _, _ = random_fp4(24, 256, g, device)
+    ws = random_e8m0((24, 8), g, device, e_lo, e_hi)
+    for fused in (True, False):
+        y = kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused)
+        assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
+                          ref.dequant_fp4_weight(w, ws, "mxfp4", None), what=f"exponents {e_lo}..{e_hi}")
+
+
+@pytest.mark.parametrize("e_lo, e_hi", [(-100, -96), (90, 94)])
+def test_fp8_extreme_scale_exponents(device, e_lo, e_hi):
+    g = _gen(6)
+    x = torch.randn(20, 256, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((24, 256), g, device)
+    ws = random_e8m0((1, 2), g, device, e_lo, e_hi)
+    y = _triton(ops.fp8_linear, x, w, ws)
+    assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_inf_zero_blocks_propagate_like_oracle(device, fused):
+    g = _gen(7)
+    x = torch.randn(5, 256, generator=g).to(torch.bfloat16)
+    x[0, 3] = float("nan")  # a NaN block: row 0 NaN
+    x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
+    x[2] = 0.0  # an all-zero row: zeros (and NaN only in poisoned columns)
+    x = x.to(device)
+    w8 = random_fp8((160, 256), g, "cpu")
+    if device.type == "cuda":  # the interpreter decodes the FP8 NaN byte 0x7F as a number
+        w8.view(torch.uint8)[7, 9] = 0x7F  # a NaN weight: column 7 NaN
+    ws8 = random_e8m0((2, 2), g, "cpu")
+    ws8.view(torch.uint8)[1, 1] = 0xFF  # an E8M0 NaN: columns 128.. NaN
+    w8, ws8 = w8.to(device), ws8.to(device)
+    y = kern.scaled_gemm(x, w8, ws8, "fp8", None, fused_quant=fused)
+    assert_gemm_close(y, ref.fp8_linear(x, w8, ws8), ref.dequant_activation(x), ref.dequant_fp8_weight(w8, ws8))
+    w4, ws4, _ = random_fp4(40, 256, g, "cpu")
+    w4[:, 64:80] = 0  # an all-zero 32-block ...
+    ws4.view(torch.uint8)[:, 4] = 1  # ... with the tiniest scale
+    ws4.view(torch.uint8)[11, 6] = 0xFF  # an E8M0 NaN: column 11 NaN
+    w4, ws4 = w4.to(device), ws4.to(device)
+    y = kern.scaled_gemm(x, w4, ws4, "mxfp4", None, fused_quant=fused)
+    assert_gemm_close(y, ref.fp4_linear(x, w4, ws4, "mxfp4", None), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w4, ws4, "mxfp4", None))
+    assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11]).all())
+    assert bool((y[2, :11] == 0).all())
+
+
+def test_zero_rows_return_empty(device):
+    x = torch.zeros(0, 256, dtype=torch.bfloat16, device=device)
+    w, ws, _ = random_fp4(8, 256, _gen(8), device)
+    assert _triton(ops.fp4_linear, x, w, ws).shape == (0, 8)
+    assert _triton(ops.grouped_linear, torch.zeros(0, 2, 8, dtype=torch.bfloat16, device=device),
+                   torch.zeros(2, 4, 8, dtype=torch.bfloat16, device=device)).shape == (0, 2, 4)
+
+
+@given(t=st.integers(1, 70), grp=st.integers(1, 4), n=st.integers(1, 100), k=st.integers(1, 200),
+       transposed=st.booleans(), seed=st.integers(0, 2**31))
+def test_grouped_linear_matches_oracle(device, t, grp, n, k, transposed, seed):
+    g = _gen(seed)
+    if transposed:  # x arrives as a permuted view, as the attention output does
+        x = torch.randn(grp, t, k, generator=g).to(torch.bfloat16).to(device).transpose(0, 1)
+    else:
+        x = torch.randn(t, grp, k, generator=g).to(torch.bfloat16).to(device)
+    w = torch.randn(grp, n, k, generator=g).to(torch.bfloat16).to(device)
+    y = _triton(ops.grouped_linear, x, w)
+    assert y.shape == (t, grp, n) and y.dtype == torch.bfloat16
+    oracle = ref.grouped_linear(x, w)
+    for j in range(grp):
+        assert_gemm_close(y[:, j], oracle[:, j], x[:, j].float(), w[j].float(), what=f"group {j}")
+
+
+# --- GPU: real shapes ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 65, 4096])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (1536, 7168), (24576, 7168), (512, 7168)])
+def test_fp8_linear_real_shapes(device, m, n, k):
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((_cdiv(n, 128), _cdiv(k, 128)), g, device)
+    y = _triton(ops.fp8_linear, x, w, ws)
+    assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 64, 4096])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (3072, 7168)])
+def test_fp4_linear_real_shapes(device, fmt, m, n, k):
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(n, k, g, device, fmt)
+    y = _triton(ops.fp4_linear, x, w, ws, fmt, gs)
+    assert_gemm_close(y, ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w, ws, fmt, gs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_grouped_linear_real_shapes(device, t):
+    g = _gen(t)
+    x = torch.randn(16, t, 4096, generator=g).to(torch.bfloat16).to(device).transpose(0, 1)  # Pro wo_a
+    w = torch.randn(16, 1024, 4096, generator=g).to(torch.bfloat16).to(device) * 0.02
+    y = _triton(ops.grouped_linear, x, w)
+    oracle = ref.grouped_linear(x, w)
+    for j in (0, 15):
+        assert_gemm_close(y[:, j], oracle[:, j], x[:, j].float(), w[j].float(), what=f"group {j}")

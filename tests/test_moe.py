@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dsv4_triton import ops, set_checks
+from dsv4_triton import ops, set_checks, use_backend
+from dsv4_triton.kernels import moe as kern
 from dsv4_triton.reference import activation as ref_act
 from dsv4_triton.reference import gemm as ref_gemm
 from dsv4_triton.reference import moe as ref
@@ -56,14 +57,17 @@ def per_token_oracle(x, weights, ids, experts, limit=10.0):
     xd = ref_gemm.dequant_activation(x).double()
     out = torch.zeros(x.shape, dtype=torch.float64)
     mag = torch.zeros(x.shape, dtype=torch.float64)
+    dequant = {}
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
-            gate = (xd[t] @ ref_gemm.dequant_fp4_weight(w1[e], s1[e], "mxfp4", None).double().t()).float()
-            up = (xd[t] @ ref_gemm.dequant_fp4_weight(w3[e], s3[e], "mxfp4", None).double().t()).float()
+            if e not in dequant:
+                dequant[e] = tuple(ref_gemm.dequant_fp4_weight(w, s, "mxfp4", None).double()
+                                   for w, s in ((w1[e], s1[e]), (w3[e], s3[e]), (w2[e], s2[e])))
+            w1d, w3d, w2d = dequant[e]
+            gate, up = (xd[t] @ w1d.t()).float(), (xd[t] @ w3d.t()).float()
             h = ref_act.swiglu(gate[None], up[None], limit, weights[t, j].reshape(1))
             hd = ref_gemm.dequant_activation(h)[0].double()
-            w2d = ref_gemm.dequant_fp4_weight(w2[e], s2[e], "mxfp4", None).double()
             out[t] += hd @ w2d.t()
             mag[t] += hd.abs() @ w2d.abs().t()
     return out, mag
@@ -164,3 +168,183 @@ def test_pack_rejects_bad_lists():
         ops.moe_pack_experts(*bad)
     with pytest.raises(ValueError, match=r"^w1\[0\]: inter"):
         ops.moe_pack_experts(*random_experts(1, DIM, 64, g))
+
+
+# --- the Triton path against the oracle ------------------------------------------------------
+
+def _triton_moe(*args):
+    with use_backend("triton"):
+        return ops.moe_experts(*args)
+
+
+def _fp8_step(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of the FP8-E4M3 grid at |v| (v in units of the block scale)."""
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6)))
+    return torch.pow(2.0, e - 3)
+
+
+def oracle_with_allowance(x, weights, ids, packed, limit, gemm_rel):
+    """The oracle's result, the sum of |terms| of each output (FP32 summation bound), and an
+    allowance for FP8 codes of the w2 input that another correct implementation may round
+    the other way: those whose value lies within its possible FP32 error of a rounding
+    midpoint, or whose block amax lies that close to a scale boundary.  That error is a few
+    ulps of the SwiGLU (exp and division of another library) plus the effect of the gate/up
+    sums' error (``gemm_rel`` of their sum of |terms|).  Typically no code qualifies and the
+    allowance is 0; it keeps the test exact without making it flaky."""
+    w13, w13s, w2, w2s = packed
+    xd = ref_gemm.dequant_activation(x).double()
+    n_experts = w13.shape[0]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    mag = torch.zeros(x.shape, dtype=torch.float64)
+    allow = torch.zeros(x.shape, dtype=torch.float64)
+    dequantised = {}
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if not 0 <= e < n_experts:
+                continue
+            if e not in dequantised:
+                (w1, w3), (s1, s3) = ref.unpack_w13(w13[e]), ref.unpack_w13(w13s[e])
+                dequantised[e] = tuple(ref_gemm.dequant_fp4_weight(w, s_, "mxfp4", None).double()
+                                       for w, s_ in ((w1, s1), (w3, s3), (w2[e], w2s[e])))
+            w1d, w3d, w2d = dequantised[e]
+            gate, up = (xd[t] @ w1d.t()).float(), (xd[t] @ w3d.t()).float()
+            dg, du = gemm_rel * (xd[t].abs() @ w1d.abs().t()), gemm_rel * (xd[t].abs() @ w3d.abs().t())
+            rw = float(weights[t, j])
+            h = ref_act.swiglu(gate[None], up[None], limit, weights[t, j].reshape(1))[0].double()
+            g_c, u_c = gate.double().clamp(max=limit), up.double().clamp(-limit, limit)
+            sig = torch.sigmoid(g_c)
+            dh = rw * (1.1 * u_c.abs() * dg + (g_c * sig).abs() * du) + 8 * 2.0 ** -24 * h.abs()
+            hd = ref_gemm.dequant_activation(h.float()[None])[0].double()
+            out[t] += hd @ w2d.t()
+            mag[t] += hd.abs() @ w2d.abs().t()
+            hb, dhb = h.reshape(-1, 128), dh.reshape(-1, 128)
+            amax = hb.abs().amax(1).clamp_min(1e-4)
+            s = torch.pow(2.0, torch.ceil(torch.log2(amax / 448)))
+            v = hb / s[:, None]
+            step = _fp8_step(v)
+            frac = (v.abs() / step) % 1.0
+            near_mid = (frac - 0.5).abs() * step <= dhb / s[:, None]
+            # scale boundaries: amax / 448 at a power of two
+            near_edge = ((amax / 448 - s).abs() <= dhb.amax(1) / 448) | ((amax / 448 - s / 2).abs() <= dhb.amax(1) / 448)
+            flip = torch.where(near_edge[:, None], 2 * hb.abs() * 2.0 ** -3 + 2 * s[:, None] * 2.0 ** -9,
+                               torch.where(near_mid, step * s[:, None], torch.zeros(())))
+            allow[t] += flip.reshape(-1) @ w2d.abs().t()
+    return out, mag, allow
+
+
+def assert_moe_close(y, x, weights, ids, packed, limit=10.0):
+    device = y.device
+    gemm_rel = (DIM * 2.0 ** -23 + (2.0 ** -11 if device.type == "cuda" else 0.0))
+    expect, mag, allow = oracle_with_allowance(x.cpu(), weights.cpu(), ids.cpu(), [p.cpu() for p in packed],
+                                               limit, gemm_rel)
+    inter = packed[2].shape[2] * 2
+    k = ids.shape[1]
+    # One bf16 rounding, the FP32 sums (w2 products, then the k expert rows), the GPU's FP8
+    # dot allowance, and the FP8 code flips the oracle's rounding cannot pin down.
+    bound = fp32_bound(expect, mag, inter + k) + (2.0 ** -11 if device.type == "cuda" else 0.0) * mag + allow
+    a = y.double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(expect)), "NaN positions differ"
+    fin = ~torch.isnan(expect)
+    err = (a - expect).abs()[fin]
+    ok = err <= bound[fin]
+    assert bool(ok.all()), f"{int((~ok).sum())} of {ok.numel()} out of tolerance, worst excess {(err - bound[fin]).max():.3g}"
+    return expect
+
+
+@given(t=st.integers(1, 12), k=st.integers(1, 3), limit=st.sampled_from([10.0, 0.05]), integer_x=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_moe_experts_matches_oracle(device, t, k, limit, integer_x, seed):
+    g = _gen(seed)
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, INTER, g))]
+    x = integer_activations(t, DIM, g) if integer_x else torch.randn(t, DIM, generator=g).to(torch.bfloat16)
+    w, ids = routing(t, k, EXPERTS, g)
+    x, w, ids = x.to(device), w.to(device), ids.to(device)
+    y = _triton_moe(x, w, ids, *packed, limit)
+    assert y.dtype == torch.bfloat16 and y.shape == (t, DIM)
+    assert_moe_close(y, x, w, ids, packed, limit)
+
+
+@pytest.mark.parametrize("case", ["one_expert_takes_all", "t1", "duplicates", "out_of_range", "nan_token"])
+def test_moe_routing_edge_cases(device, case):
+    g = _gen(11)
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, INTER, g))]
+    t, k = (1, 2) if case == "t1" else (6, 2)
+    x = torch.randn(t, DIM, generator=g).to(torch.bfloat16)
+    w, ids = routing(t, k, EXPERTS, g)
+    if case == "one_expert_takes_all":
+        ids[:, 0] = 3  # every token: expert 3 first; the other experts get a few or none
+        ids[:, 1] = torch.where(ids[:, 1] == 3, 5, ids[:, 1])
+    elif case == "duplicates":  # unchecked: listed twice, contributes twice
+        ids[0] = torch.tensor([6, 6])
+    elif case == "out_of_range":  # unchecked: contributes nothing
+        ids[1, 0], ids[2, 1] = -1, EXPERTS
+    elif case == "nan_token":
+        x[4, 17] = float("nan")
+    x, w, ids = x.to(device), w.to(device), ids.to(device)
+    expect = assert_moe_close(_triton_moe(x, w, ids, *packed), x, w, ids, packed)
+    if case == "nan_token":
+        assert bool(torch.isnan(expect[4]).all()) and not bool(torch.isnan(expect[3]).any())
+
+
+def test_moe_experts_large_blocks_take_the_prequantised_path(device, monkeypatch):
+    # Many rows per expert: blocks of 64 rows and the activation pre-pass (here forced for a
+    # small T, as a long prefill would choose).
+    monkeypatch.setattr(kern, "block_m_for", lambda pairs, n_experts: 64)
+    g = _gen(12)
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, INTER, g))]
+    x = torch.randn(24, DIM, generator=g).to(torch.bfloat16).to(device)
+    w, ids = routing(24, 2, EXPERTS, g)
+    w, ids = w.to(device), ids.to(device)
+    assert_moe_close(_triton_moe(x, w, ids, *packed), x, w, ids, packed)
+
+
+def test_moe_experts_zero_tokens(device):
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(2, DIM, INTER, _gen(13)))]
+    x = torch.zeros(0, DIM, dtype=torch.bfloat16, device=device)
+    y = _triton_moe(x, torch.zeros(0, 2, device=device), torch.zeros(0, 2, dtype=torch.int32, device=device), *packed)
+    assert y.shape == (0, DIM) and y.dtype == torch.bfloat16
+
+
+def test_align_sorts_pairs_by_expert_with_padded_blocks():
+    ids = torch.tensor([[2, 0], [2, 5], [7, 2], [1, 9]], dtype=torch.int32)  # 9: out of range (E = 8)
+    sorted_pair, block_expert = kern.align(ids, 8, 4)
+    flat = ids.reshape(-1)
+    assert block_expert.shape[0] == 2 + 8 and sorted_pair.shape[0] == 10 * 4 + 1  # worst case: 8 experts
+    seen = []
+    for b, e in enumerate(block_expert.tolist()):
+        rows = sorted_pair[4 * b:4 * b + 4]
+        if e == 8:
+            assert bool((rows == -1).all())
+            continue
+        for p in rows.tolist():
+            if p >= 0:
+                assert int(flat[p]) == e
+                seen.append(p)
+    assert sorted(seen) == [p for p in range(8) if flat[p] < 8]
+    assert block_expert.tolist()[:5] == [0, 1, 2, 5, 7]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_moe_experts_flash_shapes(device, t):
+    # Flash: 256 experts, dim 4096, inter 2048, k = 6 (weights built on the GPU).
+    g = _gen(t)
+    n_experts, dim, inter, k = 256, 4096, 2048, 6
+    gdev = torch.Generator(device=device).manual_seed(t)
+
+    def fp4(rows, cols):
+        packed = torch.randint(0, 256, (n_experts, rows, cols // 2), generator=gdev, device=device, dtype=torch.uint8)
+        e = torch.randint(-9, -5, (n_experts, rows, cols // 32), generator=gdev, device=device, dtype=torch.int32)
+        return packed, (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+    w13, w13s = fp4(2 * inter, dim)
+    w2, w2s = fp4(dim, inter)
+    x = torch.randn(t, dim, generator=g).to(torch.bfloat16).to(device)
+    w, ids = routing(t, k, n_experts, g, device)
+    y = _triton_moe(x, w, ids, w13, w13s, w2, w2s)
+    oracle = ops.moe_experts(x, w, ids, w13, w13s, w2, w2s)  # reference backend
+    # Relative Frobenius error: FP32 order, the FP8 dot and a few flipped FP8 codes of the
+    # w2 input move it by far less than one bf16 rounding.
+    err = (y.float() - oracle.float()).norm() / oracle.float().norm()
+    assert err < 2.0 ** -8, f"relative error {err:.3g}"

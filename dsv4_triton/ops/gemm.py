@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import validate as V
+from ..kernels import gemm as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import gemm as _reference  # noqa: F401  (registers the reference backend)
 from ..registry import call, define_op
 

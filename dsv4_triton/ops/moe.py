@@ -11,6 +11,7 @@ from typing import List, Tuple
 import torch
 
 from .. import validate as V
+from ..kernels import moe as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import moe as _reference  # noqa: F401  (registers the reference backend)
 from ..reference.moe import PACK_ROWS, pack_experts
 from ..registry import call, define_op

@@ -1,0 +1,363 @@
+"""Triton block-scaled GEMMs: ``fp8_linear``, ``fp4_linear`` (and the device functions the
+MoE kernels share), plus the batched BF16 ``grouped_linear``.
+
+Activation: ``act_quant(x, 128, pow2=True)`` (SPEC 3).  For few rows (decode) each program
+quantises its ``[BLOCK_M, 128]`` slice of ``x`` in the prologue of every K step (one
+launch, and the re-quantisation per N tile costs nothing next to the weight stream); for
+many rows a small pre-pass writes the FP8 codes and scales once, and the GEMM reads them.
+Either way the codes and scales are bit-identical to the oracle's: the amax, the correctly
+rounded ``amax / 448`` and the power-of-two exponent are the oracle's operations.
+
+Main loop, one step per 128-wide K block: ``d = dot(a_fp8, w^T)`` on tensor cores with FP32
+results, then ``acc += d * (a_scale[m] * w_scale[n])`` in FP32 (per-block promotion, as in
+the release's kernels: a dot never spans two scales).
+
+Weights:
+
+* FP8: codes as stored; the scale of column n is that of its 128 x 128 block.
+* MXFP4: each byte holds two E2M1 codes.  In the K step, with ``e_j`` the four E8M0
+  exponents of the row's 32-blocks and ``e_max`` their maximum, the operand is
+  ``fp8(lut[code] * 2^(e_j - e_max + 6))`` and the column scale ``2^(e_max - 6)``.
+  Exactness: lut magnitudes are 0.5..6 with two significant bits; ``lut * 2^(6 - d)`` with
+  ``d = e_max - e_j`` is at most 384 < 448 and is exactly representable in E4M3 (normal or
+  subnormal, smallest step 2^-9) whenever ``d <= 14``, so for every row whose four
+  exponents in a 128-block span at most 14 binades the product equals the oracle's exactly
+  (only the FP32 summation order differs).  A wider span (never produced by quantising
+  real weights: it needs one 32-block 16000 times smaller than its neighbour) rounds the
+  small blocks' values to the nearest E4M3 step: each such element is off by at most
+  ``2^(e_max - 16)``, i.e. ``2^-16`` of the block's largest scale; the tests check both
+  regimes against the oracle.  Codes are expanded in registers, never materialised.
+* NVFP4: ``lut[code] * s16`` (E4M3 scale per 16) has at most 6 significant bits and is
+  exact in BF16, so the weight is expanded to BF16 and the activation codes (exact in
+  BF16) meet it in a BF16 dot; the FP32 global scale multiplies the result once.
+
+NaN/Inf: a non-finite activation block gives scale NaN, so its row of the output is NaN (as
+the oracle's dequantised NaN block); an E8M0 NaN scale byte (0xFF) makes its columns NaN.
+
+Out-of-bounds: rows, columns and K are masked on every load and store; any M, N >= 1 and
+any K (FP8) or K a multiple of 32 (MXFP4) / 16 (NVFP4) is accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import autotune
+from ..registry import register
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, to_fp8
+from .norm import as_rows
+from .rope import cast_rne
+
+ACT_BLOCK = 128
+W_FP8: tl.constexpr = tl.constexpr(0)
+W_MXFP4: tl.constexpr = tl.constexpr(1)
+W_NVFP4: tl.constexpr = tl.constexpr(2)
+FORMAT_CODES = {"fp8": 0, "mxfp4": 1, "nvfp4": 2}
+FUSED_QUANT_MAX_ROWS = 64  # up to this many rows the activation is quantised in the GEMM prologue
+
+
+# --- device functions shared with the MoE kernels -------------------------------------------
+
+@triton.jit
+def quantise_act_tile(x):
+    """``[R, 128]`` FP32 -> (FP8 codes, FP32 scales ``[R]``): ``act_quant(x, 128, pow2=True)``.
+
+    A row with a NaN/Inf amax gets scale NaN (its codes are then irrelevant).
+    """
+    amax = clamp_nan(amax_nan(x, 1), 1e-4, float("inf"))
+    finite = amax < float("inf")
+    e = tl.where(finite, ceil_log2(tl.math.div_rn(amax, 448.0)), 0)
+    q = to_fp8(clamp_nan(x * exp2i(-e)[:, None], -448.0, 448.0))  # x / 2^e, exact
+    return q, tl.where(finite, exp2i(e), float("nan"))
+
+
+@triton.jit
+def load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
+                   A_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K block ``kb`` of the activation rows ``rows``: (FP8 codes ``[BM, BLOCK_K]``, scales ``[BM]``).
+
+    A_QUANT: ``a_ptr`` is the 16/32-bit activation, quantised here; otherwise ``a_ptr`` holds
+    the pre-pass's FP8 codes (as bytes) and ``a_scale_ptr`` its scales ``[rows, K blocks]``.
+    """
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = row_ok[:, None] & (k[None, :] < K)
+    offs = rows[:, None] * stride_am + k[None, :]
+    if A_QUANT:
+        x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q, s = quantise_act_tile(x)
+    else:
+        q = tl.load(a_ptr + offs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+        s = tl.load(a_scale_ptr + rows * stride_sm + kb, mask=row_ok, other=0.0)
+    return q, s
+
+
+@triton.jit
+def fp4_value_2m14(codes):
+    """E2M1 codes (int) -> ``lut[code] * 2^-14`` as FP32, exact.
+
+    The code's magnitude bits shifted into an FP16 pattern read as FP16 are exactly
+    ``lut * 2^-14`` (code 1, 0.5, lands on the FP16 subnormal 2^-15): shifts, no table.
+    """
+    c = codes.to(tl.int32)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
+                      W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K block ``kb`` of weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
+
+    The operand is FP8 (FP8, MXFP4) or BF16 (NVFP4, column scale 1).  ``w_ptr`` points at
+    bytes (FP8 codes or packed FP4); scales are E8M0 bytes, FP32 (SCALE_FP32) or E4M3 bytes.
+    """
+    if W_FMT == W_FP8:
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = col_ok[:, None] & (k[None, :] < K)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :], mask=mask, other=0)
+        w = w.to(tl.float8e4nv, bitcast=True)
+        soffs = (cols // 128) * stride_sn + kb
+        if SCALE_FP32:
+            s = tl.load(w_scale_ptr + soffs, mask=col_ok, other=0.0)
+        else:
+            s = e8m0_value(tl.load(w_scale_ptr + soffs, mask=col_ok, other=127))
+    else:
+        HALF: tl.constexpr = BLOCK_K // 2
+        kh = kb * HALF + tl.arange(0, HALF)
+        mask = col_ok[:, None] & (kh[None, :] < K // 2)
+        b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
+        codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
+        if W_FMT == W_MXFP4:
+            NSUB: tl.constexpr = BLOCK_K // 32
+            j = kb * NSUB + tl.arange(0, NSUB)
+            e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
+                        mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
+            e_max = tl.max(e, axis=1)
+            # Below 2^-30 every code rounds to FP8 zero anyway; the clamp keeps exp2i in range.
+            shift = tl.maximum(e - e_max[:, None] + 6, -30)
+            shift = tl.reshape(tl.broadcast_to(shift[:, :, None], (shift.shape[0], NSUB, 32)),
+                               (shift.shape[0], BLOCK_K))
+            w = to_fp8(fp4_value_2m14(codes) * exp2i(shift + 14))
+            s = e8m0_value(e_max) * 0.015625  # 2^(e_max - 127 - 6); NaN if any byte is 0xFF
+        else:
+            NSUB16: tl.constexpr = BLOCK_K // 16
+            j = kb * NSUB16 + tl.arange(0, NSUB16)
+            s16 = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
+                          mask=col_ok[:, None] & (j[None, :] < K // 16), other=0)
+            s16 = s16.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (s16.shape[0], NSUB16, 16)),
+                             (s16.shape[0], BLOCK_K))
+            # lut * s16 has at most 6 significant bits: exact in FP32 and in BF16
+            w = (fp4_value_2m14(codes) * (s16 * 16384.0)).to(tl.bfloat16)
+            s = tl.full((cols.shape[0],), 1.0, tl.float32)
+    return w, s
+
+
+@triton.jit
+def dot_bf16(a, b, acc):
+    """``acc + a @ b`` for BF16 operands, FP32 accumulation.  The interpreter's BF16 dot is
+    wrong (numpy has no BF16), so there the operands go to FP32 first (exact)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def scaled_dot(acc, a, a_scale, w, w_scale, W_FMT: tl.constexpr):
+    """``acc + dot(a, w^T) * a_scale[:, None] * w_scale[None, :]`` (FP32 accumulation)."""
+    if W_FMT == W_NVFP4:
+        d = dot_bf16(a.to(tl.bfloat16), tl.trans(w), tl.zeros(acc.shape, tl.float32))
+    else:
+        d = tl.dot(a, tl.trans(w))
+    return acc + d * (a_scale[:, None] * w_scale[None, :])
+
+
+# --- activation pre-pass ---------------------------------------------------------------------
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    kb = tl.program_id(1)
+    row_ok = rows < M
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & (k[None, :] < K),
+                other=0.0).to(tl.float32)
+    q, s = quantise_act_tile(x)
+    tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], q.to(tl.uint8, bitcast=True),
+             mask=row_ok[:, None])
+    tl.store(s_ptr + rows * n_kb + kb, s, mask=row_ok)
+
+
+def act_quant_rows(x2: torch.Tensor):
+    """``[M, K]`` -> (FP8 codes as bytes ``[M, 128 * ceil(K/128)]``, zero-padded; scales
+    ``[M, ceil(K/128)]``): the GEMMs' activation pre-pass."""
+    m, k = x2.shape
+    n_kb = triton.cdiv(k, ACT_BLOCK)
+    q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.uint8, device=x2.device)
+    s = torch.empty((m, n_kb), dtype=torch.float32, device=x2.device)
+    rows = 16
+    _act_quant_kernel[(triton.cdiv(m, rows), n_kb)](x2, q, s, m, k, x2.stride(0), n_kb, ROWS=rows,
+                                                    BLOCK_K=ACT_BLOCK, num_warps=4)
+    return q, s
+
+
+# --- dense block-scaled GEMM --------------------------------------------------------------------
+
+def _gemm_configs():
+    # Every config is valid for every shape; the first is the one the interpreter runs
+    # (large tiles: fewer programs, which is what costs time there).
+    small = [(64, 64, 4, 3), (16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
+             (16, 32, 4, 6), (16, 64, 4, 6), (32, 128, 4, 4)]
+    large = [(64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 256, 8, 3),
+             (128, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in small + large]
+
+
+def _prune_gemm(configs, nargs, **kw):
+    m = nargs["M_BUCKET"]
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= max(16, m) if m <= 64 else c.kwargs["BLOCK_M"] >= 64)]
+    return keep or configs[:1]
+
+
+@autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "W_FMT", "A_QUANT"], name="scaled_gemm",
+          prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, global_scale_ptr, y_ptr, M, N, K,
+                        stride_am, stride_sm, stride_wn, stride_sn, stride_ym, M_BUCKET,
+                        A_QUANT: tl.constexpr, W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr,
+                        HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles sweep the columns together, so a weight tile is
+    # reused from L2 by the row tiles of its group.
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        a, a_scale = load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
+                                    A_QUANT, BLOCK_K)
+        w, w_scale = load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
+                                       W_FMT, SCALE_FP32, BLOCK_K)
+        acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
+    if HAS_GLOBAL:
+        acc = acc * tl.load(global_scale_ptr)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for a row count: powers of two up to 4096, so serving does not retune
+    for every batch size."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
+                global_scale: Optional[torch.Tensor], fused_quant: Optional[bool] = None) -> torch.Tensor:
+    """``act_quant(x) @ dequant(w).T`` -> bf16 ``[..., N]``.  ``fused_quant`` forces the
+    activation path (None: fused up to ``FUSED_QUANT_MAX_ROWS`` rows, else the pre-pass)."""
+    n = w.shape[0]
+    k = x.shape[-1]
+    y = torch.empty((*x.shape[:-1], n), dtype=torch.bfloat16, device=x.device)
+    if y.numel() == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    x2 = as_rows(x)
+    m = x2.shape[0]
+    if fused_quant is None:
+        fused_quant = m <= FUSED_QUANT_MAX_ROWS
+    if fused_quant:
+        a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
+    else:
+        a, a_scale = act_quant_rows(x2)
+        stride_am, stride_sm = a.stride(0), a_scale.stride(0)
+    w_bytes = w.view(torch.uint8)
+    scale_fp32 = w_scale.dtype == torch.float32
+    ws = w_scale if scale_fp32 else w_scale.view(torch.uint8)
+    if ws.stride(-1) != 1 or w_bytes.stride(-1) != 1:
+        ws, w_bytes = ws.contiguous(), w_bytes.contiguous()
+    y2 = y.view(m, n)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _scaled_gemm_kernel[grid](a, a_scale, w_bytes, ws, global_scale if global_scale is not None else ws, y2,
+                              m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
+                              m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,
+                              HAS_GLOBAL=global_scale is not None, BLOCK_K=ACT_BLOCK)
+    return y
+
+
+@register("fp8_linear", "triton")
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    return scaled_gemm(x, w, w_scale, "fp8", None)
+
+
+@register("fp4_linear", "triton")
+def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
+               global_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return scaled_gemm(x, w, w_scale, fmt, global_scale)
+
+
+# --- grouped BF16 GEMM ---------------------------------------------------------------------
+
+@autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+             for bm, bn, bk, w, s in ((64, 64, 64, 4, 3), (16, 64, 64, 4, 3), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+                                      (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                      (64, 64, 64, 4, 4))],
+    key=["M_BUCKET", "N", "K"], name="grouped_linear",
+    prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
+        c for c in configs if c.kwargs["BLOCK_M"] <= max(16, nargs["M_BUCKET"])] or configs[:1]},
+)
+@triton.jit
+def _grouped_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xg, stride_xk,
+                           stride_wg, stride_wn, stride_ym, stride_yg, M_BUCKET,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2).to(tl.int64)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_base = x_ptr + grp * stride_xg + rows[:, None] * stride_xm
+    w_base = w_ptr + grp * stride_wg + cols[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot_bf16(a, tl.trans(b), acc)
+    tl.store(y_ptr + rows[:, None] * stride_ym + grp * stride_yg + cols[None, :], cast_rne(acc, tl.bfloat16),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@register("grouped_linear", "triton")
+def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    t, g, k = x.shape
+    n = w.shape[1]
+    y = torch.empty((t, g, n), dtype=torch.bfloat16, device=x.device)
+    if y.numel() == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), g)
+    _grouped_linear_kernel[grid](x, w, y, t, n, k, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(1),
+                                 y.stride(0), y.stride(1), m_bucket(t))
+    return y

@@ -1,0 +1,204 @@
+"""Triton routed experts: sort by expert, two grouped MXFP4 GEMMs, deterministic combine.
+
+1. Align (torch ops, no host sync): the ``T * k`` (token, slot) pairs are sorted by expert
+   and each expert's run is padded to a multiple of ``BLOCK_M``; ``sorted_pair[r]`` is the
+   pair at padded row r (-1 for padding) and ``block_expert[b]`` the expert of row block b
+   (``E`` past the end).  The number of blocks is never read on the host: the GEMM grids
+   are sized for the worst case, ``ceil(T*k / BLOCK_M) + min(E, T*k)`` blocks, and
+   programs past the end exit at once.
+2. w13 GEMM: program (block, j) multiplies the block's token rows by the expert's gate and
+   up rows ``128j .. 128j+127`` (one 256-row tile of the packed ``w13``), then in the
+   epilogue applies the clamped SwiGLU and the pair's routing weight and quantises the
+   128 outputs per row (exactly one ``act_quant`` block of the w2 input) to FP8 + scale.
+3. w2 GEMM: the same block structure over ``dim``; each row's FP32 result goes to its
+   own (token, slot) row of an FP32 buffer.
+4. Combine: each token sums its k rows in slot order in FP32 and rounds to bf16 once.
+   No atomics anywhere, so the result is deterministic, and it does not depend on how
+   the pairs were ordered within an expert (each GEMM row is computed independently).
+
+A pair whose id is outside ``[0, E)`` is sorted into a bucket that no program reads and
+is skipped by the combine: it contributes nothing, and nothing is read out of bounds.
+
+The activation of w13 is ``act_quant(x)``: quantised in the GEMM prologue for small
+blocks (decode), by the pre-pass of ``kernels/gemm.py`` once per token otherwise.
+SwiGLU uses the GPU's fast ``exp`` (about 2 ulp) and a correctly rounded division; the
+tests bound the effect on the FP8 codes of the w2 input.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import autotune
+from ..reference.moe import PACK_ROWS
+from ..registry import register
+from .formats import clamp_nan
+from .gemm import ACT_BLOCK, W_MXFP4, act_quant_rows, load_act_block, load_weight_block, quantise_act_tile, scaled_dot
+from .rope import cast_rne
+
+
+def block_m_for(pairs: int, n_experts: int) -> int:
+    """Rows per expert block: about the mean number of rows an expert gets."""
+    mean = pairs / n_experts
+    for bm in (16, 32, 64):
+        if mean <= bm:
+            return bm
+    return 128
+
+
+def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    """(sorted_pair int32 ``[max_blocks * block_m]``, block_expert int32 ``[max_blocks]``)."""
+    pairs = topk_ids.numel()
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # bucket E: dropped
+    counts = torch.zeros(n_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts[:n_experts] + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    max_blocks = triton.cdiv(pairs, block_m) + min(n_experts, pairs)
+    max_rows = max_blocks * block_m
+    # The dropped bucket starts at max_rows: its pairs land in one spare slot, never read.
+    pad_start = torch.cat((pad_end - padded, torch.full((1,), max_rows, dtype=torch.int64, device=device)))
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    rank = torch.arange(pairs, device=device) - start[sorted_e]
+    dest = torch.where(sorted_e < n_experts, pad_start[sorted_e] + rank, max_rows)
+    sorted_pair = torch.full((max_rows + 1,), -1, dtype=torch.int32, device=device)
+    sorted_pair.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(max_blocks, device=device, dtype=torch.int64) * block_m
+    block_expert = torch.searchsorted(pad_end, block_start, right=True).to(torch.int32)
+    return sorted_pair, block_expert
+
+
+_MOE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5))]
+
+
+@autotune(configs=_MOE_CONFIGS, key=["BLOCK_M", "K", "N_INTER", "A_QUANT"], name="moe_w13")
+@triton.jit
+def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_expert_ptr, route_w_ptr,
+                    hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_am, stride_sm,
+                    stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
+                    A_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PACK: tl.constexpr):
+    blk = tl.program_id(0)
+    j = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + blk)
+    if expert >= n_experts:
+        return
+    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + rows)
+    row_ok = pair >= 0
+    token = tl.where(row_ok, pair // TOPK, 0).to(tl.int64)
+    e64 = expert.to(tl.int64)
+    w_base = w_ptr + e64 * stride_we
+    s_base = w_scale_ptr + e64 * stride_se
+    gate_rows = j.to(tl.int64) * (2 * PACK) + tl.arange(0, PACK)
+    up_rows = gate_rows + PACK
+    all_rows = gate_rows < 2 * N_INTER  # always true: the packed tile is whole
+    acc_g = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
+                                    A_QUANT, BLOCK_K)
+        wg, sg = load_weight_block(w_base, s_base, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
+                                   W_MXFP4, False, BLOCK_K)
+        acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
+        wu, su = load_weight_block(w_base, s_base, up_rows, all_rows, kb, K, stride_wn, stride_sn,
+                                   W_MXFP4, False, BLOCK_K)
+        acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
+    g = clamp_nan(acc_g, -float("inf"), limit)
+    u = clamp_nan(acc_u, -limit, limit)
+    h = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
+    h = h * tl.load(route_w_ptr + tl.where(row_ok, pair, 0), mask=row_ok, other=0.0)[:, None]
+    q, s = quantise_act_tile(h)
+    # Padding rows are written too (zeros in, zeros out), so the w2 GEMM reads defined data.
+    cols = j * PACK + tl.arange(0, PACK)
+    tl.store(hq_ptr + rows[:, None] * N_INTER + cols[None, :], q.to(tl.uint8, bitcast=True))
+    tl.store(hs_ptr + rows * (N_INTER // PACK) + j, s)
+
+
+@autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))],
+          key=["BLOCK_M", "N", "K"], name="moe_w2")
+@triton.jit
+def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
+                   n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    blk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + blk)
+    if expert >= n_experts:
+        return
+    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + rows)
+    row_ok = pair >= 0
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    e64 = expert.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
+        w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, cols, col_ok, kb, K,
+                                       stride_wn, stride_sn, W_MXFP4, False, BLOCK_K)
+        acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
+    dest = tl.where(row_ok, pair, 0).to(tl.int64)
+    tl.store(out_ptr + dest[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, ids_ptr, y_ptr, n_experts, N, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        e = tl.load(ids_ptr + t * TOPK + j)
+        n_used = tl.where((e >= 0) & (e < n_experts), N, 0)  # a dropped pair's row was never written
+        acc += tl.load(part_ptr + (t * TOPK + j) * N + cols, mask=cols < n_used, other=0.0)
+    tl.store(y_ptr + t * N + cols, cast_rne(acc, tl.bfloat16), mask=col_ok)
+
+
+@register("moe_experts", "triton")
+def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, limit: float,
+                fmt: str) -> torch.Tensor:
+    t, dim = x.shape
+    topk = topk_ids.shape[1]
+    n_experts, two_inter = w13.shape[0], w13.shape[1]
+    inter = two_inter // 2
+    y = torch.empty((t, dim), dtype=torch.bfloat16, device=x.device)
+    if t == 0:
+        return y
+    pairs = t * topk
+    block_m = block_m_for(pairs, n_experts)
+    sorted_pair, block_expert = align(topk_ids, n_experts, block_m)
+    max_blocks = block_expert.shape[0]
+    ids = topk_ids.contiguous()
+    route_w = topk_weights.contiguous()
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    fused_quant = block_m <= 32
+    if fused_quant:
+        a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
+    else:
+        a, a_scale = act_quant_rows(x2)
+        stride_am, stride_sm = a.stride(0), a_scale.stride(0)
+    w13s, w2s = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
+    hq = torch.empty((max_blocks * block_m, inter), dtype=torch.uint8, device=x.device)
+    hs = torch.empty((max_blocks * block_m, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)
+    _moe_w13_kernel[(max_blocks, inter // PACK_ROWS)](
+        a, a_scale, w13, w13s, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
+        stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
+        TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS)
+    part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))
+    _moe_w2_kernel[grid](hq, hs, w2, w2s, sorted_pair, block_expert, part, n_experts, dim, inter,
+                         w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
+                         BLOCK_M=block_m, BLOCK_K=ACT_BLOCK)
+    block = 1024
+    _combine_kernel[(t, triton.cdiv(dim, block))](part, ids, y, n_experts, dim, TOPK=topk, BLOCK=block,
+                                                 num_warps=4)
+    return y

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
+from dsv4_triton.kernels import attention as kernels
 from dsv4_triton.reference import attention as ref
-from helpers import assert_close
+from helpers import ULP, assert_close
 
 ROPE = ref.ROPE_DIM
 
@@ -91,23 +92,6 @@ def test_oracle_empty_rows_give_zero_and_duplicates_count_twice():
     assert_close(out[0, 1], w[:, None] * kv[0, 2].float()[None], rtol=2 ** -8, atol=1e-6)
 
 
-def test_oracle_inverse_rope_rotates_last_dims_back():
-    """Rotating a vector by +pos (SPEC 4 RoPE) and then the oracle's inverse gives it back."""
-    g = torch.Generator().manual_seed(1)
-    half, max_pos = 32, 50
-    freqs_i = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / (2 * half))
-    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * freqs_i
-    freqs = torch.stack((ang.cos(), ang.sin()), -1).float()
-    x = torch.randn(2, 3, 4, 128, generator=g)
-    pos = torch.randint(0, max_pos, (2, 3), generator=g)
-    a = ang[pos].unsqueeze(2).float()
-    x0, x1 = x[..., -64::2], x[..., -63::2]
-    forward = x.clone()
-    forward[..., -64::2] = x0 * a.cos() - x1 * a.sin()
-    forward[..., -63::2] = x0 * a.sin() + x1 * a.cos()
-    assert_close(ref.inverse_rope(forward, freqs, pos), x, rtol=1e-5, atol=1e-5, what="inverse rope")
-
-
 # ---------------------------------------------------------------------------------------
 # FP8 cache rows
 
@@ -139,6 +123,258 @@ def test_pack_kv_fp8_nan_inf_blocks_decode_to_nan():
     back = ref.unpack_kv_fp8(rows, 128)
     assert torch.isnan(back[:, :64]).all() and torch.isfinite(back[:, 64:]).all()
     assert (rows[:, 128 + 64] == 0xFF).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels against the oracle
+#
+# Tolerance of the attention output (per element): the kernel rounds the probabilities p to
+# bf16 for the P @ KV matmul (relative error <= 2^-9 each) while the oracle keeps them in FP32,
+# so |kernel - oracle| <= 2^-9 * sum_c p_c |kv_c| / den <= 2^-9 * max|kv|; doubled for the
+# exp2 approximation and FP32 summation-order differences in the scores, plus one bf16 ulp of
+# the result (both round an FP32 value once).  The inverse RoPE mixes two columns: twice that.
+
+
+def _tol(kv, rope=False):
+    """The tolerance above for a bf16 KV tensor or FP8 cache rows of head dim 128/512."""
+    values = kv.float() if kv.dtype != torch.uint8 else ref.unpack_kv_fp8(kv, ref.head_dim_of_row_bytes(kv.shape[-1]))
+    finite = values[torch.isfinite(values)]
+    kvmax = float(finite.abs().amax()) if finite.numel() else 0.0
+    return dict(rtol=ULP[torch.bfloat16], atol=(2 ** -7 if rope else 2 ** -8) * kvmax + 1e-6)
+
+
+def _triton(*args, **kw):
+    with use_backend("triton"):
+        return ops.sparse_attention(*args, **kw)
+
+
+def _rope_table(max_pos, half=32, theta=10000.0):
+    f = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / (2 * half))
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * f
+    return torch.stack((ang.cos(), ang.sin()), -1).float()
+
+
+def _check(q, kv, sink, idx, freqs=None, positions=None, what=""):
+    d = q.shape[-1]
+    got = _triton(q, kv, sink, idx, d ** -0.5, freqs, positions)
+    want = ref.sparse_attention(q, kv, sink, idx, d ** -0.5, freqs, positions)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert_close(got, want, **_tol(kv.cpu(), rope=freqs is not None), what=what)
+    return got
+
+
+@given(bsz=st.integers(1, 2), seq=st.integers(1, 3), heads=st.sampled_from([8, 16, 64]), n=st.integers(1, 40),
+       k=st.integers(1, 70), fp8=st.booleans(), rope=st.booleans(), sink=st.floats(-50, 50),
+       magnitude=st.sampled_from([1.0, 8.0]), seed=st.integers(0, 2**31))
+def test_sparse_attention_matches_oracle(device, bsz, seq, heads, n, k, fp8, rope, sink, magnitude, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = 128
+    q = (torch.randn(bsz, seq, heads, d, generator=g) * magnitude).to(torch.bfloat16)
+    kv = make_kv(g, bsz, n, d, magnitude)
+    sinks = sink + torch.randn(heads, generator=g)
+    idx = make_idx(g, bsz, seq, k, n)
+    freqs = positions = None
+    if rope:
+        freqs = _rope_table(64)
+        positions = torch.randint(0, 64, (bsz, seq), generator=g, dtype=torch.int32)
+        positions[0, 0] = 63
+    cache = ops.pack_kv_fp8(kv) if fp8 else kv
+    to = lambda t: None if t is None else t.to(device)
+    _check(q.to(device), cache.to(device), sinks.to(device), idx.to(device), to(freqs), to(positions),
+           what=f"fp8={fp8} rope={rope}")
+
+
+@pytest.mark.parametrize("num_sms", [1, 1000])
+def test_sparse_attention_head_dim_512_fp8_rope_split_or_not(device, monkeypatch, num_sms):
+    """D = 512 (the release's), FP8 rows, inverse RoPE; a machine of 1000 SMs makes the
+    launcher split the 288 candidates (merge kernel applies the RoPE), of 1 SM not."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    g = torch.Generator().manual_seed(7)
+    bsz, seq, heads, d, n, k = 1, 1, 16, 512, 300, 288
+    q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, bsz, n, d)
+    idx = make_idx(g, bsz, seq, k, n)
+    sinks = torch.randn(heads, generator=g)
+    freqs, positions = _rope_table(100), torch.tensor([[99]], dtype=torch.int32)
+    assert (kernels._choose_splits(bsz * seq, k, num_sms) > 1) == (num_sms > 1)
+    _check(*(t.to(device) for t in (q, ops.pack_kv_fp8(kv), sinks, idx, freqs, positions)), what="D=512")
+
+
+def test_fp8_cache_matches_bf16_cache_on_qat_values(device):
+    """The FP8 rows decode exactly to the qat8-ed bf16 values, so both paths feed the same
+    bf16 tile to the matmuls: bit-identical with one tile config (the interpreter runs one),
+    else within the kernel-vs-oracle tolerance (accumulation order of another config)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 16, 128, generator=g).to(torch.bfloat16).to(device)
+    kv = make_kv(g, 2, 50, 128, magnitude=3.0)
+    idx = make_idx(g, 2, 3, 45, 50).to(device)
+    sinks = torch.randn(16, generator=g).to(device)
+    via_bf16 = _triton(q, kv.to(device), sinks, idx, 128 ** -0.5)
+    via_fp8 = _triton(q, ops.pack_kv_fp8(kv).to(device), sinks, idx, 128 ** -0.5)
+    if device.type == "cpu":
+        assert torch.equal(via_fp8, via_bf16)
+    else:
+        assert_close(via_fp8, via_bf16, **_tol(kv))
+
+
+def test_choose_splits():
+    assert kernels._choose_splits(programs=128, k=1152, num_sms=132) == 1  # one full wave already
+    assert kernels._choose_splits(programs=64, k=640, num_sms=132) == 2  # two slices: still one wave
+    assert kernels._choose_splits(programs=2, k=1152, num_sms=132) == 9  # slices of >= 128 candidates
+    assert kernels._choose_splits(programs=1, k=100000, num_sms=132) == kernels.MAX_SPLITS
+    assert kernels._choose_splits(programs=1, k=200, num_sms=132) == 1  # too short to split
+
+
+def test_split_over_k_matches_unsplit(device, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 8, 128, generator=g).to(torch.bfloat16).to(device)
+    kv = make_kv(g, 1, 400, 128).to(device)
+    idx = make_idx(g, 1, 2, 390, 400, hole_frac=0.5).to(device)
+    idx[0, 1, 130:] = -1  # the later slices of token 1 are empty: their partials must not count
+    sinks = torch.randn(8, generator=g).to(device)
+    outs = []
+    for num_sms in (1, 1000):
+        monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+        outs.append(_check(q, kv, sinks, idx, what=f"{num_sms} SMs"))
+    assert_close(outs[1], outs[0], **_tol(kv))
+
+
+def test_empty_rows_give_exact_zero(device):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 16, 128, generator=g).to(torch.bfloat16).to(device)
+    kv = make_kv(g, 2, 10, 128).to(device)
+    idx = torch.full((2, 2, 40), -1, dtype=torch.int32, device=device)
+    idx[1, 1, 3] = 4
+    sinks = torch.full((16,), 50.0, device=device)
+    out = _triton(q, kv, sinks, idx, 128 ** -0.5, _rope_table(8).to(device), torch.zeros(2, 2, dtype=torch.int32,
+                                                                                              device=device))
+    assert not out[0].any() and not out[1, 0].any()
+    assert out[1, 1].abs().sum() > 0  # one candidate, weight e^z / (e^z + e^50): tiny but not 0
+    assert torch.equal(_triton(q, kv, sinks, idx[..., :0], 128 ** -0.5), torch.zeros_like(q))  # K = 0
+
+
+def test_duplicates_count_twice_and_bad_indices_are_masked(device):
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 8, 128, generator=g).to(torch.bfloat16).to(device)
+    kv = make_kv(g, 1, 6, 128).to(device)
+    sinks = torch.zeros(8, device=device)
+    idx = torch.tensor([[[3, 3, 1, -1], [5, 0, 6, -7]]], dtype=torch.int32, device=device)
+    _check(q, kv, sinks, idx, what="duplicates")
+    masked = torch.tensor([[[3, 3, 1, -1], [5, 0, -1, -1]]], dtype=torch.int32, device=device)
+    assert torch.equal(_triton(q, kv, sinks, idx, 128 ** -0.5), _triton(q, kv, sinks, masked, 128 ** -0.5))
+
+
+def test_large_scores_are_stable(device):
+    """Scores of several hundred (exp overflows FP32 beyond 88): the running max keeps it finite."""
+    g = torch.Generator().manual_seed(8)
+    q = (torch.randn(1, 2, 16, 128, generator=g) * 30).to(torch.bfloat16)
+    kv = make_kv(g, 1, 20, 128, magnitude=3.0)
+    idx = make_idx(g, 1, 2, 24, 20)
+    sinks = torch.tensor([50.0, -50.0] * 8)
+    want = ref.sparse_attention(q, kv, sinks, idx, 128 ** -0.5, None, None)
+    assert float((128 ** -0.5 * q[0, 0].float() @ kv[0].float().T).abs().max()) > 200
+    got = _check(*(t.to(device) for t in (q, kv, sinks, idx)), what="large scores")
+    assert torch.isfinite(got.float()).all() and torch.isfinite(want.float()).all()
+
+
+def test_nan_propagates_like_the_oracle(device):
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 3, 16, 128, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, 1, 10, 128)
+    q[0, 0, 5, 17] = float("nan")  # one head of token 0
+    kv[0, 7, 3] = float("nan")  # a row only token 1 reads
+    kv[0, 8, 100] = float("nan")  # a row nobody reads (and one behind a -1)
+    idx = torch.tensor([[[0, 1, 2, -1], [7, 2, 1, 0], [3, 4, -1, -1]]], dtype=torch.int32)
+    sinks = torch.zeros(16)
+    for cache in (kv, ops.pack_kv_fp8(kv)):
+        got = _check(*(t.to(device) for t in (q, cache, sinks, idx)), what="nan")
+        nan = torch.isnan(got.float()).any(-1)[0].cpu()
+        expect = torch.zeros(3, 16, dtype=torch.bool)
+        expect[0, 5] = True
+        expect[1, :] = True
+        assert torch.equal(nan, expect)
+
+
+def test_non_contiguous_inputs(device):
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 16, 3, 128, generator=g).to(torch.bfloat16).to(device).transpose(1, 2)  # [B, S, H, D]
+    big = make_kv(g, 2, 30, 256).to(device)
+    kv = big[:, :, :128]  # row stride 256
+    idx = make_idx(g, 2, 3, 40, 30).to(device).transpose(1, 2).contiguous().transpose(1, 2)
+    idx = torch.stack((idx, idx), -1)[..., 0]  # idx with a non-unit last stride
+    sinks = torch.randn(16, generator=g).to(device)
+    _check(q, kv, sinks, idx, what="strided")
+    pos = torch.randint(0, 8, (3, 2), generator=g, dtype=torch.int32).to(device).t()
+    _check(q, kv, sinks, idx, _rope_table(8).to(device), pos, what="strided positions")
+
+
+def test_out_of_range_positions_are_clamped(device):
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, 8, 128, generator=g).to(torch.bfloat16).to(device)
+    kv = make_kv(g, 1, 5, 128).to(device)
+    idx = make_idx(g, 1, 2, 5, 5).to(device)
+    sinks = torch.zeros(8, device=device)
+    freqs = _rope_table(10).to(device)
+    wild = torch.tensor([[-3, 50]], dtype=torch.int64, device=device)
+    clamped = torch.tensor([[0, 9]], dtype=torch.int64, device=device)
+    assert torch.equal(_triton(q, kv, sinks, idx, 0.1, freqs, wild), _triton(q, kv, sinks, idx, 0.1, freqs, clamped))
+
+
+@given(rows=st.integers(0, 9), d=st.sampled_from([128, 512]), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e4, 1e30]), special=st.booleans(), seed=st.integers(0, 2**31))
+def test_pack_kv_fp8_kernel_is_bit_exact(device, rows, d, dtype, magnitude, special, seed):
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(rows, d, generator=g) * magnitude
+    if special and rows:
+        kv[0, :64] = 0.0
+        kv[-1, 70] = float("nan")
+        kv[rows // 2, 5] = float("inf")
+        kv[rows // 2, d - 3] = -float("inf")  # in the rope part: stored as is
+    kv = kv.to(dtype)
+    with use_backend("triton"):
+        got = ops.pack_kv_fp8(kv.to(device)).cpu()
+    want = ref.pack_kv_fp8(kv)
+    # Every byte equal, except that a NaN rope value only has to stay a NaN (its payload bits
+    # are the converter's choice: 0x7FC0 here, 0x7FFF from the GPU's cvt).
+    rope = slice(d - ROPE, d + ROPE)
+    got_rope, want_rope = (t[:, rope].contiguous().view(torch.bfloat16) for t in (got, want))
+    nan = torch.isnan(want_rope)
+    assert torch.equal(torch.isnan(got_rope), nan)
+    assert torch.equal(got_rope[~nan].view(torch.int16), want_rope[~nan].view(torch.int16))
+    got[:, rope], want[:, rope] = 0, 0
+    assert torch.equal(got, want)
+
+
+def test_pack_kv_fp8_kernel_any_leading_shape(device):
+    kv = make_kv(torch.Generator().manual_seed(12), 3, 7, 512).to(device)
+    with use_backend("triton"):
+        rows = ops.pack_kv_fp8(kv[:, ::2])
+    assert rows.shape == (3, 4, 584)
+    assert torch.equal(ref.unpack_kv_fp8(rows.cpu(), 512), kv[:, ::2].float().cpu())
+
+
+# ---------------------------------------------------------------------------------------
+# Release shapes (GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, k, bsz, seq", [(128, 1152, 4, 1), (64, 640, 4, 1), (128, 1152, 1, 1),
+                                                (64, 640, 1, 37), (128, 1152, 1, 300)])
+@pytest.mark.parametrize("fp8", [True, False])
+def test_release_shapes(device, heads, k, bsz, seq, fp8):
+    g = torch.Generator().manual_seed(heads + k + seq)
+    d, n = 512, 4096
+    q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, bsz, n, d)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(bsz * seq)]).view(bsz, seq, k).int()
+    idx[..., ::97] = -1
+    sinks = torch.randn(heads, generator=g)
+    freqs = _rope_table(70000)
+    positions = torch.randint(0, 70000, (bsz, seq), generator=g, dtype=torch.int32)
+    cache = ops.pack_kv_fp8(kv) if fp8 else kv
+    args = [t.to(device) for t in (q, cache, sinks, idx)]
+    _check(*args, what="release shape")
+    _check(*args, freqs.to(device), positions.to(device), what="release shape, inverse rope")
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .. import validate as V
+from ..kernels import attention as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import attention as _reference  # noqa: F401  (registers the reference backend)
 from ..reference.attention import fp8_row_bytes
 from ..registry import call, define_op

@@ -23,7 +23,9 @@ changes nothing mathematically and keeps a row whose candidates are all empty fi
 outside [-1, N) is treated as empty too (the public op raises on it in checked mode).
 A duplicated index counts twice (the oracle gathers).  With ``freqs``/``positions`` the
 output's last R = 2 * freqs.shape[1] dims are rotated by the inverse RoPE at the query's
-position (SPEC 5.5), in FP32 before the single rounding to BF16.
+position (SPEC 5.5, the rope family's ``apply_rope``; positions clamped into [0, max_pos)),
+in FP32 before the single rounding to BF16 (the release rotates the BF16 output, one
+rounding more).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from ..formats import E8M0_NAN, FP8_MAX, ceil_log2, e8m0_encode, e8m0_to_float, exp2_int, fp8_encode
 from ..registry import register
+from .rope import apply_rope
 
 ROPE_DIM = 64
 QUANT_BLOCK = 64
@@ -87,19 +90,6 @@ def unpack_kv_fp8(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat((values.reshape(*lead, nope), rope), dim=-1)
 
 
-def inverse_rope(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate the last R = 2 * freqs.shape[1] dims of FP32 ``x [B, S, H, D]`` by -pos * f_i
-    (interleaved pairs, SPEC 4); ``positions [B, S]``, clamped into [0, max_pos) (the public
-    op raises on an out-of-range position in checked mode)."""
-    half = freqs.shape[1]
-    cs = freqs.float()[positions.long().clamp(0, freqs.shape[0] - 1)]  # [B, S, half, 2]
-    cos, sin = cs[..., 0].unsqueeze(2), cs[..., 1].unsqueeze(2)  # [B, S, 1, half]
-    tail = x[..., x.shape[-1] - 2 * half:]
-    x0, x1 = tail[..., 0::2], tail[..., 1::2]
-    rotated = torch.stack((x0 * cos + x1 * sin, x1 * cos - x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((x[..., :x.shape[-1] - 2 * half], rotated), dim=-1)
-
-
 def _gather_budget_tokens(b: int, k: int, d: int, limit_elems: int = 1 << 26) -> int:
     """Query tokens per chunk so that one gathered [B, chunk, K, D] FP32 block stays bounded."""
     return max(1, limit_elems // max(1, b * k * d))
@@ -129,5 +119,5 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
         den = p.sum(-1, keepdim=True) + torch.exp(sink_f - m)
         out[:, s0:s0 + step] = torch.einsum("bshk,bskd->bshd", p, cand) / den
     if freqs is not None:
-        out = inverse_rope(out, freqs, positions)
+        out = apply_rope(out, freqs, positions, True)
     return out.to(torch.bfloat16)

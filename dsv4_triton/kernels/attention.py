@@ -1,0 +1,411 @@
+"""Triton sparse MQA attention with sink (SPEC 5.4), fused inverse RoPE (5.5), FP8 KV rows (11).
+
+Design
+------
+One program = one query token x one block of ``BLOCK_H`` heads (x one slice of the
+candidate list when the K dimension is split).  MQA: every head of the token attends to the
+same candidate rows, so the program gathers each candidate's KV row ONCE for all its heads
+and runs two tensor-core matmuls per block of ``BLOCK_K`` candidates:
+
+    S [BLOCK_H, BLOCK_K] = Q [BLOCK_H, D] @ KV^T        (fp32 accumulate, K = V)
+    online softmax in the exp2 domain (running max m, running sum l)
+    O [BLOCK_H, D]      += P (bf16) @ KV
+
+The sink joins only at the end: ``den = l * 2^(m - m') + 2^(sink - m')`` with
+``m' = max(m, sink)``.  Rows are gathered with per-row pointers (a masked load per -1 or
+out-of-range slot: nothing is read for it).  The FP8 cache rows are decoded in registers
+(code * E8M0 scale, exact in bf16) straight into the matmul operand: no BF16 copy of the
+cache is ever written.
+
+Tile shapes.  ``BLOCK_H = 64`` (H >= 64; smaller H rounds up to a power of two >= 16, rows
+masked), ``BLOCK_K`` 32/64 (autotuned), D = 128 or 512 whole.  The [64, 512] fp32
+accumulator is 128 KB: at 8 warps (256 threads) that is 128 registers a thread, the same
+split FlashMLA uses (each warpgroup owns half of the output columns).  Splitting the output
+columns across programs instead would shrink it but costs more than it saves: every program
+needs the full score tile S (the whole D reduction), so with the columns split two ways the
+QK^T matmul runs twice: 1.5x the FLOPs (and 2x the KV gathers, from L2) of a kernel that is
+compute bound at H = 128.  So the columns stay in one program; only the candidate list is
+split (below).
+
+Flash-decoding split.  Decode has few programs (B * ceil(H / BLOCK_H)): B = 1, H = 128 is
+2 programs for 132 SMs.  When that leaves at least half the SMs idle, the K candidates are
+cut into ``splits`` slices (``_choose_splits``: as many as fit in one wave, each at least
+two blocks of candidates), every slice writes its unnormalised partial output and (m, l) to an fp32
+workspace, and a small merge kernel combines the slices with the sink and applies the
+inverse RoPE: 2 launches.  Otherwise (prefill, large batches) 1 launch.
+
+What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
+(BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  Triton
+issues the gathers as plain (cp.async-pipelined) loads, does the FP8 decode on the CUDA
+cores in the same warps that issue the MMAs, and keeps P in registers -> bf16 -> shared
+memory for the second matmul.  A CUDA version on sm_90 would do better with: TMA gathers
+of whole rows (``cp.async.bulk`` per row) into a multi-stage ring driven by a producer
+warp; warp specialisation (one warpgroup decodes FP8 while two run wgmma); the P tile fed
+to wgmma from registers; and the two warpgroups ping-ponging softmax and MMA (FlashMLA).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import autotune
+from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
+from ..registry import register
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, to_fp8
+from .norm import as_rows
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _fp8_value(code):
+    """FP8-E4M3 byte (uint8 tensor) -> float32.  The hardware conversion on a GPU; an exact
+    integer decoder under the interpreter (whose numpy path flushes subnormals)."""
+    if INTERPRET:
+        c = code.to(tl.int32)
+        e = (c >> 3) & 15
+        m = (c & 7).to(tl.float32)
+        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * exp2i(e - 10))
+        mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+        return tl.where((c & 0x80) != 0, -mag, mag)
+    else:
+        return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _to_bf16(x):
+    """fp32 -> bf16, round to nearest even (the GPU conversion).  The interpreter's own
+    conversion truncates, so there the rounding is done on the bits."""
+    if INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """``acc + a @ b`` for bf16 ``a``, ``b`` with fp32 accumulation.  The interpreter's bf16
+    tl.dot is wrong (numpy has no bf16), so there the operands go up to fp32 first: exact,
+    and bf16 x bf16 products are exact in fp32 as on the tensor cores."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr, FP8: tl.constexpr):
+    """The candidates' KV rows as a bf16 [BLOCK_K, D] tile; empty slots read as 0.
+
+    ``rows``: int64 row numbers (0 where not ``valid``); a row starts at ``rows * stride8 * 8``
+    elements of ``kv_ptr`` (bf16 cache) or bytes (FP8 cache).  The FP8 rows' rope values and
+    scales are read through ``kv16_ptr``/``kv64_ptr``, the same memory typed as bf16/int64:
+    typed pointers keep those loads whole vectors (and so pipelined as async copies).
+    Multiplying by 8 in the kernel tells the compiler rows are 8-aligned."""
+    if FP8:
+        NBLK: tl.constexpr = D // 64  # D - 64 nope values in blocks of 64, then the 64 rope values
+        DN: tl.constexpr = D - 64
+        j = tl.arange(0, NBLK)
+        e = tl.arange(0, 64)
+        is_nope = j < NBLK - 1
+        row = rows * (stride8 * 8)
+        nope_mask = valid[:, None, None] & is_nope[None, :, None]
+        codes = tl.load(kv_ptr + row[:, None, None] + j[None, :, None] * 64 + e[None, None, :], mask=nope_mask,
+                        other=0)
+        # The scales as one little-endian 8-byte word per row (8-aligned, inside the row: 7
+        # scales + pad for D = 512, 1 scale + pad for D = 128); byte j is block j's scale.
+        words = tl.load(kv64_ptr + rows * stride8 + (DN + 128) // 8, mask=valid, other=0x7F7F7F7F7F7F7F7F)
+        sbytes = (words[:, None] >> (8 * j[None, :]).to(tl.int64)) & 0xFF
+        nope = _fp8_value(codes) * e8m0_value(sbytes)[:, :, None]
+        rope = tl.load(kv16_ptr + (rows * (stride8 * 4))[:, None] + DN // 2 + e[None, :], mask=valid[:, None],
+                       other=0.0).to(tl.float32)
+        tile = tl.where(is_nope[None, :, None], nope, rope[:, None, :])
+        return tl.reshape(tile, [rows.shape[0], D]).to(tl.bfloat16)
+    else:
+        d = tl.arange(0, D)
+        return tl.load(kv_ptr + (rows * (stride8 * 8))[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _inverse_rope_store(o, out_ptr, row_off, h_ok, freqs_ptr, pos, D: tl.constexpr, HALF_R: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """Rotate the last 2 * HALF_R columns of the fp32 tile ``o [BLOCK_H, D]`` by -pos * f_i
+    (interleaved pairs) and store it as bf16 at ``out_ptr + row_off[h] + column``."""
+    pair = tl.arange(0, D // 2)
+    rope_pair = pair - (D // 2 - HALF_R)
+    is_rope = rope_pair >= 0
+    table = freqs_ptr + pos * (2 * HALF_R) + 2 * tl.where(is_rope, rope_pair, 0)
+    cos = tl.load(table, mask=is_rope, other=1.0)[None, :]
+    sin = tl.load(table + 1, mask=is_rope, other=0.0)[None, :]
+    x0, x1 = tl.split(tl.reshape(o, [BLOCK_H, D // 2, 2]))
+    y0 = tl.where(is_rope[None, :], x0 * cos + x1 * sin, x0)
+    y1 = tl.where(is_rope[None, :], x1 * cos - x0 * sin, x1)
+    y = tl.reshape(tl.join(y0, y1), [BLOCK_H, D])
+    d = tl.arange(0, D)
+    tl.store(out_ptr + row_off[:, None] + d[None, :], _to_bf16(y), mask=h_ok[:, None])
+
+
+def _attention_configs():
+    # (BLOCK_K, warps, stages).  The first is valid for every shape (the interpreter runs only it).
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bk, w, st in ((32, 8, 2), (64, 8, 2), (16, 8, 2), (32, 8, 3), (16, 8, 3), (64, 8, 1),
+                              (32, 4, 2), (64, 4, 2), (64, 4, 3))]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose fp32 [BLOCK_H, D] accumulator alone needs > 128 registers a thread
+    (4 warps at D = 512 spill heavily); configs whose shared memory does not fit are skipped
+    by the tuner itself."""
+    keep = [c for c in configs if kwargs["BLOCK_H"] * kwargs["D"] <= 128 * 32 * c.num_warps]
+    return keep or configs[:1]
+
+
+@autotune(configs=_attention_configs(), key=["H", "D", "FP8", "HALF_R", "SPLIT", "K_BUCKET", "GRID_BUCKET"],
+          name="sparse_attention", prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _sparse_attention_kernel(
+        q_ptr, kv_ptr, kv16_ptr, kv64_ptr, sink_ptr, idx_ptr, out_ptr, freqs_ptr, pos_ptr, part_o_ptr, part_ml_ptr,
+        S, H, N, K, n_hblk, k_per_split, max_pos, qk_scale, K_BUCKET, GRID_BUCKET,
+        stride_qb, stride_qs, stride_qh, stride_kvb8, stride_kvn8, stride_ib, stride_is, stride_pb, stride_ps,
+        D: tl.constexpr, FP8: tl.constexpr, HALF_R: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    tok = pid // n_hblk  # head blocks of one token are neighbours: they share its KV rows in L2
+    heads = (pid % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    b = tok // S
+    s = tok % S
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
+                mask=h_ok[:, None], other=0.0)
+    split = tl.program_id(1)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    idx_row = idx_ptr + b * stride_ib + s * stride_is
+    kv_batch = kv_ptr + b * (stride_kvb8 * 8)
+    kv16_batch = kv16_ptr + b * (stride_kvb8 * 4)
+    kv64_batch = kv64_ptr + b * stride_kvb8
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx_row + c, mask=c < k_hi, other=-1)
+        valid = (rows >= 0) & (rows < N)
+        kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
+                        stride_kvn8, D, FP8)
+        sc = _dot(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32)) * qk_scale
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(sc - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(_to_bf16(p), kv, acc * alpha[:, None])
+        m_i = m_new
+
+    if SPLIT:
+        slot = (tok * H + heads) * tl.num_programs(1) + split
+        tl.store(part_o_ptr + slot[:, None] * D + d[None, :], acc, mask=h_ok[:, None])
+        tl.store(part_ml_ptr + 2 * slot, m_i, mask=h_ok)
+        tl.store(part_ml_ptr + 2 * slot + 1, l_i, mask=h_ok)
+    else:
+        sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
+        m_fin = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_fin)
+        den = l_i * alpha + tl.exp2(sink - m_fin)
+        o = acc * (alpha / den)[:, None]
+        out_row = (tok * H + heads) * D
+        if HALF_R > 0:
+            pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
+            pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
+            _inverse_rope_store(o, out_ptr, out_row, h_ok, freqs_ptr, pos, D, HALF_R, BLOCK_H)
+        else:
+            tl.store(out_ptr + out_row[:, None] + d[None, :], _to_bf16(o), mask=h_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos_ptr,
+                         S, H, n_splits, max_pos, stride_pb, stride_ps,
+                         D: tl.constexpr, HALF_R: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """One program per (token, head): combine the slices' (m, l, O) with the sink, then the
+    inverse RoPE on the even/odd column halves, stored interleaved."""
+    pid = tl.program_id(0).to(tl.int64)  # = token * H + head
+    head = pid % H
+    sl = tl.arange(0, SPLITS_P2)
+    sl_ok = sl < n_splits
+    base = pid * n_splits
+    m = tl.load(part_ml_ptr + 2 * (base + sl), mask=sl_ok, other=float("-inf"))
+    l_part = tl.load(part_ml_ptr + 2 * (base + sl) + 1, mask=sl_ok, other=0.0)
+    sink = tl.load(sink_ptr + head) * 1.4426950408889634
+    m_fin = tl.maximum(tl.max(m, axis=0), sink)
+    w = tl.exp2(m - m_fin)
+    den = tl.sum(l_part * w, axis=0) + tl.exp2(sink - m_fin)
+    w = w / den
+    pair = tl.arange(0, D // 2)
+    x0 = tl.zeros([D // 2], tl.float32)
+    x1 = tl.zeros([D // 2], tl.float32)
+    for i in range(n_splits):
+        wi = tl.sum(tl.where(sl == i, w, 0.0), axis=0)
+        row = part_o_ptr + (base + i) * D
+        x0 += wi * tl.load(row + 2 * pair)
+        x1 += wi * tl.load(row + 2 * pair + 1)
+    if HALF_R > 0:
+        tok = pid // H
+        pos = tl.load(pos_ptr + (tok // S) * stride_pb + (tok % S) * stride_ps)
+        pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
+        rope_pair = pair - (D // 2 - HALF_R)
+        is_rope = rope_pair >= 0
+        table = freqs_ptr + pos * (2 * HALF_R) + 2 * tl.where(is_rope, rope_pair, 0)
+        cos = tl.load(table, mask=is_rope, other=1.0)
+        sin = tl.load(table + 1, mask=is_rope, other=0.0)
+        y0 = tl.where(is_rope, x0 * cos + x1 * sin, x0)
+        y1 = tl.where(is_rope, x1 * cos - x0 * sin, x1)
+        x0, x1 = y0, y1
+    out = out_ptr + pid * D
+    tl.store(out + 2 * pair, _to_bf16(x0))
+    tl.store(out + 2 * pair + 1, _to_bf16(x1))
+
+
+_sm_count: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a small nominal machine, so the tests exercise the split path
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _sm_count:
+        _sm_count[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _sm_count[key]
+
+
+def _choose_splits(programs: int, k: int, num_sms: int, min_slice: int = 128) -> int:
+    """Slices of the candidate list per (token, head block).
+
+    ``num_sms // programs`` slices: one wave that covers the machine (a program holds most
+    of an SM's registers and shared memory at D = 512, so one per SM; rounding up would
+    start a second, mostly idle wave).  No slice shorter than ``min_slice`` candidates
+    (two blocks of 64: shorter slices spend more on the prologue, the partial write and
+    the merge than they gain) and at most ``MAX_SPLITS`` (the merge reads every slice)."""
+    if k < 2 * min_slice:
+        return 1
+    return max(1, min(MAX_SPLITS, num_sms // programs, k // min_slice))
+
+
+def _block_h(h: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(h)))
+
+
+@register("sparse_attention", "triton")
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                     freqs: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> torch.Tensor:
+    bsz, seq, heads, d = q.shape
+    out = torch.empty(bsz, seq, heads, d, dtype=torch.bfloat16, device=q.device)
+    tokens, k = bsz * seq, idx.shape[2]
+    if out.numel() == 0:
+        return out
+    if k == 0:  # no candidate anywhere: only the sink in every denominator
+        return out.zero_()
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    if kv.stride(2) != 1 or kv.stride(1) % 8 or kv.stride(0) % 8 or kv.storage_offset() % 8:
+        kv = kv.contiguous()  # the kernel relies on 8-element (BF16) / 8-byte (FP8) aligned rows
+    if idx.stride(2) != 1:
+        idx = idx.contiguous()
+    sink = sink.contiguous()
+    fp8 = kv.dtype == torch.uint8
+    half_r = 0 if freqs is None else freqs.shape[1]
+    if freqs is not None:
+        freqs = freqs.contiguous()
+    pos = positions if positions is not None else idx  # any tensor; unused without freqs
+    block_h = _block_h(heads)
+    n_hblk = triton.cdiv(heads, block_h)
+    splits = _choose_splits(tokens * n_hblk, k, _num_sms(q.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), 64) * 64
+    splits = triton.cdiv(k, k_per_split)
+    if splits > 1:
+        part_o = torch.empty(tokens * heads * splits, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(tokens * heads * splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out
+    # Tuning keys: candidates per program and the grid size, bucketed to powers of two.
+    k_bucket = triton.next_power_of_2(k_per_split)
+    grid_bucket = min(triton.next_power_of_2(tokens * n_hblk * splits), 4096)
+    kv16, kv64 = (kv.view(torch.bfloat16), kv.view(torch.int64)) if fp8 else (kv, kv)
+    _sparse_attention_kernel[(tokens * n_hblk, splits)](
+        q, kv, kv16, kv64, sink, idx, out, freqs if freqs is not None else sink, pos, part_o, part_ml,
+        seq, heads, kv.shape[1], k, n_hblk, k_per_split, freqs.shape[0] if freqs is not None else 1,
+        scale * LOG2E, k_bucket, grid_bucket,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0) // 8, kv.stride(1) // 8, idx.stride(0), idx.stride(1),
+        pos.stride(0), pos.stride(1),
+        D=d, FP8=fp8, HALF_R=half_r, SPLIT=splits > 1, BLOCK_H=block_h)
+    if splits > 1:
+        _merge_splits_kernel[(tokens * heads,)](
+            part_o, part_ml, sink, out, freqs if freqs is not None else sink, pos,
+            seq, heads, splits, freqs.shape[0] if freqs is not None else 1, pos.stride(0), pos.stride(1),
+            D=d, HALF_R=half_r, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# FP8 cache rows
+
+
+@triton.jit
+def _pack_kv_fp8_kernel(kv_ptr, out_ptr, n_rows, stride_kv, ROW_BYTES: tl.constexpr, D: tl.constexpr,
+                        NBLK_P2: tl.constexpr, PAD_P2: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS rows per program: codes, rope bytes, scales and pad of each row, bit-exact with
+    ``reference.attention.pack_kv_fp8`` (blocks of 64 nope values, 64 rope values)."""
+    DN: tl.constexpr = D - 64
+    NBLK: tl.constexpr = DN // 64
+    PAD: tl.constexpr = ROW_BYTES - (DN + 128 + NBLK)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    j = tl.arange(0, NBLK_P2)
+    e = tl.arange(0, 64)
+    blk_ok = row_ok[:, None] & (j < NBLK)[None, :]
+    x = tl.load(kv_ptr + rows[:, None, None] * stride_kv + j[None, :, None] * 64 + e[None, None, :],
+                mask=blk_ok[:, :, None], other=0.0).to(tl.float32)
+    amax = amax_nan(x, 2)
+    invalid = (amax != amax) | (amax == float("inf"))
+    ex = tl.where(invalid, 0, ceil_log2(tl.maximum(amax, 1e-4) / 448.0))
+    v = clamp_nan(x * exp2i(-ex)[:, :, None], -448.0, 448.0)
+    codes = tl.where(invalid[:, :, None], 0x7F, to_fp8(v).to(tl.uint8, bitcast=True))
+    out_row = out_ptr + rows * ROW_BYTES
+    tl.store(out_row[:, None, None] + j[None, :, None] * 64 + e[None, None, :], codes.to(tl.uint8),
+             mask=blk_ok[:, :, None])
+    tl.store(out_row[:, None] + (DN + 128) + j[None, :], tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
+             mask=blk_ok)
+    rope = tl.load(kv_ptr + rows[:, None] * stride_kv + DN + e[None, :], mask=row_ok[:, None], other=0.0)
+    rope_ptr = (out_row[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.bfloat16))
+    tl.store(rope_ptr, _to_bf16(rope.to(tl.float32)), mask=row_ok[:, None])
+    pad = tl.arange(0, PAD_P2)
+    tl.store(out_row[:, None] + (DN + 128 + NBLK) + pad[None, :], tl.zeros([ROWS, PAD_P2], tl.uint8),
+             mask=row_ok[:, None] & (pad < PAD)[None, :])
+
+
+@register("pack_kv_fp8", "triton")
+def pack_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
+    d = kv.shape[-1]
+    row_bytes = fp8_row_bytes(d)
+    out = torch.empty(*kv.shape[:-1], row_bytes, dtype=torch.uint8, device=kv.device)
+    if out.numel() == 0:
+        return out
+    kv2 = as_rows(kv)
+    n_rows = kv2.shape[0]
+    nblk = (d - ROPE_DIM) // QUANT_BLOCK
+    pad = row_bytes - (d - ROPE_DIM + 2 * ROPE_DIM + nblk)
+    rows_per_program = 4
+    _pack_kv_fp8_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        kv2, out, n_rows, kv2.stride(0), ROW_BYTES=row_bytes, D=d, NBLK_P2=triton.next_power_of_2(nblk),
+        PAD_P2=triton.next_power_of_2(max(pad, 1)), ROWS=rows_per_program, num_warps=4)
+    return out

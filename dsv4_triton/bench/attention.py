@@ -1,5 +1,104 @@
-"""Benchmark cases of the attention family (none yet)."""
+"""Benchmark cases: sparse MQA attention with sink (decode and prefill, FP8 and BF16 caches).
+
+Counts (SPEC 11): FLOP = 4 * H * D per valid candidate per query token (QK^T and PV);
+bytes = each valid candidate's KV row read once per token (584 B FP8 / 1024 B BF16 at
+D = 512) + q read + o written + the index rows.  Arithmetic intensity is then ~450 FLOP/B
+(Pro, H = 128, FP8), ~256 (Pro, BF16), ~224 (Flash, H = 64, FP8), ~128 (Flash, BF16); the
+H100's ridge (measured bf16 matmul rate / copy bandwidth) is near 250 FLOP/B, so the Pro
+FP8 cases are held to the bf16 tensor-core ceiling and the Flash cases to the copy one.
+Candidates are realistic: distinct random slots of the cache, every 64th slot -1.
+
+``eager`` is what a user writes in torch: gather the candidate rows (decoding FP8 rows
+first), two einsums, a softmax with the sink as an extra logit; chunked over tokens at
+prefill, where the gathered [S, K, D] block would not fit (no torch.compile there).
+"""
+
+import torch
+
+from .. import ops
+from ..kernels import attention as kernels
+from ..reference import attention as ref
+from .case import Case
+
+HEAD_DIM = 512
+HOLE_EVERY = 64  # every 64th candidate slot is -1
+EAGER_TOKENS_PER_CHUNK = 512
+
+
+def _decode_rows_eager(rows, d=HEAD_DIM):
+    """FP8 cache rows [..., 584] -> bf16 [..., D], as a user would decode them in torch."""
+    nope = d - ref.ROPE_DIM
+    codes = rows[..., :nope].view(torch.float8_e4m3fn).float().unflatten(-1, (-1, 64))
+    scales = torch.exp2(rows[..., nope + 128:nope + 128 + nope // 64].float() - 127.0)
+    rope = rows[..., nope:nope + 128].contiguous().view(torch.bfloat16)
+    return torch.cat(((codes * scales[..., None]).flatten(-2).to(torch.bfloat16), rope), -1)
+
+
+def _attention_eager(q, kv, sink, idx, scale):
+    b, s, h, d = q.shape
+    out = torch.empty_like(q)
+    batch = torch.arange(b, device=q.device)[:, None, None]
+    for t0 in range(0, s, EAGER_TOKENS_PER_CHUNK):
+        rows = idx[:, t0:t0 + EAGER_TOKENS_PER_CHUNK]
+        cand = kv[batch, rows.clamp(min=0)]
+        if cand.dtype == torch.uint8:
+            cand = _decode_rows_eager(cand, d)
+        z = torch.einsum("bshd,bskd->bshk", q[:, t0:t0 + EAGER_TOKENS_PER_CHUNK], cand).float() * scale
+        z = z.masked_fill((rows < 0)[:, :, None, :], float("-inf"))
+        z = torch.cat((z, sink.view(1, 1, h, 1).expand(*z.shape[:3], 1)), -1)
+        p = torch.softmax(z, -1)[..., :-1]
+        out[:, t0:t0 + EAGER_TOKENS_PER_CHUNK] = torch.einsum("bshk,bskd->bshd", p.to(q.dtype), cand)
+    return out
+
+
+def _make(bsz, seq, heads, k, n, fp8):
+    def make(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q = torch.randn(bsz, seq, heads, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16)
+        kv = torch.randn(bsz, n, HEAD_DIM, device="cuda", generator=g)
+        kv[..., :-ref.ROPE_DIM] = ops.qat8(kv[..., :-ref.ROPE_DIM])
+        kv = kv.to(torch.bfloat16)
+        idx = torch.empty(bsz, seq, k, dtype=torch.int32, device="cuda")
+        for b in range(bsz):  # distinct slots per token: the k largest of random keys
+            idx[b] = torch.rand(seq, n, device="cuda", generator=g).topk(k, dim=-1).indices
+        idx[..., ::HOLE_EVERY] = -1
+        sink = torch.randn(heads, device="cuda", generator=g)
+        return q, ops.pack_kv_fp8(kv) if fp8 else kv, sink, idx, HEAD_DIM ** -0.5
+    return make
+
+
+def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True):
+    tokens = bsz * seq
+    valid = k - len(range(0, k, HOLE_EVERY))
+    row_bytes = ref.fp8_row_bytes(HEAD_DIM) if fp8 else 2 * HEAD_DIM
+    flops = 4 * heads * HEAD_DIM * valid * tokens
+    nbytes = tokens * (valid * row_bytes + 2 * 2 * heads * HEAD_DIM + 4 * k)
+    programs = tokens * -(-heads // kernels._block_h(heads))
+    splits = kernels._choose_splits(programs, k, kernels._num_sms(torch.device("cuda")))
+    cache = "FP8" if fp8 else "BF16"
+    return Case(op="sparse_attention", shape=f"{name} B={bsz} S={seq} H={heads} K={k} N={n} {cache}",
+                make_inputs=_make(bsz, seq, heads, k, n, fp8), run=ops.sparse_attention, eager=_attention_eager,
+                compile_eager=compile_eager,
+                oracle=lambda q, kv, sink, idx, scale: ref.sparse_attention(q, kv, sink, idx, scale, None, None),
+                bytes=nbytes, flops=flops, ceiling=ceiling, launches=2 if splits > 1 else 1,
+                notes=f"{flops / nbytes:.0f} FLOP/B; K split in {splits}" if splits > 1 else f"{flops / nbytes:.0f} FLOP/B")
 
 
 def cases(quick: bool):
-    return []
+    # Decode caches: 128 window slots + 8192 compressed entries (a 32K-token context).
+    n_decode = 128 + 8192
+    out = [
+        _case("decode Pro", 64, 1, 128, 1152, n_decode, True, "bf16"),
+        _case("decode Flash", 64, 1, 64, 640, n_decode, True, "copy"),
+        _case("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, False, "bf16", compile_eager=False),
+    ]
+    if not quick:
+        out += [
+            _case("decode Pro", 64, 1, 128, 1152, n_decode, False, "bf16"),
+            _case("decode Flash", 64, 1, 64, 640, n_decode, False, "copy"),
+            _case("decode Pro", 1, 1, 128, 1152, n_decode, True, "copy"),
+            _case("decode Pro", 8, 1, 128, 1152, n_decode, True, "bf16"),
+            _case("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, True, "bf16", compile_eager=False),
+            _case("prefill Flash", 1, 8192, 64, 640, 8192 + 2048, False, "bf16", compile_eager=False),
+        ]
+    return out

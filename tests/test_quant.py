@@ -587,20 +587,23 @@ def test_every_bf16_value_encodes_like_the_oracle(device):
 
 # --- large shapes on a GPU (hardware FP8 conversion, FTZ behaviour, many tiles) --------------
 
+# Row counts of the GPU tests (odd, so the last tile is partial).
+GPU_ROWS = dict(wide=1031, kv=4099, hadamard=20011, exact=4097, rope=8191, query=1023)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_quantisers_large(device, dtype):
-    x = _input(11, [1031], 7168, 128, dtype, 1.0, specials=True).to(device)
+    x = _input(11, [GPU_ROWS['wide']], 7168, 128, dtype, 1.0, specials=True).to(device)
     q, s = _triton(ops.act_quant, x, 128)
     rq, rs = ref.act_quant(x, 128, True)
     assert_same_bits(q.view(torch.uint8), rq.view(torch.uint8), "act_quant codes")
     assert_same_bits(s, rs, "act_quant scales")
     q, s = _triton(ops.act_quant, x, 128, False)
     assert_same_bits(q.view(torch.uint8), ref.act_quant(x, 128, False)[0].view(torch.uint8), "act_quant non-pow2")
-    x = _input(12, [4099], 448, 64, dtype, 1.0, specials=True).to(device)
+    x = _input(12, [GPU_ROWS['kv']], 448, 64, dtype, 1.0, specials=True).to(device)
     assert_same_bits(_triton(ops.qat8, x, 64), ref.qat8(x, 64, True), "qat8")
     assert_same_bits(_triton(ops.qat8, x, 64, False), ref.qat8(x, 64, False), "qat8 non-pow2")
-    x = _input(13, [1031], 7168, 32, dtype, 1.0, specials=True, kind="fp4").to(device)
+    x = _input(13, [GPU_ROWS['wide']], 7168, 32, dtype, 1.0, specials=True, kind="fp4").to(device)
     p, s = _triton(ops.fp4_quant, x, 32)
     rp, rs = ref.fp4_quant(x, 32)
     assert_same_bits(p, rp, "fp4_quant codes")
@@ -614,12 +617,13 @@ def test_gpu_quantisers_large(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_hadamard_large(device, n, dtype):
     g = torch.Generator().manual_seed(n)
-    x = (torch.randn(20011, n, generator=g) * torch.exp2(torch.randint(-20, 10, (20011, 1), generator=g).float()))
+    rows = GPU_ROWS["hadamard"]
+    x = torch.randn(rows, n, generator=g) * torch.exp2(torch.randint(-20, 10, (rows, 1), generator=g).float())
     x = x.to(dtype).to(device)
     y, expected = _triton(ops.hadamard, x), ref.hadamard(x)
     err = (y.float().cpu() - expected.float().cpu()).abs()
     assert bool((err <= _hadamard_bound(x, expected)).all()), f"max err {err.max().item():.3g}"
-    xi = torch.randint(-100, 100, (4097, n), generator=g).to(dtype).to(device)
+    xi = torch.randint(-100, 100, (GPU_ROWS['exact'], n), generator=g).to(dtype).to(device)
     assert_same_bits(_triton(ops.hadamard, xi), ref.hadamard(xi), "hadamard integers")
 
 
@@ -629,17 +633,18 @@ def test_gpu_fused_large(device, dtype):
     g = torch.Generator().manual_seed(7)
     freqs = ops.rope_freqs(64, 4096, 160000.0, dict(factor=16, original_max_position_embeddings=65536,
                                                      beta_fast=32, beta_slow=1), device=device)
-    x = torch.cat([_input(7, [8191], 448, 64, dtype, 1.0, specials=True).float(),
-                   torch.randn(8191, 64, generator=g)], -1).to(dtype).to(device)
-    pos = torch.randint(0, 4096, (8191,), generator=g).to(device)
+    rows, queries = GPU_ROWS["rope"], GPU_ROWS["query"]
+    x = torch.cat([_input(7, [rows], 448, 64, dtype, 1.0, specials=True).float(),
+                   torch.randn(rows, 64, generator=g)], -1).to(dtype).to(device)
+    pos = torch.randint(0, 4096, (rows,), generator=g).to(device)
     assert_same_bits(_triton(ops.rope_qat8, x, freqs, pos), ref.rope_qat8(x, freqs, pos, 64), "rope_qat8")
-    xq = torch.randn(1023, 64, 128, generator=g).to(dtype).to(device)
-    posq = torch.randint(0, 4096, (1023,), generator=g).to(device)
+    xq = torch.randn(queries, 64, 128, generator=g).to(dtype).to(device)
+    posq = torch.randint(0, 4096, (queries,), generator=g).to(device)
     r = ref._rope.apply_rope(xq, freqs, posq, False)
     h = ref.hadamard(r)
     _assert_qat4_of_nearby(_triton(ops.rope_hadamard_qat4, xq, freqs, posq), h, _hadamard_bound(r, h),
                            "rope_hadamard_qat4")
-    xi = torch.randint(-8, 9, (1023, 64, 128), generator=g).to(dtype).to(device)
+    xi = torch.randint(-8, 9, (queries, 64, 128), generator=g).to(dtype).to(device)
     table = _table(4096, 64, g, right_angles=True).to(device)
     assert_same_bits(_triton(ops.rope_hadamard_qat4, xi, table, posq), ref.rope_hadamard_qat4(xi, table, posq),
                      "rope_hadamard_qat4 exact sums")

@@ -1,5 +1,144 @@
-"""Benchmark cases of the gemm family (none yet)."""
+"""Benchmark cases: the gemm family.
+
+Shapes are V4-Pro's: (N, K) = (7168, 1536) ``wq_b``-like, (1536, 7168) ``wq_a``, (24576, 7168)
+the widest projection; prefill M = 4096 (tensor-core bound: ceiling = the FP8 matmul rate
+of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling = copy
+bandwidth, bytes = the weight and its scales read once + x + y).
+
+``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
+the block-scaled kernel's cost of its per-128 promotion can be read off as a ratio (target:
+``fp8_linear`` >= 70% of it at M = 4096).  ``eager`` is what a user writes in torch for the
+block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
+"""
+
+import torch
+
+from .. import ops
+from ..reference import gemm as ref
+from .case import Case
+
+PRO_SHAPES = ((7168, 1536), (1536, 7168), (24576, 7168))
+DECODE_M = (1, 16, 64)
+PREFILL_M = 4096
+
+
+def _gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _x(m, k, g):
+    return torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+
+
+def _e8m0(shape, g):
+    e = torch.randint(-10, -4, shape, device="cuda", generator=g, dtype=torch.int32)
+    return (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def _fp8_inputs(m, n, k):
+    def make(seed):
+        g = _gen(seed)
+        w = (torch.randn(n, k, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+        return _x(m, k, g), w, _e8m0(((n + 127) // 128, (k + 127) // 128), g)
+    return make
+
+
+def _fp4_inputs(m, n, k, fmt):
+    def make(seed):
+        g = _gen(seed)
+        w = torch.randint(0, 256, (n, k // 2), device="cuda", generator=g, dtype=torch.uint8)
+        if fmt == "mxfp4":
+            return _x(m, k, g), w, _e8m0((n, k // 32), g), None
+        s = (torch.rand(n, k // 16, device="cuda", generator=g) + 0.5).to(torch.float8_e4m3fn)
+        return _x(m, k, g), w, s, torch.tensor(0.01, device="cuda")
+    return make
+
+
+def _act_dequant_bf16(x):
+    xb = x.float().unflatten(-1, (-1, 128))
+    s = torch.exp2(torch.ceil(torch.log2(xb.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448.0)))
+    return ((xb / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).flatten(-2).to(torch.bfloat16)
+
+
+def _fp8_eager(x, w, w_scale):
+    s = torch.exp2(w_scale.view(torch.uint8).float() - 127.0)
+    s = s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+    return _act_dequant_bf16(x) @ (w.float() * s).to(torch.bfloat16).t()
+
+
+def _fp4_eager(x, w, w_scale, global_scale):
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                       device=w.device)
+    codes = torch.stack((w & 15, w >> 4), -1).flatten(-2).long()
+    if global_scale is None:
+        s = torch.exp2(w_scale.view(torch.uint8).float() - 127.0)
+    else:
+        s = w_scale.float() * global_scale
+    wd = (lut[codes].unflatten(-1, (w_scale.shape[-1], -1)) * s[..., None]).flatten(-2)
+    return _act_dequant_bf16(x) @ wd.to(torch.bfloat16).t()
+
+
+def _scaled_mm_inputs(m, n, k):
+    def make(seed):
+        g = _gen(seed)
+        a = torch.randn(m, k, device="cuda", generator=g).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda", generator=g).to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+        return a, b, one, one
+    return make
+
+
+def _scaled_mm(a, b, sa, sb):
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
 
 
 def cases(quick: bool):
-    return []
+    out = []
+    shapes = PRO_SHAPES[:1] + PRO_SHAPES[2:] if quick else PRO_SHAPES
+    decode_ms = (1, 64) if quick else DECODE_M
+    for n, k in shapes:
+        for m in (PREFILL_M,) + decode_ms:
+            prefill = m == PREFILL_M
+            flops = 2 * m * n * k
+            act_bytes = m * k * 2 + m * n * 2
+            fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
+            out.append(Case(op="fp8_linear", shape=f"M={m} N={n} K={k}", make_inputs=_fp8_inputs(m, n, k),
+                            run=ops.fp8_linear, eager=_fp8_eager, oracle=ref.fp8_linear, bytes=fp8_bytes,
+                            flops=flops, ceiling="fp8" if prefill else "copy", launches=2 if prefill else 1,
+                            notes="act_quant pre-pass + GEMM" if prefill and n == shapes[0][0] else ""))
+            for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
+                per = 32 if fmt == "mxfp4" else 16
+                fp4_bytes = n * k // 2 + n * k // per + act_bytes
+                out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}", make_inputs=_fp4_inputs(m, n, k, fmt),
+                                run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),
+                                eager=_fp4_eager, oracle=lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs),
+                                bytes=fp4_bytes, flops=flops, ceiling="fp8" if prefill else "copy",
+                                launches=2 if prefill else 1))
+        out.append(Case(op="scaled_mm per-tensor (cuBLAS)", shape=f"M={PREFILL_M} N={n} K={k}",
+                        make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
+                        bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",
+                        notes="baseline for fp8_linear at the same shape (no block scales)"))
+
+    # wo_a of V4-Pro: 16 groups, [1024, 4096] each; x is the attention output viewed [T, G, K].
+    g_, n, k = 16, 1024, 4096
+    for t in (1, 64, 4096):
+        def make(seed, t=t):
+            gen = _gen(seed)
+            x = torch.randn(g_, t, k, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
+            return x, (torch.randn(g_, n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        out.append(Case(op="grouped_linear", shape=f"T={t} G={g_} N={n} K={k}", make_inputs=make,
+                        run=ops.grouped_linear, eager=lambda x, w: torch.einsum("tgk,gnk->tgn", x, w),
+                        oracle=ref.grouped_linear, bytes=2 * (t * g_ * k + g_ * n * k + t * g_ * n),
+                        flops=2 * t * g_ * n * k, ceiling="bf16" if t >= 1024 else "copy", launches=1))
+
+    # linear: the reference backend (cuBLAS with an FP32 output); the LM head at decode.
+    vocab, dim = 129280, 7168
+    out.append(Case(op="linear", shape=f"M=1 N={vocab} K={dim} -> fp32",
+                    make_inputs=lambda seed: (_x(1, dim, _gen(seed)),
+                                              (torch.randn(vocab, dim, device="cuda", generator=_gen(seed + 99))
+                                               * 0.02).to(torch.bfloat16)),
+                    run=lambda x, w: ops.linear(x, w, torch.float32),
+                    eager=lambda x, w: torch.nn.functional.linear(x, w).float(),
+                    bytes=2 * vocab * dim + 2 * dim + 4 * vocab, flops=2 * vocab * dim, ceiling="copy",
+                    notes="cuBLAS (reference backend); eager rounds the logits to bf16 first"))
+    return out

@@ -1,5 +1,81 @@
-"""Benchmark cases of the moe family (none yet)."""
+"""Benchmark cases: moe_experts at V4 sizes.
+
+Expert weights (Pro: 384 experts x 3 x 3072 x 7168 FP4 = 12.7 GB with scales) are built
+once on the GPU from random codes and shared by every input set of a size: they are far
+larger than L2, so no call finds another's weights cached.  Routing is uniform: each token
+picks k distinct experts at random, weights in [0.05, 2].
+
+* decode (T = 64, k = 6): weight-stream bound.  Bytes = the FP4 weights and E8M0 scales
+  of the distinct experts the routing touches (expected ``E (1 - (1 - k/E)^T)``, about 244
+  of 384 for Pro) + x + y; ceiling = copy bandwidth.  Target: time <= 1.4 x bytes / copy
+  bandwidth, i.e. >= 71% of the ceiling.
+* prefill (T = 8192): FLOP = 2 T k 3 dim inter; ceiling = the FP8 matmul rate.  Target
+  >= 60% of it.
+
+``eager`` (decode only) is the per-expert loop a user writes: for each expert, its tokens,
+dequantised weights, three matmuls; prefill has none (it dequantises all 12.7 GB per call).
+"""
+
+import torch
+
+from .. import ops
+from ..reference import moe as ref
+from .case import Case
+
+SIZES = {"pro": (384, 7168, 3072), "flash": (256, 4096, 2048)}  # experts, dim, inter
+TOPK = 6
+_WEIGHTS = {}
+
+
+def _weights(name):
+    if name not in _WEIGHTS:
+        _WEIGHTS.clear()  # one size resident at a time
+        n_experts, dim, inter = SIZES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def fp4(rows, cols):
+            packed = torch.randint(0, 256, (n_experts, rows, cols // 2), device="cuda", generator=g, dtype=torch.uint8)
+            e = torch.randint(-9, -5, (n_experts, rows, cols // 32), device="cuda", generator=g, dtype=torch.int32)
+            return packed, (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+        _WEIGHTS[name] = (*fp4(2 * inter, dim), *fp4(dim, inter))
+    return _WEIGHTS[name]
+
+
+def _make(name, t):
+    n_experts, dim, _ = SIZES[name]
+
+    def make(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(t, dim, device="cuda", generator=g).to(torch.bfloat16)
+        ids = torch.rand(t, n_experts, device="cuda", generator=g).argsort(dim=1)[:, :TOPK].to(torch.int32)
+        w = torch.rand(t, TOPK, device="cuda", generator=g) * 1.95 + 0.05
+        return (x, w, ids, *_weights(name))
+    return make
+
+
+def _expert_bytes(dim, inter):
+    return 3 * dim * inter // 2 + 3 * dim * inter // 32
 
 
 def cases(quick: bool):
-    return []
+    out = []
+    for name in ("pro",) if quick else ("pro", "flash"):
+        n_experts, dim, inter = SIZES[name]
+        t = 64
+        touched = n_experts * (1 - (1 - TOPK / n_experts) ** t)
+        out.append(Case(op="moe_experts", shape=f"{name} decode T={t} k={TOPK} E={n_experts} dim={dim} inter={inter}",
+                        make_inputs=_make(name, t), run=ops.moe_experts,
+                        eager=lambda *a: ref.moe_experts(*a, 10.0, "mxfp4"), compile_eager=False,
+                        oracle=lambda *a: ref.moe_experts(*a, 10.0, "mxfp4"),
+                        bytes=int(touched * _expert_bytes(dim, inter)) + 4 * t * dim,
+                        flops=2 * t * TOPK * 3 * dim * inter, ceiling="copy",
+                        notes=f"bytes: the ~{touched:.0f} experts touched (expected); target >= 71% of copy"))
+        t = 8192
+        out.append(Case(op="moe_experts", shape=f"{name} prefill T={t} k={TOPK} E={n_experts} dim={dim} inter={inter}",
+                        make_inputs=_make(name, t), run=ops.moe_experts,
+                        oracle=lambda *a: ref.moe_experts(*a, 10.0, "mxfp4"),
+                        bytes=n_experts * _expert_bytes(dim, inter) + 4 * t * dim,
+                        flops=2 * t * TOPK * 3 * dim * inter, ceiling="fp8",
+                        notes="target >= 60% of the fp8 matmul rate"))
+    return out

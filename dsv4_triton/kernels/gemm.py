@@ -137,11 +137,12 @@ def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride
             e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
                         mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
             e_max = tl.max(e, axis=1)
-            # Below 2^-30 every code rounds to FP8 zero anyway; the clamp keeps exp2i in range.
-            shift = tl.maximum(e - e_max[:, None] + 6, -30)
-            shift = tl.reshape(tl.broadcast_to(shift[:, :, None], (shift.shape[0], NSUB, 32)),
-                               (shift.shape[0], BLOCK_K))
-            w = to_fp8(fp4_value_2m14(codes) * exp2i(shift + 14))
+            # Multiplier of lut * 2^-14 per 32-block: 2^(e - e_max + 6 + 14).  Below 2^-30 every
+            # code rounds to FP8 zero anyway; the clamp keeps exp2i in range.
+            mult = exp2i(tl.maximum(e - e_max[:, None] + 6, -30) + 14)
+            mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (mult.shape[0], NSUB, 32)),
+                              (mult.shape[0], BLOCK_K))
+            w = to_fp8(fp4_value_2m14(codes) * mult)
             s = e8m0_value(e_max) * 0.015625  # 2^(e_max - 127 - 6); NaN if any byte is 0xFF
         else:
             NSUB16: tl.constexpr = BLOCK_K // 16

@@ -38,3 +38,256 @@ def test_oracle_is_spec_8():
 def test_oracle_ties_go_to_the_lower_id_and_nan_ranks_first():
     key = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, float("nan"), 5.0, float("nan"), float("inf")]])
     assert ref.topk_lowest_id_ties(key, 3).tolist() == [[1, 2, 4], [1, 3, 4]]
+
+
+# ---------------------------------------------------------------- Triton against the oracle
+
+def _triton(*args, **kw):
+    with use_backend("triton"):
+        return ops.route(*args, **kw)
+
+
+def _score_tolerance(x, weight):
+    """Bound on |s_kernel - s_oracle| per token and expert (FP64 [T, E]).
+
+    The kernel's BF16 products are exact and summed in FP32 (the oracle: FP64, rounded once):
+    in practice far below sqrt(dim) * 2^-24 * sum|terms|, of which we allow 8x.  Then
+    |d sqrt(softplus(z)) / dz| = sigmoid(z) / (2 sqrt(softplus(z))) < 0.5, plus 8 FP32 ulps of
+    s for exp/log/sqrt.
+    """
+    mag = x.double().abs().cpu() @ weight.double().abs().cpu().T
+    dz = 8 * math.sqrt(x.shape[1]) * FP32_EPS * mag
+    s = ref.router_scores(x.cpu(), weight.cpu()).double()
+    return 0.5 * dz + 8 * FP32_EPS * s
+
+
+def _check_route(x, weight, bias, topk, route_scale, out):
+    w, ids = out
+    T, E = x.shape[0], weight.shape[0]
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    assert w.shape == (T, topk) and ids.shape == (T, topk)
+    w, ids = w.cpu().double(), ids.cpu().long()
+    s = ref.router_scores(x.cpu(), weight.cpu()).double()
+    tol_s = _score_tolerance(x, weight)
+    key = s + (bias.cpu().double() if bias is not None else 0)
+    tol_key = tol_s + 4 * FP32_EPS * key.abs()
+    w_ref, ids_ref = ref.route(x.cpu(), weight.cpu(), bias.cpu() if bias is not None else None, None, None, topk,
+                               route_scale)
+    # Valid, distinct expert ids.
+    assert bool(((ids >= 0) & (ids < E)).all())
+    assert all(len(set(r)) == topk for r in ids.tolist())
+    # The j-th pick has the j-th best key, up to the score tolerance of both keys.
+    sorted_key = key.gather(1, ids_ref.long())
+    picked_key = key.gather(1, ids)
+    slack = tol_key.gather(1, ids) + tol_key.gather(1, ids_ref.long())
+    assert bool(((picked_key - sorted_key).abs() <= 2 * slack).all()), "a pick is not among the best keys"
+    # Where the top topk+1 keys are separated by more than the tolerance, the ids are the oracle's.
+    ranked = torch.sort(key, dim=1, descending=True, stable=True)
+    head = ranked.values[:, : min(topk + 1, E)]
+    head_tol = tol_key.gather(1, ranked.indices[:, : min(topk + 1, E)])
+    gaps_ok = ((head[:, :-1] - head[:, 1:]) > 2 * (head_tol[:, :-1] + head_tol[:, 1:])).all(1) if E > 1 else \
+        torch.ones(T, dtype=torch.bool)
+    assert torch.equal(ids[gaps_ok], ids_ref.long()[gaps_ok]), "ids differ from the oracle's at a clear gap"
+    # Weights: the oracle's scores at the kernel's ids, normalised.  Each selected s errs by
+    # tol_s; w_j = s_j / S changes by at most route_scale * (tol_j + w_j * sum tol) / S; plus
+    # 8 FP32 ulps for the divisions.
+    sel = s.gather(1, ids)
+    total = sel.sum(1, keepdim=True)
+    expected = sel / total * route_scale
+    t = tol_s.gather(1, ids)
+    bound = abs(route_scale) * (t + expected.abs() / abs(route_scale) * t.sum(1, keepdim=True)) / total \
+        + 8 * FP32_EPS * expected.abs()
+    fin = torch.isfinite(expected)
+    assert bool(((w - expected).abs()[fin] <= bound[fin]).all()), f"weights: err {(w - expected).abs()[fin].max()}"
+    assert torch.equal(torch.isnan(w), torch.isnan(expected)), "weights: NaN mismatch"
+    # Rows sum to route_scale (topk rounded terms).
+    rows = torch.isfinite(w).all(1)
+    assert bool(((w[rows].sum(1) - route_scale).abs() <= 4 * topk * FP32_EPS * abs(route_scale)).all())
+    return w_ref
+
+
+@given(T=st.sampled_from([1, 2, 5, 17, 40]), E=st.sampled_from([8, 16, 24, 64, 100]),
+       dim=st.sampled_from([64, 100, 256]), k=st.integers(1, 8), biased=st.booleans(),
+       route_scale=st.sampled_from([1.0, 1.5, 2.5]), logit_std=st.sampled_from([1.0, 30.0]),
+       seed=st.integers(0, 2**31))
+def test_route_matches_oracle(device, T, E, dim, k, biased, route_scale, logit_std, seed):
+    k = min(k, E)
+    x, weight, bias = _inputs(T, E, dim, seed, device, logit_std)
+    bias = bias if biased else None
+    _check_route(x, weight, bias, k, route_scale, _triton(x, weight, bias, topk=k, route_scale=route_scale))
+
+
+def test_route_exact_ties_go_to_the_lower_id(device):
+    # Experts 3, 5 and 9 have identical weight rows (the largest scores, for positive x) and
+    # the same bias: their scores are equal bit for bit, so they come in id order.
+    x, weight, _ = _inputs(6, 12, 64, 31, device)
+    x = x.abs()
+    weight[[3, 5, 9]] = 0.5
+    w, ids = _triton(x, weight, torch.zeros(12, device=device), topk=4, route_scale=1.0)
+    assert ids[:, :3].tolist() == [[3, 5, 9]] * 6
+    w_ref, ids_ref = ref.route(x, weight, torch.zeros(12, device=device), None, None, 4, 1.0)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())
+    # A bias that lifts a lower id into the tie also goes first; one that drops it does not.
+    bias = torch.zeros(12, device=device)
+    bias[9] = 1.0
+    _, ids = _triton(x, weight, bias, topk=3)
+    assert ids[:, :3].tolist() == [[9, 3, 5]] * 6
+
+
+def test_route_nan_token_ranks_nan_first_and_has_nan_weights(device):
+    x, weight, bias = _inputs(4, 16, 64, 37, device)
+    x[2, 5] = float("nan")
+    w, ids = _triton(x, weight, bias, topk=3)
+    assert ids[2].tolist() == [0, 1, 2]  # every key is NaN: ties -> lowest ids
+    assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
+    w_ref, ids_ref = ref.route(x, weight, bias, None, None, 3, 1.0)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())
+
+
+def test_route_extreme_logits(device):
+    # Logits of +-hundreds: softplus(z) = z above, exp(z) (about 1e-40, subnormal) below;
+    # the weights stay finite and exact to the tolerance as long as one selected score is normal.
+    x, weight, bias = _inputs(8, 32, 128, 41, device, logit_std=300.0)
+    _check_route(x, weight, bias, 6, 2.5, _triton(x, weight, bias, topk=6, route_scale=2.5))
+
+
+def test_route_far_negative_logits(device):
+    # Every logit in [-90, -20]: softplus(z) = log1p(exp(z)) ~ exp(z) must keep its relative
+    # precision (log(1 + exp(z)) would round to 0 and the weights to 0/0).
+    g = torch.Generator().manual_seed(67)
+    x = torch.ones(5, 64, dtype=torch.bfloat16, device=device)
+    weight = (-(20 + 70 * torch.rand(24, 1, generator=g)) / 64).expand(24, 64).to(torch.bfloat16).to(device)
+    _check_route(x, weight, None, 4, 2.5, _triton(x, weight, topk=4, route_scale=2.5))
+
+
+@given(T=st.sampled_from([1, 3, 17, 40]), E=st.sampled_from([8, 20, 64]), dim=st.sampled_from([64, 256]),
+       k=st.integers(1, 6), vocab=st.sampled_from([1, 50, 1000]), seed=st.integers(0, 2**31))
+def test_route_hash_mode(device, T, E, dim, k, vocab, seed):
+    k = min(k, E)
+    g = torch.Generator().manual_seed(seed)
+    x, weight, _ = _inputs(T, E, dim, seed, device)
+    table = torch.randint(0, E, (vocab, k), generator=g, dtype=torch.int32).to(device)
+    token_ids = torch.randint(0, vocab, (T,), generator=g).to(device)
+    w, ids = _triton(x, weight, tid2eid=table, token_ids=token_ids, topk=k, route_scale=1.5)
+    assert torch.equal(ids.cpu(), table[token_ids].cpu())
+    s = ref.router_scores(x.cpu(), weight.cpu()).double()
+    sel = s.gather(1, ids.cpu().long())
+    total = sel.sum(1, keepdim=True)
+    t = _score_tolerance(x, weight).gather(1, ids.cpu().long())
+    expected = sel / total * 1.5
+    bound = 1.5 * (t + sel / total * t.sum(1, keepdim=True)) / total + 8 * FP32_EPS * expected
+    assert bool(((w.cpu().double() - expected).abs() <= bound).all())
+
+
+def test_route_hash_out_of_range_ids(device):
+    x, weight, _ = _inputs(4, 8, 64, 43, device)
+    table = torch.tensor([[0, 1], [2, 9], [-3, 4]], dtype=torch.int32, device=device)
+    token_ids = torch.tensor([0, 7, -1, 2], device=device)
+    # Unchecked: clamped into range, as the oracle does; never a wild read.
+    w, ids = _triton(x, weight, tid2eid=table, token_ids=token_ids, topk=2)
+    w_ref, ids_ref = ref.route(x, weight, None, table, token_ids, 2, 1.0)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())
+    assert_close(w, w_ref, rtol=1e-5, atol=0, what="weights")
+    # Checked mode: an error naming the argument.
+    set_checks(True)
+    try:
+        with pytest.raises(ValueError, match="token_ids"):
+            ops.route(x, weight, tid2eid=table[:1], token_ids=token_ids, topk=2)
+        with pytest.raises(ValueError, match="tid2eid"):
+            ops.route(x, weight, tid2eid=table, token_ids=torch.tensor([0, 1, 2, 1], device=device), topk=2)
+    finally:
+        set_checks(False)
+
+
+@pytest.mark.parametrize("config", [(16, 16, 64, 4, 3), (32, 64, 64, 4, 3)])
+def test_route_explicit_configs(device, config):
+    from dsv4_triton.kernels import router as kern
+
+    # E = 100 in chunks of 16 or 64 (a partial last chunk); T = 40 in tiles of 16 or 32.
+    x, weight, bias = _inputs(40, 100, 96, 47, device)
+    _check_route(x, weight, bias, 6, 2.5, kern.route(x, weight, bias, None, None, 6, 2.5, config=config))
+    table = torch.randint(0, 100, (30, 6), dtype=torch.int32, device=device)
+    token_ids = torch.arange(40, device=device) % 30
+    w, ids = kern.route(x, weight, None, table, token_ids, 6, 2.5, config=config)
+    assert torch.equal(ids.cpu(), table[token_ids].cpu())
+
+
+def test_route_zero_tokens_and_strided(device):
+    x, weight, bias = _inputs(0, 8, 64, 0, device)
+    w, ids = _triton(x, weight, bias, topk=2)
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+    x, weight, bias = _inputs(5, 8, 64, 53, device)
+    wide = torch.zeros(5, 128, dtype=torch.bfloat16, device=device)
+    wide[:, :64] = x
+    _check_route(x, weight, bias, 2, 1.0, _triton(wide[:, :64], weight, bias, topk=2))
+    _check_route(x, weight, bias, 2, 1.0, _triton(x, weight.t().contiguous().t(), bias, topk=2))
+
+
+def test_route_custom_op_schema_and_fake():
+    x, weight, bias = _inputs(3, 8, 64, 59, "cpu")
+    torch.library.opcheck(torch.ops.dsv4.route.default, (x, weight, bias, None, None, 2, 1.5))
+    table = torch.randint(0, 8, (10, 2), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.dsv4.route.default, (x, weight, None, table, torch.tensor([1, 2, 3]), 2, 1.5))
+
+
+_x = torch.zeros(3, 16, dtype=torch.bfloat16)
+_w = torch.zeros(8, 16, dtype=torch.bfloat16)
+_tab = torch.zeros(10, 2, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kw, err, name", [
+    (dict(x=_x.float()), TypeError, "x"),
+    (dict(x=torch.zeros(3, 17, dtype=torch.bfloat16)), ValueError, "x"),
+    (dict(weight=_w.float()), TypeError, "weight"),
+    (dict(topk=9), ValueError, "topk"),
+    (dict(topk=0), ValueError, "topk"),
+    (dict(bias=torch.zeros(7)), ValueError, "bias"),
+    (dict(bias=torch.zeros(8, dtype=torch.bfloat16)), TypeError, "bias"),
+    (dict(bias=torch.zeros(8), tid2eid=_tab, token_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "bias"),
+    (dict(tid2eid=_tab), ValueError, "token_ids"),
+    (dict(token_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "token_ids"),
+    (dict(tid2eid=_tab.long(), token_ids=torch.zeros(3, dtype=torch.int64)), TypeError, "tid2eid"),
+    (dict(tid2eid=torch.zeros(10, 3, dtype=torch.int32), token_ids=torch.zeros(3, dtype=torch.int64)), ValueError,
+     "tid2eid"),
+    (dict(tid2eid=_tab, token_ids=torch.zeros(4, dtype=torch.int64)), ValueError, "token_ids"),
+    (dict(tid2eid=_tab, token_ids=torch.zeros(3)), TypeError, "token_ids"),
+    (dict(route_scale="2"), TypeError, "route_scale"),
+])
+def test_route_bad_input(kw, err, name):
+    args = dict(x=_x, weight=_w, topk=2)
+    args.update(kw)
+    with pytest.raises(err, match=name):
+        ops.route(**args)
+
+
+# ---------------------------------------------------------------- GPU: model sizes, every config
+
+@pytest.mark.gpu
+@given(T=st.sampled_from([1, 8, 64, 65, 1000, 4096, 16384]), E=st.sampled_from([256, 384]),
+       dim=st.sampled_from([4096, 7168]), seed=st.integers(0, 2**31))
+def test_route_model_sizes_gpu(T, E, dim, seed):
+    x, weight, bias = _inputs(T, E, dim, seed, "cuda")
+    _check_route(x, weight, bias, 6, 2.5, _triton(x, weight, bias, topk=6, route_scale=2.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 333, 4096])
+def test_route_every_config_gpu(T):
+    from dsv4_triton.kernels import router as kern
+
+    x, weight, bias = _inputs(T, 384, 7168, T, "cuda")
+    table = torch.randint(0, 384, (129280, 6), dtype=torch.int32, device="cuda")
+    token_ids = torch.randint(0, 129280, (T,), device="cuda")
+    for config in kern._CONFIGS:
+        _check_route(x, weight, bias, 6, 2.5, kern.route(x, weight, bias, None, None, 6, 2.5, config=config))
+        w, ids = kern.route(x, weight, None, table, token_ids, 6, 2.5, config=config)
+        assert torch.equal(ids, table[token_ids])
+
+
+@pytest.mark.gpu
+def test_route_deterministic_gpu():
+    x, weight, bias = _inputs(4096, 384, 7168, 61, "cuda")
+    first = _triton(x, weight, bias, topk=6, route_scale=2.5)
+    for _ in range(3):
+        again = _triton(x, weight, bias, topk=6, route_scale=2.5)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import validate as V
+from ..kernels import router as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import router as _reference  # noqa: F401  (registers the reference backend)
 from ..registry import call, define_op
 

@@ -253,6 +253,18 @@ def test_empty_rows_give_exact_zero(device):
     assert torch.equal(_triton(q, kv, sinks, idx[..., :0], 128 ** -0.5), torch.zeros_like(q))  # K = 0
 
 
+@pytest.mark.parametrize("bsz, seq, n, k", [(0, 3, 5, 4), (2, 0, 5, 4), (2, 3, 0, 4)])
+def test_zero_sizes(device, bsz, seq, n, k):
+    """No tokens: an empty output, no launch.  An empty cache (N = 0): every slot is empty."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(bsz, seq, 8, 128, generator=g).to(torch.bfloat16).to(device)
+    kv = torch.zeros(bsz, n, 128, dtype=torch.bfloat16, device=device)
+    idx = torch.randint(-1, 5, (bsz, seq, k), generator=g, dtype=torch.int32).to(device)
+    out = _triton(q, kv, torch.zeros(8, device=device), idx, 0.1)
+    assert out.shape == q.shape and not out.any()
+    assert torch.equal(out, ref.sparse_attention(q, kv, torch.zeros(8, device=device), idx, 0.1, None, None))
+
+
 def test_duplicates_count_twice_and_bad_indices_are_masked(device):
     g = torch.Generator().manual_seed(6)
     q = torch.randn(1, 2, 8, 128, generator=g).to(torch.bfloat16).to(device)
@@ -378,7 +390,20 @@ def test_release_shapes(device, heads, k, bsz, seq, fp8):
 
 
 # ---------------------------------------------------------------------------------------
-# Validation
+# Validation and the torch.library ops
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) functions and tracing of the ops torch.compile sees."""
+    g = torch.Generator().manual_seed(14)
+    q = torch.randn(1, 2, 8, 128, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, 1, 6, 128)
+    idx = make_idx(g, 1, 2, 5, 6)
+    torch.library.opcheck(torch.ops.dsv4.sparse_attention.default, (q, kv, torch.zeros(8), idx, 0.1, None, None))
+    torch.library.opcheck(torch.ops.dsv4.sparse_attention.default,
+                          (q, ops.pack_kv_fp8(kv), torch.zeros(8), idx, 0.1, torch.zeros(4, 32, 2),
+                           torch.zeros(1, 2, dtype=torch.int32)))
+    torch.library.opcheck(torch.ops.dsv4.pack_kv_fp8.default, (kv,))
 
 
 def _args(bsz=1, seq=2, heads=4, d=128, n=6, k=3):

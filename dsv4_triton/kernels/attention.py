@@ -18,30 +18,45 @@ out-of-range slot: nothing is read for it).  The FP8 cache rows are decoded in r
 cache is ever written.
 
 Tile shapes.  ``BLOCK_H = 64`` (H >= 64; smaller H rounds up to a power of two >= 16, rows
-masked), ``BLOCK_K`` 32/64 (autotuned), D = 128 or 512 whole.  The [64, 512] fp32
-accumulator is 128 KB: at 8 warps (256 threads) that is 128 registers a thread, the same
-split FlashMLA uses (each warpgroup owns half of the output columns).  Splitting the output
-columns across programs instead would shrink it but costs more than it saves: every program
-needs the full score tile S (the whole D reduction), so with the columns split two ways the
-QK^T matmul runs twice: 1.5x the FLOPs (and 2x the KV gathers, from L2) of a kernel that is
-compute bound at H = 128.  So the columns stay in one program; only the candidate list is
-split (below).
+masked), ``BLOCK_K`` 16/32/64 (autotuned), D = 128 or 512 whole.  Q [64, 512] bf16 (64 KB)
+stays in shared memory for the whole loop; each KV tile (32 x 512 bf16 = 32 KB) is
+double- or triple-buffered there.  The [64, 512] fp32 accumulator is 128 KB: at 8 warps
+(256 threads) 128 registers a thread, the split FlashMLA uses (each warpgroup owns half
+of the output columns); compiled for sm_90 this lands at 255 registers with under 256
+bytes of spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
+registers (more spill).  Splitting the output columns across programs instead would
+shrink the accumulator but costs more than it saves: every program needs the full score
+tile S (the whole D reduction), so with the columns split two ways the QK^T matmul runs
+twice: 1.5x the FLOPs (and 2x the KV gathers, from L2) of a kernel that is compute bound
+at H = 128.  So the columns stay in one program; only the candidate list is split.
+
+Loads.  The candidate rows of the next tile are fetched by async copies while the
+current one is in the matmuls (Triton's pipeliner, ``num_stages``).  For that every load
+must be a whole vector of >= 4 bytes: rows are addressed as ``row * (stride8 * 8)`` so
+the compiler knows they are 8-aligned, and the FP8 rows' rope values and scales are read
+through bf16 / int64 views of the same memory (the 7 scale bytes + pad as one 8-byte word).
 
 Flash-decoding split.  Decode has few programs (B * ceil(H / BLOCK_H)): B = 1, H = 128 is
 2 programs for 132 SMs.  When that leaves at least half the SMs idle, the K candidates are
 cut into ``splits`` slices (``_choose_splits``: as many as fit in one wave, each at least
-two blocks of candidates), every slice writes its unnormalised partial output and (m, l) to an fp32
-workspace, and a small merge kernel combines the slices with the sink and applies the
-inverse RoPE: 2 launches.  Otherwise (prefill, large batches) 1 launch.
+two blocks of candidates); every slice writes its unnormalised partial output and (m, l)
+to an fp32 workspace (tokens * H * splits * (D + 2) floats, allocated per call from the
+caching allocator), and a small merge kernel combines the slices with the sink and
+applies the inverse RoPE: 2 launches.  Otherwise (prefill, large batches) 1 launch.
 
 What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
-(BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  Triton
-issues the gathers as plain (cp.async-pipelined) loads, does the FP8 decode on the CUDA
-cores in the same warps that issue the MMAs, and keeps P in registers -> bf16 -> shared
-memory for the second matmul.  A CUDA version on sm_90 would do better with: TMA gathers
-of whole rows (``cp.async.bulk`` per row) into a multi-stage ring driven by a producer
-warp; warp specialisation (one warpgroup decodes FP8 while two run wgmma); the P tile fed
-to wgmma from registers; and the two warpgroups ping-ponging softmax and MMA (FlashMLA).
+(BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  What
+Triton leaves on the table: the QK^T wgmma is waited on before the softmax starts (no
+overlap of softmax with MMA), the index load of the next tile is a synchronous (L2) load
+ahead of its async copies, the FP8 decode runs on the CUDA cores in the same warps that
+issue the MMAs and goes registers -> shared memory before the matmul, and P goes
+registers -> bf16 -> a second wgmma.  A CUDA version on sm_90 would do better with: TMA
+gathers of whole rows (``cp.async.bulk`` per row) into a multi-stage ring driven by a
+producer warp; warp specialisation (one warpgroup decodes FP8 while two run wgmma); and
+the two math warpgroups ping-ponging softmax and MMA (as FlashMLA does).
+
+Interpreter (CPU tests): its bf16 ``tl.dot`` and fp32 -> bf16 conversion are wrong
+(numpy has no bf16), so ``_dot`` and ``_to_bf16`` take exact fp32 / bit-level paths there.
 """
 
 from __future__ import annotations

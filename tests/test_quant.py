@@ -648,3 +648,15 @@ def test_gpu_fused_large(device, dtype):
     table = _table(4096, 64, g, right_angles=True).to(device)
     assert_same_bits(_triton(ops.rope_hadamard_qat4, xi, table, posq), ref.rope_hadamard_qat4(xi, table, posq),
                      "rope_hadamard_qat4 exact sums")
+
+
+def test_custom_ops_fake_tensors_match():
+    # torch.compile traces each op as one opaque node through its fake implementation.
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    p, s = ref.fp4_quant(x, 32)
+    freqs, pos = ops.rope_freqs(64, 10, 10000.0), torch.arange(4)
+    for name, args in [("act_quant", (x, 128, True)), ("qat8", (x, 64, True)), ("fp4_quant", (x, 32)),
+                       ("fp4_dequant", (p, s, torch.bfloat16)), ("qat4", (x, 32)), ("hadamard", (x,)),
+                       ("rope_qat8", (x, freqs, pos, 64)), ("rope_hadamard_qat4", (x, freqs, pos))]:
+        result = torch.library.opcheck(getattr(torch.ops.dsv4, name), args, test_utils=("test_faketensor",))
+        assert result == {"test_faketensor": "SUCCESS"}, name

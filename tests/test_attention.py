@@ -206,9 +206,13 @@ def test_fp8_cache_matches_bf16_cache_on_qat_values(device):
     else within the kernel-vs-oracle tolerance (accumulation order of another config)."""
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 3, 16, 128, generator=g).to(torch.bfloat16).to(device)
-    kv = make_kv(g, 2, 50, 128, magnitude=3.0)
+    kv = torch.randn(2, 50, 128, generator=g) * 3.0
+    kv[..., :16] *= 2.0 ** -14  # FP8 subnormal codes (below 2^-6 of the block scale) in every row
+    kv[..., :64] = _qat8(kv[..., :64])
+    kv = kv.to(torch.bfloat16)
     idx = make_idx(g, 2, 3, 45, 50).to(device)
     sinks = torch.randn(16, generator=g).to(device)
+    assert (ops.pack_kv_fp8(kv)[..., :16] & 0x78 == 0).float().mean() > 0.5  # mostly exponent-0 codes
     via_bf16 = _triton(q, kv.to(device), sinks, idx, 128 ** -0.5)
     via_fp8 = _triton(q, ops.pack_kv_fp8(kv).to(device), sinks, idx, 128 ** -0.5)
     if device.type == "cpu":

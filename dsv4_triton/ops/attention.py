@@ -41,7 +41,9 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
 
     q: bf16 ``[B, S, H, D]``, D in (128, 512).
     kv: the shared key/value vectors, bf16 ``[B, N, D]``, or the FP8 cache rows
-        ``pack_kv_fp8`` makes, uint8 ``[B, N, row_bytes]`` (584 bytes for D = 512).
+        ``pack_kv_fp8`` makes, uint8 ``[B, N, row_bytes]`` (584 bytes for D = 512).  Any
+        view whose strides and offset are multiples of 8 (elements / bytes) is read in
+        place; any other is first copied contiguous (the whole cache: avoid).
     sink: fp32 ``[H]`` (not multiplied by ``scale``, no value vector).
     idx: int32 ``[B, S, K]``, row b of kv; -1 = empty slot.  A duplicated index counts twice.
         Indices outside [-1, N) raise ``ValueError`` in checked mode (``DSV4_CHECKS=1``);

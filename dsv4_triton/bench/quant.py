@@ -2,8 +2,9 @@
 
 Bytes counted are the minimum each op moves: x read once, codes/values and scales written
 once (fused ops: plus the positions and the table rows they select).  The Hadamard's
-tensor-core work (n or 2A + 96 MACs per element, see ``kernels/quant.py``) stays below
-the copy time on an H100 for bf16 input, so copy bandwidth is the ceiling that binds.
+tensor-core work (n MACs per element for n <= 128, A + 48 for n = 16A; see
+``kernels/quant.py``) stays below the copy time on an H100 for bf16 input, so copy
+bandwidth is the ceiling that binds.
 
 ``eager`` is the torch a user would write: block amax, ``exp2(ceil(log2(.)))`` scales,
 clamp and cast (FP4 by threshold compares), the Hadamard as a bf16 matmul with the +-1 matrix.

@@ -11,7 +11,8 @@ Hadamard: ``H_n`` has entries +-1, exact in BF16/FP16, so ``x @ H_n`` on tensor 
 BF16 parts (8 + 8 + 8 significant bits) and multiplied three times.  For n <= 128 one
 ``[ROWS, n] @ [n, n]`` product; for n = 16A (256, 512) the Sylvester matrix factors as
 ``H_A (x) H_16`` (high index bits, low index bits), so two small products (over A, then
-over 16) replace one of size n: 2A + 6 * 16 MACs per element instead of n.  The matrices
+over 16) replace one of size n: A + 3 * 16 MACs per element instead of n (16-bit x; the
+second product's operand is FP32, hence three parts).  The matrices
 are built in registers from ``H[i, j] = (-1)^popcount(i & j)``; programs loop over row
 tiles so each builds them once.
 

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import E8M0_NAN, FP8_MAX, ceil_log2, e8m0_encode, e8m0_to_float, exp2_int, fp8_encode
+from ..formats import FP8_MAX, ceil_log2, e8m0_encode, e8m0_to_float, exp2_int, fp8_encode
 from ..registry import register
 from .rope import apply_rope
 
@@ -52,6 +52,7 @@ def fp8_row_bytes(head_dim: int) -> int:
 
 
 def head_dim_of_row_bytes(row_bytes: int, candidates=(128, 512)) -> Optional[int]:
+    """The head dim whose FP8 cache rows are ``row_bytes`` long (None if no candidate's are)."""
     for d in candidates:
         if fp8_row_bytes(d) == row_bytes:
             return d

@@ -104,8 +104,8 @@ def cases(quick: bool):
             fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
             out.append(Case(op="fp8_linear", shape=f"M={m} N={n} K={k}", make_inputs=_fp8_inputs(m, n, k),
                             run=ops.fp8_linear, eager=_fp8_eager, oracle=ref.fp8_linear, bytes=fp8_bytes,
-                            flops=flops, ceiling="fp8" if prefill else "copy", launches=2 if prefill else 1,
-                            notes="act_quant pre-pass + GEMM" if prefill and n == shapes[0][0] else ""))
+                            flops=flops, ceiling="fp8" if prefill else "copy", launches=1 if m <= 16 else 2,
+                            notes="M > 16: act_quant pre-pass + GEMM" if prefill and n == shapes[0][0] else ""))
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
@@ -113,7 +113,7 @@ def cases(quick: bool):
                                 run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),
                                 eager=_fp4_eager, oracle=lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs),
                                 bytes=fp4_bytes, flops=flops, ceiling="fp8" if prefill else "copy",
-                                launches=2 if prefill else 1))
+                                launches=1 if m <= 16 else 2))
         out.append(Case(op="scaled_mm per-tensor (cuBLAS)", shape=f"M={PREFILL_M} N={n} K={k}",
                         make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
                         bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",

@@ -1,10 +1,10 @@
 """Triton block-scaled GEMMs: ``fp8_linear``, ``fp4_linear`` (and the device functions the
 MoE kernels share), plus the batched BF16 ``grouped_linear``.
 
-Activation: ``act_quant(x, 128, pow2=True)`` (SPEC 3).  For few rows (decode) each program
-quantises its ``[BLOCK_M, 128]`` slice of ``x`` in the prologue of every K step (one
-launch, and the re-quantisation per N tile costs nothing next to the weight stream); for
-many rows a small pre-pass writes the FP8 codes and scales once, and the GEMM reads them.
+Activation: ``act_quant(x, 128, pow2=True)`` (SPEC 3).  For up to 16 rows (decode) each
+program quantises its ``[BLOCK_M, 128]`` slice of ``x`` in the prologue of every K step (one
+launch, and the re-quantisation per N tile costs little next to the weight stream); for
+more rows a small pre-pass writes the FP8 codes and scales once, and the GEMM reads them.
 Either way the codes and scales are bit-identical to the oracle's: the amax, the correctly
 rounded ``amax / 448`` and the power-of-two exponent are the oracle's operations.
 
@@ -57,7 +57,10 @@ W_FP8: tl.constexpr = tl.constexpr(0)
 W_MXFP4: tl.constexpr = tl.constexpr(1)
 W_NVFP4: tl.constexpr = tl.constexpr(2)
 FORMAT_CODES = {"fp8": 0, "mxfp4": 1, "nvfp4": 2}
-FUSED_QUANT_MAX_ROWS = 64  # up to this many rows the activation is quantised in the GEMM prologue
+# Up to this many rows the activation is quantised in the GEMM prologue.  Every N tile
+# re-quantises its rows, about 12 * BLOCK_M / BLOCK_N operations per weight byte: negligible
+# for 16 rows, as costly as the weight stream itself for 64; then the pre-pass wins.
+FUSED_QUANT_MAX_ROWS = 16
 
 
 # --- device functions shared with the MoE kernels -------------------------------------------
@@ -223,6 +226,8 @@ def _gemm_configs():
 def _prune_gemm(configs, nargs, **kw):
     m = nargs["M_BUCKET"]
     keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= max(16, m) if m <= 64 else c.kwargs["BLOCK_M"] >= 64)]
+    if kw["W_FMT"] != 0:  # FP4 tiles are expanded in registers: wider ones spill
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= 128]
     return keep or configs[:1]
 
 

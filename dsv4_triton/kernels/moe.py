@@ -19,7 +19,7 @@
 A pair whose id is outside ``[0, E)`` is sorted into a bucket that no program reads and
 is skipped by the combine: it contributes nothing, and nothing is read out of bounds.
 
-The activation of w13 is ``act_quant(x)``: quantised in the GEMM prologue for small
+The activation of w13 is ``act_quant(x)``: quantised in the GEMM prologue for 16-row
 blocks (decode), by the pre-pass of ``kernels/gemm.py`` once per token otherwise.
 SwiGLU uses the GPU's fast ``exp`` (about 2 ulp) and a correctly rounded division; the
 tests bound the effect on the FP8 codes of the w2 input.
@@ -180,7 +180,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     ids = topk_ids.contiguous()
     route_w = topk_weights.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
-    fused_quant = block_m <= 32
+    fused_quant = block_m <= 16  # see FUSED_QUANT_MAX_ROWS in kernels/gemm.py
     if fused_quant:
         a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
     else:

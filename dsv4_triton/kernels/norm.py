@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import autotune
+from .formats import cast_rne, to_f32
 from ..registry import register
 
 MAX_BLOCK = 16384
@@ -40,30 +41,30 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, eps,
     if CHUNK >= n_cols:
         cols = tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = to_f32(tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0))
         r = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         y = x * r[:, None]
         if HAS_W:
-            w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            w = to_f32(tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0))
             y = w[None, :] * y
-        tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
         for start in range(0, n_cols, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = to_f32(tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0))
             acc += x * x
         r = tl.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)
         for start in range(0, n_cols, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = to_f32(tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0))
             y = x * r[:, None]
             if HAS_W:
-                w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                w = to_f32(tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0))
                 y = w[None, :] * y
-            tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

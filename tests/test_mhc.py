@@ -140,14 +140,20 @@ def test_hc_pre_comb_is_doubly_stochastic(device):
     assert bool((comb > 0).all())
 
 
-def test_hc_pre_many_tiles_wrap_the_workspace_ring(device):
-    # 150 tokens in tiles of 16 are 10 tiles: more than the ring's slots, so tiles wait for a
-    # slot's previous tile and the last LAG tiles are drained by the extra programs.
+def test_hc_pre_many_tiles_wrap_the_workspace_ring(device, monkeypatch):
+    # A one-tile workspace gives 4 slots of 16 tokens at dim 64: 150 tokens are 10 tiles, so
+    # tiles reuse slots (waiting for the tile one ring earlier), and the last LAG tiles are
+    # drained by the extra programs.
+    monkeypatch.setattr(kern, "RING_TILES", 1)
+    monkeypatch.setattr(kern, "_workspaces", {})
     X, fn, scale, base = _inputs(150, 64, 5, device)
     _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))
+    (part, _, sync), = kern._workspaces.values()
+    assert part.numel() // 32 // 16 == 4
     # Every counter is back to zero: the next launch starts clean.
-    for _, _, sync in kern._workspaces.values():
-        assert int(sync.abs().sum()) == 0
+    assert int(sync.abs().sum()) == 0
+    _check_pre(X[:70], fn, scale, base, _triton("hc_pre", X[:70], fn, scale, base))
+    assert int(sync.abs().sum()) == 0
 
 
 def test_hc_pre_strided_input(device):

@@ -23,10 +23,12 @@ Programs take their ``(tile, split)`` from an atomic ticket in start order, and 
 wait on programs with a smaller ticket, which have started and never wait on later ones:
 no deadlock for any grid size or residency (the scheme of decoupled look-back scans), and
 the interpreter, which runs programs one by one in order, never waits at all.  Partials and
-pre live in a ring of ``RING`` tile slots (a small fixed workspace); a tile's programs wait
-until the tile ``RING`` earlier has released the slot.  Every counter returns to zero by
-the end of a launch, so launches on one stream need no reset; each (device, stream) has its
-own workspace, so streams can run concurrently.
+pre live in a ring of tile slots (a small fixed workspace of ``RING_TILES`` tiles of the
+widest split at the largest BLOCK_T, so narrower splits get more slots, up to MAX_SLOTS); a
+tile's programs wait until the tile one ring earlier has released its slot, which in
+practice has long happened.  Every counter returns to zero by the end of a launch, so
+launches on one stream need no reset; each (device, stream) has its own workspace, so
+streams can run concurrently.
 
 hc_post
 -------
@@ -48,19 +50,29 @@ from .formats import INTERPRET
 HC_MULT = 4
 N_MIX_PRE = 24
 N_MIX_HEAD = 4
-RING = 8  # tile slots of partials / pre alive at once
-LAG = 2  # a program's y-work is for the tile LAG tiles before its mix tile
+RING_TILES = 8  # workspace: this many tiles of the widest split (CHUNK = MIN_CHUNK, BLOCK_T = MAX_BLOCK_T)
+MAX_SLOTS = 64  # ring slots at most (counters)
+LAG = 2  # a program's y-work is for the tile LAG tiles before its mix tile; LAG < slots
 MAX_BLOCK_T = 64
 MIN_CHUNK = 64
 
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps); the first one serves every shape
-    (16, 64, 64, 4), (16, 128, 64, 4), (32, 128, 64, 4), (32, 256, 64, 4),
-    (64, 128, 64, 4), (64, 128, 64, 8), (64, 256, 64, 8),
+    (16, 64, 64, 4), (16, 128, 64, 4), (32, 128, 64, 4), (32, 256, 64, 4), (32, 512, 64, 4),
+    (64, 128, 64, 4), (64, 128, 64, 8), (64, 256, 64, 8), (64, 512, 64, 8),
 ]
 
 
+def token_bucket(T: int) -> int:
+    """Tuning key for the token count: 16, 64, 256, 1024 or 4096 (the next power of 4, capped),
+    so varying batch sizes share a few tuned entries instead of tuning every T."""
+    b = 16
+    while b < min(T, 4096):
+        b *= 4
+    return b
+
+
 def _prune_mix_configs(configs, nargs, **kw):
-    t_cap = max(16, triton.next_power_of_2(nargs["t_bucket"]))
+    t_cap = nargs["t_bucket"]
     dim_cap = max(MIN_CHUNK, triton.next_power_of_2(nargs["dim"]))
     kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and c.kwargs["CHUNK"] <= dim_cap]
     return kept or configs[:1]
@@ -78,8 +90,11 @@ def _dot_bf16(a, b, acc):
 
 @triton.jit
 def _wait_at_least(counter_ptr, target):
-    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+    # Spin on plain volatile reads (many programs may poll one counter; atomics would
+    # serialise at L2), then one acquiring read orders the loads that follow.
+    while tl.load(counter_ptr, volatile=True) < target:
         pass
+    tl.atomic_add(counter_ptr, 0, sem="acquire")
 
 
 @triton.jit
@@ -126,12 +141,13 @@ def _finalise_tile(part_ptr, pre_ws_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr
 @triton.jit
 def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                 part_ptr, pre_ws_ptr, sync_ptr,
-                T, dim, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
+                T, dim, stride_xt, stride_xs, iters, eps, norm_eps, ring_rows, t_bucket,
                 HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr,
                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                RING_SLOTS: tl.constexpr, LAG_TILES: tl.constexpr):
+                MAX_RING_SLOTS: tl.constexpr, LAG_TILES: tl.constexpr):
     n_splits = tl.cdiv(dim, CHUNK)
     n_tiles = tl.cdiv(T, BLOCK_T)
+    n_slots = tl.minimum(ring_rows // (n_splits * BLOCK_T), MAX_RING_SLOTS)
     events_per_tile = 2 * n_splits + 1  # n_splits arrivals, 1 publish, n_splits consumptions
     ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     if ticket == (n_tiles + LAG_TILES) * n_splits - 1:
@@ -142,11 +158,11 @@ def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
     d_lo = split * CHUNK
 
     if tile < n_tiles:
-        slot = tile % RING_SLOTS
-        gen = tile // RING_SLOTS
+        slot = tile % n_slots
+        gen = tile // n_slots
         state = sync_ptr + 1 + slot
         if gen > 0:
-            _wait_at_least(state, gen * events_per_tile)  # tile - RING released the slot
+            _wait_at_least(state, gen * events_per_tile)  # tile - n_slots released the slot
         tok = (tile * BLOCK_T + rows).to(tl.int64)
         live = tok < T
         mix_col = tl.arange(0, N_PAD)
@@ -185,8 +201,8 @@ def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
 
     if tile >= LAG_TILES:
         y_tile = tile - LAG_TILES
-        slot = y_tile % RING_SLOTS
-        gen = y_tile // RING_SLOTS
+        slot = y_tile % n_slots
+        gen = y_tile // n_slots
         state = sync_ptr + 1 + slot
         _wait_at_least(state, gen * events_per_tile + n_splits + 1)
         tok = (y_tile * BLOCK_T + rows).to(tl.int64)
@@ -207,7 +223,7 @@ def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
             tl.store(y_ptr + tok[:, None] * dim + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every thread has read pre before the slot can be released
         consumed = tl.atomic_add(state, 1, sem="acq_rel")
-        if (consumed == gen * events_per_tile + 2 * n_splits) & (y_tile + RING_SLOTS >= n_tiles):
+        if (consumed == gen * events_per_tile + 2 * n_splits) & (y_tile + n_slots >= n_tiles):
             tl.atomic_xchg(state, 0, sem="relaxed")  # last use of this slot in the launch
 
 
@@ -234,11 +250,11 @@ def _workspace(device: torch.device, dim: int) -> Tuple[torch.Tensor, torch.Tens
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     ws = _workspaces.get(key)
-    n_part = RING * triton.cdiv(dim, MIN_CHUNK) * MAX_BLOCK_T * 32
-    if ws is None or ws[0].numel() < n_part:
-        ws = (torch.empty(n_part, dtype=torch.float32, device=device),
-              torch.empty(RING * MAX_BLOCK_T * HC_MULT, dtype=torch.float32, device=device),
-              torch.zeros(1 + RING, dtype=torch.int32, device=device))
+    ring_rows = RING_TILES * triton.cdiv(dim, MIN_CHUNK) * MAX_BLOCK_T
+    if ws is None or ws[0].numel() < ring_rows * 32:
+        ws = (torch.empty(ring_rows * 32, dtype=torch.float32, device=device),
+              torch.empty(MAX_SLOTS * MAX_BLOCK_T * HC_MULT, dtype=torch.float32, device=device),
+              torch.zeros(1 + MAX_SLOTS, dtype=torch.int32, device=device))
         _workspaces[key] = ws
     return ws
 
@@ -255,8 +271,9 @@ def _mix_launch(kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, co
     part, pre_ws, sync = _workspace(X.device, dim)
     n_mix = N_MIX_HEAD if head else N_MIX_PRE
     args = (X, fn.contiguous(), scale, base, y, post if not head else y, comb if not head else y,
-            part, pre_ws, sync, T, dim, X.stride(0), X.stride(1), iters, eps, norm_eps, T)
-    meta = dict(HEAD=head, N_MIX=n_mix, N_PAD=16 if head else 32, RING_SLOTS=RING, LAG_TILES=LAG)
+            part, pre_ws, sync, T, dim, X.stride(0), X.stride(1), iters, eps, norm_eps, part.numel() // 32,
+            token_bucket(T))
+    meta = dict(HEAD=head, N_MIX=n_mix, N_PAD=16 if head else 32, MAX_RING_SLOTS=MAX_SLOTS, LAG_TILES=LAG)
     grid = lambda m: ((triton.cdiv(T, m["BLOCK_T"]) + LAG) * triton.cdiv(dim, m["CHUNK"]),)
     if config is None:
         kernel[grid](*args, **meta)

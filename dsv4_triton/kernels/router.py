@@ -40,8 +40,17 @@ _CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, num_warps, num_stages); the first on
 ]
 
 
+def token_bucket(T: int) -> int:
+    """Tuning key for the token count: 16, 64, 256, 1024 or 4096 (the next power of 4, capped),
+    so varying batch sizes share a few tuned entries instead of tuning every T."""
+    b = 16
+    while b < min(T, 4096):
+        b *= 4
+    return b
+
+
 def _prune(configs, nargs, **kw):
-    t_cap = max(16, triton.next_power_of_2(nargs["t_bucket"]))
+    t_cap = nargs["t_bucket"]
     e_cap = max(MIN_BLOCK_E, triton.next_power_of_2(nargs["n_experts"]))
     kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and c.kwargs["BLOCK_E"] <= e_cap]
     return kept or configs[:1]
@@ -97,7 +106,7 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, i
                   T, dim, n_experts, vocab, stride_x, stride_w, topk, route_scale, t_bucket,
                   HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    N_CAND: tl.constexpr = (E_PAD // BLOCK_E) * K_PAD if E_PAD >= BLOCK_E else K_PAD
+    N_CAND: tl.constexpr = (E_PAD // BLOCK_E) * K_PAD  # candidate slots per token (E_PAD >= BLOCK_E)
     n_chunks = tl.cdiv(n_experts, BLOCK_E)
     pid = tl.program_id(0)
     tile = pid // n_chunks
@@ -227,21 +236,23 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t
         weight = weight.contiguous()
     hash_mode = tid2eid is not None
     k_pad = triton.next_power_of_2(topk)
-    e_pad = triton.next_power_of_2(n_experts)
-    # Sized for the smallest BLOCK_E (most candidates per token) and the smallest BLOCK_T.
-    n_cand = max(e_pad // MIN_BLOCK_E, 1) * k_pad
+    e_pad = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))  # >= every BLOCK_E the pruning keeps
+    # Sized for the smallest BLOCK_E (most candidates per token).
+    n_cand = e_pad // MIN_BLOCK_E * k_pad
     cand_s, cand_id, counters = _workspace(x.device, triton.cdiv(T, MAX_BLOCK_T) * MAX_BLOCK_T, n_cand,
                                            triton.cdiv(T, 16))
     args = (x, weight, bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
             token_ids if hash_mode else x, weights, ids, cand_s, cand_id, counters,
             T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0), topk,
-            route_scale, T)
+            route_scale, token_bucket(T))
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n_experts, m["BLOCK_E"]),)
     if config is None:
         _route_tuned[grid](*args, **meta)
     else:  # an explicit config (the tests sweep every one)
         bt, be, bk, w, st = config
+        if be > e_pad:
+            raise ValueError(f"config: BLOCK_E must be at most {e_pad} for E = {n_experts}, got {be}")
         _route_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be))](*args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
                                                           num_warps=w, num_stages=st)
     return weights, ids

@@ -241,7 +241,7 @@ class Attention(Weights):
         o = ops.sparse_attention(q, kv_all, self.attn_sink, idx, D ** -0.5, freqs, step.positions)
         o = ops.grouped_linear(o.view(B * S, self.groups, H * D // self.groups),
                                self.wo_a.weight.view(self.groups, self.o_rank, H * D // self.groups))
-        return self.wo_b(o.view(B, S, self.groups * self.o_rank))
+        return self.wo_b(o.reshape(B, S, self.groups * self.o_rank))
 
 
 class Expert(nn.Module):

@@ -13,6 +13,7 @@ from dsv4_triton import formats as F
 from model import CheckpointError, DSV4Model, load_checkpoint, random_init, save_checkpoint
 from model.checkpoint import INDEX_FILE, _random_weight, dequantize_fp8_blocks, quantize_fp8_blocks, weight_specs
 from model.config import get_config
+from test_model_forward import one_cpu_thread  # noqa: F401  (autouse: one intra-op thread)
 
 TINY = get_config("tiny")
 TINY_MTP = TINY.replace(num_nextn_predict_layers=1, compress_ratios=TINY.compress_ratios + (0,))
@@ -32,7 +33,7 @@ def assert_same_weights(a, b):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model(one_cpu_thread):
     return DSV4Model.from_pretrained(TINY_MTP, device="cpu", max_seq_len=64, seed=3)
 
 

@@ -1,0 +1,129 @@
+"""Greedy generation demo: ``python -m model.generate``.
+
+Without arguments: the tiny config with seeded random weights, a random prompt, greedy
+decoding with a progress bar, then prefill and decode throughput and the backend the
+registry chose for each op.  ``--checkpoint DIR`` loads a release-layout checkpoint (and its
+``tokenizer.json`` if the ``tokenizers`` package is installed, so ``--prompt "text"`` works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+import dsv4_triton
+from dsv4_triton import ops, registry
+
+from .dsv4 import DSV4Model, default_device
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="checkpoint directory (release layout, with config.json)")
+    p.add_argument("--config", default="tiny",
+                   help="flash | pro | tiny | path to a config.json: random weights (ignored with --checkpoint)")
+    p.add_argument("--prompt", help="prompt text (needs --checkpoint with a tokenizer.json and `tokenizers`)")
+    p.add_argument("--batch", type=int, default=1, help="requests decoded together (random prompts)")
+    p.add_argument("--prompt-len", type=int, default=200, help="tokens per random prompt")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens to generate per request")
+    p.add_argument("--backend", choices=registry.BACKENDS, help="force one backend for every op (default: the registry's choice)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="random weights and prompts")
+    args = p.parse_args(argv)
+    for name in ("batch", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prompt is not None and args.checkpoint is None:
+        p.error("--prompt needs --checkpoint (the tokenizer comes with the checkpoint)")
+    return args
+
+
+def _tokenizer(checkpoint: str):
+    path = os.path.join(checkpoint, "tokenizer.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--prompt: {path} does not exist")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise SystemExit("--prompt: the `tokenizers` package is not installed (pip install tokenizers)") from None
+    return Tokenizer.from_file(path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def backend_table(device: torch.device) -> str:
+    """The implementation the registry runs for each public op on ``device``."""
+    registered = registry.ops()
+    rows = []
+    for name in ops.__all__:
+        if name not in registered:
+            rows.append(f"  {name:20s} (host-side preparation, no backend)")
+            continue
+        try:
+            rows.append(f"  {name:20s} {registry.selected_backend(name, device)}")
+        except registry.BackendUnavailableError as e:
+            rows.append(f"  {name:20s} unavailable: {e}")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    if args.backend:
+        dsv4_triton.set_backend(args.backend)
+    tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None
+    g = torch.Generator().manual_seed(args.seed)
+    source = args.checkpoint or args.config
+
+    if tokenizer is not None:
+        prompts = [tokenizer.encode(args.prompt).ids] * args.batch
+    else:
+        prompts = None  # drawn once the vocabulary is known
+    prompt_len = len(prompts[0]) if prompts else args.prompt_len
+    t0 = time.perf_counter()
+    model = DSV4Model.from_pretrained(source, device=device, max_batch=args.batch,
+                                      max_seq_len=prompt_len + args.new_tokens, seed=args.seed)
+    print(f"model: {source} ({model.config.num_hidden_layers} layers, dim {model.config.hidden_size}) "
+          f"on {device}, loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    if prompts is None:
+        prompts = torch.randint(0, model.config.vocab_size, (args.batch, prompt_len), generator=g).tolist()
+
+    steps = model.generate_steps(prompts, args.new_tokens)
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = [next(steps)]
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    for token in tqdm(steps, total=args.new_tokens - 1, desc="decode", unit="step", file=sys.stdout):
+        tokens.append(token)
+    _sync(device)
+    decode_s = time.perf_counter() - t0
+
+    out = torch.stack(tokens, dim=1).tolist()
+    for b, row in enumerate(out):
+        text = f" {tokenizer.decode(row)!r}" if tokenizer is not None else ""
+        print(f"request {b}: {row}{text}")
+    n_prefill = args.batch * prompt_len
+    print(f"prefill: {n_prefill} tokens in {prefill_s:.3f} s = {n_prefill / prefill_s:.1f} tokens/s")
+    if args.new_tokens > 1:
+        n_decode = args.batch * (args.new_tokens - 1)
+        print(f"decode:  {n_decode} tokens in {decode_s:.3f} s = {n_decode / decode_s:.1f} tokens/s "
+              f"({args.batch} per step)")
+    print(f"backend per op on {device}:\n{backend_table(device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

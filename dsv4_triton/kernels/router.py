@@ -235,7 +235,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     hash_mode = tid2eid is not None
-    k_pad = triton.next_power_of_2(topk)
+    k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))  # >= every BLOCK_E the pruning keeps
     # Sized for the smallest BLOCK_E (most candidates per token).
     n_cand = e_pad // MIN_BLOCK_E * k_pad

@@ -15,8 +15,9 @@ safe.  Selection order everywhere: larger key first, ties to the lower expert id
 ranks above everything (as ``reference.router``).  Hash routing clamps token ids into
 ``[0, vocab)`` and table entries into ``[0, E)``, so no read leaves the tensors.
 
-The lists (8 bytes per candidate) and the counters live in a workspace per (device,
-stream) that grows with the largest T seen; every launch leaves the counters zero.
+The lists (8 bytes per candidate: 512 B per token at E = 384 from T = 257 on, where chunks
+have at least 64 experts) and the counters live in a workspace per (device, stream) that
+grows with the largest T seen; every launch leaves the counters zero.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from ..registry import register
 from .formats import INTERPRET
 
 MIN_BLOCK_E = 16
-MAX_BLOCK_T = 128
+# From this token bucket on, chunks of fewer than 64 experts are not tried: x is re-read once
+# per chunk, and the candidate lists (sized by the smallest chunk) grow with T.
+WIDE_CHUNK_BUCKET = 1024
 
 _CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, num_warps, num_stages); the first one serves every shape
     (16, 16, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 4),
@@ -49,10 +52,15 @@ def token_bucket(T: int) -> int:
     return b
 
 
+def _allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> bool:
+    e_cap = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))
+    min_e = min(64, e_cap) if bucket >= WIDE_CHUNK_BUCKET else MIN_BLOCK_E
+    return block_t <= bucket and min_e <= block_e <= e_cap
+
+
 def _prune(configs, nargs, **kw):
-    t_cap = nargs["t_bucket"]
-    e_cap = max(MIN_BLOCK_E, triton.next_power_of_2(nargs["n_experts"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and c.kwargs["BLOCK_E"] <= e_cap]
+    kept = [c for c in configs if _allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
+                                           nargs["n_experts"])]
     return kept or configs[:1]
 
 
@@ -237,22 +245,28 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t
     hash_mode = tid2eid is not None
     k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))  # >= every BLOCK_E the pruning keeps
-    # Sized for the smallest BLOCK_E (most candidates per token).
-    n_cand = e_pad // MIN_BLOCK_E * k_pad
-    cand_s, cand_id, counters = _workspace(x.device, triton.cdiv(T, MAX_BLOCK_T) * MAX_BLOCK_T, n_cand,
-                                           triton.cdiv(T, 16))
+    bucket = token_bucket(T)
+    if config is None:
+        kept = [be for bt, be, *_ in _CONFIGS if _allowed(bt, be, bucket, n_experts)]
+        smallest_chunk = min(kept) if kept else _CONFIGS[0][1]
+    else:
+        smallest_chunk = config[1]
+        if not MIN_BLOCK_E <= smallest_chunk <= e_pad:
+            raise ValueError(f"config: BLOCK_E must be in [{MIN_BLOCK_E}, {e_pad}] for E = {n_experts}, "
+                             f"got {smallest_chunk}")
+    # Candidate slots per token for the smallest chunk the launch may use (the most lists).
+    n_cand = e_pad // smallest_chunk * k_pad
+    cand_s, cand_id, counters = _workspace(x.device, T, n_cand, triton.cdiv(T, 16))
     args = (x, weight, bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
             token_ids if hash_mode else x, weights, ids, cand_s, cand_id, counters,
             T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0), topk,
-            route_scale, token_bucket(T))
+            route_scale, bucket)
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n_experts, m["BLOCK_E"]),)
     if config is None:
         _route_tuned[grid](*args, **meta)
     else:  # an explicit config (the tests sweep every one)
         bt, be, bk, w, st = config
-        if be > e_pad:
-            raise ValueError(f"config: BLOCK_E must be at most {e_pad} for E = {n_experts}, got {be}")
         _route_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be))](*args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
                                                           num_warps=w, num_stages=st)
     return weights, ids

@@ -4,7 +4,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dsv4_triton import ops, set_checks
+from dsv4_triton import ops, set_checks, use_backend
+from dsv4_triton.kernels import indexer as kernels
 from dsv4_triton.reference import indexer as ref
 
 HEAD_DIM = 128
@@ -64,6 +65,131 @@ def test_oracle_ties_take_lower_indices_and_nan_ranks_first():
     assert ref.select_topk(scores, torch.tensor([[-3]], dtype=torch.int32), 2).tolist() == [[[-1, -1]]]
     assert ref.select_topk(scores, torch.tensor([[99]], dtype=torch.int32), 10).tolist() == \
         [[[0, 1, 2, 3, 4, 5, 6, 7, -1, -1]]]
+
+
+# --- the Triton kernels against the oracle -----------------------------------------------
+
+def _run_triton(qi, w, keys, n_valid, k, splits=None):
+    if splits is None:
+        with use_backend("triton"):
+            return ops.indexer_topk(qi, w, keys, n_valid, k)
+    return kernels.indexer_topk_splits(qi, w, keys, n_valid, k, splits)
+
+
+def random_n_valid(g, bsz, seq, n_keys):
+    """Valid lengths in [0, Nk], with 0 and Nk themselves often."""
+    n_valid = torch.randint(0, n_keys + 1, (bsz, seq), generator=g, dtype=torch.int32)
+    pick = torch.randint(0, 4, (bsz, seq), generator=g)
+    n_valid = torch.where(pick == 0, 0, torch.where(pick == 1, n_keys, n_valid))
+    return n_valid.to(torch.int32)
+
+
+@given(bsz=st.integers(1, 2), seq=st.integers(1, 3), heads=st.sampled_from([1, 3, 4, 8]),
+       n_keys=st.integers(1, 300), k=st.integers(1, 64), splits=st.sampled_from([None, 1, 2, 3, 7]),
+       seed=st.integers(0, 2**31))
+def test_kernel_exact_on_integer_scores(device, bsz, seq, heads, n_keys, k, splits, seed):
+    """Integer inputs make every score exact in FP32 in any summation order, so the kernel's
+    selection must equal the oracle's element for element: same set, ascending order, the
+    same tie-breaking (many ties: scores are small integers), -1 padding when n_valid < k."""
+    g = torch.Generator().manual_seed(seed)
+    qi, w, keys = make_inputs(g, bsz, seq, heads, n_keys, integer=True)
+    n_valid = random_n_valid(g, bsz, seq, n_keys)
+    expected = ref.indexer_topk(qi, w, keys, n_valid, k)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, splits)
+    assert got.dtype == torch.int32 and got.shape == (bsz, seq, k)
+    assert torch.equal(got.cpu(), expected)
+
+
+@given(seq=st.integers(1, 3), heads=st.sampled_from([2, 5]), n_keys=st.integers(1, 200), k=st.integers(1, 40),
+       splits=st.sampled_from([1, 4]), seed=st.integers(0, 2**31))
+def test_kernel_selects_a_true_top_k_of_real_scores(device, seq, heads, n_keys, k, splits, seed):
+    """Gaussian inputs: the kernel's FP32 scores differ from the oracle's by summation order
+    (relative ~1e-6), so near-ties may resolve either way.  The selection must still be
+    a top-k of the oracle's scores up to that rounding: min(k, n_valid) distinct valid
+    indices in ascending order, none scoring below the k-th largest minus the tolerance,
+    no unselected one above it plus the tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    qi, w, keys = make_inputs(g, 1, seq, heads, n_keys)
+    n_valid = random_n_valid(g, 1, seq, n_keys)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, splits).cpu()
+    scores = ref.indexer_scores(qi, w, keys)
+    for t in range(seq):
+        n = int(n_valid[0, t])
+        take = min(k, n)
+        row = got[0, t]
+        assert torch.all(row[take:] == -1)
+        chosen = row[:take].long()
+        assert torch.all(chosen[1:] > chosen[:-1]) and (take == 0 or (0 <= int(chosen[0]) and int(chosen[-1]) < n))
+        if take == 0:
+            continue
+        valid = scores[0, t, :n]
+        tol = 1e-5 * (float(valid.abs().max()) + 1.0)
+        kth = float(torch.topk(valid, take).values[-1])
+        assert float(valid[chosen].min()) >= kth - tol
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[chosen] = False
+        if rest.any():
+            assert float(valid[rest].max()) <= kth + tol
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_nan_scores_rank_first(device, splits):
+    g = torch.Generator().manual_seed(3)
+    qi, w, keys = make_inputs(g, 2, 2, 4, 50, integer=True)
+    keys[0, 7, 5] = float("nan")  # entry 7 of batch 0 scores NaN for every query
+    qi[1, 1, 2, 0] = float("nan")  # every score of query (1, 1) is NaN
+    n_valid = torch.tensor([[50, 5], [50, 40]], dtype=torch.int32)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 6, splits).cpu()
+    assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 6))
+    assert 7 in got[0, 0].tolist() and 7 not in got[0, 1].tolist()  # entry 7 is past n_valid = 5 there
+    assert got[1, 1].tolist() == [0, 1, 2, 3, 4, 5]  # all NaN: ties go to the lowest indices
+
+
+@pytest.mark.parametrize("splits", [None, 1, 2])
+def test_kernel_edge_lengths(device, splits):
+    """n_valid = 0, k > Nk, Nk = 0, and out-of-range n_valid clamped (unchecked mode)."""
+    g = torch.Generator().manual_seed(4)
+    qi, w, keys = make_inputs(g, 1, 4, 3, 20, integer=True)
+    n_valid = torch.tensor([[0, 20, 35, -2]], dtype=torch.int32)
+    for k in (1, 20, 25):
+        got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, splits).cpu()
+        assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, k))
+        assert torch.all(got[0, 0] == -1) and torch.all(got[0, 3] == -1)
+    empty = keys[:, :0]
+    got = _run_triton(*(t.to(device) for t in (qi, w, empty, n_valid)), 3, splits)
+    assert torch.all(got == -1) and got.shape == (1, 4, 3)
+
+
+def test_kernel_strided_inputs(device):
+    """keys as a view into a larger cache, qi and w sliced from wider buffers."""
+    g = torch.Generator().manual_seed(5)
+    qi_buf, w_buf, cache = make_inputs(g, 2, 5, 6, 90, integer=True)
+    qi, w, keys = qi_buf[:, 1:4, 1:5], w_buf[:, 1:4, 1:5], cache[:, 10:70]
+    n_valid = torch.tensor([[60, 31, 7], [12, 60, 59]], dtype=torch.int32).t().contiguous().t()
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 9, 2).cpu()
+    assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bsz, n_keys, k", [(1, 262144, 1024), (4, 65536, 1024), (2, 40000, 512)])
+def test_kernel_decode_sizes(device, bsz, n_keys, k):
+    """Decode: 64 heads, one query, long rows (split into segments and merged)."""
+    g = torch.Generator().manual_seed(n_keys)
+    qi, w, keys = make_inputs(g, bsz, 1, 64, n_keys, integer=True)
+    n_valid = torch.randint(n_keys // 2, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k)
+    assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
+
+
+@pytest.mark.gpu
+def test_kernel_prefill_causal(device):
+    """Prefill: 2048 queries, entry s valid for query t when s < (t + 1) // 4."""
+    g = torch.Generator().manual_seed(7)
+    seq = 2048
+    qi, w, keys = make_inputs(g, 1, seq, 64, seq // 4, integer=True)
+    n_valid = ((torch.arange(seq) + 1) // 4).to(torch.int32)[None]
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 128)
+    assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, 128))
 
 
 def _args(bsz=1, seq=2, heads=4, n_keys=16, k=4, **over):

@@ -31,6 +31,9 @@ from .rope import clamp_position, rotate_interleaved
 ROPE_DIM = 64
 HADAMARD_ROWS = 16  # tl.dot needs 16 rows
 OVERLAP_RATIO = 4
+# The same numbers as constants the kernel can read.
+_ROPE: tl.constexpr = tl.constexpr(ROPE_DIM)
+_OVERLAP: tl.constexpr = tl.constexpr(OVERLAP_RATIO)
 
 # Elements of one [SLOT_BLOCK, ROWS, BLOCK_D] tile; larger tiles spill registers.
 MAX_TILE = 8192
@@ -58,8 +61,8 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
                      stride_an, stride_al, stride_zn, stride_zl, stride_ape, stride_idx,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, RATIO: tl.constexpr, SLOTS: tl.constexpr,
                      KIND_KV: tl.constexpr, KRON_A: tl.constexpr, ROWS: tl.constexpr, SLOT_BLOCK: tl.constexpr):
-    OVERLAP: tl.constexpr = RATIO == OVERLAP_RATIO
-    NB: tl.constexpr = BLOCK_D // ROPE_DIM  # 64-wide blocks of a row
+    OVERLAP: tl.constexpr = RATIO == _OVERLAP
+    NB: tl.constexpr = BLOCK_D // _ROPE  # 64-wide blocks of a row
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = row < n_entries
     entry = tl.load(idx_ptr + row * stride_idx, mask=row_ok, other=0).to(tl.int64)
@@ -111,10 +114,10 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
 
     # --- RoPE on the last 64 dims (the block D/64 - 1 of each row) ---
     pos = clamp_position(entry * RATIO, max_pos)
-    xb = tl.reshape(x, [ROWS * NB, ROPE_DIM])
+    xb = tl.reshape(x, [ROWS * NB, _ROPE])
     block_pos = tl.reshape(tl.broadcast_to(pos[:, None], [ROWS, NB]), [ROWS * NB])
-    is_rope = tl.reshape(tl.broadcast_to((tl.arange(0, NB) == D // ROPE_DIM - 1)[None, :], [ROWS, NB]), [ROWS * NB])
-    xb = tl.where(is_rope[:, None], rotate_interleaved(xb, table_ptr, block_pos, ROPE_DIM, False), xb)
+    is_rope = tl.reshape(tl.broadcast_to((tl.arange(0, NB) == D // _ROPE - 1)[None, :], [ROWS, NB]), [ROWS * NB])
+    xb = tl.where(is_rope[:, None], rotate_interleaved(xb, table_ptr, block_pos, _ROPE, False), xb)
 
     # --- encode ---
     if KIND_KV:

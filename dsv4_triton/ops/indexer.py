@@ -4,6 +4,7 @@
 import torch
 
 from .. import validate as V
+from ..kernels import indexer as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import indexer as _reference  # noqa: F401  (registers the reference backend)
 from ..registry import call, define_op
 

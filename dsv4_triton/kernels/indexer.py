@@ -1,0 +1,279 @@
+"""Triton lightning indexer: scores on tensor cores, then an exact radix top-k, no host sync.
+
+Scoring (one launch): a program takes ``QROWS`` queries of one sequence (all their heads:
+``QROWS * Hi`` rows of ``qi``, at least 16 for the tensor cores) and ``TILES`` tiles of
+``BLOCK_N`` keys; per tile ``[rows, 128] @ [128, BLOCK_N]`` in FP32 accumulation, relu,
+times ``w``, summed over the heads, stored as FP32 scores ``[B*S, Nk]`` (a workspace of
+4 B per query and key: 1/64 of the BF16 key bytes it is made from).  Key tiles at or
+past every query's ``n_valid`` are skipped (the causal half in prefill).
+
+Selection: exact top-k by a three-level radix select on an order-preserving 32-bit key of
+each FP32 score (11 + 11 + 10 bits; a histogram pass per level finds the digit holding the
+k-th largest), then one pass that writes, in ascending index order, every index above the
+threshold and the lowest-index ones equal to it, and pads with -1.  All in registers of
+one program per segment: no atomics, so the result is deterministic.  Decode has few
+query rows and long rows, so each row is cut into ``splits`` segments (one program each,
+writing its segment's top-k with values), and a second launch selects the row's top-k
+among those candidates (exact: an element of the row's top-k is in its segment's top-k).
+Prefill (many rows) uses one segment per row.  So: 2 launches, 3 when a row is split.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import autotune
+from ..registry import register
+from .formats import INTERPRET
+
+HEAD_DIM: tl.constexpr = tl.constexpr(128)
+RADIX_BINS: tl.constexpr = tl.constexpr(2048)
+INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
+MIN_DOT_ROWS = 16
+MAX_TILE_ROWS = 128
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _mma(a, b):
+    if INTERPRET:
+        # The interpreter multiplies BF16 operands as raw integers: use the exact FP32 values.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def _prune_scores(configs, nargs, **kw):
+    rows = kw["QROWS"] * kw["HEADS_P"]
+    return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
+
+
+@autotune(
+    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
+             ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
+              (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
+    key=["HEADS_P", "QROWS", "KEYS_BUCKET"],
+    name="indexer_scores",
+    prune_configs_by={"early_config_prune": _prune_scores},
+)
+@triton.jit
+def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
+                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
+                   HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+    M: tl.constexpr = QROWS * HEADS_P
+    pid_n = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tl.program_id(1) * QROWS
+    m = tl.arange(0, M)
+    t = t0 + m // HEADS_P
+    h = m % HEADS_P
+    q_ok = (t < seq) & (h < heads)
+    dcol = tl.arange(0, HEAD_DIM)
+    q = tl.load(qi_ptr + b * s_qb + t.to(tl.int64)[:, None] * s_qs + h[:, None] * s_qh + dcol[None, :],
+                mask=q_ok[:, None], other=0.0)
+    wv = tl.load(w_ptr + b * s_wb + t.to(tl.int64) * s_ws + h * s_wh, mask=q_ok, other=0.0)
+    tq = t0 + tl.arange(0, QROWS)
+    nv = tl.load(nv_ptr + b * s_nb + tq.to(tl.int64) * s_ns, mask=tq < seq, other=0)
+    nv = tl.minimum(tl.maximum(nv, 0), n_keys)
+    keys_end = tl.max(nv, axis=0)
+    row_base = (b * seq + tq) * n_keys
+    for tile in range(TILES):
+        start = (pid_n * TILES + tile) * BLOCK_N
+        if start < keys_end:
+            kidx = start + tl.arange(0, BLOCK_N)
+            kt = tl.load(keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn + dcol[None, :],
+                         mask=(kidx < keys_end)[:, None], other=0.0)
+            logits = _mma(q, tl.trans(kt))
+            # relu that keeps NaN (as torch's); padding rows contribute exactly nothing.
+            part = tl.where(q_ok[:, None], tl.where(logits < 0, 0.0, logits) * wv[:, None], 0.0)
+            score = tl.sum(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), axis=1)
+            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+
+
+@triton.jit
+def _order_key(v):
+    """FP32 -> int32 with the same order: NaN (any sign) above +Inf, -0.0 equal to +0.0."""
+    v = tl.where(v == 0.0, 0.0, v)
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(v != v, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _segment_keys(val_ptr, idx_ptr, offs, n, HAS_IDX: tl.constexpr):
+    """Keys, values and validity of segment elements ``offs`` (candidates with index -1 are padding)."""
+    ok = offs < n
+    if HAS_IDX:
+        ok = ok & (tl.load(idx_ptr + offs, mask=ok, other=-1) >= 0)
+    v = tl.load(val_ptr + offs, mask=ok, other=0.0)
+    return _order_key(v), v, ok
+
+
+@triton.jit
+def _level_histogram(val_ptr, idx_ptr, n, prefix, MATCH_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr,
+                     DIGIT_BITS: tl.constexpr, FIRST: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of one radix digit over the elements whose higher digits equal ``prefix``."""
+    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        key, v, ok = _segment_keys(val_ptr, idx_ptr, start + tl.arange(0, BLOCK), n, HAS_IDX)
+        if FIRST:
+            digit = (key >> DIGIT_SHIFT) + (1 << (DIGIT_BITS - 1))  # arithmetic shift: signed top digit
+            match = ok
+        else:
+            digit = (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1)
+            match = ok & ((key >> MATCH_SHIFT) == prefix)
+        hist += tl.histogram(digit, RADIX_BINS, mask=match)
+    return hist
+
+
+@triton.jit
+def _pick_digit(hist, remaining):
+    """The digit holding the ``remaining``-th largest element, and how many are still needed from it."""
+    bins = tl.arange(0, RADIX_BINS)
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    digit = tl.max(tl.where(at_or_above >= remaining, bins, 0), axis=0)
+    above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+    return digit, remaining - above
+
+
+@triton.jit
+def _select_segment(val_ptr, idx_ptr, n, k, first_index, out_idx_ptr, out_val_ptr,
+                    HAS_IDX: tl.constexpr, WRITE_VALS: tl.constexpr, BLOCK: tl.constexpr):
+    """Top ``min(k, valid)`` of a segment of ``n`` scores, in segment order, then -1 up to ``k``.
+
+    Indices are ``first_index + position`` or, with ``HAS_IDX``, loaded (-1 = padding).
+    """
+    # Level 1 is skipped when the segment has at most k elements (all are taken); the
+    # lower levels also when the valid elements (padding excluded) are at most k.
+    h0 = _level_histogram(val_ptr, idx_ptr, tl.where(n > k, n, 0), 0, 0, 21, 11, True, HAS_IDX, BLOCK)
+    take_all = tl.sum(h0, axis=0) <= k
+    n_lower = tl.where(take_all, 0, n)
+    d0, remaining = _pick_digit(h0, k)
+    prefix0 = d0 - 1024
+    h1 = _level_histogram(val_ptr, idx_ptr, n_lower, prefix0, 21, 10, 11, False, HAS_IDX, BLOCK)
+    d1, remaining = _pick_digit(h1, remaining)
+    prefix1 = prefix0 * 2048 + d1
+    h2 = _level_histogram(val_ptr, idx_ptr, n_lower, prefix1, 10, 0, 10, False, HAS_IDX, BLOCK)
+    d2, remaining = _pick_digit(h2, remaining)
+    # Every key is > INT32_MIN (that bit pattern is a NaN, mapped to the top).
+    threshold = tl.where(take_all, INT32_MIN, prefix1 * 1024 + d2)
+    ties = tl.where(take_all, 0, remaining)
+
+    taken = 0
+    ties_seen = 0
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key, v, ok = _segment_keys(val_ptr, idx_ptr, offs, n, HAS_IDX)
+        if HAS_IDX:
+            idx = tl.load(idx_ptr + offs, mask=ok, other=-1)
+        else:
+            idx = first_index + offs
+        tie = ok & (key == threshold)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)
+        take = (ok & (key > threshold)) | (tie & (tie_rank <= ties))
+        pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_idx_ptr + pos, idx, mask=take)
+        if WRITE_VALS:
+            tl.store(out_val_ptr + pos, v, mask=take)
+        taken += tl.sum(take.to(tl.int32), axis=0)
+        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+    for start in range(taken, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(out_idx_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < k)
+
+
+_SELECT_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in
+                   ((1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16), (8192, 16))]
+
+
+@autotune(configs=_SELECT_CONFIGS, key=["N_BUCKET", "K_BUCKET"], name="indexer_select")
+@triton.jit
+def _select_kernel(scores_ptr, nv_ptr, out_idx_ptr, out_val_ptr, seq, n_keys, k, chunk, N_BUCKET, K_BUCKET,
+                   s_nb, s_ns, WRITE_VALS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, split): top-k of the row's scores ``[split * chunk, ...)`` below ``n_valid``."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = row // seq
+    nv = tl.load(nv_ptr + b * s_nb + (row - b * seq) * s_ns)
+    nv = tl.minimum(tl.maximum(nv, 0), n_keys)
+    first = split * chunk
+    n = tl.maximum(tl.minimum(first + chunk, nv) - first, 0)
+    out = (row * tl.num_programs(1) + split) * k
+    _select_segment(scores_ptr + row * n_keys + first, out_idx_ptr, n, k, first, out_idx_ptr + out,
+                    out_val_ptr + out, False, WRITE_VALS, BLOCK)
+
+
+@autotune(configs=_SELECT_CONFIGS, key=["N_BUCKET", "K_BUCKET"], name="indexer_merge")
+@triton.jit
+def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BUCKET, BLOCK: tl.constexpr):
+    """Program (row): top-k among the row's segment candidates (ascending index order kept)."""
+    row = tl.program_id(0).to(tl.int64)
+    _select_segment(cand_val_ptr + row * n_cand, cand_idx_ptr + row * n_cand, n_cand, k, 0, out_ptr + row * k,
+                    out_ptr, True, False, BLOCK)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: enough to exercise split rows in tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(rows: int, n_keys: int, k: int, device: torch.device) -> int:
+    """Segments per row: enough programs to fill the GPU, but a segment at least ~sqrt(Nk k)
+    long, which balances the segment pass (Nk / splits) against the merge (splits * k)."""
+    if n_keys <= 2 * k:
+        return 1
+    by_balance = int(math.sqrt(n_keys / k))
+    by_occupancy = -(-2 * _sm_count(device) // rows)
+    return max(1, min(by_balance, by_occupancy, MAX_SPLITS))
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
+                        k: int, splits: int) -> torch.Tensor:
+    """``indexer_topk`` with an explicit number of segments per row (1 = no merge launch)."""
+    bsz, seq, heads, _ = qi.shape
+    n_keys = keys.shape[1]
+    rows = bsz * seq
+    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
+    if rows == 0:
+        return out
+    if n_keys == 0:
+        return out.fill_(-1)
+    if qi.stride(-1) != 1:
+        qi = qi.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    heads_p = triton.next_power_of_2(heads)
+    qrows = max(MIN_DOT_ROWS // heads_p, min(triton.next_power_of_2(seq), max(1, MAX_TILE_ROWS // heads_p)))
+    scores = torch.empty(rows, n_keys, dtype=torch.float32, device=qi.device)
+    grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
+    _scores_kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
+                         qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
+                         *n_valid.stride(), HEADS_P=heads_p, QROWS=qrows)
+    splits = max(1, min(splits, triton.cdiv(n_keys, k)))
+    chunk = triton.cdiv(n_keys, splits)
+    if splits == 1:
+        _select_kernel[(rows, 1)](scores, n_valid, out, out, seq, n_keys, k, chunk, _bucket(chunk), _bucket(k),
+                                  *n_valid.stride(), WRITE_VALS=False)
+        return out
+    cand_idx = torch.empty(rows, splits * k, dtype=torch.int32, device=qi.device)
+    cand_val = torch.empty(rows, splits * k, dtype=torch.float32, device=qi.device)
+    _select_kernel[(rows, splits)](scores, n_valid, cand_idx, cand_val, seq, n_keys, k, chunk, _bucket(chunk),
+                                   _bucket(k), *n_valid.stride(), WRITE_VALS=True)
+    _merge_kernel[(rows,)](cand_val, cand_idx, out, k, splits * k, _bucket(splits * k), _bucket(k))
+    return out
+
+
+@register("indexer_topk", "triton")
+def indexer_topk(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
+                 k: int) -> torch.Tensor:
+    rows = qi.shape[0] * qi.shape[1]
+    return indexer_topk_splits(qi, w, keys, n_valid, k, plan_splits(rows, keys.shape[1], k, qi.device))

@@ -109,7 +109,8 @@ def cases(quick: bool):
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
-                out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}", make_inputs=_fp4_inputs(m, n, k, fmt),
+                out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}",
+                                make_inputs=_fp4_inputs(m, n, k, fmt),
                                 run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),
                                 eager=_fp4_eager, oracle=lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs),
                                 bytes=fp4_bytes, flops=flops, ceiling="fp8" if prefill else "copy",

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET
+from .formats import INTERPRET, cast_rne, to_f32
 
 HC_MULT = 4
 N_MIX_PRE = 24
@@ -82,8 +82,8 @@ def _prune_mix_configs(configs, nargs, **kw):
 def _dot_bf16(a, b, acc):
     """acc + a @ b for BF16 a, b with FP32 accumulation (products are exact)."""
     if INTERPRET:
-        # The interpreter multiplies BF16 tensors as raw integers: go through FP32.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # The interpreter multiplies BF16 tensors as raw integers: go through FP32 (exact).
+        return tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 
@@ -179,13 +179,13 @@ def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
             f = tl.load(fn_ptr + mix_col[None, :].to(tl.int64) * (HC_MULT * dim) + stream * dim + d[:, None],
                         mask=d_live[:, None] & mix_live[None, :], other=0.0)
             f_hi = f.to(tl.bfloat16)
-            r = f - f_hi.to(tl.float32)
+            r = f - to_f32(f_hi)  # exact, whatever rounding the conversion used
             f_mid = r.to(tl.bfloat16)
-            f_lo = (r - f_mid.to(tl.float32)).to(tl.bfloat16)
+            f_lo = (r - to_f32(f_mid)).to(tl.bfloat16)
             acc_hi = _dot_bf16(x, f_hi, acc_hi)
             acc_lo = _dot_bf16(x, f_mid, acc_lo)
             acc_lo = _dot_bf16(x, f_lo, acc_lo)
-            xf = x.to(tl.float32)
+            xf = to_f32(x)
             ssq += tl.sum(xf * xf, axis=1)
         # Column N_MIX of the mixes is zero padding: it carries the sum of squares.
         part = tl.where(mix_col[None, :] == N_MIX, ssq[:, None], acc_hi + acc_lo)
@@ -216,11 +216,11 @@ def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
             d = d_lo + dd + tl.arange(0, BLOCK_K)
             mask = live[:, None] & (d < dim)[None, :]
             x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
-            y = p0 * tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
-            y += p1 * tl.load(x_row + stride_xs, mask=mask, other=0.0).to(tl.float32)
-            y += p2 * tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0).to(tl.float32)
-            y += p3 * tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + tok[:, None] * dim + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+            y = p0 * to_f32(tl.load(x_row, mask=mask, other=0.0))
+            y += p1 * to_f32(tl.load(x_row + stride_xs, mask=mask, other=0.0))
+            y += p2 * to_f32(tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0))
+            y += p3 * to_f32(tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0))
+            tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
         tl.debug_barrier()  # every thread has read pre before the slot can be released
         consumed = tl.atomic_add(state, 1, sem="acq_rel")
         if (consumed == gen * events_per_tile + 2 * n_splits) & (y_tile + n_slots >= n_tiles):
@@ -309,13 +309,13 @@ def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, dim, stride_ft
     for r in tl.static_range(BLOCK_T):
         t = tl.program_id(0).to(tl.int64) * BLOCK_T + r
         if t < T:
-            f = tl.load(f_ptr + t * stride_ft + d, mask=d_live, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + t * stride_xt + four[:, None] * stride_xs + d[None, :],
-                        mask=d_live[None, :], other=0.0).to(tl.float32)  # [4 (i), BLOCK_D]
+            f = to_f32(tl.load(f_ptr + t * stride_ft + d, mask=d_live, other=0.0))
+            x = to_f32(tl.load(x_ptr + t * stride_xt + four[:, None] * stride_xs + d[None, :],
+                               mask=d_live[None, :], other=0.0))  # [4 (i), BLOCK_D]
             post = tl.load(post_ptr + t * 4 + four)  # [4 (j)]
             comb = tl.load(comb_ptr + t * 16 + four[:, None] * 4 + four[None, :])  # [4 (i), 4 (j)]
             out = post[:, None] * f[None, :] + tl.sum(comb[:, :, None] * x[:, None, :], axis=0)
-            tl.store(out_ptr + t * 4 * dim + four[:, None] * dim + d[None, :], out.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + t * 4 * dim + four[:, None] * dim + d[None, :], cast_rne(out, tl.bfloat16),
                      mask=d_live[None, :])
 
 

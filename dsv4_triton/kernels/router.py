@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET
+from .formats import INTERPRET, to_f32
 
 MIN_BLOCK_E = 16
 # From this token bucket on, chunks of fewer than 64 experts are not tried: x is re-read once
@@ -68,8 +68,8 @@ def _prune(configs, nargs, **kw):
 def _dot_bf16(a, b, acc):
     """acc + a @ b for BF16 a, b with FP32 accumulation (products are exact)."""
     if INTERPRET:
-        # The interpreter multiplies BF16 tensors as raw integers: go through FP32.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # The interpreter multiplies BF16 tensors as raw integers: go through FP32 (exact).
+        return tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 

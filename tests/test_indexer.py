@@ -132,6 +132,20 @@ def test_kernel_selects_a_true_top_k_of_real_scores(device, seq, heads, n_keys, 
             assert float(valid[rest].max()) <= kth + tol
 
 
+def test_kernel_scoring_pass_alone(device):
+    """The scoring pass (timed on its own by the benchmarks): exact on integer inputs,
+    written below each query's n_valid."""
+    g = torch.Generator().manual_seed(2)
+    qi, w, keys = make_inputs(g, 2, 3, 5, 70, integer=True)
+    n_valid = torch.tensor([[70, 0, 33], [1, 69, 70]], dtype=torch.int32)
+    got = kernels.indexer_scores(*(t.to(device) for t in (qi, w, keys, n_valid))).cpu().reshape(2, 3, 70)
+    expected = ref.indexer_scores(qi, w, keys)
+    for b in range(2):
+        for t in range(3):
+            n = int(n_valid[b, t])
+            assert torch.equal(got[b, t, :n], expected[b, t, :n])
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kernel_nan_scores_rank_first(device, splits):
     g = torch.Generator().manual_seed(3)

@@ -1,5 +1,105 @@
-"""Benchmark cases of the indexer family (none yet)."""
+"""Benchmark cases: the lightning indexer (SPEC 7) at V4-Pro sizes (64 heads of 128, top-1024).
+
+Decode: one query per sequence against every compressed entry.  The scoring pass alone
+is memory bound on the keys: BF16 keys are 256 B each (an FP4 layout would be 68 B:
+64 B of codes + 4 E8M0 scales), 2 * 64 * 128 FLOP per key = 64 FLOP/B, far below the
+H100's ridge.  Its byte count: keys + qi + w read once, FP32 scores written once.
+End to end (score + exact top-k) is counted on the same bytes; the selection re-reads
+the scores (4 B/key, L2-resident for one row) and adds one or two small launches.
+
+Prefill: 16k queries, causal (entry s valid for query t when s < (t+1)//4), 4096 entries;
+FLOP of the causal half: 2 * 64 * 128 per (query, valid entry) pair.
+
+Inputs are small integers (exactly representable in BF16, as QAT'd FP4 values are), so
+scores are exact in FP32 and the error column compares the selection itself (0 = the
+oracle's indices exactly); timing does not depend on the values.
+"""
+
+import torch
+
+from .. import ops
+from ..kernels import indexer as kernels
+from ..reference import indexer as ref
+from .case import Case
+
+HEADS = 64
+HEAD_DIM = 128
+TOP_K = 1024
+KEY_BYTES = HEAD_DIM * 2
+
+
+def _inputs(seed, bsz, seq, n_keys, n_valid):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qi = torch.randint(-3, 4, (bsz, seq, HEADS, HEAD_DIM), device="cuda", generator=g).to(torch.bfloat16)
+    keys = torch.randint(-3, 4, (bsz, n_keys, HEAD_DIM), device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randint(-4, 5, (bsz, seq, HEADS), device="cuda", generator=g).float()
+    return qi, w, keys, n_valid.to("cuda")
+
+
+def _eager_scores(qi, w, keys):
+    logits = torch.einsum("bshd,bnd->bshn", qi, keys).float()
+    return (logits.relu() * w[..., None]).sum(2)
+
+
+def _eager_topk(qi, w, keys, n_valid, k, chunk=None):
+    """What a user writes: scores, mask the invalid entries, torch.topk (chunked over queries
+    in prefill so the [S, H, Nk] logits fit)."""
+    seq = qi.shape[1]
+    chunk = chunk or seq
+    outs = []
+    for s0 in range(0, seq, chunk):
+        scores = _eager_scores(qi[:, s0:s0 + chunk], w[:, s0:s0 + chunk], keys)
+        pos = torch.arange(keys.shape[1], device=keys.device)
+        valid = pos < n_valid[:, s0:s0 + chunk, None]
+        top = scores.masked_fill(~valid, float("-inf")).topk(k, dim=-1)
+        outs.append(torch.where(torch.gather(valid, -1, top.indices), top.indices, -1).to(torch.int32))
+    return torch.cat(outs, 1)
+
+
+def _decode_cases(quick):
+    shapes = [(1, 262144), (32, 32768)] if quick else [(1, 32768), (1, 262144), (32, 32768), (32, 262144)]
+    out = []
+    for bsz, n_keys in shapes:
+        n_valid = torch.full((bsz, 1), n_keys, dtype=torch.int32)
+        make = lambda seed, bsz=bsz, n_keys=n_keys, n_valid=n_valid: _inputs(seed, bsz, 1, n_keys, n_valid)
+        key_bytes = bsz * n_keys * KEY_BYTES
+        small = bsz * HEADS * (HEAD_DIM * 2 + 4)
+        flops = 2 * bsz * n_keys * HEADS * HEAD_DIM
+        shape = f"decode B={bsz} Nk={n_keys} Hi={HEADS}"
+        out.append(Case(
+            op="indexer_scores", shape=shape, make_inputs=make,
+            run=lambda qi, w, keys, nv: kernels.indexer_scores(qi, w, keys, nv),
+            eager=lambda qi, w, keys, nv: _eager_scores(qi, w, keys),
+            oracle=lambda qi, w, keys, nv: ref.indexer_scores(qi, w, keys).reshape(-1, keys.shape[1]),
+            bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
+            notes="scoring pass alone; target >= 70% of copy over BF16 keys (256 B/key; FP4 keys: 68 B/key)"))
+        splits = kernels.plan_splits(bsz, n_keys, TOP_K, torch.device("cuda"))
+        out.append(Case(
+            op="indexer_topk", shape=shape + f" k={TOP_K}", make_inputs=make,
+            run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),
+            eager=lambda qi, w, keys, nv: _eager_topk(qi, w, keys, nv, TOP_K),
+            oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
+            bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy",
+            launches=2 if splits == 1 else 3,
+            notes=f"score + exact FP32 top-k ({splits} segment(s) per row); target within 2x of the scoring pass"))
+    return out
+
+
+def _prefill_case():
+    seq, n_keys = 16384, 4096
+    n_valid = ((torch.arange(seq) + 1) // 4).to(torch.int32)[None]
+    pairs = int(n_valid.clamp(max=n_keys).sum())
+    make = lambda seed: _inputs(seed, 1, seq, n_keys, n_valid)
+    return Case(
+        op="indexer_topk", shape=f"prefill S={seq} Nk={n_keys} Hi={HEADS} k={TOP_K} causal", make_inputs=make,
+        run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),
+        eager=lambda qi, w, keys, nv: _eager_topk(qi, w, keys, nv, TOP_K, chunk=1024),
+        compile_eager=False,  # a 16-chunk Python loop: compiling it measures the compiler, not the op
+        oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
+        bytes=seq * HEADS * (HEAD_DIM * 2 + 4) + n_keys * KEY_BYTES + seq * TOP_K * 4,
+        flops=2 * HEADS * HEAD_DIM * pairs, ceiling="bf16", launches=2,
+        notes="TFLOP/s over the causal half (2*64*128 FLOP per valid pair); scores workspace 256 MB")
 
 
 def cases(quick: bool):
-    return []
+    return _decode_cases(quick) + [_prefill_case()]

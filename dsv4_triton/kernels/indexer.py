@@ -236,10 +236,37 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+def _query_rows(heads: int, seq: int) -> int:
+    """Queries per scoring program: all heads of each, at least 16 rows, at most 128 when
+    the sequence has that many queries to share a key tile."""
+    heads_p = triton.next_power_of_2(heads)
+    return max(MIN_DOT_ROWS // heads_p, min(triton.next_power_of_2(seq), max(1, MAX_TILE_ROWS // heads_p)))
+
+
+def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """The scoring pass alone: FP32 ``[B*S, Nk]``, row ``b*S + t`` holds query (b, t)'s scores of
+    entries ``s < n_valid[b, t]`` (the rest of the row is not written)."""
+    bsz, seq, heads, _ = qi.shape
+    n_keys = keys.shape[1]
+    scores = torch.empty(bsz * seq, n_keys, dtype=torch.float32, device=qi.device)
+    if scores.numel() == 0:
+        return scores
+    if qi.stride(-1) != 1:
+        qi = qi.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    qrows = _query_rows(heads, seq)
+    grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
+    _scores_kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
+                         qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
+                         *n_valid.stride(), HEADS_P=triton.next_power_of_2(heads), QROWS=qrows)
+    return scores
+
+
 def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                         k: int, splits: int) -> torch.Tensor:
     """``indexer_topk`` with an explicit number of segments per row (1 = no merge launch)."""
-    bsz, seq, heads, _ = qi.shape
+    bsz, seq = qi.shape[:2]
     n_keys = keys.shape[1]
     rows = bsz * seq
     out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
@@ -247,17 +274,7 @@ def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n
         return out
     if n_keys == 0:
         return out.fill_(-1)
-    if qi.stride(-1) != 1:
-        qi = qi.contiguous()
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
-    heads_p = triton.next_power_of_2(heads)
-    qrows = max(MIN_DOT_ROWS // heads_p, min(triton.next_power_of_2(seq), max(1, MAX_TILE_ROWS // heads_p)))
-    scores = torch.empty(rows, n_keys, dtype=torch.float32, device=qi.device)
-    grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
-    _scores_kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
-                         qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
-                         *n_valid.stride(), HEADS_P=heads_p, QROWS=qrows)
+    scores = indexer_scores(qi, w, keys, n_valid)
     splits = max(1, min(splits, triton.cdiv(n_keys, k)))
     chunk = triton.cdiv(n_keys, splits)
     if splits == 1:

@@ -302,9 +302,10 @@ def test_fp4_kernel_decodes_every_byte_exactly(device, fmt):
     assert torch.equal(y[:, 1].float().cpu(), expect.reshape(256, 2).flip(0).flatten() * scale)
 
 
-@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1.0)])
+@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1e3)])
 def test_fp4_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
-    # Tiny and huge E8M0 scales (the products stay inside the FP32 range; see reference/gemm.py).
+    # Tiny and huge E8M0 scales, down to byte 0 (2^-127, an FP32 subnormal); the products and
+    # the results stay normal FP32 numbers (see reference/gemm.py).
     g = _gen(5)
     x = (torch.randn(20, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
     w, _, _ = random_fp4(24, 256, g, device)

@@ -9,7 +9,7 @@ Either way the codes and scales are bit-identical to the oracle's: the amax, the
 rounded ``amax / 448`` and the power-of-two exponent are the oracle's operations.
 
 Main loop, one step per 128-wide K block: ``d = dot(a_fp8, w^T)`` on tensor cores with FP32
-results, then ``acc += d * (a_scale[m] * w_scale[n])`` in FP32 (per-block promotion, as in
+results, then ``acc += (d * a_scale[m]) * w_scale[n]`` in FP32 (per-block promotion, as in
 the release's kernels: a dot never spans two scales).
 
 Weights:
@@ -17,7 +17,8 @@ Weights:
 * FP8: codes as stored; the scale of column n is that of its 128 x 128 block.
 * MXFP4: each byte holds two E2M1 codes.  In the K step, with ``e_j`` the four E8M0
   exponents of the row's 32-blocks and ``e_max`` their maximum, the operand is
-  ``fp8(lut[code] * 2^(e_j - e_max + 6))`` and the column scale ``2^(e_max - 6)``.
+  ``fp8(lut[code] * 2^(e_j - e_max + 6))``, the column scale ``2^e_max`` and the row
+  scales carry the ``2^-6``.
   Exactness: lut magnitudes are 0.5..6 with two significant bits; ``lut * 2^(6 - d)`` with
   ``d = e_max - e_j`` is at most 384 < 448 and is exactly representable in E4M3 (normal or
   subnormal, smallest step 2^-9) whenever ``d <= 14``, so for every row whose four
@@ -146,7 +147,7 @@ def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride
             mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (mult.shape[0], NSUB, 32)),
                               (mult.shape[0], BLOCK_K))
             w = to_fp8(fp4_value_2m14(codes) * mult)
-            s = e8m0_value(e_max) * 0.015625  # 2^(e_max - 127 - 6); NaN if any byte is 0xFF
+            s = e8m0_value(e_max)  # NaN if any byte is 0xFF; the operand's 2^6 goes on the rows
         else:
             NSUB16: tl.constexpr = BLOCK_K // 16
             j = kb * NSUB16 + tl.arange(0, NSUB16)
@@ -173,12 +174,19 @@ def dot_bf16(a, b, acc):
 
 @triton.jit
 def scaled_dot(acc, a, a_scale, w, w_scale, W_FMT: tl.constexpr):
-    """``acc + dot(a, w^T) * a_scale[:, None] * w_scale[None, :]`` (FP32 accumulation)."""
+    """``acc + dot(a, w^T) * a_scale[:, None] * w_scale[None, :]`` (FP32 accumulation).
+
+    The scales multiply the dot one after the other, never each other: their product
+    could leave the normal FP32 range where the result does not.  The MXFP4 operand
+    carries a factor 2^6 (``load_weight_block``), taken off the row scales.
+    """
     if W_FMT == W_NVFP4:
         d = dot_bf16(a.to(tl.bfloat16), tl.trans(w), tl.zeros(acc.shape, tl.float32))
     else:
         d = tl.dot(a, tl.trans(w))
-    return acc + d * (a_scale[:, None] * w_scale[None, :])
+    if W_FMT == W_MXFP4:
+        a_scale = a_scale * 0.015625
+    return acc + (d * a_scale[:, None]) * w_scale[None, :]
 
 
 # --- activation pre-pass ---------------------------------------------------------------------

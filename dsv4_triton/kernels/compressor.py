@@ -37,21 +37,32 @@ _OVERLAP: tl.constexpr = tl.constexpr(OVERLAP_RATIO)
 
 # Elements of one [SLOT_BLOCK, ROWS, BLOCK_D] tile; larger tiles spill registers.
 MAX_TILE = 8192
+# Shared memory for the pipelined slot loads (a, z and ape tiles, STAGES deep).
+MAX_STAGED_BYTES = 200 * 1024
 
 
 def _prune(configs, nargs, **kw):
-    """Indexer entries need 16 rows per program (the Hadamard product); tiles must fit registers."""
-    keep = [c for c in configs
-            if (kw["KIND_KV"] or c.kwargs["ROWS"] == HADAMARD_ROWS) and c.kwargs["SLOT_BLOCK"] <= kw["SLOTS"]
-            and c.kwargs["SLOT_BLOCK"] * c.kwargs["ROWS"] * kw["BLOCK_D"] <= MAX_TILE]
+    """Indexer entries need 16 rows per program (the Hadamard product); tiles must fit
+    registers and their pipeline stages shared memory."""
+    keep = []
+    for c in configs:
+        rows, slot_block, stages = c.kwargs["ROWS"], c.kwargs["SLOT_BLOCK"], c.kwargs["STAGES"]
+        tile = slot_block * rows * kw["BLOCK_D"]
+        staged = (2 * tile + slot_block * kw["BLOCK_D"]) * 4 * stages
+        if ((kw["KIND_KV"] or rows == HADAMARD_ROWS) and slot_block <= kw["SLOTS"] and tile <= MAX_TILE
+                and staged <= MAX_STAGED_BYTES):
+            keep.append(c)
     return keep or configs[:1]
 
 
-# The first config is the one the interpreter runs: valid for both kinds.
+# The first config is the one the interpreter runs: valid for both kinds.  STAGES: depth of
+# the software pipeline over the slot blocks (the loads are not matmul operands, so the
+# loop asks for it explicitly; 1 = no pipelining).
 @autotune(
-    configs=[triton.Config({"ROWS": r, "SLOT_BLOCK": s}, num_warps=w) for r, s, w in
-             ((16, 4, 4), (16, 1, 4), (16, 2, 4), (16, 2, 8), (16, 4, 8), (16, 8, 8),
-              (1, 4, 4), (1, 8, 4), (1, 8, 8), (1, 16, 8), (2, 4, 4), (2, 8, 8), (4, 4, 8))],
+    configs=[triton.Config({"ROWS": r, "SLOT_BLOCK": s, "STAGES": st}, num_warps=w) for r, s, w, st in
+             ((16, 4, 4, 1), (16, 1, 4, 3), (16, 2, 4, 2), (16, 2, 8, 2), (16, 4, 8, 1), (16, 8, 8, 1),
+              (1, 4, 4, 3), (1, 8, 4, 3), (1, 8, 8, 3), (1, 16, 8, 2), (1, 16, 16, 2), (1, 8, 4, 1),
+              (2, 4, 4, 2), (2, 4, 8, 1), (2, 8, 8, 1), (4, 4, 8, 1))],
     key=["D", "SLOTS", "KIND_KV"],
     name="compress_entries",
     prune_configs_by={"early_config_prune": _prune},
@@ -60,7 +71,8 @@ def _prune(configs, nargs, **kw):
 def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, n_entries, max_pos, eps, h_scale,
                      stride_an, stride_al, stride_zn, stride_zl, stride_ape, stride_idx,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, RATIO: tl.constexpr, SLOTS: tl.constexpr,
-                     KIND_KV: tl.constexpr, KRON_A: tl.constexpr, ROWS: tl.constexpr, SLOT_BLOCK: tl.constexpr):
+                     KIND_KV: tl.constexpr, KRON_A: tl.constexpr, ROWS: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+                     STAGES: tl.constexpr):
     OVERLAP: tl.constexpr = RATIO == _OVERLAP
     NB: tl.constexpr = BLOCK_D // _ROPE  # 64-wide blocks of a row
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -73,7 +85,7 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
     m = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
     den = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, SLOTS, SLOT_BLOCK):
+    for s0 in tl.range(0, SLOTS, SLOT_BLOCK, num_stages=STAGES):
         slot = s0 + tl.arange(0, SLOT_BLOCK)
         if OVERLAP:
             # Slots 0..3: the previous window through the lo half (absent for entry 0);

@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, set_checks, use_backend
 from dsv4_triton.kernels import indexer as kernels
 from dsv4_triton.reference import indexer as ref
+from dsv4_triton.reference import quant as ref_quant
 
 HEAD_DIM = 128
 
@@ -184,6 +185,57 @@ def test_kernel_strided_inputs(device):
     assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
 
 
+# --- FP4 key rows -------------------------------------------------------------------------
+
+@given(rows=st.integers(0, 40), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       scale=st.sampled_from([2.0 ** -100, 1e-3, 1.0, 1e4]), special=st.booleans(), seed=st.integers(0, 2**31))
+def test_pack_indexer_keys_bit_exact(device, rows, dtype, scale, special, seed):
+    """The packer's bytes equal the oracle's (fp4_quant codes, then the E8M0 scale bytes),
+    including NaN/Inf blocks (scale byte 0xFF), and decode back to qat4 of the input."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 128, generator=g) * scale
+    if special and rows:
+        x[0, 5] = float("nan")
+        x[-1, 100] = float("inf")
+        x[rows // 2, 32:64] = 0.0
+    x = x.to(dtype)
+    expected = ref.pack_indexer_keys(x)
+    with use_backend("triton"):
+        got = ops.pack_indexer_keys(x.to(device))
+    assert got.dtype == torch.uint8 and got.shape == (rows, 68)
+    assert torch.equal(got.cpu(), expected)
+    values = ref.key_values(expected)
+    qat = ref_quant.qat4(x, 32).float()
+    assert torch.equal(torch.isnan(values), torch.isnan(qat))
+    assert torch.equal(values.nan_to_num(), qat.nan_to_num())
+
+
+@given(seq=st.integers(1, 3), heads=st.sampled_from([2, 4]), n_keys=st.integers(1, 150), k=st.integers(1, 40),
+       splits=st.sampled_from([1, 3]), seed=st.integers(0, 2**31))
+def test_fp4_keys_select_exactly_like_bf16_keys(device, seq, heads, n_keys, k, splits, seed):
+    """QAT'd keys: the FP4 rows decode to the same BF16 values, so the kernel's scores and
+    selection are identical for both layouts (and so are the oracle's)."""
+    g = torch.Generator().manual_seed(seed)
+    qi, w, keys = make_inputs(g, 1, seq, heads, n_keys)
+    keys = ref_quant.qat4(keys, 32)
+    packed = ref.pack_indexer_keys(keys)
+    n_valid = random_n_valid(g, 1, seq, n_keys)
+    assert torch.equal(ref.indexer_topk(qi, w, packed, n_valid, k), ref.indexer_topk(qi, w, keys, n_valid, k))
+    args = [t.to(device) for t in (qi, w, keys, n_valid)]
+    bf16 = _run_triton(*args, k, splits)
+    fp4 = _run_triton(args[0], args[1], packed.to(device), args[3], k, splits)
+    assert torch.equal(fp4, bf16)
+
+
+def test_fp4_keys_exact_on_integer_scores(device):
+    g = torch.Generator().manual_seed(8)
+    qi, w, keys = make_inputs(g, 2, 2, 3, 90, integer=True)  # integers in [-2, 2] are on the FP4 grid
+    packed = ref.pack_indexer_keys(keys)
+    n_valid = torch.tensor([[90, 17], [0, 64]], dtype=torch.int32)
+    got = _run_triton(qi.to(device), w.to(device), packed.to(device), n_valid.to(device), 12)
+    assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, 12))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bsz, n_keys, k", [(1, 262144, 1024), (4, 65536, 1024), (2, 40000, 512)])
 def test_kernel_decode_sizes(device, bsz, n_keys, k):
@@ -223,6 +275,7 @@ def _args(bsz=1, seq=2, heads=4, n_keys=16, k=4, **over):
     (dict(keys=torch.zeros(1, 16, 128)), TypeError, "keys"),
     (dict(keys=torch.zeros(2, 16, 128, dtype=torch.bfloat16)), ValueError, "keys"),
     (dict(keys=torch.zeros(1, 16, 64, dtype=torch.bfloat16)), ValueError, "keys"),
+    (dict(keys=torch.zeros(1, 16, 128, dtype=torch.uint8)), ValueError, "keys"),
     (dict(n_valid=torch.zeros(1, 2, dtype=torch.int64)), TypeError, "n_valid"),
     (dict(n_valid=torch.zeros(1, 3, dtype=torch.int32)), ValueError, "n_valid"),
     (dict(k=0), ValueError, "k"),
@@ -242,3 +295,13 @@ def test_checked_mode_rejects_n_valid_out_of_range(bad):
             ops.indexer_topk(**args)
     finally:
         set_checks(False)
+
+
+@pytest.mark.parametrize("keys, err", [
+    (torch.zeros(3, 128, dtype=torch.uint8), TypeError),
+    (torch.zeros(3, 64), ValueError),
+    (torch.zeros(()), ValueError),
+])
+def test_pack_bad_input(keys, err):
+    with pytest.raises(err, match="keys"):
+        ops.pack_indexer_keys(keys)

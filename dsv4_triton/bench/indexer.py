@@ -1,9 +1,10 @@
 """Benchmark cases: the lightning indexer (SPEC 7) at V4-Pro sizes (64 heads of 128, top-1024).
 
 Decode: one query per sequence against every compressed entry.  The scoring pass alone
-is memory bound on the keys: BF16 keys are 256 B each (an FP4 layout would be 68 B:
-64 B of codes + 4 E8M0 scales), 2 * 64 * 128 FLOP per key = 64 FLOP/B, far below the
-H100's ridge.  Its byte count: keys + qi + w read once, FP32 scores written once.
+is memory bound on the keys: BF16 keys are 256 B each (FP4 rows from
+``pack_indexer_keys``: 68 B, 64 B of codes + 4 E8M0 scales), 2 * 64 * 128 FLOP per key =
+64 FLOP/B: memory bound.  FP4 rows raise that to 241 FLOP/B, about the H100's measured
+ridge (bf16 matmul rate / copy bandwidth ~ 240), and add an in-register decode per key.  Its byte count: keys + qi + w read once, FP32 scores written once.
 End to end (score + exact top-k) is counted on the same bytes; the selection re-reads
 the scores (4 B/key, L2-resident for one row) and adds one or two small launches.
 
@@ -57,27 +58,35 @@ def _eager_topk(qi, w, keys, n_valid, k, chunk=None):
 
 
 def _decode_cases(quick):
-    shapes = [(1, 262144), (32, 32768)] if quick else [(1, 32768), (1, 262144), (32, 32768), (32, 262144)]
+    shapes = [(1, 262144, False), (32, 32768, False), (1, 262144, True)] if quick else \
+        [(1, 32768, False), (1, 262144, False), (32, 32768, False), (32, 262144, False),
+         (1, 262144, True), (32, 262144, True)]
     out = []
-    for bsz, n_keys in shapes:
+    for bsz, n_keys, fp4 in shapes:
         n_valid = torch.full((bsz, 1), n_keys, dtype=torch.int32)
-        make = lambda seed, bsz=bsz, n_keys=n_keys, n_valid=n_valid: _inputs(seed, bsz, 1, n_keys, n_valid)
-        key_bytes = bsz * n_keys * KEY_BYTES
+
+        def make(seed, bsz=bsz, n_keys=n_keys, n_valid=n_valid, fp4=fp4):
+            qi, w, keys, nv = _inputs(seed, bsz, 1, n_keys, n_valid)
+            return qi, w, (ops.pack_indexer_keys(keys) if fp4 else keys), nv
+
+        key_bytes = bsz * n_keys * (ref.FP4_KEY_BYTES if fp4 else KEY_BYTES)
         small = bsz * HEADS * (HEAD_DIM * 2 + 4)
         flops = 2 * bsz * n_keys * HEADS * HEAD_DIM
-        shape = f"decode B={bsz} Nk={n_keys} Hi={HEADS}"
+        layout = "FP4 keys 68 B" if fp4 else "BF16 keys 256 B"
+        shape = f"decode B={bsz} Nk={n_keys} Hi={HEADS} {layout}"
+        eager_keys = (lambda keys: ref.key_values(keys).to(torch.bfloat16)) if fp4 else (lambda keys: keys)
         out.append(Case(
             op="indexer_scores", shape=shape, make_inputs=make,
             run=lambda qi, w, keys, nv: kernels.indexer_scores(qi, w, keys, nv),
-            eager=lambda qi, w, keys, nv: _eager_scores(qi, w, keys),
+            eager=lambda qi, w, keys, nv, ek=eager_keys: _eager_scores(qi, w, ek(keys)),
             oracle=lambda qi, w, keys, nv: ref.indexer_scores(qi, w, keys).reshape(-1, keys.shape[1]),
             bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
-            notes="scoring pass alone; target >= 70% of copy over BF16 keys (256 B/key; FP4 keys: 68 B/key)"))
+            notes=f"scoring pass alone over {layout}/key; target >= 70% of copy"))
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, torch.device("cuda"))
         out.append(Case(
             op="indexer_topk", shape=shape + f" k={TOP_K}", make_inputs=make,
             run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),
-            eager=lambda qi, w, keys, nv: _eager_topk(qi, w, keys, nv, TOP_K),
+            eager=lambda qi, w, keys, nv, ek=eager_keys: _eager_topk(qi, w, ek(keys), nv, TOP_K),
             oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
             bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy",
             launches=2 if splits == 1 else 3,

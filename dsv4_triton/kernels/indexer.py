@@ -16,6 +16,10 @@ query rows and long rows, so each row is cut into ``splits`` segments (one progr
 writing its segment's top-k with values), and a second launch selects the row's top-k
 among those candidates (exact: an element of the row's top-k is in its segment's top-k).
 Prefill (many rows) uses one segment per row.  So: 2 launches, 3 when a row is split.
+
+FP4 keys (``uint8 [B, Nk, 68]``, see ``reference/indexer.py``) are decoded in registers to
+BF16 (exact: an E2M1 value times a power of two) before the same tensor-core product, so
+both layouts give identical scores; the FP4 rows move 68 B per key instead of 256 B.
 """
 
 import functools
@@ -26,12 +30,18 @@ import triton
 import triton.language as tl
 
 from ..autotune import autotune
+from ..reference.indexer import FP4_KEY_BYTES
 from ..registry import register
-from .formats import INTERPRET
+from .formats import INTERPRET, e8m0_value, fp4_value
+from .norm import as_rows
+from .quant import fp4_quantise
 
 HEAD_DIM: tl.constexpr = tl.constexpr(128)
+FP4_BLOCK: tl.constexpr = tl.constexpr(32)
 RADIX_BINS: tl.constexpr = tl.constexpr(2048)
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
+_KEY_ROW_BYTES: tl.constexpr = tl.constexpr(FP4_KEY_BYTES)
+PACK_ROWS = 16
 MIN_DOT_ROWS = 16
 MAX_TILE_ROWS = 128
 MAX_SPLITS = 64
@@ -55,14 +65,15 @@ def _prune_scores(configs, nargs, **kw):
     configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
              ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
               (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
-    key=["HEADS_P", "QROWS", "KEYS_BUCKET"],
+    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
     name="indexer_scores",
     prune_configs_by={"early_config_prune": _prune_scores},
 )
 @triton.jit
 def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
                    s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
-                   HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TILES: tl.constexpr):
     M: tl.constexpr = QROWS * HEADS_P
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -84,13 +95,28 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
         start = (pid_n * TILES + tile) * BLOCK_N
         if start < keys_end:
             kidx = start + tl.arange(0, BLOCK_N)
-            kt = tl.load(keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn + dcol[None, :],
-                         mask=(kidx < keys_end)[:, None], other=0.0)
+            key_row = keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn
+            key_ok = (kidx < keys_end)[:, None]
+            if KEYS_FP4:
+                kt = _fp4_key_tile(key_row, key_ok, BLOCK_N)
+            else:
+                kt = tl.load(key_row + dcol[None, :], mask=key_ok, other=0.0)
             logits = _mma(q, tl.trans(kt))
             # relu that keeps NaN (as torch's); padding rows contribute exactly nothing.
             part = tl.where(q_ok[:, None], tl.where(logits < 0, 0.0, logits) * wv[:, None], 0.0)
             score = tl.sum(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), axis=1)
             tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+
+
+@triton.jit
+def _fp4_key_tile(key_row, key_ok, BLOCK_N: tl.constexpr):
+    """BF16 ``[BLOCK_N, 128]`` values of FP4 key rows (64 code bytes, then 4 E8M0 scales)."""
+    packed = tl.load(key_row + tl.arange(0, HEAD_DIM // 2)[None, :], mask=key_ok, other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [BLOCK_N, HEAD_DIM])  # element 2k: low nibble
+    scale = e8m0_value(tl.load(key_row + HEAD_DIM // 2 + tl.arange(0, HEAD_DIM // FP4_BLOCK)[None, :],
+                               mask=key_ok, other=127))
+    values = tl.reshape(fp4_value(codes), [BLOCK_N, HEAD_DIM // FP4_BLOCK, FP4_BLOCK]) * scale[:, :, None]
+    return tl.reshape(values, [BLOCK_N, HEAD_DIM]).to(tl.bfloat16)
 
 
 @triton.jit
@@ -259,7 +285,8 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
     grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
     _scores_kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
                          qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
-                         *n_valid.stride(), HEADS_P=triton.next_power_of_2(heads), QROWS=qrows)
+                         *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=triton.next_power_of_2(heads),
+                         QROWS=qrows)
     return scores
 
 
@@ -294,3 +321,33 @@ def indexer_topk(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid:
                  k: int) -> torch.Tensor:
     rows = qi.shape[0] * qi.shape[1]
     return indexer_topk_splits(qi, w, keys, n_valid, k, plan_splits(rows, keys.shape[1], k, qi.device))
+
+
+@triton.jit
+def _pack_keys_kernel(x_ptr, out_ptr, n_rows, stride_x, ROWS: tl.constexpr):
+    """FP4 key rows: per row of 128 values, 64 code bytes then 4 E8M0 scale bytes."""
+    NBLK: tl.constexpr = HEAD_DIM // FP4_BLOCK
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    ok = row < n_rows
+    blk = tl.arange(0, ROWS * NBLK)
+    blk_row = tl.program_id(0).to(tl.int64) * ROWS + blk // NBLK
+    blk_ok = blk_row < n_rows
+    x = tl.load(x_ptr + blk_row[:, None] * stride_x + (blk % NBLK)[:, None] * FP4_BLOCK
+                + tl.arange(0, FP4_BLOCK)[None, :], mask=blk_ok[:, None], other=0.0).to(tl.float32)
+    codes, e, invalid = fp4_quantise(x)
+    lo, hi = tl.split(tl.reshape(codes, [ROWS, HEAD_DIM // 2, 2]))
+    tl.store(out_ptr + row[:, None] * _KEY_ROW_BYTES + tl.arange(0, HEAD_DIM // 2)[None, :],
+             (lo | (hi << 4)).to(tl.uint8), mask=ok[:, None])
+    tl.store(out_ptr + blk_row * _KEY_ROW_BYTES + HEAD_DIM // 2 + blk % NBLK,
+             tl.where(invalid, 255, e + 127).to(tl.uint8), mask=blk_ok)
+
+
+@register("pack_indexer_keys", "triton")
+def pack_indexer_keys(keys: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(*keys.shape[:-1], FP4_KEY_BYTES, dtype=torch.uint8, device=keys.device)
+    rows = out.numel() // FP4_KEY_BYTES
+    if rows == 0:
+        return out
+    x = as_rows(keys)
+    _pack_keys_kernel[(triton.cdiv(rows, PACK_ROWS),)](x, out, rows, x.stride(0), ROWS=PACK_ROWS)
+    return out

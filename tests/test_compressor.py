@@ -222,6 +222,18 @@ def test_kernel_nan_and_absent_slots(device, ratio, kind):
     assert_matches_oracle(out, *args, ratio, kind)
 
 
+def test_kernel_clamps_positions_past_the_table(device):
+    """Unchecked mode: entries whose position ratio * i passes the table rotate at its last
+    row (as the oracle's apply_rope clamps), and nothing is read out of bounds."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 8, 256, generator=g)
+    z = torch.randn(2, 8, 256, generator=g)
+    args = [t.to(device) for t in (a, z, torch.randn(4, 256, generator=g), torch.rand(128, generator=g) + 0.5,
+                                   rope_table(16), torch.tensor([3, 1000]))]
+    out = _run_triton(*args, 4, "kv")
+    assert_matches_oracle(out, *args, 4, "kv")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio, kind, d", [(4, "kv", 512), (128, "kv", 512), (4, "indexer", 128), (128, "indexer", 128)])
 def test_kernel_matches_oracle_at_model_size(device, ratio, kind, d):
@@ -267,6 +279,7 @@ def _args(ratio=4, d=128, n=3, kind="kv", **over):
     (dict(ape=torch.zeros(4, 256, dtype=torch.float64)), TypeError, "ape"),
     (dict(norm_w=torch.ones(64)), ValueError, "norm_w"),
     (dict(freqs=torch.zeros(64, 32)), ValueError, "freqs"),
+    (dict(freqs=torch.zeros(64, 16, 2)), ValueError, "freqs"),
     (dict(entry_idx=torch.arange(3).float()), TypeError, "entry_idx"),
     (dict(entry_idx=torch.arange(4)), ValueError, "entry_idx"),
     (dict(ratio=8), ValueError, "ratio"),

@@ -14,6 +14,7 @@ RATIOS = (4, 128)
 KINDS = ("kv", "indexer")
 INDEX_DTYPES = (torch.int32, torch.int64)
 HADAMARD_SIZES = (64, 128, 256, 512)
+ROPE_DIM = 64  # SPEC 1: every configuration rotates the last 64 dims
 # A kernel program holds one whole entry row (the rmsnorm needs it): rows up to this long.
 MAX_HEAD_DIM = 1024
 
@@ -45,7 +46,7 @@ def compress_entries(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w
     window's tokens.  ratio 4: ``c = 2``, ``L = 8``: rows 0..3 the previous window's tokens
     (their lo half ``[:d]`` is used), rows 4..7 the window's tokens (hi half ``[d:]``).
     ape: fp32 ``[ratio, c*d]``.  norm_w: ``[d]``.  freqs: the ``rope_freqs`` table
-    ``[max_pos, R/2, 2]``.  entry_idx: int32/int64 ``[N]``, entry i is rotated at position
+    ``[max_pos, 32, 2]`` (R = 64).  entry_idx: int32/int64 ``[N]``, entry i is rotated at position
     ``ratio * i``; for ``i == 0`` at ratio 4 rows 0..3 are absent and never read.
 
     Per entry: softmax pooling over the L slots per channel, rmsnorm(norm_w, eps), RoPE on
@@ -83,6 +84,9 @@ def compress_entries(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w
     V.shape("entry_idx", entry_idx, (n_entries,))
     V.same_device("entry_idx", entry_idx, "a", a)
     rope_dim = 2 * freqs.shape[1]
+    if rope_dim != ROPE_DIM:
+        raise ValueError(f"freqs: expected a rope_dim {ROPE_DIM} table (shape [max_pos, {ROPE_DIM // 2}, 2]), "
+                         f"got shape {tuple(freqs.shape)}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"a: expected an entry length d <= {MAX_HEAD_DIM}, got d = {d}")
     if kind == "kv":

@@ -48,6 +48,7 @@ from ..registry import register
 from .formats import INTERPRET, cast_rne, to_f32
 
 HC_MULT = 4
+STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
 N_MIX_PRE = 24
 N_MIX_HEAD = 4
 RING_TILES = 8  # workspace: this many tiles of the widest split (CHUNK = MIN_CHUNK, BLOCK_T = MAX_BLOCK_T)
@@ -91,10 +92,13 @@ def _dot_bf16(a, b, acc):
 @triton.jit
 def _wait_at_least(counter_ptr, target):
     # Spin on plain volatile reads (many programs may poll one counter; atomics would
-    # serialise at L2), then one acquiring read orders the loads that follow.
+    # serialise at L2), then an acquiring read orders the loads that follow.  The acquiring
+    # read is a loop condition because an atomic add of 0 whose result is unused is removed
+    # by the compiler; it passes at the first try.
     while tl.load(counter_ptr, volatile=True) < target:
         pass
-    tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+        pass
 
 
 @triton.jit
@@ -119,7 +123,7 @@ def _finalise_tile(part_ptr, pre_ws_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr
                                 cache_modifier=".cg")
             acc_comb += tl.load(row_ptr[:, None, None] + 8 + 4 * four[None, :, None] + four[None, None, :],
                                 mask=live[:, None, None], other=0.0, cache_modifier=".cg")
-    rs = tl.rsqrt(ssq / (HC_MULT * dim) + norm_eps)
+    rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
     pre = tl.sigmoid(acc_pre * rs[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + four)[None, :]) + eps
     tl.store(pre_ws_ptr + (slot * BLOCK_T + rows[:, None]) * 4 + four[None, :], pre)
     if not HEAD:
@@ -170,13 +174,13 @@ def _mix_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
         acc_hi = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
         acc_lo = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
         ssq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for kk in range(0, HC_MULT * CHUNK, BLOCK_K):
+        for kk in range(0, STREAMS * CHUNK, BLOCK_K):
             stream = kk // CHUNK
             d = d_lo + kk % CHUNK + tl.arange(0, BLOCK_K)
             d_live = d < dim
             x = tl.load(x_ptr + tok[:, None] * stride_xt + stream * stride_xs + d[None, :],
                         mask=live[:, None] & d_live[None, :], other=0.0)
-            f = tl.load(fn_ptr + mix_col[None, :].to(tl.int64) * (HC_MULT * dim) + stream * dim + d[:, None],
+            f = tl.load(fn_ptr + mix_col[None, :].to(tl.int64) * (STREAMS * dim) + stream * dim + d[:, None],
                         mask=d_live[:, None] & mix_live[None, :], other=0.0)
             f_hi = f.to(tl.bfloat16)
             r = f - to_f32(f_hi)  # exact, whatever rounding the conversion used

@@ -33,13 +33,14 @@ from ..registry import register
 from .formats import INTERPRET, to_f32
 
 MIN_BLOCK_E = 16
+NO_ID = tl.constexpr(2147483647)  # "no expert" in selections (above every id)
 # From this token bucket on, chunks of fewer than 64 experts are not tried: x is re-read once
 # per chunk, and the candidate lists (sized by the smallest chunk) grow with T.
 WIDE_CHUNK_BUCKET = 1024
 
 _CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, num_warps, num_stages); the first one serves every shape
     (16, 16, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 4),
-    (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+    (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
 ]
 
 
@@ -92,14 +93,15 @@ def _rank_key(key):
 
 
 @triton.jit
-def _take_best(key, ids, eligible):
-    """Per row: the eligible entry with the largest key, ties to the lowest id.
-    Returns (its id or -1 if none is eligible, one-hot mask of it)."""
-    best = tl.max(tl.where(eligible, key, float("-inf")), axis=1)
-    tie = eligible & (key == best[:, None])
-    sel = tl.min(tl.where(tie, ids, 2147483647), axis=1)
-    found = sel != 2147483647
-    return tl.where(found, sel, -1), eligible & (ids == sel[:, None])
+def _next_best(key, ids, valid, last_key, last_id):
+    """Per row, the entry after ``(last_key, last_id)`` in selection order (key descending,
+    then id ascending): the largest key among the entries ranked below the last pick, ties
+    to the lowest id.  Keeping only the last pick, rather than a mask of taken entries, keeps
+    one [rows, cols] tensor fewer live.  Returns (key, id); id is NO_ID where none is left."""
+    later = valid & ((key < last_key[:, None]) | ((key == last_key[:, None]) & (ids > last_id[:, None])))
+    best = tl.max(tl.where(later, key, float("-inf")), axis=1)
+    sel = tl.min(tl.where(later & (key == best[:, None]), ids, NO_ID), axis=1)
+    return best, sel
 
 
 @triton.jit
@@ -135,8 +137,6 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, i
                      mask=e_live[:, None] & k_live[None, :], other=0.0)
         acc = _dot_bf16(xt, tl.trans(wt), acc)
     s = _sqrt_softplus(acc)
-    ids = tl.broadcast_to(e[None, :], [BLOCK_T, BLOCK_E])
-
     if HASH:
         # s at each table id of the token that falls in this chunk; exactly one chunk writes it.
         row = tl.minimum(tl.maximum(tl.load(tok_ids_ptr + tok, mask=live, other=0).to(tl.int64), 0), vocab - 1)
@@ -146,7 +146,7 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, i
         for kk in tl.static_range(K_PAD):
             if kk < topk:
                 want = tl.sum(tl.where(kcol[None, :] == kk, table, 0), axis=1)
-                s_kk = _pick(s, ids == want[:, None])
+                s_kk = _pick(s, e[None, :] == want[:, None])
                 mine = live & (want >= chunk * BLOCK_E) & (want < chunk * BLOCK_E + BLOCK_E)
                 tl.store(cand_s_ptr + tok * N_CAND + kk, s_kk, mask=mine)
     else:
@@ -154,15 +154,15 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, i
         if HAS_BIAS:
             key = s + tl.load(bias_ptr + e, mask=e_live, other=0.0)[None, :]
         key = _rank_key(key)
-        eligible = tl.broadcast_to(e_live[None, :], [BLOCK_T, BLOCK_E])
+        last_key = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
+        last_id = tl.full([BLOCK_T], -1, dtype=tl.int32)
         top_s = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
         top_id = tl.full([BLOCK_T, K_PAD], -1, dtype=tl.int32)
         for kk in tl.static_range(K_PAD):
             if kk < topk:
-                sel, onehot = _take_best(key, ids, eligible)
-                top_s = tl.where(kcol[None, :] == kk, _pick(s, onehot)[:, None], top_s)
-                top_id = tl.where(kcol[None, :] == kk, sel[:, None], top_id)
-                eligible = eligible & ~onehot
+                last_key, last_id = _next_best(key, e[None, :], e_live[None, :], last_key, last_id)
+                top_s = tl.where(kcol[None, :] == kk, _pick(s, e[None, :] == last_id[:, None])[:, None], top_s)
+                top_id = tl.where(kcol[None, :] == kk, tl.where(last_id == NO_ID, -1, last_id)[:, None], top_id)
         cand = tok[:, None] * N_CAND + chunk * K_PAD + kcol[None, :]
         tl.store(cand_s_ptr + cand, top_s, mask=live[:, None])
         tl.store(cand_id_ptr + cand, top_id, mask=live[:, None])
@@ -182,22 +182,25 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, i
         else:
             c = tl.arange(0, N_CAND)
             c_live = (c // K_PAD) < n_chunks
-            cand = tok[:, None] * N_CAND + c[None, :]
-            cs = tl.load(cand_s_ptr + cand, mask=live[:, None] & c_live[None, :], other=0.0, cache_modifier=".cg")
-            cid = tl.load(cand_id_ptr + cand, mask=live[:, None] & c_live[None, :], other=-1, cache_modifier=".cg")
+            all_cand = tok[:, None] * N_CAND + c[None, :]
+            cs = tl.load(cand_s_ptr + all_cand, mask=live[:, None] & c_live[None, :], other=0.0,
+                         cache_modifier=".cg")
+            cid = tl.load(cand_id_ptr + all_cand, mask=live[:, None] & c_live[None, :], other=-1,
+                          cache_modifier=".cg")
             ckey = cs
             if HAS_BIAS:
                 ckey = cs + tl.load(bias_ptr + cid, mask=cid >= 0, other=0.0)
             ckey = _rank_key(ckey)
-            eligible = cid >= 0
+            last_key = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
+            last_id = tl.full([BLOCK_T], -1, dtype=tl.int32)
             w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
             sel_id = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
             for kk in tl.static_range(K_PAD):
                 if kk < topk:
-                    sel, onehot = _take_best(ckey, cid, eligible)
-                    w = tl.where(kcol[None, :] == kk, _pick(cs, onehot)[:, None], w)
-                    sel_id = tl.where(kcol[None, :] == kk, sel[:, None], sel_id)
-                    eligible = eligible & ~onehot
+                    # topk <= E valid candidates exist: every pick is found.
+                    last_key, last_id = _next_best(ckey, cid, cid >= 0, last_key, last_id)
+                    w = tl.where(kcol[None, :] == kk, _pick(cs, cid == last_id[:, None])[:, None], w)
+                    sel_id = tl.where(kcol[None, :] == kk, last_id[:, None], sel_id)
         w = w / tl.sum(w, axis=1)[:, None]
         w = w * route_scale
         out = tok[:, None] * topk + kcol[None, :]

@@ -53,13 +53,17 @@ class DSV4Model(Weights):
             self.cache = None
             return
         self.cache = KVCache(c, max_batch, max_seq_len, self.device)
-        # Pure sliding-window layers: rope_theta without YaRN; compressed layers (their
-        # queries, KV and entries alike): compress_rope_theta with YaRN (SPEC 6).
-        rope = c.qk_rope_head_dim
-        self.register_buffer("freqs_window", ops.rope_freqs(rope, max_seq_len, c.rope_theta, None, self.device),
+        self.build_rope_tables()
+
+    def build_rope_tables(self) -> None:
+        """(Re)compute the RoPE tables.  Pure sliding-window layers: rope_theta without YaRN;
+        compressed layers (their queries, KV and entries alike): compress_rope_theta with
+        YaRN (SPEC 6)."""
+        c, rope = self.config, self.config.qk_rope_head_dim
+        self.register_buffer("freqs_window", ops.rope_freqs(rope, self.max_seq_len, c.rope_theta, None, self.device),
                              persistent=False)
-        self.register_buffer("freqs_compressed", ops.rope_freqs(rope, max_seq_len, c.compress_rope_theta, c.yarn,
-                                                                self.device), persistent=False)
+        self.register_buffer("freqs_compressed", ops.rope_freqs(rope, self.max_seq_len, c.compress_rope_theta,
+                                                                c.yarn, self.device), persistent=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod

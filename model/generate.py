@@ -29,14 +29,17 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="flash | pro | tiny | path to a config.json: random weights (ignored with --checkpoint)")
     p.add_argument("--prompt", help="prompt text (needs --checkpoint with a tokenizer.json and `tokenizers`)")
     p.add_argument("--batch", type=int, default=1, help="requests decoded together (random prompts)")
-    p.add_argument("--prompt-len", type=int, default=200, help="tokens per random prompt")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens to generate per request")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per random prompt")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per request")
     p.add_argument("--backend", choices=registry.BACKENDS, help="force one backend for every op (default: the registry's choice)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="random weights and prompts")
+    p.add_argument("--threads", type=int,
+                   help="CPU intra-op threads (default on the CPU: 1; the tiny model's ops are too small to "
+                        "gain from more, and on a busy machine idle threads spin)")
     args = p.parse_args(argv)
-    for name in ("batch", "prompt_len", "new_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("batch", "prompt_len", "new_tokens", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.prompt is not None and args.checkpoint is None:
         p.error("--prompt needs --checkpoint (the tokenizer comes with the checkpoint)")
@@ -77,6 +80,8 @@ def backend_table(device: torch.device) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     device = torch.device(args.device) if args.device else default_device()
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if args.backend:
         dsv4_triton.set_backend(args.backend)
     tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None

@@ -1,0 +1,198 @@
+"""The model with one op at a time on the ``triton`` backend (the Triton interpreter on a
+machine without a GPU) against the all-``reference`` model.  On a GPU also every op on its
+preferred backend at once.
+
+Two checks per op:
+
+* In place: every call the model makes to the op is also run by the op's reference on the
+  very same inputs (the model's real shapes, strides, -1 padding, per-request positions),
+  and must agree to 1e-2 relative L2 error (float outputs; integer outputs, i.e. selected
+  ids, exactly as sets).  A kernel that differs from its oracle only in FP32 summation order
+  is within about one BF16 ulp (2^-8 relative); a wrong element, position or scale is far
+  outside.
+* End to end: the logits of the prefill and of each decode step (teacher-forced with the
+  reference's tokens, so one differing token cannot derail the next steps).  This tiny
+  random-weight model is very sensitive to ulp-level differences: +-1 BF16 ulp on half of
+  the attention outputs moves its logits (std ~1) by up to ~1.0 (~0.3 relative L2),
+  because its QAT'd activations (FP8 E4M3 has 3 mantissa bits) turn them into whole
+  quantisation steps at a few per cent of the elements, layer after layer.  So the bound
+  is 0.5 relative L2 error per step, which still catches a broken kernel (garbage, NaN,
+  a wrong layout: errors ~1 and more), and greedy tokens must agree where the reference's
+  top-2 margin exceeds 2.5 (twice the largest measured noise).
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from dsv4_triton import registry, use_backend
+from model import DSV4Model
+from test_model_forward import one_cpu_thread  # noqa: F401  (autouse: one intra-op thread)
+
+IN_PLACE_RTOL = 1e-2
+LOGITS_RTOL = 0.5
+DECIDED_MARGIN = 2.5
+
+# Every registry op a forward pass of the model runs (rope_freqs: when the model is built).
+MODEL_OPS = ("apply_rope", "compress_entries", "fp8_linear", "grouped_linear", "hc_head", "hc_post", "hc_pre",
+             "indexer_topk", "linear", "moe_experts", "rms_norm", "rope_freqs", "rope_hadamard_qat4", "rope_qat8",
+             "route", "sparse_attention", "swiglu")
+
+
+class Scenario:
+    """A right-padded batch, prefilled, then ``steps`` decode steps; the reference run (every
+    op on ``reference``) decides the tokens that later runs are fed."""
+
+    def __init__(self, device, lengths, steps, max_seq_len):
+        with use_backend("reference"):
+            self.model = DSV4Model.from_pretrained("tiny", device=device, max_batch=len(lengths),
+                                                   max_seq_len=max_seq_len, seed=0)
+            g = torch.Generator().manual_seed(4)
+            self.lengths = torch.tensor(lengths, device=device)
+            self.ids = torch.randint(0, 1000, (len(lengths), max(lengths)), generator=g).to(device)
+            self.steps = steps
+            self.reference = self.run()
+        self.tokens = [logits.argmax(-1) for logits in self.reference]
+
+    def run(self, teacher=None):
+        """Logits of the prefill and of each decode step; decode feeds ``teacher[step]``
+        (else the run's own greedy token)."""
+        m = self.model
+        m.reset()
+        out = [m(self.ids, 0, self.lengths)]
+        pos = self.lengths
+        for step in range(self.steps):
+            token = out[-1].argmax(-1) if teacher is None else teacher[step]
+            out.append(m(token[:, None], pos))
+            pos = pos + 1
+        return out
+
+    def compare(self, names=None, checked=None):
+        """Run with ``names`` forced to triton and the rest to reference (None: every op on
+        the registry's preferred backend) and compare with the reference run; every call of
+        op ``checked`` is also compared in place with its reference."""
+        model = self.model
+        errors = []
+        with checking(checked, "triton", errors):
+            with use_backend("reference") if names is not None else contextlib.nullcontext():
+                with use_backend("triton", ops=names) if names is not None else contextlib.nullcontext():
+                    model.build_rope_tables()
+                    try:
+                        logits = self.run(self.tokens)
+                    finally:
+                        with use_backend("reference"):
+                            model.build_rope_tables()
+        what = f"triton {names}" if names is not None else "preferred backends"
+        if checked is not None:
+            assert errors, f"{checked}: the model never called it"
+            worst = max(errors, key=lambda e: e[0])
+            assert worst[0] <= IN_PLACE_RTOL, f"{what}: in place, call {errors.index(worst)} of {len(errors)}: {worst[1]}"
+        for step, (got, ref) in enumerate(zip(logits, self.reference)):
+            assert torch.isfinite(got).all(), f"{what}: step {step}: non-finite logits"
+            rel = ((got - ref).norm() / ref.norm()).item()
+            assert rel <= LOGITS_RTOL, f"{what}: step {step}: logits relative L2 error {rel:.3g}"
+            top2 = ref.topk(2, dim=-1).values
+            decided = (top2[:, 0] - top2[:, 1]) > DECIDED_MARGIN
+            assert torch.equal(got.argmax(-1)[decided], ref.argmax(-1)[decided]), f"{what}: step {step}: greedy token"
+
+
+def _output_error(got, expected):
+    """(error, description) of one call's outputs: relative L2 for floats, 0/inf for ids."""
+    got = got if isinstance(got, tuple) else (got,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    worst = (0.0, "")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape or g.dtype != e.dtype:
+            return float("inf"), f"output {i}: {g.dtype} {tuple(g.shape)} vs {e.dtype} {tuple(e.shape)}"
+        if e.is_floating_point():
+            g, e = g.float(), e.float()
+            if not torch.equal(torch.isnan(g), torch.isnan(e)):
+                return float("inf"), f"output {i}: NaN pattern differs"
+            fin = torch.isfinite(e)
+            err = ((g[fin] - e[fin]).norm() / e[fin].norm().clamp_min(1e-30)).item()
+        else:  # selected ids: the same set per row (their order is the op's business)
+            err = 0.0 if torch.equal(g.sort(-1).values, e.sort(-1).values) else float("inf")
+        if err > worst[0]:
+            worst = (err, f"output {i} {tuple(e.shape)}: error {err:.3g}")
+    return worst
+
+
+@contextlib.contextmanager
+def checking(name, backend, errors):
+    """While active, each call of op ``name`` on ``backend`` is also run by the op's reference
+    implementation on the same inputs; ``errors`` collects the differences.  (The registry
+    resolves implementations when its dispatch cache is cleared, which every use_backend
+    does on entry and exit.)"""
+    if name is None:
+        yield
+        return
+    impl = registry.ops()[name].impls[backend]
+    reference = registry.ops()[name].impls["reference"].fn
+    fn = impl.fn
+
+    def checked(*args):
+        out = fn(*args)
+        errors.append(_output_error(out, reference(*args)))
+        return out
+
+    impl.fn = checked
+    try:
+        yield
+    finally:
+        impl.fn = fn
+
+
+def _skip_without_triton(name):
+    if "triton" not in registry.ops()[name].impls:
+        pytest.skip(f"{name}: no triton backend yet")
+
+
+@pytest.fixture(scope="module")
+def short(device, one_cpu_thread):
+    # CPU: the interpreter is slow, so one short request and two decode steps (CSA entries
+    # are pooled in the prefill, every compressor pools in decode, the ring is not full).
+    return Scenario(device, [8], steps=2, max_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def long(device, one_cpu_thread):
+    # GPU: two requests of different lengths, one past the first HCA entry, 16 decode steps
+    # (the shorter one crosses the 128 boundary while decoding).
+    return Scenario(device, [150, 120], steps=16, max_seq_len=192)
+
+
+def test_model_calls_exactly_these_ops(device, monkeypatch):
+    """MODEL_OPS is the list the tests above go through: it must be what the model runs."""
+    scenario = Scenario(device, [9, 6], steps=1, max_seq_len=16)
+    seen = set()
+    real_dispatch = registry.dispatch
+
+    def recording(name, dev):
+        seen.add(name)
+        return real_dispatch(name, dev)
+
+    monkeypatch.setattr(registry, "dispatch", recording)
+    with use_backend("reference"):  # entering clears the dispatch cache: every op dispatches
+        scenario.model.build_rope_tables()
+        scenario.run()
+    assert seen == set(MODEL_OPS)
+
+
+@pytest.mark.parametrize("name", MODEL_OPS)
+def test_one_op_on_triton_matches_reference(short, name):
+    _skip_without_triton(name)
+    short.compare([name], checked=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODEL_OPS)
+def test_one_op_on_triton_matches_reference_long(long, name):
+    _skip_without_triton(name)
+    long.compare([name], checked=name)
+
+
+@pytest.mark.gpu
+def test_preferred_backends_match_reference(long):
+    """Every op on the backend the registry prefers on this GPU (triton, or cuda) at once."""
+    long.compare(None)

@@ -1,6 +1,11 @@
 """route: Triton against the FP32 oracle, and the oracle against SPEC 8."""
 
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -258,6 +263,64 @@ def test_route_bad_input(kw, err, name):
     args.update(kw)
     with pytest.raises(err, match=name):
         ops.route(**args)
+
+
+# ---------------------------------------------------------------- sm_90 compilation (no GPU needed)
+
+# Compiles a kernel for sm_90 with Triton's own ptxas, in a process without the interpreter,
+# and prints the registers and stack (spill) bytes per thread.  Pointers and the integer
+# arguments named in "aligned" are assumed 16-divisible, as the JIT specialises them at model
+# sizes (that is what lets the loads pipeline).
+SM90_COMPILE = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, types, consts, aligned, warps = json.loads(sys.argv[1])
+fn = getattr(__import__(module, fromlist=[kernel]), kernel)
+if isinstance(fn, triton.runtime.Autotuner):
+    fn = fn.fn
+sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+         if n not in consts and (sig[n].startswith("*") or n in aligned)}
+compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=3))
+with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    f.write(compiled.asm["cubin"])
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+os.unlink(f.name)
+reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in compiled.asm["ttgir"])))
+"""
+
+
+def compile_for_sm90(module, kernel, types, consts, aligned, warps):
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps([module, kernel, types, consts, aligned, warps])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("hash_mode, config", [(False, (64, 128, 64, 8, 3)), (True, (16, 16, 64, 4, 3))])
+def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
+    from dsv4_triton.kernels import router as kern
+
+    bt, be, bk, warps, _ = config
+    assert config in kern._CONFIGS
+    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, E_PAD=512, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk)
+    types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
+                 cand_id_ptr="*i32", counter_ptr="*i32", route_scale="fp32")
+    usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_kernel", types, consts,
+                             ["dim", "stride_x", "stride_w"], warps)
+    assert usage["stack"] == 0 and usage["pipelined"], usage
 
 
 # ---------------------------------------------------------------- GPU: model sizes, every config

@@ -40,6 +40,14 @@ def ceil_log2(v: torch.Tensor) -> torch.Tensor:
     return exp - 127 + (mant != 0).to(torch.int32)
 
 
+def div_rn(a: torch.Tensor, b: float) -> torch.Tensor:
+    """Correctly rounded FP32 ``a / b`` on every device.  (On CUDA, torch computes a tensor
+    divided by a Python scalar as a multiplication by the scalar's reciprocal, which can
+    differ in the last bit; dividing by a tensor is an IEEE division everywhere.)"""
+    a = a.float()
+    return a / torch.full((), b, dtype=torch.float32, device=a.device)
+
+
 def exp2_int(e: torch.Tensor) -> torch.Tensor:
     """2**e as float32 for int32 e in [-126, 127], built from bits (exact)."""
     return ((e + 127).to(torch.int32) << 23).view(torch.float32)

@@ -11,7 +11,9 @@ capturing a CUDA graph).
 kernel on them) and writes the file for the GPU it runs on.
 
 Under the Triton interpreter (CPU tests) only the first config is used: timing configs
-on the interpreter measures nothing.
+on the interpreter measures nothing.  ``DSV4_AUTOTUNE=0`` (read at import) does the same on
+a GPU: the test suite sets it, because tuning every hypothesis shape compiles every config
+(minutes); the benchmarks tune, and check the tuned kernels against the oracles.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..registry import triton_interpreter_on
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / "autotune_cache"
 _TUNERS: Dict[str, "triton.runtime.Autotuner"] = {}
+_TUNING_ON = os.environ.get("DSV4_AUTOTUNE", "1") != "0"
 _loaded_for: Dict[str, str] = {}
 
 
@@ -72,7 +75,7 @@ def autotune(configs: List["triton.Config"], key: List[str], name: str | None = 
 
     def deco(fn):
         tuner_name = name or fn.__name__
-        chosen = configs[:1] if triton_interpreter_on() else configs
+        chosen = configs[:1] if (triton_interpreter_on() or not _TUNING_ON) else configs
         tuner = triton.autotune(chosen, key=key, **kwargs)(fn)
         _TUNERS[tuner_name] = tuner
         if not triton_interpreter_on():

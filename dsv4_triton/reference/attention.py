@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import FP8_MAX, ceil_log2, e8m0_encode, e8m0_to_float, exp2_int, fp8_encode
+from ..formats import FP8_MAX, ceil_log2, div_rn, e8m0_encode, e8m0_to_float, exp2_int, fp8_encode
 from ..registry import register
 from .rope import apply_rope
 
@@ -67,7 +67,7 @@ def pack_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     x = kv[..., :nope].float().reshape(*lead, nope // QUANT_BLOCK, QUANT_BLOCK)
     amax = x.abs().amax(-1)
     invalid = ~torch.isfinite(amax)
-    e = ceil_log2(torch.clamp(amax, min=AMAX_FLOOR) / FP8_MAX)
+    e = ceil_log2(div_rn(torch.clamp(amax, min=AMAX_FLOOR), FP8_MAX))
     e = torch.where(invalid, torch.zeros_like(e), e)
     codes = fp8_encode(torch.clamp(x * exp2_int(-e)[..., None], -FP8_MAX, FP8_MAX)).view(torch.uint8)
     codes = torch.where(invalid[..., None], torch.full_like(codes, FP8_NAN_CODE), codes)

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from ..formats import (E8M0_NAN, FP4_MAX, FP8_MAX, ceil_log2, e8m0_encode, e8m0_to_float, exp2_int,
+from ..formats import (E8M0_NAN, FP4_MAX, FP8_MAX, ceil_log2, div_rn, e8m0_encode, e8m0_to_float, exp2_int,
                        fp4_decode, fp4_encode, fp4_pack, fp4_unpack, fp8_encode)
 from ..registry import register
 from . import rope as _rope
@@ -42,7 +42,7 @@ def _block_amax(xb: torch.Tensor, floor: float):
 
 def fp8_scale(amax: torch.Tensor, invalid: torch.Tensor, pow2: bool) -> torch.Tensor:
     """FP32 scale of each block for FP8: ``amax / 448`` (rounded up to a power of two if pow2)."""
-    s = torch.where(invalid, torch.ones_like(amax), amax / FP8_MAX)
+    s = torch.where(invalid, torch.ones_like(amax), div_rn(amax, FP8_MAX))
     if pow2:
         s = exp2_int(ceil_log2(s))
     return torch.where(invalid, torch.full_like(s, float("nan")), s)
@@ -68,7 +68,7 @@ def qat8(x: torch.Tensor, block: int, pow2: bool) -> torch.Tensor:
 
 def fp4_exponent(amax: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
     """int32 exponent e of each block's FP4 scale 2^e = 2^ceil(log2(amax / 6))."""
-    e = ceil_log2(torch.where(invalid, torch.ones_like(amax), amax / FP4_MAX))
+    e = ceil_log2(torch.where(invalid, torch.ones_like(amax), div_rn(amax, FP4_MAX)))
     return torch.where(invalid, torch.zeros_like(e), e)
 
 

@@ -301,11 +301,11 @@ def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
 
 @autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
-             for bt, bd, w in ((1, 1024, 4), (1, 512, 4), (2, 512, 4), (1, 2048, 8), (4, 256, 4))],
-    key=["dim"], name="hc_post",
+             for bt, bd, w in ((1, 1024, 4), (1, 512, 4), (2, 512, 4), (1, 2048, 8), (4, 256, 4), (1, 256, 4))],
+    key=["dim", "t_bucket"], name="hc_post",
 )
 @triton.jit
-def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, dim, stride_ft, stride_xt, stride_xs,
+def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, dim, stride_ft, stride_xt, stride_xs, t_bucket,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     four = tl.arange(0, 4)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -335,5 +335,5 @@ def hc_post(F: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
         F = F.contiguous()
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(dim, m["BLOCK_D"]))
     _hc_post_kernel[grid](F, X, post.contiguous(), comb.contiguous(), out, T, dim, F.stride(0), X.stride(0),
-                          X.stride(1))
+                          X.stride(1), token_bucket(T))
     return out

@@ -15,9 +15,9 @@ the kernel splits the work and orders it so that X comes from HBM once:
   (deterministic), applies rsqrt / sigmoid / Sinkhorn in registers, writes post and comb,
   and publishes pre.
 * The same program then does the y-work of tile ``tile - LAG`` on its own slice: it waits
-  for that tile's pre and reads its X slice, which a program ``LAG * n_splits`` launches
+  for that tile's pre and reads its X slice, which the program ``LAG * n_splits`` tickets
   earlier has just read, so it comes from L2.  ``LAG`` extra rows of programs drain the
-  last tiles.
+  last tiles.  (Sinkhorn divides with IEEE rounding, ``div_rn``, as the oracle does.)
 
 Programs take their ``(tile, split)`` from an atomic ticket in start order, and only ever
 wait on programs with a smaller ticket, which have started and never wait on later ones:
@@ -28,7 +28,8 @@ widest split at the largest BLOCK_T, so narrower splits get more slots, up to MA
 tile's programs wait until the tile one ring earlier has released its slot, which in
 practice has long happened.  Every counter returns to zero by the end of a launch, so
 launches on one stream need no reset; each (device, stream) has its own workspace, so
-streams can run concurrently.
+streams can run concurrently.  (Only a launch that dies part-way, which leaves the CUDA
+context unusable anyway, could leave a counter behind.)
 
 hc_post
 -------

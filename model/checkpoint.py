@@ -237,7 +237,8 @@ def checkpoint_files(directory: str) -> Dict[str, str]:
 def _expect_dtype(name: str, tensor: torch.Tensor, allowed: Tuple[torch.dtype, ...]) -> None:
     if tensor.dtype not in allowed:
         names = "/".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"checkpoint tensor {name}: expected dtype {names}, got {str(tensor.dtype).replace('torch.', '')}")
+        got = str(tensor.dtype).replace("torch.", "")
+        raise TypeError(f"checkpoint tensor {name}: expected dtype {names}, got {got}")
 
 
 def _convert(name: str, info: WeightInfo, tensor: torch.Tensor, n_experts: int,

@@ -105,9 +105,6 @@ class DSV4Config:
             return None
         return {k: self.rope_scaling[k] for k in YARN_KEYS}
 
-    def layer_ratio(self, layer: int) -> int:
-        return self.compress_ratios[layer]
-
     # ----------------------------------------------------------------- validation
     def _validate(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",

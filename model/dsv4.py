@@ -39,6 +39,8 @@ class DSV4Model(Weights):
         V.positive_int("max_seq_len", max_seq_len)
         c = self.config = config
         self.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.embed = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
@@ -105,7 +107,8 @@ class DSV4Model(Weights):
         V.tensor("input_ids", input_ids, (torch.int32, torch.int64), ndim=2)
         B, S = input_ids.shape
         if not 1 <= B <= self.max_batch:
-            raise ValueError(f"input_ids: expected 1..{self.max_batch} rows (max_batch), got shape {tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids: expected 1..{self.max_batch} rows (max_batch), "
+                             f"got shape {tuple(input_ids.shape)}")
         if S < 1:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
         V.same_device("input_ids", input_ids, "the model", self.freqs_window)
@@ -117,12 +120,8 @@ class DSV4Model(Weights):
         for block in self.layers:
             X = block(X, step)
         X = X.view(B, S, self.config.hc_mult, -1)
-        if step.decode:
-            last = X[:, 0]
-            self.cache.set_positions(step.positions[:, 0] + 1)
-        else:
-            last = X[torch.arange(B, device=X.device), step.lengths - 1]
-            self.cache.set_positions(step.lengths)
+        last = X[:, 0] if step.decode else X[torch.arange(B, device=X.device), step.lengths - 1]
+        self.cache.set_positions(step.lengths)
         c = self.config
         y = ops.hc_head(last, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
         y = ops.rms_norm(y, self.norm.weight, c.rms_norm_eps)

@@ -31,7 +31,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="requests decoded together (random prompts)")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per random prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per request")
-    p.add_argument("--backend", choices=registry.BACKENDS, help="force one backend for every op (default: the registry's choice)")
+    p.add_argument("--backend", choices=registry.BACKENDS,
+                   help="force one backend for every op (default: the registry's choice)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="random weights and prompts")
     p.add_argument("--threads", type=int,
@@ -97,7 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = DSV4Model.from_pretrained(source, device=device, max_batch=args.batch,
                                       max_seq_len=prompt_len + args.new_tokens, seed=args.seed)
     print(f"model: {source} ({model.config.num_hidden_layers} layers, dim {model.config.hidden_size}) "
-          f"on {device}, loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+          f"on {device}, loaded in {time.perf_counter() - t0:.1f} s; cache {model.cache.nbytes() / 2**20:.1f} MiB "
+          f"for {args.batch} x {prompt_len + args.new_tokens} tokens", flush=True)
     if prompts is None:
         prompts = torch.randint(0, model.config.vocab_size, (args.batch, prompt_len), generator=g).tolist()
 

@@ -100,7 +100,7 @@ class Step:
 
     decode: bool
     positions: torch.Tensor  # [B, S] int64 absolute positions
-    lengths: torch.Tensor  # [B] int64: tokens per request (prefill), unused in decode
+    lengths: torch.Tensor  # [B] int64: tokens each request holds once this call is done
     token_ids: torch.Tensor  # [B*S] for hash routing
     cache: KVCache
     freqs_window: torch.Tensor  # rope_theta, no YaRN (pure sliding-window layers)

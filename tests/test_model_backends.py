@@ -87,7 +87,8 @@ class Scenario:
         if checked is not None:
             assert errors, f"{checked}: the model never called it"
             worst = max(errors, key=lambda e: e[0])
-            assert worst[0] <= IN_PLACE_RTOL, f"{what}: in place, call {errors.index(worst)} of {len(errors)}: {worst[1]}"
+            call = errors.index(worst)
+            assert worst[0] <= IN_PLACE_RTOL, f"{what}: in place, call {call} of {len(errors)}: {worst[1]}"
         for step, (got, ref) in enumerate(zip(logits, self.reference)):
             assert torch.isfinite(got).all(), f"{what}: step {step}: non-finite logits"
             rel = ((got - ref).norm() / ref.norm()).item()

@@ -164,7 +164,7 @@ def test_truncated_and_corrupt_files(saved, tmp_path):
     for file in os.listdir(saved):
         data = (saved / file).read_bytes()
         (bad / file).write_bytes(data[:len(data) // 2] if file.startswith("model-00002-of-") else data)
-    with pytest.raises(CheckpointError, match=r"model-00002-of-\d+\.safetensors: cannot be read \(truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"model-00002-of-\d+\.safetensors: cannot be read \(truncated"):
         load_checkpoint(fresh(), bad)
     (bad / INDEX_FILE).write_text("{\"weight_map\": {\"embed.weight\": \"nope.safetensors\"}}")
     with pytest.raises(CheckpointError, match="embed.weight is in nope.safetensors, which does not exist"):
@@ -212,4 +212,6 @@ def test_fp8_block_quantiser_follows_act_quant_rule():
     assert s[0, 0] == 2.0 ** 2  # amax 1000 / 448 = 2.23 -> 2^2
     # the block's amax lands inside the top FP8 binade, and dequantisation is within half an FP8 step
     d = dequantize_fp8_blocks(q, scale)
-    assert ((d - w).abs() <= 2.0 ** -4 * w.abs() + 2.0 ** -9 * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:130, :200]).all()
+    # (E4M3 normals: 3 mantissa bits, half a step is 2^-4 relative; subnormals: half of 2^-9 * scale)
+    block_scale = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:130, :200]
+    assert ((d - w).abs() <= 2.0 ** -4 * w.abs() + 2.0 ** -10 * block_scale).all()

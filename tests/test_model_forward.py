@@ -1,13 +1,22 @@
 """DSV4Model end to end on the tiny config: prefill/decode consistency across the window
 and compression boundaries, right-padded batches, the API's errors, the demo CLI.
 
-Tolerance on logits (std ~1): 2e-2 absolute.  The prefill and decode paths compute the same
+The prefill and decode paths (and a batch against its requests alone) compute the same
 math from the same QAT'd KV values, but through GEMMs of different row counts and
-attention over candidate lists of different lengths, whose FP32 summation orders may
-differ; such a difference can flip one BF16 rounding (2^-8 relative) or one FP8/FP4
-quantisation step of an activation, which moves the logits by ~1e-3..1e-2.  A wrong
-candidate set, a missing or misplaced compressed entry, or a wrong RoPE position moves
-them by ~1e-1 or more.  (With the reference backend the paths agree exactly today.)"""
+attention over candidate lists of different lengths.  Tolerance on logits (std ~1):
+
+* CPU: 2e-2 absolute.  The CPU reference computes each row the same way whatever the row
+  count (the paths agree bit for bit here); the bound leaves room for a BLAS that does
+  not, where one flipped BF16 rounding or FP8 step moves the logits by ~1e-2.  A wrong
+  candidate set, a missing or misplaced compressed entry or a wrong RoPE position moves
+  them by ~1e-1 or more (checked when the test was written by breaking each in turn).
+* GPU: GEMM and attention kernels pick their tiling, hence their FP32 summation order, by
+  row count, so the paths differ by about one BF16 ulp on many activations, which this
+  random-weight model amplifies (QAT'd activations, FP8 with 3 mantissa bits, turn ulps
+  into whole quantisation steps): +-1 ulp on half the attention outputs moves the logits
+  by up to ~1.0, ~0.3 relative L2.  There the bound is 0.5 relative L2 (a broken path gives
+  ~1) and equal greedy tokens where the top-2 margin exceeds 2.5.
+"""
 
 import io
 from contextlib import redirect_stdout
@@ -20,6 +29,7 @@ from model import DSV4Model
 from model.generate import main as generate_main
 
 ATOL = 2e-2
+GPU_LOGITS_RTOL, GPU_DECIDED_MARGIN = 0.5, 2.5
 MAX_SEQ = 160
 
 
@@ -51,8 +61,17 @@ def prefill_ragged(model, tokens, lengths):
     return model(ids, 0, lens)
 
 
-def max_err(a, b):
-    return (a.float() - b.float()).abs().max().item()
+def assert_logits_match(got, expected, what):
+    got, expected = got.float(), expected.float()
+    if got.device.type == "cpu":
+        err = (got - expected).abs().max().item()
+        assert err <= ATOL, f"{what}: max |logit error| {err:.3g}"
+        return
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel <= GPU_LOGITS_RTOL, f"{what}: logits relative L2 error {rel:.3g}"
+    top2 = expected.topk(2, dim=-1).values
+    if (top2[..., 0] - top2[..., 1]).item() > GPU_DECIDED_MARGIN:
+        assert got.argmax() == expected.argmax(), f"{what}: greedy token"
 
 
 def test_single_request_prefill_then_decode(model, tokens):
@@ -65,7 +84,7 @@ def test_single_request_prefill_then_decode(model, tokens):
     decoded = [model(ids[:, p:p + 1], p)[0] for p in range(14, 20)]
     prefilled = prefill_ragged(model, tokens, list(range(15, 21)))
     for b, p in enumerate(range(14, 20)):
-        assert max_err(decoded[b], prefilled[b]) <= ATOL, f"p={p}"
+        assert_logits_match(decoded[b], prefilled[b], f"p={p}")
 
 
 def test_batched_prefill_then_decode_across_boundaries(model, tokens):
@@ -78,7 +97,7 @@ def test_batched_prefill_then_decode_across_boundaries(model, tokens):
     decoded = model(nxt, torch.tensor(positions, device=model.device))
     prefilled = prefill_ragged(model, tokens, [p + 1 for p in positions])
     for b, p in enumerate(positions):
-        assert max_err(decoded[b], prefilled[b]) <= ATOL, f"p={p}"
+        assert_logits_match(decoded[b], prefilled[b], f"p={p}")
 
 
 def test_decode_steps_across_the_first_hca_entry(model, tokens):
@@ -90,7 +109,7 @@ def test_decode_steps_across_the_first_hca_entry(model, tokens):
     decoded = [model(ids[:, p:p + 1], p)[0] for p in range(125, 130)]
     prefilled = prefill_ragged(model, tokens, list(range(126, 131)))
     for b, p in enumerate(range(125, 130)):
-        assert max_err(decoded[b], prefilled[b]) <= ATOL, f"p={p}"
+        assert_logits_match(decoded[b], prefilled[b], f"p={p}")
 
 
 def test_batch_of_different_lengths_equals_each_alone(model):
@@ -110,8 +129,8 @@ def test_batch_of_different_lengths_equals_each_alone(model):
         model.reset()
         alone_first = model(torch.tensor([p], device=dev))
         alone_second = model(alone_first.argmax(-1)[:, None], len(p))
-        assert max_err(first[b], alone_first[0]) <= ATOL, f"request {b} prefill"
-        assert max_err(second[b], alone_second[0]) <= ATOL, f"request {b} decode"
+        assert_logits_match(first[b], alone_first[0], f"request {b} prefill")
+        assert_logits_match(second[b], alone_second[0], f"request {b} decode")
 
 
 def test_generate_greedy_and_eos(model):

@@ -18,7 +18,6 @@ FP8 quantisation step of wo_b's input (~5e-3 on the output each); a wrong candid
 position or scale changes outputs by ~1e-1 or more.  The rest of a block, the embedding and
 the head are the same ops on the same inputs: bit-exact."""
 
-import pytest
 import torch
 
 from dsv4_triton import ops

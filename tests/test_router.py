@@ -93,6 +93,10 @@ def _check_route(x, weight, bias, topk, route_scale, out):
     gaps_ok = ((head[:, :-1] - head[:, 1:]) > 2 * (head_tol[:, :-1] + head_tol[:, 1:])).all(1) if E > 1 else \
         torch.ones(T, dtype=torch.bool)
     assert torch.equal(ids[gaps_ok], ids_ref.long()[gaps_ok]), "ids differ from the oracle's at a clear gap"
+    # Where only the k-th and (k+1)-th keys are clearly apart, the chosen set is the oracle's.
+    if E > topk:
+        edge = (head[:, topk - 1] - head[:, topk]) > 2 * (head_tol[:, topk - 1] + head_tol[:, topk])
+        assert torch.equal(ids[edge].sort(1).values, ids_ref.long()[edge].sort(1).values), "expert set differs"
     # Weights: the oracle's scores at the kernel's ids, normalised.  Each selected s errs by
     # tol_s; w_j = s_j / S changes by at most route_scale * (tol_j + w_j * sum tol) / S; plus
     # 8 FP32 ulps for the divisions.

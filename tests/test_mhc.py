@@ -135,6 +135,34 @@ def test_hc_pre_extreme_mixes(device, T, dim, seed, scales, iters):
     _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base, iters), iters=iters)
 
 
+@pytest.mark.parametrize("dim", [256, 300])
+def test_hc_pre_and_head_mixes_are_fp32_exact_on_one_hot_rows(device, dim):
+    # With one non-zero X element (1.0) per token, each mix is a single product fn * 1 and
+    # must come out as fn's FP32 value exactly (so the three BF16 parts of fn must add up to
+    # it): the only rounding left is rsqrt and the activations, a few FP32 ulps.  Dropping the
+    # smallest part of fn alone would err by ~2^-17 relative, far outside these bounds.
+    T, u = 7, FP32_EPS
+    g = torch.Generator().manual_seed(dim)
+    hot = torch.randint(0, 4 * dim, (T,), generator=g)
+    X = torch.zeros(T, 4 * dim)
+    X[torch.arange(T), hot] = 1.0
+    X = X.view(T, 4, dim).to(torch.bfloat16).to(device)
+    fn = (torch.randn(24, 4 * dim, generator=g) * (4 * dim) ** -0.5).to(device)
+    scale = torch.tensor([1.0, 1.0, 4.0], device=device)
+    base = torch.randn(24, generator=g).to(device)
+    y, post, comb = _triton("hc_pre", X, fn, scale, base)
+    y_r, post_r, comb_r = ref.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6)
+    mix = (fn.cpu()[:, hot].T * (4 * dim) ** 0.5).abs()  # |mix|, rs = sqrt(4 dim) up to eps
+    z = mix * scale.cpu().repeat_interleave(torch.tensor([4, 4, 16])) + base.cpu().abs()
+    dz = 4 * u * mix * scale.cpu().repeat_interleave(torch.tensor([4, 4, 16])) + u * z  # rsqrt: 4 ulps
+    assert bool(((post.cpu() - post_r.cpu()).abs() <= dz[:, 4:8] / 2 + 4 * u * 2).all()), "post"
+    e = dz[:, 8:].amax(-1).reshape(-1, 1, 1)
+    assert bool(((comb.cpu() - comb_r.cpu()).abs() <= comb_r.cpu() * (torch.expm1(4 * e) + 64 * u)).all()), "comb"
+    assert_close(y, y_r, rtol=BF16_ULP, atol=0, what="y")
+    y = _triton("hc_head", X, fn[:4], scale[2:], base[:4])
+    assert_close(y, ref.hc_head(X, fn[:4], scale[2:], base[:4], 1e-6, 1e-6), rtol=BF16_ULP, atol=0, what="head y")
+
+
 def test_hc_pre_comb_is_doubly_stochastic(device):
     X, fn, scale, base = _inputs(9, 256, 3, device, scale=(0.5, 0.5, 0.3))
     _, _, comb = _triton("hc_pre", X, fn, scale, base)

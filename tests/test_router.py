@@ -221,6 +221,13 @@ def test_route_explicit_configs(device, config):
     assert torch.equal(ids.cpu(), table[token_ids].cpu())
 
 
+def test_route_many_tokens(device):
+    # 300 tokens: a token bucket where tuning keeps only wide expert chunks, while the first
+    # config (the only one without tuning) has narrow ones: the candidate lists must fit.
+    x, weight, bias = _inputs(300, 40, 32, 71, device)
+    _check_route(x, weight, bias, 6, 2.5, _triton(x, weight, bias, topk=6, route_scale=2.5))
+
+
 def test_route_zero_tokens_and_strided(device):
     x, weight, bias = _inputs(0, 8, 64, 0, device)
     w, ids = _triton(x, weight, bias, topk=2)

@@ -249,9 +249,9 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t
     k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))  # >= every BLOCK_E the pruning keeps
     bucket = token_bucket(T)
-    if config is None:
-        kept = [be for bt, be, *_ in _CONFIGS if _allowed(bt, be, bucket, n_experts)]
-        smallest_chunk = min(kept) if kept else _CONFIGS[0][1]
+    if config is None:  # the configs the tuner may run here (it holds only the first without tuning)
+        runnable = _prune(_route_tuned.configs, {"t_bucket": bucket, "n_experts": n_experts})
+        smallest_chunk = min(c.kwargs["BLOCK_E"] for c in runnable)
     else:
         smallest_chunk = config[1]
         if not MIN_BLOCK_E <= smallest_chunk <= e_pad:

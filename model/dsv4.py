@@ -18,6 +18,7 @@ from torch import nn
 from dsv4_triton import ops
 from dsv4_triton import validate as V
 
+from . import checkpoint
 from .cache import KVCache
 from .config import DSV4Config, get_config
 from .layers import FP32, Block, Embedding, Linear, MTPLayer, Norm, Step, Weights
@@ -74,8 +75,6 @@ class DSV4Model(Weights):
         """A checkpoint directory (release layout, its ``config.json`` beside the shards), or a
         preset name (``tiny``, ``flash``, ``pro``), a ``config.json`` path or a ``DSV4Config``
         with random weights drawn from ``seed`` (see ``checkpoint.random_init``)."""
-        from . import checkpoint
-
         if isinstance(path_or_preset, (str, os.PathLike)) and checkpoint.is_checkpoint_dir(path_or_preset):
             model = cls(DSV4Config.from_json(path_or_preset), device, max_batch, max_seq_len)
             checkpoint.load_checkpoint(model, path_or_preset, strict=strict, seed=seed)

@@ -80,6 +80,13 @@ def backend_table(device: torch.device) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
+    try:
+        return _run(args)
+    except registry.BackendUnavailableError as e:
+        raise SystemExit(f"--backend: {e}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)

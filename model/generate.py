@@ -19,7 +19,16 @@ import torch
 import dsv4_triton
 from dsv4_triton import ops, registry
 
+from .config import DSV4Config, get_config
 from .dsv4 import DSV4Model, default_device
+
+
+def truncated(config: DSV4Config, layers: int) -> DSV4Config:
+    """The first ``layers`` layers of ``config`` (same dims and schedule), without MTP layers."""
+    if layers > config.num_hidden_layers:
+        raise SystemExit(f"--layers: the config has {config.num_hidden_layers} layers, got {layers}")
+    return config.replace(num_hidden_layers=layers, compress_ratios=config.compress_ratios[:layers],
+                          num_nextn_predict_layers=0, num_hash_layers=min(config.num_hash_layers, layers))
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -27,6 +36,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="checkpoint directory (release layout, with config.json)")
     p.add_argument("--config", default="tiny",
                    help="flash | pro | tiny | path to a config.json: random weights (ignored with --checkpoint)")
+    p.add_argument("--layers", type=int,
+                   help="keep only the first N layers of --config's schedule (no MTP layer): release-sized "
+                        "layers that fit one GPU, e.g. --config flash --layers 4")
     p.add_argument("--prompt", help="prompt text (needs --checkpoint with a tokenizer.json and `tokenizers`)")
     p.add_argument("--batch", type=int, default=1, help="requests decoded together (random prompts)")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per random prompt")
@@ -39,9 +51,11 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="CPU intra-op threads (default on the CPU: 1; the tiny model's ops are too small to "
                         "gain from more, and on a busy machine idle threads spin)")
     args = p.parse_args(argv)
-    for name in ("batch", "prompt_len", "new_tokens", "threads"):
+    for name in ("batch", "prompt_len", "new_tokens", "threads", "layers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.layers is not None and args.checkpoint is not None:
+        p.error("--layers applies to --config (random weights), not to --checkpoint")
     if args.prompt is not None and args.checkpoint is None:
         p.error("--prompt needs --checkpoint (the tokenizer comes with the checkpoint)")
     return args
@@ -94,7 +108,10 @@ def _run(args: argparse.Namespace) -> int:
         dsv4_triton.set_backend(args.backend)
     tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None
     g = torch.Generator().manual_seed(args.seed)
-    source = args.checkpoint or args.config
+    source = args.checkpoint or get_config(args.config)
+    if args.layers is not None:
+        source = truncated(source, args.layers)
+    name = args.checkpoint or args.config + (f" (first {args.layers} layers)" if args.layers else "")
 
     if tokenizer is not None:
         prompts = [tokenizer.encode(args.prompt).ids] * args.batch
@@ -104,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = DSV4Model.from_pretrained(source, device=device, max_batch=args.batch,
                                       max_seq_len=prompt_len + args.new_tokens, seed=args.seed)
-    print(f"model: {source} ({model.config.num_hidden_layers} layers, dim {model.config.hidden_size}) "
+    print(f"model: {name} ({model.config.num_hidden_layers} layers, dim {model.config.hidden_size}) "
           f"on {device}, loaded in {time.perf_counter() - t0:.1f} s; cache {model.cache.nbytes() / 2**20:.1f} MiB "
           f"for {args.batch} x {prompt_len + args.new_tokens} tokens", flush=True)
     if prompts is None:

@@ -186,5 +186,11 @@ def test_demo_cli_runs_and_reports():
     text = out.getvalue()
     assert "request 1:" in text and "prefill: 12 tokens" in text and "decode:  2 tokens" in text
     assert "sparse_attention" in text and "backend per op" in text
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert generate_main(["--layers", "2", "--prompt-len", "4", "--new-tokens", "1"]) == 0
+    assert "tiny (first 2 layers) (2 layers" in out.getvalue()
     with pytest.raises(SystemExit):
         generate_main(["--prompt", "hello"])  # needs a checkpoint with a tokenizer
+    with pytest.raises(SystemExit):
+        generate_main(["--layers", "5"])  # tiny has 4

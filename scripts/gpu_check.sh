@@ -20,8 +20,10 @@ print(f"device {torch.cuda.get_device_name()}, capability {torch.cuda.get_device
 PY
 
 if [[ $mode == tests || $mode == all ]]; then
+  # Triton compiles a kernel per new specialisation: run test files in parallel processes.
+  jobs=(); python3 -c "import xdist" 2>/dev/null && jobs=(-n "${TEST_JOBS:-8}" --dist loadfile)
   HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} timeout "${TEST_TIMEOUT:-540}" \
-    python3 -m pytest -q -x --durations=15 --junitxml="$out/gpu_tests.xml" -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+    python3 -m pytest -q "${jobs[@]}" -rf --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
   rc=${PIPESTATUS[0]}; [[ $rc == 0 ]] || status=$rc
 fi
 if [[ $mode == bench || $mode == all ]]; then

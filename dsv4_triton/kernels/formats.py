@@ -99,7 +99,9 @@ def fp4_value(code):
     lo = m.to(tl.float32) * 0.5
     hi = tl.where(m == 7, 6.0, (m - 2).to(tl.float32))
     mag = tl.where(m < 4, lo, hi)
-    return tl.where((code & 8) != 0, -mag, mag)
+    # The sign goes in by bits: Triton lowers unary minus to 0 - x, which turns -0 into +0.
+    sign = ((code & 8) != 0).to(tl.uint32) << 31
+    return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

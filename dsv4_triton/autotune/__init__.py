@@ -85,12 +85,12 @@ def autotune(configs: List["triton.Config"], key: List[str], name: str | None = 
     return deco
 
 
-def save() -> Path:
+def save(directory: Path | None = None) -> Path:
     """Write every tuner's cache for the current GPU (merging with what the file had)."""
     gpu = _current_gpu_name()
     if gpu is None:
         raise RuntimeError("autotune.save needs a CUDA GPU")
-    path = _cache_file(gpu)
+    path = (Path(directory) / _cache_file(gpu).name) if directory else _cache_file(gpu)
     data = json.loads(path.read_text()) if path.exists() else {}
     data["_gpu"] = gpu
     for tuner_name, tuner in sorted(_TUNERS.items()):
@@ -100,7 +100,7 @@ def save() -> Path:
             merged[json.dumps(key)] = {"key": key, "config": _config_to_json(cfg)}
         if merged:
             data[tuner_name] = [merged[k] for k in sorted(merged)]
-    CACHE_DIR.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path
 

@@ -54,6 +54,10 @@ def run_benchmarks(families, write_results: bool = True, out_dir: Path | None = 
     if write_results:
         path = harness.write_results(device, ceilings, rows, overhead, env, out_dir or harness.RESULTS_DIR)
         print(f"wrote {path}")
+        if out_dir is not None:  # keep the tuning this run did beside its results
+            from ..autotune import save
+
+            print(f"wrote {save(out_dir / 'autotune')}")
     return 1 if failures else 0
 
 

@@ -68,7 +68,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="no timing: combine result JSONs of partial runs (later wins) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        from . import harness
+
+        device, ceilings, rows, overhead, env = harness.merge_results(args.merge)
+        rows.sort(key=lambda r: FAMILIES.index(r.family))
+        print(harness.write_results(device, ceilings, rows, overhead, env, args.out or harness.RESULTS_DIR))
+        return 0
     if args.quick:
         os.environ["DSV4_BENCH_QUICK"] = "1"
     if not torch.cuda.is_available():

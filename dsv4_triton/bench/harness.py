@@ -176,6 +176,9 @@ def dispatch_overhead_us(calls: int = 3000) -> Dict[str, float]:
     def public():
         ops.rms_norm(x)
 
+    def launcher():  # the triton implementation called directly: no checks, no registry
+        kn.rms_norm(x, None, 1e-6)
+
     def alloc():
         torch.empty_like(x)
 
@@ -185,8 +188,8 @@ def dispatch_overhead_us(calls: int = 3000) -> Dict[str, float]:
 
     res = {}
     with registry.use_backend("triton", ops=["rms_norm"]):
-        for name, fn in (("bare_launch_us", bare), ("public_op_us", public), ("alloc_us", alloc),
-                         ("validate_us", validate_only)):
+        for name, fn in (("bare_launch_us", bare), ("public_op_us", public), ("launcher_us", launcher),
+                         ("alloc_us", alloc), ("validate_us", validate_only)):
             for _ in range(200):
                 fn()
             torch.cuda.synchronize()
@@ -250,6 +253,24 @@ def write_results(device: str, ceilings, rows: List[Row], overhead, env, out_dir
     md = stem.with_suffix(".md")
     md.write_text(to_markdown(device, ceilings, rows, overhead, env))
     return md
+
+
+def merge_results(paths: List[Path]):
+    """Combine result JSONs of several partial runs on one device: later files replace rows
+    of the same (family, op, shape); ceilings and overhead are those of the last file."""
+    rows: Dict[tuple, Row] = {}
+    data, runs = {}, []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        c = data["ceilings"]
+        families = sorted({r["family"] for r in data["rows"]})
+        runs.append(f"[{', '.join(families)}: copy {c['copy']:.0f} GB/s, bf16 {c['bf16']:.0f}, fp8 {c['fp8']:.0f} "
+                    f"TFLOP/s, overhead {data['dispatch_overhead'].get('overhead_us', float('nan')):.1f} us]")
+        for r in data["rows"]:
+            row = Row(**r)
+            rows[(row.family, row.op, row.shape)] = row
+    env = dict(data["env"], merged_runs=" ".join(runs))  # each row's % is of its own run's ceiling
+    return data["device"], data["ceilings"], list(rows.values()), data["dispatch_overhead"], env
 
 
 def environment() -> Dict[str, str]:

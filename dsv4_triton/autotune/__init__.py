@@ -63,10 +63,13 @@ def _load_into(name: str, tuner) -> None:
     if not path.exists():
         return
     entries = json.loads(path.read_text()).get(name, [])
+    # A stored choice is used only if it is still one of the kernel's configs: after a kernel
+    # changes, stale entries are ignored (tuned again on first use), never launched.
+    current = {json.dumps(_config_to_json(c), sort_keys=True): c for c in tuner.configs}
     for entry in entries:
-        cfg = entry["config"]
-        tuner.cache[tuple(entry["key"])] = triton.Config(cfg["kwargs"], num_warps=cfg["num_warps"],
-                                                         num_stages=cfg["num_stages"])
+        cfg = current.get(json.dumps(entry["config"], sort_keys=True))
+        if cfg is not None:
+            tuner.cache[tuple(entry["key"])] = cfg
     _loaded_for[name] = gpu
 
 

@@ -7,9 +7,9 @@ times ``w``, summed over the heads, stored as FP32 scores ``[B*S, Nk]`` (a works
 4 B per query and key: 1/64 of the BF16 key bytes it is made from).  Key tiles at or
 past every query's ``n_valid`` are skipped (the causal half in prefill).
 
-Selection: exact top-k by a three-level radix select on an order-preserving 32-bit key of
-each FP32 score (11 + 11 + 10 bits; a histogram pass per level finds the digit holding the
-k-th largest), then one pass that writes, in ascending index order, every index above the
+Selection: exact top-k by a radix select on an order-preserving 32-bit key of each FP32
+score (up to four levels of one byte; a histogram pass per level finds the digit holding the
+k-th largest, and the levels stop once that digit is taken whole), then one pass that writes, in ascending index order, every index above the
 threshold and the lowest-index ones equal to it, and pads with -1.  All in registers of
 one program per segment: no atomics, so the result is deterministic.  Decode has few
 query rows and long rows, so each row is cut into ``splits`` segments (one program each,
@@ -38,7 +38,8 @@ from .quant import fp4_quantise
 
 HEAD_DIM: tl.constexpr = tl.constexpr(128)
 FP4_BLOCK: tl.constexpr = tl.constexpr(32)
-RADIX_BINS: tl.constexpr = tl.constexpr(2048)
+RADIX_BITS: tl.constexpr = tl.constexpr(8)
+RADIX_BINS: tl.constexpr = tl.constexpr(256)
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 _KEY_ROW_BYTES: tl.constexpr = tl.constexpr(FP4_KEY_BYTES)
 PACK_ROWS = 16
@@ -139,30 +140,44 @@ def _segment_keys(val_ptr, idx_ptr, offs, n, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
-def _level_histogram(val_ptr, idx_ptr, n, prefix, MATCH_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr,
-                     DIGIT_BITS: tl.constexpr, FIRST: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram of one radix digit over the elements whose higher digits equal ``prefix``."""
+def _level_histogram(val_ptr, idx_ptr, n, prefix, LEVEL: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of radix digit ``LEVEL`` (0 = the top byte, taken signed) over the elements
+    whose higher digits equal ``prefix``."""
+    DIGIT_SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
     hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         key, v, ok = _segment_keys(val_ptr, idx_ptr, start + tl.arange(0, BLOCK), n, HAS_IDX)
-        if FIRST:
-            digit = (key >> DIGIT_SHIFT) + (1 << (DIGIT_BITS - 1))  # arithmetic shift: signed top digit
+        if LEVEL == 0:
+            digit = (key >> DIGIT_SHIFT) + RADIX_BINS // 2  # arithmetic shift: signed top digit
             match = ok
         else:
-            digit = (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1)
-            match = ok & ((key >> MATCH_SHIFT) == prefix)
+            digit = (key >> DIGIT_SHIFT) & (RADIX_BINS - 1)
+            match = ok & ((key >> (DIGIT_SHIFT + RADIX_BITS)) == prefix)
         hist += tl.histogram(digit, RADIX_BINS, mask=match)
     return hist
 
 
 @triton.jit
 def _pick_digit(hist, remaining):
-    """The digit holding the ``remaining``-th largest element, and how many are still needed from it."""
+    """The digit holding the ``remaining``-th largest element, how many are still needed from
+    it, and how many it holds."""
     bins = tl.arange(0, RADIX_BINS)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     digit = tl.max(tl.where(at_or_above >= remaining, bins, 0), axis=0)
     above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-    return digit, remaining - above
+    count = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+    return digit, remaining - above, count
+
+
+@triton.jit
+def _refine(val_ptr, idx_ptr, n, prefix, remaining, done, LEVEL: tl.constexpr, HAS_IDX: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """One radix level below ``prefix`` (skipped, state kept, once ``done``)."""
+    hist = _level_histogram(val_ptr, idx_ptr, tl.where(done, 0, n), prefix, LEVEL, HAS_IDX, BLOCK)
+    digit, rest, count = _pick_digit(hist, remaining)
+    # Done when the whole digit is taken: no lower level can split it.
+    return (tl.where(done, prefix, prefix * RADIX_BINS + digit), tl.where(done, remaining, rest),
+            done | (count == rest))
 
 
 @triton.jit
@@ -171,22 +186,29 @@ def _select_segment(val_ptr, idx_ptr, n, k, first_index, out_idx_ptr, out_val_pt
     """Top ``min(k, valid)`` of a segment of ``n`` scores, in segment order, then -1 up to ``k``.
 
     Indices are ``first_index + position`` or, with ``HAS_IDX``, loaded (-1 = padding).
+    The threshold key is found one byte at a time (4 levels of 256 bins: ``tl.histogram``
+    costs about one ballot per digit bit plus a popcount per (bin / 32) per element, so a
+    byte is ~8x cheaper per level than 11 bits); the levels stop as soon as the digit
+    holding the k-th largest is taken whole.
     """
-    # Level 1 is skipped when the segment has at most k elements (all are taken); the
+    # Level 0 is skipped when the segment has at most k elements (all are taken); the
     # lower levels also when the valid elements (padding excluded) are at most k.
-    h0 = _level_histogram(val_ptr, idx_ptr, tl.where(n > k, n, 0), 0, 0, 21, 11, True, HAS_IDX, BLOCK)
+    h0 = _level_histogram(val_ptr, idx_ptr, tl.where(n > k, n, 0), 0, 0, HAS_IDX, BLOCK)
     take_all = tl.sum(h0, axis=0) <= k
-    n_lower = tl.where(take_all, 0, n)
-    d0, remaining = _pick_digit(h0, k)
-    prefix0 = d0 - 1024
-    h1 = _level_histogram(val_ptr, idx_ptr, n_lower, prefix0, 21, 10, 11, False, HAS_IDX, BLOCK)
-    d1, remaining = _pick_digit(h1, remaining)
-    prefix1 = prefix0 * 2048 + d1
-    h2 = _level_histogram(val_ptr, idx_ptr, n_lower, prefix1, 10, 0, 10, False, HAS_IDX, BLOCK)
-    d2, remaining = _pick_digit(h2, remaining)
-    # Every key is > INT32_MIN (that bit pattern is a NaN, mapped to the top).
-    threshold = tl.where(take_all, INT32_MIN, prefix1 * 1024 + d2)
-    ties = tl.where(take_all, 0, remaining)
+    d0, remaining, count = _pick_digit(h0, k)
+    prefix = d0 - RADIX_BINS // 2
+    done = take_all | (count == remaining)
+    prefix, remaining, done1 = _refine(val_ptr, idx_ptr, n, prefix, remaining, done, 1, HAS_IDX, BLOCK)
+    prefix, remaining, done2 = _refine(val_ptr, idx_ptr, n, prefix, remaining, done1, 2, HAS_IDX, BLOCK)
+    prefix, remaining, done3 = _refine(val_ptr, idx_ptr, n, prefix, remaining, done2, 3, HAS_IDX, BLOCK)
+    # ``prefix`` holds the digits of the levels run: shift it up to a full key.  Stopped
+    # early, every key of that digit is taken: threshold = its lowest key - 1, no ties.
+    # Every key is > INT32_MIN (that bit pattern is a NaN, mapped to the top), so
+    # INT32_MIN with no ties takes every valid element.
+    # (Shifts, not products: every branch of a where is evaluated, and may wrap.)
+    lowest = tl.where(done, prefix << 24, tl.where(done1, prefix << 16, tl.where(done2, prefix << 8, prefix)))
+    threshold = tl.where(take_all, INT32_MIN, tl.where(done2, tl.maximum(lowest, INT32_MIN + 1) - 1, lowest))
+    ties = tl.where(done2, 0, remaining)
 
     taken = 0
     ties_seen = 0

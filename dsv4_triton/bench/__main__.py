@@ -21,7 +21,7 @@ FAMILIES = ("norm", "rope", "quant", "activation", "mhc", "router", "attention",
 
 
 def run_benchmarks(families, write_results: bool = True, out_dir: Path | None = None,
-                   compile_baselines: bool = True) -> int:
+                   compile_baselines: bool = True, baselines: bool = True) -> int:
     from . import harness
 
     families = list(families) or list(FAMILIES)
@@ -40,7 +40,7 @@ def run_benchmarks(families, write_results: bool = True, out_dir: Path | None = 
         module = importlib.import_module(f"dsv4_triton.bench.{fam}")
         for case in module.cases(quick):
             try:
-                row = harness.run_case(fam, case, ceilings, compile_baselines)
+                row = harness.run_case(fam, case, ceilings, compile_baselines, baselines)
             except Exception:  # one broken case must not hide the others' figures
                 failures += 1
                 print(f"FAILED {fam} {case.op} {case.shape}:\n{traceback.format_exc()}", flush=True)
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("families", nargs="*", help=f"subset of: {', '.join(FAMILIES)}")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip eager and compiled torch (a re-run; --merge keeps earlier baselines)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="no timing: combine result JSONs of partial runs (later wins) into --out")
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
         print("dsv4_triton.bench: no CUDA GPU on this machine; the benchmarks time GPU kernels, "
               "so nothing was measured. Run it on a GPU machine (see README).")
         return 0
-    return run_benchmarks(args.families, out_dir=args.out, compile_baselines=not args.no_compile)
+    return run_benchmarks(args.families, out_dir=args.out, compile_baselines=not args.no_compile,
+                          baselines=not args.no_baselines)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def _graph_timed(fn, sets: List[tuple]) -> Optional[float]:
         return None
 
 
-def run_case(family: str, case: Case, ceilings: Dict[str, float], compile_baselines: bool = True) -> Row:
+def run_case(family: str, case: Case, ceilings: Dict[str, float], compile_baselines: bool = True,
+             baselines: bool = True) -> Row:
     sets = _input_sets(case)
     out = case.run(*sets[0])  # warm up (and autotune) outside the timing
     torch.cuda.synchronize()
@@ -147,7 +148,7 @@ def run_case(family: str, case: Case, ceilings: Dict[str, float], compile_baseli
     frac = (gbps if case.ceiling == "copy" else tflops) / roof
     err = rel_err(out, case.oracle(*sets[0])) if case.oracle is not None else None
     eager_ms = compiled_ms = None
-    if case.eager is not None:
+    if case.eager is not None and baselines:
         eager_ms = _graph_timed(case.eager, sets) or _timed(case.eager, sets)
         if compile_baselines and case.compile_eager:
             compiled = torch.compile(case.eager, dynamic=False)
@@ -268,7 +269,12 @@ def merge_results(paths: List[Path]):
                     f"TFLOP/s, overhead {data['dispatch_overhead'].get('overhead_us', float('nan')):.1f} us]")
         for r in data["rows"]:
             row = Row(**r)
-            rows[(row.family, row.op, row.shape)] = row
+            key = (row.family, row.op, row.shape)
+            old = rows.get(key)
+            if old is not None:  # a re-run without baselines keeps the earlier ones
+                row.eager_ms = row.eager_ms if row.eager_ms is not None else old.eager_ms
+                row.compiled_ms = row.compiled_ms if row.compiled_ms is not None else old.compiled_ms
+            rows[key] = row
     env = dict(data["env"], merged_runs=" ".join(runs))  # each row's % is of its own run's ceiling
     return data["device"], data["ceilings"], list(rows.values()), data["dispatch_overhead"], env
 

@@ -11,7 +11,9 @@ from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, use_backend
 from dsv4_triton.formats import FP4_VALUES, e8m0_to_float, exp2_int, fp4_decode, fp4_encode, fp4_unpack
-from dsv4_triton.kernels.formats import cast_rne, to_f32
+from dsv4_triton.formats import div_rn
+from dsv4_triton.kernels.formats import cast_rne, fp4_code, fp4_round_in_range, fp4_value, to_f32
+from dsv4_triton.kernels.quant import fp4_scale_exponent
 from dsv4_triton.reference import quant as ref
 from helpers import ULP
 
@@ -435,6 +437,59 @@ def test_to_f32_is_exact_for_every_16_bit_pattern(device, dtype):
     y = torch.empty(x.shape, dtype=torch.float32, device=device)
     _upcast_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
     assert_same_bits(y, x.float(), "to_f32")
+
+
+@triton.jit
+def _fp4_helpers_kernel(v_ptr, code_ptr, round_ptr, value_ptr, exp_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(v_ptr + offs, mask=offs < n)
+    tl.store(code_ptr + offs, fp4_code(v), mask=offs < n)
+    tl.store(round_ptr + offs, fp4_round_in_range(v), mask=offs < n)
+    tl.store(value_ptr + offs, fp4_value(offs & 15), mask=offs < n)
+    tl.store(exp_ptr + offs, fp4_scale_exponent(tl.abs(v)), mask=offs < n)
+
+
+def _run_fp4_helpers(v: torch.Tensor):
+    outs = [torch.empty(v.shape, dtype=d, device=v.device) for d in (torch.int32, torch.float32, torch.float32,
+                                                                      torch.int32)]
+    _fp4_helpers_kernel[(triton.cdiv(v.numel(), 4096),)](v, *outs, v.numel(), BLOCK=4096)
+    return [o.cpu() for o in outs]
+
+
+def test_fp4_device_helpers_match_the_codec(device):
+    # Every FP32 value next to each E2M1 rounding tie and grid point (ties, one ulp either side),
+    # random values in [-7, 7], signed zeros, subnormals, saturation and non-finite values.
+    g = torch.Generator().manual_seed(4)
+    marks = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 1e-45, 2.0 ** -126])
+    near = torch.cat([marks, torch.nextafter(marks, torch.zeros_like(marks)), torch.nextafter(marks, marks + 1)])
+    near = torch.cat([near, 6.0 * (1 + torch.arange(1, 9) * 2.0 ** -23), torch.rand(20000, generator=g) * 7])
+    v = torch.cat([near, -near, torch.tensor([0.0, -0.0, 6.5, -6.99, 7.0, 1e30, float("inf"), -float("inf"),
+                                              float("nan")])])
+    code, rounded, value, _ = _run_fp4_helpers(v.to(device))
+    expected = fp4_encode(v.clamp(-6.0, 6.0))
+    assert_same_bits(code.to(torch.uint8), expected, "fp4_code")
+    in_range = v.abs() < 7
+    assert_same_bits(rounded[in_range], fp4_decode(expected)[in_range], "fp4_round_in_range")
+    assert_same_bits(value, torch.tensor(FP4_VALUES).repeat(v.numel() // 16 + 1)[:v.numel()], "fp4_value")
+
+
+def test_fp4_scale_exponent_without_division_equals_the_oracle(device):
+    # ceil(log2(RN(amax / 6))) from the bits against the oracle's division, in the binade of the
+    # amax floor 6 * 2^-126, a middle one and the largest: every mantissa within 2^12 of 1.5
+    # (where the quotient crosses a power of two), the ends of the binade and a stride through it.
+    middle = 0x400000 + torch.arange(-4096, 4097)
+    mantissa = torch.cat([middle, torch.arange(0, 1 << 23, 997), torch.arange((1 << 23) - 16, 1 << 23)]).to(torch.int32)
+    amax = torch.cat([(((exponent + 127) << 23) | mantissa).view(torch.float32) for exponent in (-124, 0, 127)])
+    amax = amax[amax >= ref.FP4_AMAX_FLOOR]
+    _, _, _, e = _run_fp4_helpers(amax.to(device))
+    assert torch.equal(e, ref.fp4_exponent(amax, torch.zeros_like(amax, dtype=torch.bool)))
+    assert torch.equal(e, ceil_log2_of_quotient(amax))
+
+
+def ceil_log2_of_quotient(amax: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(amax / 6)) with the quotient rounded to FP32, via float64 (independent of bits)."""
+    q = div_rn(amax, 6.0).double()
+    return torch.ceil(torch.log2(q)).to(torch.int32)
 
 
 # --- fused finishing steps ---------------------------------------------------------------

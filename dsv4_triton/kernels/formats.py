@@ -9,7 +9,8 @@ with the torch oracle:
   conversion flushes FP8 subnormals and maps NaN to the wrong byte, so under
   ``TRITON_INTERPRET=1`` an exact integer encoder runs instead; the GPU tests check
   the hardware path against the same oracle.
-* FP4 (E2M1) encode/decode is arithmetic on the magnitude, identical everywhere.
+* FP4 (E2M1) encode/decode is integer and FP32-add arithmetic on the bits, identical
+  everywhere (an FP32 add with a magic number does the round-to-nearest-even).
 """
 
 import triton
@@ -34,12 +35,15 @@ def exp2i(e):
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def amax_nan(x, axis: tl.constexpr):
-    """max(|x|) along ``axis``, NaN if any element is NaN."""
-    a = tl.abs(x)
-    m = tl.max(a, axis=axis)
-    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
-    return tl.where(has_nan, float("nan"), m)
+    """max(|x|) along ``axis``, NaN if any element is NaN (one NaN-propagating max per
+    element: the default hardware max drops a NaN operand)."""
+    return tl.reduce(tl.abs(x), axis, _max_keep_nan)
 
 
 @triton.jit
@@ -80,28 +84,56 @@ def to_fp8(v):
 
 
 @triton.jit
+def _fp4_magic(bits):
+    """For the FP32 ``bits`` (uint32) of a value v with |v| < 8: the FP32 number
+    M = 2^(E+22) + 2E ulps, E = max(floor(log2 |v|), 0).
+
+    The E2M1 grid step at |v| is 2^(E-1), the ulp of M, so the FP32 sum ``|v| + M`` is M plus
+    |v| rounded to the grid, ties to even (2E is even), and its low three bits are the
+    magnitude code 2E + round(|v| / 2^(E-1)).  Integer and FP32-add work only, no compares.
+    """
+    top = tl.maximum(bits & 0x7F800000, 0x3F800000)  # 2^E
+    return (top + (top >> 22) + ((22 << 23) - 254)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp4_code_in_range(v):
+    """E2M1 code (int32 0..15) of float32 ``v`` with |v| < 7 (above 6 rounds to 6, as after a
+    clamp); ties go to the even code; negative values and -0.0 set the sign bit.  NaN, Inf and
+    |v| >= 7 give an arbitrary code (for blocks whose codes are overwritten)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    total = (tl.abs(v) + _fp4_magic(bits)).to(tl.uint32, bitcast=True)
+    sign = bits >> 28  # bit 3 is v's sign; bits 0..2 are replaced below
+    return (((total ^ sign) & 7) ^ sign).to(tl.int32)  # low three bits from total, bit 3 from sign
+
+
+@triton.jit
 def fp4_code(v):
-    """float32 in [-6, 6] (or NaN) -> E2M1 code (int32 0..15); ties go to the even code."""
-    a = tl.abs(v)
-    c = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-         + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-         + (a > 5.0).to(tl.int32))
-    c = tl.where(v != v, 0, c)
-    sign = ((v.to(tl.int32, bitcast=True) >> 31) & 1) & (v == v).to(tl.int32)
-    return c | (sign << 3)
+    """float32 (or NaN) -> E2M1 code (int32 0..15): |v| saturates at 6, NaN gives 0; ties go to
+    the even code; negative values and -0.0 set the sign bit."""
+    return tl.where(v != v, 0, fp4_code_in_range(clamp_nan(v, -6.0, 6.0)))
+
+
+@triton.jit
+def fp4_round_in_range(v):
+    """float32 ``v`` with |v| < 7 -> its E2M1 value ``fp4_value(fp4_code(v))`` as FP32, sign kept
+    (also for -0.0): the quantise-dequantise of QAT in one step.  NaN, Inf and |v| >= 7 give an
+    arbitrary value."""
+    bits = v.to(tl.uint32, bitcast=True)
+    magic = _fp4_magic(bits)
+    r = (tl.abs(v) + magic) - magic  # exact: both are multiples of the grid step in M's binade
+    # The sign goes in by bits: Triton lowers unary minus to 0 - x, which turns -0 into +0.
+    return (r.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def fp4_value(code):
-    """E2M1 code (int, 0..15) -> float32."""
-    m = code & 7
-    # magnitudes 0, .5, 1, 1.5 for m < 4; 2, 3, 4, 6 for m >= 4
-    lo = m.to(tl.float32) * 0.5
-    hi = tl.where(m == 7, 6.0, (m - 2).to(tl.float32))
-    mag = tl.where(m < 4, lo, hi)
+    """E2M1 code (int, 0..15) -> float32, built from bits (no int-to-float conversion)."""
+    m = (code & 7).to(tl.int32)
+    # Codes 2..7 are normal: FP32 bits (m + 252) << 22; code 1 is 0.5 (252 << 22), code 0 is 0.
+    mag = tl.where(m >= 2, (m + 252) << 22, tl.where(m == 1, 252 << 22, 0))
     # The sign goes in by bits: Triton lowers unary minus to 0 - x, which turns -0 into +0.
-    sign = ((code & 8) != 0).to(tl.uint32) << 31
-    return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return (mag | ((code & 8).to(tl.int32) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code,
-                      fp4_value, to_f32, to_fp8)
+from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code_in_range,
+                      fp4_round_in_range, fp4_value, to_f32, to_fp8)
 from .norm import as_rows
 from .rope import clamp_position, rotate_interleaved
 
@@ -50,14 +50,18 @@ def _prune_tiles(configs, nargs, **kw):
 
 
 @triton.jit
-def _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    """This program's ``[BPP, BLOCK]`` tile of blocks as FP32, their flat ids and validity."""
+def _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK: tl.constexpr, BPP: tl.constexpr,
+                 DENSE: tl.constexpr):
+    """This program's ``[BPP, BLOCK]`` tile of blocks as FP32, their flat ids and validity.
+    DENSE: rows are back to back (stride_row = row length), so no per-block row division."""
     bid = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
     ok = bid < n_blocks
-    row = bid // blocks_per_row
-    col = (bid - row * blocks_per_row) * BLOCK
-    offs = row[:, None] * stride_row + col[:, None] + tl.arange(0, BLOCK)[None, :]
-    x = to_f32(tl.load(x_ptr + offs, mask=ok[:, None], other=0.0))
+    if DENSE:
+        start = bid * BLOCK
+    else:
+        row = bid // blocks_per_row
+        start = row * stride_row + (bid - row * blocks_per_row) * BLOCK
+    x = to_f32(tl.load(x_ptr + start[:, None] + tl.arange(0, BLOCK)[None, :], mask=ok[:, None], other=0.0))
     return x, bid, ok
 
 
@@ -81,16 +85,45 @@ def fp8_quantise(x, POW2: tl.constexpr):
 
 
 @triton.jit
+def fp4_scale_exponent(amax):
+    """``ceil(log2(RN(amax / 6)))`` (int32) for positive normal FP32 ``amax``, exact and without
+    a division.  With amax = 2^k * m, m in [1, 2): the quotient is 2^(k-2) * m / 1.5, which
+    lies above 2^(k-2) by more than half an ulp when m > 1.5 (then e = k - 1), is 2^(k-2)
+    when m = 1.5, and below 2^(k-2) by more than half an ulp when m < 1.5 (e = k - 2).  Adding
+    0x3FFFFF to the bits carries into the exponent exactly when the mantissa exceeds 1.5."""
+    return ((amax.to(tl.int32, bitcast=True) + 0x3FFFFF) >> 23) - 129
+
+
+@triton.jit
+def _fp4_block_exponents(x):
+    """Per block (row) of ``x`` ``[R, B]``: the scale exponent e (2^e) and the invalid mask
+    (NaN/Inf amax; e = 0 there)."""
+    amax = amax_nan(x, 1)
+    invalid = ~(amax < float("inf"))
+    return fp4_scale_exponent(tl.where(invalid, 6.0, tl.maximum(amax, FP4_AMAX_FLOOR))), invalid
+
+
+@triton.jit
 def fp4_quantise(x):
     """Blocks ``[R, B]`` (FP32) -> (E2M1 codes int32, scale exponents e int32 ``[R]``, invalid ``[R]``).
 
     Scale ``2^e``; a block with a NaN/Inf amax is invalid: codes 0 (E8M0 byte 0xFF on store).
     """
-    amax = amax_nan(x, 1)
-    invalid = ~(amax < float("inf"))
-    e = ceil_log2(tl.math.div_rn(tl.where(invalid, 6.0, tl.maximum(amax, FP4_AMAX_FLOOR)), 6.0))
-    codes = fp4_code(clamp_nan(x * exp2i(-e)[:, None], -6.0, 6.0))  # exact: x / 2^e
+    e, invalid = _fp4_block_exponents(x)
+    # x * 2^-e rounds like the oracle's x / 2^e (exact above 2^-126); in a valid block it stays
+    # below 6 (1 + 2^-23) in magnitude (2^e >= RN(amax / 6)), where the encoder rounds as
+    # after the oracle's clamp to 6.
+    codes = fp4_code_in_range(x * exp2i(-e)[:, None])
     return tl.where(invalid[:, None], 0, codes), e, invalid
+
+
+@triton.jit
+def fp4_qat(x):
+    """Blocks ``[R, B]`` (FP32) -> ``fp4_qat_values(*fp4_quantise(x))`` in one step: each value
+    rounded onto the E2M1 grid of its block's scale (NaN for invalid blocks)."""
+    e, invalid = _fp4_block_exponents(x)
+    scale = tl.where(invalid, float("nan"), exp2i(e))  # a NaN scale makes the whole block NaN
+    return fp4_round_in_range(x * exp2i(-e)[:, None]) * scale[:, None]  # both products exact
 
 
 @triton.jit
@@ -100,13 +133,22 @@ def fp4_qat_values(codes, e, invalid):
     return tl.where(invalid[:, None], float("nan"), y)
 
 
+@triton.jit
+def pack_fp4_words(codes, R: tl.constexpr, B: tl.constexpr):
+    """E2M1 codes ``[R, B]`` (B a multiple of 8) -> int32 words ``[R, B / 8]``: element 8i + j
+    in bits 4j..4j+3 of word i, the little-endian bytes of the packed layout."""
+    nibbles = tl.reshape(codes, [R, B // 8, 8]) << (4 * tl.arange(0, 8))[None, None, :]
+    return tl.sum(nibbles, axis=2)  # the nibbles do not overlap: the sum is their OR
+
+
 @autotune(configs=_TILE_CONFIGS, key=["BLOCK", "POW2", "QAT"], name="fp8_blocks",
           prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit
 def _fp8_blocks_kernel(x_ptr, q_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, stride_row,
-                       BLOCK: tl.constexpr, POW2: tl.constexpr, QAT: tl.constexpr, TILE: tl.constexpr):
+                       BLOCK: tl.constexpr, POW2: tl.constexpr, QAT: tl.constexpr, DENSE: tl.constexpr,
+                       TILE: tl.constexpr):
     BPP: tl.constexpr = TILE // BLOCK
-    x, bid, ok = _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK, BPP)
+    x, bid, ok = _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK, BPP, DENSE)
     q, s = fp8_quantise(x, POW2)
     out = bid[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     if QAT:
@@ -121,18 +163,24 @@ def _fp8_blocks_kernel(x_ptr, q_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, str
           prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit
 def _fp4_blocks_kernel(x_ptr, p_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, stride_row,
-                       BLOCK: tl.constexpr, QAT: tl.constexpr, TILE: tl.constexpr):
+                       BLOCK: tl.constexpr, QAT: tl.constexpr, DENSE: tl.constexpr, TILE: tl.constexpr):
+    """QAT: values to ``y_ptr``.  Else codes to ``p_ptr``: int32 words of eight codes when
+    BLOCK % 8 == 0 (the launcher passes the packed bytes viewed as int32), else bytes."""
     BPP: tl.constexpr = TILE // BLOCK
-    x, bid, ok = _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK, BPP)
-    codes, e, invalid = fp4_quantise(x)
+    x, bid, ok = _load_blocks(x_ptr, n_blocks, blocks_per_row, stride_row, BLOCK, BPP, DENSE)
     if QAT:
-        y = fp4_qat_values(codes, e, invalid)
+        y = fp4_qat(x)
         out = bid[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         tl.store(y_ptr + out, cast_rne(y, y_ptr.dtype.element_ty), mask=ok[:, None])
     else:
-        lo, hi = tl.split(tl.reshape(codes, [BPP, BLOCK // 2, 2]))  # element 2k low nibble
-        out = bid[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
-        tl.store(p_ptr + out, (lo | (hi << 4)).to(tl.uint8), mask=ok[:, None])
+        codes, e, invalid = fp4_quantise(x)
+        if BLOCK % 8 == 0:
+            out = bid[:, None] * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[None, :]
+            tl.store(p_ptr + out, pack_fp4_words(codes, BPP, BLOCK), mask=ok[:, None])
+        else:
+            lo, hi = tl.split(tl.reshape(codes, [BPP, BLOCK // 2, 2]))  # element 2k low nibble
+            out = bid[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+            tl.store(p_ptr + out, (lo | (hi << 4)).to(tl.uint8), mask=ok[:, None])
         tl.store(s_ptr + bid, tl.where(invalid, 255, e + 127).to(tl.uint8), mask=ok)
 
 
@@ -157,8 +205,10 @@ def _fp4_dequant_kernel(p_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, stride_p,
 
 
 def _flat_blocks(x: torch.Tensor, block: int):
+    """(x as rows, block count, blocks per row, whether the rows are back to back)."""
     x2 = as_rows(x)
-    return x2, x2.shape[0] * (x2.shape[1] // block), x2.shape[1] // block
+    per_row = x2.shape[1] // block
+    return x2, x2.shape[0] * per_row, per_row, x2.stride(0) == x2.shape[1] or x2.shape[0] == 1
 
 
 def _grid(n_blocks: int, block: int):
@@ -170,9 +220,9 @@ def act_quant(x: torch.Tensor, block: int, pow2: bool):
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((*x.shape[:-1], x.shape[-1] // block), dtype=torch.float32, device=x.device)
     if q.numel():
-        x2, n_blocks, per_row = _flat_blocks(x, block)
+        x2, n_blocks, per_row, dense = _flat_blocks(x, block)
         _fp8_blocks_kernel[_grid(n_blocks, block)](x2, q.view(torch.uint8), s, x2, n_blocks, per_row, x2.stride(0),
-                                                   BLOCK=block, POW2=pow2, QAT=False)
+                                                   BLOCK=block, POW2=pow2, QAT=False, DENSE=dense)
     return q, s
 
 
@@ -180,9 +230,9 @@ def act_quant(x: torch.Tensor, block: int, pow2: bool):
 def qat8(x: torch.Tensor, block: int, pow2: bool) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel():
-        x2, n_blocks, per_row = _flat_blocks(x, block)
+        x2, n_blocks, per_row, dense = _flat_blocks(x, block)
         _fp8_blocks_kernel[_grid(n_blocks, block)](x2, x2, x2, y, n_blocks, per_row, x2.stride(0),
-                                                   BLOCK=block, POW2=pow2, QAT=True)
+                                                   BLOCK=block, POW2=pow2, QAT=True, DENSE=dense)
     return y
 
 
@@ -191,9 +241,10 @@ def fp4_quant(x: torch.Tensor, block: int):
     p = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     s = torch.empty((*x.shape[:-1], x.shape[-1] // block), dtype=torch.float8_e8m0fnu, device=x.device)
     if p.numel():
-        x2, n_blocks, per_row = _flat_blocks(x, block)
-        _fp4_blocks_kernel[_grid(n_blocks, block)](x2, p, s.view(torch.uint8), x2, n_blocks, per_row, x2.stride(0),
-                                                   BLOCK=block, QAT=False)
+        x2, n_blocks, per_row, dense = _flat_blocks(x, block)
+        words = p.view(torch.int32) if block % 8 == 0 else p
+        _fp4_blocks_kernel[_grid(n_blocks, block)](x2, words, s.view(torch.uint8), x2, n_blocks, per_row,
+                                                   x2.stride(0), BLOCK=block, QAT=False, DENSE=dense)
     return p, s
 
 
@@ -201,9 +252,9 @@ def fp4_quant(x: torch.Tensor, block: int):
 def qat4(x: torch.Tensor, block: int) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel():
-        x2, n_blocks, per_row = _flat_blocks(x, block)
+        x2, n_blocks, per_row, dense = _flat_blocks(x, block)
         _fp4_blocks_kernel[_grid(n_blocks, block)](x2, x2, x2, y, n_blocks, per_row, x2.stride(0),
-                                                   BLOCK=block, QAT=True)
+                                                   BLOCK=block, QAT=True, DENSE=dense)
     return y
 
 
@@ -420,8 +471,7 @@ def _rope_hadamard_qat4_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_pe
         # Each step rounds to x's dtype, as the chain apply_rope -> hadamard -> qat4 does.
         r = cast_rne(tl.reshape(r, [ROWS, HEAD_DIM]), dtype)
         h = to_f32(cast_rne(hadamard_rows(r, scale, ROWS, HEAD_DIM, KRON_A, h_a, h_16, h_n), dtype))
-        codes, e, invalid = fp4_quantise(tl.reshape(h, [ROWS * HEAD_DIM // 32, 32]))
-        y = tl.reshape(fp4_qat_values(codes, e, invalid), [ROWS, HEAD_DIM])
+        y = tl.reshape(fp4_qat(tl.reshape(h, [ROWS * HEAD_DIM // 32, 32])), [ROWS, HEAD_DIM])
         tl.store(y_ptr + row[:, None] * HEAD_DIM + cols[None, :], cast_rne(y, dtype), mask=row_ok[:, None])
 
 

@@ -71,10 +71,17 @@ def test_oracle_ties_take_lower_indices_and_nan_ranks_first():
 # --- the Triton kernels against the oracle -----------------------------------------------
 
 def _run_triton(qi, w, keys, n_valid, k, splits=None):
+    """``splits``: None = the registered op (its own plan), n = one program per row segment
+    and a merge (n segments), ("parts", n) = the row-parallel selection (n chunks per row)."""
     if splits is None:
         with use_backend("triton"):
             return ops.indexer_topk(qi, w, keys, n_valid, k)
+    if isinstance(splits, tuple):
+        return kernels.indexer_topk_parts(qi, w, keys, n_valid, k, splits[1])
     return kernels.indexer_topk_splits(qi, w, keys, n_valid, k, splits)
+
+
+PARTS = [("parts", 1), ("parts", 3), ("parts", 16)]
 
 
 def random_n_valid(g, bsz, seq, n_keys):
@@ -86,7 +93,7 @@ def random_n_valid(g, bsz, seq, n_keys):
 
 
 @given(bsz=st.integers(1, 2), seq=st.integers(1, 3), heads=st.sampled_from([1, 3, 4, 8]),
-       n_keys=st.integers(1, 300), k=st.integers(1, 64), splits=st.sampled_from([None, 1, 2, 3, 7]),
+       n_keys=st.integers(1, 300), k=st.integers(1, 64), splits=st.sampled_from([None, 1, 2, 3, 7] + PARTS),
        seed=st.integers(0, 2**31))
 def test_kernel_exact_on_integer_scores(device, bsz, seq, heads, n_keys, k, splits, seed):
     """Integer inputs make every score exact in FP32 in any summation order, so the kernel's
@@ -102,7 +109,7 @@ def test_kernel_exact_on_integer_scores(device, bsz, seq, heads, n_keys, k, spli
 
 
 @given(seq=st.integers(1, 3), heads=st.sampled_from([2, 5]), n_keys=st.integers(1, 200), k=st.integers(1, 40),
-       splits=st.sampled_from([1, 4]), seed=st.integers(0, 2**31))
+       splits=st.sampled_from([1, 4, ("parts", 5)]), seed=st.integers(0, 2**31))
 def test_kernel_selects_a_true_top_k_of_real_scores(device, seq, heads, n_keys, k, splits, seed):
     """Gaussian inputs: the kernel's FP32 scores differ from the oracle's by summation order
     (relative ~1e-6), so near-ties may resolve either way.  The selection must still be
@@ -147,7 +154,7 @@ def test_kernel_scoring_pass_alone(device):
             assert torch.equal(got[b, t, :n], expected[b, t, :n])
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, ("parts", 4)])
 def test_kernel_nan_scores_rank_first(device, splits):
     g = torch.Generator().manual_seed(3)
     qi, w, keys = make_inputs(g, 2, 2, 4, 50, integer=True)
@@ -160,7 +167,7 @@ def test_kernel_nan_scores_rank_first(device, splits):
     assert got[1, 1].tolist() == [0, 1, 2, 3, 4, 5]  # all NaN: ties go to the lowest indices
 
 
-@pytest.mark.parametrize("splits", [None, 1, 2])
+@pytest.mark.parametrize("splits", [None, 1, 2, ("parts", 3)])
 def test_kernel_edge_lengths(device, splits):
     """n_valid = 0, k > Nk, Nk = 0, and out-of-range n_valid clamped (unchecked mode)."""
     g = torch.Generator().manual_seed(4)
@@ -181,8 +188,9 @@ def test_kernel_strided_inputs(device):
     qi_buf, w_buf, cache = make_inputs(g, 2, 5, 6, 90, integer=True)
     qi, w, keys = qi_buf[:, 1:4, 1:5], w_buf[:, 1:4, 1:5], cache[:, 10:70]
     n_valid = torch.tensor([[60, 31, 7], [12, 60, 59]], dtype=torch.int32).t().contiguous().t()
-    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 9, 2).cpu()
-    assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
+    for splits in (2, ("parts", 4)):
+        got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 9, splits).cpu()
+        assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
 
 
 # --- FP4 key rows -------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def test_pack_indexer_keys_bit_exact(device, rows, dtype, scale, special, seed):
 
 
 @given(seq=st.integers(1, 3), heads=st.sampled_from([2, 4]), n_keys=st.integers(1, 150), k=st.integers(1, 40),
-       splits=st.sampled_from([1, 3]), seed=st.integers(0, 2**31))
+       splits=st.sampled_from([1, 3, ("parts", 4)]), seed=st.integers(0, 2**31))
 def test_fp4_keys_select_exactly_like_bf16_keys(device, seq, heads, n_keys, k, splits, seed):
     """QAT'd keys: the FP4 rows decode to the same BF16 values, so the kernel's scores and
     selection are identical for both layouts (and so are the oracle's)."""
@@ -237,14 +245,27 @@ def test_fp4_keys_exact_on_integer_scores(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 16])
 @pytest.mark.parametrize("bsz, n_keys, k", [(1, 262144, 1024), (4, 65536, 1024), (2, 40000, 512)])
-def test_kernel_decode_sizes(device, bsz, n_keys, k):
-    """Decode: 64 heads, one query, long rows (split into segments and merged)."""
+def test_kernel_decode_sizes(device, bsz, n_keys, k, splits):
+    """Decode: 64 heads, one query, long rows (the op's plan: the row-parallel selection;
+    16: segments and a merge)."""
     g = torch.Generator().manual_seed(n_keys)
     qi, w, keys = make_inputs(g, bsz, 1, 64, n_keys, integer=True)
     n_valid = torch.randint(n_keys // 2, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)
-    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, splits)
     assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
+
+
+def test_selection_plan(monkeypatch):
+    """Few long rows take the row-parallel selection (about 4 programs per SM); many rows, or
+    rows under 8k, one program per segment (and a merge when a row is split)."""
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert kernels.plan_parts(1, 262144, 1024, cuda) == 256
+    assert kernels.plan_parts(32, 32768, 1024, cuda) == 17
+    assert kernels.plan_parts(16384, 4096, 1024, cuda) == 0
+    assert kernels.plan_parts(1, 4096, 1024, cuda) == 0
 
 
 @pytest.mark.gpu

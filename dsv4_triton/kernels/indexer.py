@@ -40,6 +40,7 @@ HEAD_DIM: tl.constexpr = tl.constexpr(128)
 FP4_BLOCK: tl.constexpr = tl.constexpr(32)
 RADIX_BITS: tl.constexpr = tl.constexpr(8)
 RADIX_BINS: tl.constexpr = tl.constexpr(256)
+RADIX_LEVELS: tl.constexpr = tl.constexpr(4)
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 _KEY_ROW_BYTES: tl.constexpr = tl.constexpr(FP4_KEY_BYTES)
 PACK_ROWS = 16
@@ -187,8 +188,8 @@ def _select_segment(val_ptr, idx_ptr, n, k, first_index, out_idx_ptr, out_val_pt
 
     Indices are ``first_index + position`` or, with ``HAS_IDX``, loaded (-1 = padding).
     The threshold key is found one byte at a time (4 levels of 256 bins: ``tl.histogram``
-    costs about one ballot per digit bit plus a popcount per (bin / 32) per element, so a
-    byte is ~8x cheaper per level than 11 bits); the levels stop as soon as the digit
+    lowers to a ballot per digit bit and a popcount per 32 bins for every 32 elements, so a
+    byte needs 8 popcounts where 11 bits needed 64); the levels stop as soon as the digit
     holding the k-th largest is taken whole.
     """
     # Level 0 is skipped when the segment has at most k elements (all are taken); the
@@ -210,8 +211,17 @@ def _select_segment(val_ptr, idx_ptr, n, k, first_index, out_idx_ptr, out_val_pt
     threshold = tl.where(take_all, INT32_MIN, tl.where(done2, tl.maximum(lowest, INT32_MIN + 1) - 1, lowest))
     ties = tl.where(done2, 0, remaining)
 
-    taken = 0
-    ties_seen = 0
+    none = tl.zeros_like(ties)  # a tensor: literal 0 would reach _compact's loop as a constant
+    taken = _compact(val_ptr, idx_ptr, n, first_index, threshold, ties, none, none, out_idx_ptr, out_val_ptr,
+                     HAS_IDX, WRITE_VALS, BLOCK)
+    _pad(out_idx_ptr, taken, k, BLOCK)
+
+
+@triton.jit
+def _compact(val_ptr, idx_ptr, n, first_index, threshold, ties, taken, ties_seen, out_idx_ptr, out_val_ptr,
+             HAS_IDX: tl.constexpr, WRITE_VALS: tl.constexpr, BLOCK: tl.constexpr):
+    """Write, in order, the elements above ``threshold`` and the ties ranked ``<= ties``
+    (``ties_seen`` of them came before), from output position ``taken``; returns the new count."""
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         key, v, ok = _segment_keys(val_ptr, idx_ptr, offs, n, HAS_IDX)
@@ -228,6 +238,12 @@ def _select_segment(val_ptr, idx_ptr, n, k, first_index, out_idx_ptr, out_val_pt
             tl.store(out_val_ptr + pos, v, mask=take)
         taken += tl.sum(take.to(tl.int32), axis=0)
         ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+    return taken
+
+
+@triton.jit
+def _pad(out_idx_ptr, taken, k, BLOCK: tl.constexpr):
+    """-1 in output positions ``[taken, k)``."""
     for start in range(taken, k, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         tl.store(out_idx_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < k)
@@ -261,6 +277,116 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
     row = tl.program_id(0).to(tl.int64)
     _select_segment(cand_val_ptr + row * n_cand, cand_idx_ptr + row * n_cand, n_cand, k, 0, out_ptr + row * k,
                     out_ptr, True, False, BLOCK)
+
+
+# --- Row-parallel selection (few long rows) -----------------------------------------------
+# Each row is cut into ``parts`` chunks, one program each, in every launch: the same radix
+# levels as ``_select_segment``, but a level's histogram is the sum of the chunks' (integer
+# atomics: exact, any order), kept in a ``[rows, 4, 256]`` workspace; every program replays
+# the picks from it (1 KB per level) to know the prefix, so a launch boundary is the only
+# synchronisation.  Then one launch counts each chunk's elements above the threshold and
+# ties, and one writes each chunk's selection at its offset (ascending index order, ties to
+# the lowest indices as in one program).
+
+ROW_PARALLEL_BLOCK = 1024
+ROW_PARALLEL_WARPS = 4
+
+
+@triton.jit
+def _row_threshold(hist_ptr, k, LEVELS: tl.constexpr):
+    """Replay the picks of the first ``LEVELS`` levels of a row from their histograms:
+    (prefix, remaining, done) as ``_select_segment`` has them, and the threshold key and
+    number of ties taken that the levels give when they are all done."""
+    bins = tl.arange(0, RADIX_BINS)
+    h0 = tl.load(hist_ptr + bins)
+    take_all = tl.sum(h0, axis=0) <= k
+    d0, remaining, count = _pick_digit(h0, k)
+    prefix = d0 - RADIX_BINS // 2
+    done = take_all | (count == remaining)
+    lowest = prefix << 24
+    for level in tl.static_range(1, LEVELS):
+        digit, rest, count = _pick_digit(tl.load(hist_ptr + level * RADIX_BINS + bins), remaining)
+        was_done = done
+        prefix = tl.where(was_done, prefix, prefix * RADIX_BINS + digit)
+        remaining = tl.where(was_done, remaining, rest)
+        done = was_done | (count == rest)
+        lowest = tl.where(was_done, lowest, prefix << (24 - RADIX_BITS * level))
+    # As in ``_select_segment``: stopped before the last level, every key of the digit is
+    # taken (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all.
+    if LEVELS == RADIX_LEVELS:
+        early = was_done  # done before the last level
+    else:
+        early = done
+    threshold = tl.where(take_all, INT32_MIN, tl.where(early, tl.maximum(lowest, INT32_MIN + 1) - 1, prefix))
+    return prefix, remaining, done, threshold, tl.where(early, 0, remaining)
+
+
+@triton.jit
+def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
+    """(row, first index, length) of this program's chunk of valid scores."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq
+    nv = tl.load(nv_ptr + b * s_nb + (row - b * seq) * s_ns)
+    nv = tl.minimum(tl.maximum(nv, 0), n_keys)
+    first = tl.program_id(1) * chunk
+    return row, first, tl.maximum(tl.minimum(first + chunk, nv) - first, 0)
+
+
+@triton.jit
+def _row_level_kernel(scores_ptr, nv_ptr, hist_ptr, seq, n_keys, k, chunk, s_nb, s_ns,
+                      LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's."""
+    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    row_hist = hist_ptr + row * (RADIX_LEVELS * RADIX_BINS)
+    vals = scores_ptr + row * n_keys + first
+    if LEVEL == 0:
+        hist = _level_histogram(vals, vals, n, 0, 0, False, BLOCK)
+    else:
+        prefix, remaining, done, threshold, ties = _row_threshold(row_hist, k, LEVEL)
+        hist = _level_histogram(vals, vals, tl.where(done, 0, n), prefix, LEVEL, False, BLOCK)
+    tl.atomic_add(row_hist + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0)
+
+
+@triton.jit
+def _row_count_kernel(scores_ptr, nv_ptr, hist_ptr, counts_ptr, seq, n_keys, k, chunk, s_nb, s_ns,
+                      BLOCK: tl.constexpr):
+    """Program (row, part): how many of the chunk's elements are above the threshold, and tie it."""
+    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    prefix, remaining, done, threshold, ties = _row_threshold(hist_ptr + row * (RADIX_LEVELS * RADIX_BINS), k,
+                                                              RADIX_LEVELS)
+    above = 0
+    equal = 0
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key, v, ok = _segment_keys(scores_ptr + row * n_keys + first, scores_ptr, offs, n, False)
+        above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
+        equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
+    out = counts_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * 2
+    tl.store(out, above)
+    tl.store(out + 1, equal)
+
+
+@triton.jit
+def _row_write_kernel(scores_ptr, nv_ptr, hist_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_nb, s_ns,
+                      PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, part): the chunk's selected indices at its offset; the last part pads."""
+    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    prefix, remaining, done, threshold, ties = _row_threshold(hist_ptr + row * (RADIX_LEVELS * RADIX_BINS), k,
+                                                              RADIX_LEVELS)
+    p = tl.arange(0, PARTS_P)
+    row_counts = counts_ptr + row * parts * 2 + p * 2
+    above = tl.load(row_counts, mask=p < parts, other=0)
+    equal = tl.load(row_counts + 1, mask=p < parts, other=0)
+    ties_before = tl.sum(tl.where(p < part, equal, 0), axis=0)
+    taken_before = tl.sum(tl.where(p < part, above, 0), axis=0) + tl.minimum(ties_before, ties)
+    out_row = out_ptr + row * k
+    _compact(scores_ptr + row * n_keys + first, scores_ptr, n, first, threshold, ties, taken_before,
+             ties_before, out_row, out_row, False, False, BLOCK)
+    if part == parts - 1:
+        total = tl.sum(above, axis=0) + tl.minimum(tl.sum(equal, axis=0), ties)
+        _pad(out_row, total, k, BLOCK)
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,10 +464,51 @@ def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n
     return out
 
 
+def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
+    """Chunks per row for the row-parallel selection (0: rows are too many or too short for
+    it).  About four programs per SM in all, each chunk at least one block long: the seven
+    small launches then cost a few microseconds each, where one program per row segment
+    would run a whole segment's radix levels on one SM."""
+    sms = _sm_count(device)
+    if rows >= sms or n_keys < 8 * k:
+        return 0
+    return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(4 * sms, rows)))
+
+
+def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
+                       k: int, parts: int) -> torch.Tensor:
+    """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row."""
+    bsz, seq = qi.shape[:2]
+    n_keys = keys.shape[1]
+    rows = bsz * seq
+    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
+    if rows == 0:
+        return out
+    if n_keys == 0:
+        return out.fill_(-1)
+    scores = indexer_scores(qi, w, keys, n_valid)
+    chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys)))
+    parts = triton.cdiv(n_keys, chunk)
+    hist = torch.zeros(rows, RADIX_LEVELS.value, RADIX_BINS.value, dtype=torch.int32, device=qi.device)
+    counts = torch.empty(rows, parts, 2, dtype=torch.int32, device=qi.device)
+    grid = (rows, parts)
+    common = dict(BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
+    for level in range(RADIX_LEVELS.value):
+        _row_level_kernel[grid](scores, n_valid, hist, seq, n_keys, k, chunk, *n_valid.stride(), LEVEL=level,
+                                **common)
+    _row_count_kernel[grid](scores, n_valid, hist, counts, seq, n_keys, k, chunk, *n_valid.stride(), **common)
+    _row_write_kernel[grid](scores, n_valid, hist, counts, out, seq, n_keys, k, chunk, *n_valid.stride(),
+                            PARTS_P=triton.next_power_of_2(parts), **common)
+    return out
+
+
 @register("indexer_topk", "triton")
 def indexer_topk(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                  k: int) -> torch.Tensor:
     rows = qi.shape[0] * qi.shape[1]
+    parts = plan_parts(rows, keys.shape[1], k, qi.device)
+    if parts:
+        return indexer_topk_parts(qi, w, keys, n_valid, k, parts)
     return indexer_topk_splits(qi, w, keys, n_valid, k, plan_splits(rows, keys.shape[1], k, qi.device))
 
 

@@ -8,14 +8,21 @@ times ``w``, summed over the heads, stored as FP32 scores ``[B*S, Nk]`` (a works
 past every query's ``n_valid`` are skipped (the causal half in prefill).
 
 Selection: exact top-k by a radix select on an order-preserving 32-bit key of each FP32
-score (up to four levels of one byte; a histogram pass per level finds the digit holding the
-k-th largest, and the levels stop once that digit is taken whole), then one pass that writes, in ascending index order, every index above the
-threshold and the lowest-index ones equal to it, and pads with -1.  All in registers of
-one program per segment: no atomics, so the result is deterministic.  Decode has few
-query rows and long rows, so each row is cut into ``splits`` segments (one program each,
-writing its segment's top-k with values), and a second launch selects the row's top-k
-among those candidates (exact: an element of the row's top-k is in its segment's top-k).
-Prefill (many rows) uses one segment per row.  So: 2 launches, 3 when a row is split.
+score (up to four levels of one byte; a histogram pass per level finds the digit holding
+the k-th largest, and the levels stop once that digit is taken whole), then one pass that
+writes, in ascending index order, every index above the threshold and the lowest-index
+ones equal to it, and pads with -1.  Deterministic either way (integer sums only):
+- few long rows (decode): the row-parallel select.  Each row is cut into chunks, about
+  four programs per SM in all; per level every chunk adds its histogram to the row's
+  (integer atomics), and the next launch's programs replay the picks from those; then a
+  launch counts each chunk's elements above the threshold and tied with it, and one writes
+  each chunk's selection at its offset.  8 launches (zeroed histograms, scores, 4 levels,
+  counts, write), each short: one program per segment would run a whole segment's levels
+  on a single SM while the others idle.
+- many rows (prefill): one program per row segment, all levels in one launch; a row cut
+  into ``splits`` segments writes each segment's top-k with values and a second launch
+  selects among those (exact: an element of the row's top-k is in its segment's top-k).
+  2 launches, 3 when a row is split.
 
 FP4 keys (``uint8 [B, Nk, 68]``, see ``reference/indexer.py``) are decoded in registers to
 BF16 (exact: an E2M1 value times a power of two) before the same tensor-core product, so

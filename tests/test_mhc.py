@@ -173,20 +173,13 @@ def test_hc_pre_comb_is_doubly_stochastic(device):
     assert bool((comb > 0).all())
 
 
-def test_hc_pre_many_tiles_wrap_the_workspace_ring(device, monkeypatch):
-    # A one-tile workspace gives 4 slots of 16 tokens at dim 64: 150 tokens are 10 tiles, so
-    # tiles reuse slots (waiting for the tile one ring earlier), and the last LAG tiles are
-    # drained by the extra programs.
-    monkeypatch.setattr(kern, "RING_TILES", 1)
-    monkeypatch.setattr(kern, "_workspaces", {})
-    X, fn, scale, base = _inputs(150, 64, 5, device)
+def test_hc_pre_many_tiles_and_splits(device):
+    # 150 tokens at dim 200: 10 tiles of 16 and 4 splits of 64 (the last one partial), so the
+    # y programs sum partial rows from several splits and tiles; a second, shorter launch
+    # reuses the grown workspace without reading the first launch's rows.
+    X, fn, scale, base = _inputs(150, 200, 5, device)
     _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))
-    (part, _, sync), = kern._workspaces.values()
-    assert part.numel() // 32 // 16 == 4
-    # Every counter is back to zero: the next launch starts clean.
-    assert int(sync.abs().sum()) == 0
     _check_pre(X[:70], fn, scale, base, _triton("hc_pre", X[:70], fn, scale, base))
-    assert int(sync.abs().sum()) == 0
 
 
 def test_hc_pre_strided_input(device):
@@ -209,13 +202,14 @@ def test_hc_pre_nan_inf_propagate_like_oracle(device, bad):
     _check_pre(X, fn, scale, base, out)
 
 
-@pytest.mark.parametrize("config", [kern._MIX_CONFIGS[0], (32, 128, 64, 4)])
-def test_hc_pre_and_head_explicit_configs(device, config):
-    # 40 tokens and dim 300: partial tiles, and chunks running past dim.
-    X, fn, scale, base = _inputs(40, 300, 13, device)
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config))
+@pytest.mark.parametrize("config, y_config", [((16, 64, 64, 4), (4, 256, 4)), ((32, 128, 64, 4), (1, 128, 4))])
+def test_hc_pre_and_head_explicit_configs(device, config, y_config):
+    # 40 tokens and dim 300: partial tiles, chunks and y blocks running past dim, and more
+    # than SPLIT_BLOCK splits at the narrow chunk.
+    X, fn, scale, base = _inputs(40, 300 if config[1] > 64 else 1100, 13, device)
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
     _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
-                                                               config=config))
+                                                               config=config, y_config=y_config))
 
 
 def _check_head(X, fn, scale, base, y, eps=1e-6):
@@ -387,15 +381,26 @@ def compile_for_sm90(module, kernel, types, consts, aligned, warps):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("head, config", [(False, kern._MIX_CONFIGS[-1]), (True, kern._MIX_CONFIGS[0])])
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("config", [kern._MIX_CONFIGS[0], kern._MIX_CONFIGS[-1]])
 def test_mix_kernel_compiles_for_sm90_without_spills(head, config):
     bt, chunk, bk, warps = config
-    consts = dict(HEAD=head, N_MIX=4 if head else 24, N_PAD=16 if head else 32, BLOCK_T=bt, CHUNK=chunk, BLOCK_K=bk,
-                  MAX_RING_SLOTS=kern.MAX_SLOTS, LAG_TILES=kern.LAG)
-    types = dict(x_ptr="*bf16", y_ptr="*bf16", sync_ptr="*i32", eps="fp32", norm_eps="fp32")
-    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_mix_kernel", types, consts,
-                             ["dim", "stride_xt", "stride_xs"], warps)
+    consts = dict(N_MIX=4 if head else 24, N_PAD=16 if head else 32, BLOCK_T=bt, CHUNK=chunk, BLOCK_K=bk)
+    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_mix_partial_kernel", dict(x_ptr="*bf16"), consts,
+                             ["dim", "stride_xt", "stride_xs", "T"], warps)
     assert usage["stack"] == 0 and usage["pipelined"], usage
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("config", [kern._Y_CONFIGS[0], kern._Y_CONFIGS[-1]])
+def test_finalise_y_kernel_compiles_for_sm90_without_spills(head, config):
+    bt, bd, warps = config
+    types = dict(x_ptr="*bf16", y_ptr="*bf16", eps="fp32", norm_eps="fp32")
+    consts = dict(HEAD=head, N_PAD=16 if head else 32, BLOCK_T=bt, BLOCK_D=bd)
+    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_finalise_y_kernel", types, consts,
+                             ["dim", "stride_xt", "stride_xs", "T"], warps)
+    assert usage["stack"] == 0, usage
 
 
 # ---------------------------------------------------------------- GPU: model sizes, every config
@@ -410,13 +415,15 @@ def test_hc_pre_head_model_sizes_gpu(T, dim, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", kern._MIX_CONFIGS)
+@pytest.mark.parametrize("config, y_config", [(c, kern._Y_CONFIGS[i % len(kern._Y_CONFIGS)])
+                                              for i, c in enumerate(kern._MIX_CONFIGS)]
+                         + [(kern._MIX_CONFIGS[-1], y) for y in kern._Y_CONFIGS])
 @pytest.mark.parametrize("T, dim", [(1, 7168), (64, 4096), (333, 7168), (4096, 4096)])
-def test_every_mix_config_gpu(config, T, dim):
+def test_every_mix_config_gpu(config, y_config, T, dim):
     X, fn, scale, base = _inputs(T, dim, T + dim, "cuda")
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config))
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
     _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
-                                                               config=config))
+                                                               config=config, y_config=y_config))
 
 
 @pytest.mark.gpu

@@ -456,14 +456,16 @@ def _rope_hadamard_qat4_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_pe
     c = tl.arange(0, ROPE_DIM)
     last_chunk = (tl.arange(0, CHUNKS) == CHUNKS - 1)[None, :, None]
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        row = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # n_rows < 2^31; offsets are not
+        # Row, slot and index in the slot in 32 bits (n_rows < 2^31: a cheap division); the
+        # offsets from them in 64 bits.
+        row = tile * ROWS + tl.arange(0, ROWS)
         row_ok = row < n_rows
         slot = row // rows_per_slot
         inner = row - slot * rows_per_slot
-        x_row = x_ptr + slot * stride_xs + inner * stride_xm
+        x_row = x_ptr + slot.to(tl.int64) * stride_xs + inner.to(tl.int64) * stride_xm
         x = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xd, mask=row_ok[:, None], other=0.0))
         # RoPE on the last chunk of R dims (reloaded from L1), merged back into the row.
-        pos = clamp_position(tl.load(pos_ptr + slot * stride_pos, mask=row_ok, other=0), max_pos)
+        pos = clamp_position(tl.load(pos_ptr + slot.to(tl.int64) * stride_pos, mask=row_ok, other=0), max_pos)
         xr = to_f32(tl.load(x_row[:, None] + (HEAD_DIM - ROPE_DIM + c)[None, :] * stride_xd,
                             mask=row_ok[:, None], other=0.0))
         yr = rotate_interleaved(xr, table_ptr, pos, ROPE_DIM, False)
@@ -472,7 +474,7 @@ def _rope_hadamard_qat4_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_pe
         r = cast_rne(tl.reshape(r, [ROWS, HEAD_DIM]), dtype)
         h = to_f32(cast_rne(hadamard_rows(r, scale, ROWS, HEAD_DIM, KRON_A, h_a, h_16, h_n), dtype))
         y = tl.reshape(fp4_qat(tl.reshape(h, [ROWS * HEAD_DIM // 32, 32])), [ROWS, HEAD_DIM])
-        tl.store(y_ptr + row[:, None] * HEAD_DIM + cols[None, :], cast_rne(y, dtype), mask=row_ok[:, None])
+        tl.store(y_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], cast_rne(y, dtype), mask=row_ok[:, None])
 
 
 def _slots(x: torch.Tensor, positions: torch.Tensor):

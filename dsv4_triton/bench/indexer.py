@@ -4,10 +4,11 @@ Decode: one query per sequence against every compressed entry.  The scoring pass
 is memory bound on the keys: BF16 keys are 256 B each (FP4 rows from
 ``pack_indexer_keys``: 68 B, 64 B of codes + 4 E8M0 scales), 2 * 64 * 128 FLOP per key =
 64 FLOP/B: memory bound.  FP4 rows raise that to 241 FLOP/B, about the H100's measured
-ridge (bf16 matmul rate / copy bandwidth ~ 240), and add an in-register decode per key.  Its byte count: keys + qi + w read once, FP32 scores written once.
+ridge (bf16 matmul rate / copy bandwidth ~ 240), and add an in-register decode per key.
+Its byte count: keys + qi + w read once, FP32 scores written once.
 End to end (score + exact top-k) is counted on the same bytes; the selection re-reads
 the scores (4 B/key, L2-resident for one row): few long rows by the row-parallel radix
-select (six small launches after the scores, every SM busy), many rows by one program
+select (seven small launches besides the scores, every SM busy), many rows by one program
 per row segment (one or two launches).
 
 Prefill: 16k queries, causal (entry s valid for query t when s < (t+1)//4), 4096 entries;

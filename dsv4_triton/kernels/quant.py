@@ -123,7 +123,8 @@ def fp4_qat(x):
     rounded onto the E2M1 grid of its block's scale (NaN for invalid blocks)."""
     e, invalid = _fp4_block_exponents(x)
     scale = tl.where(invalid, float("nan"), exp2i(e))  # a NaN scale makes the whole block NaN
-    return fp4_round_in_range(x * exp2i(-e)[:, None]) * scale[:, None]  # both products exact
+    # x * 2^-e rounds like the oracle's x / 2^e; the grid value times 2^e is exact (>= 2^-127).
+    return fp4_round_in_range(x * exp2i(-e)[:, None]) * scale[:, None]
 
 
 @triton.jit

@@ -19,6 +19,11 @@ already QAT'd (the non-RoPE part passed through ``qat8``, the indexer keys throu
 ``qat4``, SPEC 2), so storing their FP8/FP4 codes instead would be exact; this layout is
 what the methods below hide when that change is made.
 
+Decode steps have one shape whatever the positions (candidate rows are always ``W +
+capacity`` or ``W + k`` long, masked with -1), and the index ranges they use are made once
+here, so a step allocates nothing but its outputs, never synchronises, and can be captured
+in a CUDA graph and replayed.
+
 Positions are per request: every method takes the ``[B]`` positions (or lengths) of the
 requests in rows ``0..B-1``.  Nothing here synchronises with the host: writes that only
 some requests make in a step (a compressed entry is emitted when ``(p+1) % ratio == 0``)
@@ -83,6 +88,11 @@ class KVCache:
             self._state.append(states)
         # Next position of each request (tokens cached so far), for checked-mode validation.
         self.next_pos = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        # Index ranges of the decode step, made once (a torch.arange per use is a launch each).
+        self._batch_rows = torch.arange(max_batch, device=device)
+        self._window_slots = torch.arange(self.window, device=device)
+        self._entry_ids = torch.arange(max((self.n_entries(i) for i in range(len(self.ratios))), default=0),
+                                       device=device)
 
     def _new_state(self, ratio: int, d: int) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = (self.max_batch, state_rows(ratio), _state_width(ratio, d))
@@ -178,16 +188,14 @@ class KVCache:
     # ------------------------------------------------------------------ decode writes
     def write_token(self, layer: int, kv: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode: the new tokens' ``kv [B, D]`` at positions ``[B]`` into their ring slots."""
-        B = kv.shape[0]
-        rows = torch.arange(B, device=kv.device)
+        rows = self._batch_rows[:kv.shape[0]]
         self._kv[layer][rows, torch.remainder(positions, self.window)] = kv
 
     def push_state(self, layer: int, which: str, a: torch.Tensor, z: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode: the new tokens' projections ``a, z [B, c*d]`` into the partial window."""
         ratio = self.ratios[layer]
-        B = a.shape[0]
         row = torch.remainder(positions, ratio) + (CSA_RATIO if ratio == CSA_RATIO else 0)
-        rows = torch.arange(B, device=a.device)
+        rows = self._batch_rows[:a.shape[0]]
         sa, sz = self._state[layer][which]
         sa[rows, row] = a
         sz[rows, row] = z
@@ -202,7 +210,7 @@ class KVCache:
         B = entry.shape[0]
         emit = torch.remainder(positions + 1, ratio) == 0
         j = (positions // ratio).clamp(max=self.n_entries(layer) - 1)
-        rows = torch.arange(B, device=entry.device)
+        rows = self._batch_rows[:B]
         if which == MAIN:
             store, col = self._kv[layer], self.window + j
         else:
@@ -221,10 +229,10 @@ class KVCache:
         ratio = self.ratios[layer]
         W = self.window
         p = positions.to(torch.int64)[:, None]
-        q = p - (W - 1) + torch.arange(W, device=p.device)  # window positions, ascending
+        q = p - (W - 1) + self._window_slots  # window positions, ascending
         parts = [torch.where(q >= 0, torch.remainder(q, W), -1)]
         if ratio == HCA_RATIO:
-            j = torch.arange(self.n_entries(layer), device=p.device)
+            j = self._entry_ids[:self.n_entries(layer)]
             parts.append(torch.where(j < (p + 1) // ratio, W + j, -1))
         elif ratio == CSA_RATIO:
             if topk is None:

@@ -121,7 +121,8 @@ def _random_weight(name: str, info: WeightInfo, specs: Dict[str, WeightInfo], se
     """Random values for ``name`` (and its scale, for quantised weights), drawn on ``device``
     (default CPU; a GPU draws other values from the same seed, much faster for big configs).
 
-    Linear weights ~ N(0, 1/fan_in) (FP8 ones quantised in 128x128 blocks with E8M0
+    Linear weights ~ N(0, 1/fan_in), times ``init_gain`` for the projections that end a
+    residual branch (``RESIDUAL_OUT_GAIN``) (FP8 ones quantised in 128x128 blocks with E8M0
     scales, FP4 experts per 32 with E8M0 scales); norm weights ~ 1; mHC parameters small
     (the mix stays near its base: pre ~ 1/2, post ~ 1, comb ~ uniform); router bias 0;
     tid2eid distinct random experts per token."""
@@ -133,10 +134,10 @@ def _random_weight(name: str, info: WeightInfo, specs: Dict[str, WeightInfo], se
         return torch.randn(*s, generator=g, device=device)
 
     if kind == "fp8":
-        q, scale = quantize_fp8_blocks(normal(*shape) * info.fan_in ** -0.5)
+        q, scale = quantize_fp8_blocks(normal(*shape) * (info.init_gain * info.fan_in ** -0.5))
         return {name: q, _companion_scale(name): scale}
     if kind == "fp4":
-        packed, scale = ops.fp4_quant(normal(shape[0], 2 * shape[1]) * info.fan_in ** -0.5, 32)
+        packed, scale = ops.fp4_quant(normal(shape[0], 2 * shape[1]) * (info.init_gain * info.fan_in ** -0.5), 32)
         return {name: packed, _companion_scale(name): scale}
     if kind in ("fp8_scale", "fp4_scale"):
         weight = name[:-len("scale")] + "weight"

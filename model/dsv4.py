@@ -197,10 +197,14 @@ class DSV4Model(Weights):
         return ids.to(self.device), lengths.to(self.device)
 
     @torch.no_grad()
-    def generate_steps(self, prompts: Prompts, max_new_tokens: int) -> Iterator[torch.Tensor]:
+    def generate_steps(self, prompts: Prompts, max_new_tokens: int, cuda_graph: bool = False) -> Iterator[torch.Tensor]:
         """Greedy decoding, one ``[B]`` tensor of new tokens per step (the first right after the
-        prefill).  Prompts: a ``[B, S]`` tensor or lists of token ids of any lengths."""
+        prefill).  Prompts: a ``[B, S]`` tensor or lists of token ids of any lengths.
+        ``cuda_graph`` (CUDA devices): decode steps after the first are replays of one
+        captured step (see ``_graph_decode``)."""
         V.positive_int("max_new_tokens", max_new_tokens)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs the model on a CUDA device, got {self.device}")
         ids, lengths = self._pad(prompts)
         longest = ids.shape[1] if isinstance(prompts, torch.Tensor) else max(len(p) for p in prompts)
         if longest + max_new_tokens - 1 > self.max_seq_len:
@@ -209,11 +213,47 @@ class DSV4Model(Weights):
         self.reset()
         token = self(ids, 0, lengths).argmax(-1)
         yield token
+        if cuda_graph:
+            yield from self._graph_decode(token, lengths, max_new_tokens - 1)
+            return
         pos = lengths
         for _ in range(max_new_tokens - 1):
             token = self(token[:, None], pos).argmax(-1)
             pos = pos + 1
             yield token
+
+    def _graph_decode(self, token: torch.Tensor, pos: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+        """``steps`` greedy decode steps from ``token`` at positions ``pos``: the first runs
+        eagerly on the capture stream (so every kernel is compiled and tuned, and every
+        library handle made, before capture), then one step is captured, whose last kernels
+        write its token and next positions into its own inputs; each further step is one
+        replay.  A decode step has fixed shapes and neither syncs nor allocates outside the
+        graph's pool (``cache.py``), which is what makes it capturable; checked mode
+        (``DSV4_CHECKS=1``) syncs and cannot be captured."""
+        if steps <= 0:
+            return
+        if V.checks_enabled():
+            raise ValueError("cuda_graph: checked mode (DSV4_CHECKS=1) syncs with the host and cannot be captured")
+        static_token = token[:, None].clone()
+        static_pos = pos.to(torch.int64).clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            first = self(static_token, static_pos).argmax(-1)
+            static_token.copy_(first[:, None])
+            static_pos.add_(1)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        yield first
+        if steps == 1:
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = self(static_token, static_pos).argmax(-1)
+            static_token.copy_(out[:, None])
+            static_pos.add_(1)
+        for _ in range(steps - 1):
+            graph.replay()
+            yield out.clone()
 
     def generate(self, prompts: Prompts, max_new_tokens: int, eos_token_id: Optional[int] = None,
                  progress: bool = False) -> List[List[int]]:

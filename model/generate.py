@@ -2,7 +2,13 @@
 
 Without arguments: the tiny config with seeded random weights, a random prompt, greedy
 decoding with a progress bar, then prefill and decode throughput and the backend the
-registry chose for each op.  ``--checkpoint DIR`` loads a release-layout checkpoint (and its
+registry chose for each op.  On a GPU a warm-up pass of the same shapes runs first (it
+compiles the kernels and counts the kernel launches of one decode step), so the
+throughput figures exclude compilation; the tuned kernels run their first config unless
+``--autotune`` is given (tuning the model's shapes compiles every config: minutes), and
+``--cuda-graph`` replays one captured decode step per token.  A decode step has the same
+shapes at every position, so nothing is compiled or tuned again while decoding.
+``--checkpoint DIR`` loads a release-layout checkpoint (and its
 ``tokenizer.json`` if the ``tokenizers`` package is installed, so ``--prompt "text"`` works).
 """
 
@@ -47,6 +53,13 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="force one backend for every op (default: the registry's choice)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="random weights and prompts")
+    p.add_argument("--autotune", action="store_true",
+                   help="GPU: tune every kernel on the model's shapes (compiles every config: minutes; shapes "
+                        "stored in autotune_cache/ use the stored choice); default: each kernel's first config")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="GPU: capture one decode step in a CUDA graph and replay it for every further token")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="GPU: skip the warm-up pass (the timed figures then include compilation)")
     p.add_argument("--threads", type=int,
                    help="CPU intra-op threads (default on the CPU: 1; the tiny model's ops are too small to "
                         "gain from more, and on a busy machine idle threads spin)")
@@ -58,6 +71,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
         p.error("--layers applies to --config (random weights), not to --checkpoint")
     if args.prompt is not None and args.checkpoint is None:
         p.error("--prompt needs --checkpoint (the tokenizer comes with the checkpoint)")
+    if args.cuda_graph and args.device is not None and not args.device.startswith("cuda"):
+        p.error("--cuda-graph needs a CUDA device")
     return args
 
 
@@ -75,6 +90,43 @@ def _tokenizer(checkpoint: str):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def first_configs_only() -> None:
+    """Every tuned kernel keeps only its first config (valid for every shape), as
+    ``DSV4_AUTOTUNE=0`` does at import: a shape without a stored choice then compiles one
+    kernel instead of timing all of them."""
+    from dsv4_triton import autotune
+
+    for tuner in autotune._TUNERS.values():
+        tuner.configs = tuner.configs[:1]
+
+
+def decode_launches(steps) -> Optional[int]:
+    """GPU operations (kernels, copies, memsets) of the next step of ``steps``, counted by
+    the profiler; None where the profiler cannot count them (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            next(steps)
+            torch.cuda.synchronize()
+    except RuntimeError:
+        return None
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def warm_up(model: DSV4Model, prompts, new_tokens: int) -> Optional[int]:
+    """GPU: a prefill and up to two decode steps of the timed run's shapes, so that every
+    kernel is compiled (and tuned) before timing; returns the GPU operations of the second
+    decode step (the first one compiles), or None."""
+    n = min(new_tokens, 3)
+    steps = model.generate_steps(prompts, n)
+    for _ in range(min(n, 2)):  # the prefill and the first decode step
+        next(steps)
+    launches = decode_launches(steps) if n == 3 else None
+    torch.cuda.synchronize()
+    return launches
 
 
 def backend_table(device: torch.device) -> str:
@@ -106,6 +158,10 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
     if args.backend:
         dsv4_triton.set_backend(args.backend)
+    if device.type == "cuda" and not args.autotune:
+        first_configs_only()
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"--cuda-graph: needs a CUDA device, got {device}")
     tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None
     g = torch.Generator().manual_seed(args.seed)
     source = args.checkpoint or get_config(args.config)
@@ -127,7 +183,14 @@ def _run(args: argparse.Namespace) -> int:
     if prompts is None:
         prompts = torch.randint(0, model.config.vocab_size, (args.batch, prompt_len), generator=g).tolist()
 
-    steps = model.generate_steps(prompts, args.new_tokens)
+    if device.type == "cuda" and not args.no_warmup:  # (nothing is compiled on the CPU)
+        t0 = time.perf_counter()
+        launches = warm_up(model, prompts, args.new_tokens)
+        counted = f"; {launches} GPU kernels/copies per eager decode step" if launches is not None else ""
+        print(f"warm-up (compiles the kernels for these shapes): {time.perf_counter() - t0:.1f} s{counted}",
+              flush=True)
+
+    steps = model.generate_steps(prompts, args.new_tokens, cuda_graph=args.cuda_graph)
     _sync(device)
     t0 = time.perf_counter()
     tokens = [next(steps)]
@@ -150,8 +213,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"prefill: {n_prefill} tokens in {prefill_s:.3f} s = {n_prefill / prefill_s:.1f} tokens/s")
     if args.new_tokens > 1:
         n_decode = args.batch * (args.new_tokens - 1)
+        mode = ", one CUDA graph replay per step after the first" if args.cuda_graph else ""
         print(f"decode:  {n_decode} tokens in {decode_s:.3f} s = {n_decode / decode_s:.1f} tokens/s "
-              f"({args.batch} per step)")
+              f"({args.batch} per step{mode})")
     print(f"backend per op on {device}:\n{backend_table(device)}")
     return 0
 

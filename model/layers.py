@@ -35,6 +35,19 @@ class WeightInfo:
     shape: Tuple[int, ...]
     dtype: torch.dtype  # as the model stores it (an FP8 weight's scale may also be kept in FP32)
     fan_in: int = 0
+    init_gain: float = 1.0  # random init: std = init_gain / sqrt(fan_in) (see RESIDUAL_OUT_GAIN)
+
+
+# Random init of the projections that end a residual branch (attention ``wo_b``, the experts'
+# ``w2``): trained models keep each branch small against the residual stream it is added to
+# (the stream's norm grows over the layers, each layer adds a small update).  With the plain
+# 1/sqrt(fan_in) init every branch of the random model is as large as the stream itself
+# (rms ~0.4 for attention, ~0.9 for the MoE against ~1-2), so a one-ulp BF16 difference,
+# which the FP8 activation quantisers turn into whole FP8 steps (3 mantissa bits) on a few
+# per cent of the elements and which flips near-tied router and indexer choices, moves the
+# logits by 10-50 %; at 1/8 the branches are ~5-10 % of the stream and the same noise moves
+# the logits by ~6 % (tests/test_model_backends.py).
+RESIDUAL_OUT_GAIN = 0.125
 
 
 class Weights(nn.Module):
@@ -44,9 +57,10 @@ class Weights(nn.Module):
         super().__init__()
         self.weight_info: Dict[str, WeightInfo] = {}
 
-    def declare(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, kind: str, fan_in: int = 0) -> None:
+    def declare(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, kind: str, fan_in: int = 0,
+                init_gain: float = 1.0) -> None:
         self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
-        self.weight_info[name] = WeightInfo(kind, tuple(shape), dtype, fan_in)
+        self.weight_info[name] = WeightInfo(kind, tuple(shape), dtype, fan_in, init_gain)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -56,9 +70,9 @@ def _cdiv(a: int, b: int) -> int:
 class FP8Linear(Weights):
     """FP8 weight ``[out, in]`` with E8M0 (or FP32) 128x128 block scales (SPEC 3)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, init_gain: float = 1.0):
         super().__init__()
-        self.declare("weight", (out_features, in_features), FP8, "fp8", in_features)
+        self.declare("weight", (out_features, in_features), FP8, "fp8", in_features, init_gain)
         self.declare("scale", (_cdiv(out_features, 128), _cdiv(in_features, 128)), E8M0, "fp8_scale")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +90,9 @@ class Linear(Weights):
 class FP4Weight(Weights):
     """A routed expert's packed MXFP4 weight ``[out, in/2]`` and its E8M0 scales ``[out, in/32]``."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, init_gain: float = 1.0):
         super().__init__()
-        self.declare("weight", (out_features, in_features // 2), torch.uint8, "fp4", in_features)
+        self.declare("weight", (out_features, in_features // 2), torch.uint8, "fp4", in_features, init_gain)
         self.declare("scale", (out_features, in_features // 32), E8M0, "fp4_scale")
 
 
@@ -206,7 +220,7 @@ class Attention(Weights):
         group_in = self.n_heads * self.head_dim // self.groups
         # wo_a may arrive as FP8 + scale; it is kept in BF16 (dequantised on load, SPEC 10).
         self.wo_a = Linear(group_in, self.groups * self.o_rank, kind="wo_a")
-        self.wo_b = FP8Linear(self.groups * self.o_rank, c.hidden_size)
+        self.wo_b = FP8Linear(self.groups * self.o_rank, c.hidden_size, RESIDUAL_OUT_GAIN)
         self.compressor = Compressor(c.hidden_size, self.head_dim, ratio, self.eps) if ratio else None
         self.indexer = Indexer(c) if ratio == CSA_RATIO else None
 
@@ -249,7 +263,9 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.w1, self.w2, self.w3 = FP4Weight(dim, inter), FP4Weight(inter, dim), FP4Weight(dim, inter)
+        self.w1 = FP4Weight(dim, inter)
+        self.w2 = FP4Weight(inter, dim, RESIDUAL_OUT_GAIN)
+        self.w3 = FP4Weight(dim, inter)
 
 
 class SharedExpert(nn.Module):
@@ -258,7 +274,9 @@ class SharedExpert(nn.Module):
     def __init__(self, dim: int, inter: int, limit: float):
         super().__init__()
         self.limit = limit
-        self.w1, self.w2, self.w3 = FP8Linear(dim, inter), FP8Linear(inter, dim), FP8Linear(dim, inter)
+        self.w1 = FP8Linear(dim, inter)
+        self.w2 = FP8Linear(inter, dim, RESIDUAL_OUT_GAIN)
+        self.w3 = FP8Linear(dim, inter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(ops.swiglu(self.w1(x), self.w3(x), self.limit))

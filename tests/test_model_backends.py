@@ -12,14 +12,18 @@ Two checks per op:
   is within about one BF16 ulp (2^-8 relative); a wrong element, position or scale is far
   outside.
 * End to end: the logits of the prefill and of each decode step (teacher-forced with the
-  reference's tokens, so one differing token cannot derail the next steps).  This tiny
-  random-weight model is very sensitive to ulp-level differences: +-1 BF16 ulp on half of
-  the attention outputs moves its logits (std ~1) by up to ~1.0 (~0.3 relative L2),
-  because its QAT'd activations (FP8 E4M3 has 3 mantissa bits) turn them into whole
-  quantisation steps at a few per cent of the elements, layer after layer.  So the bound
-  is 0.5 relative L2 error per step, which still catches a broken kernel (garbage, NaN,
-  a wrong layout: errors ~1 and more), and greedy tokens must agree where the reference's
-  top-2 margin exceeds 2.5 (twice the largest measured noise).
+  reference's tokens, so one differing token cannot derail the next steps).  Any two
+  correct implementations differ here: the FP8 activation quantisers turn a one-ulp BF16
+  difference into whole FP8 steps (3 mantissa bits) on a few per cent of the elements, and
+  the router's and indexer's top-k flip where scores nearly tie.  The random weights keep
+  each residual branch small against the stream (``RESIDUAL_OUT_GAIN``, as in trained
+  models), so that noise stays small: +-1 BF16 ulp on half the outputs of any one op, or of
+  every op at once, moves the logits (std ~1) by at most 0.064 relative L2 and 0.37 in any
+  logit (measured over 5 noise seeds; the same emulation gave the 0.5 that a GPU run
+  measured before the branches were scaled).  So the bound is 0.12 relative L2 per step
+  (a wrong layout of the attention output gives 0.15, rows of the MoE output swapped 0.28,
+  garbage or NaN ~1), and greedy tokens must agree where the reference's top-2 margin
+  exceeds 0.75 (twice the largest measured logit noise).
 """
 
 import contextlib
@@ -32,8 +36,8 @@ from model import DSV4Model
 from test_model_forward import one_cpu_thread  # noqa: F401  (autouse: one intra-op thread)
 
 IN_PLACE_RTOL = 1e-2
-LOGITS_RTOL = 0.5
-DECIDED_MARGIN = 2.5
+LOGITS_RTOL = 0.12
+DECIDED_MARGIN = 0.75
 
 # Every registry op a forward pass of the model runs (rope_freqs: when the model is built).
 MODEL_OPS = ("apply_rope", "compress_entries", "fp8_linear", "grouped_linear", "hc_head", "hc_post", "hc_pre",

@@ -92,16 +92,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def first_configs_only() -> None:
-    """Every tuned kernel keeps only its first config (valid for every shape), as
-    ``DSV4_AUTOTUNE=0`` does at import: a shape without a stored choice then compiles one
-    kernel instead of timing all of them."""
-    from dsv4_triton import autotune
-
-    for tuner in autotune._TUNERS.values():
-        tuner.configs = tuner.configs[:1]
-
-
 def decode_launches(steps) -> Optional[int]:
     """GPU operations (kernels, copies, memsets) of the next step of ``steps``, counted by
     the profiler; None where the profiler cannot count them (no CUPTI)."""
@@ -159,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.backend:
         dsv4_triton.set_backend(args.backend)
     if device.type == "cuda" and not args.autotune:
-        first_configs_only()
+        dsv4_triton.autotune.disable_tuning()
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"--cuda-graph: needs a CUDA device, got {device}")
     tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None

@@ -88,6 +88,14 @@ def autotune(configs: List["triton.Config"], key: List[str], name: str | None = 
     return deco
 
 
+def disable_tuning() -> None:
+    """From now on, a shape with no stored choice runs its kernel's first config instead of
+    timing every config (as ``DSV4_AUTOTUNE=0`` does from import); stored choices still apply.
+    For short runs where tuning time would dominate (demos)."""
+    for tuner in _TUNERS.values():
+        tuner.configs = tuner.configs[:1]
+
+
 def save(directory: Path | None = None) -> Path:
     """Write every tuner's cache for the current GPU (merging with what the file had)."""
     gpu = _current_gpu_name()

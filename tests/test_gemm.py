@@ -1,6 +1,12 @@
 """gemm family: the FP32 oracles against SPEC 2/3 directly, then the Triton kernels against
 the oracles."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -376,6 +382,64 @@ def test_grouped_linear_matches_oracle(device, t, grp, n, k, transposed, seed):
     oracle = ref.grouped_linear(x, w)
     for j in range(grp):
         assert_gemm_close(y[:, j], oracle[:, j], x[:, j].float(), w[j].float(), what=f"group {j}")
+
+
+# --- sm_90 compilation (no GPU needed) -------------------------------------------------------
+
+# Compiles the block-scaled GEMM for sm_90 with Triton's own ptxas, in a process without the
+# interpreter, at the prefill configs, with the launcher's argument types (FP8 codes typed
+# FP8).  Reports the registers and stack (spill) bytes per thread, whether the loads are
+# pipelined, and whether any shared-memory tile is loaded back into registers: with FP8-typed
+# operands both go from the asynchronous copies straight to the tensor cores.
+SM90_GEMM_COMPILE = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv4_triton.kernels import gemm
+bm, bn, warps, stages = json.loads(sys.argv[1])
+fn = gemm._scaled_gemm_kernel.fn
+consts = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8)
+types = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*u8", global_scale_ptr="*u8",
+             y_ptr="*bf16")
+sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+aligned = ("K", "N", "stride_am", "stride_wn", "stride_ym")
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+         if n not in consts and (sig[n].startswith("*") or n in aligned)}
+compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    f.write(compiled.asm["cubin"])
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+os.unlink(f.name)
+reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+ttgir = compiled.asm["ttgir"]
+print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in ttgir,
+                      tensor_core_dot="warp_group_dot" in ttgir, tile_reloads=ttgir.count("ttg.local_load"),
+                      fma=compiled.asm["ptx"].count("fma.rn.f32"), mul=compiled.asm["ptx"].count("mul.f32"))))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("config", [(128, 128, 8, 4), (64, 128, 4, 4)])
+def test_fp8_gemm_compiles_for_sm90_with_operands_in_shared_memory(config):
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, "-c", SM90_GEMM_COMPILE, json.dumps(config)], capture_output=True,
+                         text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    bm, bn, warps, _ = config
+    assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
+    assert usage["tile_reloads"] == 0, usage
+    # The promotion: one FMA per accumulator element per K block, and nothing else per element.
+    per_thread = bm * bn // (32 * warps)
+    assert usage["fma"] == per_thread and usage["mul"] < per_thread, usage
 
 
 # --- GPU: real shapes ----------------------------------------------------------------------

@@ -9,8 +9,11 @@ Either way the codes and scales are bit-identical to the oracle's: the amax, the
 rounded ``amax / 448`` and the power-of-two exponent are the oracle's operations.
 
 Main loop, one step per 128-wide K block: ``d = dot(a_fp8, w^T)`` on tensor cores with FP32
-results, then ``acc += (d * a_scale[m]) * w_scale[n]`` in FP32 (per-block promotion, as in
-the release's kernels: a dot never spans two scales).
+results, then per-block promotion in FP32, as in the release's kernels (a dot never spans
+two scales): FP8 weights, whose column tile lies in one 128 x 128 scale block, take one FMA
+per element, ``acc += d * (a_scale[m] * w_scale)`` (``fp8_tile_step``); FP4 weights
+``acc += (d * a_scale[m]) * w_scale[n]``.  FP8 operands reach the kernel typed FP8 (on a
+GPU), so their tiles go from the asynchronous copies straight to the tensor cores.
 
 Weights:
 
@@ -85,7 +88,8 @@ def load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm
     """K block ``kb`` of the activation rows ``rows``: (FP8 codes ``[BM, BLOCK_K]``, scales ``[BM]``).
 
     A_QUANT: ``a_ptr`` is the 16/32-bit activation, quantised here; otherwise ``a_ptr`` holds
-    the pre-pass's FP8 codes (as bytes) and ``a_scale_ptr`` its scales ``[rows, K blocks]``.
+    the pre-pass's FP8 codes (typed FP8 on a GPU, see ``as_fp8_operand``; bytes under the
+    interpreter) and ``a_scale_ptr`` its scales ``[rows, K blocks]``.
     """
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = row_ok[:, None] & (k[None, :] < K)
@@ -94,7 +98,7 @@ def load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm
         x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         q, s = quantise_act_tile(x)
     else:
-        q = tl.load(a_ptr + offs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+        q = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float8e4nv, bitcast=True)
         s = tl.load(a_scale_ptr + rows * stride_sm + kb, mask=row_ok, other=0.0)
     return q, s
 
@@ -112,53 +116,78 @@ def fp4_value_2m14(codes):
 
 
 @triton.jit
-def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
-                      W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K block ``kb`` of weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
+def load_fp8_codes(w_ptr, cols, col_ok, kb, K, stride_wn, BLOCK_K: tl.constexpr):
+    """K block ``kb`` of FP8 weight rows ``cols``: codes ``[BN, BLOCK_K]``, zero outside ``K``.
 
-    The operand is FP8 (FP8, MXFP4) or BF16 (NVFP4, column scale 1).  ``w_ptr`` points at
-    bytes (FP8 codes or packed FP4); scales are E8M0 bytes, FP32 (SCALE_FP32) or E4M3 bytes.
+    ``w_ptr`` is an FP8 pointer on a GPU (the tile then goes from the asynchronous copy
+    straight into the tensor cores' shared-memory operand; a byte tile would be reloaded
+    into registers and stored back to retype it) and a byte pointer under the interpreter.
     """
-    if W_FMT == W_FP8:
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = col_ok[:, None] & (k[None, :] < K)
-        w = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :], mask=mask, other=0)
-        w = w.to(tl.float8e4nv, bitcast=True)
-        soffs = (cols // 128) * stride_sn + kb
-        if SCALE_FP32:
-            s = tl.load(w_scale_ptr + soffs, mask=col_ok, other=0.0)
-        else:
-            s = e8m0_value(tl.load(w_scale_ptr + soffs, mask=col_ok, other=127))
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = col_ok[:, None] & (k[None, :] < K)
+    w = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :], mask=mask, other=0.0)
+    return w.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_at, cols, col_ok, kb, K, stride_wn,
+                  SCALE_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + dot(a, w^T) * (a_scale * w_scale)[:, None]`` for FP8 weight rows ``cols`` that
+    share the one block scale at ``w_scale_at``: one FMA per accumulator element.
+
+    ``a_scale`` is a power of two in ``[2^-22, 2^120]`` (``act_quant``'s amax floor 1e-4 and
+    BF16's largest value), so ``a_scale * w_scale`` is exact, like the two multiplications
+    one after the other, for every E8M0 weight scale (down to 2^-127: the product stays at
+    or above 2^-149) as long as it stays below 2^128, i.e. ``a_scale * w_scale < 2^128``;
+    beyond (a weight scale of 2^127 meeting a block amax above 448, never seen in a real
+    checkpoint) the factor is Inf where the oracle's products may still be finite.
+    NaN scales (0xFF bytes, non-finite activation blocks) still give NaN.
+    """
+    w = load_fp8_codes(w_ptr, cols, col_ok, kb, K, stride_wn, BLOCK_K)
+    if SCALE_FP32:
+        w_scale = tl.load(w_scale_at)
     else:
-        HALF: tl.constexpr = BLOCK_K // 2
-        kh = kb * HALF + tl.arange(0, HALF)
-        mask = col_ok[:, None] & (kh[None, :] < K // 2)
-        b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
-        codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
-        if W_FMT == W_MXFP4:
-            NSUB: tl.constexpr = BLOCK_K // 32
-            j = kb * NSUB + tl.arange(0, NSUB)
-            e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
-                        mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
-            e_max = tl.max(e, axis=1)
-            # Multiplier of lut * 2^-14 per 32-block: 2^(e - e_max + 6 + 14).  Below 2^-30 every
-            # code rounds to FP8 zero anyway; the clamp keeps exp2i in range.
-            mult = exp2i(tl.maximum(e - e_max[:, None] + 6, -30) + 14)
-            mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (mult.shape[0], NSUB, 32)),
-                              (mult.shape[0], BLOCK_K))
-            w = to_fp8(fp4_value_2m14(codes) * mult)
-            s = e8m0_value(e_max)  # NaN if any byte is 0xFF; the operand's 2^6 goes on the rows
-        else:
-            NSUB16: tl.constexpr = BLOCK_K // 16
-            j = kb * NSUB16 + tl.arange(0, NSUB16)
-            s16 = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
-                          mask=col_ok[:, None] & (j[None, :] < K // 16), other=0)
-            s16 = s16.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (s16.shape[0], NSUB16, 16)),
-                             (s16.shape[0], BLOCK_K))
-            # lut * s16 has at most 6 significant bits: exact in FP32 and in BF16
-            w = (fp4_value_2m14(codes) * (s16 * 16384.0)).to(tl.bfloat16)
-            s = tl.full((cols.shape[0],), 1.0, tl.float32)
+        w_scale = e8m0_value(tl.load(w_scale_at))
+    return acc + tl.dot(a, tl.trans(w)) * (a_scale * w_scale)[:, None]
+
+
+@triton.jit
+def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
+                      W_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K block ``kb`` of FP4 weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
+
+    The operand is FP8 (MXFP4) or BF16 (NVFP4, column scale 1).  ``w_ptr`` points at the
+    packed bytes; scales are E8M0 (MXFP4) or E4M3 (NVFP4) bytes.
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    kh = kb * HALF + tl.arange(0, HALF)
+    mask = col_ok[:, None] & (kh[None, :] < K // 2)
+    b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
+    codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
+    if W_FMT == W_MXFP4:
+        NSUB: tl.constexpr = BLOCK_K // 32
+        j = kb * NSUB + tl.arange(0, NSUB)
+        e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
+                    mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
+        e_max = tl.max(e, axis=1)
+        # Multiplier of lut * 2^-14 per 32-block: 2^(e - e_max + 6 + 14).  Below 2^-30 every
+        # code rounds to FP8 zero anyway; the clamp keeps exp2i in range.
+        mult = exp2i(tl.maximum(e - e_max[:, None] + 6, -30) + 14)
+        mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (mult.shape[0], NSUB, 32)),
+                          (mult.shape[0], BLOCK_K))
+        w = to_fp8(fp4_value_2m14(codes) * mult)
+        s = e8m0_value(e_max)  # NaN if any byte is 0xFF; the operand's 2^6 goes on the rows
+    else:
+        NSUB16: tl.constexpr = BLOCK_K // 16
+        j = kb * NSUB16 + tl.arange(0, NSUB16)
+        s16 = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
+                      mask=col_ok[:, None] & (j[None, :] < K // 16), other=0)
+        s16 = s16.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (s16.shape[0], NSUB16, 16)),
+                         (s16.shape[0], BLOCK_K))
+        # lut * s16 has at most 6 significant bits: exact in FP32 and in BF16
+        w = (fp4_value_2m14(codes) * (s16 * 16384.0)).to(tl.bfloat16)
+        s = tl.full((cols.shape[0],), 1.0, tl.float32)
     return w, s
 
 
@@ -174,7 +203,8 @@ def dot_bf16(a, b, acc):
 
 @triton.jit
 def scaled_dot(acc, a, a_scale, w, w_scale, W_FMT: tl.constexpr):
-    """``acc + dot(a, w^T) * a_scale[:, None] * w_scale[None, :]`` (FP32 accumulation).
+    """``acc + dot(a, w^T) * a_scale[:, None] * w_scale[None, :]`` (FP32 accumulation), for
+    FP4 weights (``load_weight_block``; FP8 weights take ``fp8_tile_step``).
 
     The scales multiply the dot one after the other, never each other: their product
     could leave the normal FP32 range where the result does not.  The MXFP4 operand
@@ -205,6 +235,12 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.const
     tl.store(s_ptr + rows * n_kb + kb, s, mask=row_ok)
 
 
+def as_fp8_operand(codes: torch.Tensor) -> torch.Tensor:
+    """FP8 codes held as bytes, typed FP8 for a GEMM kernel on a GPU (see ``load_fp8_codes``);
+    left as bytes under the interpreter, which has no FP8 loads."""
+    return codes if INTERPRET else codes.view(torch.float8_e4m3fn)
+
+
 def act_quant_rows(x2: torch.Tensor):
     """``[M, K]`` -> (FP8 codes as bytes ``[M, 128 * ceil(K/128)]``, zero-padded; scales
     ``[M, ceil(K/128)]``): the GEMMs' activation pre-pass."""
@@ -222,10 +258,13 @@ def act_quant_rows(x2: torch.Tensor):
 
 def _gemm_configs():
     # Every config is valid for every shape; the first is the one the interpreter runs
-    # (large tiles: fewer programs, which is what costs time there).
+    # (large tiles: fewer programs, which is what costs time there).  BLOCK_N divides 128
+    # (one FP8 scale per tile); 256-wide tiles hold the dot result and the accumulator in
+    # 256 registers per thread and spill.  Decode: deep pipelines of narrow tiles keep
+    # enough weight bytes in flight per SM to cover the memory latency.
     small = [(64, 64, 4, 3), (16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
-             (16, 32, 4, 6), (16, 64, 4, 6), (32, 128, 4, 4)]
-    large = [(64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 256, 8, 3),
+             (16, 32, 4, 6), (16, 64, 4, 6), (32, 128, 4, 4), (16, 32, 4, 8), (16, 64, 4, 8)]
+    large = [(64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 3),
              (128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, w, s in small + large]
@@ -234,8 +273,6 @@ def _gemm_configs():
 def _prune_gemm(configs, nargs, **kw):
     m = nargs["M_BUCKET"]
     keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= max(16, m) if m <= 64 else c.kwargs["BLOCK_M"] >= 64)]
-    if kw["W_FMT"] != 0:  # FP4 tiles are expanded in registers: wider ones spill
-        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= 128]
     return keep or configs[:1]
 
 
@@ -262,12 +299,21 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, global_scale_ptr
     row_ok = rows < M
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # FP8 weights: BLOCK_N divides 128, so the whole column tile lies in one 128 x 128 scale
+    # block and the promotion is one FMA per element (fp8_tile_step).
+    if W_FMT == W_FP8:
+        tl.static_assert(128 % BLOCK_N == 0)
+    w_scale_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_sn
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
                                     A_QUANT, BLOCK_K)
-        w, w_scale = load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
-                                       W_FMT, SCALE_FP32, BLOCK_K)
-        acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
+        if W_FMT == W_FP8:
+            acc = fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_row + kb, cols, col_ok, kb, K, stride_wn,
+                                SCALE_FP32, BLOCK_K)
+        else:
+            w, w_scale = load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
+                                           W_FMT, BLOCK_K)
+            acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
     if HAS_GLOBAL:
         acc = acc * tl.load(global_scale_ptr)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
@@ -299,8 +345,9 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
         a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
     else:
         a, a_scale = act_quant_rows(x2)
+        a = as_fp8_operand(a)
         stride_am, stride_sm = a.stride(0), a_scale.stride(0)
-    w_bytes = w.view(torch.uint8)
+    w_bytes = as_fp8_operand(w.view(torch.uint8)) if fmt == "fp8" else w.view(torch.uint8)
     scale_fp32 = w_scale.dtype == torch.float32
     ws = w_scale if scale_fp32 else w_scale.view(torch.uint8)
     if ws.stride(-1) != 1 or w_bytes.stride(-1) != 1:

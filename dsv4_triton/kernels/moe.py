@@ -35,7 +35,8 @@ from ..autotune import autotune
 from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
-from .gemm import ACT_BLOCK, W_MXFP4, act_quant_rows, load_act_block, load_weight_block, quantise_act_tile, scaled_dot
+from .gemm import (ACT_BLOCK, W_MXFP4, act_quant_rows, as_fp8_operand, load_act_block, load_weight_block,
+                   quantise_act_tile, scaled_dot)
 from .rope import cast_rne
 
 
@@ -77,7 +78,19 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 _MOE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5))]
 
 
-@autotune(configs=_MOE_CONFIGS, key=["BLOCK_M", "K", "N_INTER", "A_QUANT"], name="moe_w13")
+# Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program
+# holds two accumulators and expands two weight tiles, which four warps cannot hold from 32
+# rows up; a w2 program spills past 64 accumulator elements per thread.
+def _prune_w13(configs, nargs, **kw):
+    return [c for c in configs if kw["BLOCK_M"] <= 16 or c.num_warps >= 8] or configs[:1]
+
+
+def _prune_w2(configs, nargs, **kw):
+    return [c for c in configs if kw["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or configs[:1]
+
+
+@autotune(configs=_MOE_CONFIGS, key=["BLOCK_M", "K", "N_INTER", "A_QUANT"], name="moe_w13",
+          prune_configs_by={"early_config_prune": _prune_w13})
 @triton.jit
 def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_expert_ptr, route_w_ptr,
                     hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_am, stride_sm,
@@ -105,10 +118,10 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, blo
         a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
                                     A_QUANT, BLOCK_K)
         wg, sg = load_weight_block(w_base, s_base, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, False, BLOCK_K)
+                                   W_MXFP4, BLOCK_K)
         acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
         wu, su = load_weight_block(w_base, s_base, up_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, False, BLOCK_K)
+                                   W_MXFP4, BLOCK_K)
         acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
     g = clamp_nan(acc_g, -float("inf"), limit)
     u = clamp_nan(acc_u, -limit, limit)
@@ -123,7 +136,7 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, blo
 
 @autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
                    for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))],
-          key=["BLOCK_M", "N", "K"], name="moe_w2")
+          key=["BLOCK_M", "N", "K"], name="moe_w2", prune_configs_by={"early_config_prune": _prune_w2})
 @triton.jit
 def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
                    n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
@@ -143,7 +156,7 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_ex
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
         w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, cols, col_ok, kb, K,
-                                       stride_wn, stride_sn, W_MXFP4, False, BLOCK_K)
+                                       stride_wn, stride_sn, W_MXFP4, BLOCK_K)
         acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
     dest = tl.where(row_ok, pair, 0).to(tl.int64)
     tl.store(out_ptr + dest[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
@@ -185,6 +198,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
     else:
         a, a_scale = act_quant_rows(x2)
+        a = as_fp8_operand(a)
         stride_am, stride_sm = a.stride(0), a_scale.stride(0)
     w13s, w2s = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     hq = torch.empty((max_blocks * block_m, inter), dtype=torch.uint8, device=x.device)
@@ -195,7 +209,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS)
     part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))
-    _moe_w2_kernel[grid](hq, hs, w2, w2s, sorted_pair, block_expert, part, n_experts, dim, inter,
+    _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, sorted_pair, block_expert, part, n_experts, dim, inter,
                          w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
                          BLOCK_M=block_m, BLOCK_K=ACT_BLOCK)
     block = 1024

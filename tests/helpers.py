@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
 import torch
 
 # One rounding of the output dtype, relative: a kernel and the oracle that both compute
@@ -35,3 +42,44 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     fin = torch.isfinite(e)
     den = e[fin].norm().item()
     return (a[fin] - e[fin]).norm().item() / (den if den else 1.0)
+
+
+# Compiles a kernel for sm_90 with Triton's own ptxas, in a process without the interpreter,
+# and prints the registers and stack (spill) bytes per thread.  Pointers and the integer
+# arguments named in "aligned" are assumed 16-divisible, as the JIT specialises them at model
+# sizes (that is what lets the loads pipeline).
+SM90_COMPILE = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, types, consts, aligned, warps = json.loads(sys.argv[1])
+fn = getattr(__import__(module, fromlist=[kernel]), kernel)
+if isinstance(fn, triton.runtime.Autotuner):
+    fn = fn.fn
+sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+         if n not in consts and (sig[n].startswith("*") or n in aligned)}
+compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=3))
+with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    f.write(compiled.asm["cubin"])
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+os.unlink(f.name)
+reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in compiled.asm["ttgir"])))
+"""
+
+
+def compile_for_sm90(module, kernel, types, consts, aligned, warps):
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps([module, kernel, types, consts, aligned, warps])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

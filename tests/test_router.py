@@ -1,11 +1,6 @@
 """route: Triton against the FP32 oracle, and the oracle against SPEC 8."""
 
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
 from dsv4_triton.reference import router as ref
-from helpers import assert_close
+from helpers import assert_close, compile_for_sm90
 
 FP32_EPS = 2.0 ** -24
 
@@ -278,45 +273,6 @@ def test_route_bad_input(kw, err, name):
 
 # ---------------------------------------------------------------- sm_90 compilation (no GPU needed)
 
-# Compiles a kernel for sm_90 with Triton's own ptxas, in a process without the interpreter,
-# and prints the registers and stack (spill) bytes per thread.  Pointers and the integer
-# arguments named in "aligned" are assumed 16-divisible, as the JIT specialises them at model
-# sizes (that is what lets the loads pipeline).
-SM90_COMPILE = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-module, kernel, types, consts, aligned, warps = json.loads(sys.argv[1])
-fn = getattr(__import__(module, fromlist=[kernel]), kernel)
-if isinstance(fn, triton.runtime.Autotuner):
-    fn = fn.fn
-sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
-attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-         if n not in consts and (sig[n].startswith("*") or n in aligned)}
-compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=3))
-with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-    f.write(compiled.asm["cubin"])
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-os.unlink(f.name)
-reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in compiled.asm["ttgir"])))
-"""
-
-
-def compile_for_sm90(module, kernel, types, consts, aligned, warps):
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps([module, kernel, types, consts, aligned, warps])],
-                         capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")

@@ -70,7 +70,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, to_fp8
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, e8m0_value, exp2i, to_fp8
 from .norm import as_rows
 
 LOG2E = 1.4426950408889634
@@ -103,17 +103,6 @@ def _to_bf16(x):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(tl.bfloat16)
-
-
-@triton.jit
-def _dot(a, b, acc):
-    """``acc + a @ b`` for bf16 ``a``, ``b`` with fp32 accumulation.  The interpreter's bf16
-    tl.dot is wrong (numpy has no bf16), so there the operands go up to fp32 first: exact,
-    and bf16 x bf16 products are exact in fp32 as on the tensor cores."""
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -218,14 +207,14 @@ def _sparse_attention_kernel(
         valid = (rows >= 0) & (rows < N)
         kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
                         stride_kvn8, D, FP8)
-        sc = _dot(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32)) * qk_scale
+        sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32)) * qk_scale
         sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(sc - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _dot(_to_bf16(p), kv, acc * alpha[:, None])
+        acc = dot_bf16(_to_bf16(p), kv, acc * alpha[:, None])
         m_i = m_new
 
     if SPLIT:

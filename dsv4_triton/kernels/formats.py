@@ -174,3 +174,14 @@ def to_f32(x):
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def dot_bf16(a, b, acc):
+    """``acc + a @ b`` for BF16 ``a``, ``b`` with FP32 accumulation.  The interpreter's BF16
+    ``tl.dot`` multiplies the raw bits (numpy has no bf16), so there the operands go up to
+    FP32 first: exact, as BF16 x BF16 products are exact in FP32 on the tensor cores too."""
+    if INTERPRET:
+        return tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

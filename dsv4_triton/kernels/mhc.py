@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET, cast_rne, to_f32
+from .formats import cast_rne, dot_bf16, to_f32
 
 HC_MULT = 4
 STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
@@ -89,16 +89,6 @@ def _prune_y_configs(configs, nargs, **kw):
 
 
 @triton.jit
-def _dot_bf16(a, b, acc):
-    """acc + a @ b for BF16 a, b with FP32 accumulation (products are exact)."""
-    if INTERPRET:
-        # The interpreter multiplies BF16 tensors as raw integers: go through FP32 (exact).
-        return tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _mix_partial_kernel(x_ptr, fn_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
                         N_MIX: tl.constexpr, N_PAD: tl.constexpr,
                         BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -131,9 +121,9 @@ def _mix_partial_kernel(x_ptr, fn_ptr, part_ptr, T, dim, stride_xt, stride_xs, t
         r = f - to_f32(f_hi)  # exact, whatever rounding the conversion used
         f_mid = r.to(tl.bfloat16)
         f_lo = (r - to_f32(f_mid)).to(tl.bfloat16)
-        acc_hi = _dot_bf16(x, f_hi, acc_hi)
-        acc_lo = _dot_bf16(x, f_mid, acc_lo)
-        acc_lo = _dot_bf16(x, f_lo, acc_lo)
+        acc_hi = dot_bf16(x, f_hi, acc_hi)
+        acc_lo = dot_bf16(x, f_mid, acc_lo)
+        acc_lo = dot_bf16(x, f_lo, acc_lo)
         xf = to_f32(x)
         squares += xf * xf
     ssq = tl.sum(squares, axis=1)

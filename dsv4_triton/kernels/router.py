@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET, to_f32
+from .formats import dot_bf16
 
 MIN_BLOCK_E = 16
 NO_ID = tl.constexpr(2147483647)  # "no expert" in selections (above every id)
@@ -63,16 +63,6 @@ def _prune(configs, nargs, **kw):
     kept = [c for c in configs if _allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
                                            nargs["n_experts"])]
     return kept or configs[:1]
-
-
-@triton.jit
-def _dot_bf16(a, b, acc):
-    """acc + a @ b for BF16 a, b with FP32 accumulation (products are exact)."""
-    if INTERPRET:
-        # The interpreter multiplies BF16 tensors as raw integers: go through FP32 (exact).
-        return tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -135,7 +125,7 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, i
         xt = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=live[:, None] & k_live[None, :], other=0.0)
         wt = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_w + k[None, :],
                      mask=e_live[:, None] & k_live[None, :], other=0.0)
-        acc = _dot_bf16(xt, tl.trans(wt), acc)
+        acc = dot_bf16(xt, tl.trans(wt), acc)
     s = _sqrt_softplus(acc)
     if HASH:
         # s at each table id of the token that falls in this chunk; exactly one chunk writes it.

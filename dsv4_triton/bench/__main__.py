@@ -47,6 +47,9 @@ def run_benchmarks(families, write_results: bool = True, out_dir: Path | None = 
                 torch.cuda.empty_cache()
                 continue
             rows.append(row)
+            if write_results:  # after every case, so a run cut short keeps what it measured
+                harness.write_results(device, ceilings, rows, overhead, harness.environment(),
+                                      out_dir or harness.RESULTS_DIR)
             print(f"{fam:10s} {row.op:22s} {row.shape:36s} {row.ms * 1e3:9.1f} us  "
                   f"{100 * row.frac:5.1f}% of {row.ceiling}", flush=True)
     env = harness.environment()

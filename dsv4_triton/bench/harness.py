@@ -214,6 +214,8 @@ def to_markdown(device: str, ceilings: Dict[str, float], rows: List[Row], overhe
                 env: Dict[str, str]) -> str:
     lines = [f"# Benchmark results: {device}", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             ("Rows come from several runs (merged_runs above); each row's % is of the ceilings of "
+              "the run that measured it. " if "merged_runs" in env else "") +
              "Ceilings measured in the same run: "
              f"copy {ceilings['copy']:.0f} GB/s (read + write), bf16 matmul {ceilings['bf16']:.0f} TFLOP/s, "
              f"fp8 matmul {ceilings['fp8']:.0f} TFLOP/s (torch._scaled_mm, per-tensor scales).", "",

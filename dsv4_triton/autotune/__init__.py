@@ -73,6 +73,15 @@ def _load_into(name: str, tuner) -> None:
     _loaded_for[name] = gpu
 
 
+def token_bucket(T: int) -> int:
+    """Tuning key for the token count: 16, 64, 256, 1024 or 4096 (the next power of 4, capped),
+    so varying batch sizes share a few tuned entries instead of tuning every T."""
+    b = 16
+    while b < min(T, 4096):
+        b *= 4
+    return b
+
+
 def autotune(configs: List["triton.Config"], key: List[str], name: str | None = None, **kwargs):
     """``triton.autotune`` whose choices are persisted per GPU (see module doc)."""
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autotune import autotune
+from ..autotune import autotune, token_bucket
 from ..registry import register
 from .formats import cast_rne, dot_bf16, to_f32
 
@@ -57,15 +57,6 @@ _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps); the first one serves e
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
     (16, 256, 4), (1, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8),
 ]
-
-
-def token_bucket(T: int) -> int:
-    """Tuning key for the token count: 16, 64, 256, 1024 or 4096 (the next power of 4, capped),
-    so varying batch sizes share a few tuned entries instead of tuning every T."""
-    b = 16
-    while b < min(T, 4096):
-        b *= 4
-    return b
 
 
 def _min_chunk(t_bucket: int) -> int:

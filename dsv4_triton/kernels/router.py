@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autotune import autotune
+from ..autotune import autotune, token_bucket
 from ..registry import register
 from .formats import dot_bf16
 
@@ -42,15 +42,6 @@ _CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, num_warps, num_stages); the first on
     (16, 16, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 4),
     (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
 ]
-
-
-def token_bucket(T: int) -> int:
-    """Tuning key for the token count: 16, 64, 256, 1024 or 4096 (the next power of 4, capped),
-    so varying batch sizes share a few tuned entries instead of tuning every T."""
-    b = 16
-    while b < min(T, 4096):
-        b *= 4
-    return b
 
 
 def _allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> bool:

@@ -45,7 +45,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # Compiles a kernel for sm_90 with Triton's own ptxas, in a process without the interpreter,
-# and prints the registers and stack (spill) bytes per thread.  Pointers and the integer
+# and prints the registers and stack (spill) bytes per thread, whether the loads are pipelined,
+# whether the dots are warp-group MMAs, how many shared-memory tiles are loaded back into
+# registers, and the FP32 FMA / multiply counts of the PTX.  Pointers and the integer
 # arguments named in "aligned" are assumed 16-divisible, as the JIT specialises them at model
 # sizes (that is what lets the loads pipeline).
 SM90_COMPILE = r"""
@@ -53,7 +55,7 @@ import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-module, kernel, types, consts, aligned, warps = json.loads(sys.argv[1])
+module, kernel, types, consts, aligned, warps, stages = json.loads(sys.argv[1])
 fn = getattr(__import__(module, fromlist=[kernel]), kernel)
 if isinstance(fn, triton.runtime.Autotuner):
     fn = fn.fn
@@ -61,25 +63,28 @@ sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_p
 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
          if n not in consts and (sig[n].startswith("*") or n in aligned)}
 compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=3))
+                          options=dict(num_warps=warps, num_stages=stages))
 with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
     f.write(compiled.asm["cubin"])
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
 os.unlink(f.name)
 reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in compiled.asm["ttgir"])))
+ttgir = compiled.asm["ttgir"]
+print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in ttgir,
+                      tensor_core_dot="warp_group_dot" in ttgir, tile_reloads=ttgir.count("ttg.local_load"),
+                      fma=compiled.asm["ptx"].count("fma.rn.f32"), mul=compiled.asm["ptx"].count("mul.f32"))))
 """
 
 
-def compile_for_sm90(module, kernel, types, consts, aligned, warps):
+def compile_for_sm90(module, kernel, types, consts, aligned, warps, stages=3):
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps([module, kernel, types, consts, aligned, warps])],
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps([module, kernel, types, consts, aligned, warps, stages])],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

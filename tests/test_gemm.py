@@ -1,11 +1,6 @@
 """gemm family: the FP32 oracles against SPEC 2/3 directly, then the Triton kernels against
 the oracles."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +11,7 @@ from dsv4_triton.formats import fp4_pack
 from dsv4_triton.kernels import gemm as kern
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.reference import quant as ref_quant
-from helpers import ULP, assert_close
+from helpers import ULP, assert_close, compile_for_sm90
 
 # SPEC 2, written out again here so that the oracle's decoder is checked against the text.
 SPEC_FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -386,55 +381,20 @@ def test_grouped_linear_matches_oracle(device, t, grp, n, k, transposed, seed):
 
 # --- sm_90 compilation (no GPU needed) -------------------------------------------------------
 
-# Compiles the block-scaled GEMM for sm_90 with Triton's own ptxas, in a process without the
-# interpreter, at the prefill configs, with the launcher's argument types (FP8 codes typed
-# FP8).  Reports the registers and stack (spill) bytes per thread, whether the loads are
-# pipelined, and whether any shared-memory tile is loaded back into registers: with FP8-typed
-# operands both go from the asynchronous copies straight to the tensor cores.
-SM90_GEMM_COMPILE = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dsv4_triton.kernels import gemm
-bm, bn, warps, stages = json.loads(sys.argv[1])
-fn = gemm._scaled_gemm_kernel.fn
-consts = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8)
-types = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*u8", global_scale_ptr="*u8",
-             y_ptr="*bf16")
-sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-aligned = ("K", "N", "stride_am", "stride_wn", "stride_ym")
-attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-         if n not in consts and (sig[n].startswith("*") or n in aligned)}
-compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
-with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-    f.write(compiled.asm["cubin"])
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-os.unlink(f.name)
-reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-ttgir = compiled.asm["ttgir"]
-print(json.dumps(dict(reg=int(reg), stack=int(stack), pipelined="async_copy" in ttgir,
-                      tensor_core_dot="warp_group_dot" in ttgir, tile_reloads=ttgir.count("ttg.local_load"),
-                      fma=compiled.asm["ptx"].count("fma.rn.f32"), mul=compiled.asm["ptx"].count("mul.f32"))))
-"""
+# The block-scaled GEMM at the prefill configs, with the launcher's argument types (FP8 codes
+# typed FP8): both operands must go from the asynchronous copies straight to the tensor cores.
+GEMM_CONSTS = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_K=128, GROUP_M=8)
+GEMM_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*u8",
+                  global_scale_ptr="*u8", y_ptr="*bf16")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("config", [(128, 128, 8, 4), (64, 128, 4, 4)])
 def test_fp8_gemm_compiles_for_sm90_with_operands_in_shared_memory(config):
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
-    run = subprocess.run([sys.executable, "-c", SM90_GEMM_COMPILE, json.dumps(config)], capture_output=True,
-                         text=True, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    usage = json.loads(run.stdout.strip().splitlines()[-1])
-    bm, bn, warps, _ = config
+    bm, bn, warps, stages = config
+    usage = compile_for_sm90("dsv4_triton.kernels.gemm", "_scaled_gemm_kernel", GEMM_TYPES,
+                             dict(GEMM_CONSTS, BLOCK_M=bm, BLOCK_N=bn),
+                             ["K", "N", "stride_am", "stride_wn", "stride_ym"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
     assert usage["tile_reloads"] == 0, usage
     # The promotion: one FMA per accumulator element per K block, and nothing else per element.

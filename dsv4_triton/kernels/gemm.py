@@ -326,6 +326,17 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
+def activation_operand(x2: torch.Tensor, fused_quant: bool):
+    """The GEMM's A operand and its arguments: the BF16 rows themselves when the kernel
+    quantises them in its prologue, else FP8 rows + scales from the act_quant pre-pass.
+    Returns (a, a_scale, stride_am, stride_sm)."""
+    if fused_quant:
+        return x2, x2, x2.stride(0), 0
+    a, a_scale = act_quant_rows(x2)
+    a = as_fp8_operand(a)
+    return a, a_scale, a.stride(0), a_scale.stride(0)
+
+
 def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
                 global_scale: Optional[torch.Tensor], fused_quant: Optional[bool] = None) -> torch.Tensor:
     """``act_quant(x) @ dequant(w).T`` -> bf16 ``[..., N]``.  ``fused_quant`` forces the
@@ -341,12 +352,7 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     m = x2.shape[0]
     if fused_quant is None:
         fused_quant = m <= FUSED_QUANT_MAX_ROWS
-    if fused_quant:
-        a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
-    else:
-        a, a_scale = act_quant_rows(x2)
-        a = as_fp8_operand(a)
-        stride_am, stride_sm = a.stride(0), a_scale.stride(0)
+    a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
     w_bytes = as_fp8_operand(w.view(torch.uint8)) if fmt == "fp8" else w.view(torch.uint8)
     scale_fp32 = w_scale.dtype == torch.float32
     ws = w_scale if scale_fp32 else w_scale.view(torch.uint8)

@@ -445,18 +445,26 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
     return scores
 
 
+def _output_and_scores(qi, w, keys, n_valid, k: int):
+    """The [B, S, k] index output and the FP32 scores [B*S, Nk]; scores is None when there is
+    nothing to select (no rows: the empty output; no keys: every slot -1)."""
+    bsz, seq = qi.shape[:2]
+    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
+    if bsz * seq == 0:
+        return out, None
+    if keys.shape[1] == 0:
+        return out.fill_(-1), None
+    return out, indexer_scores(qi, w, keys, n_valid)
+
+
 def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                         k: int, splits: int) -> torch.Tensor:
     """``indexer_topk`` with an explicit number of segments per row (1 = no merge launch)."""
-    bsz, seq = qi.shape[:2]
-    n_keys = keys.shape[1]
-    rows = bsz * seq
-    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
-    if rows == 0:
+    out, scores = _output_and_scores(qi, w, keys, n_valid, k)
+    if scores is None:
         return out
-    if n_keys == 0:
-        return out.fill_(-1)
-    scores = indexer_scores(qi, w, keys, n_valid)
+    rows, n_keys = scores.shape
+    seq = qi.shape[1]
     splits = max(1, min(splits, triton.cdiv(n_keys, k)))
     chunk = triton.cdiv(n_keys, splits)
     if splits == 1:
@@ -485,15 +493,11 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                        k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row."""
-    bsz, seq = qi.shape[:2]
-    n_keys = keys.shape[1]
-    rows = bsz * seq
-    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
-    if rows == 0:
+    out, scores = _output_and_scores(qi, w, keys, n_valid, k)
+    if scores is None:
         return out
-    if n_keys == 0:
-        return out.fill_(-1)
-    scores = indexer_scores(qi, w, keys, n_valid)
+    rows, n_keys = scores.shape
+    seq = qi.shape[1]
     chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys)))
     parts = triton.cdiv(n_keys, chunk)
     hist = torch.zeros(rows, RADIX_LEVELS.value, RADIX_BINS.value, dtype=torch.int32, device=qi.device)

@@ -35,7 +35,7 @@ from ..autotune import autotune
 from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
-from .gemm import (ACT_BLOCK, W_MXFP4, act_quant_rows, as_fp8_operand, load_act_block, load_weight_block,
+from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, load_act_block, load_weight_block,
                    quantise_act_tile, scaled_dot)
 from .rope import cast_rne
 
@@ -194,12 +194,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     route_w = topk_weights.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     fused_quant = block_m <= 16  # see FUSED_QUANT_MAX_ROWS in kernels/gemm.py
-    if fused_quant:
-        a, a_scale, stride_am, stride_sm = x2, x2, x2.stride(0), 0
-    else:
-        a, a_scale = act_quant_rows(x2)
-        a = as_fp8_operand(a)
-        stride_am, stride_sm = a.stride(0), a_scale.stride(0)
+    a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
     w13s, w2s = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     hq = torch.empty((max_blocks * block_m, inter), dtype=torch.uint8, device=x.device)
     hs = torch.empty((max_blocks * block_m, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)

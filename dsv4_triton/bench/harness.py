@@ -9,7 +9,9 @@ exceeds L2, so no call reads another's cached data):
 * per case: our op, the torch eager version a user would write, and ``torch.compile`` of
   it; achieved GB/s and TFLOP/s from the case's minimum byte/FLOP counts; the fraction of
   the ceiling that binds; the relative error ||ours - oracle|| / ||oracle||; the number of
-  kernel launches of one call (from the profiler).
+  kernel launches of one call (from the profiler), and for ops of more than one launch the
+  GPU time of each kernel (profiler, eager calls), so a multi-launch op shows where its
+  time goes.
 * GPU time is taken from CUDA-graph replays of the rotated calls
   (``do_bench_cudagraph``): on the H100 machine a Python-side launch costs tens of
   microseconds of host time, which would otherwise be timed instead of the kernel for
@@ -61,6 +63,12 @@ def measure_ceilings() -> Dict[str, float]:
     return {"copy": 2 * n / copy_ms / 1e6, "bf16": flops / mm_ms / 1e9, "fp8": flops / fp8_ms / 1e9}
 
 
+def _is_kernel(event) -> bool:
+    name = event.name.lower()
+    return (event.device_type == torch.autograd.DeviceType.CUDA and "memset" not in name
+            and "memcpy" not in name)
+
+
 def count_launches(fn, *args) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -68,8 +76,26 @@ def count_launches(fn, *args) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(*args)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and "memset" not in e.name.lower() and "memcpy" not in e.name.lower())
+    return sum(1 for e in prof.events() if _is_kernel(e))
+
+
+def kernel_times_us(fn, sets: List[tuple], calls: int = 20) -> List[List]:
+    """GPU time per call of each kernel ``fn`` launches, ``[[name, us], ...]``, largest first
+    (profiler device times of ``calls`` eager calls over the rotated sets; kernels of the
+    same name are summed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    it = itertools.cycle(sets)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(*next(it))
+        torch.cuda.synchronize()
+    per_name: Dict[str, float] = {}
+    for e in prof.events():
+        if _is_kernel(e):
+            per_name[e.name] = per_name.get(e.name, 0.0) + e.device_time_total / calls
+    return sorted(([name[:80], us] for name, us in per_name.items()), key=lambda kv: -kv[1])
 
 
 def _first(out):
@@ -106,6 +132,7 @@ class Row:
     launches: Optional[int]
     launches_expected: Optional[int]
     notes: str
+    kernels: Optional[List[List]] = None  # [[kernel name, GPU us per call], ...] when launches > 1
 
 
 def _input_sets(case: Case) -> List[tuple]:
@@ -155,10 +182,11 @@ def run_case(family: str, case: Case, ceilings: Dict[str, float], compile_baseli
             compiled(*sets[0])
             compiled_ms = _graph_timed(compiled, sets) or _timed(compiled, sets)
     launches = count_launches(case.run, *sets[0])
+    kernels = kernel_times_us(case.run, sets) if launches > 1 else None
     del sets, out
     torch.cuda.empty_cache()
     return Row(family, case.op, case.shape, ms, launch_ms, graph_ms is not None, gbps, tflops, case.ceiling,
-               frac, eager_ms, compiled_ms, err, launches, case.launches, case.notes)
+               frac, eager_ms, compiled_ms, err, launches, case.launches, case.notes, kernels)
 
 
 def dispatch_overhead_us(calls: int = 3000) -> Dict[str, float]:
@@ -242,6 +270,13 @@ def to_markdown(device: str, ceilings: Dict[str, float], rows: List[Row], overhe
     notes = [f"- {r.op} {r.shape}: {r.notes}" for r in rows if r.notes]
     if notes:
         lines += ["", "Notes:"] + notes
+    split = [r for r in rows if r.kernels]
+    if split:
+        lines += ["", "Where the time goes in ops of several launches (GPU time per call of each kernel, "
+                  "profiler over eager calls; the 8 largest):", ""]
+        for r in split:
+            parts = ", ".join(f"{name} {us:.1f}" for name, us in r.kernels[:8])
+            lines.append(f"- {r.op} {r.shape}: {parts} us")
     return "\n".join(lines) + "\n"
 
 

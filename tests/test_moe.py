@@ -310,23 +310,74 @@ def test_moe_experts_zero_tokens(device):
     assert y.shape == (0, DIM) and y.dtype == torch.bfloat16
 
 
-def test_align_sorts_pairs_by_expert_with_padded_blocks():
-    ids = torch.tensor([[2, 0], [2, 5], [7, 2], [1, 9]], dtype=torch.int32)  # 9: out of range (E = 8)
+def expected_align(ids, n_experts, block_m):
+    """The align contract built pair by pair: each expert's pairs in pair order, its run
+    padded to a multiple of block_m with -1, experts in id order; ids outside [0, E) dropped."""
+    flat = ids.reshape(-1).tolist()
+    pairs = len(flat)
+    max_blocks = -(-pairs // block_m) + min(n_experts, pairs)
+    sorted_pair, block_expert = [], []
+    for e in range(n_experts):
+        mine = [p for p, v in enumerate(flat) if v == e]
+        n_blocks = -(-len(mine) // block_m)
+        sorted_pair += mine + [-1] * (n_blocks * block_m - len(mine))
+        block_expert += [e] * n_blocks
+    sorted_pair += [-1] * (max_blocks * block_m - len(sorted_pair))
+    block_expert += [n_experts] * (max_blocks - len(block_expert))
+    return torch.tensor(sorted_pair, dtype=torch.int32), torch.tensor(block_expert, dtype=torch.int32)
+
+
+def assert_align(ids, n_experts, block_m):
+    sorted_pair, block_expert = kern.align(ids, n_experts, block_m)
+    want_pair, want_expert = expected_align(ids.cpu(), n_experts, block_m)
+    assert torch.equal(block_expert.cpu(), want_expert)
+    assert torch.equal(sorted_pair.cpu(), want_pair)
+
+
+def test_align_sorts_pairs_by_expert_with_padded_blocks(device):
+    ids = torch.tensor([[2, 0], [2, 5], [7, 2], [1, 9]], dtype=torch.int32, device=device)  # 9: out of range
     sorted_pair, block_expert = kern.align(ids, 8, 4)
-    flat = ids.reshape(-1)
-    assert block_expert.shape[0] == 2 + 8 and sorted_pair.shape[0] == 10 * 4 + 1  # worst case: 8 experts
-    seen = []
-    for b, e in enumerate(block_expert.tolist()):
-        rows = sorted_pair[4 * b:4 * b + 4]
-        if e == 8:
-            assert bool((rows == -1).all())
-            continue
-        for p in rows.tolist():
-            if p >= 0:
-                assert int(flat[p]) == e
-                seen.append(p)
-    assert sorted(seen) == [p for p in range(8) if flat[p] < 8]
-    assert block_expert.tolist()[:5] == [0, 1, 2, 5, 7]
+    assert block_expert.shape[0] == 2 + 8 and sorted_pair.shape[0] == 10 * 4  # worst case: 8 experts
+    assert block_expert.tolist()[:6] == [0, 1, 2, 5, 7, 8]
+    assert sorted_pair.tolist()[:12] == [1, -1, -1, -1, 6, -1, -1, -1, 0, 2, 5, -1]  # expert 2: token order
+    assert_align(ids, 8, 4)
+
+
+@pytest.mark.parametrize("case", ["t1", "one_expert_takes_all", "zero_token_experts", "duplicates",
+                                  "out_of_range", "more_than_one_chunk"])
+def test_align_edge_cases(device, case):
+    g = _gen(21)
+    n_experts, block_m = 8, 4
+    if case == "t1":
+        ids = torch.tensor([[6, 1, 3]], dtype=torch.int32)
+    elif case == "one_expert_takes_all":
+        ids = torch.full((9, 1), 5, dtype=torch.int32)  # 9 rows: three blocks, the last one partial
+    elif case == "zero_token_experts":
+        ids, n_experts = torch.tensor([[0, 7], [7, 0]], dtype=torch.int32), 300  # 298 empty experts
+    elif case == "duplicates":  # unchecked: each listing is its own pair
+        ids = torch.tensor([[3, 3], [1, 3]], dtype=torch.int32)
+    elif case == "out_of_range":
+        ids = torch.tensor([[-1, 2], [8, 2**31 - 1], [-2**31, 0]], dtype=torch.int32)
+    else:  # 3 chunks of the scatter: the per-expert cursors carry over between chunks
+        ids, block_m = torch.randint(0, n_experts, (2 * kern.ALIGN_CHUNK + 7, 1), generator=g).to(torch.int32), 16
+    assert_align(ids.to(device), n_experts, block_m)
+
+
+@given(t=st.integers(1, 40), k=st.integers(1, 6), n_experts=st.integers(1, 70),
+       block_m=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 2**31))
+def test_align_matches_the_pair_by_pair_contract(device, t, k, n_experts, block_m, seed):
+    g = _gen(seed)
+    ids = torch.randint(-1, n_experts + 1, (t, k), generator=g).to(torch.int32)  # a few dropped ids too
+    assert_align(ids.to(device), n_experts, block_m)
+
+
+def test_align_is_deterministic(device):
+    # Many pairs on few experts: every run gives identical lists (no atomics decide the order).
+    ids = torch.randint(0, 3, (300, 2), generator=_gen(22)).to(torch.int32).to(device)
+    first = kern.align(ids, 3, 16)
+    for _ in range(2):
+        again = kern.align(ids, 3, 16)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 @pytest.mark.gpu

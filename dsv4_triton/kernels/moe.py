@@ -1,11 +1,12 @@
 """Triton routed experts: sort by expert, two grouped MXFP4 GEMMs, deterministic combine.
 
-1. Align (torch ops, no host sync): the ``T * k`` (token, slot) pairs are sorted by expert
-   and each expert's run is padded to a multiple of ``BLOCK_M``; ``sorted_pair[r]`` is the
-   pair at padded row r (-1 for padding) and ``block_expert[b]`` the expert of row block b
-   (``E`` past the end).  The number of blocks is never read on the host: the GEMM grids
-   are sized for the worst case, ``ceil(T*k / BLOCK_M) + min(E, T*k)`` blocks, and
-   programs past the end exit at once.
+1. Align (one single-program launch, no host sync, see ``align``): the ``T * k``
+   (token, slot) pairs are sorted by expert, in pair order within an expert, and each
+   expert's run is padded to a multiple of ``BLOCK_M``; ``sorted_pair[r]`` is the pair at
+   padded row r (-1 for padding) and ``block_expert[b]`` the expert of row block b (``E``
+   past the end).  The number of blocks is never read on the host: the GEMM grids are
+   sized for the worst case, ``ceil(T*k / BLOCK_M) + min(E, T*k)`` blocks, and programs
+   past the end exit at once.
 2. w13 GEMM: program (block, j) multiplies the block's token rows by the expert's gate and
    up rows ``128j .. 128j+127`` (one 256-row tile of the packed ``w13``), then in the
    epilogue applies the clamped SwiGLU and the pair's routing weight and quantises the
@@ -16,8 +17,8 @@
    No atomics anywhere, so the result is deterministic, and it does not depend on how
    the pairs were ordered within an expert (each GEMM row is computed independently).
 
-A pair whose id is outside ``[0, E)`` is sorted into a bucket that no program reads and
-is skipped by the combine: it contributes nothing, and nothing is read out of bounds.
+A pair whose id is outside ``[0, E)`` is placed in no row and is skipped by the combine:
+it contributes nothing, and nothing is read out of bounds.
 
 The activation of w13 is ``act_quant(x)``: quantised in the GEMM prologue for 16-row
 blocks (decode), by the pre-pass of ``kernels/gemm.py`` once per token otherwise.
@@ -49,29 +50,84 @@ def block_m_for(pairs: int, n_experts: int) -> int:
     return 128
 
 
+# Pairs per step of the align kernel: its rank computation compares every pair of a chunk
+# with every other one (CHUNK^2 comparisons per CHUNK pairs).
+ALIGN_CHUNK = 128
+
+
+@triton.jit
+def _moe_align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, pad_start_ptr, chunk_base_ptr, n_pairs,
+                      n_experts, max_rows, max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                      CHUNK: tl.constexpr, FILL: tl.constexpr):
+    """One program: expert counts, block-padded offsets, the sorted pair list, the expert of
+    every row block.  Workspace (a register tensor cannot be indexed by another, so the
+    per-pair look-ups go through memory): ``pad_start_ptr`` ``[E_PAD]``, each expert's first
+    row; ``chunk_base_ptr`` ``[n_chunks, E_PAD]``, each expert's pairs in earlier chunks."""
+    experts = tl.arange(0, E_PAD)
+    real_expert = experts < n_experts
+    lane = tl.arange(0, CHUNK)
+    # 1. Counts, and per chunk the counts of the chunks before it.  Ids outside [0, E) go to
+    #    bucket E (E_PAD > E), which is never placed.
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, n_pairs, CHUNK):
+        p = c0 + lane
+        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
+        e = tl.where((e >= 0) & (e < n_experts), e, n_experts)
+        tl.store(chunk_base_ptr + (c0 // CHUNK) * E_PAD + experts, counts)
+        counts += tl.histogram(e, E_PAD)
+    padded = tl.where(real_expert, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    pad_end = tl.cumsum(padded, 0)
+    tl.store(pad_start_ptr + experts, pad_end - padded)
+    # 2. Padding rows read as -1; rows past the last expert's end are never read.
+    for r0 in range(0, max_rows, FILL):
+        r = r0 + tl.arange(0, FILL)
+        tl.store(sorted_pair_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < max_rows)
+    # 3. Block b belongs to the first expert whose padded range ends after row b * BLOCK_M
+    #    (empty experts end where they start and are skipped); E past the last one.
+    for b0 in range(0, max_blocks, 16):
+        b = b0 + tl.arange(0, 16)
+        before = (pad_end[None, :] <= (b * BLOCK_M)[:, None]) & real_expert[None, :]
+        tl.store(block_expert_ptr + b, tl.sum(before.to(tl.int32), axis=1), mask=b < max_blocks)
+    tl.debug_barrier()  # the -1 fill and the workspace are in place before the scatter
+    # 4. Scatter: a pair's row is its expert's first row, plus its pairs in earlier chunks,
+    #    plus the earlier pairs of its own chunk; so each expert's rows keep pair (token)
+    #    order and the result does not depend on scheduling.  Chunks are independent.
+    earlier = lane[None, :] < lane[:, None]
+    for c0 in range(0, n_pairs, CHUNK):
+        p = c0 + lane
+        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
+        placed = (e >= 0) & (e < n_experts)
+        e = tl.where(placed, e, 0)
+        rank = tl.sum(((e[None, :] == e[:, None]) & placed[None, :] & earlier).to(tl.int32), axis=1)
+        row = (tl.load(pad_start_ptr + e, mask=placed, other=0, volatile=True)
+               + tl.load(chunk_base_ptr + (c0 // CHUNK) * E_PAD + e, mask=placed, other=0, volatile=True) + rank)
+        tl.store(sorted_pair_ptr + row, p, mask=placed)
+
+
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    """(sorted_pair int32 ``[max_blocks * block_m]``, block_expert int32 ``[max_blocks]``)."""
+    """(sorted_pair int32 ``[max_blocks * block_m]``, block_expert int32 ``[max_blocks]``),
+    one launch, no host sync.
+
+    ``sorted_pair[r]`` is the pair id ``t * k + slot`` at padded row r, -1 for a padding
+    row; within an expert the pairs are in pair order (token order).  ``block_expert[b]`` is
+    the expert of row block b, ``E`` past the last used block.  ``max_blocks`` is the worst
+    case ``ceil(T*k / block_m) + min(E, T*k)``, known on the host.  Pairs whose id is outside
+    ``[0, E)`` are not placed (they contribute nothing).  Duplicate ids in a row are two
+    pairs like any other (``ops.moe_experts`` rejects them in checked mode).
+    """
     pairs = topk_ids.numel()
-    device = topk_ids.device
-    flat = topk_ids.reshape(-1).long()
-    flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # bucket E: dropped
-    counts = torch.zeros(n_experts + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts[:n_experts] + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
     max_blocks = triton.cdiv(pairs, block_m) + min(n_experts, pairs)
     max_rows = max_blocks * block_m
-    # The dropped bucket starts at max_rows: its pairs land in one spare slot, never read.
-    pad_start = torch.cat((pad_end - padded, torch.full((1,), max_rows, dtype=torch.int64, device=device)))
-    start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(pairs, device=device) - start[sorted_e]
-    dest = torch.where(sorted_e < n_experts, pad_start[sorted_e] + rank, max_rows)
-    sorted_pair = torch.full((max_rows + 1,), -1, dtype=torch.int32, device=device)
-    sorted_pair.scatter_(0, dest, order.to(torch.int32))
-    block_start = torch.arange(max_blocks, device=device, dtype=torch.int64) * block_m
-    block_expert = torch.searchsorted(pad_end, block_start, right=True).to(torch.int32)
+    e_pad = triton.next_power_of_2(n_experts + 1)
+    n_chunks = triton.cdiv(pairs, ALIGN_CHUNK)
+    # One allocation: the two outputs and the kernel's workspace.
+    buf = torch.empty(max_rows + max_blocks + (1 + n_chunks) * e_pad, dtype=torch.int32, device=topk_ids.device)
+    sorted_pair, block_expert = buf[:max_rows], buf[max_rows:max_rows + max_blocks]
+    pad_start = buf[max_rows + max_blocks:max_rows + max_blocks + e_pad]
+    chunk_base = buf[max_rows + max_blocks + e_pad:]
+    _moe_align_kernel[(1,)](topk_ids.contiguous(), sorted_pair, block_expert, pad_start, chunk_base, pairs,
+                            n_experts, max_rows, max_blocks, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
+                            FILL=1024, num_warps=8)
     return sorted_pair, block_expert
 
 

@@ -115,10 +115,14 @@ def _check_route(x, weight, bias, topk, route_scale, out):
        route_scale=st.sampled_from([1.0, 1.5, 2.5]), logit_std=st.sampled_from([1.0, 30.0]),
        seed=st.integers(0, 2**31))
 def test_route_matches_oracle(device, T, E, dim, k, biased, route_scale, logit_std, seed):
+    from dsv4_triton.kernels import router as kern
+
     k = min(k, E)
     x, weight, bias = _inputs(T, E, dim, seed, device, logit_std)
     bias = bias if biased else None
+    # The public op (the split path at these T) and the tiled path forced.
     _check_route(x, weight, bias, k, route_scale, _triton(x, weight, bias, topk=k, route_scale=route_scale))
+    _check_route(x, weight, bias, k, route_scale, kern.route_tiled(x, weight, bias, None, None, k, route_scale))
 
 
 def test_route_exact_ties_go_to_the_lower_id(device):
@@ -204,16 +208,116 @@ def test_route_hash_out_of_range_ids(device):
 
 
 @pytest.mark.parametrize("config", [(16, 16, 64, 4, 3), (32, 64, 64, 4, 3)])
-def test_route_explicit_configs(device, config):
+def test_route_tiled_explicit_configs(device, config):
     from dsv4_triton.kernels import router as kern
 
     # E = 100 in chunks of 16 or 64 (a partial last chunk); T = 40 in tiles of 16 or 32.
     x, weight, bias = _inputs(40, 100, 96, 47, device)
-    _check_route(x, weight, bias, 6, 2.5, kern.route(x, weight, bias, None, None, 6, 2.5, config=config))
+    _check_route(x, weight, bias, 6, 2.5, kern.route_tiled(x, weight, bias, None, None, 6, 2.5, config=config))
     table = torch.randint(0, 100, (30, 6), dtype=torch.int32, device=device)
     token_ids = torch.arange(40, device=device) % 30
-    w, ids = kern.route(x, weight, None, table, token_ids, 6, 2.5, config=config)
+    w, ids = kern.route_tiled(x, weight, None, table, token_ids, 6, 2.5, config=config)
     assert torch.equal(ids.cpu(), table[token_ids].cpu())
+
+
+# ---------------------------------------------------------------- the split (decode) path
+
+# Small explicit split configs, so that CPU shapes have several token tiles, expert chunks
+# (a partial last one) and dim splits (a partial last one): (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, warps, stages).
+_SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, 4, 2), (32, 16, 16, 32, 4, 2), (16, 32, 16, 16, 4, 2)]
+
+
+def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
+    from dsv4_triton.kernels import router as kern
+
+    return kern.route_split(x, weight, bias, table, token_ids, topk, route_scale, config=config)
+
+
+def _split_counters_are_zero(device):
+    from dsv4_triton.kernels import router as kern
+
+    for ws in kern._split_workspaces.values():
+        if ws.partial.device.type == torch.device(device).type:
+            assert not bool(ws.chunk_counters.any()) and not bool(ws.tile_counters.any()), "arrival counters left set"
+
+
+@given(T=st.sampled_from([1, 2, 17, 33, 63, 64]), E=st.sampled_from([6, 16, 40, 100]),
+       dim=st.sampled_from([16, 100, 200]), k=st.integers(1, 8), biased=st.booleans(),
+       config=st.sampled_from(_SMALL_SPLIT_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
+       seed=st.integers(0, 2**31))
+def test_route_split_matches_oracle(device, T, E, dim, k, biased, config, logit_std, seed):
+    k = min(k, E)
+    x, weight, bias = _inputs(T, E, dim, seed, device, logit_std)
+    bias = bias if biased else None
+    _check_route(x, weight, bias, k, 2.5, _split(x, weight, bias, None, None, k, 2.5, config))
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, E, (37, k), generator=g, dtype=torch.int32).to(device)
+    token_ids = torch.randint(0, 37, (T,), generator=g).to(device)
+    w, ids = _split(x, weight, None, table, token_ids, k, 2.5, config)
+    w_ref, ids_ref = ref.route(x, weight, None, table, token_ids, k, 2.5)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())
+    s = ref.router_scores(x.cpu(), weight.cpu()).double()
+    sel = s.gather(1, ids.cpu().long())
+    total = sel.sum(1, keepdim=True)
+    t = _score_tolerance(x, weight).gather(1, ids.cpu().long())
+    expected = sel / total * 2.5
+    # As in test_route_hash_mode: each selected score errs by t, the normalisation by 8 ulps.
+    bound = 2.5 * (t + sel / total * t.sum(1, keepdim=True)) / total + 8 * FP32_EPS * expected
+    assert bool(((w.cpu().double() - expected).abs() <= bound).all())
+    _split_counters_are_zero(device)
+
+
+@pytest.mark.parametrize("config", _SMALL_SPLIT_CONFIGS)
+def test_route_split_is_deterministic_and_resets_its_counters(device, config):
+    # Several dim splits per expert chunk: the partial sums are added in split order whichever
+    # program arrives last, so repeated calls give the same bits; each call leaves the arrival
+    # counters zero (a stale count would make the next call reduce too early).
+    x, weight, bias = _inputs(33, 40, 200, 73, device)
+    first = _split(x, weight, bias, None, None, 6, 2.5, config)
+    _split_counters_are_zero(device)
+    for _ in range(2):
+        again = _split(x, weight, bias, None, None, 6, 2.5, config)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    _split_counters_are_zero(device)
+    _check_route(x, weight, bias, 6, 2.5, first)
+
+
+def test_route_split_infinite_and_tied_keys(device):
+    # Biases of +-inf: +inf keys rank first (ties among them to the lower id), -inf keys last;
+    # identical weight rows tie exactly across expert chunks and dim splits.
+    x, weight, _ = _inputs(5, 40, 200, 79, device)
+    x = x.abs()
+    weight[[2, 17, 35]] = 0.25
+    bias = torch.zeros(40, device=device)
+    bias[[30, 7]] = float("inf")
+    bias[[2]] = float("-inf")
+    for config in _SMALL_SPLIT_CONFIGS:
+        w, ids = _split(x, weight, bias, None, None, 5, 1.0, config)
+        w_ref, ids_ref = ref.route(x, weight, bias, None, None, 5, 1.0)
+        assert ids[:, :4].tolist() == [[7, 30, 17, 35]] * 5
+        assert torch.equal(ids.cpu(), ids_ref.cpu())
+        # The scores of these ids (logits of |x| sums up to ~100, FP32 dots of 200 exact
+        # products) err by under 1e-6 relative; _check_route's key bounds cannot take inf keys.
+        assert_close(w, w_ref, rtol=1e-5, atol=0, what="weights")
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65])
+def test_route_dispatch_by_token_count(device, monkeypatch, T):
+    from dsv4_triton.kernels import router as kern
+
+    taken = []
+    for name in ("route_split", "route_tiled"):
+        monkeypatch.setattr(kern, name, lambda *a, _f=getattr(kern, name), _n=name: taken.append(_n) or _f(*a))
+    x, weight, bias = _inputs(T, 24, 64, 83 + T, device)
+    _check_route(x, weight, bias, 6, 2.5, _triton(x, weight, bias, topk=6, route_scale=2.5))
+    assert taken == ["route_split" if T <= kern.DECODE_MAX_T else "route_tiled"]
+
+
+def test_route_split_bad_config(device):
+    x, weight, bias = _inputs(3, 8, 64, 0, device)
+    for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4)]:
+        with pytest.raises(ValueError, match="config"):
+            _split(x, weight, bias, None, None, 2, 1.0, config)
 
 
 def test_route_many_tokens(device):
@@ -290,6 +394,22 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
     assert usage["stack"] == 0 and usage["pipelined"], usage
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("hash_mode, config", [(False, (64, 32, 128, 256, 8, 3)), (True, (16, 32, 128, 256, 4, 3))])
+def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config):
+    from dsv4_triton.kernels import router as kern
+
+    bt, be, bk, sk, warps, stages = config
+    assert config in kern._SPLIT_CONFIGS
+    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, E_PAD=512, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
+                  SPLIT_K=sk)
+    types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
+                 cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
+    usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
+                             ["dim", "stride_x", "stride_w"], warps, stages)
+    assert usage["stack"] == 0 and usage["pipelined"], usage
+
+
 # ---------------------------------------------------------------- GPU: model sizes, every config
 
 @pytest.mark.gpu
@@ -309,15 +429,60 @@ def test_route_every_config_gpu(T):
     table = torch.randint(0, 384, (129280, 6), dtype=torch.int32, device="cuda")
     token_ids = torch.randint(0, 129280, (T,), device="cuda")
     for config in kern._CONFIGS:
-        _check_route(x, weight, bias, 6, 2.5, kern.route(x, weight, bias, None, None, 6, 2.5, config=config))
-        w, ids = kern.route(x, weight, None, table, token_ids, 6, 2.5, config=config)
+        _check_route(x, weight, bias, 6, 2.5, kern.route_tiled(x, weight, bias, None, None, 6, 2.5, config=config))
+        w, ids = kern.route_tiled(x, weight, None, table, token_ids, 6, 2.5, config=config)
         assert torch.equal(ids, table[token_ids])
 
 
 @pytest.mark.gpu
-def test_route_deterministic_gpu():
-    x, weight, bias = _inputs(4096, 384, 7168, 61, "cuda")
+@pytest.mark.parametrize("T", [64, 4096])
+def test_route_deterministic_gpu(T):
+    x, weight, bias = _inputs(T, 384, 7168, 61, "cuda")
     first = _triton(x, weight, bias, topk=6, route_scale=2.5)
     for _ in range(3):
         again = _triton(x, weight, bias, topk=6, route_scale=2.5)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E, dim", [(384, 7168), (256, 4096)])
+@pytest.mark.parametrize("T", [1, 8, 63, 64])
+def test_route_split_every_config_gpu(T, E, dim):
+    from dsv4_triton.kernels import router as kern
+
+    x, weight, bias = _inputs(T, E, dim, T + E, "cuda")
+    table = torch.randint(0, E, (129280, 6), dtype=torch.int32, device="cuda")
+    token_ids = torch.randint(0, 129280, (T,), device="cuda")
+    for config in kern._SPLIT_CONFIGS:
+        first = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
+        _check_route(x, weight, bias, 6, 2.5, first)
+        again = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), config
+        w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
+        assert torch.equal(ids, table[token_ids])
+        w_ref, _ = ref.route(x, weight, None, table, token_ids, 6, 2.5)
+        # Scores err by far less than 1e-5 relative at these sizes (see _score_tolerance).
+        assert_close(w, w_ref, rtol=1e-5, atol=0, what=f"hash weights {config}")
+    _split_counters_are_zero("cuda")
+
+
+@pytest.mark.gpu
+def test_route_split_cuda_graph_replay_gpu():
+    # Captured once, replayed: the workspace and its counters persist across replays, and
+    # every replay gives the eager call's bits.
+    x, weight, bias = _inputs(64, 384, 7168, 89, "cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        eager = _triton(x, weight, bias, topk=6, route_scale=2.5)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = _triton(x, weight, bias, topk=6, route_scale=2.5)
+    for _ in range(3):
+        captured[0].zero_()
+        captured[1].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    _split_counters_are_zero("cuda")

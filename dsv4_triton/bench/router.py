@@ -1,10 +1,12 @@
-"""Benchmark cases: the router family (route) at V4-Pro size (E = 384, dim 7168, top-6).
+"""Benchmark cases: the router family (route) at V4-Pro size (E = 384, dim 7168, top-6) and
+V4-Flash size (E = 256, dim 4096).
 
 Prefill (T = 4096): 22.5 GFLOP against 64 MB moved, past the H100's ridge point, so the
-ceiling is the bf16 matmul rate; target >= 3x eager.  Decode (T = 64, T = 1): the 5.5 MB
-router weight dominates the bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one
-launch.  ``eager`` is the release's reference code as a user would write it in torch: FP32
-``F.linear`` (the weight "used in FP32"), softplus, sqrt, topk, gather, normalise.
+ceiling is the bf16 matmul rate; target >= 3x eager (the tiled path).  Decode (T = 64, 8, 1:
+the split path, T <= DECODE_MAX_T): the router weight (5.5 MB Pro, 2 MB Flash) dominates the
+bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one launch.  ``eager`` is the
+release's reference code as a user would write it in torch: FP32 ``F.linear`` (the weight
+"used in FP32"), softplus, sqrt, topk, gather, normalise.
 """
 
 import torch
@@ -14,26 +16,27 @@ from .. import ops
 from ..reference import router as ref
 from .case import Case
 
-E, DIM, TOPK, ROUTE_SCALE, VOCAB = 384, 7168, 6, 2.5, 129280
+TOPK, VOCAB = 6, 129280
+SIZES = {"Pro": (384, 7168, 2.5), "Flash": (256, 4096, 1.5)}  # E, dim, route_scale
 
 
 def _gen(seed):
     return torch.Generator(device="cuda").manual_seed(seed)
 
 
-def _score_inputs(T):
+def _score_inputs(T, E, dim):
     def make(seed):
         g = _gen(seed)
-        x = torch.randn(T, DIM, device="cuda", generator=g).to(torch.bfloat16)
-        w = (torch.randn(E, DIM, device="cuda", generator=g) * DIM ** -0.5).to(torch.bfloat16)
+        x = torch.randn(T, dim, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(E, dim, device="cuda", generator=g) * dim ** -0.5).to(torch.bfloat16)
         bias = torch.randn(E, device="cuda", generator=g) * 0.1
         return x, w, bias
     return make
 
 
-def _hash_inputs(T):
+def _hash_inputs(T, E, dim):
     def make(seed):
-        x, w, _ = _score_inputs(T)(seed)
+        x, w, _ = _score_inputs(T, E, dim)(seed)
         g = _gen(seed + 1000)
         table = torch.randint(0, E, (VOCAB, TOPK), device="cuda", generator=g, dtype=torch.int32)
         token_ids = torch.randint(0, VOCAB, (T,), device="cuda", generator=g)
@@ -41,40 +44,52 @@ def _hash_inputs(T):
     return make
 
 
-def _eager_score(x, w, bias):
-    scores = F.softplus(F.linear(x.float(), w.float())).sqrt()
-    ids = (scores + bias).topk(TOPK, dim=-1).indices
-    weights = scores.gather(1, ids)
-    return weights / weights.sum(-1, keepdim=True) * ROUTE_SCALE, ids.int()
+def _eager_score(route_scale):
+    def run(x, w, bias):
+        scores = F.softplus(F.linear(x.float(), w.float())).sqrt()
+        ids = (scores + bias).topk(TOPK, dim=-1).indices
+        weights = scores.gather(1, ids)
+        return weights / weights.sum(-1, keepdim=True) * route_scale, ids.int()
+    return run
 
 
-def _eager_hash(x, w, table, token_ids):
-    scores = F.softplus(F.linear(x.float(), w.float())).sqrt()
-    ids = table[token_ids]
-    weights = scores.gather(1, ids.long())
-    return weights / weights.sum(-1, keepdim=True) * ROUTE_SCALE, ids
+def _eager_hash(route_scale):
+    def run(x, w, table, token_ids):
+        scores = F.softplus(F.linear(x.float(), w.float())).sqrt()
+        ids = table[token_ids]
+        weights = scores.gather(1, ids.long())
+        return weights / weights.sum(-1, keepdim=True) * route_scale, ids
+    return run
 
 
-def _bytes(T, hash_mode=False):
-    io = T * DIM * 2 + E * DIM * 2 + T * TOPK * 8
+def _bytes(T, E, dim, hash_mode=False):
+    io = T * dim * 2 + E * dim * 2 + T * TOPK * 8
     return io + (T * (8 + TOPK * 4) if hash_mode else E * 4)
 
 
+def _score_case(size, T):
+    E, dim, scale = SIZES[size]
+    return Case(op="route", shape=f"T={T} E={E} dim={dim} score", make_inputs=_score_inputs(T, E, dim),
+                run=lambda x, w, b: ops.route(x, w, b, topk=TOPK, route_scale=scale),
+                eager=_eager_score(scale), oracle=lambda x, w, b: ref.route(x, w, b, None, None, TOPK, scale),
+                bytes=_bytes(T, E, dim), flops=2 * T * E * dim, ceiling="bf16" if T >= 1024 else "copy",
+                launches=1)
+
+
+def _hash_case(size, T):
+    E, dim, scale = SIZES[size]
+    return Case(op="route", shape=f"T={T} E={E} dim={dim} hash", make_inputs=_hash_inputs(T, E, dim),
+                run=lambda x, w, tab, tid: ops.route(x, w, tid2eid=tab, token_ids=tid, topk=TOPK, route_scale=scale),
+                eager=_eager_hash(scale), oracle=lambda x, w, tab, tid: ref.route(x, w, None, tab, tid, TOPK, scale),
+                bytes=_bytes(T, E, dim, hash_mode=True), flops=2 * T * E * dim,
+                ceiling="bf16" if T >= 1024 else "copy", launches=1,
+                notes="computes all E scores, as score routing does" if T >= 1024 else "")
+
+
 def cases(quick: bool):
-    out = []
-    for T in (4096, 64) if quick else (4096, 64, 1):
-        out.append(Case(op="route", shape=f"T={T} E={E} dim={DIM} score", make_inputs=_score_inputs(T),
-                        run=lambda x, w, b: ops.route(x, w, b, topk=TOPK, route_scale=ROUTE_SCALE),
-                        eager=_eager_score, oracle=lambda x, w, b: ref.route(x, w, b, None, None, TOPK, ROUTE_SCALE),
-                        bytes=_bytes(T), flops=2 * T * E * DIM, ceiling="bf16" if T >= 1024 else "copy",
-                        launches=1))
-    for T in (4096, 64):
-        out.append(Case(op="route", shape=f"T={T} E={E} dim={DIM} hash", make_inputs=_hash_inputs(T),
-                        run=lambda x, w, tab, tid: ops.route(x, w, tid2eid=tab, token_ids=tid, topk=TOPK,
-                                                             route_scale=ROUTE_SCALE),
-                        eager=_eager_hash,
-                        oracle=lambda x, w, tab, tid: ref.route(x, w, None, tab, tid, TOPK, ROUTE_SCALE),
-                        bytes=_bytes(T, hash_mode=True), flops=2 * T * E * DIM,
-                        ceiling="bf16" if T >= 1024 else "copy", launches=1,
-                        notes="computes all E scores, as score routing does" if T == 4096 else ""))
+    out = [_score_case("Pro", T) for T in (4096, 64, 8, 1)]
+    out += [_score_case("Flash", T) for T in (64, 8, 1)]
+    out += [_hash_case("Pro", T) for T in (4096, 64)]
+    if not quick:
+        out += [_hash_case("Pro", 1), _hash_case("Flash", 64)]
     return out

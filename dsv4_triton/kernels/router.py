@@ -1,8 +1,13 @@
-"""Triton MoE router: scores, top-k and weights in one launch.
+"""Triton MoE router: scores, top-k and weights in one launch, by one of two paths.
 
-Program ``(tile, chunk)`` computes the logits ``x @ W^T`` of ``BLOCK_T`` tokens against
-``BLOCK_E`` experts over the whole dim (``tl.dot``, BF16 operands, FP32 accumulation: the
-BF16 products are exact, so this is an FP32 dot in another summation order), then
+Decode sizes (``T <= DECODE_MAX_T``) take the split path (``route_split``, described at
+``_route_split_kernel``): the weight read is spread over (token tile, expert chunk, dim split)
+programs whose FP32 partial logits are added in a fixed order by the last split to arrive.
+Larger T take the tiled path (``route_tiled``) below.
+
+Tiled path: program ``(tile, chunk)`` computes the logits ``x @ W^T`` of ``BLOCK_T`` tokens
+against ``BLOCK_E`` experts over the whole dim (``tl.dot``, BF16 operands, FP32 accumulation:
+the BF16 products are exact, so this is an FP32 dot in another summation order), then
 ``s = sqrt(softplus(z))`` in registers, and writes a short list per token:
 
 * score routing: the chunk's own top ``topk`` experts by ``s + bias`` (ids and ``s``);
@@ -213,9 +218,10 @@ def _workspace(device: torch.device, n_rows: int, n_cand: int, n_tiles: int):
     return ws
 
 
-@register("route", "triton")
-def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
-          token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
+def route_tiled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
+                token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
+    """The tiled path: one launch of ``_route_kernel`` (tuned per token bucket unless ``config`` =
+    (BLOCK_T, BLOCK_E, BLOCK_K, num_warps, num_stages) is given)."""
     T, dim = x.shape
     n_experts = weight.shape[0]
     weights = torch.empty((T, topk), dtype=torch.float32, device=x.device)
@@ -254,3 +260,252 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t
         _route_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be))](*args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
                                                           num_warps=w, num_stages=st)
     return weights, ids
+
+# ---------------------------------------------------------------- decode path: split over dim
+
+DECODE_MAX_T = 64
+
+_SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages); the first one serves every shape
+    (16, 32, 128, 256, 4, 3), (16, 32, 128, 128, 4, 2), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
+    (32, 32, 128, 256, 4, 3), (32, 32, 128, 512, 4, 3), (64, 32, 128, 256, 8, 3), (64, 32, 128, 512, 8, 3),
+]
+# Bounds every split config respects, so one workspace fits whichever config the tuner runs:
+# BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
+SPLIT_TILE_ALIGN = 64
+MIN_SPLIT_K = 128
+
+
+def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> bool:
+    return block_t <= bucket and block_e <= max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))
+
+
+def _split_prune(configs, nargs, **kw):
+    kept = [c for c in configs if _split_allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
+                                                 nargs["n_experts"])]
+    return kept or configs[:1]
+
+
+INT64_MIN = tl.constexpr(-9223372036854775808)
+INT64_MAX = tl.constexpr(9223372036854775807)
+
+
+@triton.jit
+def _packed_key(key, ids):
+    """One int64 per (key, id) whose signed order is the selection order: key descending
+    (NaN above everything, -0 equal to +0), then id ascending.  High word: the key's bits
+    made monotone as a signed int32; low word: 2^31 - 1 - id (ids are in [0, 2^31))."""
+    key = _rank_key(key)
+    key = tl.where(key == 0.0, 0.0, key)  # -0 -> +0: equal keys, equal words
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
+
+
+@triton.jit
+def _packed_id(packed):
+    return 2147483647 - (packed & 0x7FFFFFFF).to(tl.int32)  # the low word is below 2^31
+
+
+@triton.jit
+def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, ids_ptr,
+                        partial_ptr, score_ptr, cand_ptr, chunk_counter_ptr, tile_counter_ptr,
+                        T, dim, n_experts, vocab, stride_x, stride_w, topk, route_scale, t_bucket,
+                        HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr):
+    """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
+    SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
+    (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus), writes the
+    scores and (score routing) the chunk's top ``topk`` packed keys; the last chunk of a tile
+    to arrive selects and writes the outputs.  Each arriver that acts resets its counter."""
+    N_CAND: tl.constexpr = ((E_PAD + BLOCK_E - 1) // BLOCK_E) * K_PAD  # candidate slots per token
+    TILE: tl.constexpr = BLOCK_T * BLOCK_E
+    REDUCE_UNROLL: tl.constexpr = (8192 + TILE - 1) // TILE  # >= 1: 32 KB of partials in flight per step
+    n_splits = tl.cdiv(dim, SPLIT_K)
+    n_chunks = tl.cdiv(n_experts, BLOCK_E)
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    chunk = (pid // n_splits) % n_chunks
+    tile = pid // (n_splits * n_chunks)
+    rows = tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    tok = tile.to(tl.int64) * BLOCK_T + rows
+    live = tok < T
+    e = chunk * BLOCK_E + cols
+    e_live = e < n_experts
+
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, SPLIT_K, BLOCK_K):
+        k = split * SPLIT_K + k0 + tl.arange(0, BLOCK_K)
+        k_live = k < dim
+        xt = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=live[:, None] & k_live[None, :], other=0.0)
+        wt = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_w + k[None, :],
+                     mask=e_live[:, None] & k_live[None, :], other=0.0)
+        acc = dot_bf16(xt, tl.trans(wt), acc)
+    # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
+    group = (tile * n_chunks + chunk).to(tl.int64)
+    in_tile = rows[:, None] * BLOCK_E + cols[None, :]
+    tl.store(partial_ptr + (group * n_splits + split) * TILE + in_tile, acc)
+
+    tl.debug_barrier()  # all threads' partials are written before the arrival is published
+    arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
+    if arrived == n_splits - 1:
+        tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
+        # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
+        z = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for s0 in range(0, n_splits, REDUCE_UNROLL):
+            for u in tl.static_range(REDUCE_UNROLL):
+                # Past the last split: a valid slot is read (unmasked, so the loads batch) and dropped.
+                part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE + in_tile,
+                               cache_modifier=".cg")
+                z += tl.where(s0 + u < n_splits, part, 0.0)
+        s = _sqrt_softplus(z)
+        tl.store(score_ptr + tok[:, None] * n_experts + e[None, :], s, mask=live[:, None] & e_live[None, :])
+        kcol = tl.arange(0, K_PAD)
+        if not HASH:
+            key = s
+            if HAS_BIAS:
+                key = s + tl.load(bias_ptr + e, mask=e_live, other=0.0)[None, :]
+            packed = tl.where(e_live[None, :], _packed_key(key, e[None, :]), INT64_MIN)
+            last = tl.full([BLOCK_T], INT64_MAX, dtype=tl.int64)
+            top = tl.full([BLOCK_T, K_PAD], INT64_MIN, dtype=tl.int64)
+            for kk in tl.static_range(K_PAD):
+                if kk < topk:  # a chunk with fewer live experts than topk leaves INT64_MIN (no candidate)
+                    last = tl.max(tl.where(packed < last[:, None], packed, INT64_MIN), axis=1)
+                    top = tl.where(kcol[None, :] == kk, last[:, None], top)
+            tl.store(cand_ptr + tok[:, None] * N_CAND + chunk * K_PAD + kcol[None, :], top, mask=live[:, None])
+
+        tl.debug_barrier()  # scores and candidates are written before the arrival is published
+        done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
+        if done == n_chunks - 1:
+            tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
+            out_col = kcol < topk
+            if HASH:
+                row = tl.minimum(tl.maximum(tl.load(tok_ids_ptr + tok, mask=live, other=0).to(tl.int64), 0), vocab - 1)
+                sel_id = tl.load(table_ptr + row[:, None] * topk + kcol[None, :],
+                                 mask=live[:, None] & out_col[None, :], other=0)
+                sel_id = tl.minimum(tl.maximum(sel_id, 0), n_experts - 1)
+            else:
+                c = tl.arange(0, N_CAND)
+                cand = tl.load(cand_ptr + tok[:, None] * N_CAND + c[None, :],
+                               mask=live[:, None] & (c < n_chunks * K_PAD)[None, :], other=INT64_MIN,
+                               cache_modifier=".cg")
+                last = tl.full([BLOCK_T], INT64_MAX, dtype=tl.int64)
+                sel_id = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+                for kk in tl.static_range(K_PAD):
+                    if kk < topk:  # topk <= E live candidates exist: every pick is found
+                        last = tl.max(tl.where(cand < last[:, None], cand, INT64_MIN), axis=1)
+                        sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
+            out_mask = live[:, None] & out_col[None, :]
+            w = tl.load(score_ptr + tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0, cache_modifier=".cg")
+            w = w / tl.sum(w, axis=1)[:, None]
+            w = w * route_scale
+            out = tok[:, None] * topk + kcol[None, :]
+            tl.store(weights_ptr + out, w, mask=out_mask)
+            tl.store(ids_ptr + out, sel_id, mask=out_mask)
+
+
+_route_split_tuned = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+             for bt, be, bk, sk, w, st in _SPLIT_CONFIGS],
+    key=["n_experts", "dim", "t_bucket", "topk"], name="route_split",
+    prune_configs_by={"early_config_prune": _split_prune},
+)(_route_split_kernel)
+
+
+class _SplitWorkspace:
+    """Partials, scores, candidates and the two counter arrays of the split path, for one
+    (device, stream); grown to the largest sizes seen, counters zeroed once (every launch
+    leaves them zero)."""
+
+    def __init__(self, device, n_partial, n_score, n_cand, n_chunk_counters, n_tile_counters):
+        self.partial = torch.empty(n_partial, dtype=torch.float32, device=device)
+        self.score = torch.empty(n_score, dtype=torch.float32, device=device)
+        self.cand = torch.empty(n_cand, dtype=torch.int64, device=device)
+        counters = torch.zeros(n_chunk_counters + n_tile_counters, dtype=torch.int32, device=device)
+        self.chunk_counters, self.tile_counters = counters[:n_chunk_counters], counters[n_chunk_counters:]
+
+    def fits(self, n_partial, n_score, n_cand, n_chunk_counters, n_tile_counters):
+        return (self.partial.numel() >= n_partial and self.score.numel() >= n_score and self.cand.numel() >= n_cand
+                and self.chunk_counters.numel() >= n_chunk_counters and self.tile_counters.numel() >= n_tile_counters)
+
+
+_split_workspaces: Dict[Tuple, _SplitWorkspace] = {}
+
+
+def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    ws = _split_workspaces.get(key)
+    if ws is None or not ws.fits(*sizes):
+        if ws is not None:
+            sizes = tuple(max(n, have) for n, have in zip(sizes, (
+                ws.partial.numel(), ws.score.numel(), ws.cand.numel(), ws.chunk_counters.numel(),
+                ws.tile_counters.numel())))
+        ws = _split_workspaces[key] = _SplitWorkspace(device, *sizes)
+    return ws
+
+
+def _check_split_config(config):
+    if len(config) != 6:
+        raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages), "
+                         f"got {config}")
+    bt, be, bk, sk = config[:4]
+    pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
+    if not pow2 or sk < bk:
+        raise ValueError(f"config: expected powers of two >= 16 with SPLIT_K >= BLOCK_K, got {config}")
+
+
+def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
+                token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
+    """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
+    ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages) is given)."""
+    T, dim = x.shape
+    n_experts = weight.shape[0]
+    weights = torch.empty((T, topk), dtype=torch.float32, device=x.device)
+    ids = torch.empty((T, topk), dtype=torch.int32, device=x.device)
+    if T == 0:
+        return weights, ids
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    hash_mode = tid2eid is not None
+    k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
+    e_pad = triton.next_power_of_2(n_experts)
+    if config is None:  # sized for every split config (BLOCK_T, BLOCK_E divide 64; SPLIT_K >= 128)
+        rows = triton.cdiv(T, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
+        cols = triton.cdiv(n_experts, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
+        n_splits, block_t, block_e = triton.cdiv(dim, MIN_SPLIT_K), MIN_BLOCK_E, MIN_BLOCK_E
+    else:
+        _check_split_config(config)
+        block_t, block_e = config[0], config[1]
+        rows = triton.cdiv(T, block_t) * block_t
+        cols = triton.cdiv(n_experts, block_e) * block_e
+        n_splits = triton.cdiv(dim, config[3])
+    n_tiles = triton.cdiv(T, block_t)
+    ws = _split_workspace(x.device, rows * cols * n_splits, T * n_experts,
+                          T * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e), n_tiles)
+    args = (x, weight, bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
+            token_ids if hash_mode else x, weights, ids, ws.partial, ws.score, ws.cand, ws.chunk_counters,
+            ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),
+            topk, route_scale, token_bucket(T))
+    meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad)
+    grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n_experts, m["BLOCK_E"])
+                      * triton.cdiv(dim, m["SPLIT_K"]),)
+    if config is None:
+        _route_split_tuned[grid](*args, **meta)
+    else:
+        bt, be, bk, sk, w, st = config
+        _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
+            *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+    return weights, ids
+
+
+@register("route", "triton")
+def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
+          token_ids: Optional[torch.Tensor], topk: int, route_scale: float):
+    """Decode sizes (T <= DECODE_MAX_T) take the split path, larger T the tiled one."""
+    if x.shape[0] <= DECODE_MAX_T:
+        return route_split(x, weight, bias, tid2eid, token_ids, topk, route_scale)
+    return route_tiled(x, weight, bias, tid2eid, token_ids, topk, route_scale)

@@ -72,16 +72,17 @@ def test_oracle_ties_take_lower_indices_and_nan_ranks_first():
 
 def _run_triton(qi, w, keys, n_valid, k, splits=None):
     """``splits``: None = the registered op (its own plan), n = one program per row segment
-    and a merge (n segments), ("parts", n) = the row-parallel selection (n chunks per row)."""
+    and a merge (n segments), ("parts", n[, cap]) = the row-parallel selection (n chunks per
+    row, a survivor buffer of cap per row: small caps take the whole-row fallback)."""
     if splits is None:
         with use_backend("triton"):
             return ops.indexer_topk(qi, w, keys, n_valid, k)
     if isinstance(splits, tuple):
-        return kernels.indexer_topk_parts(qi, w, keys, n_valid, k, splits[1])
+        return kernels.indexer_topk_parts(qi, w, keys, n_valid, k, *splits[1:])
     return kernels.indexer_topk_splits(qi, w, keys, n_valid, k, splits)
 
 
-PARTS = [("parts", 1), ("parts", 3), ("parts", 16)]
+PARTS = [("parts", 1), ("parts", 3), ("parts", 16), ("parts", 5, 7)]
 
 
 def random_n_valid(g, bsz, seq, n_keys):
@@ -193,6 +194,76 @@ def test_kernel_strided_inputs(device):
         assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
 
 
+# --- the row-parallel selection: first-level histogram, survivors, exact cut -------------
+
+def distinct_score_inputs(g, bsz, seq, n_keys, low, high, special):
+    """Inputs whose score for entry s is exactly ``v[s]`` (distinct integers drawn from
+    ``[low, high)``, |v| < 2^23): two heads, ``relu(v) - relu(-v)``, with dot products
+    ``k0 + 2^8 k1 + 2^16 k2`` (digits in [-128, 128)) exact in BF16 and FP32.  ``special``:
+    some entries score +Inf, -Inf or 0 (scores -0.0/+0.0)."""
+    v = low + torch.randperm(high - low, generator=g)[:n_keys]
+    keys = torch.zeros(bsz, n_keys, HEAD_DIM)
+    rest = v
+    for d in range(3):
+        digit = (rest + 128) % 256 - 128
+        keys[:, :, d] = digit.float()
+        rest = torch.div(rest - digit, 256, rounding_mode="floor")
+    if special and n_keys >= 6:
+        pick = torch.randperm(n_keys, generator=g)[:6]
+        keys[:, pick[:2], 0] = float("inf")
+        keys[:, pick[2:4], 0] = float("-inf")
+        keys[:, pick[4:], :3] = 0.0
+    qi = torch.zeros(bsz, seq, 2, HEAD_DIM)
+    qi[:, :, 0, :3] = torch.tensor([1.0, 256.0, 65536.0])
+    qi[:, :, 1] = -qi[:, :, 0]
+    w = torch.tensor([1.0, -1.0]).expand(bsz, seq, 2).contiguous()
+    return qi.to(torch.bfloat16), w, keys.to(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@given(bsz=st.integers(1, 2), seq=st.integers(1, 2), n_keys=st.integers(1, 700), k=st.integers(1, 80),
+       spread=st.sampled_from([(-3000000, 3000000), (1000, 1800), (-2000, 2000), (2**20, 2**20 + 3000)]),
+       special=st.booleans(),
+       parts=st.sampled_from([("parts", 2), ("parts", 7), ("parts", 16), ("parts", 4, 40)]),
+       seed=st.integers(0, 2**31))
+def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spread, special, parts, seed):
+    """Distinct scores over many octaves, or packed into a few first-level bins (near 2^20
+    consecutive integers differ in the key's low bits: every key level of the cut), with
+    +-Inf and +-0 among them: the selection equals the oracle's exactly, also through the
+    whole-row fallback (cap 40).  The interpreter warns of Inf * 0 in the padding heads'
+    products; the kernel masks those rows."""
+    g = torch.Generator().manual_seed(seed)
+    low, high = spread
+    n_keys = min(n_keys, high - low)
+    qi, w, keys = distinct_score_inputs(g, bsz, seq, n_keys, low, high, special)
+    n_valid = random_n_valid(g, bsz, seq, n_keys)
+    expected = ref.indexer_topk(qi, w, keys, n_valid, k)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, parts)
+    assert torch.equal(got.cpu(), expected)
+
+
+def _workspace(device):
+    return kernels._Workspace._by_device[torch.device(device)][0]
+
+
+def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
+    """The first-level histograms and survivor counters are zero between calls (each call
+    zeroes what it used): a sequence of calls with different rows, lengths, k and paths
+    (take-all, survivors with tied cuts, whole-row fallback, n_valid = 0) stays exact."""
+    g = torch.Generator().manual_seed(11)
+    calls = [(2, 3, 4, 200, 17, None), (1, 1, 3, 90, 120, None), (1, 2, 16, 300, 9, 8), (2, 2, 2, 150, 30, None),
+             (1, 3, 5, 64, 64, None)]
+    for bsz, seq, heads, n_keys, k, cap in calls:
+        qi, w, keys = make_inputs(g, bsz, seq, heads, n_keys, integer=True)
+        n_valid = random_n_valid(g, bsz, seq, n_keys)
+        n_valid[0, 0] = 0
+        args = [t.to(device) for t in (qi, w, keys, n_valid)]
+        for _ in range(2):
+            got = kernels.indexer_topk_parts(*args, k, 5, *([cap] if cap else []))
+            assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
+            assert int(_workspace(device).abs().sum()) == 0
+
+
 # --- FP4 key rows -------------------------------------------------------------------------
 
 @given(rows=st.integers(0, 40), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
@@ -258,14 +329,52 @@ def test_kernel_decode_sizes(device, bsz, n_keys, k, splits):
 
 
 def test_selection_plan(monkeypatch):
-    """Few long rows take the row-parallel selection (about 4 programs per SM); many rows, or
-    rows under 8k, one program per segment (and a merge when a row is split)."""
+    """Few long rows take the row-parallel selection (about 4 programs per SM); many rows,
+    rows under 8k or k over a quarter of the survivor buffer, one program per segment (and a
+    merge when a row is split)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert kernels.plan_parts(1, 262144, 1024, cuda) == 256
     assert kernels.plan_parts(32, 32768, 1024, cuda) == 17
     assert kernels.plan_parts(16384, 4096, 1024, cuda) == 0
     assert kernels.plan_parts(1, 4096, 1024, cuda) == 0
+    assert kernels.plan_parts(1, 262144, 8192, cuda) == 0  # k too large for the survivor buffer
+
+
+@pytest.mark.gpu
+def test_row_parallel_decode_equal_scores_fallback(device):
+    """Every score equal (zero keys): the first level's bin holds the whole row, more than the
+    survivor buffer, so the row is selected by the whole-row fallback: indices 0..k-1."""
+    g = torch.Generator().manual_seed(12)
+    qi, w, _ = make_inputs(g, 1, 1, 64, 1, integer=True)
+    keys = torch.zeros(1, 262144, HEAD_DIM, dtype=torch.bfloat16)
+    n_valid = torch.tensor([[262144]], dtype=torch.int32)
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 1024)
+    assert got.cpu().flatten().tolist() == list(range(1024))
+    assert int(_workspace(device).abs().sum()) == 0
+
+
+@pytest.mark.gpu
+def test_row_parallel_cuda_graph_replays(device):
+    """Captured once, replayed on new inputs: every replay exact (the workspace is zeroed by
+    the call that used it, inside the graph)."""
+    g = torch.Generator().manual_seed(13)
+    bsz, n_keys, k = 2, 65536, 1024
+    qi, w, keys = (t.to(device) for t in make_inputs(g, bsz, 1, 64, n_keys, integer=True))
+    n_valid = torch.full((bsz, 1), n_keys, dtype=torch.int32, device=device)
+    with use_backend("triton"):
+        ops.indexer_topk(qi, w, keys, n_valid, k)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.indexer_topk(qi, w, keys, n_valid, k)
+    for step in range(3):
+        new_qi, new_w, new_keys = make_inputs(g, bsz, 1, 64, n_keys, integer=True)
+        new_nv = torch.randint(0, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)
+        for dst, src in ((qi, new_qi), (w, new_w), (keys, new_keys), (n_valid, new_nv)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), ref.indexer_topk(new_qi, new_w, new_keys, new_nv, k)), step
 
 
 @pytest.mark.gpu

@@ -12,13 +12,12 @@ score (up to four levels of one byte; a histogram pass per level finds the digit
 the k-th largest, and the levels stop once that digit is taken whole), then one pass that
 writes, in ascending index order, every index above the threshold and the lowest-index
 ones equal to it, and pads with -1.  Deterministic either way (integer sums only):
-- few long rows (decode): the row-parallel select.  Each row is cut into chunks, about
-  four programs per SM in all; per level every chunk adds its histogram to the row's
-  (integer atomics), and the next launch's programs replay the picks from those; then a
-  launch counts each chunk's elements above the threshold and tied with it, and one writes
-  each chunk's selection at its offset.  8 launches (zeroed histograms, scores, 4 levels,
-  counts, write), each short: one program per segment would run a whole segment's levels
-  on a single SM while the others idle.
+- few long rows (decode): the row-parallel select, 3 launches with every SM busy in the
+  first two: the scoring launch also builds each row's histogram of the top 11 key bits;
+  chunk programs then copy the row's survivors (the keys in the k-th largest's bin or
+  above: about k plus that bin's share) to a small buffer; one program per row finds the
+  exact cut among them by radix levels on (key, then lowest index first) and writes the
+  selection in ascending index order.  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -47,8 +46,11 @@ HEAD_DIM: tl.constexpr = tl.constexpr(128)
 FP4_BLOCK: tl.constexpr = tl.constexpr(32)
 RADIX_BITS: tl.constexpr = tl.constexpr(8)
 RADIX_BINS: tl.constexpr = tl.constexpr(256)
-RADIX_LEVELS: tl.constexpr = tl.constexpr(4)
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
+# First level of the row-parallel selection: the top 11 bits of the order key (sign, exponent,
+# 2 mantissa bits: quarter-octave bins), histogrammed by the scoring kernel.
+FIRST_BITS: tl.constexpr = tl.constexpr(11)
+FIRST_BINS: tl.constexpr = tl.constexpr(2048)
 _KEY_ROW_BYTES: tl.constexpr = tl.constexpr(FP4_KEY_BYTES)
 PACK_ROWS = 16
 MIN_DOT_ROWS = 16
@@ -70,19 +72,14 @@ def _prune_scores(configs, nargs, **kw):
     return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
 
 
-@autotune(
-    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
-             ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
-              (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
-    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
-    name="indexer_scores",
-    prune_configs_by={"early_config_prune": _prune_scores},
-)
 @triton.jit
-def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
-                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
-                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   TILES: tl.constexpr):
+def _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
+                 s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
+                 KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TILES: tl.constexpr, HIST: tl.constexpr):
+    """One scoring program; with ``HIST`` (one query per program) it also adds the histogram of
+    its scores' top ``FIRST_BITS`` key bits to the query's row of ``hist_ptr`` (integer atomics:
+    exact in any order)."""
     M: tl.constexpr = QROWS * HEADS_P
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -100,6 +97,7 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
     nv = tl.minimum(tl.maximum(nv, 0), n_keys)
     keys_end = tl.max(nv, axis=0)
     row_base = (b * seq + tq) * n_keys
+    hist = tl.zeros([FIRST_BINS], dtype=tl.int32)
     for tile in range(TILES):
         start = (pid_n * TILES + tile) * BLOCK_N
         if start < keys_end:
@@ -114,7 +112,43 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
             # relu that keeps NaN (as torch's); padding rows contribute exactly nothing.
             part = tl.where(q_ok[:, None], tl.where(logits < 0, 0.0, logits) * wv[:, None], 0.0)
             score = tl.sum(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), axis=1)
-            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+            valid = kidx[None, :] < nv[:, None]
+            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=valid)
+            if HIST:
+                hist += tl.histogram(tl.reshape(_first_digit(_order_key(score)), [BLOCK_N]), FIRST_BINS,
+                                     mask=tl.reshape(valid, [BLOCK_N]))
+    if HIST:
+        row_hist = hist_ptr + (b * seq + t0) * s_hist + tl.arange(0, FIRST_BINS)
+        tl.atomic_add(row_hist, hist, mask=hist > 0, sem="relaxed")
+
+
+@autotune(
+    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
+             ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
+              (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
+    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
+    name="indexer_scores",
+    prune_configs_by={"early_config_prune": _prune_scores},
+)
+@triton.jit
+def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
+                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
+                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TILES: tl.constexpr):
+    _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, scores_ptr, seq, heads, n_keys,
+                 s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, 0,
+                 KEYS_FP4, HEADS_P, QROWS, BLOCK_N, TILES, False)
+
+
+@triton.jit
+def _scores_hist_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
+                        s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
+                        KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+    """Program (key tiles, query, batch): scores and the first-level histogram of one query.
+    Not autotuned: the autotuner's timing runs would add to the histogram."""
+    _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
+                 s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
+                 KEYS_FP4, HEADS_P, 1, BLOCK_N, TILES, True)
 
 
 @triton.jit
@@ -135,6 +169,12 @@ def _order_key(v):
     bits = v.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return tl.where(v != v, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _first_digit(key):
+    """Bin of the first level: the key's top ``FIRST_BITS`` bits, taken signed, shifted to >= 0."""
+    return (key >> (32 - FIRST_BITS)) + FIRST_BINS // 2
 
 
 @triton.jit
@@ -166,10 +206,10 @@ def _level_histogram(val_ptr, idx_ptr, n, prefix, LEVEL: tl.constexpr, HAS_IDX: 
 
 
 @triton.jit
-def _pick_digit(hist, remaining):
-    """The digit holding the ``remaining``-th largest element, how many are still needed from
-    it, and how many it holds."""
-    bins = tl.arange(0, RADIX_BINS)
+def _pick_bin(hist, remaining, BINS: tl.constexpr):
+    """The bin (of ``BINS``) holding the ``remaining``-th largest element, how many are still
+    needed from it, and how many it holds."""
+    bins = tl.arange(0, BINS)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     digit = tl.max(tl.where(at_or_above >= remaining, bins, 0), axis=0)
     above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
@@ -182,7 +222,7 @@ def _refine(val_ptr, idx_ptr, n, prefix, remaining, done, LEVEL: tl.constexpr, H
             BLOCK: tl.constexpr):
     """One radix level below ``prefix`` (skipped, state kept, once ``done``)."""
     hist = _level_histogram(val_ptr, idx_ptr, tl.where(done, 0, n), prefix, LEVEL, HAS_IDX, BLOCK)
-    digit, rest, count = _pick_digit(hist, remaining)
+    digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
     # Done when the whole digit is taken: no lower level can split it.
     return (tl.where(done, prefix, prefix * RADIX_BINS + digit), tl.where(done, remaining, rest),
             done | (count == rest))
@@ -203,7 +243,7 @@ def _select_segment(val_ptr, idx_ptr, n, k, first_index, out_idx_ptr, out_val_pt
     # lower levels also when the valid elements (padding excluded) are at most k.
     h0 = _level_histogram(val_ptr, idx_ptr, tl.where(n > k, n, 0), 0, 0, HAS_IDX, BLOCK)
     take_all = tl.sum(h0, axis=0) <= k
-    d0, remaining, count = _pick_digit(h0, k)
+    d0, remaining, count = _pick_bin(h0, k, RADIX_BINS)
     prefix = d0 - RADIX_BINS // 2
     done = take_all | (count == remaining)
     prefix, remaining, done1 = _refine(val_ptr, idx_ptr, n, prefix, remaining, done, 1, HAS_IDX, BLOCK)
@@ -287,45 +327,40 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 
 
 # --- Row-parallel selection (few long rows) -----------------------------------------------
-# Each row is cut into ``parts`` chunks, one program each, in every launch: the same radix
-# levels as ``_select_segment``, but a level's histogram is the sum of the chunks' (integer
-# atomics: exact, any order), kept in a ``[rows, 4, 256]`` workspace; every program replays
-# the picks from it (1 KB per level) to know the prefix, so a launch boundary is the only
-# synchronisation.  Then one launch counts each chunk's elements above the threshold and
-# ties, and one writes each chunk's selection at its offset (ascending index order, ties to
-# the lowest indices as in one program).
+# Three launches, every SM busy in the first two:
+# 1. ``_scores_hist_kernel``: the scores, and each row's histogram of the top 11 key bits
+#    (2048 quarter-octave bins) added by integer atomics into a zeroed workspace.
+# 2. ``_survivor_kernel`` (row, part): every chunk replays the pick of the first level (the
+#    bin holding the k-th largest) from the histogram and copies its survivors (keys in that
+#    bin or above: the selection is among them) into the row's survivor buffer, at an offset
+#    taken from the row's counter by one atomic per chunk; the chunk's run stays in index order.
+# 3. ``_survivor_select_kernel`` (row): the exact cut among the survivors by radix levels on
+#    (key, then lowest index first), then writes the taken indices in ascending order from the
+#    chunks' runs, pads with -1, and zeroes the row's histogram and counter for the next call.
+# Rows whose survivors exceed the buffer (a first-level bin holding more than ``survivor_cap``
+# of the top: many equal or near-equal scores) are selected in launch 3 by one program over
+# the whole row (``_select_segment``): exact, slower.
+#
+# Workspace invariant: ``zeroed`` (per row: FIRST_BINS counts, then the survivor counter) is
+# zero when a call starts; allocated zeroed, every call leaves it zeroed.  It is shared by the
+# calls on a device, so concurrent calls on different streams are not supported.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
+SURVIVOR_BLOCK = 4096
+SURVIVOR_WARPS = 8
+SURVIVOR_CAP = 16384
+MAX_PARTS: tl.constexpr = tl.constexpr(1024)
 
 
 @triton.jit
-def _row_threshold(hist_ptr, k, LEVELS: tl.constexpr):
-    """Replay the picks of the first ``LEVELS`` levels of a row from their histograms:
-    (prefix, remaining, done) as ``_select_segment`` has them, and the threshold key and
-    number of ties taken that the levels give when they are all done."""
-    bins = tl.arange(0, RADIX_BINS)
-    h0 = tl.load(hist_ptr + bins)
-    take_all = tl.sum(h0, axis=0) <= k
-    d0, remaining, count = _pick_digit(h0, k)
-    prefix = d0 - RADIX_BINS // 2
-    done = take_all | (count == remaining)
-    lowest = prefix << 24
-    for level in tl.static_range(1, LEVELS):
-        digit, rest, count = _pick_digit(tl.load(hist_ptr + level * RADIX_BINS + bins), remaining)
-        was_done = done
-        prefix = tl.where(was_done, prefix, prefix * RADIX_BINS + digit)
-        remaining = tl.where(was_done, remaining, rest)
-        done = was_done | (count == rest)
-        lowest = tl.where(was_done, lowest, prefix << (24 - RADIX_BITS * level))
-    # As in ``_select_segment``: stopped before the last level, every key of the digit is
-    # taken (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all.
-    if LEVELS == RADIX_LEVELS:
-        early = was_done  # done before the last level
-    else:
-        early = done
-    threshold = tl.where(take_all, INT32_MIN, tl.where(early, tl.maximum(lowest, INT32_MIN + 1) - 1, prefix))
-    return prefix, remaining, done, threshold, tl.where(early, 0, remaining)
+def _first_level(row_ws, k):
+    """From a row's first-level histogram: (take_all, bin d0 holding the k-th largest, how many
+    are still needed from it, how many it holds, survivors = keys in d0 or above)."""
+    hist = tl.load(row_ws + tl.arange(0, FIRST_BINS))
+    take_all = tl.sum(hist, axis=0) <= k
+    d0, remaining, count = _pick_bin(hist, k, FIRST_BINS)
+    return take_all, d0, remaining, count, k - remaining + count
 
 
 @triton.jit
@@ -340,60 +375,179 @@ def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
 
 
 @triton.jit
-def _row_level_kernel(scores_ptr, nv_ptr, hist_ptr, seq, n_keys, k, chunk, s_nb, s_ns,
-                      LEVEL: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's."""
+def _survivor_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, seq, n_keys, k, chunk, cap, s_zero, s_scratch,
+                     s_nb, s_ns, BLOCK: tl.constexpr):
+    """Program (row, part): copy the chunk's survivors (key, index) to the row's buffer, in
+    index order from an offset reserved on the row's counter; record (offset, count)."""
     row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    row_hist = hist_ptr + row * (RADIX_LEVELS * RADIX_BINS)
+    row_ws = zeroed_ptr + row * s_zero
+    take_all, d0, remaining, count, survivors = _first_level(row_ws, k)
+    n = tl.where(take_all | (survivors > cap), 0, n)
     vals = scores_ptr + row * n_keys + first
-    if LEVEL == 0:
-        hist = _level_histogram(vals, vals, n, 0, 0, False, BLOCK)
-    else:
-        prefix, remaining, done, threshold, ties = _row_threshold(row_hist, k, LEVEL)
-        hist = _level_histogram(vals, vals, tl.where(done, 0, n), prefix, LEVEL, False, BLOCK)
-    tl.atomic_add(row_hist + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0)
-
-
-@triton.jit
-def _row_count_kernel(scores_ptr, nv_ptr, hist_ptr, counts_ptr, seq, n_keys, k, chunk, s_nb, s_ns,
-                      BLOCK: tl.constexpr):
-    """Program (row, part): how many of the chunk's elements are above the threshold, and tie it."""
-    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    prefix, remaining, done, threshold, ties = _row_threshold(hist_ptr + row * (RADIX_LEVELS * RADIX_BINS), k,
-                                                              RADIX_LEVELS)
-    above = 0
-    equal = 0
+    found = 0
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        key, v, ok = _segment_keys(scores_ptr + row * n_keys + first, scores_ptr, offs, n, False)
-        above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
-        equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
-    out = counts_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * 2
-    tl.store(out, above)
-    tl.store(out + 1, equal)
+        key = _order_key(tl.load(vals + offs, mask=offs < n, other=0.0))
+        found += tl.sum(((offs < n) & (_first_digit(key) >= d0)).to(tl.int32), axis=0)
+    base = tl.atomic_add(row_ws + FIRST_BINS, found, sem="relaxed")
+    row_scratch = scratch_ptr + row * s_scratch
+    written = base
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key = _order_key(tl.load(vals + offs, mask=offs < n, other=0.0))
+        keep = (offs < n) & (_first_digit(key) >= d0)
+        pos = written + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(row_scratch + pos, key, mask=keep)
+        tl.store(row_scratch + cap + pos, first + offs, mask=keep)
+        written += tl.sum(keep.to(tl.int32), axis=0)
+    runs = row_scratch + 3 * cap + 2 * tl.program_id(1)
+    tl.store(runs, base)
+    tl.store(runs + 1, found)
 
 
 @triton.jit
-def _row_write_kernel(scores_ptr, nv_ptr, hist_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_nb, s_ns,
-                      PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): the chunk's selected indices at its offset; the last part pads."""
-    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    part = tl.program_id(1)
-    parts = tl.num_programs(1)
-    prefix, remaining, done, threshold, ties = _row_threshold(hist_ptr + row * (RADIX_LEVELS * RADIX_BINS), k,
-                                                              RADIX_LEVELS)
-    p = tl.arange(0, PARTS_P)
-    row_counts = counts_ptr + row * parts * 2 + p * 2
-    above = tl.load(row_counts, mask=p < parts, other=0)
-    equal = tl.load(row_counts + 1, mask=p < parts, other=0)
-    ties_before = tl.sum(tl.where(p < part, equal, 0), axis=0)
-    taken_before = tl.sum(tl.where(p < part, above, 0), axis=0) + tl.minimum(ties_before, ties)
+def _survivor_level(key_ptr, idx_ptr, n, prefix, cut_key, remaining, done, SHIFT: tl.constexpr,
+                    BITS: tl.constexpr, ON_INDEX: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix level over the survivors still in contention, on ``BITS`` bits at ``SHIFT``
+    of the key or (``ON_INDEX``, among keys equal to ``cut_key``) of ``~index`` (higher =
+    lower index); ``TOP``: the word's top digit, taken signed.  Returns (the word's bits from
+    ``SHIFT`` up, remaining, done).  A level skipped once ``done`` appends a zero digit, so
+    the last level's prefix is the lowest word value of the digit where the cut was found."""
+    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
+    for start in range(0, tl.where(done, 0, n), BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < n
+        key = tl.load(key_ptr + offs, mask=ok, other=0)
+        if ON_INDEX:
+            word = ~tl.load(idx_ptr + offs, mask=ok, other=0)
+            ok = ok & (key == cut_key)
+        else:
+            word = key
+        if TOP:
+            digit = (word >> SHIFT) + RADIX_BINS // 2
+        else:
+            digit = (word >> SHIFT) & ((1 << BITS) - 1)
+            ok = ok & ((word >> (SHIFT + BITS)) == prefix)
+        hist += tl.histogram(digit, RADIX_BINS, mask=ok)
+    # Skipped: an empty histogram picks digit 0 and leaves ``remaining`` as it is.
+    digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
+    if TOP:
+        prefix = digit - RADIX_BINS // 2
+    else:
+        prefix = (prefix << BITS) + digit
+    return prefix, rest, done | (count == rest)
+
+
+@triton.jit
+def _survivor_cut(key_ptr, idx_ptr, n, d0, remaining, count, BLOCK: tl.constexpr):
+    """The cut that takes exactly the wanted survivors: ``key > cut_key`` or ``key == cut_key``
+    and ``~index >= cut_index`` (a strict order: ties go to the lowest indices)."""
+    # Level 0 was the first level (the top 11 key bits); then 8, 8, 5 key bits, then the
+    # index's 32 bits (4 more levels, run only while the k-th largest key is tied).
+    done = count == remaining
+    p1, remaining, done = _survivor_level(key_ptr, idx_ptr, n, d0 - FIRST_BINS // 2, 0, remaining, done, 13, 8,
+                                          False, False, BLOCK)
+    p2, remaining, done = _survivor_level(key_ptr, idx_ptr, n, p1, 0, remaining, done, 5, 8, False, False, BLOCK)
+    cut_key, remaining, done = _survivor_level(key_ptr, idx_ptr, n, p2, 0, remaining, done, 0, 5, False, False,
+                                               BLOCK)
+    i1, remaining, done = _survivor_level(key_ptr, idx_ptr, n, 0, cut_key, remaining, done, 24, 8, True, True,
+                                          BLOCK)
+    i2, remaining, done = _survivor_level(key_ptr, idx_ptr, n, i1, cut_key, remaining, done, 16, 8, True, False,
+                                          BLOCK)
+    i3, remaining, done = _survivor_level(key_ptr, idx_ptr, n, i2, cut_key, remaining, done, 8, 8, True, False,
+                                          BLOCK)
+    cut_index, remaining, done = _survivor_level(key_ptr, idx_ptr, n, i3, cut_key, remaining, done, 0, 8, True,
+                                                 False, BLOCK)
+    return cut_key, cut_index
+
+
+@triton.jit
+def _survivor_taken(key, idx, ok, cut_key, cut_index):
+    return ok & ((key > cut_key) | ((key == cut_key) & (~idx >= cut_index)))
+
+
+@triton.jit
+def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr, seq, n_keys, k, chunk, cap,
+                            s_zero, s_scratch, s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row): the row's selection from its survivors (ascending indices, -1 padding),
+    then its histogram and counter back to zero."""
+    row, first, nv = _row_chunk(nv_ptr, seq, n_keys, n_keys, s_nb, s_ns)
+    parts = tl.cdiv(n_keys, chunk)
+    row_ws = zeroed_ptr + row * s_zero
+    take_all, d0, remaining, count, survivors = _first_level(row_ws, k)
     out_row = out_ptr + row * k
-    _compact(scores_ptr + row * n_keys + first, scores_ptr, n, first, threshold, ties, taken_before,
-             ties_before, out_row, out_row, False, False, BLOCK)
-    if part == parts - 1:
-        total = tl.sum(above, axis=0) + tl.minimum(tl.sum(equal, axis=0), ties)
-        _pad(out_row, total, k, BLOCK)
+    row_scratch = scratch_ptr + row * s_scratch
+    key_ptr = row_scratch
+    idx_ptr = row_scratch + cap
+    cum_ptr = row_scratch + 2 * cap
+    runs_ptr = row_scratch + 3 * cap
+    offsets_ptr = row_scratch + 3 * cap + 2 * MAX_PARTS
+    if take_all:
+        # At most k valid scores: all of them, in order.
+        for start in range(0, nv, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(out_row + offs, offs, mask=offs < nv)
+        _pad(out_row, nv, k, BLOCK)
+    elif survivors > cap:
+        _select_segment(scores_ptr + row * n_keys, scores_ptr, nv, k, 0, out_row, out_row, False, False, BLOCK)
+    else:
+        cut_key, cut_index = _survivor_cut(key_ptr, idx_ptr, survivors, d0, remaining, count, BLOCK)
+        # Running count of the taken ones in buffer order.
+        taken = 0
+        for start in range(0, survivors, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < survivors
+            take = _survivor_taken(tl.load(key_ptr + offs, mask=ok, other=0),
+                                   tl.load(idx_ptr + offs, mask=ok, other=0), ok, cut_key, cut_index)
+            tl.store(cum_ptr + offs, taken + tl.cumsum(take.to(tl.int32), axis=0), mask=ok)
+            taken += tl.sum(take.to(tl.int32), axis=0)
+        tl.debug_barrier()
+        # Chunk c's run [base, base + found) is in index order: its taken ones go, in order,
+        # after those of the chunks before it: output = before[c] + (cum - cum at its base).
+        p = tl.arange(0, PARTS_P)
+        has = p < parts
+        base = tl.load(runs_ptr + 2 * p, mask=has, other=0)
+        found = tl.load(runs_ptr + 2 * p + 1, mask=has, other=0)
+        cum_start = tl.load(cum_ptr + base - 1, mask=has & (found > 0) & (base > 0), other=0)
+        cum_end = tl.load(cum_ptr + base + found - 1, mask=has & (found > 0), other=0)
+        run_taken = tl.where(found > 0, cum_end - cum_start, 0)
+        tl.store(offsets_ptr + p, tl.cumsum(run_taken, axis=0) - run_taken - cum_start, mask=has)
+        tl.debug_barrier()
+        for start in range(0, survivors, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < survivors
+            idx = tl.load(idx_ptr + offs, mask=ok, other=0)
+            take = _survivor_taken(tl.load(key_ptr + offs, mask=ok, other=0), idx, ok, cut_key, cut_index)
+            pos = tl.load(offsets_ptr + idx // chunk, mask=take, other=0) + \
+                tl.load(cum_ptr + offs, mask=take, other=0) - 1
+            tl.store(out_row + pos, idx, mask=take)
+        _pad(out_row, taken, k, BLOCK)
+    # Every program of launch 2 has read the histogram (this launch follows it): zero it and
+    # the counter for the next call.
+    tl.debug_barrier()
+    tl.store(row_ws + tl.arange(0, FIRST_BINS), tl.zeros([FIRST_BINS], dtype=tl.int32))
+    tl.store(row_ws + FIRST_BINS, 0)
+
+
+class _Workspace:
+    """Per device: ``zeroed`` int32 ``[rows, FIRST_BINS + 1]`` (zero between calls, see the
+    invariant above) and ``scratch`` int32 ``[rows, 3 * cap + 3 * MAX_PARTS]`` (survivor keys,
+    indices, running counts, then per chunk (offset, count) and output offsets); grown, never
+    shrunk, so the decode hot path allocates nothing."""
+
+    _by_device: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device, rows: int, cap: int):
+        have = cls._by_device.get(device)
+        width = 3 * cap + 3 * MAX_PARTS.value
+        if have is None or have[0].shape[0] < rows or have[1].shape[1] < width:
+            rows = max(rows, have[0].shape[0] if have is not None else 0)
+            width = max(width, have[1].shape[1] if have is not None else 0)
+            have = (torch.zeros(rows, FIRST_BINS.value + 1, dtype=torch.int32, device=device),
+                    torch.empty(rows, width, dtype=torch.int32, device=device))
+            cls._by_device[device] = have
+        return have
 
 
 @functools.lru_cache(maxsize=None)
@@ -481,35 +635,58 @@ def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n
 
 def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     """Chunks per row for the row-parallel selection (0: rows are too many or too short for
-    it).  About four programs per SM in all, each chunk at least one block long: the seven
-    small launches then cost a few microseconds each, where one program per row segment
-    would run a whole segment's radix levels on one SM."""
+    it, or k too large for the survivor buffer).  About four programs per SM in all, each
+    chunk at least one block long."""
     sms = _sm_count(device)
-    if rows >= sms or n_keys < 8 * k:
+    if rows >= sms or n_keys < 8 * k or 4 * k > SURVIVOR_CAP:
         return 0
-    return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(4 * sms, rows)))
+    return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(4 * sms, rows), MAX_PARTS.value))
+
+
+def _scores_and_histogram(qi, w, keys, n_valid, zeroed):
+    """``indexer_scores`` that also adds each row's first-level histogram into ``zeroed``.
+    One query per program (``HEADS_P`` at least 16 rows for the tensor cores); a fixed
+    config per key layout (the tuned choices of the scoring pass at decode sizes)."""
+    bsz, seq, heads, _ = qi.shape
+    n_keys = keys.shape[1]
+    scores = torch.empty(bsz * seq, n_keys, dtype=torch.float32, device=qi.device)
+    if qi.stride(-1) != 1:
+        qi = qi.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    fp4 = keys.dtype == torch.uint8
+    block_n, tiles, warps = (128, 1, 8) if fp4 else (128, 4, 4)
+    grid = (triton.cdiv(n_keys, block_n * tiles), seq, bsz)
+    _scores_hist_kernel[grid](qi, w, keys, n_valid, scores, zeroed, seq, heads, n_keys,
+                              qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
+                              *n_valid.stride(), zeroed.stride(0), KEYS_FP4=fp4,
+                              HEADS_P=max(MIN_DOT_ROWS, triton.next_power_of_2(heads)), BLOCK_N=block_n, TILES=tiles,
+                              num_warps=warps, num_stages=3)
+    return scores
 
 
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
-                       k: int, parts: int) -> torch.Tensor:
-    """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row."""
-    out, scores = _output_and_scores(qi, w, keys, n_valid, k)
-    if scores is None:
+                       k: int, parts: int, survivor_cap: int = SURVIVOR_CAP) -> torch.Tensor:
+    """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
+    ``MAX_PARTS``) and a survivor buffer of ``survivor_cap`` per row: 3 launches."""
+    bsz, seq = qi.shape[:2]
+    rows, n_keys = bsz * seq, keys.shape[1]
+    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
+    if rows == 0:
         return out
-    rows, n_keys = scores.shape
-    seq = qi.shape[1]
-    chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys)))
+    if n_keys == 0:
+        return out.fill_(-1)
+    zeroed, scratch = _Workspace.get(qi.device, rows, survivor_cap)
+    scores = _scores_and_histogram(qi, w, keys, n_valid, zeroed)
+    chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys, MAX_PARTS.value)))
     parts = triton.cdiv(n_keys, chunk)
-    hist = torch.zeros(rows, RADIX_LEVELS.value, RADIX_BINS.value, dtype=torch.int32, device=qi.device)
-    counts = torch.empty(rows, parts, 2, dtype=torch.int32, device=qi.device)
-    grid = (rows, parts)
-    common = dict(BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
-    for level in range(RADIX_LEVELS.value):
-        _row_level_kernel[grid](scores, n_valid, hist, seq, n_keys, k, chunk, *n_valid.stride(), LEVEL=level,
-                                **common)
-    _row_count_kernel[grid](scores, n_valid, hist, counts, seq, n_keys, k, chunk, *n_valid.stride(), **common)
-    _row_write_kernel[grid](scores, n_valid, hist, counts, out, seq, n_keys, k, chunk, *n_valid.stride(),
-                            PARTS_P=triton.next_power_of_2(parts), **common)
+    _survivor_kernel[(rows, parts)](scores, n_valid, zeroed, scratch, seq, n_keys, k, chunk, survivor_cap,
+                                    zeroed.stride(0), scratch.stride(0), *n_valid.stride(),
+                                    BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
+    _survivor_select_kernel[(rows,)](scores, n_valid, zeroed, scratch, out, seq, n_keys, k, chunk, survivor_cap,
+                                     zeroed.stride(0), scratch.stride(0), *n_valid.stride(),
+                                     PARTS_P=triton.next_power_of_2(parts), BLOCK=SURVIVOR_BLOCK,
+                                     num_warps=SURVIVOR_WARPS)
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
+from dsv4_triton.bench import attention as bench
 from dsv4_triton.kernels import attention as kernels
 from dsv4_triton.reference import attention as ref
 from helpers import ULP, assert_close
@@ -219,6 +220,39 @@ def test_fp8_cache_matches_bf16_cache_on_qat_values(device):
         assert torch.equal(via_fp8, via_bf16)
     else:
         assert_close(via_fp8, via_bf16, **_tol(kv))
+
+
+@pytest.mark.parametrize("variant", sorted(kernels.STAGE_VARIANTS))
+@pytest.mark.parametrize("num_sms", [1, 1000])
+def test_stage_variants_compute_what_they_claim(device, monkeypatch, variant, num_sms):
+    """The benchmarks' stage variants (one stage left out or doubled) against a torch model of
+    each: their timings are only meaningful if they run the op's tiles and split."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    g = torch.Generator().manual_seed(15)
+    bsz, seq, heads, d, n, k = 2, 2, 16, 128, 300, 290  # 290 > 2 * 128 candidates: split on 1000 SMs
+    q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, bsz, n, d)
+    idx = make_idx(g, bsz, seq, k, n)
+    sinks = torch.randn(heads, generator=g)
+    caches = [ops.pack_kv_fp8(kv)] + ([] if variant == "no-dequant" else [kv])
+    for cache in caches:
+        args = [t.to(device) for t in (q, cache, sinks, idx)]
+        got = kernels.run_stage_variant(variant, *args, d ** -0.5)
+        want = bench.stage_variant_oracle(variant, *args, d ** -0.5)
+        if variant == "QK-only":
+            assert torch.equal(got, want)  # nothing accumulated: exact zeros
+        else:  # the op's tolerance, for the KV values the variant reads
+            read = bench.raw_bits_kv(cache) if variant == "no-dequant" else cache
+            assert_close(got, want, **_tol(read), what=f"{variant} {cache.dtype}")
+
+
+def test_stage_variant_bad_arguments():
+    args = _args()
+    inputs = (args["q"], args["kv"], args["sink"], args["idx"], args["scale"])
+    with pytest.raises(ValueError, match="kv"):
+        kernels.run_stage_variant("no-dequant", *inputs)  # a bf16 cache has nothing to decode
+    with pytest.raises(ValueError, match="variant"):
+        kernels.run_stage_variant("PV-thrice", *inputs)
 
 
 def test_choose_splits():

@@ -11,7 +11,15 @@ Candidates are realistic: distinct random slots of the cache, every 64th slot -1
 ``eager`` is what a user writes in torch: gather the candidate rows (decoding FP8 rows
 first), two einsums, a softmax with the sink as an extra logit; chunked over tokens at
 prefill, where the gathered [S, K, D] block would not fit (no torch.compile there).
+
+Stage variants, ``sparse_attention[<variant>]``: the same kernel, launched as the op launches
+it (tiles, K split, tuned config of the full case, which runs first), with one stage left out
+or done twice (``kernels.attention.STAGE_VARIANTS``), to measure where the time goes.  Their
+FLOP and byte counts are the full op's, so the rates compare directly; the error column is
+against what the variant computes (``stage_variant_oracle``).
 """
+
+from functools import partial
 
 import torch
 
@@ -51,6 +59,28 @@ def _attention_eager(q, kv, sink, idx, scale):
     return out
 
 
+def raw_bits_kv(rows):
+    """The bf16 KV the no-dequant variant reads from FP8 cache rows: each code byte shifted left
+    by 6 as bf16 bits (values in [0, 2)), the rope part as stored."""
+    nope = ref.head_dim_of_row_bytes(rows.shape[-1]) - ref.ROPE_DIM
+    raw = (rows[..., :nope].to(torch.int32) << 6).to(torch.int16).view(torch.bfloat16)
+    return torch.cat((raw, rows[..., nope:nope + 2 * ref.ROPE_DIM].contiguous().view(torch.bfloat16)), -1)
+
+
+def stage_variant_oracle(variant, q, kv, sink, idx, scale):
+    """What ``kernels.attention.run_stage_variant(variant, ...)`` computes, from the oracle."""
+    if variant == "QK-only":  # no P @ KV: the accumulator stays 0
+        return torch.zeros(q.shape, dtype=torch.bfloat16, device=q.device)
+    if variant == "contiguous":  # candidate slot c reads cache row c (empty past the cache)
+        slots = torch.arange(idx.shape[-1], dtype=idx.dtype, device=idx.device)
+        idx = torch.where(slots < kv.shape[1], slots, -1).expand(idx.shape)
+    elif variant == "no-dequant":
+        kv = raw_bits_kv(kv)
+    elif variant != "QK-twice":  # the scores twice, halved: the op's output up to rounding
+        raise ValueError(f"variant: unknown {variant!r}")
+    return ref.sparse_attention(q, kv, sink, idx, scale, None, None)
+
+
 def _make(bsz, seq, heads, k, n, fp8):
     def make(seed):
         g = torch.Generator(device="cuda").manual_seed(seed)
@@ -67,7 +97,7 @@ def _make(bsz, seq, heads, k, n, fp8):
     return make
 
 
-def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True):
+def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant=None):
     tokens = bsz * seq
     valid = k - len(range(0, k, HOLE_EVERY))
     row_bytes = ref.fp8_row_bytes(HEAD_DIM) if fp8 else 2 * HEAD_DIM
@@ -76,21 +106,45 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True):
     programs = tokens * -(-heads // kernels._block_h(heads))
     splits = kernels._choose_splits(programs, k, kernels._num_sms(torch.device("cuda")))
     cache = "FP8" if fp8 else "BF16"
-    return Case(op="sparse_attention", shape=f"{name} B={bsz} S={seq} H={heads} K={k} N={n} {cache}",
-                make_inputs=_make(bsz, seq, heads, k, n, fp8), run=ops.sparse_attention, eager=_attention_eager,
-                compile_eager=compile_eager,
-                oracle=lambda q, kv, sink, idx, scale: ref.sparse_attention(q, kv, sink, idx, scale, None, None),
-                bytes=nbytes, flops=flops, ceiling=ceiling, launches=2 if splits > 1 else 1,
-                notes=f"{flops / nbytes:.0f} FLOP/B; K split in {splits}" if splits > 1 else f"{flops / nbytes:.0f} FLOP/B")
+    notes = f"{flops / nbytes:.0f} FLOP/B" + (f"; K split in {splits}" if splits > 1 else "")
+    if variant is None:
+        op, run, eager = "sparse_attention", ops.sparse_attention, _attention_eager
+        oracle = lambda q, kv, sink, idx, scale: ref.sparse_attention(q, kv, sink, idx, scale, None, None)  # noqa: E731
+    else:
+        op, run, eager = f"sparse_attention[{variant}]", partial(kernels.run_stage_variant, variant), None
+        oracle = partial(stage_variant_oracle, variant)
+        notes = f"stage variant (not the op): {_VARIANT_NOTES[variant]}; counts of the full op"
+    return Case(op=op, shape=f"{name} B={bsz} S={seq} H={heads} K={k} N={n} {cache}",
+                make_inputs=_make(bsz, seq, heads, k, n, fp8), run=run, eager=eager, compile_eager=compile_eager,
+                oracle=oracle, bytes=nbytes, flops=flops, ceiling=ceiling, launches=2 if splits > 1 else 1,
+                notes=notes)
+
+
+_VARIANT_NOTES = {
+    "no-dequant": "FP8 code bytes used as raw bf16 bits, scales unread (same bytes loaded)",
+    "QK-only": "P @ KV and the accumulator rescale left out",
+    "contiguous": "candidate slot c reads cache row c: no index load, the same sequential rows for every "
+                  "token (L2-resident), no -1 holes",
+    "QK-twice": "the QK^T matmul done twice",
+}
+
+
+def _variants(name, bsz, seq, heads, k, n, fp8, ceiling, variants):
+    return [_case(name, bsz, seq, heads, k, n, fp8, ceiling, variant=v) for v in variants]
 
 
 def cases(quick: bool):
     # Decode caches: 128 window slots + 8192 compressed entries (a 32K-token context).
     n_decode = 128 + 8192
+    decode_variants = ("no-dequant", "QK-only", "contiguous", "QK-twice")
+    # Each full case first: its tuned config is the one its stage variants run.
     out = [
         _case("decode Pro", 64, 1, 128, 1152, n_decode, True, "bf16"),
+        *_variants("decode Pro", 64, 1, 128, 1152, n_decode, True, "bf16", decode_variants),
         _case("decode Flash", 64, 1, 64, 640, n_decode, True, "copy"),
+        *_variants("decode Flash", 64, 1, 64, 640, n_decode, True, "copy", decode_variants),
         _case("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, False, "bf16", compile_eager=False),
+        *_variants("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, False, "bf16", ("QK-only", "QK-twice")),
     ]
     if not quick:
         out += [

@@ -76,6 +76,15 @@ from .norm import as_rows
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 
+# Stage variants of the attention kernel: the same kernel with one stage left out or done
+# twice, selected by the constexpr ``VARIANT``.  The public op always runs FULL; the
+# benchmarks time the others (``run_stage_variant``) to measure where the time goes.
+# (QK^T twice rather than P @ KV twice: a P @ KV chained to a second matmul would be laid
+# out with all warps along the heads, doubling its work and spilling: another kernel.)
+FULL, NO_DEQUANT, QK_ONLY, CONTIGUOUS_ROWS, QK_TWICE = (tl.constexpr(v) for v in range(5))
+STAGE_VARIANTS = {"no-dequant": NO_DEQUANT.value, "QK-only": QK_ONLY.value, "contiguous": CONTIGUOUS_ROWS.value,
+                  "QK-twice": QK_TWICE.value}
+
 
 @triton.jit
 def _fp8_value(code):
@@ -106,14 +115,18 @@ def _to_bf16(x):
 
 
 @triton.jit
-def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr, FP8: tl.constexpr):
+def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr, FP8: tl.constexpr,
+               DEQUANT: tl.constexpr = True):
     """The candidates' KV rows as a bf16 [BLOCK_K, D] tile; empty slots read as 0.
 
     ``rows``: int64 row numbers (0 where not ``valid``); a row starts at ``rows * stride8 * 8``
     elements of ``kv_ptr`` (bf16 cache) or bytes (FP8 cache).  The FP8 rows' rope values and
     scales are read through ``kv16_ptr``/``kv64_ptr``, the same memory typed as bf16/int64:
     typed pointers keep those loads whole vectors (and so pipelined as async copies).
-    Multiplying by 8 in the kernel tells the compiler rows are 8-aligned."""
+    Multiplying by 8 in the kernel tells the compiler rows are 8-aligned.
+    ``DEQUANT=False`` (the NO_DEQUANT stage variant) loads the same code bytes but skips their
+    decode: each code byte shifted left by 6 is taken as bf16 bits (values in [0, 2)), the
+    scales are not read."""
     if FP8:
         NBLK: tl.constexpr = D // 64  # D - 64 nope values in blocks of 64, then the 64 rope values
         DN: tl.constexpr = D - 64
@@ -124,13 +137,18 @@ def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr
         nope_mask = valid[:, None, None] & is_nope[None, :, None]
         codes = tl.load(kv_ptr + row[:, None, None] + j[None, :, None] * 64 + e[None, None, :], mask=nope_mask,
                         other=0)
+        rope_ptrs = kv16_ptr + (rows * (stride8 * 4))[:, None] + DN // 2 + e[None, :]
+        if not DEQUANT:
+            raw = (codes.to(tl.uint16) << 6).to(tl.bfloat16, bitcast=True)
+            rope = tl.load(rope_ptrs, mask=valid[:, None], other=0.0)
+            tile = tl.where(is_nope[None, :, None], raw, rope[:, None, :])
+            return tl.reshape(tile, [rows.shape[0], D])
         # The scales as one little-endian 8-byte word per row (8-aligned, inside the row: 7
         # scales + pad for D = 512, 1 scale + pad for D = 128); byte j is block j's scale.
         words = tl.load(kv64_ptr + rows * stride8 + (DN + 128) // 8, mask=valid, other=0x7F7F7F7F7F7F7F7F)
         sbytes = (words[:, None] >> (8 * j[None, :]).to(tl.int64)) & 0xFF
         nope = _fp8_value(codes) * e8m0_value(sbytes)[:, :, None]
-        rope = tl.load(kv16_ptr + (rows * (stride8 * 4))[:, None] + DN // 2 + e[None, :], mask=valid[:, None],
-                       other=0.0).to(tl.float32)
+        rope = tl.load(rope_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
         tile = tl.where(is_nope[None, :, None], nope, rope[:, None, :])
         return tl.reshape(tile, [rows.shape[0], D]).to(tl.bfloat16)
     else:
@@ -180,7 +198,7 @@ def _sparse_attention_kernel(
         S, H, N, K, n_hblk, k_per_split, max_pos, qk_scale, K_BUCKET, GRID_BUCKET,
         stride_qb, stride_qs, stride_qh, stride_kvb8, stride_kvn8, stride_ib, stride_is, stride_pb, stride_ps,
         D: tl.constexpr, FP8: tl.constexpr, HALF_R: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, VARIANT: tl.constexpr = FULL):
     pid = tl.program_id(0).to(tl.int64)
     tok = pid // n_hblk  # head blocks of one token are neighbours: they share its KV rows in L2
     heads = (pid % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -203,18 +221,32 @@ def _sparse_attention_kernel(
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
-        rows = tl.load(idx_row + c, mask=c < k_hi, other=-1)
-        valid = (rows >= 0) & (rows < N)
+        if VARIANT == CONTIGUOUS_ROWS:  # candidate slot c reads cache row c: no index load, no scatter
+            rows = c
+            valid = (c < k_hi) & (c < N)
+        else:
+            rows = tl.load(idx_row + c, mask=c < k_hi, other=-1)
+            valid = (rows >= 0) & (rows < N)
         kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
-                        stride_kvn8, D, FP8)
-        sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32)) * qk_scale
+                        stride_kvn8, D, FP8, VARIANT != NO_DEQUANT)
+        sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32))
+        if VARIANT == QK_TWICE:  # the scores accumulated twice (2 S), halved back
+            sc = dot_bf16(q, tl.trans(kv), sc) * 0.5
+        sc = sc * qk_scale
         sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(sc - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = dot_bf16(_to_bf16(p), kv, acc * alpha[:, None])
+        if VARIANT == QK_ONLY:
+            # P @ KV left out.  P still feeds a (16-column, all-zero) matmul, so the compiler
+            # lays the scores out as in the full kernel (a score matmul chained to another
+            # matmul gets all warps along the heads); its zero sum keeps it from being dropped.
+            probe = dot_bf16(_to_bf16(p), tl.zeros([BLOCK_K, 16], tl.bfloat16), tl.zeros([BLOCK_H, 16], tl.float32))
+            l_i += tl.sum(probe, axis=1)
+        else:
+            acc = dot_bf16(_to_bf16(p), kv, acc * alpha[:, None])
         m_i = m_new
 
     if SPLIT:
@@ -312,6 +344,25 @@ def _block_h(h: int) -> int:
 @register("sparse_attention", "triton")
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                      freqs: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch(q, kv, sink, idx, scale, freqs, positions, FULL.value)
+
+
+def run_stage_variant(variant: str, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """The attention kernel with one stage left out or done twice (a key of ``STAGE_VARIANTS``),
+    launched as the op would launch it (same tiles, splits and tuned config), for the benchmarks'
+    attribution of time.  Not the op: "no-dequant" reads FP8 code bytes as raw bf16 bits,
+    "QK-only" returns zeros, "contiguous" reads cache rows 0..K-1 instead of ``idx``,
+    "QK-twice" computes the scores twice (output as the op's, up to rounding).  Inputs as
+    ``ops.sparse_attention`` validates them."""
+    if variant not in STAGE_VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(STAGE_VARIANTS)}, got {variant!r}")
+    if variant == "no-dequant" and kv.dtype != torch.uint8:
+        raise ValueError(f"kv: the no-dequant variant needs FP8 cache rows (uint8), got {kv.dtype}")
+    return _launch(q, kv, sink, idx, scale, None, None, STAGE_VARIANTS[variant])
+
+
+def _launch(q, kv, sink, idx, scale, freqs, positions, variant):
     bsz, seq, heads, d = q.shape
     out = torch.empty(bsz, seq, heads, d, dtype=torch.bfloat16, device=q.device)
     tokens, k = bsz * seq, idx.shape[2]
@@ -351,7 +402,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
         scale * LOG2E, k_bucket, grid_bucket,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0) // 8, kv.stride(1) // 8, idx.stride(0), idx.stride(1),
         pos.stride(0), pos.stride(1),
-        D=d, FP8=fp8, HALF_R=half_r, SPLIT=splits > 1, BLOCK_H=block_h)
+        D=d, FP8=fp8, HALF_R=half_r, SPLIT=splits > 1, BLOCK_H=block_h, VARIANT=variant)
     if splits > 1:
         _merge_splits_kernel[(tokens * heads,)](
             part_o, part_ml, sink, out, freqs if freqs is not None else sink, pos,

@@ -70,7 +70,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, e8m0_value, exp2i, to_fp8
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, to_fp8
 from .norm import as_rows
 
 LOG2E = 1.4426950408889634
@@ -99,6 +99,17 @@ def _fp8_value(code):
         return tl.where((c & 0x80) != 0, -mag, mag)
     else:
         return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e8m0_scale(byte):
+    """E8M0 byte (int tensor) -> float32 2**(b - 127), 0xFF -> NaN, 0 -> 2**-127 (subnormal).
+    The value is built as integer bits in one expression: testing the two special bytes
+    with float selects kept 16 predicates per thread alive across the tile decode, which
+    the compiler packed into and unpacked from a register (~10 instructions a scale)."""
+    b = byte.to(tl.int32)
+    special = ((b + 1) & 0xFE) == 0  # b == 0 or b == 255: add the top mantissa bit
+    return ((b << 23) | tl.where(special, 0x400000, 0)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -147,7 +158,7 @@ def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr
         # scales + pad for D = 512, 1 scale + pad for D = 128); byte j is block j's scale.
         words = tl.load(kv64_ptr + rows * stride8 + (DN + 128) // 8, mask=valid, other=0x7F7F7F7F7F7F7F7F)
         sbytes = (words[:, None] >> (8 * j[None, :]).to(tl.int64)) & 0xFF
-        nope = _fp8_value(codes) * e8m0_value(sbytes)[:, :, None]
+        nope = _fp8_value(codes) * _e8m0_scale(sbytes)[:, :, None]
         rope = tl.load(rope_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
         tile = tl.where(is_nope[None, :, None], nope, rope[:, None, :])
         return tl.reshape(tile, [rows.shape[0], D]).to(tl.bfloat16)
@@ -216,6 +227,7 @@ def _sparse_attention_kernel(
     kv16_batch = kv16_ptr + b * (stride_kvb8 * 4)
     kv64_batch = kv64_ptr + b * stride_kvb8
 
+    score_scale = qk_scale * 0.5 if VARIANT == QK_TWICE else qk_scale
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -230,14 +242,16 @@ def _sparse_attention_kernel(
         kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
                         stride_kvn8, D, FP8, VARIANT != NO_DEQUANT)
         sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32))
-        if VARIANT == QK_TWICE:  # the scores accumulated twice (2 S), halved back
-            sc = dot_bf16(q, tl.trans(kv), sc) * 0.5
-        sc = sc * qk_scale
+        if VARIANT == QK_TWICE:  # the scores accumulated twice (2 S), scaled by half the scale
+            sc = dot_bf16(q, tl.trans(kv), sc)
+        # The scores stay unscaled: the (positive) scale enters the row max once per row
+        # (rounding is monotonic, so max(s) * c == max(s * c)) and the exp2 argument as one
+        # FMA per score instead of a multiply and a subtraction.
         sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1) * score_scale)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(sc - m_ref[:, None])
+        p = tl.exp2(tl.fma(sc, score_scale, -m_ref[:, None]))
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if VARIANT == QK_ONLY:
             # P @ KV left out.  P still feeds a (16-column, all-zero) matmul, so the compiler

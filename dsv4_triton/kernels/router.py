@@ -27,7 +27,7 @@ grows with the largest T seen; every launch leaves the counters zero.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -431,6 +431,8 @@ class _SplitWorkspace:
 
 
 _split_workspaces: Dict[Tuple, _SplitWorkspace] = {}
+# Outgrown workspaces stay allocated: a CUDA graph captured with one keeps its addresses.
+_outgrown: List[_SplitWorkspace] = []
 
 
 def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
@@ -439,6 +441,7 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
     ws = _split_workspaces.get(key)
     if ws is None or not ws.fits(*sizes):
         if ws is not None:
+            _outgrown.append(ws)
             sizes = tuple(max(n, have) for n, have in zip(sizes, (
                 ws.partial.numel(), ws.score.numel(), ws.cand.numel(), ws.chunk_counters.numel(),
                 ws.tile_counters.numel())))
@@ -473,19 +476,22 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     hash_mode = tid2eid is not None
     k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = triton.next_power_of_2(n_experts)
+    # Room for DECODE_MAX_T tokens at least, so decode batches of any size share one workspace.
+    room = max(T, DECODE_MAX_T)
     if config is None:  # sized for every split config (BLOCK_T, BLOCK_E divide 64; SPLIT_K >= 128)
-        rows = triton.cdiv(T, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
+        rows = triton.cdiv(room, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
         cols = triton.cdiv(n_experts, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
         n_splits, block_t, block_e = triton.cdiv(dim, MIN_SPLIT_K), MIN_BLOCK_E, MIN_BLOCK_E
     else:
         _check_split_config(config)
         block_t, block_e = config[0], config[1]
-        rows = triton.cdiv(T, block_t) * block_t
+        rows = triton.cdiv(room, block_t) * block_t
         cols = triton.cdiv(n_experts, block_e) * block_e
         n_splits = triton.cdiv(dim, config[3])
-    n_tiles = triton.cdiv(T, block_t)
-    ws = _split_workspace(x.device, rows * cols * n_splits, T * n_experts,
-                          T * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e), n_tiles)
+    n_tiles = triton.cdiv(room, block_t)
+    ws = _split_workspace(x.device, rows * cols * n_splits, room * n_experts,
+                          room * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e),
+                          n_tiles)
     args = (x, weight, bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
             token_ids if hash_mode else x, weights, ids, ws.partial, ws.score, ws.cand, ws.chunk_counters,
             ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),

@@ -4,7 +4,8 @@ V4-Flash size (E = 256, dim 4096).
 Prefill (T = 4096): 22.5 GFLOP against 64 MB moved, past the H100's ridge point, so the
 ceiling is the bf16 matmul rate; target >= 3x eager (the tiled path).  Decode (T = 64, 8, 1:
 the split path, T <= DECODE_MAX_T): the router weight (5.5 MB Pro, 2 MB Flash) dominates the
-bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one launch.  ``eager`` is the
+bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one launch.  At T = 256 both
+paths run forced, to check where the split path stops paying.  ``eager`` is the
 release's reference code as a user would write it in torch: FP32 ``F.linear`` (the weight
 "used in FP32"), softplus, sqrt, topk, gather, normalise.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..kernels import router as kern
 from ..reference import router as ref
 from .case import Case
 
@@ -86,10 +88,22 @@ def _hash_case(size, T):
                 notes="computes all E scores, as score routing does" if T >= 1024 else "")
 
 
+def _path_case(T, path):
+    """Pro score routing through one path forced, to check the split/tiled choice at a T
+    above DECODE_MAX_T."""
+    E, dim, scale = SIZES["Pro"]
+    launcher = {"split": kern.route_split, "tiled": kern.route_tiled}[path]
+    return Case(op="route", shape=f"T={T} E={E} dim={dim} score, {path} path", make_inputs=_score_inputs(T, E, dim),
+                run=lambda x, w, b: launcher(x, w, b, None, None, TOPK, scale),
+                eager=_eager_score(scale), oracle=lambda x, w, b: ref.route(x, w, b, None, None, TOPK, scale),
+                bytes=_bytes(T, E, dim), flops=2 * T * E * dim, ceiling="copy", launches=1)
+
+
 def cases(quick: bool):
     out = [_score_case("Pro", T) for T in (4096, 64, 8, 1)]
     out += [_score_case("Flash", T) for T in (64, 8, 1)]
     out += [_hash_case("Pro", T) for T in (4096, 64)]
+    out += [_path_case(256, "split"), _path_case(256, "tiled")]
     if not quick:
         out += [_hash_case("Pro", 1), _hash_case("Flash", 64)]
     return out

@@ -301,6 +301,18 @@ def test_route_split_infinite_and_tied_keys(device):
         assert_close(w, w_ref, rtol=1e-5, atol=0, what="weights")
 
 
+def test_route_split_nan_in_a_later_split(device):
+    # A NaN in the last dim split of one token: its logits are NaN after the fixed-order sum,
+    # every key ranks first (ties -> lowest ids) and its weights are NaN; other tokens are clean.
+    x, weight, bias = _inputs(4, 40, 200, 97, device)
+    x[2, 190] = float("nan")
+    w_ref, ids_ref = ref.route(x, weight, bias, None, None, 3, 1.0)
+    for config in _SMALL_SPLIT_CONFIGS:
+        w, ids = _split(x, weight, bias, None, None, 3, 1.0, config)
+        assert ids[2].tolist() == [0, 1, 2] and torch.equal(ids.cpu(), ids_ref.cpu())
+        assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65])
 def test_route_dispatch_by_token_count(device, monkeypatch, T):
     from dsv4_triton.kernels import router as kern

@@ -317,7 +317,9 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus), writes the
     scores and (score routing) the chunk's top ``topk`` packed keys; the last chunk of a tile
-    to arrive selects and writes the outputs.  Each arriver that acts resets its counter."""
+    to arrive selects and writes the outputs.  Each arriver that acts resets its counter.
+    Reads of x and W are masked to the tensors; every workspace slot index stays below the
+    sizes ``route_split`` allocates; hash routing clamps ids as the tiled path does."""
     N_CAND: tl.constexpr = ((E_PAD + BLOCK_E - 1) // BLOCK_E) * K_PAD  # candidate slots per token
     TILE: tl.constexpr = BLOCK_T * BLOCK_E
     REDUCE_UNROLL: tl.constexpr = (8192 + TILE - 1) // TILE  # >= 1: 32 KB of partials in flight per step

@@ -243,7 +243,41 @@ def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spre
 
 
 def _workspace(device):
-    return kernels._Workspace._by_device[torch.device(device)][0]
+    return kernels._Workspace._by_device[torch.empty(0, device=device).device][0]
+
+
+def _reverse_runs(scratch, rows, parts, cap):
+    """Lay each row's survivor runs out in reverse chunk order (as atomics may on a GPU; the
+    interpreter runs the chunk programs in order), updating each chunk's (offset, count)."""
+    for row in range(rows):
+        keys, idx = scratch[row, :cap].clone(), scratch[row, cap:2 * cap].clone()
+        runs = scratch[row, 3 * cap:3 * cap + 2 * parts].view(parts, 2)
+        at = 0
+        for c in reversed(range(parts)):
+            base, found = (int(v) for v in runs[c])
+            scratch[row, at:at + found] = keys[base:base + found]
+            scratch[row, cap + at:cap + at + found] = idx[base:base + found]
+            runs[c, 0] = at
+            at += found
+
+
+@given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), seed=st.integers(0, 2**31))
+def test_row_parallel_runs_in_any_order(device, n_keys, k, parts, seed):
+    """The chunks' survivor runs land in the buffer in whatever order their atomics ran: the
+    output (ascending indices, ties to the lowest) does not depend on it."""
+    g = torch.Generator().manual_seed(seed)
+    qi, w, keys = make_inputs(g, 1, 2, 3, n_keys, integer=True)
+    n_valid = random_n_valid(g, 1, 2, n_keys)
+    args = [t.to(device) for t in (qi, w, keys, n_valid)]
+    cap = kernels.SURVIVOR_CAP
+    zeroed, scratch = kernels._Workspace.get(args[0].device, 2, cap)
+    scores = kernels._scores_and_histogram(*args, zeroed)
+    chunk = -(-n_keys // parts)
+    kernels._collect_survivors(scores, args[3], zeroed, scratch, 2, k, chunk, cap)
+    _reverse_runs(scratch, 2, -(-n_keys // chunk), cap)
+    out = torch.empty(1, 2, k, dtype=torch.int32, device=device)
+    kernels._select_survivors(scores, args[3], zeroed, scratch, out, 2, k, chunk, cap)
+    assert torch.equal(out.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
 
 
 def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):

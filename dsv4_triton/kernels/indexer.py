@@ -679,15 +679,24 @@ def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_
     zeroed, scratch = _Workspace.get(qi.device, rows, survivor_cap)
     scores = _scores_and_histogram(qi, w, keys, n_valid, zeroed)
     chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys, MAX_PARTS.value)))
-    parts = triton.cdiv(n_keys, chunk)
-    _survivor_kernel[(rows, parts)](scores, n_valid, zeroed, scratch, seq, n_keys, k, chunk, survivor_cap,
-                                    zeroed.stride(0), scratch.stride(0), *n_valid.stride(),
-                                    BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
-    _survivor_select_kernel[(rows,)](scores, n_valid, zeroed, scratch, out, seq, n_keys, k, chunk, survivor_cap,
-                                     zeroed.stride(0), scratch.stride(0), *n_valid.stride(),
-                                     PARTS_P=triton.next_power_of_2(parts), BLOCK=SURVIVOR_BLOCK,
-                                     num_warps=SURVIVOR_WARPS)
+    _collect_survivors(scores, n_valid, zeroed, scratch, seq, k, chunk, survivor_cap)
+    _select_survivors(scores, n_valid, zeroed, scratch, out, seq, k, chunk, survivor_cap)
     return out
+
+
+def _collect_survivors(scores, n_valid, zeroed, scratch, seq: int, k: int, chunk: int, cap: int) -> None:
+    rows, n_keys = scores.shape
+    _survivor_kernel[(rows, triton.cdiv(n_keys, chunk))](
+        scores, n_valid, zeroed, scratch, seq, n_keys, k, chunk, cap, zeroed.stride(0), scratch.stride(0),
+        *n_valid.stride(), BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
+
+
+def _select_survivors(scores, n_valid, zeroed, scratch, out, seq: int, k: int, chunk: int, cap: int) -> None:
+    rows, n_keys = scores.shape
+    _survivor_select_kernel[(rows,)](
+        scores, n_valid, zeroed, scratch, out, seq, n_keys, k, chunk, cap, zeroed.stride(0), scratch.stride(0),
+        *n_valid.stride(), PARTS_P=triton.next_power_of_2(triton.cdiv(n_keys, chunk)), BLOCK=SURVIVOR_BLOCK,
+        num_warps=SURVIVOR_WARPS)
 
 
 @register("indexer_topk", "triton")

@@ -347,7 +347,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
     group = (tile * n_chunks + chunk).to(tl.int64)
     in_tile = rows[:, None] * BLOCK_E + cols[None, :]
-    tl.store(partial_ptr + (group * n_splits + split) * TILE + in_tile, acc)
+    # Rows past T are neither written nor read back (T = 1 moves 1/16 of a 16-row tile).
+    tl.store(partial_ptr + (group * n_splits + split) * TILE + in_tile, acc, mask=live[:, None])
 
     tl.debug_barrier()  # all threads' partials are written before the arrival is published
     arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
@@ -357,9 +358,9 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         z = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
         for s0 in range(0, n_splits, REDUCE_UNROLL):
             for u in tl.static_range(REDUCE_UNROLL):
-                # Past the last split: a valid slot is read (unmasked, so the loads batch) and dropped.
+                # Past the last split: a valid slot is read (no split mask, so the loads batch) and dropped.
                 part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE + in_tile,
-                               cache_modifier=".cg")
+                               mask=live[:, None], other=0.0, cache_modifier=".cg")
                 z += tl.where(s0 + u < n_splits, part, 0.0)
         s = _sqrt_softplus(z)
         tl.store(score_ptr + tok[:, None] * n_experts + e[None, :], s, mask=live[:, None] & e_live[None, :])

@@ -188,7 +188,8 @@ def test_sparse_attention_matches_oracle(device, bsz, seq, heads, n, k, fp8, rop
 @pytest.mark.parametrize("num_sms", [1, 1000])
 def test_sparse_attention_head_dim_512_fp8_rope_split_or_not(device, monkeypatch, num_sms):
     """D = 512 (the release's), FP8 rows, inverse RoPE; a machine of 1000 SMs makes the
-    launcher split the 288 candidates (merge kernel applies the RoPE), of 1 SM not."""
+    launcher split the 288 candidates (the last slice to finish merges and applies the RoPE),
+    of 1 SM not."""
     monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
     g = torch.Generator().manual_seed(7)
     bsz, seq, heads, d, n, k = 1, 1, 16, 512, 300, 288
@@ -275,6 +276,11 @@ def test_split_over_k_matches_unsplit(device, monkeypatch):
         monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
         outs.append(_check(q, kv, sinks, idx, what=f"{num_sms} SMs"))
     assert_close(outs[1], outs[0], **_tol(kv))
+    # The last slice to arrive merges in split order: the same bits whichever arrives last,
+    # and the arrival counters are left zero for the next call.
+    assert torch.equal(_triton(q, kv, sinks, idx, 128 ** -0.5), outs[1])
+    for _, _, counters in kernels._workspaces.values():
+        assert not counters.any()
 
 
 def test_empty_rows_give_exact_zero(device):

@@ -116,7 +116,7 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
         notes = f"stage variant (not the op): {_VARIANT_NOTES[variant]}; counts of the full op"
     return Case(op=op, shape=f"{name} B={bsz} S={seq} H={heads} K={k} N={n} {cache}",
                 make_inputs=_make(bsz, seq, heads, k, n, fp8), run=run, eager=eager, compile_eager=compile_eager,
-                oracle=oracle, bytes=nbytes, flops=flops, ceiling=ceiling, launches=2 if splits > 1 else 1,
+                oracle=oracle, bytes=nbytes, flops=flops, ceiling=ceiling, launches=1,
                 notes=notes)
 
 

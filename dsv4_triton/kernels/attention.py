@@ -22,8 +22,8 @@ masked), ``BLOCK_K`` 16/32/64 (autotuned), D = 128 or 512 whole.  Q [64, 512] bf
 stays in shared memory for the whole loop; each KV tile (32 x 512 bf16 = 32 KB) is
 double- or triple-buffered there.  The [64, 512] fp32 accumulator is 128 KB: at 8 warps
 (256 threads) 128 registers a thread, the split FlashMLA uses (each warpgroup owns half
-of the output columns); compiled for sm_90 this lands at 255 registers with under 256
-bytes of spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
+of the output columns); compiled for sm_90 this lands at 255 registers with ~200 (BF16)
+to ~550 (FP8) bytes of spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
 registers (more spill).  Splitting the output columns across programs instead would
 shrink the accumulator but costs more than it saves: every program needs the full score
 tile S (the whole D reduction), so with the columns split two ways the QK^T matmul runs
@@ -40,13 +40,22 @@ Flash-decoding split.  Decode has few programs (B * ceil(H / BLOCK_H)): B = 1, H
 2 programs for 132 SMs.  When that leaves at least half the SMs idle, the K candidates are
 cut into ``splits`` slices (``_choose_splits``: as many as fit in one wave, each at least
 two blocks of candidates); every slice writes its unnormalised partial output and (m, l)
-to an fp32 workspace (tokens * H * splits * (D + 2) floats, allocated per call from the
-caching allocator), and a small merge kernel combines the slices with the sink and
-applies the inverse RoPE: 2 launches.  Otherwise (prefill, large batches) 1 launch.
+to an fp32 workspace, then counts its arrival on a per-(token, head block) counter; the
+last slice to arrive merges all of them in split order (deterministic), with the sink and
+the inverse RoPE, and resets the counter.  One launch either way; the workspace (tokens *
+H * splits * (D + 2) floats + one int32 per (token, head block)) is kept per device and
+stream, grown to the largest call, so a warm call allocates only its output.
 
 What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
-(BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  What
-Triton leaves on the table: the QK^T wgmma is waited on before the softmax starts (no
+(BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  In
+practice (sm_90 compile of the tuned config, BLOCK_K = 64, 8 warps, 255 registers: one
+program per SM) a tile's steps run one after another: the warps issue the tile's
+instructions (FP8 ~2300 a warp: ~590 decode the rows, ~270 build wgmma descriptors, ~120
+reload spills, 128 rescale the accumulator; BF16 ~1300), then the matmuls run.  The QK^T
+result feeds another matmul, so Triton lays it out with all 8 warps along its 64 heads:
+both warpgroups compute the whole score tile (2 x 32 m64n32k16 wgmma each, bound by
+shared-memory reads, ~3100 cycles a tile) against ~1000 cycles for P @ KV.  The stage
+variants (``STAGE_VARIANTS``) time each part.  Also left on the table: the QK^T wgmma is waited on before the softmax starts (no
 overlap of softmax with MMA), the index load of the next tile is a synchronous (L2) load
 ahead of its async copies, the FP8 decode runs on the CUDA cores in the same warps that
 issue the MMAs and goes registers -> shared memory before the matmul, and P goes
@@ -61,7 +70,7 @@ Interpreter (CPU tests): its bf16 ``tl.dot`` and fp32 -> bf16 conversion are wro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -168,22 +177,63 @@ def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr
 
 
 @triton.jit
-def _inverse_rope_store(o, out_ptr, row_off, h_ok, freqs_ptr, pos, D: tl.constexpr, HALF_R: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
-    """Rotate the last 2 * HALF_R columns of the fp32 tile ``o [BLOCK_H, D]`` by -pos * f_i
-    (interleaved pairs) and store it as bf16 at ``out_ptr + row_off[h] + column``."""
-    pair = tl.arange(0, D // 2)
+def _inverse_rope_store(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D: tl.constexpr, HALF_R: tl.constexpr,
+                        BLOCK_H: tl.constexpr, W: tl.constexpr):
+    """Store the fp32 tile ``o [BLOCK_H, W]`` (output columns ``col0 .. col0 + W``, ``col0`` even)
+    as bf16 at ``out_ptr + row_off[h] + column``, the columns among the last 2 * HALF_R rotated by
+    -pos * f_i (interleaved pairs)."""
+    pair = col0 // 2 + tl.arange(0, W // 2)
     rope_pair = pair - (D // 2 - HALF_R)
     is_rope = rope_pair >= 0
     table = freqs_ptr + pos * (2 * HALF_R) + 2 * tl.where(is_rope, rope_pair, 0)
     cos = tl.load(table, mask=is_rope, other=1.0)[None, :]
     sin = tl.load(table + 1, mask=is_rope, other=0.0)[None, :]
-    x0, x1 = tl.split(tl.reshape(o, [BLOCK_H, D // 2, 2]))
+    x0, x1 = tl.split(tl.reshape(o, [BLOCK_H, W // 2, 2]))
     y0 = tl.where(is_rope[None, :], x0 * cos + x1 * sin, x0)
     y1 = tl.where(is_rope[None, :], x1 * cos - x0 * sin, x1)
-    y = tl.reshape(tl.join(y0, y1), [BLOCK_H, D])
-    d = tl.arange(0, D)
+    y = tl.reshape(tl.join(y0, y1), [BLOCK_H, W])
+    d = col0 + tl.arange(0, W)
     tl.store(out_ptr + row_off[:, None] + d[None, :], _to_bf16(y), mask=h_ok[:, None])
+
+
+@triton.jit
+def _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D: tl.constexpr, HALF_R: tl.constexpr,
+            BLOCK_H: tl.constexpr, W: tl.constexpr):
+    """Store output columns ``col0 .. col0 + W`` (static): rotated where they reach the rope part."""
+    if HALF_R > 0 and col0 + W > D - 2 * HALF_R:
+        _inverse_rope_store(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D, HALF_R, BLOCK_H, W)
+    else:
+        d = col0 + tl.arange(0, W)
+        tl.store(out_ptr + row_off[:, None] + d[None, :], _to_bf16(o), mask=h_ok[:, None])
+
+
+@triton.jit
+def _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, tok, heads, h_ok, H, n_splits,
+                  D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Combine the slices' (m, l, O) of one (token, head block) with the sink and store the
+    output (inverse RoPE included).  Slices are read in split order, whichever program merges:
+    the result is the same run to run.  Columns go 64 at a time (32 registers a thread)."""
+    base = (tok * H + heads) * n_splits
+    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
+    m_fin = sink
+    for i in range(n_splits):
+        m_fin = tl.maximum(m_fin, tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    den = tl.exp2(sink - m_fin)
+    for i in range(n_splits):
+        m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+        l_part = tl.load(part_ml_ptr + 2 * (base + i) + 1, mask=h_ok, other=0.0, cache_modifier=".cg")
+        den += l_part * tl.exp2(m - m_fin)
+    row_off = (tok * H + heads) * D
+    c = tl.arange(0, 64)
+    for col0 in tl.static_range(0, D, 64):
+        o = tl.zeros([BLOCK_H, 64], tl.float32)
+        for i in range(n_splits):
+            m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+            part = tl.load(part_o_ptr + (base + i)[:, None] * D + col0 + c[None, :], mask=h_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            o += (tl.exp2(m - m_fin) / den)[:, None] * part
+        _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D, HALF_R, BLOCK_H, 64)
 
 
 def _attention_configs():
@@ -206,6 +256,7 @@ def _prune_configs(configs, named_args, **kwargs):
 @triton.jit
 def _sparse_attention_kernel(
         q_ptr, kv_ptr, kv16_ptr, kv64_ptr, sink_ptr, idx_ptr, out_ptr, freqs_ptr, pos_ptr, part_o_ptr, part_ml_ptr,
+        counter_ptr,
         S, H, N, K, n_hblk, k_per_split, max_pos, qk_scale, K_BUCKET, GRID_BUCKET,
         stride_qb, stride_qs, stride_qh, stride_kvb8, stride_kvn8, stride_ib, stride_is, stride_pb, stride_ps,
         D: tl.constexpr, FP8: tl.constexpr, HALF_R: tl.constexpr, SPLIT: tl.constexpr,
@@ -263,67 +314,30 @@ def _sparse_attention_kernel(
             acc = dot_bf16(_to_bf16(p), kv, acc * alpha[:, None])
         m_i = m_new
 
+    if HALF_R > 0:
+        pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
+        pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
+    else:
+        pos = 0
     if SPLIT:
-        slot = (tok * H + heads) * tl.num_programs(1) + split
+        n_splits = tl.num_programs(1)
+        slot = (tok * H + heads) * n_splits + split
         tl.store(part_o_ptr + slot[:, None] * D + d[None, :], acc, mask=h_ok[:, None])
         tl.store(part_ml_ptr + 2 * slot, m_i, mask=h_ok)
         tl.store(part_ml_ptr + 2 * slot + 1, l_i, mask=h_ok)
+        tl.debug_barrier()  # all threads' partials are written before the arrival is published
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        if arrived == n_splits - 1:  # the last slice to finish merges them all, and resets the counter
+            tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed")
+            _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, tok, heads, h_ok, H, n_splits,
+                          D, HALF_R, BLOCK_H)
     else:
         sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
         m_fin = tl.maximum(m_i, sink)
         alpha = tl.exp2(m_i - m_fin)
         den = l_i * alpha + tl.exp2(sink - m_fin)
         o = acc * (alpha / den)[:, None]
-        out_row = (tok * H + heads) * D
-        if HALF_R > 0:
-            pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
-            pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
-            _inverse_rope_store(o, out_ptr, out_row, h_ok, freqs_ptr, pos, D, HALF_R, BLOCK_H)
-        else:
-            tl.store(out_ptr + out_row[:, None] + d[None, :], _to_bf16(o), mask=h_ok[:, None])
-
-
-@triton.jit
-def _merge_splits_kernel(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos_ptr,
-                         S, H, n_splits, max_pos, stride_pb, stride_ps,
-                         D: tl.constexpr, HALF_R: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """One program per (token, head): combine the slices' (m, l, O) with the sink, then the
-    inverse RoPE on the even/odd column halves, stored interleaved."""
-    pid = tl.program_id(0).to(tl.int64)  # = token * H + head
-    head = pid % H
-    sl = tl.arange(0, SPLITS_P2)
-    sl_ok = sl < n_splits
-    base = pid * n_splits
-    m = tl.load(part_ml_ptr + 2 * (base + sl), mask=sl_ok, other=float("-inf"))
-    l_part = tl.load(part_ml_ptr + 2 * (base + sl) + 1, mask=sl_ok, other=0.0)
-    sink = tl.load(sink_ptr + head) * 1.4426950408889634
-    m_fin = tl.maximum(tl.max(m, axis=0), sink)
-    w = tl.exp2(m - m_fin)
-    den = tl.sum(l_part * w, axis=0) + tl.exp2(sink - m_fin)
-    w = w / den
-    pair = tl.arange(0, D // 2)
-    x0 = tl.zeros([D // 2], tl.float32)
-    x1 = tl.zeros([D // 2], tl.float32)
-    for i in range(n_splits):
-        wi = tl.sum(tl.where(sl == i, w, 0.0), axis=0)
-        row = part_o_ptr + (base + i) * D
-        x0 += wi * tl.load(row + 2 * pair)
-        x1 += wi * tl.load(row + 2 * pair + 1)
-    if HALF_R > 0:
-        tok = pid // H
-        pos = tl.load(pos_ptr + (tok // S) * stride_pb + (tok % S) * stride_ps)
-        pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
-        rope_pair = pair - (D // 2 - HALF_R)
-        is_rope = rope_pair >= 0
-        table = freqs_ptr + pos * (2 * HALF_R) + 2 * tl.where(is_rope, rope_pair, 0)
-        cos = tl.load(table, mask=is_rope, other=1.0)
-        sin = tl.load(table + 1, mask=is_rope, other=0.0)
-        y0 = tl.where(is_rope, x0 * cos + x1 * sin, x0)
-        y1 = tl.where(is_rope, x1 * cos - x0 * sin, x1)
-        x0, x1 = y0, y1
-    out = out_ptr + pid * D
-    tl.store(out + 2 * pair, _to_bf16(x0))
-    tl.store(out + 2 * pair + 1, _to_bf16(x1))
+        _finish(o, out_ptr, (tok * H + heads) * D, h_ok, freqs_ptr, pos, 0, D, HALF_R, BLOCK_H, D)
 
 
 _sm_count: dict = {}
@@ -349,6 +363,26 @@ def _choose_splits(programs: int, k: int, num_sms: int, min_slice: int = 128) ->
     if k < 2 * min_slice:
         return 1
     return max(1, min(MAX_SPLITS, num_sms // programs, k // min_slice))
+
+
+_workspaces: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, n_partial: int, n_counters: int):
+    """(partial outputs, partial (m, l), arrival counters) of the K split, for the current stream
+    of ``device``, grown to the largest call seen: no allocation per call once warm (allocate
+    before capturing a CUDA graph).  The counters are zeroed once; every launch leaves them zero."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws[0].numel() < n_partial or ws[2].numel() < n_counters:
+        n_partial = max(n_partial, ws[0].numel() if ws else 0)
+        n_counters = max(n_counters, ws[2].numel() if ws else 0)
+        ws = (torch.empty(n_partial, dtype=torch.float32, device=device),
+              torch.empty(2 * n_partial // 128, dtype=torch.float32, device=device),  # D >= 128: one (m, l) a row
+              torch.zeros(n_counters, dtype=torch.int32, device=device))
+        _workspaces[key] = ws
+    return ws
 
 
 def _block_h(h: int) -> int:
@@ -402,26 +436,20 @@ def _launch(q, kv, sink, idx, scale, freqs, positions, variant):
     k_per_split = triton.cdiv(triton.cdiv(k, splits), 64) * 64
     splits = triton.cdiv(k, k_per_split)
     if splits > 1:
-        part_o = torch.empty(tokens * heads * splits, d, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(tokens * heads * splits, 2, dtype=torch.float32, device=q.device)
+        part_o, part_ml, counters = _split_workspace(q.device, tokens * heads * splits * d, tokens * n_hblk)
     else:
-        part_o = part_ml = out
+        part_o = part_ml = counters = out
     # Tuning keys: candidates per program and the grid size, bucketed to powers of two.
     k_bucket = triton.next_power_of_2(k_per_split)
     grid_bucket = min(triton.next_power_of_2(tokens * n_hblk * splits), 4096)
     kv16, kv64 = (kv.view(torch.bfloat16), kv.view(torch.int64)) if fp8 else (kv, kv)
     _sparse_attention_kernel[(tokens * n_hblk, splits)](
-        q, kv, kv16, kv64, sink, idx, out, freqs if freqs is not None else sink, pos, part_o, part_ml,
+        q, kv, kv16, kv64, sink, idx, out, freqs if freqs is not None else sink, pos, part_o, part_ml, counters,
         seq, heads, kv.shape[1], k, n_hblk, k_per_split, freqs.shape[0] if freqs is not None else 1,
         scale * LOG2E, k_bucket, grid_bucket,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0) // 8, kv.stride(1) // 8, idx.stride(0), idx.stride(1),
         pos.stride(0), pos.stride(1),
         D=d, FP8=fp8, HALF_R=half_r, SPLIT=splits > 1, BLOCK_H=block_h, VARIANT=variant)
-    if splits > 1:
-        _merge_splits_kernel[(tokens * heads,)](
-            part_o, part_ml, sink, out, freqs if freqs is not None else sink, pos,
-            seq, heads, splits, freqs.shape[0] if freqs is not None else 1, pos.stride(0), pos.stride(1),
-            D=d, HALF_R=half_r, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 

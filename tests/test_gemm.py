@@ -4,6 +4,8 @@ the oracles."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, use_backend
@@ -301,6 +303,72 @@ def test_fp4_kernel_decodes_every_byte_exactly(device, fmt):
     scale = 8.0 if fmt == "mxfp4" else 1.5
     assert torch.equal(y[:, 0].float().cpu(), expect * scale)
     assert torch.equal(y[:, 1].float().cpu(), expect.reshape(256, 2).flip(0).flatten() * scale)
+
+
+@triton.jit
+def _expand_mxfp4_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, scale_ptr, ROWS: tl.constexpr):
+    # One 128-wide K block of ROWS weight rows through the GEMMs' own operand builder.
+    rows = tl.arange(0, ROWS)
+    w, s = kern.load_weight_block(w_ptr, s_ptr, lut_ptr, rows, rows < ROWS, 0, 128, 64, 4, kern.W_MXFP4, 128)
+    tl.store(out_ptr + rows[:, None] * 128 + tl.arange(0, 128)[None, :], w.to(tl.uint8, bitcast=True))
+    tl.store(scale_ptr + rows, s)
+
+
+def expected_mxfp4_operand(w, e):
+    """The operand's definition element by element: FP8(lut[code] * 2^max(e_j - e_max + 6, -30)),
+    rounded to nearest even by torch, and the column scale 2^(e_max - 127) (NaN for 0xFF)."""
+    codes = torch.stack([w & 15, w >> 4], -1).reshape(w.shape[0], -1).long()
+    lut = torch.tensor(SPEC_FP4, dtype=torch.float64)[codes]
+    e = e.long()
+    e_max = e.amax(1)
+    shift = torch.clamp(e - e_max[:, None] + 6, min=-30).repeat_interleave(32, 1)
+    operand = (lut * torch.pow(2.0, shift.double())).to(torch.float8_e4m3fn).view(torch.uint8)
+    scale = torch.where(e_max == 255, float("nan"), torch.pow(2.0, (e_max - 127).double())).float()
+    return operand, scale
+
+
+def check_mxfp4_expansion(device):
+    # All 256 bytes (every code in both nibbles) in every row, rotated per row so each byte
+    # meets every 32-block; rows of scale gaps 0..40 (exact FP8 normals up to 11, subnormals
+    # 12..18, all zero from 19, the table's last row from 31), extreme and NaN exponent bytes,
+    # and an all-zero weight row.
+    gaps = list(range(0, 41)) + [254]
+    rows = []
+    for gap in gaps:
+        base = 127 if gap < 127 else 254
+        rows.append([base, base - gap, base - min(gap, 3), base - gap // 2])
+    rows += [[0, 0, 0, 0], [255, 255, 255, 255], [255, 3, 127, 200], [254, 254, 254, 254], [1, 0, 0, 1]]
+    n = 64
+    e = torch.tensor(rows + [[127, 120, 127, 127]] * (n - len(rows)), dtype=torch.int32)
+    w = torch.stack([torch.arange(256, dtype=torch.int32).roll(3 * r)[:64] for r in range(n)]).to(torch.uint8)
+    w[-1] = 0
+    expect_w, expect_s = expected_mxfp4_operand(w, e)
+    out = torch.empty((n, 128), dtype=torch.uint8, device=device)
+    scale = torch.empty(n, dtype=torch.float32, device=device)
+    _expand_mxfp4_kernel[(1,)](w.to(device), e.to(torch.uint8).to(device), kern.fp4_fp8_table(device), out,
+                               scale, ROWS=n)
+    assert torch.equal(out.cpu(), expect_w), (out.cpu() != expect_w).nonzero()[:5].tolist()
+    assert torch.equal(torch.isnan(scale.cpu()), torch.isnan(expect_s))
+    assert torch.equal(scale.cpu().nan_to_num(), expect_s.nan_to_num())
+
+
+def test_mxfp4_expansion_is_bit_exact(device):
+    check_mxfp4_expansion(device)
+
+
+@pytest.mark.gpu
+def test_mxfp4_expansion_ptx_is_bit_exact(device):
+    # The inline-PTX expansion (a GPU runs it; the interpreter runs its integer emulation).
+    check_mxfp4_expansion(device)
+
+
+def test_mxfp4_table_is_the_rounded_product():
+    table = kern.fp4_fp8_table(torch.device("cpu")).view(torch.uint8).reshape(kern.FP4_LUT_ROWS.value, 8)
+    magnitudes = torch.tensor(SPEC_FP4[:8], dtype=torch.float64)
+    for gap in range(kern.FP4_LUT_ROWS.value):
+        expect = (magnitudes * 2.0 ** max(6 - gap, -30)).to(torch.float8_e4m3fn).view(torch.uint8)
+        assert torch.equal(table[gap], expect), gap
+    assert int(table[19].max()) == 0 and int(table[18].max()) == 1  # past gap 18 everything rounds to 0
 
 
 @pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1e3)])

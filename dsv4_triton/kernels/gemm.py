@@ -21,7 +21,11 @@ Weights:
 * MXFP4: each byte holds two E2M1 codes.  In the K step, with ``e_j`` the four E8M0
   exponents of the row's 32-blocks and ``e_max`` their maximum, the operand is
   ``fp8(lut[code] * 2^(e_j - e_max + 6))``, the column scale ``2^e_max`` and the row
-  scales carry the ``2^-6``.
+  scales carry the ``2^-6``.  The operand is built by table: for each 32-block the eight
+  magnitudes' FP8 bytes (one table row per gap ``e_max - e_j``, ``fp4_fp8_table``) sit in two
+  registers and ``prmt`` byte permutes turn a word of eight codes into eight FP8 bytes in
+  nine integer instructions (``fp4_expand``), in place of a decode, a multiply and a
+  conversion per element.
   Exactness: lut magnitudes are 0.5..6 with two significant bits; ``lut * 2^(6 - d)`` with
   ``d = e_max - e_j`` is at most 384 < 448 and is exactly representable in E4M3 (normal or
   subnormal, smallest step 2^-9) whenever ``d <= 14``, so for every row whose four
@@ -30,7 +34,8 @@ Weights:
   real weights: it needs one 32-block 16000 times smaller than its neighbour) rounds the
   small blocks' values to the nearest E4M3 step: each such element is off by at most
   ``2^(e_max - 16)``, i.e. ``2^-16`` of the block's largest scale; the tests check both
-  regimes against the oracle.  Codes are expanded in registers, never materialised.
+  regimes against the oracle (the table holds exactly those rounded values).  Codes are
+  expanded in registers, never materialised.
 * NVFP4: ``lut[code] * s16`` (E4M3 scale per 16) has at most 6 significant bits and is
   exact in BF16, so the weight is expanded to BF16 and the activation codes (exact in
   BF16) meet it in a BF16 dot; the FP32 global scale multiplies the result once.
@@ -151,8 +156,119 @@ def fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_at, cols, col_ok, kb, K, strid
     return acc + tl.dot(a, tl.trans(w)) * (a_scale * w_scale)[:, None]
 
 
+# --- MXFP4 -> FP8 expansion -----------------------------------------------------------------
+#
+# Eight E2M1 codes (one 32-bit word of packed weights, element 2k in the low nibble) become
+# eight FP8 bytes in 9 integer instructions: the three magnitude bits of a nibble index a
+# byte of an 8-entry table held in two registers (``prmt`` picks 4 of those bytes per
+# instruction), and the sign bits are moved to bit 7 of their bytes by two more ``prmt``.
+# The table already holds ``fp8(lut[m] * 2^(e_j - e_max + 6))`` for the word's 32-block, so
+# the per-32 scale costs nothing per element; the values are those of rounding every
+# element separately (the table is that rounding, done once per magnitude).
+#
+#   m  = w & 0x77777777                  magnitude indices, nibbles 0..7 = elements 0..7
+#   g0 = prmt(L0, L1, m)                 magnitudes of elements 0..3 (prmt reads 4 nibbles)
+#   g1 = prmt(L0, L1, m >> 16)           elements 4..7
+#   s4 = w << 4                          bit 3 of each nibble -> bit 7 of its byte pair
+#   o0 = g0 | (prmt(w, s4, 0x1504) & 0x80808080)    signs of elements 0..3 (bits 3, 7, 11, 15)
+#   o1 = g1 | (prmt(w, s4, 0x3726) & 0x80808080)    elements 4..7 (bits 19, 23, 27, 31)
+FP4_EXPAND_ASM: tl.constexpr = tl.constexpr("""{
+.reg .b32 m, t, g, s4;
+and.b32 m, $2, 0x77777777;
+shl.b32 s4, $2, 4;
+prmt.b32 g, $3, $7, m;
+prmt.b32 t, $2, s4, 0x1504;
+lop3.b32 $0, g, t, 0x80808080, 0xF8;
+shr.b32 m, m, 16;
+prmt.b32 g, $3, $7, m;
+prmt.b32 t, $2, s4, 0x3726;
+lop3.b32 $1, g, t, 0x80808080, 0xF8;
+}""")
+# Table rows per scale gap d = e_max - e_j: from d = 19 on every entry rounds to FP8 zero
+# (6 * 2^(6 - 19) < 2^-10, half the smallest subnormal), so larger gaps use row 31.
+FP4_LUT_ROWS: tl.constexpr = tl.constexpr(32)
+
+
+def fp4_fp8_table(device) -> torch.Tensor:
+    """int32 ``[FP4_LUT_ROWS, 2]``: for scale gap d, the FP8 bytes of ``lut[m] * 2^max(6 - d, -30)``
+    for magnitudes m = 0..7, little-endian, m = 0..3 in word 0 and 4..7 in word 1 (the
+    exponent floor -30 is where every value is far below the FP8 range)."""
+    table = _FP4_TABLES.get(device)
+    if table is None:
+        magnitudes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+        gaps = torch.arange(FP4_LUT_ROWS.value, dtype=torch.float64)
+        values = magnitudes[None, :] * torch.pow(2.0, torch.clamp(6 - gaps, min=-30))[:, None]
+        codes = values.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int64).view(FP4_LUT_ROWS.value, 2, 4)
+        words = (codes << torch.tensor([0, 8, 16, 24])).sum(-1)
+        table = words.to(torch.uint32).view(torch.int32).to(device)
+        _FP4_TABLES[device] = table
+    return table
+
+
+_FP4_TABLES = {}
+
+
 @triton.jit
-def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
+def _prmt_emulated(a, b, sel):
+    """PTX ``prmt.b32`` (default mode, selector nibbles 0..7): byte i of the result is byte
+    ``sel_i`` of the pair {b, a}, bytes 0..3 from ``a``, 4..7 from ``b``; uint32 operands."""
+    out = tl.zeros_like(a)
+    for i in tl.static_range(4):
+        idx = (sel >> (4 * i)) & 7
+        src = tl.where(idx < 4, a, b)
+        out = out | (((src >> ((idx & 3) * 8)) & 0xFF) << (8 * i))
+    return out
+
+
+@triton.jit
+def _split4(x):
+    """``[R, 4W]`` -> four ``[R, W]``: the elements 4i, 4i+1, 4i+2, 4i+3."""
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 4, 2, 2)))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _bytes_of(word):
+    """uint32 ``[R, W]`` -> its little-endian bytes as uint8 ``[R, 4W]``."""
+    b = [((word >> (8 * i)) & 0xFF).to(tl.uint8) for i in tl.static_range(4)]
+    return tl.reshape(tl.join(tl.join(b[0], b[2]), tl.join(b[1], b[3])), (word.shape[0], 4 * word.shape[1]))
+
+
+@triton.jit
+def _fp4_expand_emulated(b, lut0, lut1):
+    """``FP4_EXPAND_ASM`` word for word in integer Triton (the interpreter runs no PTX)."""
+    b0, b1, b2, b3 = _split4(b.to(tl.uint32))
+    w = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+    l0 = _split4(lut0)[0].to(tl.uint32, bitcast=True)
+    l1 = _split4(lut1)[0].to(tl.uint32, bitcast=True)
+    m = w & 0x77777777
+    s4 = w << 4
+    o0 = _prmt_emulated(l0, l1, m) | (_prmt_emulated(w, s4, 0x1504) & 0x80808080)
+    o1 = _prmt_emulated(l0, l1, m >> 16) | (_prmt_emulated(w, s4, 0x3726) & 0x80808080)
+    return _bytes_of(o0), _bytes_of(o1)
+
+
+@triton.jit
+def fp4_expand(b, lut0, lut1):
+    """Packed E2M1 bytes ``[R, H]`` (H a multiple of 4) -> FP8 ``[R, 2H]`` in element order,
+    each code's byte taken from its table (``lut0``/``lut1``: int32 ``[R, H]``, the two table
+    words of each byte's 32-block; see ``FP4_EXPAND_ASM``)."""
+    if INTERPRET:
+        lo, hi = _fp4_expand_emulated(b, lut0, lut1)
+    else:
+        lo, hi = tl.inline_asm_elementwise(FP4_EXPAND_ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [b, lut0, lut1],
+                                           dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+    # lo holds elements 8i..8i+3 at 4i..4i+3, hi elements 8i+4..8i+7: put the halves side by side.
+    R: tl.constexpr = b.shape[0]
+    W: tl.constexpr = b.shape[1] // 4
+    both = tl.join(tl.reshape(lo, (R, W, 4)), tl.reshape(hi, (R, W, 4)))  # [R, W, 4, 2]
+    return tl.reshape(tl.permute(both, (0, 1, 3, 2)), (R, 8 * W)).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
                       W_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
     """K block ``kb`` of FP4 weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
 
@@ -163,21 +279,23 @@ def load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride
     kh = kb * HALF + tl.arange(0, HALF)
     mask = col_ok[:, None] & (kh[None, :] < K // 2)
     b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
-    codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
     if W_FMT == W_MXFP4:
         NSUB: tl.constexpr = BLOCK_K // 32
         j = kb * NSUB + tl.arange(0, NSUB)
         e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
                     mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
         e_max = tl.max(e, axis=1)
-        # Multiplier of lut * 2^-14 per 32-block: 2^(e - e_max + 6 + 14).  Below 2^-30 every
-        # code rounds to FP8 zero anyway; the clamp keeps exp2i in range.
-        mult = exp2i(tl.maximum(e - e_max[:, None] + 6, -30) + 14)
-        mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (mult.shape[0], NSUB, 32)),
-                          (mult.shape[0], BLOCK_K))
-        w = to_fp8(fp4_value_2m14(codes) * mult)
-        s = e8m0_value(e_max)  # NaN if any byte is 0xFF; the operand's 2^6 goes on the rows
+        # Table row of each 32-block: its values are lut * 2^(e - e_max + 6) rounded to FP8
+        # (see fp4_fp8_table), so the column scale is 2^e_max and the 2^6 goes on the rows.
+        row = tl.minimum(e_max[:, None] - e, FP4_LUT_ROWS - 1) * 2
+        lut0 = tl.load(lut_ptr + row)
+        lut1 = tl.load(lut_ptr + row + 1)
+        lut0 = tl.reshape(tl.broadcast_to(lut0[:, :, None], (lut0.shape[0], NSUB, 16)), (lut0.shape[0], HALF))
+        lut1 = tl.reshape(tl.broadcast_to(lut1[:, :, None], (lut1.shape[0], NSUB, 16)), (lut1.shape[0], HALF))
+        w = fp4_expand(b, lut0, lut1)
+        s = e8m0_value(e_max)  # NaN if any byte is 0xFF
     else:
+        codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
         NSUB16: tl.constexpr = BLOCK_K // 16
         j = kb * NSUB16 + tl.arange(0, NSUB16)
         s16 = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
@@ -279,7 +397,7 @@ def _prune_gemm(configs, nargs, **kw):
 @autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "W_FMT", "A_QUANT"], name="scaled_gemm",
           prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
-def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, global_scale_ptr, y_ptr, M, N, K,
+def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_ptr, y_ptr, M, N, K,
                         stride_am, stride_sm, stride_wn, stride_sn, stride_ym, M_BUCKET,
                         A_QUANT: tl.constexpr, W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr,
                         HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -311,7 +429,7 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, global_scale_ptr
             acc = fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_row + kb, cols, col_ok, kb, K, stride_wn,
                                 SCALE_FP32, BLOCK_K)
         else:
-            w, w_scale = load_weight_block(w_ptr, w_scale_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
+            w, w_scale = load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
                                            W_FMT, BLOCK_K)
             acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
     if HAS_GLOBAL:
@@ -360,7 +478,8 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
         ws, w_bytes = ws.contiguous(), w_bytes.contiguous()
     y2 = y.view(m, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _scaled_gemm_kernel[grid](a, a_scale, w_bytes, ws, global_scale if global_scale is not None else ws, y2,
+    lut = fp4_fp8_table(x.device) if fmt == "mxfp4" else ws
+    _scaled_gemm_kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2,
                               m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
                               m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,
                               HAS_GLOBAL=global_scale is not None, BLOCK_K=ACT_BLOCK)

@@ -36,8 +36,8 @@ from ..autotune import autotune
 from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
-from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, load_act_block, load_weight_block,
-                   quantise_act_tile, scaled_dot)
+from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
+                   load_weight_block, quantise_act_tile, scaled_dot)
 from .rope import cast_rne
 
 
@@ -148,7 +148,7 @@ def _prune_w2(configs, nargs, **kw):
 @autotune(configs=_MOE_CONFIGS, key=["BLOCK_M", "K", "N_INTER", "A_QUANT"], name="moe_w13",
           prune_configs_by={"early_config_prune": _prune_w13})
 @triton.jit
-def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_expert_ptr, route_w_ptr,
+def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, route_w_ptr,
                     hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_am, stride_sm,
                     stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
                     A_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -173,10 +173,10 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, blo
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
                                     A_QUANT, BLOCK_K)
-        wg, sg = load_weight_block(w_base, s_base, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
+        wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
                                    W_MXFP4, BLOCK_K)
         acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
-        wu, su = load_weight_block(w_base, s_base, up_rows, all_rows, kb, K, stride_wn, stride_sn,
+        wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
                                    W_MXFP4, BLOCK_K)
         acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
     g = clamp_nan(acc_g, -float("inf"), limit)
@@ -194,7 +194,7 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, blo
                    for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))],
           key=["BLOCK_M", "N", "K"], name="moe_w2", prune_configs_by={"early_config_prune": _prune_w2})
 @triton.jit
-def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
+def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
                    n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     blk = tl.program_id(0)
@@ -211,8 +211,8 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, sorted_pair_ptr, block_ex
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
-        w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, cols, col_ok, kb, K,
-                                       stride_wn, stride_sn, W_MXFP4, BLOCK_K)
+        w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, lut_ptr, cols, col_ok,
+                                       kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K)
         acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
     dest = tl.where(row_ok, pair, 0).to(tl.int64)
     tl.store(out_ptr + dest[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
@@ -252,15 +252,16 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     fused_quant = block_m <= 16  # see FUSED_QUANT_MAX_ROWS in kernels/gemm.py
     a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
     w13s, w2s = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
+    lut = fp4_fp8_table(x.device)
     hq = torch.empty((max_blocks * block_m, inter), dtype=torch.uint8, device=x.device)
     hs = torch.empty((max_blocks * block_m, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)
     _moe_w13_kernel[(max_blocks, inter // PACK_ROWS)](
-        a, a_scale, w13, w13s, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
+        a, a_scale, w13, w13s, lut, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
         stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
         TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS)
     part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))
-    _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, sorted_pair, block_expert, part, n_experts, dim, inter,
+    _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, lut, sorted_pair, block_expert, part, n_experts, dim, inter,
                          w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
                          BLOCK_M=block_m, BLOCK_K=ACT_BLOCK)
     block = 1024

@@ -340,13 +340,46 @@ def test_fp4_keys_select_exactly_like_bf16_keys(device, seq, heads, n_keys, k, s
     assert torch.equal(fp4, bf16)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_fp4_key_decode_every_code_and_scale(device):
+    """Every E2M1 code under E8M0 scales from 2^-127 to 2^127 and the NaN byte: the FP4 rows
+    score exactly as the BF16 keys they decode to (both through the same tensor-core product;
+    NaN scores included).  The interpreter warns of the 4 * 2^127 and 6 * 2^127 overflows
+    (Inf keys in both layouts) and of the NaN products they make."""
+    g = torch.Generator().manual_seed(9)
+    scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
+    n_rows = 96
+    codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
+    codes[0, :8] = torch.arange(0, 256, 32, dtype=torch.uint8) | torch.arange(0, 8, dtype=torch.uint8)
+    # Row r: four different scales, a window of the list (so each block reads its own scale).
+    scales = torch.stack([scale_bytes.roll(-r)[:4] for r in range(n_rows)])
+    packed = torch.cat((codes, scales), dim=1)[None]
+    decoded = ref.key_values(packed).to(torch.bfloat16)
+    qi = (torch.randn(1, 2, 3, HEAD_DIM, generator=g) * 2.0 ** -40).to(torch.bfloat16)
+    w = torch.randn(1, 2, 3, generator=g)
+    n_valid = torch.full((1, 2), packed.shape[1], dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w)]
+    fp4 = kernels.indexer_scores(*args, packed.to(device), n_valid.to(device)).cpu()
+    bf16 = kernels.indexer_scores(*args, decoded.to(device), n_valid.to(device)).cpu()
+    torch.testing.assert_close(fp4, bf16, rtol=0, atol=0, equal_nan=True)
+    assert fp4.isnan().any() and (fp4.isfinite() & (fp4 != 0)).any()
+
+
 def test_fp4_keys_exact_on_integer_scores(device):
     g = torch.Generator().manual_seed(8)
     qi, w, keys = make_inputs(g, 2, 2, 3, 90, integer=True)  # integers in [-2, 2] are on the FP4 grid
     packed = ref.pack_indexer_keys(keys)
     n_valid = torch.tensor([[90, 17], [0, 64]], dtype=torch.int32)
-    got = _run_triton(qi.to(device), w.to(device), packed.to(device), n_valid.to(device), 12)
-    assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, 12))
+    expected = ref.indexer_topk(qi, w, keys, n_valid, 12)
+    # Rows 69 bytes apart and 1 byte off alignment: the kernel reads 32-bit code words, so the
+    # launcher copies such rows to an aligned buffer first.
+    wide = torch.zeros(2, 90, 70, dtype=torch.uint8)
+    wide[:, :, 1:69] = packed
+    for rows in (packed.to(device), wide.to(device)[:, :, 1:69]):
+        for splits in (None, 2, ("parts", 3)):
+            got = _run_triton(qi.to(device), w.to(device), rows, n_valid.to(device), 12, splits)
+            assert torch.equal(got.cpu(), expected)
 
 
 @pytest.mark.gpu

@@ -51,6 +51,7 @@ INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 # 2 mantissa bits: quarter-octave bins), histogrammed by the scoring kernel.
 FIRST_BITS: tl.constexpr = tl.constexpr(11)
 FIRST_BINS: tl.constexpr = tl.constexpr(2048)
+TWO_POW_126: tl.constexpr = tl.constexpr(2.0 ** 126)
 _KEY_ROW_BYTES: tl.constexpr = tl.constexpr(FP4_KEY_BYTES)
 PACK_ROWS = 16
 MIN_DOT_ROWS = 16
@@ -140,25 +141,68 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
                  KEYS_FP4, HEADS_P, QROWS, BLOCK_N, TILES, False)
 
 
+@autotune(
+    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
+             ((128, 4, 4, 3), (128, 1, 8, 3), (128, 2, 8, 3), (128, 4, 8, 3), (128, 2, 4, 3), (64, 4, 4, 3),
+              (128, 8, 8, 4))],
+    key=["HEADS_P", "KEYS_BUCKET", "KEYS_FP4"],
+    name="indexer_scores_hist",
+    restore_value=["hist_ptr"],  # the timing runs must not add to the histograms
+)
 @triton.jit
-def _scores_hist_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
+def _scores_hist_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys, KEYS_BUCKET,
                         s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
                         KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-    """Program (key tiles, query, batch): scores and the first-level histogram of one query.
-    Not autotuned: the autotuner's timing runs would add to the histogram."""
+    """Program (key tiles, query, batch): scores and the first-level histogram of one query."""
     _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
                  s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
                  KEYS_FP4, HEADS_P, 1, BLOCK_N, TILES, True)
 
 
 @triton.jit
+def _shift_left(x, S: tl.constexpr):
+    """``x << S``; a right shift for negative ``S`` (the callers mask the sign-filled bits off)."""
+    if S >= 0:
+        return x << S
+    else:
+        return x >> (-S)
+
+
+@triton.jit
+def _e2m1_times_2_126(word, NIBBLE: tl.constexpr):
+    """FP32 of nibble ``NIBBLE`` of each 32-bit word, as its E2M1 value times 2^-126: the bits
+    (c & 7) << 22 | (c & 8) << 28 put e and m in the exponent's low bits and the mantissa's top
+    bit (codes 0 and 1 become the subnormals 0 and 2^-127), the sign on top."""
+    bits = (_shift_left(word, 22 - 4 * NIBBLE) & 0x01C00000) | (_shift_left(word, 28 - 4 * NIBBLE) & INT32_MIN)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fp4_key_tile(key_row, key_ok, BLOCK_N: tl.constexpr):
-    """BF16 ``[BLOCK_N, 128]`` values of FP4 key rows (64 code bytes, then 4 E8M0 scales)."""
-    packed = tl.load(key_row + tl.arange(0, HEAD_DIM // 2)[None, :], mask=key_ok, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [BLOCK_N, HEAD_DIM])  # element 2k: low nibble
-    scale = e8m0_value(tl.load(key_row + HEAD_DIM // 2 + tl.arange(0, HEAD_DIM // FP4_BLOCK)[None, :],
-                               mask=key_ok, other=127))
-    values = tl.reshape(fp4_value(codes), [BLOCK_N, HEAD_DIM // FP4_BLOCK, FP4_BLOCK]) * scale[:, :, None]
+    """BF16 ``[BLOCK_N, 128]`` values of FP4 key rows (64 code bytes, then 4 E8M0 scales).
+
+    Codes are read as 32-bit words (8 per word, element 8j + i in nibble i of word j; the
+    launcher makes rows 4-byte aligned).  Per element: 3 integer ops (2 shifts, 1 LOP3) for
+    the value times 2^-126, one exact multiply by 2^126, one by the block's scale."""
+    NBLK: tl.constexpr = HEAD_DIM // FP4_BLOCK
+    WORDS: tl.constexpr = FP4_BLOCK // 8  # code words per scale block
+    row = key_row[:, :, None]
+    ok = key_ok[:, :, None]
+    blk = tl.arange(0, NBLK)[None, :, None]
+    word = tl.load(row.to(tl.pointer_type(tl.int32)) + blk * WORDS + tl.arange(0, WORDS)[None, None, :],
+                   mask=ok, other=0)
+    scale = e8m0_value(tl.load(row + HEAD_DIM // 2 + blk, mask=ok, other=127))
+    # Two multiplies, not one by scale * 2^126: that product overflows FP32 for scales > 4.
+    v0 = _e2m1_times_2_126(word, 0) * TWO_POW_126 * scale
+    v1 = _e2m1_times_2_126(word, 1) * TWO_POW_126 * scale
+    v2 = _e2m1_times_2_126(word, 2) * TWO_POW_126 * scale
+    v3 = _e2m1_times_2_126(word, 3) * TWO_POW_126 * scale
+    v4 = _e2m1_times_2_126(word, 4) * TWO_POW_126 * scale
+    v5 = _e2m1_times_2_126(word, 5) * TWO_POW_126 * scale
+    v6 = _e2m1_times_2_126(word, 6) * TWO_POW_126 * scale
+    v7 = _e2m1_times_2_126(word, 7) * TWO_POW_126 * scale
+    # A join's new axis is the last: the outermost join picks the lowest bit of the element index.
+    values = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     return tl.reshape(values, [BLOCK_N, HEAD_DIM]).to(tl.bfloat16)
 
 
@@ -567,6 +611,14 @@ def plan_splits(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     return max(1, min(by_balance, by_occupancy, MAX_SPLITS))
 
 
+def _aligned_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Keys with a unit last stride; FP4 rows also 4-byte aligned (read as 32-bit code words)."""
+    misaligned = keys.dtype == torch.uint8 and (keys.data_ptr() % 4 or keys.stride(0) % 4 or keys.stride(1) % 4)
+    if keys.stride(-1) != 1 or misaligned:
+        return keys.clone(memory_format=torch.contiguous_format)
+    return keys
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
@@ -588,8 +640,7 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
         return scores
     if qi.stride(-1) != 1:
         qi = qi.contiguous()
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
+    keys = _aligned_keys(keys)
     qrows = _query_rows(heads, seq)
     grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
     _scores_kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
@@ -645,23 +696,18 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
 
 def _scores_and_histogram(qi, w, keys, n_valid, zeroed):
     """``indexer_scores`` that also adds each row's first-level histogram into ``zeroed``.
-    One query per program (``HEADS_P`` at least 16 rows for the tensor cores); a fixed
-    config per key layout (the tuned choices of the scoring pass at decode sizes)."""
+    One query per program (``HEADS_P`` at least 16 rows for the tensor cores)."""
     bsz, seq, heads, _ = qi.shape
     n_keys = keys.shape[1]
     scores = torch.empty(bsz * seq, n_keys, dtype=torch.float32, device=qi.device)
     if qi.stride(-1) != 1:
         qi = qi.contiguous()
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
-    fp4 = keys.dtype == torch.uint8
-    block_n, tiles, warps = (128, 1, 8) if fp4 else (128, 4, 4)
-    grid = (triton.cdiv(n_keys, block_n * tiles), seq, bsz)
-    _scores_hist_kernel[grid](qi, w, keys, n_valid, scores, zeroed, seq, heads, n_keys,
+    keys = _aligned_keys(keys)
+    grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), seq, bsz)
+    _scores_hist_kernel[grid](qi, w, keys, n_valid, scores, zeroed, seq, heads, n_keys, _bucket(n_keys),
                               qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
-                              *n_valid.stride(), zeroed.stride(0), KEYS_FP4=fp4,
-                              HEADS_P=max(MIN_DOT_ROWS, triton.next_power_of_2(heads)), BLOCK_N=block_n, TILES=tiles,
-                              num_warps=warps, num_stages=3)
+                              *n_valid.stride(), zeroed.stride(0), KEYS_FP4=keys.dtype == torch.uint8,
+                              HEADS_P=max(MIN_DOT_ROWS, triton.next_power_of_2(heads)))
     return scores
 
 

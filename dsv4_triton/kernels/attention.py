@@ -22,8 +22,8 @@ masked), ``BLOCK_K`` 16/32/64 (autotuned), D = 128 or 512 whole.  Q [64, 512] bf
 stays in shared memory for the whole loop; each KV tile (32 x 512 bf16 = 32 KB) is
 double- or triple-buffered there.  The [64, 512] fp32 accumulator is 128 KB: at 8 warps
 (256 threads) 128 registers a thread, the split FlashMLA uses (each warpgroup owns half
-of the output columns); compiled for sm_90 this lands at 255 registers with ~200 (BF16)
-to ~550 (FP8) bytes of spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
+of the output columns); compiled for sm_90 this lands at 241-255 registers with no (BF16)
+to ~140 (FP8) bytes of spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
 registers (more spill).  Splitting the output columns across programs instead would
 shrink the accumulator but costs more than it saves: every program needs the full score
 tile S (the whole D reduction), so with the columns split two ways the QK^T matmul runs
@@ -48,14 +48,13 @@ stream, grown to the largest call, so a warm call allocates only its output.
 
 What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
 (BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  In
-practice (sm_90 compile of the tuned config, BLOCK_K = 64, 8 warps, 255 registers: one
-program per SM) a tile's steps run one after another: the warps issue the tile's
-instructions (FP8 ~2300 a warp: ~590 decode the rows, ~270 build wgmma descriptors, ~120
-reload spills, 128 rescale the accumulator; BF16 ~1300), then the matmuls run.  The QK^T
-result feeds another matmul, so Triton lays it out with all 8 warps along its 64 heads:
-both warpgroups compute the whole score tile (2 x 32 m64n32k16 wgmma each, bound by
-shared-memory reads, ~3100 cycles a tile) against ~1000 cycles for P @ KV.  The stage
-variants (``STAGE_VARIANTS``) time each part.  Also left on the table: the QK^T wgmma is waited on before the softmax starts (no
+practice (sm_90 compile of the tuned config, BLOCK_K = 64, 8 warps, 241-255 registers: one
+program per SM) a tile's steps largely run one after another: the warps issue the tile's
+instructions (FP8 ~1930 a warp, ~590 of them decoding the rows, 128 rescaling the
+accumulator; BF16 ~920), and the matmuls run: QK^T as 32 m64n32k16 wgmma per warpgroup
+(each warpgroup half the candidates, see ``_scores``; bound by shared-memory reads, ~1500
+cycles a tile), P @ KV ~1000 cycles.  The stage variants (``STAGE_VARIANTS``) time each
+part.  Also left on the table: the QK^T wgmma is waited on before the softmax starts (no
 overlap of softmax with MMA), the index load of the next tile is a synchronous (L2) load
 ahead of its async copies, the FP8 decode runs on the CUDA cores in the same warps that
 issue the MMAs and goes registers -> shared memory before the matmul, and P goes
@@ -236,6 +235,26 @@ def _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, to
         _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D, HALF_R, BLOCK_H, 64)
 
 
+@triton.jit
+def _scores(q, kv, branch, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """S = Q @ KV^T [BLOCK_H, BLOCK_K], fp32.
+
+    The matmul sits in both arms of a branch on a runtime value (either arm computes S) so
+    that Triton does not see its result feeding the P @ KV matmul: it lays out a matmul whose
+    result reaches another matmul with all warps along its rows (the flash-attention layout),
+    which with 64 heads and 8 warps made both warpgroups compute the whole score tile (twice
+    the QK^T work, with half-width wgmma), kept 32 scores a thread live and spilled.  Seen from
+    inside the branch, the result only reaches the branch's yield, so the two warpgroups split
+    the candidates (half the QK^T wgmma each); P then goes to P @ KV through shared memory
+    (8 KB bf16).  sm_90 compile, BLOCK_K = 64: loop 2314 -> 1932 instructions a warp (FP8),
+    1305 -> 923 (BF16), spills 560 -> 136 / 216 -> 0 bytes."""
+    if branch:
+        sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32))
+    else:
+        sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32))
+    return sc
+
+
 def _attention_configs():
     # (BLOCK_K, warps, stages).  The first is valid for every shape (the interpreter runs only it).
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -292,9 +311,9 @@ def _sparse_attention_kernel(
             valid = (rows >= 0) & (rows < N)
         kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
                         stride_kvn8, D, FP8, VARIANT != NO_DEQUANT)
-        sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32))
-        if VARIANT == QK_TWICE:  # the scores accumulated twice (2 S), scaled by half the scale
-            sc = dot_bf16(q, tl.trans(kv), sc)
+        sc = _scores(q, kv, K > 0, BLOCK_H, BLOCK_K)
+        if VARIANT == QK_TWICE:  # the scores computed twice (2 S; another branch, so not merged), half scale
+            sc += _scores(q, kv, N > 0, BLOCK_H, BLOCK_K)
         # The scores stay unscaled: the (positive) scale enters the row max once per row
         # (rounding is monotonic, so max(s) * c == max(s * c)) and the exp2 argument as one
         # FMA per score instead of a multiply and a subtraction.

@@ -324,9 +324,9 @@ def _sparse_attention_kernel(
         p = tl.exp2(tl.fma(sc, score_scale, -m_ref[:, None]))
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if VARIANT == QK_ONLY:
-            # P @ KV left out.  P still feeds a (16-column, all-zero) matmul, so the compiler
-            # lays the scores out as in the full kernel (a score matmul chained to another
-            # matmul gets all warps along the heads); its zero sum keeps it from being dropped.
+            # P @ KV left out.  P still feeds a (16-column, all-zero) matmul, so its trip to a
+            # matmul operand (bf16, through shared memory) stays; the zero sum keeps that
+            # matmul from being dropped.
             probe = dot_bf16(_to_bf16(p), tl.zeros([BLOCK_K, 16], tl.bfloat16), tl.zeros([BLOCK_H, 16], tl.float32))
             l_i += tl.sum(probe, axis=1)
         else:

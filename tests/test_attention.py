@@ -185,6 +185,35 @@ def test_sparse_attention_matches_oracle(device, bsz, seq, heads, n, k, fp8, rop
            what=f"fp8={fp8} rope={rope}")
 
 
+@given(bsz=st.integers(1, 2), seq=st.integers(1, 2), heads=st.sampled_from([8, 16, 32, 64, 128]),
+       d=st.sampled_from([128, 512]), n=st.integers(1, 300), k=st.integers(1, 300), fp8=st.booleans(),
+       rope=st.booleans(), num_sms=st.sampled_from([1, 6, 1000]), empty_row=st.booleans(), seed=st.integers(0, 2**31))
+def test_sparse_attention_head_blocks_and_splits_match_oracle(device, bsz, seq, heads, d, n, k, fp8, rope, num_sms,
+                                                             empty_row, seed):
+    """Every head-block size (H in 8..128: one or two blocks of 64, or one masked block), both
+    head dims, and the K split (a machine of 6 or 1000 SMs splits up to 300 candidates into
+    slices merged by the last to finish; 1 SM never splits), with holes, duplicates and rows
+    of only -1."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, bsz, n, d)
+    idx = make_idx(g, bsz, seq, k, n, hole_frac=0.3)
+    if empty_row:
+        idx[-1, -1] = -1
+    sinks = torch.randn(heads, generator=g)
+    freqs = positions = None
+    if rope:
+        freqs = _rope_table(50)
+        positions = torch.randint(0, 50, (bsz, seq), generator=g, dtype=torch.int32)
+    cache = ops.pack_kv_fp8(kv) if fp8 else kv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_num_sms", lambda device: num_sms)
+        got = _check(*(None if t is None else t.to(device) for t in (q, cache, sinks, idx, freqs, positions)),
+                     what=f"H={heads} D={d} fp8={fp8} rope={rope} sms={num_sms}")
+    if empty_row:
+        assert not got[-1, -1].any()  # only the sink in the denominator: exact zeros
+
+
 @pytest.mark.parametrize("num_sms", [1, 1000])
 def test_sparse_attention_head_dim_512_fp8_rope_split_or_not(device, monkeypatch, num_sms):
     """D = 512 (the release's), FP8 rows, inverse RoPE; a machine of 1000 SMs makes the

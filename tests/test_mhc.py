@@ -169,24 +169,28 @@ def test_hc_pre_comb_is_doubly_stochastic(device):
 
 
 def test_hc_pre_many_tiles_and_splits(device):
-    # 150 tokens at dim 1000: 10 tiles of 16 and 4 slices of 256 (the last one partial), so the
-    # y phase sums partial rows from several splits and tiles; a second, shorter launch
-    # reuses the larger workspace without reading the first launch's rows.
-    X, fn, scale, base = _inputs(150, 1000, 5, device)
+    # 150 tokens at dim 200: 10 tiles of 16 and 2 slices of 128 (the last one partial), so the
+    # y programs sum partial rows from several splits and tiles; more than 64 tokens, so fn
+    # is split by its own launch.  A second, shorter launch (fn split in the loop) reuses the
+    # larger workspace without reading the first launch's rows.
+    X, fn, scale, base = _inputs(150, 200, 5, device)
     _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))
-    _check_pre(X[:70], fn, scale, base, _triton("hc_pre", X[:70], fn, scale, base))
+    _check_pre(X[:50], fn, scale, base, _triton("hc_pre", X[:50], fn, scale, base))
 
 
-def test_slice_width_caps_the_split_count():
-    # A tile's programs wait for each other, so a tile may have at most max_splits slices
-    # (see the kernel module): the slice widens to the power of two that ensures it.
-    assert kern._chunk(7168, 256, 32) == 256 and kern._chunk(7168, 64, 32) == 256
-    for dim in (1, 63, 64, 1000, 7168, 65536, 100003):
-        for max_splits in (1, 7, 32):
-            chunk = kern._chunk(dim, 64, max_splits)
-            assert chunk >= 64 and chunk & (chunk - 1) == 0 and -(-dim // chunk) <= max_splits
-    nargs = dict(t_bucket=1, dim=70000, max_splits=32)
-    assert all(-(-70000 // c.kwargs["CHUNK"]) <= 32 for c in kern._prune_configs(kern._hc_pre_mix.configs, nargs))
+def test_split_fn_parts_sum_to_fn(device):
+    # The three BF16 parts sum (in FP32) to fn within 2^-24 relative, columns in partial-row
+    # order (column SSQ_COL and those past the mixes zero), for normal, tiny and huge values.
+    g = torch.Generator().manual_seed(3)
+    fn = torch.randn(24, 300, generator=g) * torch.logspace(-30, 30, 300)
+    fn[3, 7], fn[5, 8] = 1e-40, -0.0
+    parts = torch.empty(3, 300, 32, dtype=torch.bfloat16, device=device)
+    kern._split_fn_kernel[(2,)](fn.to(device), parts, 300, N_MIX=24, N_PAD=32, BLOCK=256)
+    total = parts.float().sum(0).cpu()  # [K, 32]
+    expected = torch.zeros(300, 32)
+    expected[:, :4] = fn[:4].T
+    expected[:, 5:25] = fn[4:].T
+    assert bool(((total - expected).abs() <= FP32_EPS * expected.abs() + 1e-38).all())
 
 
 def test_hc_pre_strided_input(device):
@@ -209,15 +213,14 @@ def test_hc_pre_nan_inf_propagate_like_oracle(device, bad):
     _check_pre(X, fn, scale, base, out)
 
 
-@pytest.mark.parametrize("config, dim", [((16, 64, 64, 4), 1100), ((32, 128, 64, 4), 300), ((16, 64, 64, 4), 70000)])
-def test_hc_pre_and_head_explicit_configs(device, config, dim):
-    # 20 tokens and dim 300 / 1100: partial tiles, slices running past dim, and more than
-    # SPLIT_BLOCK splits at the narrow chunk; dim 70000: the slice widened to cap the splits.
-    T = 20 if dim < 10000 else 2
-    X, fn, scale, base = _inputs(T, dim, 13, device)
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config))
+@pytest.mark.parametrize("config, y_config", [((16, 64, 64, 4, 3), (4, 256, 4)), ((32, 128, 64, 4, 3), (1, 128, 4))])
+def test_hc_pre_and_head_explicit_configs(device, config, y_config):
+    # 20 tokens and dim 300 or 1100: partial tiles, chunks and y blocks running past dim, and
+    # more than SPLIT_BLOCK splits at the narrow chunk.
+    X, fn, scale, base = _inputs(20, 300 if config[1] > 64 else 1100, 13, device)
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
     _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
-                                                               config=config))
+                                                               config=config, y_config=y_config))
 
 
 def _check_head(X, fn, scale, base, y, eps=1e-6):
@@ -350,15 +353,30 @@ def test_hc_head_bad_input(kw, err, name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("head, config", [(False, kern._CONFIGS[-1]), (False, kern._CONFIGS[-2]), (True, kern._CONFIGS[0])])
-def test_mix_kernel_compiles_for_sm90_without_spills(head, config):
-    bt, chunk, bk, warps = config
-    types = dict(x_ptr="*bf16", y_ptr="*bf16", sync_ptr="*i32", eps="fp32", norm_eps="fp32")
-    consts = dict(HEAD=head, N_MIX=4 if head else 24, N_PAD=16 if head else 32, PHASES=3, BLOCK_T=bt, CHUNK=chunk,
-                  BLOCK_K=bk)
-    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_hc_mix_kernel", types, consts,
-                             ["dim", "stride_xt", "stride_xs", "T"], warps)
+@pytest.mark.parametrize("head, split_in_loop, config", [(False, False, kern._MIX_CONFIGS[-1]),
+                                                         (False, False, kern._MIX_CONFIGS[3]),
+                                                         (True, True, kern._MIX_CONFIGS[0])])
+def test_mix_kernel_compiles_for_sm90_without_spills(head, split_in_loop, config):
+    bt, chunk, bk, warps, stages = config
+    consts = dict(N_MIX=4 if head else 24, N_PAD=16 if head else 32, SPLIT_IN_LOOP=split_in_loop, BLOCK_T=bt,
+                  CHUNK=chunk, BLOCK_K=bk)
+    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_mix_partial_kernel", dict(x_ptr="*bf16", parts_ptr="*bf16"),
+                             consts, ["dim", "stride_xt", "stride_xs", "T"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
+    assert usage["tensor_core_dot"] == (bt >= 64), usage  # warp-group MMA from 64 rows; mma.sync below
+    if not split_in_loop:  # both operands from asynchronous copies: no tile loaded back for the MMA
+        assert usage["tile_reloads"] <= 1, usage  # (one: X to registers for the sum of squares)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("head, config", [(False, kern._Y_CONFIGS[-1]), (True, kern._Y_CONFIGS[0])])
+def test_finalise_y_kernel_compiles_for_sm90_without_spills(head, config):
+    bt, bd, warps = config
+    types = dict(x_ptr="*bf16", y_ptr="*bf16", eps="fp32", norm_eps="fp32")
+    consts = dict(HEAD=head, N_PAD=16 if head else 32, BLOCK_T=bt, BLOCK_D=bd)
+    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_finalise_y_kernel", types, consts,
+                             ["dim", "stride_xt", "stride_xs", "T"], warps)
+    assert usage["stack"] == 0, usage
 
 
 # ---------------------------------------------------------------- GPU: model sizes, every config
@@ -373,13 +391,15 @@ def test_hc_pre_head_model_sizes_gpu(T, dim, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", kern._CONFIGS)
+@pytest.mark.parametrize("config, y_config", [(c, kern._Y_CONFIGS[i % len(kern._Y_CONFIGS)])
+                                              for i, c in enumerate(kern._MIX_CONFIGS)]
+                         + [(kern._MIX_CONFIGS[-1], y) for y in kern._Y_CONFIGS])
 @pytest.mark.parametrize("T, dim", [(1, 7168), (64, 4096), (333, 7168), (4096, 4096)])
-def test_every_mix_config_gpu(config, T, dim):
+def test_every_mix_config_gpu(config, y_config, T, dim):
     X, fn, scale, base = _inputs(T, dim, T + dim, "cuda")
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config))
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
     _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
-                                                               config=config))
+                                                               config=config, y_config=y_config))
 
 
 @pytest.mark.gpu

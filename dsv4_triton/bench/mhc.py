@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..kernels import mhc as kern
 from ..reference import mhc as ref
 from .case import Case
 
@@ -81,6 +82,11 @@ def _pre_bytes(T, dim, n_mix, with_post_comb=True):
     return x + y + fn + (T * (16 + 64) if with_post_comb else 0)
 
 
+def _launches(T: int) -> int:
+    """fn split (above SPLIT_IN_LOOP_MAX_T tokens), mix, y."""
+    return 2 if T <= kern.SPLIT_IN_LOOP_MAX_T else 3
+
+
 def cases(quick: bool):
     out = []
     dims = DIMS[:1] if quick else DIMS
@@ -90,7 +96,8 @@ def cases(quick: bool):
             out.append(Case(op="hc_pre", shape=f"T={T} dim={dim}", make_inputs=_pre_inputs(T, dim, 24),
                             run=ops.hc_pre, eager=_eager_pre,
                             oracle=lambda X, fn, s, b: ref.hc_pre(X, fn, s, b, 20, 1e-6, 1e-6),
-                            bytes=_pre_bytes(T, dim, 24), flops=2 * T * 24 * 4 * dim, ceiling="copy", launches=1,
+                            bytes=_pre_bytes(T, dim, 24), flops=2 * T * 24 * 4 * dim, ceiling="copy",
+                            launches=_launches(T),
                             notes="fn (2.75 MB at dim 7168) dominates the bytes" if T == 1 and dim == 7168 else ""))
             out.append(Case(op="hc_post", shape=f"T={T} dim={dim}", make_inputs=_post_inputs(T, dim),
                             run=ops.hc_post, eager=_eager_post, oracle=ref.hc_post,
@@ -100,5 +107,5 @@ def cases(quick: bool):
                             run=ops.hc_head, eager=_eager_head,
                             oracle=lambda X, fn, s, b: ref.hc_head(X, fn, s, b, 1e-6, 1e-6),
                             bytes=_pre_bytes(T, dim, 4, with_post_comb=False), flops=2 * T * 4 * 4 * dim,
-                            ceiling="copy", launches=1))
+                            ceiling="copy", launches=_launches(T)))
     return out

@@ -1,37 +1,36 @@
-"""Triton mHC kernels: hc_pre / hc_head (one launch each) and hc_post (one pass).
+"""Triton mHC kernels: hc_pre / hc_head (two or three launches each) and hc_post (one pass).
 
 hc_pre and hc_head
 ------------------
 Per token the 24 (head: 4) mixes ``fn @ flatten(X)`` need the whole row of 4*dim values
-before ``pre`` is known, and ``y = sum_i pre_i X_i`` needs the row again.  A row is 57 KB
-at dim 7168, and fn (2.7 MB) must be shared by many tokens, so one program cannot hold its
-tokens' rows.  ``_hc_mix_kernel`` therefore splits each tile of ``BLOCK_T`` tokens into
-``n_splits`` dim slices, one program each, in two phases:
+before ``pre`` is known, and ``y = sum_i pre_i X_i`` needs the row again.  A row of 57 KB
+(dim 7168) cannot stay on chip while enough tokens share one read of ``fn`` (2.7 MB), so
+the work is split in launches with no waiting between programs:
 
-1. mix: the slice ``d in [split*chunk, +chunk)`` of all 4 streams times the matching columns
-   of fn (``tl.dot``; fn is split into three BF16 parts hi + mid + lo, so with BF16 X every
-   product is exact and the sum is FP32, as accurate as an FP32 dot), plus the sum of
-   squares; the program writes this partial row (``N_PAD`` floats per token) to a
-   workspace and arrives at its tile's counter.
-2. y: once all slices of the tile have arrived, the program sums the tile's partial rows in
-   split order (deterministic), applies rsqrt / sigmoid and writes ``y = sum_i pre_i X_i``
-   for its slice, reading the slice again: it read it a few microseconds earlier, so the
-   second read hits L2 and X crosses HBM once.  For hc_pre the split-0 program also runs the
-   Sinkhorn and writes post and comb.
+* ``_split_fn_kernel`` (more than 64 tokens): fn as three BF16 parts hi + mid + lo, each
+  ``[4*dim, N_PAD]`` with the columns in partial-row order.  With BF16 X every product with a
+  part is exact and the FP32 sum of the three is as accurate as an FP32 dot.
+* ``_mix_partial_kernel``, program ``(tile, split)``: ``BLOCK_T`` tokens times the slice
+  ``d in [split*CHUNK, +CHUNK)`` of all 4 streams, multiplied by the matching rows of the
+  parts (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats
+  per token and split) to a workspace.  With the parts prepared, both operands reach the
+  sm_90 warp-group MMA by asynchronous copies into shared memory, as in a plain GEMM; split
+  inside the loop instead (``SPLIT_IN_LOOP``, used up to 64 tokens, where the extra launch
+  would cost more than it saves), every k-step runs load -> split -> shared-memory store ->
+  fence -> MMA -> wait in series, which measured 2.4x slower at 4096 tokens.
+* ``_finalise_y_kernel``, program ``(tile, column block)``: sums the partials in split order
+  (deterministic), applies rsqrt / sigmoid and writes ``y = sum_i pre_i X_i`` for its block
+  of columns; for hc_pre one more program per tile does the Sinkhorn and writes post and
+  comb, so the y programs stay at ~100 registers.  Tiles run in reverse order: the mix
+  kernel's last tiles are the most likely to still be in L2.  (Sinkhorn divides with IEEE
+  rounding, ``div_rn``, as the oracle does.)
 
-The wait is a spin on the tile's arrival counter.  It cannot deadlock: the GPU dispatches a
-grid's programs in order, so every program of an earlier tile is already resident or done,
-and a tile's ``n_splits`` programs need only ``n_splits`` resident slots; ``n_splits`` is
-capped at half the SM count (``max_splits``), which leaves room for several such launches
-running at once on other streams.  The last program to leave a tile resets its counters,
-so the workspace is ready for the next launch (and for CUDA-graph replays).  Under
-``TRITON_INTERPRET=1`` programs run one after another, so there the two phases are two
-launches of the same kernel (``PHASES`` 1 then 2) with no counters.
-
+X is read twice (the second time partly from L2).  A one-launch variant, in which a tile's
+slices waited for each other on a counter so the y pass re-read X from L2, measured slower
+(programs sat waiting for siblings dispatched later): see benchmarks/NOTES.md.
 Partial-row layout: columns ``0..3`` are the pre mixes and column ``SSQ_COL = 4`` the sum of
-squares (one 32-byte sector: all that the y phase of most programs reads), then the
-remaining mixes (post, comb).  Sinkhorn divides with IEEE rounding (``div_rn``), as the
-oracle does.
+squares (one 32-byte sector: all that the y programs read), then the remaining mixes
+(post, comb).
 
 hc_post
 -------
@@ -47,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import autotune, token_bucket
-from ..registry import register, triton_interpreter_on
+from ..registry import register
 from .formats import cast_rne, dot_bf16, to_f32
 
 HC_MULT = 4
@@ -55,56 +54,129 @@ STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
 N_MIX_PRE = 24
 N_MIX_HEAD = 4
 SSQ_COL = tl.constexpr(4)  # partial-row column of the sum of squares (after the 4 pre mixes)
-SPLIT_BLOCK = tl.constexpr(16)  # partial rows the y phase loads at once
-Y_BLOCK = tl.constexpr(64)  # columns of the slice the y phase handles at once
-MIX, WRITE_Y, BOTH = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)  # PHASES: mix, y, both
+SPLIT_BLOCK = tl.constexpr(16)  # partial rows the y programs load at once
+SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
 
-_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps); the first one serves every shape
-    (16, 256, 64, 4), (16, 128, 64, 4), (32, 256, 64, 4), (64, 256, 64, 4), (64, 256, 64, 8),
-    (64, 512, 64, 8), (128, 256, 64, 8),
+_MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
+    (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (64, 256, 64, 4, 4), (64, 512, 64, 4, 4),
+    (128, 256, 64, 8, 3), (128, 512, 64, 8, 3),
+]
+SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
+_Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
+    (16, 256, 4), (1, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8),
 ]
 
 
 def _min_chunk(t_bucket: int) -> int:
-    """Narrowest dim slice tuned for a token bucket.  Every program of a tile re-reads the
-    tile's partial rows (32 B per token and split), so that traffic grows with the square of
-    the split count: large batches take wide slices."""
+    """Narrowest dim slice tuned for a token bucket: the partial rows (128 B per token and
+    split) must stay small next to the X they summarise (8 * CHUNK bytes per token)."""
     return 64 if t_bucket <= 64 else 256
 
 
-def _chunk(dim: int, chunk: int, max_splits: int) -> int:
-    """The slice width a launch uses: ``chunk``, or the power of two that makes ``dim`` take
-    at most ``max_splits`` slices if that is wider (see the module doc)."""
-    return max(chunk, triton.next_power_of_2(triton.cdiv(dim, max_splits)))
+def _prune_mix_configs(configs, nargs, **kw):
+    t_cap = nargs["t_bucket"]
+    dim_cap = max(64, triton.next_power_of_2(nargs["dim"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and _min_chunk(t_cap) <= c.kwargs["CHUNK"] <= dim_cap]
+    return kept or configs[:1]
 
 
-def _prune_configs(configs, nargs, **kw):
-    t_cap, dim = nargs["t_bucket"], nargs["dim"]
-    dim_cap = max(64, triton.next_power_of_2(dim))
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t_cap) and _min_chunk(t_cap) <= c.kwargs["CHUNK"] <= dim_cap]
-    out, seen = [], set()
-    for c in kept or configs[:1]:
-        kw = dict(c.kwargs, CHUNK=_chunk(dim, c.kwargs["CHUNK"], nargs["max_splits"]))
-        key = (tuple(sorted(kw.items())), c.num_warps)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
+def _prune_y_configs(configs, nargs, **kw):
+    t_cap = nargs["t_bucket"]
+    dim_cap = max(256, triton.next_power_of_2(nargs["dim"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and c.kwargs["BLOCK_D"] <= dim_cap]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _fn_column_rows(N_MIX: tl.constexpr, N_PAD: tl.constexpr):
+    """Partial-row column c holds fn row c for c < SSQ_COL and fn row c - 1 above it; column
+    SSQ_COL has no fn row (it gets the sum of squares).  -> (fn row per column, live mask)."""
+    col = tl.arange(0, N_PAD)
+    fn_row = tl.where(col < SSQ_COL, col, col - 1)
+    return fn_row, (col != SSQ_COL) & (fn_row < N_MIX)
+
+
+@triton.jit
+def _split_fn_part(f):
+    """fp32 -> three BF16 parts whose FP32 sum is f to 2^-24 relative (each step exact)."""
+    f_hi = f.to(tl.bfloat16)
+    r = f - to_f32(f_hi)  # exact, whatever rounding the conversion used
+    f_mid = r.to(tl.bfloat16)
+    f_lo = (r - to_f32(f_mid)).to(tl.bfloat16)
+    return f_hi, f_mid, f_lo
+
+
+@triton.jit
+def _split_fn_kernel(fn_ptr, parts_ptr, K, N_MIX: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    fn_row, fn_live = _fn_column_rows(N_MIX, N_PAD)
+    live = k < K
+    f = tl.load(fn_ptr + fn_row[None, :].to(tl.int64) * K + k[:, None], mask=live[:, None] & fn_live[None, :],
+                other=0.0)
+    f_hi, f_mid, f_lo = _split_fn_part(f)
+    out = parts_ptr + k[:, None].to(tl.int64) * N_PAD + tl.arange(0, N_PAD)[None, :]
+    part_stride = tl.full([], N_PAD, tl.int64) * K
+    tl.store(out, f_hi, mask=live[:, None])
+    tl.store(out + part_stride, f_mid, mask=live[:, None])
+    tl.store(out + 2 * part_stride, f_lo, mask=live[:, None])
+
+
+@triton.jit
+def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
+                        N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
+                        BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+    n_splits = tl.cdiv(dim, CHUNK)
+    # Consecutive programs share a tile: the last programs read the last tiles, which the
+    # y kernel (reverse order) reads first.
+    tile = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
+    rows = tl.arange(0, BLOCK_T)
+    tok = (tile * BLOCK_T + rows).to(tl.int64)
+    live = tok < T
+    d_lo = split * CHUNK
+    col = tl.arange(0, N_PAD)
+    fn_row, fn_live = _fn_column_rows(N_MIX, N_PAD)
+    part_stride = tl.full([], STREAMS * N_PAD, tl.int64) * dim
+    acc_hi = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
+    for kk in range(0, STREAMS * CHUNK, BLOCK_K):
+        stream = kk // CHUNK
+        d = d_lo + kk % CHUNK + tl.arange(0, BLOCK_K)
+        d_live = d < dim
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + stream * stride_xs + d[None, :],
+                    mask=live[:, None] & d_live[None, :], other=0.0)
+        if SPLIT_IN_LOOP:
+            f = tl.load(fn_ptr + fn_row[None, :].to(tl.int64) * (STREAMS * dim) + stream * dim + d[:, None],
+                        mask=d_live[:, None] & fn_live[None, :], other=0.0)
+            f_hi, f_mid, f_lo = _split_fn_part(f)
+        else:
+            p = parts_ptr + (stream * dim + d)[:, None].to(tl.int64) * N_PAD + col[None, :]
+            f_hi = tl.load(p, mask=d_live[:, None], other=0.0)
+            f_mid = tl.load(p + part_stride, mask=d_live[:, None], other=0.0)
+            f_lo = tl.load(p + 2 * part_stride, mask=d_live[:, None], other=0.0)
+        acc_hi = dot_bf16(x, f_hi, acc_hi)
+        acc_lo = dot_bf16(x, f_mid, acc_lo)
+        acc_lo = dot_bf16(x, f_lo, acc_lo)
+        xf = to_f32(x)
+        squares += xf * xf
+    ssq = tl.sum(squares, axis=1)
+    part = tl.where(col[None, :] == SSQ_COL, ssq[:, None], acc_hi + acc_lo)
+    tl.store(part_ptr + (split * T + tok)[:, None] * N_PAD + col[None, :], part,
+             mask=live[:, None] & (col <= N_MIX)[None, :])
 
 
 @triton.jit
 def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr):
     """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` -> [BLOCK_T, WIDTH]
-    (blocks of SPLIT_BLOCK splits in a fixed order: deterministic).  The rows were written by
-    other programs of this launch: read through L2 (``.cg``), never a stale L1 line."""
+    (blocks of SPLIT_BLOCK splits in a fixed order: deterministic)."""
     cols = COL + tl.arange(0, WIDTH)
     acc = tl.zeros([tok.shape[0], WIDTH], dtype=tl.float32)
     for s0 in range(0, n_splits, SPLIT_BLOCK):
         s = s0 + tl.arange(0, SPLIT_BLOCK)
         row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
         m = (s < n_splits)[:, None] & live[None, :]
-        acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0,
-                              cache_modifier=".cg"), axis=0)
+        acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0), axis=0)
     return acc
 
 
@@ -115,145 +187,91 @@ def _pick(v, i: tl.constexpr):
 
 
 @triton.jit
-def _sinkhorn_store(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim, iters, eps,
-                    norm_eps, N_PAD: tl.constexpr):
-    """post and comb of a tile from its summed partial rows (SPEC 9)."""
-    BLOCK_T: tl.constexpr = tok.shape[0]
-    four = tl.arange(0, 4)
-    ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
-    rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
-    acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
-    acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
-    post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
-    ij = 4 * four[:, None] + four[None, :]
-    c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
-    # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
-    c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
-    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
-    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-    for _ in range(iters - 1):
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-    tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
-    tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
-
-
-@triton.jit
-def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
-                   T, dim, stride_xt, stride_xs, max_splits, iters, eps, norm_eps, t_bucket,
-                   HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, PHASES: tl.constexpr,
-                   BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-    n_splits = tl.cdiv(dim, CHUNK)  # the launcher keeps it <= max_splits
+def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
+                       T, dim, n_splits, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
+                       HEAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # hc_pre gives each tile one extra program, first, for post and comb (the Sinkhorn), so the
+    # y programs hold no more than their X block and pre.
+    n_programs = tl.cdiv(dim, BLOCK_D) + (0 if HEAD else 1)
     n_tiles = tl.cdiv(T, BLOCK_T)
-    tile = tl.program_id(0) // n_splits
-    split = tl.program_id(0) % n_splits
+    tile = n_tiles - 1 - tl.program_id(0) // n_programs  # reverse order: see the module doc
+    d_block = tl.program_id(0) % n_programs - (0 if HEAD else 1)
     rows = tl.arange(0, BLOCK_T)
+    four = tl.arange(0, 4)
     tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
-    d_lo = split * CHUNK
-    if PHASES != WRITE_Y:  # MIX or BOTH
-        # Partial-row column c holds fn row c for c < SSQ_COL and fn row c - 1 above it; column
-        # SSQ_COL gets a zero fn row (masked) and then the sum of squares.
-        col = tl.arange(0, N_PAD)
-        fn_row = tl.where(col < SSQ_COL, col, col - 1)
-        fn_live = (col != SSQ_COL) & (fn_row < N_MIX)
-        acc_hi = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
-        acc_lo = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
-        for kk in range(0, STREAMS * CHUNK, BLOCK_K):
-            stream = kk // CHUNK
-            d = d_lo + kk % CHUNK + tl.arange(0, BLOCK_K)
-            d_live = d < tl.minimum(dim, d_lo + CHUNK)
-            # Kept in L2 for the y phase's second read of the slice.
-            x = tl.load(x_ptr + tok[:, None] * stride_xt + stream * stride_xs + d[None, :],
-                        mask=live[:, None] & d_live[None, :], other=0.0, eviction_policy="evict_last")
-            f = tl.load(fn_ptr + fn_row[None, :].to(tl.int64) * (STREAMS * dim) + stream * dim + d[:, None],
-                        mask=d_live[:, None] & fn_live[None, :], other=0.0)
-            f_hi = f.to(tl.bfloat16)
-            r = f - to_f32(f_hi)  # exact, whatever rounding the conversion used
-            f_mid = r.to(tl.bfloat16)
-            f_lo = (r - to_f32(f_mid)).to(tl.bfloat16)
-            acc_hi = dot_bf16(x, f_hi, acc_hi)
-            acc_lo = dot_bf16(x, f_mid, acc_lo)
-            acc_lo = dot_bf16(x, f_lo, acc_lo)
-            xf = to_f32(x)
-            squares += xf * xf
-        ssq = tl.sum(squares, axis=1)
-        part = tl.where(col[None, :] == SSQ_COL, ssq[:, None], acc_hi + acc_lo)
-        tl.store(part_ptr + (split * T + tok)[:, None] * N_PAD + col[None, :], part,
-                 mask=live[:, None] & (col <= N_MIX)[None, :])
-    if PHASES == BOTH:
-        arrived = sync_ptr + tile
-        departed = sync_ptr + n_tiles + tile
-        tl.debug_barrier()  # every thread's partial row is stored before the release
-        seen = tl.atomic_add(arrived, 1, sem="release", scope="gpu") + 1
-        while seen < n_splits:
-            seen = tl.atomic_add(arrived, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
-        if tl.atomic_add(departed, 1, sem="relaxed", scope="gpu") == n_splits - 1:
-            # Everyone has stopped reading `arrived`: the last one out resets the tile.
-            tl.atomic_xchg(arrived, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(departed, 0, sem="relaxed", scope="gpu")
-    if PHASES != MIX:  # WRITE_Y or BOTH
-        if not HEAD:
-            if split == 0:
-                _sinkhorn_store(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim,
-                                iters, eps, norm_eps, N_PAD)
+    if d_block < 0:
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
+        rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
+        post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
+        ij = 4 * four[:, None] + four[None, :]
+        c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
+        # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
+        c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+        for _ in range(iters - 1):
+            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
+            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+        tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
+        tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
+    else:
+        d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (d < dim)[None, :]
+        x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
         # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
         acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
+        x0 = tl.load(x_row, mask=mask, other=0.0)
+        x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
+        x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
+        x3 = tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0)
         rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
         scale0 = tl.load(scale_ptr)
-        pre0 = tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps
-        pre1 = tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps
-        pre2 = tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps
-        pre3 = tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps
-        d_end = tl.minimum(dim, d_lo + CHUNK)
-        for dd in range(0, CHUNK, Y_BLOCK):
-            d = d_lo + dd + tl.arange(0, Y_BLOCK)
-            mask = live[:, None] & (d < d_end)[None, :]
-            x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
-            y = pre0 * to_f32(tl.load(x_row, mask=mask, other=0.0, eviction_policy="evict_first"))
-            y += pre1 * to_f32(tl.load(x_row + stride_xs, mask=mask, other=0.0, eviction_policy="evict_first"))
-            y += pre2 * to_f32(tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0, eviction_policy="evict_first"))
-            y += pre3 * to_f32(tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0, eviction_policy="evict_first"))
-            tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
-
+        y = (tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)
+        y += (tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps) * to_f32(x1)
+        y += (tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps) * to_f32(x2)
+        y += (tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps) * to_f32(x3)
+        tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
 
 _hc_pre_mix = autotune(
-    configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w) for bt, c, bk, w in _CONFIGS],
-    key=["dim", "t_bucket"], name="hc_pre_fused", prune_configs_by={"early_config_prune": _prune_configs},
-)(_hc_mix_kernel)
+    configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+             for bt, c, bk, w, st in _MIX_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_pre_mix", prune_configs_by={"early_config_prune": _prune_mix_configs},
+)(_mix_partial_kernel)
 _hc_head_mix = autotune(
-    configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w) for bt, c, bk, w in _CONFIGS],
-    key=["dim", "t_bucket"], name="hc_head_fused", prune_configs_by={"early_config_prune": _prune_configs},
-)(_hc_mix_kernel)
+    configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+             for bt, c, bk, w, st in _MIX_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_head_mix", prune_configs_by={"early_config_prune": _prune_mix_configs},
+)(_mix_partial_kernel)
+_hc_pre_y = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in _Y_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_pre_y", prune_configs_by={"early_config_prune": _prune_y_configs},
+)(_finalise_y_kernel)
+_hc_head_y = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in _Y_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_head_y", prune_configs_by={"early_config_prune": _prune_y_configs},
+)(_finalise_y_kernel)
 
-_workspaces: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_workspaces: Dict[Tuple, torch.Tensor] = {}
 
 
-def _workspace(device: torch.device, n_partial: int, n_sync: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Partial rows and tile counters for launches on the current stream of ``device`` (each
-    stream has its own, so streams can run concurrently); grown only when a launch needs
-    more.  The counters are zero between launches: each launch leaves them so."""
+def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A workspace (partial rows, fn parts) for launches on the current stream of ``device``
+    (each stream has its own, so streams can run concurrently); grown only when a launch
+    needs more."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    part, sync = _workspaces.get(key, (None, None))
-    if part is None or part.numel() < n_partial:
-        part = torch.empty(n_partial, dtype=torch.float32, device=device)
-    if sync is None or sync.numel() < n_sync:
-        sync = torch.zeros(n_sync, dtype=torch.int32, device=device)
-    _workspaces[key] = (part, sync)
-    return part, sync
+    key = (device, stream, kind)
+    ws = _workspaces.get(key)
+    if ws is None or ws.numel() < numel:
+        ws = torch.empty(numel, dtype=dtype, device=device)
+        _workspaces[key] = ws
+    return ws
 
 
-def _max_splits(device: torch.device) -> int:
-    """Slices per tile: at most half the SMs (see the module doc), and 32."""
-    if device.type != "cuda":
-        return 32
-    return max(1, min(32, torch.cuda.get_device_properties(device).multi_processor_count // 2))
-
-
-def _mix_launch(kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, config=None):
+def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, config=None,
+                y_config=None):
     T, _, dim = X.shape
     y = torch.empty((T, dim), dtype=torch.bfloat16, device=X.device)
     post = torch.empty((0 if head else T, HC_MULT), dtype=torch.float32, device=X.device)
@@ -265,38 +283,57 @@ def _mix_launch(kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, co
     fn = fn.contiguous()
     t_bucket = token_bucket(T)
     n_mix, n_pad = (N_MIX_HEAD, 16) if head else (N_MIX_PRE, 32)
-    max_splits = _max_splits(X.device)
-    # Sized for the most slices and tiles any config may use (the smallest BLOCK_T is 16).
-    part, sync = _workspace(X.device, max_splits * T * n_pad, 2 * triton.cdiv(T, 16))
+    # Sized for the narrowest slice that any config the tuner may run uses; the y kernel is
+    # told the split count of the config that actually ran.
+    if config is None:
+        min_chunk = min(c.kwargs["CHUNK"] for c in _prune_mix_configs(mix_kernel.configs, dict(dim=dim, t_bucket=t_bucket)))
+    else:
+        min_chunk = config[1]
+    part = _workspace(X.device, "partials", triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
+    split_in_loop = T <= SPLIT_IN_LOOP_MAX_T
+    parts = fn  # unread when fn is split inside the loop
+    if not split_in_loop:
+        K = HC_MULT * dim
+        parts = _workspace(X.device, "fn_parts", 3 * K * n_pad, torch.bfloat16)
+        _split_fn_kernel[(triton.cdiv(K, SPLIT_BLOCK_K),)](fn, parts, K, N_MIX=n_mix, N_PAD=n_pad, BLOCK=SPLIT_BLOCK_K)
+    chosen = {}
 
-    def grid(meta):
+    def mix_grid(meta):
+        chosen["CHUNK"] = meta["CHUNK"]
         return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(dim, meta["CHUNK"]),)
 
-    args = (X, fn, part, sync, scale, base, y, y if head else post, y if head else comb, T, dim,
-            X.stride(0), X.stride(1), max_splits, iters, eps, norm_eps, t_bucket)
-    consts = dict(HEAD=head, N_MIX=n_mix, N_PAD=n_pad)
-    phases = (MIX.value, WRITE_Y.value) if triton_interpreter_on() else (BOTH.value,)
-    for phase in phases:
-        if config is None:
-            kernel[grid](*args, **consts, PHASES=phase)
-        else:  # an explicit config (the tests sweep every one)
-            bt, c, bk, w = config
-            c = _chunk(dim, c, max_splits)
-            _hc_mix_kernel[grid(dict(BLOCK_T=bt, CHUNK=c, BLOCK_K=bk))](*args, **consts, PHASES=phase, BLOCK_T=bt,
-                                                                        CHUNK=c, BLOCK_K=bk, num_warps=w)
+    mix_args = (X, fn, parts, part, T, dim, X.stride(0), X.stride(1), t_bucket)
+    consts = dict(N_MIX=n_mix, N_PAD=n_pad, SPLIT_IN_LOOP=split_in_loop)
+    if config is None:
+        mix_kernel[mix_grid](*mix_args, **consts)
+    else:  # an explicit config (the tests sweep every one)
+        bt, c, bk, w, st = config
+        _mix_partial_kernel[mix_grid(dict(BLOCK_T=bt, CHUNK=c))](*mix_args, **consts, BLOCK_T=bt, CHUNK=c,
+                                                                 BLOCK_K=bk, num_warps=w, num_stages=st)
+    y_args = (X, part, scale, base, y, y if head else post, y if head else comb, T, dim,
+              triton.cdiv(dim, chosen["CHUNK"]), X.stride(0), X.stride(1), iters, eps, norm_eps, t_bucket)
+    y_grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * (triton.cdiv(dim, m["BLOCK_D"]) + (0 if head else 1)),)
+    if y_config is None:
+        y_kernel[y_grid](*y_args, HEAD=head, N_PAD=n_pad)
+    else:
+        bt, bd, w = y_config
+        _finalise_y_kernel[y_grid(dict(BLOCK_T=bt, BLOCK_D=bd))](*y_args, HEAD=head, N_PAD=n_pad, BLOCK_T=bt,
+                                                                BLOCK_D=bd, num_warps=w)
     return y, post, comb
 
 
 @register("hc_pre", "triton")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           iters: int, eps: float, norm_eps: float, config=None):
-    return _mix_launch(_hc_pre_mix, X, fn, scale, base, iters, eps, norm_eps, head=False, config=config)
+           iters: int, eps: float, norm_eps: float, config=None, y_config=None):
+    return _mix_launch(_hc_pre_mix, _hc_pre_y, X, fn, scale, base, iters, eps, norm_eps, head=False, config=config,
+                       y_config=y_config)
 
 
 @register("hc_head", "triton")
 def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            eps: float, norm_eps: float, config=None) -> torch.Tensor:
-    return _mix_launch(_hc_head_mix, X, fn, scale, base, 1, eps, norm_eps, head=True, config=config)[0]
+            eps: float, norm_eps: float, config=None, y_config=None) -> torch.Tensor:
+    return _mix_launch(_hc_head_mix, _hc_head_y, X, fn, scale, base, 1, eps, norm_eps, head=True, config=config,
+                       y_config=y_config)[0]
 
 
 @autotune(

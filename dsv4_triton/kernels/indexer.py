@@ -16,8 +16,8 @@ ones equal to it, and pads with -1.  Deterministic either way (integer sums only
   first two: the scoring launch also builds each row's histogram of the top 11 key bits;
   chunk programs then copy the row's survivors (the keys in the k-th largest's bin or
   above: about k plus that bin's share) to a small buffer; one program per row finds the
-  exact cut among them by radix levels on (key, then lowest index first) and writes the
-  selection in ascending index order.  See "Row-parallel selection" below.
+  exact cut key among them by radix levels and writes the selection (ties at the cut to the
+  lowest indices) in ascending index order.  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -378,9 +378,12 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 #    bin holding the k-th largest) from the histogram and copies its survivors (keys in that
 #    bin or above: the selection is among them) into the row's survivor buffer, at an offset
 #    taken from the row's counter by one atomic per chunk; the chunk's run stays in index order.
-# 3. ``_survivor_select_kernel`` (row): the exact cut among the survivors by radix levels on
-#    (key, then lowest index first), then writes the taken indices in ascending order from the
-#    chunks' runs, pads with -1, and zeroes the row's histogram and counter for the next call.
+# 3. ``_survivor_select_kernel`` (row): the exact cut key among the survivors by radix levels
+#    (8, 8, 5 bits below the first level), then one pass of running (above, tied) counts in
+#    buffer order and one that writes each taken index at its slot: the taken ones of lower
+#    index are those of the chunks before its own (per-chunk sums) and those before it in its
+#    run, ties taken lowest index first; pads with -1, and zeroes the row's histogram and
+#    counter for the next call.
 # Rows whose survivors exceed the buffer (a first-level bin holding more than ``survivor_cap``
 # of the top: many equal or near-equal scores) are selected in launch 3 by one program over
 # the whole row (``_select_segment``): exact, slower.
@@ -394,6 +397,7 @@ ROW_PARALLEL_WARPS = 4
 SURVIVOR_BLOCK = 4096
 SURVIVOR_WARPS = 8
 SURVIVOR_CAP = 16384
+MAX_SURVIVOR_CAP = 32767  # running (above, tied) counts share one int32, 16 bits each
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)
 
 
@@ -450,64 +454,42 @@ def _survivor_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, seq, n_keys, k
 
 
 @triton.jit
-def _survivor_level(key_ptr, idx_ptr, n, prefix, cut_key, remaining, done, SHIFT: tl.constexpr,
-                    BITS: tl.constexpr, ON_INDEX: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
-    """One radix level over the survivors still in contention, on ``BITS`` bits at ``SHIFT``
-    of the key or (``ON_INDEX``, among keys equal to ``cut_key``) of ``~index`` (higher =
-    lower index); ``TOP``: the word's top digit, taken signed.  Returns (the word's bits from
-    ``SHIFT`` up, remaining, done).  A level skipped once ``done`` appends a zero digit, so
-    the last level's prefix is the lowest word value of the digit where the cut was found."""
+def _survivor_level(key_ptr, n, prefix, remaining, done, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """One radix level over the survivors whose key bits above ``SHIFT + BITS`` equal
+    ``prefix``, on the ``BITS`` bits at ``SHIFT``.  Returns (the key's bits from ``SHIFT`` up,
+    remaining, done).  A level skipped once ``done`` appends a zero digit, so the last
+    level's prefix is the lowest key of the digit where the levels stopped."""
     hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
     for start in range(0, tl.where(done, 0, n), BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        ok = offs < n
-        key = tl.load(key_ptr + offs, mask=ok, other=0)
-        if ON_INDEX:
-            word = ~tl.load(idx_ptr + offs, mask=ok, other=0)
-            ok = ok & (key == cut_key)
-        else:
-            word = key
-        if TOP:
-            digit = (word >> SHIFT) + RADIX_BINS // 2
-        else:
-            digit = (word >> SHIFT) & ((1 << BITS) - 1)
-            ok = ok & ((word >> (SHIFT + BITS)) == prefix)
-        hist += tl.histogram(digit, RADIX_BINS, mask=ok)
+        key = tl.load(key_ptr + offs, mask=offs < n, other=0)
+        match = (offs < n) & ((key >> (SHIFT + BITS)) == prefix)
+        hist += tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), RADIX_BINS, mask=match)
     # Skipped: an empty histogram picks digit 0 and leaves ``remaining`` as it is.
     digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
-    if TOP:
-        prefix = digit - RADIX_BINS // 2
-    else:
-        prefix = (prefix << BITS) + digit
-    return prefix, rest, done | (count == rest)
+    return (prefix << BITS) + digit, rest, done | (count == rest)
 
 
 @triton.jit
-def _survivor_cut(key_ptr, idx_ptr, n, d0, remaining, count, BLOCK: tl.constexpr):
-    """The cut that takes exactly the wanted survivors: ``key > cut_key`` or ``key == cut_key``
-    and ``~index >= cut_index`` (a strict order: ties go to the lowest indices)."""
-    # Level 0 was the first level (the top 11 key bits); then 8, 8, 5 key bits, then the
-    # index's 32 bits (4 more levels, run only while the k-th largest key is tied).
+def _survivor_cut(key_ptr, n, d0, remaining, count, BLOCK: tl.constexpr):
+    """(cut key, ties): the selection is every survivor with ``key > cut`` and the ``ties``
+    lowest-index ones with ``key == cut``."""
+    # Level 0 was the first level (the top 11 key bits); then 8, 8 and 5 key bits.
     done = count == remaining
-    p1, remaining, done = _survivor_level(key_ptr, idx_ptr, n, d0 - FIRST_BINS // 2, 0, remaining, done, 13, 8,
-                                          False, False, BLOCK)
-    p2, remaining, done = _survivor_level(key_ptr, idx_ptr, n, p1, 0, remaining, done, 5, 8, False, False, BLOCK)
-    cut_key, remaining, done = _survivor_level(key_ptr, idx_ptr, n, p2, 0, remaining, done, 0, 5, False, False,
-                                               BLOCK)
-    i1, remaining, done = _survivor_level(key_ptr, idx_ptr, n, 0, cut_key, remaining, done, 24, 8, True, True,
-                                          BLOCK)
-    i2, remaining, done = _survivor_level(key_ptr, idx_ptr, n, i1, cut_key, remaining, done, 16, 8, True, False,
-                                          BLOCK)
-    i3, remaining, done = _survivor_level(key_ptr, idx_ptr, n, i2, cut_key, remaining, done, 8, 8, True, False,
-                                          BLOCK)
-    cut_index, remaining, done = _survivor_level(key_ptr, idx_ptr, n, i3, cut_key, remaining, done, 0, 8, True,
-                                                 False, BLOCK)
-    return cut_key, cut_index
+    p1, remaining, done = _survivor_level(key_ptr, n, d0 - FIRST_BINS // 2, remaining, done, 13, 8, BLOCK)
+    p2, remaining, done = _survivor_level(key_ptr, n, p1, remaining, done, 5, 8, BLOCK)
+    cut, remaining, done = _survivor_level(key_ptr, n, p2, remaining, done, 0, 5, BLOCK)
+    # Stopped early, the whole digit is taken: every key from its lowest (``cut``) up.
+    return cut, tl.where(done, 2147483647, remaining)
 
 
 @triton.jit
-def _survivor_taken(key, idx, ok, cut_key, cut_index):
-    return ok & ((key > cut_key) | ((key == cut_key) & (~idx >= cut_index)))
+def _survivor_flags(key_ptr, offs, n, cut):
+    """Above the cut, and tied with it, packed as ``above + (tie << 16)`` (survivor counts
+    stay below 2^16, so running sums of both fit one int32)."""
+    key = tl.load(key_ptr + offs, mask=offs < n, other=0)
+    return tl.where(offs < n, (key > cut).to(tl.int32) + ((key == cut).to(tl.int32) << 16), 0)
 
 
 @triton.jit
@@ -525,7 +507,8 @@ def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr
     idx_ptr = row_scratch + cap
     cum_ptr = row_scratch + 2 * cap
     runs_ptr = row_scratch + 3 * cap
-    offsets_ptr = row_scratch + 3 * cap + 2 * MAX_PARTS
+    before_ptr = runs_ptr + 2 * MAX_PARTS
+    start_ptr = before_ptr + MAX_PARTS
     if take_all:
         # At most k valid scores: all of them, in order.
         for start in range(0, nv, BLOCK):
@@ -535,37 +518,43 @@ def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr
     elif survivors > cap:
         _select_segment(scores_ptr + row * n_keys, scores_ptr, nv, k, 0, out_row, out_row, False, False, BLOCK)
     else:
-        cut_key, cut_index = _survivor_cut(key_ptr, idx_ptr, survivors, d0, remaining, count, BLOCK)
-        # Running count of the taken ones in buffer order.
-        taken = 0
+        cut, ties = _survivor_cut(key_ptr, survivors, d0, remaining, count, BLOCK)
+        # Running (above, tied) counts in buffer order.
+        total = 0
         for start in range(0, survivors, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            ok = offs < survivors
-            take = _survivor_taken(tl.load(key_ptr + offs, mask=ok, other=0),
-                                   tl.load(idx_ptr + offs, mask=ok, other=0), ok, cut_key, cut_index)
-            tl.store(cum_ptr + offs, taken + tl.cumsum(take.to(tl.int32), axis=0), mask=ok)
-            taken += tl.sum(take.to(tl.int32), axis=0)
+            flags = _survivor_flags(key_ptr, offs, survivors, cut)
+            tl.store(cum_ptr + offs, total + tl.cumsum(flags, axis=0), mask=offs < survivors)
+            total += tl.sum(flags, axis=0)
         tl.debug_barrier()
-        # Chunk c's run [base, base + found) is in index order: its taken ones go, in order,
-        # after those of the chunks before it: output = before[c] + (cum - cum at its base).
+        # Chunk c's run [base, base + found) is in index order; the runs of the chunks before
+        # it (in index order) hold ``before[c]`` (above, tied) survivors.
         p = tl.arange(0, PARTS_P)
         has = p < parts
         base = tl.load(runs_ptr + 2 * p, mask=has, other=0)
         found = tl.load(runs_ptr + 2 * p + 1, mask=has, other=0)
-        cum_start = tl.load(cum_ptr + base - 1, mask=has & (found > 0) & (base > 0), other=0)
-        cum_end = tl.load(cum_ptr + base + found - 1, mask=has & (found > 0), other=0)
-        run_taken = tl.where(found > 0, cum_end - cum_start, 0)
-        tl.store(offsets_ptr + p, tl.cumsum(run_taken, axis=0) - run_taken - cum_start, mask=has)
+        run_start = tl.load(cum_ptr + base - 1, mask=has & (found > 0) & (base > 0), other=0)
+        run_end = tl.load(cum_ptr + base + found - 1, mask=has & (found > 0), other=0)
+        run = tl.where(found > 0, run_end - run_start, 0)
+        tl.store(before_ptr + p, tl.cumsum(run, axis=0) - run, mask=has)
+        tl.store(start_ptr + p, run_start, mask=has)
         tl.debug_barrier()
+        # Each survivor's output slot: the taken ones with lower indices, i.e. those above the
+        # cut plus the first ``ties`` tied ones.
         for start in range(0, survivors, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             ok = offs < survivors
             idx = tl.load(idx_ptr + offs, mask=ok, other=0)
-            take = _survivor_taken(tl.load(key_ptr + offs, mask=ok, other=0), idx, ok, cut_key, cut_index)
-            pos = tl.load(offsets_ptr + idx // chunk, mask=take, other=0) + \
-                tl.load(cum_ptr + offs, mask=take, other=0) - 1
-            tl.store(out_row + pos, idx, mask=take)
-        _pad(out_row, taken, k, BLOCK)
+            flags = _survivor_flags(key_ptr, offs, survivors, cut)
+            c = idx // chunk
+            lower = tl.load(before_ptr + c, mask=ok, other=0)
+            in_run = tl.load(cum_ptr + offs, mask=ok, other=0)
+            run_start = tl.load(start_ptr + c, mask=ok, other=0)
+            above_lower = (lower & 0xFFFF) + (in_run & 0xFFFF) - (run_start & 0xFFFF) - (flags & 0xFFFF)
+            tied_lower = (lower >> 16) + (in_run >> 16) - (run_start >> 16) - (flags >> 16)
+            take = ((flags & 0xFFFF) > 0) | (((flags >> 16) > 0) & (tied_lower < ties))
+            tl.store(out_row + above_lower + tl.minimum(tied_lower, ties), idx, mask=ok & take)
+        _pad(out_row, (total & 0xFFFF) + tl.minimum(total >> 16, ties), k, BLOCK)
     # Every program of launch 2 has read the histogram (this launch follows it): zero it and
     # the counter for the next call.
     tl.debug_barrier()
@@ -575,16 +564,16 @@ def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr
 
 class _Workspace:
     """Per device: ``zeroed`` int32 ``[rows, FIRST_BINS + 1]`` (zero between calls, see the
-    invariant above) and ``scratch`` int32 ``[rows, 3 * cap + 3 * MAX_PARTS]`` (survivor keys,
-    indices, running counts, then per chunk (offset, count) and output offsets); grown, never
-    shrunk, so the decode hot path allocates nothing."""
+    invariant above) and ``scratch`` int32 ``[rows, 3 * cap + 4 * MAX_PARTS]`` (survivor keys,
+    indices, running counts, then per chunk its run's (offset, count), the counts before it
+    and at its start); grown, never shrunk, so the decode hot path allocates nothing."""
 
     _by_device: dict = {}
 
     @classmethod
     def get(cls, device: torch.device, rows: int, cap: int):
         have = cls._by_device.get(device)
-        width = 3 * cap + 3 * MAX_PARTS.value
+        width = 3 * cap + 4 * MAX_PARTS.value
         if have is None or have[0].shape[0] < rows or have[1].shape[1] < width:
             rows = max(rows, have[0].shape[0] if have is not None else 0)
             width = max(width, have[1].shape[1] if have is not None else 0)
@@ -715,6 +704,8 @@ def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_
                        k: int, parts: int, survivor_cap: int = SURVIVOR_CAP) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
     ``MAX_PARTS``) and a survivor buffer of ``survivor_cap`` per row: 3 launches."""
+    if not 1 <= survivor_cap <= MAX_SURVIVOR_CAP:
+        raise ValueError(f"survivor_cap: expected 1..{MAX_SURVIVOR_CAP}, got {survivor_cap}")
     bsz, seq = qi.shape[:2]
     rows, n_keys = bsz * seq, keys.shape[1]
     out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)

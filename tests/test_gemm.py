@@ -371,6 +371,24 @@ def test_mxfp4_table_is_the_rounded_product():
     assert int(table[19].max()) == 0 and int(table[18].max()) == 1  # past gap 18 everything rounds to 0
 
 
+@pytest.mark.parametrize("m, n, k, fused", [(1, 64, 128, True), (5, 70, 256, True), (17, 130, 384, False),
+                                         (40, 64, 256, False)])
+def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused):
+    # 16-row tiles against 64-row weight tiles: the weight is the MMA's A side and the
+    # accumulator is [BLOCK_N, BLOCK_M] (scaled_dot_t); the interpreter otherwise runs only the
+    # first (64 x 64) config.  Masked rows and columns on both sides of the transposed store.
+    tuner = kern._scaled_gemm_kernel
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8},
+                                                         num_warps=4, num_stages=4)])
+    monkeypatch.setattr(tuner, "cache", {})
+    g = _gen(m + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, _ = random_fp4(n, k, g, device)
+    y = kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused)
+    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w, ws, "mxfp4", None))
+
+
 @pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1e3)])
 def test_fp4_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
     # Tiny and huge E8M0 scales, down to byte 0 (2^-127, an FP32 subnormal); the products and
@@ -470,6 +488,17 @@ def test_fp8_gemm_compiles_for_sm90_with_operands_in_shared_memory(config):
     assert usage["fma"] == per_thread and usage["mul"] < per_thread, usage
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_mxfp4_decode_gemm_compiles_to_warp_group_mma():
+    # 16 rows, fused activation quantisation (decode): FP8 warp-group MMA with the expanded
+    # weight as its register A operand, no spills.
+    usage = compile_for_sm90("dsv4_triton.kernels.gemm", "_scaled_gemm_kernel",
+                             dict(GEMM_TYPES, a_ptr="*bf16", w_ptr="*u8", lut_ptr="*i32"),
+                             dict(GEMM_CONSTS, A_QUANT=True, W_FMT=1, BLOCK_M=16, BLOCK_N=64),
+                             ["K", "N", "stride_am", "stride_wn", "stride_sn", "stride_ym"], 4, 4)
+    assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
+
+
 # --- GPU: real shapes ----------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -495,6 +524,27 @@ def test_fp4_linear_real_shapes(device, fmt, m, n, k):
     y = _triton(ops.fp4_linear, x, w, ws, fmt, gs)
     assert_gemm_close(y, ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_activation(x),
                       ref.dequant_fp4_weight(w, ws, fmt, gs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 6), (16, 32, 4, 4)])
+@pytest.mark.parametrize("m", [1, 16, 40])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (3072, 7168)])
+def test_mxfp4_decode_configs_real_shapes(device, monkeypatch, config, m, n, k):
+    # The decode configs the tuner may pick (the suite otherwise runs the first config only):
+    # transposed warp-group tiles, and a 32-column tile that stays an mma.sync.
+    bm, bn, warps, stages = config
+    tuner = kern._scaled_gemm_kernel
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
+                                                         num_warps=warps, num_stages=stages)])
+    monkeypatch.setattr(tuner, "cache", {})
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, _ = random_fp4(n, k, g, device)
+    for fused in (True, False):
+        y = kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused)
+        assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
+                          ref.dequant_fp4_weight(w, ws, "mxfp4", None), what=f"fused={fused}")
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from dsv4_triton.kernels import moe as kern
 from dsv4_triton.reference import activation as ref_act
 from dsv4_triton.reference import gemm as ref_gemm
 from dsv4_triton.reference import moe as ref
+from helpers import compile_for_sm90
 
 DIM, INTER, EXPERTS = 256, 128, 8  # tiny shapes: the interpreter is slow
 
@@ -378,6 +379,18 @@ def test_align_is_deterministic(device):
     for _ in range(2):
         again = kern.align(ids, 3, 16)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_decode_w13_compiles_to_warp_group_mma():
+    # 16-row blocks (decode): the gate and up tiles are the A side of FP8 warp-group MMAs
+    # (an mma.sync would convert every FP8 byte to FP16), with no spills.
+    types = dict(a_ptr="*bf16", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr="*i32",
+                 block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
+    consts = dict(TOPK=6, A_QUANT=True, BLOCK_M=16, BLOCK_K=128, PACK=128)
+    aligned = ["K", "N_INTER", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sn"]
+    usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, 4, 3)
+    assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 
 
 @pytest.mark.gpu

@@ -337,6 +337,20 @@ def scaled_dot(acc, a, a_scale, w, w_scale, W_FMT: tl.constexpr):
     return acc + (d * a_scale[:, None]) * w_scale[None, :]
 
 
+@triton.jit
+def scaled_dot_t(acc_t, a, a_scale, w, w_scale):
+    """``scaled_dot`` transposed, for MXFP4 weights: ``acc_t [BN, BM] + dot(w, a^T) * a_scale[None, :]
+    * w_scale[:, None]``, the same operations on the same values per element.
+
+    For few activation rows (decode): a warp-group MMA needs 64 rows on its A side, so a
+    16-row block would run as ``mma.sync``, which has no FP8 form on sm_90 (both operands
+    would be converted to FP16 byte by byte).  With the weight tile (64+ rows) as A and the
+    activation rows as the MMA's N side (8..256), the FP8 operands go to a warp-group MMA.
+    """
+    d = tl.dot(w, tl.trans(a))
+    return acc_t + (d * (a_scale * 0.015625)[None, :]) * w_scale[:, None]
+
+
 # --- activation pre-pass ---------------------------------------------------------------------
 
 @triton.jit
@@ -416,7 +430,13 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # MXFP4 weights with few rows: the accumulator is [BLOCK_N, BLOCK_M] (see scaled_dot_t).
+    # (NVFP4's BF16 operands have an mma.sync form, and its transposed tiles would spill.)
+    SWAP: tl.constexpr = (W_FMT == W_MXFP4) * (BLOCK_M < 64) * (BLOCK_N >= 64)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # FP8 weights: BLOCK_N divides 128, so the whole column tile lies in one 128 x 128 scale
     # block and the promotion is one FMA per element (fp8_tile_step).
     if W_FMT == W_FP8:
@@ -431,11 +451,18 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_
         else:
             w, w_scale = load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
                                            W_FMT, BLOCK_K)
-            acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
+            if SWAP:
+                acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
+            else:
+                acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
     if HAS_GLOBAL:
         acc = acc * tl.load(global_scale_ptr)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
-             mask=row_ok[:, None] & col_ok[None, :])
+    if SWAP:
+        tl.store(y_ptr + rows[None, :] * stride_ym + cols[:, None], cast_rne(acc, tl.bfloat16),
+                 mask=col_ok[:, None] & row_ok[None, :])
+    else:
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 def m_bucket(m: int) -> int:

@@ -37,7 +37,7 @@ from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
 from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
-                   load_weight_block, quantise_act_tile, scaled_dot)
+                   load_weight_block, quantise_act_tile, scaled_dot, scaled_dot_t)
 from .rope import cast_rne
 
 
@@ -168,17 +168,30 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
     gate_rows = j.to(tl.int64) * (2 * PACK) + tl.arange(0, PACK)
     up_rows = gate_rows + PACK
     all_rows = gate_rows < 2 * N_INTER  # always true: the packed tile is whole
-    acc_g = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
+    # Under 64 rows the accumulators are transposed, [PACK, BLOCK_M] (see scaled_dot_t).
+    SWAP: tl.constexpr = BLOCK_M < 64
+    if SWAP:
+        acc_g = tl.zeros((PACK, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((PACK, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
                                     A_QUANT, BLOCK_K)
         wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
                                    W_MXFP4, BLOCK_K)
-        acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
         wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
                                    W_MXFP4, BLOCK_K)
-        acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
+        if SWAP:
+            acc_g = scaled_dot_t(acc_g, a, a_scale, wg, sg)
+            acc_u = scaled_dot_t(acc_u, a, a_scale, wu, su)
+        else:
+            acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
+            acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
+    if SWAP:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
     g = clamp_nan(acc_g, -float("inf"), limit)
     u = clamp_nan(acc_u, -limit, limit)
     h = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
@@ -208,14 +221,25 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr,
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     e64 = expert.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Under 64 rows and from 64 columns the accumulator is transposed (see scaled_dot_t).
+    SWAP: tl.constexpr = (BLOCK_M < 64) * (BLOCK_N >= 64)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
         w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, lut_ptr, cols, col_ok,
                                        kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K)
-        acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
+        if SWAP:
+            acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
+        else:
+            acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
     dest = tl.where(row_ok, pair, 0).to(tl.int64)
-    tl.store(out_ptr + dest[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    if SWAP:
+        tl.store(out_ptr + dest[None, :] * N + cols[:, None], acc, mask=col_ok[:, None] & row_ok[None, :])
+    else:
+        tl.store(out_ptr + dest[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit

@@ -549,9 +549,9 @@ def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr
             c = idx // chunk
             lower = tl.load(before_ptr + c, mask=ok, other=0)
             in_run = tl.load(cum_ptr + offs, mask=ok, other=0)
-            run_start = tl.load(start_ptr + c, mask=ok, other=0)
-            above_lower = (lower & 0xFFFF) + (in_run & 0xFFFF) - (run_start & 0xFFFF) - (flags & 0xFFFF)
-            tied_lower = (lower >> 16) + (in_run >> 16) - (run_start >> 16) - (flags >> 16)
+            own_start = tl.load(start_ptr + c, mask=ok, other=0)
+            above_lower = (lower & 0xFFFF) + (in_run & 0xFFFF) - (own_start & 0xFFFF) - (flags & 0xFFFF)
+            tied_lower = (lower >> 16) + (in_run >> 16) - (own_start >> 16) - (flags >> 16)
             take = ((flags & 0xFFFF) > 0) | (((flags >> 16) > 0) & (tied_lower < ties))
             tl.store(out_row + above_lower + tl.minimum(tied_lower, ties), idx, mask=ok & take)
         _pad(out_row, (total & 0xFFFF) + tl.minimum(total >> 16, ties), k, BLOCK)

@@ -218,20 +218,24 @@ def _workspace(device: torch.device, n_rows: int, n_cand: int, n_tiles: int):
     return ws
 
 
+def _outputs_and_operands(x: torch.Tensor, weight: torch.Tensor, topk: int):
+    """The outputs (weights fp32, ids int32, ``[T, topk]``) and x / weight with unit inner stride."""
+    T = x.shape[0]
+    weights = torch.empty((T, topk), dtype=torch.float32, device=x.device)
+    ids = torch.empty((T, topk), dtype=torch.int32, device=x.device)
+    return weights, ids, (x if x.stride(1) == 1 else x.contiguous()), \
+        (weight if weight.stride(1) == 1 else weight.contiguous())
+
+
 def route_tiled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The tiled path: one launch of ``_route_kernel`` (tuned per token bucket unless ``config`` =
     (BLOCK_T, BLOCK_E, BLOCK_K, num_warps, num_stages) is given)."""
+    weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
+    if x.shape[0] == 0:
+        return weights, ids
     T, dim = x.shape
     n_experts = weight.shape[0]
-    weights = torch.empty((T, topk), dtype=torch.float32, device=x.device)
-    ids = torch.empty((T, topk), dtype=torch.int32, device=x.device)
-    if T == 0:
-        return weights, ids
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
     hash_mode = tid2eid is not None
     k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))  # >= every BLOCK_E the pruning keeps
@@ -466,16 +470,11 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
     ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages) is given)."""
+    weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
+    if x.shape[0] == 0:
+        return weights, ids
     T, dim = x.shape
     n_experts = weight.shape[0]
-    weights = torch.empty((T, topk), dtype=torch.float32, device=x.device)
-    ids = torch.empty((T, topk), dtype=torch.int32, device=x.device)
-    if T == 0:
-        return weights, ids
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
     hash_mode = tid2eid is not None
     k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = triton.next_power_of_2(n_experts)

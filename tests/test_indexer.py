@@ -9,6 +9,8 @@ from dsv4_triton.kernels import indexer as kernels
 from dsv4_triton.reference import indexer as ref
 from dsv4_triton.reference import quant as ref_quant
 
+from helpers import compile_for_sm90
+
 HEAD_DIM = 128
 
 
@@ -296,6 +298,22 @@ def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
             got = kernels.indexer_topk_parts(*args, k, 5, *([cap] if cap else []))
             assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
             assert int(_workspace(device).abs().sum()) == 0
+
+
+_KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32", scores_ptr="*fp32",
+                     hist_ptr="*i32", zeroed_ptr="*i32", scratch_ptr="*i32", out_ptr="*i32")
+
+
+@pytest.mark.parametrize("kernel, consts, warps", [
+    ("_scores_hist_kernel", dict(KEYS_FP4=True, HEADS_P=64, BLOCK_N=128, TILES=2), 8),
+    ("_survivor_kernel", dict(BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_survivor_select_kernel", dict(PARTS_P=256, BLOCK=kernels.SURVIVOR_BLOCK), kernels.SURVIVOR_WARPS),
+])
+def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):
+    """The interpreter accepts code the GPU compiler rejects (a loop variable changing shape):
+    the decode kernels compile for sm_90, FP4 decode included, with no register spills."""
+    usage = compile_for_sm90("dsv4_triton.kernels.indexer", kernel, _KERNEL_TYPES, consts, [], warps)
+    assert usage["stack"] == 0, usage
 
 
 # --- FP4 key rows -------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""compress_entries: the oracle against SPEC 6 written out by hand, the Triton kernel against the oracle."""
+"""compress_entries: the oracle against SPEC 6 written out by hand, the Triton kernel against the oracle;
+the encoded cache-row forms (compress_entries with cache/rows, compress_entries_to_cache,
+store_window_kv) byte for byte against pack_kv_fp8 / pack_indexer_keys of the BF16 values."""
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
+from dsv4_triton.reference import attention as ref_attention
 from dsv4_triton.reference import compressor as ref
+from dsv4_triton.reference import indexer as ref_indexer
 from dsv4_triton.reference import norm as ref_norm
 from dsv4_triton.reference import quant as ref_quant
 from dsv4_triton.reference import rope as ref_rope
@@ -304,3 +308,240 @@ def test_checked_mode_rejects_positions_past_the_table():
             ops.compress_entries(**args)
     finally:
         set_checks(False)
+
+
+# --- encoded cache rows --------------------------------------------------------------------
+
+SENTINEL = 0xA5  # bytes no encoder writes at a row's pad: a skipped row must keep them
+
+
+def _row_bytes(kind, d):
+    return ref_attention.fp8_row_bytes(d) if kind == "kv" else ref_indexer.FP4_KEY_BYTES
+
+
+def _reference_rows(values, kind):
+    """The oracle's cache rows of BF16 entries: the pack_* of the reader ops' families."""
+    values = values.cpu()
+    return ref_attention.pack_kv_fp8(values) if kind == "kv" else ref_indexer.pack_indexer_keys(values)
+
+
+def _entry_inputs(g, ratio, d, n_entries, a_scale=1.0, z_scale=1.0):
+    c = 2 if ratio == 4 else 1
+    slots = 2 * ratio if ratio == 4 else ratio
+    a = torch.randn(n_entries, slots, c * d, generator=g) * a_scale
+    z = torch.randn(n_entries, slots, c * d, generator=g) * z_scale
+    ape = torch.randn(ratio, c * d, generator=g)
+    norm_w = torch.rand(d, generator=g) + 0.5
+    entry_idx = torch.randint(0, 8, (n_entries,), generator=g)
+    entry_idx[0] = 0
+    return a, z, ape, norm_w, rope_table(8 * ratio), entry_idx
+
+
+def assert_rows_written(cache, before, rows, expected_rows):
+    """Row ``rows[i]`` of the flat cache holds ``expected_rows[i]`` bit for bit; every row no
+    entry targets (-1 or out of range) is exactly as before."""
+    flat, flat_before = cache.cpu().view(-1, cache.shape[-1]), before.view(-1, before.shape[-1])
+    targets = rows.tolist()
+    for i, r in enumerate(targets):
+        if 0 <= r < flat.shape[0]:
+            assert torch.equal(flat[r], expected_rows[i]), f"row {r} (entry {i}) differs from pack_* of its values"
+    untouched = [r for r in range(flat.shape[0]) if r not in targets]
+    assert torch.equal(flat[untouched], flat_before[untouched]), "a row no entry targets was written"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@given(ratio=st.sampled_from([4, 128]), kind=st.sampled_from(["kv", "indexer"]), n_entries=st.integers(1, 5),
+       wide=st.booleans(), a_scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**31))
+def test_encoded_rows_equal_pack_of_values(device, backend, ratio, kind, n_entries, wide, a_scale, seed):
+    """Both kinds and ratios, entry 0, -1 rows skipped, int32/int64 rows: the cache rows the
+    fused launch writes are pack_* of the BF16 entries it returns, bit for bit; the values
+    equal compress_entries' own, and the rows-only form writes the same bytes."""
+    g = torch.Generator().manual_seed(seed)
+    d = 512 if wide and kind == "kv" else 128
+    args = [t.to(device) for t in _entry_inputs(g, ratio, d, n_entries, a_scale)]
+    n_rows = 2 * n_entries + 1
+    rows = torch.randperm(n_rows, generator=g)[:n_entries]
+    rows[torch.rand(n_entries, generator=g) < 0.3] = -1
+    rows = rows.to(torch.int32 if seed % 2 else torch.int64).to(device)
+    rb = _row_bytes(kind, d)
+    before = torch.randint(0, 256, (n_rows, rb), generator=g, dtype=torch.uint8)
+    cache = before.clone().to(device)
+    with use_backend(backend):
+        values = ops.compress_entries(*args, ratio, kind, cache=cache, rows=rows)
+        plain = ops.compress_entries(*args, ratio, kind)
+        rows_only = before.clone().to(device)
+        ops.compress_entries_to_cache(*args, rows_only, rows, ratio, kind)
+    assert torch.equal(values, plain), "the fused form changed the entries"
+    assert_rows_written(cache, before, rows.cpu(), _reference_rows(values, kind))
+    assert torch.equal(rows_only, cache), "the rows-only form wrote other bytes"
+    if backend == "triton":
+        assert_matches_oracle(values, *args, ratio, kind)
+
+
+@pytest.mark.parametrize("ratio, kind", [(4, "kv"), (4, "indexer"), (128, "kv")])
+def test_encoded_rows_of_nan_entries_and_out_of_range_rows(device, ratio, kind):
+    """A NaN entry encodes as pack_* encodes NaN (NaN codes, scale byte 0xFF); rows past the
+    cache (unchecked mode) are skipped, never written out of bounds."""
+    g = torch.Generator().manual_seed(3)
+    a, z, ape, norm_w, freqs, entry_idx = _entry_inputs(g, ratio, 128, 3)
+    a[1, -1, -1] = float("nan")  # a used channel of entry 1 (the last slot's hi half)
+    args = [t.to(device) for t in (a, z, ape, norm_w, freqs, entry_idx)]
+    rows = torch.tensor([2, 0, 4], device=device)  # 4 is past the 4 x 1 rows below
+    before = torch.full((4, 1, _row_bytes(kind, 128)), SENTINEL, dtype=torch.uint8)
+    cache = before.clone().to(device)
+    with use_backend("triton"):
+        values = ops.compress_entries(*args, ratio, kind, cache=cache, rows=rows)
+    assert torch.isnan(values[1].float()).all()
+    assert_rows_written(cache, before, rows.cpu(), _reference_rows(values, kind))
+    set_checks(True)
+    try:
+        with pytest.raises(ValueError, match="rows"):
+            ops.compress_entries_to_cache(*args, cache, rows, ratio, kind)
+    finally:
+        set_checks(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio, kind, d", [(4, "kv", 512), (128, "kv", 512), (4, "indexer", 128)])
+def test_encoded_rows_at_model_size(device, ratio, kind, d):
+    """Prefill-sized (4096 tokens, strided windows) into a [requests, W + entries, row] cache:
+    the fused launch's rows are pack_* of its values; the rows-only launch (decode's) writes
+    the same bytes, which needs both to pool in the same order (one tuned config)."""
+    g = torch.Generator().manual_seed(ratio + d + 1)
+    c = 2 if ratio == 4 else 1
+    n_entries = 4096 // ratio
+    lead = ratio if ratio == 4 else 0
+    a_tok, z_tok = token_projections(g, lead + ratio * n_entries, c * d, z_scale=4.0)
+    a, z = windows(a_tok.to(device), ratio, n_entries), windows(z_tok.to(device), ratio, n_entries)
+    ape = torch.randn(ratio, c * d, generator=g).to(device)
+    norm_w = (torch.rand(d, generator=g) + 0.5).to(device)
+    entry_idx = torch.arange(n_entries, device=device)
+    freqs = rope_table(4096, device)
+    cache = torch.zeros(2, 128 + n_entries, _row_bytes(kind, d), dtype=torch.uint8, device=device)
+    rows = (128 + n_entries) + 128 + entry_idx  # request 1, entry j at W + j
+    with use_backend("triton"):
+        values = ops.compress_entries(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, cache=cache, rows=rows)
+        rows_only = torch.zeros_like(cache)
+        ops.compress_entries_to_cache(a, z, ape, norm_w, freqs, entry_idx, rows_only, rows, ratio, kind)
+    assert torch.equal(cache[1, 128:].cpu(), _reference_rows(values, kind))
+    assert not cache[0].any() and not cache[1, :128].any()
+    assert torch.equal(rows_only, cache)
+    assert_matches_oracle(values, a, z, ape, norm_w, freqs, entry_idx, ratio, kind)
+
+
+def _window_expected(kv, freqs, positions, backend):
+    """pack_kv_fp8(rope_qat8(kv)): the chain of public ops the fused write must equal."""
+    with use_backend(backend):
+        return ops.pack_kv_fp8(ops.rope_qat8(kv, freqs, positions)).cpu()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@given(d=st.sampled_from([128, 512]), window=st.sampled_from([1, 4, 16]), batch=st.integers(1, 3),
+       seq=st.integers(1, 6), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       with_lengths=st.booleans(), one_token=st.booleans(), scale=st.sampled_from([1e-6, 1.0, 1e4]),
+       seed=st.integers(0, 2**31))
+def test_window_rows_equal_pack_of_rope_qat8(device, backend, d, window, batch, seq, dtype, with_lengths,
+                                             one_token, scale, seed):
+    """Per-request positions around the ring's wrap (p % W crossing 0), prompts shorter or
+    longer than W (with lengths: only the last W real tokens land), the one-token decode
+    form; the bytes equal pack_kv_fp8(rope_qat8(kv)) of the oracles."""
+    g = torch.Generator().manual_seed(seed)
+    # Without lengths every token is written: at most W per request, or two share a slot.
+    seq = 1 if one_token else seq if with_lengths else min(seq, window)
+    start = torch.randint(0, 3 * window + 2, (batch,), generator=g)
+    positions = start[:, None] + torch.arange(seq)
+    kv = (torch.randn(batch, seq, d, generator=g) * scale).to(dtype)
+    lengths = start + torch.randint(1, seq + 1, (batch,), generator=g) if with_lengths and not one_token else None
+    n_slots = window + 3  # entries after the ring must stay untouched
+    before = torch.randint(0, 256, (batch + 1, n_slots, ref_attention.fp8_row_bytes(d)), generator=g,
+                           dtype=torch.uint8)
+    freqs = rope_table(8 * window + 16)
+    kv_d, pos_d, freqs_d = kv.to(device), positions.to(device), freqs.to(device)
+    cache = before.clone().to(device)
+    with use_backend(backend):
+        if one_token:
+            ops.store_window_kv(kv_d[:, 0], freqs_d, pos_d[:, 0], cache, window)
+        else:
+            ops.store_window_kv(kv_d, freqs_d, pos_d, cache, window,
+                                None if lengths is None else lengths.to(device))
+    expected = before.clone()
+    for b in range(batch):
+        for s in range(seq):
+            p = int(positions[b, s])
+            if lengths is not None and not int(lengths[b]) - window <= p < int(lengths[b]):
+                continue
+            expected[b, p % window] = _window_expected(kv[b, s][None], freqs, positions[b, s][None], "reference")[0]
+    assert torch.equal(cache.cpu(), expected)
+
+
+def test_window_write_nan_and_negative_positions(device):
+    """A NaN token encodes as pack_kv_fp8 encodes it; a negative position writes nothing."""
+    kv = torch.randn(2, 2, 128, dtype=torch.bfloat16)
+    kv[0, 1, 5] = float("nan")
+    positions = torch.tensor([[3, 4], [-1, 0]])
+    freqs = rope_table(16)
+    before = torch.full((2, 4, 200), SENTINEL, dtype=torch.uint8)
+    cache = before.clone().to(device)
+    with use_backend("triton"):
+        ops.store_window_kv(kv.to(device), freqs.to(device), positions.to(device), cache, 4)
+    expected = before.clone()
+    rows = _window_expected(kv, freqs, positions.clamp(min=0), "reference")
+    expected[0, 3], expected[0, 0], expected[1, 0] = rows[0, 0], rows[0, 1], rows[1, 1]
+    assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_window_rows_at_model_size(device):
+    """A 16-request decode step and a 4096-token prefill at D = 512, W = 128 (hardware FP8
+    conversion, no FMA contraction in the rotation) against the oracle chain."""
+    g = torch.Generator().manual_seed(7)
+    freqs = rope_table(8192, device)
+    for batch, seq in ((16, 1), (2, 4096)):
+        kv = torch.randn(batch, seq, 512, generator=g).to(device, torch.bfloat16)
+        positions = (torch.randint(0, 4000, (batch, 1), generator=g) + torch.arange(seq)).to(device)
+        lengths = positions[:, -1] + 1
+        cache = torch.zeros(batch, 128 + 8, 584, dtype=torch.uint8, device=device)
+        with use_backend("triton"):
+            ops.store_window_kv(kv, freqs, positions, cache, 128, lengths)
+        last = positions[:, -min(seq, 128):]
+        rows = _window_expected(kv[:, -min(seq, 128):].cpu(), freqs.cpu(), last.cpu(), "reference")
+        got = cache.cpu()[torch.arange(batch)[:, None], (last % 128).cpu()]
+        assert torch.equal(got, rows)
+
+
+@pytest.mark.parametrize("call, err, name", [
+    (lambda a, c, r: ops.compress_entries(*a, 4, "kv", cache=c), ValueError, "cache/rows"),
+    (lambda a, c, r: ops.compress_entries(*a, 4, "kv", cache=c.view(torch.int8), rows=r), TypeError, "cache"),
+    (lambda a, c, r: ops.compress_entries(*a, 4, "kv", cache=c[..., :199], rows=r), ValueError, "cache"),
+    (lambda a, c, r: ops.compress_entries(*a, 4, "indexer", cache=c, rows=r), ValueError, "cache"),
+    (lambda a, c, r: ops.compress_entries(*a, 4, "kv", cache=c[:, ::2], rows=r), ValueError, "cache"),
+    (lambda a, c, r: ops.compress_entries_to_cache(*a, c, r.float(), 4, "kv"), TypeError, "rows"),
+    (lambda a, c, r: ops.compress_entries_to_cache(*a, c, r[:2], 4, "kv"), ValueError, "rows"),
+])
+def test_encoded_form_bad_input(call, err, name):
+    args = list(_args().values())[:6]
+    cache = torch.zeros(2, 4, 200, dtype=torch.uint8)
+    with pytest.raises(err, match=name):
+        call(args, cache, torch.arange(3))
+
+
+@pytest.mark.parametrize("over, err, name", [
+    (dict(kv=torch.zeros(2, 3, 256, dtype=torch.bfloat16)), ValueError, "kv"),
+    (dict(kv=torch.zeros(2, 3, 128, dtype=torch.int32)), TypeError, "kv"),
+    (dict(positions=torch.zeros(2, 4, dtype=torch.int64)), ValueError, "positions"),
+    (dict(positions=torch.zeros(2, 3)), TypeError, "positions"),
+    (dict(cache=torch.zeros(1, 4, 200, dtype=torch.uint8)), ValueError, "cache"),
+    (dict(cache=torch.zeros(2, 3, 200, dtype=torch.uint8)), ValueError, "cache"),
+    (dict(cache=torch.zeros(2, 4, 584, dtype=torch.uint8)), ValueError, "cache"),
+    (dict(cache=torch.zeros(2, 4, 201, dtype=torch.uint8)[..., :200]), ValueError, "cache"),
+    (dict(window=0), ValueError, "window"),
+    (dict(lengths=torch.ones(3, dtype=torch.int64)), ValueError, "lengths"),
+    (dict(freqs=torch.zeros(16, 16, 2)), ValueError, "freqs"),
+])
+def test_window_write_bad_input(over, err, name):
+    args = dict(kv=torch.zeros(2, 3, 128, dtype=torch.bfloat16), freqs=rope_table(16),
+                positions=torch.zeros(2, 3, dtype=torch.int64), cache=torch.zeros(2, 4, 200, dtype=torch.uint8),
+                window=4, lengths=None)
+    args.update(over)
+    with pytest.raises(err, match=name):
+        ops.store_window_kv(**args)

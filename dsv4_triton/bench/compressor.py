@@ -1,10 +1,13 @@
-"""Benchmark cases: compress_entries (SPEC 6) over a 16k-token prefill.
+"""Benchmark cases: compress_entries (SPEC 6) over a 16k-token prefill, in its BF16 form
+and its encoded cache-row form (compress_entries_to_cache), and store_window_kv.
 
 The windows are strided views of the token-major FP32 projections ``a = wkv x`` and
 ``z = wgate x``, as prefill builds them.  Minimum traffic: every projection value read
 once (ratio 4: each token's lo half feeds the next entry, its hi half its own entry, so
 each of the 2d channels is read once), ``ape`` and ``norm_w`` once, the BF16 entries
-written once; memory bound, so the roof is the copy bandwidth.
+(or their encoded rows, plus the entry ids and destination rows) written once; memory
+bound, so the roof is the copy bandwidth.  store_window_kv: each token's BF16 kv and
+position read once, its 584-byte row written once.
 """
 
 import torch
@@ -86,7 +89,92 @@ def _case(ratio, kind, d):
         notes="fused pooling + rmsnorm + RoPE + encode; target >= 70% of copy")
 
 
+WINDOW = 128
+
+
+def _encoded_case(ratio, kind, d):
+    """The prefill's entries written as cache rows of one request (``[W + n, row]``)."""
+    c = 2 if ratio == 4 else 1
+    n_entries = TOKENS // ratio
+    lead = ratio if ratio == 4 else 0
+    row_bytes = ref.encode_rows(torch.zeros(1, d), kind).shape[-1]
+
+    def make(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        width = c * d
+        a_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g)
+        z_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g) * 2
+        ape = torch.randn(ratio, width, device="cuda", generator=g)
+        norm_w = torch.rand(d, device="cuda", generator=g) + 0.5
+        freqs = ops.rope_freqs(ROPE_DIM, TOKENS, 160000.0, YARN, device="cuda")
+        entry_idx = torch.arange(n_entries, device="cuda")
+        cache = torch.zeros(1, WINDOW + n_entries, row_bytes, dtype=torch.uint8, device="cuda")
+        rows = WINDOW + entry_idx
+        return (_windows(a_tok, ratio, n_entries), _windows(z_tok, ratio, n_entries), ape, norm_w, freqs,
+                entry_idx, cache, rows)
+
+    def run(a, z, ape, w, f, i, cache, rows):
+        ops.compress_entries_to_cache(a, z, ape, w, f, i, cache, rows, ratio, kind)
+        return cache
+
+    def eager(a, z, ape, w, f, i, cache, rows):
+        cache.view(-1, row_bytes)[rows] = ref.encode_rows(_eager(a, z, ape, w, f, i, ratio, kind), kind)
+        return cache
+
+    def oracle(a, z, ape, w, f, i, cache, rows):
+        expected = torch.zeros_like(cache)
+        ref.compress_entries_to_cache(a, z, ape, w, f, i, expected, rows, ratio, kind, 1e-6)
+        return expected
+
+    nbytes = 2 * TOKENS * c * d * 4 + ratio * c * d * 4 + d * 4 + n_entries * (8 + 8 + row_bytes)
+    return Case(
+        op="compress_entries_to_cache", shape=f"T={TOKENS} ratio={ratio} d={d} kind={kind} rows={row_bytes}B",
+        make_inputs=make, run=run, eager=eager, oracle=oracle, bytes=nbytes, ceiling="copy", launches=1,
+        notes="fused pooling + rmsnorm + RoPE + encode into cache rows; error = fraction of differing bytes "
+              "(codes one step apart where the FP32 value sits on a rounding boundary); target >= 70% of copy")
+
+
+def _window_case(batch, seq, d=512):
+    """A decode step of ``batch`` requests (seq 1), or a prefill of ``batch`` requests of
+    ``seq`` <= W tokens (every token lands in its ring slot)."""
+    row_bytes = ref.encode_rows(torch.zeros(1, d), "kv").shape[-1]
+
+    def make(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        kv = torch.randn(batch, seq, d, device="cuda", generator=g).to(torch.bfloat16)
+        start = torch.randint(0, 4096, (batch, 1), device="cuda", generator=g)
+        positions = start + torch.arange(seq, device="cuda")
+        freqs = ops.rope_freqs(ROPE_DIM, 8192, 160000.0, YARN, device="cuda")
+        cache = torch.zeros(batch, WINDOW + 8, row_bytes, dtype=torch.uint8, device="cuda")
+        return kv, freqs, positions, cache
+
+    def run(kv, freqs, positions, cache):
+        ops.store_window_kv(kv, freqs, positions, cache, WINDOW)
+        return cache
+
+    def eager(kv, freqs, positions, cache):
+        rows = ref.encode_rows(ops.rope_qat8(kv, freqs, positions), "kv")
+        batch_ids = torch.arange(batch, device=kv.device)[:, None]
+        cache[batch_ids, positions % WINDOW] = rows
+        return cache
+
+    def oracle(kv, freqs, positions, cache):
+        expected = torch.zeros_like(cache)
+        ref.store_window_kv(kv, freqs, positions, expected, WINDOW, None)
+        return expected
+
+    tokens = batch * seq
+    return Case(
+        op="store_window_kv", shape=f"B={batch} S={seq} D={d} W={WINDOW}", make_inputs=make, run=run, eager=eager,
+        oracle=oracle, bytes=tokens * (2 * d + 8 + row_bytes), ceiling="copy", launches=1,
+        notes="RoPE + qat8 + FP8 row encode into the ring slots; error = fraction of differing bytes (0 expected); "
+              + ("decode-sized: launch-latency bound" if seq == 1 else "target >= 70% of copy"))
+
+
 def cases(quick: bool):
     shapes = [(4, "kv", 512), (128, "kv", 512)] if quick else \
         [(4, "kv", 512), (128, "kv", 512), (4, "indexer", 128)]
-    return [_case(ratio, kind, d) for ratio, kind, d in shapes]
+    encoded = [(4, "kv", 512), (128, "kv", 512), (4, "indexer", 128)]
+    return ([_case(ratio, kind, d) for ratio, kind, d in shapes]
+            + [_encoded_case(ratio, kind, d) for ratio, kind, d in encoded]
+            + [_window_case(128, 128), _window_case(64, 1)])

@@ -16,6 +16,20 @@ finishes the rows in registers and writes them once as BF16:
 The result matches the oracle to FP32 rounding before the encode step; the quantised
 channels then agree except where a value lies within that rounding of a quantisation
 boundary (one code step apart there).
+
+Outputs (constexpr, one launch either way): the BF16 entries, and/or each entry's encoded
+cache row at a flat destination row (-1: none): kind "kv" the FP8 row of ``pack_kv_fp8``,
+kind "indexer" the FP4 row of ``pack_indexer_keys``.  The row is encoded from the QAT'd
+values in registers with the scale ``pack_*`` would compute from them (re-quantising is
+exact: same values; only a block whose largest value rounded down to the next power of
+two changes scale and codes), so its bytes are ``pack_*`` of the BF16 entries.  All output
+modes pass tensors of the same dtypes (a small dummy for an output not written), so the
+autotuner, which keys on them, runs one config for prefill's and decode's launches: the
+same pooling order, the same bits.
+
+``store_window_kv``: the KV of new tokens (the kv_norm output), RoPE + qat8 with
+``rope_qat8``'s arithmetic (launched without FMA contraction, each part rounded to the
+input dtype), encoded into the FP8 row of ring slot ``p % W``, one launch.
 """
 
 import torch
@@ -24,8 +38,10 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import cast_rne
-from .quant import fp4_qat_values, fp4_quantise, fp8_quantise, hadamard_rows, hadamard_scale, kron_split, sylvester
+from ..reference.attention import fp8_row_bytes
+from .formats import amax_nan, cast_rne, ceil_log2, clamp_nan, exp2i, to_f32, to_fp8
+from .quant import (FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_quantise, hadamard_rows, hadamard_scale,
+                    kron_split, sylvester)
 from .rope import clamp_position, rotate_interleaved
 
 ROPE_DIM = 64
@@ -34,6 +50,8 @@ OVERLAP_RATIO = 4
 # The same numbers as constants the kernel can read.
 _ROPE: tl.constexpr = tl.constexpr(ROPE_DIM)
 _OVERLAP: tl.constexpr = tl.constexpr(OVERLAP_RATIO)
+_QBLOCK: tl.constexpr = tl.constexpr(64)  # qat8 / FP8 cache row block
+FP8_NAN_CODE: tl.constexpr = tl.constexpr(0x7F)
 
 # Elements of one [SLOT_BLOCK, ROWS, BLOCK_D] tile; larger tiles spill registers.
 MAX_TILE = 8192
@@ -68,11 +86,13 @@ def _prune(configs, nargs, **kw):
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
-def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, n_entries, max_pos, eps, h_scale,
-                     stride_an, stride_al, stride_zn, stride_zl, stride_ape, stride_idx,
+def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, dest_ptr, cache_ptr,
+                     n_entries, n_cache_rows, max_pos, eps, h_scale,
+                     stride_an, stride_al, stride_zn, stride_zl, stride_ape, stride_idx, stride_dest,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, RATIO: tl.constexpr, SLOTS: tl.constexpr,
-                     KIND_KV: tl.constexpr, KRON_A: tl.constexpr, ROWS: tl.constexpr, SLOT_BLOCK: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     KIND_KV: tl.constexpr, KRON_A: tl.constexpr, WRITE_VALUES: tl.constexpr,
+                     WRITE_ROWS: tl.constexpr, ROW_BYTES: tl.constexpr, ROWS: tl.constexpr,
+                     SLOT_BLOCK: tl.constexpr, STAGES: tl.constexpr):
     OVERLAP: tl.constexpr = RATIO == _OVERLAP
     NB: tl.constexpr = BLOCK_D // _ROPE  # 64-wide blocks of a row
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -132,10 +152,19 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
     xb = tl.where(is_rope[:, None], rotate_interleaved(xb, table_ptr, block_pos, _ROPE, False), xb)
 
     # --- encode ---
+    if WRITE_ROWS:
+        # Destination cache row of each entry; -1 (or any row outside the cache) writes nothing.
+        dest = tl.load(dest_ptr + row * stride_dest, mask=row_ok, other=-1).to(tl.int64)
+        dest_ok = row_ok & (dest >= 0) & (dest < n_cache_rows)
     if KIND_KV:
         q, s = fp8_quantise(xb, True)
-        y = tl.where(is_rope[:, None], xb, q.to(tl.float32) * s[:, None])
-        y = tl.reshape(y, [ROWS, BLOCK_D])
+        yb = tl.where(is_rope[:, None], xb, q.to(tl.float32) * s[:, None])
+        y = tl.reshape(yb, [ROWS, BLOCK_D])
+        if WRITE_ROWS:
+            blk = tl.reshape(tl.broadcast_to(tl.arange(0, NB)[None, :], [ROWS, NB]), [ROWS * NB])
+            blk_dest = tl.reshape(tl.broadcast_to(dest[:, None], [ROWS, NB]), [ROWS * NB])
+            blk_ok = tl.reshape(tl.broadcast_to(dest_ok[:, None], [ROWS, NB]), [ROWS * NB]) & (blk < D // _ROPE)
+            store_fp8_row_blocks(cache_ptr, blk_dest * ROW_BYTES, blk, blk_ok, is_rope, yb, D, ROW_BYTES)
     else:
         if KRON_A == 0:
             h_n = sylvester(D, tl.bfloat16)
@@ -147,31 +176,198 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
             h_n = h_a
         xh = hadamard_rows(tl.reshape(xb, [ROWS, BLOCK_D]), h_scale, ROWS, D, KRON_A, h_a, h_16, h_n)
         codes, e, invalid = fp4_quantise(tl.reshape(xh, [ROWS * BLOCK_D // 32, 32]))
-        y = tl.reshape(fp4_qat_values(codes, e, invalid), [ROWS, BLOCK_D])
-    tl.store(out_ptr + row[:, None] * D + col[None, :], cast_rne(y, tl.bfloat16), mask=ok)
+        yq = fp4_qat_values(codes, e, invalid)
+        y = tl.reshape(yq, [ROWS, BLOCK_D])
+        if WRITE_ROWS:
+            NQ: tl.constexpr = BLOCK_D // 32
+            qblk = tl.arange(0, ROWS * NQ)
+            q_dest = tl.reshape(tl.broadcast_to(dest[:, None], [ROWS, NQ]), [ROWS * NQ])
+            q_ok = tl.reshape(tl.broadcast_to(dest_ok[:, None], [ROWS, NQ]), [ROWS * NQ])
+            store_fp4_row_blocks(cache_ptr, q_dest * ROW_BYTES, qblk % NQ, q_ok, yq, D)
+    if WRITE_VALUES:
+        tl.store(out_ptr + row[:, None] * D + col[None, :], cast_rne(y, tl.bfloat16), mask=ok)
+
+
+@triton.jit
+def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """Writes blocks of 64 qat8-ed KV values into FP8 cache rows (``pack_kv_fp8``'s layout,
+    ``reference/attention.py``): block ``blk`` of the row starting at byte ``row_start``;
+    ``is_rope`` marks the row's last block (stored as BF16), the others are re-encoded with
+    the scale ``pack_kv_fp8`` computes from them (a block whose largest value rounded down
+    may take the next smaller power of two: same values, other codes), so the bytes equal
+    ``pack_kv_fp8`` of the BF16 values.  Each block's program also writes its row's pad
+    bytes from the rope block.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``,
+    ``is_rope``: ``[R]``."""
+    DN: tl.constexpr = D - _ROPE
+    NBLK: tl.constexpr = DN // _QBLOCK
+    PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
+    PAD_P2: tl.constexpr = 8
+    e = tl.arange(0, _QBLOCK)
+    nope_ok = blk_ok & ~is_rope
+    amax = amax_nan(yb, 1)
+    invalid = ~(amax < float("inf"))
+    ex = tl.where(invalid, 0, ceil_log2(tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), 448.0)))
+    v = clamp_nan(yb * exp2i(-ex)[:, None], -448.0, 448.0)
+    codes = tl.where(invalid[:, None], FP8_NAN_CODE, to_fp8(v).to(tl.uint8, bitcast=True).to(tl.int32))
+    tl.store(cache_ptr + row_start[:, None] + blk[:, None] * _QBLOCK + e[None, :], codes.to(tl.uint8),
+             mask=nope_ok[:, None])
+    tl.store(cache_ptr + row_start + DN + 2 * _ROPE + blk, tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
+             mask=nope_ok)
+    rope_ok = blk_ok & is_rope
+    bits = cast_rne(yb, tl.bfloat16).to(tl.uint16, bitcast=True)
+    rope_ptr = (cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16))
+    tl.store(rope_ptr, bits, mask=rope_ok[:, None])
+    pad = tl.arange(0, PAD_P2)
+    tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
+             tl.zeros([yb.shape[0], PAD_P2], tl.uint8), mask=rope_ok[:, None] & (pad < PAD)[None, :])
+
+
+@triton.jit
+def store_fp4_row_blocks(cache_ptr, row_start, blk, blk_ok, yq, D: tl.constexpr):
+    """Writes blocks of 32 qat4-ed indexer values into FP4 key rows (``pack_indexer_keys``'s
+    layout: ``D / 2`` code bytes, element 2k in the low nibble, then one E8M0 scale per 32):
+    block ``blk`` of the row starting at byte ``row_start``.  Re-quantised from the values, so
+    a block whose largest value rounded down gets ``pack_indexer_keys``'s scale and codes.
+    ``yq``: FP32 ``[R, 32]``; ``row_start``, ``blk``, ``blk_ok``: ``[R]``."""
+    codes, e, invalid = fp4_quantise(yq)
+    lo, hi = tl.split(tl.reshape(codes, [yq.shape[0], 16, 2]))
+    tl.store(cache_ptr + row_start[:, None] + blk[:, None] * 16 + tl.arange(0, 16)[None, :],
+             (lo | (hi << 4)).to(tl.uint8), mask=blk_ok[:, None])
+    tl.store(cache_ptr + row_start + D // 2 + blk, tl.where(invalid, 255, e + 127).to(tl.uint8), mask=blk_ok)
+
+
+@triton.jit
+def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, seq, window, max_pos,
+                      stride_kb, stride_ks, stride_pb, stride_ps, stride_cb, stride_cn,
+                      D: tl.constexpr, ROW_BYTES: tl.constexpr, HAS_LENGTHS: tl.constexpr, ROWS: tl.constexpr):
+    """``ROWS`` tokens per program: RoPE + qat8 of each (``rope_qat8``'s arithmetic, each
+    part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``."""
+    NB: tl.constexpr = D // _ROPE
+    dtype: tl.constexpr = kv_ptr.dtype.element_ty
+    tok = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    tok_ok = tok < n_tokens
+    b = tok // seq
+    s = tok - b * seq
+    p = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=tok_ok, other=-1).to(tl.int64)
+    write = tok_ok & (p >= 0)
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b, mask=tok_ok, other=0).to(tl.int64)
+        write = write & (p < length) & (p >= length - window)
+    slot = p % window
+    row_start = b * stride_cb + tl.where(write, slot, 0) * stride_cn
+
+    blk = tl.arange(0, NB)
+    e = tl.arange(0, _ROPE)
+    kv_row = kv_ptr + b * stride_kb + s * stride_ks
+    x = to_f32(tl.load(kv_row[:, None, None] + blk[None, :, None] * _ROPE + e[None, None, :],
+                       mask=write[:, None, None], other=0.0))
+    xb = tl.reshape(x, [ROWS * NB, _ROPE])
+    is_rope = tl.reshape(tl.broadcast_to((blk == NB - 1)[None, :], [ROWS, NB]), [ROWS * NB])
+    q, sc = fp8_quantise(xb, True)
+    nope = to_f32(cast_rne(q.to(tl.float32) * sc[:, None], dtype))
+    # The rope block again as [ROWS, 64] (from L1) for the rotation.
+    xr = to_f32(tl.load(kv_row[:, None] + (D - _ROPE) + e[None, :], mask=write[:, None], other=0.0))
+    pos = clamp_position(tl.where(write, p, 0), max_pos)
+    rope = to_f32(cast_rne(rotate_interleaved(xr, table_ptr, pos, _ROPE, False), dtype))
+    rope_b = tl.reshape(tl.broadcast_to(rope[:, None, :], [ROWS, NB, _ROPE]), [ROWS * NB, _ROPE])
+    yb = tl.where(is_rope[:, None], rope_b, nope)
+    blk_flat = tl.reshape(tl.broadcast_to(blk[None, :], [ROWS, NB]), [ROWS * NB])
+    blk_start = tl.reshape(tl.broadcast_to(row_start[:, None], [ROWS, NB]), [ROWS * NB])
+    blk_ok = tl.reshape(tl.broadcast_to(write[:, None], [ROWS, NB]), [ROWS * NB])
+    store_fp8_row_blocks(cache_ptr, blk_start, blk_flat, blk_ok, is_rope, yb, D, ROW_BYTES)
 
 
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@register("compress_entries", "triton")
-def compress_entries(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
-                     freqs: torch.Tensor, entry_idx: torch.Tensor, ratio: int, kind: str,
-                     eps: float) -> torch.Tensor:
+_dummies = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor standing for an output a launch does not write.  Every mode of the
+    compressor kernel passes tensors of the same dtypes, so all modes share one tuned config
+    (the autotuner keys on them): prefill's and decode's entries are pooled in the same order."""
+    key = (device, dtype)
+    t = _dummies.get(key)
+    if t is None:
+        t = _dummies[key] = torch.zeros(8, dtype=dtype, device=device)
+    return t
+
+
+def _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows, cache):
+    """One launch: writes ``out`` (BF16 entries) if given, and the encoded rows into the flat
+    ``cache`` rows ``rows`` if given."""
     n_entries, slots, width = a.shape
     d = width // 2 if ratio == OVERLAP_RATIO else width
-    out = torch.empty(n_entries, d, dtype=torch.bfloat16, device=a.device)
-    if n_entries == 0:
-        return out
     a, z, ape = _last_dim_unit(a), _last_dim_unit(z), _last_dim_unit(ape)
     table = freqs.contiguous()
     norm_w = norm_w.contiguous()
     kind_kv = kind == "kv"
+    write_values, write_rows = out is not None, cache is not None
+    if not write_values:
+        out = _dummy(a.device, torch.bfloat16)
+    if not write_rows:
+        rows, cache = _dummy(a.device, torch.int64), _dummy(a.device, torch.uint8)
+    row_bytes = cache.shape[-1]
     grid = lambda meta: (triton.cdiv(n_entries, meta["ROWS"]),)
     _compress_kernel[grid](
-        a, z, ape, norm_w, table, entry_idx, out, n_entries, table.shape[0], eps,
-        hadamard_scale(d), a.stride(0), a.stride(1), z.stride(0), z.stride(1), ape.stride(0), entry_idx.stride(0),
+        a, z, ape, norm_w, table, entry_idx, out, rows, cache, n_entries, cache.numel() // row_bytes,
+        table.shape[0], eps, hadamard_scale(d), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
+        ape.stride(0), entry_idx.stride(0), rows.stride(0),
         D=d, BLOCK_D=triton.next_power_of_2(d), RATIO=ratio, SLOTS=slots, KIND_KV=kind_kv,
-        KRON_A=0 if kind_kv else kron_split(d))
+        KRON_A=0 if kind_kv else kron_split(d), WRITE_VALUES=write_values, WRITE_ROWS=write_rows,
+        ROW_BYTES=row_bytes)
+
+
+@register("compress_entries", "triton")
+def compress_entries(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
+                     freqs: torch.Tensor, entry_idx: torch.Tensor, ratio: int, kind: str,
+                     eps: float) -> torch.Tensor:
+    d = a.shape[-1] // 2 if ratio == OVERLAP_RATIO else a.shape[-1]
+    out = torch.empty(a.shape[0], d, dtype=torch.bfloat16, device=a.device)
+    if a.shape[0]:
+        _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, None, None)
     return out
+
+
+@register("compress_entries_cached", "triton")
+def compress_entries_cached(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
+                            freqs: torch.Tensor, entry_idx: torch.Tensor, ratio: int, kind: str, eps: float,
+                            cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    d = a.shape[-1] // 2 if ratio == OVERLAP_RATIO else a.shape[-1]
+    out = torch.empty(a.shape[0], d, dtype=torch.bfloat16, device=a.device)
+    if a.shape[0]:
+        has_rows = cache.numel() > 0
+        _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows if has_rows else None,
+                  cache if has_rows else None)
+    return out
+
+
+@register("compress_entries_to_cache", "triton")
+def compress_entries_to_cache(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
+                              freqs: torch.Tensor, entry_idx: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor,
+                              ratio: int, kind: str, eps: float) -> None:
+    if a.shape[0] and cache.numel():
+        _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, None, rows, cache)
+
+
+WINDOW_ROWS = 4  # tokens per program of the window write (a decode step has B of them)
+
+
+@register("store_window_kv", "triton")
+def store_window_kv(kv: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+                    window: int, lengths) -> None:
+    if kv.dim() == 2:
+        kv, positions = kv[:, None], positions[:, None]
+    bsz, seq, d = kv.shape
+    if bsz * seq == 0:
+        return
+    kv = _last_dim_unit(kv)
+    table = freqs.contiguous()
+    has_lengths = lengths is not None
+    _window_kv_kernel[(triton.cdiv(bsz * seq, WINDOW_ROWS),)](
+        kv, table, positions, lengths if has_lengths else positions, cache, bsz * seq, seq, window, table.shape[0],
+        kv.stride(0), kv.stride(1), positions.stride(0), positions.stride(1), cache.stride(0), cache.stride(1),
+        D=d, ROW_BYTES=fp8_row_bytes(d), HAS_LENGTHS=has_lengths, ROWS=WINDOW_ROWS, num_warps=4,
+        enable_fp_fusion=False)

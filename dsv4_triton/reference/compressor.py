@@ -4,6 +4,10 @@ Numerics: everything stays FP32 from the projections to the last step (SPEC 6 na
 intermediate rounding); the one rounding is the final cast to BF16, which is exact for
 the quantised channels (FP8 or FP4 codes times a power of two fit BF16), so a cache that
 stores their quantised form holds exactly what the model uses.
+
+The encoded forms are defined through the BF16 values: a cache row is ``pack_kv_fp8`` (kind
+"kv") or ``pack_indexer_keys`` (kind "indexer") of the entry, and a window row is
+``pack_kv_fp8(rope_qat8(kv))``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import torch
 
 from ..registry import register
+from .attention import pack_kv_fp8
+from .indexer import pack_indexer_keys
 from .norm import rms_norm
-from .quant import hadamard, qat4, qat8
+from .quant import hadamard, qat4, qat8, rope_qat8
 from .rope import apply_rope
 
 OVERLAP_RATIO = 4  # CSA: entries pool the previous window too (SPEC 6)
@@ -62,3 +68,55 @@ def compress_entries(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w
                            device=a.device)
     pooled = pool_windows(a, z, ape, entry_idx, ratio)
     return finish_entries(pooled, norm_w, freqs, entry_idx, ratio, kind, eps).to(torch.bfloat16)
+
+
+def encode_rows(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cache rows of BF16 entries: ``pack_kv_fp8`` (kind "kv") or ``pack_indexer_keys``."""
+    return pack_kv_fp8(values) if kind == "kv" else pack_indexer_keys(values)
+
+
+def scatter_rows(cache: torch.Tensor, rows: torch.Tensor, encoded: torch.Tensor) -> None:
+    """``encoded[i]`` into flat row ``rows[i]`` of ``cache``; rows outside ``[0, cache rows)``
+    (-1: skip) are not written."""
+    flat = cache.view(-1, cache.shape[-1])
+    rows = rows.long()
+    keep = (rows >= 0) & (rows < flat.shape[0])
+    flat[rows[keep]] = encoded[keep]
+
+
+@register("compress_entries_cached", "reference")
+def compress_entries_cached(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
+                            freqs: torch.Tensor, entry_idx: torch.Tensor, ratio: int, kind: str, eps: float,
+                            cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    values = compress_entries(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps)
+    if values.shape[0] and cache.numel():
+        scatter_rows(cache, rows, encode_rows(values, kind))
+    return values
+
+
+@register("compress_entries_to_cache", "reference")
+def compress_entries_to_cache(a: torch.Tensor, z: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
+                              freqs: torch.Tensor, entry_idx: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor,
+                              ratio: int, kind: str, eps: float) -> None:
+    compress_entries_cached(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, cache, rows)
+
+
+@register("store_window_kv", "reference")
+def store_window_kv(kv: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+                    window: int, lengths) -> None:
+    """``pack_kv_fp8(rope_qat8(kv))`` of each token into ring slot ``p % window`` of its
+    request's cache row; only positions ``p >= 0`` (and ``lengths[b] - window <= p <
+    lengths[b]`` when ``lengths`` is given) are written."""
+    if kv.dim() == 2:
+        kv, positions = kv[:, None], positions[:, None]
+    bsz, seq, _ = kv.shape
+    if bsz * seq == 0:
+        return
+    encoded = pack_kv_fp8(rope_qat8(kv, freqs, positions, KV_QAT_BLOCK))
+    p = positions.long()
+    write = p >= 0
+    if lengths is not None:
+        length = lengths.long()[:, None]
+        write &= (p < length) & (p >= length - window)
+    batch = torch.arange(bsz, device=kv.device)[:, None].expand(bsz, seq)
+    cache[batch[write], torch.remainder(p[write], window)] = encoded[write]

@@ -380,6 +380,29 @@ def test_nan_propagates_like_the_oracle(device):
         assert torch.equal(nan, expect)
 
 
+def test_split_merge_keeps_nan_and_large_scores(device, monkeypatch):
+    """The merge of K slices (by the last to finish) with scores of several hundred, sinks of
+    +-50 and NaN: a NaN query head, and a NaN KV row that only token 1 reads (in its second
+    slice), propagate exactly as in the oracle; everything else stays finite."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 1000)
+    g = torch.Generator().manual_seed(16)
+    q = (torch.randn(1, 3, 16, 128, generator=g) * 30).to(torch.bfloat16)
+    kv = make_kv(g, 1, 320, 128, magnitude=3.0)
+    idx = make_idx(g, 1, 3, 300, 300, hole_frac=0.2)  # rows < 300
+    q[0, 0, 5, 17] = float("nan")
+    kv[0, 310, 3] = float("nan")
+    idx[0, 1, 200] = 310
+    sinks = torch.tensor([50.0, -50.0] * 8)
+    assert kernels._choose_splits(3, 300, 1000) == 2
+    for cache in (kv, ops.pack_kv_fp8(kv)):
+        got = _check(*(t.to(device) for t in (q, cache, sinks, idx)), what="split, nan")
+        nan = torch.isnan(got.float()).any(-1)[0].cpu()
+        expect = torch.zeros(3, 16, dtype=torch.bool)
+        expect[0, 5] = True
+        expect[1, :] = True
+        assert torch.equal(nan, expect)
+
+
 def test_non_contiguous_inputs(device):
     g = torch.Generator().manual_seed(10)
     q = torch.randn(2, 16, 3, 128, generator=g).to(torch.bfloat16).to(device).transpose(1, 2)  # [B, S, H, D]

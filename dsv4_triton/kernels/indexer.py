@@ -98,7 +98,6 @@ def _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, hea
     nv = tl.minimum(tl.maximum(nv, 0), n_keys)
     keys_end = tl.max(nv, axis=0)
     row_base = (b * seq + tq) * n_keys
-    hist = tl.zeros([FIRST_BINS], dtype=tl.int32)
     for tile in range(TILES):
         start = (pid_n * TILES + tile) * BLOCK_N
         if start < keys_end:
@@ -113,14 +112,18 @@ def _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, hea
             # relu that keeps NaN (as torch's); padding rows contribute exactly nothing.
             part = tl.where(q_ok[:, None], tl.where(logits < 0, 0.0, logits) * wv[:, None], 0.0)
             score = tl.sum(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), axis=1)
-            valid = kidx[None, :] < nv[:, None]
-            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=valid)
-            if HIST:
-                hist += tl.histogram(tl.reshape(_first_digit(_order_key(score)), [BLOCK_N]), FIRST_BINS,
-                                     mask=tl.reshape(valid, [BLOCK_N]))
+            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
     if HIST:
-        row_hist = hist_ptr + (b * seq + t0) * s_hist + tl.arange(0, FIRST_BINS)
-        tl.atomic_add(row_hist, hist, mask=hist > 0, sem="relaxed")
+        # The histogram of the scores just stored, read back in a plain 1-D layout (the
+        # scores' own layout derives from the MMA's); the barrier makes every warp's stores
+        # visible to the whole program.
+        tl.debug_barrier()
+        row = b * seq + t0
+        kidx = pid_n * TILES * BLOCK_N + tl.arange(0, TILES * BLOCK_N)
+        valid = kidx < keys_end
+        score = tl.load(scores_ptr + row * n_keys + kidx, mask=valid, other=0.0)
+        hist = tl.histogram(_first_digit(_order_key(score)), FIRST_BINS, mask=valid)
+        tl.atomic_add(hist_ptr + row * s_hist + tl.arange(0, FIRST_BINS), hist, mask=hist > 0, sem="relaxed")
 
 
 @autotune(

@@ -22,8 +22,8 @@ masked), ``BLOCK_K`` 16/32/64 (autotuned), D = 128 or 512 whole.  Q [64, 512] bf
 stays in shared memory for the whole loop; each KV tile (32 x 512 bf16 = 32 KB) is
 double- or triple-buffered there.  The [64, 512] fp32 accumulator is 128 KB: at 8 warps
 (256 threads) 128 registers a thread, the split FlashMLA uses (each warpgroup owns half
-of the output columns); compiled for sm_90 this lands at 241-255 registers with no (BF16)
-to ~140 (FP8) bytes of spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
+of the output columns); compiled for sm_90 (triton 3.6) this lands at 255 registers with
+no spill, while 4 warps spill kilobytes (pruned) and 16 warps cap at 128
 registers (more spill).  Splitting the output columns across programs instead would
 shrink the accumulator but costs more than it saves: every program needs the full score
 tile S (the whole D reduction), so with the columns split two ways the QK^T matmul runs
@@ -48,10 +48,10 @@ stream, grown to the largest call, so a warm call allocates only its output.
 
 What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
 (BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  In
-practice (sm_90 compile of the tuned config, BLOCK_K = 64, 8 warps, 241-255 registers: one
-program per SM) a tile's steps largely run one after another: the warps issue the tile's
-instructions (FP8 ~1930 a warp, ~590 of them decoding the rows, 128 rescaling the
-accumulator; BF16 ~920), and the matmuls run: QK^T as 32 m64n32k16 wgmma per warpgroup
+practice (sm_90 compile of the tuned config by triton 3.6, BLOCK_K = 64, 8 warps, 255
+registers: one program per SM) a tile's steps largely run one after another: the warps issue
+the tile's instructions (FP8 ~1200 a warp, ~180 of them decoding the rows, 128 rescaling the
+accumulator; BF16 ~940), and the matmuls run: QK^T as 32 m64n32k16 wgmma per warpgroup
 (each warpgroup half the candidates, see ``_scores``; bound by shared-memory reads, ~1500
 cycles a tile), P @ KV ~1000 cycles.  The stage variants (``STAGE_VARIANTS``) time each
 part.  Also left on the table: the QK^T wgmma is waited on before the softmax starts (no
@@ -260,8 +260,8 @@ def _scores(q, kv, branch, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     the QK^T work, with half-width wgmma), kept 32 scores a thread live and spilled.  Seen from
     inside the branch, the result only reaches the branch's yield, so the two warpgroups split
     the candidates (half the QK^T wgmma each); P then goes to P @ KV through shared memory
-    (8 KB bf16).  sm_90 compile, BLOCK_K = 64: loop 2314 -> 1932 instructions a warp (FP8),
-    1305 -> 923 (BF16), spills 560 -> 136 / 216 -> 0 bytes."""
+    (8 KB bf16).  sm_90 compile (triton 3.6), BLOCK_K = 64: 36 wgmma a warp per tile instead
+    of 68, and ~250 fewer instructions a warp (descriptors, and half the scores a thread)."""
     if branch:
         sc = dot_bf16(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_K], tl.float32))
     else:

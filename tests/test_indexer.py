@@ -244,8 +244,9 @@ def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spre
     assert torch.equal(got.cpu(), expected)
 
 
-def _workspace(device):
-    return kernels._Workspace._by_device[torch.empty(0, device=device).device][0]
+def _workspace_counts():
+    """Sum of every stream's histogram and counter workspace (zero between calls)."""
+    return sum(int(zeroed.abs().sum()) for zeroed, _ in kernels._workspaces.values())
 
 
 def _reverse_runs(scratch, rows, parts, cap):
@@ -272,7 +273,7 @@ def test_row_parallel_runs_in_any_order(device, n_keys, k, parts, seed):
     n_valid = random_n_valid(g, 1, 2, n_keys)
     args = [t.to(device) for t in (qi, w, keys, n_valid)]
     cap = kernels.SURVIVOR_CAP
-    zeroed, scratch = kernels._Workspace.get(args[0].device, 2, cap)
+    zeroed, scratch = kernels._workspace(args[0].device, 2, cap)
     scores = kernels._scores_and_histogram(*args, zeroed)
     chunk = -(-n_keys // parts)
     kernels._collect_survivors(scores, args[3], zeroed, scratch, 2, k, chunk, cap)
@@ -297,7 +298,7 @@ def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
         for _ in range(2):
             got = kernels.indexer_topk_parts(*args, k, 5, *([cap] if cap else []))
             assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
-            assert int(_workspace(device).abs().sum()) == 0
+            assert _workspace_counts() == 0
 
 
 _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32", scores_ptr="*fp32",
@@ -436,13 +437,13 @@ def test_row_parallel_decode_equal_scores_fallback(device):
     n_valid = torch.tensor([[262144]], dtype=torch.int32)
     got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 1024)
     assert got.cpu().flatten().tolist() == list(range(1024))
-    assert int(_workspace(device).abs().sum()) == 0
+    assert _workspace_counts() == 0
 
 
 @pytest.mark.gpu
 def test_row_parallel_cuda_graph_replays(device):
-    """Captured once, replayed on new inputs: every replay exact (the workspace is zeroed by
-    the call that used it, inside the graph)."""
+    """Captured once, replayed on new inputs: every replay exact, and the capture stream's
+    workspace left zeroed by each replay."""
     g = torch.Generator().manual_seed(13)
     bsz, n_keys, k = 2, 65536, 1024
     qi, w, keys = (t.to(device) for t in make_inputs(g, bsz, 1, 64, n_keys, integer=True))
@@ -460,6 +461,7 @@ def test_row_parallel_cuda_graph_replays(device):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out.cpu(), ref.indexer_topk(new_qi, new_w, new_keys, new_nv, k)), step
+        assert _workspace_counts() == 0
 
 
 @pytest.mark.gpu

@@ -392,8 +392,8 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # the whole row (``_select_segment``): exact, slower.
 #
 # Workspace invariant: ``zeroed`` (per row: FIRST_BINS counts, then the survivor counter) is
-# zero when a call starts; allocated zeroed, every call leaves it zeroed.  It is shared by the
-# calls on a device, so concurrent calls on different streams are not supported.
+# zero when a call starts; allocated zeroed, every call leaves it zeroed.  One workspace per
+# stream: calls on one stream run in order, so they never overlap on it.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
@@ -565,25 +565,26 @@ def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr
     tl.store(row_ws + FIRST_BINS, 0)
 
 
-class _Workspace:
-    """Per device: ``zeroed`` int32 ``[rows, FIRST_BINS + 1]`` (zero between calls, see the
-    invariant above) and ``scratch`` int32 ``[rows, 3 * cap + 4 * MAX_PARTS]`` (survivor keys,
-    indices, running counts, then per chunk its run's (offset, count), the counts before it
-    and at its start); grown, never shrunk, so the decode hot path allocates nothing."""
+_workspaces: dict = {}
 
-    _by_device: dict = {}
 
-    @classmethod
-    def get(cls, device: torch.device, rows: int, cap: int):
-        have = cls._by_device.get(device)
-        width = 3 * cap + 4 * MAX_PARTS.value
-        if have is None or have[0].shape[0] < rows or have[1].shape[1] < width:
-            rows = max(rows, have[0].shape[0] if have is not None else 0)
-            width = max(width, have[1].shape[1] if have is not None else 0)
-            have = (torch.zeros(rows, FIRST_BINS.value + 1, dtype=torch.int32, device=device),
-                    torch.empty(rows, width, dtype=torch.int32, device=device))
-            cls._by_device[device] = have
-        return have
+def _workspace(device: torch.device, rows: int, cap: int):
+    """(zeroed, scratch) for the current stream of ``device``: ``zeroed`` int32
+    ``[rows, FIRST_BINS + 1]`` (zero between calls, see the invariant above), ``scratch`` int32
+    ``[rows, 3 * cap + 4 * MAX_PARTS]`` (survivor keys, indices, running counts, then per chunk
+    its run's (offset, count), the counts before it and at its start).  Grown to the largest
+    call seen, never shrunk, so the decode hot path allocates nothing."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _workspaces.get(key)
+    width = 3 * cap + 4 * MAX_PARTS.value
+    if have is None or have[0].shape[0] < rows or have[1].shape[1] < width:
+        rows = max(rows, have[0].shape[0] if have is not None else 0)
+        width = max(width, have[1].shape[1] if have is not None else 0)
+        have = (torch.zeros(rows, FIRST_BINS.value + 1, dtype=torch.int32, device=device),
+                torch.empty(rows, width, dtype=torch.int32, device=device))
+        _workspaces[key] = have
+    return have
 
 
 @functools.lru_cache(maxsize=None)
@@ -716,7 +717,7 @@ def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_
         return out
     if n_keys == 0:
         return out.fill_(-1)
-    zeroed, scratch = _Workspace.get(qi.device, rows, survivor_cap)
+    zeroed, scratch = _workspace(qi.device, rows, survivor_cap)
     scores = _scores_and_histogram(qi, w, keys, n_valid, zeroed)
     chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys, MAX_PARTS.value)))
     _collect_survivors(scores, n_valid, zeroed, scratch, seq, k, chunk, survivor_cap)

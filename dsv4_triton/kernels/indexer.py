@@ -24,8 +24,9 @@ ones equal to it, and pads with -1.  Deterministic either way (integer sums only
   2 launches, 3 when a row is split.
 
 FP4 keys (``uint8 [B, Nk, 68]``, see ``reference/indexer.py``) are decoded in registers to
-BF16 (exact: an E2M1 value times a power of two) before the same tensor-core product, so
-both layouts give identical scores; the FP4 rows move 68 B per key instead of 256 B.
+BF16 (exact: an E2M1 value times a power of two; 3 integer ops and 2 multiplies per element,
+see ``_fp4_key_tile``) before the same tensor-core product, so both layouts give identical
+scores; the FP4 rows move 68 B per key instead of 256 B.
 """
 
 import functools

@@ -370,6 +370,9 @@ def test_align_matches_the_pair_by_pair_contract(device, t, k, n_experts, block_
     g = _gen(seed)
     ids = torch.randint(-1, n_experts + 1, (t, k), generator=g).to(torch.int32)  # a few dropped ids too
     assert_align(ids.to(device), n_experts, block_m)
+    by_sort = expected_align_by_sort(ids, n_experts, block_m)  # the GPU test's contract, checked here
+    by_pair = expected_align(ids, n_experts, block_m)
+    assert torch.equal(by_sort[0], by_pair[0]) and torch.equal(by_sort[1], by_pair[1])
 
 
 def test_align_is_deterministic(device):
@@ -379,6 +382,43 @@ def test_align_is_deterministic(device):
     for _ in range(2):
         again = kern.align(ids, 3, 16)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def expected_align_by_sort(ids, n_experts, block_m):
+    """The same contract from a stable sort (vectorised, for large T): pairs sorted by expert
+    in pair order, each expert's run padded to block_m rows."""
+    flat = ids.reshape(-1).long()
+    pairs = flat.numel()
+    max_blocks = -(-pairs // block_m) + min(n_experts, pairs)
+    placed = (flat >= 0) & (flat < n_experts)
+    counts = torch.bincount(flat[placed], minlength=n_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_start = torch.cumsum(padded, 0) - padded
+    order = torch.argsort(torch.where(placed, flat, n_experts), stable=True)[:int(placed.sum())]
+    expert = flat[order]
+    rank = torch.arange(order.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    sorted_pair = torch.full((max_blocks * block_m,), -1, dtype=torch.int32, device=ids.device)
+    sorted_pair[pad_start[expert] + rank] = order.to(torch.int32)
+    blocks = padded // block_m
+    block_expert = torch.full((max_blocks,), n_experts, dtype=torch.int32, device=ids.device)
+    used = int(blocks.sum())
+    block_expert[:used] = torch.repeat_interleave(torch.arange(n_experts, device=ids.device), blocks).to(torch.int32)
+    return sorted_pair, block_expert
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, n_experts, block_m", [(1, 384, 16), (64, 384, 16), (8192, 384, 128), (2048, 256, 64)])
+def test_align_real_sizes(device, t, n_experts, block_m):
+    # Pro/Flash routing sizes: uniform distinct ids, bit-identical to the sort-based contract
+    # and across runs.
+    g = torch.Generator(device=device).manual_seed(t)
+    ids = torch.rand(t, n_experts, device=device, generator=g).argsort(dim=1)[:, :6].to(torch.int32)
+    sorted_pair, block_expert = kern.align(ids, n_experts, block_m)
+    want_pair, want_expert = expected_align_by_sort(ids, n_experts, block_m)
+    assert torch.equal(block_expert, want_expert)
+    assert torch.equal(sorted_pair, want_pair)
+    again = kern.align(ids, n_experts, block_m)
+    assert torch.equal(again[0], sorted_pair) and torch.equal(again[1], block_expert)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")

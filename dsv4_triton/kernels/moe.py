@@ -21,7 +21,9 @@ A pair whose id is outside ``[0, E)`` is placed in no row and is skipped by the 
 it contributes nothing, and nothing is read out of bounds.
 
 The activation of w13 is ``act_quant(x)``: quantised in the GEMM prologue for 16-row
-blocks (decode), by the pre-pass of ``kernels/gemm.py`` once per token otherwise.
+blocks (decode), by the pre-pass of ``kernels/gemm.py`` once per token otherwise.  Blocks
+of fewer than 64 rows run both GEMMs transposed (``scaled_dot_t``: the expanded weight tile
+is the A side of an FP8 warp-group MMA, the block's rows its N side).
 SwiGLU uses the GPU's fast ``exp`` (about 2 ulp) and a correctly rounded division; the
 tests bound the effect on the FP8 codes of the w2 input.
 """

@@ -267,7 +267,8 @@ def _reverse_runs(scratch, rows, parts, cap):
 @given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), seed=st.integers(0, 2**31))
 def test_row_parallel_runs_in_any_order(device, n_keys, k, parts, seed):
     """The chunks' survivor runs land in the buffer in whatever order their atomics ran: the
-    output (ascending indices, ties to the lowest) does not depend on it."""
+    output (ascending indices, ties to the lowest) does not depend on it, and nothing is
+    written past a row's k slots."""
     g = torch.Generator().manual_seed(seed)
     qi, w, keys = make_inputs(g, 1, 2, 3, n_keys, integer=True)
     n_valid = random_n_valid(g, 1, 2, n_keys)
@@ -278,9 +279,12 @@ def test_row_parallel_runs_in_any_order(device, n_keys, k, parts, seed):
     chunk = -(-n_keys // parts)
     kernels._collect_survivors(scores, args[3], zeroed, scratch, 2, k, chunk, cap)
     _reverse_runs(scratch, 2, -(-n_keys // chunk), cap)
-    out = torch.empty(1, 2, k, dtype=torch.int32, device=device)
+    # A guard row after the output: no write lands past the last row's k slots.
+    out_buf = torch.full((3, k), -7, dtype=torch.int32, device=device)
+    out = out_buf[:2].view(1, 2, k)
     kernels._select_survivors(scores, args[3], zeroed, scratch, out, 2, k, chunk, cap)
     assert torch.equal(out.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
+    assert torch.all(out_buf[2] == -7)
 
 
 def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):

@@ -187,6 +187,7 @@ lop3.b32 $1, g, t, 0x80808080, 0xF8;
 # Table rows per scale gap d = e_max - e_j: from d = 19 on every entry rounds to FP8 zero
 # (6 * 2^(6 - 19) < 2^-10, half the smallest subnormal), so larger gaps use row 31.
 FP4_LUT_ROWS: tl.constexpr = tl.constexpr(32)
+_FP4_TABLES = {}  # device -> table, built at the first call (before any graph capture)
 
 
 def fp4_fp8_table(device) -> torch.Tensor:
@@ -203,9 +204,6 @@ def fp4_fp8_table(device) -> torch.Tensor:
         table = words.to(torch.uint32).view(torch.int32).to(device)
         _FP4_TABLES[device] = table
     return table
-
-
-_FP4_TABLES = {}
 
 
 @triton.jit

@@ -363,30 +363,56 @@ def test_fp4_keys_select_exactly_like_bf16_keys(device, seq, heads, n_keys, k, s
     assert torch.equal(fp4, bf16)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
-def test_fp4_key_decode_every_code_and_scale(device):
-    """Every E2M1 code under E8M0 scales from 2^-127 to 2^127 and the NaN byte: the FP4 rows
-    score exactly as the BF16 keys they decode to (both through the same tensor-core product;
-    NaN scores included).  The interpreter warns of the 4 * 2^127 and 6 * 2^127 overflows
-    (Inf keys in both layouts) and of the NaN products they make."""
-    g = torch.Generator().manual_seed(9)
+def check_fp4_decode(device, n_rows, heads, seed):
+    """FP4 rows with random codes (all 16 in row 0) under E8M0 scales from 2^-127 to 2^127 and
+    the NaN byte score exactly as the BF16 keys they decode to (both through the same
+    tensor-core product; NaN scores included)."""
+    g = torch.Generator().manual_seed(seed)
     scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
-    n_rows = 96
     codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
-    codes[0, :8] = torch.arange(0, 256, 32, dtype=torch.uint8) | torch.arange(0, 8, dtype=torch.uint8)
+    codes[0, :8] = torch.arange(0, 8, dtype=torch.uint8) * 0x11 + 0x80
     # Row r: four different scales, a window of the list (so each block reads its own scale).
     scales = torch.stack([scale_bytes.roll(-r)[:4] for r in range(n_rows)])
     packed = torch.cat((codes, scales), dim=1)[None]
     decoded = ref.key_values(packed).to(torch.bfloat16)
-    qi = (torch.randn(1, 2, 3, HEAD_DIM, generator=g) * 2.0 ** -40).to(torch.bfloat16)
-    w = torch.randn(1, 2, 3, generator=g)
-    n_valid = torch.full((1, 2), packed.shape[1], dtype=torch.int32)
+    qi = (torch.randn(1, 2, heads, HEAD_DIM, generator=g) * 2.0 ** -40).to(torch.bfloat16)
+    w = torch.randn(1, 2, heads, generator=g)
+    n_valid = torch.full((1, 2), n_rows, dtype=torch.int32)
     args = [t.to(device) for t in (qi, w)]
     fp4 = kernels.indexer_scores(*args, packed.to(device), n_valid.to(device)).cpu()
     bf16 = kernels.indexer_scores(*args, decoded.to(device), n_valid.to(device)).cpu()
     torch.testing.assert_close(fp4, bf16, rtol=0, atol=0, equal_nan=True)
     assert fp4.isnan().any() and (fp4.isfinite() & (fp4 != 0)).any()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_fp4_key_decode_every_code_and_scale(device):
+    """``check_fp4_decode`` on a few rows.  The interpreter warns of the 4 * 2^127 and 6 * 2^127
+    overflows (Inf keys in both layouts) and of the NaN products they make."""
+    check_fp4_decode(device, 96, 3, 9)
+
+
+@pytest.mark.gpu
+def test_fp4_key_decode_every_code_and_scale_gpu(device):
+    """The GPU's FP4 decode (integer ops, subnormal intermediates, exact multiplies) against
+    the BF16 keys it decodes to, over many rows and 64 heads."""
+    check_fp4_decode(device, 5000, 64, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bsz, n_keys", [(1, 262144), (3, 50000)])
+def test_fp4_keys_decode_sizes_select_like_bf16_keys(device, bsz, n_keys):
+    """Decode sizes through the op's plan (the row-parallel selection): QAT'd Gaussian keys as
+    FP4 rows select exactly what the same keys as BF16 select."""
+    g = torch.Generator().manual_seed(n_keys)
+    qi, w, keys = make_inputs(g, bsz, 1, 64, n_keys)
+    keys = ref_quant.qat4(keys, 32)
+    n_valid = torch.randint(n_keys // 2, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w, keys, n_valid)]
+    bf16 = _run_triton(*args, 1024)
+    fp4 = _run_triton(args[0], args[1], ops.pack_indexer_keys(args[2]), args[3], 1024)
+    assert torch.equal(fp4, bf16)
 
 
 def test_fp4_keys_exact_on_integer_scores(device):

@@ -39,7 +39,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..reference.indexer import FP4_KEY_BYTES
 from ..registry import register
-from .formats import INTERPRET, e8m0_value, fp4_value
+from .formats import INTERPRET, e8m0_value
 from .norm import as_rows
 from .quant import fp4_quantise
 

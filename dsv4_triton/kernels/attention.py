@@ -315,7 +315,9 @@ def _sparse_attention_kernel(
 
     score_scale = qk_scale * 0.5 if VARIANT == QK_TWICE else qk_scale
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
+    # The softmax denominators accumulate element-wise and are summed over the candidates once,
+    # after the loop: a row sum per tile crossed the two warpgroups (3 barriers a tile).
+    l_acc = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
@@ -338,16 +340,17 @@ def _sparse_attention_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(tl.fma(sc, score_scale, -m_ref[:, None]))
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_acc = l_acc * alpha[:, None] + p
         if VARIANT == QK_ONLY:
             # P @ KV left out.  P still feeds a (16-column, all-zero) matmul, so its trip to a
             # matmul operand (bf16, through shared memory) stays; the zero sum keeps that
             # matmul from being dropped.
             probe = dot_bf16(_to_bf16(p), tl.zeros([BLOCK_K, 16], tl.bfloat16), tl.zeros([BLOCK_H, 16], tl.float32))
-            l_i += tl.sum(probe, axis=1)
+            l_acc += tl.sum(probe, axis=1)[:, None]
         else:
             acc = dot_bf16(_to_bf16(p), kv, acc * alpha[:, None])
         m_i = m_new
+    l_i = tl.sum(l_acc, axis=1)
 
     if HALF_R > 0:
         pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)

@@ -399,7 +399,7 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
 SURVIVOR_BLOCK = 4096
-SURVIVOR_WARPS = 8
+SURVIVOR_WARPS = 16
 SURVIVOR_CAP = 16384
 MAX_SURVIVOR_CAP = 32767  # running (above, tied) counts share one int32, 16 bits each
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)

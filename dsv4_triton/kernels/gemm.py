@@ -201,7 +201,8 @@ def fp4_fp8_table(device) -> torch.Tensor:
         values = magnitudes[None, :] * torch.pow(2.0, torch.clamp(6 - gaps, min=-30))[:, None]
         codes = values.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int64).view(FP4_LUT_ROWS.value, 2, 4)
         words = (codes << torch.tensor([0, 8, 16, 24])).sum(-1)
-        table = words.to(torch.uint32).view(torch.int32).to(device)
+        words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+        table = words.to(torch.int32).to(device)
         _FP4_TABLES[device] = table
     return table
 

@@ -5,24 +5,32 @@ construction (nothing is allocated per decode step), and hides its layout behind
 
 * a sliding-window ring of ``W`` KV slots: the token at position ``q`` lives in slot ``q % W``;
 * the layer's compressed KV entries (CSA and HCA layers): entry ``j`` lives at ``W + j``,
-  so one ``[W + n_entries, D]`` tensor per request is what attention reads (SPEC 5,
+  so one ``[W + n_entries]``-row tensor per request is what attention reads (SPEC 5,
   "index convention");
-* for CSA layers the indexer's compressed keys, ``[n_entries, index_head_dim]``;
+* for CSA layers the indexer's compressed keys, ``n_entries`` rows;
 * each compressor's partial-window state (SPEC 6): the projected ``a`` and gate ``z`` of
   the tokens of the window being filled, ``[L, c*d]`` in FP32, in the row layout
   ``ops.compress_entries`` takes: ratio 128 (c = 1) rows ``0..127`` are the window's tokens
   (token ``q`` in row ``q % 128``); ratio 4 (c = 2) rows ``0..3`` hold the previous
   window's tokens and rows ``4..7`` the current one's (token ``q`` in row ``4 + q % 4``).
 
-Storage format: KV entries are kept as the BF16 values the model computes, which are
-already QAT'd (the non-RoPE part passed through ``qat8``, the indexer keys through
-``qat4``, SPEC 2), so storing their FP8/FP4 codes instead would be exact; this layout is
-what the methods below hide when that change is made.
+Storage format: entries are kept ENCODED, as the readers take them (SPEC 11).  KV rows
+(window and compressed entries): uint8 ``[max_batch, W + n_entries, row_bytes]``, the FP8
+row of ``ops.pack_kv_fp8`` (FP8 nope values with one E8M0 scale per 64, the 64 RoPE dims
+in BF16: 584 bytes for D = 512 instead of 1024 in BF16).  Indexer keys: uint8
+``[max_batch, n_entries, 68]``, the MXFP4 row of ``ops.pack_indexer_keys`` (64 code bytes
++ 4 scales instead of 256 bytes).  Both are exact: the model's KV vectors are ``qat8``-ed
+and its keys ``qat4``-ed before they are stored (SPEC 2), so the rows decode to the very
+values a BF16 cache would hold.  The kernels that make the values write the rows
+(``ops.store_window_kv`` for new tokens' KV, ``ops.compress_entries`` /
+``compress_entries_to_cache`` for entries, at flat row indices this class computes): the
+cache never holds a BF16 copy.  The compressor state stays FP32 (the pooling reads it).
 
 Decode steps have one shape whatever the positions (candidate rows are always ``W +
-capacity`` or ``W + k`` long, masked with -1), and the index ranges they use are made once
-here, so a step allocates nothing but its outputs, never synchronises, and can be captured
-in a CUDA graph and replayed.
+capacity`` or ``W + k`` long, masked with -1; entry writes go to row -1, i.e. nowhere, for
+a request whose window did not close), and the index ranges they use are made once here,
+so a step allocates nothing but its outputs, never synchronises, and can be captured in a
+CUDA graph and replayed.
 
 Positions are per request: every method takes the ``[B]`` positions (or lengths) of the
 requests in rows ``0..B-1``.  Nothing here synchronises with the host: writes that only
@@ -43,6 +51,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from dsv4_triton import ops
+from dsv4_triton.reference.attention import fp8_row_bytes
+from dsv4_triton.reference.indexer import FP4_KEY_BYTES
+
 from .config import CSA_RATIO, HCA_RATIO, WINDOW_ONLY, DSV4Config
 
 MAIN, INDEX = "main", "index"  # the two compressors of a CSA layer
@@ -60,8 +72,7 @@ def _state_width(ratio: int, d: int) -> int:
 class KVCache:
     """Decode state of up to ``max_batch`` requests of up to ``max_seq_len`` tokens."""
 
-    def __init__(self, config: DSV4Config, max_batch: int, max_seq_len: int,
-                 device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, config: DSV4Config, max_batch: int, max_seq_len: int, device: torch.device):
         if max_batch <= 0 or max_seq_len <= 0:
             raise ValueError(f"max_batch/max_seq_len: expected positive ints, got {max_batch}/{max_seq_len}")
         self.config = config
@@ -76,12 +87,14 @@ class KVCache:
         self._state: List[dict] = []
         for ratio in self.ratios:
             n_entries = max_seq_len // ratio if ratio else 0
-            self._kv.append(torch.zeros(max_batch, self.window + n_entries, d, dtype=dtype, device=device))
+            self._kv.append(torch.zeros(max_batch, self.window + n_entries, fp8_row_bytes(d), dtype=torch.uint8,
+                                        device=device))
             states = {}
             if ratio:
                 states[MAIN] = self._new_state(ratio, d)
             if ratio == CSA_RATIO:
-                self._index_keys.append(torch.zeros(max_batch, n_entries, di, dtype=dtype, device=device))
+                self._index_keys.append(torch.zeros(max_batch, n_entries, FP4_KEY_BYTES, dtype=torch.uint8,
+                                                    device=device))
                 states[INDEX] = self._new_state(ratio, di)
             else:
                 self._index_keys.append(None)
@@ -119,21 +132,35 @@ class KVCache:
         return self.max_seq_len // ratio if ratio else 0
 
     def nbytes(self) -> int:
+        """Bytes of every storage tensor (encoded rows and FP32 compressor states)."""
         tensors = self._kv + [t for t in self._index_keys if t is not None]
         tensors += [t for states in self._state for pair in states.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------ views for attention
     def kv(self, layer: int, batch: int) -> torch.Tensor:
-        """``[batch, W + n_entries, D]``: the tensor decode attention indexes into."""
+        """uint8 ``[batch, W + n_entries, row_bytes]``: the FP8 rows decode attention indexes into."""
         return self._kv[layer][:batch]
 
     def index_keys(self, layer: int, batch: int) -> torch.Tensor:
-        """``[batch, n_entries, index_head_dim]``: the indexer's compressed keys (CSA layers)."""
+        """uint8 ``[batch, n_entries, 68]``: the indexer's compressed keys as FP4 rows (CSA layers)."""
+        return self._keys(layer)[:batch]
+
+    def _keys(self, layer: int) -> torch.Tensor:
         keys = self._index_keys[layer]
         if keys is None:
             raise ValueError(f"layer {layer}: ratio {self.ratios[layer]} has no indexer")
-        return keys[:batch]
+        return keys
+
+    def entry_store(self, layer: int, which: str) -> torch.Tensor:
+        """The whole tensor the ``which`` compressor's entries are written into (the flat row
+        indices of ``prefill_entry_rows`` / ``decode_entry_rows`` index it)."""
+        return self._kv[layer] if which == MAIN else self._keys(layer)
+
+    def _entry_layout(self, layer: int, which: str) -> Tuple[int, int]:
+        """(rows per request, row of entry 0) of ``entry_store``."""
+        n = self.n_entries(layer)
+        return (self.window + n, self.window) if which == MAIN else (n, 0)
 
     def state(self, layer: int, which: str, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The compressor's ``(a, z)`` windows, ``[batch, L, c*d]`` FP32 each (rows as documented above)."""
@@ -141,28 +168,25 @@ class KVCache:
         return a[:batch], z[:batch]
 
     # ------------------------------------------------------------------ prefill writes
-    def fill_window(self, layer: int, kv: torch.Tensor, lengths: torch.Tensor) -> None:
-        """After a prefill of ``kv [B, S, D]`` (request b's real tokens are ``0..lengths[b]-1``):
-        ring slot ``s`` gets the latest real token ``q <= lengths-1`` with ``q % W == s``."""
-        B, S, _ = kv.shape
-        W = self.window
-        slots = torch.arange(W, device=kv.device)
-        last = (lengths.to(torch.int64) - 1)[:, None]
-        src = last - torch.remainder(last - slots, W)  # [B, W], may be < 0: slot never used
-        rows = torch.arange(B, device=kv.device)[:, None]
-        self._kv[layer][:B, :W] = kv[rows, src.clamp(0, S - 1)]
+    def store_window(self, layer: int, kv: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor,
+                     lengths: Optional[torch.Tensor] = None) -> None:
+        """The new tokens' KV (the kv_norm output, before RoPE and qat8) into their ring slots
+        as FP8 rows, one launch.  Prefill: ``kv [B, S, D]``, positions ``[B, S]`` and the
+        requests' ``lengths``: slot ``s`` gets the latest real token ``q <= lengths-1`` with
+        ``q % W == s`` (slots no real token reaches are left as they are).  Decode: ``kv [B, D]``
+        at ``positions [B]``."""
+        ops.store_window_kv(kv, freqs, positions, self._kv[layer], self.window, lengths)
 
-    def write_entries(self, layer: int, which: str, entries: torch.Tensor) -> None:
-        """After a prefill: the ``[B, n, d]`` entries computed from the prompt, at ``0..n-1``.
+    def prefill_entry_rows(self, layer: int, which: str, batch: int, n: int) -> torch.Tensor:
+        """Flat rows of ``entry_store`` for entries ``0..n-1`` of requests ``0..batch-1``
+        (request-major, as prefill pools them).
 
         Entries a request's padding produced (``j >= lengths[b] // ratio``) are stored too: no
         token sees them before decode rewrites them (entry j is emitted at position
         ``ratio*j + ratio - 1``, which is past every real prompt token)."""
-        B, n, _ = entries.shape
-        if which == MAIN:
-            self._kv[layer][:B, self.window:self.window + n] = entries
-        else:
-            self._index_keys[layer][:B, :n] = entries
+        per_request, first = self._entry_layout(layer, which)
+        rows = self._batch_rows[:batch, None] * per_request + first + self._entry_ids[:n]
+        return rows.reshape(-1)
 
     def fill_state(self, layer: int, which: str, a: torch.Tensor, z: torch.Tensor, lengths: torch.Tensor) -> None:
         """After a prefill of projections ``a, z [B, S, c*d]``: the partial window that decode continues.
@@ -186,11 +210,6 @@ class KVCache:
         self.next_pos[:positions.shape[0]] = positions
 
     # ------------------------------------------------------------------ decode writes
-    def write_token(self, layer: int, kv: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode: the new tokens' ``kv [B, D]`` at positions ``[B]`` into their ring slots."""
-        rows = self._batch_rows[:kv.shape[0]]
-        self._kv[layer][rows, torch.remainder(positions, self.window)] = kv
-
     def push_state(self, layer: int, which: str, a: torch.Tensor, z: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode: the new tokens' projections ``a, z [B, c*d]`` into the partial window."""
         ratio = self.ratios[layer]
@@ -200,25 +219,25 @@ class KVCache:
         sa[rows, row] = a
         sz[rows, row] = z
 
-    def emit_entry(self, layer: int, which: str, entry: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode: store ``entry [B, d]`` (pooled from the state) as entry ``p // ratio`` of the
-        requests whose token completed a window (``(p+1) % ratio == 0``); for ratio 4 those
-        requests' current window becomes their previous one.  Masked, no host sync."""
+    def decode_entry_rows(self, layer: int, which: str, positions: torch.Tensor) -> torch.Tensor:
+        """Decode: flat rows of ``entry_store`` for the entry ``p // ratio`` that the token at
+        ``p`` completes, -1 (write nothing) for requests whose window stays open
+        (``(p+1) % ratio != 0``).  The same for every layer of one ratio.  Masked, no host sync."""
         ratio = self.ratios[layer]
-        if self.n_entries(layer) == 0:
-            return  # max_seq_len < ratio: no position ever completes a window
-        B = entry.shape[0]
-        emit = torch.remainder(positions + 1, ratio) == 0
-        j = (positions // ratio).clamp(max=self.n_entries(layer) - 1)
-        rows = self._batch_rows[:B]
-        if which == MAIN:
-            store, col = self._kv[layer], self.window + j
-        else:
-            store, col = self._index_keys[layer], j
-        store[rows, col] = torch.where(emit[:, None], entry.to(store.dtype), store[rows, col])
-        if ratio == CSA_RATIO:
-            for t in self._state[layer][which]:
-                t[:B, :CSA_RATIO] = torch.where(emit[:, None, None], t[:B, CSA_RATIO:], t[:B, :CSA_RATIO])
+        per_request, first = self._entry_layout(layer, which)
+        j = positions // ratio
+        emit = (torch.remainder(positions + 1, ratio) == 0) & (j < self.n_entries(layer))
+        return torch.where(emit, self._batch_rows[:positions.shape[0]] * per_request + first + j, -1)
+
+    def advance_state(self, layer: int, which: str, positions: torch.Tensor) -> None:
+        """Decode, after the step's entries are written: for ratio 4, the requests whose token
+        completed a window keep it as their previous one.  Masked, no host sync."""
+        if self.ratios[layer] != CSA_RATIO:
+            return
+        B = positions.shape[0]
+        emit = (torch.remainder(positions + 1, CSA_RATIO) == 0)[:, None, None]
+        for t in self._state[layer][which]:
+            t[:B, :CSA_RATIO] = torch.where(emit, t[:B, CSA_RATIO:], t[:B, :CSA_RATIO])
 
     # ------------------------------------------------------------------ candidate indices
     def decode_candidates(self, layer: int, positions: torch.Tensor,

@@ -10,7 +10,7 @@ modules are built on the ``meta`` device and their weights assigned when loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -119,6 +119,9 @@ class Step:
     cache: KVCache
     freqs_window: torch.Tensor  # rope_theta, no YaRN (pure sliding-window layers)
     freqs_compressed: torch.Tensor  # compress_rope_theta with YaRN (CSA/HCA layers)
+    # Decode: per (ratio, compressor), the entry ids and destination rows of this step, made
+    # once and shared by every layer of that ratio.
+    entry_rows: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Compressor(Weights):
@@ -136,14 +139,14 @@ class Compressor(Weights):
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return ops.linear(x, self.wkv.weight, out_dtype=FP32), ops.linear(x, self.wgate.weight, out_dtype=FP32)
 
-    def _pool(self, a, z, freqs, entry_idx, kind):
-        return ops.compress_entries(a, z, self.ape, self.norm.weight, freqs, entry_idx, self.ratio, kind, self.eps)
-
     def prefill(self, x: torch.Tensor, step: Step, layer: int, which: str, kind: str) -> torch.Tensor:
-        """Entries of the prompt's complete windows, ``[B, S // ratio, d]``; also seeds the cache."""
+        """Entries of the prompt's complete windows, ``[B, S // ratio, d]`` BF16 (prefill
+        attention and the indexer read them with the prompt's tokens); the same launch writes
+        them encoded into the cache, which also takes the partial window decode continues."""
         B, S, _ = x.shape
         a, z = self._project(x)
-        step.cache.fill_state(layer, which, a, z, step.lengths)
+        cache = step.cache
+        cache.fill_state(layer, which, a, z, step.lengths)
         r, n = self.ratio, S // self.ratio
         if n == 0:
             return a.new_empty(B, 0, self.head_dim, dtype=BF16)
@@ -156,21 +159,27 @@ class Compressor(Weights):
         else:
             a_win, z_win = a[:, :n * r].unflatten(1, (n, r)), z[:, :n * r].unflatten(1, (n, r))
         entry_idx = torch.arange(n, device=x.device).repeat(B)
-        entries = self._pool(a_win.flatten(0, 1), z_win.flatten(0, 1), step.freqs_compressed, entry_idx, kind)
-        entries = entries.view(B, n, self.head_dim)
-        step.cache.write_entries(layer, which, entries)
-        return entries
+        entries = ops.compress_entries(a_win.flatten(0, 1), z_win.flatten(0, 1), self.ape, self.norm.weight,
+                                       step.freqs_compressed, entry_idx, r, kind, self.eps,
+                                       cache=cache.entry_store(layer, which),
+                                       rows=cache.prefill_entry_rows(layer, which, B, n))
+        return entries.view(B, n, self.head_dim)
 
     def decode(self, x: torch.Tensor, step: Step, layer: int, which: str, kind: str) -> None:
-        """Adds the new tokens to the partial windows; stores the entries that complete."""
+        """Adds the new tokens to the partial windows; writes the entries that complete into
+        the cache, encoded (one launch; requests whose window stays open write nothing)."""
         cache, B = step.cache, x.shape[0]
         positions = step.positions[:, 0]
         a, z = self._project(x[:, 0])
         cache.push_state(layer, which, a, z, positions)
         a_win, z_win = cache.state(layer, which, B)
-        # Pooled for every request, kept only where (p+1) % ratio == 0: no host sync.
-        entry = self._pool(a_win, z_win, step.freqs_compressed, positions // self.ratio, kind)
-        cache.emit_entry(layer, which, entry, positions)
+        key = (self.ratio, which)
+        if key not in step.entry_rows:
+            step.entry_rows[key] = (positions // self.ratio, cache.decode_entry_rows(layer, which, positions))
+        entry_idx, rows = step.entry_rows[key]
+        ops.compress_entries_to_cache(a_win, z_win, self.ape, self.norm.weight, step.freqs_compressed, entry_idx,
+                                      cache.entry_store(layer, which), rows, self.ratio, kind, self.eps)
+        cache.advance_state(layer, which, positions)
 
 
 class Indexer(Weights):
@@ -232,17 +241,18 @@ class Attention(Weights):
         q = ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps)
         q = ops.apply_rope(q, freqs, step.positions)
         kv = ops.rms_norm(self.wkv(x), self.kv_norm.weight, self.eps)
-        kv = ops.rope_qat8(kv, freqs, step.positions)
         cache = step.cache
         if step.decode:
-            cache.write_token(layer, kv[:, 0], step.positions[:, 0])
+            # RoPE + qat8 + FP8 row into the ring slot, one launch; attention reads the rows.
+            cache.store_window(layer, kv[:, 0], freqs, step.positions[:, 0])
             if self.compressor is not None:
                 self.compressor.decode(x, step, layer, MAIN, "kv")
             topk = self.indexer(x, qr, step, layer) if self.indexer is not None else None
             idx = cache.decode_candidates(layer, step.positions[:, 0], topk)
             kv_all = cache.kv(layer, B)
         else:
-            cache.fill_window(layer, kv, step.lengths)
+            cache.store_window(layer, kv, freqs, step.positions, step.lengths)
+            kv = ops.rope_qat8(kv, freqs, step.positions)  # the prompt's own attention reads BF16
             n_entries, kv_all = 0, kv
             if self.compressor is not None:
                 entries = self.compressor.prefill(x, step, layer, MAIN, "kv")

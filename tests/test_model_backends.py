@@ -32,6 +32,8 @@ import pytest
 import torch
 
 from dsv4_triton import registry, use_backend
+from dsv4_triton.reference.attention import head_dim_of_row_bytes, unpack_kv_fp8
+from dsv4_triton.reference.indexer import FP4_KEY_BYTES, key_values
 from model import DSV4Model
 from test_model_forward import one_cpu_thread  # noqa: F401  (autouse: one intra-op thread)
 
@@ -40,9 +42,11 @@ LOGITS_RTOL = 0.12
 DECIDED_MARGIN = 0.75
 
 # Every registry op a forward pass of the model runs (rope_freqs: when the model is built).
-MODEL_OPS = ("apply_rope", "compress_entries", "fp8_linear", "grouped_linear", "hc_head", "hc_post", "hc_pre",
-             "indexer_topk", "linear", "moe_experts", "rms_norm", "rope_freqs", "rope_hadamard_qat4", "rope_qat8",
-             "route", "sparse_attention", "swiglu")
+MODEL_OPS = ("apply_rope", "compress_entries_cached", "compress_entries_to_cache", "fp8_linear", "grouped_linear",
+             "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "rms_norm", "rope_freqs",
+             "rope_hadamard_qat4", "rope_qat8", "route", "sparse_attention", "store_window_kv", "swiglu")
+# Ops that write into a cache argument (its position): checked in place on the rows they write.
+CACHE_ARG = {"compress_entries_cached": 9, "compress_entries_to_cache": 6, "store_window_kv": 3}
 
 
 class Scenario:
@@ -113,7 +117,7 @@ def _selection_scores(name, args):
         return scores + bias.float() if bias is not None else scores
     if name == "indexer_topk":
         qi, w, keys, n_valid = args[:4]
-        per_head = torch.einsum("bshd,bnd->bshn", qi.float(), keys.float()).relu()
+        per_head = torch.einsum("bshd,bnd->bshn", qi.float(), key_values(keys)).relu()
         scores = (w.float()[..., None] * per_head).sum(2)
         valid = torch.arange(keys.shape[1], device=keys.device) < n_valid[..., None]
         return scores.masked_fill(~valid, float("-inf")).flatten(0, 1)
@@ -174,6 +178,13 @@ def _output_error(name, args, got, expected):
     return worst
 
 
+def _cache_values(cache):
+    """FP32 values of encoded cache rows: FP4 indexer keys or FP8 KV rows."""
+    if cache.shape[-1] == FP4_KEY_BYTES:
+        return key_values(cache)
+    return unpack_kv_fp8(cache, head_dim_of_row_bytes(cache.shape[-1]))
+
+
 @contextlib.contextmanager
 def checking(name, backend, errors):
     """While active, each call of op ``name`` on ``backend`` is also run by the op's reference
@@ -188,8 +199,20 @@ def checking(name, backend, errors):
     fn = impl.fn
 
     def checked(*args):
+        if name not in CACHE_ARG:
+            out = fn(*args)
+            errors.append(_output_error(name, args, out, reference(*args)))
+            return out
+        # The reference writes into a copy of the cache as it was; both caches are compared
+        # as the values their rows decode to (FP8 codes one step apart count as such).
+        at = CACHE_ARG[name]
+        expected_cache = args[at].clone()
         out = fn(*args)
-        errors.append(_output_error(name, args, out, reference(*args)))
+        ref_out = reference(*args[:at], expected_cache, *args[at + 1:])
+        got, expected = (_cache_values(args[at]),), (_cache_values(expected_cache),)
+        if out is not None:
+            got, expected = (out, *got), (ref_out, *expected)
+        errors.append(_output_error(name, args, got, expected))
         return out
 
     impl.fn = checked

@@ -475,9 +475,11 @@ def test_window_rows_equal_pack_of_rope_qat8(device, backend, d, window, batch, 
 
 
 def test_window_write_nan_and_negative_positions(device):
-    """A NaN token encodes as pack_kv_fp8 encodes it; a negative position writes nothing."""
+    """A NaN or Inf token encodes as pack_kv_fp8 encodes it (NaN codes, scale byte 0xFF); a
+    negative position writes nothing."""
     kv = torch.randn(2, 2, 128, dtype=torch.bfloat16)
     kv[0, 1, 5] = float("nan")
+    kv[1, 1, 7] = float("-inf")
     positions = torch.tensor([[3, 4], [-1, 0]])
     freqs = rope_table(16)
     before = torch.full((2, 4, 200), SENTINEL, dtype=torch.uint8)

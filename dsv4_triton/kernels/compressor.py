@@ -195,9 +195,8 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
     ``is_rope`` marks the row's last block (stored as BF16), the others are re-encoded with
     the scale ``pack_kv_fp8`` computes from them (a block whose largest value rounded down
     may take the next smaller power of two: same values, other codes), so the bytes equal
-    ``pack_kv_fp8`` of the BF16 values.  Each block's program also writes its row's pad
-    bytes from the rope block.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``,
-    ``is_rope``: ``[R]``."""
+    ``pack_kv_fp8`` of the BF16 values.  The rope block also writes its row's zero pad
+    bytes.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``, ``is_rope``: ``[R]``."""
     DN: tl.constexpr = D - _ROPE
     NBLK: tl.constexpr = DN // _QBLOCK
     PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)

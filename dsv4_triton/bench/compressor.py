@@ -14,6 +14,7 @@ import torch
 
 from .. import ops
 from ..reference import compressor as ref
+from ..reference import quant as ref_quant
 from .case import Case
 
 TOKENS = 16384
@@ -153,7 +154,7 @@ def _window_case(batch, seq, d=512):
         return cache
 
     def eager(kv, freqs, positions, cache):
-        rows = ref.encode_rows(ops.rope_qat8(kv, freqs, positions), "kv")
+        rows = ref.encode_rows(ref_quant.rope_qat8(kv, freqs, positions, 64), "kv")
         batch_ids = torch.arange(batch, device=kv.device)[:, None]
         cache[batch_ids, positions % WINDOW] = rows
         return cache

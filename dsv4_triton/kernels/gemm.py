@@ -504,7 +504,8 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
         ws, w_bytes = ws.contiguous(), w_bytes.contiguous()
     y2 = y.view(m, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    lut = fp4_fp8_table(x.device) if fmt == "mxfp4" else ws
+    # None for the other formats: no table argument, so their tuning keys stay as stored.
+    lut = fp4_fp8_table(x.device) if fmt == "mxfp4" else None
     _scaled_gemm_kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2,
                               m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
                               m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,

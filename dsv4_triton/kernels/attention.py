@@ -271,8 +271,9 @@ def _scores(q, kv, branch, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
 
 def _attention_configs():
     # (BLOCK_K, warps, stages).  The first is valid for every shape (the interpreter runs only it).
-    # (64, 8, 3): at D = 512 the FP8 rows fit a third stage (182 KB of shared memory): one more
-    # tile of gathers in flight while the matmuls run; BF16 rows do not (the tuner skips it).
+    # (64, 8, 3): at D = 512 the FP8 rows fit a third stage (222 KB of shared memory), which
+    # keeps a tile of row gathers in flight while the matmuls run (see the index prefetch in
+    # the kernel); BF16 rows do not (270 KB: the tuner skips it).
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bk, w, st in ((32, 8, 2), (64, 8, 2), (64, 8, 3), (16, 8, 2), (32, 8, 3), (16, 8, 3), (64, 8, 1),
                               (32, 4, 2), (64, 4, 2), (64, 4, 3))]
@@ -319,13 +320,22 @@ def _sparse_attention_kernel(
     # after the loop: a row sum per tile crossed the two warpgroups (3 barriers a tile).
     l_acc = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
+    # Each tile's candidate rows are loaded one iteration ahead, by hand.  An index load
+    # feeding a gather in the same iteration is pipelined by Triton (3.6) with the gathers
+    # issued at the end of the previous iteration and waited for at the top of this one, in
+    # every config: the whole gather latency on every tile.  With the rows loop-carried, 3
+    # stages issue the gathers two tiles ahead (sm_90 SASS: the top-of-loop wait leaves the
+    # latest tile's copies in flight).
+    c_first = k_lo + tl.arange(0, BLOCK_K)
+    rows_next = tl.load(idx_row + c_first, mask=c_first < k_hi, other=-1)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         if VARIANT == CONTIGUOUS_ROWS:  # candidate slot c reads cache row c: no index load, no scatter
             rows = c
             valid = (c < k_hi) & (c < N)
         else:
-            rows = tl.load(idx_row + c, mask=c < k_hi, other=-1)
+            rows = rows_next
+            rows_next = tl.load(idx_row + c + BLOCK_K, mask=c + BLOCK_K < k_hi, other=-1)
             valid = (rows >= 0) & (rows < N)
         kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
                         stride_kvn8, D, FP8, VARIANT != NO_DEQUANT)

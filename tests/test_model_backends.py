@@ -36,6 +36,7 @@ from dsv4_triton.reference.attention import head_dim_of_row_bytes, unpack_kv_fp8
 from dsv4_triton.reference.indexer import FP4_KEY_BYTES, key_values
 from model import DSV4Model
 from test_model_forward import one_cpu_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_moe import moe_excess
 
 IN_PLACE_RTOL = 1e-2
 LOGITS_RTOL = 0.12
@@ -142,6 +143,19 @@ def _near_tie_rows(scores, got_ids, ref_ids):
     return differ, tied
 
 
+def _moe_error(args, out):
+    """moe_experts is held to its own test's per-output bound, which allows for FP8 codes of the
+    w2 input that round the other way near a midpoint: with a few tokens one such flip moves
+    the relative L2 error by a per cent or more, so the generic bound would be luck."""
+    x, weights, ids, w13, w13_scale, w2, w2_scale, limit, fmt = args
+    if fmt != "mxfp4":
+        return _output_error("moe_experts", args, out, registry.ops()["moe_experts"].impls["reference"].fn(*args))
+    _, n_bad, worst = moe_excess(out, x, weights, ids, (w13, w13_scale, w2, w2_scale), limit)
+    if n_bad == 0:
+        return 0.0, "within the per-output bound"
+    return float("inf"), f"{n_bad} outputs past the per-output bound (worst excess {worst:.3g})"
+
+
 def _output_error(name, args, got, expected):
     """(error, description) of one call's outputs: relative L2 for floats; for selected ids
     0 or inf, near-ties allowed (and their rows left out of the float comparison)."""
@@ -199,6 +213,10 @@ def checking(name, backend, errors):
     fn = impl.fn
 
     def checked(*args):
+        if name == "moe_experts":
+            out = fn(*args)
+            errors.append(_moe_error(args, out))
+            return out
         if name not in CACHE_ARG:
             out = fn(*args)
             errors.append(_output_error(name, args, out, reference(*args)))

@@ -169,9 +169,9 @@ def test_hc_pre_comb_is_doubly_stochastic(device):
 
 
 def test_hc_pre_many_tiles_and_splits(device):
-    # 150 tokens at dim 200: 10 tiles of 16 and 2 slices of 128 (the last one partial), so the
-    # y programs sum partial rows from several splits and tiles; more than 64 tokens, so fn
-    # is split by its own launch.  A second, shorter launch (fn split in the loop) reuses the
+    # 150 tokens at dim 200: 10 tiles of 16 and 4 splits (one 256-column slice per stream,
+    # running past dim), so the y programs sum partial rows from several splits and tiles; more
+    # than 64 tokens, so fn is split by its own launch.  A second, shorter launch (fn split in the loop) reuses the
     # larger workspace without reading the first launch's rows.
     X, fn, scale, base = _inputs(150, 200, 5, device)
     _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))

@@ -10,9 +10,8 @@ the work is split in launches with no waiting between programs:
 * ``_split_fn_kernel`` (more than 64 tokens): fn as three BF16 parts hi + mid + lo, each
   ``[4*dim, N_PAD]`` with the columns in partial-row order.  With BF16 X every product with a
   part is exact and the FP32 sum of the three is as accurate as an FP32 dot.
-* ``_mix_partial_kernel``, program ``(tile, split)``: ``BLOCK_T`` tokens times the slice
-  ``d in [split*CHUNK, +CHUNK)`` of all 4 streams, multiplied by the matching rows of the
-  parts (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats
+* ``_mix_partial_kernel``, program ``(tile, split)``: ``BLOCK_T`` tokens times one stream's
+  slice ``d in [d_lo, d_lo + CHUNK)``, multiplied by the matching rows of the parts (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats
   per token and split) to a workspace.  With the parts prepared, both operands reach the
   sm_90 warp-group MMA by asynchronous copies into shared memory, as in a plain GEMM; split
   inside the loop instead (``SPLIT_IN_LOOP``, used up to 64 tokens, where the extra launch
@@ -58,8 +57,8 @@ SPLIT_BLOCK = tl.constexpr(16)  # partial rows the y programs load at once
 SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
 
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
-    (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (64, 256, 64, 4, 4), (64, 512, 64, 4, 4),
-    (128, 256, 64, 8, 3), (128, 512, 64, 8, 3), (32, 512, 64, 4, 4), (64, 1024, 64, 4, 4), (64, 256, 64, 4, 6),
+    (16, 256, 64, 4, 3), (16, 512, 64, 4, 3), (32, 256, 64, 4, 3), (64, 1024, 64, 4, 4), (64, 512, 64, 4, 4),
+    (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
 ]
 SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
@@ -68,9 +67,10 @@ _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per str
 
 
 def _min_chunk(t_bucket: int) -> int:
-    """Narrowest dim slice tuned for a token bucket: the partial rows (128 B per token and
-    split) must stay small next to the X they summarise (8 * CHUNK bytes per token)."""
-    return 64 if t_bucket <= 64 else 256
+    """Narrowest slice (columns of one stream) tuned for a token bucket: the partial rows
+    (128 B per token and split) must stay small next to the X they summarise (2 * CHUNK bytes
+    per token)."""
+    return 256 if t_bucket <= 64 else 512
 
 
 def _prune_mix_configs(configs, nargs, **kw):
@@ -125,24 +125,28 @@ def _split_fn_kernel(fn_ptr, parts_ptr, K, N_MIX: tl.constexpr, N_PAD: tl.conste
 def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
                         N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
                         BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-    n_splits = tl.cdiv(dim, CHUNK)
+    # A split is one stream's columns [d_lo, d_lo + CHUNK): each token's slice is one
+    # contiguous run of 2*CHUNK bytes (runs of 512 B and more stream near the copy rate;
+    # four runs of a quarter of that, one per stream, measured 1.6x slower).
+    n_d = tl.cdiv(dim, CHUNK)
+    n_splits = STREAMS * n_d
     # Consecutive programs share a tile: the last programs read the last tiles, which the
     # y kernel (reverse order) reads first.
     tile = tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
+    stream = split // n_d
     rows = tl.arange(0, BLOCK_T)
     tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
-    d_lo = split * CHUNK
+    d_lo = (split % n_d) * CHUNK
     col = tl.arange(0, N_PAD)
     fn_row, fn_live = _fn_column_rows(N_MIX, N_PAD)
     part_stride = tl.full([], STREAMS * N_PAD, tl.int64) * dim
     acc_hi = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
     squares = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
-    for kk in range(0, STREAMS * CHUNK, BLOCK_K):
-        stream = kk // CHUNK
-        d = d_lo + kk % CHUNK + tl.arange(0, BLOCK_K)
+    for kk in range(0, CHUNK, BLOCK_K):
+        d = d_lo + kk + tl.arange(0, BLOCK_K)
         d_live = d < dim
         x = tl.load(x_ptr + tok[:, None] * stride_xt + stream * stride_xs + d[None, :],
                     mask=live[:, None] & d_live[None, :], other=0.0)
@@ -289,7 +293,7 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
         min_chunk = min(c.kwargs["CHUNK"] for c in _prune_mix_configs(mix_kernel.configs, dict(dim=dim, t_bucket=t_bucket)))
     else:
         min_chunk = config[1]
-    part = _workspace(X.device, "partials", triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
+    part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
     split_in_loop = T <= SPLIT_IN_LOOP_MAX_T
     parts = fn  # unread when fn is split inside the loop
     if not split_in_loop:
@@ -300,7 +304,7 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
 
     def mix_grid(meta):
         chosen["CHUNK"] = meta["CHUNK"]
-        return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(dim, meta["CHUNK"]),)
+        return (triton.cdiv(T, meta["BLOCK_T"]) * HC_MULT * triton.cdiv(dim, meta["CHUNK"]),)
 
     mix_args = (X, fn, parts, part, T, dim, X.stride(0), X.stride(1), t_bucket)
     consts = dict(N_MIX=n_mix, N_PAD=n_pad, SPLIT_IN_LOOP=split_in_loop)
@@ -311,7 +315,7 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
         _mix_partial_kernel[mix_grid(dict(BLOCK_T=bt, CHUNK=c))](*mix_args, **consts, BLOCK_T=bt, CHUNK=c,
                                                                  BLOCK_K=bk, num_warps=w, num_stages=st)
     y_args = (X, part, scale, base, y, y if head else post, y if head else comb, T, dim,
-              triton.cdiv(dim, chosen["CHUNK"]), X.stride(0), X.stride(1), iters, eps, norm_eps, t_bucket)
+              HC_MULT * triton.cdiv(dim, chosen["CHUNK"]), X.stride(0), X.stride(1), iters, eps, norm_eps, t_bucket)
     y_grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * (triton.cdiv(dim, m["BLOCK_D"]) + (0 if head else 1)),)
     if y_config is None:
         y_kernel[y_grid](*y_args, HEAD=head, N_PAD=n_pad)

@@ -74,8 +74,7 @@ def test_oracle_ties_take_lower_indices_and_nan_ranks_first():
 
 def _run_triton(qi, w, keys, n_valid, k, splits=None):
     """``splits``: None = the registered op (its own plan), n = one program per row segment
-    and a merge (n segments), ("parts", n[, cap]) = the row-parallel selection (n chunks per
-    row, a survivor buffer of cap per row: small caps take the whole-row fallback)."""
+    and a merge (n segments), ("parts", n) = the row-parallel selection (n chunks per row)."""
     if splits is None:
         with use_backend("triton"):
             return ops.indexer_topk(qi, w, keys, n_valid, k)
@@ -84,7 +83,7 @@ def _run_triton(qi, w, keys, n_valid, k, splits=None):
     return kernels.indexer_topk_splits(qi, w, keys, n_valid, k, splits)
 
 
-PARTS = [("parts", 1), ("parts", 3), ("parts", 16), ("parts", 5, 7)]
+PARTS = [("parts", 1), ("parts", 3), ("parts", 16), ("parts", 5)]
 
 
 def random_n_valid(g, bsz, seq, n_keys):
@@ -196,7 +195,7 @@ def test_kernel_strided_inputs(device):
         assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
 
 
-# --- the row-parallel selection: first-level histogram, survivors, exact cut -------------
+# --- the row-parallel selection: level histograms summed over chunks, counts, write ------
 
 def distinct_score_inputs(g, bsz, seq, n_keys, low, high, special):
     """Inputs whose score for entry s is exactly ``v[s]`` (distinct integers drawn from
@@ -226,13 +225,12 @@ def distinct_score_inputs(g, bsz, seq, n_keys, low, high, special):
 @given(bsz=st.integers(1, 2), seq=st.integers(1, 2), n_keys=st.integers(1, 700), k=st.integers(1, 80),
        spread=st.sampled_from([(-3000000, 3000000), (1000, 1800), (-2000, 2000), (2**20, 2**20 + 3000)]),
        special=st.booleans(),
-       parts=st.sampled_from([("parts", 2), ("parts", 7), ("parts", 16), ("parts", 4, 40)]),
+       parts=st.sampled_from([("parts", 2), ("parts", 7), ("parts", 16), ("parts", 4)]),
        seed=st.integers(0, 2**31))
 def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spread, special, parts, seed):
-    """Distinct scores over many octaves, or packed into a few first-level bins (near 2^20
-    consecutive integers differ in the key's low bits: every key level of the cut), with
-    +-Inf and +-0 among them: the selection equals the oracle's exactly, also through the
-    whole-row fallback (cap 40).  The interpreter warns of Inf * 0 in the padding heads'
+    """Distinct scores over many octaves, or packed into a few top-level digits (near 2^20
+    consecutive integers differ in the key's low bits: every radix level), with +-Inf and
+    +-0 among them: the selection equals the oracle's exactly.  The interpreter warns of Inf * 0 in the padding heads'
     products; the kernel masks those rows."""
     g = torch.Generator().manual_seed(seed)
     low, high = spread
@@ -249,70 +247,50 @@ def _workspace_counts():
     return sum(int(zeroed.abs().sum()) for zeroed, _ in kernels._workspaces.values())
 
 
-def _reverse_runs(scratch, rows, parts, cap):
-    """Lay each row's survivor runs out in reverse chunk order (as atomics may on a GPU; the
-    interpreter runs the chunk programs in order), updating each chunk's (offset, count)."""
-    for row in range(rows):
-        keys, idx = scratch[row, :cap].clone(), scratch[row, cap:2 * cap].clone()
-        runs = scratch[row, 3 * cap:3 * cap + 2 * parts].view(parts, 2)
-        at = 0
-        for c in reversed(range(parts)):
-            base, found = (int(v) for v in runs[c])
-            scratch[row, at:at + found] = keys[base:base + found]
-            scratch[row, cap + at:cap + at + found] = idx[base:base + found]
-            runs[c, 0] = at
-            at += found
-
-
 @given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), seed=st.integers(0, 2**31))
-def test_row_parallel_runs_in_any_order(device, n_keys, k, parts, seed):
-    """The chunks' survivor runs land in the buffer in whatever order their atomics ran: the
-    output (ascending indices, ties to the lowest) does not depend on it, and nothing is
-    written past a row's k slots."""
+def test_row_parallel_writes_only_its_rows_k_slots(device, n_keys, k, parts, seed):
+    """Each chunk writes its selection at its offset and the last chunk pads: the output is the
+    oracle's (ascending indices, ties to the lowest) and nothing lands past a row's k slots."""
     g = torch.Generator().manual_seed(seed)
     qi, w, keys = make_inputs(g, 1, 2, 3, n_keys, integer=True)
     n_valid = random_n_valid(g, 1, 2, n_keys)
     args = [t.to(device) for t in (qi, w, keys, n_valid)]
-    cap = kernels.SURVIVOR_CAP
-    zeroed, scratch = kernels._workspace(args[0].device, 2, cap)
-    scores = kernels._scores_and_histogram(*args, zeroed)
-    chunk = -(-n_keys // parts)
-    kernels._collect_survivors(scores, args[3], zeroed, scratch, 2, k, chunk, cap)
-    _reverse_runs(scratch, 2, -(-n_keys // chunk), cap)
+    scores = kernels.indexer_scores(*args)
     # A guard row after the output: no write lands past the last row's k slots.
     out_buf = torch.full((3, k), -7, dtype=torch.int32, device=device)
-    out = out_buf[:2].view(1, 2, k)
-    kernels._select_survivors(scores, args[3], zeroed, scratch, out, 2, k, chunk, cap)
-    assert torch.equal(out.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
+    kernels.select_parts(scores, args[3], out_buf[:2], 2, k, -(-n_keys // parts))
+    assert torch.equal(out_buf[:2].view(1, 2, k).cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
     assert torch.all(out_buf[2] == -7)
+    assert _workspace_counts() == 0
 
 
 def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
-    """The first-level histograms and survivor counters are zero between calls (each call
-    zeroes what it used): a sequence of calls with different rows, lengths, k and paths
-    (take-all, survivors with tied cuts, whole-row fallback, n_valid = 0) stays exact."""
+    """The level histograms and arrival counters are zero between calls (each call zeroes
+    what it used): a sequence of calls with different rows, lengths, k and paths (take-all,
+    levels stopped early, tied cuts, n_valid = 0) stays exact."""
     g = torch.Generator().manual_seed(11)
-    calls = [(2, 3, 4, 200, 17, None), (1, 1, 3, 90, 120, None), (1, 2, 16, 300, 9, 8), (2, 2, 2, 150, 30, None),
-             (1, 3, 5, 64, 64, None)]
-    for bsz, seq, heads, n_keys, k, cap in calls:
+    calls = [(2, 3, 4, 200, 17), (1, 1, 3, 90, 120), (1, 2, 16, 300, 9), (2, 2, 2, 150, 30), (1, 3, 5, 64, 64)]
+    for bsz, seq, heads, n_keys, k in calls:
         qi, w, keys = make_inputs(g, bsz, seq, heads, n_keys, integer=True)
         n_valid = random_n_valid(g, bsz, seq, n_keys)
         n_valid[0, 0] = 0
         args = [t.to(device) for t in (qi, w, keys, n_valid)]
         for _ in range(2):
-            got = kernels.indexer_topk_parts(*args, k, 5, *([cap] if cap else []))
+            got = kernels.indexer_topk_parts(*args, k, 5)
             assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
             assert _workspace_counts() == 0
 
 
 _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32", scores_ptr="*fp32",
-                     hist_ptr="*i32", zeroed_ptr="*i32", scratch_ptr="*i32", out_ptr="*i32")
+                     zeroed_ptr="*i32", counts_ptr="*i32", out_ptr="*i32")
 
 
 @pytest.mark.parametrize("kernel, consts, warps", [
-    ("_scores_hist_kernel", dict(KEYS_FP4=True, HEADS_P=64, BLOCK_N=128, TILES=2), 8),
-    ("_survivor_kernel", dict(BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
-    ("_survivor_select_kernel", dict(PARTS_P=256, BLOCK=kernels.SURVIVOR_BLOCK), kernels.SURVIVOR_WARPS),
+    ("_scores_kernel", dict(KEYS_FP4=True, HEADS_P=64, QROWS=1, BLOCK_N=128, TILES=2), 8),
+    ("_row_level_kernel", dict(LEVEL=0, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=3, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_count_kernel", dict(BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_write_kernel", dict(PARTS_P=256, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):
     """The interpreter accepts code the GPU compiler rejects (a loop variable changing shape):
@@ -445,22 +423,21 @@ def test_kernel_decode_sizes(device, bsz, n_keys, k, splits):
 
 
 def test_selection_plan(monkeypatch):
-    """Few long rows take the row-parallel selection (about 4 programs per SM); many rows,
-    rows under 8k or k over a quarter of the survivor buffer, one program per segment (and a
-    merge when a row is split)."""
+    """Few long rows take the row-parallel selection (about 4 programs per SM, at most
+    MAX_PARTS chunks); many rows or rows under 8k, one program per segment (and a merge when
+    a row is split)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert kernels.plan_parts(1, 262144, 1024, cuda) == 256
     assert kernels.plan_parts(32, 32768, 1024, cuda) == 17
     assert kernels.plan_parts(16384, 4096, 1024, cuda) == 0
     assert kernels.plan_parts(1, 4096, 1024, cuda) == 0
-    assert kernels.plan_parts(1, 262144, 8192, cuda) == 0  # k too large for the survivor buffer
 
 
 @pytest.mark.gpu
-def test_row_parallel_decode_equal_scores_fallback(device):
-    """Every score equal (zero keys): the first level's bin holds the whole row, more than the
-    survivor buffer, so the row is selected by the whole-row fallback: indices 0..k-1."""
+def test_row_parallel_decode_equal_scores(device):
+    """Every score equal (zero keys): every level's digit holds the whole row, the cut is
+    that score with k ties, taken lowest index first across the chunks: indices 0..k-1."""
     g = torch.Generator().manual_seed(12)
     qi, w, _ = make_inputs(g, 1, 1, 64, 1, integer=True)
     keys = torch.zeros(1, 262144, HEAD_DIM, dtype=torch.bfloat16)

@@ -8,9 +8,9 @@ ridge (bf16 matmul rate / copy bandwidth ~ 240), and add an in-register decode p
 Its byte count: keys + qi + w read once, FP32 scores written once.
 End to end (score + exact top-k) is counted on the same bytes; the selection re-reads
 the scores (4 B/key, L2-resident for one row): few long rows by the row-parallel select
-(the scoring launch also builds each row's first-level histogram; then one launch copies
-the survivors, the keys at or above the k-th largest's first-level bin, and one program
-per row cuts them exactly), many rows by one program per row segment (one or two launches).
+(each row in chunks, one program each: four radix-level launches whose chunk histograms
+are summed by integer atomics, one counting launch, one writing launch), many rows by one
+program per row segment (one or two launches).
 
 Prefill: 16k queries, causal (entry s valid for query t when s < (t+1)//4), 4096 entries;
 FLOP of the causal half: 2 * 64 * 128 per (query, valid entry) pair.
@@ -89,8 +89,8 @@ def _decode_cases(quick):
         cuda = torch.device("cuda")
         parts = kernels.plan_parts(bsz, n_keys, TOP_K, cuda)
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, cuda)
-        # Row-parallel: scores with the first-level histogram, survivors, exact cut and write.
-        launches = 3 if parts else 2 if splits == 1 else 3
+        # Row-parallel: scores, 4 radix levels, counts, write.
+        launches = 7 if parts else 2 if splits == 1 else 3
         plan = f"row-parallel, {parts} chunks per row" if parts else f"{splits} segment(s) per row"
         out.append(Case(
             op="indexer_topk", shape=shape + f" k={TOP_K}", make_inputs=make,

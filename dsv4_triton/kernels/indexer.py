@@ -12,12 +12,11 @@ score (up to four levels of one byte; a histogram pass per level finds the digit
 the k-th largest, and the levels stop once that digit is taken whole), then one pass that
 writes, in ascending index order, every index above the threshold and the lowest-index
 ones equal to it, and pads with -1.  Deterministic either way (integer sums only):
-- few long rows (decode): the row-parallel select, 3 launches with every SM busy in the
-  first two: the scoring launch also builds each row's histogram of the top 11 key bits;
-  chunk programs then copy the row's survivors (the keys in the k-th largest's bin or
-  above: about k plus that bin's share) to a small buffer; one program per row finds the
-  exact cut key among them by radix levels and writes the selection (ties at the cut to the
-  lowest indices) in ascending index order.  See "Row-parallel selection" below.
+- few long rows (decode): the row-parallel select, 7 launches with every SM busy: the
+  scoring pass, then each row cut into chunks, one program each: 4 level launches (the
+  chunks' histograms summed by integer atomics into the row's, the picks replayed from them
+  by every program), one that counts each chunk's keys above the threshold and tied with it,
+  one that writes each chunk's selection at its offset.  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -48,10 +47,7 @@ FP4_BLOCK: tl.constexpr = tl.constexpr(32)
 RADIX_BITS: tl.constexpr = tl.constexpr(8)
 RADIX_BINS: tl.constexpr = tl.constexpr(256)
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
-# First level of the row-parallel selection: the top 11 bits of the order key (sign, exponent,
-# 2 mantissa bits: quarter-octave bins), histogrammed by the scoring kernel.
-FIRST_BITS: tl.constexpr = tl.constexpr(11)
-FIRST_BINS: tl.constexpr = tl.constexpr(2048)
+RADIX_LEVELS: tl.constexpr = tl.constexpr(4)
 TWO_POW_126: tl.constexpr = tl.constexpr(2.0 ** 126)
 _KEY_ROW_BYTES: tl.constexpr = tl.constexpr(FP4_KEY_BYTES)
 PACK_ROWS = 16
@@ -74,14 +70,20 @@ def _prune_scores(configs, nargs, **kw):
     return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
 
 
+@autotune(
+    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
+             ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
+              (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
+    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
+    name="indexer_scores",
+    prune_configs_by={"early_config_prune": _prune_scores},
+)
 @triton.jit
-def _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
-                 s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
-                 KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TILES: tl.constexpr, HIST: tl.constexpr):
-    """One scoring program; with ``HIST`` (one query per program) it also adds the histogram of
-    its scores' top ``FIRST_BITS`` key bits to the query's row of ``hist_ptr`` (integer atomics:
-    exact in any order)."""
+def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
+                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
+                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TILES: tl.constexpr):
+    """Program (key tiles, query block, batch): the scores of ``QROWS`` queries."""
     M: tl.constexpr = QROWS * HEADS_P
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -114,53 +116,6 @@ def _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, hea
             part = tl.where(q_ok[:, None], tl.where(logits < 0, 0.0, logits) * wv[:, None], 0.0)
             score = tl.sum(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), axis=1)
             tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
-    if HIST:
-        # The histogram of the scores just stored, read back in a plain 1-D layout (the
-        # scores' own layout derives from the MMA's); the barrier makes every warp's stores
-        # visible to the whole program.
-        tl.debug_barrier()
-        row = b * seq + t0
-        kidx = pid_n * TILES * BLOCK_N + tl.arange(0, TILES * BLOCK_N)
-        valid = kidx < keys_end
-        score = tl.load(scores_ptr + row * n_keys + kidx, mask=valid, other=0.0)
-        hist = tl.histogram(_first_digit(_order_key(score)), FIRST_BINS, mask=valid)
-        tl.atomic_add(hist_ptr + row * s_hist + tl.arange(0, FIRST_BINS), hist, mask=hist > 0, sem="relaxed")
-
-
-@autotune(
-    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
-             ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
-              (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
-    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
-    name="indexer_scores",
-    prune_configs_by={"early_config_prune": _prune_scores},
-)
-@triton.jit
-def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
-                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
-                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   TILES: tl.constexpr):
-    _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, scores_ptr, seq, heads, n_keys,
-                 s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, 0,
-                 KEYS_FP4, HEADS_P, QROWS, BLOCK_N, TILES, False)
-
-
-@autotune(
-    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
-             ((128, 4, 4, 3), (128, 1, 8, 3), (128, 2, 8, 3), (128, 4, 8, 3), (128, 2, 4, 3), (64, 4, 4, 3),
-              (128, 8, 8, 4))],
-    key=["HEADS_P", "KEYS_BUCKET", "KEYS_FP4"],
-    name="indexer_scores_hist",
-    restore_value=["hist_ptr"],  # the timing runs must not add to the histograms
-)
-@triton.jit
-def _scores_hist_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys, KEYS_BUCKET,
-                        s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
-                        KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-    """Program (key tiles, query, batch): scores and the first-level histogram of one query."""
-    _score_tiles(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, hist_ptr, seq, heads, n_keys,
-                 s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns, s_hist,
-                 KEYS_FP4, HEADS_P, 1, BLOCK_N, TILES, True)
 
 
 @triton.jit
@@ -217,12 +172,6 @@ def _order_key(v):
     bits = v.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return tl.where(v != v, 0x7FFFFFFF, key)
-
-
-@triton.jit
-def _first_digit(key):
-    """Bin of the first level: the key's top ``FIRST_BITS`` bits, taken signed, shifted to >= 0."""
-    return (key >> (32 - FIRST_BITS)) + FIRST_BINS // 2
 
 
 @triton.jit
@@ -375,44 +324,52 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 
 
 # --- Row-parallel selection (few long rows) -----------------------------------------------
-# Three launches, every SM busy in the first two:
-# 1. ``_scores_hist_kernel``: the scores, and each row's histogram of the top 11 key bits
-#    (2048 quarter-octave bins) added by integer atomics into a zeroed workspace.
-# 2. ``_survivor_kernel`` (row, part): every chunk replays the pick of the first level (the
-#    bin holding the k-th largest) from the histogram and copies its survivors (keys in that
-#    bin or above: the selection is among them) into the row's survivor buffer, at an offset
-#    taken from the row's counter by one atomic per chunk; the chunk's run stays in index order.
-# 3. ``_survivor_select_kernel`` (row): the exact cut key among the survivors by radix levels
-#    (8, 8, 5 bits below the first level), then one pass of running (above, tied) counts in
-#    buffer order and one that writes each taken index at its slot: the taken ones of lower
-#    index are those of the chunks before its own (per-chunk sums) and those before it in its
-#    run, ties taken lowest index first; pads with -1, and zeroes the row's histogram and
-#    counter for the next call.
-# Rows whose survivors exceed the buffer (a first-level bin holding more than ``survivor_cap``
-# of the top: many equal or near-equal scores) are selected in launch 3 by one program over
-# the whole row (``_select_segment``): exact, slower.
+# After the scoring launch each row is cut into ``parts`` chunks, one program each, in every
+# launch: the radix levels of ``_select_segment``, but a level's histogram is the sum of the
+# chunks' (integer atomics: exact in any order), kept in the row's workspace; every program
+# replays the picks from it (1 KB per level), so a launch boundary is the only
+# synchronisation.  Then one launch counts each chunk's elements above the threshold and tied
+# with it, and one writes each chunk's selection at its offset (ascending index order, ties to
+# the lowest indices as in one program): 4 level launches + 2, each with every SM busy.
 #
-# Workspace invariant: ``zeroed`` (per row: FIRST_BINS counts, then the survivor counter) is
-# zero when a call starts; allocated zeroed, every call leaves it zeroed.  One workspace per
-# stream: calls on one stream run in order, so they never overlap on it.
+# Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then an arrival
+# counter) is zero when a call starts; allocated zeroed, and in the write launch the last of a
+# row's programs to arrive (every other one has read the histograms by then) zeroes the row's.
+# One workspace per stream: calls on one stream run in order, so they never overlap on it.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
-SURVIVOR_BLOCK = 4096
-SURVIVOR_WARPS = 16
-SURVIVOR_CAP = 16384
-MAX_SURVIVOR_CAP = 32767  # running (above, tied) counts share one int32, 16 bits each
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)
+ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * RADIX_BINS)  # a row's histograms; its counter follows
 
 
 @triton.jit
-def _first_level(row_ws, k):
-    """From a row's first-level histogram: (take_all, bin d0 holding the k-th largest, how many
-    are still needed from it, how many it holds, survivors = keys in d0 or above)."""
-    hist = tl.load(row_ws + tl.arange(0, FIRST_BINS))
-    take_all = tl.sum(hist, axis=0) <= k
-    d0, remaining, count = _pick_bin(hist, k, FIRST_BINS)
-    return take_all, d0, remaining, count, k - remaining + count
+def _row_threshold(hist_ptr, k, LEVELS: tl.constexpr):
+    """Replay the picks of the first ``LEVELS`` levels of a row from their histograms:
+    (prefix, remaining, done) as ``_select_segment`` has them, and the threshold key and
+    number of ties taken that the levels give when they are all done."""
+    bins = tl.arange(0, RADIX_BINS)
+    h0 = tl.load(hist_ptr + bins)
+    take_all = tl.sum(h0, axis=0) <= k
+    d0, remaining, count = _pick_bin(h0, k, RADIX_BINS)
+    prefix = d0 - RADIX_BINS // 2
+    done = take_all | (count == remaining)
+    lowest = prefix << 24
+    for level in tl.static_range(1, LEVELS):
+        digit, rest, count = _pick_bin(tl.load(hist_ptr + level * RADIX_BINS + bins), remaining, RADIX_BINS)
+        was_done = done
+        prefix = tl.where(was_done, prefix, prefix * RADIX_BINS + digit)
+        remaining = tl.where(was_done, remaining, rest)
+        done = was_done | (count == rest)
+        lowest = tl.where(was_done, lowest, prefix << (24 - RADIX_BITS * level))
+    # As in ``_select_segment``: stopped before the last level, every key of the digit is
+    # taken (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all.
+    if LEVELS == RADIX_LEVELS:
+        early = was_done  # done before the last level
+    else:
+        early = done
+    threshold = tl.where(take_all, INT32_MIN, tl.where(early, tl.maximum(lowest, INT32_MIN + 1) - 1, prefix))
+    return prefix, remaining, done, threshold, tl.where(early, 0, remaining)
 
 
 @triton.jit
@@ -427,163 +384,83 @@ def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
 
 
 @triton.jit
-def _survivor_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, seq, n_keys, k, chunk, cap, s_zero, s_scratch,
-                     s_nb, s_ns, BLOCK: tl.constexpr):
-    """Program (row, part): copy the chunk's survivors (key, index) to the row's buffer, in
-    index order from an offset reserved on the row's counter; record (offset, count)."""
+def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_zero, s_nb, s_ns,
+                      LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's."""
     row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    row_ws = zeroed_ptr + row * s_zero
-    take_all, d0, remaining, count, survivors = _first_level(row_ws, k)
-    n = tl.where(take_all | (survivors > cap), 0, n)
+    row_hist = zeroed_ptr + row * s_zero
     vals = scores_ptr + row * n_keys + first
-    found = 0
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        key = _order_key(tl.load(vals + offs, mask=offs < n, other=0.0))
-        found += tl.sum(((offs < n) & (_first_digit(key) >= d0)).to(tl.int32), axis=0)
-    base = tl.atomic_add(row_ws + FIRST_BINS, found, sem="relaxed")
-    row_scratch = scratch_ptr + row * s_scratch
-    written = base
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        key = _order_key(tl.load(vals + offs, mask=offs < n, other=0.0))
-        keep = (offs < n) & (_first_digit(key) >= d0)
-        pos = written + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(row_scratch + pos, key, mask=keep)
-        tl.store(row_scratch + cap + pos, first + offs, mask=keep)
-        written += tl.sum(keep.to(tl.int32), axis=0)
-    runs = row_scratch + 3 * cap + 2 * tl.program_id(1)
-    tl.store(runs, base)
-    tl.store(runs + 1, found)
-
-
-@triton.jit
-def _survivor_level(key_ptr, n, prefix, remaining, done, SHIFT: tl.constexpr, BITS: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """One radix level over the survivors whose key bits above ``SHIFT + BITS`` equal
-    ``prefix``, on the ``BITS`` bits at ``SHIFT``.  Returns (the key's bits from ``SHIFT`` up,
-    remaining, done).  A level skipped once ``done`` appends a zero digit, so the last
-    level's prefix is the lowest key of the digit where the levels stopped."""
-    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
-    for start in range(0, tl.where(done, 0, n), BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        key = tl.load(key_ptr + offs, mask=offs < n, other=0)
-        match = (offs < n) & ((key >> (SHIFT + BITS)) == prefix)
-        hist += tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), RADIX_BINS, mask=match)
-    # Skipped: an empty histogram picks digit 0 and leaves ``remaining`` as it is.
-    digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
-    return (prefix << BITS) + digit, rest, done | (count == rest)
-
-
-@triton.jit
-def _survivor_cut(key_ptr, n, d0, remaining, count, BLOCK: tl.constexpr):
-    """(cut key, ties): the selection is every survivor with ``key > cut`` and the ``ties``
-    lowest-index ones with ``key == cut``."""
-    # Level 0 was the first level (the top 11 key bits); then 8, 8 and 5 key bits.
-    done = count == remaining
-    p1, remaining, done = _survivor_level(key_ptr, n, d0 - FIRST_BINS // 2, remaining, done, 13, 8, BLOCK)
-    p2, remaining, done = _survivor_level(key_ptr, n, p1, remaining, done, 5, 8, BLOCK)
-    cut, remaining, done = _survivor_level(key_ptr, n, p2, remaining, done, 0, 5, BLOCK)
-    # Stopped early, the whole digit is taken: every key from its lowest (``cut``) up.
-    return cut, tl.where(done, 2147483647, remaining)
-
-
-@triton.jit
-def _survivor_flags(key_ptr, offs, n, cut):
-    """Above the cut, and tied with it, packed as ``above + (tie << 16)`` (survivor counts
-    stay below 2^16, so running sums of both fit one int32)."""
-    key = tl.load(key_ptr + offs, mask=offs < n, other=0)
-    return tl.where(offs < n, (key > cut).to(tl.int32) + ((key == cut).to(tl.int32) << 16), 0)
-
-
-@triton.jit
-def _survivor_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, scratch_ptr, out_ptr, seq, n_keys, k, chunk, cap,
-                            s_zero, s_scratch, s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row): the row's selection from its survivors (ascending indices, -1 padding),
-    then its histogram and counter back to zero."""
-    row, first, nv = _row_chunk(nv_ptr, seq, n_keys, n_keys, s_nb, s_ns)
-    parts = tl.cdiv(n_keys, chunk)
-    row_ws = zeroed_ptr + row * s_zero
-    take_all, d0, remaining, count, survivors = _first_level(row_ws, k)
-    out_row = out_ptr + row * k
-    row_scratch = scratch_ptr + row * s_scratch
-    key_ptr = row_scratch
-    idx_ptr = row_scratch + cap
-    cum_ptr = row_scratch + 2 * cap
-    runs_ptr = row_scratch + 3 * cap
-    before_ptr = runs_ptr + 2 * MAX_PARTS
-    start_ptr = before_ptr + MAX_PARTS
-    if take_all:
-        # At most k valid scores: all of them, in order.
-        for start in range(0, nv, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            tl.store(out_row + offs, offs, mask=offs < nv)
-        _pad(out_row, nv, k, BLOCK)
-    elif survivors > cap:
-        _select_segment(scores_ptr + row * n_keys, scores_ptr, nv, k, 0, out_row, out_row, False, False, BLOCK)
+    if LEVEL == 0:
+        hist = _level_histogram(vals, vals, n, 0, 0, False, BLOCK)
     else:
-        cut, ties = _survivor_cut(key_ptr, survivors, d0, remaining, count, BLOCK)
-        # Running (above, tied) counts in buffer order.
-        total = 0
-        for start in range(0, survivors, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            flags = _survivor_flags(key_ptr, offs, survivors, cut)
-            tl.store(cum_ptr + offs, total + tl.cumsum(flags, axis=0), mask=offs < survivors)
-            total += tl.sum(flags, axis=0)
-        tl.debug_barrier()
-        # Chunk c's run [base, base + found) is in index order; the runs of the chunks before
-        # it (in index order) hold ``before[c]`` (above, tied) survivors.
-        p = tl.arange(0, PARTS_P)
-        has = p < parts
-        base = tl.load(runs_ptr + 2 * p, mask=has, other=0)
-        found = tl.load(runs_ptr + 2 * p + 1, mask=has, other=0)
-        run_start = tl.load(cum_ptr + base - 1, mask=has & (found > 0) & (base > 0), other=0)
-        run_end = tl.load(cum_ptr + base + found - 1, mask=has & (found > 0), other=0)
-        run = tl.where(found > 0, run_end - run_start, 0)
-        tl.store(before_ptr + p, tl.cumsum(run, axis=0) - run, mask=has)
-        tl.store(start_ptr + p, run_start, mask=has)
-        tl.debug_barrier()
-        # Each survivor's output slot: the taken ones with lower indices, i.e. those above the
-        # cut plus the first ``ties`` tied ones.
-        for start in range(0, survivors, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ok = offs < survivors
-            idx = tl.load(idx_ptr + offs, mask=ok, other=0)
-            flags = _survivor_flags(key_ptr, offs, survivors, cut)
-            c = idx // chunk
-            lower = tl.load(before_ptr + c, mask=ok, other=0)
-            in_run = tl.load(cum_ptr + offs, mask=ok, other=0)
-            own_start = tl.load(start_ptr + c, mask=ok, other=0)
-            above_lower = (lower & 0xFFFF) + (in_run & 0xFFFF) - (own_start & 0xFFFF) - (flags & 0xFFFF)
-            tied_lower = (lower >> 16) + (in_run >> 16) - (own_start >> 16) - (flags >> 16)
-            take = ((flags & 0xFFFF) > 0) | (((flags >> 16) > 0) & (tied_lower < ties))
-            tl.store(out_row + above_lower + tl.minimum(tied_lower, ties), idx, mask=ok & take)
-        _pad(out_row, (total & 0xFFFF) + tl.minimum(total >> 16, ties), k, BLOCK)
-    # Every program of launch 2 has read the histogram (this launch follows it): zero it and
-    # the counter for the next call.
+        prefix, remaining, done, threshold, ties = _row_threshold(row_hist, k, LEVEL)
+        hist = _level_histogram(vals, vals, tl.where(done, 0, n), prefix, LEVEL, False, BLOCK)
+    tl.atomic_add(row_hist + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _row_count_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
+                      s_nb, s_ns, BLOCK: tl.constexpr):
+    """Program (row, part): how many of the chunk's elements are above the threshold, and tie it."""
+    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    prefix, remaining, done, threshold, ties = _row_threshold(zeroed_ptr + row * s_zero, k, RADIX_LEVELS)
+    above = 0
+    equal = 0
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key, v, ok = _segment_keys(scores_ptr + row * n_keys + first, scores_ptr, offs, n, False)
+        above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
+        equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
+    out = counts_ptr + row * s_counts + 2 * tl.program_id(1)
+    tl.store(out, above)
+    tl.store(out + 1, equal)
+
+
+@triton.jit
+def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
+                      s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, part): the chunk's selected indices at its offset; the last part pads, the
+    last program of the row to arrive zeroes the row's histograms and counter."""
+    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    row_ws = zeroed_ptr + row * s_zero
+    prefix, remaining, done, threshold, ties = _row_threshold(row_ws, k, RADIX_LEVELS)
+    p = tl.arange(0, PARTS_P)
+    row_counts = counts_ptr + row * s_counts + p * 2
+    above = tl.load(row_counts, mask=p < parts, other=0)
+    equal = tl.load(row_counts + 1, mask=p < parts, other=0)
+    ties_before = tl.sum(tl.where(p < part, equal, 0), axis=0)
+    taken_before = tl.sum(tl.where(p < part, above, 0), axis=0) + tl.minimum(ties_before, ties)
+    out_row = out_ptr + row * k
+    _compact(scores_ptr + row * n_keys + first, scores_ptr, n, first, threshold, ties, taken_before,
+             ties_before, out_row, out_row, False, False, BLOCK)
+    if part == parts - 1:
+        total = tl.sum(above, axis=0) + tl.minimum(tl.sum(equal, axis=0), ties)
+        _pad(out_row, total, k, BLOCK)
+    # Every thread's reads of the histograms precede the barrier, the barrier the (acq_rel)
+    # arrival: the program that arrives last finds every other one's reads done.
     tl.debug_barrier()
-    tl.store(row_ws + tl.arange(0, FIRST_BINS), tl.zeros([FIRST_BINS], dtype=tl.int32))
-    tl.store(row_ws + FIRST_BINS, 0)
+    arrived = tl.atomic_add(row_ws + ROW_HIST, 1, sem="acq_rel")
+    if arrived == parts - 1:
+        tl.store(row_ws + tl.arange(0, ROW_HIST), tl.zeros([ROW_HIST], dtype=tl.int32))
+        tl.store(row_ws + ROW_HIST, 0)
 
 
 _workspaces: dict = {}
 
 
-def _workspace(device: torch.device, rows: int, cap: int):
-    """(zeroed, scratch) for the current stream of ``device``: ``zeroed`` int32
-    ``[rows, FIRST_BINS + 1]`` (zero between calls, see the invariant above), ``scratch`` int32
-    ``[rows, 3 * cap + 4 * MAX_PARTS]`` (survivor keys, indices, running counts, then per chunk
-    its run's (offset, count), the counts before it and at its start).  Grown to the largest
-    call seen, never shrunk, so the decode hot path allocates nothing."""
+def _workspace(device: torch.device, rows: int):
+    """(zeroed, counts) for the current stream of ``device``: ``zeroed`` int32
+    ``[rows, ROW_HIST + 1]`` (zero between calls, see the invariant above), ``counts`` int32
+    ``[rows, 2 * MAX_PARTS]`` (per chunk: above the threshold, tied with it).  Grown to the
+    largest call seen, never shrunk, so the decode hot path allocates nothing."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     have = _workspaces.get(key)
-    width = 3 * cap + 4 * MAX_PARTS.value
-    if have is None or have[0].shape[0] < rows or have[1].shape[1] < width:
-        rows = max(rows, have[0].shape[0] if have is not None else 0)
-        width = max(width, have[1].shape[1] if have is not None else 0)
-        have = (torch.zeros(rows, FIRST_BINS.value + 1, dtype=torch.int32, device=device),
-                torch.empty(rows, width, dtype=torch.int32, device=device))
+    if have is None or have[0].shape[0] < rows:
+        have = (torch.zeros(rows, ROW_HIST.value + 1, dtype=torch.int32, device=device),
+                torch.empty(rows, 2 * MAX_PARTS.value, dtype=torch.int32, device=device))
         _workspaces[key] = have
     return have
 
@@ -680,65 +557,42 @@ def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n
 
 def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     """Chunks per row for the row-parallel selection (0: rows are too many or too short for
-    it, or k too large for the survivor buffer).  About four programs per SM in all, each
-    chunk at least one block long."""
+    it).  About four programs per SM in all, each chunk at least one block long: the six
+    selection launches then cost a few microseconds each, where one program per row segment
+    would run a whole segment's radix levels on one SM."""
     sms = _sm_count(device)
-    if rows >= sms or n_keys < 8 * k or 4 * k > SURVIVOR_CAP:
+    if rows >= sms or n_keys < 8 * k:
         return 0
     return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(4 * sms, rows), MAX_PARTS.value))
 
 
-def _scores_and_histogram(qi, w, keys, n_valid, zeroed):
-    """``indexer_scores`` that also adds each row's first-level histogram into ``zeroed``.
-    One query per program (``HEADS_P`` at least 16 rows for the tensor cores)."""
-    bsz, seq, heads, _ = qi.shape
-    n_keys = keys.shape[1]
-    scores = torch.empty(bsz * seq, n_keys, dtype=torch.float32, device=qi.device)
-    if qi.stride(-1) != 1:
-        qi = qi.contiguous()
-    keys = _aligned_keys(keys)
-    grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), seq, bsz)
-    _scores_hist_kernel[grid](qi, w, keys, n_valid, scores, zeroed, seq, heads, n_keys, _bucket(n_keys),
-                              qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
-                              *n_valid.stride(), zeroed.stride(0), KEYS_FP4=keys.dtype == torch.uint8,
-                              HEADS_P=max(MIN_DOT_ROWS, triton.next_power_of_2(heads)))
-    return scores
-
-
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
-                       k: int, parts: int, survivor_cap: int = SURVIVOR_CAP) -> torch.Tensor:
+                       k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
-    ``MAX_PARTS``) and a survivor buffer of ``survivor_cap`` per row: 3 launches."""
-    if not 1 <= survivor_cap <= MAX_SURVIVOR_CAP:
-        raise ValueError(f"survivor_cap: expected 1..{MAX_SURVIVOR_CAP}, got {survivor_cap}")
-    bsz, seq = qi.shape[:2]
-    rows, n_keys = bsz * seq, keys.shape[1]
-    out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
-    if rows == 0:
-        return out
-    if n_keys == 0:
-        return out.fill_(-1)
-    zeroed, scratch = _workspace(qi.device, rows, survivor_cap)
-    scores = _scores_and_histogram(qi, w, keys, n_valid, zeroed)
-    chunk = triton.cdiv(n_keys, max(1, min(parts, n_keys, MAX_PARTS.value)))
-    _collect_survivors(scores, n_valid, zeroed, scratch, seq, k, chunk, survivor_cap)
-    _select_survivors(scores, n_valid, zeroed, scratch, out, seq, k, chunk, survivor_cap)
+    ``MAX_PARTS``): 7 launches (scores, 4 levels, counts, write)."""
+    out, scores = _output_and_scores(qi, w, keys, n_valid, k)
+    if scores is not None:
+        chunk = triton.cdiv(scores.shape[1], max(1, min(parts, scores.shape[1], MAX_PARTS.value)))
+        select_parts(scores, n_valid, out, qi.shape[1], k, chunk)
     return out
 
 
-def _collect_survivors(scores, n_valid, zeroed, scratch, seq: int, k: int, chunk: int, cap: int) -> None:
+def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
+                 chunk: int) -> None:
+    """The row-parallel selection's 6 launches over FP32 scores ``[rows, Nk]`` in chunks of
+    ``chunk`` (at most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32)."""
     rows, n_keys = scores.shape
-    _survivor_kernel[(rows, triton.cdiv(n_keys, chunk))](
-        scores, n_valid, zeroed, scratch, seq, n_keys, k, chunk, cap, zeroed.stride(0), scratch.stride(0),
-        *n_valid.stride(), BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
-
-
-def _select_survivors(scores, n_valid, zeroed, scratch, out, seq: int, k: int, chunk: int, cap: int) -> None:
-    rows, n_keys = scores.shape
-    _survivor_select_kernel[(rows,)](
-        scores, n_valid, zeroed, scratch, out, seq, n_keys, k, chunk, cap, zeroed.stride(0), scratch.stride(0),
-        *n_valid.stride(), PARTS_P=triton.next_power_of_2(triton.cdiv(n_keys, chunk)), BLOCK=SURVIVOR_BLOCK,
-        num_warps=SURVIVOR_WARPS)
+    parts = triton.cdiv(n_keys, chunk)
+    zeroed, counts = _workspace(scores.device, rows)
+    grid = (rows, parts)
+    common = dict(BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
+    for level in range(RADIX_LEVELS.value):
+        _row_level_kernel[grid](scores, n_valid, zeroed, seq, n_keys, k, chunk, zeroed.stride(0), *n_valid.stride(),
+                                LEVEL=level, **common)
+    _row_count_kernel[grid](scores, n_valid, zeroed, counts, seq, n_keys, k, chunk, zeroed.stride(0),
+                            counts.stride(0), *n_valid.stride(), **common)
+    _row_write_kernel[grid](scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, zeroed.stride(0),
+                            counts.stride(0), *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)
 
 
 @register("indexer_topk", "triton")

@@ -326,50 +326,78 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # --- Row-parallel selection (few long rows) -----------------------------------------------
 # After the scoring launch each row is cut into ``parts`` chunks, one program each, in every
 # launch: the radix levels of ``_select_segment``, but a level's histogram is the sum of the
-# chunks' (integer atomics: exact in any order), kept in the row's workspace; every program
-# replays the picks from it (1 KB per level), so a launch boundary is the only
-# synchronisation.  Then one launch counts each chunk's elements above the threshold and tied
-# with it, and one writes each chunk's selection at its offset (ascending index order, ties to
-# the lowest indices as in one program): 4 level launches + 2, each with every SM busy.
+# chunks' (integer atomics: exact in any order), kept in the row's workspace.  The last of a
+# row's programs to arrive in a level launch (an arrival counter) makes the level's pick from
+# the complete histogram and stores the row's state (prefix, remaining, ...; after the last
+# level the threshold key and the ties taken), so the programs of the next launch load a few
+# scalars instead of replaying every level's pick.  Then one launch counts each chunk's
+# elements above the threshold and tied with it, and one writes each chunk's selection at its
+# offset (ascending index order, ties to the lowest indices as in one program).
 #
-# Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then an arrival
-# counter) is zero when a call starts; allocated zeroed, and in the write launch the last of a
-# row's programs to arrive (every other one has read the histograms by then) zeroes the row's.
-# One workspace per stream: calls on one stream run in order, so they never overlap on it.
+# Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then the arrival
+# counter) is zero when a call starts; allocated zeroed, and each level's last arrival zeroes
+# that level's histogram and the counter once it has made the pick.  The state slots after
+# them are written before they are read in every call.  One workspace per stream: calls on
+# one stream run in order, so they never overlap on it.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)
-ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * RADIX_BINS)  # a row's histograms; its counter follows
+ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * RADIX_BINS)  # a row's histograms
+ARRIVALS: tl.constexpr = tl.constexpr(ROW_HIST)  # then the arrival counter
+# Then the state after the last level picked: prefix, remaining, done, lowest key of the
+# prefix, take_all, and after the last level the threshold key and the ties taken.
+STATE: tl.constexpr = tl.constexpr(ROW_HIST + 1)
+ROW_WORDS = ROW_HIST.value + 8
 
 
 @triton.jit
-def _row_threshold(hist_ptr, k, LEVELS: tl.constexpr):
-    """Replay the picks of the first ``LEVELS`` levels of a row from their histograms:
-    (prefix, remaining, done) as ``_select_segment`` has them, and the threshold key and
-    number of ties taken that the levels give when they are all done."""
+def _arrive_last(row_ws):
+    """Whether this program is the last of its row's to arrive in this launch.  Every thread's
+    accesses to the histogram precede the barrier, the barrier the (acq_rel) arrival: the last
+    to arrive finds every other program's histogram atomics done."""
+    tl.debug_barrier()
+    return tl.atomic_add(row_ws + ARRIVALS, 1, sem="acq_rel") == tl.num_programs(1) - 1
+
+
+@triton.jit
+def _pick_level(row_ws, k, LEVEL: tl.constexpr):
+    """The last arrival's step of level ``LEVEL``: the pick from the complete histogram (as
+    ``_select_segment`` makes it), the row's state stored, the histogram and counter zeroed."""
     bins = tl.arange(0, RADIX_BINS)
-    h0 = tl.load(hist_ptr + bins)
-    take_all = tl.sum(h0, axis=0) <= k
-    d0, remaining, count = _pick_bin(h0, k, RADIX_BINS)
-    prefix = d0 - RADIX_BINS // 2
-    done = take_all | (count == remaining)
-    lowest = prefix << 24
-    for level in tl.static_range(1, LEVELS):
-        digit, rest, count = _pick_bin(tl.load(hist_ptr + level * RADIX_BINS + bins), remaining, RADIX_BINS)
-        was_done = done
+    # Volatile: the other programs' atomics are in L2; no stale line from this SM's L1.
+    hist = tl.load(row_ws + LEVEL * RADIX_BINS + bins, volatile=True)
+    if LEVEL == 0:
+        take_all = tl.sum(hist, axis=0) <= k
+        d0, remaining, count = _pick_bin(hist, k, RADIX_BINS)
+        prefix = d0 - RADIX_BINS // 2
+        done = take_all | (count == remaining)
+        lowest = prefix << 24
+    else:
+        prefix = tl.load(row_ws + STATE)
+        remaining = tl.load(row_ws + STATE + 1)
+        was_done = tl.load(row_ws + STATE + 2) != 0
+        lowest = tl.load(row_ws + STATE + 3)
+        take_all = tl.load(row_ws + STATE + 4) != 0
+        digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
         prefix = tl.where(was_done, prefix, prefix * RADIX_BINS + digit)
         remaining = tl.where(was_done, remaining, rest)
         done = was_done | (count == rest)
-        lowest = tl.where(was_done, lowest, prefix << (24 - RADIX_BITS * level))
-    # As in ``_select_segment``: stopped before the last level, every key of the digit is
-    # taken (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all.
-    if LEVELS == RADIX_LEVELS:
-        early = was_done  # done before the last level
-    else:
-        early = done
-    threshold = tl.where(take_all, INT32_MIN, tl.where(early, tl.maximum(lowest, INT32_MIN + 1) - 1, prefix))
-    return prefix, remaining, done, threshold, tl.where(early, 0, remaining)
+        lowest = tl.where(was_done, lowest, prefix << (24 - RADIX_BITS * LEVEL))
+        if LEVEL == RADIX_LEVELS - 1:
+            # As in ``_select_segment``: stopped before the last level, every key of the digit
+            # is taken (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all.
+            threshold = tl.where(take_all, INT32_MIN,
+                                 tl.where(was_done, tl.maximum(lowest, INT32_MIN + 1) - 1, prefix))
+            tl.store(row_ws + STATE + 5, threshold)
+            tl.store(row_ws + STATE + 6, tl.where(was_done, 0, remaining))
+    tl.store(row_ws + STATE, prefix)
+    tl.store(row_ws + STATE + 1, remaining)
+    tl.store(row_ws + STATE + 2, done.to(tl.int32))
+    tl.store(row_ws + STATE + 3, lowest)
+    tl.store(row_ws + STATE + 4, take_all.to(tl.int32))
+    tl.store(row_ws + LEVEL * RADIX_BINS + bins, tl.zeros([RADIX_BINS], dtype=tl.int32))
+    tl.store(row_ws + ARRIVALS, 0)
 
 
 @triton.jit
@@ -386,24 +414,27 @@ def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
 @triton.jit
 def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_zero, s_nb, s_ns,
                       LEVEL: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's."""
+    """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's; the last
+    to arrive makes the level's pick."""
     row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    row_hist = zeroed_ptr + row * s_zero
+    row_ws = zeroed_ptr + row * s_zero
     vals = scores_ptr + row * n_keys + first
     if LEVEL == 0:
         hist = _level_histogram(vals, vals, n, 0, 0, False, BLOCK)
     else:
-        prefix, remaining, done, threshold, ties = _row_threshold(row_hist, k, LEVEL)
-        hist = _level_histogram(vals, vals, tl.where(done, 0, n), prefix, LEVEL, False, BLOCK)
-    tl.atomic_add(row_hist + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
+        done = tl.load(row_ws + STATE + 2) != 0
+        hist = _level_histogram(vals, vals, tl.where(done, 0, n), tl.load(row_ws + STATE), LEVEL, False, BLOCK)
+    tl.atomic_add(row_ws + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
+    if _arrive_last(row_ws):
+        _pick_level(row_ws, k, LEVEL)
 
 
 @triton.jit
-def _row_count_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
+def _row_count_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, chunk, s_zero, s_counts,
                       s_nb, s_ns, BLOCK: tl.constexpr):
     """Program (row, part): how many of the chunk's elements are above the threshold, and tie it."""
     row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    prefix, remaining, done, threshold, ties = _row_threshold(zeroed_ptr + row * s_zero, k, RADIX_LEVELS)
+    threshold = tl.load(zeroed_ptr + row * s_zero + STATE + 5)
     above = 0
     equal = 0
     for start in range(0, n, BLOCK):
@@ -419,13 +450,13 @@ def _row_count_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, k
 @triton.jit
 def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
                       s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): the chunk's selected indices at its offset; the last part pads, the
-    last program of the row to arrive zeroes the row's histograms and counter."""
+    """Program (row, part): the chunk's selected indices at its offset; the last part pads."""
     row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     row_ws = zeroed_ptr + row * s_zero
-    prefix, remaining, done, threshold, ties = _row_threshold(row_ws, k, RADIX_LEVELS)
+    threshold = tl.load(row_ws + STATE + 5)
+    ties = tl.load(row_ws + STATE + 6)
     p = tl.arange(0, PARTS_P)
     row_counts = counts_ptr + row * s_counts + p * 2
     above = tl.load(row_counts, mask=p < parts, other=0)
@@ -438,13 +469,6 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
     if part == parts - 1:
         total = tl.sum(above, axis=0) + tl.minimum(tl.sum(equal, axis=0), ties)
         _pad(out_row, total, k, BLOCK)
-    # Every thread's reads of the histograms precede the barrier, the barrier the (acq_rel)
-    # arrival: the program that arrives last finds every other one's reads done.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(row_ws + ROW_HIST, 1, sem="acq_rel")
-    if arrived == parts - 1:
-        tl.store(row_ws + tl.arange(0, ROW_HIST), tl.zeros([ROW_HIST], dtype=tl.int32))
-        tl.store(row_ws + ROW_HIST, 0)
 
 
 _workspaces: dict = {}
@@ -452,14 +476,15 @@ _workspaces: dict = {}
 
 def _workspace(device: torch.device, rows: int):
     """(zeroed, counts) for the current stream of ``device``: ``zeroed`` int32
-    ``[rows, ROW_HIST + 1]`` (zero between calls, see the invariant above), ``counts`` int32
+    ``[rows, ROW_WORDS]`` (histograms and counter zero between calls, see the invariant
+    above; then the state), ``counts`` int32
     ``[rows, 2 * MAX_PARTS]`` (per chunk: above the threshold, tied with it).  Grown to the
     largest call seen, never shrunk, so the decode hot path allocates nothing."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     have = _workspaces.get(key)
     if have is None or have[0].shape[0] < rows:
-        have = (torch.zeros(rows, ROW_HIST.value + 1, dtype=torch.int32, device=device),
+        have = (torch.zeros(rows, ROW_WORDS, dtype=torch.int32, device=device),
                 torch.empty(rows, 2 * MAX_PARTS.value, dtype=torch.int32, device=device))
         _workspaces[key] = have
     return have
@@ -589,7 +614,7 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     for level in range(RADIX_LEVELS.value):
         _row_level_kernel[grid](scores, n_valid, zeroed, seq, n_keys, k, chunk, zeroed.stride(0), *n_valid.stride(),
                                 LEVEL=level, **common)
-    _row_count_kernel[grid](scores, n_valid, zeroed, counts, seq, n_keys, k, chunk, zeroed.stride(0),
+    _row_count_kernel[grid](scores, n_valid, zeroed, counts, seq, n_keys, chunk, zeroed.stride(0),
                             counts.stride(0), *n_valid.stride(), **common)
     _row_write_kernel[grid](scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, zeroed.stride(0),
                             counts.stride(0), *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)

@@ -423,13 +423,14 @@ def test_kernel_decode_sizes(device, bsz, n_keys, k, splits):
 
 
 def test_selection_plan(monkeypatch):
-    """Few long rows take the row-parallel selection (about 4 programs per SM, at most
-    MAX_PARTS chunks); many rows or rows under 8k, one program per segment (and a merge when
-    a row is split)."""
+    """Few long rows take the row-parallel selection (one block per chunk, up to about 8
+    programs per SM, at most MAX_PARTS chunks); many rows or rows under 8k, one program per
+    segment (and a merge when a row is split)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert kernels.plan_parts(1, 262144, 1024, cuda) == 256
-    assert kernels.plan_parts(32, 32768, 1024, cuda) == 17
+    assert kernels.plan_parts(32, 32768, 1024, cuda) == 32
+    assert kernels.plan_parts(64, 262144, 1024, cuda) == 17
     assert kernels.plan_parts(16384, 4096, 1024, cuda) == 0
     assert kernels.plan_parts(1, 4096, 1024, cuda) == 0
 

@@ -582,13 +582,14 @@ def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n
 
 def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     """Chunks per row for the row-parallel selection (0: rows are too many or too short for
-    it).  About four programs per SM in all, each chunk at least one block long: the six
-    selection launches then cost a few microseconds each, where one program per row segment
-    would run a whole segment's radix levels on one SM."""
+    it).  Chunks of one block (the kernels' loops are not pipelined: a second block is a
+    second round of load latency) up to about eight programs per SM in all (30 registers a
+    thread: all resident at once): the six selection launches then cost a few microseconds
+    each, where one program per row segment would run a whole segment's levels on one SM."""
     sms = _sm_count(device)
     if rows >= sms or n_keys < 8 * k:
         return 0
-    return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(4 * sms, rows), MAX_PARTS.value))
+    return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(8 * sms, rows), MAX_PARTS.value))
 
 
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,

@@ -249,7 +249,7 @@ def _split_counters_are_zero(device):
             assert not bool(ws.chunk_counters.any()) and not bool(ws.tile_counters.any()), "arrival counters left set"
 
 
-@given(T=st.sampled_from([1, 2, 17, 33, 63, 64]), E=st.sampled_from([6, 16, 40, 100]),
+@given(T=st.sampled_from([1, 2, 5, 17, 33, 64]), E=st.sampled_from([6, 16, 40, 100]),
        dim=st.sampled_from([16, 100, 200]), k=st.integers(1, 8), biased=st.booleans(),
        config=st.sampled_from(_SMALL_SPLIT_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
        seed=st.integers(0, 2**31))
@@ -313,7 +313,24 @@ def test_route_split_nan_in_a_later_split(device):
         assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
 
 
-@pytest.mark.parametrize("T", [1, 63, 64, 65])
+@pytest.mark.parametrize("T", [1, 3, 5, 31, 32, 33])
+def test_route_split_tail_rows(device, T):
+    # The arrivers reduce and select only the tile's first TAIL_T = min(BLOCK_T, pow2 >= T)
+    # rows: with 32-row tiles, T = 1, 3, 5 use 2, 4, 8 tail rows (every live row among them),
+    # T = 31, 32 one full tile, T = 33 a full tile and a tile with one live row.
+    config = (32, 16, 16, 32, 4, 2)
+    x, weight, bias = _inputs(T, 40, 64, 101 + T, device)
+    _check_route(x, weight, bias, 6, 2.5, _split(x, weight, bias, None, None, 6, 2.5, config))
+    g = torch.Generator().manual_seed(T)
+    table = torch.randint(0, 40, (50, 6), generator=g, dtype=torch.int32).to(device)
+    token_ids = torch.randint(0, 50, (T,), generator=g).to(device)
+    w, ids = _split(x, weight, None, table, token_ids, 6, 2.5, config)
+    assert torch.equal(ids.cpu(), table[token_ids].cpu())
+    _check_hash_weights(x, weight, ids, w, 2.5)
+    _split_counters_are_zero(device)
+
+
+@pytest.mark.parametrize("T", [1, 64, 256, 257])
 def test_route_dispatch_by_token_count(device, monkeypatch, T):
     from dsv4_triton.kernels import router as kern
 
@@ -327,7 +344,8 @@ def test_route_dispatch_by_token_count(device, monkeypatch, T):
 
 def test_route_split_bad_config(device):
     x, weight, bias = _inputs(3, 8, 64, 0, device)
-    for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4)]:
+    # SPLIT_K < BLOCK_K; BLOCK_E not a power of two; a missing field; BLOCK_T above the tail cap.
+    for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4), (128, 16, 32, 64, 4, 2)]:
         with pytest.raises(ValueError, match="config"):
             _split(x, weight, bias, None, None, 2, 1.0, config)
 
@@ -407,14 +425,16 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("hash_mode, config", [(False, (64, 32, 128, 256, 8, 3)), (True, (16, 32, 128, 256, 4, 3))])
-def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config):
+@pytest.mark.parametrize("hash_mode, config, tail_rows", [
+    (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (16, 64, 128, 512, 8, 3), 2),
+])
+def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
 
     bt, be, bk, sk, warps, stages = config
     assert config in kern._SPLIT_CONFIGS
-    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, E_PAD=512, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
-                  SPLIT_K=sk)
+    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
+                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk)
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
                  cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
@@ -425,7 +445,7 @@ def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 # ---------------------------------------------------------------- GPU: model sizes, every config
 
 @pytest.mark.gpu
-@given(T=st.sampled_from([1, 8, 64, 65, 1000, 4096, 16384]), E=st.sampled_from([256, 384]),
+@given(T=st.sampled_from([1, 8, 64, 65, 200, 256, 257, 1000, 4096, 16384]), E=st.sampled_from([256, 384]),
        dim=st.sampled_from([4096, 7168]), seed=st.integers(0, 2**31))
 def test_route_model_sizes_gpu(T, E, dim, seed):
     x, weight, bias = _inputs(T, E, dim, seed, "cuda")
@@ -459,7 +479,7 @@ def test_route_deterministic_gpu(T):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("E, dim", [(384, 7168), (256, 4096)])
-@pytest.mark.parametrize("T", [1, 8, 63, 64])
+@pytest.mark.parametrize("T", [1, 63, 200])
 def test_route_split_every_config_gpu(T, E, dim):
     from dsv4_triton.kernels import router as kern
 

@@ -3,9 +3,10 @@ V4-Flash size (E = 256, dim 4096).
 
 Prefill (T = 4096): 22.5 GFLOP against 64 MB moved, past the H100's ridge point, so the
 ceiling is the bf16 matmul rate; target >= 3x eager (the tiled path).  Decode (T = 64, 8, 1:
-the split path, T <= DECODE_MAX_T): the router weight (5.5 MB Pro, 2 MB Flash) dominates the
-bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one launch.  At T = 256 both
-paths run forced, to check where the split path stops paying.  ``eager`` is the
+the split path, T <= DECODE_MAX_T = 256): the router weight (5.5 MB Pro, 2 MB Flash) dominates
+the bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one launch.  At T = 256 (the
+split path's last size) both paths run forced, to check that the split path still pays
+there.  ``eager`` is the
 release's reference code as a user would write it in torch: FP32 ``F.linear`` (the weight
 "used in FP32"), softplus, sqrt, topk, gather, normalise.
 """

@@ -267,11 +267,18 @@ def route_tiled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 # ---------------------------------------------------------------- decode path: split over dim
 
-DECODE_MAX_T = 64
+DECODE_MAX_T = 256
+# The split workspace has room for this many tokens from the first call (decode batches of
+# any size up to it share one allocation); larger calls grow it.
+SPLIT_ROOM_T = 64
+# Tail rows are a power of two >= T, capped here: at the largest BLOCK_T a config may have.
+MAX_TAIL_ROWS = 64
 
 _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages); the first one serves every shape
     (16, 32, 128, 256, 4, 3), (16, 32, 128, 128, 4, 2), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
     (32, 32, 128, 256, 4, 3), (32, 32, 128, 512, 4, 3), (64, 32, 128, 256, 8, 3), (64, 32, 128, 512, 8, 3),
+    # 8 warps for the tail's selections; 64-expert chunks halve the x re-reads and the final merge's slots.
+    (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3),
 ]
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
@@ -315,18 +322,29 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         partial_ptr, score_ptr, cand_ptr, chunk_counter_ptr, tile_counter_ptr,
                         T, dim, n_experts, vocab, stride_x, stride_w, topk, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr):
+                        TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus), writes the
     scores and (score routing) the chunk's top ``topk`` packed keys; the last chunk of a tile
     to arrive selects and writes the outputs.  Each arriver that acts resets its counter.
+
+    The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
+    rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
+    and a decode step of 1 token reduces and selects 2 rows, not BLOCK_T.  Inputs the tail
+    needs that no other program writes (bias; token ids, then table rows) are loaded before
+    the arrivals, so their latency is not on the serial chain.
+
     Reads of x and W are masked to the tensors; every workspace slot index stays below the
     sizes ``route_split`` allocates; hash routing clamps ids as the tiled path does."""
     N_CAND: tl.constexpr = ((E_PAD + BLOCK_E - 1) // BLOCK_E) * K_PAD  # candidate slots per token
     TILE: tl.constexpr = BLOCK_T * BLOCK_E
-    REDUCE_UNROLL: tl.constexpr = (8192 + TILE - 1) // TILE  # >= 1: 32 KB of partials in flight per step
+    TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
+    # Partial tiles summed per step: up to 32 KB of tail rows in flight, at most 32 tiles (the
+    # loads past the last split are issued too: one step covers 28 splits of 256 at dim 7168).
+    REDUCE_FIT: tl.constexpr = (8192 + TAIL_T * BLOCK_E - 1) // (TAIL_T * BLOCK_E)
+    REDUCE_UNROLL: tl.constexpr = REDUCE_FIT if REDUCE_FIT <= 32 else 32
     n_splits = tl.cdiv(dim, SPLIT_K)
     n_chunks = tl.cdiv(n_experts, BLOCK_E)
     pid = tl.program_id(0)
@@ -339,6 +357,15 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     live = tok < T
     e = chunk * BLOCK_E + cols
     e_live = e < n_experts
+    tail_rows = tl.arange(0, TAIL_T)
+    tail_tok = tile.to(tl.int64) * BLOCK_T + tail_rows
+    tail_live = tail_tok < T
+    kcol = tl.arange(0, K_PAD)
+    out_col = kcol < topk
+    if HASH:
+        tail_tok_id = tl.load(tok_ids_ptr + tail_tok, mask=tail_live, other=0)
+    elif HAS_BIAS:
+        e_bias = tl.load(bias_ptr + e, mask=e_live, other=0.0)
 
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for k0 in range(0, SPLIT_K, BLOCK_K):
@@ -348,6 +375,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         wt = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_w + k[None, :],
                      mask=e_live[:, None] & k_live[None, :], other=0.0)
         acc = dot_bf16(xt, tl.trans(wt), acc)
+    if HASH:  # the table rows, issued before the arrivals (only the tile's last arriver uses them)
+        table_row = tl.minimum(tl.maximum(tail_tok_id.to(tl.int64), 0), vocab - 1)
+        table_ids = tl.load(table_ptr + table_row[:, None] * topk + kcol[None, :],
+                            mask=tail_live[:, None] & out_col[None, :], other=0)
     # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
     group = (tile * n_chunks + chunk).to(tl.int64)
     in_tile = rows[:, None] * BLOCK_E + cols[None, :]
@@ -358,56 +389,55 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
     if arrived == n_splits - 1:
         tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
+        tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
         # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
-        z = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
         for s0 in range(0, n_splits, REDUCE_UNROLL):
             for u in tl.static_range(REDUCE_UNROLL):
                 # Past the last split: a valid slot is read (no split mask, so the loads batch) and dropped.
-                part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE + in_tile,
-                               mask=live[:, None], other=0.0, cache_modifier=".cg")
+                part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE
+                               + tail_in_tile, mask=tail_live[:, None], other=0.0, cache_modifier=".cg")
                 z += tl.where(s0 + u < n_splits, part, 0.0)
         s = _sqrt_softplus(z)
-        tl.store(score_ptr + tok[:, None] * n_experts + e[None, :], s, mask=live[:, None] & e_live[None, :])
-        kcol = tl.arange(0, K_PAD)
+        tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
+                 mask=tail_live[:, None] & e_live[None, :])
         if not HASH:
             key = s
             if HAS_BIAS:
-                key = s + tl.load(bias_ptr + e, mask=e_live, other=0.0)[None, :]
+                key = s + e_bias[None, :]
             packed = tl.where(e_live[None, :], _packed_key(key, e[None, :]), INT64_MIN)
-            last = tl.full([BLOCK_T], INT64_MAX, dtype=tl.int64)
-            top = tl.full([BLOCK_T, K_PAD], INT64_MIN, dtype=tl.int64)
+            last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+            top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
             for kk in tl.static_range(K_PAD):
                 if kk < topk:  # a chunk with fewer live experts than topk leaves INT64_MIN (no candidate)
                     last = tl.max(tl.where(packed < last[:, None], packed, INT64_MIN), axis=1)
                     top = tl.where(kcol[None, :] == kk, last[:, None], top)
-            tl.store(cand_ptr + tok[:, None] * N_CAND + chunk * K_PAD + kcol[None, :], top, mask=live[:, None])
+            tl.store(cand_ptr + tail_tok[:, None] * N_CAND + chunk * K_PAD + kcol[None, :], top,
+                     mask=tail_live[:, None])
 
         tl.debug_barrier()  # scores and candidates are written before the arrival is published
         done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
         if done == n_chunks - 1:
             tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
-            out_col = kcol < topk
             if HASH:
-                row = tl.minimum(tl.maximum(tl.load(tok_ids_ptr + tok, mask=live, other=0).to(tl.int64), 0), vocab - 1)
-                sel_id = tl.load(table_ptr + row[:, None] * topk + kcol[None, :],
-                                 mask=live[:, None] & out_col[None, :], other=0)
-                sel_id = tl.minimum(tl.maximum(sel_id, 0), n_experts - 1)
+                sel_id = tl.minimum(tl.maximum(table_ids, 0), n_experts - 1)
             else:
                 c = tl.arange(0, N_CAND)
-                cand = tl.load(cand_ptr + tok[:, None] * N_CAND + c[None, :],
-                               mask=live[:, None] & (c < n_chunks * K_PAD)[None, :], other=INT64_MIN,
+                cand = tl.load(cand_ptr + tail_tok[:, None] * N_CAND + c[None, :],
+                               mask=tail_live[:, None] & (c < n_chunks * K_PAD)[None, :], other=INT64_MIN,
                                cache_modifier=".cg")
-                last = tl.full([BLOCK_T], INT64_MAX, dtype=tl.int64)
-                sel_id = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+                last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+                sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
                 for kk in tl.static_range(K_PAD):
                     if kk < topk:  # topk <= E live candidates exist: every pick is found
                         last = tl.max(tl.where(cand < last[:, None], cand, INT64_MIN), axis=1)
                         sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
-            out_mask = live[:, None] & out_col[None, :]
-            w = tl.load(score_ptr + tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0, cache_modifier=".cg")
+            out_mask = tail_live[:, None] & out_col[None, :]
+            w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
+                        cache_modifier=".cg")
             w = w / tl.sum(w, axis=1)[:, None]
             w = w * route_scale
-            out = tok[:, None] * topk + kcol[None, :]
+            out = tail_tok[:, None] * topk + kcol[None, :]
             tl.store(weights_ptr + out, w, mask=out_mask)
             tl.store(ids_ptr + out, sel_id, mask=out_mask)
 
@@ -462,8 +492,9 @@ def _check_split_config(config):
                          f"got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
-    if not pow2 or sk < bk:
-        raise ValueError(f"config: expected powers of two >= 16 with SPLIT_K >= BLOCK_K, got {config}")
+    if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
+        raise ValueError(f"config: expected powers of two >= 16 with SPLIT_K >= BLOCK_K and BLOCK_T <= "
+                         f"{MAX_TAIL_ROWS}, got {config}")
 
 
 def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
@@ -478,8 +509,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     hash_mode = tid2eid is not None
     k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
     e_pad = triton.next_power_of_2(n_experts)
-    # Room for DECODE_MAX_T tokens at least, so decode batches of any size share one workspace.
-    room = max(T, DECODE_MAX_T)
+    room = max(T, SPLIT_ROOM_T)
     if config is None:  # sized for every split config (BLOCK_T, BLOCK_E divide 64; SPLIT_K >= 128)
         rows = triton.cdiv(room, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
         cols = triton.cdiv(n_experts, SPLIT_TILE_ALIGN) * SPLIT_TILE_ALIGN
@@ -498,7 +528,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             token_ids if hash_mode else x, weights, ids, ws.partial, ws.score, ws.cand, ws.chunk_counters,
             ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),
             topk, route_scale, token_bucket(T))
-    meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad)
+    meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad,
+                TAIL_ROWS=min(MAX_TAIL_ROWS, max(2, triton.next_power_of_2(T))))
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n_experts, m["BLOCK_E"])
                       * triton.cdiv(dim, m["SPLIT_K"]),)
     if config is None:

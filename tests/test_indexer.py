@@ -243,8 +243,10 @@ def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spre
 
 
 def _workspace_counts():
-    """Sum of every stream's histograms and arrival counters (zero between calls)."""
-    return sum(int(zeroed[:, :kernels.STATE.value].abs().sum()) for zeroed, _ in kernels._workspaces.values())
+    """Sum of every stream's histograms, arrival counters and published chunk counts (zero
+    between calls)."""
+    return sum(int(zeroed[:, :kernels.STATE.value].abs().sum()) + int(counts.abs().sum())
+               for zeroed, counts in kernels._workspaces.values())
 
 
 @given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), seed=st.integers(0, 2**31))
@@ -282,14 +284,13 @@ def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
 
 
 _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32", scores_ptr="*fp32",
-                     zeroed_ptr="*i32", counts_ptr="*i32", out_ptr="*i32")
+                     zeroed_ptr="*i32", counts_ptr="*i64", out_ptr="*i32")
 
 
 @pytest.mark.parametrize("kernel, consts, warps", [
     ("_scores_kernel", dict(KEYS_FP4=True, HEADS_P=64, QROWS=1, BLOCK_N=128, TILES=2), 8),
     ("_row_level_kernel", dict(LEVEL=0, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
     ("_row_level_kernel", dict(LEVEL=3, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
-    ("_row_count_kernel", dict(BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
     ("_row_write_kernel", dict(PARTS_P=256, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):

@@ -12,11 +12,12 @@ score (up to four levels of one byte; a histogram pass per level finds the digit
 the k-th largest, and the levels stop once that digit is taken whole), then one pass that
 writes, in ascending index order, every index above the threshold and the lowest-index
 ones equal to it, and pads with -1.  Deterministic either way (integer sums only):
-- few long rows (decode): the row-parallel select, 7 launches with every SM busy: the
+- few long rows (decode): the row-parallel select, 6 launches with every SM busy: the
   scoring pass, then each row cut into chunks, one program each: 4 level launches (the
-  chunks' histograms summed by integer atomics into the row's, the picks replayed from them
-  by every program), one that counts each chunk's keys above the threshold and tied with it,
-  one that writes each chunk's selection at its offset.  See "Row-parallel selection" below.
+  chunks' histograms summed by integer atomics into the row's; the row's last program to
+  arrive makes the level's pick), then one that counts each chunk's keys above the threshold
+  and tied with it, publishes the counts, sums those of the chunks before it and writes the
+  chunk's selection at its offset.  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -330,15 +331,17 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # row's programs to arrive in a level launch (an arrival counter) makes the level's pick from
 # the complete histogram and stores the row's state (prefix, remaining, ...; after the last
 # level the threshold key and the ties taken), so the programs of the next launch load a few
-# scalars instead of replaying every level's pick.  Then one launch counts each chunk's
-# elements above the threshold and tied with it, and one writes each chunk's selection at its
-# offset (ascending index order, ties to the lowest indices as in one program).
+# scalars instead of replaying every level's pick.  In the last launch each chunk counts its
+# elements above the threshold and tied with it, publishes the counts, waits for the chunks
+# before it to publish theirs and writes its selection at the offset their sums give
+# (ascending index order, ties to the lowest indices as in one program).
 #
 # Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then the arrival
 # counter) is zero when a call starts; allocated zeroed, and each level's last arrival zeroes
 # that level's histogram and the counter once it has made the pick.  The state slots after
-# them are written before they are read in every call.  One workspace per stream: calls on
-# one stream run in order, so they never overlap on it.
+# them are written before they are read in every call.  ``counts`` (per row, per chunk: the
+# published counts) is zero when a call starts too: the write launch's last arrival clears it.
+# One workspace per stream: calls on one stream run in order, so they never overlap on it.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
@@ -430,45 +433,46 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_z
 
 
 @triton.jit
-def _row_count_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, chunk, s_zero, s_counts,
-                      s_nb, s_ns, BLOCK: tl.constexpr):
-    """Program (row, part): how many of the chunk's elements are above the threshold, and tie it."""
-    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
-    threshold = tl.load(zeroed_ptr + row * s_zero + STATE + 5)
-    above = 0
-    equal = 0
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        key, v, ok = _segment_keys(scores_ptr + row * n_keys + first, scores_ptr, offs, n, False)
-        above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
-        equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
-    out = counts_ptr + row * s_counts + 2 * tl.program_id(1)
-    tl.store(out, above)
-    tl.store(out + 1, equal)
-
-
-@triton.jit
 def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
                       s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): the chunk's selected indices at its offset; the last part pads."""
+    """Program (row, part): count the chunk's keys above the threshold and tied with it,
+    publish the counts, wait for every chunk before it to publish its own, then write the
+    chunk's selection at its offset; the last part pads, the row's last arrival clears the
+    published counts.  The wait cannot deadlock: a program waits only on programs of lower
+    linear id (same row, lower part), which the GPU dispatches before it."""
     row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     row_ws = zeroed_ptr + row * s_zero
     threshold = tl.load(row_ws + STATE + 5)
     ties = tl.load(row_ws + STATE + 6)
+    vals = scores_ptr + row * n_keys + first
+    above = tl.zeros_like(n)
+    equal = tl.zeros_like(n)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key, v, ok = _segment_keys(vals, vals, offs, n, False)
+        above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
+        equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
+    # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
+    # other memory depends on its ordering.
+    row_counts = counts_ptr + row * s_counts
+    tl.store(row_counts + part, ((above + 1).to(tl.int64) << 32) | equal.to(tl.int64))
     p = tl.arange(0, PARTS_P)
-    row_counts = counts_ptr + row * s_counts + p * 2
-    above = tl.load(row_counts, mask=p < parts, other=0)
-    equal = tl.load(row_counts + 1, mask=p < parts, other=0)
-    ties_before = tl.sum(tl.where(p < part, equal, 0), axis=0)
-    taken_before = tl.sum(tl.where(p < part, above, 0), axis=0) + tl.minimum(ties_before, ties)
+    before = p < part
+    published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
+    while tl.min(published, axis=0) == 0:
+        published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
+    above_before = tl.sum(tl.where(before, (published >> 32) - 1, 0), axis=0).to(tl.int32)
+    ties_before = tl.sum(tl.where(before, published & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
     out_row = out_ptr + row * k
-    _compact(scores_ptr + row * n_keys + first, scores_ptr, n, first, threshold, ties, taken_before,
-             ties_before, out_row, out_row, False, False, BLOCK)
+    taken = _compact(vals, vals, n, first, threshold, ties, above_before + tl.minimum(ties_before, ties),
+                     ties_before, out_row, out_row, False, False, BLOCK)
     if part == parts - 1:
-        total = tl.sum(above, axis=0) + tl.minimum(tl.sum(equal, axis=0), ties)
-        _pad(out_row, total, k, BLOCK)
+        _pad(out_row, taken, k, BLOCK)
+    if _arrive_last(row_ws):
+        tl.store(row_counts + p, tl.zeros([PARTS_P], dtype=tl.int64), mask=p < parts)
+        tl.store(row_ws + ARRIVALS, 0)
 
 
 _workspaces: dict = {}
@@ -477,15 +481,15 @@ _workspaces: dict = {}
 def _workspace(device: torch.device, rows: int):
     """(zeroed, counts) for the current stream of ``device``: ``zeroed`` int32
     ``[rows, ROW_WORDS]`` (histograms and counter zero between calls, see the invariant
-    above; then the state), ``counts`` int32
-    ``[rows, 2 * MAX_PARTS]`` (per chunk: above the threshold, tied with it).  Grown to the
-    largest call seen, never shrunk, so the decode hot path allocates nothing."""
+    above; then the state), ``counts`` int64 ``[rows, MAX_PARTS]`` (the chunks' published
+    counts, zero between calls).  Grown to the largest call seen, never shrunk, so the decode
+    hot path allocates nothing."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     have = _workspaces.get(key)
     if have is None or have[0].shape[0] < rows:
         have = (torch.zeros(rows, ROW_WORDS, dtype=torch.int32, device=device),
-                torch.empty(rows, 2 * MAX_PARTS.value, dtype=torch.int32, device=device))
+                torch.zeros(rows, MAX_PARTS.value, dtype=torch.int64, device=device))
         _workspaces[key] = have
     return have
 
@@ -595,7 +599,7 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                        k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
-    ``MAX_PARTS``): 7 launches (scores, 4 levels, counts, write)."""
+    ``MAX_PARTS``): 6 launches (scores, 4 levels, counts and write)."""
     out, scores = _output_and_scores(qi, w, keys, n_valid, k)
     if scores is not None:
         chunk = triton.cdiv(scores.shape[1], max(1, min(parts, scores.shape[1], MAX_PARTS.value)))
@@ -605,7 +609,7 @@ def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_
 
 def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
                  chunk: int) -> None:
-    """The row-parallel selection's 6 launches over FP32 scores ``[rows, Nk]`` in chunks of
+    """The row-parallel selection's 5 launches over FP32 scores ``[rows, Nk]`` in chunks of
     ``chunk`` (at most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32)."""
     rows, n_keys = scores.shape
     parts = triton.cdiv(n_keys, chunk)
@@ -615,8 +619,6 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     for level in range(RADIX_LEVELS.value):
         _row_level_kernel[grid](scores, n_valid, zeroed, seq, n_keys, k, chunk, zeroed.stride(0), *n_valid.stride(),
                                 LEVEL=level, **common)
-    _row_count_kernel[grid](scores, n_valid, zeroed, counts, seq, n_keys, chunk, zeroed.stride(0),
-                            counts.stride(0), *n_valid.stride(), **common)
     _row_write_kernel[grid](scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, zeroed.stride(0),
                             counts.stride(0), *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)
 

@@ -83,7 +83,7 @@ from .norm import as_rows
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
-MERGE_UNROLL = tl.constexpr(4)  # slices read per round trip by the merging program
+MERGE_UNROLL = tl.constexpr(2)  # slices read per round trip by the merging program
 
 # Stage variants of the attention kernel: the same kernel with one stage left out or done
 # twice, selected by the constexpr ``VARIANT``.  The public op always runs FULL; the
@@ -215,8 +215,9 @@ def _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, to
     the result is the same run to run.  It runs at the end of the last slice, on the critical
     path, so the reads are batched: MERGE_UNROLL slices per L2 round trip (past the last
     slice, the last slice is read again and dropped: no mask, so the loads go together), and
-    128 columns at a time (32 registers a thread per slice).  Flash decode (2 slices): 6 round
-    trips instead of one per slice and 64 columns (20)."""
+    128 columns at a time (32 registers a thread per slice).  Its time is the bytes one SM
+    reads from L2 (~30 B a cycle): 2 slices of [64, 512] fp32 at Flash decode, 256 KB, so the
+    unroll is 2 (with 4, half of them were the repeated last slice)."""
     UNROLL: tl.constexpr = MERGE_UNROLL
     W: tl.constexpr = 128
     base = (tok * H + heads) * n_splits

@@ -266,6 +266,17 @@ def test_row_parallel_writes_only_its_rows_k_slots(device, n_keys, k, parts, see
     assert _workspace_counts() == 0
 
 
+def test_row_parallel_chunk_count_bounded():
+    """More chunks than the published-count workspace holds are refused, naming the argument."""
+    scores = torch.zeros(1, kernels.MAX_PARTS.value + 1)
+    out = torch.empty(1, 4, dtype=torch.int32)
+    n_valid = torch.ones(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="chunk"):
+        kernels.select_parts(scores, n_valid, out, 1, 4, 1)
+    with pytest.raises(ValueError, match="chunk"):
+        kernels.select_parts(scores, n_valid, out, 1, 4, 0)
+
+
 def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
     """The level histograms and arrival counters are zero between calls (each level's last
     arrival zeroes what the level used): a sequence of calls with different rows, lengths, k and paths (take-all,

@@ -357,8 +357,8 @@ ROW_WORDS = ROW_HIST.value + 8
 @triton.jit
 def _arrive_last(row_ws):
     """Whether this program is the last of its row's to arrive in this launch.  Every thread's
-    accesses to the histogram precede the barrier, the barrier the (acq_rel) arrival: the last
-    to arrive finds every other program's histogram atomics done."""
+    accesses to the row's workspace precede the barrier, the barrier the (acq_rel) arrival:
+    the last to arrive finds every other program's atomics and reads done."""
     tl.debug_barrier()
     return tl.atomic_add(row_ws + ARRIVALS, 1, sem="acq_rel") == tl.num_programs(1) - 1
 
@@ -588,7 +588,7 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     """Chunks per row for the row-parallel selection (0: rows are too many or too short for
     it).  Chunks of one block (the kernels' loops are not pipelined: a second block is a
     second round of load latency) up to about eight programs per SM in all (30 registers a
-    thread: all resident at once): the six selection launches then cost a few microseconds
+    thread: all resident at once): the five selection launches then cost a few microseconds
     each, where one program per row segment would run a whole segment's levels on one SM."""
     sms = _sm_count(device)
     if rows >= sms or n_keys < 8 * k:
@@ -612,6 +612,9 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     """The row-parallel selection's 5 launches over FP32 scores ``[rows, Nk]`` in chunks of
     ``chunk`` (at most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32)."""
     rows, n_keys = scores.shape
+    if chunk < 1 or triton.cdiv(n_keys, chunk) > MAX_PARTS.value:
+        raise ValueError(f"chunk: expected at least max(1, Nk / {MAX_PARTS.value}) = "
+                         f"{max(1, triton.cdiv(n_keys, MAX_PARTS.value))}, got {chunk}")
     parts = triton.cdiv(n_keys, chunk)
     zeroed, counts = _workspace(scores.device, rows)
     grid = (rows, parts)

@@ -278,8 +278,13 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
     (16, 32, 128, 256, 4, 3), (16, 32, 128, 128, 4, 2), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
     (32, 32, 128, 256, 4, 3), (32, 32, 128, 512, 4, 3), (64, 32, 128, 256, 8, 3), (64, 32, 128, 512, 8, 3),
     # 8 warps for the tail's selections; 64-expert chunks halve the x re-reads and the final merge's slots.
-    (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3),
+    (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3), (32, 64, 128, 512, 16, 3),
 ]
+
+
+def _reduce_budget(num_warps: int) -> int:
+    """Floats of partial tiles the reducer keeps in flight per step: 64 per thread."""
+    return 64 * 32 * num_warps
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
 SPLIT_TILE_ALIGN = 64
@@ -323,7 +328,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         T, dim, n_experts, vocab, stride_x, stride_w, topk, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus), writes the
@@ -341,9 +346,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     N_CAND: tl.constexpr = ((E_PAD + BLOCK_E - 1) // BLOCK_E) * K_PAD  # candidate slots per token
     TILE: tl.constexpr = BLOCK_T * BLOCK_E
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
-    # Partial tiles summed per step: up to 32 KB of tail rows in flight, at most 32 tiles (the
-    # loads past the last split are issued too: one step covers 28 splits of 256 at dim 7168).
-    REDUCE_FIT: tl.constexpr = (8192 + TAIL_T * BLOCK_E - 1) // (TAIL_T * BLOCK_E)
+    # Partial tiles summed per step: up to REDUCE_BUDGET floats of tail rows in flight (64 per
+    # thread), at most 32 tiles (the loads past the last split are issued too: one step
+    # covers 28 splits of 256 at dim 7168).
+    REDUCE_FIT: tl.constexpr = (REDUCE_BUDGET + TAIL_T * BLOCK_E - 1) // (TAIL_T * BLOCK_E)
     REDUCE_UNROLL: tl.constexpr = REDUCE_FIT if REDUCE_FIT <= 32 else 32
     n_splits = tl.cdiv(dim, SPLIT_K)
     n_chunks = tl.cdiv(n_experts, BLOCK_E)
@@ -443,7 +449,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
 
 
 _route_split_tuned = autotune(
-    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
+                            "REDUCE_BUDGET": _reduce_budget(w)}, num_warps=w, num_stages=st)
              for bt, be, bk, sk, w, st in _SPLIT_CONFIGS],
     key=["n_experts", "dim", "t_bucket", "topk"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
@@ -537,7 +544,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     else:
         bt, be, bk, sk, w, st = config
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
-            *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+            *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
+            num_warps=w, num_stages=st)
     return weights, ids
 
 

@@ -467,7 +467,7 @@ def test_route_every_config_gpu(T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [64, 4096])
+@pytest.mark.parametrize("T", [1, 64, 200, 4096])
 def test_route_deterministic_gpu(T):
     x, weight, bias = _inputs(T, 384, 7168, 61, "cuda")
     first = _triton(x, weight, bias, topk=6, route_scale=2.5)
@@ -498,10 +498,12 @@ def test_route_split_every_config_gpu(T, E, dim):
 
 
 @pytest.mark.gpu
-def test_route_split_cuda_graph_replay_gpu():
+@pytest.mark.parametrize("T", [1, 64, 200])
+def test_route_split_cuda_graph_replay_gpu(T):
     # Captured once, replayed: the workspace and its counters persist across replays, and
-    # every replay gives the eager call's bits.
-    x, weight, bias = _inputs(64, 384, 7168, 89, "cuda")
+    # every replay gives the eager call's bits (T = 1: 2 tail rows; T = 200: a workspace
+    # grown past its first 64-token room).
+    x, weight, bias = _inputs(T, 384, 7168, 89, "cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         eager = _triton(x, weight, bias, topk=6, route_scale=2.5)

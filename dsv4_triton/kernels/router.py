@@ -281,14 +281,15 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
     (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3), (32, 64, 128, 512, 16, 3),
 ]
 
-
-def _reduce_budget(num_warps: int) -> int:
-    """Floats of partial tiles the reducer keeps in flight per step: 64 per thread."""
-    return 64 * 32 * num_warps
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
 SPLIT_TILE_ALIGN = 64
 MIN_SPLIT_K = 128
+
+
+def _reduce_budget(num_warps: int) -> int:
+    """Floats of partial tiles the reducer keeps in flight per step: 64 per thread."""
+    return 64 * 32 * num_warps
 
 
 def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> bool:

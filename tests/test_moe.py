@@ -10,7 +10,6 @@ from dsv4_triton.kernels import moe as kern
 from dsv4_triton.reference import activation as ref_act
 from dsv4_triton.reference import gemm as ref_gemm
 from dsv4_triton.reference import moe as ref
-import helpers
 from helpers import compile_for_sm90
 
 DIM, INTER, EXPERTS = 256, 128, 8  # tiny shapes: the interpreter is slow
@@ -450,25 +449,6 @@ def test_decode_w13_compiles_to_warp_group_mma():
     aligned = ["K", "N_INTER", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sn"]
     usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, 4, 3)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("block_m, block_n, warps, stages", [(16, 64, 4, 5), (128, 64, 4, 5)])
-def test_w2_loop_has_no_synchronous_loads(monkeypatch, block_m, block_n, warps, stages):
-    # Every global load of the K loop is an asynchronous copy the pipeline issues ahead: the
-    # weight bytes, their scale words and the activation codes and scales.  A plain load there
-    # waits one full memory round trip every K step (it bound the decode GEMMs at ~2 us a step).
-    counter = "print(json.dumps(dict(reg=int(reg),"
-    assert counter in helpers.SM90_COMPILE
-    monkeypatch.setattr(helpers, "SM90_COMPILE", helpers.SM90_COMPILE.replace(counter, (
-        "loop = ttgir[ttgir.index('scf.for'):]\n"
-        "print(json.dumps(dict(loop_loads=loop[:loop.index('scf.yield')].count('tt.load '), reg=int(reg),")))
-    types = dict(hq_ptr="*fp8e4nv", hs_ptr="*fp32", w_ptr="*u8", w_scale_ptr="*i32", lut_ptr="*i32",
-                 sorted_pair_ptr="*i32", block_expert_ptr="*i32", out_ptr="*fp32")
-    consts = dict(SCALE_WORDS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
-    aligned = ["N", "K", "stride_we", "stride_wn", "stride_se", "stride_sn"]
-    usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w2_kernel", types, consts, aligned, warps, stages)
-    assert usage["loop_loads"] == 0 and usage["stack"] == 0 and usage["pipelined"], usage
 
 
 @pytest.mark.gpu

@@ -306,14 +306,10 @@ def test_fp4_kernel_decodes_every_byte_exactly(device, fmt):
 
 
 @triton.jit
-def _expand_mxfp4_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, scale_ptr, lut_floor, ROWS: tl.constexpr,
-                         SCALE_WORDS: tl.constexpr):
-    # One 128-wide K block of ROWS weight rows through the GEMMs' own operand builder; the
-    # scales as bytes (stride 4) or as one int32 word per row (stride 1).
+def _expand_mxfp4_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, scale_ptr, ROWS: tl.constexpr):
+    # One 128-wide K block of ROWS weight rows through the GEMMs' own operand builder.
     rows = tl.arange(0, ROWS)
-    stride_sn: tl.constexpr = 1 if SCALE_WORDS else 4
-    w, s = kern.load_weight_block(w_ptr, s_ptr, lut_ptr, rows, rows < ROWS, 0, 128, 64, stride_sn, kern.W_MXFP4,
-                                  128, SCALE_WORDS, lut_floor)
+    w, s = kern.load_weight_block(w_ptr, s_ptr, lut_ptr, rows, rows < ROWS, 0, 128, 64, 4, kern.W_MXFP4, 128)
     tl.store(out_ptr + rows[:, None] * 128 + tl.arange(0, 128)[None, :], w.to(tl.uint8, bitcast=True))
     tl.store(scale_ptr + rows, s)
 
@@ -331,7 +327,7 @@ def expected_mxfp4_operand(w, e):
     return operand, scale
 
 
-def check_mxfp4_expansion(device, scale_words):
+def check_mxfp4_expansion(device):
     # All 256 bytes (every code in both nibbles) in every row, rotated per row so each byte
     # meets every 32-block; rows of scale gaps 0..40 (exact FP8 normals up to 11, subnormals
     # 12..18, all zero from 19, the table's last row from 31), extreme and NaN exponent bytes,
@@ -349,58 +345,21 @@ def check_mxfp4_expansion(device, scale_words):
     expect_w, expect_s = expected_mxfp4_operand(w, e)
     out = torch.empty((n, 128), dtype=torch.uint8, device=device)
     scale = torch.empty(n, dtype=torch.float32, device=device)
-    e_bytes = e.to(torch.uint8)
-    scales = e_bytes.view(torch.int32) if scale_words else e_bytes
-    # With scale words the table rows get a floor of -1 (act_scale_floor's value for a
-    # negative-signed scale), which must change nothing.
-    _expand_mxfp4_kernel[(1,)](w.to(device), scales.to(device), kern.fp4_fp8_table(device), out, scale,
-                               -1 if scale_words else 0, ROWS=n, SCALE_WORDS=scale_words)
+    _expand_mxfp4_kernel[(1,)](w.to(device), e.to(torch.uint8).to(device), kern.fp4_fp8_table(device), out,
+                               scale, ROWS=n)
     assert torch.equal(out.cpu(), expect_w), (out.cpu() != expect_w).nonzero()[:5].tolist()
     assert torch.equal(torch.isnan(scale.cpu()), torch.isnan(expect_s))
     assert torch.equal(scale.cpu().nan_to_num(), expect_s.nan_to_num())
 
 
-@pytest.mark.parametrize("scale_words", [False, True])
-def test_mxfp4_expansion_is_bit_exact(device, scale_words):
-    check_mxfp4_expansion(device, scale_words)
+def test_mxfp4_expansion_is_bit_exact(device):
+    check_mxfp4_expansion(device)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scale_words", [False, True])
-def test_mxfp4_expansion_ptx_is_bit_exact(device, scale_words):
+def test_mxfp4_expansion_ptx_is_bit_exact(device):
     # The inline-PTX expansion (a GPU runs it; the interpreter runs its integer emulation).
-    check_mxfp4_expansion(device, scale_words)
-
-
-def test_mxfp4_scale_words_only_when_whole_and_aligned():
-    # One int32 word per row and 128-wide K block: K a multiple of 128 and 4-byte aligned rows;
-    # anything else is read as bytes.
-    scales = torch.zeros((3, 12), dtype=torch.uint8)
-    words, is_words = kern.mxfp4_scale_operand(scales, 384)
-    assert is_words and words.dtype == torch.int32 and words.shape == (3, 3)
-    assert not kern.mxfp4_scale_operand(scales[:, :11], 352)[1]  # K = 352: a partial K block
-    flat = torch.zeros(3 * 12 + 1, dtype=torch.uint8)
-    assert not kern.mxfp4_scale_operand(flat[1:].view(3, 12), 384)[1]  # rows start off a word boundary
-    assert not kern.mxfp4_scale_operand(flat[:35].view(5, 7)[:, :4], 128)[1]  # row stride 7 bytes
-    experts = torch.zeros((2, 3, 4), dtype=torch.uint8)
-    assert kern.mxfp4_scale_operand(experts, 128)[0].shape == (2, 3, 1)
-
-
-@pytest.mark.parametrize("offset", [0, 1, 2])
-def test_mxfp4_scales_off_a_word_boundary(device, offset):
-    # Scale rows that start anywhere in memory give the same result as contiguous ones (the
-    # byte path where the word path cannot read them).
-    g = _gen(offset)
-    m, n, k = 3, 70, 256
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
-    w, ws, _ = random_fp4(n, k, g, device)
-    buf = torch.zeros(offset + ws.numel(), dtype=torch.uint8, device=device)
-    buf[offset:] = ws.view(torch.uint8).flatten()
-    shifted = buf[offset:].view(n, k // 32).view(torch.float8_e8m0fnu)
-    y = kern.scaled_gemm(x, w, shifted, "mxfp4", None)
-    assert torch.equal(y, kern.scaled_gemm(x, w, ws, "mxfp4", None))
-    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, ws, "mxfp4", None))
+    check_mxfp4_expansion(device)
 
 
 def test_mxfp4_table_is_the_rounded_product():
@@ -510,8 +469,7 @@ def test_grouped_linear_matches_oracle(device, t, grp, n, k, transposed, seed):
 
 # The block-scaled GEMM at the prefill configs, with the launcher's argument types (FP8 codes
 # typed FP8): both operands must go from the asynchronous copies straight to the tensor cores.
-GEMM_CONSTS = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, SCALE_WORDS=False, BLOCK_K=128,
-                   GROUP_M=8)
+GEMM_CONSTS = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_K=128, GROUP_M=8)
 GEMM_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*u8",
                   global_scale_ptr="*u8", y_ptr="*bf16")
 
@@ -535,8 +493,8 @@ def test_mxfp4_decode_gemm_compiles_to_warp_group_mma():
     # 16 rows, fused activation quantisation (decode): FP8 warp-group MMA with the expanded
     # weight as its register A operand, no spills.
     usage = compile_for_sm90("dsv4_triton.kernels.gemm", "_scaled_gemm_kernel",
-                             dict(GEMM_TYPES, a_ptr="*bf16", w_ptr="*u8", w_scale_ptr="*i32", lut_ptr="*i32"),
-                             dict(GEMM_CONSTS, A_QUANT=True, W_FMT=1, SCALE_WORDS=True, BLOCK_M=16, BLOCK_N=64),
+                             dict(GEMM_TYPES, a_ptr="*bf16", w_ptr="*u8", lut_ptr="*i32"),
+                             dict(GEMM_CONSTS, A_QUANT=True, W_FMT=1, BLOCK_M=16, BLOCK_N=64),
                              ["K", "N", "stride_am", "stride_wn", "stride_sn", "stride_ym"], 4, 4)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 

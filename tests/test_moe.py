@@ -352,14 +352,9 @@ def test_align_sorts_pairs_by_expert_with_padded_blocks(device):
     assert_align(ids, 8, 4)
 
 
-@pytest.mark.parametrize("single_program", [True, False])
 @pytest.mark.parametrize("case", ["t1", "one_expert_takes_all", "zero_token_experts", "duplicates",
                                   "out_of_range", "more_than_one_chunk"])
-def test_align_edge_cases(device, monkeypatch, case, single_program):
-    # Both forms: the single-program launch (decode sizes) and the three launches with one
-    # program per chunk (prefill sizes; forced here for small inputs).
-    if not single_program:
-        monkeypatch.setattr(kern, "ALIGN_SINGLE_PROGRAM_CHUNKS", 0)
+def test_align_edge_cases(device, case):
     g = _gen(21)
     n_experts, block_m = 8, 4
     if case == "t1":
@@ -378,23 +373,18 @@ def test_align_edge_cases(device, monkeypatch, case, single_program):
 
 
 @given(t=st.integers(1, 40), k=st.integers(1, 6), n_experts=st.integers(1, 70),
-       block_m=st.sampled_from([1, 4, 16, 64]), single_program=st.booleans(), seed=st.integers(0, 2**31))
-def test_align_matches_the_pair_by_pair_contract(device, t, k, n_experts, block_m, single_program, seed):
+       block_m=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 2**31))
+def test_align_matches_the_pair_by_pair_contract(device, t, k, n_experts, block_m, seed):
     g = _gen(seed)
     ids = torch.randint(-1, n_experts + 1, (t, k), generator=g).to(torch.int32)  # a few dropped ids too
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kern, "ALIGN_SINGLE_PROGRAM_CHUNKS", 16 if single_program else 0)
-        assert_align(ids.to(device), n_experts, block_m)
+    assert_align(ids.to(device), n_experts, block_m)
     by_sort = expected_align_by_sort(ids, n_experts, block_m)  # the GPU test's contract, checked here
     by_pair = expected_align(ids, n_experts, block_m)
     assert torch.equal(by_sort[0], by_pair[0]) and torch.equal(by_sort[1], by_pair[1])
 
 
-@pytest.mark.parametrize("single_program", [True, False])
-def test_align_is_deterministic(device, monkeypatch, single_program):
+def test_align_is_deterministic(device):
     # Many pairs on few experts: every run gives identical lists (no atomics decide the order).
-    if not single_program:
-        monkeypatch.setattr(kern, "ALIGN_SINGLE_PROGRAM_CHUNKS", 0)
     ids = torch.randint(0, 3, (300, 2), generator=_gen(22)).to(torch.int32).to(device)
     first = kern.align(ids, 3, 16)
     for _ in range(2):
@@ -428,7 +418,7 @@ def expected_align_by_sort(ids, n_experts, block_m):
 @pytest.mark.parametrize("t, n_experts, block_m", [(1, 384, 16), (64, 384, 16), (8192, 384, 128), (2048, 256, 64)])
 def test_align_real_sizes(device, t, n_experts, block_m):
     # Pro/Flash routing sizes: uniform distinct ids, bit-identical to the sort-based contract
-    # and across runs (T = 1, 64: the single-program align; 2048, 8192: the three launches).
+    # and across runs.
     g = torch.Generator(device=device).manual_seed(t)
     ids = torch.rand(t, n_experts, device=device, generator=g).argsort(dim=1)[:, :6].to(torch.int32)
     sorted_pair, block_expert = kern.align(ids, n_experts, block_m)
@@ -443,9 +433,9 @@ def test_align_real_sizes(device, t, n_experts, block_m):
 def test_decode_w13_compiles_to_warp_group_mma():
     # 16-row blocks (decode): the gate and up tiles are the A side of FP8 warp-group MMAs
     # (an mma.sync would convert every FP8 byte to FP16), with no spills.
-    types = dict(a_ptr="*bf16", w_ptr="*u8", w_scale_ptr="*i32", lut_ptr="*i32", sorted_pair_ptr="*i32",
+    types = dict(a_ptr="*bf16", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr="*i32",
                  block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
-    consts = dict(TOPK=6, A_QUANT=True, SCALE_WORDS=True, BLOCK_M=16, BLOCK_K=128, PACK=128)
+    consts = dict(TOPK=6, A_QUANT=True, BLOCK_M=16, BLOCK_K=128, PACK=128)
     aligned = ["K", "N_INTER", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sn"]
     usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, 4, 3)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage

@@ -266,48 +266,13 @@ def fp4_expand(b, lut0, lut1):
     return tl.reshape(tl.permute(both, (0, 1, 3, 2)), (R, 8 * W)).to(tl.float8e4nv, bitcast=True)
 
 
-# Per-row values (scales) are loaded as at least this many elements (copies of each row's
-# pointer): more than the threads of any program (16 warps), see ``load_rows``.
-ROW_LOAD_ELEMENTS: tl.constexpr = tl.constexpr(512)
-
-
-@triton.jit
-def load_rows(ptrs, mask, other):
-    """``tl.load(ptrs, mask, other)`` for a small per-row vector ``[R]`` that the K loop's
-    pipeline must cover: loaded as ``[R, 512 / R]`` copies of each pointer (one max over
-    equal values gives it back, NaN included).
-
-    The compiler's layout pass recomputes a cheap value in another layout instead of moving
-    it, and a load of fewer elements than the program has threads counts as cheap: a scale
-    vector needed both in a blocked layout and in the accumulator's would be loaded a second
-    time, synchronously, in every K step (one exposed memory round trip per step).  With at
-    least as many elements as threads the load is kept, issued by the pipeline stages ahead
-    as asynchronous copies, and its value moved between layouts through shared memory."""
-    COPIES: tl.constexpr = max(ROW_LOAD_ELEMENTS // ptrs.shape[0], 1)
-    copies = tl.zeros((1, COPIES), dtype=tl.int32)
-    wide = tl.load(ptrs[:, None] + copies, mask=mask[:, None], other=other)
-    return tl.max(wide, axis=1)
-
-
 @triton.jit
 def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
-                      W_FMT: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_WORDS: tl.constexpr, lut_floor=0):
+                      W_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
     """K block ``kb`` of FP4 weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
 
     The operand is FP8 (MXFP4) or BF16 (NVFP4, column scale 1).  ``w_ptr`` points at the
     packed bytes; scales are E8M0 (MXFP4) or E4M3 (NVFP4) bytes.
-
-    SCALE_WORDS (MXFP4 with K a multiple of 128, see ``mxfp4_scale_operand``): ``w_scale_ptr``
-    is the E8M0 bytes read as int32 (``stride_sn`` in words), one word per row holding the
-    row's four 32-block exponents of this K block.  A 4-byte load per row is one
-    asynchronous copy the loop pipeline issues stages ahead; the byte tile with its per-byte
-    ``j < K / 32`` mask is a synchronous load, and as the table gather's address needs it,
-    every K step then waits one full memory round trip.
-
-    ``lut_floor`` (MXFP4; an int32 that is never positive) is a lower bound applied to the
-    table rows, so it changes nothing; a caller passes one derived from its activation
-    scales so that their load, too, feeds the dot and is issued ahead by the pipeline (see
-    ``act_scale_floor``).
     """
     HALF: tl.constexpr = BLOCK_K // 2
     kh = kb * HALF + tl.arange(0, HALF)
@@ -315,18 +280,13 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
     b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
     if W_FMT == W_MXFP4:
         NSUB: tl.constexpr = BLOCK_K // 32
-        if SCALE_WORDS:
-            tl.static_assert(NSUB == 4)
-            word = load_rows(w_scale_ptr + cols * stride_sn + kb, col_ok, 0)
-            e = (word[:, None] >> (8 * tl.arange(0, NSUB))[None, :]) & 0xFF  # byte j: block j (little-endian)
-        else:
-            j = kb * NSUB + tl.arange(0, NSUB)
-            e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
-                        mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
+        j = kb * NSUB + tl.arange(0, NSUB)
+        e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
+                    mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
         e_max = tl.max(e, axis=1)
         # Table row of each 32-block: its values are lut * 2^(e - e_max + 6) rounded to FP8
         # (see fp4_fp8_table), so the column scale is 2^e_max and the 2^6 goes on the rows.
-        row = tl.maximum(tl.minimum(e_max[:, None] - e, FP4_LUT_ROWS - 1) * 2, lut_floor)
+        row = tl.minimum(e_max[:, None] - e, FP4_LUT_ROWS - 1) * 2
         lut0 = tl.load(lut_ptr + row)
         lut1 = tl.load(lut_ptr + row + 1)
         lut0 = tl.reshape(tl.broadcast_to(lut0[:, :, None], (lut0.shape[0], NSUB, 16)), (lut0.shape[0], HALF))
@@ -346,15 +306,6 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
         w = (fp4_value_2m14(codes) * (s16 * 16384.0)).to(tl.bfloat16)
         s = tl.full((cols.shape[0],), 1.0, tl.float32)
     return w, s
-
-
-@triton.jit
-def act_scale_floor(a_scale):
-    """0 or -1 (the smallest sign bit of the scales ``[R]``): a ``lut_floor`` for
-    ``load_weight_block``.  The loop pipeline issues early only the loads a dot depends on;
-    activation scales multiply the dot's result, so without this (never-changing) floor
-    their load would be synchronous and cost one memory round trip every K step."""
-    return tl.min(a_scale.to(tl.int32, bitcast=True) >> 31, axis=0)
 
 
 @triton.jit
@@ -442,14 +393,10 @@ def _gemm_configs():
     # (one FP8 scale per tile); 256-wide tiles hold the dot result and the accumulator in
     # 256 registers per thread and spill.  Decode: deep pipelines of narrow tiles keep
     # enough weight bytes in flight per SM to cover the memory latency.
-    # MXFP4 weight tiles are loaded two levels behind their scale words (see
-    # load_weight_block), so about (num_stages - 1) / 2 of them are in flight: the 5- and
-    # 6-stage configs.
     small = [(64, 64, 4, 3), (16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
-             (16, 32, 4, 6), (16, 64, 4, 6), (32, 128, 4, 4), (16, 32, 4, 8), (16, 64, 4, 8), (16, 128, 4, 6),
-             (64, 64, 4, 6)]
+             (16, 32, 4, 6), (16, 64, 4, 6), (32, 128, 4, 4), (16, 32, 4, 8), (16, 64, 4, 8)]
     large = [(64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 3),
-             (128, 64, 4, 4), (128, 128, 8, 5), (128, 64, 4, 6)]
+             (128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, w, s in small + large]
 
@@ -466,8 +413,8 @@ def _prune_gemm(configs, nargs, **kw):
 def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_ptr, y_ptr, M, N, K,
                         stride_am, stride_sm, stride_wn, stride_sn, stride_ym, M_BUCKET,
                         A_QUANT: tl.constexpr, W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr,
-                        HAS_GLOBAL: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -495,21 +442,14 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_
         tl.static_assert(128 % BLOCK_N == 0)
     w_scale_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_sn
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        if (W_FMT == W_MXFP4) and (not A_QUANT):
-            # Pre-pass scales, loaded so that the pipeline issues them ahead (act_scale_floor).
-            a = load_fp8_codes(a_ptr, rows, row_ok, kb, K, stride_am, BLOCK_K)
-            a_scale = load_rows(a_scale_ptr + rows * stride_sm + kb, row_ok, 0.0)
-            lut_floor = act_scale_floor(a_scale)
-        else:
-            a, a_scale = load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
-                                        A_QUANT, BLOCK_K)
-            lut_floor = 0
+        a, a_scale = load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
+                                    A_QUANT, BLOCK_K)
         if W_FMT == W_FP8:
             acc = fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_row + kb, cols, col_ok, kb, K, stride_wn,
                                 SCALE_FP32, BLOCK_K)
         else:
             w, w_scale = load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
-                                           W_FMT, BLOCK_K, SCALE_WORDS, lut_floor)
+                                           W_FMT, BLOCK_K)
             if SWAP:
                 acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
             else:
@@ -522,15 +462,6 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_
     else:
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
                  mask=row_ok[:, None] & col_ok[None, :])
-
-
-def mxfp4_scale_operand(scales: torch.Tensor, k: int):
-    """E8M0 scale bytes ``[..., K/32]`` (row-contiguous) -> (the kernel's scale operand,
-    SCALE_WORDS): read as int32 words, one per row and 128-wide K block, when K is a multiple
-    of 128 and the bytes are 4-byte aligned (see ``load_weight_block``); else as bytes."""
-    aligned = (k % ACT_BLOCK == 0 and scales.storage_offset() % 4 == 0
-               and all(st % 4 == 0 for st in scales.stride()[:-1]))
-    return (scales.view(torch.int32), True) if aligned else (scales, False)
 
 
 def m_bucket(m: int) -> int:
@@ -571,9 +502,6 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     ws = w_scale if scale_fp32 else w_scale.view(torch.uint8)
     if ws.stride(-1) != 1 or w_bytes.stride(-1) != 1:
         ws, w_bytes = ws.contiguous(), w_bytes.contiguous()
-    scale_words = False
-    if fmt == "mxfp4":
-        ws, scale_words = mxfp4_scale_operand(ws, k)
     y2 = y.view(m, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     # None for the other formats: no table argument, so their tuning keys stay as stored.
@@ -581,7 +509,7 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     _scaled_gemm_kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2,
                               m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
                               m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,
-                              HAS_GLOBAL=global_scale is not None, SCALE_WORDS=scale_words, BLOCK_K=ACT_BLOCK)
+                              HAS_GLOBAL=global_scale is not None, BLOCK_K=ACT_BLOCK)
     return y
 
 

@@ -1,7 +1,6 @@
 """Triton routed experts: sort by expert, two grouped MXFP4 GEMMs, deterministic combine.
 
-1. Align (no host sync; one single-program launch at decode sizes, three launches spread
-   over one program per 128 pairs beyond, see ``align``): the ``T * k``
+1. Align (one single-program launch, no host sync, see ``align``): the ``T * k``
    (token, slot) pairs are sorted by expert, in pair order within an expert, and each
    expert's run is padded to a multiple of ``BLOCK_M``; ``sorted_pair[r]`` is the pair at
    padded row r (-1 for padding) and ``block_expert[b]`` the expert of row block b (``E``
@@ -39,9 +38,8 @@ from ..autotune import autotune
 from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
-from .gemm import (ACT_BLOCK, W_MXFP4, act_scale_floor, activation_operand, as_fp8_operand, fp4_fp8_table,
-                   load_act_block, load_fp8_codes, load_rows, load_weight_block, mxfp4_scale_operand,
-                   quantise_act_tile, scaled_dot, scaled_dot_t)
+from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
+                   load_weight_block, quantise_act_tile, scaled_dot, scaled_dot_t)
 from .rope import cast_rne
 
 
@@ -54,63 +52,9 @@ def block_m_for(pairs: int, n_experts: int) -> int:
     return 128
 
 
-# Pairs per step of the align kernels: the rank computation compares every pair of a chunk
+# Pairs per step of the align kernel: its rank computation compares every pair of a chunk
 # with every other one (CHUNK^2 comparisons per CHUNK pairs).
 ALIGN_CHUNK = 128
-# Up to this many chunks (decode) align is one single-program launch; beyond (prefill), three
-# launches spread the histograms and the scatter over one program per chunk.
-ALIGN_SINGLE_PROGRAM_CHUNKS = 16
-
-
-@triton.jit
-def _chunk_experts(ids_ptr, c0, n_pairs, n_experts, CHUNK: tl.constexpr):
-    """Pair ids ``c0 .. c0 + CHUNK - 1`` and their experts; ids outside [0, E) (and pairs past
-    the end) read as E, a bucket that is never placed."""
-    p = c0 + tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
-    return p, tl.where((e >= 0) & (e < n_experts), e, n_experts)
-
-
-@triton.jit
-def _fill_padding(sorted_pair_ptr, r_lo, r_hi, FILL: tl.constexpr):
-    """Rows ``r_lo .. r_hi - 1`` read -1 (padding) until the scatter places a pair there."""
-    for r0 in range(r_lo, r_hi, FILL):
-        r = r0 + tl.arange(0, FILL)
-        tl.store(sorted_pair_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < r_hi)
-
-
-@triton.jit
-def _place_blocks(counts, pad_start_ptr, block_expert_ptr, n_experts, max_blocks, BLOCK_M: tl.constexpr,
-                  E_PAD: tl.constexpr):
-    """From the expert counts: each expert's first row (``pad_start_ptr``) and the expert of
-    every row block.  Block b belongs to the first expert whose padded range ends after row
-    b * BLOCK_M (empty experts end where they start and are skipped); E past the last one."""
-    experts = tl.arange(0, E_PAD)
-    real_expert = experts < n_experts
-    padded = tl.where(real_expert, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
-    pad_end = tl.cumsum(padded, 0)
-    tl.store(pad_start_ptr + experts, pad_end - padded)
-    for b0 in range(0, max_blocks, 16):
-        b = b0 + tl.arange(0, 16)
-        before = (pad_end[None, :] <= (b * BLOCK_M)[:, None]) & real_expert[None, :]
-        tl.store(block_expert_ptr + b, tl.sum(before.to(tl.int32), axis=1), mask=b < max_blocks)
-
-
-@triton.jit
-def _scatter_chunk(ids_ptr, sorted_pair_ptr, pad_start_ptr, chunk_base_ptr, c0, n_pairs, n_experts,
-                   E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """A pair's row is its expert's first row, plus its expert's pairs in earlier chunks
-    (``chunk_base_ptr`` row of this chunk), plus the earlier pairs of its own chunk; so each
-    expert's rows keep pair (token) order and the result does not depend on scheduling."""
-    lane = tl.arange(0, CHUNK)
-    p, e = _chunk_experts(ids_ptr, c0, n_pairs, n_experts, CHUNK)
-    placed = e < n_experts
-    e = tl.where(placed, e, 0)
-    earlier = lane[None, :] < lane[:, None]
-    rank = tl.sum(((e[None, :] == e[:, None]) & placed[None, :] & earlier).to(tl.int32), axis=1)
-    row = (tl.load(pad_start_ptr + e, mask=placed, other=0, volatile=True)
-           + tl.load(chunk_base_ptr + (c0 // CHUNK) * E_PAD + e, mask=placed, other=0, volatile=True) + rank)
-    tl.store(sorted_pair_ptr + row, p, mask=placed)
 
 
 @triton.jit
@@ -122,60 +66,49 @@ def _moe_align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, pad_start_ptr,
     per-pair look-ups go through memory): ``pad_start_ptr`` ``[E_PAD]``, each expert's first
     row; ``chunk_base_ptr`` ``[n_chunks, E_PAD]``, each expert's pairs in earlier chunks."""
     experts = tl.arange(0, E_PAD)
+    real_expert = experts < n_experts
+    lane = tl.arange(0, CHUNK)
+    # 1. Counts, and per chunk the counts of the chunks before it.  Ids outside [0, E) go to
+    #    bucket E (E_PAD > E), which is never placed.
     counts = tl.zeros((E_PAD,), dtype=tl.int32)
     for c0 in range(0, n_pairs, CHUNK):
-        _, e = _chunk_experts(ids_ptr, c0, n_pairs, n_experts, CHUNK)
+        p = c0 + lane
+        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
+        e = tl.where((e >= 0) & (e < n_experts), e, n_experts)
         tl.store(chunk_base_ptr + (c0 // CHUNK) * E_PAD + experts, counts)
         counts += tl.histogram(e, E_PAD)
-    _fill_padding(sorted_pair_ptr, 0, max_rows, FILL)  # rows past the last expert's end are never read
-    _place_blocks(counts, pad_start_ptr, block_expert_ptr, n_experts, max_blocks, BLOCK_M, E_PAD)
+    padded = tl.where(real_expert, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    pad_end = tl.cumsum(padded, 0)
+    tl.store(pad_start_ptr + experts, pad_end - padded)
+    # 2. Padding rows read as -1; rows past the last expert's end are never read.
+    for r0 in range(0, max_rows, FILL):
+        r = r0 + tl.arange(0, FILL)
+        tl.store(sorted_pair_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < max_rows)
+    # 3. Block b belongs to the first expert whose padded range ends after row b * BLOCK_M
+    #    (empty experts end where they start and are skipped); E past the last one.
+    for b0 in range(0, max_blocks, 16):
+        b = b0 + tl.arange(0, 16)
+        before = (pad_end[None, :] <= (b * BLOCK_M)[:, None]) & real_expert[None, :]
+        tl.store(block_expert_ptr + b, tl.sum(before.to(tl.int32), axis=1), mask=b < max_blocks)
     tl.debug_barrier()  # the -1 fill and the workspace are in place before the scatter
+    # 4. Scatter: a pair's row is its expert's first row, plus its pairs in earlier chunks,
+    #    plus the earlier pairs of its own chunk; so each expert's rows keep pair (token)
+    #    order and the result does not depend on scheduling.  Chunks are independent.
+    earlier = lane[None, :] < lane[:, None]
     for c0 in range(0, n_pairs, CHUNK):
-        _scatter_chunk(ids_ptr, sorted_pair_ptr, pad_start_ptr, chunk_base_ptr, c0, n_pairs, n_experts, E_PAD,
-                       CHUNK)
-
-
-@triton.jit
-def _moe_align_histogram_kernel(ids_ptr, sorted_pair_ptr, chunk_hist_ptr, n_pairs, n_experts, max_rows,
-                                rows_per_program, E_PAD: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
-    """Program c: its chunk's expert histogram into row c of ``chunk_hist_ptr``, and the -1
-    fill of its share of the rows."""
-    c = tl.program_id(0)
-    _, e = _chunk_experts(ids_ptr, c * CHUNK, n_pairs, n_experts, CHUNK)
-    tl.store(chunk_hist_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(e, E_PAD))
-    r_lo = c * rows_per_program
-    _fill_padding(sorted_pair_ptr, r_lo, tl.minimum(r_lo + rows_per_program, max_rows), FILL)
-
-
-@triton.jit
-def _moe_align_offsets_kernel(pad_start_ptr, block_expert_ptr, chunk_hist_ptr, chunk_base_ptr, n_chunks, n_experts,
-                              max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr):
-    """One program: each chunk's counts of its experts' pairs in earlier chunks (a running sum
-    of the histograms, ROWS chunks per step: one memory round trip per ROWS chunks), then the
-    block placement."""
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros((E_PAD,), dtype=tl.int32)
-    for c0 in range(0, n_chunks, ROWS):
-        c = c0 + tl.arange(0, ROWS)
-        offs = c[:, None] * E_PAD + experts[None, :]
-        ok = (c < n_chunks)[:, None]
-        hist = tl.load(chunk_hist_ptr + offs, mask=ok, other=0)
-        tl.store(chunk_base_ptr + offs, counts[None, :] + tl.cumsum(hist, 0) - hist, mask=ok)
-        counts += tl.sum(hist, 0)
-    _place_blocks(counts, pad_start_ptr, block_expert_ptr, n_experts, max_blocks, BLOCK_M, E_PAD)
-
-
-@triton.jit
-def _moe_align_scatter_kernel(ids_ptr, sorted_pair_ptr, pad_start_ptr, chunk_base_ptr, n_pairs, n_experts,
-                              E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    _scatter_chunk(ids_ptr, sorted_pair_ptr, pad_start_ptr, chunk_base_ptr, tl.program_id(0) * CHUNK, n_pairs,
-                   n_experts, E_PAD, CHUNK)
+        p = c0 + lane
+        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
+        placed = (e >= 0) & (e < n_experts)
+        e = tl.where(placed, e, 0)
+        rank = tl.sum(((e[None, :] == e[:, None]) & placed[None, :] & earlier).to(tl.int32), axis=1)
+        row = (tl.load(pad_start_ptr + e, mask=placed, other=0, volatile=True)
+               + tl.load(chunk_base_ptr + (c0 // CHUNK) * E_PAD + e, mask=placed, other=0, volatile=True) + rank)
+        tl.store(sorted_pair_ptr + row, p, mask=placed)
 
 
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     """(sorted_pair int32 ``[max_blocks * block_m]``, block_expert int32 ``[max_blocks]``),
-    no host sync: one launch up to ``ALIGN_SINGLE_PROGRAM_CHUNKS`` chunks of pairs, else
-    three (per-chunk histograms and fill, offsets, per-chunk scatter), same result.
+    one launch, no host sync.
 
     ``sorted_pair[r]`` is the pair id ``t * k + slot`` at padded row r, -1 for a padding
     row; within an expert the pairs are in pair order (token order).  ``block_expert[b]`` is
@@ -189,35 +122,18 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     max_rows = max_blocks * block_m
     e_pad = triton.next_power_of_2(n_experts + 1)
     n_chunks = triton.cdiv(pairs, ALIGN_CHUNK)
-    single = n_chunks <= ALIGN_SINGLE_PROGRAM_CHUNKS
-    # One allocation: the two outputs and the kernels' workspace (the three-launch form keeps
-    # the histograms apart from the counts made from them).
-    workspace = (1 + n_chunks * (1 if single else 2)) * e_pad
-    buf = torch.empty(max_rows + max_blocks + workspace, dtype=torch.int32, device=topk_ids.device)
+    # One allocation: the two outputs and the kernel's workspace.
+    buf = torch.empty(max_rows + max_blocks + (1 + n_chunks) * e_pad, dtype=torch.int32, device=topk_ids.device)
     sorted_pair, block_expert = buf[:max_rows], buf[max_rows:max_rows + max_blocks]
     pad_start = buf[max_rows + max_blocks:max_rows + max_blocks + e_pad]
-    chunk_base = buf[max_rows + max_blocks + e_pad:max_rows + max_blocks + (1 + n_chunks) * e_pad]
-    ids = topk_ids.contiguous()
-    if single:
-        _moe_align_kernel[(1,)](ids, sorted_pair, block_expert, pad_start, chunk_base, pairs, n_experts, max_rows,
-                                max_blocks, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=ALIGN_CHUNK, FILL=1024, num_warps=8)
-        return sorted_pair, block_expert
-    chunk_hist = buf[max_rows + max_blocks + (1 + n_chunks) * e_pad:]
-    _moe_align_histogram_kernel[(n_chunks,)](ids, sorted_pair, chunk_hist, pairs, n_experts, max_rows,
-                                             triton.cdiv(max_rows, n_chunks), E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
-                                             FILL=1024, num_warps=4)
-    _moe_align_offsets_kernel[(1,)](pad_start, block_expert, chunk_hist, chunk_base, n_chunks, n_experts, max_blocks,
-                                    BLOCK_M=block_m, E_PAD=e_pad, ROWS=max(1, 4096 // e_pad), num_warps=8)
-    _moe_align_scatter_kernel[(n_chunks,)](ids, sorted_pair, pad_start, chunk_base, pairs, n_experts, E_PAD=e_pad,
-                                           CHUNK=ALIGN_CHUNK, num_warps=4)
+    chunk_base = buf[max_rows + max_blocks + e_pad:]
+    _moe_align_kernel[(1,)](topk_ids.contiguous(), sorted_pair, block_expert, pad_start, chunk_base, pairs,
+                            n_experts, max_rows, max_blocks, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
+                            FILL=1024, num_warps=8)
     return sorted_pair, block_expert
 
 
-# The MXFP4 weight tiles are loaded two levels behind their scale words (the words give the
-# table rows the tiles' expansion needs), so the loop pipeline keeps about (num_stages - 1) / 2
-# weight tiles in flight: 5 stages for two, 7 for three.
-_MOE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
-                for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5), (8, 5), (4, 7))]
+_MOE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5))]
 
 
 # Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program
@@ -237,8 +153,8 @@ def _prune_w2(configs, nargs, **kw):
 def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, route_w_ptr,
                     hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_am, stride_sm,
                     stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
-                    A_QUANT: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PACK: tl.constexpr):
+                    A_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PACK: tl.constexpr):
     blk = tl.program_id(0)
     j = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -263,18 +179,12 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
         acc_g = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        if A_QUANT:
-            a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
-                                        A_QUANT, BLOCK_K)
-            floor = 0
-        else:
-            a = load_fp8_codes(a_ptr, token, row_ok, kb, K, stride_am, BLOCK_K)
-            a_scale = load_rows(a_scale_ptr + token * stride_sm + kb, row_ok, 0.0)
-            floor = act_scale_floor(a_scale)
+        a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
+                                    A_QUANT, BLOCK_K)
         wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, BLOCK_K, SCALE_WORDS, floor)
+                                   W_MXFP4, BLOCK_K)
         wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, BLOCK_K, SCALE_WORDS, floor)
+                                   W_MXFP4, BLOCK_K)
         if SWAP:
             acc_g = scaled_dot_t(acc_g, a, a_scale, wg, sg)
             acc_u = scaled_dot_t(acc_u, a, a_scale, wu, su)
@@ -296,14 +206,12 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
 
 
 @autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4),
-                                    (128, 4, 5), (64, 4, 7))],
+                   for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))],
           key=["BLOCK_M", "N", "K"], name="moe_w2", prune_configs_by={"early_config_prune": _prune_w2})
 @triton.jit
 def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
                    n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
-                   SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     blk = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -321,12 +229,10 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr,
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // BLOCK_K):
-        a = load_fp8_codes(hq_ptr, rows, row_ok, kb, K, K, BLOCK_K)
-        a_scale = load_rows(hs_ptr + rows * (K // BLOCK_K) + kb, row_ok, 0.0)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
         w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, lut_ptr, cols, col_ok,
-                                       kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K, SCALE_WORDS,
-                                       act_scale_floor(a_scale))
+                                       kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K)
         if SWAP:
             acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
         else:
@@ -371,20 +277,19 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     fused_quant = block_m <= 16  # see FUSED_QUANT_MAX_ROWS in kernels/gemm.py
     a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
-    w13s, w13_words = mxfp4_scale_operand(w13_scale.view(torch.uint8), dim)
-    w2s, w2_words = mxfp4_scale_operand(w2_scale.view(torch.uint8), inter)
+    w13s, w2s = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     lut = fp4_fp8_table(x.device)
     hq = torch.empty((max_blocks * block_m, inter), dtype=torch.uint8, device=x.device)
     hs = torch.empty((max_blocks * block_m, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)
     _moe_w13_kernel[(max_blocks, inter // PACK_ROWS)](
         a, a_scale, w13, w13s, lut, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
         stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
-        TOPK=topk, A_QUANT=fused_quant, SCALE_WORDS=w13_words, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS)
+        TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS)
     part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))
     _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, lut, sorted_pair, block_expert, part, n_experts, dim, inter,
                          w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
-                         SCALE_WORDS=w2_words, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK)
+                         BLOCK_M=block_m, BLOCK_K=ACT_BLOCK)
     block = 1024
     _combine_kernel[(t, triton.cdiv(dim, block))](part, ids, y, n_experts, dim, TOPK=topk, BLOCK=block,
                                                  num_warps=4)

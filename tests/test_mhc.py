@@ -178,19 +178,6 @@ def test_hc_pre_many_tiles_and_splits(device):
     _check_pre(X[:50], fn, scale, base, _triton("hc_pre", X[:50], fn, scale, base))
 
 
-def test_decode_tickets_are_reset_by_each_launch(device):
-    # Up to DECODE_MAX_T tokens the last program of each tile writes the outputs, picked by a
-    # ticket counter that it resets: after any launch every counter is zero again, and a
-    # repeated launch gives the same bits.
-    X, fn, scale, base = _inputs(40, 256, 17, device)
-    first = _triton("hc_pre", X, fn, scale, base)
-    second = _triton("hc_pre", X, fn, scale, base)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    tickets = [ws for key, ws in kern._workspaces.items() if key[2] == "tickets"]
-    assert tickets and all(int(t.abs().sum()) == 0 for t in tickets)
-
-
 def test_split_fn_parts_sum_to_fn(device):
     # The three BF16 parts sum (in FP32) to fn within 2^-24 relative, columns in partial-row
     # order (column SSQ_COL and those past the mixes zero), for normal, tiny and huge values.
@@ -366,19 +353,18 @@ def test_hc_head_bad_input(kw, err, name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("head, decode, config", [(False, False, kern._MIX_CONFIGS[-1]),
+@pytest.mark.parametrize("head, split_in_loop, config", [(False, False, kern._MIX_CONFIGS[-1]),
                                                          (False, False, kern._MIX_CONFIGS[3]),
                                                          (True, True, kern._MIX_CONFIGS[0])])
-def test_mix_kernel_compiles_for_sm90_without_spills(head, decode, config):
+def test_mix_kernel_compiles_for_sm90_without_spills(head, split_in_loop, config):
     bt, chunk, bk, warps, stages = config
-    consts = dict(HEAD=head, N_MIX=4 if head else 24, N_PAD=16 if head else 32, DECODE=decode, BLOCK_T=bt,
+    consts = dict(N_MIX=4 if head else 24, N_PAD=16 if head else 32, SPLIT_IN_LOOP=split_in_loop, BLOCK_T=bt,
                   CHUNK=chunk, BLOCK_K=bk)
-    types = dict(x_ptr="*bf16", parts_ptr="*bf16", y_ptr="*bf16", tickets_ptr="*i32", eps="fp32", norm_eps="fp32")
-    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_mix_partial_kernel", types, consts,
-                             ["dim", "stride_xt", "stride_xs", "T"], warps, stages)
+    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_mix_partial_kernel", dict(x_ptr="*bf16", parts_ptr="*bf16"),
+                             consts, ["dim", "stride_xt", "stride_xs", "T"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
     assert usage["tensor_core_dot"] == (bt >= 64), usage  # warp-group MMA from 64 rows; mma.sync below
-    if not decode:  # both operands from asynchronous copies: no tile loaded back for the MMA
+    if not split_in_loop:  # both operands from asynchronous copies: no tile loaded back for the MMA
         assert usage["tile_reloads"] <= 1, usage  # (one: X to registers for the sum of squares)
 
 
@@ -417,11 +403,9 @@ def test_every_mix_config_gpu(config, y_config, T, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [37, 300])
-def test_hc_pre_in_a_cuda_graph_replays_gpu(T):
-    # Workspaces stay put and the decode path's tile tickets are reset by each launch, so
-    # replays keep giving the eager result.
-    X, fn, scale, base = _inputs(T, 7168, 31, "cuda")
+def test_hc_pre_in_a_cuda_graph_replays_gpu():
+    # The tile counters are reset by each launch, so replays keep giving the eager result.
+    X, fn, scale, base = _inputs(300, 7168, 31, "cuda")
     eager = _triton("hc_pre", X, fn, scale, base)
     with use_backend("triton"):
         ops.hc_pre(X, fn, scale, base)  # tuned and compiled outside the capture

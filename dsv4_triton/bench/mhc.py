@@ -83,8 +83,8 @@ def _pre_bytes(T, dim, n_mix, with_post_comb=True):
 
 
 def _launches(T: int) -> int:
-    """One launch up to DECODE_MAX_T tokens; above, fn split, mix, y."""
-    return 1 if T <= kern.DECODE_MAX_T else 3
+    """fn split (above SPLIT_IN_LOOP_MAX_T tokens), mix, y."""
+    return 2 if T <= kern.SPLIT_IN_LOOP_MAX_T else 3
 
 
 def cases(quick: bool):

@@ -1,41 +1,35 @@
-"""Triton mHC kernels: hc_pre / hc_head (one launch up to 64 tokens, three above) and
-hc_post (one pass).
+"""Triton mHC kernels: hc_pre / hc_head (two or three launches each) and hc_post (one pass).
 
 hc_pre and hc_head
 ------------------
 Per token the 24 (head: 4) mixes ``fn @ flatten(X)`` need the whole row of 4*dim values
 before ``pre`` is known, and ``y = sum_i pre_i X_i`` needs the row again.  A row of 57 KB
 (dim 7168) cannot stay on chip while enough tokens share one read of ``fn`` (2.7 MB), so
-the mixes are computed per slice and summed afterwards:
+the work is split in launches with no waiting between programs:
 
+* ``_split_fn_kernel`` (more than 64 tokens): fn as three BF16 parts hi + mid + lo, each
+  ``[4*dim, N_PAD]`` with the columns in partial-row order.  With BF16 X every product with a
+  part is exact and the FP32 sum of the three is as accurate as an FP32 dot.
 * ``_mix_partial_kernel``, program ``(tile, split)``: ``BLOCK_T`` tokens times one stream's
-  slice ``d in [d_lo, d_lo + CHUNK)`` (one contiguous run per token), multiplied by the
-  matching rows of fn split into three BF16 parts hi + mid + lo (with BF16 X every product
-  with a part is exact and the FP32 sum of the three is as accurate as an FP32 dot), plus
-  the sum of squares; it writes this partial row (``N_PAD`` floats per token and split) to a
-  workspace.
-* Above 64 tokens (``DECODE`` false) a first launch, ``_split_fn_kernel``, writes the three
-  parts as ``[4*dim, N_PAD]`` BF16 matrices (columns in partial-row order), so the mix
-  kernel's operands both reach the sm_90 warp-group MMA by asynchronous copies into shared
-  memory, as in a plain GEMM.  (Splitting fn inside the loop instead makes every k-step run
-  load -> split -> shared-memory store -> fence -> MMA -> wait in series: 2.4x slower at 4096
-  tokens, measured.)  Then ``_finalise_y_kernel``, program ``(tile, column block)``, sums the
-  partials in split order (deterministic), applies rsqrt / sigmoid and writes
-  ``y = sum_i pre_i X_i`` for its block of columns; for hc_pre one more program per tile does
-  the Sinkhorn and writes post and comb, so the y programs stay at ~100 registers.  Tiles
-  run in reverse order: the mix kernel's last tiles are the most likely to still be in L2.
-* Up to 64 tokens (``DECODE``) one launch: fn is split inside the loop (an extra launch
-  would cost more than it saves), and the last program of a tile to store its partial row
-  (an atomic ticket per tile, reset by that program for the next launch) sums the tile's
-  partials in split order and writes post, comb and y for the whole tile: at most 64 rows
-  of X, read again from L2.  Nothing waits: every other program just exits.
+  slice ``d in [d_lo, d_lo + CHUNK)``, multiplied by the matching rows of the parts (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats
+  per token and split) to a workspace.  With the parts prepared, both operands reach the
+  sm_90 warp-group MMA by asynchronous copies into shared memory, as in a plain GEMM; split
+  inside the loop instead (``SPLIT_IN_LOOP``, used up to 64 tokens, where the extra launch
+  would cost more than it saves), every k-step runs load -> split -> shared-memory store ->
+  fence -> MMA -> wait in series, which measured 2.4x slower at 4096 tokens.
+* ``_finalise_y_kernel``, program ``(tile, column block)``: sums the partials in split order
+  (deterministic), applies rsqrt / sigmoid and writes ``y = sum_i pre_i X_i`` for its block
+  of columns; for hc_pre one more program per tile does the Sinkhorn and writes post and
+  comb, so the y programs stay at ~100 registers.  Tiles run in reverse order: the mix
+  kernel's last tiles are the most likely to still be in L2.  (Sinkhorn divides with IEEE
+  rounding, ``div_rn``, as the oracle does.)
 
-Sinkhorn divides with IEEE rounding (``div_rn``), as the oracle does.  A variant in which
-all programs of a tile waited for each other (so each re-read its own slice from L2) measured
-slower at 4096 tokens (programs sat waiting for siblings dispatched later): see
-benchmarks/NOTES.md.  Partial-row layout: columns ``0..3`` are the pre mixes and column
-``SSQ_COL = 4`` the sum of squares (one 32-byte sector: all that y needs), then the
-remaining mixes (post, comb).
+X is read twice (the second time partly from L2).  A one-launch variant, in which a tile's
+slices waited for each other on a counter so the y pass re-read X from L2, measured slower
+(programs sat waiting for siblings dispatched later): see benchmarks/NOTES.md.
+Partial-row layout: columns ``0..3`` are the pre mixes and column ``SSQ_COL = 4`` the sum of
+squares (one 32-byte sector: all that the y programs read), then the remaining mixes
+(post, comb).
 
 hc_post
 -------
@@ -44,7 +38,7 @@ hc_post
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import triton
@@ -61,13 +55,12 @@ N_MIX_HEAD = 4
 SSQ_COL = tl.constexpr(4)  # partial-row column of the sum of squares (after the 4 pre mixes)
 SPLIT_BLOCK = tl.constexpr(16)  # partial rows the y programs load at once
 SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
-LAST_Y_BLOCK = tl.constexpr(256)  # columns per step of a decode tile's y, written by one program
 
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
     (16, 256, 64, 4, 3), (16, 512, 64, 4, 3), (32, 256, 64, 4, 3), (64, 1024, 64, 4, 4), (64, 512, 64, 4, 4),
     (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
 ]
-DECODE_MAX_T = 64  # up to this many tokens: one launch (fn split in the loop, y by each tile's last program)
+SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
     (16, 256, 4), (1, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8),
 ]
@@ -129,9 +122,8 @@ def _split_fn_kernel(fn_ptr, parts_ptr, K, N_MIX: tl.constexpr, N_PAD: tl.conste
 
 
 @triton.jit
-def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, tickets_ptr, scale_ptr, base_ptr, y_ptr, post_ptr,
-                        comb_ptr, T, dim, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
-                        HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, DECODE: tl.constexpr,
+def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
+                        N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
                         BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
     # A split is one stream's columns [d_lo, d_lo + CHUNK): each token's slice is one
     # contiguous run of 2*CHUNK bytes (runs of 512 B and more stream near the copy rate;
@@ -158,7 +150,7 @@ def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, tickets_ptr, scale_p
         d_live = d < dim
         x = tl.load(x_ptr + tok[:, None] * stride_xt + stream * stride_xs + d[None, :],
                     mask=live[:, None] & d_live[None, :], other=0.0)
-        if DECODE:  # fn split here: no extra launch
+        if SPLIT_IN_LOOP:
             f = tl.load(fn_ptr + fn_row[None, :].to(tl.int64) * (STREAMS * dim) + stream * dim + d[:, None],
                         mask=d_live[:, None] & fn_live[None, :], other=0.0)
             f_hi, f_mid, f_lo = _split_fn_part(f)
@@ -176,17 +168,6 @@ def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, tickets_ptr, scale_p
     part = tl.where(col[None, :] == SSQ_COL, ssq[:, None], acc_hi + acc_lo)
     tl.store(part_ptr + (split * T + tok)[:, None] * N_PAD + col[None, :], part,
              mask=live[:, None] & (col <= N_MIX)[None, :])
-    if DECODE:
-        # The tile's last program to finish its slice writes the tile's outputs: one launch.
-        tl.debug_barrier()  # every thread's partial row is stored before the release
-        ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_splits - 1:
-            tl.atomic_xchg(tickets_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-            if not HEAD:
-                _tile_post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim,
-                                iters, eps, norm_eps, N_PAD)
-            _tile_y(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, tok, live, n_splits, T, dim, stride_xt, stride_xs,
-                    eps, norm_eps, 0, dim, N_PAD, LAST_Y_BLOCK)
 
 
 @triton.jit
@@ -199,9 +180,7 @@ def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl
         s = s0 + tl.arange(0, SPLIT_BLOCK)
         row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
         m = (s < n_splits)[:, None] & live[None, :]
-        # Written by other programs (of this launch, for the decode path): read through L2.
-        acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0,
-                              cache_modifier=".cg"), axis=0)
+        acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0), axis=0)
     return acc
 
 
@@ -209,54 +188,6 @@ def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl
 def _pick(v, i: tl.constexpr):
     """Column i of a [BLOCK_T, W] tensor as [BLOCK_T, 1] (a masked sum: NaN stays in its column)."""
     return tl.sum(tl.where(tl.arange(0, v.shape[1])[None, :] == i, v, 0.0), axis=1)[:, None]
-
-
-@triton.jit
-def _tile_post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim, iters, eps,
-                    norm_eps, N_PAD: tl.constexpr):
-    """post and comb of a tile of tokens from its partial rows (the Sinkhorn, SPEC 9)."""
-    BLOCK_T: tl.constexpr = tok.shape[0]
-    four = tl.arange(0, 4)
-    ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
-    rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
-    acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
-    acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
-    post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
-    ij = 4 * four[:, None] + four[None, :]
-    c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
-    # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
-    c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
-    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
-    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-    for _ in range(iters - 1):
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-    tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
-    tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
-
-
-@triton.jit
-def _tile_y(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, tok, live, n_splits, T, dim, stride_xt, stride_xs, eps,
-            norm_eps, d_start, d_len, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y = sum_i pre_i X_i of a tile of tokens for columns [d_start, d_start + d_len)."""
-    # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
-    acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
-    rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
-    scale0 = tl.load(scale_ptr)
-    pre0 = tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps
-    pre1 = tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps
-    pre2 = tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps
-    pre3 = tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps
-    d_end = tl.minimum(dim, d_start + d_len)
-    for dd in range(0, d_len, BLOCK_D):
-        d = d_start + dd + tl.arange(0, BLOCK_D)
-        mask = live[:, None] & (d < d_end)[None, :]
-        x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
-        y = pre0 * to_f32(tl.load(x_row, mask=mask, other=0.0))
-        y += pre1 * to_f32(tl.load(x_row + stride_xs, mask=mask, other=0.0))
-        y += pre2 * to_f32(tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0))
-        y += pre3 * to_f32(tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0))
-        tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -269,15 +200,44 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
     n_tiles = tl.cdiv(T, BLOCK_T)
     tile = n_tiles - 1 - tl.program_id(0) // n_programs  # reverse order: see the module doc
     d_block = tl.program_id(0) % n_programs - (0 if HEAD else 1)
-    tok = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tl.arange(0, BLOCK_T)
+    four = tl.arange(0, 4)
+    tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
     if d_block < 0:
-        _tile_post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim, iters, eps,
-                        norm_eps, N_PAD)
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
+        rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
+        post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
+        ij = 4 * four[:, None] + four[None, :]
+        c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
+        # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
+        c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+        for _ in range(iters - 1):
+            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
+            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+        tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
+        tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
     else:
-        _tile_y(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, tok, live, n_splits, T, dim, stride_xt, stride_xs, eps,
-                norm_eps, d_block * BLOCK_D, BLOCK_D, N_PAD, BLOCK_D)
-
+        d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (d < dim)[None, :]
+        x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
+        # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
+        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
+        x0 = tl.load(x_row, mask=mask, other=0.0)
+        x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
+        x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
+        x3 = tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0)
+        rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
+        scale0 = tl.load(scale_ptr)
+        y = (tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)
+        y += (tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps) * to_f32(x1)
+        y += (tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps) * to_f32(x2)
+        y += (tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps) * to_f32(x3)
+        tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
 
 _hc_pre_mix = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -299,20 +259,17 @@ _hc_head_y = autotune(
 )(_finalise_y_kernel)
 
 _workspaces: Dict[Tuple, torch.Tensor] = {}
-_outgrown: List[torch.Tensor] = []  # kept alive: a CUDA graph may have captured them
 
 
 def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A workspace (partial rows, fn parts, tile tickets) for launches on the current stream of
-    ``device`` (each stream has its own, so streams can run concurrently); grown only when a
-    launch needs more.  Tickets start at zero and every launch leaves them at zero."""
+    """A workspace (partial rows, fn parts) for launches on the current stream of ``device``
+    (each stream has its own, so streams can run concurrently); grown only when a launch
+    needs more."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream, kind)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
-        if ws is not None:
-            _outgrown.append(ws)
-        ws = (torch.zeros if kind == "tickets" else torch.empty)(numel, dtype=dtype, device=device)
+        ws = torch.empty(numel, dtype=dtype, device=device)
         _workspaces[key] = ws
     return ws
 
@@ -337,33 +294,28 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
     else:
         min_chunk = config[1]
     part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
-    decode = T <= DECODE_MAX_T
+    split_in_loop = T <= SPLIT_IN_LOOP_MAX_T
     parts = fn  # unread when fn is split inside the loop
-    if not decode:
+    if not split_in_loop:
         K = HC_MULT * dim
         parts = _workspace(X.device, "fn_parts", 3 * K * n_pad, torch.bfloat16)
         _split_fn_kernel[(triton.cdiv(K, SPLIT_BLOCK_K),)](fn, parts, K, N_MIX=n_mix, N_PAD=n_pad, BLOCK=SPLIT_BLOCK_K)
-    tickets = _workspace(X.device, "tickets", triton.cdiv(max(T, DECODE_MAX_T), 16), torch.int32)  # BLOCK_T >= 16
     chosen = {}
 
     def mix_grid(meta):
         chosen["CHUNK"] = meta["CHUNK"]
         return (triton.cdiv(T, meta["BLOCK_T"]) * HC_MULT * triton.cdiv(dim, meta["CHUNK"]),)
 
-    outputs = (y, y if head else post, y if head else comb)
-    mix_args = (X, fn, parts, part, tickets, scale, base, *outputs, T, dim, X.stride(0), X.stride(1), iters, eps,
-                norm_eps, t_bucket)
-    consts = dict(HEAD=head, N_MIX=n_mix, N_PAD=n_pad, DECODE=decode)
+    mix_args = (X, fn, parts, part, T, dim, X.stride(0), X.stride(1), t_bucket)
+    consts = dict(N_MIX=n_mix, N_PAD=n_pad, SPLIT_IN_LOOP=split_in_loop)
     if config is None:
         mix_kernel[mix_grid](*mix_args, **consts)
     else:  # an explicit config (the tests sweep every one)
         bt, c, bk, w, st = config
         _mix_partial_kernel[mix_grid(dict(BLOCK_T=bt, CHUNK=c))](*mix_args, **consts, BLOCK_T=bt, CHUNK=c,
                                                                  BLOCK_K=bk, num_warps=w, num_stages=st)
-    if decode:  # the mix launch wrote the outputs
-        return y, post, comb
-    y_args = (X, part, scale, base, *outputs, T, dim, HC_MULT * triton.cdiv(dim, chosen["CHUNK"]), X.stride(0),
-              X.stride(1), iters, eps, norm_eps, t_bucket)
+    y_args = (X, part, scale, base, y, y if head else post, y if head else comb, T, dim,
+              HC_MULT * triton.cdiv(dim, chosen["CHUNK"]), X.stride(0), X.stride(1), iters, eps, norm_eps, t_bucket)
     y_grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * (triton.cdiv(dim, m["BLOCK_D"]) + (0 if head else 1)),)
     if y_config is None:
         y_kernel[y_grid](*y_args, HEAD=head, N_PAD=n_pad)

@@ -11,12 +11,14 @@ the work is split in launches with no waiting between programs:
   ``[4*dim, N_PAD]`` with the columns in partial-row order.  With BF16 X every product with a
   part is exact and the FP32 sum of the three is as accurate as an FP32 dot.
 * ``_mix_partial_kernel``, program ``(tile, split)``: ``BLOCK_T`` tokens times one stream's
-  slice ``d in [d_lo, d_lo + CHUNK)``, multiplied by the matching rows of the parts (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats
-  per token and split) to a workspace.  With the parts prepared, both operands reach the
-  sm_90 warp-group MMA by asynchronous copies into shared memory, as in a plain GEMM; split
-  inside the loop instead (``SPLIT_IN_LOOP``, used up to 64 tokens, where the extra launch
-  would cost more than it saves), every k-step runs load -> split -> shared-memory store ->
-  fence -> MMA -> wait in series, which measured 2.4x slower at 4096 tokens.
+  slice ``d in [d_lo, d_lo + CHUNK)`` (one contiguous run per token: runs a quarter as long,
+  one per stream, streamed X at half the rate), multiplied by the matching rows of the parts
+  (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats per
+  token and split) to a workspace.  With the parts prepared, both operands reach the sm_90
+  warp-group MMA by asynchronous copies into shared memory, as in a plain GEMM.  Up to 64
+  tokens (``SPLIT_IN_LOOP``), where the extra launch would cost more than it saves, fn is
+  split inside the loop instead; there every k-step runs load -> split -> shared-memory
+  store -> fence -> MMA -> wait in series, which measured 2.4x slower at 4096 tokens.
 * ``_finalise_y_kernel``, program ``(tile, column block)``: sums the partials in split order
   (deterministic), applies rsqrt / sigmoid and writes ``y = sum_i pre_i X_i`` for its block
   of columns; for hc_pre one more program per tile does the Sinkhorn and writes post and
@@ -24,9 +26,11 @@ the work is split in launches with no waiting between programs:
   kernel's last tiles are the most likely to still be in L2.  (Sinkhorn divides with IEEE
   rounding, ``div_rn``, as the oracle does.)
 
-X is read twice (the second time partly from L2).  A one-launch variant, in which a tile's
-slices waited for each other on a counter so the y pass re-read X from L2, measured slower
-(programs sat waiting for siblings dispatched later): see benchmarks/NOTES.md.
+X is read twice (the second time partly from L2).  Two one-launch variants measured slower
+(benchmarks/NOTES.md): all programs of a tile waiting for each other on a counter so that
+each re-reads its slice from L2 (programs sat waiting for siblings dispatched later), and,
+for decode sizes, the tile's last program writing all of the tile's y (one program's
+serial loop over the row: 56 us at one token against 14.5 us for two launches).
 Partial-row layout: columns ``0..3`` are the pre mixes and column ``SSQ_COL = 4`` the sum of
 squares (one 32-byte sector: all that the y programs read), then the remaining mixes
 (post, comb).

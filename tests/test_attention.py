@@ -453,6 +453,22 @@ def test_pack_kv_fp8_kernel_is_bit_exact(device, rows, d, dtype, magnitude, spec
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("d", [128, 512])
+def test_pack_kv_fp8_kernel_scale_boundaries(device, d):
+    # Block maxima at 448 * 2^k and one float32 ulp either side: the scale exponent is
+    # ceil(log2(amax / 448)), so the division must round as the oracle's IEEE division does.
+    blocks = (d - ROPE) // 64
+    kv = torch.full((3 * 21, d), 0.25)
+    for i, k in enumerate(range(-10, 11)):
+        exact = 448.0 * 2.0 ** k
+        for j, amax in enumerate((exact, torch.nextafter(torch.tensor(exact), torch.tensor(0.0)).item(),
+                                  torch.nextafter(torch.tensor(exact), torch.tensor(1e30)).item())):
+            kv[3 * i + j, 7:(d - ROPE):64] = amax  # one element per block
+    with use_backend("triton"):
+        got = ops.pack_kv_fp8(kv.to(device)).cpu()
+    assert blocks >= 1 and torch.equal(got, ref.pack_kv_fp8(kv))
+
+
 def test_pack_kv_fp8_kernel_any_leading_shape(device):
     kv = make_kv(torch.Generator().manual_seed(12), 3, 7, 512).to(device)
     with use_backend("triton"):

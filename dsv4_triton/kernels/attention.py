@@ -79,6 +79,7 @@ from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
 from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, to_fp8
+from .quant import FP8_AMAX_FLOOR
 from .norm import as_rows
 
 LOG2E = 1.4426950408889634
@@ -523,7 +524,8 @@ def _pack_kv_fp8_kernel(kv_ptr, out_ptr, n_rows, stride_kv, ROW_BYTES: tl.conste
                 mask=blk_ok[:, :, None], other=0.0).to(tl.float32)
     amax = amax_nan(x, 2)
     invalid = (amax != amax) | (amax == float("inf"))
-    ex = tl.where(invalid, 0, ceil_log2(tl.maximum(amax, 1e-4) / 448.0))
+    # IEEE division, as the oracle: an approximate one can land on the other side of a power of two.
+    ex = tl.where(invalid, 0, ceil_log2(tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), 448.0)))
     v = clamp_nan(x * exp2i(-ex)[:, :, None], -448.0, 448.0)
     codes = tl.where(invalid[:, :, None], 0x7F, to_fp8(v).to(tl.uint8, bitcast=True))
     out_row = out_ptr + rows * ROW_BYTES

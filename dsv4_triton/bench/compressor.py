@@ -63,22 +63,28 @@ def _eager(a, z, ape, norm_w, freqs, entry_idx, ratio, kind):
     return (torch.sign(v) * mag * s).flatten(-2).to(torch.bfloat16)
 
 
-def _case(ratio, kind, d):
+def _inputs(seed, ratio, d):
+    """(a, z, ape, norm_w, freqs, entry_idx) of a TOKENS-token prompt: every complete window."""
     c = 2 if ratio == 4 else 1
     n_entries = TOKENS // ratio
     lead = ratio if ratio == 4 else 0
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    width = c * d
+    a_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g)
+    z_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g) * 2
+    ape = torch.randn(ratio, width, device="cuda", generator=g)
+    norm_w = torch.rand(d, device="cuda", generator=g) + 0.5
+    freqs = ops.rope_freqs(ROPE_DIM, TOKENS, 160000.0, YARN, device="cuda")
+    entry_idx = torch.arange(n_entries, device="cuda")
+    return (_windows(a_tok, ratio, n_entries), _windows(z_tok, ratio, n_entries), ape, norm_w, freqs, entry_idx)
+
+
+def _case(ratio, kind, d):
+    c = 2 if ratio == 4 else 1
+    n_entries = TOKENS // ratio
 
     def make(seed):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        width = c * d
-        a_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g)
-        z_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g) * 2
-        ape = torch.randn(ratio, width, device="cuda", generator=g)
-        norm_w = torch.rand(d, device="cuda", generator=g) + 0.5
-        freqs = ops.rope_freqs(ROPE_DIM, TOKENS, 160000.0, YARN, device="cuda")
-        entry_idx = torch.arange(n_entries, device="cuda")
-        return (_windows(a_tok, ratio, n_entries), _windows(z_tok, ratio, n_entries), ape, norm_w, freqs,
-                entry_idx)
+        return _inputs(seed, ratio, d)
 
     nbytes = 2 * TOKENS * c * d * 4 + ratio * c * d * 4 + d * 4 + n_entries * (8 + d * 2)
     return Case(
@@ -97,22 +103,12 @@ def _encoded_case(ratio, kind, d):
     """The prefill's entries written as cache rows of one request (``[W + n, row]``)."""
     c = 2 if ratio == 4 else 1
     n_entries = TOKENS // ratio
-    lead = ratio if ratio == 4 else 0
     row_bytes = ref.encode_rows(torch.zeros(1, d), kind).shape[-1]
 
     def make(seed):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        width = c * d
-        a_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g)
-        z_tok = torch.randn(lead + TOKENS, width, device="cuda", generator=g) * 2
-        ape = torch.randn(ratio, width, device="cuda", generator=g)
-        norm_w = torch.rand(d, device="cuda", generator=g) + 0.5
-        freqs = ops.rope_freqs(ROPE_DIM, TOKENS, 160000.0, YARN, device="cuda")
-        entry_idx = torch.arange(n_entries, device="cuda")
+        inputs = _inputs(seed, ratio, d)
         cache = torch.zeros(1, WINDOW + n_entries, row_bytes, dtype=torch.uint8, device="cuda")
-        rows = WINDOW + entry_idx
-        return (_windows(a_tok, ratio, n_entries), _windows(z_tok, ratio, n_entries), ape, norm_w, freqs,
-                entry_idx, cache, rows)
+        return (*inputs, cache, WINDOW + inputs[-1])
 
     def run(a, z, ape, w, f, i, cache, rows):
         ops.compress_entries_to_cache(a, z, ape, w, f, i, cache, rows, ratio, kind)

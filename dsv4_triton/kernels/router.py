@@ -227,6 +227,14 @@ def _outputs_and_operands(x: torch.Tensor, weight: torch.Tensor, topk: int):
         (weight if weight.stride(1) == 1 else weight.contiguous())
 
 
+def _optional_operands(x, bias, tid2eid, token_ids, topk: int):
+    """(hash mode, (bias, table, token ids) with ``x`` standing in for the absent ones, K_PAD)."""
+    hash_mode = tid2eid is not None
+    optional = (bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
+                token_ids if hash_mode else x)
+    return hash_mode, optional, max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
+
+
 def route_tiled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The tiled path: one launch of ``_route_kernel`` (tuned per token bucket unless ``config`` =
@@ -236,8 +244,7 @@ def route_tiled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return weights, ids
     T, dim = x.shape
     n_experts = weight.shape[0]
-    hash_mode = tid2eid is not None
-    k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
+    hash_mode, optional, k_pad = _optional_operands(x, bias, tid2eid, token_ids, topk)
     e_pad = max(MIN_BLOCK_E, triton.next_power_of_2(n_experts))  # >= every BLOCK_E the pruning keeps
     bucket = token_bucket(T)
     if config is None:  # the configs the tuner may run here (it holds only the first without tuning)
@@ -251,8 +258,7 @@ def route_tiled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     # Candidate slots per token for the smallest chunk the launch may use (the most lists).
     n_cand = e_pad // smallest_chunk * k_pad
     cand_s, cand_id, counters = _workspace(x.device, T, n_cand, triton.cdiv(T, 16))
-    args = (x, weight, bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
-            token_ids if hash_mode else x, weights, ids, cand_s, cand_id, counters,
+    args = (x, weight, *optional, weights, ids, cand_s, cand_id, counters,
             T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0), topk,
             route_scale, bucket)
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad)
@@ -514,8 +520,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return weights, ids
     T, dim = x.shape
     n_experts = weight.shape[0]
-    hash_mode = tid2eid is not None
-    k_pad = max(2, triton.next_power_of_2(topk))  # tensors of width 1 are avoided
+    hash_mode, optional, k_pad = _optional_operands(x, bias, tid2eid, token_ids, topk)
     e_pad = triton.next_power_of_2(n_experts)
     room = max(T, SPLIT_ROOM_T)
     if config is None:  # sized for every split config (BLOCK_T, BLOCK_E divide 64; SPLIT_K >= 128)
@@ -532,8 +537,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ws = _split_workspace(x.device, rows * cols * n_splits, room * n_experts,
                           room * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e),
                           n_tiles)
-    args = (x, weight, bias if bias is not None else x, tid2eid.contiguous() if hash_mode else x,
-            token_ids if hash_mode else x, weights, ids, ws.partial, ws.score, ws.cand, ws.chunk_counters,
+    args = (x, weight, *optional, weights, ids, ws.partial, ws.score, ws.cand, ws.chunk_counters,
             ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),
             topk, route_scale, token_bucket(T))
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad,

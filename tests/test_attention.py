@@ -362,6 +362,18 @@ def test_large_scores_are_stable(device):
     assert torch.isfinite(got.float()).all() and torch.isfinite(want.float()).all()
 
 
+def _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, what):
+    """Over the BF16 and the FP8 cache: NaN exactly in head 5 of token 0 (a NaN query) and in
+    every head of token 1 (a NaN row it reads), as the oracle has it."""
+    for cache in (kv, ops.pack_kv_fp8(kv)):
+        got = _check(*(t.to(device) for t in (q, cache, sinks, idx)), what=what)
+        nan = torch.isnan(got.float()).any(-1)[0].cpu()
+        expect = torch.zeros(3, 16, dtype=torch.bool)
+        expect[0, 5] = True
+        expect[1, :] = True
+        assert torch.equal(nan, expect)
+
+
 def test_nan_propagates_like_the_oracle(device):
     g = torch.Generator().manual_seed(9)
     q = torch.randn(1, 3, 16, 128, generator=g).to(torch.bfloat16)
@@ -371,13 +383,7 @@ def test_nan_propagates_like_the_oracle(device):
     kv[0, 8, 100] = float("nan")  # a row nobody reads (and one behind a -1)
     idx = torch.tensor([[[0, 1, 2, -1], [7, 2, 1, 0], [3, 4, -1, -1]]], dtype=torch.int32)
     sinks = torch.zeros(16)
-    for cache in (kv, ops.pack_kv_fp8(kv)):
-        got = _check(*(t.to(device) for t in (q, cache, sinks, idx)), what="nan")
-        nan = torch.isnan(got.float()).any(-1)[0].cpu()
-        expect = torch.zeros(3, 16, dtype=torch.bool)
-        expect[0, 5] = True
-        expect[1, :] = True
-        assert torch.equal(nan, expect)
+    _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, "nan")
 
 
 def test_split_merge_keeps_nan_and_large_scores(device, monkeypatch):
@@ -394,13 +400,7 @@ def test_split_merge_keeps_nan_and_large_scores(device, monkeypatch):
     idx[0, 1, 200] = 310
     sinks = torch.tensor([50.0, -50.0] * 8)
     assert kernels._choose_splits(3, 300, 1000) == 2
-    for cache in (kv, ops.pack_kv_fp8(kv)):
-        got = _check(*(t.to(device) for t in (q, cache, sinks, idx)), what="split, nan")
-        nan = torch.isnan(got.float()).any(-1)[0].cpu()
-        expect = torch.zeros(3, 16, dtype=torch.bool)
-        expect[0, 5] = True
-        expect[1, :] = True
-        assert torch.equal(nan, expect)
+    _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, "split, nan")
 
 
 def test_non_contiguous_inputs(device):

@@ -42,7 +42,7 @@ hc_post
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -263,16 +263,19 @@ _hc_head_y = autotune(
 )(_finalise_y_kernel)
 
 _workspaces: Dict[Tuple, torch.Tensor] = {}
+_outgrown: List[torch.Tensor] = []  # kept alive: a captured CUDA graph may still use them
 
 
 def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A workspace (partial rows, fn parts) for launches on the current stream of ``device``
     (each stream has its own, so streams can run concurrently); grown only when a launch
-    needs more."""
+    needs more, and an outgrown one is never freed."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream, kind)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
+        if ws is not None:
+            _outgrown.append(ws)
         ws = torch.empty(numel, dtype=dtype, device=device)
         _workspaces[key] = ws
     return ws

@@ -313,6 +313,22 @@ def test_route_split_nan_in_a_later_split(device):
         assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
 
 
+@pytest.mark.parametrize("topk", [4, 8])
+def test_route_split_picks_deep_in_one_chunk_list(device, topk):
+    # The final selection scans list positions 0..kk for pick kk (each chunk's list is
+    # sorted).  Biases of 33..40 (scores are ~1) fix every token's order: first all picks
+    # from chunk 0's list (experts 0..7), so pick kk is that list's entry kk; then picks
+    # alternating between two chunks (experts 0, 32, 1, 33, ...: chunks 0 and 2 of 16 experts, 0 and 1 of 32).
+    x, weight, _ = _inputs(3, 40, 64, 109, device)
+    for config in [(16, 16, 32, 64, 4, 2), (16, 32, 16, 16, 4, 2)]:
+        for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 32, 1, 33, 2, 34, 3, 35]):
+            bias = torch.zeros(40, device=device)
+            bias[rows] = torch.linspace(40.0, 33.0, 8, device=device)
+            w, ids = _split(x, weight, bias, None, None, topk, 2.5, config)
+            assert ids.tolist() == [rows[:topk]] * 3
+            _check_route(x, weight, bias, topk, 2.5, (w, ids))
+
+
 @pytest.mark.parametrize("T", [1, 3, 5, 31, 32, 33])
 def test_route_split_tail_rows(device, T):
     # The arrivers reduce and select only the tile's first TAIL_T = min(BLOCK_T, pow2 >= T)

@@ -330,17 +330,67 @@ def _packed_id(packed):
 
 
 @triton.jit
+def _larger_key(key_a, s_a, key_b, s_b):
+    """Combine of a max over packed keys that carries each key's score along, so a pick
+    comes with its weight and no gather is needed after the selection."""
+    a_wins = key_a > key_b
+    return tl.where(a_wins, key_a, key_b), tl.where(a_wins, s_a, s_b)
+
+
+@triton.jit
+def _below(key, s, last):
+    """(key, s) where the key ranks after the row's last pick, else (INT64_MIN, s)."""
+    return tl.where(key < last[:, None], key, INT64_MIN), s
+
+
+@triton.jit
+def _fold_position(best, best_s, key, s, last):
+    """Element-wise: the better of (best, best_s) and this list position's entry ranked
+    after the row's last pick."""
+    key, s = _below(key, s, last)
+    return _larger_key(best, best_s, key, s)
+
+
+@triton.jit
+def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr):
+    """Entry ``position`` of every chunk's sorted candidate list ([rows, NC_PAD] keys and scores).
+    Positions >= topk are not written; they are read only by picks kk >= topk, which do not run."""
+    key = tl.load(cand_ptr + slot + position * NC_PAD, mask=mask, other=INT64_MIN, cache_modifier=".cg")
+    s = tl.load(cand_s_ptr + slot + position * NC_PAD, mask=mask, other=0.0, cache_modifier=".cg")
+    return key, s
+
+
+@triton.jit
+def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
+    """Row sums of [rows, K_PAD] in one order whatever the layout: neighbours added in
+    pairs, then pairs of pairs ((w0 + w1) + (w2 + w3)) + ...; a sum of two terms is the
+    same either way round, so every path and config normalises to the same bits."""
+    ROWS: tl.constexpr = w.shape[0]
+    a, b = tl.split(tl.reshape(w, [ROWS, K_PAD // 2, 2]))
+    w = a + b
+    if K_PAD >= 4:
+        a, b = tl.split(tl.reshape(w, [ROWS, K_PAD // 4, 2]))
+        w = a + b
+    if K_PAD >= 8:
+        a, b = tl.split(tl.reshape(w, [ROWS, K_PAD // 8, 2]))
+        w = a + b
+    return tl.reshape(w, [ROWS])
+
+
+@triton.jit
 def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, ids_ptr,
-                        partial_ptr, score_ptr, cand_ptr, chunk_counter_ptr, tile_counter_ptr,
+                        partial_ptr, score_ptr, cand_ptr, cand_s_ptr, chunk_counter_ptr, tile_counter_ptr,
                         T, dim, n_experts, vocab, stride_x, stride_w, topk, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
-    (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus), writes the
-    scores and (score routing) the chunk's top ``topk`` packed keys; the last chunk of a tile
-    to arrive selects and writes the outputs.  Each arriver that acts resets its counter.
+    (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
+    for score routing, the chunk's top ``topk`` packed keys in order with their scores (for
+    hash routing, the scores); the last chunk of a tile to arrive merges the sorted lists
+    (pick kk looks at list positions 0..kk only) and takes the weights from the picks' scores,
+    or (hash) reads the scores at the table ids.  Each arriver that acts resets its counter.
 
     The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
     rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
@@ -350,7 +400,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
 
     Reads of x and W are masked to the tensors; every workspace slot index stays below the
     sizes ``route_split`` allocates; hash routing clamps ids as the tiled path does."""
-    N_CAND: tl.constexpr = ((E_PAD + BLOCK_E - 1) // BLOCK_E) * K_PAD  # candidate slots per token
+    NC_PAD: tl.constexpr = (E_PAD + BLOCK_E - 1) // BLOCK_E  # chunk lists per token (a power of two)
+    N_CAND: tl.constexpr = NC_PAD * K_PAD  # candidate slots per token
     TILE: tl.constexpr = BLOCK_T * BLOCK_E
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
     # Partial tiles summed per step: up to REDUCE_BUDGET floats of tail rows in flight (64 per
@@ -412,48 +463,81 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                                + tail_in_tile, mask=tail_live[:, None], other=0.0, cache_modifier=".cg")
                 z += tl.where(s0 + u < n_splits, part, 0.0)
         s = _sqrt_softplus(z)
-        tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
-                 mask=tail_live[:, None] & e_live[None, :])
-        if not HASH:
+        if HASH:  # the tile's last arriver reads the scores at the table ids
+            tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
+                     mask=tail_live[:, None] & e_live[None, :])
+        else:
             key = s
             if HAS_BIAS:
                 key = s + e_bias[None, :]
             packed = tl.where(e_live[None, :], _packed_key(key, e[None, :]), INT64_MIN)
             last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
             top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
+            top_s = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
             for kk in tl.static_range(K_PAD):
                 if kk < topk:  # a chunk with fewer live experts than topk leaves INT64_MIN (no candidate)
-                    last = tl.max(tl.where(packed < last[:, None], packed, INT64_MIN), axis=1)
+                    last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
                     top = tl.where(kcol[None, :] == kk, last[:, None], top)
-            tl.store(cand_ptr + tail_tok[:, None] * N_CAND + chunk * K_PAD + kcol[None, :], top,
-                     mask=tail_live[:, None])
+                    top_s = tl.where(kcol[None, :] == kk, last_s[:, None], top_s)
+            # Position-major lists: entry j of every chunk side by side (see the final selection).
+            cand_slot = tail_tok[:, None] * N_CAND + kcol[None, :] * NC_PAD + chunk
+            tl.store(cand_ptr + cand_slot, top, mask=tail_live[:, None] & out_col[None, :])
+            tl.store(cand_s_ptr + cand_slot, top_s, mask=tail_live[:, None] & out_col[None, :])
 
         tl.debug_barrier()  # scores and candidates are written before the arrival is published
         done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
         if done == n_chunks - 1:
             tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
+            out_mask = tail_live[:, None] & out_col[None, :]
             if HASH:
                 sel_id = tl.minimum(tl.maximum(table_ids, 0), n_experts - 1)
+                w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
+                            cache_modifier=".cg")
             else:
-                c = tl.arange(0, N_CAND)
-                cand = tl.load(cand_ptr + tail_tok[:, None] * N_CAND + c[None, :],
-                               mask=tail_live[:, None] & (c < n_chunks * K_PAD)[None, :], other=INT64_MIN,
-                               cache_modifier=".cg")
+                # Each chunk's list is sorted, so the kk-th pick of a token is at position <= kk
+                # of its chunk's list: pick kk scans positions 0..kk only (21 of 48 entries per
+                # chunk for topk = 6), and carries the pick's score along (no gather after).
+                c = tl.arange(0, NC_PAD)
+                list_slot = tail_tok[:, None] * N_CAND + c[None, :]
+                has_list = tail_live[:, None] & (c < n_chunks)[None, :]
+                p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
+                p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
+                if K_PAD >= 4:
+                    p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
+                    p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
+                if K_PAD >= 8:
+                    p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
+                    p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
+                    p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
+                    p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
                 last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+                w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
                 sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
                 for kk in tl.static_range(K_PAD):
                     if kk < topk:  # topk <= E live candidates exist: every pick is found
-                        last = tl.max(tl.where(cand < last[:, None], cand, INT64_MIN), axis=1)
+                        best, best_s = _below(p0, q0, last)
+                        if kk >= 1:
+                            best, best_s = _fold_position(best, best_s, p1, q1, last)
+                        if kk >= 2:
+                            best, best_s = _fold_position(best, best_s, p2, q2, last)
+                        if kk >= 3:
+                            best, best_s = _fold_position(best, best_s, p3, q3, last)
+                        if kk >= 4:
+                            best, best_s = _fold_position(best, best_s, p4, q4, last)
+                        if kk >= 5:
+                            best, best_s = _fold_position(best, best_s, p5, q5, last)
+                        if kk >= 6:
+                            best, best_s = _fold_position(best, best_s, p6, q6, last)
+                        if kk >= 7:
+                            best, best_s = _fold_position(best, best_s, p7, q7, last)
+                        last, last_s = tl.reduce((best, best_s), 1, _larger_key)
+                        w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
                         sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
-            out_mask = tail_live[:, None] & out_col[None, :]
-            w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
-                        cache_modifier=".cg")
-            w = w / tl.sum(w, axis=1)[:, None]
+            w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
             w = w * route_scale
             out = tail_tok[:, None] * topk + kcol[None, :]
             tl.store(weights_ptr + out, w, mask=out_mask)
             tl.store(ids_ptr + out, sel_id, mask=out_mask)
-
 
 _route_split_tuned = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
@@ -465,14 +549,15 @@ _route_split_tuned = autotune(
 
 
 class _SplitWorkspace:
-    """Partials, scores, candidates and the two counter arrays of the split path, for one
-    (device, stream); grown to the largest sizes seen, counters zeroed once (every launch
-    leaves them zero)."""
+    """Partials, scores, candidates (packed keys and their scores) and the two counter arrays
+    of the split path, for one (device, stream); grown to the largest sizes seen, counters
+    zeroed once (every launch leaves them zero)."""
 
     def __init__(self, device, n_partial, n_score, n_cand, n_chunk_counters, n_tile_counters):
         self.partial = torch.empty(n_partial, dtype=torch.float32, device=device)
         self.score = torch.empty(n_score, dtype=torch.float32, device=device)
         self.cand = torch.empty(n_cand, dtype=torch.int64, device=device)
+        self.cand_s = torch.empty(n_cand, dtype=torch.float32, device=device)
         counters = torch.zeros(n_chunk_counters + n_tile_counters, dtype=torch.int32, device=device)
         self.chunk_counters, self.tile_counters = counters[:n_chunk_counters], counters[n_chunk_counters:]
 
@@ -537,7 +622,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ws = _split_workspace(x.device, rows * cols * n_splits, room * n_experts,
                           room * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e),
                           n_tiles)
-    args = (x, weight, *optional, weights, ids, ws.partial, ws.score, ws.cand, ws.chunk_counters,
+    args = (x, weight, *optional, weights, ids, ws.partial, ws.score, ws.cand, ws.cand_s, ws.chunk_counters,
             ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),
             topk, route_scale, token_bucket(T))
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad,

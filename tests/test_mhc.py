@@ -213,30 +213,14 @@ def test_hc_pre_nan_inf_propagate_like_oracle(device, bad):
     _check_pre(X, fn, scale, base, out)
 
 
-@pytest.mark.parametrize("path, config, y_config", [("mix_then_y", (16, 64, 64, 4, 3), (4, 256, 4)),
-                                                   ("mix_then_y", (32, 128, 64, 4, 3), (1, 128, 4)),
-                                                   ("one_launch", (16, 64, 64, 4, 3, 2), None),
-                                                   ("one_launch", (32, 128, 64, 4, 3, 1), None)])
-def test_hc_pre_and_head_explicit_configs(device, path, config, y_config):
+@pytest.mark.parametrize("config, y_config", [((16, 64, 64, 4, 3), (4, 256, 4)), ((32, 128, 64, 4, 3), (1, 128, 4))])
+def test_hc_pre_and_head_explicit_configs(device, config, y_config):
     # 20 tokens and dim 300 or 1100: partial tiles, chunks and y blocks running past dim, and
-    # more than SPLIT_BLOCK splits at the narrow chunk.  One launch: 2 tiles of 16 with lag 2
-    # (every y block after both tiles' mixes) or 1 tile of 32 with lag 1.
+    # more than SPLIT_BLOCK splits at the narrow chunk.
     X, fn, scale, base = _inputs(20, 300 if config[1] > 64 else 1100, 13, device)
-    kw = dict(path=path, config=config, y_config=y_config)
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, **kw))
-    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6, **kw))
-
-
-def test_one_launch_many_tiles_leaves_counters_zero(device):
-    # 70 tokens in 5 tiles of 16 with lag 2 (fn split by its own launch): y blocks of tiles
-    # 0..2 run in the programs that mix tiles 2..4, those of tiles 3 and 4 in the last two
-    # steps.  Each tile's last y block resets the tile's counters for the next launch.
-    X, fn, scale, base = _inputs(70, 256, 17, device)
-    for _ in range(2):
-        _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, path="one_launch",
-                                                   config=(16, 256, 64, 4, 3, 2)))
-    stream = torch.cuda.current_stream(X.device).cuda_stream if X.device.type == "cuda" else 0
-    assert not bool(kern._workspaces[(X.device, stream, "arrivals")].any())
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
+    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
+                                                               config=config, y_config=y_config))
 
 
 def _check_head(X, fn, scale, base, y, eps=1e-6):
@@ -395,21 +379,6 @@ def test_finalise_y_kernel_compiles_for_sm90_without_spills(head, config):
     assert usage["stack"] == 0, usage
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("head, split_in_loop, config", [(False, False, kern._ONE_LAUNCH_CONFIGS[8]),
-                                                         (False, True, kern._ONE_LAUNCH_CONFIGS[0]),
-                                                         (True, False, kern._ONE_LAUNCH_CONFIGS[10])])
-def test_one_launch_kernel_compiles_for_sm90_without_spills(head, split_in_loop, config):
-    bt, chunk, bk, warps, stages, lag = config
-    types = dict(x_ptr="*bf16", parts_ptr="*bf16", y_ptr="*bf16", sync_ptr="*i32", eps="fp32", norm_eps="fp32")
-    consts = dict(HEAD=head, N_MIX=4 if head else 24, N_PAD=16 if head else 32, SPLIT_IN_LOOP=split_in_loop,
-                  BLOCK_T=bt, CHUNK=chunk, BLOCK_K=bk, LAG=lag, Y_STEP=kern._y_step(bt, chunk))
-    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_mix_then_y_kernel", types, consts,
-                             ["dim", "stride_xt", "stride_xs", "T"], warps, stages)
-    assert usage["stack"] == 0 and usage["pipelined"], usage
-    assert usage["tensor_core_dot"] == (bt >= 64), usage
-
-
 # ---------------------------------------------------------------- GPU: model sizes, every config
 
 @pytest.mark.gpu
@@ -424,14 +393,13 @@ def test_hc_pre_head_model_sizes_gpu(T, dim, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config, y_config", [(c, kern._Y_CONFIGS[i % len(kern._Y_CONFIGS)])
                                               for i, c in enumerate(kern._MIX_CONFIGS)]
-                         + [(kern._MIX_CONFIGS[-1], y) for y in kern._Y_CONFIGS]
-                         + [(c, None) for c in kern._ONE_LAUNCH_CONFIGS])
+                         + [(kern._MIX_CONFIGS[-1], y) for y in kern._Y_CONFIGS])
 @pytest.mark.parametrize("T, dim", [(1, 7168), (64, 4096), (333, 7168), (4096, 4096)])
 def test_every_mix_config_gpu(config, y_config, T, dim):
     X, fn, scale, base = _inputs(T, dim, T + dim, "cuda")
-    kw = dict(path="one_launch" if len(config) == 6 else "mix_then_y", config=config, y_config=y_config)
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, **kw))
-    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6, **kw))
+    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
+    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
+                                                               config=config, y_config=y_config))
 
 
 @pytest.mark.gpu

@@ -1,12 +1,11 @@
 """Benchmark cases: the mhc family (hc_pre, hc_post, hc_head) at V4-Pro / V4-Flash sizes.
 
 All three are memory bound (ceiling: copy bandwidth).  Bytes are the minimum traffic: X
-(and F) read once, outputs written once, fn read once.  hc_pre and hc_head run as one launch
-(above 64 tokens after the fn split: two) whose y blocks re-read X a few tiles after its mix,
-from L2 when the lag window fits there; ``hc_pre[mix_then_y]`` is the previous form, a mix
-launch then a y launch (X read twice), measured alongside.  hc_post targets >= 80%.  At
-decode hc_pre's bytes are mostly ``fn`` (24 x 4*dim FP32 = 2.75 MB at dim 7168), which the
-mix spreads over 4 * dim / CHUNK programs.
+(and F) read once, outputs written once, fn read once.  hc_pre and hc_head are two launches
+(mix partials, then finalise + y) that read X twice, the second time partly from L2, so
+their bound is ~55-65% of copy at T = 4096; hc_post targets >= 80%.  At decode hc_pre's bytes
+are mostly ``fn`` (24 x 4*dim FP32 = 2.75 MB at dim 7168), which the mix kernel spreads over
+dim / CHUNK programs.
 
 ``eager`` is the torch a user would write from the release's reference code (FP32 mixes
 with F.linear, Sinkhorn as a Python loop of tensor ops).
@@ -83,13 +82,9 @@ def _pre_bytes(T, dim, n_mix, with_post_comb=True):
     return x + y + fn + (T * (16 + 64) if with_post_comb else 0)
 
 
-def _launches(T: int, path: str = "one_launch") -> int:
-    """fn split (above SPLIT_IN_LOOP_MAX_T tokens), then mix + y in one launch or two."""
-    return (1 if path == "one_launch" else 2) + (T > kern.SPLIT_IN_LOOP_MAX_T)
-
-
-def _pre_path(path):
-    return lambda X, fn, scale, base: kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, path=path)
+def _launches(T: int) -> int:
+    """fn split (above SPLIT_IN_LOOP_MAX_T tokens), mix, y."""
+    return 2 if T <= kern.SPLIT_IN_LOOP_MAX_T else 3
 
 
 def cases(quick: bool):
@@ -104,13 +99,6 @@ def cases(quick: bool):
                             bytes=_pre_bytes(T, dim, 24), flops=2 * T * 24 * 4 * dim, ceiling="copy",
                             launches=_launches(T),
                             notes="fn (2.75 MB at dim 7168) dominates the bytes" if T == 1 and dim == 7168 else ""))
-            if dim == DIMS[0]:
-                out.append(Case(op="hc_pre[mix_then_y]", shape=f"T={T} dim={dim}", make_inputs=_pre_inputs(T, dim, 24),
-                                run=_pre_path("mix_then_y"),
-                                oracle=lambda X, fn, s, b: ref.hc_pre(X, fn, s, b, 20, 1e-6, 1e-6),
-                                bytes=_pre_bytes(T, dim, 24), flops=2 * T * 24 * 4 * dim, ceiling="copy",
-                                launches=_launches(T, "mix_then_y"),
-                                notes="the two-launch form (mix, then y), for comparison"))
             out.append(Case(op="hc_post", shape=f"T={T} dim={dim}", make_inputs=_post_inputs(T, dim),
                             run=ops.hc_post, eager=_eager_post, oracle=ref.hc_post,
                             bytes=T * dim * 2 + 2 * T * 4 * dim * 2 + T * (16 + 64), ceiling="copy", launches=1))

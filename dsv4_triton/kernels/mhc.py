@@ -1,39 +1,39 @@
-"""Triton mHC kernels: hc_pre / hc_head (one launch, two above 64 tokens) and hc_post (one pass).
+"""Triton mHC kernels: hc_pre / hc_head (two or three launches each) and hc_post (one pass).
 
 hc_pre and hc_head
 ------------------
 Per token the 24 (head: 4) mixes ``fn @ flatten(X)`` need the whole row of 4*dim values
 before ``pre`` is known, and ``y = sum_i pre_i X_i`` needs the row again.  A row of 57 KB
 (dim 7168) cannot stay on chip while enough tokens share one read of ``fn`` (2.7 MB), so
-the mix is split over programs that each own a tile of tokens times one slice of columns:
+the work is split in launches with no waiting between programs:
 
 * ``_split_fn_kernel`` (more than 64 tokens): fn as three BF16 parts hi + mid + lo, each
   ``[4*dim, N_PAD]`` with the columns in partial-row order.  With BF16 X every product with a
   part is exact and the FP32 sum of the three is as accurate as an FP32 dot.
-* ``_mix_slice``, tile x split: ``BLOCK_T`` tokens times one stream's slice ``d in [d_lo,
-  d_lo + CHUNK)`` (one contiguous run per token: runs a quarter as long, one per stream,
-  streamed X at half the rate), multiplied by the matching rows of the parts (``tl.dot``), plus
-  the sum of squares; it writes this partial row (``N_PAD`` floats per token and split) to a
-  workspace.  With the parts prepared, both operands reach the sm_90 warp-group MMA by
-  asynchronous copies into shared memory, as in a plain GEMM.  Up to 64 tokens
-  (``SPLIT_IN_LOOP``), where the extra launch would cost more than it saves, fn is split
-  inside the loop instead; there every k-step runs load -> split -> shared-memory store ->
-  fence -> MMA -> wait in series, which measured 2.4x slower at 4096 tokens.
-* The y side (``_pre_weights``, ``_y_columns``; ``_post_comb`` for hc_pre's post and comb, the
-  Sinkhorn) sums a tile's partial rows in split order (deterministic) and writes y.
+* ``_mix_partial_kernel``, program ``(tile, split)``: ``BLOCK_T`` tokens times one stream's
+  slice ``d in [d_lo, d_lo + CHUNK)`` (one contiguous run per token: runs a quarter as long,
+  one per stream, streamed X at half the rate), multiplied by the matching rows of the parts
+  (``tl.dot``), plus the sum of squares; it writes this partial row (``N_PAD`` floats per
+  token and split) to a workspace.  With the parts prepared, both operands reach the sm_90
+  warp-group MMA by asynchronous copies into shared memory, as in a plain GEMM.  Up to 64
+  tokens (``SPLIT_IN_LOOP``), where the extra launch would cost more than it saves, fn is
+  split inside the loop instead; there every k-step runs load -> split -> shared-memory
+  store -> fence -> MMA -> wait in series, which measured 2.4x slower at 4096 tokens.
+* ``_finalise_y_kernel``, program ``(tile, column block)``: sums the partials in split order
+  (deterministic), applies rsqrt / sigmoid and writes ``y = sum_i pre_i X_i`` for its block
+  of columns; for hc_pre one more program per tile does the Sinkhorn and writes post and
+  comb, so the y programs stay at ~100 registers.  Tiles run in reverse order: the mix
+  kernel's last tiles are the most likely to still be in L2.  (Sinkhorn divides with IEEE
+  rounding, ``div_rn``, as the oracle does.)
 
-``_mix_then_y_kernel`` does both in one launch: program (step, split) mixes tile ``step`` and
-then writes y block ``split`` of tile ``step - LAG``, after waiting for that tile's arrival
-count (its mix programs all have lower linear ids, see CONTRIBUTING).  X of the tile was read
-``LAG`` tiles earlier, so with that window inside L2 the y blocks do not read X from HBM again.
-The previous form, ``_mix_partial_kernel`` then ``_finalise_y_kernel`` (path "mix_then_y"; X
-read twice), is kept for the benchmarks' comparison.  Two earlier one-launch designs measured
-slower (benchmarks/NOTES.md): all programs of a tile waiting for each other (siblings
-dispatched later), and the tile's last program writing all of the tile's y alone (a serial
-loop over the row: 56 us at one token).
+X is read twice (the second time partly from L2).  Two one-launch variants measured slower
+(benchmarks/NOTES.md): all programs of a tile waiting for each other on a counter so that
+each re-reads its slice from L2 (programs sat waiting for siblings dispatched later), and,
+for decode sizes, the tile's last program writing all of the tile's y (one program's
+serial loop over the row: 56 us at one token against 14.5 us for two launches).
 Partial-row layout: columns ``0..3`` are the pre mixes and column ``SSQ_COL = 4`` the sum of
-squares (one 32-byte sector: all that the y side reads per split), then the remaining mixes
-(post, comb).  (Sinkhorn divides with IEEE rounding, ``div_rn``, as the oracle does.)
+squares (one 32-byte sector: all that the y programs read), then the remaining mixes
+(post, comb).
 
 hc_post
 -------
@@ -63,15 +63,6 @@ SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
     (16, 256, 64, 4, 3), (16, 512, 64, 4, 3), (32, 256, 64, 4, 3), (64, 1024, 64, 4, 4), (64, 512, 64, 4, 4),
     (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
-]
-# (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages, LAG) of the one-launch kernel; the first serves
-# every shape.  LAG tiles times the tile's programs should cover the programs resident at once
-# (so the y blocks seldom wait), while LAG tiles of X (BLOCK_T * 57 KB each at dim 7168) stay
-# well inside the 50 MB L2 (so the y blocks read X from L2).
-_ONE_LAUNCH_CONFIGS = [
-    (16, 256, 64, 4, 3, 1), (16, 512, 64, 4, 3, 2), (32, 256, 64, 4, 4, 8), (32, 512, 64, 4, 4, 4),
-    (32, 512, 64, 4, 4, 8), (64, 512, 64, 4, 4, 4), (64, 512, 64, 4, 4, 8), (64, 1024, 64, 4, 4, 4),
-    (64, 1024, 64, 4, 4, 8), (64, 1024, 64, 4, 4, 12), (128, 1024, 64, 8, 3, 4), (64, 2048, 64, 4, 4, 4),
 ]
 SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
@@ -135,14 +126,18 @@ def _split_fn_kernel(fn_ptr, parts_ptr, K, N_MIX: tl.constexpr, N_PAD: tl.conste
 
 
 @triton.jit
-def _mix_slice(x_ptr, fn_ptr, parts_ptr, part_ptr, tile, split, T, dim, stride_xt, stride_xs,
-               N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
-               BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The partial row of tile ``tile`` and split ``split``.  A split is one stream's columns
-    [d_lo, d_lo + CHUNK): each token's slice is one contiguous run of 2*CHUNK bytes (runs of
-    512 B and more stream near the copy rate; four runs of a quarter of that, one per stream,
-    measured 1.6x slower)."""
+def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
+                        N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
+                        BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A split is one stream's columns [d_lo, d_lo + CHUNK): each token's slice is one
+    # contiguous run of 2*CHUNK bytes (runs of 512 B and more stream near the copy rate;
+    # four runs of a quarter of that, one per stream, measured 1.6x slower).
     n_d = tl.cdiv(dim, CHUNK)
+    n_splits = STREAMS * n_d
+    # Consecutive programs share a tile: the last programs read the last tiles, which the
+    # y kernel (reverse order) reads first.
+    tile = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
     stream = split // n_d
     rows = tl.arange(0, BLOCK_T)
     tok = (tile * BLOCK_T + rows).to(tl.int64)
@@ -180,17 +175,6 @@ def _mix_slice(x_ptr, fn_ptr, parts_ptr, part_ptr, tile, split, T, dim, stride_x
 
 
 @triton.jit
-def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
-                        N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
-                        BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-    n_splits = STREAMS * tl.cdiv(dim, CHUNK)
-    # Consecutive programs share a tile: the last programs read the last tiles, which the
-    # y kernel (reverse order) reads first.
-    _mix_slice(x_ptr, fn_ptr, parts_ptr, part_ptr, tl.program_id(0) // n_splits, tl.program_id(0) % n_splits,
-               T, dim, stride_xt, stride_xs, N_MIX, N_PAD, SPLIT_IN_LOOP, BLOCK_T, CHUNK, BLOCK_K)
-
-
-@triton.jit
 def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr):
     """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` -> [BLOCK_T, WIDTH]
     (blocks of SPLIT_BLOCK splits in a fixed order: deterministic)."""
@@ -200,9 +184,7 @@ def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl
         s = s0 + tl.arange(0, SPLIT_BLOCK)
         row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
         m = (s < n_splits)[:, None] & live[None, :]
-        # Through L2 (.cg): in the one-launch kernel other programs of the launch wrote them.
-        acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0,
-                              cache_modifier=".cg"), axis=0)
+        acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0), axis=0)
     return acc
 
 
@@ -210,56 +192,6 @@ def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl
 def _pick(v, i: tl.constexpr):
     """Column i of a [BLOCK_T, W] tensor as [BLOCK_T, 1] (a masked sum: NaN stays in its column)."""
     return tl.sum(tl.where(tl.arange(0, v.shape[1])[None, :] == i, v, 0.0), axis=1)[:, None]
-
-
-@triton.jit
-def _post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim, iters, eps, norm_eps,
-               N_PAD: tl.constexpr):
-    """hc_pre's post and comb (the Sinkhorn) of tokens ``tok`` from their partial rows."""
-    BLOCK_T: tl.constexpr = tok.shape[0]
-    four = tl.arange(0, 4)
-    ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
-    rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
-    acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
-    acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
-    post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
-    ij = 4 * four[:, None] + four[None, :]
-    c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
-    # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
-    c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
-    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
-    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-    for _ in range(iters - 1):
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-    tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
-    tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
-
-
-@triton.jit
-def _pre_weights(part_ptr, scale_ptr, base_ptr, tok, live, n_splits, T, dim, eps, norm_eps, N_PAD: tl.constexpr):
-    """pre_i + eps of tokens ``tok`` (four [BLOCK_T, 1]) from their partial rows."""
-    # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
-    acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
-    rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
-    scale0 = tl.load(scale_ptr)
-    pre0 = tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps
-    pre1 = tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps
-    pre2 = tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps
-    pre3 = tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps
-    return pre0, pre1, pre2, pre3
-
-
-@triton.jit
-def _y_columns(x_ptr, y_ptr, tok, live, d, dim, stride_xt, stride_xs, pre0, pre1, pre2, pre3):
-    """``y = sum_i pre_i X_i`` of tokens ``tok`` and columns ``d``."""
-    mask = live[:, None] & (d < dim)[None, :]
-    x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
-    y = pre0 * to_f32(tl.load(x_row, mask=mask, other=0.0))
-    y += pre1 * to_f32(tl.load(x_row + stride_xs, mask=mask, other=0.0))
-    y += pre2 * to_f32(tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0))
-    y += pre3 * to_f32(tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0))
-    tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -272,120 +204,85 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
     n_tiles = tl.cdiv(T, BLOCK_T)
     tile = n_tiles - 1 - tl.program_id(0) // n_programs  # reverse order: see the module doc
     d_block = tl.program_id(0) % n_programs - (0 if HEAD else 1)
-    tok = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tl.arange(0, BLOCK_T)
+    four = tl.arange(0, 4)
+    tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
     if d_block < 0:
-        _post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim, iters, eps,
-                   norm_eps, N_PAD)
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
+        rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
+        post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
+        ij = 4 * four[:, None] + four[None, :]
+        c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
+        # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
+        c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+        for _ in range(iters - 1):
+            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
+            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+        tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
+        tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
     else:
-        pre0, pre1, pre2, pre3 = _pre_weights(part_ptr, scale_ptr, base_ptr, tok, live, n_splits, T, dim, eps,
-                                              norm_eps, N_PAD)
-        _y_columns(x_ptr, y_ptr, tok, live, d_block * BLOCK_D + tl.arange(0, BLOCK_D), dim, stride_xt, stride_xs,
-                   pre0, pre1, pre2, pre3)
+        d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (d < dim)[None, :]
+        x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
+        # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
+        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
+        x0 = tl.load(x_row, mask=mask, other=0.0)
+        x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
+        x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
+        x3 = tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0)
+        rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
+        scale0 = tl.load(scale_ptr)
+        y = (tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)
+        y += (tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps) * to_f32(x1)
+        y += (tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps) * to_f32(x2)
+        y += (tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps) * to_f32(x3)
+        tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
 
-
-@triton.jit
-def _mix_then_y_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
-                       T, dim, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
-                       HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
-                       BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, LAG: tl.constexpr,
-                       Y_STEP: tl.constexpr):
-    """One launch: program ``(step, split)`` writes the partial row of tile ``step`` (if any),
-    then the y block ``split`` of tile ``step - lag`` (if any), whose partial rows were written
-    by programs of lower linear id; it waits for them on the tile's arrival count.  Between a
-    tile's read by the mix and its read by the y blocks, ``lag`` tiles of X are read: with that
-    window under the L2 size, X comes from HBM once.  A lag that covers the programs resident
-    at once makes the wait rare (they have finished by the time the y block starts)."""
-    n_splits = STREAMS * tl.cdiv(dim, CHUNK)
-    n_tiles = tl.cdiv(T, BLOCK_T)
-    lag = tl.minimum(n_tiles, LAG)
-    step = tl.program_id(0) // n_splits
-    split = tl.program_id(0) % n_splits
-    if step < n_tiles:
-        _mix_slice(x_ptr, fn_ptr, parts_ptr, part_ptr, step, split, T, dim, stride_xt, stride_xs, N_MIX, N_PAD,
-                   SPLIT_IN_LOOP, BLOCK_T, CHUNK, BLOCK_K)
-        tl.debug_barrier()  # every thread's partial-row stores before the arrival (release)
-        tl.atomic_add(sync_ptr + step, 1, sem="release")
-    tile = step - lag
-    if tile >= 0:
-        arrived = tl.load(sync_ptr + tile, volatile=True)
-        while arrived < n_splits:
-            arrived = tl.load(sync_ptr + tile, volatile=True)
-        tl.atomic_add(sync_ptr + tile, 0, sem="acquire")  # orders the partial-row reads after the arrivals
-        tok = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        live = tok < T
-        # The y block of a split: CHUNK / STREAMS columns of every stream (as many X bytes as its
-        # mix slice), Y_STEP columns at a time (see _y_step).
-        Y_COLS: tl.constexpr = CHUNK // STREAMS
-        pre0, pre1, pre2, pre3 = _pre_weights(part_ptr, scale_ptr, base_ptr, tok, live, n_splits, T, dim, eps,
-                                              norm_eps, N_PAD)
-        for c in range(0, Y_COLS, Y_STEP):
-            _y_columns(x_ptr, y_ptr, tok, live, split * Y_COLS + c + tl.arange(0, Y_STEP), dim, stride_xt, stride_xs,
-                       pre0, pre1, pre2, pre3)
-        if not HEAD:
-            if split == 0:
-                _post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, tok, live, n_splits, T, dim, iters,
-                           eps, norm_eps, N_PAD)
-        # The tile's last y block resets its two counters for the next launch (or graph replay).
-        tl.debug_barrier()
-        if tl.atomic_add(sync_ptr + n_tiles + tile, 1, sem="acq_rel") == n_splits - 1:
-            tl.atomic_xchg(sync_ptr + tile, 0)
-            tl.atomic_xchg(sync_ptr + n_tiles + tile, 0)
-
-
-def _tuned(kernel, configs, name, prune):
-    return autotune(configs=configs, key=["dim", "t_bucket"], name=name,
-                    prune_configs_by={"early_config_prune": prune})(kernel)
-
-
-_MIX_TUNE = [triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-             for bt, c, bk, w, st in _MIX_CONFIGS]
-_Y_TUNE = [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in _Y_CONFIGS]
-
-
-def _y_step(block_t: int, chunk: int) -> int:
-    """Columns per step of a one-launch y block: at most 2048 X elements per stream (no spills
-    at 4 warps), at most the block's CHUNK / 4 columns."""
-    return min(chunk // HC_MULT, max(16, 2048 // block_t))
-
-
-_ONE_LAUNCH_TUNE = [triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk, "LAG": lag, "Y_STEP": _y_step(bt, c)},
-                                  num_warps=w, num_stages=st) for bt, c, bk, w, st, lag in _ONE_LAUNCH_CONFIGS]
-_KERNELS = {  # (head, path) -> tuned kernels
-    (False, "one_launch"): (_tuned(_mix_then_y_kernel, _ONE_LAUNCH_TUNE, "hc_pre_one_launch", _prune_mix_configs),),
-    (True, "one_launch"): (_tuned(_mix_then_y_kernel, _ONE_LAUNCH_TUNE, "hc_head_one_launch", _prune_mix_configs),),
-    (False, "mix_then_y"): (_tuned(_mix_partial_kernel, _MIX_TUNE, "hc_pre_mix", _prune_mix_configs),
-                            _tuned(_finalise_y_kernel, _Y_TUNE, "hc_pre_y", _prune_y_configs)),
-    (True, "mix_then_y"): (_tuned(_mix_partial_kernel, _MIX_TUNE, "hc_head_mix", _prune_mix_configs),
-                           _tuned(_finalise_y_kernel, _Y_TUNE, "hc_head_y", _prune_y_configs)),
-}
-PATHS = ("one_launch", "mix_then_y")
+_hc_pre_mix = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+             for bt, c, bk, w, st in _MIX_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_pre_mix", prune_configs_by={"early_config_prune": _prune_mix_configs},
+)(_mix_partial_kernel)
+_hc_head_mix = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+             for bt, c, bk, w, st in _MIX_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_head_mix", prune_configs_by={"early_config_prune": _prune_mix_configs},
+)(_mix_partial_kernel)
+_hc_pre_y = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in _Y_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_pre_y", prune_configs_by={"early_config_prune": _prune_y_configs},
+)(_finalise_y_kernel)
+_hc_head_y = autotune(
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in _Y_CONFIGS],
+    key=["dim", "t_bucket"], name="hc_head_y", prune_configs_by={"early_config_prune": _prune_y_configs},
+)(_finalise_y_kernel)
 
 _workspaces: Dict[Tuple, torch.Tensor] = {}
 _outgrown: List[torch.Tensor] = []  # kept alive: a captured CUDA graph may still use them
 
 
-def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> torch.Tensor:
-    """A workspace (partial rows, fn parts, arrival counters) for launches on the current stream
-    of ``device`` (each stream has its own, so streams can run concurrently); grown only when a
-    launch needs more, and an outgrown one is never freed.  Counters start zeroed and every
-    launch leaves them zero."""
+def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A workspace (partial rows, fn parts) for launches on the current stream of ``device``
+    (each stream has its own, so streams can run concurrently); grown only when a launch
+    needs more, and an outgrown one is never freed."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream, kind)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
         if ws is not None:
             _outgrown.append(ws)
-        ws = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
+        ws = torch.empty(numel, dtype=dtype, device=device)
         _workspaces[key] = ws
     return ws
 
 
-def _mix_launch(X, fn, scale, base, iters, eps, norm_eps, head: bool, path: str = "one_launch", config=None,
+def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, config=None,
                 y_config=None):
-    """``path``: "one_launch" (``_mix_then_y_kernel``; ``config`` adds LAG to the mix config) or
-    "mix_then_y" (``_mix_partial_kernel`` then ``_finalise_y_kernel``), each after the fn split
-    above SPLIT_IN_LOOP_MAX_T tokens.  ``config`` / ``y_config`` override the tuner (tests)."""
     T, _, dim = X.shape
     y = torch.empty((T, dim), dtype=torch.bfloat16, device=X.device)
     post = torch.empty((0 if head else T, HC_MULT), dtype=torch.float32, device=X.device)
@@ -397,11 +294,12 @@ def _mix_launch(X, fn, scale, base, iters, eps, norm_eps, head: bool, path: str 
     fn = fn.contiguous()
     t_bucket = token_bucket(T)
     n_mix, n_pad = (N_MIX_HEAD, 16) if head else (N_MIX_PRE, 32)
-    kernels = _KERNELS[(head, path)]
-    # Sized for the narrowest slice / smallest tile that any config the tuner may run uses.
-    tunable = _prune_mix_configs(kernels[0].configs, dict(dim=dim, t_bucket=t_bucket))
-    min_chunk = min(c.kwargs["CHUNK"] for c in tunable) if config is None else config[1]
-    min_tile = min(c.kwargs["BLOCK_T"] for c in tunable) if config is None else config[0]
+    # Sized for the narrowest slice that any config the tuner may run uses; the y kernel is
+    # told the split count of the config that actually ran.
+    if config is None:
+        min_chunk = min(c.kwargs["CHUNK"] for c in _prune_mix_configs(mix_kernel.configs, dict(dim=dim, t_bucket=t_bucket)))
+    else:
+        min_chunk = config[1]
     part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
     split_in_loop = T <= SPLIT_IN_LOOP_MAX_T
     parts = fn  # unread when fn is split inside the loop
@@ -409,48 +307,25 @@ def _mix_launch(X, fn, scale, base, iters, eps, norm_eps, head: bool, path: str 
         K = HC_MULT * dim
         parts = _workspace(X.device, "fn_parts", 3 * K * n_pad, torch.bfloat16)
         _split_fn_kernel[(triton.cdiv(K, SPLIT_BLOCK_K),)](fn, parts, K, N_MIX=n_mix, N_PAD=n_pad, BLOCK=SPLIT_BLOCK_K)
-    out_post, out_comb = (y, y) if head else (post, comb)
-    consts = dict(N_MIX=n_mix, N_PAD=n_pad, SPLIT_IN_LOOP=split_in_loop)
-
-    def n_splits(chunk):
-        return HC_MULT * triton.cdiv(dim, chunk)
-
-    if path == "one_launch":
-        sync = _workspace(X.device, "arrivals", 2 * triton.cdiv(T, min_tile), torch.int32, zeroed=True)
-
-        def grid(meta):
-            tiles = triton.cdiv(T, meta["BLOCK_T"])
-            return ((tiles + min(tiles, meta["LAG"])) * n_splits(meta["CHUNK"]),)
-
-        args = (X, fn, parts, part, sync, scale, base, y, out_post, out_comb, T, dim, X.stride(0), X.stride(1), iters,
-                eps, norm_eps, t_bucket)
-        if config is None:
-            kernels[0][grid](*args, HEAD=head, **consts)
-        else:
-            bt, c, bk, w, st, lag = config
-            _mix_then_y_kernel[grid(dict(BLOCK_T=bt, CHUNK=c, LAG=lag))](
-                *args, HEAD=head, **consts, BLOCK_T=bt, CHUNK=c, BLOCK_K=bk, LAG=lag, Y_STEP=_y_step(bt, c),
-                num_warps=w, num_stages=st)
-        return y, post, comb
-
     chosen = {}
 
     def mix_grid(meta):
         chosen["CHUNK"] = meta["CHUNK"]
-        return (triton.cdiv(T, meta["BLOCK_T"]) * n_splits(meta["CHUNK"]),)
+        return (triton.cdiv(T, meta["BLOCK_T"]) * HC_MULT * triton.cdiv(dim, meta["CHUNK"]),)
 
     mix_args = (X, fn, parts, part, T, dim, X.stride(0), X.stride(1), t_bucket)
+    consts = dict(N_MIX=n_mix, N_PAD=n_pad, SPLIT_IN_LOOP=split_in_loop)
     if config is None:
-        kernels[0][mix_grid](*mix_args, **consts)
-    else:
+        mix_kernel[mix_grid](*mix_args, **consts)
+    else:  # an explicit config (the tests sweep every one)
         bt, c, bk, w, st = config
         _mix_partial_kernel[mix_grid(dict(BLOCK_T=bt, CHUNK=c))](*mix_args, **consts, BLOCK_T=bt, CHUNK=c,
                                                                  BLOCK_K=bk, num_warps=w, num_stages=st)
-    y_args = (X, part, scale, base, y, out_post, out_comb, T, dim, n_splits(chosen["CHUNK"]), X.stride(0),
-              X.stride(1), iters, eps, norm_eps, t_bucket)
+    y_args = (X, part, scale, base, y, y if head else post, y if head else comb, T, dim,
+              HC_MULT * triton.cdiv(dim, chosen["CHUNK"]), X.stride(0), X.stride(1), iters, eps, norm_eps, t_bucket)
     y_grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * (triton.cdiv(dim, m["BLOCK_D"]) + (0 if head else 1)),)
     if y_config is None:
-        kernels[1][y_grid](*y_args, HEAD=head, N_PAD=n_pad)
+        y_kernel[y_grid](*y_args, HEAD=head, N_PAD=n_pad)
     else:
         bt, bd, w = y_config
         _finalise_y_kernel[y_grid(dict(BLOCK_T=bt, BLOCK_D=bd))](*y_args, HEAD=head, N_PAD=n_pad, BLOCK_T=bt,
@@ -460,15 +335,15 @@ def _mix_launch(X, fn, scale, base, iters, eps, norm_eps, head: bool, path: str 
 
 @register("hc_pre", "triton")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           iters: int, eps: float, norm_eps: float, path: str = "one_launch", config=None, y_config=None):
-    return _mix_launch(X, fn, scale, base, iters, eps, norm_eps, head=False, path=path, config=config,
+           iters: int, eps: float, norm_eps: float, config=None, y_config=None):
+    return _mix_launch(_hc_pre_mix, _hc_pre_y, X, fn, scale, base, iters, eps, norm_eps, head=False, config=config,
                        y_config=y_config)
 
 
 @register("hc_head", "triton")
 def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            eps: float, norm_eps: float, path: str = "one_launch", config=None, y_config=None) -> torch.Tensor:
-    return _mix_launch(X, fn, scale, base, 1, eps, norm_eps, head=True, path=path, config=config,
+            eps: float, norm_eps: float, config=None, y_config=None) -> torch.Tensor:
+    return _mix_launch(_hc_head_mix, _hc_head_y, X, fn, scale, base, 1, eps, norm_eps, head=True, config=config,
                        y_config=y_config)[0]
 
 

@@ -306,10 +306,12 @@ def test_fp4_kernel_decodes_every_byte_exactly(device, fmt):
 
 
 @triton.jit
-def _expand_mxfp4_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, scale_ptr, ROWS: tl.constexpr):
+def _expand_mxfp4_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, scale_ptr, ROWS: tl.constexpr,
+                         COMPUTED_TABLE: tl.constexpr, SCALE_WORDS: tl.constexpr):
     # One 128-wide K block of ROWS weight rows through the GEMMs' own operand builder.
     rows = tl.arange(0, ROWS)
-    w, s = kern.load_weight_block(w_ptr, s_ptr, lut_ptr, rows, rows < ROWS, 0, 128, 64, 4, kern.W_MXFP4, 128)
+    w, s = kern.load_weight_block(w_ptr, s_ptr, lut_ptr, rows, rows < ROWS, 0, 128, 64, 4, kern.W_MXFP4, 128,
+                                  COMPUTED_TABLE, SCALE_WORDS)
     tl.store(out_ptr + rows[:, None] * 128 + tl.arange(0, 128)[None, :], w.to(tl.uint8, bitcast=True))
     tl.store(scale_ptr + rows, s)
 
@@ -327,7 +329,11 @@ def expected_mxfp4_operand(w, e):
     return operand, scale
 
 
-def check_mxfp4_expansion(device):
+# How the operand builder gets its table rows and scale bytes: (COMPUTED_TABLE, SCALE_WORDS).
+EXPANSION_FORMS = [(False, False), (True, False), (True, True)]
+
+
+def check_mxfp4_expansion(device, computed, words):
     # All 256 bytes (every code in both nibbles) in every row, rotated per row so each byte
     # meets every 32-block; rows of scale gaps 0..40 (exact FP8 normals up to 11, subnormals
     # 12..18, all zero from 19, the table's last row from 31), extreme and NaN exponent bytes,
@@ -346,20 +352,67 @@ def check_mxfp4_expansion(device):
     out = torch.empty((n, 128), dtype=torch.uint8, device=device)
     scale = torch.empty(n, dtype=torch.float32, device=device)
     _expand_mxfp4_kernel[(1,)](w.to(device), e.to(torch.uint8).to(device), kern.fp4_fp8_table(device), out,
-                               scale, ROWS=n)
+                               scale, ROWS=n, COMPUTED_TABLE=computed, SCALE_WORDS=words)
     assert torch.equal(out.cpu(), expect_w), (out.cpu() != expect_w).nonzero()[:5].tolist()
     assert torch.equal(torch.isnan(scale.cpu()), torch.isnan(expect_s))
     assert torch.equal(scale.cpu().nan_to_num(), expect_s.nan_to_num())
 
 
-def test_mxfp4_expansion_is_bit_exact(device):
-    check_mxfp4_expansion(device)
+@pytest.mark.parametrize("computed, words", EXPANSION_FORMS)
+def test_mxfp4_expansion_is_bit_exact(device, computed, words):
+    check_mxfp4_expansion(device, computed, words)
 
 
 @pytest.mark.gpu
-def test_mxfp4_expansion_ptx_is_bit_exact(device):
-    # The inline-PTX expansion (a GPU runs it; the interpreter runs its integer emulation).
-    check_mxfp4_expansion(device)
+@pytest.mark.parametrize("computed, words", EXPANSION_FORMS)
+def test_mxfp4_expansion_ptx_is_bit_exact(device, computed, words):
+    # The inline-PTX expansion and table rows (a GPU runs them; the interpreter runs their
+    # integer emulations).
+    check_mxfp4_expansion(device, computed, words)
+
+
+@triton.jit
+def _table_row_kernel(gap_ptr, out_ptr, N: tl.constexpr):
+    gap = tl.load(gap_ptr + tl.arange(0, N))
+    lo, hi = kern.fp4_table_row(gap)
+    tl.store(out_ptr + 2 * tl.arange(0, N), lo)
+    tl.store(out_ptr + 2 * tl.arange(0, N) + 1, hi)
+
+
+def check_computed_table_rows(device):
+    # Every gap a scale pair can have (0..255 and, via a NaN byte, up to 255): the stored row
+    # min(gap, 31), word for word.
+    gaps = torch.arange(256, dtype=torch.int32)
+    out = torch.empty(256, 2, dtype=torch.int32, device=device)
+    _table_row_kernel[(1,)](gaps.to(device), out, N=256)
+    table = kern.fp4_fp8_table(torch.device("cpu"))
+    assert torch.equal(out.cpu(), table[torch.clamp(gaps, max=kern.FP4_LUT_ROWS.value - 1).long()])
+
+
+def test_computed_table_rows_match_the_table(device):
+    check_computed_table_rows(device)
+
+
+@pytest.mark.gpu
+def test_computed_table_rows_ptx_match_the_table(device):
+    # The PTX path: FP16 pairs converted by cvt.rn.satfinite.e4m3x2.f16x2.
+    check_computed_table_rows(device)
+
+
+def test_table_row_fp16_pairs_round_to_the_table():
+    # The constants of FP4_TABLE_ROW_ASM: for each gap d (clamped at 19) the words
+    # pair - d * 0x04000400 (pair (0, 0.5): pair - (d << 26)) read as FP16 pairs are the exact
+    # magnitudes times 2^(6 - d), and rounded to E4M3 (torch, nearest even) the table's row.
+    table = kern.fp4_fp8_table(torch.device("cpu")).view(torch.uint8).reshape(kern.FP4_LUT_ROWS.value, 8)
+    magnitudes = torch.tensor(SPEC_FP4[:8], dtype=torch.float64)
+    for gap in range(40):
+        d = min(gap, kern.FP4_GAP_CLAMP.value)
+        words = [kern.FP4_FP16_PAIRS[0] - (d << 26)] + [p - d * 0x04000400 for p in kern.FP4_FP16_PAIRS[1:]]
+        halves = torch.tensor([[w & 0xFFFF, w >> 16] for w in words], dtype=torch.int32).flatten()
+        values = halves.to(torch.int16).view(torch.float16)  # bit patterns below 0x8000: no wrap
+        assert torch.equal(values.double(), magnitudes * 2.0 ** (6 - d)), gap
+        row = table[min(gap, kern.FP4_LUT_ROWS.value - 1)]
+        assert torch.equal(values.to(torch.float8_e4m3fn).view(torch.uint8), row), gap
 
 
 def test_mxfp4_table_is_the_rounded_product():
@@ -371,14 +424,17 @@ def test_mxfp4_table_is_the_rounded_product():
     assert int(table[19].max()) == 0 and int(table[18].max()) == 1  # past gap 18 everything rounds to 0
 
 
-@pytest.mark.parametrize("m, n, k, fused", [(1, 64, 128, True), (5, 70, 256, True), (17, 130, 384, False),
-                                         (40, 64, 256, False)])
-def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused):
+@pytest.mark.parametrize("m, n, k, fused, computed", [(1, 64, 128, True, True), (5, 70, 256, True, False),
+                                                   (17, 130, 384, False, True), (40, 64, 256, False, False),
+                                                   (3, 64, 160, True, True)])
+def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused, computed):
     # 16-row tiles against 64-row weight tiles: the weight is the MMA's A side and the
     # accumulator is [BLOCK_N, BLOCK_M] (scaled_dot_t); the interpreter otherwise runs only the
-    # first (64 x 64) config.  Masked rows and columns on both sides of the transposed store.
-    tuner = kern._scaled_gemm_kernel
-    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8},
+    # first (64 x 64) config.  Masked rows and columns on both sides of the transposed store;
+    # table rows computed or gathered, scale words (K a multiple of 128) or bytes (K = 160).
+    tuner = kern._mxfp4_gemm_kernel
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8,
+                                                          "COMPUTED_TABLE": computed},
                                                          num_warps=4, num_stages=4)])
     monkeypatch.setattr(tuner, "cache", {})
     g = _gen(m + n + k)
@@ -469,7 +525,8 @@ def test_grouped_linear_matches_oracle(device, t, grp, n, k, transposed, seed):
 
 # The block-scaled GEMM at the prefill configs, with the launcher's argument types (FP8 codes
 # typed FP8): both operands must go from the asynchronous copies straight to the tensor cores.
-GEMM_CONSTS = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_K=128, GROUP_M=8)
+GEMM_CONSTS = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_K=128, GROUP_M=8,
+                   SCALE_WORDS=False, COMPUTED_TABLE=False)
 GEMM_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*u8",
                   global_scale_ptr="*u8", y_ptr="*bf16")
 
@@ -492,9 +549,10 @@ def test_fp8_gemm_compiles_for_sm90_with_operands_in_shared_memory(config):
 def test_mxfp4_decode_gemm_compiles_to_warp_group_mma():
     # 16 rows, fused activation quantisation (decode): FP8 warp-group MMA with the expanded
     # weight as its register A operand, no spills.
-    usage = compile_for_sm90("dsv4_triton.kernels.gemm", "_scaled_gemm_kernel",
+    usage = compile_for_sm90("dsv4_triton.kernels.gemm", "_mxfp4_gemm_kernel",
                              dict(GEMM_TYPES, a_ptr="*bf16", w_ptr="*u8", lut_ptr="*i32"),
-                             dict(GEMM_CONSTS, A_QUANT=True, W_FMT=1, BLOCK_M=16, BLOCK_N=64),
+                             dict(GEMM_CONSTS, A_QUANT=True, W_FMT=1, BLOCK_M=16, BLOCK_N=64, SCALE_WORDS=True,
+                                  COMPUTED_TABLE=True),
                              ["K", "N", "stride_am", "stride_wn", "stride_sn", "stride_ym"], 4, 4)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 
@@ -532,19 +590,24 @@ def test_fp4_linear_real_shapes(device, fmt, m, n, k):
 @pytest.mark.parametrize("n, k", [(7168, 1536), (3072, 7168)])
 def test_mxfp4_decode_configs_real_shapes(device, monkeypatch, config, m, n, k):
     # The decode configs the tuner may pick (the suite otherwise runs the first config only):
-    # transposed warp-group tiles, and a 32-column tile that stays an mma.sync.
+    # transposed warp-group tiles, and a 32-column tile that stays an mma.sync.  Table rows
+    # computed and gathered give the same operand, so the same bits.
     bm, bn, warps, stages = config
-    tuner = kern._scaled_gemm_kernel
-    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
-                                                         num_warps=warps, num_stages=stages)])
-    monkeypatch.setattr(tuner, "cache", {})
+    tuner = kern._mxfp4_gemm_kernel
     g = _gen(m + n)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, ws, _ = random_fp4(n, k, g, device)
     for fused in (True, False):
-        y = kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused)
-        assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
+        results = []
+        for computed in (True, False):
+            monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8,
+                                                                  "COMPUTED_TABLE": computed},
+                                                                 num_warps=warps, num_stages=stages)])
+            monkeypatch.setattr(tuner, "cache", {})
+            results.append(kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused))
+        assert_gemm_close(results[0], ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
                           ref.dequant_fp4_weight(w, ws, "mxfp4", None), what=f"fused={fused}")
+        assert torch.equal(results[0], results[1]), f"fused={fused}: computed and gathered table rows differ"
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ of SPEC 8, then the Triton path against the oracle."""
 
 import pytest
 import torch
+import triton
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
@@ -312,6 +313,25 @@ def test_moe_experts_large_blocks_take_the_prequantised_path(device, monkeypatch
     assert_moe_close(_triton_moe(x, w, ids, *packed), x, w, ids, packed)
 
 
+def test_moe_experts_table_rows_computed_or_gathered_agree(device, monkeypatch):
+    # Both GEMMs with the MXFP4 table rows gathered (the configs' other form; the suite runs
+    # the first config, computed rows): the same operands, so the same bits.
+    g = _gen(13)
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, INTER, g))]
+    x = torch.randn(5, DIM, generator=g).to(torch.bfloat16).to(device)
+    w, ids = routing(5, 2, EXPERTS, g)
+    w, ids = w.to(device), ids.to(device)
+    computed = _triton_moe(x, w, ids, *packed)
+    for tuner in (kern._moe_w13_kernel, kern._moe_w2_kernel):
+        first = tuner.configs[0]
+        monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, COMPUTED_TABLE=False),
+                                                             num_warps=first.num_warps, num_stages=first.num_stages)])
+        monkeypatch.setattr(tuner, "cache", {})
+    gathered = _triton_moe(x, w, ids, *packed)
+    assert torch.equal(computed, gathered)
+    assert_moe_close(gathered, x, w, ids, packed)
+
+
 def test_moe_experts_zero_tokens(device):
     packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(2, DIM, INTER, _gen(13)))]
     x = torch.zeros(0, DIM, dtype=torch.bfloat16, device=device)
@@ -435,7 +455,7 @@ def test_decode_w13_compiles_to_warp_group_mma():
     # (an mma.sync would convert every FP8 byte to FP16), with no spills.
     types = dict(a_ptr="*bf16", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr="*i32",
                  block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
-    consts = dict(TOPK=6, A_QUANT=True, BLOCK_M=16, BLOCK_K=128, PACK=128)
+    consts = dict(TOPK=6, A_QUANT=True, BLOCK_M=16, BLOCK_K=128, PACK=128, SCALE_WORDS=True, COMPUTED_TABLE=True)
     aligned = ["K", "N_INTER", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sn"]
     usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, 4, 3)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, to_fp8
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_value, to_fp8
 from .norm import as_rows
 from .rope import cast_rne
 
@@ -207,6 +207,64 @@ def fp4_fp8_table(device) -> torch.Tensor:
     return table
 
 
+# The same table rows computed from the gap (no memory access, so nothing in a K step waits
+# on a load that the step itself issued).  For d <= 19 each magnitude times 2^(6 - d) is a
+# normal FP16 number: the FP16 patterns of lut[m] * 2^6 with d taken off their exponent
+# fields, two per word (m = 2i in the low half), then converted pairwise to E4M3 with
+# round-to-nearest-even: the table's values, which it also rounds once from the exact
+# product.  From d = 19 on every entry is 0 (see FP4_LUT_ROWS), so the gap is clamped there.
+#   word (m0, m1) = 0x50000000 - (d << 26)      0 and 0.5 * 2^(6-d) (the 0 half stays 0)
+#   word (m2, m3) = 0x56005400 - d * 0x04000400  1 and 1.5
+#   word (m4, m5) = 0x5A005800 - d * 0x04000400  2 and 3
+#   word (m6, m7) = 0x5E005C00 - d * 0x04000400  4 and 6
+# Exponent fields stay >= 1 for d <= 19 (0x5000 - 19 * 0x400 = 0x400), so no half borrows
+# from the other.
+FP4_GAP_CLAMP: tl.constexpr = tl.constexpr(19)
+FP4_FP16_PAIRS = (0x50000000, 0x56005400, 0x5A005800, 0x5E005C00)  # at gap 0
+FP4_TABLE_ROW_ASM: tl.constexpr = tl.constexpr("""{
+.reg .b32 d, s, p;
+.reg .b16 c0, c1, c2, c3;
+min.u32 d, $2, 19;
+shl.b32 s, d, 26;
+sub.u32 p, 0x50000000, s;
+cvt.rn.satfinite.e4m3x2.f16x2 c0, p;
+mul.lo.u32 s, d, 0x04000400;
+sub.u32 p, 0x56005400, s;
+cvt.rn.satfinite.e4m3x2.f16x2 c1, p;
+sub.u32 p, 0x5A005800, s;
+cvt.rn.satfinite.e4m3x2.f16x2 c2, p;
+sub.u32 p, 0x5E005C00, s;
+cvt.rn.satfinite.e4m3x2.f16x2 c3, p;
+mov.b32 $0, {c0, c1};
+mov.b32 $1, {c2, c3};
+}""")
+
+
+@triton.jit
+def _fp4_table_row_emulated(gap):
+    """``FP4_TABLE_ROW_ASM`` in plain Triton (the interpreter runs no PTX): each magnitude
+    times 2^(6 - min(gap, 19)) in FP32 (exact), rounded to E4M3 by the exact encoder."""
+    scale = exp2i(6 - tl.minimum(gap, FP4_GAP_CLAMP))
+    words = []
+    for half in tl.static_range(2):
+        word = tl.zeros_like(gap)
+        for i in tl.static_range(4):
+            code = to_fp8(fp4_value(4 * half + i + tl.zeros_like(gap)) * scale)
+            word = word | (code.to(tl.uint8, bitcast=True).to(tl.int32) << (8 * i))
+        words.append(word)
+    return words[0], words[1]
+
+
+@triton.jit
+def fp4_table_row(gap):
+    """Scale gap (int32 >= 0) -> the two words of its ``fp4_fp8_table`` row, computed."""
+    if INTERPRET:
+        return _fp4_table_row_emulated(gap)
+    else:
+        return tl.inline_asm_elementwise(FP4_TABLE_ROW_ASM, "=r,=r,r", [gap], dtype=(tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
+
+
 @triton.jit
 def _prmt_emulated(a, b, sel):
     """PTX ``prmt.b32`` (default mode, selector nibbles 0..7): byte i of the result is byte
@@ -268,11 +326,21 @@ def fp4_expand(b, lut0, lut1):
 
 @triton.jit
 def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
-                      W_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+                      W_FMT: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTED_TABLE: tl.constexpr = False,
+                      SCALE_WORDS: tl.constexpr = False):
     """K block ``kb`` of FP4 weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
 
     The operand is FP8 (MXFP4) or BF16 (NVFP4, column scale 1).  ``w_ptr`` points at the
     packed bytes; scales are E8M0 (MXFP4) or E4M3 (NVFP4) bytes.
+
+    MXFP4 table rows (the same values either way): gathered from ``lut_ptr`` by scale gap, or,
+    with COMPUTED_TABLE, computed from the gap (``fp4_table_row``).  A gather's address needs
+    the scale bytes, so the loop waits for them in the step that loads them: one memory round
+    trip per K step.  Computed, the scale bytes feed the operand through arithmetic only, like
+    the weight bytes, and with SCALE_WORDS (see ``mxfp4_scale_words``) a row's four bytes of
+    the block are read as int32 words: 4-byte asynchronous copies that the loop pipeline
+    issues stages ahead together with the weight tile.  (As bytes, a [BN, 4] tile spreads over
+    the threads two bytes each, too narrow for an asynchronous copy.)
     """
     HALF: tl.constexpr = BLOCK_K // 2
     kh = kb * HALF + tl.arange(0, HALF)
@@ -280,15 +348,30 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
     b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
     if W_FMT == W_MXFP4:
         NSUB: tl.constexpr = BLOCK_K // 32
-        j = kb * NSUB + tl.arange(0, NSUB)
-        e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
-                    mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
+        if COMPUTED_TABLE and SCALE_WORDS:
+            tl.static_assert(NSUB == 4)
+            # The word is loaded once per 32-block, [BN, 4] copies, and block j takes byte j of
+            # copy j: the layout pass re-issues a load of fewer elements than the program has
+            # threads in every layout its value is needed in (here also the accumulator's, for
+            # the column scale), and that twin would be a synchronous load in every K step.
+            words = w_scale_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            sub = tl.arange(0, NSUB)
+            word = tl.load(words + (cols * (stride_sn // 4) + kb)[:, None] + 0 * sub[None, :],
+                           mask=col_ok[:, None], other=0)
+            e = (word >> (8 * sub)[None, :]) & 0xFF
+        else:
+            j = kb * NSUB + tl.arange(0, NSUB)
+            e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
+                        mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
         e_max = tl.max(e, axis=1)
         # Table row of each 32-block: its values are lut * 2^(e - e_max + 6) rounded to FP8
         # (see fp4_fp8_table), so the column scale is 2^e_max and the 2^6 goes on the rows.
-        row = tl.minimum(e_max[:, None] - e, FP4_LUT_ROWS - 1) * 2
-        lut0 = tl.load(lut_ptr + row)
-        lut1 = tl.load(lut_ptr + row + 1)
+        if COMPUTED_TABLE:
+            lut0, lut1 = fp4_table_row(e_max[:, None] - e)
+        else:
+            row = tl.minimum(e_max[:, None] - e, FP4_LUT_ROWS - 1) * 2
+            lut0 = tl.load(lut_ptr + row)
+            lut1 = tl.load(lut_ptr + row + 1)
         lut0 = tl.reshape(tl.broadcast_to(lut0[:, :, None], (lut0.shape[0], NSUB, 16)), (lut0.shape[0], HALF))
         lut1 = tl.reshape(tl.broadcast_to(lut1[:, :, None], (lut1.shape[0], NSUB, 16)), (lut1.shape[0], HALF))
         w = fp4_expand(b, lut0, lut1)
@@ -401,20 +484,26 @@ def _gemm_configs():
             for bm, bn, w, s in small + large]
 
 
+def _mxfp4_gemm_configs():
+    # Each tile shape with the table rows computed (first: the interpreter's config) and
+    # gathered (see load_weight_block): the same values, so the tuner keeps the faster.
+    return [triton.Config(dict(c.kwargs, COMPUTED_TABLE=computed), num_warps=c.num_warps, num_stages=c.num_stages)
+            for computed in (True, False) for c in _gemm_configs()]
+
+
 def _prune_gemm(configs, nargs, **kw):
     m = nargs["M_BUCKET"]
     keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= max(16, m) if m <= 64 else c.kwargs["BLOCK_M"] >= 64)]
     return keep or configs[:1]
 
 
-@autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "W_FMT", "A_QUANT"], name="scaled_gemm",
-          prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
-def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_ptr, y_ptr, M, N, K,
-                        stride_am, stride_sm, stride_wn, stride_sn, stride_ym, M_BUCKET,
-                        A_QUANT: tl.constexpr, W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr,
-                        HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_ptr, y_ptr, M, N, K,
+                 stride_am, stride_sm, stride_wn, stride_sn, stride_ym, M_BUCKET,
+                 A_QUANT: tl.constexpr, W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr,
+                 HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SCALE_WORDS: tl.constexpr = False,
+                 COMPUTED_TABLE: tl.constexpr = False):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -449,7 +538,7 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_
                                 SCALE_FP32, BLOCK_K)
         else:
             w, w_scale = load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
-                                           W_FMT, BLOCK_K)
+                                           W_FMT, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
             if SWAP:
                 acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
             else:
@@ -462,6 +551,22 @@ def _scaled_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_
     else:
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+_GEMM_KEY = ["M_BUCKET", "N", "K", "W_FMT", "A_QUANT"]
+# FP8 and NVFP4 weights; MXFP4 weights have their own tuner, whose configs also choose how
+# the table rows are made (a separate tuner keeps the other formats' stored choices valid).
+_scaled_gemm_kernel = autotune(configs=_gemm_configs(), key=_GEMM_KEY, name="scaled_gemm",
+                               prune_configs_by={"early_config_prune": _prune_gemm})(_scaled_gemm)
+_mxfp4_gemm_kernel = autotune(configs=_mxfp4_gemm_configs(), key=_GEMM_KEY, name="scaled_gemm_mxfp4",
+                              prune_configs_by={"early_config_prune": _prune_gemm})(_scaled_gemm)
+
+
+def mxfp4_scale_words(scales: torch.Tensor, k: int) -> bool:
+    """Whether the E8M0 bytes ``[..., K/32]`` (last dim contiguous) can be read as one int32
+    word per row and 128-wide K block: K a multiple of 128 and every row 4-byte aligned."""
+    return (k % ACT_BLOCK == 0 and scales.data_ptr() % 4 == 0
+            and all(st % 4 == 0 for st in scales.stride()[:-1]))
 
 
 def m_bucket(m: int) -> int:
@@ -506,10 +611,12 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     # None for the other formats: no table argument, so their tuning keys stay as stored.
     lut = fp4_fp8_table(x.device) if fmt == "mxfp4" else None
-    _scaled_gemm_kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2,
-                              m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
-                              m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,
-                              HAS_GLOBAL=global_scale is not None, BLOCK_K=ACT_BLOCK)
+    kernel = _mxfp4_gemm_kernel if fmt == "mxfp4" else _scaled_gemm_kernel
+    kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2,
+                 m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
+                 m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,
+                 HAS_GLOBAL=global_scale is not None, BLOCK_K=ACT_BLOCK,
+                 SCALE_WORDS=fmt == "mxfp4" and mxfp4_scale_words(ws, k))
     return y
 
 

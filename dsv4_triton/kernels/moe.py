@@ -39,7 +39,7 @@ from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
 from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
-                   load_weight_block, quantise_act_tile, scaled_dot, scaled_dot_t)
+                   load_weight_block, mxfp4_scale_words, quantise_act_tile, scaled_dot, scaled_dot_t)
 from .rope import cast_rne
 
 
@@ -133,7 +133,10 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     return sorted_pair, block_expert
 
 
-_MOE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5))]
+# Each with the MXFP4 table rows computed (first: the interpreter's config) and gathered (see
+# load_weight_block in kernels/gemm.py): the same values, so the tuner keeps the faster.
+_MOE_CONFIGS = [triton.Config({"COMPUTED_TABLE": computed}, num_warps=w, num_stages=s)
+                for computed in (True, False) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5))]
 
 
 # Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program
@@ -154,7 +157,7 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
                     hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_am, stride_sm,
                     stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
                     A_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PACK: tl.constexpr):
+                    PACK: tl.constexpr, SCALE_WORDS: tl.constexpr, COMPUTED_TABLE: tl.constexpr):
     blk = tl.program_id(0)
     j = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -182,9 +185,9 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
         a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
                                     A_QUANT, BLOCK_K)
         wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, BLOCK_K)
+                                   W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
         wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, BLOCK_K)
+                                   W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
         if SWAP:
             acc_g = scaled_dot_t(acc_g, a, a_scale, wg, sg)
             acc_u = scaled_dot_t(acc_u, a, a_scale, wu, su)
@@ -205,13 +208,15 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
     tl.store(hs_ptr + rows * (N_INTER // PACK) + j, s)
 
 
-@autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+@autotune(configs=[triton.Config({"BLOCK_N": bn, "COMPUTED_TABLE": computed}, num_warps=w, num_stages=s)
+                   for computed in (True, False)
                    for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))],
           key=["BLOCK_M", "N", "K"], name="moe_w2", prune_configs_by={"early_config_prune": _prune_w2})
 @triton.jit
 def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
                    n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SCALE_WORDS: tl.constexpr, COMPUTED_TABLE: tl.constexpr):
     blk = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -232,7 +237,7 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr,
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
         w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, lut_ptr, cols, col_ok,
-                                       kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K)
+                                       kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
         if SWAP:
             acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
         else:
@@ -284,12 +289,13 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     _moe_w13_kernel[(max_blocks, inter // PACK_ROWS)](
         a, a_scale, w13, w13s, lut, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
         stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
-        TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS)
+        TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS,
+        SCALE_WORDS=mxfp4_scale_words(w13s, dim))
     part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))
     _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, lut, sorted_pair, block_expert, part, n_experts, dim, inter,
                          w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
-                         BLOCK_M=block_m, BLOCK_K=ACT_BLOCK)
+                         BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, SCALE_WORDS=mxfp4_scale_words(w2s, inter))
     block = 1024
     _combine_kernel[(t, triton.cdiv(dim, block))](part, ids, y, n_experts, dim, TOPK=topk, BLOCK=block,
                                                  num_warps=4)

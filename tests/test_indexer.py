@@ -9,7 +9,7 @@ from dsv4_triton.kernels import indexer as kernels
 from dsv4_triton.reference import indexer as ref
 from dsv4_triton.reference import quant as ref_quant
 
-from helpers import compile_for_sm90
+from helpers import assert_close, compile_for_sm90
 
 HEAD_DIM = 128
 
@@ -298,8 +298,13 @@ _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32
                      zeroed_ptr="*i32", counts_ptr="*i64", out_ptr="*i32")
 
 
+_SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=128, TILES=2, PADDED=False)
+
+
 @pytest.mark.parametrize("kernel, consts, warps", [
-    ("_scores_kernel", dict(KEYS_FP4=True, HEADS_P=64, QROWS=1, BLOCK_N=128, TILES=2), 8),
+    ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=False), 8),
+    ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True), 8),
+    ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=256, PADDED=True), 8),
     ("_row_level_kernel", dict(LEVEL=0, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
     ("_row_level_kernel", dict(LEVEL=3, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
     ("_row_write_kernel", dict(PARTS_P=256, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
@@ -309,6 +314,10 @@ def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, wa
     the decode kernels compile for sm_90, FP4 decode included, with no register spills."""
     usage = compile_for_sm90("dsv4_triton.kernels.indexer", kernel, _KERNEL_TYPES, consts, [], warps)
     assert usage["stack"] == 0, usage
+    if consts.get("KEYS_AS_A"):
+        # The decoded FP4 tile is the MMA's A operand straight from registers: no shared-memory
+        # tile is loaded back (only q^T, the B operand, sits in shared memory).
+        assert usage["tensor_core_dot"] and usage["tile_reloads"] == 0, usage
 
 
 # --- FP4 key rows -------------------------------------------------------------------------
@@ -388,6 +397,101 @@ def test_fp4_key_decode_every_code_and_scale_gpu(device):
     """The GPU's FP4 decode (integer ops, subnormal intermediates, exact multiplies) against
     the BF16 keys it decodes to, over many rows and 64 heads."""
     check_fp4_decode(device, 5000, 64, 10)
+
+
+def _score_configs(heads, seq):
+    """Every tuned scoring config the launcher's pruning keeps for these heads and queries, as
+    ``indexer_scores(config=...)`` dicts."""
+    rows = kernels._query_rows(heads, seq) * (1 << (heads - 1).bit_length())
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kernels.SCORE_CONFIGS
+            if rows * c.kwargs["BLOCK_N"] <= 16384]
+
+
+def check_forms_agree(device, heads, seq, n_keys, configs, seed):
+    """QAT'd Gaussian keys, BF16 and as FP4 rows, through every config (both product forms):
+    all give the same FP32 scores bit for bit (the head sums are a fixed tree, the MMA sums
+    the same products in the same order in either form), and they are the oracle's up to
+    FP32 summation order."""
+    g = torch.Generator().manual_seed(seed)
+    qi, w, keys = make_inputs(g, 1, seq, heads, n_keys)
+    keys = ref_quant.qat4(keys, 32)
+    n_valid = torch.full((1, seq), n_keys, dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w, keys, n_valid)]
+    packed = ops.pack_indexer_keys(args[2])
+    first = None
+    for config in configs:
+        for rows in (args[2], packed):
+            got = kernels.indexer_scores(args[0], args[1], rows, args[3], config=config).cpu()
+            if first is None:
+                first = got
+                # 128 products and 64 heads summed in FP32 (each ~2^-24 relative per addition,
+                # on terms of either sign): 1e-5 of the largest score's magnitude bounds it.
+                expected = ref.indexer_scores(qi, w, keys).reshape(seq, n_keys)
+                assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()), what="oracle")
+            assert torch.equal(got, first), config
+
+
+@given(heads=st.sampled_from([1, 2, 3, 5, 8]), seq=st.integers(1, 3), n_keys=st.integers(1, 150),
+       seed=st.integers(0, 2**31))
+def test_scoring_forms_and_key_layouts_agree(device, heads, seq, n_keys, seed):
+    """Both product forms (keys as the MMA's A or B operand) and both key layouts give
+    identical scores (the interpreter runs the smallest tile of each form)."""
+    configs = [dict(BLOCK_N=64, TILES=t, KEYS_AS_A=a, num_warps=4, num_stages=2) for a, t in ((True, 1), (False, 2))]
+    check_forms_agree(device, heads, seq, n_keys, configs, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, seq, n_keys", [(64, 1, 5000), (64, 3, 3000), (7, 2, 1000)])
+def test_scoring_every_config_gives_the_same_scores_gpu(device, heads, seq, n_keys):
+    """Every config the tuner may pick, both forms, both layouts: the same scores bit for bit,
+    so the tuned choice never changes a result."""
+    check_forms_agree(device, heads, seq, n_keys, _score_configs(heads, seq), n_keys)
+
+
+def check_fp4_decode_per_element(device, n_rows, configs, seed):
+    """Every element of FP4 rows read out alone: query t's two heads are +e_t and -e_t with
+    weights 1 and -1, so its score for key n is relu(x) - relu(-x) = x = element t of key n.
+    Random code bytes (all 16 codes in row 0) under E8M0 scales 2^-127 .. 2^127 and NaN:
+    the kernel's scores equal the BF16 keys' through the same product and the oracle's
+    exactly (a key with an infinite or NaN element scores NaN everywhere: 0 * Inf), except
+    where the value is an FP32 subnormal (the oracle keeps it; the tensor cores need not)."""
+    g = torch.Generator().manual_seed(seed)
+    scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
+    codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
+    codes[0, :8] = torch.arange(0, 8, dtype=torch.uint8) * 0x11 + 0x80
+    scales = scale_bytes[torch.randint(0, len(scale_bytes), (n_rows, 4), generator=g)]
+    packed = torch.cat((codes, scales), dim=1)[None]
+    qi = torch.zeros(1, HEAD_DIM, 2, HEAD_DIM)
+    qi[0, torch.arange(HEAD_DIM), 0, torch.arange(HEAD_DIM)] = 1.0
+    qi[0, :, 1] = -qi[0, :, 0]
+    w = torch.tensor([1.0, -1.0]).expand(1, HEAD_DIM, 2).contiguous()
+    n_valid = torch.full((1, HEAD_DIM), n_rows, dtype=torch.int32)
+    args = [t.to(device) for t in (qi.to(torch.bfloat16), w, n_valid)]
+    decoded = ref.key_values(packed).to(torch.bfloat16).to(device)
+    expected = ref.indexer_scores(qi.to(torch.bfloat16), w, packed)[0]
+    normal = (expected.abs() >= 2.0 ** -126) | (expected == 0) | ~expected.isfinite()
+    assert (expected[normal] != 0).any() and expected.isnan().any() and (~normal).any()
+    for config in configs:
+        got = kernels.indexer_scores(args[0], args[1], packed.to(device), args[2], config=config).cpu()
+        bf16 = kernels.indexer_scores(args[0], args[1], decoded, args[2], config=config).cpu()
+        torch.testing.assert_close(got, bf16, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[normal], expected[normal], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_fp4_decode_every_element_exact(device):
+    """``check_fp4_decode_per_element`` on a few rows, both product forms (the GPU runs the
+    A-operand form's asm decode here)."""
+    configs = [dict(BLOCK_N=64, TILES=1, KEYS_AS_A=a, num_warps=4, num_stages=2) for a in (True, False)]
+    check_fp4_decode_per_element(device, 70, configs, 21)
+
+
+@pytest.mark.gpu
+def test_fp4_decode_every_element_exact_gpu(device):
+    """The GPU's decodes (the A-operand form's PRMT/IMAD/packed-BF16 one, the B-operand form's
+    FP32 one) over many rows and every tuned config."""
+    check_fp4_decode_per_element(device, 3000, _score_configs(2, HEAD_DIM), 22)
 
 
 @pytest.mark.gpu

@@ -62,10 +62,15 @@ def _eager_topk(qi, w, keys, n_valid, k, chunk=None):
     return torch.cat(outs, 1)
 
 
+# Scoring configs timed on their own (``indexer_scores[<form> <tile>]``), beside the tuned
+# choice, to compare the two product forms on the same tiles: (BLOCK_N, TILES, warps, stages).
+FORM_TILES = {False: (128, 4, 4, 3), True: (128, 1, 8, 3)}  # BF16 / FP4 keys: the old tuned choices
+
+
 def _decode_cases(quick):
-    shapes = [(1, 262144, False), (32, 32768, False), (1, 262144, True)] if quick else \
-        [(1, 32768, False), (1, 262144, False), (32, 32768, False), (32, 262144, False),
-         (1, 262144, True), (32, 262144, True)]
+    shapes = [(1, 262144, False), (32, 32768, False), (1, 262144, True), (32, 32768, True), (32, 262144, True)] \
+        if quick else [(1, 32768, False), (1, 262144, False), (32, 32768, False), (32, 262144, False),
+                       (1, 262144, True), (32, 32768, True), (32, 262144, True)]
     out = []
     for bsz, n_keys, fp4 in shapes:
         n_valid = torch.full((bsz, 1), n_keys, dtype=torch.int32)
@@ -80,13 +85,25 @@ def _decode_cases(quick):
         layout = "FP4 keys 68 B" if fp4 else "BF16 keys 256 B"
         shape = f"decode B={bsz} Nk={n_keys} Hi={HEADS} {layout}"
         eager_keys = (lambda keys: ref.key_values(keys).to(torch.bfloat16)) if fp4 else (lambda keys: keys)
+        scores_oracle = lambda qi, w, keys, nv: ref.indexer_scores(qi, w, keys).reshape(-1, keys.shape[1])
         out.append(Case(
             op="indexer_scores", shape=shape, make_inputs=make,
             run=lambda qi, w, keys, nv: kernels.indexer_scores(qi, w, keys, nv),
             eager=lambda qi, w, keys, nv, ek=eager_keys: _eager_scores(qi, w, ek(keys)),
-            oracle=lambda qi, w, keys, nv: ref.indexer_scores(qi, w, keys).reshape(-1, keys.shape[1]),
+            oracle=scores_oracle,
             bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
             notes=f"scoring pass alone over {layout}/key; target >= 70% of copy"))
+        if bsz == 32:
+            block_n, tiles, warps, stages = FORM_TILES[fp4]
+            for keys_as_a in (True, False):
+                config = dict(BLOCK_N=block_n, TILES=tiles, KEYS_AS_A=keys_as_a, num_warps=warps, num_stages=stages)
+                form = f"{'A' if keys_as_a else 'B'} {block_n}x{tiles} w{warps} s{stages}"
+                out.append(Case(
+                    op=f"indexer_scores[{form}]", shape=shape, make_inputs=make,
+                    run=lambda qi, w, keys, nv, config=config: kernels.indexer_scores(qi, w, keys, nv, config=config),
+                    eager=None, oracle=scores_oracle,
+                    bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
+                    notes=f"one config, keys as the MMA's {'A' if keys_as_a else 'B'} operand (same scores)"))
         cuda = torch.device("cuda")
         parts = kernels.plan_parts(bsz, n_keys, TOP_K, cuda)
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, cuda)

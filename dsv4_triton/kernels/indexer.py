@@ -39,7 +39,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..reference.indexer import FP4_KEY_BYTES
 from ..registry import register
-from .formats import INTERPRET, e8m0_value
+from .formats import INTERPRET, cast_rne, e8m0_value, to_f32
 from .norm import as_rows
 from .quant import fp4_quantise
 
@@ -60,8 +60,11 @@ MAX_SPLITS = 64
 @triton.jit
 def _mma(a, b):
     if INTERPRET:
-        # The interpreter multiplies BF16 operands as raw integers: use the exact FP32 values.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        # The interpreter multiplies BF16 operands as raw integers: use their exact values
+        # (``to_f32``: subnormals too), in FP64 (products of BF16 values are exact there and,
+        # short of extreme exponent spreads, so are the sums), so that the two product forms'
+        # sums agree as they do on a GPU.
+        return tl.dot(to_f32(a).to(tl.float64), to_f32(b).to(tl.float64), input_precision="ieee").to(tl.float32)
     else:
         return tl.dot(a, b)
 
@@ -71,10 +74,15 @@ def _prune_scores(configs, nargs, **kw):
     return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
 
 
+# Both product forms over the same tile shapes; every config gives the same scores (tested).
+SCORE_CONFIGS = [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": a}, num_warps=w, num_stages=s)
+                 for a in (True, False) for n, t, w, s in
+                 ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
+                  (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))]
+
+
 @autotune(
-    configs=[triton.Config({"BLOCK_N": n, "TILES": t}, num_warps=w, num_stages=s) for n, t, w, s in
-             ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
-              (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))],
+    configs=SCORE_CONFIGS,
     key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
     name="indexer_scores",
     prune_configs_by={"early_config_prune": _prune_scores},
@@ -82,9 +90,15 @@ def _prune_scores(configs, nargs, **kw):
 @triton.jit
 def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
                    s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
-                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   TILES: tl.constexpr):
-    """Program (key tiles, query block, batch): the scores of ``QROWS`` queries."""
+                   KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, HEAD_BITS: tl.constexpr, QROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PADDED: tl.constexpr, TILES: tl.constexpr, KEYS_AS_A: tl.constexpr):
+    """Program (key tiles, query block, batch): the scores of ``QROWS`` queries (``HEADS_P =
+    2^HEAD_BITS`` rows each).  ``KEYS_AS_A``
+    (tuned) picks the product's form: logits^T = keys @ q^T, the key tile the MMA's A operand
+    (registers: FP4 keys are decoded straight into its fragment layout), or logits = q @ keys^T,
+    the key tile its B operand (through shared memory).  Same scores either way (see
+    ``_sum_heads``).  ``PADDED``: some of the ``QROWS * HEADS_P`` rows are padding (heads not a
+    power of two, or past the last query)."""
     M: tl.constexpr = QROWS * HEADS_P
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -94,8 +108,11 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
     h = m % HEADS_P
     q_ok = (t < seq) & (h < heads)
     dcol = tl.arange(0, HEAD_DIM)
-    q = tl.load(qi_ptr + b * s_qb + t.to(tl.int64)[:, None] * s_qs + h[:, None] * s_qh + dcol[None, :],
-                mask=q_ok[:, None], other=0.0)
+    q_rows = qi_ptr + b * s_qb + t.to(tl.int64) * s_qs + h * s_qh
+    if KEYS_AS_A:
+        q = tl.load(q_rows[None, :] + dcol[:, None], mask=q_ok[None, :], other=0.0)
+    else:
+        q = tl.load(q_rows[:, None] + dcol[None, :], mask=q_ok[:, None], other=0.0)
     wv = tl.load(w_ptr + b * s_wb + t.to(tl.int64) * s_ws + h * s_wh, mask=q_ok, other=0.0)
     tq = t0 + tl.arange(0, QROWS)
     nv = tl.load(nv_ptr + b * s_nb + tq.to(tl.int64) * s_ns, mask=tq < seq, other=0)
@@ -108,15 +125,66 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
             kidx = start + tl.arange(0, BLOCK_N)
             key_row = keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn
             key_ok = (kidx < keys_end)[:, None]
-            if KEYS_FP4:
+            if KEYS_FP4 and KEYS_AS_A:
+                kt = _fp4_key_tile_a(key_row, key_ok, BLOCK_N)
+            elif KEYS_FP4:
                 kt = _fp4_key_tile(key_row, key_ok, BLOCK_N)
             else:
                 kt = tl.load(key_row + dcol[None, :], mask=key_ok, other=0.0)
-            logits = _mma(q, tl.trans(kt))
-            # relu that keeps NaN (as torch's); padding rows contribute exactly nothing.
-            part = tl.where(q_ok[:, None], tl.where(logits < 0, 0.0, logits) * wv[:, None], 0.0)
-            score = tl.sum(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), axis=1)
-            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+            if KEYS_AS_A:
+                part = _weigh(_mma(kt, q), wv[None, :], q_ok[None, :], PADDED)
+                score = _sum_heads(tl.reshape(part, [BLOCK_N, QROWS, HEADS_P]), 2, HEAD_BITS)
+                tl.store(scores_ptr + row_base[None, :] + kidx[:, None], score, mask=kidx[:, None] < nv[None, :])
+            else:
+                part = _weigh(_mma(q, tl.trans(kt)), wv[:, None], q_ok[:, None], PADDED)
+                score = _sum_heads(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), 1, HEAD_BITS)
+                tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+
+
+@triton.jit
+def _weigh(logits, wv, q_ok, PADDED: tl.constexpr):
+    """relu(logits) * w, the relu keeping NaN (as torch's); padding rows (zero q and w) are
+    masked so that Inf or NaN keys make nothing there."""
+    part = tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv
+    if PADDED:
+        part = tl.where(q_ok, part, 0.0)
+    return part
+
+
+@triton.jit
+def _sum_pairs(part, D: tl.constexpr, AXIS: tl.constexpr):
+    """Halve axis ``AXIS`` (1 or 2 of a 3-D tensor) by adding the elements ``D`` apart in
+    blocks of ``2 D`` (index bit log2(D) summed out)."""
+    if AXIS == 2:
+        A: tl.constexpr = part.shape[0]
+        Q: tl.constexpr = part.shape[1]
+        H: tl.constexpr = part.shape[2]
+        return tl.reshape(tl.sum(tl.reshape(part, [A, Q, H // (2 * D), 2, D]), axis=3), [A, Q, H // 2])
+    else:
+        Q: tl.constexpr = part.shape[0]
+        H: tl.constexpr = part.shape[1]
+        B: tl.constexpr = part.shape[2]
+        return tl.reshape(tl.sum(tl.reshape(part, [Q, H // (2 * D), 2, D, B]), axis=2), [Q, H // 2, B])
+
+
+@triton.jit
+def _sum_heads(part, AXIS: tl.constexpr, BITS: tl.constexpr):
+    """Sum over the heads axis ``AXIS`` (1 or 2, 2^BITS long) in a fixed pairwise tree,
+    so the FP32 result does not depend on how the heads are spread over registers, lanes and
+    warps: both product forms give the same scores (each step adds exactly two numbers).  The
+    head-index bits are summed out in the order 0, 3, 4, 5, 1, 2: in the keys-as-A form bits 0
+    and 3.. are in one thread's registers and 1, 2 across a quad's lanes, so the shuffles come
+    last, on two values a thread."""
+    if BITS >= 1:
+        part = _sum_pairs(part, 1, AXIS)
+    for _ in tl.static_range(BITS - 3 if BITS > 3 else 0):
+        part = _sum_pairs(part, 4, AXIS)
+    for _ in tl.static_range((BITS if BITS < 3 else 3) - 1):
+        part = _sum_pairs(part, 1, AXIS)
+    if AXIS == 2:
+        return tl.reshape(part, [part.shape[0], part.shape[1]])
+    else:
+        return tl.reshape(part, [part.shape[0], part.shape[2]])
 
 
 @triton.jit
@@ -163,7 +231,70 @@ def _fp4_key_tile(key_row, key_ok, BLOCK_N: tl.constexpr):
     v7 = _e2m1_times_2_126(word, 7) * TWO_POW_126 * scale
     # A join's new axis is the last: the outermost join picks the lowest bit of the element index.
     values = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-    return tl.reshape(values, [BLOCK_N, HEAD_DIM]).to(tl.bfloat16)
+    return cast_rne(tl.reshape(values, [BLOCK_N, HEAD_DIM]), tl.bfloat16)
+
+
+# E2M1 codes to BF16 for the A operand, on a GPU: one asm block per pair of elements (a code
+# byte; element 2i in the low nibble).  The byte is picked from its code word (prmt); two
+# multiplies spread its two codes into the BF16 bits of their values times 2^-126 (the same
+# trick as ``_e2m1_times_2_126``, one BF16 per half: magnitude bits at 6..8 and 22..24, signs
+# at 15 and 31; codes 0 and 1 become 0 and the subnormal 2^-127); two packed BF16 multiplies,
+# by 2^126 and by the block scale, are exact (a value of at most two significant bits times
+# a power of two; products past the range are Inf and NaN scales NaN, as in FP32).
+_E2M1_PAIR_ASM: tl.constexpr = tl.constexpr("""
+{
+.reg .b32 x, a, b, k;
+prmt.b32 x, $2, 0, $3;
+mul.lo.u32 a, x, 0x40040;
+mul.lo.u32 b, x, 0x1001000;
+and.b32 a, a, 0x01C001C0;
+and.b32 b, b, 0x80008000;
+or.b32 a, a, b;
+mov.b32 k, 0x7E807E80;
+mul.rn.bf16x2 a, a, k;
+mul.rn.bf16x2 a, a, $4;
+mov.b32 {$0, $1}, a;
+}
+""")
+
+
+@triton.jit
+def _fp4_key_tile_a(key_row, key_ok, BLOCK_N: tl.constexpr):
+    """``_fp4_key_tile`` made in the MMA's A-operand register layout: element k = 8m + 2c + j
+    (code word m, byte c, nibble j) is built in a [BLOCK_N, 16, 4, 2] tensor whose c axis runs
+    over the four lanes of a quad and whose j pairs share a register, as the A operand's
+    fragment holds them; each lane reads the row's 16 code words and decodes its byte of each.
+    The decoded tile never goes through shared memory."""
+    NBLK: tl.constexpr = HEAD_DIM // FP4_BLOCK
+    WORDS: tl.constexpr = HEAD_DIM // 8
+    words = tl.load(key_row.to(tl.pointer_type(tl.int32)) + tl.arange(0, WORDS)[None, :], mask=key_ok, other=0)
+    # The 4 E8M0 bytes as one word (byte 64 of a 4-byte aligned row), one scale per block.
+    scale_word = tl.load(key_row.to(tl.pointer_type(tl.int32)) + HEAD_DIM // 8, mask=key_ok, other=0x7F7F7F7F)
+    scale_byte = (scale_word >> (8 * tl.arange(0, NBLK)[None, :])) & 0xFF
+    c = tl.arange(0, 4)[None, None, :]
+    if INTERPRET:
+        scale = _per_word(e8m0_value(scale_byte), BLOCK_N)[:, :, None]
+        byte = (words[:, :, None] >> (8 * c)) & 0xFF
+        lo = _e2m1_times_2_126(byte, 0) * TWO_POW_126 * scale
+        hi = _e2m1_times_2_126(byte, 1) * TWO_POW_126 * scale
+        pairs = cast_rne(tl.join(lo, hi), tl.bfloat16)
+    else:
+        scale_bits = tl.where(scale_byte == 0, 0x40, tl.where(scale_byte == 255, 0x7FC0, scale_byte << 7))
+        scale_pair = _per_word(scale_bits | (scale_bits << 16), BLOCK_N)[:, :, None]
+        shape: tl.constexpr = [BLOCK_N, WORDS, 4]
+        lo, hi = tl.inline_asm_elementwise(
+            _E2M1_PAIR_ASM, "=h,=h,r,r,r",
+            [tl.broadcast_to(words[:, :, None], shape), tl.broadcast_to(0x4440 + c, shape),
+             tl.broadcast_to(scale_pair, shape)],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        pairs = tl.join(lo, hi)
+    return tl.reshape(pairs, [BLOCK_N, HEAD_DIM])
+
+
+@triton.jit
+def _per_word(per_block, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, 4] per scale block -> [BLOCK_N, 16] per code word (4 words a block)."""
+    return tl.reshape(tl.broadcast_to(per_block[:, :, None], [BLOCK_N, 4, 4]), [BLOCK_N, 16])
 
 
 @triton.jit
@@ -530,9 +661,12 @@ def _query_rows(heads: int, seq: int) -> int:
     return max(MIN_DOT_ROWS // heads_p, min(triton.next_power_of_2(seq), max(1, MAX_TILE_ROWS // heads_p)))
 
 
-def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor, *,
+                   config: "dict | None" = None) -> torch.Tensor:
     """The scoring pass alone: FP32 ``[B*S, Nk]``, row ``b*S + t`` holds query (b, t)'s scores of
-    entries ``s < n_valid[b, t]`` (the rest of the row is not written)."""
+    entries ``s < n_valid[b, t]`` (the rest of the row is not written).  ``config``: launch with
+    these meta-parameters (``BLOCK_N``, ``TILES``, ``KEYS_AS_A``, ``num_warps``, ``num_stages``)
+    instead of the tuned choice, to test or time one form."""
     bsz, seq, heads, _ = qi.shape
     n_keys = keys.shape[1]
     scores = torch.empty(bsz * seq, n_keys, dtype=torch.float32, device=qi.device)
@@ -542,11 +676,16 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
         qi = qi.contiguous()
     keys = _aligned_keys(keys)
     qrows = _query_rows(heads, seq)
+    heads_p = triton.next_power_of_2(heads)
+    kernel = _scores_kernel if config is None else _scores_kernel.fn
+    meta = config or {}
     grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
-    _scores_kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
-                         qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
-                         *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=triton.next_power_of_2(heads),
-                         QROWS=qrows)
+    # No FMA contraction: the head sums must round the same in both product forms.
+    kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
+                 qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
+                 *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=heads_p,
+                 HEAD_BITS=heads_p.bit_length() - 1, QROWS=qrows, PADDED=heads != heads_p or seq % qrows != 0,
+                 enable_fp_fusion=False, **meta)
     return scores
 
 

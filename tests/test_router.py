@@ -443,19 +443,24 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
     (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
+    (False, (16, 32, 128, 512, 4, 3), 16),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
 
     bt, be, bk, sk, warps, stages = config
     assert config in kern._SPLIT_CONFIGS
-    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
+    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
                   BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps))
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
                  cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
                              ["dim", "stride_x", "stride_w"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
+    if config == (16, 32, 128, 512, 4, 3):
+        # The Pro T = 64 choice: 672 programs are one wave only if 6 fit per SM (132 SMs), which
+        # 65536 registers allow up to 80 per thread at 4 warps (88 put the last 12 in a second wave).
+        assert usage["reg"] <= 80, usage
 
 
 # ---------------------------------------------------------------- GPU: model sizes, every config

@@ -353,8 +353,7 @@ def _fold_position(best, best_s, key, s, last):
 
 @triton.jit
 def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr):
-    """Entry ``position`` of every chunk's sorted candidate list ([rows, NC_PAD] keys and scores).
-    Positions >= topk are not written; they are read only by picks kk >= topk, which do not run."""
+    """Entry ``position`` of every chunk's sorted candidate list ([rows, NC_PAD] keys and scores)."""
     key = tl.load(cand_ptr + slot + position * NC_PAD, mask=mask, other=INT64_MIN, cache_modifier=".cg")
     s = tl.load(cand_s_ptr + slot + position * NC_PAD, mask=mask, other=0.0, cache_modifier=".cg")
     return key, s
@@ -380,14 +379,14 @@ def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
 @triton.jit
 def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, ids_ptr,
                         partial_ptr, score_ptr, cand_ptr, cand_s_ptr, chunk_counter_ptr, tile_counter_ptr,
-                        T, dim, n_experts, vocab, stride_x, stride_w, topk, route_scale, t_bucket,
+                        T, dim, n_experts, vocab, stride_x, stride_w, TOPK: tl.constexpr, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
-    for score routing, the chunk's top ``topk`` packed keys in order with their scores (for
+    for score routing, the chunk's top ``TOPK`` packed keys in order with their scores (for
     hash routing, the scores); the last chunk of a tile to arrive merges the sorted lists
     (pick kk looks at list positions 0..kk only) and takes the weights from the picks' scores,
     or (hash) reads the scores at the table ids.  Each arriver that acts resets its counter.
@@ -425,7 +424,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     tail_tok = tile.to(tl.int64) * BLOCK_T + tail_rows
     tail_live = tail_tok < T
     kcol = tl.arange(0, K_PAD)
-    out_col = kcol < topk
+    out_col = kcol < TOPK
     if HASH:
         tail_tok_id = tl.load(tok_ids_ptr + tail_tok, mask=tail_live, other=0)
     elif HAS_BIAS:
@@ -441,7 +440,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         acc = dot_bf16(xt, tl.trans(wt), acc)
     if HASH:  # the table rows, issued before the arrivals (only the tile's last arriver uses them)
         table_row = tl.minimum(tl.maximum(tail_tok_id.to(tl.int64), 0), vocab - 1)
-        table_ids = tl.load(table_ptr + table_row[:, None] * topk + kcol[None, :],
+        table_ids = tl.load(table_ptr + table_row[:, None] * TOPK + kcol[None, :],
                             mask=tail_live[:, None] & out_col[None, :], other=0)
     # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
     group = (tile * n_chunks + chunk).to(tl.int64)
@@ -475,7 +474,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
             top_s = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
             for kk in tl.static_range(K_PAD):
-                if kk < topk:  # a chunk with fewer live experts than topk leaves INT64_MIN (no candidate)
+                if kk < TOPK:  # a chunk with fewer live experts than TOPK leaves INT64_MIN (no candidate)
                     last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
                     top = tl.where(kcol[None, :] == kk, last[:, None], top)
                     top_s = tl.where(kcol[None, :] == kk, last_s[:, None], top_s)
@@ -496,25 +495,31 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             else:
                 # Each chunk's list is sorted, so the kk-th pick of a token is at position <= kk
                 # of its chunk's list: pick kk scans positions 0..kk only (21 of 48 entries per
-                # chunk for topk = 6), and carries the pick's score along (no gather after).
+                # chunk for TOPK = 6), and carries the pick's score along (no gather after).
                 c = tl.arange(0, NC_PAD)
                 list_slot = tail_tok[:, None] * N_CAND + c[None, :]
                 has_list = tail_live[:, None] & (c < n_chunks)[None, :]
+                # Positions past TOPK - 1 are neither written nor read.
                 p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
-                p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
-                if K_PAD >= 4:
+                if TOPK > 1:
+                    p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
+                if TOPK > 2:
                     p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
+                if TOPK > 3:
                     p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
-                if K_PAD >= 8:
+                if TOPK > 4:
                     p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
+                if TOPK > 5:
                     p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
+                if TOPK > 6:
                     p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
+                if TOPK > 7:
                     p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
                 last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
                 w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
                 sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
                 for kk in tl.static_range(K_PAD):
-                    if kk < topk:  # topk <= E live candidates exist: every pick is found
+                    if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
                         best, best_s = _below(p0, q0, last)
                         if kk >= 1:
                             best, best_s = _fold_position(best, best_s, p1, q1, last)
@@ -535,7 +540,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
             w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
             w = w * route_scale
-            out = tail_tok[:, None] * topk + kcol[None, :]
+            out = tail_tok[:, None] * TOPK + kcol[None, :]
             tl.store(weights_ptr + out, w, mask=out_mask)
             tl.store(ids_ptr + out, sel_id, mask=out_mask)
 
@@ -543,7 +548,7 @@ _route_split_tuned = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
                             "REDUCE_BUDGET": _reduce_budget(w)}, num_warps=w, num_stages=st)
              for bt, be, bk, sk, w, st in _SPLIT_CONFIGS],
-    key=["n_experts", "dim", "t_bucket", "topk"], name="route_split",
+    key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
 )(_route_split_kernel)
 

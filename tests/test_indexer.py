@@ -303,7 +303,6 @@ _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=1
 
 @pytest.mark.parametrize("kernel, consts, warps", [
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=False), 8),
-    ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=256, PADDED=True), 8),
     ("_row_level_kernel", dict(LEVEL=0, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
     ("_row_level_kernel", dict(LEVEL=3, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
@@ -314,10 +313,49 @@ def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, wa
     the decode kernels compile for sm_90, FP4 decode included, with no register spills."""
     usage = compile_for_sm90("dsv4_triton.kernels.indexer", kernel, _KERNEL_TYPES, consts, [], warps)
     assert usage["stack"] == 0, usage
-    if consts.get("KEYS_AS_A"):
-        # The decoded FP4 tile is the MMA's A operand straight from registers: no shared-memory
-        # tile is loaded back (only q^T, the B operand, sits in shared memory).
-        assert usage["tensor_core_dot"] and usage["tile_reloads"] == 0, usage
+
+
+# Compiles the scoring kernel for sm_90 (as ``compile_for_sm90``) and prints its warp-group
+# MMA's A operand type and the bf16 tiles put in shared memory.
+_A_OPERAND_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv4_triton.kernels import indexer
+consts, warps, stages = json.loads(sys.argv[1])
+fn = indexer._scores_kernel.fn
+sig = {n: "constexpr" if n in consts else ("*bf16" if n == "qi_ptr" else "*u8" if n == "keys_ptr" else
+       "*i32" if n == "nv_ptr" else "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+ttgir = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages)).asm["ttgir"]
+print(json.dumps(dict(a_operand=re.findall(r"ttng.warp_group_dot \S+, \S+, \S+ \{[^}]*\} : (\S+ \S+)", ttgir),
+                      bf16_smem_tiles=re.findall(r"ttg.local_alloc .*-> !ttg.memdesc<(\w+bf16)", ttgir))))
+"""
+
+
+@pytest.mark.parametrize("block_n, warps, stages", [(128, 8, 4), (64, 4, 3)])
+def test_fp4_key_tile_is_the_mma_a_operand_in_registers(block_n, warps, stages):
+    """The keys-as-A form's decoded FP4 tile feeds the warp-group MMA from registers: the A
+    operand is a register tensor in the dot-operand layout and the only BF16 tile in shared
+    memory is q^T (the code words reach registers through pipelined async copies)."""
+    import json, os, pathlib, subprocess, sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    consts = dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=block_n, TILES=4)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, "-c", _A_OPERAND_SCRIPT, json.dumps([consts, warps, stages])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["a_operand"] and all(t.startswith(f"tensor<{block_n}x128xbf16") and "dot_op" in t
+                                      for t in found["a_operand"]), found
+    assert found["bf16_smem_tiles"] == ["128x64xbf16"], found
 
 
 # --- FP4 key rows -------------------------------------------------------------------------

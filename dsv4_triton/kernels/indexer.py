@@ -119,26 +119,28 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
     nv = tl.minimum(tl.maximum(nv, 0), n_keys)
     keys_end = tl.max(nv, axis=0)
     row_base = (b * seq + tq) * n_keys
-    for tile in range(TILES):
-        start = (pid_n * TILES + tile) * BLOCK_N
-        if start < keys_end:
-            kidx = start + tl.arange(0, BLOCK_N)
-            key_row = keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn
-            key_ok = (kidx < keys_end)[:, None]
-            if KEYS_FP4 and KEYS_AS_A:
-                kt = _fp4_key_tile_a(key_row, key_ok, BLOCK_N)
-            elif KEYS_FP4:
-                kt = _fp4_key_tile(key_row, key_ok, BLOCK_N)
-            else:
-                kt = tl.load(key_row + dcol[None, :], mask=key_ok, other=0.0)
-            if KEYS_AS_A:
-                part = _weigh(_mma(kt, q), wv[None, :], q_ok[None, :], PADDED)
-                score = _sum_heads(tl.reshape(part, [BLOCK_N, QROWS, HEADS_P]), 2, HEAD_BITS)
-                tl.store(scores_ptr + row_base[None, :] + kidx[:, None], score, mask=kidx[:, None] < nv[None, :])
-            else:
-                part = _weigh(_mma(q, tl.trans(kt)), wv[:, None], q_ok[:, None], PADDED)
-                score = _sum_heads(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), 1, HEAD_BITS)
-                tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+    # Only the tiles below the last valid key (the causal half is skipped in prefill); an
+    # unconditional loop body, so the loads can be pipelined.
+    first = pid_n * TILES * BLOCK_N
+    for tile in tl.range(0, tl.minimum(tl.maximum(tl.cdiv(keys_end - first, BLOCK_N), 0), TILES)):
+        start = first + tile * BLOCK_N
+        kidx = start + tl.arange(0, BLOCK_N)
+        key_row = keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn
+        key_ok = (kidx < keys_end)[:, None]
+        if KEYS_FP4 and KEYS_AS_A:
+            kt = _fp4_key_tile_a(key_row, key_ok, BLOCK_N)
+        elif KEYS_FP4:
+            kt = _fp4_key_tile(key_row, key_ok, BLOCK_N)
+        else:
+            kt = tl.load(key_row + dcol[None, :], mask=key_ok, other=0.0)
+        if KEYS_AS_A:
+            part = _weigh(_mma(kt, q), wv[None, :], q_ok[None, :], PADDED)
+            score = _sum_heads(tl.reshape(part, [BLOCK_N, QROWS, HEADS_P]), 2, HEAD_BITS)
+            tl.store(scores_ptr + row_base[None, :] + kidx[:, None], score, mask=kidx[:, None] < nv[None, :])
+        else:
+            part = _weigh(_mma(q, tl.trans(kt)), wv[:, None], q_ok[:, None], PADDED)
+            score = _sum_heads(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), 1, HEAD_BITS)
+            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
 
 
 @triton.jit

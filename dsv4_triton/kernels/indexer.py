@@ -74,22 +74,26 @@ def _prune_scores(configs, nargs, **kw):
     return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
 
 
-# Both product forms over the same tile shapes; every config gives the same scores (tested).
-SCORE_CONFIGS = [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": a}, num_warps=w, num_stages=s)
-                 for a in (True, False) for n, t, w, s in
-                 ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
-                  (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))]
+# The keys-as-A form over tile shapes up to 4096 keys a program; the keys-as-B form over the
+# shapes it was tuned to before (BF16 decode, FP4 decode, prefill).  Every config gives the
+# same scores (tested), so the choice never changes a result.
+SCORE_CONFIGS = [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": True}, num_warps=w, num_stages=s)
+                 for n, t, w, s in ((64, 1, 4, 2), (64, 4, 4, 3), (64, 8, 4, 4), (128, 1, 4, 3), (128, 1, 8, 3),
+                                    (128, 4, 4, 3), (128, 4, 8, 4), (128, 8, 8, 4), (128, 16, 8, 4), (256, 2, 8, 3),
+                                    (256, 4, 8, 3), (256, 16, 8, 3))] + \
+                [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": False}, num_warps=w, num_stages=s)
+                 for n, t, w, s in ((128, 4, 4, 3), (128, 1, 8, 3), (128, 8, 8, 4), (256, 2, 8, 3))]
 
 
 @autotune(
     configs=SCORE_CONFIGS,
-    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
+    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "QUERY_BLOCKS_BUCKET", "KEYS_FP4"],
     name="indexer_scores",
     prune_configs_by={"early_config_prune": _prune_scores},
 )
 @triton.jit
 def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
-                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
+                   QUERY_BLOCKS_BUCKET, s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
                    KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, HEAD_BITS: tl.constexpr, QROWS: tl.constexpr,
                    BLOCK_N: tl.constexpr, PADDED: tl.constexpr, TILES: tl.constexpr, KEYS_AS_A: tl.constexpr):
     """Program (key tiles, query block, batch): the scores of ``QROWS`` queries (``HEADS_P =
@@ -260,6 +264,37 @@ mov.b32 {$0, $1}, a;
 """)
 
 
+# The four E8M0 scale bytes of a row (one 32-bit word) to four BF16 pairs (the scale in both
+# halves), two bytes at a time as 16-bit lanes: s << 7 is the BF16 bits of 2^(s - 127) for
+# s in 1..254; a max with 0x40 gives byte 0 the subnormal 2^-127; (s + 1) << 7 sets bit 15
+# only for s = 255, whose bit 6 (shifted down) turns Inf (0x7F80) into NaN (0x7FC0).
+_E8M0_PAIRS_ASM: tl.constexpr = tl.constexpr("""
+{
+.reg .b32 b, x, y, t, k, r;
+mov.b32 k, 0x00400040;
+mov.b32 r, 0x00800080;
+prmt.b32 b, $4, 0, 0x4140;
+shl.b32 x, b, 7;
+max.u16x2 y, x, k;
+add.u32 t, x, r;
+shr.b32 t, t, 9;
+and.b32 t, t, k;
+or.b32 y, y, t;
+prmt.b32 $0, y, 0, 0x1010;
+prmt.b32 $1, y, 0, 0x3232;
+prmt.b32 b, $4, 0, 0x4342;
+shl.b32 x, b, 7;
+max.u16x2 y, x, k;
+add.u32 t, x, r;
+shr.b32 t, t, 9;
+and.b32 t, t, k;
+or.b32 y, y, t;
+prmt.b32 $2, y, 0, 0x1010;
+prmt.b32 $3, y, 0, 0x3232;
+}
+""")
+
+
 @triton.jit
 def _fp4_key_tile_a(key_row, key_ok, BLOCK_N: tl.constexpr):
     """``_fp4_key_tile`` made in the MMA's A-operand register layout: element k = 8m + 2c + j
@@ -272,17 +307,21 @@ def _fp4_key_tile_a(key_row, key_ok, BLOCK_N: tl.constexpr):
     words = tl.load(key_row.to(tl.pointer_type(tl.int32)) + tl.arange(0, WORDS)[None, :], mask=key_ok, other=0)
     # The 4 E8M0 bytes as one word (byte 64 of a 4-byte aligned row), one scale per block.
     scale_word = tl.load(key_row.to(tl.pointer_type(tl.int32)) + HEAD_DIM // 8, mask=key_ok, other=0x7F7F7F7F)
-    scale_byte = (scale_word >> (8 * tl.arange(0, NBLK)[None, :])) & 0xFF
     c = tl.arange(0, 4)[None, None, :]
     if INTERPRET:
+        scale_byte = (scale_word >> (8 * tl.arange(0, NBLK)[None, :])) & 0xFF
         scale = _per_word(e8m0_value(scale_byte), BLOCK_N)[:, :, None]
         byte = (words[:, :, None] >> (8 * c)) & 0xFF
         lo = _e2m1_times_2_126(byte, 0) * TWO_POW_126 * scale
         hi = _e2m1_times_2_126(byte, 1) * TWO_POW_126 * scale
         pairs = cast_rne(tl.join(lo, hi), tl.bfloat16)
     else:
-        scale_bits = tl.where(scale_byte == 0, 0x40, tl.where(scale_byte == 255, 0x7FC0, scale_byte << 7))
-        scale_pair = _per_word(scale_bits | (scale_bits << 16), BLOCK_N)[:, :, None]
+        s0, s1, s2, s3 = tl.inline_asm_elementwise(_E8M0_PAIRS_ASM, "=r,=r,=r,=r,r", [scale_word],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)
+        # join(join(s0, s2), join(s1, s3)) flattens to s0, s1, s2, s3.
+        scale_pair = tl.reshape(tl.join(tl.join(s0, s2), tl.join(s1, s3)), [BLOCK_N, NBLK])
+        scale_pair = _per_word(scale_pair, BLOCK_N)[:, :, None]
         shape: tl.constexpr = [BLOCK_N, WORDS, 4]
         lo, hi = tl.inline_asm_elementwise(
             _E2M1_PAIR_ASM, "=h,=h,r,r,r",
@@ -683,7 +722,10 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
     meta = config or {}
     grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
     # No FMA contraction: the head sums must round the same in both product forms.
-    kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
+    # Tuned per power of two of (sequence, query block) pairs too, up to 64: B = 1 and B = 32
+    # decode want different tiles (a few programs per SM, or as long programs as fill it).
+    query_blocks = min(bsz * triton.cdiv(seq, qrows), 64)
+    kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys), _bucket(query_blocks),
                  qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
                  *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=heads_p,
                  HEAD_BITS=heads_p.bit_length() - 1, QROWS=qrows, PADDED=heads != heads_p or seq % qrows != 0,

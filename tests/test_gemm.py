@@ -2,6 +2,12 @@
 the oracles."""
 
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -13,7 +19,7 @@ from dsv4_triton.formats import fp4_pack
 from dsv4_triton.kernels import gemm as kern
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.reference import quant as ref_quant
-from helpers import ULP, assert_close, compile_for_sm90
+from helpers import SM90_COMPILE, ULP, assert_close, compile_for_sm90
 
 # SPEC 2, written out again here so that the oracle's decoder is checked against the text.
 SPEC_FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -372,31 +378,33 @@ def test_mxfp4_expansion_ptx_is_bit_exact(device, computed, words):
 
 
 @triton.jit
-def _table_row_kernel(gap_ptr, out_ptr, N: tl.constexpr):
+def _table_row_kernel(gap_ptr, lut_ptr, out_ptr, N: tl.constexpr):
     gap = tl.load(gap_ptr + tl.arange(0, N))
-    lo, hi = kern.fp4_table_row(gap)
+    lo, hi = kern.fp4_table_row(gap, lut_ptr)
     tl.store(out_ptr + 2 * tl.arange(0, N), lo)
     tl.store(out_ptr + 2 * tl.arange(0, N) + 1, hi)
 
 
-def check_computed_table_rows(device):
-    # Every gap a scale pair can have (0..255 and, via a NaN byte, up to 255): the stored row
+@pytest.mark.gpu
+def test_computed_table_rows_match_the_table(device):
+    # The PTX rows (FP16 pairs converted by cvt.rn.satfinite.e4m3x2.f16x2; the interpreter
+    # reads the table itself) for every gap a scale pair can have, 0..255: the stored row
     # min(gap, 31), word for word.
     gaps = torch.arange(256, dtype=torch.int32)
     out = torch.empty(256, 2, dtype=torch.int32, device=device)
-    _table_row_kernel[(1,)](gaps.to(device), out, N=256)
+    _table_row_kernel[(1,)](gaps.to(device), kern.fp4_fp8_table(device), out, N=256)
     table = kern.fp4_fp8_table(torch.device("cpu"))
     assert torch.equal(out.cpu(), table[torch.clamp(gaps, max=kern.FP4_LUT_ROWS.value - 1).long()])
 
 
-def test_computed_table_rows_match_the_table(device):
-    check_computed_table_rows(device)
-
-
-@pytest.mark.gpu
-def test_computed_table_rows_ptx_match_the_table(device):
-    # The PTX path: FP16 pairs converted by cvt.rn.satfinite.e4m3x2.f16x2.
-    check_computed_table_rows(device)
+def test_scale_words_only_for_whole_aligned_blocks(device):
+    scales = torch.zeros(6, 12, dtype=torch.uint8, device=device)  # K = 384
+    assert kern.mxfp4_scale_words(scales, 384)
+    assert kern.mxfp4_scale_words(scales.view(2, 3, 12), 384)
+    assert not kern.mxfp4_scale_words(scales[:, :10], 320)  # K not a multiple of 128
+    assert not kern.mxfp4_scale_words(scales[:, 1:9], 256)  # rows not 4-byte aligned
+    assert not kern.mxfp4_scale_words(torch.zeros(8, 6, dtype=torch.uint8, device=device)[:, 2:6], 128)
+    assert not kern.mxfp4_scale_words(torch.zeros(8, 16, dtype=torch.uint8, device=device)[:, ::2], 256)  # strided
 
 
 def test_table_row_fp16_pairs_round_to_the_table():
@@ -555,6 +563,60 @@ def test_mxfp4_decode_gemm_compiles_to_warp_group_mma():
                                   COMPUTED_TABLE=True),
                              ["K", "N", "stride_am", "stride_wn", "stride_sn", "stride_ym"], 4, 4)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
+
+
+# Appended to the sm_90 compile script: the plain (synchronous) global loads of the K loop
+# (the first scf.for of the TTGIR) whose value the same iteration uses, i.e. that a K step
+# waits for; a load consumed only by the loop's yield is issued one step ahead.
+_K_LOOP_WAITS = r"""
+lines = ttgir.splitlines()
+start = next(i for i, line in enumerate(lines) if " scf.for " in line)
+indent = len(lines[start]) - len(lines[start].lstrip())
+end = next(i for i in range(start + 1, len(lines))
+           if lines[i].startswith(" " * indent + "}") and len(lines[i]) - len(lines[i].lstrip()) == indent)
+body = lines[start + 1:end]
+loads = [re.match(r"\s*(%[\w.]+) = tt.load ", line).group(1) for line in body if " = tt.load " in line]
+used = lambda v, line: re.search(re.escape(v) + r"(?![\w.])", line) and not line.lstrip().startswith(v + " =")
+waited = [v for v in loads if any(used(v, line) for line in body if "scf.yield" not in line)]
+print(json.dumps(dict(loads=loads, waited=waited)))
+"""
+
+
+def k_loop_waits(module, kernel, types, consts, aligned, warps, stages):
+    """(plain loads in the K loop, those a K step waits for) of a kernel compiled for sm_90."""
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE + _K_LOOP_WAITS,
+                          json.dumps([module, kernel, types, consts, aligned, warps, stages])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return result["loads"], result["waited"]
+
+
+MXFP4_DECODE_TYPES = dict(GEMM_TYPES, a_ptr="*bf16", w_ptr="*u8", lut_ptr="*i32")
+MXFP4_GEMM_ALIGNED = ["K", "N", "stride_am", "stride_sm", "stride_wn", "stride_sn", "stride_ym"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("bm, bn, warps, stages, fused, computed", [
+    (16, 64, 4, 4, True, True), (64, 64, 4, 3, False, True), (128, 128, 8, 3, False, True),
+    (16, 64, 4, 4, True, False)])
+def test_mxfp4_k_loop_waits_on_no_load_of_its_own_step(bm, bn, warps, stages, fused, computed):
+    # Computed table rows and scale words: the scale bytes are asynchronous copies with the
+    # weight tile, and the pre-pass activation scales (not fused) are loaded a step ahead, so a
+    # K step waits on no plain load.  The gathered form waits for its scale bytes every step.
+    types = MXFP4_DECODE_TYPES if fused else dict(MXFP4_DECODE_TYPES, a_ptr="*fp8e4nv")
+    consts = dict(GEMM_CONSTS, A_QUANT=fused, W_FMT=1, BLOCK_M=bm, BLOCK_N=bn, SCALE_WORDS=True,
+                  COMPUTED_TABLE=computed)
+    loads, waited = k_loop_waits("dsv4_triton.kernels.gemm", "_mxfp4_gemm_kernel", types, consts,
+                                 MXFP4_GEMM_ALIGNED, warps, stages)
+    if computed:
+        assert waited == [] and len(loads) == (0 if fused else 1), loads
+    else:
+        assert waited, "the gathered form's scale bytes are expected to be a plain load of the step"
 
 
 # --- GPU: real shapes ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dsv4_triton.reference import activation as ref_act
 from dsv4_triton.reference import gemm as ref_gemm
 from dsv4_triton.reference import moe as ref
 from helpers import compile_for_sm90
+from test_gemm import k_loop_waits
 
 DIM, INTER, EXPERTS = 256, 128, 8  # tiny shapes: the interpreter is slow
 
@@ -447,6 +448,29 @@ def test_align_real_sizes(device, t, n_experts, block_m):
     assert torch.equal(sorted_pair, want_pair)
     again = kern.align(ids, n_experts, block_m)
     assert torch.equal(again[0], sorted_pair) and torch.equal(again[1], block_expert)
+
+
+MOE_TYPES = dict(w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr="*i32", block_expert_ptr="*i32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("kernel, block_m, warps, stages", [("w13", 16, 8, 3), ("w13", 128, 8, 3), ("w2", 16, 4, 3)])
+def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stages):
+    # Computed table rows and scale words (see test_gemm): no plain load that a K step waits
+    # for; the pre-pass activation scales (w13 from 64 rows, w2 always) are loaded a step ahead.
+    if kernel == "w13":
+        fused = block_m <= 16
+        types = dict(MOE_TYPES, a_ptr="*bf16" if fused else "*fp8e4nv", hq_ptr="*u8", limit="fp32")
+        consts = dict(TOPK=6, A_QUANT=fused, BLOCK_M=block_m, BLOCK_K=128, PACK=128)
+        aligned = ["K", "N_INTER", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se", "stride_sn"]
+    else:
+        fused = False
+        types = dict(MOE_TYPES, hq_ptr="*fp8e4nv")
+        consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128)
+        aligned = ["N", "K", "stride_we", "stride_wn", "stride_se", "stride_sn"]
+    loads, waited = k_loop_waits("dsv4_triton.kernels.moe", f"_moe_{kernel}_kernel", types,
+                                 dict(consts, SCALE_WORDS=True, COMPUTED_TABLE=True), aligned, warps, stages)
+    assert waited == [] and len(loads) == (0 if fused else 1), loads
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_value, to_fp8
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, to_fp8
 from .norm import as_rows
 from .rope import cast_rne
 
@@ -106,6 +106,18 @@ def load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm
         q = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float8e4nv, bitcast=True)
         s = tl.load(a_scale_ptr + rows * stride_sm + kb, mask=row_ok, other=0.0)
     return q, s
+
+
+@triton.jit
+def load_act_scales(a_scale_ptr, rows, row_ok, kb, n_kb, stride_sm):
+    """The pre-pass scales of K block ``kb`` of the rows ``rows`` (zeros from ``n_kb`` on).
+
+    They multiply a dot's result rather than feed it, so the loop pipeline does not issue
+    them ahead, and a load in the K step that uses them costs that step a memory round trip.
+    The K loops therefore load block kb + 1's scales in step kb (after the last use of block
+    kb's) and carry them to the next step: the wait overlaps a whole step."""
+    in_k = (kb + tl.zeros(rows.shape, tl.int32)) < n_kb
+    return tl.load(a_scale_ptr + rows * stride_sm + kb, mask=row_ok & in_k, other=0.0)
 
 
 @triton.jit
@@ -220,46 +232,35 @@ def fp4_fp8_table(device) -> torch.Tensor:
 # Exponent fields stay >= 1 for d <= 19 (0x5000 - 19 * 0x400 = 0x400), so no half borrows
 # from the other.
 FP4_GAP_CLAMP: tl.constexpr = tl.constexpr(19)
-FP4_FP16_PAIRS = (0x50000000, 0x56005400, 0x5A005800, 0x5E005C00)  # at gap 0
-FP4_TABLE_ROW_ASM: tl.constexpr = tl.constexpr("""{
+FP4_FP16_PAIRS = (0x50000000, 0x56005400, 0x5A005800, 0x5E005C00)  # the words at gap 0
+FP4_TABLE_ROW_ASM: tl.constexpr = tl.constexpr(f"""{{
 .reg .b32 d, s, p;
 .reg .b16 c0, c1, c2, c3;
-min.u32 d, $2, 19;
+min.u32 d, $2, {FP4_GAP_CLAMP.value};
 shl.b32 s, d, 26;
-sub.u32 p, 0x50000000, s;
+sub.u32 p, {FP4_FP16_PAIRS[0]:#x}, s;
 cvt.rn.satfinite.e4m3x2.f16x2 c0, p;
 mul.lo.u32 s, d, 0x04000400;
-sub.u32 p, 0x56005400, s;
+sub.u32 p, {FP4_FP16_PAIRS[1]:#x}, s;
 cvt.rn.satfinite.e4m3x2.f16x2 c1, p;
-sub.u32 p, 0x5A005800, s;
+sub.u32 p, {FP4_FP16_PAIRS[2]:#x}, s;
 cvt.rn.satfinite.e4m3x2.f16x2 c2, p;
-sub.u32 p, 0x5E005C00, s;
+sub.u32 p, {FP4_FP16_PAIRS[3]:#x}, s;
 cvt.rn.satfinite.e4m3x2.f16x2 c3, p;
-mov.b32 $0, {c0, c1};
-mov.b32 $1, {c2, c3};
-}""")
+mov.b32 $0, {{c0, c1}};
+mov.b32 $1, {{c2, c3}};
+}}""")
 
 
 @triton.jit
-def _fp4_table_row_emulated(gap):
-    """``FP4_TABLE_ROW_ASM`` in plain Triton (the interpreter runs no PTX): each magnitude
-    times 2^(6 - min(gap, 19)) in FP32 (exact), rounded to E4M3 by the exact encoder."""
-    scale = exp2i(6 - tl.minimum(gap, FP4_GAP_CLAMP))
-    words = []
-    for half in tl.static_range(2):
-        word = tl.zeros_like(gap)
-        for i in tl.static_range(4):
-            code = to_fp8(fp4_value(4 * half + i + tl.zeros_like(gap)) * scale)
-            word = word | (code.to(tl.uint8, bitcast=True).to(tl.int32) << (8 * i))
-        words.append(word)
-    return words[0], words[1]
-
-
-@triton.jit
-def fp4_table_row(gap):
-    """Scale gap (int32 >= 0) -> the two words of its ``fp4_fp8_table`` row, computed."""
+def fp4_table_row(gap, lut_ptr):
+    """Scale gap (int32 >= 0) -> the two words of its ``fp4_fp8_table`` row: computed on a GPU
+    (``FP4_TABLE_ROW_ASM``); read from the table under the interpreter, which runs no PTX (an
+    arithmetic emulation there would cost more interpreter time than the rest of the K step;
+    the GPU tests compare the computed rows with the table for every gap)."""
     if INTERPRET:
-        return _fp4_table_row_emulated(gap)
+        row = tl.minimum(gap, FP4_LUT_ROWS - 1) * 2
+        return tl.load(lut_ptr + row), tl.load(lut_ptr + row + 1)
     else:
         return tl.inline_asm_elementwise(FP4_TABLE_ROW_ASM, "=r,=r,r", [gap], dtype=(tl.int32, tl.int32),
                                          is_pure=True, pack=1)
@@ -367,7 +368,7 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
         # Table row of each 32-block: its values are lut * 2^(e - e_max + 6) rounded to FP8
         # (see fp4_fp8_table), so the column scale is 2^e_max and the 2^6 goes on the rows.
         if COMPUTED_TABLE:
-            lut0, lut1 = fp4_table_row(e_max[:, None] - e)
+            lut0, lut1 = fp4_table_row(e_max[:, None] - e, lut_ptr)
         else:
             row = tl.minimum(e_max[:, None] - e, FP4_LUT_ROWS - 1) * 2
             lut0 = tl.load(lut_ptr + row)
@@ -530,9 +531,18 @@ def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_p
     if W_FMT == W_FP8:
         tl.static_assert(128 % BLOCK_N == 0)
     w_scale_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_sn
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        a, a_scale = load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
-                                    A_QUANT, BLOCK_K)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    # FP4 weights from the pre-pass: activation scales one K step ahead (load_act_scales).
+    SCALES_AHEAD: tl.constexpr = (not A_QUANT) and (W_FMT != W_FP8)
+    if SCALES_AHEAD:
+        a_scale_next = load_act_scales(a_scale_ptr, rows, row_ok, 0, n_kb, stride_sm)
+    for kb in range(0, n_kb):
+        if SCALES_AHEAD:
+            a = load_fp8_codes(a_ptr, rows, row_ok, kb, K, stride_am, BLOCK_K)
+            a_scale = a_scale_next
+        else:
+            a, a_scale = load_act_block(a_ptr, a_scale_ptr, rows, row_ok, kb, K, stride_am, stride_sm,
+                                        A_QUANT, BLOCK_K)
         if W_FMT == W_FP8:
             acc = fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_row + kb, cols, col_ok, kb, K, stride_wn,
                                 SCALE_FP32, BLOCK_K)
@@ -543,6 +553,8 @@ def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_p
                 acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
             else:
                 acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
+        if SCALES_AHEAD:
+            a_scale_next = load_act_scales(a_scale_ptr, rows, row_ok, kb + 1, n_kb, stride_sm)
     if HAS_GLOBAL:
         acc = acc * tl.load(global_scale_ptr)
     if SWAP:
@@ -563,9 +575,9 @@ _mxfp4_gemm_kernel = autotune(configs=_mxfp4_gemm_configs(), key=_GEMM_KEY, name
 
 
 def mxfp4_scale_words(scales: torch.Tensor, k: int) -> bool:
-    """Whether the E8M0 bytes ``[..., K/32]`` (last dim contiguous) can be read as one int32
-    word per row and 128-wide K block: K a multiple of 128 and every row 4-byte aligned."""
-    return (k % ACT_BLOCK == 0 and scales.data_ptr() % 4 == 0
+    """Whether the E8M0 bytes ``[..., K/32]`` can be read as one int32 word per row and
+    128-wide K block: K a multiple of 128, the last dim contiguous, every row 4-byte aligned."""
+    return (k % ACT_BLOCK == 0 and scales.stride(-1) == 1 and scales.data_ptr() % 4 == 0
             and all(st % 4 == 0 for st in scales.stride()[:-1]))
 
 

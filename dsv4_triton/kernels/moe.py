@@ -39,7 +39,8 @@ from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
 from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
-                   load_weight_block, mxfp4_scale_words, quantise_act_tile, scaled_dot, scaled_dot_t)
+                   load_act_scales, load_fp8_codes, load_weight_block, mxfp4_scale_words, quantise_act_tile,
+                   scaled_dot, scaled_dot_t)
 from .rope import cast_rne
 
 
@@ -181,9 +182,16 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
     else:
         acc_g = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
-                                    A_QUANT, BLOCK_K)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    if not A_QUANT:  # pre-pass scales one K step ahead (load_act_scales in kernels/gemm.py)
+        a_scale_next = load_act_scales(a_scale_ptr, token, row_ok, 0, n_kb, stride_sm)
+    for kb in range(0, n_kb):
+        if A_QUANT:
+            a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
+                                        A_QUANT, BLOCK_K)
+        else:
+            a = load_fp8_codes(a_ptr, token, row_ok, kb, K, stride_am, BLOCK_K)
+            a_scale = a_scale_next
         wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
                                    W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
         wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
@@ -194,6 +202,8 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
         else:
             acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
             acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
+        if not A_QUANT:
+            a_scale_next = load_act_scales(a_scale_ptr, token, row_ok, kb + 1, n_kb, stride_sm)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -234,14 +244,19 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr,
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        a, a_scale = load_act_block(hq_ptr, hs_ptr, rows, row_ok, kb, K, K, K // BLOCK_K, False, BLOCK_K)
+    n_kb = K // BLOCK_K
+    # The input's scales one K step ahead (load_act_scales in kernels/gemm.py).
+    a_scale_next = load_act_scales(hs_ptr, rows, row_ok, 0, n_kb, n_kb)
+    for kb in range(0, n_kb):
+        a = load_fp8_codes(hq_ptr, rows, row_ok, kb, K, K, BLOCK_K)
+        a_scale = a_scale_next
         w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, lut_ptr, cols, col_ok,
                                        kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
         if SWAP:
             acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
         else:
             acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
+        a_scale_next = load_act_scales(hs_ptr, rows, row_ok, kb + 1, n_kb, n_kb)
     dest = tl.where(row_ok, pair, 0).to(tl.int64)
     if SWAP:
         tl.store(out_ptr + dest[None, :] * N + cols[:, None], acc, mask=col_ok[:, None] & row_ok[None, :])

@@ -22,10 +22,11 @@ Weights:
   exponents of the row's 32-blocks and ``e_max`` their maximum, the operand is
   ``fp8(lut[code] * 2^(e_j - e_max + 6))``, the column scale ``2^e_max`` and the row
   scales carry the ``2^-6``.  The operand is built by table: for each 32-block the eight
-  magnitudes' FP8 bytes (one table row per gap ``e_max - e_j``, ``fp4_fp8_table``) sit in two
-  registers and ``prmt`` byte permutes turn a word of eight codes into eight FP8 bytes in
-  nine integer instructions (``fp4_expand``), in place of a decode, a multiply and a
-  conversion per element.
+  magnitudes' FP8 bytes (one table row per gap ``e_max - e_j``, ``fp4_fp8_table``; computed
+  from the gap in 12 instructions, or gathered from the table, a config choice, see
+  ``load_weight_block``) sit in two registers and ``prmt`` byte permutes turn a word of eight
+  codes into eight FP8 bytes in nine integer instructions (``fp4_expand``), in place of a
+  decode, a multiply and a conversion per element.
   Exactness: lut magnitudes are 0.5..6 with two significant bits; ``lut * 2^(6 - d)`` with
   ``d = e_max - e_j`` is at most 384 < 448 and is exactly representable in E4M3 (normal or
   subnormal, smallest step 2^-9) whenever ``d <= 14``, so for every row whose four

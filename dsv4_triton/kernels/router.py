@@ -2,7 +2,8 @@
 
 Decode sizes (``T <= DECODE_MAX_T``) take the split path (``route_split``, described at
 ``_route_split_kernel``): the weight read is spread over (token tile, expert chunk, dim split)
-programs whose FP32 partial logits are added in a fixed order by the last split to arrive.
+programs whose FP32 partial logits are added in a fixed order by the last split to arrive
+(or, with a one-level tail, by the tile's last program of all).
 Larger T take the tiled path (``route_tiled``) below.
 
 Tiled path: program ``(tile, chunk)`` computes the logits ``x @ W^T`` of ``BLOCK_T`` tokens
@@ -418,6 +419,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     hash routing, the scores); the last chunk of a tile to arrive merges the sorted lists
     (pick kk looks at list positions 0..kk only) and takes the weights from the picks' scores,
     or (hash) reads the scores at the table ids.  Each arriver that acts resets its counter.
+    With ONE_LEVEL, every (chunk, split) program of a tile counts on the tile's ticket and the
+    last one reduces all experts' partials of the tail rows and selects over all of them:
+    one arrival and one batch of reads fewer, the same sums in the same order, the same ids
+    and weights bit for bit.
 
     The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
     rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
@@ -609,6 +614,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                             w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
                             sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
                 _write_outputs(weights_ptr, ids_ptr, w, sel_id, tail_tok, out_mask, route_scale, K_PAD, TOPK)
+
 
 _route_split_tuned = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk, "ONE_LEVEL": one_level,

@@ -474,11 +474,9 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
-    (False, (64, 32, 128, 256, False, 8, 3), 64), (True, (16, 32, 128, 256, False, 4, 3), 2),
-    (False, (64, 64, 128, 512, False, 16, 3), 64), (False, (16, 32, 128, 512, False, 4, 3), 16),
-    (False, (32, 32, 128, 512, False, 8, 3), 64),
-    (False, (16, 64, 128, 512, True, 8, 3), 8),
-    (True, (16, 64, 128, 256, True, 8, 3), 8),
+    (True, (16, 32, 128, 256, False, 4, 3), 2), (False, (64, 64, 128, 512, False, 16, 3), 64),
+    (False, (16, 32, 128, 512, False, 4, 3), 16), (False, (32, 32, 128, 512, False, 8, 3), 64),
+    (True, (16, 64, 128, 256, True, 8, 3), 8), (False, (16, 64, 128, 512, True, 8, 3), 8),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
@@ -558,7 +556,7 @@ def test_route_split_every_config_gpu(T, E, dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("E, dim", [(384, 7168), (256, 4096)])
-@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("T", [1, 5])  # 2 and 8 tail rows
 def test_route_split_one_level_matches_two_levels_gpu(T, E, dim):
     from dsv4_triton.kernels import router as kern
 

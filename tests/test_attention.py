@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
@@ -403,6 +404,68 @@ def test_split_merge_keeps_nan_and_large_scores(device, monkeypatch):
     _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, "split, nan")
 
 
+def _run_lazy_rescale(monkeypatch, block_k=16, num_stages=None):
+    """From now on the kernel runs the lazy-rescale form (the configs' other softmax; the suite
+    runs the first config), by default with short candidate blocks so that a program sees many."""
+    tuner = kernels._sparse_attention_kernel
+    first = tuner.configs[0]
+    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, BLOCK_K=block_k, LAZY_RESCALE=True),
+                                                         num_warps=first.num_warps,
+                                                         num_stages=num_stages or first.num_stages)])
+    monkeypatch.setattr(tuner, "cache", {})
+
+
+@given(heads=st.sampled_from([8, 16]), fp8=st.booleans(), num_sms=st.sampled_from([1, 1000]),
+       steep=st.booleans(), lead_holes=st.sampled_from([0, 20]), seed=st.integers(0, 2**31))
+def test_lazy_rescale_matches_oracle(device, heads, fp8, num_sms, steep, lead_holes, seed):
+    """Lazy rescale: the running max moves only when a score passes it by more than
+    RESCALE_MARGIN doublings.  Flat scores (all below the margin: every block after the first
+    takes the branch without rescale), or candidates ordered by growing KV magnitude whose
+    scores pass the first block's by over 160 doublings (the rescaling branch taken again and
+    again mid-list; without it the exponents overflow).  Leading -1 slots keep every row
+    without a max for the first blocks; holes; split or not."""
+    with pytest.MonkeyPatch.context() as mp:
+        _run_lazy_rescale(mp)
+        mp.setattr(kernels, "_num_sms", lambda device: num_sms)
+        g = torch.Generator().manual_seed(seed)
+        n, k, d = 300, 290, 128
+        q = (torch.randn(1, 2, heads, d, generator=g) * (8 if steep else 1)).to(torch.bfloat16)
+        kv = make_kv(g, 1, n, d)
+        if steep:
+            kv = kv * torch.linspace(0.25, 40.0, n)[None, :, None].to(torch.bfloat16)
+        idx = torch.sort(torch.randint(0, n, (1, 2, k), generator=g, dtype=torch.int32), dim=-1).values
+        idx = torch.where(torch.rand(1, 2, k, generator=g) < 0.2, -1, idx)  # ascending rows, holes
+        idx[..., :lead_holes] = -1
+        sinks = torch.randn(heads, generator=g)
+        z = (d ** -0.5) * torch.einsum("bshd,bnd->bshn", q.float(), kv.float()) * 1.4426950408889634
+        if steep:
+            assert float(z[..., -n // 8:].amax() - z[..., :n // 8].amax()) > 160
+        else:
+            assert float(z.amax()) < kernels.RESCALE_MARGIN.value
+        cache = ops.pack_kv_fp8(kv) if fp8 else kv
+        _check(*(t.to(device) for t in (q, cache, sinks, idx)), what=f"lazy fp8={fp8} sms={num_sms} steep={steep}")
+
+
+def test_lazy_rescale_keeps_nan_empty_rows_and_large_scores(device, monkeypatch):
+    """Lazy rescale with the NaN pattern (a NaN query head, a NaN row only token 1 reads),
+    scores of several hundred with sinks of +-50, split and not, and rows of only -1."""
+    _run_lazy_rescale(monkeypatch)
+    g = torch.Generator().manual_seed(17)
+    q = (torch.randn(1, 3, 16, 128, generator=g) * 30).to(torch.bfloat16)
+    kv = make_kv(g, 1, 320, 128, magnitude=3.0)
+    idx = make_idx(g, 1, 3, 300, 300, hole_frac=0.2)
+    q[0, 0, 5, 17] = float("nan")
+    kv[0, 310, 3] = float("nan")
+    idx[0, 1, 200] = 310
+    sinks = torch.tensor([50.0, -50.0] * 8)
+    for num_sms in (1, 1000):
+        monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+        _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, f"lazy, nan, sms={num_sms}")
+    idx[0, 2] = -1
+    out = _check(*(t.to(device) for t in (q, kv, sinks, idx)), what="lazy, empty row")
+    assert not out[0, 2].any()
+
+
 def test_non_contiguous_inputs(device):
     g = torch.Generator().manual_seed(10)
     q = torch.randn(2, 16, 3, 128, generator=g).to(torch.bfloat16).to(device).transpose(1, 2)  # [B, S, H, D]
@@ -499,6 +562,24 @@ def test_release_shapes(device, heads, k, bsz, seq, fp8):
     args = [t.to(device) for t in (q, cache, sinks, idx)]
     _check(*args, what="release shape")
     _check(*args, freqs.to(device), positions.to(device), what="release shape, inverse rope")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_k, stages, fp8", [(64, 3, True), (64, 2, True), (64, 2, False), (32, 2, False)])
+@pytest.mark.parametrize("heads, k, bsz", [(128, 1152, 4), (64, 640, 2)])
+def test_lazy_rescale_release_shapes(device, monkeypatch, block_k, stages, fp8, heads, k, bsz):
+    """The lazy-rescale configs the tuner may choose, compiled for the GPU, at release shapes
+    (the flash shape splits its candidates), against the oracle."""
+    _run_lazy_rescale(monkeypatch, block_k, stages)
+    g = torch.Generator().manual_seed(heads + k + block_k)
+    d, n = 512, 4096
+    q = torch.randn(bsz, 1, heads, d, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, bsz, n, d)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(bsz)]).view(bsz, 1, k).int()
+    idx[..., ::97] = -1
+    sinks = torch.randn(heads, generator=g)
+    cache = ops.pack_kv_fp8(kv) if fp8 else kv
+    _check(*(t.to(device) for t in (q, cache, sinks, idx)), what=f"lazy release shape {block_k}/{stages}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -85,6 +85,11 @@ from .norm import as_rows
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 MERGE_UNROLL = tl.constexpr(2)  # slices read per round trip by the merging program
+# Lazy rescale (the ``LAZY_RESCALE`` configs): the running max of a row moves only when a score
+# passes it by more than this many doublings, so the exponents stay <= 2^8 (P in bf16 and the
+# sums in fp32 keep their relative precision; the result is the same function: the final
+# normalisation uses the max the sums were taken against).
+RESCALE_MARGIN = tl.constexpr(8.0)
 
 # Stage variants of the attention kernel: the same kernel with one stage left out or done
 # twice, selected by the constexpr ``VARIANT``.  The public op always runs FULL; the
@@ -272,13 +277,19 @@ def _scores(q, kv, branch, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 def _attention_configs():
-    # (BLOCK_K, warps, stages).  The first is valid for every shape (the interpreter runs only it).
-    # (64, 8, 3): at D = 512 the FP8 rows fit a third stage (222 KB of shared memory), which
-    # keeps a tile of row gathers in flight while the matmuls run (see the index prefetch in
-    # the kernel); BF16 rows do not (270 KB: the tuner skips it).
-    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bk, w, st in ((32, 8, 2), (64, 8, 2), (64, 8, 3), (16, 8, 2), (32, 8, 3), (16, 8, 3), (64, 8, 1),
-                              (32, 4, 2), (64, 4, 2), (64, 4, 3))]
+    # (BLOCK_K, warps, stages, lazy rescale).  The first is valid for every shape (the
+    # interpreter runs only it).  (64, 8, 3): at D = 512 the FP8 rows fit a third stage (222 KB
+    # of shared memory), which keeps a tile of row gathers in flight while the matmuls run (see
+    # the index prefetch in the kernel); BF16 rows do not (270 KB: the tuner skips it).  Lazy
+    # rescale (``LAZY_RESCALE``): sm_90 compile of (64, 8, 3) by triton 3.6, FP8 D = 512: the
+    # loop's common path 1191 -> 1138 instructions a warp (130 multiplies fewer, the Q
+    # descriptors reloaded from the stack instead of rebuilt: ~60 more), barriers 6 -> 6, so
+    # the tuner decides.
+    shapes = ((32, 8, 2, False), (64, 8, 2, False), (64, 8, 3, False), (16, 8, 2, False), (32, 8, 3, False),
+              (16, 8, 3, False), (64, 8, 1, False), (32, 4, 2, False), (64, 4, 2, False), (64, 4, 3, False),
+              (64, 8, 3, True), (64, 8, 2, True), (32, 8, 2, True))
+    return [triton.Config({"BLOCK_K": bk, "LAZY_RESCALE": lazy}, num_warps=w, num_stages=st)
+            for bk, w, st, lazy in shapes]
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -298,7 +309,8 @@ def _sparse_attention_kernel(
         S, H, N, K, n_hblk, k_per_split, max_pos, qk_scale, K_BUCKET, GRID_BUCKET,
         stride_qb, stride_qs, stride_qh, stride_kvb8, stride_kvn8, stride_ib, stride_is, stride_pb, stride_ps,
         D: tl.constexpr, FP8: tl.constexpr, HALF_R: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, VARIANT: tl.constexpr = FULL):
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
+        VARIANT: tl.constexpr = FULL):
     pid = tl.program_id(0).to(tl.int64)
     tok = pid // n_hblk  # head blocks of one token are neighbours: they share its KV rows in L2
     heads = (pid % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -322,6 +334,7 @@ def _sparse_attention_kernel(
     # after the loop: a row sum per tile crossed the two warpgroups (3 barriers a tile).
     l_acc = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
+    fresh = tl.full([], 1, tl.int32)  # lazy rescale: some row has no finite running max yet
     # Each tile's candidate rows are loaded one iteration ahead, by hand.  An index load
     # feeding a gather in the same iteration is pipelined by Triton (3.6) with the gathers
     # issued at the end of the previous iteration and waited for at the top of this one, in
@@ -348,11 +361,37 @@ def _sparse_attention_kernel(
         # (rounding is monotonic, so max(s) * c == max(s * c)) and the exp2 argument as one
         # FMA per score instead of a multiply and a subtraction.
         sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1) * score_scale)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(tl.fma(sc, score_scale, -m_ref[:, None]))
-        l_acc = l_acc * alpha[:, None] + p
+        if LAZY_RESCALE:
+            # The exponents against the running max as it stands (0 for a row without one);
+            # the max moves, and the accumulator is rescaled, only when an exponent of the tile
+            # passes RESCALE_MARGIN or while some row has no finite max.  The test is one
+            # scalar max over the tile (the cross-warp reduction the row max of the eager
+            # path costs); the rare branch works from the exponents alone, so the scores are
+            # not kept alive across it.
+            m_run = tl.where(m_i == float("-inf"), 0.0, m_i)
+            x = tl.fma(sc, score_scale, -m_run[:, None])
+            if (tl.max(x) > RESCALE_MARGIN) | (fresh != 0):
+                m_new = tl.maximum(m_i, m_run + tl.max(x, axis=1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_ref)
+                p = tl.exp2(x - (m_ref - m_run)[:, None])
+                l_acc = l_acc * alpha[:, None]
+                if VARIANT != QK_ONLY:
+                    acc = acc * alpha[:, None]
+                m_i = m_new
+                fresh = tl.max((m_new == float("-inf")).to(tl.int32))
+            else:
+                p = tl.exp2(x)
+            l_acc += p
+            acc_in = acc
+        else:
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1) * score_scale)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: keep exp2 finite
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(tl.fma(sc, score_scale, -m_ref[:, None]))
+            l_acc = l_acc * alpha[:, None] + p
+            m_i = m_new
+            acc_in = acc * alpha[:, None]
         if VARIANT == QK_ONLY:
             # P @ KV left out.  P still feeds a (16-column, all-zero) matmul, so its trip to a
             # matmul operand (bf16, through shared memory) stays; the zero sum keeps that
@@ -360,8 +399,7 @@ def _sparse_attention_kernel(
             probe = dot_bf16(_to_bf16(p), tl.zeros([BLOCK_K, 16], tl.bfloat16), tl.zeros([BLOCK_H, 16], tl.float32))
             l_acc += tl.sum(probe, axis=1)[:, None]
         else:
-            acc = dot_bf16(_to_bf16(p), kv, acc * alpha[:, None])
-        m_i = m_new
+            acc = dot_bf16(_to_bf16(p), kv, acc_in)
     l_i = tl.sum(l_acc, axis=1)
 
     if HALF_R > 0:

@@ -442,7 +442,7 @@ def _score_configs(heads, seq):
     ``indexer_scores(config=...)`` dicts."""
     rows = kernels._query_rows(heads, seq) * (1 << (heads - 1).bit_length())
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kernels.SCORE_CONFIGS
-            if rows * c.kwargs["BLOCK_N"] <= 16384]
+            if rows * c.kwargs["BLOCK_N"] <= min(16384, 64 * 32 * c.num_warps)]
 
 
 def check_forms_agree(device, heads, seq, n_keys, configs, seed):

@@ -24,9 +24,12 @@ ones equal to it, and pads with -1.  Deterministic either way (integer sums only
   2 launches, 3 when a row is split.
 
 FP4 keys (``uint8 [B, Nk, 68]``, see ``reference/indexer.py``) are decoded in registers to
-BF16 (exact: an E2M1 value times a power of two; 3 integer ops and 2 multiplies per element,
-see ``_fp4_key_tile``) before the same tensor-core product, so both layouts give identical
-scores; the FP4 rows move 68 B per key instead of 256 B.
+BF16 (exact: an E2M1 value times a power of two) before the same tensor-core product, so both
+layouts give identical scores; the FP4 rows move 68 B per key instead of 256 B.  The product
+takes one of two forms (a tuned choice, same scores): keys @ q^T with the key tile as the
+MMA's A operand, which FP4 rows are decoded straight into (``_fp4_key_tile_a``: 3.5
+instructions per element, no trip through shared memory), or q @ keys^T with the tile as
+its B operand (``_fp4_key_tile``, through shared memory).
 """
 
 import functools
@@ -70,8 +73,9 @@ def _mma(a, b):
 
 
 def _prune_scores(configs, nargs, **kw):
+    """Tiles of at most 16384 logits and 64 FP32 accumulators a thread (more spills)."""
     rows = kw["QROWS"] * kw["HEADS_P"]
-    return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
+    return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= min(16384, 64 * 32 * c.num_warps)] or configs[:1]
 
 
 # The keys-as-A form over tile shapes up to 4096 keys a program; the keys-as-B form over the
@@ -97,12 +101,13 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
                    KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, HEAD_BITS: tl.constexpr, QROWS: tl.constexpr,
                    BLOCK_N: tl.constexpr, PADDED: tl.constexpr, TILES: tl.constexpr, KEYS_AS_A: tl.constexpr):
     """Program (key tiles, query block, batch): the scores of ``QROWS`` queries (``HEADS_P =
-    2^HEAD_BITS`` rows each).  ``KEYS_AS_A``
-    (tuned) picks the product's form: logits^T = keys @ q^T, the key tile the MMA's A operand
-    (registers: FP4 keys are decoded straight into its fragment layout), or logits = q @ keys^T,
-    the key tile its B operand (through shared memory).  Same scores either way (see
-    ``_sum_heads``).  ``PADDED``: some of the ``QROWS * HEADS_P`` rows are padding (heads not a
-    power of two, or past the last query)."""
+    2^HEAD_BITS`` rows each) for up to ``TILES`` tiles of ``BLOCK_N`` keys.
+
+    ``KEYS_AS_A`` (tuned) picks the product's form: logits^T = keys @ q^T, the key tile the
+    MMA's A operand (registers: FP4 keys are decoded straight into its fragment layout), or
+    logits = q @ keys^T, the key tile its B operand (through shared memory).  Same scores
+    either way (see ``_sum_heads``).  ``PADDED``: some of the ``QROWS * HEADS_P`` rows are
+    padding (heads not a power of two, or past the last query)."""
     M: tl.constexpr = QROWS * HEADS_P
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -721,10 +726,10 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
     kernel = _scores_kernel if config is None else _scores_kernel.fn
     meta = config or {}
     grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
-    # No FMA contraction: the head sums must round the same in both product forms.
     # Tuned per power of two of (sequence, query block) pairs too, up to 64: B = 1 and B = 32
     # decode want different tiles (a few programs per SM, or as long programs as fill it).
     query_blocks = min(bsz * triton.cdiv(seq, qrows), 64)
+    # No FMA contraction: the head sums must round the same in both product forms.
     kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys), _bucket(query_blocks),
                  qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
                  *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=heads_p,

@@ -391,7 +391,8 @@ def _write_outputs(weights_ptr, ids_ptr, w, sel_id, tail_tok, out_mask, route_sc
 def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
     """Row sums of [rows, K_PAD] in one order whatever the layout: neighbours added in
     pairs, then pairs of pairs ((w0 + w1) + (w2 + w3)) + ...; a sum of two terms is the
-    same either way round, so every path and config normalises to the same bits."""
+    same either way round, so both tails, whatever their layouts, turn equal picks into
+    equal weights bit for bit."""
     ROWS: tl.constexpr = w.shape[0]
     a, b = tl.split(tl.reshape(w, [ROWS, K_PAD // 2, 2]))
     w = a + b

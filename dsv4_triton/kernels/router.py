@@ -292,8 +292,9 @@ _SPLIT_CONFIGS = [
     # Taller tiles read W from L2 fewer times (T = 64: 4x for 16-row tiles, 33 MB of L2 reads with
     # x; 22 MB at 32 rows, 11 MB at 64 rows and 64 experts), with warps = BLOCK_T / 4 so each
     # thread's tail work stays one row; both fit their T = 64 grid in one wave (336 programs at
-    # 3 per SM, 84 at 1).
-    (32, 32, 128, 512, False, 8, 3), (64, 64, 128, 512, False, 16, 3),
+    # 3 per SM, 84 at 1). The 64-row one also with 4 stages: its 84 programs stream 128 KB each,
+    # all four K steps of a split in flight at once.
+    (32, 32, 128, 512, False, 8, 3), (64, 64, 128, 512, False, 16, 3), (64, 64, 128, 512, False, 16, 4),
     # One arrival level (tried up to ONE_LEVEL_MAX_TAIL rows): the tile's last program reduces
     # every expert's partials (TAIL_T x E x splits floats) and selects in registers.
     (16, 64, 128, 512, True, 8, 3), (16, 32, 128, 512, True, 8, 3), (16, 64, 128, 256, True, 8, 3),

@@ -79,12 +79,16 @@ FUSED_QUANT_MAX_ROWS = 16
 def quantise_act_tile(x):
     """``[R, 128]`` FP32 -> (FP8 codes, FP32 scales ``[R]``): ``act_quant(x, 128, pow2=True)``.
 
-    A row with a NaN/Inf amax gets scale NaN (its codes are then irrelevant).
+    A row with a NaN/Inf amax gets scale NaN (its codes are then irrelevant: they are those of
+    0 * x, zeros and NaNs).  No clamp to +-448 is needed: ``x / 2^e`` is exact and at most 448
+    in magnitude, as 2^e >= RN(amax / 448) and no float32 amax above ``448 * 2^k`` has a
+    quotient that rounds down to 2^k (amax's spacing there, 2^(k-15), is more than 448 times
+    the quotient's half spacing 2^(k-24)).
     """
     amax = clamp_nan(amax_nan(x, 1), 1e-4, float("inf"))
     finite = amax < float("inf")
     e = tl.where(finite, ceil_log2(tl.math.div_rn(amax, 448.0)), 0)
-    q = to_fp8(clamp_nan(x * exp2i(-e)[:, None], -448.0, 448.0))  # x / 2^e, exact
+    q = to_fp8(x * tl.where(finite, exp2i(-e), 0.0)[:, None])
     return q, tl.where(finite, exp2i(e), float("nan"))
 
 

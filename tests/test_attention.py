@@ -404,15 +404,19 @@ def test_split_merge_keeps_nan_and_large_scores(device, monkeypatch):
     _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, "split, nan")
 
 
-def _run_lazy_rescale(monkeypatch, block_k=16, num_stages=None):
-    """From now on the kernel runs the lazy-rescale form (the configs' other softmax; the suite
-    runs the first config), by default with short candidate blocks so that a program sees many."""
+def _run_config(monkeypatch, num_stages=None, **kwargs):
+    """From now on the kernel runs its first config with ``kwargs`` changed (the configs' other
+    forms; the suite runs the first config)."""
     tuner = kernels._sparse_attention_kernel
     first = tuner.configs[0]
-    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, BLOCK_K=block_k, LAZY_RESCALE=True),
-                                                         num_warps=first.num_warps,
+    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, **kwargs), num_warps=first.num_warps,
                                                          num_stages=num_stages or first.num_stages)])
     monkeypatch.setattr(tuner, "cache", {})
+
+
+def _run_lazy_rescale(monkeypatch, block_k=16, num_stages=None):
+    """The lazy-rescale form, by default with short candidate blocks so that a program sees many."""
+    _run_config(monkeypatch, num_stages, BLOCK_K=block_k, LAZY_RESCALE=True)
 
 
 @given(heads=st.sampled_from([8, 16]), fp8=st.booleans(), num_sms=st.sampled_from([1, 1000]),
@@ -464,6 +468,33 @@ def test_lazy_rescale_keeps_nan_empty_rows_and_large_scores(device, monkeypatch)
     idx[0, 2] = -1
     out = _check(*(t.to(device) for t in (q, kv, sinks, idx)), what="lazy, empty row")
     assert not out[0, 2].any()
+
+
+@pytest.mark.parametrize("num_sms, k, splits", [(9, 400, 3), (1000, 2200, kernels.MAX_SPLITS)])
+def test_wide_merge_matches_narrow_merge_and_oracle(device, monkeypatch, num_sms, k, splits):
+    """The MERGE_W = 256 form of the split merge (every slice's (m, l) in one batch, weights
+    kept in registers, 256 columns a round trip) against the oracle and the 128 form: 3
+    slices (an odd count: the last slice read again must weigh 0) and MAX_SPLITS (the whole
+    register row of weights); D = 512 with the inverse RoPE across the last column block, NaN,
+    large scores and sinks, an empty row; run-to-run identical."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    g = torch.Generator().manual_seed(18)
+    q = torch.randn(1, 3, 8, 512, generator=g).to(torch.bfloat16)
+    q[0, 1] *= 16  # token 1: scores of several hundred; token 0: weights spread over the slices
+    kv = make_kv(g, 1, 2300, 512, magnitude=2.0)
+    idx = make_idx(g, 1, 3, k, 2300, hole_frac=0.3)
+    idx[0, 2] = -1
+    q[0, 0, 5, 17] = float("nan")
+    sinks = torch.tensor([30.0, -30.0, 2.0, -2.0] * 2)
+    freqs, positions = _rope_table(40), torch.tensor([[3, 39, 0]], dtype=torch.int32)
+    assert kernels._choose_splits(3, k, num_sms) == splits
+    args = [t.to(device) for t in (q, ops.pack_kv_fp8(kv), sinks, idx, freqs, positions)]
+    narrow = _check(*args, what=f"merge 128, {splits} slices")
+    _run_config(monkeypatch, MERGE_W=256)
+    wide = _check(*args, what=f"merge 256, {splits} slices")
+    assert_close(wide, narrow, **_tol(kv, rope=True), what="merge 256 vs 128")
+    assert torch.equal(_triton(*args[:4], 512 ** -0.5, *args[4:]).view(torch.int16), wide.view(torch.int16))
+    assert not wide[0, 2].any()
 
 
 def test_non_contiguous_inputs(device):
@@ -565,12 +596,15 @@ def test_release_shapes(device, heads, k, bsz, seq, fp8):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_k, stages, fp8", [(64, 3, True), (64, 2, True), (64, 2, False), (32, 2, False)])
+@pytest.mark.parametrize("block_k, stages, fp8, lazy, merge_w", [
+    (64, 3, True, True, 128), (64, 2, True, True, 128), (64, 2, False, True, 128), (32, 2, False, True, 128),
+    (64, 3, True, False, 256), (64, 3, True, True, 256), (64, 2, True, False, 256)])
 @pytest.mark.parametrize("heads, k, bsz", [(128, 1152, 4), (64, 640, 2)])
-def test_lazy_rescale_release_shapes(device, monkeypatch, block_k, stages, fp8, heads, k, bsz):
-    """The lazy-rescale configs the tuner may choose, compiled for the GPU, at release shapes
-    (the flash shape splits its candidates), against the oracle."""
-    _run_lazy_rescale(monkeypatch, block_k, stages)
+def test_config_forms_release_shapes(device, monkeypatch, block_k, stages, fp8, lazy, merge_w, heads, k, bsz):
+    """The lazy-rescale and wide-merge configs the tuner may choose, compiled for the GPU, at
+    release shapes against the oracle (both shapes split their candidates on a GPU of >= 64
+    SMs: 9 and 5 slices on 132)."""
+    _run_config(monkeypatch, stages, BLOCK_K=block_k, LAZY_RESCALE=lazy, MERGE_W=merge_w)
     g = torch.Generator().manual_seed(heads + k + block_k)
     d, n = 512, 4096
     q = torch.randn(bsz, 1, heads, d, generator=g).to(torch.bfloat16)
@@ -579,7 +613,10 @@ def test_lazy_rescale_release_shapes(device, monkeypatch, block_k, stages, fp8, 
     idx[..., ::97] = -1
     sinks = torch.randn(heads, generator=g)
     cache = ops.pack_kv_fp8(kv) if fp8 else kv
-    _check(*(t.to(device) for t in (q, cache, sinks, idx)), what=f"lazy release shape {block_k}/{stages}")
+    args = [t.to(device) for t in (q, cache, sinks, idx)]
+    _check(*args, what=f"config form {block_k}/{stages} lazy={lazy} merge={merge_w}")
+    _check(*args, _rope_table(100).to(device), torch.tensor([[99]] * bsz, dtype=torch.int32, device=device),
+           what=f"config form {block_k}/{stages} lazy={lazy} merge={merge_w}, inverse rope")
 
 
 # ---------------------------------------------------------------------------------------

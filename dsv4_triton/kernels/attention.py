@@ -84,6 +84,7 @@ from .norm import as_rows
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
+SPLIT_SLOTS = tl.constexpr(MAX_SPLITS)  # the merge's register row of per-slice weights
 MERGE_UNROLL = tl.constexpr(2)  # slices read per round trip by the merging program
 # Lazy rescale (the ``LAZY_RESCALE`` configs): the running max of a row moves only when a score
 # passes it by more than this many doublings, so the exponents stay <= 2^8 (P in bf16 and the
@@ -215,32 +216,47 @@ def _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D: tl.constexpr, HA
 
 @triton.jit
 def _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, tok, heads, h_ok, H, n_splits,
-                  D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                  D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_H: tl.constexpr, W: tl.constexpr):
     """Combine the slices' (m, l, O) of one (token, head block) with the sink and store the
     output (inverse RoPE included).  Slices are read in split order, whichever program merges:
     the result is the same run to run.  It runs at the end of the last slice, on the critical
     path, so the reads are batched: MERGE_UNROLL slices per L2 round trip (past the last
     slice, the last slice is read again and dropped: no mask, so the loads go together), and
-    128 columns at a time (32 registers a thread per slice).  Its time is the bytes one SM
-    reads from L2 (~30 B a cycle): 2 slices of [64, 512] fp32 at Flash decode, 256 KB, so the
-    unroll is 2 (with 4, half of them were the repeated last slice)."""
+    ``W`` columns at a time.  Its time is the bytes one SM reads from L2 in dependent round
+    trips: 2 slices of [64, 512] fp32 at Flash decode, 256 KB, so the unroll is 2 (with 4,
+    half of them were the repeated last slice).
+
+    ``W = 128`` (32 registers a thread per slice): the maxima, the denominators and each
+    column block are separate round trips, 2 + D / 128.  ``W = 256`` (the ``MERGE_W``
+    configs): every slice's (m, l) in one batch of loads, the slice weights kept in
+    registers, and 256 columns a round trip: 1 + D / 256 (6 -> 3 at D = 512)."""
     UNROLL: tl.constexpr = MERGE_UNROLL
-    W: tl.constexpr = 128
     base = (tok * H + heads) * n_splits
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
-    m_fin = sink
-    for s0 in range(0, n_splits, UNROLL):
-        for u in tl.static_range(UNROLL):
-            i = tl.minimum(s0 + u, n_splits - 1)
-            m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-            m_fin = tl.maximum(m_fin, m)  # a slice read twice changes no max
-    den = tl.exp2(sink - m_fin)
-    for s0 in range(0, n_splits, UNROLL):
-        for u in tl.static_range(UNROLL):
-            i = tl.minimum(s0 + u, n_splits - 1)
-            m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-            l_part = tl.load(part_ml_ptr + 2 * (base + i) + 1, mask=h_ok, other=0.0, cache_modifier=".cg")
-            den += tl.where(s0 + u < n_splits, l_part * tl.exp2(m - m_fin), 0.0)
+    j = tl.arange(0, SPLIT_SLOTS)
+    if W == 128:
+        m_fin = sink
+        for s0 in range(0, n_splits, UNROLL):
+            for u in tl.static_range(UNROLL):
+                i = tl.minimum(s0 + u, n_splits - 1)
+                m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+                m_fin = tl.maximum(m_fin, m)  # a slice read twice changes no max
+        den = tl.exp2(sink - m_fin)
+        for s0 in range(0, n_splits, UNROLL):
+            for u in tl.static_range(UNROLL):
+                i = tl.minimum(s0 + u, n_splits - 1)
+                m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+                l_part = tl.load(part_ml_ptr + 2 * (base + i) + 1, mask=h_ok, other=0.0, cache_modifier=".cg")
+                den += tl.where(s0 + u < n_splits, l_part * tl.exp2(m - m_fin), 0.0)
+    else:
+        ml_ptrs = part_ml_ptr + 2 * (base[:, None] + j[None, :])
+        ml_mask = h_ok[:, None] & (j < n_splits)[None, :]
+        m_all = tl.load(ml_ptrs, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+        l_all = tl.load(ml_ptrs + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+        m_fin = tl.maximum(sink, tl.max(m_all, axis=1))
+        scale_all = tl.exp2(m_all - m_fin[:, None])  # 0 for the slots past the last slice
+        den = tl.exp2(sink - m_fin) + tl.sum(l_all * scale_all, axis=1)
+        w_all = scale_all / den[:, None]
     row_off = (tok * H + heads) * D
     c = tl.arange(0, W)
     for col0 in tl.static_range(0, D, W):
@@ -248,10 +264,13 @@ def _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, to
         for s0 in range(0, n_splits, UNROLL):
             for u in tl.static_range(UNROLL):
                 i = tl.minimum(s0 + u, n_splits - 1)
-                m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
                 part = tl.load(part_o_ptr + (base + i)[:, None] * D + col0 + c[None, :], mask=h_ok[:, None],
                                other=0.0, cache_modifier=".cg")
-                w = tl.where(s0 + u < n_splits, tl.exp2(m - m_fin) / den, 0.0)
+                if W == 128:
+                    m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.where(s0 + u < n_splits, tl.exp2(m - m_fin) / den, 0.0)
+                else:  # slice s0 + u's weight (0 past the last slice)
+                    w = tl.sum(tl.where(j[None, :] == s0 + u, w_all, 0.0), axis=1)
                 o += w[:, None] * part
         _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D, HALF_R, BLOCK_H, W)
 
@@ -277,26 +296,31 @@ def _scores(q, kv, branch, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 def _attention_configs():
-    # (BLOCK_K, warps, stages, lazy rescale).  The first is valid for every shape (the
-    # interpreter runs only it).  (64, 8, 3): at D = 512 the FP8 rows fit a third stage (222 KB
-    # of shared memory), which keeps a tile of row gathers in flight while the matmuls run (see
-    # the index prefetch in the kernel); BF16 rows do not (270 KB: the tuner skips it).  Lazy
-    # rescale (``LAZY_RESCALE``): sm_90 compile of (64, 8, 3) by triton 3.6, FP8 D = 512: the
-    # loop's common path 1191 -> 1138 instructions a warp (130 multiplies fewer, the Q
+    # (BLOCK_K, warps, stages, lazy rescale, merge width).  The first is valid for every shape
+    # (the interpreter runs only it).  (64, 8, 3): at D = 512 the FP8 rows fit a third stage
+    # (222 KB of shared memory), which keeps a tile of row gathers in flight while the matmuls
+    # run (see the index prefetch in the kernel); BF16 rows do not (270 KB: the tuner skips it).
+    # Lazy rescale (``LAZY_RESCALE``): sm_90 compile of (64, 8, 3) by triton 3.6, FP8 D = 512:
+    # the loop's common path 1191 -> 1138 instructions a warp (130 multiplies fewer, the Q
     # descriptors reloaded from the stack instead of rebuilt: ~60 more), barriers 6 -> 6, so
-    # the tuner decides.
-    shapes = ((32, 8, 2, False), (64, 8, 2, False), (64, 8, 3, False), (16, 8, 2, False), (32, 8, 3, False),
-              (16, 8, 3, False), (64, 8, 1, False), (32, 4, 2, False), (64, 4, 2, False), (64, 4, 3, False),
-              (64, 8, 3, True), (64, 8, 2, True), (32, 8, 2, True))
-    return [triton.Config({"BLOCK_K": bk, "LAZY_RESCALE": lazy}, num_warps=w, num_stages=st)
-            for bk, w, st, lazy in shapes]
+    # the tuner decides.  ``MERGE_W`` (the split merge's form, see ``_merge_slices``) only
+    # differs where the candidates are split; elsewhere its 256 configs are pruned.
+    shapes = ((32, 8, 2, False, 128), (64, 8, 2, False, 128), (64, 8, 3, False, 128), (16, 8, 2, False, 128),
+              (32, 8, 3, False, 128), (16, 8, 3, False, 128), (64, 8, 1, False, 128), (32, 4, 2, False, 128),
+              (64, 4, 2, False, 128), (64, 4, 3, False, 128),
+              (64, 8, 3, True, 128), (64, 8, 2, True, 128), (32, 8, 2, True, 128),
+              (64, 8, 3, False, 256), (64, 8, 3, True, 256), (64, 8, 2, False, 256))
+    return [triton.Config({"BLOCK_K": bk, "LAZY_RESCALE": lazy, "MERGE_W": mw}, num_warps=w, num_stages=st)
+            for bk, w, st, lazy, mw in shapes]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose fp32 [BLOCK_H, D] accumulator alone needs > 128 registers a thread
-    (4 warps at D = 512 spill heavily); configs whose shared memory does not fit are skipped
+    (4 warps at D = 512 spill heavily), and the wide-merge ones where nothing is merged (the
+    same kernel as their 128 twins); configs whose shared memory does not fit are skipped
     by the tuner itself."""
-    keep = [c for c in configs if kwargs["BLOCK_H"] * kwargs["D"] <= 128 * 32 * c.num_warps]
+    keep = [c for c in configs if kwargs["BLOCK_H"] * kwargs["D"] <= 128 * 32 * c.num_warps
+            and (kwargs["SPLIT"] or c.kwargs["MERGE_W"] == 128)]
     return keep or configs[:1]
 
 
@@ -310,7 +334,7 @@ def _sparse_attention_kernel(
         stride_qb, stride_qs, stride_qh, stride_kvb8, stride_kvn8, stride_ib, stride_is, stride_pb, stride_ps,
         D: tl.constexpr, FP8: tl.constexpr, HALF_R: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
-        VARIANT: tl.constexpr = FULL):
+        MERGE_W: tl.constexpr = 128, VARIANT: tl.constexpr = FULL):
     pid = tl.program_id(0).to(tl.int64)
     tok = pid // n_hblk  # head blocks of one token are neighbours: they share its KV rows in L2
     heads = (pid % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -418,7 +442,7 @@ def _sparse_attention_kernel(
         if arrived == n_splits - 1:  # the last slice to finish merges them all, and resets the counter
             tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed")
             _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, tok, heads, h_ok, H, n_splits,
-                          D, HALF_R, BLOCK_H)
+                          D, HALF_R, BLOCK_H, MERGE_W)
     else:
         sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
         m_fin = tl.maximum(m_i, sink)

@@ -76,8 +76,10 @@ def stage_variant_oracle(variant, q, kv, sink, idx, scale):
         idx = torch.where(slots < kv.shape[1], slots, -1).expand(idx.shape)
     elif variant == "no-dequant":
         kv = raw_bits_kv(kv)
-    elif variant != "QK-twice":  # the scores twice, halved: the op's output up to rounding
+    elif variant not in ("QK-twice", "no-max"):
         raise ValueError(f"variant: unknown {variant!r}")
+    # QK-twice (the scores twice, halved) and no-max (exponents against 0: the same function
+    # while they stay in FP32's range) compute the op's output up to rounding.
     return ref.sparse_attention(q, kv, sink, idx, scale, None, None)
 
 
@@ -126,6 +128,8 @@ _VARIANT_NOTES = {
     "contiguous": "candidate slot c reads cache row c: no index load, the same sequential rows for every "
                   "token (L2-resident), no -1 holes",
     "QK-twice": "the QK^T matmul done twice",
+    "no-max": "no running max (exponents against 0: no row-max reduction across the warpgroups, no "
+              "accumulator rescale)",
 }
 
 
@@ -136,7 +140,7 @@ def _variants(name, bsz, seq, heads, k, n, fp8, ceiling, variants):
 def cases(quick: bool):
     # Decode caches: 128 window slots + 8192 compressed entries (a 32K-token context).
     n_decode = 128 + 8192
-    decode_variants = ("no-dequant", "QK-only", "contiguous", "QK-twice")
+    decode_variants = ("no-dequant", "QK-only", "contiguous", "QK-twice", "no-max")
     # Each full case first: its tuned config is the one its stage variants run.
     out = [
         _case("decode Pro", 64, 1, 128, 1152, n_decode, True, "bf16"),

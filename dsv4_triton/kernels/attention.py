@@ -301,7 +301,7 @@ def _attention_configs():
     # (222 KB of shared memory), which keeps a tile of row gathers in flight while the matmuls
     # run (see the index prefetch in the kernel); BF16 rows do not (270 KB: the tuner skips it).
     # Lazy rescale (``LAZY_RESCALE``): sm_90 compile of (64, 8, 3) by triton 3.6, FP8 D = 512:
-    # the loop's common path 1191 -> 1138 instructions a warp (130 multiplies fewer, the Q
+    # the loop's common path 1158 -> 1107 instructions a warp (130 multiplies fewer, the Q
     # descriptors reloaded from the stack instead of rebuilt: ~60 more), barriers 6 -> 6, so
     # the tuner decides.  ``MERGE_W`` (the split merge's form, see ``_merge_slices``) only
     # differs where the candidates are split; elsewhere its 256 configs are pruned.

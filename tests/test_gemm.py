@@ -432,18 +432,18 @@ def test_mxfp4_table_is_the_rounded_product():
     assert int(table[19].max()) == 0 and int(table[18].max()) == 1  # past gap 18 everything rounds to 0
 
 
-@pytest.mark.parametrize("m, n, k, fused, computed", [(1, 64, 128, True, True), (5, 70, 256, True, False),
-                                                   (17, 130, 384, False, True), (40, 64, 256, False, False),
-                                                   (3, 64, 160, True, True)])
-def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused, computed):
-    # 16-row tiles against 64-row weight tiles: the weight is the MMA's A side and the
+@pytest.mark.parametrize("m, n, k, fused, computed, bn", [(1, 64, 128, True, True, 64), (5, 70, 256, True, False, 64),
+                                                       (17, 130, 384, False, True, 64), (40, 64, 256, False, False, 64),
+                                                       (3, 64, 160, True, True, 64), (2, 300, 256, True, True, 256)])
+def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused, computed, bn):
+    # 16-row tiles against 64- and 256-row weight tiles: the weight is the MMA's A side and the
     # accumulator is [BLOCK_N, BLOCK_M] (scaled_dot_t); the interpreter otherwise runs only the
     # first (64 x 64) config.  Masked rows and columns on both sides of the transposed store;
     # table rows computed or gathered, scale words (K a multiple of 128) or bytes (K = 160).
     tuner = kern._mxfp4_gemm_kernel
-    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8,
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "GROUP_M": 8,
                                                           "COMPUTED_TABLE": computed},
-                                                         num_warps=4, num_stages=4)])
+                                                         num_warps=4 if bn < 256 else 8, num_stages=4)])
     monkeypatch.setattr(tuner, "cache", {})
     g = _gen(m + n + k)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
@@ -648,7 +648,8 @@ def test_fp4_linear_real_shapes(device, fmt, m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 6), (16, 32, 4, 4)])
+@pytest.mark.parametrize("config", [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 6), (16, 32, 4, 4), (16, 128, 8, 4),
+                                    (16, 256, 8, 3)])
 @pytest.mark.parametrize("m", [1, 16, 40])
 @pytest.mark.parametrize("n, k", [(7168, 1536), (3072, 7168)])
 def test_mxfp4_decode_configs_real_shapes(device, monkeypatch, config, m, n, k):

@@ -603,8 +603,7 @@ MXFP4_GEMM_ALIGNED = ["K", "N", "stride_am", "stride_sm", "stride_wn", "stride_s
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("bm, bn, warps, stages, fused, computed", [
-    (16, 64, 4, 4, True, True), (64, 64, 4, 3, False, True), (128, 128, 8, 3, False, True),
-    (16, 64, 4, 4, True, False)])
+    (16, 64, 4, 4, True, True), (128, 128, 8, 3, False, True), (16, 64, 4, 4, True, False)])
 def test_mxfp4_k_loop_waits_on_no_load_of_its_own_step(bm, bn, warps, stages, fused, computed):
     # Computed table rows and scale words: the scale bytes are asynchronous copies with the
     # weight tile, and the pre-pass activation scales (not fused) are loaded a step ahead, so a

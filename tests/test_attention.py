@@ -497,6 +497,35 @@ def test_wide_merge_matches_narrow_merge_and_oracle(device, monkeypatch, num_sms
     assert not wide[0, 2].any()
 
 
+def test_row_offsets_fit_int32():
+    assert kernels._row_offsets_fit_int32(8320, 584)  # a decode cache of FP8 rows
+    assert kernels._row_offsets_fit_int32(2 ** 31 // 584 - 1, 584)
+    assert not kernels._row_offsets_fit_int32(2 ** 31 // 584, 584)
+    assert not kernels._row_offsets_fit_int32(2 ** 22, 512)  # 4M BF16 rows of 512: 2^31 elements
+
+
+@pytest.mark.parametrize("d, fp8, num_sms", [(128, False, 1), (128, True, 1000), (512, True, 1), (512, False, 1000)])
+def test_32_and_64_bit_row_offsets_agree_bit_for_bit(device, monkeypatch, d, fp8, num_sms):
+    """The gathers address rows with 32-bit products where the cache allows: the same bytes
+    are read, so the outputs are the same bits as with 64-bit products (NaN included), split
+    or not, with the inverse RoPE."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    g = torch.Generator().manual_seed(19)
+    q = torch.randn(2, 2, 16, d, generator=g).to(torch.bfloat16)
+    kv = make_kv(g, 2, 300, d)
+    kv[1, 7, 3] = float("nan")
+    idx = make_idx(g, 2, 2, 290, 300)
+    idx[1, 1, 5] = 7
+    sinks = torch.randn(16, generator=g)
+    args = [t.to(device) for t in (q, ops.pack_kv_fp8(kv) if fp8 else kv, sinks, idx)]
+    rope = (_rope_table(20).to(device), torch.randint(0, 20, (2, 2), generator=g, dtype=torch.int32).to(device))
+    outs = []
+    for fits in (True, False):
+        monkeypatch.setattr(kernels, "_row_offsets_fit_int32", lambda n_rows, row_stride: fits)
+        outs.append(_check(*args, *rope, what=f"32-bit rows {fits}").view(torch.int16))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_non_contiguous_inputs(device):
     g = torch.Generator().manual_seed(10)
     q = torch.randn(2, 16, 3, 128, generator=g).to(torch.bfloat16).to(device).transpose(1, 2)  # [B, S, H, D]

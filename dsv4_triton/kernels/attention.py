@@ -146,7 +146,8 @@ def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr
                DEQUANT: tl.constexpr = True):
     """The candidates' KV rows as a bf16 [BLOCK_K, D] tile; empty slots read as 0.
 
-    ``rows``: int64 row numbers (0 where not ``valid``); a row starts at ``rows * stride8 * 8``
+    ``rows``: row numbers (0 where not ``valid``), int32 where every row offset fits (see
+    ``_row_offsets_fit_int32``), else int64; a row starts at ``rows * stride8 * 8``
     elements of ``kv_ptr`` (bf16 cache) or bytes (FP8 cache).  The FP8 rows' rope values and
     scales are read through ``kv16_ptr``/``kv64_ptr``, the same memory typed as bf16/int64:
     typed pointers keep those loads whole vectors (and so pipelined as async copies).
@@ -334,7 +335,7 @@ def _sparse_attention_kernel(
         stride_qb, stride_qs, stride_qh, stride_kvb8, stride_kvn8, stride_ib, stride_is, stride_pb, stride_ps,
         D: tl.constexpr, FP8: tl.constexpr, HALF_R: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
-        MERGE_W: tl.constexpr = 128, VARIANT: tl.constexpr = FULL):
+        MERGE_W: tl.constexpr = 128, ROW_I32: tl.constexpr = False, VARIANT: tl.constexpr = FULL):
     pid = tl.program_id(0).to(tl.int64)
     tok = pid // n_hblk  # head blocks of one token are neighbours: they share its KV rows in L2
     heads = (pid % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -377,8 +378,11 @@ def _sparse_attention_kernel(
             rows = rows_next
             rows_next = tl.load(idx_row + c + BLOCK_K, mask=c + BLOCK_K < k_hi, other=-1)
             valid = (rows >= 0) & (rows < N)
-        kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, tl.where(valid, rows, 0).to(tl.int64), valid,
-                        stride_kvn8, D, FP8, VARIANT != NO_DEQUANT)
+        rows_safe = tl.where(valid, rows, 0)
+        if not ROW_I32:  # row offsets past 2^31 elements: 64-bit products
+            rows_safe = rows_safe.to(tl.int64)
+        kv = _gather_kv(kv_batch, kv16_batch, kv64_batch, rows_safe, valid, stride_kvn8, D, FP8,
+                        VARIANT != NO_DEQUANT)
         sc = _scores(q, kv, K > 0, BLOCK_H, BLOCK_K)
         if VARIANT == QK_TWICE:  # the scores computed twice (2 S; another branch, so not merged), half scale
             sc += _scores(q, kv, N > 0, BLOCK_H, BLOCK_K)
@@ -502,6 +506,14 @@ def _split_workspace(device: torch.device, n_partial: int, n_counters: int):
     return ws
 
 
+def _row_offsets_fit_int32(n_rows: int, row_stride: int) -> bool:
+    """Whether every in-batch row offset of the cache (elements of its dtype: bytes for FP8 rows),
+    plus a row, stays below 2^31, so the gathers can address rows with 32-bit products.  sm_90
+    compile (triton 3.6) of the decode/prefill loops: FP8 1158 -> 1118 instructions a warp,
+    BF16 867 -> 737 (the 64-bit row products of the rope, scale and BF16 row addresses)."""
+    return (n_rows + 1) * row_stride < 2 ** 31
+
+
 def _block_h(h: int) -> int:
     return min(64, max(16, triton.next_power_of_2(h)))
 
@@ -567,7 +579,8 @@ def _launch(q, kv, sink, idx, scale, freqs, positions, variant):
         scale * LOG2E, k_bucket, grid_bucket,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0) // 8, kv.stride(1) // 8, idx.stride(0), idx.stride(1),
         pos.stride(0), pos.stride(1),
-        D=d, FP8=fp8, HALF_R=half_r, SPLIT=splits > 1, BLOCK_H=block_h, VARIANT=variant)
+        D=d, FP8=fp8, HALF_R=half_r, SPLIT=splits > 1, BLOCK_H=block_h,
+        ROW_I32=_row_offsets_fit_int32(kv.shape[1], kv.stride(1)), VARIANT=variant)
     return out
 
 

@@ -302,15 +302,14 @@ def _attention_configs():
     # (222 KB of shared memory), which keeps a tile of row gathers in flight while the matmuls
     # run (see the index prefetch in the kernel); BF16 rows do not (270 KB: the tuner skips it).
     # Lazy rescale (``LAZY_RESCALE``): sm_90 compile of (64, 8, 3) by triton 3.6, FP8 D = 512:
-    # the loop's common path 1158 -> 1107 instructions a warp (130 multiplies fewer, the Q
+    # the loop's common path 1107 -> 1053 instructions a warp (130 multiplies fewer, the Q
     # descriptors reloaded from the stack instead of rebuilt: ~60 more), barriers 6 -> 6, so
     # the tuner decides.  ``MERGE_W`` (the split merge's form, see ``_merge_slices``) only
     # differs where the candidates are split; elsewhere its 256 configs are pruned.
     shapes = ((32, 8, 2, False, 128), (64, 8, 2, False, 128), (64, 8, 3, False, 128), (16, 8, 2, False, 128),
               (32, 8, 3, False, 128), (16, 8, 3, False, 128), (64, 8, 1, False, 128), (32, 4, 2, False, 128),
               (64, 4, 2, False, 128), (64, 4, 3, False, 128),
-              (64, 8, 3, True, 128), (64, 8, 2, True, 128), (32, 8, 2, True, 128),
-              (64, 8, 3, False, 256), (64, 8, 3, True, 256), (64, 8, 2, False, 256))
+              (64, 8, 3, True, 128), (64, 8, 2, True, 128), (64, 8, 3, False, 256), (64, 8, 3, True, 256))
     return [triton.Config({"BLOCK_K": bk, "LAZY_RESCALE": lazy, "MERGE_W": mw}, num_warps=w, num_stages=st)
             for bk, w, st, lazy, mw in shapes]
 

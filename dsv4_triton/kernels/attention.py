@@ -49,19 +49,19 @@ stream, grown to the largest call, so a warm call allocates only its output.
 What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
 (BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  In
 practice (sm_90 compile of the tuned config by triton 3.6, BLOCK_K = 64, 8 warps, 255
-registers: one program per SM) a tile's steps largely run one after another: the warps issue
-the tile's instructions (FP8 ~1200 a warp, ~180 of them decoding the rows, 128 rescaling the
-accumulator; BF16 ~940), and the matmuls run: QK^T as 32 m64n32k16 wgmma per warpgroup
-(each warpgroup half the candidates, see ``_scores``; bound by shared-memory reads, ~1500
-cycles a tile), P @ KV ~1000 cycles.  The stage variants (``STAGE_VARIANTS``) time each
-part.  Also left on the table: the QK^T wgmma is waited on before the softmax starts (no
-overlap of softmax with MMA), the index load of the next tile is a synchronous (L2) load
-ahead of its async copies, the FP8 decode runs on the CUDA cores in the same warps that
-issue the MMAs and goes registers -> shared memory before the matmul, and P goes
-registers -> bf16 -> a second wgmma.  A CUDA version on sm_90 would do better with: TMA
-gathers of whole rows (``cp.async.bulk`` per row) into a multi-stage ring driven by a
-producer warp; warp specialisation (one warpgroup decodes FP8 while two run wgmma); and
-the two math warpgroups ping-ponging softmax and MMA (as FlashMLA does).
+registers: one program per SM) a tile's steps run one after another: the warps issue the
+tile's instructions (FP8 ~1100 a warp: ~500 decoding the rows, ~170 softmax, 128 rescaling
+the accumulator, the rest index loads and copy issue; BF16 ~740), then wait for the matmuls:
+QK^T as 32 chained m64n32k16 wgmma per warpgroup (each warpgroup half the candidates, see
+``_scores``; measured ~1.9 us of a ~5 us FP8 decode tile), P @ KV.  The stage variants
+(``STAGE_VARIANTS``) time each part.  Nothing of the CUDA-core work runs under the QK^T
+wgmma (Triton waits for a dot whose result is not loop-carried right after issuing it; an
+async one would need a second 64 KB operand tile, and 217 of the 227 KB of shared memory are
+taken); the row max crosses the two warpgroups (Triton's two-stage reduction: 3 barriers);
+P goes to P @ KV through 8 KB of shared memory.  A CUDA (or Gluon) version on sm_90 would do
+better with: TMA gathers of whole rows (``cp.async.bulk`` per row) into a multi-stage ring
+driven by a producer warp; warp specialisation (one warpgroup decodes FP8 while two run
+wgmma); and the two math warpgroups ping-ponging softmax and MMA (as FlashMLA does).
 
 Interpreter (CPU tests): its bf16 ``tl.dot`` and fp32 -> bf16 conversion are wrong
 (numpy has no bf16), so ``_dot`` and ``_to_bf16`` take exact fp32 / bit-level paths there.

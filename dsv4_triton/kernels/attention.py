@@ -376,7 +376,7 @@ def _sparse_attention_kernel(
         else:
             rows = rows_next
             rows_next = tl.load(idx_row + c + BLOCK_K, mask=c + BLOCK_K < k_hi, other=-1)
-            valid = rows.to(tl.uint32, bitcast=True) < N.to(tl.uint32)  # -1 (and any negative) wraps past N
+            valid = rows.to(tl.uint32, bitcast=True) < N  # unsigned: -1 (any negative) wraps past N
         rows_safe = tl.where(valid, rows, 0)
         if not ROW_I32:  # row offsets past 2^31 elements: 64-bit products
             rows_safe = rows_safe.to(tl.int64)

@@ -78,13 +78,14 @@ def _prune_scores(configs, nargs, **kw):
     return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= min(16384, 64 * 32 * c.num_warps)] or configs[:1]
 
 
-# The keys-as-A form over tile shapes up to 4096 keys a program; the keys-as-B form over the
-# shapes it was tuned to before (BF16 decode, FP4 decode, prefill).  Every config gives the
-# same scores (tested), so the choice never changes a result.
+# The keys-as-A form over tile shapes up to 4096 keys a program (64-key tiles of 4 warps: the
+# most programs resident; 256-key tiles of 8 warps: the fewest instructions per key); the
+# keys-as-B form over the shapes it was tuned to before (BF16 decode, FP4 decode, prefill).
+# Every config gives the same scores (tested), so the choice never changes a result.
 SCORE_CONFIGS = [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": True}, num_warps=w, num_stages=s)
-                 for n, t, w, s in ((64, 1, 4, 2), (64, 4, 4, 3), (64, 8, 4, 4), (128, 1, 4, 3), (128, 1, 8, 3),
-                                    (128, 4, 4, 3), (128, 4, 8, 4), (128, 8, 8, 4), (128, 16, 8, 4), (256, 2, 8, 3),
-                                    (256, 4, 8, 3), (256, 16, 8, 3))] + \
+                 for n, t, w, s in ((64, 1, 4, 2), (64, 4, 4, 3), (64, 8, 4, 4), (64, 16, 4, 4), (64, 32, 4, 4),
+                                    (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4), (128, 8, 8, 4),
+                                    (128, 16, 8, 4), (256, 2, 8, 3), (256, 4, 8, 3), (256, 16, 8, 3))] + \
                 [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": False}, num_warps=w, num_stages=s)
                  for n, t, w, s in ((128, 4, 4, 3), (128, 1, 8, 3), (128, 8, 8, 4), (256, 2, 8, 3))]
 

@@ -25,11 +25,13 @@ ones equal to it, and pads with -1.  Deterministic either way (integer sums only
 
 FP4 keys (``uint8 [B, Nk, 68]``, see ``reference/indexer.py``) are decoded in registers to
 BF16 (exact: an E2M1 value times a power of two) before the same tensor-core product, so both
-layouts give identical scores; the FP4 rows move 68 B per key instead of 256 B.  The product
-takes one of two forms (a tuned choice, same scores): keys @ q^T with the key tile as the
-MMA's A operand, which FP4 rows are decoded straight into (``_fp4_key_tile_a``: 3.5
-instructions per element, no trip through shared memory), or q @ keys^T with the tile as
-its B operand (``_fp4_key_tile``, through shared memory).
+layouts give identical scores; the FP4 rows move 68 B per key instead of 256 B.  The tuned
+product is keys @ q^T with the key tile as the MMA's A operand, which FP4 rows are decoded
+straight into (``_fp4_key_tile_a``: no trip through shared memory).  The other form, q @ keys^T
+with the key tile as the B operand (``_fp4_key_tile``, through shared memory), is kept for the
+benchmarks' comparison only: measured 1.6-2.6x slower on the H100, and its scores may differ
+from the tuned form's in the last bits there (the tensor cores' FP32 summation differs by
+operand role), so the tuner never picks it and every tuned config gives the same scores.
 """
 
 import functools
@@ -73,42 +75,34 @@ def _mma(a, b):
 
 
 def _prune_scores(configs, nargs, **kw):
-    """Tiles of at most 16384 logits and 64 FP32 accumulators a thread (more spills)."""
     rows = kw["QROWS"] * kw["HEADS_P"]
-    return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= min(16384, 64 * 32 * c.num_warps)] or configs[:1]
+    return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 16384] or configs[:1]
 
 
-# The keys-as-A form over tile shapes up to 4096 keys a program (64-key tiles of 4 warps: the
-# most programs resident; 256-key tiles of 8 warps: the fewest instructions per key); the
-# keys-as-B form over the shapes it was tuned to before (BF16 decode, FP4 decode, prefill).
-# Every config gives the same scores (tested), so the choice never changes a result.
+# The keys-as-A form only (see the module doc); every config gives the same scores (tested).
 SCORE_CONFIGS = [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": True}, num_warps=w, num_stages=s)
-                 for n, t, w, s in ((64, 1, 4, 2), (64, 4, 4, 3), (64, 8, 4, 4), (64, 16, 4, 4), (64, 32, 4, 4),
-                                    (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4), (128, 8, 8, 4),
-                                    (128, 16, 8, 4), (256, 2, 8, 3), (256, 4, 8, 3), (256, 16, 8, 3))] + \
-                [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": False}, num_warps=w, num_stages=s)
-                 for n, t, w, s in ((128, 4, 4, 3), (128, 1, 8, 3), (128, 8, 8, 4), (256, 2, 8, 3))]
+                 for n, t, w, s in
+                 ((64, 1, 4, 2), (64, 4, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (128, 4, 4, 3), (128, 4, 8, 4),
+                  (128, 8, 8, 4), (64, 8, 4, 4), (256, 2, 8, 3))]
 
 
 @autotune(
     configs=SCORE_CONFIGS,
-    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "QUERY_BLOCKS_BUCKET", "KEYS_FP4"],
+    key=["HEADS_P", "QROWS", "KEYS_BUCKET", "KEYS_FP4"],
     name="indexer_scores",
     prune_configs_by={"early_config_prune": _prune_scores},
 )
 @triton.jit
 def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
-                   QUERY_BLOCKS_BUCKET, s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
+                   s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
                    KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, HEAD_BITS: tl.constexpr, QROWS: tl.constexpr,
                    BLOCK_N: tl.constexpr, PADDED: tl.constexpr, TILES: tl.constexpr, KEYS_AS_A: tl.constexpr):
     """Program (key tiles, query block, batch): the scores of ``QROWS`` queries (``HEADS_P =
-    2^HEAD_BITS`` rows each) for up to ``TILES`` tiles of ``BLOCK_N`` keys.
-
-    ``KEYS_AS_A`` (tuned) picks the product's form: logits^T = keys @ q^T, the key tile the
-    MMA's A operand (registers: FP4 keys are decoded straight into its fragment layout), or
-    logits = q @ keys^T, the key tile its B operand (through shared memory).  Same scores
-    either way (see ``_sum_heads``).  ``PADDED``: some of the ``QROWS * HEADS_P`` rows are
-    padding (heads not a power of two, or past the last query)."""
+    2^HEAD_BITS`` rows each).  ``KEYS_AS_A`` picks the product's form: logits^T = keys @ q^T,
+    the key tile the MMA's A operand (registers: FP4 keys are decoded straight into its fragment
+    layout; the tuned form), or logits = q @ keys^T, the key tile its B operand (through shared
+    memory; benchmarks only, see the module doc).  ``PADDED``: some of the ``QROWS * HEADS_P`` rows are padding (heads not a
+    power of two, or past the last query)."""
     M: tl.constexpr = QROWS * HEADS_P
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -129,28 +123,26 @@ def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_ke
     nv = tl.minimum(tl.maximum(nv, 0), n_keys)
     keys_end = tl.max(nv, axis=0)
     row_base = (b * seq + tq) * n_keys
-    # Only the tiles below the last valid key (the causal half is skipped in prefill); an
-    # unconditional loop body, so the loads can be pipelined.
-    first = pid_n * TILES * BLOCK_N
-    for tile in tl.range(0, tl.minimum(tl.maximum(tl.cdiv(keys_end - first, BLOCK_N), 0), TILES)):
-        start = first + tile * BLOCK_N
-        kidx = start + tl.arange(0, BLOCK_N)
-        key_row = keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn
-        key_ok = (kidx < keys_end)[:, None]
-        if KEYS_FP4 and KEYS_AS_A:
-            kt = _fp4_key_tile_a(key_row, key_ok, BLOCK_N)
-        elif KEYS_FP4:
-            kt = _fp4_key_tile(key_row, key_ok, BLOCK_N)
-        else:
-            kt = tl.load(key_row + dcol[None, :], mask=key_ok, other=0.0)
-        if KEYS_AS_A:
-            part = _weigh(_mma(kt, q), wv[None, :], q_ok[None, :], PADDED)
-            score = _sum_heads(tl.reshape(part, [BLOCK_N, QROWS, HEADS_P]), 2, HEAD_BITS)
-            tl.store(scores_ptr + row_base[None, :] + kidx[:, None], score, mask=kidx[:, None] < nv[None, :])
-        else:
-            part = _weigh(_mma(q, tl.trans(kt)), wv[:, None], q_ok[:, None], PADDED)
-            score = _sum_heads(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), 1, HEAD_BITS)
-            tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
+    for tile in range(TILES):
+        start = (pid_n * TILES + tile) * BLOCK_N
+        if start < keys_end:
+            kidx = start + tl.arange(0, BLOCK_N)
+            key_row = keys_ptr + b * s_kb + kidx.to(tl.int64)[:, None] * s_kn
+            key_ok = (kidx < keys_end)[:, None]
+            if KEYS_FP4 and KEYS_AS_A:
+                kt = _fp4_key_tile_a(key_row, key_ok, BLOCK_N)
+            elif KEYS_FP4:
+                kt = _fp4_key_tile(key_row, key_ok, BLOCK_N)
+            else:
+                kt = tl.load(key_row + dcol[None, :], mask=key_ok, other=0.0)
+            if KEYS_AS_A:
+                part = _weigh(_mma(kt, q), wv[None, :], q_ok[None, :], PADDED)
+                score = _sum_heads(tl.reshape(part, [BLOCK_N, QROWS, HEADS_P]), 2, HEAD_BITS)
+                tl.store(scores_ptr + row_base[None, :] + kidx[:, None], score, mask=kidx[:, None] < nv[None, :])
+            else:
+                part = _weigh(_mma(q, tl.trans(kt)), wv[:, None], q_ok[:, None], PADDED)
+                score = _sum_heads(tl.reshape(part, [QROWS, HEADS_P, BLOCK_N]), 1, HEAD_BITS)
+                tl.store(scores_ptr + row_base[:, None] + kidx[None, :], score, mask=kidx[None, :] < nv[:, None])
 
 
 @triton.jit
@@ -183,7 +175,7 @@ def _sum_pairs(part, D: tl.constexpr, AXIS: tl.constexpr):
 def _sum_heads(part, AXIS: tl.constexpr, BITS: tl.constexpr):
     """Sum over the heads axis ``AXIS`` (1 or 2, 2^BITS long) in a fixed pairwise tree,
     so the FP32 result does not depend on how the heads are spread over registers, lanes and
-    warps: both product forms give the same scores (each step adds exactly two numbers).  The
+    warps (each step adds exactly two numbers): every tile shape of a form gives the same scores.  The
     head-index bits are summed out in the order 0, 3, 4, 5, 1, 2: in the keys-as-A form bits 0
     and 3.. are in one thread's registers and 1, 2 across a quad's lanes, so the shuffles come
     last, on two values a thread."""
@@ -270,37 +262,6 @@ mov.b32 {$0, $1}, a;
 """)
 
 
-# The four E8M0 scale bytes of a row (one 32-bit word) to four BF16 pairs (the scale in both
-# halves), two bytes at a time as 16-bit lanes: s << 7 is the BF16 bits of 2^(s - 127) for
-# s in 1..254; a max with 0x40 gives byte 0 the subnormal 2^-127; (s + 1) << 7 sets bit 15
-# only for s = 255, whose bit 6 (shifted down) turns Inf (0x7F80) into NaN (0x7FC0).
-_E8M0_PAIRS_ASM: tl.constexpr = tl.constexpr("""
-{
-.reg .b32 b, x, y, t, k, r;
-mov.b32 k, 0x00400040;
-mov.b32 r, 0x00800080;
-prmt.b32 b, $4, 0, 0x4140;
-shl.b32 x, b, 7;
-max.u16x2 y, x, k;
-add.u32 t, x, r;
-shr.b32 t, t, 9;
-and.b32 t, t, k;
-or.b32 y, y, t;
-prmt.b32 $0, y, 0, 0x1010;
-prmt.b32 $1, y, 0, 0x3232;
-prmt.b32 b, $4, 0, 0x4342;
-shl.b32 x, b, 7;
-max.u16x2 y, x, k;
-add.u32 t, x, r;
-shr.b32 t, t, 9;
-and.b32 t, t, k;
-or.b32 y, y, t;
-prmt.b32 $2, y, 0, 0x1010;
-prmt.b32 $3, y, 0, 0x3232;
-}
-""")
-
-
 @triton.jit
 def _fp4_key_tile_a(key_row, key_ok, BLOCK_N: tl.constexpr):
     """``_fp4_key_tile`` made in the MMA's A-operand register layout: element k = 8m + 2c + j
@@ -313,21 +274,17 @@ def _fp4_key_tile_a(key_row, key_ok, BLOCK_N: tl.constexpr):
     words = tl.load(key_row.to(tl.pointer_type(tl.int32)) + tl.arange(0, WORDS)[None, :], mask=key_ok, other=0)
     # The 4 E8M0 bytes as one word (byte 64 of a 4-byte aligned row), one scale per block.
     scale_word = tl.load(key_row.to(tl.pointer_type(tl.int32)) + HEAD_DIM // 8, mask=key_ok, other=0x7F7F7F7F)
+    scale_byte = (scale_word >> (8 * tl.arange(0, NBLK)[None, :])) & 0xFF
     c = tl.arange(0, 4)[None, None, :]
     if INTERPRET:
-        scale_byte = (scale_word >> (8 * tl.arange(0, NBLK)[None, :])) & 0xFF
         scale = _per_word(e8m0_value(scale_byte), BLOCK_N)[:, :, None]
         byte = (words[:, :, None] >> (8 * c)) & 0xFF
         lo = _e2m1_times_2_126(byte, 0) * TWO_POW_126 * scale
         hi = _e2m1_times_2_126(byte, 1) * TWO_POW_126 * scale
         pairs = cast_rne(tl.join(lo, hi), tl.bfloat16)
     else:
-        s0, s1, s2, s3 = tl.inline_asm_elementwise(_E8M0_PAIRS_ASM, "=r,=r,=r,=r,r", [scale_word],
-                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                                                   pack=1)
-        # join(join(s0, s2), join(s1, s3)) flattens to s0, s1, s2, s3.
-        scale_pair = tl.reshape(tl.join(tl.join(s0, s2), tl.join(s1, s3)), [BLOCK_N, NBLK])
-        scale_pair = _per_word(scale_pair, BLOCK_N)[:, :, None]
+        scale_bits = tl.where(scale_byte == 0, 0x40, tl.where(scale_byte == 255, 0x7FC0, scale_byte << 7))
+        scale_pair = _per_word(scale_bits | (scale_bits << 16), BLOCK_N)[:, :, None]
         shape: tl.constexpr = [BLOCK_N, WORDS, 4]
         lo, hi = tl.inline_asm_elementwise(
             _E2M1_PAIR_ASM, "=h,=h,r,r,r",
@@ -727,11 +684,8 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
     kernel = _scores_kernel if config is None else _scores_kernel.fn
     meta = config or {}
     grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"] * meta["TILES"]), triton.cdiv(seq, qrows), bsz)
-    # Tuned per power of two of (sequence, query block) pairs too, up to 64: B = 1 and B = 32
-    # decode want different tiles (a few programs per SM, or as long programs as fill it).
-    query_blocks = min(bsz * triton.cdiv(seq, qrows), 64)
     # No FMA contraction: the head sums must round the same in both product forms.
-    kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys), _bucket(query_blocks),
+    kernel[grid](qi, w, keys, n_valid, scores, seq, heads, n_keys, _bucket(n_keys),
                  qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
                  *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=heads_p,
                  HEAD_BITS=heads_p.bit_length() - 1, QROWS=qrows, PADDED=heads != heads_p or seq % qrows != 0,

@@ -231,10 +231,8 @@ def test_route_tiled_explicit_configs(device, config):
 # ---------------------------------------------------------------- the split (decode) path
 
 # Small explicit split configs, so that CPU shapes have several token tiles, expert chunks
-# (a partial last one) and dim splits (a partial last one), with two arrival levels or one:
-# (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, ONE_LEVEL, warps, stages).
-_SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, False, 4, 2), (32, 16, 16, 32, False, 4, 2), (16, 32, 16, 16, False, 4, 2),
-                        (16, 16, 32, 64, True, 4, 2), (32, 32, 32, 64, True, 4, 2)]
+# (a partial last one) and dim splits (a partial last one): (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, warps, stages).
+_SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, 4, 2), (32, 16, 16, 32, 4, 2), (16, 32, 16, 16, 4, 2)]
 
 
 def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
@@ -269,7 +267,7 @@ def test_route_split_matches_oracle(device, T, E, dim, k, biased, config, logit_
     _split_counters_are_zero(device)
 
 
-@pytest.mark.parametrize("config", _SMALL_SPLIT_CONFIGS[:4])  # the one-level tail: also the bit-for-bit test
+@pytest.mark.parametrize("config", _SMALL_SPLIT_CONFIGS)
 def test_route_split_is_deterministic_and_resets_its_counters(device, config):
     # Several dim splits per expert chunk: the partial sums are added in split order whichever
     # program arrives last, so repeated calls give the same bits; each call leaves the arrival
@@ -315,34 +313,6 @@ def test_route_split_nan_in_a_later_split(device):
         assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
 
 
-def _one_and_two_levels_agree(x, weight, bias, table, token_ids, topk, one_level_config):
-    """The one-level tail and the two-level one of the same tiles add the same partials in the
-    same split order and select by the same total order: ids and weights agree bit for bit."""
-    two_level_config = one_level_config[:4] + (False,) + one_level_config[5:]
-    one = _split(x, weight, bias, table, token_ids, topk, 2.5, one_level_config)
-    two = _split(x, weight, bias, table, token_ids, topk, 2.5, two_level_config)
-    assert torch.equal(one[1], two[1]), "ids differ between the arrival levels"
-    assert torch.equal(one[0], two[0]), "weights differ between the arrival levels"
-    return one
-
-
-@pytest.mark.parametrize("T", [1, 3, 17])
-def test_route_split_one_level_matches_two_levels_bit_for_bit(device, T):
-    # E = 40 in chunks of 16 (a partial last one), dim 200 in splits of 64 (a partial last one);
-    # T = 17: two tiles, the second with one live row.
-    x, weight, bias = _inputs(T, 40, 200, 113 + T, device)
-    g = torch.Generator().manual_seed(T)
-    table = torch.randint(0, 40, (50, 6), generator=g, dtype=torch.int32).to(device)
-    token_ids = torch.randint(0, 50, (T,), generator=g).to(device)
-    config = (16, 16, 32, 64, True, 4, 2)
-    _check_route(x, weight, bias, 6, 2.5, _one_and_two_levels_agree(x, weight, bias, None, None, 6, config))
-    _check_route(x, weight, None, 3, 2.5, _one_and_two_levels_agree(x, weight, None, None, None, 3, config))
-    w, ids = _one_and_two_levels_agree(x, weight, None, table, token_ids, 6, config)
-    assert torch.equal(ids.cpu(), table[token_ids].cpu())
-    _check_hash_weights(x, weight, ids, w, 2.5)
-    _split_counters_are_zero(device)
-
-
 @pytest.mark.parametrize("topk", [4, 8])
 def test_route_split_picks_deep_in_one_chunk_list(device, topk):
     # The final selection scans list positions 0..kk for pick kk (each chunk's list is
@@ -350,7 +320,7 @@ def test_route_split_picks_deep_in_one_chunk_list(device, topk):
     # from chunk 0's list (experts 0..7), so pick kk is that list's entry kk; then picks
     # alternating between two chunks (experts 0, 32, 1, 33, ...: chunks 0 and 2 of 16 experts, 0 and 1 of 32).
     x, weight, _ = _inputs(3, 40, 64, 109, device)
-    for config in [(16, 16, 32, 64, False, 4, 2), (16, 32, 16, 16, False, 4, 2)]:
+    for config in [(16, 16, 32, 64, 4, 2), (16, 32, 16, 16, 4, 2)]:
         for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 32, 1, 33, 2, 34, 3, 35]):
             bias = torch.zeros(40, device=device)
             bias[rows] = torch.linspace(40.0, 33.0, 8, device=device)
@@ -364,7 +334,7 @@ def test_route_split_tail_rows(device, T):
     # The arrivers reduce and select only the tile's first TAIL_T = min(BLOCK_T, pow2 >= T)
     # rows: with 32-row tiles, T = 1, 3, 5 use 2, 4, 8 tail rows (every live row among them),
     # T = 31, 32 one full tile, T = 33 a full tile and a tile with one live row.
-    config = (32, 16, 16, 32, False, 4, 2)
+    config = (32, 16, 16, 32, 4, 2)
     x, weight, bias = _inputs(T, 40, 64, 101 + T, device)
     _check_route(x, weight, bias, 6, 2.5, _split(x, weight, bias, None, None, 6, 2.5, config))
     g = torch.Generator().manual_seed(T)
@@ -390,10 +360,8 @@ def test_route_dispatch_by_token_count(device, monkeypatch, T):
 
 def test_route_split_bad_config(device):
     x, weight, bias = _inputs(3, 8, 64, 0, device)
-    # SPLIT_K < BLOCK_K; BLOCK_E not a power of two; a missing field; BLOCK_T above the tail cap;
-    # ONE_LEVEL not a bool.
-    for config in [(16, 16, 64, 32, False, 4, 2), (16, 24, 32, 64, False, 4, 2), (16, 16, 32, 64, 4, 2),
-                   (128, 16, 32, 64, False, 4, 2), (16, 16, 32, 64, 1, 4, 2)]:
+    # SPLIT_K < BLOCK_K; BLOCK_E not a power of two; a missing field; BLOCK_T above the tail cap.
+    for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4), (128, 16, 32, 64, 4, 2)]:
         with pytest.raises(ValueError, match="config"):
             _split(x, weight, bias, None, None, 2, 1.0, config)
 
@@ -474,29 +442,25 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
-    (True, (16, 32, 128, 256, False, 4, 3), 2), (False, (64, 64, 128, 512, False, 16, 3), 64),
-    (False, (16, 32, 128, 512, False, 4, 3), 16), (False, (32, 32, 128, 512, False, 8, 3), 64),
-    (True, (16, 64, 128, 256, True, 8, 3), 8), (False, (16, 64, 128, 512, True, 8, 3), 8),
+    (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
+    (False, (16, 32, 128, 512, 4, 3), 16),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
 
-    bt, be, bk, sk, one_level, warps, stages = config
+    bt, be, bk, sk, warps, stages = config
     assert config in kern._SPLIT_CONFIGS
     consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
-                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, ONE_LEVEL=one_level, REDUCE_BUDGET=kern._reduce_budget(warps))
+                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps))
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
                  cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
                              ["dim", "stride_x", "stride_w"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
-    # Pro T = 64 candidates whose grid is one wave on 132 SMs only within a register budget
-    # (65536 per SM): 672 programs of 4 warps need 6 per SM (<= 80 registers; at 88 the last 12
-    # waited for a second wave), 336 of 8 warps 3 per SM (<= 80), 84 of 16 warps 1 per SM.
-    one_wave_registers = {(16, 32, 128, 512, False, 4, 3): 80, (32, 32, 128, 512, False, 8, 3): 80,
-                          (64, 64, 128, 512, False, 16, 3): 128}
-    if config in one_wave_registers:
-        assert usage["reg"] <= one_wave_registers[config], usage
+    if config == (16, 32, 128, 512, 4, 3):
+        # The Pro T = 64 choice: 672 programs are one wave only if 6 fit per SM (132 SMs), which
+        # 65536 registers allow up to 80 per thread at 4 warps (88 put the last 12 in a second wave).
+        assert usage["reg"] <= 80, usage
 
 
 # ---------------------------------------------------------------- GPU: model sizes, every config
@@ -549,23 +513,6 @@ def test_route_split_every_config_gpu(T, E, dim):
         again = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), config
         w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
-        assert torch.equal(ids, table[token_ids])
-        _check_hash_weights(x, weight, ids, w, 2.5)
-    _split_counters_are_zero("cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("E, dim", [(384, 7168), (256, 4096)])
-@pytest.mark.parametrize("T", [1, 5])  # 2 and 8 tail rows
-def test_route_split_one_level_matches_two_levels_gpu(T, E, dim):
-    from dsv4_triton.kernels import router as kern
-
-    x, weight, bias = _inputs(T, E, dim, 7 * T + E, "cuda")
-    table = torch.randint(0, E, (129280, 6), dtype=torch.int32, device="cuda")
-    token_ids = torch.randint(0, 129280, (T,), device="cuda")
-    for config in [c for c in kern._SPLIT_CONFIGS if c[4]]:
-        _check_route(x, weight, bias, 6, 2.5, _one_and_two_levels_agree(x, weight, bias, None, None, 6, config))
-        w, ids = _one_and_two_levels_agree(x, weight, None, table, token_ids, 6, config)
         assert torch.equal(ids, table[token_ids])
         _check_hash_weights(x, weight, ids, w, 2.5)
     _split_counters_are_zero("cuda")

@@ -6,9 +6,9 @@ ceiling is the bf16 matmul rate; target >= 3x eager (the tiled path).  Decode (T
 the split path, T <= DECODE_MAX_T = 256): the router weight (5.5 MB Pro, 2 MB Flash) dominates
 the bytes (ceiling: copy bandwidth); target < 15 us at T = 64, one launch.  At T = 256 (the
 split path's last size) both paths run forced, to check that the split path still pays
-there; at T = 1 the split path's one- and two-level tails run forced on the same tiles.
-``eager`` is the release's reference code as a user would write it in torch: FP32
-``F.linear`` (the weight "used in FP32"), softplus, sqrt, topk, gather, normalise.
+there.  ``eager`` is the
+release's reference code as a user would write it in torch: FP32 ``F.linear`` (the weight
+"used in FP32"), softplus, sqrt, topk, gather, normalise.
 """
 
 import torch
@@ -100,29 +100,11 @@ def _path_case(T, path):
                 bytes=_bytes(T, E, dim), flops=2 * T * E * dim, ceiling="copy", launches=1)
 
 
-# The split path's two tails on the same tiles (the T = 1 choice of the previous tuning):
-# the one-level tail (one arrival, every expert's partials reduced by the tile's last program)
-# against the two-level one (chunk reducers, then the tile's merge).
-LEVEL_TILES = (16, 64, 128, 512)
-
-
-def _level_case(T, one_level):
-    E, dim, scale = SIZES["Pro"]
-    config = LEVEL_TILES + (one_level, 8, 3)
-    return Case(op="route", shape=f"T={T} E={E} dim={dim} score, {'one' if one_level else 'two'}-level tail",
-                make_inputs=_score_inputs(T, E, dim),
-                run=lambda x, w, b: kern.route_split(x, w, b, None, None, TOPK, scale, config=config),
-                eager=_eager_score(scale), oracle=lambda x, w, b: ref.route(x, w, b, None, None, TOPK, scale),
-                bytes=_bytes(T, E, dim), flops=2 * T * E * dim, ceiling="copy", launches=1,
-                notes=f"split path, config {config}")
-
-
 def cases(quick: bool):
     out = [_score_case("Pro", T) for T in (4096, 64, 8, 1)]
     out += [_score_case("Flash", T) for T in (64, 8, 1)]
     out += [_hash_case("Pro", T) for T in (4096, 64)]
     out += [_path_case(256, "split"), _path_case(256, "tiled")]
-    out += [_level_case(1, True), _level_case(1, False)]
     if not quick:
         out += [_hash_case("Pro", 1), _hash_case("Flash", 64)]
     return out

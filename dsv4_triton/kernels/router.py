@@ -2,8 +2,7 @@
 
 Decode sizes (``T <= DECODE_MAX_T``) take the split path (``route_split``, described at
 ``_route_split_kernel``): the weight read is spread over (token tile, expert chunk, dim split)
-programs whose FP32 partial logits are added in a fixed order by the last split to arrive
-(or, with a one-level tail, by the tile's last program of all).
+programs whose FP32 partial logits are added in a fixed order by the last split to arrive.
 Larger T take the tiled path (``route_tiled``) below.
 
 Tiled path: program ``(tile, chunk)`` computes the logits ``x @ W^T`` of ``BLOCK_T`` tokens
@@ -281,27 +280,12 @@ SPLIT_ROOM_T = 64
 # Tail rows are a power of two >= T, capped here: at the largest BLOCK_T a config may have.
 MAX_TAIL_ROWS = 64
 
-# (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, ONE_LEVEL, num_warps, num_stages); the first one serves every shape.
-_SPLIT_CONFIGS = [
-    (16, 32, 128, 256, False, 4, 3), (16, 32, 128, 128, False, 4, 2), (16, 64, 128, 256, False, 4, 3),
-    (16, 32, 128, 512, False, 4, 3), (32, 32, 128, 256, False, 4, 3), (32, 32, 128, 512, False, 4, 3),
-    (64, 32, 128, 256, False, 8, 3), (64, 32, 128, 512, False, 8, 3),
+_SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages); the first one serves every shape
+    (16, 32, 128, 256, 4, 3), (16, 32, 128, 128, 4, 2), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
+    (32, 32, 128, 256, 4, 3), (32, 32, 128, 512, 4, 3), (64, 32, 128, 256, 8, 3), (64, 32, 128, 512, 8, 3),
     # 8 warps for the tail's selections; 64-expert chunks halve the x re-reads and the final merge's slots.
-    (16, 32, 128, 512, False, 8, 3), (16, 64, 128, 512, False, 8, 3), (32, 64, 128, 512, False, 8, 3),
-    (32, 64, 128, 512, False, 16, 3),
-    # Taller tiles read W from L2 fewer times (T = 64: 4x for 16-row tiles, 33 MB of L2 reads with
-    # x; 22 MB at 32 rows, 11 MB at 64 rows and 64 experts), with warps = BLOCK_T / 4 so each
-    # thread's tail work stays one row; both fit their T = 64 grid in one wave (336 programs at
-    # 3 per SM, 84 at 1). The 64-row one also with 4 stages: its 84 programs stream 128 KB each,
-    # all four K steps of a split in flight at once.
-    (32, 32, 128, 512, False, 8, 3), (64, 64, 128, 512, False, 16, 3), (64, 64, 128, 512, False, 16, 4),
-    # One arrival level (tried up to ONE_LEVEL_MAX_TAIL rows): the tile's last program reduces
-    # every expert's partials (TAIL_T x E x splits floats) and selects in registers.
-    (16, 64, 128, 512, True, 8, 3), (16, 32, 128, 512, True, 8, 3), (16, 64, 128, 256, True, 8, 3),
+    (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3), (32, 64, 128, 512, 16, 3),
 ]
-# Above this many tail rows the one-level reducer's reads (rows x E x splits) take several
-# round trips and the tuner does not try it.
-ONE_LEVEL_MAX_TAIL = 8
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
@@ -319,10 +303,8 @@ def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> b
 
 
 def _split_prune(configs, nargs, **kw):
-    tail_rows = kw.get("TAIL_ROWS", nargs.get("TAIL_ROWS", MAX_TAIL_ROWS))
     kept = [c for c in configs if _split_allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
-                                                 nargs["n_experts"])
-            and (not c.kwargs["ONE_LEVEL"] or tail_rows <= ONE_LEVEL_MAX_TAIL)]
+                                                 nargs["n_experts"])]
     return kept or configs[:1]
 
 
@@ -378,22 +360,10 @@ def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_
 
 
 @triton.jit
-def _write_outputs(weights_ptr, ids_ptr, w, sel_id, tail_tok, out_mask, route_scale, K_PAD: tl.constexpr,
-                   TOPK: tl.constexpr):
-    """Normalised, scaled weights and the ids of the tail rows."""
-    w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
-    w = w * route_scale
-    out = tail_tok[:, None] * TOPK + tl.arange(0, K_PAD)[None, :]
-    tl.store(weights_ptr + out, w, mask=out_mask)
-    tl.store(ids_ptr + out, sel_id, mask=out_mask)
-
-
-@triton.jit
 def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
     """Row sums of [rows, K_PAD] in one order whatever the layout: neighbours added in
     pairs, then pairs of pairs ((w0 + w1) + (w2 + w3)) + ...; a sum of two terms is the
-    same either way round, so both tails, whatever their layouts, turn equal picks into
-    equal weights bit for bit."""
+    same either way round, so every path and config normalises to the same bits."""
     ROWS: tl.constexpr = w.shape[0]
     a, b = tl.split(tl.reshape(w, [ROWS, K_PAD // 2, 2]))
     w = a + b
@@ -412,8 +382,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         T, dim, n_experts, vocab, stride_x, stride_w, TOPK: tl.constexpr, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ONE_LEVEL: tl.constexpr,
-                        REDUCE_BUDGET: tl.constexpr):
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
@@ -421,10 +390,6 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     hash routing, the scores); the last chunk of a tile to arrive merges the sorted lists
     (pick kk looks at list positions 0..kk only) and takes the weights from the picks' scores,
     or (hash) reads the scores at the table ids.  Each arriver that acts resets its counter.
-    With ONE_LEVEL, every (chunk, split) program of a tile counts on the tile's ticket and the
-    last one reduces all experts' partials of the tail rows and selects over all of them:
-    one arrival and one batch of reads fewer, the same sums in the same order, the same ids
-    and weights bit for bit.
 
     The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
     rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
@@ -443,8 +408,6 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     # covers 28 splits of 256 at dim 7168).
     REDUCE_FIT: tl.constexpr = (REDUCE_BUDGET + TAIL_T * BLOCK_E - 1) // (TAIL_T * BLOCK_E)
     REDUCE_UNROLL: tl.constexpr = REDUCE_FIT if REDUCE_FIT <= 32 else 32
-    ALL_FIT: tl.constexpr = (REDUCE_BUDGET + TAIL_T * E_PAD - 1) // (TAIL_T * E_PAD)  # the same, one-level tail
-    ALL_UNROLL: tl.constexpr = ALL_FIT if ALL_FIT <= 32 else 32
     n_splits = tl.cdiv(dim, SPLIT_K)
     n_chunks = tl.cdiv(n_experts, BLOCK_E)
     pid = tl.program_id(0)
@@ -462,15 +425,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     tail_live = tail_tok < T
     kcol = tl.arange(0, K_PAD)
     out_col = kcol < TOPK
-    all_e = tl.arange(0, E_PAD)  # one-level tail: every expert of the tail rows
-    all_e_live = all_e < n_experts
     if HASH:
         tail_tok_id = tl.load(tok_ids_ptr + tail_tok, mask=tail_live, other=0)
     elif HAS_BIAS:
-        if ONE_LEVEL:
-            all_bias = tl.load(bias_ptr + all_e, mask=all_e_live, other=0.0)
-        else:
-            e_bias = tl.load(bias_ptr + e, mask=e_live, other=0.0)
+        e_bias = tl.load(bias_ptr + e, mask=e_live, other=0.0)
 
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for k0 in range(0, SPLIT_K, BLOCK_K):
@@ -491,139 +449,106 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     tl.store(partial_ptr + (group * n_splits + split) * TILE + in_tile, acc, mask=live[:, None])
 
     tl.debug_barrier()  # all threads' partials are written before the arrival is published
-    if ONE_LEVEL:
-        arrived = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
-        if arrived == n_chunks * n_splits - 1:
+    arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
+    if arrived == n_splits - 1:
+        tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
+        tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
+        # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
+        z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
+        for s0 in range(0, n_splits, REDUCE_UNROLL):
+            for u in tl.static_range(REDUCE_UNROLL):
+                # Past the last split: a valid slot is read (no split mask, so the loads batch) and dropped.
+                part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE
+                               + tail_in_tile, mask=tail_live[:, None], other=0.0, cache_modifier=".cg")
+                z += tl.where(s0 + u < n_splits, part, 0.0)
+        s = _sqrt_softplus(z)
+        if HASH:  # the tile's last arriver reads the scores at the table ids
+            tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
+                     mask=tail_live[:, None] & e_live[None, :])
+        else:
+            key = s
+            if HAS_BIAS:
+                key = s + e_bias[None, :]
+            packed = tl.where(e_live[None, :], _packed_key(key, e[None, :]), INT64_MIN)
+            last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+            top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
+            top_s = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
+            for kk in tl.static_range(K_PAD):
+                if kk < TOPK:  # a chunk with fewer live experts than TOPK leaves INT64_MIN (no candidate)
+                    last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
+                    top = tl.where(kcol[None, :] == kk, last[:, None], top)
+                    top_s = tl.where(kcol[None, :] == kk, last_s[:, None], top_s)
+            # Position-major lists: entry j of every chunk side by side (see the final selection).
+            cand_slot = tail_tok[:, None] * N_CAND + kcol[None, :] * NC_PAD + chunk
+            tl.store(cand_ptr + cand_slot, top, mask=tail_live[:, None] & out_col[None, :])
+            tl.store(cand_s_ptr + cand_slot, top_s, mask=tail_live[:, None] & out_col[None, :])
+
+        tl.debug_barrier()  # scores and candidates are written before the arrival is published
+        done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
+        if done == n_chunks - 1:
             tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
-            # Slot of (tail row, expert) in split 0: the expert's (tile, chunk) group, its column.
-            expert_slot = (tile * n_chunks + all_e // BLOCK_E).to(tl.int64) * n_splits * TILE + all_e % BLOCK_E
-            tail_slot = tail_rows[:, None] * BLOCK_E + expert_slot[None, :]
-            tail_mask = tail_live[:, None] & all_e_live[None, :]
-            z = tl.zeros([TAIL_T, E_PAD], dtype=tl.float32)
-            for s0 in range(0, n_splits, ALL_UNROLL):  # split order, as the two-level reducers
-                for u in tl.static_range(ALL_UNROLL):
-                    part = tl.load(partial_ptr + tail_slot + tl.minimum(s0 + u, n_splits - 1) * TILE, mask=tail_mask,
-                                   other=0.0, cache_modifier=".cg")
-                    z += tl.where(s0 + u < n_splits, part, 0.0)
-            s = _sqrt_softplus(z)
-            w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
+            out_mask = tail_live[:, None] & out_col[None, :]
             if HASH:
                 sel_id = tl.minimum(tl.maximum(table_ids, 0), n_experts - 1)
-                for kk in tl.static_range(TOPK):
-                    want = tl.sum(tl.where(kcol[None, :] == kk, sel_id, 0), axis=1)
-                    w = tl.where(kcol[None, :] == kk, _pick(s, all_e[None, :] == want[:, None])[:, None], w)
+                w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
+                            cache_modifier=".cg")
             else:
-                key = s
-                if HAS_BIAS:
-                    key = s + all_bias[None, :]
-                packed = tl.where(all_e_live[None, :], _packed_key(key, all_e[None, :]), INT64_MIN)
+                # Each chunk's list is sorted, so the kk-th pick of a token is at position <= kk
+                # of its chunk's list: pick kk scans positions 0..kk only (21 of 48 entries per
+                # chunk for TOPK = 6), and carries the pick's score along (no gather after).
+                c = tl.arange(0, NC_PAD)
+                list_slot = tail_tok[:, None] * N_CAND + c[None, :]
+                has_list = tail_live[:, None] & (c < n_chunks)[None, :]
+                # Positions past TOPK - 1 are neither written nor read.
+                p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
+                if TOPK > 1:
+                    p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
+                if TOPK > 2:
+                    p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
+                if TOPK > 3:
+                    p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
+                if TOPK > 4:
+                    p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
+                if TOPK > 5:
+                    p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
+                if TOPK > 6:
+                    p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
+                if TOPK > 7:
+                    p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
                 last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+                w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
                 sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
-                for kk in tl.static_range(TOPK):  # TOPK <= E live experts: every pick is found
-                    last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
-                    w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
-                    sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
-            _write_outputs(weights_ptr, ids_ptr, w, sel_id, tail_tok, tail_live[:, None] & out_col[None, :],
-                           route_scale, K_PAD, TOPK)
-    else:
-        arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
-        if arrived == n_splits - 1:
-            tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
-            tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
-            # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
-            z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
-            for s0 in range(0, n_splits, REDUCE_UNROLL):
-                for u in tl.static_range(REDUCE_UNROLL):
-                    # Past the last split: a valid slot is read (no split mask, so the loads batch) and dropped.
-                    part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE
-                                   + tail_in_tile, mask=tail_live[:, None], other=0.0, cache_modifier=".cg")
-                    z += tl.where(s0 + u < n_splits, part, 0.0)
-            s = _sqrt_softplus(z)
-            if HASH:  # the tile's last arriver reads the scores at the table ids
-                tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
-                         mask=tail_live[:, None] & e_live[None, :])
-            else:
-                key = s
-                if HAS_BIAS:
-                    key = s + e_bias[None, :]
-                packed = tl.where(e_live[None, :], _packed_key(key, e[None, :]), INT64_MIN)
-                last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
-                top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
-                top_s = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
                 for kk in tl.static_range(K_PAD):
-                    if kk < TOPK:  # a chunk with fewer live experts than TOPK leaves INT64_MIN (no candidate)
-                        last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
-                        top = tl.where(kcol[None, :] == kk, last[:, None], top)
-                        top_s = tl.where(kcol[None, :] == kk, last_s[:, None], top_s)
-                # Position-major lists: entry j of every chunk side by side (see the final selection).
-                cand_slot = tail_tok[:, None] * N_CAND + kcol[None, :] * NC_PAD + chunk
-                tl.store(cand_ptr + cand_slot, top, mask=tail_live[:, None] & out_col[None, :])
-                tl.store(cand_s_ptr + cand_slot, top_s, mask=tail_live[:, None] & out_col[None, :])
-
-            tl.debug_barrier()  # scores and candidates are written before the arrival is published
-            done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
-            if done == n_chunks - 1:
-                tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
-                out_mask = tail_live[:, None] & out_col[None, :]
-                if HASH:
-                    sel_id = tl.minimum(tl.maximum(table_ids, 0), n_experts - 1)
-                    w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
-                                cache_modifier=".cg")
-                else:
-                    # Each chunk's list is sorted, so the kk-th pick of a token is at position <= kk
-                    # of its chunk's list: pick kk scans positions 0..kk only (21 of 48 entries per
-                    # chunk for TOPK = 6), and carries the pick's score along (no gather after).
-                    c = tl.arange(0, NC_PAD)
-                    list_slot = tail_tok[:, None] * N_CAND + c[None, :]
-                    has_list = tail_live[:, None] & (c < n_chunks)[None, :]
-                    # Positions past TOPK - 1 are neither written nor read.
-                    p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
-                    if TOPK > 1:
-                        p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
-                    if TOPK > 2:
-                        p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
-                    if TOPK > 3:
-                        p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
-                    if TOPK > 4:
-                        p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
-                    if TOPK > 5:
-                        p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
-                    if TOPK > 6:
-                        p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
-                    if TOPK > 7:
-                        p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
-                    last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
-                    w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
-                    sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
-                    for kk in tl.static_range(K_PAD):
-                        if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
-                            best, best_s = _below(p0, q0, last)
-                            if kk >= 1:
-                                best, best_s = _fold_position(best, best_s, p1, q1, last)
-                            if kk >= 2:
-                                best, best_s = _fold_position(best, best_s, p2, q2, last)
-                            if kk >= 3:
-                                best, best_s = _fold_position(best, best_s, p3, q3, last)
-                            if kk >= 4:
-                                best, best_s = _fold_position(best, best_s, p4, q4, last)
-                            if kk >= 5:
-                                best, best_s = _fold_position(best, best_s, p5, q5, last)
-                            if kk >= 6:
-                                best, best_s = _fold_position(best, best_s, p6, q6, last)
-                            if kk >= 7:
-                                best, best_s = _fold_position(best, best_s, p7, q7, last)
-                            last, last_s = tl.reduce((best, best_s), 1, _larger_key)
-                            w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
-                            sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
-                _write_outputs(weights_ptr, ids_ptr, w, sel_id, tail_tok, out_mask, route_scale, K_PAD, TOPK)
-
+                    if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
+                        best, best_s = _below(p0, q0, last)
+                        if kk >= 1:
+                            best, best_s = _fold_position(best, best_s, p1, q1, last)
+                        if kk >= 2:
+                            best, best_s = _fold_position(best, best_s, p2, q2, last)
+                        if kk >= 3:
+                            best, best_s = _fold_position(best, best_s, p3, q3, last)
+                        if kk >= 4:
+                            best, best_s = _fold_position(best, best_s, p4, q4, last)
+                        if kk >= 5:
+                            best, best_s = _fold_position(best, best_s, p5, q5, last)
+                        if kk >= 6:
+                            best, best_s = _fold_position(best, best_s, p6, q6, last)
+                        if kk >= 7:
+                            best, best_s = _fold_position(best, best_s, p7, q7, last)
+                        last, last_s = tl.reduce((best, best_s), 1, _larger_key)
+                        w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
+                        sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
+            w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
+            w = w * route_scale
+            out = tail_tok[:, None] * TOPK + kcol[None, :]
+            tl.store(weights_ptr + out, w, mask=out_mask)
+            tl.store(ids_ptr + out, sel_id, mask=out_mask)
 
 _route_split_tuned = autotune(
-    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk, "ONE_LEVEL": one_level,
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
                             "REDUCE_BUDGET": _reduce_budget(w)}, num_warps=w, num_stages=st)
-             for bt, be, bk, sk, one_level, w, st in _SPLIT_CONFIGS],
-    # Tail rows in the key: T = 1 (2 rows) and T = 8 (8 rows) may prefer different arrival levels.
-    key=["n_experts", "dim", "t_bucket", "TOPK", "TAIL_ROWS"], name="route_split",
+             for bt, be, bk, sk, w, st in _SPLIT_CONFIGS],
+    key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
 )(_route_split_kernel)
 
@@ -666,9 +591,9 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
 
 
 def _check_split_config(config):
-    if len(config) != 7 or not isinstance(config[4], bool):
-        raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, ONE_LEVEL, num_warps, num_stages) "
-                         f"with a bool ONE_LEVEL, got {config}")
+    if len(config) != 6:
+        raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages), "
+                         f"got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
     if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
@@ -678,9 +603,8 @@ def _check_split_config(config):
 
 def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
-    """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket and tail
-    rows unless ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, ONE_LEVEL, num_warps, num_stages)
-    is given)."""
+    """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
+    ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages) is given)."""
     weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
     if x.shape[0] == 0:
         return weights, ids
@@ -713,10 +637,10 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if config is None:
         _route_split_tuned[grid](*args, **meta)
     else:
-        bt, be, bk, sk, one_level, w, st = config
+        bt, be, bk, sk, w, st = config
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
-            *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, ONE_LEVEL=one_level,
-            REDUCE_BUDGET=_reduce_budget(w), num_warps=w, num_stages=st)
+            *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
+            num_warps=w, num_stages=st)
     return weights, ids
 
 

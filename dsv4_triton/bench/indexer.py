@@ -103,7 +103,8 @@ def _decode_cases(quick):
                     run=lambda qi, w, keys, nv, config=config: kernels.indexer_scores(qi, w, keys, nv, config=config),
                     eager=None, oracle=scores_oracle,
                     bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
-                    notes=f"one config, keys as the MMA's {'A' if keys_as_a else 'B'} operand (same scores)"))
+                    notes=("one config, keys as the MMA's A operand (the tuned form)" if keys_as_a else
+                           "one config, keys as the MMA's B operand (comparison only: never tuned)")))
         cuda = torch.device("cuda")
         parts = kernels.plan_parts(bsz, n_keys, TOP_K, cuda)
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, cuda)

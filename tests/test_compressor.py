@@ -516,10 +516,10 @@ def test_encoded_forms_of_nothing_launch_nothing(device):
     args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _args(n=0).items()}
     cache = torch.full((2, 4, 200), SENTINEL, dtype=torch.uint8, device=device)
     rows = torch.zeros(0, dtype=torch.int64, device=device)
+    full = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _args(n=3).items()}
     with use_backend("triton"):
         assert ops.compress_entries(**args, cache=cache, rows=rows).shape == (0, 128)
         ops.compress_entries_to_cache(*list(args.values())[:6], cache, rows, 4, "kv")
-        full = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _args(n=3).items()}
         no_rows = torch.zeros(0, 4, 200, dtype=torch.uint8, device=device)
         ops.compress_entries_to_cache(*list(full.values())[:6], no_rows, torch.full((3,), -1, device=device), 4, "kv")
         ops.store_window_kv(torch.zeros(2, 0, 128, dtype=torch.bfloat16, device=device), rope_table(16, device),

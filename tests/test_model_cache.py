@@ -326,6 +326,8 @@ def test_prefill_then_decode_rows_equal_one_longer_prefill(model, tokens, backen
     at different positions: after the prefill and ``steps`` decode steps, every live cache
     row (window, compressed entries, indexer keys) is bit-identical to that of one prefill
     of the longer prompt.  The cache-writing ops run on ``backend``."""
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the model fixture runs on the CPU, where Triton needs the interpreter (CPU-only runs)")
     if backend == "triton" and max(lengths) > 64:
         pytest.skip("the interpreter is slow: the triton writes are checked on the short prompts")
     names = WRITE_OPS if backend == "triton" else None

@@ -388,7 +388,7 @@ def test_align_edge_cases(device, case):
         ids = torch.tensor([[3, 3], [1, 3]], dtype=torch.int32)
     elif case == "out_of_range":
         ids = torch.tensor([[-1, 2], [8, 2**31 - 1], [-2**31, 0]], dtype=torch.int32)
-    else:  # 3 chunks of the scatter: the per-expert cursors carry over between chunks
+    else:  # 3 chunks: each expert's pairs in earlier chunks offset its rows in later ones
         ids, block_m = torch.randint(0, n_experts, (2 * kern.ALIGN_CHUNK + 7, 1), generator=g).to(torch.int32), 16
     assert_align(ids.to(device), n_experts, block_m)
 
@@ -402,6 +402,21 @@ def test_align_matches_the_pair_by_pair_contract(device, t, k, n_experts, block_
     by_sort = expected_align_by_sort(ids, n_experts, block_m)  # the GPU test's contract, checked here
     by_pair = expected_align(ids, n_experts, block_m)
     assert torch.equal(by_sort[0], by_pair[0]) and torch.equal(by_sort[1], by_pair[1])
+
+
+@given(pairs=st.integers(1, 300), n_experts=st.integers(1, 40), block_m=st.sampled_from([1, 2, 16]),
+       seed=st.integers(0, 2**31))
+def test_align_with_small_steps_matches_the_contract(device, pairs, n_experts, block_m, seed):
+    # Small chunks, scan steps, expert groups, block groups and expert tiles, so that a few
+    # hundred pairs span many programs of every launch and several steps of every loop: the
+    # chunk bases carried across scan steps and expert groups, block groups at the ends.
+    g = _gen(seed)
+    ids = torch.randint(-1, n_experts + 1, (pairs, 1), generator=g).to(torch.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("ALIGN_CHUNK", 8), ("ALIGN_SCAN_CHUNKS", 4), ("ALIGN_SCAN_EXPERTS", 4),
+                            ("ALIGN_BLOCKS", 2), ("ALIGN_EXPERT_TILE", 8)):
+            mp.setattr(kern, name, value)
+        assert_align(ids.to(device), n_experts, block_m)
 
 
 def test_align_is_deterministic(device):
@@ -448,6 +463,28 @@ def test_align_real_sizes(device, t, n_experts, block_m):
     assert torch.equal(sorted_pair, want_pair)
     again = kern.align(ids, n_experts, block_m)
     assert torch.equal(again[0], sorted_pair) and torch.equal(again[1], block_expert)
+
+
+@pytest.mark.gpu
+def test_align_replays_in_a_cuda_graph(device):
+    # No host sync and no allocation that depends on the ids: a captured align replays with
+    # new ids in its input buffer and gives their lists.
+    n_experts, block_m = 384, 16
+    g = torch.Generator(device=device).manual_seed(5)
+
+    def routing_ids():
+        return torch.rand(64, n_experts, device=device, generator=g).argsort(dim=1)[:, :6].to(torch.int32)
+
+    ids = routing_ids()
+    kern.align(ids, n_experts, block_m)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sorted_pair, block_expert = kern.align(ids, n_experts, block_m)
+    for _ in range(2):
+        ids.copy_(routing_ids())
+        graph.replay()
+        want_pair, want_expert = expected_align_by_sort(ids, n_experts, block_m)
+        assert torch.equal(block_expert, want_expert) and torch.equal(sorted_pair, want_pair)
 
 
 MOE_TYPES = dict(w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr="*i32", block_expert_ptr="*i32")

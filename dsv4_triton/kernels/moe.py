@@ -1,12 +1,14 @@
 """Triton routed experts: sort by expert, two grouped MXFP4 GEMMs, deterministic combine.
 
-1. Align (one single-program launch, no host sync, see ``align``): the ``T * k``
+1. Align (three launches of many programs, no host sync, see ``align``): the ``T * k``
    (token, slot) pairs are sorted by expert, in pair order within an expert, and each
    expert's run is padded to a multiple of ``BLOCK_M``; ``sorted_pair[r]`` is the pair at
    padded row r (-1 for padding) and ``block_expert[b]`` the expert of row block b (``E``
-   past the end).  The number of blocks is never read on the host: the GEMM grids are
-   sized for the worst case, ``ceil(T*k / BLOCK_M) + min(E, T*k)`` blocks, and programs
-   past the end exit at once.
+   past the end).  Per 128-pair chunk an expert histogram; per expert the counts of the
+   earlier chunks (a scan over chunks); then each chunk's pairs are scattered to their rows
+   while other programs write the block experts and padding rows.  The number of blocks is
+   never read on the host: the GEMM grids are sized for the worst case,
+   ``ceil(T*k / BLOCK_M) + min(E, T*k)`` blocks, and programs past the end exit at once.
 2. w13 GEMM: program (block, j) multiplies the block's token rows by the expert's gate and
    up rows ``128j .. 128j+127`` (one 256-row tile of the packed ``w13``), then in the
    epilogue applies the clamped SwiGLU and the pair's routing weight and quantises the
@@ -53,84 +55,123 @@ def block_m_for(pairs: int, n_experts: int) -> int:
     return 128
 
 
-# Pairs per step of the align kernel: its rank computation compares every pair of a chunk
-# with every other one (CHUNK^2 comparisons per CHUNK pairs).
+# Pairs per program of the align's count and scatter launches (the scatter ranks a chunk's pairs
+# by a CHUNK x CHUNK comparison), experts per program of its scan launch, row blocks per
+# program of its block pass, experts per step of the scatter's expert-start sums.
 ALIGN_CHUNK = 128
+ALIGN_SCAN_EXPERTS = 16
+ALIGN_SCAN_CHUNKS = 256
+ALIGN_BLOCKS = 16
+ALIGN_EXPERT_TILE = 32
 
 
 @triton.jit
-def _moe_align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, pad_start_ptr, chunk_base_ptr, n_pairs,
-                      n_experts, max_rows, max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                      CHUNK: tl.constexpr, FILL: tl.constexpr):
-    """One program: expert counts, block-padded offsets, the sorted pair list, the expert of
-    every row block.  Workspace (a register tensor cannot be indexed by another, so the
-    per-pair look-ups go through memory): ``pad_start_ptr`` ``[E_PAD]``, each expert's first
-    row; ``chunk_base_ptr`` ``[n_chunks, E_PAD]``, each expert's pairs in earlier chunks."""
-    experts = tl.arange(0, E_PAD)
-    real_expert = experts < n_experts
-    lane = tl.arange(0, CHUNK)
-    # 1. Counts, and per chunk the counts of the chunks before it.  Ids outside [0, E) go to
-    #    bucket E (E_PAD > E), which is never placed.
-    counts = tl.zeros((E_PAD,), dtype=tl.int32)
-    for c0 in range(0, n_pairs, CHUNK):
-        p = c0 + lane
-        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
-        e = tl.where((e >= 0) & (e < n_experts), e, n_experts)
-        tl.store(chunk_base_ptr + (c0 // CHUNK) * E_PAD + experts, counts)
-        counts += tl.histogram(e, E_PAD)
-    padded = tl.where(real_expert, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
-    pad_end = tl.cumsum(padded, 0)
-    tl.store(pad_start_ptr + experts, pad_end - padded)
-    # 2. Padding rows read as -1; rows past the last expert's end are never read.
-    for r0 in range(0, max_rows, FILL):
-        r = r0 + tl.arange(0, FILL)
-        tl.store(sorted_pair_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < max_rows)
-    # 3. Block b belongs to the first expert whose padded range ends after row b * BLOCK_M
-    #    (empty experts end where they start and are skipped); E past the last one.
-    for b0 in range(0, max_blocks, 16):
-        b = b0 + tl.arange(0, 16)
-        before = (pad_end[None, :] <= (b * BLOCK_M)[:, None]) & real_expert[None, :]
-        tl.store(block_expert_ptr + b, tl.sum(before.to(tl.int32), axis=1), mask=b < max_blocks)
-    tl.debug_barrier()  # the -1 fill and the workspace are in place before the scatter
-    # 4. Scatter: a pair's row is its expert's first row, plus its pairs in earlier chunks,
-    #    plus the earlier pairs of its own chunk; so each expert's rows keep pair (token)
-    #    order and the result does not depend on scheduling.  Chunks are independent.
-    earlier = lane[None, :] < lane[:, None]
-    for c0 in range(0, n_pairs, CHUNK):
-        p = c0 + lane
-        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
+def _align_count_kernel(ids_ptr, counts_ptr, n_pairs, n_experts, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Program c: the expert histogram of pairs ``c * CHUNK ..`` -> ``counts[c, :]``.  Ids outside
+    [0, E) go to bucket E (E_PAD > E), which is never placed."""
+    c = tl.program_id(0)
+    p = c * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + p, mask=p < n_pairs, other=n_experts)
+    e = tl.where((e >= 0) & (e < n_experts), e, n_experts)
+    tl.store(counts_ptr + c.to(tl.int64) * E_PAD + tl.arange(0, E_PAD), tl.histogram(e, E_PAD))
+
+
+@triton.jit
+def _align_scan_kernel(counts_ptr, totals_ptr, n_chunks, n_experts, E_PAD: tl.constexpr,
+                       EXPERTS: tl.constexpr, CHUNKS: tl.constexpr):
+    """Program g, experts ``g * EXPERTS ..``: ``counts[c, e]`` becomes the number of the
+    expert's pairs in chunks before c (in place), ``totals[e]`` its number of pairs."""
+    ex = tl.program_id(0) * EXPERTS + tl.arange(0, EXPERTS)
+    ex_ok = ex < n_experts
+    before = tl.zeros((EXPERTS,), dtype=tl.int32)
+    for c0 in range(0, n_chunks, CHUNKS):
+        c = c0 + tl.arange(0, CHUNKS)
+        at = counts_ptr + c.to(tl.int64)[:, None] * E_PAD + ex[None, :]
+        ok = (c < n_chunks)[:, None] & ex_ok[None, :]
+        n = tl.load(at, mask=ok, other=0)
+        tl.store(at, tl.cumsum(n, axis=0) - n + before[None, :], mask=ok)
+        before += tl.sum(n, axis=0)
+    tl.store(totals_ptr + ex, before, mask=ex_ok)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, chunk_base_ptr, totals_ptr, sorted_pair_ptr, block_expert_ptr, n_pairs,
+                          n_chunks, n_experts, max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                          CHUNK: tl.constexpr, BLOCKS: tl.constexpr, TILE: tl.constexpr):
+    """Program i places the pairs of chunk i (if any) and fills row blocks ``i * BLOCKS ..``
+    (if any): their experts and their padding rows.  Expert e's rows start after the padded
+    rows of the experts below it; a pair's row is that start, plus the expert's pairs in
+    earlier chunks, plus the earlier pairs of its own chunk: each expert's rows keep pair
+    (token) order, whatever the scheduling.  Every row is written by exactly one program."""
+    pid = tl.program_id(0)
+    if pid < n_chunks:
+        lane = tl.arange(0, CHUNK)
+        p = pid * CHUNK + lane
+        e = tl.load(ids_ptr + p, mask=p < n_pairs, other=-1)
         placed = (e >= 0) & (e < n_experts)
         e = tl.where(placed, e, 0)
+        start = tl.zeros((CHUNK,), dtype=tl.int32)
+        for t in tl.static_range(E_PAD // TILE):
+            ex = t * TILE + tl.arange(0, TILE)
+            padded = (tl.load(totals_ptr + ex, mask=ex < n_experts, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            start += tl.sum(tl.where(ex[None, :] < e[:, None], padded[None, :], 0), axis=1)
+        earlier = lane[None, :] < lane[:, None]
         rank = tl.sum(((e[None, :] == e[:, None]) & placed[None, :] & earlier).to(tl.int32), axis=1)
-        row = (tl.load(pad_start_ptr + e, mask=placed, other=0, volatile=True)
-               + tl.load(chunk_base_ptr + (c0 // CHUNK) * E_PAD + e, mask=placed, other=0, volatile=True) + rank)
-        tl.store(sorted_pair_ptr + row, p, mask=placed)
+        base = tl.load(chunk_base_ptr + pid.to(tl.int64) * E_PAD + e, mask=placed, other=0)
+        tl.store(sorted_pair_ptr + start + base + rank, p, mask=placed)
+    if pid * BLOCKS < max_blocks:
+        # Block b belongs to the expert whose padded range holds row b * BLOCK_M, its number is
+        # that of the experts ending at or before it (empty ones included); E past the last one.
+        b = pid * BLOCKS + tl.arange(0, BLOCKS)
+        first = b * BLOCK_M
+        ex = tl.arange(0, E_PAD)
+        real = ex < n_experts
+        count = tl.load(totals_ptr + ex, mask=real, other=0)
+        padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        begin = end - padded
+        ends_before = (end[None, :] <= first[:, None]) & real[None, :]
+        holds = (begin[None, :] <= first[:, None]) & (first[:, None] < end[None, :])
+        tl.store(block_expert_ptr + b, tl.sum(ends_before.to(tl.int32), axis=1), mask=b < max_blocks)
+        own_begin = tl.sum(tl.where(holds, begin[None, :], 0), axis=1)
+        own_count = tl.sum(tl.where(holds, count[None, :], 0), axis=1)  # 0 past the last expert
+        r = first[:, None] + tl.arange(0, BLOCK_M)[None, :]
+        padding = (r - own_begin[:, None] >= own_count[:, None]) & (b < max_blocks)[:, None]
+        tl.store(sorted_pair_ptr + r, tl.full(r.shape, -1, tl.int32), mask=padding)
 
 
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     """(sorted_pair int32 ``[max_blocks * block_m]``, block_expert int32 ``[max_blocks]``),
-    one launch, no host sync.
+    three launches (count, scan, scatter), no host sync.
 
     ``sorted_pair[r]`` is the pair id ``t * k + slot`` at padded row r, -1 for a padding
     row; within an expert the pairs are in pair order (token order).  ``block_expert[b]`` is
     the expert of row block b, ``E`` past the last used block.  ``max_blocks`` is the worst
     case ``ceil(T*k / block_m) + min(E, T*k)``, known on the host.  Pairs whose id is outside
     ``[0, E)`` are not placed (they contribute nothing).  Duplicate ids in a row are two
-    pairs like any other (``ops.moe_experts`` rejects them in checked mode).
+    pairs like any other (``ops.moe_experts`` rejects them in checked mode).  The counts are
+    integers and every output element is written by one program, so the result is the same
+    on every run.
     """
     pairs = topk_ids.numel()
     max_blocks = triton.cdiv(pairs, block_m) + min(n_experts, pairs)
     max_rows = max_blocks * block_m
-    e_pad = triton.next_power_of_2(n_experts + 1)
+    e_pad = max(triton.next_power_of_2(n_experts + 1), ALIGN_EXPERT_TILE)
     n_chunks = triton.cdiv(pairs, ALIGN_CHUNK)
-    # One allocation: the two outputs and the kernel's workspace.
-    buf = torch.empty(max_rows + max_blocks + (1 + n_chunks) * e_pad, dtype=torch.int32, device=topk_ids.device)
+    # One allocation: the two outputs and the workspace (per-chunk counts, then bases; totals).
+    buf = torch.empty(max_rows + max_blocks + (n_chunks + 1) * e_pad, dtype=torch.int32, device=topk_ids.device)
     sorted_pair, block_expert = buf[:max_rows], buf[max_rows:max_rows + max_blocks]
-    pad_start = buf[max_rows + max_blocks:max_rows + max_blocks + e_pad]
-    chunk_base = buf[max_rows + max_blocks + e_pad:]
-    _moe_align_kernel[(1,)](topk_ids.contiguous(), sorted_pair, block_expert, pad_start, chunk_base, pairs,
-                            n_experts, max_rows, max_blocks, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
-                            FILL=1024, num_warps=8)
+    chunk_base = buf[max_rows + max_blocks:max_rows + max_blocks + n_chunks * e_pad]
+    totals = buf[max_rows + max_blocks + n_chunks * e_pad:]
+    ids = topk_ids.contiguous()
+    _align_count_kernel[(n_chunks,)](ids, chunk_base, pairs, n_experts, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
+                                     num_warps=4)
+    _align_scan_kernel[(triton.cdiv(n_experts, ALIGN_SCAN_EXPERTS),)](
+        chunk_base, totals, n_chunks, n_experts, E_PAD=e_pad, EXPERTS=ALIGN_SCAN_EXPERTS, CHUNKS=ALIGN_SCAN_CHUNKS,
+        num_warps=4)
+    _align_scatter_kernel[(max(n_chunks, triton.cdiv(max_blocks, ALIGN_BLOCKS)),)](
+        ids, chunk_base, totals, sorted_pair, block_expert, pairs, n_chunks, n_experts, max_blocks, BLOCK_M=block_m,
+        E_PAD=e_pad, CHUNK=ALIGN_CHUNK, BLOCKS=ALIGN_BLOCKS, TILE=ALIGN_EXPERT_TILE, num_warps=8)
     return sorted_pair, block_expert
 
 

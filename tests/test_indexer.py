@@ -1,5 +1,7 @@
 """indexer_topk: the oracle against SPEC 7 written out by hand, the Triton kernels against the oracle."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -226,11 +228,12 @@ def distinct_score_inputs(g, bsz, seq, n_keys, low, high, special):
        spread=st.sampled_from([(-3000000, 3000000), (1000, 1800), (-2000, 2000), (2**20, 2**20 + 3000)]),
        special=st.booleans(),
        parts=st.sampled_from([("parts", 2), ("parts", 7), ("parts", 16), ("parts", 4)]),
-       seed=st.integers(0, 2**31))
-def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spread, special, parts, seed):
+       block=st.sampled_from([kernels.ROW_PARALLEL_BLOCK, 64]), seed=st.integers(0, 2**31))
+def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spread, special, parts, block, seed):
     """Distinct scores over many octaves, or packed into a few top-level digits (near 2^20
     consecutive integers differ in the key's low bits: every radix level), with +-Inf and
-    +-0 among them: the selection equals the oracle's exactly.  The interpreter warns of Inf * 0 in the padding heads'
+    +-0 among them: the selection equals the oracle's exactly, with chunks of one block or
+    (64-score blocks) of several.  The interpreter warns of Inf * 0 in the padding heads'
     products; the kernel masks those rows."""
     g = torch.Generator().manual_seed(seed)
     low, high = spread
@@ -238,7 +241,8 @@ def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spre
     qi, w, keys = distinct_score_inputs(g, bsz, seq, n_keys, low, high, special)
     n_valid = random_n_valid(g, bsz, seq, n_keys)
     expected = ref.indexer_topk(qi, w, keys, n_valid, k)
-    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, parts)
+    with mock.patch.object(kernels, "ROW_PARALLEL_BLOCK", block):
+        got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, parts)
     assert torch.equal(got.cpu(), expected)
 
 
@@ -308,9 +312,14 @@ _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=1
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=False), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=256, PADDED=True), 8),
-    ("_row_level_kernel", dict(LEVEL=0, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=3, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=256, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=0, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=2, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
+     kernels.ROW_PARALLEL_WARPS),
+    ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK),
+     kernels.ROW_PARALLEL_WARPS),
+    ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
+     kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):
     """The interpreter accepts code the GPU compiler rejects (a loop variable changing shape):

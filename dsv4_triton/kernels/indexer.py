@@ -324,18 +324,25 @@ def _segment_keys(val_ptr, idx_ptr, offs, n, HAS_IDX: tl.constexpr):
 def _level_histogram(val_ptr, idx_ptr, n, prefix, LEVEL: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
     """Histogram of radix digit ``LEVEL`` (0 = the top byte, taken signed) over the elements
     whose higher digits equal ``prefix``."""
-    DIGIT_SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
     hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         key, v, ok = _segment_keys(val_ptr, idx_ptr, start + tl.arange(0, BLOCK), n, HAS_IDX)
-        if LEVEL == 0:
-            digit = (key >> DIGIT_SHIFT) + RADIX_BINS // 2  # arithmetic shift: signed top digit
-            match = ok
-        else:
-            digit = (key >> DIGIT_SHIFT) & (RADIX_BINS - 1)
-            match = ok & ((key >> (DIGIT_SHIFT + RADIX_BITS)) == prefix)
-        hist += tl.histogram(digit, RADIX_BINS, mask=match)
+        hist += _digit_histogram(key, ok, prefix, LEVEL)
     return hist
+
+
+@triton.jit
+def _digit_histogram(key, ok, prefix, LEVEL: tl.constexpr):
+    """Histogram of radix digit ``LEVEL`` of the keys where ``ok`` whose higher digits equal
+    ``prefix``."""
+    DIGIT_SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
+    if LEVEL == 0:
+        digit = (key >> DIGIT_SHIFT) + RADIX_BINS // 2  # arithmetic shift: signed top digit
+        match = ok
+    else:
+        digit = (key >> DIGIT_SHIFT) & (RADIX_BINS - 1)
+        match = ok & ((key >> (DIGIT_SHIFT + RADIX_BITS)) == prefix)
+    return tl.histogram(digit, RADIX_BINS, mask=match)
 
 
 @triton.jit
@@ -409,16 +416,23 @@ def _compact(val_ptr, idx_ptr, n, first_index, threshold, ties, taken, ties_seen
             idx = tl.load(idx_ptr + offs, mask=ok, other=-1)
         else:
             idx = first_index + offs
-        tie = ok & (key == threshold)
-        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)
-        take = (ok & (key > threshold)) | (tie & (tie_rank <= ties))
-        pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_idx_ptr + pos, idx, mask=take)
-        if WRITE_VALS:
-            tl.store(out_val_ptr + pos, v, mask=take)
-        taken += tl.sum(take.to(tl.int32), axis=0)
-        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+        taken, ties_seen = _compact_block(key, v, ok, idx, threshold, ties, taken, ties_seen, out_idx_ptr,
+                                          out_val_ptr, WRITE_VALS)
     return taken
+
+
+@triton.jit
+def _compact_block(key, v, ok, idx, threshold, ties, taken, ties_seen, out_idx_ptr, out_val_ptr,
+                   WRITE_VALS: tl.constexpr):
+    """``_compact`` of one block of keys held in registers -> (taken, ties_seen) after it."""
+    tie = ok & (key == threshold)
+    tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)
+    take = (ok & (key > threshold)) | (tie & (tie_rank <= ties))
+    pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_idx_ptr + pos, idx, mask=take)
+    if WRITE_VALS:
+        tl.store(out_val_ptr + pos, v, mask=take)
+    return taken + tl.sum(take.to(tl.int32), axis=0), ties_seen + tl.sum(tie.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -540,28 +554,49 @@ def _pick_level(row_ws, k, LEVEL: tl.constexpr):
 
 @triton.jit
 def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
-    """(row, first index, length) of this program's chunk of valid scores."""
+    """(row, first index, span, valid) of this program's chunk: ``span`` scores of the row
+    from ``first`` on (inside the row whatever n_valid is), the first ``valid`` of them below
+    n_valid.  The chunk's loads are bounded by ``span`` and only masked by ``valid`` after
+    they are issued, so they do not wait for n_valid's load (one round trip less per launch;
+    scores past n_valid are unwritten but inside the tensor, and never counted)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq
     nv = tl.load(nv_ptr + b * s_nb + (row - b * seq) * s_ns)
     nv = tl.minimum(tl.maximum(nv, 0), n_keys)
     first = tl.program_id(1) * chunk
-    return row, first, tl.maximum(tl.minimum(first + chunk, nv) - first, 0)
+    span = tl.maximum(tl.minimum(first + chunk, n_keys) - first, 0)
+    return row, first, span, tl.maximum(tl.minimum(first + chunk, nv) - first, 0)
+
+
+@triton.jit
+def _chunk_keys(vals, offs, span, valid):
+    """Keys, values and validity of chunk elements ``offs`` (see ``_row_chunk``)."""
+    v = tl.load(vals + offs, mask=offs < span, other=0.0)
+    return _order_key(v), v, offs < valid
 
 
 @triton.jit
 def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_zero, s_nb, s_ns,
-                      LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+                      LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's; the last
-    to arrive makes the level's pick."""
-    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    to arrive makes the level's pick.  ``ONE_BLOCK``: chunks of at most ``BLOCK`` scores."""
+    row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     row_ws = zeroed_ptr + row * s_zero
     vals = scores_ptr + row * n_keys + first
     if LEVEL == 0:
-        hist = _level_histogram(vals, vals, n, 0, 0, False, BLOCK)
+        prefix = 0
+        counted = n
+    else:  # once the row is done, the chunk counts nothing (its loads still go out: no wait)
+        prefix = tl.load(row_ws + STATE)
+        counted = tl.where(tl.load(row_ws + STATE + 2) != 0, 0, n)
+    if ONE_BLOCK:  # straight-line code: the block's loads are issued before n_valid arrives
+        key, _, ok = _chunk_keys(vals, tl.arange(0, BLOCK), span, counted)
+        hist = _digit_histogram(key, ok, prefix, LEVEL)
     else:
-        done = tl.load(row_ws + STATE + 2) != 0
-        hist = _level_histogram(vals, vals, tl.where(done, 0, n), tl.load(row_ws + STATE), LEVEL, False, BLOCK)
+        hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
+        for start in range(0, span, BLOCK):
+            key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
+            hist += _digit_histogram(key, ok, prefix, LEVEL)
     tl.atomic_add(row_ws + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
     if _arrive_last(row_ws):
         _pick_level(row_ws, k, LEVEL)
@@ -569,26 +604,31 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_z
 
 @triton.jit
 def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
-                      s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr):
+                      s_nb, s_ns, PARTS_P: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, part): count the chunk's keys above the threshold and tied with it,
     publish the counts, wait for every chunk before it to publish its own, then write the
     chunk's selection at its offset; the last part pads, the row's last arrival clears the
     published counts.  The wait cannot deadlock: a program waits only on programs of lower
     linear id (same row, lower part), which the GPU dispatches before it."""
-    row, first, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     row_ws = zeroed_ptr + row * s_zero
     threshold = tl.load(row_ws + STATE + 5)
     ties = tl.load(row_ws + STATE + 6)
     vals = scores_ptr + row * n_keys + first
-    above = tl.zeros_like(n)
-    equal = tl.zeros_like(n)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        key, v, ok = _segment_keys(vals, vals, offs, n, False)
-        above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
-        equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
+    if ONE_BLOCK:  # the block stays in registers for the write (see _row_level_kernel)
+        offs = tl.arange(0, BLOCK)
+        key, _, ok = _chunk_keys(vals, offs, span, n)
+        above = tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
+        equal = tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
+    else:
+        above = tl.zeros_like(n)
+        equal = tl.zeros_like(n)
+        for start in range(0, span, BLOCK):
+            key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
+            above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
+            equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
     # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
     # other memory depends on its ordering.
     row_counts = counts_ptr + row * s_counts
@@ -601,8 +641,13 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
     above_before = tl.sum(tl.where(before, (published >> 32) - 1, 0), axis=0).to(tl.int32)
     ties_before = tl.sum(tl.where(before, published & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
     out_row = out_ptr + row * k
-    taken = _compact(vals, vals, n, first, threshold, ties, above_before + tl.minimum(ties_before, ties),
-                     ties_before, out_row, out_row, False, False, BLOCK)
+    taken = above_before + tl.minimum(ties_before, ties)
+    if ONE_BLOCK:
+        taken, _ = _compact_block(key, key, ok, first + offs, threshold, ties, taken, ties_before, out_row, out_row,
+                                  False)
+    else:
+        taken = _compact(vals, vals, n, first, threshold, ties, taken, ties_before, out_row, out_row, False, False,
+                         BLOCK)
     if part == parts - 1:
         _pad(out_row, taken, k, BLOCK)
     if _arrive_last(row_ws):
@@ -761,7 +806,7 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     parts = triton.cdiv(n_keys, chunk)
     zeroed, counts = _workspace(scores.device, rows)
     grid = (rows, parts)
-    common = dict(BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
+    common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
     for level in range(RADIX_LEVELS.value):
         _row_level_kernel[grid](scores, n_valid, zeroed, seq, n_keys, k, chunk, zeroed.stride(0), *n_valid.stride(),
                                 LEVEL=level, **common)

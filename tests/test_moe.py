@@ -333,6 +333,32 @@ def test_moe_experts_table_rows_computed_or_gathered_agree(device, monkeypatch):
     assert_moe_close(gathered, x, w, ids, packed)
 
 
+@pytest.mark.parametrize("t, k, nan_row", [(5, 2, None), (3, 3, 1)])
+def test_moe_experts_fused_or_prepass_activation_agree(device, monkeypatch, t, k, nan_row):
+    # 16-row blocks: w13 quantising the BF16 rows in its K loop (a config choice) gives the
+    # pre-pass's codes and scales (the suite's first config), so the same bits, a NaN row too.
+    g = _gen(14 + t)
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, INTER, g))]
+    x = (torch.randn(t, DIM, generator=g) * 3).to(torch.bfloat16)
+    if nan_row is not None:
+        x[nan_row, 5] = float("nan")
+    x = x.to(device)
+    w, ids = routing(t, k, EXPERTS, g)
+    w, ids = w.to(device), ids.to(device)
+    assert kern.block_m_for(t * k, EXPERTS) == 16
+    prepass = _triton_moe(x, w, ids, *packed)
+    tuner = kern._moe_w13_kernel
+    first = tuner.configs[0]
+    assert first.kwargs["FUSED_QUANT"] is False
+    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, FUSED_QUANT=True),
+                                                         num_warps=first.num_warps, num_stages=first.num_stages)])
+    monkeypatch.setattr(tuner, "cache", {})
+    fused = _triton_moe(x, w, ids, *packed)
+    assert torch.equal(torch.isnan(prepass), torch.isnan(fused))
+    assert torch.equal(torch.nan_to_num(prepass), torch.nan_to_num(fused))
+    assert_moe_close(fused, x, w, ids, packed)
+
+
 def test_moe_experts_zero_tokens(device):
     packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(2, DIM, INTER, _gen(13)))]
     x = torch.zeros(0, DIM, dtype=torch.bfloat16, device=device)
@@ -491,17 +517,17 @@ MOE_TYPES = dict(w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("kernel, block_m, warps, stages", [("w13", 16, 8, 3), ("w13", 128, 8, 3), ("w2", 16, 4, 3)])
-def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stages):
+@pytest.mark.parametrize("kernel, block_m, warps, stages, fused", [
+    ("w13", 16, 8, 3, True), ("w13", 16, 8, 3, False), ("w13", 128, 8, 3, False), ("w2", 16, 4, 3, False)])
+def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stages, fused):
     # Computed table rows and scale words (see test_gemm): no plain load that a K step waits
-    # for; the pre-pass activation scales (w13 from 64 rows, w2 always) are loaded a step ahead.
+    # for; the pre-pass activation scales (w13 unless fused, w2 always) are loaded a step ahead.
     if kernel == "w13":
-        fused = block_m <= 16
-        types = dict(MOE_TYPES, a_ptr="*bf16" if fused else "*fp8e4nv", hq_ptr="*u8", limit="fp32")
-        consts = dict(TOPK=6, A_QUANT=fused, BLOCK_M=block_m, BLOCK_K=128, PACK=128)
-        aligned = ["K", "N_INTER", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se", "stride_sn"]
+        types = dict(MOE_TYPES, x_ptr="*bf16", a_ptr="*fp8e4nv", hq_ptr="*u8", limit="fp32")
+        consts = dict(TOPK=6, FUSED_QUANT=fused, BLOCK_M=block_m, BLOCK_K=128, PACK=128)
+        aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
+                   "stride_sn"]
     else:
-        fused = False
         types = dict(MOE_TYPES, hq_ptr="*fp8e4nv")
         consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128)
         aligned = ["N", "K", "stride_we", "stride_wn", "stride_se", "stride_sn"]
@@ -511,13 +537,17 @@ def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stage
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-def test_decode_w13_compiles_to_warp_group_mma():
-    # 16-row blocks (decode): the gate and up tiles are the A side of FP8 warp-group MMAs
-    # (an mma.sync would convert every FP8 byte to FP16), with no spills.
-    types = dict(a_ptr="*bf16", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr="*i32",
-                 block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
-    consts = dict(TOPK=6, A_QUANT=True, BLOCK_M=16, BLOCK_K=128, PACK=128, SCALE_WORDS=True, COMPUTED_TABLE=True)
-    aligned = ["K", "N_INTER", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sn"]
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_w13_compiles_to_warp_group_mma(fused):
+    # 16-row blocks (decode), activation quantised in the loop or read from the pre-pass: the
+    # gate and up tiles are the A side of FP8 warp-group MMAs (an mma.sync would convert every
+    # FP8 byte to FP16), with no spills.
+    types = dict(x_ptr="*bf16", a_ptr="*fp8e4nv", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32",
+                 sorted_pair_ptr="*i32", block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
+    consts = dict(TOPK=6, FUSED_QUANT=fused, BLOCK_M=16, BLOCK_K=128, PACK=128, SCALE_WORDS=True,
+                  COMPUTED_TABLE=True)
+    aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
+               "stride_sn"]
     usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, 4, 3)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 

@@ -70,7 +70,7 @@ def cases(quick: bool):
                         oracle=lambda *a: ref.moe_experts(*a, 10.0, "mxfp4"),
                         bytes=int(touched * _expert_bytes(dim, inter)) + 4 * t * dim,
                         flops=2 * t * TOPK * 3 * dim * inter, ceiling="copy",
-                        launches=6,  # align (count, scan, scatter), w13, w2, combine
+                        launches=7,  # activation pre-pass, align (count, scan, scatter), w13, w2, combine
                         notes=f"bytes: the ~{touched:.0f} experts touched (expected); target >= 71% of copy"))
         t = 8192
         out.append(Case(op="moe_experts", shape=f"{name} prefill T={t} k={TOPK} E={n_experts} dim={dim} inter={inter}",

@@ -22,8 +22,10 @@
 A pair whose id is outside ``[0, E)`` is placed in no row and is skipped by the combine:
 it contributes nothing, and nothing is read out of bounds.
 
-The activation of w13 is ``act_quant(x)``: quantised in the GEMM prologue for 16-row
-blocks (decode), by the pre-pass of ``kernels/gemm.py`` once per token otherwise.  Blocks
+The activation of w13 is ``act_quant(x)``: quantised once per token by the pre-pass of
+``kernels/gemm.py`` (one more launch), and read as FP8 codes and scales; for 16-row blocks
+(decode) a config may instead quantise the block's BF16 rows in every K step (the tuner
+keeps the faster; the codes and scales are the same either way).  Blocks
 of fewer than 64 rows run both GEMMs transposed (``scaled_dot_t``: the expanded weight tile
 is the A side of an FP8 warp-group MMA, the block's rows its N side).
 SwiGLU uses the GPU's fast ``exp`` (about 2 ulp) and a correctly rounded division; the
@@ -40,7 +42,7 @@ from ..autotune import autotune
 from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
-from .gemm import (ACT_BLOCK, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
+from .gemm import (ACT_BLOCK, FUSED_QUANT_MAX_ROWS, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
                    load_act_scales, load_fp8_codes, load_weight_block, mxfp4_scale_words, quantise_act_tile,
                    scaled_dot, scaled_dot_t)
 from .rope import cast_rne
@@ -179,27 +181,35 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 # load_weight_block in kernels/gemm.py): the same values, so the tuner keeps the faster.
 _MOE_CONFIGS = [triton.Config({"COMPUTED_TABLE": computed}, num_warps=w, num_stages=s)
                 for computed in (True, False) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4), (4, 5))]
+# w13 reads the activation's FP8 codes and scales from the pre-pass (first: valid for every
+# block size), or, for blocks of up to FUSED_QUANT_MAX_ROWS rows, quantises the BF16 rows in
+# each K step itself (every one of the 24 N programs of a block redoes it): the same codes
+# and scales, so the same results, and the tuner keeps the faster.
+_W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused), num_warps=c.num_warps, num_stages=c.num_stages)
+                for fused in (False, True) for c in _MOE_CONFIGS]
 
 
 # Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program
 # holds two accumulators and expands two weight tiles, which four warps cannot hold from 32
 # rows up; a w2 program spills past 64 accumulator elements per thread.
 def _prune_w13(configs, nargs, **kw):
-    return [c for c in configs if kw["BLOCK_M"] <= 16 or c.num_warps >= 8] or configs[:1]
+    small = kw["BLOCK_M"] <= FUSED_QUANT_MAX_ROWS
+    return [c for c in configs if (small or c.num_warps >= 8) and (small or not c.kwargs["FUSED_QUANT"])] \
+        or configs[:1]
 
 
 def _prune_w2(configs, nargs, **kw):
     return [c for c in configs if kw["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or configs[:1]
 
 
-@autotune(configs=_MOE_CONFIGS, key=["BLOCK_M", "K", "N_INTER", "A_QUANT"], name="moe_w13",
+@autotune(configs=_W13_CONFIGS, key=["BLOCK_M", "K", "N_INTER"], name="moe_w13",
           prune_configs_by={"early_config_prune": _prune_w13})
 @triton.jit
-def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, route_w_ptr,
-                    hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_am, stride_sm,
+def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr,
+                    route_w_ptr, hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_xm, stride_am, stride_sm,
                     stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
-                    A_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PACK: tl.constexpr, SCALE_WORDS: tl.constexpr, COMPUTED_TABLE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr, SCALE_WORDS: tl.constexpr,
+                    COMPUTED_TABLE: tl.constexpr, FUSED_QUANT: tl.constexpr):
     blk = tl.program_id(0)
     j = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -224,12 +234,11 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
         acc_g = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, PACK), dtype=tl.float32)
     n_kb = tl.cdiv(K, BLOCK_K)
-    if not A_QUANT:  # pre-pass scales one K step ahead (load_act_scales in kernels/gemm.py)
+    if not FUSED_QUANT:  # pre-pass scales one K step ahead (load_act_scales in kernels/gemm.py)
         a_scale_next = load_act_scales(a_scale_ptr, token, row_ok, 0, n_kb, stride_sm)
     for kb in range(0, n_kb):
-        if A_QUANT:
-            a, a_scale = load_act_block(a_ptr, a_scale_ptr, token, row_ok, kb, K, stride_am, stride_sm,
-                                        A_QUANT, BLOCK_K)
+        if FUSED_QUANT:
+            a, a_scale = load_act_block(x_ptr, x_ptr, token, row_ok, kb, K, stride_xm, 0, True, BLOCK_K)
         else:
             a = load_fp8_codes(a_ptr, token, row_ok, kb, K, stride_am, BLOCK_K)
             a_scale = a_scale_next
@@ -243,7 +252,7 @@ def _moe_w13_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair
         else:
             acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
             acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
-        if not A_QUANT:
+        if not FUSED_QUANT:
             a_scale_next = load_act_scales(a_scale_ptr, token, row_ok, kb + 1, n_kb, stride_sm)
     if SWAP:
         acc_g = tl.trans(acc_g)
@@ -336,16 +345,16 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     ids = topk_ids.contiguous()
     route_w = topk_weights.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
-    fused_quant = block_m <= 16  # see FUSED_QUANT_MAX_ROWS in kernels/gemm.py
-    a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
+    # The pre-pass codes, and the BF16 rows for the configs that quantise them in the K loop.
+    a, a_scale, stride_am, stride_sm = activation_operand(x2, False)
     w13s, w2s = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     lut = fp4_fp8_table(x.device)
     hq = torch.empty((max_blocks * block_m, inter), dtype=torch.uint8, device=x.device)
     hs = torch.empty((max_blocks * block_m, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)
     _moe_w13_kernel[(max_blocks, inter // PACK_ROWS)](
-        a, a_scale, w13, w13s, lut, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
-        stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
-        TOPK=topk, A_QUANT=fused_quant, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS,
+        x2, a, a_scale, w13, w13s, lut, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
+        x2.stride(0), stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
+        TOPK=topk, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS,
         SCALE_WORDS=mxfp4_scale_words(w13s, dim))
     part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))

@@ -333,10 +333,28 @@ def test_moe_experts_table_rows_computed_or_gathered_agree(device, monkeypatch):
     assert_moe_close(gathered, x, w, ids, packed)
 
 
+W13_FORMS = [dict(FUSED_QUANT=True), dict(JOINT_TILE=True), dict(FUSED_QUANT=True, JOINT_TILE=True, COMPUTED_TABLE=False)]
+W13_FORM_IDS = ["fused", "joint", "fused-joint-gathered"]
+
+
+def force_w13_form(monkeypatch, form):
+    """Run w13 with the suite's first config changed by ``form`` (8 warps where the form joins
+    the tiles, as its configs have)."""
+    tuner = kern._moe_w13_kernel
+    first = tuner.configs[0]
+    assert first.kwargs["FUSED_QUANT"] is False and first.kwargs["JOINT_TILE"] is False
+    warps = 8 if form.get("JOINT_TILE") else first.num_warps
+    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, **form), num_warps=warps,
+                                                         num_stages=first.num_stages)])
+    monkeypatch.setattr(tuner, "cache", {})
+
+
+@pytest.mark.parametrize("form", W13_FORMS, ids=W13_FORM_IDS)
 @pytest.mark.parametrize("t, k, nan_row", [(5, 2, None), (3, 3, 1)])
-def test_moe_experts_fused_or_prepass_activation_agree(device, monkeypatch, t, k, nan_row):
-    # 16-row blocks: w13 quantising the BF16 rows in its K loop (a config choice) gives the
-    # pre-pass's codes and scales (the suite's first config), so the same bits, a NaN row too.
+def test_moe_experts_w13_forms_agree(device, monkeypatch, form, t, k, nan_row):
+    # 16-row blocks, the w13 config choices against the suite's first config (pre-pass codes,
+    # two 128-row tiles): the BF16 rows quantised in the K loop give the pre-pass's codes and
+    # scales, the joint 256-row tile the same MMAs per row, so the same bits, a NaN row too.
     g = _gen(14 + t)
     packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, INTER, g))]
     x = (torch.randn(t, DIM, generator=g) * 3).to(torch.bfloat16)
@@ -346,17 +364,12 @@ def test_moe_experts_fused_or_prepass_activation_agree(device, monkeypatch, t, k
     w, ids = routing(t, k, EXPERTS, g)
     w, ids = w.to(device), ids.to(device)
     assert kern.block_m_for(t * k, EXPERTS) == 16
-    prepass = _triton_moe(x, w, ids, *packed)
-    tuner = kern._moe_w13_kernel
-    first = tuner.configs[0]
-    assert first.kwargs["FUSED_QUANT"] is False
-    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, FUSED_QUANT=True),
-                                                         num_warps=first.num_warps, num_stages=first.num_stages)])
-    monkeypatch.setattr(tuner, "cache", {})
-    fused = _triton_moe(x, w, ids, *packed)
-    assert torch.equal(torch.isnan(prepass), torch.isnan(fused))
-    assert torch.equal(torch.nan_to_num(prepass), torch.nan_to_num(fused))
-    assert_moe_close(fused, x, w, ids, packed)
+    first_form = _triton_moe(x, w, ids, *packed)
+    force_w13_form(monkeypatch, form)
+    other = _triton_moe(x, w, ids, *packed)
+    assert torch.equal(torch.isnan(first_form), torch.isnan(other))
+    assert torch.equal(torch.nan_to_num(first_form), torch.nan_to_num(other))
+    assert_moe_close(other, x, w, ids, packed)
 
 
 def test_moe_experts_zero_tokens(device):
@@ -517,14 +530,15 @@ MOE_TYPES = dict(w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("kernel, block_m, warps, stages, fused", [
-    ("w13", 16, 8, 3, True), ("w13", 16, 8, 3, False), ("w13", 128, 8, 3, False), ("w2", 16, 4, 3, False)])
-def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stages, fused):
+@pytest.mark.parametrize("kernel, block_m, warps, stages, fused, joint", [
+    ("w13", 16, 8, 3, True, False), ("w13", 16, 8, 3, False, False), ("w13", 16, 8, 3, False, True),
+    ("w13", 128, 8, 3, False, False), ("w2", 16, 4, 3, False, False)])
+def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stages, fused, joint):
     # Computed table rows and scale words (see test_gemm): no plain load that a K step waits
     # for; the pre-pass activation scales (w13 unless fused, w2 always) are loaded a step ahead.
     if kernel == "w13":
         types = dict(MOE_TYPES, x_ptr="*bf16", a_ptr="*fp8e4nv", hq_ptr="*u8", limit="fp32")
-        consts = dict(TOPK=6, FUSED_QUANT=fused, BLOCK_M=block_m, BLOCK_K=128, PACK=128)
+        consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, BLOCK_M=block_m, BLOCK_K=128, PACK=128)
         aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
                    "stride_sn"]
     else:
@@ -537,25 +551,24 @@ def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stage
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("fused", [True, False])
-def test_decode_w13_compiles_to_warp_group_mma(fused):
-    # 16-row blocks (decode), activation quantised in the loop or read from the pre-pass: the
-    # gate and up tiles are the A side of FP8 warp-group MMAs (an mma.sync would convert every
-    # FP8 byte to FP16), with no spills.
+@pytest.mark.parametrize("fused, joint, warps", [(True, False, 4), (False, False, 4), (False, True, 8),
+                                                 (True, True, 8)])
+def test_decode_w13_compiles_to_warp_group_mma(fused, joint, warps):
+    # 16-row blocks (decode), activation quantised in the loop or read from the pre-pass, gate
+    # and up as two tiles or one: the weight tiles are the A side of FP8 warp-group MMAs (an
+    # mma.sync would convert every FP8 byte to FP16), with no spills.
     types = dict(x_ptr="*bf16", a_ptr="*fp8e4nv", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32",
                  sorted_pair_ptr="*i32", block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
-    consts = dict(TOPK=6, FUSED_QUANT=fused, BLOCK_M=16, BLOCK_K=128, PACK=128, SCALE_WORDS=True,
-                  COMPUTED_TABLE=True)
+    consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, BLOCK_M=16, BLOCK_K=128, PACK=128,
+                  SCALE_WORDS=True, COMPUTED_TABLE=True)
     aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
                "stride_sn"]
-    usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, 4, 3)
+    usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, warps, 3)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 64, 2048])
-def test_moe_experts_flash_shapes(device, t):
-    # Flash: 256 experts, dim 4096, inter 2048, k = 6 (weights built on the GPU).
+def flash_inputs(t, device):
+    """Flash sizes: 256 experts, dim 4096, inter 2048, k = 6 (weights built on the GPU)."""
     g = _gen(t)
     n_experts, dim, inter, k = 256, 4096, 2048, 6
     gdev = torch.Generator(device=device).manual_seed(t)
@@ -569,6 +582,23 @@ def test_moe_experts_flash_shapes(device, t):
     w2, w2s = fp4(dim, inter)
     x = torch.randn(t, dim, generator=g).to(torch.bfloat16).to(device)
     w, ids = routing(t, k, n_experts, g, device)
+    return x, w, ids, w13, w13s, w2, w2s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", W13_FORMS, ids=W13_FORM_IDS)
+def test_moe_experts_w13_forms_agree_at_flash_decode(device, monkeypatch, form):
+    # T = 64 (16-row blocks): every w13 config choice gives the first config's bits on the GPU.
+    args = flash_inputs(64, device)
+    first_form = _triton_moe(*args)
+    force_w13_form(monkeypatch, form)
+    assert torch.equal(_triton_moe(*args), first_form)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_moe_experts_flash_shapes(device, t):
+    x, w, ids, w13, w13s, w2, w2s = flash_inputs(t, device)
     y = _triton_moe(x, w, ids, w13, w13s, w2, w2s)
     oracle = ops.moe_experts(x, w, ids, w13, w13s, w2, w2s)  # reference backend
     # Relative Frobenius error: FP32 order, the FP8 dot and a few flipped FP8 codes of the

@@ -185,8 +185,14 @@ _MOE_CONFIGS = [triton.Config({"COMPUTED_TABLE": computed}, num_warps=w, num_sta
 # block size), or, for blocks of up to FUSED_QUANT_MAX_ROWS rows, quantises the BF16 rows in
 # each K step itself (every one of the 24 N programs of a block redoes it): the same codes
 # and scales, so the same results, and the tuner keeps the faster.
-_W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused), num_warps=c.num_warps, num_stages=c.num_stages)
-                for fused in (False, True) for c in _MOE_CONFIGS]
+_W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused, JOINT_TILE=False), num_warps=c.num_warps,
+                               num_stages=c.num_stages) for fused in (False, True) for c in _MOE_CONFIGS]
+# Under 64 rows, the gate and up rows of a program (256 consecutive rows of the packed w13) may
+# also be one 256-row operand: one expansion, one chain of MMAs and one wait per K step in place
+# of two (the up tile's MMAs issued before the gate's result is waited for), the same MMA
+# instructions per row in the same K order, so the same sums.
+_W13_CONFIGS += [triton.Config(dict(c.kwargs, JOINT_TILE=True), num_warps=c.num_warps, num_stages=c.num_stages)
+                 for c in _W13_CONFIGS if c.num_warps == 8]  # with 4 warps: 255 registers and spills
 
 
 # Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program
@@ -194,8 +200,8 @@ _W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused), num_warps=c.num
 # rows up; a w2 program spills past 64 accumulator elements per thread.
 def _prune_w13(configs, nargs, **kw):
     small = kw["BLOCK_M"] <= FUSED_QUANT_MAX_ROWS
-    return [c for c in configs if (small or c.num_warps >= 8) and (small or not c.kwargs["FUSED_QUANT"])] \
-        or configs[:1]
+    return [c for c in configs if (small or c.num_warps >= 8) and (small or not c.kwargs["FUSED_QUANT"])
+            and (kw["BLOCK_M"] < 64 or not c.kwargs["JOINT_TILE"])] or configs[:1]
 
 
 def _prune_w2(configs, nargs, **kw):
@@ -209,7 +215,7 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
                     route_w_ptr, hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_xm, stride_am, stride_sm,
                     stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr, SCALE_WORDS: tl.constexpr,
-                    COMPUTED_TABLE: tl.constexpr, FUSED_QUANT: tl.constexpr):
+                    COMPUTED_TABLE: tl.constexpr, FUSED_QUANT: tl.constexpr, JOINT_TILE: tl.constexpr):
     blk = tl.program_id(0)
     j = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -227,7 +233,11 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
     all_rows = gate_rows < 2 * N_INTER  # always true: the packed tile is whole
     # Under 64 rows the accumulators are transposed, [PACK, BLOCK_M] (see scaled_dot_t).
     SWAP: tl.constexpr = BLOCK_M < 64
-    if SWAP:
+    if JOINT_TILE:  # gate rows then up rows, [2 * PACK, BLOCK_M]
+        tl.static_assert(SWAP)
+        tile_rows = j.to(tl.int64) * (2 * PACK) + tl.arange(0, 2 * PACK)
+        acc = tl.zeros((2 * PACK, BLOCK_M), dtype=tl.float32)
+    elif SWAP:
         acc_g = tl.zeros((PACK, BLOCK_M), dtype=tl.float32)
         acc_u = tl.zeros((PACK, BLOCK_M), dtype=tl.float32)
     else:
@@ -242,19 +252,26 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
         else:
             a = load_fp8_codes(a_ptr, token, row_ok, kb, K, stride_am, BLOCK_K)
             a_scale = a_scale_next
-        wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
-        wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                   W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
-        if SWAP:
-            acc_g = scaled_dot_t(acc_g, a, a_scale, wg, sg)
-            acc_u = scaled_dot_t(acc_u, a, a_scale, wu, su)
+        if JOINT_TILE:
+            w, ws = load_weight_block(w_base, s_base, lut_ptr, tile_rows, tile_rows < 2 * N_INTER, kb, K, stride_wn,
+                                      stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            acc = scaled_dot_t(acc, a, a_scale, w, ws)
         else:
-            acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
-            acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
+            wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
+                                       W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
+                                       W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            if SWAP:
+                acc_g = scaled_dot_t(acc_g, a, a_scale, wg, sg)
+                acc_u = scaled_dot_t(acc_u, a, a_scale, wu, su)
+            else:
+                acc_g = scaled_dot(acc_g, a, a_scale, wg, sg, W_MXFP4)
+                acc_u = scaled_dot(acc_u, a, a_scale, wu, su, W_MXFP4)
         if not FUSED_QUANT:
             a_scale_next = load_act_scales(a_scale_ptr, token, row_ok, kb + 1, n_kb, stride_sm)
-    if SWAP:
+    if JOINT_TILE:
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, PACK, BLOCK_M)), (2, 1, 0)))  # [BLOCK_M, PACK]
+    elif SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
     g = clamp_nan(acc_g, -float("inf"), limit)

@@ -233,6 +233,8 @@ def test_route_tiled_explicit_configs(device, config):
 # Small explicit split configs, so that CPU shapes have several token tiles, expert chunks
 # (a partial last one) and dim splits (a partial last one): (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, warps, stages).
 _SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, 4, 2), (32, 16, 16, 32, 4, 2), (16, 32, 16, 16, 4, 2)]
+# The same tiles with MERGE_TREE on (the selections as one merge of sorted lists): a 7th field.
+_SMALL_TREE_CONFIGS = [(16, 16, 32, 64, 4, 2, True), (32, 16, 16, 32, 4, 2, True)]
 
 
 def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
@@ -251,7 +253,7 @@ def _split_counters_are_zero(device):
 
 @given(T=st.sampled_from([1, 2, 5, 17, 33, 64]), E=st.sampled_from([6, 16, 40, 100]),
        dim=st.sampled_from([16, 100, 200]), k=st.integers(1, 8), biased=st.booleans(),
-       config=st.sampled_from(_SMALL_SPLIT_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
+       config=st.sampled_from(_SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
        seed=st.integers(0, 2**31))
 def test_route_split_matches_oracle(device, T, E, dim, k, biased, config, logit_std, seed):
     k = min(k, E)
@@ -291,7 +293,7 @@ def test_route_split_infinite_and_tied_keys(device):
     bias = torch.zeros(40, device=device)
     bias[[30, 7]] = float("inf")
     bias[[2]] = float("-inf")
-    for config in _SMALL_SPLIT_CONFIGS:
+    for config in _SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS[1:]:
         w, ids = _split(x, weight, bias, None, None, 5, 1.0, config)
         w_ref, ids_ref = ref.route(x, weight, bias, None, None, 5, 1.0)
         assert ids[:, :4].tolist() == [[7, 30, 17, 35]] * 5
@@ -307,7 +309,7 @@ def test_route_split_nan_in_a_later_split(device):
     x, weight, bias = _inputs(4, 40, 200, 97, device)
     x[2, 190] = float("nan")
     w_ref, ids_ref = ref.route(x, weight, bias, None, None, 3, 1.0)
-    for config in _SMALL_SPLIT_CONFIGS:
+    for config in _SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS[:1]:
         w, ids = _split(x, weight, bias, None, None, 3, 1.0, config)
         assert ids[2].tolist() == [0, 1, 2] and torch.equal(ids.cpu(), ids_ref.cpu())
         assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
@@ -316,17 +318,40 @@ def test_route_split_nan_in_a_later_split(device):
 @pytest.mark.parametrize("topk", [4, 8])
 def test_route_split_picks_deep_in_one_chunk_list(device, topk):
     # The final selection scans list positions 0..kk for pick kk (each chunk's list is
-    # sorted).  Biases of 33..40 (scores are ~1) fix every token's order: first all picks
-    # from chunk 0's list (experts 0..7), so pick kk is that list's entry kk; then picks
-    # alternating between two chunks (experts 0, 32, 1, 33, ...: chunks 0 and 2 of 16 experts, 0 and 1 of 32).
+    # sorted), or merges whole lists (the tree form, second config).  Biases of 33..40
+    # (scores are ~1) fix every token's order: first all picks from chunk 0's list (experts
+    # 0..7), so pick kk is that list's entry kk; then picks alternating between two chunks
+    # (experts 0, 32, 1, 33, ...: chunks 0 and 2 of 16 experts, 0 and 1 of 32).
     x, weight, _ = _inputs(3, 40, 64, 109, device)
-    for config in [(16, 16, 32, 64, 4, 2), (16, 32, 16, 16, 4, 2)]:
+    for config in [(16, 16, 32, 64, 4, 2), (16, 32, 16, 16, 4, 2, True)]:
         for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 32, 1, 33, 2, 34, 3, 35]):
             bias = torch.zeros(40, device=device)
             bias[rows] = torch.linspace(40.0, 33.0, 8, device=device)
             w, ids = _split(x, weight, bias, None, None, topk, 2.5, config)
             assert ids.tolist() == [rows[:topk]] * 3
             _check_route(x, weight, bias, topk, 2.5, (w, ids))
+
+
+@pytest.mark.parametrize("T, topk, config", [(33, 8, (32, 16, 16, 32, 4, 2)), (5, 5, (16, 32, 16, 16, 4, 2))])
+def test_route_split_merge_tree_equals_picks(device, T, topk, config):
+    # The tree form selects the same keys in the same order, each with its score: ids and
+    # weights equal the pick form's bit for bit.  Ties across chunks (identical weight rows),
+    # a NaN token, +-inf biases, and a chunk with fewer live experts than topk (E = 40 in
+    # chunks of 16 or 32).
+    x, weight, bias = _inputs(T, 40, 48, 113 + T, device)
+    weight[[3, 19, 36]] = weight[5].clone()
+    bias[[3, 19, 36]] = bias[5] + 1.0  # tied keys, high enough to be picked
+    bias[5] += 1.0
+    x[T // 2, 7] = float("nan")
+    bias[[4, 37]] = float("inf")
+    bias[[0]] = float("-inf")
+    picks = _split(x, weight, bias, None, None, topk, 2.5, config)
+    tree = _split(x, weight, bias, None, None, topk, 2.5, config + (True,))
+    assert torch.equal(tree[1], picks[1]) and torch.equal(torch.isnan(tree[0]), torch.isnan(picks[0]))
+    assert torch.equal(tree[0].nan_to_num(), picks[0].nan_to_num())
+    ids_ref = ref.route(x, weight, bias, None, None, topk, 2.5)[1]
+    assert torch.equal(tree[1].cpu(), ids_ref.cpu())
+    _split_counters_are_zero(device)
 
 
 @pytest.mark.parametrize("T", [1, 3, 5, 31, 32, 33])
@@ -364,6 +389,10 @@ def test_route_split_bad_config(device):
     for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4), (128, 16, 32, 64, 4, 2)]:
         with pytest.raises(ValueError, match="config"):
             _split(x, weight, bias, None, None, 2, 1.0, config)
+    # The merge tree holds lists of 8: a larger top-k is refused, not truncated.
+    x, weight, bias = _inputs(3, 16, 64, 0, device)
+    with pytest.raises(ValueError, match="MERGE_TREE"):
+        _split(x, weight, bias, None, None, 9, 1.0, (16, 16, 32, 64, 4, 2, True))
 
 
 def test_route_many_tokens(device):
@@ -443,21 +472,22 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
     (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
-    (False, (16, 32, 128, 512, 4, 3), 16),
+    (False, (16, 32, 128, 512, 4, 3), 16), (False, (16, 32, 128, 512, 4, 3, True), 64),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
 
-    bt, be, bk, sk, warps, stages = config
-    assert config in kern._SPLIT_CONFIGS
+    bt, be, bk, sk, warps, stages = config[:6]
+    tree = len(config) == 7
+    assert config[:6] in (kern._TREE_CONFIGS if tree else kern._SPLIT_CONFIGS)
     consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
-                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps))
+                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps), MERGE_TREE=tree)
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
                  cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
                              ["dim", "stride_x", "stride_w"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
-    if config == (16, 32, 128, 512, 4, 3):
+    if config[:6] == (16, 32, 128, 512, 4, 3):
         # The Pro T = 64 choice: 672 programs are one wave only if 6 fit per SM (132 SMs), which
         # 65536 registers allow up to 80 per thread at 4 warps (88 put the last 12 in a second wave).
         assert usage["reg"] <= 80, usage
@@ -512,6 +542,9 @@ def test_route_split_every_config_gpu(T, E, dim):
         _check_route(x, weight, bias, 6, 2.5, first)
         again = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), config
+        if config in kern._TREE_CONFIGS:  # the merge-tree form: the same bits as the picks
+            tree = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + (True,))
+            assert torch.equal(tree[0], first[0]) and torch.equal(tree[1], first[1]), config
         w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
         assert torch.equal(ids, table[token_ids])
         _check_hash_weights(x, weight, ids, w, 2.5)

@@ -286,6 +286,12 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
     # 8 warps for the tail's selections; 64-expert chunks halve the x re-reads and the final merge's slots.
     (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3), (32, 64, 128, 512, 16, 3),
 ]
+# The same tiles with MERGE_TREE (selections as one reduction that merges sorted lists; results
+# identical): the configs chosen so far at decode sizes, and the 256-token one.
+_TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
+                 (32, 32, 128, 512, 4, 3), (16, 64, 128, 512, 8, 3)]
+# Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
+TREE_MAX_TOPK = 8
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
@@ -303,8 +309,10 @@ def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> b
 
 
 def _split_prune(configs, nargs, **kw):
+    # Hash routing makes no selection: the MERGE_TREE forms would repeat the others.
+    tree_ok = not kw.get("HASH", False) and nargs["TOPK"] <= TREE_MAX_TOPK
     kept = [c for c in configs if _split_allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
-                                                 nargs["n_experts"])]
+                                                 nargs["n_experts"]) and (tree_ok or not c.kwargs["MERGE_TREE"])]
     return kept or configs[:1]
 
 
@@ -360,6 +368,106 @@ def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_
 
 
 @triton.jit
+def _exchange(key_a, s_a, key_b, s_b):
+    """Compare-exchange of two (key, score) entries: the larger key first."""
+    a_first = key_a > key_b
+    return (tl.where(a_first, key_a, key_b), tl.where(a_first, s_a, s_b),
+            tl.where(a_first, key_b, key_a), tl.where(a_first, s_b, s_a))
+
+
+@triton.jit
+def _merge_top8(a0, a1, a2, a3, a4, a5, a6, a7, sa0, sa1, sa2, sa3, sa4, sa5, sa6, sa7,
+                b0, b1, b2, b3, b4, b5, b6, b7, sb0, sb1, sb2, sb3, sb4, sb5, sb6, sb7):
+    """Combine of a reduction over sorted lists of 8 packed keys (descending) with their
+    scores: the top 8 of the union of lists a and b, sorted.  c_i = max(a_i, b_{7-i}) holds
+    the top 8 as a bitonic sequence; half-cleaners at distances 4, 2, 1 sort it (a bitonic
+    merge).  Keys are distinct (the id is in the key) except the INT64_MIN fill of short
+    lists, which is never picked, so the result, and a reduction's result in any order, is
+    the unique top 8 in selection order."""
+    c0, t0 = _larger_key(a0, sa0, b7, sb7)
+    c1, t1 = _larger_key(a1, sa1, b6, sb6)
+    c2, t2 = _larger_key(a2, sa2, b5, sb5)
+    c3, t3 = _larger_key(a3, sa3, b4, sb4)
+    c4, t4 = _larger_key(a4, sa4, b3, sb3)
+    c5, t5 = _larger_key(a5, sa5, b2, sb2)
+    c6, t6 = _larger_key(a6, sa6, b1, sb1)
+    c7, t7 = _larger_key(a7, sa7, b0, sb0)
+    c0, t0, c4, t4 = _exchange(c0, t0, c4, t4)
+    c1, t1, c5, t5 = _exchange(c1, t1, c5, t5)
+    c2, t2, c6, t6 = _exchange(c2, t2, c6, t6)
+    c3, t3, c7, t7 = _exchange(c3, t3, c7, t7)
+    c0, t0, c2, t2 = _exchange(c0, t0, c2, t2)
+    c1, t1, c3, t3 = _exchange(c1, t1, c3, t3)
+    c4, t4, c6, t6 = _exchange(c4, t4, c6, t6)
+    c5, t5, c7, t7 = _exchange(c5, t5, c7, t7)
+    c0, t0, c1, t1 = _exchange(c0, t0, c1, t1)
+    c2, t2, c3, t3 = _exchange(c2, t2, c3, t3)
+    c4, t4, c5, t5 = _exchange(c4, t4, c5, t5)
+    c6, t6, c7, t7 = _exchange(c6, t6, c7, t7)
+    return c0, c1, c2, c3, c4, c5, c6, c7, t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr, TOPK: tl.constexpr):
+    """Entry ``position`` of every chunk's list, or the empty entry (INT64_MIN, 0) past TOPK
+    (those positions are neither written nor read)."""
+    if position < TOPK:
+        key, s = _list_position(cand_ptr, cand_s_ptr, slot, mask, position, NC_PAD)
+    else:
+        key = tl.full(slot.shape, INT64_MIN, dtype=tl.int64)
+        s = tl.zeros(slot.shape, dtype=tl.float32)
+    return key, s
+
+
+@triton.jit
+def _place(v0, v1, v2, v3, v4, v5, v6, v7, kcol, TOPK: tl.constexpr):
+    """[rows, K_PAD] with column j = v_j for j < TOPK (0 past it; the stores mask those)."""
+    out = tl.where(kcol[None, :] == 0, v0[:, None], 0)
+    if TOPK > 1:
+        out = tl.where(kcol[None, :] == 1, v1[:, None], out)
+    if TOPK > 2:
+        out = tl.where(kcol[None, :] == 2, v2[:, None], out)
+    if TOPK > 3:
+        out = tl.where(kcol[None, :] == 3, v3[:, None], out)
+    if TOPK > 4:
+        out = tl.where(kcol[None, :] == 4, v4[:, None], out)
+    if TOPK > 5:
+        out = tl.where(kcol[None, :] == 5, v5[:, None], out)
+    if TOPK > 6:
+        out = tl.where(kcol[None, :] == 6, v6[:, None], out)
+    if TOPK > 7:
+        out = tl.where(kcol[None, :] == 7, v7[:, None], out)
+    return out
+
+
+@triton.jit
+def _chunk_top8(packed, s, kcol, TOPK: tl.constexpr):
+    """A chunk's sorted list: the top 8 packed keys of each row of [rows, cols] (with their
+    scores) as [rows, K_PAD] columns 0..TOPK-1.  Each group of 4 neighbouring columns (the
+    partial loads' vector, held by one thread) is sorted by 5 exchanges, then one reduction
+    over the groups merges the sorted lists (_merge_top8)."""
+    ROWS: tl.constexpr = packed.shape[0]
+    GROUPS: tl.constexpr = packed.shape[1] // 4
+    k01, k23 = tl.split(tl.reshape(packed, [ROWS, GROUPS, 2, 2]))
+    k0, k1 = tl.split(k01)
+    k2, k3 = tl.split(k23)
+    s01, s23 = tl.split(tl.reshape(s, [ROWS, GROUPS, 2, 2]))
+    s0, s1 = tl.split(s01)
+    s2, s3 = tl.split(s23)
+    k0, s0, k1, s1 = _exchange(k0, s0, k1, s1)
+    k2, s2, k3, s3 = _exchange(k2, s2, k3, s3)
+    k0, s0, k2, s2 = _exchange(k0, s0, k2, s2)
+    k1, s1, k3, s3 = _exchange(k1, s1, k3, s3)
+    k1, s1, k2, s2 = _exchange(k1, s1, k2, s2)
+    empty = tl.full([ROWS, GROUPS], INT64_MIN, dtype=tl.int64)
+    none = tl.zeros([ROWS, GROUPS], dtype=tl.float32)
+    k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = tl.reduce(
+        (k0, k1, k2, k3, empty, empty, empty, empty, s0, s1, s2, s3, none, none, none, none), 1, _merge_top8)
+    return (_place(k0, k1, k2, k3, k4, k5, k6, k7, kcol, TOPK),
+            _place(s0, s1, s2, s3, s4, s5, s6, s7, kcol, TOPK))
+
+
+@triton.jit
 def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
     """Row sums of [rows, K_PAD] in one order whatever the layout: neighbours added in
     pairs, then pairs of pairs ((w0 + w1) + (w2 + w3)) + ...; a sum of two terms is the
@@ -382,7 +490,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         T, dim, n_experts, vocab, stride_x, stride_w, TOPK: tl.constexpr, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr):
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr,
+                        MERGE_TREE: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
@@ -390,6 +499,14 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     hash routing, the scores); the last chunk of a tile to arrive merges the sorted lists
     (pick kk looks at list positions 0..kk only) and takes the weights from the picks' scores,
     or (hash) reads the scores at the table ids.  Each arriver that acts resets its counter.
+
+    Two forms of the two selections, same results bit for bit (the same keys in the same
+    total order, each carrying its score): TOPK picks, each a cross-lane reduction after the
+    last (MERGE_TREE off), or one reduction whose combine merges two sorted lists of 8
+    (MERGE_TREE on; the chunk's columns first sorted in groups of 4 within a thread): more
+    instructions (sm_90, T = 64 tile: chunk stage ~900 against ~680, final ~820 against
+    ~620), but 3 + 1 dependent merge steps per selection instead of TOPK x (3 shuffle
+    levels + the in-thread fold), which bound the single warp per scheduler that runs them.
 
     The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
     rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
@@ -402,6 +519,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     NC_PAD: tl.constexpr = (E_PAD + BLOCK_E - 1) // BLOCK_E  # chunk lists per token (a power of two)
     N_CAND: tl.constexpr = NC_PAD * K_PAD  # candidate slots per token
     TILE: tl.constexpr = BLOCK_T * BLOCK_E
+    tl.static_assert(TOPK <= 8 or not MERGE_TREE, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
     # Partial tiles summed per step: up to REDUCE_BUDGET floats of tail rows in flight (64 per
     # thread), at most 32 tiles (the loads past the last split are issued too: one step
@@ -470,14 +588,17 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             if HAS_BIAS:
                 key = s + e_bias[None, :]
             packed = tl.where(e_live[None, :], _packed_key(key, e[None, :]), INT64_MIN)
-            last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
-            top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
-            top_s = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
-            for kk in tl.static_range(K_PAD):
-                if kk < TOPK:  # a chunk with fewer live experts than TOPK leaves INT64_MIN (no candidate)
-                    last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
-                    top = tl.where(kcol[None, :] == kk, last[:, None], top)
-                    top_s = tl.where(kcol[None, :] == kk, last_s[:, None], top_s)
+            if MERGE_TREE:
+                top, top_s = _chunk_top8(packed, s, kcol, TOPK)
+            else:
+                last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+                top = tl.full([TAIL_T, K_PAD], INT64_MIN, dtype=tl.int64)
+                top_s = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
+                for kk in tl.static_range(K_PAD):
+                    if kk < TOPK:  # a chunk with fewer live experts than TOPK leaves INT64_MIN (no candidate)
+                        last, last_s = tl.reduce(_below(packed, s, last), 1, _larger_key)
+                        top = tl.where(kcol[None, :] == kk, last[:, None], top)
+                        top_s = tl.where(kcol[None, :] == kk, last_s[:, None], top_s)
             # Position-major lists: entry j of every chunk side by side (see the final selection).
             cand_slot = tail_tok[:, None] * N_CAND + kcol[None, :] * NC_PAD + chunk
             tl.store(cand_ptr + cand_slot, top, mask=tail_live[:, None] & out_col[None, :])
@@ -493,51 +614,66 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
                             cache_modifier=".cg")
             else:
-                # Each chunk's list is sorted, so the kk-th pick of a token is at position <= kk
-                # of its chunk's list: pick kk scans positions 0..kk only (21 of 48 entries per
-                # chunk for TOPK = 6), and carries the pick's score along (no gather after).
                 c = tl.arange(0, NC_PAD)
                 list_slot = tail_tok[:, None] * N_CAND + c[None, :]
                 has_list = tail_live[:, None] & (c < n_chunks)[None, :]
-                # Positions past TOPK - 1 are neither written nor read.
-                p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
-                if TOPK > 1:
-                    p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
-                if TOPK > 2:
-                    p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
-                if TOPK > 3:
-                    p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
-                if TOPK > 4:
-                    p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
-                if TOPK > 5:
-                    p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
-                if TOPK > 6:
-                    p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
-                if TOPK > 7:
-                    p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
-                last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
-                w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
-                sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
-                for kk in tl.static_range(K_PAD):
-                    if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
-                        best, best_s = _below(p0, q0, last)
-                        if kk >= 1:
-                            best, best_s = _fold_position(best, best_s, p1, q1, last)
-                        if kk >= 2:
-                            best, best_s = _fold_position(best, best_s, p2, q2, last)
-                        if kk >= 3:
-                            best, best_s = _fold_position(best, best_s, p3, q3, last)
-                        if kk >= 4:
-                            best, best_s = _fold_position(best, best_s, p4, q4, last)
-                        if kk >= 5:
-                            best, best_s = _fold_position(best, best_s, p5, q5, last)
-                        if kk >= 6:
-                            best, best_s = _fold_position(best, best_s, p6, q6, last)
-                        if kk >= 7:
-                            best, best_s = _fold_position(best, best_s, p7, q7, last)
-                        last, last_s = tl.reduce((best, best_s), 1, _larger_key)
-                        w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
-                        sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
+                if MERGE_TREE:
+                    # One reduction over the chunks whose combine merges two sorted lists
+                    # (_merge_top8): log2(NC_PAD) dependent steps in all instead of one
+                    # cross-lane reduction per pick.
+                    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD, TOPK)
+                    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD, TOPK)
+                    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD, TOPK)
+                    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD, TOPK)
+                    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD, TOPK)
+                    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD, TOPK)
+                    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD, TOPK)
+                    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD, TOPK)
+                    key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7 = tl.reduce(
+                        (key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7), 1, _merge_top8)
+                    w = _place(val0, val1, val2, val3, val4, val5, val6, val7, kcol, TOPK)
+                    sel_id = _place(_packed_id(key0), _packed_id(key1), _packed_id(key2), _packed_id(key3),
+                                    _packed_id(key4), _packed_id(key5), _packed_id(key6), _packed_id(key7), kcol, TOPK)
+                else:
+                    # Positions past TOPK - 1 are neither written nor read.
+                    p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
+                    if TOPK > 1:
+                        p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
+                    if TOPK > 2:
+                        p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
+                    if TOPK > 3:
+                        p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
+                    if TOPK > 4:
+                        p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
+                    if TOPK > 5:
+                        p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
+                    if TOPK > 6:
+                        p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
+                    if TOPK > 7:
+                        p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
+                    last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
+                    w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
+                    sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
+                    for kk in tl.static_range(K_PAD):
+                        if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
+                            best, best_s = _below(p0, q0, last)
+                            if kk >= 1:
+                                best, best_s = _fold_position(best, best_s, p1, q1, last)
+                            if kk >= 2:
+                                best, best_s = _fold_position(best, best_s, p2, q2, last)
+                            if kk >= 3:
+                                best, best_s = _fold_position(best, best_s, p3, q3, last)
+                            if kk >= 4:
+                                best, best_s = _fold_position(best, best_s, p4, q4, last)
+                            if kk >= 5:
+                                best, best_s = _fold_position(best, best_s, p5, q5, last)
+                            if kk >= 6:
+                                best, best_s = _fold_position(best, best_s, p6, q6, last)
+                            if kk >= 7:
+                                best, best_s = _fold_position(best, best_s, p7, q7, last)
+                            last, last_s = tl.reduce((best, best_s), 1, _larger_key)
+                            w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
+                            sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
             w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
             w = w * route_scale
             out = tail_tok[:, None] * TOPK + kcol[None, :]
@@ -546,8 +682,9 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
 
 _route_split_tuned = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
-                            "REDUCE_BUDGET": _reduce_budget(w)}, num_warps=w, num_stages=st)
-             for bt, be, bk, sk, w, st in _SPLIT_CONFIGS],
+                            "REDUCE_BUDGET": _reduce_budget(w), "MERGE_TREE": tree}, num_warps=w, num_stages=st)
+             for configs, tree in ((_SPLIT_CONFIGS, False), (_TREE_CONFIGS, True))
+             for bt, be, bk, sk, w, st in configs],
     key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
 )(_route_split_kernel)
@@ -591,9 +728,9 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
 
 
 def _check_split_config(config):
-    if len(config) != 6:
-        raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages), "
-                         f"got {config}")
+    if len(config) not in (6, 7):
+        raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, "
+                         f"MERGE_TREE]), got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
     if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
@@ -619,6 +756,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         n_splits, block_t, block_e = triton.cdiv(dim, MIN_SPLIT_K), MIN_BLOCK_E, MIN_BLOCK_E
     else:
         _check_split_config(config)
+        if len(config) == 7 and config[6] and topk > TREE_MAX_TOPK:
+            raise ValueError(f"config: MERGE_TREE holds top-k up to {TREE_MAX_TOPK}, got topk = {topk}")
         block_t, block_e = config[0], config[1]
         rows = triton.cdiv(room, block_t) * block_t
         cols = triton.cdiv(n_experts, block_e) * block_e
@@ -637,10 +776,10 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if config is None:
         _route_split_tuned[grid](*args, **meta)
     else:
-        bt, be, bk, sk, w, st = config
+        bt, be, bk, sk, w, st = config[:6]
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
             *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
-            num_warps=w, num_stages=st)
+            MERGE_TREE=bool(config[6]) if len(config) == 7 else False, num_warps=w, num_stages=st)
     return weights, ids
 
 

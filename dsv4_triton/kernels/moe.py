@@ -190,9 +190,11 @@ _W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused, JOINT_TILE=False
 # Under 64 rows, the gate and up rows of a program (256 consecutive rows of the packed w13) may
 # also be one 256-row operand: one expansion, one chain of MMAs and one wait per K step in place
 # of two (the up tile's MMAs issued before the gate's result is waited for), the same MMA
-# instructions per row in the same K order, so the same sums.
-_W13_CONFIGS += [triton.Config(dict(c.kwargs, JOINT_TILE=True), num_warps=c.num_warps, num_stages=c.num_stages)
-                 for c in _W13_CONFIGS if c.num_warps == 8]  # with 4 warps: 255 registers and spills
+# instructions per row in the same K order, so the same sums.  8 warps only (4 warps need 255
+# registers and spill), capped at 128 registers so that two programs share an SM (sm_90,
+# triton 3.6: 127-156 uncapped, no spills capped).
+_W13_CONFIGS += [triton.Config(dict(c.kwargs, JOINT_TILE=True), num_warps=c.num_warps, num_stages=c.num_stages,
+                               maxnreg=128) for c in _W13_CONFIGS if c.num_warps == 8]
 
 
 # Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program

@@ -333,7 +333,8 @@ def test_moe_experts_table_rows_computed_or_gathered_agree(device, monkeypatch):
     assert_moe_close(gathered, x, w, ids, packed)
 
 
-W13_FORMS = [dict(FUSED_QUANT=True), dict(JOINT_TILE=True), dict(FUSED_QUANT=True, JOINT_TILE=True, COMPUTED_TABLE=False)]
+W13_FORMS = [dict(FUSED_QUANT=True), dict(JOINT_TILE=True),
+             dict(FUSED_QUANT=True, JOINT_TILE=True, COMPUTED_TABLE=False)]
 W13_FORM_IDS = ["fused", "joint", "fused-joint-gathered"]
 
 

@@ -216,7 +216,8 @@ def test_hc_pre_nan_inf_propagate_like_oracle(device, bad):
 @pytest.mark.parametrize("config, y_config", [((16, 64, 64, 4, 3), (4, 256, 4)), ((32, 128, 64, 4, 3), (1, 128, 4))])
 def test_hc_pre_and_head_explicit_configs(device, config, y_config):
     # 20 tokens and dim 300 or 1100: partial tiles, chunks and y blocks running past dim, and
-    # more than SPLIT_BLOCK splits at the narrow chunk.
+    # (72 splits at the narrow chunk, 4-token y tiles) the comb columns summed in two blocks
+    # of splits.
     X, fn, scale, base = _inputs(20, 300 if config[1] > 64 else 1100, 13, device)
     _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
     _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
@@ -369,7 +370,8 @@ def test_mix_kernel_compiles_for_sm90_without_spills(head, split_in_loop, config
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("head, config", [(False, kern._Y_CONFIGS[-1]), (True, kern._Y_CONFIGS[0])])
+@pytest.mark.parametrize("head, config", [(False, kern._Y_CONFIGS[-1]), (True, kern._Y_CONFIGS[0]),
+                                          (False, kern._Y_CONFIGS[1])])  # X loaded before the partial sums
 def test_finalise_y_kernel_compiles_for_sm90_without_spills(head, config):
     bt, bd, warps = config
     types = dict(x_ptr="*bf16", y_ptr="*bf16", eps="fp32", norm_eps="fp32")

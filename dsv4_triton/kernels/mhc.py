@@ -57,7 +57,12 @@ STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
 N_MIX_PRE = 24
 N_MIX_HEAD = 4
 SSQ_COL = tl.constexpr(4)  # partial-row column of the sum of squares (after the 4 pre mixes)
-SPLIT_BLOCK = tl.constexpr(16)  # partial rows the y programs load at once
+# Partial rows the y programs load at once: as many splits as fit in PARTIAL_BUDGET floats
+# (32 registers a thread at 4 warps), at most MAX_SPLIT_BLOCK.  Each block of splits is one
+# dependent L2 round trip, and at decode sizes they were the kernel's critical path (blocks
+# of 16 splits: 7 round trips per column group at dim 7168, 21 in the Sinkhorn program).
+PARTIAL_BUDGET = tl.constexpr(4096)
+MAX_SPLIT_BLOCK = tl.constexpr(128)
 SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
 
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
@@ -177,15 +182,24 @@ def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, s
 @triton.jit
 def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr):
     """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` -> [BLOCK_T, WIDTH]
-    (blocks of SPLIT_BLOCK splits in a fixed order: deterministic)."""
+    (blocks of splits in a fixed order: deterministic for a given BLOCK_T)."""
+    FIT: tl.constexpr = PARTIAL_BUDGET // (tok.shape[0] * WIDTH)  # powers of two: exact
+    SPLITS: tl.constexpr = (FIT if FIT <= MAX_SPLIT_BLOCK else MAX_SPLIT_BLOCK) if FIT >= 1 else 1
     cols = COL + tl.arange(0, WIDTH)
     acc = tl.zeros([tok.shape[0], WIDTH], dtype=tl.float32)
-    for s0 in range(0, n_splits, SPLIT_BLOCK):
-        s = s0 + tl.arange(0, SPLIT_BLOCK)
-        row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
+    for s0 in range(0, n_splits, SPLITS):
+        s = s0 + tl.arange(0, SPLITS)
+        row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLITS, BLOCK_T]
         m = (s < n_splits)[:, None] & live[None, :]
         acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0), axis=0)
     return acc
+
+
+@triton.jit
+def _x_streams(x_row, stride_xs, mask):
+    """The four streams' blocks of X at ``x_row``."""
+    return (tl.load(x_row, mask=mask, other=0.0), tl.load(x_row + stride_xs, mask=mask, other=0.0),
+            tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0), tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0))
 
 
 @triton.jit
@@ -229,12 +243,15 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
         d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = live[:, None] & (d < dim)[None, :]
         x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
+        # Small X blocks (the tuned ones: one token) are loaded first, in flight while the
+        # partial rows are summed; larger ones would be held across the sum (spills).
+        X_FIRST: tl.constexpr = BLOCK_T * BLOCK_D <= 1024
+        if X_FIRST:
+            x0, x1, x2, x3 = _x_streams(x_row, stride_xs, mask)
         # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
         acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
-        x0 = tl.load(x_row, mask=mask, other=0.0)
-        x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
-        x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
-        x3 = tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0)
+        if not X_FIRST:
+            x0, x1, x2, x3 = _x_streams(x_row, stride_xs, mask)
         rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
         scale0 = tl.load(scale_ptr)
         y = (tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)

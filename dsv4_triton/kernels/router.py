@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..autotune import autotune, token_bucket
 from ..registry import register
-from .formats import dot_bf16
+from .formats import INTERPRET, dot_bf16
 
 MIN_BLOCK_E = 16
 NO_ID = tl.constexpr(2147483647)  # "no expert" in selections (above every id)
@@ -285,11 +285,16 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
     (32, 32, 128, 256, 4, 3), (32, 32, 128, 512, 4, 3), (64, 32, 128, 256, 8, 3), (64, 32, 128, 512, 8, 3),
     # 8 warps for the tail's selections; 64-expert chunks halve the x re-reads and the final merge's slots.
     (16, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3), (32, 64, 128, 512, 8, 3), (32, 64, 128, 512, 16, 3),
+    # 32-row tiles with 8 warps: W read from L2 by half as many tiles at T = 64 (22 MB of L2 reads
+    # instead of 33), while a thread's share of the tail stays 4 partial floats (336 programs, 3 per SM).
+    (32, 32, 128, 512, 8, 3),
 ]
 # The same tiles with MERGE_TREE (selections as one reduction that merges sorted lists; results
-# identical): the configs chosen so far at decode sizes, and the 256-token one.
+# identical): the configs chosen so far at decode sizes, the 256-token one, and the 32-row
+# tiles whose tail is as short per thread as the 16-row ones'.
 _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
-                 (32, 32, 128, 512, 4, 3), (16, 64, 128, 512, 8, 3)]
+                 (32, 32, 128, 512, 4, 3), (16, 64, 128, 512, 8, 3), (32, 32, 128, 512, 8, 3),
+                 (32, 64, 128, 512, 16, 3)]
 # Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
 TREE_MAX_TOPK = 8
 
@@ -408,6 +413,48 @@ def _merge_top8(a0, a1, a2, a3, a4, a5, a6, a7, sa0, sa1, sa2, sa3, sa4, sa5, sa
 
 
 @triton.jit
+def _halves(t):
+    """[rows, 2n] -> ([rows, n], [rows, n]): columns 2j and 2j + 1."""
+    return tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _merge_rows(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7):
+    """Per row of [rows, n] (n a power of two), the top 8 of the n sorted lists of 8 held in
+    (k_j, s_j) (list entry j): one reduction with _merge_top8.  The interpreter runs a
+    reduction's combine one element at a time, so there the same merges run as halving steps
+    over whole tensors; the result is the unique top 8 whatever the order of the merges."""
+    if INTERPRET:
+        while k0.shape[1] > 1:
+            a0, b0 = _halves(k0)
+            a1, b1 = _halves(k1)
+            a2, b2 = _halves(k2)
+            a3, b3 = _halves(k3)
+            a4, b4 = _halves(k4)
+            a5, b5 = _halves(k5)
+            a6, b6 = _halves(k6)
+            a7, b7 = _halves(k7)
+            c0, d0 = _halves(s0)
+            c1, d1 = _halves(s1)
+            c2, d2 = _halves(s2)
+            c3, d3 = _halves(s3)
+            c4, d4 = _halves(s4)
+            c5, d5 = _halves(s5)
+            c6, d6 = _halves(s6)
+            c7, d7 = _halves(s7)
+            k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _merge_top8(
+                a0, a1, a2, a3, a4, a5, a6, a7, c0, c1, c2, c3, c4, c5, c6, c7,
+                b0, b1, b2, b3, b4, b5, b6, b7, d0, d1, d2, d3, d4, d5, d6, d7)
+        rows: tl.constexpr = k0.shape[0]
+        return (tl.reshape(k0, [rows]), tl.reshape(k1, [rows]), tl.reshape(k2, [rows]), tl.reshape(k3, [rows]),
+                tl.reshape(k4, [rows]), tl.reshape(k5, [rows]), tl.reshape(k6, [rows]), tl.reshape(k7, [rows]),
+                tl.reshape(s0, [rows]), tl.reshape(s1, [rows]), tl.reshape(s2, [rows]), tl.reshape(s3, [rows]),
+                tl.reshape(s4, [rows]), tl.reshape(s5, [rows]), tl.reshape(s6, [rows]), tl.reshape(s7, [rows]))
+    else:
+        return tl.reduce((k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7), 1, _merge_top8)
+
+
+@triton.jit
 def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr, TOPK: tl.constexpr):
     """Entry ``position`` of every chunk's list, or the empty entry (INT64_MIN, 0) past TOPK
     (those positions are neither written nor read)."""
@@ -461,10 +508,36 @@ def _chunk_top8(packed, s, kcol, TOPK: tl.constexpr):
     k1, s1, k2, s2 = _exchange(k1, s1, k2, s2)
     empty = tl.full([ROWS, GROUPS], INT64_MIN, dtype=tl.int64)
     none = tl.zeros([ROWS, GROUPS], dtype=tl.float32)
-    k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = tl.reduce(
-        (k0, k1, k2, k3, empty, empty, empty, empty, s0, s1, s2, s3, none, none, none, none), 1, _merge_top8)
+    k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _merge_rows(
+        k0, k1, k2, k3, empty, empty, empty, empty, s0, s1, s2, s3, none, none, none, none)
     return (_place(k0, k1, k2, k3, k4, k5, k6, k7, kcol, TOPK),
             _place(s0, s1, s2, s3, s4, s5, s6, s7, kcol, TOPK))
+
+
+@triton.jit
+def _fixed_order_sum(v0, v1, v2, v3, v4, v5, v6, v7, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    """_fixed_order_row_sum of the row [v0, .., v_{K_PAD-1}] with the entries past TOPK taken as
+    0 (as the pick form's rows hold them), from one vector per position."""
+    if TOPK <= 1:
+        v1 = tl.zeros_like(v1)
+    if TOPK <= 2:
+        v2 = tl.zeros_like(v2)
+    if TOPK <= 3:
+        v3 = tl.zeros_like(v3)
+    if TOPK <= 4:
+        v4 = tl.zeros_like(v4)
+    if TOPK <= 5:
+        v5 = tl.zeros_like(v5)
+    if TOPK <= 6:
+        v6 = tl.zeros_like(v6)
+    if TOPK <= 7:
+        v7 = tl.zeros_like(v7)
+    total = v0 + v1
+    if K_PAD >= 4:
+        total = total + (v2 + v3)
+    if K_PAD >= 8:
+        total = total + ((v4 + v5) + (v6 + v7))
+    return total
 
 
 @triton.jit
@@ -504,7 +577,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     total order, each carrying its score): TOPK picks, each a cross-lane reduction after the
     last (MERGE_TREE off), or one reduction whose combine merges two sorted lists of 8
     (MERGE_TREE on; the chunk's columns first sorted in groups of 4 within a thread): more
-    instructions (sm_90, T = 64 tile: chunk stage ~900 against ~680, final ~820 against
+    instructions (sm_90, T = 64 tile: chunk stage ~900 against ~680, final ~800 against
     ~620), but 3 + 1 dependent merge steps per selection instead of TOPK x (3 shuffle
     levels + the in-thread fold), which bound the single warp per scheduler that runs them.
 
@@ -613,6 +686,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 sel_id = tl.minimum(tl.maximum(table_ids, 0), n_experts - 1)
                 w = tl.load(score_ptr + tail_tok[:, None] * n_experts + sel_id, mask=out_mask, other=0.0,
                             cache_modifier=".cg")
+                w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
+                w = w * route_scale
             else:
                 c = tl.arange(0, NC_PAD)
                 list_slot = tail_tok[:, None] * N_CAND + c[None, :]
@@ -629,9 +704,17 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                     key5, val5 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD, TOPK)
                     key6, val6 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD, TOPK)
                     key7, val7 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD, TOPK)
-                    key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7 = tl.reduce(
-                        (key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7), 1, _merge_top8)
-                    w = _place(val0, val1, val2, val3, val4, val5, val6, val7, kcol, TOPK)
+                    (key0, key1, key2, key3, key4, key5, key6, key7,
+                     val0, val1, val2, val3, val4, val5, val6, val7) = _merge_rows(
+                        key0, key1, key2, key3, key4, key5, key6, key7,
+                        val0, val1, val2, val3, val4, val5, val6, val7)
+                    # The normalising sum from the picks' scores as they come (no [rows, K_PAD]
+                    # round trip), in _fixed_order_row_sum's order: the same bits.
+                    total = _fixed_order_sum(val0, val1, val2, val3, val4, val5, val6, val7, TOPK, K_PAD)
+                    scale = route_scale
+                    w = _place(val0 / total * scale, val1 / total * scale, val2 / total * scale,
+                               val3 / total * scale, val4 / total * scale, val5 / total * scale,
+                               val6 / total * scale, val7 / total * scale, kcol, TOPK)
                     sel_id = _place(_packed_id(key0), _packed_id(key1), _packed_id(key2), _packed_id(key3),
                                     _packed_id(key4), _packed_id(key5), _packed_id(key6), _packed_id(key7), kcol, TOPK)
                 else:
@@ -674,8 +757,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                             last, last_s = tl.reduce((best, best_s), 1, _larger_key)
                             w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
                             sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
-            w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
-            w = w * route_scale
+                    w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
+                    w = w * route_scale
             out = tail_tok[:, None] * TOPK + kcol[None, :]
             tl.store(weights_ptr + out, w, mask=out_mask)
             tl.store(ids_ptr + out, sel_id, mask=out_mask)

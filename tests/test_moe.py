@@ -334,8 +334,27 @@ def test_moe_experts_table_rows_computed_or_gathered_agree(device, monkeypatch):
 
 
 W13_FORMS = [dict(FUSED_QUANT=True), dict(JOINT_TILE=True),
-             dict(FUSED_QUANT=True, JOINT_TILE=True, COMPUTED_TABLE=False)]
-W13_FORM_IDS = ["fused", "joint", "fused-joint-gathered"]
+             dict(FUSED_QUANT=True, JOINT_TILE=True, COMPUTED_TABLE=False),
+             dict(FUSED_QUANT=True, JOINT_TILE=True, TWO_BLOCKS=True)]
+W13_FORM_IDS = ["fused", "joint", "fused-joint-gathered", "fused-joint-two-blocks"]
+
+
+def test_w13_configs_offered_where_they_apply():
+    # Fused quantisation up to 16 rows, the joint tile under 64 rows, two K blocks per step only
+    # where K is a multiple of 256 (so no step reads past K); every key keeps a config.
+    def kept(block_m, k):
+        return kern._prune_w13(kern._W13_CONFIGS, {"K": k}, BLOCK_M=block_m, BLOCK_K=128)
+
+    def forms(configs):
+        return {(c.kwargs["FUSED_QUANT"], c.kwargs["JOINT_TILE"], c.kwargs["TWO_BLOCKS"]) for c in configs}
+
+    assert forms(kept(16, 7168)) == {(False, False, False), (True, False, False), (False, True, False),
+                                     (True, True, False), (True, True, True)}
+    assert forms(kept(16, 384)) == {(False, False, False), (True, False, False), (False, True, False),
+                                    (True, True, False)}
+    assert forms(kept(32, 7168)) == {(False, False, False), (False, True, False)}
+    assert forms(kept(128, 7168)) == {(False, False, False)}
+    assert all(c.maxnreg == 128 and c.num_warps == 8 for c in kept(16, 7168) if c.kwargs["JOINT_TILE"])
 
 
 def force_w13_form(monkeypatch, form):
@@ -343,15 +362,16 @@ def force_w13_form(monkeypatch, form):
     the tiles, as its configs have)."""
     tuner = kern._moe_w13_kernel
     first = tuner.configs[0]
-    assert first.kwargs["FUSED_QUANT"] is False and first.kwargs["JOINT_TILE"] is False
+    assert not (first.kwargs["FUSED_QUANT"] or first.kwargs["JOINT_TILE"] or first.kwargs["TWO_BLOCKS"])
     warps = 8 if form.get("JOINT_TILE") else first.num_warps
     monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, **form), num_warps=warps,
                                                          num_stages=first.num_stages)])
     monkeypatch.setattr(tuner, "cache", {})
 
 
-@pytest.mark.parametrize("form", W13_FORMS, ids=W13_FORM_IDS)
-@pytest.mark.parametrize("t, k, nan_row", [(5, 2, None), (3, 3, 1)])
+@pytest.mark.parametrize("form, t, k, nan_row", [
+    (W13_FORMS[0], 3, 3, 1), (W13_FORMS[1], 5, 2, None), (W13_FORMS[2], 3, 3, 1), (W13_FORMS[3], 5, 2, None)],
+    ids=["fused-nan", "joint", "fused-joint-gathered-nan", "two-blocks"])
 def test_moe_experts_w13_forms_agree(device, monkeypatch, form, t, k, nan_row):
     # 16-row blocks, the w13 config choices against the suite's first config (pre-pass codes,
     # two 128-row tiles): the BF16 rows quantised in the K loop give the pre-pass's codes and
@@ -539,7 +559,8 @@ def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stage
     # for; the pre-pass activation scales (w13 unless fused, w2 always) are loaded a step ahead.
     if kernel == "w13":
         types = dict(MOE_TYPES, x_ptr="*bf16", a_ptr="*fp8e4nv", hq_ptr="*u8", limit="fp32")
-        consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, BLOCK_M=block_m, BLOCK_K=128, PACK=128)
+        consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, TWO_BLOCKS=False, BLOCK_M=block_m, BLOCK_K=128,
+                      PACK=128)
         aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
                    "stride_sn"]
     else:
@@ -552,16 +573,16 @@ def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stage
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("fused, joint, warps", [(True, False, 4), (False, False, 4), (False, True, 8),
-                                                 (True, True, 8)])
-def test_decode_w13_compiles_to_warp_group_mma(fused, joint, warps):
+@pytest.mark.parametrize("fused, joint, two_blocks, warps", [
+    (True, False, False, 4), (False, True, False, 8), (True, True, True, 8)])
+def test_decode_w13_compiles_to_warp_group_mma(fused, joint, two_blocks, warps):
     # 16-row blocks (decode), activation quantised in the loop or read from the pre-pass, gate
     # and up as two tiles or one: the weight tiles are the A side of FP8 warp-group MMAs (an
     # mma.sync would convert every FP8 byte to FP16), with no spills.
     types = dict(x_ptr="*bf16", a_ptr="*fp8e4nv", w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32",
                  sorted_pair_ptr="*i32", block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
-    consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, BLOCK_M=16, BLOCK_K=128, PACK=128,
-                  SCALE_WORDS=True, COMPUTED_TABLE=True)
+    consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, TWO_BLOCKS=two_blocks, BLOCK_M=16, BLOCK_K=128,
+                  PACK=128, SCALE_WORDS=True, COMPUTED_TABLE=True)
     aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
                "stride_sn"]
     usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, warps, 3)

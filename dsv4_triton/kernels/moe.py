@@ -42,9 +42,9 @@ from ..autotune import autotune
 from ..reference.moe import PACK_ROWS
 from ..registry import register
 from .formats import clamp_nan
-from .gemm import (ACT_BLOCK, FUSED_QUANT_MAX_ROWS, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table, load_act_block,
-                   load_act_scales, load_fp8_codes, load_weight_block, mxfp4_scale_words, quantise_act_tile,
-                   scaled_dot, scaled_dot_t)
+from .gemm import (ACT_BLOCK, FUSED_QUANT_MAX_ROWS, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table,
+                   load_act_block, load_act_scales, load_fp8_codes, load_weight_block, mxfp4_scale_words,
+                   quantise_act_tile, scaled_dot, scaled_dot_t)
 from .rope import cast_rne
 
 
@@ -185,8 +185,9 @@ _MOE_CONFIGS = [triton.Config({"COMPUTED_TABLE": computed}, num_warps=w, num_sta
 # block size), or, for blocks of up to FUSED_QUANT_MAX_ROWS rows, quantises the BF16 rows in
 # each K step itself (every one of the 24 N programs of a block redoes it): the same codes
 # and scales, so the same results, and the tuner keeps the faster.
-_W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused, JOINT_TILE=False), num_warps=c.num_warps,
-                               num_stages=c.num_stages) for fused in (False, True) for c in _MOE_CONFIGS]
+_W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused, JOINT_TILE=False, TWO_BLOCKS=False),
+                               num_warps=c.num_warps, num_stages=c.num_stages)
+                for fused in (False, True) for c in _MOE_CONFIGS]
 # Under 64 rows, the gate and up rows of a program (256 consecutive rows of the packed w13) may
 # also be one 256-row operand: one expansion, one chain of MMAs and one wait per K step in place
 # of two (the up tile's MMAs issued before the gate's result is waited for), the same MMA
@@ -195,15 +196,27 @@ _W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused, JOINT_TILE=False
 # triton 3.6: 127-156 uncapped, no spills capped).
 _W13_CONFIGS += [triton.Config(dict(c.kwargs, JOINT_TILE=True), num_warps=c.num_warps, num_stages=c.num_stages,
                                maxnreg=128) for c in _W13_CONFIGS if c.num_warps == 8]
+# The joint tile over two K blocks per loop step (K a multiple of 256): each weight row is read
+# 128 contiguous bytes at a time instead of 64, the blocks expanded, multiplied and promoted one
+# after the other in K order (the same operations).  Fused quantisation only: with the
+# pre-pass's scales carried for two blocks it spills (56 B); two stages of two blocks keep two
+# programs per SM (84-92 KB of shared memory).
+_W13_CONFIGS += [triton.Config({"COMPUTED_TABLE": computed, "FUSED_QUANT": True, "JOINT_TILE": True,
+                                "TWO_BLOCKS": True}, num_warps=8, num_stages=2, maxnreg=128)
+                 for computed in (True, False)]
 
 
 # Configs that would spill registers (compiled for sm_90 with Triton's ptxas): the w13 program
 # holds two accumulators and expands two weight tiles, which four warps cannot hold from 32
-# rows up; a w2 program spills past 64 accumulator elements per thread.
+# rows up; a w2 program spills past 64 accumulator elements per thread.  And w13 forms where
+# they do not apply: the fused quantisation past FUSED_QUANT_MAX_ROWS rows (it would cost as
+# much as the weight stream), the joint tile from 64 rows (its accumulator would not fit), two
+# K blocks per step where K is not a multiple of 256.
 def _prune_w13(configs, nargs, **kw):
     small = kw["BLOCK_M"] <= FUSED_QUANT_MAX_ROWS
     return [c for c in configs if (small or c.num_warps >= 8) and (small or not c.kwargs["FUSED_QUANT"])
-            and (kw["BLOCK_M"] < 64 or not c.kwargs["JOINT_TILE"])] or configs[:1]
+            and (kw["BLOCK_M"] < 64 or not c.kwargs["JOINT_TILE"])
+            and (nargs["K"] % (2 * kw["BLOCK_K"]) == 0 or not c.kwargs["TWO_BLOCKS"])] or configs[:1]
 
 
 def _prune_w2(configs, nargs, **kw):
@@ -217,7 +230,8 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
                     route_w_ptr, hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_xm, stride_am, stride_sm,
                     stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr, SCALE_WORDS: tl.constexpr,
-                    COMPUTED_TABLE: tl.constexpr, FUSED_QUANT: tl.constexpr, JOINT_TILE: tl.constexpr):
+                    COMPUTED_TABLE: tl.constexpr, FUSED_QUANT: tl.constexpr, JOINT_TILE: tl.constexpr,
+                    TWO_BLOCKS: tl.constexpr):
     blk = tl.program_id(0)
     j = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -248,7 +262,7 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
     n_kb = tl.cdiv(K, BLOCK_K)
     if not FUSED_QUANT:  # pre-pass scales one K step ahead (load_act_scales in kernels/gemm.py)
         a_scale_next = load_act_scales(a_scale_ptr, token, row_ok, 0, n_kb, stride_sm)
-    for kb in range(0, n_kb):
+    for kb in range(0, n_kb, 2 if TWO_BLOCKS else 1):
         if FUSED_QUANT:
             a, a_scale = load_act_block(x_ptr, x_ptr, token, row_ok, kb, K, stride_xm, 0, True, BLOCK_K)
         else:
@@ -258,6 +272,12 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
             w, ws = load_weight_block(w_base, s_base, lut_ptr, tile_rows, tile_rows < 2 * N_INTER, kb, K, stride_wn,
                                       stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
             acc = scaled_dot_t(acc, a, a_scale, w, ws)
+            if TWO_BLOCKS:  # block kb + 1 exists: these configs run only where K is a multiple of 256
+                tl.static_assert(FUSED_QUANT)
+                a, a_scale = load_act_block(x_ptr, x_ptr, token, row_ok, kb + 1, K, stride_xm, 0, True, BLOCK_K)
+                w, ws = load_weight_block(w_base, s_base, lut_ptr, tile_rows, tile_rows < 2 * N_INTER, kb + 1, K,
+                                          stride_wn, stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+                acc = scaled_dot_t(acc, a, a_scale, w, ws)
         else:
             wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
                                        W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)

@@ -100,16 +100,18 @@ def _path_case(T, path):
                 bytes=_bytes(T, E, dim), flops=2 * T * E * dim, ceiling="copy", launches=1)
 
 
-# The split tile tuned for Pro at T = 64 so far, run with each form of the selections.
-FORM_TILE = (16, 32, 128, 512, 4, 3)
+# The split tile tuned for Pro at T = 64 so far, and a 32-row tile on 8 warps (half the L2
+# reads of W, the same tail per thread).
+FORM_TILE, TALL_TILE = (16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3)
 
 
-def _form_case(T, tree):
-    """Pro score routing on the split path with FORM_TILE, selections as TOPK picks or as
-    one merge tree (same bits): the two forms side by side, whatever the tuner keeps."""
+def _form_case(T, tile, tree):
+    """Pro score routing on the split path with one tile, selections as TOPK picks or as one
+    merge tree (same bits): the forms and tiles side by side, whatever the tuner keeps."""
     E, dim, scale = SIZES["Pro"]
-    config = FORM_TILE + (tree,)
-    return Case(op="route", shape=f"T={T} E={E} dim={dim} score, split {'merge tree' if tree else 'picks'}",
+    config = tile + (tree,)
+    form = f"{tile[0]}x{tile[1]} {tile[4]} warps {'merge tree' if tree else 'picks'}"
+    return Case(op="route", shape=f"T={T} E={E} dim={dim} score, split {form}",
                 make_inputs=_score_inputs(T, E, dim),
                 run=lambda x, w, b: kern.route_split(x, w, b, None, None, TOPK, scale, config=config),
                 eager=_eager_score(scale), oracle=lambda x, w, b: ref.route(x, w, b, None, None, TOPK, scale),
@@ -121,7 +123,7 @@ def cases(quick: bool):
     out += [_score_case("Flash", T) for T in (64, 8, 1)]
     out += [_hash_case("Pro", T) for T in (4096, 64)]
     out += [_path_case(256, "split"), _path_case(256, "tiled")]
-    out += [_form_case(64, False), _form_case(64, True)]
+    out += [_form_case(64, FORM_TILE, False), _form_case(64, FORM_TILE, True), _form_case(64, TALL_TILE, True)]
     if not quick:
         out += [_hash_case("Pro", 1), _hash_case("Flash", 64)]
     return out

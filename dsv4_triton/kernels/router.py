@@ -290,11 +290,11 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
     (32, 32, 128, 512, 8, 3),
 ]
 # The same tiles with MERGE_TREE (selections as one reduction that merges sorted lists; results
-# identical): the configs chosen so far at decode sizes, the 256-token one, and the 32-row
-# tiles whose tail is as short per thread as the 16-row ones'.
+# identical): the configs chosen so far at decode sizes, the 256-token one, the 32-row tiles
+# whose tail is as short per thread as the 16-row ones', and the 64-row tile (W read once).
 _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
                  (32, 32, 128, 512, 4, 3), (16, 64, 128, 512, 8, 3), (32, 32, 128, 512, 8, 3),
-                 (32, 64, 128, 512, 16, 3)]
+                 (32, 64, 128, 512, 16, 3), (64, 32, 128, 512, 8, 3)]
 # Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
 TREE_MAX_TOPK = 8
 
@@ -592,7 +592,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     NC_PAD: tl.constexpr = (E_PAD + BLOCK_E - 1) // BLOCK_E  # chunk lists per token (a power of two)
     N_CAND: tl.constexpr = NC_PAD * K_PAD  # candidate slots per token
     TILE: tl.constexpr = BLOCK_T * BLOCK_E
-    tl.static_assert(TOPK <= 8 or not MERGE_TREE, "the merge tree holds lists of 8")
+    if MERGE_TREE:
+        tl.static_assert(TOPK <= 8, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
     # Partial tiles summed per step: up to REDUCE_BUDGET floats of tail rows in flight (64 per
     # thread), at most 32 tiles (the loads past the last split are issued too: one step

@@ -356,6 +356,13 @@ def test_w13_configs_offered_where_they_apply():
     assert forms(kept(128, 7168)) == {(False, False, False)}
     assert all(c.maxnreg == 128 and c.num_warps == 8 for c in kept(16, 7168) if c.kwargs["JOINT_TILE"])
 
+    def w2_two_blocks(block_m, k):
+        return {c.kwargs["TWO_BLOCKS"] for c in kern._prune_w2(kern._W2_CONFIGS, {"K": k}, BLOCK_M=block_m,
+                                                                 BLOCK_K=128)}
+
+    assert w2_two_blocks(16, 3072) == {False, True}
+    assert w2_two_blocks(16, 384) == w2_two_blocks(64, 3072) == {False}
+
 
 def force_w13_form(monkeypatch, form):
     """Run w13 with the suite's first config changed by ``form`` (8 warps where the form joins
@@ -391,6 +398,30 @@ def test_moe_experts_w13_forms_agree(device, monkeypatch, form, t, k, nan_row):
     assert torch.equal(torch.isnan(first_form), torch.isnan(other))
     assert torch.equal(torch.nan_to_num(first_form), torch.nan_to_num(other))
     assert_moe_close(other, x, w, ids, packed)
+
+
+def force_w2_two_blocks(monkeypatch):
+    tuner = kern._moe_w2_kernel
+    first = tuner.configs[0]
+    assert first.kwargs["TWO_BLOCKS"] is False
+    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(first.kwargs, TWO_BLOCKS=True),
+                                                         num_warps=first.num_warps, num_stages=first.num_stages)])
+    monkeypatch.setattr(tuner, "cache", {})
+
+
+def test_moe_experts_w2_two_blocks_agree(device, monkeypatch):
+    # inter 256 (two K blocks of w2): one block per loop step (the suite's first config) or two
+    # give the same bits.
+    g = _gen(15)
+    packed = [p.to(device) for p in ops.moe_pack_experts(*random_experts(EXPERTS, DIM, 256, g))]
+    x = torch.randn(5, DIM, generator=g).to(torch.bfloat16).to(device)
+    w, ids = routing(5, 2, EXPERTS, g)
+    w, ids = w.to(device), ids.to(device)
+    one = _triton_moe(x, w, ids, *packed)
+    force_w2_two_blocks(monkeypatch)
+    two = _triton_moe(x, w, ids, *packed)
+    assert torch.equal(one, two)
+    assert_moe_close(two, x, w, ids, packed)
 
 
 def test_moe_experts_zero_tokens(device):
@@ -553,10 +584,11 @@ MOE_TYPES = dict(w_ptr="*u8", w_scale_ptr="*u8", lut_ptr="*i32", sorted_pair_ptr
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("kernel, block_m, warps, stages, fused, joint", [
     ("w13", 16, 8, 3, True, False), ("w13", 16, 8, 3, False, False), ("w13", 16, 8, 3, False, True),
-    ("w13", 128, 8, 3, False, False), ("w2", 16, 4, 3, False, False)])
+    ("w13", 128, 8, 3, False, False), ("w2", 16, 4, 3, False, False), ("w2", 16, 4, 2, False, True)])
 def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stages, fused, joint):
     # Computed table rows and scale words (see test_gemm): no plain load that a K step waits
-    # for; the pre-pass activation scales (w13 unless fused, w2 always) are loaded a step ahead.
+    # for; the pre-pass activation scales (w13 unless fused, w2 always; w2 with two K blocks a
+    # step: both blocks' scales in one load) are loaded a step ahead.
     if kernel == "w13":
         types = dict(MOE_TYPES, x_ptr="*bf16", a_ptr="*fp8e4nv", hq_ptr="*u8", limit="fp32")
         consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, TWO_BLOCKS=False, BLOCK_M=block_m, BLOCK_K=128,
@@ -565,7 +597,7 @@ def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stage
                    "stride_sn"]
     else:
         types = dict(MOE_TYPES, hq_ptr="*fp8e4nv")
-        consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128)
+        consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, TWO_BLOCKS=joint)  # w2: two K blocks a step
         aligned = ["N", "K", "stride_we", "stride_wn", "stride_se", "stride_sn"]
     loads, waited = k_loop_waits("dsv4_triton.kernels.moe", f"_moe_{kernel}_kernel", types,
                                  dict(consts, SCALE_WORDS=True, COMPUTED_TABLE=True), aligned, warps, stages)
@@ -614,6 +646,14 @@ def test_moe_experts_w13_forms_agree_at_flash_decode(device, monkeypatch, form):
     args = flash_inputs(64, device)
     first_form = _triton_moe(*args)
     force_w13_form(monkeypatch, form)
+    assert torch.equal(_triton_moe(*args), first_form)
+
+
+@pytest.mark.gpu
+def test_moe_experts_w2_two_blocks_agree_at_flash_decode(device, monkeypatch):
+    args = flash_inputs(64, device)
+    first_form = _triton_moe(*args)
+    force_w2_two_blocks(monkeypatch)
     assert torch.equal(_triton_moe(*args), first_form)
 
 

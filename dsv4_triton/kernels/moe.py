@@ -220,7 +220,9 @@ def _prune_w13(configs, nargs, **kw):
 
 
 def _prune_w2(configs, nargs, **kw):
-    return [c for c in configs if kw["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or configs[:1]
+    two_blocks_apply = kw["BLOCK_M"] < 64 and nargs["K"] % (2 * kw["BLOCK_K"]) == 0
+    return [c for c in configs if kw["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
+            and (two_blocks_apply or not c.kwargs["TWO_BLOCKS"])] or configs[:1]
 
 
 @autotune(configs=_W13_CONFIGS, key=["BLOCK_M", "K", "N_INTER"], name="moe_w13",
@@ -307,15 +309,26 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
     tl.store(hs_ptr + rows * (N_INTER // PACK) + j, s)
 
 
-@autotune(configs=[triton.Config({"BLOCK_N": bn, "COMPUTED_TABLE": computed}, num_warps=w, num_stages=s)
-                   for computed in (True, False)
-                   for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))],
-          key=["BLOCK_M", "N", "K"], name="moe_w2", prune_configs_by={"early_config_prune": _prune_w2})
+# Each with the table rows computed (first) and gathered; plus, under 64 rows, two K blocks
+# per loop step (as w13's TWO_BLOCKS: 128 contiguous bytes of each weight row per step, the
+# blocks promoted one after the other in K order).  Triton 3.6, BLOCK_N 64, 4 warps: 535
+# instructions per two-block step (308 per block), 103-106 registers (four programs per SM).
+_W2_CONFIGS = [triton.Config({"BLOCK_N": bn, "COMPUTED_TABLE": computed, "TWO_BLOCKS": False}, num_warps=w,
+                             num_stages=s)
+               for computed in (True, False)
+               for bn, w, s in ((256, 8, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (32, 4, 4))]
+_W2_CONFIGS += [triton.Config({"BLOCK_N": bn, "COMPUTED_TABLE": computed, "TWO_BLOCKS": True}, num_warps=w,
+                              num_stages=s)
+                for computed in (True, False) for bn, w, s in ((64, 4, 2), (64, 4, 3), (128, 8, 2))]
+
+
+@autotune(configs=_W2_CONFIGS, key=["BLOCK_M", "N", "K"], name="moe_w2",
+          prune_configs_by={"early_config_prune": _prune_w2})
 @triton.jit
 def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
                    n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SCALE_WORDS: tl.constexpr, COMPUTED_TABLE: tl.constexpr):
+                   SCALE_WORDS: tl.constexpr, COMPUTED_TABLE: tl.constexpr, TWO_BLOCKS: tl.constexpr):
     blk = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk)
@@ -334,18 +347,39 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_kb = K // BLOCK_K
-    # The input's scales one K step ahead (load_act_scales in kernels/gemm.py).
-    a_scale_next = load_act_scales(hs_ptr, rows, row_ok, 0, n_kb, n_kb)
-    for kb in range(0, n_kb):
+    w_base = w_ptr + e64 * stride_we
+    s_base = w_scale_ptr + e64 * stride_se
+    # The input's scales one K step ahead (load_act_scales in kernels/gemm.py); with two K
+    # blocks per step (n_kb even, see _prune_w2), both blocks' scales as one [BLOCK_M, 2] load.
+    pair_kb = tl.arange(0, 2)
+    if TWO_BLOCKS:
+        scales_next = tl.load(hs_ptr + rows[:, None] * n_kb + pair_kb[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        a_scale_next = load_act_scales(hs_ptr, rows, row_ok, 0, n_kb, n_kb)
+    for kb in range(0, n_kb, 2 if TWO_BLOCKS else 1):
         a = load_fp8_codes(hq_ptr, rows, row_ok, kb, K, K, BLOCK_K)
-        a_scale = a_scale_next
-        w, w_scale = load_weight_block(w_ptr + e64 * stride_we, w_scale_ptr + e64 * stride_se, lut_ptr, cols, col_ok,
-                                       kb, K, stride_wn, stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+        if TWO_BLOCKS:
+            a_scale, a_scale1 = tl.split(scales_next)
+        else:
+            a_scale = a_scale_next
+        w, w_scale = load_weight_block(w_base, s_base, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn, W_MXFP4,
+                                       BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
         if SWAP:
             acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
         else:
             acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
-        a_scale_next = load_act_scales(hs_ptr, rows, row_ok, kb + 1, n_kb, n_kb)
+        if TWO_BLOCKS:  # block kb + 1, after block kb: the same operations in K order
+            a = load_fp8_codes(hq_ptr, rows, row_ok, kb + 1, K, K, BLOCK_K)
+            w, w_scale = load_weight_block(w_base, s_base, lut_ptr, cols, col_ok, kb + 1, K, stride_wn, stride_sn,
+                                           W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            if SWAP:
+                acc = scaled_dot_t(acc, a, a_scale1, w, w_scale)
+            else:
+                acc = scaled_dot(acc, a, a_scale1, w, w_scale, W_MXFP4)
+            scales_next = tl.load(hs_ptr + rows[:, None] * n_kb + (kb + 2 + pair_kb)[None, :],
+                                  mask=row_ok[:, None] & ((kb + 2 + pair_kb) < n_kb)[None, :], other=0.0)
+        else:
+            a_scale_next = load_act_scales(hs_ptr, rows, row_ok, kb + 1, n_kb, n_kb)
     dest = tl.where(row_ok, pair, 0).to(tl.int64)
     if SWAP:
         tl.store(out_ptr + dest[None, :] * N + cols[:, None], acc, mask=col_ok[:, None] & row_ok[None, :])

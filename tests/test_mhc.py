@@ -216,8 +216,7 @@ def test_hc_pre_nan_inf_propagate_like_oracle(device, bad):
 @pytest.mark.parametrize("config, y_config", [((16, 64, 64, 4, 3), (4, 256, 4)), ((32, 128, 64, 4, 3), (1, 128, 4))])
 def test_hc_pre_and_head_explicit_configs(device, config, y_config):
     # 20 tokens and dim 300 or 1100: partial tiles, chunks and y blocks running past dim, and
-    # (72 splits at the narrow chunk, 4-token y tiles) the comb columns summed in two blocks
-    # of splits.
+    # more splits (72 at the narrow chunk) than the Sinkhorn program sums per step.
     X, fn, scale, base = _inputs(20, 300 if config[1] > 64 else 1100, 13, device)
     _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, config=config, y_config=y_config))
     _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,

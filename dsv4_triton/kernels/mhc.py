@@ -57,12 +57,14 @@ STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
 N_MIX_PRE = 24
 N_MIX_HEAD = 4
 SSQ_COL = tl.constexpr(4)  # partial-row column of the sum of squares (after the 4 pre mixes)
-# Partial rows the y programs load at once: as many splits as fit in PARTIAL_BUDGET floats
-# (32 registers a thread at 4 warps), at most MAX_SPLIT_BLOCK.  Each block of splits is one
-# dependent L2 round trip, and at decode sizes they were the kernel's critical path (blocks
-# of 16 splits: 7 round trips per column group at dim 7168, 21 in the Sinkhorn program).
+# Splits of partial rows summed per step (one dependent L2 round trip each).  The y programs
+# take as many as fit in PARTIAL_BUDGET floats (32 registers a thread at 4 warps), at most
+# MAX_SPLIT_BLOCK: every split in one step at one token (hc_head's y launch at T=1: 3.6 ->
+# 2.5 us on the H100).  The Sinkhorn program keeps steps of SINKHORN_SPLITS: larger ones
+# measured slower there (hc_pre T=1 y launch 8.6 -> 9.7 us).
 PARTIAL_BUDGET = tl.constexpr(4096)
 MAX_SPLIT_BLOCK = tl.constexpr(128)
+SINKHORN_SPLITS = tl.constexpr(16)
 SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
 
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
@@ -180,11 +182,10 @@ def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, s
 
 
 @triton.jit
-def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr):
+def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr,
+                  SPLITS: tl.constexpr):
     """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` -> [BLOCK_T, WIDTH]
-    (blocks of splits in a fixed order: deterministic for a given BLOCK_T)."""
-    FIT: tl.constexpr = PARTIAL_BUDGET // (tok.shape[0] * WIDTH)  # powers of two: exact
-    SPLITS: tl.constexpr = (FIT if FIT <= MAX_SPLIT_BLOCK else MAX_SPLIT_BLOCK) if FIT >= 1 else 1
+    (steps of ``SPLITS`` splits in a fixed order: deterministic)."""
     cols = COL + tl.arange(0, WIDTH)
     acc = tl.zeros([tok.shape[0], WIDTH], dtype=tl.float32)
     for s0 in range(0, n_splits, SPLITS):
@@ -223,10 +224,11 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
     tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
     if d_block < 0:
-        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD, SINKHORN_SPLITS), axis=1)
         rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
-        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
-        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD, SINKHORN_SPLITS)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD, SINKHORN_SPLITS),
+                              [BLOCK_T, 4, 4])
         post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
         ij = 4 * four[:, None] + four[None, :]
         c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
@@ -249,7 +251,9 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
         if X_FIRST:
             x0, x1, x2, x3 = _x_streams(x_row, stride_xs, mask)
         # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
-        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
+        Y_FIT: tl.constexpr = PARTIAL_BUDGET // (BLOCK_T * 8)  # powers of two: exact
+        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD,
+                            Y_FIT if Y_FIT <= MAX_SPLIT_BLOCK else MAX_SPLIT_BLOCK)
         if not X_FIRST:
             x0, x1, x2, x3 = _x_streams(x_row, stride_xs, mask)
         rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)

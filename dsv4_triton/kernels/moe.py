@@ -25,9 +25,12 @@ it contributes nothing, and nothing is read out of bounds.
 The activation of w13 is ``act_quant(x)``: quantised once per token by the pre-pass of
 ``kernels/gemm.py`` (one more launch), and read as FP8 codes and scales; for 16-row blocks
 (decode) a config may instead quantise the block's BF16 rows in every K step (the tuner
-keeps the faster; the codes and scales are the same either way).  Blocks
-of fewer than 64 rows run both GEMMs transposed (``scaled_dot_t``: the expanded weight tile
-is the A side of an FP8 warp-group MMA, the block's rows its N side).
+keeps the faster; the codes and scales are the same either way).  Blocks of fewer than 64
+rows run both GEMMs transposed (``scaled_dot_t``: the expanded weight tile is the A side of
+an FP8 warp-group MMA, the block's rows its N side), and their configs may also take w13's
+gate and up rows as one 256-row operand (``JOINT_TILE``) or two K blocks per loop step
+(``TWO_BLOCKS``, both GEMMs): every form multiplies and promotes the same values in the
+same K order, so the tuner's choice never changes a bit of the result.
 SwiGLU uses the GPU's fast ``exp`` (about 2 ulp) and a correctly rounded division; the
 tests bound the effect on the FP8 codes of the w2 input.
 """

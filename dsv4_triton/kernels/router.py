@@ -305,8 +305,9 @@ MIN_SPLIT_K = 128
 
 
 def _reduce_budget(num_warps: int) -> int:
-    """Floats of partial tiles the reducer keeps in flight per step: 64 per thread."""
-    return 64 * 32 * num_warps
+    """Floats of partial tiles the reducer keeps in flight per step: 32 per thread (a 16 x 32
+    tile on 4 warps: 8 tiles a step, 32 registers)."""
+    return 32 * 32 * num_warps
 
 
 def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> bool:
@@ -515,6 +516,32 @@ def _chunk_top8(packed, s, kcol, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _four_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live):
+    """Partial tiles of splits first .. first + 3 at ``slot`` (split 0's tail rows).  Past the
+    last split a valid slot is read (the last one: no split mask, so the loads batch) and its
+    value is dropped by _add_four."""
+    p0 = tl.load(slot + tl.minimum(first, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    p1 = tl.load(slot + tl.minimum(first + 1, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    p2 = tl.load(slot + tl.minimum(first + 2, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    p3 = tl.load(slot + tl.minimum(first + 3, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _add_four(z, p0, p1, p2, p3, first, n_splits):
+    """z + p0 + p1 + p2 + p3 in that order, a term past the last split taken as 0."""
+    z += tl.where(first < n_splits, p0, 0.0)
+    z += tl.where(first + 1 < n_splits, p1, 0.0)
+    z += tl.where(first + 2 < n_splits, p2, 0.0)
+    z += tl.where(first + 3 < n_splits, p3, 0.0)
+    return z
+
+
+@triton.jit
 def _fixed_order_sum(v0, v1, v2, v3, v4, v5, v6, v7, TOPK: tl.constexpr, K_PAD: tl.constexpr):
     """_fixed_order_row_sum of the row [v0, .., v_{K_PAD-1}] with the entries past TOPK taken as
     0 (as the pick form's rows hold them), from one vector per position."""
@@ -595,11 +622,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     if MERGE_TREE:
         tl.static_assert(TOPK <= 8, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
-    # Partial tiles summed per step: up to REDUCE_BUDGET floats of tail rows in flight (64 per
-    # thread), at most 32 tiles (the loads past the last split are issued too: one step
-    # covers 28 splits of 256 at dim 7168).
-    REDUCE_FIT: tl.constexpr = (REDUCE_BUDGET + TAIL_T * BLOCK_E - 1) // (TAIL_T * BLOCK_E)
-    REDUCE_UNROLL: tl.constexpr = REDUCE_FIT if REDUCE_FIT <= 32 else 32
+    # Partial tiles summed per step: 4, 8 or 16, the most that keep REDUCE_BUDGET floats of tail
+    # rows in flight (32 per thread; the loads past the last split are issued too).
+    REDUCE_FIT: tl.constexpr = REDUCE_BUDGET // (TAIL_T * BLOCK_E)
+    REDUCE_UNROLL: tl.constexpr = 16 if REDUCE_FIT >= 16 else (8 if REDUCE_FIT >= 8 else 4)
     n_splits = tl.cdiv(dim, SPLIT_K)
     n_chunks = tl.cdiv(n_experts, BLOCK_E)
     pid = tl.program_id(0)
@@ -646,13 +672,25 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
         tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
         # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
+        # A step's loads all precede a barrier and its adds follow it, so every load of the step
+        # is in flight at once whatever registers the rest of the kernel leaves the scheduler
+        # (without it ptxas may issue them two at a time behind the adds).
+        slot = partial_ptr + group * n_splits * TILE + tail_in_tile
         z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
         for s0 in range(0, n_splits, REDUCE_UNROLL):
-            for u in tl.static_range(REDUCE_UNROLL):
-                # Past the last split: a valid slot is read (no split mask, so the loads batch) and dropped.
-                part = tl.load(partial_ptr + (group * n_splits + tl.minimum(s0 + u, n_splits - 1)) * TILE
-                               + tail_in_tile, mask=tail_live[:, None], other=0.0, cache_modifier=".cg")
-                z += tl.where(s0 + u < n_splits, part, 0.0)
+            a0, a1, a2, a3 = _four_partials(slot, s0, n_splits, TILE, tail_live)
+            if REDUCE_UNROLL > 4:
+                b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live)
+            if REDUCE_UNROLL > 8:
+                c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live)
+                d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live)
+            tl.debug_barrier()
+            z = _add_four(z, a0, a1, a2, a3, s0, n_splits)
+            if REDUCE_UNROLL > 4:
+                z = _add_four(z, b0, b1, b2, b3, s0 + 4, n_splits)
+            if REDUCE_UNROLL > 8:
+                z = _add_four(z, c0, c1, c2, c3, s0 + 8, n_splits)
+                z = _add_four(z, d0, d1, d2, d3, s0 + 12, n_splits)
         s = _sqrt_softplus(z)
         if HASH:  # the tile's last arriver reads the scores at the table ids
             tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,

@@ -305,8 +305,8 @@ MIN_SPLIT_K = 128
 
 
 def _reduce_budget(num_warps: int) -> int:
-    """Floats of partial tiles the reducer keeps in flight per step: 32 per thread (a 16 x 32
-    tile on 4 warps: 8 tiles a step, 32 registers)."""
+    """Floats of partial tiles the reducer aims to keep in flight per step: 32 per thread (a
+    16 x 32 tile on 4 warps: 8 tiles a step, 32 registers)."""
     return 32 * 32 * num_warps
 
 
@@ -622,10 +622,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     if MERGE_TREE:
         tl.static_assert(TOPK <= 8, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
-    # Partial tiles summed per step: 4, 8 or 16, the most that keep REDUCE_BUDGET floats of tail
-    # rows in flight (32 per thread; the loads past the last split are issued too).
+    # Partial tiles summed per step: 16 where they keep at most REDUCE_BUDGET floats of tail rows
+    # in flight (32 per thread), else 8 (the loads past the last split are issued too).
     REDUCE_FIT: tl.constexpr = REDUCE_BUDGET // (TAIL_T * BLOCK_E)
-    REDUCE_UNROLL: tl.constexpr = 16 if REDUCE_FIT >= 16 else (8 if REDUCE_FIT >= 8 else 4)
+    REDUCE_UNROLL: tl.constexpr = 16 if REDUCE_FIT >= 16 else 8
     n_splits = tl.cdiv(dim, SPLIT_K)
     n_chunks = tl.cdiv(n_experts, BLOCK_E)
     pid = tl.program_id(0)
@@ -679,15 +679,13 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
         for s0 in range(0, n_splits, REDUCE_UNROLL):
             a0, a1, a2, a3 = _four_partials(slot, s0, n_splits, TILE, tail_live)
-            if REDUCE_UNROLL > 4:
-                b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live)
+            b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live)
             if REDUCE_UNROLL > 8:
                 c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live)
                 d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live)
             tl.debug_barrier()
             z = _add_four(z, a0, a1, a2, a3, s0, n_splits)
-            if REDUCE_UNROLL > 4:
-                z = _add_four(z, b0, b1, b2, b3, s0 + 4, n_splits)
+            z = _add_four(z, b0, b1, b2, b3, s0 + 4, n_splits)
             if REDUCE_UNROLL > 8:
                 z = _add_four(z, c0, c1, c2, c3, s0 + 8, n_splits)
                 z = _add_four(z, d0, d1, d2, d3, s0 + 12, n_splits)

@@ -537,8 +537,10 @@ def _xor_bits(p0, p1, p2, p3):
     sign bit of its loads' XOR before its first partial: that changes at most the sign of a
     zero sum (never a score: sqrt(softplus(+-0)) is one value), and makes the first add wait
     on every load of the step, so ptxas issues them all before it.  Without it, where the
-    rest of the kernel needs few registers (the tree form: 56), ptxas issues them a few at a
-    time behind the adds (~2 L2 round trips a step instead of 1)."""
+    rest of the kernel needs fewer registers than the loads (the tree form: 56; 16-load
+    steps), ptxas issues them a few at a time behind the adds (~2 L2 round trips a step
+    instead of 1).  The pick form's 8-load steps (T = 64 tile) go out whole without it, and
+    it would take that kernel from 72 to 79 registers."""
     return (p0.to(tl.int32, bitcast=True) ^ p1.to(tl.int32, bitcast=True) ^ p2.to(tl.int32, bitcast=True)
             ^ p3.to(tl.int32, bitcast=True))
 
@@ -696,7 +698,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live)
                 d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live)
             tl.debug_barrier()
-            if MERGE_TREE:  # the tree form leaves the scheduler few registers: see _xor_bits
+            if MERGE_TREE or REDUCE_UNROLL > 8:  # see _xor_bits
                 bits = _xor_bits(a0, a1, a2, a3) ^ _xor_bits(b0, b1, b2, b3)
                 if REDUCE_UNROLL > 8:
                     bits = bits ^ _xor_bits(c0, c1, c2, c3) ^ _xor_bits(d0, d1, d2, d3)

@@ -533,14 +533,14 @@ def _four_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live):
 
 @triton.jit
 def _xor_bits(p0, p1, p2, p3):
-    """The XOR of four FP32 tensors' bits.  A step of the reduce adds +0 or -0 chosen by the
-    sign bit of its loads' XOR before its first partial: that changes at most the sign of a
-    zero sum (never a score: sqrt(softplus(+-0)) is one value), and makes the first add wait
-    on every load of the step, so ptxas issues them all before it.  Without it, where the
-    rest of the kernel needs fewer registers than the loads (the tree form: 56; 16-load
-    steps), ptxas issues them a few at a time behind the adds (~2 L2 round trips a step
-    instead of 1).  The pick form's 8-load steps (T = 64 tile) go out whole without it, and
-    it would take that kernel from 72 to 79 registers."""
+    """The XOR of four FP32 tensors' bits.  A step of the reduce adds +0 or -0 (the sign bit of
+    its loads' XOR, as a float by bit operations: nothing a compiler can fold) before its first
+    partial: that changes at most the sign of a zero sum (never a score: sqrt(softplus(+-0))
+    is one value), and makes the first add wait on every load of the step, so ptxas issues
+    them all before it.  Without it, where the rest of the kernel needs fewer registers than
+    the loads (the tree form: 56; 16-load steps), ptxas issues them a few at a time behind the
+    adds (~2 L2 round trips a step instead of 1).  The pick form's 8-load steps (T = 64 tile)
+    go out whole without it, and it would take that kernel from 72 to 79 registers."""
     return (p0.to(tl.int32, bitcast=True) ^ p1.to(tl.int32, bitcast=True) ^ p2.to(tl.int32, bitcast=True)
             ^ p3.to(tl.int32, bitcast=True))
 
@@ -702,7 +702,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 bits = _xor_bits(a0, a1, a2, a3) ^ _xor_bits(b0, b1, b2, b3)
                 if REDUCE_UNROLL > 8:
                     bits = bits ^ _xor_bits(c0, c1, c2, c3) ^ _xor_bits(d0, d1, d2, d3)
-                z += tl.where(bits < 0, -0.0, 0.0)
+                z += (bits & -2147483648).to(tl.float32, bitcast=True)  # +0 or -0: the sign bit
             z = _add_four(z, a0, a1, a2, a3, s0, n_splits)
             z = _add_four(z, b0, b1, b2, b3, s0 + 4, n_splits)
             if REDUCE_UNROLL > 8:

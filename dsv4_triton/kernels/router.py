@@ -294,7 +294,7 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
 # whose tail is as short per thread as the 16-row ones', and the 64-row tile (W read once).
 _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 128, 512, 4, 3),
                  (32, 32, 128, 512, 4, 3), (16, 64, 128, 512, 8, 3), (32, 32, 128, 512, 8, 3),
-                 (32, 64, 128, 512, 16, 3), (64, 32, 128, 512, 8, 3)]
+                 (64, 32, 128, 512, 8, 3)]
 # Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
 TREE_MAX_TOPK = 8
 

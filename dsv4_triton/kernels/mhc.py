@@ -60,9 +60,9 @@ SSQ_COL = tl.constexpr(4)  # partial-row column of the sum of squares (after the
 # Splits of partial rows summed per step (one dependent L2 round trip each).  The y programs
 # take as many as fit in PARTIAL_BUDGET floats (32 registers a thread at 4 warps), at most
 # MAX_SPLIT_BLOCK: every split in one step at one token (hc_head's y launch at T=1: 3.6 ->
-# 2.5 us on the H100).  The Sinkhorn program sums all its columns in steps of SINKHORN_SPLITS:
-# larger steps (128 splits reduced across the warps) measured slower there (hc_pre T=1 y
-# launch 8.6 -> 9.7 us).
+# 2.5 us on the H100).  The Sinkhorn program keeps steps of SINKHORN_SPLITS per column
+# group: larger steps, or its three groups summed in one pass, measured slower there (hc_pre
+# T=1 y launch 8.6 -> 9.7 and 9.2 us).
 PARTIAL_BUDGET = tl.constexpr(4096)
 MAX_SPLIT_BLOCK = tl.constexpr(128)
 SINKHORN_SPLITS = tl.constexpr(16)
@@ -198,15 +198,6 @@ def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl
 
 
 @triton.jit
-def _columns(v, FIRST: tl.constexpr, WIDTH: tl.constexpr):
-    """Columns ``FIRST .. FIRST + WIDTH - 1`` of a [BLOCK_T, W] tensor as [BLOCK_T, WIDTH]
-    (masked sums: NaN stays in its column; columns never written are never picked)."""
-    cols = tl.arange(0, v.shape[1])
-    want = FIRST + tl.arange(0, WIDTH)
-    return tl.sum(tl.where(cols[None, None, :] == want[None, :, None], v[:, None, :], 0.0), axis=2)
-
-
-@triton.jit
 def _x_streams(x_row, stride_xs, mask):
     """The four streams' blocks of X at ``x_row``."""
     return (tl.load(x_row, mask=mask, other=0.0), tl.load(x_row + stride_xs, mask=mask, other=0.0),
@@ -234,14 +225,14 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
     tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
     if d_block < 0:
-        # All columns in one pass over the splits (one load step per SINKHORN_SPLITS, not three).
-        sums = _partial_sums(part_ptr, tok, live, n_splits, T, 0, N_PAD, N_PAD, SINKHORN_SPLITS)
-        rs = tl.rsqrt(_pick(sums, SSQ_COL) / (STREAMS * dim) + norm_eps)
-        acc_post = _columns(sums, SSQ_COL + 1, 4)
-        acc_comb = tl.reshape(_columns(sums, SSQ_COL + 5, 16), [BLOCK_T, 4, 4])
-        post = 2.0 * tl.sigmoid(acc_post * rs * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD, SINKHORN_SPLITS), axis=1)
+        rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD, SINKHORN_SPLITS)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD, SINKHORN_SPLITS),
+                              [BLOCK_T, 4, 4])
+        post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
         ij = 4 * four[:, None] + four[None, :]
-        c = acc_comb * rs[:, :, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
+        c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
         # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
         c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
         c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps

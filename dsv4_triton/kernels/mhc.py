@@ -57,20 +57,12 @@ STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
 N_MIX_PRE = 24
 N_MIX_HEAD = 4
 SSQ_COL = tl.constexpr(4)  # partial-row column of the sum of squares (after the 4 pre mixes)
-# Splits of partial rows summed per step (one dependent L2 round trip each).  The y programs
-# take as many as fit in PARTIAL_BUDGET floats (32 registers a thread at 4 warps), at most
-# MAX_SPLIT_BLOCK: every split in one step at one token (hc_head's y launch at T=1: 3.6 ->
-# 2.5 us on the H100).  The Sinkhorn program keeps steps of SINKHORN_SPLITS per column
-# group: larger steps, or its three groups summed in one pass, measured slower there (hc_pre
-# T=1 y launch 8.6 -> 9.7 and 9.2 us).
-PARTIAL_BUDGET = tl.constexpr(4096)
-MAX_SPLIT_BLOCK = tl.constexpr(128)
-SINKHORN_SPLITS = tl.constexpr(16)
+SPLIT_BLOCK = tl.constexpr(16)  # partial rows the y programs load at once
 SPLIT_BLOCK_K = 256  # fn columns per program of the split kernel
 
 _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first one serves every shape
     (16, 256, 64, 4, 3), (16, 512, 64, 4, 3), (32, 256, 64, 4, 3), (64, 1024, 64, 4, 4), (64, 512, 64, 4, 4),
-    (64, 256, 64, 4, 3), (16, 256, 128, 4, 3), (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
+    (64, 256, 64, 4, 3), (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
 ]
 SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
@@ -183,25 +175,17 @@ def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, s
 
 
 @triton.jit
-def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr,
-                  SPLITS: tl.constexpr):
+def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr):
     """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` -> [BLOCK_T, WIDTH]
-    (steps of ``SPLITS`` splits in a fixed order: deterministic)."""
+    (blocks of SPLIT_BLOCK splits in a fixed order: deterministic)."""
     cols = COL + tl.arange(0, WIDTH)
     acc = tl.zeros([tok.shape[0], WIDTH], dtype=tl.float32)
-    for s0 in range(0, n_splits, SPLITS):
-        s = s0 + tl.arange(0, SPLITS)
-        row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLITS, BLOCK_T]
+    for s0 in range(0, n_splits, SPLIT_BLOCK):
+        s = s0 + tl.arange(0, SPLIT_BLOCK)
+        row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
         m = (s < n_splits)[:, None] & live[None, :]
         acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0), axis=0)
     return acc
-
-
-@triton.jit
-def _x_streams(x_row, stride_xs, mask):
-    """The four streams' blocks of X at ``x_row``."""
-    return (tl.load(x_row, mask=mask, other=0.0), tl.load(x_row + stride_xs, mask=mask, other=0.0),
-            tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0), tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0))
 
 
 @triton.jit
@@ -225,11 +209,10 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
     tok = (tile * BLOCK_T + rows).to(tl.int64)
     live = tok < T
     if d_block < 0:
-        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD, SINKHORN_SPLITS), axis=1)
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
         rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
-        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD, SINKHORN_SPLITS)
-        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD, SINKHORN_SPLITS),
-                              [BLOCK_T, 4, 4])
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
         post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
         ij = 4 * four[:, None] + four[None, :]
         c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
@@ -246,17 +229,12 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
         d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = live[:, None] & (d < dim)[None, :]
         x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
-        # Small X blocks (the tuned ones: one token) are loaded first, in flight while the
-        # partial rows are summed; larger ones would be held across the sum (spills).
-        X_FIRST: tl.constexpr = BLOCK_T * BLOCK_D <= 1024
-        if X_FIRST:
-            x0, x1, x2, x3 = _x_streams(x_row, stride_xs, mask)
         # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
-        Y_FIT: tl.constexpr = PARTIAL_BUDGET // (BLOCK_T * 8)  # powers of two: exact
-        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD,
-                            Y_FIT if Y_FIT <= MAX_SPLIT_BLOCK else MAX_SPLIT_BLOCK)
-        if not X_FIRST:
-            x0, x1, x2, x3 = _x_streams(x_row, stride_xs, mask)
+        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
+        x0 = tl.load(x_row, mask=mask, other=0.0)
+        x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
+        x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
+        x3 = tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0)
         rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
         scale0 = tl.load(scale_ptr)
         y = (tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)

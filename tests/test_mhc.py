@@ -223,24 +223,6 @@ def test_hc_pre_and_head_explicit_configs(device, config, y_config):
                                                                config=config, y_config=y_config))
 
 
-@pytest.mark.parametrize("T, dim, wave_config", [(70, 96, (32, 16, 64, 64, 1, 64, 4, 2)),
-                                                 (45, 200, (16, 16, 128, 64, 4, 128, 4, 2))])
-def test_hc_pre_and_head_wave_form(device, T, dim, wave_config):
-    # Three waves (the last one partial) over two alternating partial-row slots: every launch
-    # but the first and last runs a mix and the previous wave's finalise side by side.  The
-    # slices and y blocks run past dim; 4-token finalise tiles run past the last wave's end.
-    X, fn, scale, base = _inputs(T, dim, T, device)
-    _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, wave_config=wave_config))
-    _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
-                                                               wave_config=wave_config))
-
-
-def test_wave_config_must_tile_the_wave():
-    X, fn, scale, base = _inputs(40, 64, 1, "cpu")
-    with pytest.raises(ValueError, match="wave_config"):
-        kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, wave_config=(24, 16, 64, 64, 1, 64, 4, 2))
-
-
 def _check_head(X, fn, scale, base, y, eps=1e-6):
     y_r = ref.hc_head(X, fn, scale, base, eps, 1e-6)
     assert y.dtype == torch.bfloat16 and y.shape == y_r.shape
@@ -397,24 +379,10 @@ def test_finalise_y_kernel_compiles_for_sm90_without_spills(head, config):
     assert usage["stack"] == 0, usage
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("head", [False, True])
-def test_wave_kernel_compiles_for_sm90_without_spills(head):
-    # The mix side keeps its pipelined asynchronous copies and warp-group MMA next to the
-    # finalise side in one kernel.
-    wave, bt, chunk, bk, ybt, bd, warps, stages = kern.WAVE_CONFIG
-    types = dict(x_ptr="*bf16", parts_ptr="*bf16", y_ptr="*bf16", eps="fp32", norm_eps="fp32")
-    consts = dict(HEAD=head, N_MIX=4 if head else 24, N_PAD=16 if head else 32, WAVE=wave, BLOCK_T=bt, CHUNK=chunk,
-                  BLOCK_K=bk, Y_BLOCK_T=ybt, BLOCK_D=bd)
-    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_wave_kernel", types, consts,
-                             ["dim", "stride_xt", "stride_xs", "T"], warps, stages)
-    assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
-
-
 # ---------------------------------------------------------------- GPU: model sizes, every config
 
 @pytest.mark.gpu
-@given(T=st.sampled_from([1, 3, 8, 64, 65, 300, 511, 512, 1000, 4096]), dim=st.sampled_from([4096, 7168]),
+@given(T=st.sampled_from([1, 3, 8, 64, 65, 300, 1000, 4096]), dim=st.sampled_from([4096, 7168]),
        seed=st.integers(0, 2**31))
 def test_hc_pre_head_model_sizes_gpu(T, dim, seed):
     X, fn, scale, base = _inputs(T, dim, seed, "cuda")
@@ -435,11 +403,10 @@ def test_every_mix_config_gpu(config, y_config, T, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [300, 1100])  # two launches; the wave form's five
-def test_hc_pre_in_a_cuda_graph_replays_gpu(T):
+def test_hc_pre_in_a_cuda_graph_replays_gpu():
     # The workspaces (partial rows, fn parts) stay where the capture saw them, so replays keep
     # giving the eager result, also after a larger call has grown them.
-    X, fn, scale, base = _inputs(T, 7168, 31, "cuda")
+    X, fn, scale, base = _inputs(300, 7168, 31, "cuda")
     eager = _triton("hc_pre", X, fn, scale, base)
     with use_backend("triton"):
         ops.hc_pre(X, fn, scale, base)  # tuned and compiled outside the capture

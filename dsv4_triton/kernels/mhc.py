@@ -1,4 +1,4 @@
-"""Triton mHC kernels: hc_pre / hc_head (two or three launches each, or waves) and hc_post (one pass).
+"""Triton mHC kernels: hc_pre / hc_head (two or three launches each) and hc_post (one pass).
 
 hc_pre and hc_head
 ------------------
@@ -26,14 +26,8 @@ the work is split in launches with no waiting between programs:
   kernel's last tiles are the most likely to still be in L2.  (Sinkhorn divides with IEEE
   rounding, ``div_rn``, as the oracle does.)
 
-Many tokens (``WAVE_MIN_T`` and more) run in waves of ``WAVE`` tokens: after the fn split,
-launch ``w`` runs the mix of wave ``w`` and, beside it, the finalise pass of wave ``w - 1``, whose X
-the launch before has just read, so the second read of X comes from L2 instead of HBM (a
-wave's X, 15 MB at dim 7168, and the next one's fit in the 50 MB L2 of an H100).  The two
-passes' partial rows alternate between two workspace slots; nothing waits inside a launch.
-
-Otherwise X is read twice (the second time partly from L2).  Two one-launch variants measured
-slower (benchmarks/NOTES.md): all programs of a tile waiting for each other on a counter so that
+X is read twice (the second time partly from L2).  Two one-launch variants measured slower
+(benchmarks/NOTES.md): all programs of a tile waiting for each other on a counter so that
 each re-reads its slice from L2 (programs sat waiting for siblings dispatched later), and,
 for decode sizes, the tile's last program writing all of the tile's y (one program's
 serial loop over the row: 56 us at one token against 14.5 us for two launches).
@@ -71,11 +65,6 @@ _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first 
     (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
 ]
 SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
-# The wave form (many tokens): (WAVE tokens per launch, mix BLOCK_T, CHUNK, BLOCK_K, finalise BLOCK_T,
-# BLOCK_D, num_warps, num_stages).  Not autotuned: a launch timed alone finds both of its waves
-# in L2, which a real sequence of launches does not.
-WAVE_CONFIG = (256, 64, 1024, 64, 1, 1024, 4, 6)
-WAVE_MIN_T = 2 * WAVE_CONFIG[0]  # from two waves on; fewer tokens keep the tuned two launches
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
     (16, 256, 4), (1, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8),
 ]
@@ -140,16 +129,6 @@ def _split_fn_kernel(fn_ptr, parts_ptr, K, N_MIX: tl.constexpr, N_PAD: tl.conste
 def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
                         N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
                         BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-    _mix_partial(tl.program_id(0), x_ptr, fn_ptr, parts_ptr, part_ptr, 0, T, T, dim, stride_xt, stride_xs,
-                 N_MIX, N_PAD, SPLIT_IN_LOOP, BLOCK_T, CHUNK, BLOCK_K)
-
-
-@triton.jit
-def _mix_partial(pid, x_ptr, fn_ptr, parts_ptr, part_ptr, tok0, n_tok, part_rows, dim, stride_xt, stride_xs,
-                 N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program ``pid`` of the mix pass over tokens ``tok0 .. tok0 + n_tok - 1``; its partial
-    rows go to ``part_ptr`` at ``split * part_rows + (token - tok0)``."""
     # A split is one stream's columns [d_lo, d_lo + CHUNK): each token's slice is one
     # contiguous run of 2*CHUNK bytes (runs of 512 B and more stream near the copy rate;
     # four runs of a quarter of that, one per stream, measured 1.6x slower).
@@ -157,13 +136,12 @@ def _mix_partial(pid, x_ptr, fn_ptr, parts_ptr, part_ptr, tok0, n_tok, part_rows
     n_splits = STREAMS * n_d
     # Consecutive programs share a tile: the last programs read the last tiles, which the
     # y kernel (reverse order) reads first.
-    tile = pid // n_splits
-    split = pid % n_splits
+    tile = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
     stream = split // n_d
     rows = tl.arange(0, BLOCK_T)
-    local = (tile * BLOCK_T + rows).to(tl.int64)
-    live = local < n_tok
-    tok = tok0 + local
+    tok = (tile * BLOCK_T + rows).to(tl.int64)
+    live = tok < T
     d_lo = (split % n_d) * CHUNK
     col = tl.arange(0, N_PAD)
     fn_row, fn_live = _fn_column_rows(N_MIX, N_PAD)
@@ -192,21 +170,19 @@ def _mix_partial(pid, x_ptr, fn_ptr, parts_ptr, part_ptr, tok0, n_tok, part_rows
         squares += xf * xf
     ssq = tl.sum(squares, axis=1)
     part = tl.where(col[None, :] == SSQ_COL, ssq[:, None], acc_hi + acc_lo)
-    tl.store(part_ptr + (split * part_rows + local)[:, None] * N_PAD + col[None, :], part,
+    tl.store(part_ptr + (split * T + tok)[:, None] * N_PAD + col[None, :], part,
              mask=live[:, None] & (col <= N_MIX)[None, :])
 
 
 @triton.jit
-def _partial_sums(part_ptr, rows, live, n_splits, part_rows, COL: tl.constexpr, WIDTH: tl.constexpr,
-                  N_PAD: tl.constexpr):
-    """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` of ``rows`` (split s,
-    row r at ``s * part_rows + r``) -> [BLOCK_T, WIDTH] (blocks of SPLIT_BLOCK splits in a
-    fixed order: deterministic)."""
+def _partial_sums(part_ptr, tok, live, n_splits, T, COL: tl.constexpr, WIDTH: tl.constexpr, N_PAD: tl.constexpr):
+    """Sum over splits of partial-row columns ``COL .. COL + WIDTH - 1`` -> [BLOCK_T, WIDTH]
+    (blocks of SPLIT_BLOCK splits in a fixed order: deterministic)."""
     cols = COL + tl.arange(0, WIDTH)
-    acc = tl.zeros([rows.shape[0], WIDTH], dtype=tl.float32)
+    acc = tl.zeros([tok.shape[0], WIDTH], dtype=tl.float32)
     for s0 in range(0, n_splits, SPLIT_BLOCK):
         s = s0 + tl.arange(0, SPLIT_BLOCK)
-        row_ptr = part_ptr + (s[:, None].to(tl.int64) * part_rows + rows[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
+        row_ptr = part_ptr + (s[:, None].to(tl.int64) * T + tok[None, :]) * N_PAD  # [SPLIT_BLOCK, BLOCK_T]
         m = (s < n_splits)[:, None] & live[None, :]
         acc += tl.sum(tl.load(row_ptr[:, :, None] + cols[None, None, :], mask=m[:, :, None], other=0.0), axis=0)
     return acc
@@ -222,33 +198,21 @@ def _pick(v, i: tl.constexpr):
 def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                        T, dim, n_splits, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
                        HEAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    _finalise_y(tl.program_id(0), x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, 0, T, T,
-                dim, n_splits, stride_xt, stride_xs, iters, eps, norm_eps, HEAD, N_PAD, BLOCK_T, BLOCK_D)
-
-
-@triton.jit
-def _finalise_y(pid, x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, tok0, n_tok, part_rows,
-                dim, n_splits, stride_xt, stride_xs, iters, eps, norm_eps,
-                HEAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program ``pid`` of the finalise pass over tokens ``tok0 .. tok0 + n_tok - 1`` (partial
-    rows laid out as ``_mix_partial`` wrote them)."""
     # hc_pre gives each tile one extra program, first, for post and comb (the Sinkhorn), so the
     # y programs hold no more than their X block and pre.
     n_programs = tl.cdiv(dim, BLOCK_D) + (0 if HEAD else 1)
-    n_tiles = tl.cdiv(n_tok, BLOCK_T)
-    tile = n_tiles - 1 - pid // n_programs  # reverse order: see the module doc
-    d_block = pid % n_programs - (0 if HEAD else 1)
+    n_tiles = tl.cdiv(T, BLOCK_T)
+    tile = n_tiles - 1 - tl.program_id(0) // n_programs  # reverse order: see the module doc
+    d_block = tl.program_id(0) % n_programs - (0 if HEAD else 1)
     rows = tl.arange(0, BLOCK_T)
     four = tl.arange(0, 4)
-    local = (tile * BLOCK_T + rows).to(tl.int64)
-    live = local < n_tok
-    tok = tok0 + local
+    tok = (tile * BLOCK_T + rows).to(tl.int64)
+    live = tok < T
     if d_block < 0:
-        ssq = tl.sum(_partial_sums(part_ptr, local, live, n_splits, part_rows, SSQ_COL, 1, N_PAD), axis=1)
+        ssq = tl.sum(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL, 1, N_PAD), axis=1)
         rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
-        acc_post = _partial_sums(part_ptr, local, live, n_splits, part_rows, SSQ_COL + 1, 4, N_PAD)
-        acc_comb = tl.reshape(_partial_sums(part_ptr, local, live, n_splits, part_rows, SSQ_COL + 5, 16, N_PAD),
-                              [BLOCK_T, 4, 4])
+        acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
+        acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
         post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
         ij = 4 * four[:, None] + four[None, :]
         c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
@@ -266,7 +230,7 @@ def _finalise_y(pid, x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb
         mask = live[:, None] & (d < dim)[None, :]
         x_row = x_ptr + tok[:, None] * stride_xt + d[None, :]
         # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
-        acc = _partial_sums(part_ptr, local, live, n_splits, part_rows, 0, 8, N_PAD)
+        acc = _partial_sums(part_ptr, tok, live, n_splits, T, 0, 8, N_PAD)
         x0 = tl.load(x_row, mask=mask, other=0.0)
         x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
         x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
@@ -278,31 +242,6 @@ def _finalise_y(pid, x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb
         y += (tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps) * to_f32(x2)
         y += (tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps) * to_f32(x3)
         tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
-
-@triton.jit
-def _wave_kernel(x_ptr, parts_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, T, dim,
-                 stride_xt, stride_xs, iters, eps, norm_eps, wave, n_mix_programs,
-                 HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, WAVE: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, Y_BLOCK_T: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    # Launch ``wave``: the mix of tokens [wave * WAVE, + WAVE) (programs 0 .. n_mix_programs - 1,
-    # first, so the HBM stream starts at once) beside the finalise pass of the wave before,
-    # whose X the previous launch has just brought into L2.  The two waves' partial rows
-    # alternate between two workspace slots.
-    n_splits = STREAMS * tl.cdiv(dim, CHUNK)
-    slot = tl.full([], WAVE * N_PAD, tl.int64) * n_splits
-    pid = tl.program_id(0)
-    if pid < n_mix_programs:
-        tok0 = wave * WAVE
-        _mix_partial(pid, x_ptr, parts_ptr, parts_ptr, part_ptr + (wave % 2) * slot, tok0,
-                     tl.minimum(T - tok0, WAVE), WAVE, dim, stride_xt, stride_xs, N_MIX, N_PAD, False, BLOCK_T,
-                     CHUNK, BLOCK_K)
-    else:
-        tok0 = (wave - 1) * WAVE
-        _finalise_y(pid - n_mix_programs, x_ptr, part_ptr + ((wave - 1) % 2) * slot, scale_ptr, base_ptr, y_ptr,
-                    post_ptr, comb_ptr, tok0, tl.minimum(T - tok0, WAVE), WAVE, dim, n_splits, stride_xt, stride_xs,
-                    iters, eps, norm_eps, HEAD, N_PAD, Y_BLOCK_T, BLOCK_D)
-
 
 _hc_pre_mix = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -342,37 +281,19 @@ def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype) 
     return ws
 
 
-def _outputs(X: torch.Tensor, head: bool):
+def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, config=None,
+                y_config=None):
     T, _, dim = X.shape
     y = torch.empty((T, dim), dtype=torch.bfloat16, device=X.device)
     post = torch.empty((0 if head else T, HC_MULT), dtype=torch.float32, device=X.device)
     comb = torch.empty((0 if head else T, HC_MULT, HC_MULT), dtype=torch.float32, device=X.device)
-    return y, post, comb
-
-
-def _split_fn(fn: torch.Tensor, n_mix: int, n_pad: int) -> torch.Tensor:
-    K = fn.shape[1]
-    parts = _workspace(fn.device, "fn_parts", 3 * K * n_pad, torch.bfloat16)
-    _split_fn_kernel[(triton.cdiv(K, SPLIT_BLOCK_K),)](fn, parts, K, N_MIX=n_mix, N_PAD=n_pad, BLOCK=SPLIT_BLOCK_K)
-    return parts
-
-
-def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, config=None,
-                y_config=None, wave_config=None):
-    T, _, dim = X.shape
-    y, post, comb = _outputs(X, head)
     if T == 0:
         return y, post, comb
     if X.stride(2) != 1:
         X = X.contiguous()
     fn = fn.contiguous()
-    n_mix, n_pad = (N_MIX_HEAD, 16) if head else (N_MIX_PRE, 32)
-    if wave_config is None and config is None and y_config is None and T >= WAVE_MIN_T:
-        wave_config = WAVE_CONFIG
-    if wave_config is not None:
-        _wave_launches(X, fn, scale, base, iters, eps, norm_eps, head, y, post, comb, n_mix, n_pad, wave_config)
-        return y, post, comb
     t_bucket = token_bucket(T)
+    n_mix, n_pad = (N_MIX_HEAD, 16) if head else (N_MIX_PRE, 32)
     # Sized for the narrowest slice that any config the tuner may run uses; the y kernel is
     # told the split count of the config that actually ran.
     if config is None:
@@ -381,7 +302,11 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
         min_chunk = config[1]
     part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
     split_in_loop = T <= SPLIT_IN_LOOP_MAX_T
-    parts = fn if split_in_loop else _split_fn(fn, n_mix, n_pad)  # fn itself is unread when split in the loop
+    parts = fn  # unread when fn is split inside the loop
+    if not split_in_loop:
+        K = HC_MULT * dim
+        parts = _workspace(X.device, "fn_parts", 3 * K * n_pad, torch.bfloat16)
+        _split_fn_kernel[(triton.cdiv(K, SPLIT_BLOCK_K),)](fn, parts, K, N_MIX=n_mix, N_PAD=n_pad, BLOCK=SPLIT_BLOCK_K)
     chosen = {}
 
     def mix_grid(meta):
@@ -408,42 +333,18 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
     return y, post, comb
 
 
-def wave_launches(T: int, wave_config=None) -> int:
-    """Launches of the wave form for T tokens: the fn split, then one per wave and one more."""
-    return 2 + triton.cdiv(T, (wave_config or WAVE_CONFIG)[0])
-
-
-def _wave_launches(X, fn, scale, base, iters, eps, norm_eps, head, y, post, comb, n_mix, n_pad, wave_config):
-    wave, bt, chunk, bk, ybt, bd, warps, stages = wave_config
-    if wave % bt or wave % ybt:
-        raise ValueError(f"wave_config: the wave ({wave} tokens) must be a multiple of both token tiles ({bt}, {ybt})")
-    T, _, dim = X.shape
-    n_splits = HC_MULT * triton.cdiv(dim, chunk)
-    part = _workspace(X.device, "partials", 2 * n_splits * wave * n_pad, torch.float32)
-    parts = _split_fn(fn, n_mix, n_pad)
-    y_per_tile = triton.cdiv(dim, bd) + (0 if head else 1)
-    n_waves = triton.cdiv(T, wave)
-    for w in range(n_waves + 1):
-        n_mix_programs = triton.cdiv(min(wave, T - w * wave), bt) * n_splits if w < n_waves else 0
-        n_y_programs = triton.cdiv(min(wave, T - (w - 1) * wave), ybt) * y_per_tile if w > 0 else 0
-        _wave_kernel[(n_mix_programs + n_y_programs,)](
-            X, parts, part, scale, base, y, y if head else post, y if head else comb, T, dim, X.stride(0),
-            X.stride(1), iters, eps, norm_eps, w, n_mix_programs, HEAD=head, N_MIX=n_mix, N_PAD=n_pad, WAVE=wave,
-            BLOCK_T=bt, CHUNK=chunk, BLOCK_K=bk, Y_BLOCK_T=ybt, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-
-
 @register("hc_pre", "triton")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           iters: int, eps: float, norm_eps: float, config=None, y_config=None, wave_config=None):
+           iters: int, eps: float, norm_eps: float, config=None, y_config=None):
     return _mix_launch(_hc_pre_mix, _hc_pre_y, X, fn, scale, base, iters, eps, norm_eps, head=False, config=config,
-                       y_config=y_config, wave_config=wave_config)
+                       y_config=y_config)
 
 
 @register("hc_head", "triton")
 def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            eps: float, norm_eps: float, config=None, y_config=None, wave_config=None) -> torch.Tensor:
+            eps: float, norm_eps: float, config=None, y_config=None) -> torch.Tensor:
     return _mix_launch(_hc_head_mix, _hc_head_y, X, fn, scale, base, 1, eps, norm_eps, head=True, config=config,
-                       y_config=y_config, wave_config=wave_config)[0]
+                       y_config=y_config)[0]
 
 
 @autotune(

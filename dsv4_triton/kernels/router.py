@@ -297,6 +297,10 @@ _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 12
                  (64, 32, 128, 512, 8, 3)]
 # Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
 TREE_MAX_TOPK = 8
+# Tiles run with EARLY_LISTS too (the tile's candidate lists loaded in the same L2 round trip as
+# the chunk's arrival ticket; results identical), in the pick form (MERGE_TREE off) and the tree
+# form: the T = 64 choice so far, the 32-row tile on 8 warps and the 64-expert chunks.
+_EARLY_TILES = [(16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3)]
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
@@ -315,15 +319,24 @@ def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> b
 
 
 def _split_prune(configs, nargs, **kw):
-    # Hash routing makes no selection: the MERGE_TREE forms would repeat the others.
+    # Hash routing makes no selection and has no lists: the MERGE_TREE and EARLY_LISTS forms
+    # would repeat the others.
     tree_ok = not kw.get("HASH", False) and nargs["TOPK"] <= TREE_MAX_TOPK
+    early_ok = not kw.get("HASH", False)
     kept = [c for c in configs if _split_allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
-                                                 nargs["n_experts"]) and (tree_ok or not c.kwargs["MERGE_TREE"])]
+                                                 nargs["n_experts"]) and (tree_ok or not c.kwargs["MERGE_TREE"])
+            and (early_ok or not c.kwargs["EARLY_LISTS"])]
     return kept or configs[:1]
 
 
 INT64_MIN = tl.constexpr(-9223372036854775808)
 INT64_MAX = tl.constexpr(9223372036854775807)
+# What a candidate-list slot holds while no chunk has written it in the current launch: the
+# workspace starts so, and every final selection puts the marks back in the slots it read.
+# Neither is ever written as an entry (_unwritten), so a list load that raced the entry's
+# store is recognised by its value.
+EMPTY_KEY = tl.constexpr(-1)
+EMPTY_SCORE = tl.constexpr(-1.0)
 
 
 @triton.jit
@@ -468,6 +481,37 @@ def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD
 
 
 @triton.jit
+def _list_entries(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK: tl.constexpr):
+    """Entries 0..7 of every chunk's list: 8 keys, then 8 scores ([rows, NC_PAD] each; the
+    empty entry past TOPK, no load).  One batch of loads, one L2 round trip."""
+    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 0, NC_PAD, TOPK)
+    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 1, NC_PAD, TOPK)
+    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 2, NC_PAD, TOPK)
+    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 3, NC_PAD, TOPK)
+    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 4, NC_PAD, TOPK)
+    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 5, NC_PAD, TOPK)
+    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 6, NC_PAD, TOPK)
+    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 7, NC_PAD, TOPK)
+    return key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7
+
+
+@triton.jit
+def _unwritten(key, s):
+    """1 where a list entry still holds the empty-slot marks (EMPTY_KEY, EMPTY_SCORE): a
+    packed key's low word is below 2^31 and a score is >= 0 or NaN, so a written entry never
+    matches (a masked-off load returns neither mark)."""
+    return ((key == EMPTY_KEY) | (s == EMPTY_SCORE)).to(tl.int32)
+
+
+@triton.jit
+def _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7):
+    """Whether any entry of the loaded lists (program-wide) holds an empty-slot mark."""
+    seen = _unwritten(k0, s0) | _unwritten(k1, s1) | _unwritten(k2, s2) | _unwritten(k3, s3)
+    seen = seen | _unwritten(k4, s4) | _unwritten(k5, s5) | _unwritten(k6, s6) | _unwritten(k7, s7)
+    return tl.max(tl.max(seen, axis=1), axis=0)
+
+
+@triton.jit
 def _place(v0, v1, v2, v3, v4, v5, v6, v7, kcol, TOPK: tl.constexpr):
     """[rows, K_PAD] with column j = v_j for j < TOPK (0 past it; the stores mask those)."""
     out = tl.where(kcol[None, :] == 0, v0[:, None], 0)
@@ -605,7 +649,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr,
-                        MERGE_TREE: tl.constexpr):
+                        MERGE_TREE: tl.constexpr, EARLY_LISTS: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
@@ -636,6 +680,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     if MERGE_TREE:
         tl.static_assert(TOPK <= 8, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
+    EARLY_LOADS: tl.constexpr = EARLY_LISTS and not HASH  # hash routing has no lists
     # Partial tiles summed per step: 16 where they keep at most REDUCE_BUDGET floats of tail rows
     # in flight (32 per thread), else 8 (the loads past the last split are issued too).
     REDUCE_FIT: tl.constexpr = REDUCE_BUDGET // (TAIL_T * BLOCK_E)
@@ -734,7 +779,24 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             tl.store(cand_s_ptr + cand_slot, top_s, mask=tail_live[:, None] & out_col[None, :])
 
         tl.debug_barrier()  # scores and candidates are written before the arrival is published
-        done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
+        if not HASH:
+            c = tl.arange(0, NC_PAD)
+            list_slot = tail_tok[:, None] * N_CAND + c[None, :]
+            has_list = tail_live[:, None] & (c < n_chunks)[None, :]
+        if EARLY_LOADS:
+            # The tile's lists are loaded before the arrival's result is known, in the same L2
+            # round trip as the ticket: the release (thread 0's fence, every warp held at the
+            # barrier until it is done) publishes this chunk's list, then the loads and the
+            # ticket go out together.  A load that raced another chunk's store still holds the
+            # empty-slot marks; the last arriver then reloads after an acquire (below).
+            tl.atomic_add(tile_counter_ptr + tile, 0, sem="release")
+            tl.debug_barrier()
+            (key0, key1, key2, key3, key4, key5, key6, key7,
+             val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(cand_ptr, cand_s_ptr, list_slot,
+                                                                               has_list, NC_PAD, TOPK)
+            done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="relaxed")
+        else:
+            done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
         if done == n_chunks - 1:
             tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
             out_mask = tail_live[:, None] & out_col[None, :]
@@ -745,84 +807,82 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
                 w = w * route_scale
             else:
-                c = tl.arange(0, NC_PAD)
-                list_slot = tail_tok[:, None] * N_CAND + c[None, :]
-                has_list = tail_live[:, None] & (c < n_chunks)[None, :]
+                if EARLY_LOADS:
+                    if _any_unwritten(key0, key1, key2, key3, key4, key5, key6, key7,
+                                      val0, val1, val2, val3, val4, val5, val6, val7) > 0:
+                        # Every chunk has arrived: after an acquire on the ticket (whose
+                        # result every thread waits for) the lists read whole.
+                        seen = tl.atomic_add(tile_counter_ptr + tile, 0, sem="acquire")
+                        (key0, key1, key2, key3, key4, key5, key6, key7,
+                         val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(
+                            cand_ptr, cand_s_ptr, list_slot, has_list & (seen >= 0), NC_PAD, TOPK)
+                else:
+                    (key0, key1, key2, key3, key4, key5, key6, key7,
+                     val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(cand_ptr, cand_s_ptr, list_slot,
+                                                                                       has_list, NC_PAD, TOPK)
                 if MERGE_TREE:
                     # One reduction over the chunks whose combine merges two sorted lists
                     # (_merge_top8): log2(NC_PAD) dependent steps in all instead of one
                     # cross-lane reduction per pick.
-                    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD, TOPK)
-                    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD, TOPK)
-                    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD, TOPK)
-                    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD, TOPK)
-                    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD, TOPK)
-                    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD, TOPK)
-                    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD, TOPK)
-                    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD, TOPK)
-                    (key0, key1, key2, key3, key4, key5, key6, key7,
-                     val0, val1, val2, val3, val4, val5, val6, val7) = _merge_rows(
+                    (pick0, pick1, pick2, pick3, pick4, pick5, pick6, pick7,
+                     pick_s0, pick_s1, pick_s2, pick_s3, pick_s4, pick_s5, pick_s6, pick_s7) = _merge_rows(
                         key0, key1, key2, key3, key4, key5, key6, key7,
                         val0, val1, val2, val3, val4, val5, val6, val7)
                     # The normalising sum from the picks' scores as they come (no [rows, K_PAD]
                     # round trip), in _fixed_order_row_sum's order: the same bits.
-                    total = _fixed_order_sum(val0, val1, val2, val3, val4, val5, val6, val7, TOPK, K_PAD)
+                    total = _fixed_order_sum(pick_s0, pick_s1, pick_s2, pick_s3, pick_s4, pick_s5, pick_s6, pick_s7,
+                                             TOPK, K_PAD)
                     scale = route_scale
-                    w = _place(val0 / total * scale, val1 / total * scale, val2 / total * scale,
-                               val3 / total * scale, val4 / total * scale, val5 / total * scale,
-                               val6 / total * scale, val7 / total * scale, kcol, TOPK)
-                    sel_id = _place(_packed_id(key0), _packed_id(key1), _packed_id(key2), _packed_id(key3),
-                                    _packed_id(key4), _packed_id(key5), _packed_id(key6), _packed_id(key7), kcol, TOPK)
+                    w = _place(pick_s0 / total * scale, pick_s1 / total * scale, pick_s2 / total * scale,
+                               pick_s3 / total * scale, pick_s4 / total * scale, pick_s5 / total * scale,
+                               pick_s6 / total * scale, pick_s7 / total * scale, kcol, TOPK)
+                    sel_id = _place(_packed_id(pick0), _packed_id(pick1), _packed_id(pick2), _packed_id(pick3),
+                                    _packed_id(pick4), _packed_id(pick5), _packed_id(pick6), _packed_id(pick7),
+                                    kcol, TOPK)
                 else:
-                    # Positions past TOPK - 1 are neither written nor read.
-                    p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
-                    if TOPK > 1:
-                        p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
-                    if TOPK > 2:
-                        p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
-                    if TOPK > 3:
-                        p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
-                    if TOPK > 4:
-                        p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
-                    if TOPK > 5:
-                        p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
-                    if TOPK > 6:
-                        p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
-                    if TOPK > 7:
-                        p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
+                    # Pick kk folds list positions 0..kk (positions past TOPK - 1 are neither
+                    # written nor read).
                     last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
                     w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
                     sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
                     for kk in tl.static_range(K_PAD):
                         if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
-                            best, best_s = _below(p0, q0, last)
+                            best, best_s = _below(key0, val0, last)
                             if kk >= 1:
-                                best, best_s = _fold_position(best, best_s, p1, q1, last)
+                                best, best_s = _fold_position(best, best_s, key1, val1, last)
                             if kk >= 2:
-                                best, best_s = _fold_position(best, best_s, p2, q2, last)
+                                best, best_s = _fold_position(best, best_s, key2, val2, last)
                             if kk >= 3:
-                                best, best_s = _fold_position(best, best_s, p3, q3, last)
+                                best, best_s = _fold_position(best, best_s, key3, val3, last)
                             if kk >= 4:
-                                best, best_s = _fold_position(best, best_s, p4, q4, last)
+                                best, best_s = _fold_position(best, best_s, key4, val4, last)
                             if kk >= 5:
-                                best, best_s = _fold_position(best, best_s, p5, q5, last)
+                                best, best_s = _fold_position(best, best_s, key5, val5, last)
                             if kk >= 6:
-                                best, best_s = _fold_position(best, best_s, p6, q6, last)
+                                best, best_s = _fold_position(best, best_s, key6, val6, last)
                             if kk >= 7:
-                                best, best_s = _fold_position(best, best_s, p7, q7, last)
+                                best, best_s = _fold_position(best, best_s, key7, val7, last)
                             last, last_s = tl.reduce((best, best_s), 1, _larger_key)
                             w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
                             sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
                     w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
                     w = w * route_scale
+                # The slots read go back to the empty-slot marks for the next launch (which
+                # lists they hold then does not matter to any form; EARLY_LISTS relies on it).
+                for position in tl.static_range(TOPK):
+                    tl.store(cand_ptr + list_slot + position * NC_PAD, tl.full(list_slot.shape, EMPTY_KEY, tl.int64),
+                             mask=has_list)
+                    tl.store(cand_s_ptr + list_slot + position * NC_PAD,
+                             tl.full(list_slot.shape, EMPTY_SCORE, tl.float32), mask=has_list)
             out = tail_tok[:, None] * TOPK + kcol[None, :]
             tl.store(weights_ptr + out, w, mask=out_mask)
             tl.store(ids_ptr + out, sel_id, mask=out_mask)
 
 _route_split_tuned = autotune(
-    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
-                            "REDUCE_BUDGET": _reduce_budget(w), "MERGE_TREE": tree}, num_warps=w, num_stages=st)
-             for configs, tree in ((_SPLIT_CONFIGS, False), (_TREE_CONFIGS, True))
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk, "REDUCE_BUDGET": _reduce_budget(w),
+                            "MERGE_TREE": tree, "EARLY_LISTS": early}, num_warps=w, num_stages=st)
+             for configs, tree, early in ((_SPLIT_CONFIGS, False, False), (_TREE_CONFIGS, True, False),
+                                          (_EARLY_TILES, False, True), (_EARLY_TILES, True, True))
              for bt, be, bk, sk, w, st in configs],
     key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
@@ -837,8 +897,10 @@ class _SplitWorkspace:
     def __init__(self, device, n_partial, n_score, n_cand, n_chunk_counters, n_tile_counters):
         self.partial = torch.empty(n_partial, dtype=torch.float32, device=device)
         self.score = torch.empty(n_score, dtype=torch.float32, device=device)
-        self.cand = torch.empty(n_cand, dtype=torch.int64, device=device)
-        self.cand_s = torch.empty(n_cand, dtype=torch.float32, device=device)
+        # Every list slot starts with the empty-slot marks (EMPTY_KEY, EMPTY_SCORE), which each
+        # launch puts back in the slots it used: EARLY_LISTS tells a raced load by them.
+        self.cand = torch.full((n_cand,), EMPTY_KEY.value, dtype=torch.int64, device=device)
+        self.cand_s = torch.full((n_cand,), EMPTY_SCORE.value, dtype=torch.float32, device=device)
         counters = torch.zeros(n_chunk_counters + n_tile_counters, dtype=torch.int32, device=device)
         self.chunk_counters, self.tile_counters = counters[:n_chunk_counters], counters[n_chunk_counters:]
 
@@ -867,9 +929,9 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
 
 
 def _check_split_config(config):
-    if len(config) not in (6, 7):
+    if len(config) not in (6, 7, 8):
         raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, "
-                         f"MERGE_TREE]), got {config}")
+                         f"MERGE_TREE[, EARLY_LISTS]]), got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
     if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
@@ -880,7 +942,8 @@ def _check_split_config(config):
 def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
-    ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages) is given)."""
+    ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, MERGE_TREE[,
+    EARLY_LISTS]]) is given; the two flags default to off and change no result)."""
     weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
     if x.shape[0] == 0:
         return weights, ids
@@ -895,7 +958,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         n_splits, block_t, block_e = triton.cdiv(dim, MIN_SPLIT_K), MIN_BLOCK_E, MIN_BLOCK_E
     else:
         _check_split_config(config)
-        if len(config) == 7 and config[6] and topk > TREE_MAX_TOPK:
+        if len(config) >= 7 and config[6] and topk > TREE_MAX_TOPK:
             raise ValueError(f"config: MERGE_TREE holds top-k up to {TREE_MAX_TOPK}, got topk = {topk}")
         block_t, block_e = config[0], config[1]
         rows = triton.cdiv(room, block_t) * block_t
@@ -918,7 +981,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         bt, be, bk, sk, w, st = config[:6]
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
             *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
-            MERGE_TREE=bool(config[6]) if len(config) == 7 else False, num_warps=w, num_stages=st)
+            MERGE_TREE=len(config) >= 7 and bool(config[6]), EARLY_LISTS=len(config) == 8 and bool(config[7]),
+            num_warps=w, num_stages=st)
     return weights, ids
 
 

@@ -958,11 +958,18 @@ def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_
     return out
 
 
+# Registers a thread of the one-launch selection: 10 programs of 4 warps a SM (65536
+# registers).  Triton 3.6's compile takes 56 unbounded (9 a SM), 48 with no spills when bounded.
+ONE_LAUNCH_REGISTERS = 48
+ONE_LAUNCH_PROGRAMS_PER_SM = 10
+
+
 def plan_one_launch(rows: int, parts: int, chunk: int, device: torch.device) -> bool:
     """Whether the row-parallel selection runs in one launch: chunks of one block, and every
-    program of every phase resident at once (about 10 a SM at 4 warps and ~40 registers), so
-    the later phases' programs wait with their chunks already loaded instead of queueing."""
-    return chunk <= ROW_PARALLEL_BLOCK and rows * parts * PHASES.value <= 10 * _sm_count(device)
+    program of every phase resident at once, so the later phases' programs wait with their
+    chunks already loaded instead of queueing behind the waiting ones."""
+    return (chunk <= ROW_PARALLEL_BLOCK
+            and rows * parts * PHASES.value <= ONE_LAUNCH_PROGRAMS_PER_SM * _sm_count(device))
 
 
 def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
@@ -985,7 +992,7 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
         _row_select_kernel[(rows, PHASES.value * parts)](
             scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, parts, zeroed.stride(0), counts.stride(0),
             *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), BLOCK=ROW_PARALLEL_BLOCK,
-            THREADS=32 * ROW_PARALLEL_WARPS, num_warps=ROW_PARALLEL_WARPS)
+            THREADS=32 * ROW_PARALLEL_WARPS, num_warps=ROW_PARALLEL_WARPS, maxnreg=ONE_LAUNCH_REGISTERS)
         return
     grid = (rows, parts)
     common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)

@@ -353,7 +353,7 @@ def _pick_bin(hist, remaining, BINS: tl.constexpr):
     """The bin (of ``BINS``) holding the ``remaining``-th largest element, how many are still
     needed from it, and how many it holds."""
     bins = tl.arange(0, BINS)
-    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
     digit = tl.max(tl.where(at_or_above >= remaining, bins, 0), axis=0)
     above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
     count = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
@@ -692,9 +692,9 @@ def _pack_state(lowest, remaining):
 
 
 @triton.jit
-def _state_copies(row_counts, level):
-    """Pointers to level ``level``'s state word copies in a row's ``counts``."""
-    return row_counts + LEVEL_WORDS + (level * STATE_COPIES + tl.arange(0, STATE_COPIES)) * LINE_WORDS
+def _state_word(row_counts, level, copy):
+    """Copy ``copy`` (0 .. STATE_COPIES - 1) of level ``level``'s state word in a row's ``counts``."""
+    return row_counts + LEVEL_WORDS + (level * STATE_COPIES + copy) * LINE_WORDS
 
 
 @triton.jit
@@ -717,26 +717,38 @@ def _arrive_last_of(counter_ptr, count):
 
 
 @triton.jit
-def _state_pick(row_ws, lowest, remaining, k, LEVEL: tl.constexpr):
-    """The last arrival's pick of level ``LEVEL`` in the one-launch form, from the complete
-    histogram and the previous level's state -> the new (lowest, remaining); the histogram
-    zeroed.  The state: ``lowest``, the digits picked so far shifted up to a full key (the
-    lowest key they start); ``remaining``, how many are still needed from that digit, 0 once
-    a digit is taken whole (``_select_segment``'s ``done``: the threshold is then ``lowest - 1``
-    with no ties; INT32_MIN, below every key, when the whole row is taken)."""
+def _pick_and_publish(row_ws, row_counts, lowest, remaining, k, LEVEL: tl.constexpr):
+    """The last arrival's step of level ``LEVEL`` in the one-launch form: the pick from the
+    complete histogram and the previous level's state (``lowest``, ``remaining``), the new
+    state stored in the level's word copies, the histogram zeroed.  The state: ``lowest``,
+    the digits picked so far shifted up to a full key (the lowest key they start);
+    ``remaining``, how many are still needed from that digit, 0 once a digit is taken whole
+    (``_select_segment``'s ``done``: the threshold is then ``lowest - 1``, no ties; INT32_MIN,
+    below every key, when the whole row is taken).  Each bin's lane forms the state the pick
+    would give if the digit were that bin and the digit's lane alone stores it: a scan and
+    one maximum, where ``_pick_bin`` needs three more cross-warp sums (the pick is on the
+    selection's critical path, and each cross-warp step costs barriers)."""
     bins = tl.arange(0, RADIX_BINS)
     hist = tl.load(row_ws + LEVEL * RADIX_BINS + bins, volatile=True)  # the atomics are in L2
     tl.store(row_ws + LEVEL * RADIX_BINS + bins, tl.zeros([RADIX_BINS], dtype=tl.int32))
+    needed = k if LEVEL == 0 else remaining
+    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+    digit = tl.max(tl.where(at_or_above >= needed, bins, 0), axis=0)
+    rest = needed - (at_or_above - hist)
     if LEVEL == 0:
-        take_all = tl.sum(hist, axis=0) <= k
-        d0, rest, count = _pick_bin(hist, k, RADIX_BINS)
-        new_lowest = tl.where(take_all, INT32_MIN, (d0 - RADIX_BINS // 2) << 24)
-        return new_lowest, tl.where(take_all | (count == rest), 0, rest)
+        # Bin 0's lane sees the row's total: take all when it is at most k.  (A higher digit
+        # with exactly k at or above it is taken whole: the same selection.)
+        take_all = (bins == 0) & (at_or_above <= k)
+        new_lowest = tl.where(take_all, INT32_MIN, (bins - RADIX_BINS // 2) << 24)
+        new_remaining = tl.where(take_all | (hist == rest), 0, rest)
     else:
         was_done = remaining == 0
-        digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
-        new_lowest = lowest | (digit << (24 - RADIX_BITS * LEVEL))  # the digit's bits are zero in lowest
-        return tl.where(was_done, lowest, new_lowest), tl.where(was_done | (count == rest), 0, rest)
+        # The digit's bits are zero in lowest.
+        new_lowest = tl.where(was_done, lowest, lowest | (bins << (24 - RADIX_BITS * LEVEL)))
+        new_remaining = tl.where(was_done | (hist == rest), 0, rest)
+    word = _pack_state(new_lowest, new_remaining)
+    for copy in tl.static_range(STATE_COPIES):
+        tl.store(_state_word(row_counts, LEVEL, copy) + bins * 0, word, mask=bins == digit)
 
 
 @triton.jit
@@ -774,13 +786,10 @@ def _row_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq,
         hist = _digit_histogram(key, ok, 0, 0)
         tl.atomic_add(row_ws + _level_bins(0), hist, mask=hist > 0, sem="relaxed")
         if _arrive_last_of(row_ws + PHASE_ARRIVALS, parts):
-            picked, needed = _state_pick(row_ws, 0, k, k, 0)
             tl.store(row_ws + PHASE_ARRIVALS, 0)
-            tl.store(_state_copies(row_counts, 0), _pack_state(picked, needed))
+            _pick_and_publish(row_ws, row_counts, 0, k, k, 0)
     else:
-        copy = part % STATE_COPIES
-        lowest, remaining = _wait_state(row_counts + LEVEL_WORDS + ((phase - 1) * STATE_COPIES + copy) * LINE_WORDS,
-                                        THREADS)
+        lowest, remaining = _wait_state(_state_word(row_counts, phase - 1, part % STATE_COPIES), THREADS)
         for level in tl.static_range(1, RADIX_LEVELS):
             if phase == level:
                 # The previous digits as a prefix; once the row is done, the chunk counts nothing.
@@ -788,9 +797,8 @@ def _row_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq,
                 hist = _digit_histogram(key, ok & (remaining != 0), prefix, level)
                 tl.atomic_add(row_ws + _level_bins(level), hist, mask=hist > 0, sem="relaxed")
                 if _arrive_last_of(row_ws + PHASE_ARRIVALS + level, parts):
-                    picked, needed = _state_pick(row_ws, lowest, remaining, k, level)
                     tl.store(row_ws + PHASE_ARRIVALS + level, 0)
-                    tl.store(_state_copies(row_counts, level), _pack_state(picked, needed))
+                    _pick_and_publish(row_ws, row_counts, lowest, remaining, k, level)
         if phase == RADIX_LEVELS:
             threshold = tl.where(remaining == 0, tl.maximum(lowest, INT32_MIN + 1) - 1, lowest)
             _write_chunk(key, ok, first + offs, threshold, remaining, row_counts, out_ptr + row * k, k, part, parts,
@@ -799,7 +807,8 @@ def _row_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq,
                 p = tl.arange(0, PARTS_P)
                 tl.store(row_counts + p, tl.zeros([PARTS_P], dtype=tl.int64), mask=p < parts)
                 for level in tl.static_range(RADIX_LEVELS):
-                    tl.store(_state_copies(row_counts, level), tl.zeros([STATE_COPIES], dtype=tl.int64))
+                    tl.store(_state_word(row_counts, level, tl.arange(0, STATE_COPIES)),
+                             tl.zeros([STATE_COPIES], dtype=tl.int64))
                 tl.store(row_ws + PHASE_ARRIVALS + RADIX_LEVELS, 0)
 
 

@@ -524,12 +524,19 @@ COUNTS_WORDS = MAX_PARTS.value + RADIX_LEVELS.value * STATE_COPIES.value * LINE_
 
 
 @triton.jit
+def _arrive_last_of(counter_ptr, count):
+    """Whether this program is the last of ``count`` to arrive at the counter ``counter_ptr``
+    (see ``_arrive_last``)."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel") == count - 1
+
+
+@triton.jit
 def _arrive_last(row_ws):
     """Whether this program is the last of its row's to arrive in this launch.  Every thread's
     accesses to the row's workspace precede the barrier, the barrier the (acq_rel) arrival:
     the last to arrive finds every other program's atomics and reads done."""
-    tl.debug_barrier()
-    return tl.atomic_add(row_ws + ARRIVALS, 1, sem="acq_rel") == tl.num_programs(1) - 1
+    return _arrive_last_of(row_ws + ARRIVALS, tl.num_programs(1))
 
 
 @triton.jit
@@ -710,10 +717,9 @@ def _wait_state(word_ptr, THREADS: tl.constexpr):
 
 
 @triton.jit
-def _arrive_last_of(counter_ptr, count):
-    """``_arrive_last`` on the counter ``counter_ptr`` of ``count`` programs."""
-    tl.debug_barrier()
-    return tl.atomic_add(counter_ptr, 1, sem="acq_rel") == count - 1
+def _level_bins(level):
+    """Workspace offsets of level ``level``'s histogram in a row's."""
+    return level * RADIX_BINS + tl.arange(0, RADIX_BINS)
 
 
 @triton.jit
@@ -729,8 +735,8 @@ def _pick_and_publish(row_ws, row_counts, lowest, remaining, k, LEVEL: tl.conste
     one maximum, where ``_pick_bin`` needs three more cross-warp sums (the pick is on the
     selection's critical path, and each cross-warp step costs barriers)."""
     bins = tl.arange(0, RADIX_BINS)
-    hist = tl.load(row_ws + LEVEL * RADIX_BINS + bins, volatile=True)  # the atomics are in L2
-    tl.store(row_ws + LEVEL * RADIX_BINS + bins, tl.zeros([RADIX_BINS], dtype=tl.int32))
+    hist = tl.load(row_ws + _level_bins(LEVEL), volatile=True)  # the atomics are in L2
+    tl.store(row_ws + _level_bins(LEVEL), tl.zeros([RADIX_BINS], dtype=tl.int32))
     needed = k if LEVEL == 0 else remaining
     at_or_above = tl.cumsum(hist, axis=0, reverse=True)
     digit = tl.max(tl.where(at_or_above >= needed, bins, 0), axis=0)
@@ -749,12 +755,6 @@ def _pick_and_publish(row_ws, row_counts, lowest, remaining, k, LEVEL: tl.conste
     word = _pack_state(new_lowest, new_remaining)
     for copy in tl.static_range(STATE_COPIES):
         tl.store(_state_word(row_counts, LEVEL, copy) + bins * 0, word, mask=bins == digit)
-
-
-@triton.jit
-def _level_bins(level):
-    """Workspace offsets of level ``level``'s histogram in a row's."""
-    return level * RADIX_BINS + tl.arange(0, RADIX_BINS)
 
 
 @triton.jit

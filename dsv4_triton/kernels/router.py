@@ -299,7 +299,8 @@ _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 12
 TREE_MAX_TOPK = 8
 # Tiles run with EARLY_LISTS too (the tile's candidate lists loaded in the same L2 round trip as
 # the chunk's arrival ticket; results identical), in the pick form (MERGE_TREE off) and the tree
-# form: the T = 64 choice so far, the 32-row tile on 8 warps and the 64-expert chunks.
+# form, without and with EARLY_PARTIALS (the first reduce step's partials loaded with the split's
+# ticket, likewise): the T <= 64 choices so far, the 32-row tile on 8 warps, the 64-expert chunks.
 _EARLY_TILES = [(16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3)]
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
@@ -322,10 +323,10 @@ def _split_prune(configs, nargs, **kw):
     # Hash routing makes no selection and has no lists: the MERGE_TREE and EARLY_LISTS forms
     # would repeat the others.
     tree_ok = not kw.get("HASH", False) and nargs["TOPK"] <= TREE_MAX_TOPK
-    early_ok = not kw.get("HASH", False)
+    lists_ok = not kw.get("HASH", False)
     kept = [c for c in configs if _split_allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
                                                  nargs["n_experts"]) and (tree_ok or not c.kwargs["MERGE_TREE"])
-            and (early_ok or not c.kwargs["EARLY_LISTS"])]
+            and (lists_ok or not c.kwargs["EARLY_LISTS"])]
     return kept or configs[:1]
 
 
@@ -337,6 +338,10 @@ INT64_MAX = tl.constexpr(9223372036854775807)
 # store is recognised by its value.
 EMPTY_KEY = tl.constexpr(-1)
 EMPTY_SCORE = tl.constexpr(-1.0)
+# The same for the partial tiles of EARLY_PARTIALS (their own workspace): the bits of a NaN no
+# FP32 arithmetic returns (GPUs return 0x7FFFFFFF, x86 0xFFC00000 or an operand's payload,
+# whose low 16 bits are 0 for BF16 inputs).  A false match would only cost a reload.
+PARTIAL_MARK = tl.constexpr(-1)
 
 
 @triton.jit
@@ -512,6 +517,20 @@ def _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s
 
 
 @triton.jit
+def _marked(p0, p1, p2, p3):
+    """1 where any of four partial tiles holds PARTIAL_MARK's bits."""
+    return ((p0.to(tl.int32, bitcast=True) == PARTIAL_MARK) | (p1.to(tl.int32, bitcast=True) == PARTIAL_MARK)
+            | (p2.to(tl.int32, bitcast=True) == PARTIAL_MARK)
+            | (p3.to(tl.int32, bitcast=True) == PARTIAL_MARK)).to(tl.int32)
+
+
+@triton.jit
+def _any_marked(a0, a1, a2, a3, b0, b1, b2, b3):
+    """Whether any loaded partial (program-wide) still holds PARTIAL_MARK."""
+    return tl.max(tl.max(_marked(a0, a1, a2, a3) | _marked(b0, b1, b2, b3), axis=1), axis=0)
+
+
+@triton.jit
 def _place(v0, v1, v2, v3, v4, v5, v6, v7, kcol, TOPK: tl.constexpr):
     """[rows, K_PAD] with column j = v_j for j < TOPK (0 past it; the stores mask those)."""
     out = tl.where(kcol[None, :] == 0, v0[:, None], 0)
@@ -644,12 +663,13 @@ def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
 
 @triton.jit
 def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, ids_ptr,
-                        partial_ptr, score_ptr, cand_ptr, cand_s_ptr, chunk_counter_ptr, tile_counter_ptr,
+                        partial_ptr, marked_partial_ptr, score_ptr, cand_ptr, cand_s_ptr, chunk_counter_ptr,
+                        tile_counter_ptr,
                         T, dim, n_experts, vocab, stride_x, stride_w, TOPK: tl.constexpr, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr,
-                        MERGE_TREE: tl.constexpr, EARLY_LISTS: tl.constexpr):
+                        MERGE_TREE: tl.constexpr, EARLY_LISTS: tl.constexpr, EARLY_PARTIALS: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
@@ -720,29 +740,77 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         table_ids = tl.load(table_ptr + table_row[:, None] * TOPK + kcol[None, :],
                             mask=tail_live[:, None] & out_col[None, :], other=0)
     # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
+    if EARLY_PARTIALS:
+        partials = marked_partial_ptr  # slots hold PARTIAL_MARK between launches
+    else:
+        partials = partial_ptr
     group = (tile * n_chunks + chunk).to(tl.int64)
     in_tile = rows[:, None] * BLOCK_E + cols[None, :]
     # Rows past T are neither written nor read back (T = 1 moves 1/16 of a 16-row tile).
-    tl.store(partial_ptr + (group * n_splits + split) * TILE + in_tile, acc, mask=live[:, None])
+    tl.store(partials + (group * n_splits + split) * TILE + in_tile, acc, mask=live[:, None])
+    tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
+    slot = partials + group * n_splits * TILE + tail_in_tile
 
     tl.debug_barrier()  # all threads' partials are written before the arrival is published
-    arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
+    if EARLY_PARTIALS:
+        # The first reduce step's loads go out with the ticket (as EARLY_LISTS does for the
+        # lists, below): release, barrier, loads, relaxed ticket.  A load that raced a split's
+        # store still holds PARTIAL_MARK; the last arriver then reloads after an acquire.
+        tl.atomic_add(chunk_counter_ptr + group, 0, sem="release")
+        tl.debug_barrier()
+        ea0, ea1, ea2, ea3 = _four_partials(slot, 0, n_splits, TILE, tail_live)
+        eb0, eb1, eb2, eb3 = _four_partials(slot, 4, n_splits, TILE, tail_live)
+        if REDUCE_UNROLL > 8:
+            ec0, ec1, ec2, ec3 = _four_partials(slot, 8, n_splits, TILE, tail_live)
+            ed0, ed1, ed2, ed3 = _four_partials(slot, 12, n_splits, TILE, tail_live)
+        arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="relaxed")
+    else:
+        arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
     if arrived == n_splits - 1:
         tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
-        tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
         # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
         # A step's loads all precede a barrier and its adds follow it, so every load of the step
         # is in flight at once whatever registers the rest of the kernel leaves the scheduler
         # (without it ptxas may issue them two at a time behind the adds).
-        slot = partial_ptr + group * n_splits * TILE + tail_in_tile
         z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
-        for s0 in range(0, n_splits, REDUCE_UNROLL):
+        first_step = 0
+        if EARLY_PARTIALS:
+            marked = _any_marked(ea0, ea1, ea2, ea3, eb0, eb1, eb2, eb3)
+            if REDUCE_UNROLL > 8:
+                marked = tl.maximum(marked, _any_marked(ec0, ec1, ec2, ec3, ed0, ed1, ed2, ed3))
+            if marked > 0:
+                # Every split has arrived: after an acquire on the ticket (whose result every
+                # thread waits for) the step reads whole.
+                seen = tl.atomic_add(chunk_counter_ptr + group, 0, sem="acquire")
+                ea0, ea1, ea2, ea3 = _four_partials(slot, 0, n_splits, TILE, tail_live & (seen >= 0))
+                eb0, eb1, eb2, eb3 = _four_partials(slot, 4, n_splits, TILE, tail_live & (seen >= 0))
+                if REDUCE_UNROLL > 8:
+                    ec0, ec1, ec2, ec3 = _four_partials(slot, 8, n_splits, TILE, tail_live & (seen >= 0))
+                    ed0, ed1, ed2, ed3 = _four_partials(slot, 12, n_splits, TILE, tail_live & (seen >= 0))
+            z = _add_four(z, ea0, ea1, ea2, ea3, 0, n_splits)
+            z = _add_four(z, eb0, eb1, eb2, eb3, 4, n_splits)
+            if REDUCE_UNROLL > 8:
+                z = _add_four(z, ec0, ec1, ec2, ec3, 8, n_splits)
+                z = _add_four(z, ed0, ed1, ed2, ed3, 12, n_splits)
+            first_step = REDUCE_UNROLL
+        for s0 in range(first_step, n_splits, REDUCE_UNROLL):
             a0, a1, a2, a3 = _four_partials(slot, s0, n_splits, TILE, tail_live)
             b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live)
             if REDUCE_UNROLL > 8:
                 c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live)
                 d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live)
             tl.debug_barrier()
+            if EARLY_PARTIALS:  # the relaxed ticket orders nothing: these loads are checked too
+                marked = _any_marked(a0, a1, a2, a3, b0, b1, b2, b3)
+                if REDUCE_UNROLL > 8:
+                    marked = tl.maximum(marked, _any_marked(c0, c1, c2, c3, d0, d1, d2, d3))
+                if marked > 0:
+                    seen = tl.atomic_add(chunk_counter_ptr + group, 0, sem="acquire")
+                    a0, a1, a2, a3 = _four_partials(slot, s0, n_splits, TILE, tail_live & (seen >= 0))
+                    b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live & (seen >= 0))
+                    if REDUCE_UNROLL > 8:
+                        c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live & (seen >= 0))
+                        d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live & (seen >= 0))
             if MERGE_TREE or REDUCE_UNROLL > 8:  # see _xor_bits
                 bits = _xor_bits(a0, a1, a2, a3) ^ _xor_bits(b0, b1, b2, b3)
                 if REDUCE_UNROLL > 8:
@@ -753,6 +821,10 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             if REDUCE_UNROLL > 8:
                 z = _add_four(z, c0, c1, c2, c3, s0 + 8, n_splits)
                 z = _add_four(z, d0, d1, d2, d3, s0 + 12, n_splits)
+        if EARLY_PARTIALS:  # the slots read go back to PARTIAL_MARK for the next launch
+            mark = tl.full([TAIL_T, BLOCK_E], PARTIAL_MARK, tl.int32).to(tl.float32, bitcast=True)
+            for used in range(0, n_splits):
+                tl.store(slot + used * TILE, mark, mask=tail_live[:, None])
         s = _sqrt_softplus(z)
         if HASH:  # the tile's last arriver reads the scores at the table ids
             tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
@@ -880,9 +952,12 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
 
 _route_split_tuned = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk, "REDUCE_BUDGET": _reduce_budget(w),
-                            "MERGE_TREE": tree, "EARLY_LISTS": early}, num_warps=w, num_stages=st)
-             for configs, tree, early in ((_SPLIT_CONFIGS, False, False), (_TREE_CONFIGS, True, False),
-                                          (_EARLY_TILES, False, True), (_EARLY_TILES, True, True))
+                            "MERGE_TREE": tree, "EARLY_LISTS": lists, "EARLY_PARTIALS": partials},
+                           num_warps=w, num_stages=st)
+             for configs, tree, lists, partials in (
+                 (_SPLIT_CONFIGS, False, False, False), (_TREE_CONFIGS, True, False, False),
+                 (_EARLY_TILES, False, True, False), (_EARLY_TILES, True, True, False),
+                 (_EARLY_TILES, False, True, True), (_EARLY_TILES, True, True, True))
              for bt, be, bk, sk, w, st in configs],
     key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
@@ -890,12 +965,14 @@ _route_split_tuned = autotune(
 
 
 class _SplitWorkspace:
-    """Partials, scores, candidates (packed keys and their scores) and the two counter arrays
-    of the split path, for one (device, stream); grown to the largest sizes seen, counters
-    zeroed once (every launch leaves them zero)."""
+    """Partials (plain, and marked for EARLY_PARTIALS), scores, candidates (packed keys and their
+    scores) and the two counter arrays of the split path, for one (device, stream); grown to
+    the largest sizes seen, counters zeroed and marks set once (every launch restores them)."""
 
     def __init__(self, device, n_partial, n_score, n_cand, n_chunk_counters, n_tile_counters):
         self.partial = torch.empty(n_partial, dtype=torch.float32, device=device)
+        self.marked_partial = torch.full((n_partial,), PARTIAL_MARK.value, dtype=torch.int32,
+                                         device=device).view(torch.float32)
         self.score = torch.empty(n_score, dtype=torch.float32, device=device)
         # Every list slot starts with the empty-slot marks (EMPTY_KEY, EMPTY_SCORE), which each
         # launch puts back in the slots it used: EARLY_LISTS tells a raced load by them.
@@ -929,9 +1006,9 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
 
 
 def _check_split_config(config):
-    if len(config) not in (6, 7, 8):
+    if len(config) not in (6, 7, 8, 9):
         raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, "
-                         f"MERGE_TREE[, EARLY_LISTS]]), got {config}")
+                         f"MERGE_TREE[, EARLY_LISTS[, EARLY_PARTIALS]]]), got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
     if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
@@ -943,7 +1020,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
     ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, MERGE_TREE[,
-    EARLY_LISTS]]) is given; the two flags default to off and change no result)."""
+    EARLY_LISTS[, EARLY_PARTIALS]]]) is given; the flags default to off and change no result)."""
     weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
     if x.shape[0] == 0:
         return weights, ids
@@ -968,9 +1045,9 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ws = _split_workspace(x.device, rows * cols * n_splits, room * n_experts,
                           room * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e),
                           n_tiles)
-    args = (x, weight, *optional, weights, ids, ws.partial, ws.score, ws.cand, ws.cand_s, ws.chunk_counters,
-            ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),
-            topk, route_scale, token_bucket(T))
+    args = (x, weight, *optional, weights, ids, ws.partial, ws.marked_partial, ws.score, ws.cand, ws.cand_s,
+            ws.chunk_counters, ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0),
+            weight.stride(0), topk, route_scale, token_bucket(T))
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad,
                 TAIL_ROWS=min(MAX_TAIL_ROWS, max(2, triton.next_power_of_2(T))))
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n_experts, m["BLOCK_E"])
@@ -981,8 +1058,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         bt, be, bk, sk, w, st = config[:6]
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
             *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
-            MERGE_TREE=len(config) >= 7 and bool(config[6]), EARLY_LISTS=len(config) == 8 and bool(config[7]),
-            num_warps=w, num_stages=st)
+            MERGE_TREE=len(config) >= 7 and bool(config[6]), EARLY_LISTS=len(config) >= 8 and bool(config[7]),
+            EARLY_PARTIALS=len(config) == 9 and bool(config[8]), num_warps=w, num_stages=st)
     return weights, ids
 
 

@@ -223,6 +223,26 @@ def test_hc_pre_and_head_explicit_configs(device, config, y_config):
                                                                config=config, y_config=y_config))
 
 
+def _decode_counters(device):
+    stream = torch.cuda.current_stream().cuda_stream if torch.device(device).type == "cuda" else 0
+    return kern._workspaces[(torch.device(device), stream, "decode_counters")]
+
+
+@pytest.mark.parametrize("T, dim, decode_config", [(5, 300, kern._DECODE_CONFIGS[1]),
+                                                   (20, 1100, kern._DECODE_CONFIGS[2])])
+def test_one_launch_decode_form(device, T, dim, decode_config):
+    # Mix programs first, then per token its y blocks (and hc_pre's Sinkhorn program), which
+    # wait for every mix program; slices and y blocks run past dim, 20 tokens span two mix
+    # tiles.  Every launch leaves its counters at zero for the next one.
+    X, fn, scale, base = _inputs(T, dim, T, device)
+    for _ in range(2):
+        _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, decode_config=decode_config))
+        assert _decode_counters(device).tolist() == [0, 0]
+        _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
+                                                                   decode_config=decode_config))
+        assert _decode_counters(device).tolist() == [0, 0]
+
+
 def _check_head(X, fn, scale, base, y, eps=1e-6):
     y_r = ref.hc_head(X, fn, scale, base, eps, 1e-6)
     assert y.dtype == torch.bfloat16 and y.shape == y_r.shape
@@ -379,6 +399,19 @@ def test_finalise_y_kernel_compiles_for_sm90_without_spills(head, config):
     assert usage["stack"] == 0, usage
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("head, config", [(False, kern._DECODE_CONFIGS[0]), (True, kern._DECODE_CONFIGS[-1])])
+def test_decode_kernel_compiles_for_sm90_without_spills(head, config):
+    bt, chunk, bk, warps, stages, bd = config
+    types = dict(x_ptr="*bf16", y_ptr="*bf16", sync_ptr="*i32", eps="fp32", norm_eps="fp32")
+    consts = dict(HEAD=head, N_MIX=4 if head else 24, N_PAD=16 if head else 32, BLOCK_T=bt, CHUNK=chunk, BLOCK_K=bk,
+                  BLOCK_D=bd)
+    usage = compile_for_sm90("dsv4_triton.kernels.mhc", "_decode_kernel", types, consts,
+                             ["dim", "stride_xt", "stride_xs", "T"], warps, stages)
+    assert usage["stack"] == 0 and usage["pipelined"], usage
+    assert usage["tensor_core_dot"] == (bt >= 64), usage
+
+
 # ---------------------------------------------------------------- GPU: model sizes, every config
 
 @pytest.mark.gpu
@@ -403,10 +436,31 @@ def test_every_mix_config_gpu(config, y_config, T, dim):
 
 
 @pytest.mark.gpu
-def test_hc_pre_in_a_cuda_graph_replays_gpu():
-    # The workspaces (partial rows, fn parts) stay where the capture saw them, so replays keep
-    # giving the eager result, also after a larger call has grown them.
-    X, fn, scale, base = _inputs(300, 7168, 31, "cuda")
+@pytest.mark.parametrize("decode_config", kern._DECODE_CONFIGS)
+@pytest.mark.parametrize("T, dim", [(1, 7168), (8, 4096), (64, 7168)])
+def test_every_decode_config_gpu(decode_config, T, dim):
+    X, fn, scale, base = _inputs(T, dim, T + dim, "cuda")
+    for _ in range(2):
+        _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, decode_config=decode_config))
+        _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
+                                                                   decode_config=decode_config))
+    assert _decode_counters("cuda").tolist() == [0, 0]
+
+
+@pytest.mark.gpu
+def test_decode_sizes_past_the_one_launch_form_gpu():
+    # More than MAX_DECODE_SPLITS partial rows per token even at the widest slices: two launches.
+    X, fn, scale, base = _inputs(3, 16400, 5, "cuda")
+    assert not kern._decode_fits(16400)
+    _check_pre(X, fn, scale, base, _triton("hc_pre", X, fn, scale, base))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 300])  # one launch, one launch, three
+def test_hc_pre_in_a_cuda_graph_replays_gpu(T):
+    # The workspaces (partial rows, fn parts, counters) stay where the capture saw them, so
+    # replays keep giving the eager result, also after a larger call has grown them.
+    X, fn, scale, base = _inputs(T, 7168, 31, "cuda")
     eager = _triton("hc_pre", X, fn, scale, base)
     with use_backend("triton"):
         ops.hc_pre(X, fn, scale, base)  # tuned and compiled outside the capture

@@ -1,9 +1,9 @@
 """Benchmark cases: the mhc family (hc_pre, hc_post, hc_head) at V4-Pro / V4-Flash sizes.
 
 All three are memory bound (ceiling: copy bandwidth).  Bytes are the minimum traffic: X
-(and F) read once, outputs written once, fn read once.  hc_pre and hc_head are two launches
-(mix partials, then finalise + y) that read X twice, the second time partly from L2, so
-their bound is ~55-65% of copy at T = 4096; hc_post targets >= 80%.  At decode hc_pre's bytes
+(and F) read once, outputs written once, fn read once.  hc_pre and hc_head read X twice (mix
+partials, then finalise + y; at decode sizes in one launch), the second time partly from L2,
+so their bound is ~55-65% of copy at T = 4096; hc_post targets >= 80%.  At decode hc_pre's bytes
 are mostly ``fn`` (24 x 4*dim FP32 = 2.75 MB at dim 7168), which the mix kernel spreads over
 dim / CHUNK programs.
 
@@ -83,8 +83,8 @@ def _pre_bytes(T, dim, n_mix, with_post_comb=True):
 
 
 def _launches(T: int) -> int:
-    """fn split (above SPLIT_IN_LOOP_MAX_T tokens), mix, y."""
-    return 2 if T <= kern.SPLIT_IN_LOOP_MAX_T else 3
+    """One at decode sizes (mix and finalise in one launch); else fn split, mix, y."""
+    return 1 if T <= kern.SPLIT_IN_LOOP_MAX_T else 3
 
 
 def cases(quick: bool):

@@ -1,4 +1,4 @@
-"""Triton mHC kernels: hc_pre / hc_head (two or three launches each) and hc_post (one pass).
+"""Triton mHC kernels: hc_pre / hc_head (one launch at decode sizes, else three) and hc_post (one pass).
 
 hc_pre and hc_head
 ------------------
@@ -25,6 +25,13 @@ the work is split in launches with no waiting between programs:
   comb, so the y programs stay at ~100 registers.  Tiles run in reverse order: the mix
   kernel's last tiles are the most likely to still be in L2.  (Sinkhorn divides with IEEE
   rounding, ``div_rn``, as the oracle does.)
+
+Decode sizes (up to 64 tokens) run both passes in one launch, ``_decode_kernel``: its first
+programs are the mix programs (fn split in the loop), the rest one token's y block (hc_pre:
+or its Sinkhorn) each, which wait on a counter for every mix program.  They wait only on
+lower linear ids, which are dispatched first, so the wait always ends; a y program's X loads
+go out before it waits, and one load after it brings every split's partial row of its token
+(``MAX_DECODE_SPLITS``).  The last program to finish zeroes the counters for the next launch.
 
 X is read twice (the second time partly from L2).  Two one-launch variants measured slower
 (benchmarks/NOTES.md): all programs of a tile waiting for each other on a counter so that
@@ -65,6 +72,7 @@ _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first 
     (128, 1024, 64, 8, 3), (128, 512, 64, 8, 3), (32, 1024, 64, 4, 4), (64, 2048, 64, 4, 4), (64, 1024, 64, 4, 6),
 ]
 SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
+MAX_DECODE_SPLITS = tl.constexpr(128)  # partial rows per token the one-launch decode form sums in one load
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
     (16, 256, 4), (1, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8),
 ]
@@ -129,6 +137,14 @@ def _split_fn_kernel(fn_ptr, parts_ptr, K, N_MIX: tl.constexpr, N_PAD: tl.conste
 def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, t_bucket,
                         N_MIX: tl.constexpr, N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr,
                         BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mix_partial(tl.program_id(0), x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, N_MIX, N_PAD,
+                 SPLIT_IN_LOOP, BLOCK_T, CHUNK, BLOCK_K)
+
+
+@triton.jit
+def _mix_partial(pid, x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, stride_xs, N_MIX: tl.constexpr,
+                 N_PAD: tl.constexpr, SPLIT_IN_LOOP: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     # A split is one stream's columns [d_lo, d_lo + CHUNK): each token's slice is one
     # contiguous run of 2*CHUNK bytes (runs of 512 B and more stream near the copy rate;
     # four runs of a quarter of that, one per stream, measured 1.6x slower).
@@ -136,8 +152,8 @@ def _mix_partial_kernel(x_ptr, fn_ptr, parts_ptr, part_ptr, T, dim, stride_xt, s
     n_splits = STREAMS * n_d
     # Consecutive programs share a tile: the last programs read the last tiles, which the
     # y kernel (reverse order) reads first.
-    tile = tl.program_id(0) // n_splits
-    split = tl.program_id(0) % n_splits
+    tile = pid // n_splits
+    split = pid % n_splits
     stream = split // n_d
     rows = tl.arange(0, BLOCK_T)
     tok = (tile * BLOCK_T + rows).to(tl.int64)
@@ -195,6 +211,37 @@ def _pick(v, i: tl.constexpr):
 
 
 @triton.jit
+def _post_comb(acc_post, acc_comb, rs, scale_ptr, base_ptr, iters, eps):
+    """post [BLOCK_T, 4] and comb [BLOCK_T, 4, 4] from the summed mixes (acc_comb as
+    [BLOCK_T, 4, 4]) and each token's rsqrt: sigmoid, then the Sinkhorn iteration."""
+    four = tl.arange(0, 4)
+    post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
+    ij = 4 * four[:, None] + four[None, :]
+    c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
+    # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
+    c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
+    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
+    c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+    for _ in range(iters - 1):
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
+        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
+    return post, c
+
+
+@triton.jit
+def _y_value(m0, m1, m2, m3, ssq, x0, x1, x2, x3, dim, scale_ptr, base_ptr, eps, norm_eps):
+    """``y = sum_i pre_i X_i`` in FP32 from the summed pre mixes ``m0..m3`` and sum of squares
+    (each broadcastable against the X blocks ``x0..x3``)."""
+    rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
+    scale0 = tl.load(scale_ptr)
+    y = (tl.sigmoid(m0 * rs * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)
+    y += (tl.sigmoid(m1 * rs * scale0 + tl.load(base_ptr + 1)) + eps) * to_f32(x1)
+    y += (tl.sigmoid(m2 * rs * scale0 + tl.load(base_ptr + 2)) + eps) * to_f32(x2)
+    y += (tl.sigmoid(m3 * rs * scale0 + tl.load(base_ptr + 3)) + eps) * to_f32(x3)
+    return y
+
+
+@triton.jit
 def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                        T, dim, n_splits, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
                        HEAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -213,16 +260,8 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
         rs = tl.rsqrt(ssq / (STREAMS * dim) + norm_eps)
         acc_post = _partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 1, 4, N_PAD)
         acc_comb = tl.reshape(_partial_sums(part_ptr, tok, live, n_splits, T, SSQ_COL + 5, 16, N_PAD), [BLOCK_T, 4, 4])
-        post = 2.0 * tl.sigmoid(acc_post * rs[:, None] * tl.load(scale_ptr + 1) + tl.load(base_ptr + 4 + four)[None, :])
+        post, c = _post_comb(acc_post, acc_comb, rs, scale_ptr, base_ptr, iters, eps)
         ij = 4 * four[:, None] + four[None, :]
-        c = acc_comb * rs[:, None, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + 8 + ij)[None, :, :]
-        # softmax over each row (last axis), + eps, then columns (axis 1); then iters - 1 rounds.
-        c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None], c.shape)) + eps
-        c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
-        for _ in range(iters - 1):
-            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=2)[:, :, None] + eps, c.shape))
-            c = tl.math.div_rn(c, tl.broadcast_to(tl.sum(c, axis=1)[:, None, :] + eps, c.shape))
         tl.store(post_ptr + tok[:, None] * 4 + four[None, :], post, mask=live[:, None])
         tl.store(comb_ptr + tok[:, None, None] * 16 + ij[None, :, :], c, mask=live[:, None, None])
     else:
@@ -235,13 +274,93 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
         x1 = tl.load(x_row + stride_xs, mask=mask, other=0.0)
         x2 = tl.load(x_row + 2 * stride_xs, mask=mask, other=0.0)
         x3 = tl.load(x_row + 3 * stride_xs, mask=mask, other=0.0)
-        rs_col = tl.rsqrt(_pick(acc, SSQ_COL) / (STREAMS * dim) + norm_eps)
-        scale0 = tl.load(scale_ptr)
-        y = (tl.sigmoid(_pick(acc, 0) * rs_col * scale0 + tl.load(base_ptr)) + eps) * to_f32(x0)
-        y += (tl.sigmoid(_pick(acc, 1) * rs_col * scale0 + tl.load(base_ptr + 1)) + eps) * to_f32(x1)
-        y += (tl.sigmoid(_pick(acc, 2) * rs_col * scale0 + tl.load(base_ptr + 2)) + eps) * to_f32(x2)
-        y += (tl.sigmoid(_pick(acc, 3) * rs_col * scale0 + tl.load(base_ptr + 3)) + eps) * to_f32(x3)
+        y = _y_value(_pick(acc, 0), _pick(acc, 1), _pick(acc, 2), _pick(acc, 3), _pick(acc, SSQ_COL), x0, x1, x2, x3,
+                     dim, scale_ptr, base_ptr, eps, norm_eps)
         tl.store(y_ptr + tok[:, None] * dim + d[None, :], cast_rne(y, tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _splits_after_wait(count_ptr, target, n_splits):
+    """Waits until ``*count_ptr`` reaches ``target``, then returns ``n_splits`` computed from an
+    acquire read of the count, so that the loads it bounds cannot move above that read.  One
+    thread polls (one L2 request a round)."""
+    lane = tl.arange(0, 32)
+    seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
+    while seen < target:
+        seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
+    return tl.minimum(n_splits, tl.atomic_add(count_ptr, 0, sem="acquire") - target + n_splits)
+
+
+@triton.jit
+def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
+                   T, dim, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
+                   HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Decode sizes in one launch: programs 0 .. n_mix - 1 are the mix launch's (fn split in the
+    # loop), each counting itself in sync[0] once its partial rows are stored; the others are one
+    # token's y block (hc_pre: or its Sinkhorn) and wait for all of them.  They wait only on
+    # lower linear ids, which are dispatched first, so the wait always ends.  sync[1] counts the
+    # finishing programs; the last one leaves both counters zero for the next launch.
+    n_splits = STREAMS * tl.cdiv(dim, CHUNK)
+    n_mix = tl.cdiv(T, BLOCK_T) * n_splits
+    per_token = tl.cdiv(dim, BLOCK_D) + (0 if HEAD else 1)
+    pid = tl.program_id(0)
+    if pid < n_mix:
+        _mix_partial(pid, x_ptr, fn_ptr, fn_ptr, part_ptr, T, dim, stride_xt, stride_xs, N_MIX, N_PAD, True, BLOCK_T,
+                     CHUNK, BLOCK_K)
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr, 1, sem="release")
+    else:
+        tok = ((pid - n_mix) // per_token).to(tl.int64)
+        d_block = (pid - n_mix) % per_token - (0 if HEAD else 1)
+        # Every split's partial row of the token in one load (at most MAX_DECODE_SPLITS).
+        s = tl.arange(0, MAX_DECODE_SPLITS)
+        row = part_ptr + (s.to(tl.int64) * T + tok)[:, None] * N_PAD
+        if d_block < 0:
+            s_ok = (s < _splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
+            cols = tl.arange(0, N_PAD)
+            mixes = tl.sum(tl.load(row + cols[None, :], mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
+            rs = tl.rsqrt(_entry(mixes, SSQ_COL) / (STREAMS * dim) + norm_eps)
+            acc_post = _columns(mixes, SSQ_COL + 1, 4)[None, :]
+            acc_comb = tl.reshape(_columns(mixes, SSQ_COL + 5, 16), [1, 4, 4])
+            post, c = _post_comb(acc_post, acc_comb, rs[None], scale_ptr, base_ptr, iters, eps)
+            four = tl.arange(0, 4)
+            tl.store(post_ptr + tok * 4 + four[None, :], post)
+            tl.store(comb_ptr + tok * 16 + (4 * four[:, None] + four[None, :])[None, :, :], c)
+        else:
+            d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_ok = d < dim
+            x_row = x_ptr + tok * stride_xt + d
+            # X is an input: its loads go out before the wait.
+            x0 = tl.load(x_row, mask=d_ok, other=0.0)
+            x1 = tl.load(x_row + stride_xs, mask=d_ok, other=0.0)
+            x2 = tl.load(x_row + 2 * stride_xs, mask=d_ok, other=0.0)
+            x3 = tl.load(x_row + 3 * stride_xs, mask=d_ok, other=0.0)
+            s_ok = (s < _splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
+            # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
+            acc = tl.sum(tl.load(row + tl.arange(0, 8)[None, :], mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
+            # Scalars before meeting the X blocks (a [1, 8] operand would drag its layout into them).
+            y = _y_value(_entry(acc, 0), _entry(acc, 1), _entry(acc, 2), _entry(acc, 3), _entry(acc, SSQ_COL), x0, x1,
+                         x2, x3, dim, scale_ptr, base_ptr, eps, norm_eps)
+            tl.store(y_ptr + tok * dim + d, cast_rne(y, tl.bfloat16), mask=d_ok)
+        tl.debug_barrier()
+        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == T * per_token - 1:
+            tl.store(sync_ptr, 0)
+            tl.store(sync_ptr + 1, 0)
+
+
+@triton.jit
+def _entry(v, i: tl.constexpr):
+    """Entry i of the vector ``v`` as a scalar (a masked sum: NaN stays put)."""
+    return tl.sum(tl.where(tl.arange(0, v.shape[0]) == i, v, 0.0), axis=0)
+
+
+@triton.jit
+def _columns(v, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+    """Entries FIRST .. FIRST + WIDTH - 1 of the vector ``v`` (masked sums: NaN stays put)."""
+    c = tl.arange(0, v.shape[0])
+    return tl.sum(tl.where(c[None, :] == FIRST + tl.arange(0, WIDTH)[:, None], v[None, :], 0.0), axis=1)
+
 
 _hc_pre_mix = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -262,27 +381,56 @@ _hc_head_y = autotune(
     key=["dim", "t_bucket"], name="hc_head_y", prune_configs_by={"early_config_prune": _prune_y_configs},
 )(_finalise_y_kernel)
 
+_DECODE_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages, BLOCK_D); the first serves every shape
+    (16, 256, 64, 4, 3, 1024), (16, 256, 64, 4, 3, 512), (16, 512, 64, 4, 3, 1024), (64, 256, 64, 4, 3, 1024),
+    (64, 512, 64, 4, 3, 1024), (64, 512, 64, 4, 3, 512),
+]
+
+
+def _prune_decode_configs(configs, nargs, **kw):
+    t_cap = max(16, nargs["t_bucket"])
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap
+            and HC_MULT * triton.cdiv(nargs["dim"], c.kwargs["CHUNK"]) <= MAX_DECODE_SPLITS.value]
+    return kept or configs[:1]
+
+
+def _decode_fits(dim: int) -> bool:
+    """Whether the one-launch decode form can hold every split's partial row for ``dim``."""
+    return HC_MULT * triton.cdiv(dim, max(c[1] for c in _DECODE_CONFIGS)) <= MAX_DECODE_SPLITS.value
+
+
+def _decode_tuner(name):
+    return autotune(configs=[triton.Config({"BLOCK_T": bt, "CHUNK": c, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w,
+                                           num_stages=st) for bt, c, bk, w, st, bd in _DECODE_CONFIGS],
+                    key=["dim", "t_bucket"], name=name, prune_configs_by={"early_config_prune": _prune_decode_configs},
+                    )(_decode_kernel)
+
+
+_hc_pre_decode = _decode_tuner("hc_pre_decode")
+_hc_head_decode = _decode_tuner("hc_head_decode")
+
 _workspaces: Dict[Tuple, torch.Tensor] = {}
 _outgrown: List[torch.Tensor] = []  # kept alive: a captured CUDA graph may still use them
 
 
 def _workspace(device: torch.device, kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A workspace (partial rows, fn parts) for launches on the current stream of ``device``
-    (each stream has its own, so streams can run concurrently); grown only when a launch
-    needs more, and an outgrown one is never freed."""
+    """A workspace (partial rows, fn parts, counters) for launches on the current stream of
+    ``device`` (each stream has its own, so streams can run concurrently); grown only when a
+    launch needs more, and an outgrown one is never freed.  New ones are zeroed (the counters
+    must start at zero; every launch leaves them so)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream, kind)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
         if ws is not None:
             _outgrown.append(ws)
-        ws = torch.empty(numel, dtype=dtype, device=device)
+        ws = torch.zeros(numel, dtype=dtype, device=device)
         _workspaces[key] = ws
     return ws
 
 
-def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool, config=None,
-                y_config=None):
+def _mix_launch(mix_kernel, y_kernel, decode_kernel, X, fn, scale, base, iters, eps, norm_eps, head: bool,
+                config=None, y_config=None, decode_config=None):
     T, _, dim = X.shape
     y = torch.empty((T, dim), dtype=torch.bfloat16, device=X.device)
     post = torch.empty((0 if head else T, HC_MULT), dtype=torch.float32, device=X.device)
@@ -294,6 +442,11 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
     fn = fn.contiguous()
     t_bucket = token_bucket(T)
     n_mix, n_pad = (N_MIX_HEAD, 16) if head else (N_MIX_PRE, 32)
+    if decode_config is not None or (config is None and y_config is None and T <= SPLIT_IN_LOOP_MAX_T
+                                     and _decode_fits(dim)):
+        _decode_launch(decode_kernel, X, fn, scale, base, iters, eps, norm_eps, head, y, post, comb, n_mix, n_pad,
+                       decode_config)
+        return y, post, comb
     # Sized for the narrowest slice that any config the tuner may run uses; the y kernel is
     # told the split count of the config that actually ran.
     if config is None:
@@ -333,18 +486,39 @@ def _mix_launch(mix_kernel, y_kernel, X, fn, scale, base, iters, eps, norm_eps, 
     return y, post, comb
 
 
+def _decode_launch(kernel, X, fn, scale, base, iters, eps, norm_eps, head, y, post, comb, n_mix, n_pad, config=None):
+    T, _, dim = X.shape
+    min_chunk = min(c[1] for c in _DECODE_CONFIGS) if config is None else config[1]
+    part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
+    sync = _workspace(X.device, "decode_counters", 2, torch.int32)
+
+    def grid(meta):
+        n_splits = HC_MULT * triton.cdiv(dim, meta["CHUNK"])
+        return (triton.cdiv(T, meta["BLOCK_T"]) * n_splits + T * (triton.cdiv(dim, meta["BLOCK_D"]) + (not head)),)
+
+    args = (X, fn, part, sync, scale, base, y, y if head else post, y if head else comb, T, dim, X.stride(0),
+            X.stride(1), iters, eps, norm_eps, token_bucket(T))
+    if config is None:
+        kernel[grid](*args, HEAD=head, N_MIX=n_mix, N_PAD=n_pad)
+    else:
+        bt, c, bk, w, st, bd = config
+        _decode_kernel[grid(dict(BLOCK_T=bt, CHUNK=c, BLOCK_D=bd))](
+            *args, HEAD=head, N_MIX=n_mix, N_PAD=n_pad, BLOCK_T=bt, CHUNK=c, BLOCK_K=bk, BLOCK_D=bd, num_warps=w,
+            num_stages=st)
+
+
 @register("hc_pre", "triton")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           iters: int, eps: float, norm_eps: float, config=None, y_config=None):
-    return _mix_launch(_hc_pre_mix, _hc_pre_y, X, fn, scale, base, iters, eps, norm_eps, head=False, config=config,
-                       y_config=y_config)
+           iters: int, eps: float, norm_eps: float, config=None, y_config=None, decode_config=None):
+    return _mix_launch(_hc_pre_mix, _hc_pre_y, _hc_pre_decode, X, fn, scale, base, iters, eps, norm_eps, head=False,
+                       config=config, y_config=y_config, decode_config=decode_config)
 
 
 @register("hc_head", "triton")
 def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            eps: float, norm_eps: float, config=None, y_config=None) -> torch.Tensor:
-    return _mix_launch(_hc_head_mix, _hc_head_y, X, fn, scale, base, 1, eps, norm_eps, head=True, config=config,
-                       y_config=y_config)[0]
+            eps: float, norm_eps: float, config=None, y_config=None, decode_config=None) -> torch.Tensor:
+    return _mix_launch(_hc_head_mix, _hc_head_y, _hc_head_decode, X, fn, scale, base, 1, eps, norm_eps, head=True,
+                       config=config, y_config=y_config, decode_config=decode_config)[0]
 
 
 @autotune(

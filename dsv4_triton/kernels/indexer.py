@@ -528,10 +528,12 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # (ascending index order, ties to the lowest indices as in one program).
 #
 # Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then the arrival
-# counter) is zero when a call starts; allocated zeroed, and each level's last arrival zeroes
-# that level's histogram and the counter once it has made the pick.  The state slots after
-# them are written before they are read in every call.  ``counts`` (per row, per chunk: the
-# published counts) is zero when a call starts too: the write launch's last arrival clears it.
+# counter, then the one-launch form's counter per phase) is zero when a call starts;
+# allocated zeroed, and each level's last arrival zeroes that level's histogram and its
+# counter once it has made the pick (the write's, its counter).  The state slots after them
+# are written before they are read in every call.  ``counts`` (per row, per chunk: the
+# published counts; then the one-launch form's level words) is zero when a call starts too:
+# the write's last arrival clears it.
 # One workspace per stream: calls on one stream run in order, so they never overlap on it.
 #
 # One-launch form (``_row_select_kernel``): the same phases as programs of one grid, phase-

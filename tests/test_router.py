@@ -239,9 +239,12 @@ _SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, 4, 2), (32, 16, 16, 32, 4, 2), (16, 32,
 # The same tiles with MERGE_TREE on (the selections as one merge of sorted lists): a 7th field.
 _SMALL_TREE_CONFIGS = [(16, 16, 32, 64, 4, 2, True), (32, 16, 16, 32, 4, 2, True)]
 # With EARLY_LISTS on (the tile's lists loaded with the arrival ticket), in either form: an 8th
-# field; a 9th, EARLY_PARTIALS (the first reduce step's partials loaded with the split's ticket).
+# field; a 9th, EARLY_PARTIALS (the first reduce step's partials loaded with the split's ticket);
+# a 10th, UNFENCED (those levels without a release fence, raced loads polled).
 _SMALL_EARLY_CONFIGS = [(16, 16, 32, 64, 4, 2, False, True), (32, 16, 16, 32, 4, 2, True, True),
-                        (16, 16, 32, 64, 4, 2, True, True, True), (16, 32, 16, 16, 4, 2, False, True, True)]
+                        (16, 16, 32, 64, 4, 2, True, True, True), (16, 32, 16, 16, 4, 2, False, True, True),
+                        (32, 16, 16, 32, 4, 2, False, True, False, True),
+                        (16, 32, 16, 16, 4, 2, True, True, True, True)]
 
 
 def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
@@ -365,7 +368,7 @@ def test_route_split_merge_tree_equals_picks(device, T, topk, config):
     assert torch.equal(tree[0].nan_to_num(), picks[0].nan_to_num())
     # The lists loaded with the arrival ticket (EARLY_LISTS), in either form, and the first
     # reduce step's partials too (EARLY_PARTIALS): the same bits.
-    for early in (config + (False, True), config + (True, True, True)):
+    for early in (config + (True, True, True), config + (False, True, False, True)):
         got = _split(x, weight, bias, None, None, topk, 2.5, early)
         assert torch.equal(got[1], picks[1]) and torch.equal(torch.isnan(got[0]), torch.isnan(picks[0])), early
         assert torch.equal(got[0].nan_to_num(), picks[0].nan_to_num()), early
@@ -555,8 +558,9 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
     (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
     (False, (16, 32, 128, 512, 4, 3), 16), (False, (16, 32, 128, 512, 4, 3, True), 64),
-    (False, (16, 32, 128, 512, 4, 3, False, True), 16), (False, (16, 32, 128, 512, 4, 3, False, True, True), 2),
-    (True, (16, 32, 128, 512, 4, 3, False, True, True), 8),
+    (False, (16, 32, 128, 512, 4, 3, False, True), 16), (False, (16, 32, 128, 512, 4, 3, False, True, False, True), 16),
+    (False, (16, 32, 128, 512, 4, 3, False, True, True), 2),
+    (True, (16, 32, 128, 512, 4, 3, False, True, True, True), 8),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
@@ -564,19 +568,21 @@ def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, 
     bt, be, bk, sk, warps, stages = config[:6]
     tree = len(config) >= 7 and config[6]
     early = len(config) >= 8 and config[7]
-    partials = len(config) == 9 and config[8]
+    partials = len(config) >= 9 and config[8]
+    unfenced = len(config) == 10 and config[9]
     assert config[:6] in (kern._EARLY_TILES if early else kern._TREE_CONFIGS if tree else kern._SPLIT_CONFIGS)
     consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
                   BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps), MERGE_TREE=tree,
-                  EARLY_LISTS=early, EARLY_PARTIALS=partials)
+                  EARLY_LISTS=early, EARLY_PARTIALS=partials, UNFENCED=unfenced)
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
                  cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
                              ["dim", "stride_x", "stride_w"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
     if config[:6] == (16, 32, 128, 512, 4, 3) and not partials:
-        # (EARLY_PARTIALS holds the first reduce step across the ticket: ~96 registers, for T <= 8,
-        # whose 168 programs are one wave at any count.)  The Pro T = 64 choice: 672 programs are one wave only if 6 fit per SM (132 SMs), which
+        # The Pro T = 64 choice (in every form but EARLY_PARTIALS, which holds the first reduce
+        # step across the ticket: ~96 registers, meant for T <= 8, whose 168 programs are one
+        # wave at any count): 672 programs are one wave only if 6 fit per SM (132 SMs), which
         # 65536 registers allow up to 80 per thread at 4 warps (88 put the last 12 in a second wave).
         assert usage["reg"] <= 80, usage
 
@@ -634,7 +640,8 @@ def test_route_split_every_config_gpu(T, E, dim):
             tree = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + (True,))
             assert torch.equal(tree[0], first[0]) and torch.equal(tree[1], first[1]), config
         if config in kern._EARLY_TILES:  # lists (and partials) loaded with the ticket: the same bits
-            for flags in ((False, True), (True, True), (False, True, True), (True, True, True)):
+            for flags in ((False, True), (True, True), (False, True, True), (True, True, True),
+                          (False, True, False, True), (True, True, True, True)):
                 early = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + flags)
                 assert torch.equal(early[0], first[0]) and torch.equal(early[1], first[1]), config + flags
         w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
@@ -648,7 +655,8 @@ def test_route_split_every_config_gpu(T, E, dim):
 def test_route_split_early_loads_under_races_gpu(T):
     # EARLY_LISTS loads the tile's lists before its arrival ticket returns, EARLY_PARTIALS the
     # first reduce step's partials before the split's ticket returns: a load that raced
-    # another program's store is told by the marks and reloaded after an acquire.  Many
+    # another program's store is told by the marks and reloaded after an acquire (UNFENCED:
+    # without release fences, polled until the marks are gone).  Many
     # launches of every such config (the programs' timing varies from launch to launch, so
     # some loads race) must each give the bits of the form that loads after the ticket.
     from dsv4_triton.kernels import router as kern
@@ -659,16 +667,17 @@ def test_route_split_early_loads_under_races_gpu(T):
     for tile in kern._EARLY_TILES:
         for tree in (False, True):
             plain = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=tile + (tree, False))
-            for partials in (False, True):
-                config = tile + (tree, True, partials)
-                for _ in range(60):
+            for partials, unfenced in ((False, False), (True, False), (False, True), (True, True)):
+                config = tile + (tree, True, partials, unfenced)
+                for _ in range(40):
                     early = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
                     assert torch.equal(early[0], plain[0]) and torch.equal(early[1], plain[1]), config
         # Hash routing reduces the partials the same way (EARLY_PARTIALS; it has no lists).
         hashed = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=tile)
-        for _ in range(60):
-            early = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=tile + (False, False, True))
-            assert torch.equal(early[0], hashed[0]) and torch.equal(early[1], hashed[1]), tile
+        for flags in ((False, False, True), (False, False, True, True)):
+            for _ in range(40):
+                early = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=tile + flags)
+                assert torch.equal(early[0], hashed[0]) and torch.equal(early[1], hashed[1]), tile + flags
     _split_counters_are_zero("cuda")
 
 

@@ -300,7 +300,9 @@ TREE_MAX_TOPK = 8
 # Tiles run with EARLY_LISTS too (the tile's candidate lists loaded in the same L2 round trip as
 # the chunk's arrival ticket; results identical), in the pick form (MERGE_TREE off) and the tree
 # form, without and with EARLY_PARTIALS (the first reduce step's partials loaded with the split's
-# ticket, likewise): the T <= 64 choices so far, the 32-row tile on 8 warps, the 64-expert chunks.
+# ticket, likewise), fenced and UNFENCED (the levels with early loads publish without a release
+# fence, raced reads polled until their marks are gone): the T <= 64 choices so far, the 32-row
+# tile on 8 warps, the 64-expert chunks.
 _EARLY_TILES = [(16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3)]
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
@@ -342,6 +344,9 @@ EMPTY_SCORE = tl.constexpr(-1.0)
 # FP32 arithmetic returns (GPUs return 0x7FFFFFFF, x86 0xFFC00000 or an operand's payload,
 # whose low 16 bits are 0 for BF16 inputs).  A false match would only cost a reload.
 PARTIAL_MARK = tl.constexpr(-1)
+# Reads of a mark that an UNFENCED launch makes before giving up (~1 s): never reached while
+# every slot read is written in the same launch and the marks are restored (tested).
+SPIN_LIMIT = tl.constexpr(1 << 20)
 
 
 @triton.jit
@@ -384,10 +389,11 @@ def _fold_position(best, best_s, key, s, last):
 
 
 @triton.jit
-def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr):
+def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr,
+                   VOLATILE: tl.constexpr = False):
     """Entry ``position`` of every chunk's sorted candidate list ([rows, NC_PAD] keys and scores)."""
-    key = tl.load(cand_ptr + slot + position * NC_PAD, mask=mask, other=INT64_MIN, cache_modifier=".cg")
-    s = tl.load(cand_s_ptr + slot + position * NC_PAD, mask=mask, other=0.0, cache_modifier=".cg")
+    key = _l2_load(cand_ptr + slot + position * NC_PAD, mask, INT64_MIN, VOLATILE)
+    s = _l2_load(cand_s_ptr + slot + position * NC_PAD, mask, 0.0, VOLATILE)
     return key, s
 
 
@@ -474,11 +480,12 @@ def _merge_rows(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7):
 
 
 @triton.jit
-def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr, TOPK: tl.constexpr):
+def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr, TOPK: tl.constexpr,
+                VOLATILE: tl.constexpr = False):
     """Entry ``position`` of every chunk's list, or the empty entry (INT64_MIN, 0) past TOPK
     (those positions are neither written nor read)."""
     if position < TOPK:
-        key, s = _list_position(cand_ptr, cand_s_ptr, slot, mask, position, NC_PAD)
+        key, s = _list_position(cand_ptr, cand_s_ptr, slot, mask, position, NC_PAD, VOLATILE)
     else:
         key = tl.full(slot.shape, INT64_MIN, dtype=tl.int64)
         s = tl.zeros(slot.shape, dtype=tl.float32)
@@ -486,17 +493,18 @@ def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD
 
 
 @triton.jit
-def _list_entries(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK: tl.constexpr):
+def _list_entries(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK: tl.constexpr,
+                  VOLATILE: tl.constexpr = False):
     """Entries 0..7 of every chunk's list: 8 keys, then 8 scores ([rows, NC_PAD] each; the
     empty entry past TOPK, no load).  One batch of loads, one L2 round trip."""
-    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 0, NC_PAD, TOPK)
-    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 1, NC_PAD, TOPK)
-    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 2, NC_PAD, TOPK)
-    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 3, NC_PAD, TOPK)
-    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 4, NC_PAD, TOPK)
-    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 5, NC_PAD, TOPK)
-    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 6, NC_PAD, TOPK)
-    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 7, NC_PAD, TOPK)
+    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 0, NC_PAD, TOPK, VOLATILE)
+    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 1, NC_PAD, TOPK, VOLATILE)
+    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 2, NC_PAD, TOPK, VOLATILE)
+    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 3, NC_PAD, TOPK, VOLATILE)
+    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 4, NC_PAD, TOPK, VOLATILE)
+    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 5, NC_PAD, TOPK, VOLATILE)
+    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 6, NC_PAD, TOPK, VOLATILE)
+    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 7, NC_PAD, TOPK, VOLATILE)
     return key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7
 
 
@@ -514,6 +522,29 @@ def _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s
     seen = _unwritten(k0, s0) | _unwritten(k1, s1) | _unwritten(k2, s2) | _unwritten(k3, s3)
     seen = seen | _unwritten(k4, s4) | _unwritten(k5, s5) | _unwritten(k6, s6) | _unwritten(k7, s7)
     return tl.max(tl.max(seen, axis=1), axis=0)
+
+
+@triton.jit
+def _settled_lists(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK: tl.constexpr, counter_ptr,
+                   k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7, UNFENCED: tl.constexpr):
+    """The tile's lists as loaded (k, s) by its last arriver, unless an entry still holds the
+    empty-slot marks (the load raced that chunk's store): then read again, once after an
+    acquire on the ticket, or, UNFENCED, until no mark is left (as _settled_partials)."""
+    if _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7) > 0:
+        if UNFENCED:
+            marked = 1
+            tries = 0
+            while (marked > 0) & (tries < SPIN_LIMIT):
+                k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _list_entries(
+                    cand_ptr, cand_s_ptr, slot, mask, NC_PAD, TOPK, True)
+                marked = _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7)
+                tries += 1
+        else:
+            # After the acquire (whose result every thread waits for) the lists read whole.
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+            k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _list_entries(
+                cand_ptr, cand_s_ptr, slot, mask & (seen >= 0), NC_PAD, TOPK)
+    return k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @triton.jit
@@ -579,19 +610,52 @@ def _chunk_top8(packed, s, kcol, TOPK: tl.constexpr):
 
 
 @triton.jit
-def _four_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live):
+def _l2_load(ptr, mask, other, VOLATILE: tl.constexpr):
+    """A load through L2 (.cg); VOLATILE: re-read from memory on every execution (polling)."""
+    if VOLATILE:
+        value = tl.load(ptr, mask=mask, other=other, volatile=True)
+    else:
+        value = tl.load(ptr, mask=mask, other=other, cache_modifier=".cg")
+    return value
+
+
+@triton.jit
+def _four_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live, VOLATILE: tl.constexpr = False):
     """Partial tiles of splits first .. first + 3 at ``slot`` (split 0's tail rows).  Past the
     last split a valid slot is read (the last one: no split mask, so the loads batch) and its
-    value is dropped by _add_four."""
-    p0 = tl.load(slot + tl.minimum(first, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
-                 cache_modifier=".cg")
-    p1 = tl.load(slot + tl.minimum(first + 1, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
-                 cache_modifier=".cg")
-    p2 = tl.load(slot + tl.minimum(first + 2, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
-                 cache_modifier=".cg")
-    p3 = tl.load(slot + tl.minimum(first + 3, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
-                 cache_modifier=".cg")
+    value is dropped by _add_four.  VOLATILE: re-read from memory each time (polling)."""
+    p0 = _l2_load(slot + tl.minimum(first, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
+    p1 = _l2_load(slot + tl.minimum(first + 1, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
+    p2 = _l2_load(slot + tl.minimum(first + 2, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
+    p3 = _l2_load(slot + tl.minimum(first + 3, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
     return p0, p1, p2, p3
+
+
+@triton.jit
+def _settled_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live, counter_ptr,
+                      p0, p1, p2, p3, p4, p5, p6, p7, UNFENCED: tl.constexpr):
+    """The partial tiles of splits first .. first + 7 as loaded (p0..p7) by the group's last
+    arriver, unless one still holds PARTIAL_MARK (the load raced its split's store): then read
+    again, either once after an acquire on the ticket (every split released its partial before
+    its ticket), or, UNFENCED (no release), until no mark is left.  The wait is for stores
+    already issued by programs that have arrived, which land without any program running
+    again, so it ends; SPIN_LIMIT only guards against a broken invariant (the marks would then
+    reach the scores as NaN rather than hang the launch)."""
+    if _any_marked(p0, p1, p2, p3, p4, p5, p6, p7) > 0:
+        if UNFENCED:
+            marked = 1
+            tries = 0
+            while (marked > 0) & (tries < SPIN_LIMIT):
+                p0, p1, p2, p3 = _four_partials(slot, first, n_splits, TILE, tail_live, True)
+                p4, p5, p6, p7 = _four_partials(slot, first + 4, n_splits, TILE, tail_live, True)
+                marked = _any_marked(p0, p1, p2, p3, p4, p5, p6, p7)
+                tries += 1
+        else:
+            # After the acquire (whose result every thread waits for) the step reads whole.
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+            p0, p1, p2, p3 = _four_partials(slot, first, n_splits, TILE, tail_live & (seen >= 0))
+            p4, p5, p6, p7 = _four_partials(slot, first + 4, n_splits, TILE, tail_live & (seen >= 0))
+    return p0, p1, p2, p3, p4, p5, p6, p7
 
 
 @triton.jit
@@ -669,7 +733,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr,
-                        MERGE_TREE: tl.constexpr, EARLY_LISTS: tl.constexpr, EARLY_PARTIALS: tl.constexpr):
+                        MERGE_TREE: tl.constexpr, EARLY_LISTS: tl.constexpr, EARLY_PARTIALS: tl.constexpr,
+                        UNFENCED: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
@@ -686,6 +751,17 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     ~620), but 3 + 1 dependent merge steps per selection instead of TOPK x (3 shuffle
     levels + the in-thread fold), which bound the single warp per scheduler that runs them.
 
+    Handing over (same results in every form): by default an arrival is an acq_rel ticket and
+    the last arriver loads after it (fence, ticket, loads: three dependent L2 round trips a
+    level).  EARLY_LISTS (tile level) and EARLY_PARTIALS (split level, first reduce step)
+    issue the loads before the ticket's result is known, after a release fence (fence, then
+    loads and ticket together); UNFENCED drops that fence too (loads and ticket at once).  A
+    load issued before an acquire may return the slot's old content, so the slots those forms
+    read hold marks between launches (EMPTY_KEY / EMPTY_SCORE, PARTIAL_MARK; every launch puts
+    them back) and the last arriver checks what it loaded: a mark left means a raced load,
+    read again after an acquire (fenced) or until the mark is gone (UNFENCED: the store was
+    issued before its program's ticket, so it lands without any program running again).
+
     The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
     rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
     and a decode step of 1 token reduces and selects 2 rows, not BLOCK_T.  Inputs the tail
@@ -700,7 +776,9 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     if MERGE_TREE:
         tl.static_assert(TOPK <= 8, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
-    EARLY_LOADS: tl.constexpr = EARLY_LISTS and not HASH  # hash routing has no lists
+    # Hash routing has no lists (and its tile level reads scores, so it stays fenced).
+    EARLY_LOADS: tl.constexpr = (EARLY_LISTS or UNFENCED) and not HASH
+    MARKED: tl.constexpr = EARLY_PARTIALS  # partials read before an acquire: checked against marks
     # Partial tiles summed per step: 16 where they keep at most REDUCE_BUDGET floats of tail rows
     # in flight (32 per thread), else 8 (the loads past the last split are issued too).
     REDUCE_FIT: tl.constexpr = REDUCE_BUDGET // (TAIL_T * BLOCK_E)
@@ -740,7 +818,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         table_ids = tl.load(table_ptr + table_row[:, None] * TOPK + kcol[None, :],
                             mask=tail_live[:, None] & out_col[None, :], other=0)
     # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
-    if EARLY_PARTIALS:
+    if MARKED:
         partials = marked_partial_ptr  # slots hold PARTIAL_MARK between launches
     else:
         partials = partial_ptr
@@ -754,10 +832,12 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     tl.debug_barrier()  # all threads' partials are written before the arrival is published
     if EARLY_PARTIALS:
         # The first reduce step's loads go out with the ticket (as EARLY_LISTS does for the
-        # lists, below): release, barrier, loads, relaxed ticket.  A load that raced a split's
-        # store still holds PARTIAL_MARK; the last arriver then reloads after an acquire.
-        tl.atomic_add(chunk_counter_ptr + group, 0, sem="release")
-        tl.debug_barrier()
+        # lists, below): release, barrier, loads, relaxed ticket (UNFENCED: loads and ticket
+        # at once).  A load that raced a split's store still holds PARTIAL_MARK: see
+        # _settled_partials.
+        if not UNFENCED:
+            tl.atomic_add(chunk_counter_ptr + group, 0, sem="release")
+            tl.debug_barrier()
         ea0, ea1, ea2, ea3 = _four_partials(slot, 0, n_splits, TILE, tail_live)
         eb0, eb1, eb2, eb3 = _four_partials(slot, 4, n_splits, TILE, tail_live)
         if REDUCE_UNROLL > 8:
@@ -775,18 +855,13 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
         first_step = 0
         if EARLY_PARTIALS:
-            marked = _any_marked(ea0, ea1, ea2, ea3, eb0, eb1, eb2, eb3)
+            ea0, ea1, ea2, ea3, eb0, eb1, eb2, eb3 = _settled_partials(
+                slot, 0, n_splits, TILE, tail_live, chunk_counter_ptr + group,
+                ea0, ea1, ea2, ea3, eb0, eb1, eb2, eb3, UNFENCED)
             if REDUCE_UNROLL > 8:
-                marked = tl.maximum(marked, _any_marked(ec0, ec1, ec2, ec3, ed0, ed1, ed2, ed3))
-            if marked > 0:
-                # Every split has arrived: after an acquire on the ticket (whose result every
-                # thread waits for) the step reads whole.
-                seen = tl.atomic_add(chunk_counter_ptr + group, 0, sem="acquire")
-                ea0, ea1, ea2, ea3 = _four_partials(slot, 0, n_splits, TILE, tail_live & (seen >= 0))
-                eb0, eb1, eb2, eb3 = _four_partials(slot, 4, n_splits, TILE, tail_live & (seen >= 0))
-                if REDUCE_UNROLL > 8:
-                    ec0, ec1, ec2, ec3 = _four_partials(slot, 8, n_splits, TILE, tail_live & (seen >= 0))
-                    ed0, ed1, ed2, ed3 = _four_partials(slot, 12, n_splits, TILE, tail_live & (seen >= 0))
+                ec0, ec1, ec2, ec3, ed0, ed1, ed2, ed3 = _settled_partials(
+                    slot, 8, n_splits, TILE, tail_live, chunk_counter_ptr + group,
+                    ec0, ec1, ec2, ec3, ed0, ed1, ed2, ed3, UNFENCED)
             z = _add_four(z, ea0, ea1, ea2, ea3, 0, n_splits)
             z = _add_four(z, eb0, eb1, eb2, eb3, 4, n_splits)
             if REDUCE_UNROLL > 8:
@@ -800,17 +875,14 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live)
                 d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live)
             tl.debug_barrier()
-            if EARLY_PARTIALS:  # the relaxed ticket orders nothing: these loads are checked too
-                marked = _any_marked(a0, a1, a2, a3, b0, b1, b2, b3)
+            if MARKED:  # no acquire orders these loads either: they are checked the same way
+                a0, a1, a2, a3, b0, b1, b2, b3 = _settled_partials(
+                    slot, s0, n_splits, TILE, tail_live, chunk_counter_ptr + group,
+                    a0, a1, a2, a3, b0, b1, b2, b3, UNFENCED)
                 if REDUCE_UNROLL > 8:
-                    marked = tl.maximum(marked, _any_marked(c0, c1, c2, c3, d0, d1, d2, d3))
-                if marked > 0:
-                    seen = tl.atomic_add(chunk_counter_ptr + group, 0, sem="acquire")
-                    a0, a1, a2, a3 = _four_partials(slot, s0, n_splits, TILE, tail_live & (seen >= 0))
-                    b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live & (seen >= 0))
-                    if REDUCE_UNROLL > 8:
-                        c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live & (seen >= 0))
-                        d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live & (seen >= 0))
+                    c0, c1, c2, c3, d0, d1, d2, d3 = _settled_partials(
+                        slot, s0 + 8, n_splits, TILE, tail_live, chunk_counter_ptr + group,
+                        c0, c1, c2, c3, d0, d1, d2, d3, UNFENCED)
             if MERGE_TREE or REDUCE_UNROLL > 8:  # see _xor_bits
                 bits = _xor_bits(a0, a1, a2, a3) ^ _xor_bits(b0, b1, b2, b3)
                 if REDUCE_UNROLL > 8:
@@ -821,7 +893,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             if REDUCE_UNROLL > 8:
                 z = _add_four(z, c0, c1, c2, c3, s0 + 8, n_splits)
                 z = _add_four(z, d0, d1, d2, d3, s0 + 12, n_splits)
-        if EARLY_PARTIALS:  # the slots read go back to PARTIAL_MARK for the next launch
+        if MARKED:  # the slots read go back to PARTIAL_MARK for the next launch
             mark = tl.full([TAIL_T, BLOCK_E], PARTIAL_MARK, tl.int32).to(tl.float32, bitcast=True)
             for used in range(0, n_splits):
                 tl.store(slot + used * TILE, mark, mask=tail_live[:, None])
@@ -858,11 +930,12 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         if EARLY_LOADS:
             # The tile's lists are loaded before the arrival's result is known, in the same L2
             # round trip as the ticket: the release (thread 0's fence, every warp held at the
-            # barrier until it is done) publishes this chunk's list, then the loads and the
-            # ticket go out together.  A load that raced another chunk's store still holds the
-            # empty-slot marks; the last arriver then reloads after an acquire (below).
-            tl.atomic_add(tile_counter_ptr + tile, 0, sem="release")
-            tl.debug_barrier()
+            # barrier until it is done; none when UNFENCED) publishes this chunk's list, then
+            # the loads and the ticket go out together.  A load that raced another chunk's
+            # store still holds the empty-slot marks: see _settled_lists.
+            if not UNFENCED:
+                tl.atomic_add(tile_counter_ptr + tile, 0, sem="release")
+                tl.debug_barrier()
             (key0, key1, key2, key3, key4, key5, key6, key7,
              val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(cand_ptr, cand_s_ptr, list_slot,
                                                                                has_list, NC_PAD, TOPK)
@@ -880,14 +953,11 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 w = w * route_scale
             else:
                 if EARLY_LOADS:
-                    if _any_unwritten(key0, key1, key2, key3, key4, key5, key6, key7,
-                                      val0, val1, val2, val3, val4, val5, val6, val7) > 0:
-                        # Every chunk has arrived: after an acquire on the ticket (whose
-                        # result every thread waits for) the lists read whole.
-                        seen = tl.atomic_add(tile_counter_ptr + tile, 0, sem="acquire")
-                        (key0, key1, key2, key3, key4, key5, key6, key7,
-                         val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(
-                            cand_ptr, cand_s_ptr, list_slot, has_list & (seen >= 0), NC_PAD, TOPK)
+                    (key0, key1, key2, key3, key4, key5, key6, key7,
+                     val0, val1, val2, val3, val4, val5, val6, val7) = _settled_lists(
+                        cand_ptr, cand_s_ptr, list_slot, has_list, NC_PAD, TOPK, tile_counter_ptr + tile,
+                        key0, key1, key2, key3, key4, key5, key6, key7,
+                        val0, val1, val2, val3, val4, val5, val6, val7, UNFENCED)
                 else:
                     (key0, key1, key2, key3, key4, key5, key6, key7,
                      val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(cand_ptr, cand_s_ptr, list_slot,
@@ -951,13 +1021,13 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             tl.store(ids_ptr + out, sel_id, mask=out_mask)
 
 _route_split_tuned = autotune(
-    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk, "REDUCE_BUDGET": _reduce_budget(w),
-                            "MERGE_TREE": tree, "EARLY_LISTS": lists, "EARLY_PARTIALS": partials},
-                           num_warps=w, num_stages=st)
-             for configs, tree, lists, partials in (
-                 (_SPLIT_CONFIGS, False, False, False), (_TREE_CONFIGS, True, False, False),
-                 (_EARLY_TILES, False, True, False), (_EARLY_TILES, True, True, False),
-                 (_EARLY_TILES, False, True, True), (_EARLY_TILES, True, True, True))
+    configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
+                            "REDUCE_BUDGET": _reduce_budget(w), "MERGE_TREE": tree, "EARLY_LISTS": lists,
+                            "EARLY_PARTIALS": partials, "UNFENCED": unfenced}, num_warps=w, num_stages=st)
+             for configs, tree, lists, partials, unfenced in (
+                 [(_SPLIT_CONFIGS, False, False, False, False), (_TREE_CONFIGS, True, False, False, False)]
+                 + [(_EARLY_TILES, tree, True, partials, unfenced) for unfenced in (False, True)
+                    for partials in (False, True) for tree in (False, True)])
              for bt, be, bk, sk, w, st in configs],
     key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
@@ -1006,9 +1076,9 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
 
 
 def _check_split_config(config):
-    if len(config) not in (6, 7, 8, 9):
+    if len(config) not in (6, 7, 8, 9, 10):
         raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, "
-                         f"MERGE_TREE[, EARLY_LISTS[, EARLY_PARTIALS]]]), got {config}")
+                         f"MERGE_TREE[, EARLY_LISTS[, EARLY_PARTIALS[, UNFENCED]]]]), got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
     if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
@@ -1020,7 +1090,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
     ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, MERGE_TREE[,
-    EARLY_LISTS[, EARLY_PARTIALS]]]) is given; the flags default to off and change no result)."""
+    EARLY_LISTS[, EARLY_PARTIALS[, UNFENCED]]]]) is given; the flags default to off and change
+    no result)."""
     weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
     if x.shape[0] == 0:
         return weights, ids
@@ -1059,7 +1130,8 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
             *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
             MERGE_TREE=len(config) >= 7 and bool(config[6]), EARLY_LISTS=len(config) >= 8 and bool(config[7]),
-            EARLY_PARTIALS=len(config) == 9 and bool(config[8]), num_warps=w, num_stages=st)
+            EARLY_PARTIALS=len(config) >= 9 and bool(config[8]), UNFENCED=len(config) == 10 and bool(config[9]),
+            num_warps=w, num_stages=st)
     return weights, ids
 
 

@@ -640,8 +640,7 @@ def test_route_split_every_config_gpu(T, E, dim):
             tree = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + (True,))
             assert torch.equal(tree[0], first[0]) and torch.equal(tree[1], first[1]), config
         if config in kern._EARLY_TILES:  # lists (and partials) loaded with the ticket: the same bits
-            for flags in ((False, True), (True, True), (False, True, True), (True, True, True),
-                          (False, True, False, True), (True, True, True, True)):
+            for flags in ((False, True, False, True), (True, True, True, False)):
                 early = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + flags)
                 assert torch.equal(early[0], first[0]) and torch.equal(early[1], first[1]), config + flags
         w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
@@ -651,20 +650,20 @@ def test_route_split_every_config_gpu(T, E, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("T", [1, 64])
 def test_route_split_early_loads_under_races_gpu(T):
     # EARLY_LISTS loads the tile's lists before its arrival ticket returns, EARLY_PARTIALS the
     # first reduce step's partials before the split's ticket returns: a load that raced
     # another program's store is told by the marks and reloaded after an acquire (UNFENCED:
-    # without release fences, polled until the marks are gone).  Many
-    # launches of every such config (the programs' timing varies from launch to launch, so
-    # some loads race) must each give the bits of the form that loads after the ticket.
+    # without release fences, polled until the marks are gone).  Many launches of every such
+    # config (the programs' timing varies from launch to launch, so some loads race) must each
+    # give the bits of the form that loads after the ticket.
     from dsv4_triton.kernels import router as kern
 
     x, weight, bias = _inputs(T, 384, 7168, 131 + T, "cuda")
     table = torch.randint(0, 384, (129280, 6), dtype=torch.int32, device="cuda")
     token_ids = torch.randint(0, 129280, (T,), device="cuda")
-    for tile in kern._EARLY_TILES:
+    for tile in kern._EARLY_TILES if T == 64 else kern._EARLY_TILES[:1]:
         for tree in (False, True):
             plain = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=tile + (tree, False))
             for partials, unfenced in ((False, False), (True, False), (False, True), (True, True)):

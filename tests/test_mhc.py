@@ -223,9 +223,9 @@ def test_hc_pre_and_head_explicit_configs(device, config, y_config):
                                                                config=config, y_config=y_config))
 
 
-def _decode_counters(device):
-    stream = torch.cuda.current_stream().cuda_stream if torch.device(device).type == "cuda" else 0
-    return kern._workspaces[(torch.device(device), stream, "decode_counters")]
+def _decode_counters(X):
+    stream = torch.cuda.current_stream(X.device).cuda_stream if X.device.type == "cuda" else 0
+    return kern._workspaces[(X.device, stream, "decode_counters")]
 
 
 @pytest.mark.parametrize("T, dim, decode_config", [(5, 300, kern._DECODE_CONFIGS[1]),
@@ -237,10 +237,10 @@ def test_one_launch_decode_form(device, T, dim, decode_config):
     X, fn, scale, base = _inputs(T, dim, T, device)
     for _ in range(2):
         _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, decode_config=decode_config))
-        assert _decode_counters(device).tolist() == [0, 0]
+        assert _decode_counters(X).tolist() == [0, 0]
         _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
                                                                    decode_config=decode_config))
-        assert _decode_counters(device).tolist() == [0, 0]
+        assert _decode_counters(X).tolist() == [0, 0]
 
 
 def _check_head(X, fn, scale, base, y, eps=1e-6):
@@ -444,7 +444,7 @@ def test_every_decode_config_gpu(decode_config, T, dim):
         _check_pre(X, fn, scale, base, kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, decode_config=decode_config))
         _check_head(X, fn[:4], scale[:1], base[:4], kern.hc_head(X, fn[:4], scale[:1], base[:4], 1e-6, 1e-6,
                                                                    decode_config=decode_config))
-    assert _decode_counters("cuda").tolist() == [0, 0]
+    assert _decode_counters(X).tolist() == [0, 0]
 
 
 @pytest.mark.gpu

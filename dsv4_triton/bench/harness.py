@@ -302,7 +302,9 @@ def merge_results(paths: List[Path]):
         data = json.loads(Path(path).read_text())
         c = data["ceilings"]
         families = sorted({r["family"] for r in data["rows"]})
-        runs.append(f"[{', '.join(families)}: copy {c['copy']:.0f} GB/s, bf16 {c['bf16']:.0f}, fp8 {c['fp8']:.0f} "
+        # A file that is itself a merge keeps the list of the runs it was made from.
+        runs.append(data["env"].get("merged_runs") or
+                    f"[{', '.join(families)}: copy {c['copy']:.0f} GB/s, bf16 {c['bf16']:.0f}, fp8 {c['fp8']:.0f} "
                     f"TFLOP/s, overhead {data['dispatch_overhead'].get('overhead_us', float('nan')):.1f} us]")
         for r in data["rows"]:
             row = Row(**r)

@@ -297,13 +297,16 @@ _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 12
                  (64, 32, 128, 512, 8, 3)]
 # Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
 TREE_MAX_TOPK = 8
-# Tiles run with EARLY_LISTS too (the tile's candidate lists loaded in the same L2 round trip as
-# the chunk's arrival ticket; results identical), in the pick form (MERGE_TREE off) and the tree
-# form, without and with EARLY_PARTIALS (the first reduce step's partials loaded with the split's
-# ticket, likewise), fenced and UNFENCED (the levels with early loads publish without a release
-# fence, raced reads polled until their marks are gone): the T <= 64 choices so far, the 32-row
-# tile on 8 warps, the 64-expert chunks.
-_EARLY_TILES = [(16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3), (16, 64, 128, 512, 8, 3)]
+# Configs run with EARLY_LISTS too (the tile's candidate lists loaded in the same L2 round trip as
+# the chunk's arrival ticket; results identical): (tile, MERGE_TREE, EARLY_PARTIALS, UNFENCED).
+# EARLY_PARTIALS loads the first reduce step's partials with the split's ticket likewise; UNFENCED
+# drops the release fence of the levels with early loads (raced reads polled until their marks
+# are gone).  Every form on the tile chosen so far at T <= 64 (Pro and Flash), the lists alone on
+# the 32-row tile with 8 warps (half the L2 reads of W at T = 64).
+_EARLY_TILES = [(16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3)]
+_EARLY_CONFIGS = ([(_EARLY_TILES[0], tree, partials, unfenced)
+                   for tree in (False, True) for partials in (False, True) for unfenced in (False, True)]
+                  + [(_EARLY_TILES[1], False, False, unfenced) for unfenced in (False, True)])
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
@@ -1026,8 +1029,7 @@ _route_split_tuned = autotune(
                             "EARLY_PARTIALS": partials, "UNFENCED": unfenced}, num_warps=w, num_stages=st)
              for configs, tree, lists, partials, unfenced in (
                  [(_SPLIT_CONFIGS, False, False, False, False), (_TREE_CONFIGS, True, False, False, False)]
-                 + [(_EARLY_TILES, tree, True, partials, unfenced) for unfenced in (False, True)
-                    for partials in (False, True) for tree in (False, True)])
+                 + [([tile], tree, True, partials, unfenced) for tile, tree, partials, unfenced in _EARLY_CONFIGS])
              for bt, be, bk, sk, w, st in configs],
     key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},

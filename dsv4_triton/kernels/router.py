@@ -644,20 +644,25 @@ def _settled_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live, coun
     already issued by programs that have arrived, which land without any program running
     again, so it ends; SPIN_LIMIT only guards against a broken invariant (the marks would then
     reach the scores as NaN rather than hang the launch)."""
-    if _any_marked(p0, p1, p2, p3, p4, p5, p6, p7) > 0:
+    # The reads again take their split index through a value only known at run time (always
+    # `first`): the first loads' addresses are then recomputed, not held across the mark test
+    # (sm_90, T = 64 tile with EARLY_PARTIALS: 96 -> 88 registers fenced, 85 unfenced).
+    marked = _any_marked(p0, p1, p2, p3, p4, p5, p6, p7)
+    if marked > 0:
         if UNFENCED:
-            marked = 1
             tries = 0
             while (marked > 0) & (tries < SPIN_LIMIT):
-                p0, p1, p2, p3 = _four_partials(slot, first, n_splits, TILE, tail_live, True)
-                p4, p5, p6, p7 = _four_partials(slot, first + 4, n_splits, TILE, tail_live, True)
+                again = first + tl.where(marked > 0, 0, 1)
+                p0, p1, p2, p3 = _four_partials(slot, again, n_splits, TILE, tail_live, True)
+                p4, p5, p6, p7 = _four_partials(slot, again + 4, n_splits, TILE, tail_live, True)
                 marked = _any_marked(p0, p1, p2, p3, p4, p5, p6, p7)
                 tries += 1
         else:
             # After the acquire (whose result every thread waits for) the step reads whole.
             seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-            p0, p1, p2, p3 = _four_partials(slot, first, n_splits, TILE, tail_live & (seen >= 0))
-            p4, p5, p6, p7 = _four_partials(slot, first + 4, n_splits, TILE, tail_live & (seen >= 0))
+            again = first + tl.where(seen >= 0, 0, 1)
+            p0, p1, p2, p3 = _four_partials(slot, again, n_splits, TILE, tail_live)
+            p4, p5, p6, p7 = _four_partials(slot, again + 4, n_splits, TILE, tail_live)
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 

@@ -533,10 +533,10 @@ def _settled_lists(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK:
     """The tile's lists as loaded (k, s) by its last arriver, unless an entry still holds the
     empty-slot marks (the load raced that chunk's store): then read again, once after an
     acquire on the ticket, or, UNFENCED, until no mark is left (as _settled_partials)."""
-    if _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7) > 0:
+    marked = _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7)
+    if marked > 0:
         if UNFENCED:
-            marked = 1
-            tries = 0
+            tries = marked * 0  # loop-carried values are tensors from the start
             while (marked > 0) & (tries < SPIN_LIMIT):
                 k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _list_entries(
                     cand_ptr, cand_s_ptr, slot, mask, NC_PAD, TOPK, True)
@@ -650,7 +650,7 @@ def _settled_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live, coun
     marked = _any_marked(p0, p1, p2, p3, p4, p5, p6, p7)
     if marked > 0:
         if UNFENCED:
-            tries = 0
+            tries = marked * 0  # loop-carried values are tensors from the start
             while (marked > 0) & (tries < SPIN_LIMIT):
                 again = first + tl.where(marked > 0, 0, 1)
                 p0, p1, p2, p3 = _four_partials(slot, again, n_splits, TILE, tail_live, True)

@@ -558,7 +558,7 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
     (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
     (False, (16, 32, 128, 512, 4, 3), 16), (False, (16, 32, 128, 512, 4, 3, True), 64),
-    (False, (16, 32, 128, 512, 4, 3, False, True), 16), (False, (16, 32, 128, 512, 4, 3, False, True, False, True), 16),
+    (False, (16, 32, 128, 512, 4, 3, False, True, False, True), 16),
     (True, (16, 32, 128, 512, 4, 3, False, True, True, True), 8),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):

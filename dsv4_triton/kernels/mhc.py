@@ -73,9 +73,6 @@ _MIX_CONFIGS = [  # (BLOCK_T, CHUNK, BLOCK_K, num_warps, num_stages); the first 
 ]
 SPLIT_IN_LOOP_MAX_T = 64  # up to this many tokens fn is split inside the mix loop (no extra launch)
 MAX_DECODE_SPLITS = tl.constexpr(128)  # partial rows per token the one-launch decode form sums in one load
-READY_COPIES = tl.constexpr(16)  # the one-launch decode form's ready flags, one per 128-byte line
-SYNC_LINE = tl.constexpr(32)  # int32 words per line
-SYNC_WORDS = SYNC_LINE.value * (1 + READY_COPIES.value)  # counters (line 0), then the flags
 _Y_CONFIGS = [  # (BLOCK_T, BLOCK_D, num_warps): 4096 or 8192 X elements per stream and program
     (16, 256, 4), (1, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8),
 ]
@@ -283,15 +280,15 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
 
 
 @triton.jit
-def _splits_after_wait(flag_ptr, n_splits):
-    """Waits until the flag at ``flag_ptr`` is set, then returns ``n_splits`` computed from an
-    acquire read of it, so that the loads it bounds cannot move above that read.  One thread
-    polls (one L2 request a round; a 128-element tensor has one element per thread of 4 warps)."""
-    lane = tl.arange(0, 128)
-    seen = tl.max(tl.load(flag_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
-    while seen == 0:
-        seen = tl.max(tl.load(flag_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
-    return n_splits * tl.atomic_add(flag_ptr, 0, sem="acquire")
+def _splits_after_wait(count_ptr, target, n_splits):
+    """Waits until ``*count_ptr`` reaches ``target``, then returns ``n_splits`` computed from an
+    acquire read of the count, so that the loads it bounds cannot move above that read.  One
+    thread polls (one L2 request a round)."""
+    lane = tl.arange(0, 32)
+    seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
+    while seen < target:
+        seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
+    return tl.minimum(n_splits, tl.atomic_add(count_ptr, 0, sem="acquire") - target + n_splits)
 
 
 @triton.jit
@@ -300,12 +297,10 @@ def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr
                    HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     # Decode sizes in one launch: programs 0 .. n_mix - 1 are the mix launch's (fn split in the
-    # loop), each counting itself in sync[0] once its partial rows are stored, the last one then
-    # setting READY_COPIES flags (one per 128-byte line, so that hundreds of waiting programs
-    # do not all poll one L2 line); the others are one token's y block (hc_pre: or its
-    # Sinkhorn) and wait for their flag.  They wait only on lower linear ids, which are
-    # dispatched first, so the wait always ends.  sync[1] counts the finishing programs; the
-    # last one leaves counters and flags zero for the next launch.
+    # loop), each counting itself in sync[0] once its partial rows are stored; the others are one
+    # token's y block (hc_pre: or its Sinkhorn) and wait for all of them.  They wait only on
+    # lower linear ids, which are dispatched first, so the wait always ends.  sync[1] counts the
+    # finishing programs; the last one leaves both counters zero for the next launch.
     n_splits = STREAMS * tl.cdiv(dim, CHUNK)
     n_mix = tl.cdiv(T, BLOCK_T) * n_splits
     per_token = tl.cdiv(dim, BLOCK_D) + (0 if HEAD else 1)
@@ -314,17 +309,15 @@ def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr
         _mix_partial(pid, x_ptr, fn_ptr, fn_ptr, part_ptr, T, dim, stride_xt, stride_xs, N_MIX, N_PAD, True, BLOCK_T,
                      CHUNK, BLOCK_K)
         tl.debug_barrier()
-        if tl.atomic_add(sync_ptr, 1, sem="acq_rel") == n_mix - 1:
-            tl.atomic_xchg(sync_ptr + SYNC_LINE * (1 + tl.arange(0, READY_COPIES)), 1, sem="release")
+        tl.atomic_add(sync_ptr, 1, sem="release")
     else:
-        flag = sync_ptr + SYNC_LINE * (1 + pid % READY_COPIES)
         tok = ((pid - n_mix) // per_token).to(tl.int64)
         d_block = (pid - n_mix) % per_token - (0 if HEAD else 1)
         # Every split's partial row of the token in one load (at most MAX_DECODE_SPLITS).
         s = tl.arange(0, MAX_DECODE_SPLITS)
         row = part_ptr + (s.to(tl.int64) * T + tok)[:, None] * N_PAD
         if d_block < 0:
-            s_ok = (s < _splits_after_wait(flag, n_splits))[:, None]
+            s_ok = (s < _splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
             cols = tl.arange(0, N_PAD)
             mixes = tl.sum(tl.load(row + cols[None, :], mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
             rs = tl.rsqrt(_entry(mixes, SSQ_COL) / (STREAMS * dim) + norm_eps)
@@ -343,7 +336,7 @@ def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr
             x1 = tl.load(x_row + stride_xs, mask=d_ok, other=0.0)
             x2 = tl.load(x_row + 2 * stride_xs, mask=d_ok, other=0.0)
             x3 = tl.load(x_row + 3 * stride_xs, mask=d_ok, other=0.0)
-            s_ok = (s < _splits_after_wait(flag, n_splits))[:, None]
+            s_ok = (s < _splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
             # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
             acc = tl.sum(tl.load(row + tl.arange(0, 8)[None, :], mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
             # Scalars before meeting the X blocks (a [1, 8] operand would drag its layout into them).
@@ -352,7 +345,6 @@ def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr
             tl.store(y_ptr + tok * dim + d, cast_rne(y, tl.bfloat16), mask=d_ok)
         tl.debug_barrier()
         if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == T * per_token - 1:
-            tl.store(sync_ptr + SYNC_LINE * (1 + tl.arange(0, READY_COPIES)), 0)
             tl.store(sync_ptr, 0)
             tl.store(sync_ptr + 1, 0)
 
@@ -498,7 +490,7 @@ def _decode_launch(kernel, X, fn, scale, base, iters, eps, norm_eps, head, y, po
     T, _, dim = X.shape
     min_chunk = min(c[1] for c in _DECODE_CONFIGS) if config is None else config[1]
     part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
-    sync = _workspace(X.device, "decode_counters", SYNC_WORDS, torch.int32)
+    sync = _workspace(X.device, "decode_counters", 2, torch.int32)
 
     def grid(meta):
         n_splits = HC_MULT * triton.cdiv(dim, meta["CHUNK"])

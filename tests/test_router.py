@@ -5,12 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
-from dsv4_triton.kernels.router import _any_marked, _any_unwritten
 from dsv4_triton.reference import router as ref
 from helpers import assert_close, compile_for_sm90
 
@@ -238,13 +235,6 @@ def test_route_tiled_explicit_configs(device, config):
 _SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, 4, 2), (32, 16, 16, 32, 4, 2), (16, 32, 16, 16, 4, 2)]
 # The same tiles with MERGE_TREE on (the selections as one merge of sorted lists): a 7th field.
 _SMALL_TREE_CONFIGS = [(16, 16, 32, 64, 4, 2, True), (32, 16, 16, 32, 4, 2, True)]
-# With EARLY_LISTS on (the tile's lists loaded with the arrival ticket), in either form: an 8th
-# field; a 9th, EARLY_PARTIALS (the first reduce step's partials loaded with the split's ticket);
-# a 10th, UNFENCED (those levels without a release fence, raced loads polled).
-_SMALL_EARLY_CONFIGS = [(16, 16, 32, 64, 4, 2, False, True), (32, 16, 16, 32, 4, 2, True, True),
-                        (16, 16, 32, 64, 4, 2, True, True, True), (16, 32, 16, 16, 4, 2, False, True, True),
-                        (32, 16, 16, 32, 4, 2, False, True, False, True),
-                        (16, 32, 16, 16, 4, 2, True, True, True, True)]
 
 
 def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
@@ -254,23 +244,16 @@ def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
 
 
 def _split_counters_are_zero(device):
-    """Each launch leaves the arrival counters zero and every candidate-list slot holding the
-    empty-slot marks (EARLY_LISTS tells a list load that raced its store by them)."""
     from dsv4_triton.kernels import router as kern
 
     for ws in kern._split_workspaces.values():
         if ws.partial.device.type == torch.device(device).type:
             assert not bool(ws.chunk_counters.any()) and not bool(ws.tile_counters.any()), "arrival counters left set"
-            assert bool((ws.cand == kern.EMPTY_KEY.value).all()), "candidate keys left in the workspace"
-            assert bool((ws.cand_s == kern.EMPTY_SCORE.value).all()), "candidate scores left in the workspace"
-            marks = ws.marked_partial.view(torch.int32)
-            assert bool((marks == kern.PARTIAL_MARK.value).all()), "partials left in the marked workspace"
 
 
 @given(T=st.sampled_from([1, 2, 5, 17, 33, 64]), E=st.sampled_from([6, 16, 40, 100]),
        dim=st.sampled_from([16, 100, 200]), k=st.integers(1, 8), biased=st.booleans(),
-       config=st.sampled_from(_SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS + _SMALL_EARLY_CONFIGS),
-       logit_std=st.sampled_from([1.0, 30.0]),
+       config=st.sampled_from(_SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
        seed=st.integers(0, 2**31))
 def test_route_split_matches_oracle(device, T, E, dim, k, biased, config, logit_std, seed):
     k = min(k, E)
@@ -366,77 +349,12 @@ def test_route_split_merge_tree_equals_picks(device, T, topk, config):
     tree = _split(x, weight, bias, None, None, topk, 2.5, config + (True,))
     assert torch.equal(tree[1], picks[1]) and torch.equal(torch.isnan(tree[0]), torch.isnan(picks[0]))
     assert torch.equal(tree[0].nan_to_num(), picks[0].nan_to_num())
-    # The lists loaded with the arrival ticket (EARLY_LISTS), in either form, and the first
-    # reduce step's partials too (EARLY_PARTIALS): the same bits.
-    for early in (config + (True, True, True), config + (False, True, False, True)):
-        got = _split(x, weight, bias, None, None, topk, 2.5, early)
-        assert torch.equal(got[1], picks[1]) and torch.equal(torch.isnan(got[0]), torch.isnan(picks[0])), early
-        assert torch.equal(got[0].nan_to_num(), picks[0].nan_to_num()), early
     # And they are the right picks: the NaN token's keys all rank first (ids 0, 1, ...), every
     # other token's first two are the +inf keys, the lower id first.
     ids = tree[1].cpu()
     assert ids[T // 2].tolist() == list(range(topk))
     assert all(row[:2] == [4, 37] for t, row in enumerate(ids.tolist()) if t != T // 2)
     _split_counters_are_zero(device)
-
-
-@triton.jit
-def _marked_probe(p_ptr, out_ptr, N: tl.constexpr):
-    """_any_marked of one [1, N] row of partials (as every tile of the step)."""
-    p = tl.load(p_ptr + tl.arange(0, N)[None, :])
-    tl.store(out_ptr, _any_marked(p, p, p, p, p, p, p, p))
-
-
-def test_route_split_partial_marks(device):
-    # EARLY_PARTIALS reloads a reduce step when any loaded partial still holds PARTIAL_MARK's
-    # bits.  Partials as FP32 dots return them (finite, +-inf, -0, the GPU's NaN 0x7FFFFFFF,
-    # x86's default NaN 0xFFC00000, a BF16 NaN's payload 0x7FC10000) never match; the mark does.
-    from dsv4_triton.kernels import router as kern
-
-    written = torch.tensor([0.0, -0.0, 1.5, float("inf"), float("-inf"), -3e38, 1e-45, 0.0]).view(torch.int32)
-    written[6], written[7] = 0x7FFFFFFF, -4194304  # 0xFFC00000
-    out = torch.full((1,), -5, dtype=torch.int32, device=device)
-    _marked_probe[(1,)](written.view(torch.float32).to(device), out, N=8)
-    assert out.item() == 0
-    nan_payload = written.clone()
-    nan_payload[0] = 0x7FC10000
-    _marked_probe[(1,)](nan_payload.view(torch.float32).to(device), out, N=8)
-    assert out.item() == 0
-    marked = written.clone()
-    marked[3] = kern.PARTIAL_MARK.value
-    _marked_probe[(1,)](marked.view(torch.float32).to(device), out, N=8)
-    assert out.item() == 1
-
-
-@triton.jit
-def _unwritten_probe(key_ptr, s_ptr, out_ptr, N: tl.constexpr):
-    """_any_unwritten of one [1, N] row of keys and scores (as every list position)."""
-    i = tl.arange(0, N)[None, :]
-    k = tl.load(key_ptr + i)
-    s = tl.load(s_ptr + i)
-    tl.store(out_ptr, _any_unwritten(k, k, k, k, k, k, k, k, s, s, s, s, s, s, s, s))
-
-
-def test_route_split_unwritten_list_marks(device):
-    # EARLY_LISTS reloads the lists when any loaded entry still holds an empty-slot mark (a
-    # load that raced the entry's store): a written entry never matches, whatever it is (the
-    # INT64_MIN fill of a short chunk list with score 0, NaN and +inf scores, key -2 or
-    # 2^32 - 1, i.e. only one word of the mark), and a masked-off load's value (INT64_MIN, 0)
-    # does not either.  Each mark alone is recognised.
-    from dsv4_triton.kernels import router as kern
-
-    written_keys = [kern.INT64_MIN.value, kern.INT64_MAX.value, -2, 2**32 - 1, 0, 2**31 - 1, -(2**63) + 5, 7]
-    written_s = [0.0, float("nan"), float("inf"), 1.0, 0.5, -0.0, 3.0, 1e-30]
-    for key_mark, s_mark, expected in [(None, None, 0), (3, None, 1), (None, 6, 1), (1, 1, 1)]:
-        keys = torch.tensor(written_keys, dtype=torch.int64)
-        s = torch.tensor(written_s, dtype=torch.float32)
-        if key_mark is not None:
-            keys[key_mark] = kern.EMPTY_KEY.value
-        if s_mark is not None:
-            s[s_mark] = kern.EMPTY_SCORE.value
-        out = torch.full((1,), -5, dtype=torch.int32, device=device)
-        _unwritten_probe[(1,)](keys.to(device), s.to(device), out, N=8)
-        assert out.item() == expected, (key_mark, s_mark)
 
 
 @pytest.mark.parametrize("T", [1, 3, 5, 31, 32, 33])
@@ -558,30 +476,22 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 @pytest.mark.parametrize("hash_mode, config, tail_rows", [
     (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
     (False, (16, 32, 128, 512, 4, 3), 16), (False, (16, 32, 128, 512, 4, 3, True), 64),
-    (False, (16, 32, 128, 512, 4, 3, False, True, False, True), 16),
-    (True, (16, 32, 128, 512, 4, 3, False, True, True, True), 8),
 ])
 def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
     from dsv4_triton.kernels import router as kern
 
     bt, be, bk, sk, warps, stages = config[:6]
-    tree = len(config) >= 7 and config[6]
-    early = len(config) >= 8 and config[7]
-    partials = len(config) >= 9 and config[8]
-    unfenced = len(config) == 10 and config[9]
-    assert config[:6] in (kern._EARLY_TILES if early else kern._TREE_CONFIGS if tree else kern._SPLIT_CONFIGS)
+    tree = len(config) == 7
+    assert config[:6] in (kern._TREE_CONFIGS if tree else kern._SPLIT_CONFIGS)
     consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
-                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps), MERGE_TREE=tree,
-                  EARLY_LISTS=early, EARLY_PARTIALS=partials, UNFENCED=unfenced)
+                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps), MERGE_TREE=tree)
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
                  cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
                              ["dim", "stride_x", "stride_w"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
-    if config[:6] == (16, 32, 128, 512, 4, 3) and not partials:
-        # The Pro T = 64 choice (in every form but EARLY_PARTIALS, which holds the first reduce
-        # step across the ticket: ~96 registers, meant for T <= 8, whose 168 programs are one
-        # wave at any count): 672 programs are one wave only if 6 fit per SM (132 SMs), which
+    if config[:6] == (16, 32, 128, 512, 4, 3):
+        # The Pro T = 64 choice: 672 programs are one wave only if 6 fit per SM (132 SMs), which
         # 65536 registers allow up to 80 per thread at 4 warps (88 put the last 12 in a second wave).
         assert usage["reg"] <= 80, usage
 
@@ -638,44 +548,9 @@ def test_route_split_every_config_gpu(T, E, dim):
         if config in kern._TREE_CONFIGS:  # the merge-tree form: the same bits as the picks
             tree = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + (True,))
             assert torch.equal(tree[0], first[0]) and torch.equal(tree[1], first[1]), config
-        if config in kern._EARLY_TILES:  # lists (and partials) loaded with the ticket: the same bits
-            for flags in ((False, True, False, True), (True, True, True, False)):
-                early = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + flags)
-                assert torch.equal(early[0], first[0]) and torch.equal(early[1], first[1]), config + flags
         w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
         assert torch.equal(ids, table[token_ids])
         _check_hash_weights(x, weight, ids, w, 2.5)
-    _split_counters_are_zero("cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 64])
-def test_route_split_early_loads_under_races_gpu(T):
-    # EARLY_LISTS loads the tile's lists before its arrival ticket returns, EARLY_PARTIALS the
-    # first reduce step's partials before the split's ticket returns: a load that raced
-    # another program's store is told by the marks and reloaded after an acquire (UNFENCED:
-    # without release fences, polled until the marks are gone).  Many launches of every such
-    # config (the programs' timing varies from launch to launch, so some loads race) must each
-    # give the bits of the form that loads after the ticket.
-    from dsv4_triton.kernels import router as kern
-
-    x, weight, bias = _inputs(T, 384, 7168, 131 + T, "cuda")
-    table = torch.randint(0, 384, (129280, 6), dtype=torch.int32, device="cuda")
-    token_ids = torch.randint(0, 129280, (T,), device="cuda")
-    for tile in kern._EARLY_TILES if T == 64 else kern._EARLY_TILES[:1]:
-        for tree in (False, True):
-            plain = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=tile + (tree, False))
-            for partials, unfenced in ((False, False), (True, False), (False, True), (True, True)):
-                config = tile + (tree, True, partials, unfenced)
-                for _ in range(40):
-                    early = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
-                    assert torch.equal(early[0], plain[0]) and torch.equal(early[1], plain[1]), config
-        # Hash routing reduces the partials the same way (EARLY_PARTIALS; it has no lists).
-        hashed = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=tile)
-        for flags in ((False, False, True), (False, False, True, True)):
-            for _ in range(40):
-                early = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=tile + flags)
-                assert torch.equal(early[0], hashed[0]) and torch.equal(early[1], hashed[1]), tile + flags
     _split_counters_are_zero("cuda")
 
 

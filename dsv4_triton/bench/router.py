@@ -105,17 +105,12 @@ def _path_case(T, path):
 FORM_TILE, TALL_TILE = (16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3)
 
 
-def _form_case(T, tile, tree, early=False, partials=False, unfenced=False):
+def _form_case(T, tile, tree):
     """Pro score routing on the split path with one tile, selections as TOPK picks or as one
-    merge tree, the tile's lists loaded after the arrival ticket or with it (early lists), the
-    first reduce step's partials likewise (early partials), those levels with or without a
-    release fence (unfenced; all forms give the same bits): the forms and tiles side by side,
-    whatever the tuner keeps."""
+    merge tree (same bits): the forms and tiles side by side, whatever the tuner keeps."""
     E, dim, scale = SIZES["Pro"]
-    config = tile + (tree, early, partials, unfenced)
-    form = (f"{tile[0]}x{tile[1]} {tile[4]} warps {'merge tree' if tree else 'picks'}"
-            f"{', early lists' if early else ''}{' and partials' if partials else ''}"
-            f"{', unfenced' if unfenced else ''}")
+    config = tile + (tree,)
+    form = f"{tile[0]}x{tile[1]} {tile[4]} warps {'merge tree' if tree else 'picks'}"
     return Case(op="route", shape=f"T={T} E={E} dim={dim} score, split {form}",
                 make_inputs=_score_inputs(T, E, dim),
                 run=lambda x, w, b: kern.route_split(x, w, b, None, None, TOPK, scale, config=config),
@@ -129,12 +124,6 @@ def cases(quick: bool):
     out += [_hash_case("Pro", T) for T in (4096, 64)]
     out += [_path_case(256, "split"), _path_case(256, "tiled")]
     out += [_form_case(64, FORM_TILE, False), _form_case(64, FORM_TILE, True), _form_case(64, TALL_TILE, True)]
-    out += [_form_case(64, FORM_TILE, False, early=True), _form_case(64, FORM_TILE, True, early=True),
-            _form_case(64, TALL_TILE, False, early=True), _form_case(64, FORM_TILE, False, early=True, unfenced=True),
-            _form_case(64, FORM_TILE, True, early=True, unfenced=True),
-            _form_case(64, FORM_TILE, False, early=True, partials=True)]
-    out += [_form_case(T, FORM_TILE, False, early=early, partials=early, unfenced=unfenced)
-            for T in (8, 1) for early, unfenced in ((False, False), (True, False), (True, True))]
     if not quick:
         out += [_hash_case("Pro", 1), _hash_case("Flash", 64)]
     return out

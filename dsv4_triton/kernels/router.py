@@ -297,16 +297,6 @@ _TREE_CONFIGS = [(16, 32, 128, 256, 4, 3), (16, 64, 128, 256, 4, 3), (16, 32, 12
                  (64, 32, 128, 512, 8, 3)]
 # Top-k the merge tree's lists hold (every model's top-k; the op allows up to 8).
 TREE_MAX_TOPK = 8
-# Configs run with EARLY_LISTS too (the tile's candidate lists loaded in the same L2 round trip as
-# the chunk's arrival ticket; results identical): (tile, MERGE_TREE, EARLY_PARTIALS, UNFENCED).
-# EARLY_PARTIALS loads the first reduce step's partials with the split's ticket likewise; UNFENCED
-# drops the release fence of the levels with early loads (raced reads polled until their marks
-# are gone).  Every form on the tile chosen so far at T <= 64 (Pro and Flash), the lists alone on
-# the 32-row tile with 8 warps (half the L2 reads of W at T = 64).
-_EARLY_TILES = [(16, 32, 128, 512, 4, 3), (32, 32, 128, 512, 8, 3)]
-_EARLY_CONFIGS = ([(_EARLY_TILES[0], tree, partials, unfenced)
-                   for tree in (False, True) for partials in (False, True) for unfenced in (False, True)]
-                  + [(_EARLY_TILES[1], False, False, unfenced) for unfenced in (False, True)])
 
 # Bounds every split config respects, so one workspace fits whichever config the tuner runs:
 # BLOCK_T and BLOCK_E divide SPLIT_TILE_ALIGN, SPLIT_K >= MIN_SPLIT_K, BLOCK_E >= MIN_BLOCK_E.
@@ -325,31 +315,15 @@ def _split_allowed(block_t: int, block_e: int, bucket: int, n_experts: int) -> b
 
 
 def _split_prune(configs, nargs, **kw):
-    # Hash routing makes no selection and has no lists: the MERGE_TREE and EARLY_LISTS forms
-    # would repeat the others.
+    # Hash routing makes no selection: the MERGE_TREE forms would repeat the others.
     tree_ok = not kw.get("HASH", False) and nargs["TOPK"] <= TREE_MAX_TOPK
-    lists_ok = not kw.get("HASH", False)
     kept = [c for c in configs if _split_allowed(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_E"], nargs["t_bucket"],
-                                                 nargs["n_experts"]) and (tree_ok or not c.kwargs["MERGE_TREE"])
-            and (lists_ok or not c.kwargs["EARLY_LISTS"])]
+                                                 nargs["n_experts"]) and (tree_ok or not c.kwargs["MERGE_TREE"])]
     return kept or configs[:1]
 
 
 INT64_MIN = tl.constexpr(-9223372036854775808)
 INT64_MAX = tl.constexpr(9223372036854775807)
-# What a candidate-list slot holds while no chunk has written it in the current launch: the
-# workspace starts so, and every final selection puts the marks back in the slots it read.
-# Neither is ever written as an entry (_unwritten), so a list load that raced the entry's
-# store is recognised by its value.
-EMPTY_KEY = tl.constexpr(-1)
-EMPTY_SCORE = tl.constexpr(-1.0)
-# The same for the partial tiles of EARLY_PARTIALS (their own workspace): the bits of a NaN no
-# FP32 arithmetic returns (GPUs return 0x7FFFFFFF, x86 0xFFC00000 or an operand's payload,
-# whose low 16 bits are 0 for BF16 inputs).  A false match would only cost a reload.
-PARTIAL_MARK = tl.constexpr(-1)
-# Reads of a mark that an UNFENCED launch makes before giving up (~1 s): never reached while
-# every slot read is written in the same launch and the marks are restored (tested).
-SPIN_LIMIT = tl.constexpr(1 << 20)
 
 
 @triton.jit
@@ -392,11 +366,10 @@ def _fold_position(best, best_s, key, s, last):
 
 
 @triton.jit
-def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr,
-                   VOLATILE: tl.constexpr = False):
+def _list_position(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr):
     """Entry ``position`` of every chunk's sorted candidate list ([rows, NC_PAD] keys and scores)."""
-    key = _l2_load(cand_ptr + slot + position * NC_PAD, mask, INT64_MIN, VOLATILE)
-    s = _l2_load(cand_s_ptr + slot + position * NC_PAD, mask, 0.0, VOLATILE)
+    key = tl.load(cand_ptr + slot + position * NC_PAD, mask=mask, other=INT64_MIN, cache_modifier=".cg")
+    s = tl.load(cand_s_ptr + slot + position * NC_PAD, mask=mask, other=0.0, cache_modifier=".cg")
     return key, s
 
 
@@ -483,85 +456,15 @@ def _merge_rows(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7):
 
 
 @triton.jit
-def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr, TOPK: tl.constexpr,
-                VOLATILE: tl.constexpr = False):
+def _list_entry(cand_ptr, cand_s_ptr, slot, mask, position: tl.constexpr, NC_PAD: tl.constexpr, TOPK: tl.constexpr):
     """Entry ``position`` of every chunk's list, or the empty entry (INT64_MIN, 0) past TOPK
     (those positions are neither written nor read)."""
     if position < TOPK:
-        key, s = _list_position(cand_ptr, cand_s_ptr, slot, mask, position, NC_PAD, VOLATILE)
+        key, s = _list_position(cand_ptr, cand_s_ptr, slot, mask, position, NC_PAD)
     else:
         key = tl.full(slot.shape, INT64_MIN, dtype=tl.int64)
         s = tl.zeros(slot.shape, dtype=tl.float32)
     return key, s
-
-
-@triton.jit
-def _list_entries(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK: tl.constexpr,
-                  VOLATILE: tl.constexpr = False):
-    """Entries 0..7 of every chunk's list: 8 keys, then 8 scores ([rows, NC_PAD] each; the
-    empty entry past TOPK, no load).  One batch of loads, one L2 round trip."""
-    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 0, NC_PAD, TOPK, VOLATILE)
-    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 1, NC_PAD, TOPK, VOLATILE)
-    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 2, NC_PAD, TOPK, VOLATILE)
-    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 3, NC_PAD, TOPK, VOLATILE)
-    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 4, NC_PAD, TOPK, VOLATILE)
-    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 5, NC_PAD, TOPK, VOLATILE)
-    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 6, NC_PAD, TOPK, VOLATILE)
-    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, slot, mask, 7, NC_PAD, TOPK, VOLATILE)
-    return key0, key1, key2, key3, key4, key5, key6, key7, val0, val1, val2, val3, val4, val5, val6, val7
-
-
-@triton.jit
-def _unwritten(key, s):
-    """1 where a list entry still holds the empty-slot marks (EMPTY_KEY, EMPTY_SCORE): a
-    packed key's low word is below 2^31 and a score is >= 0 or NaN, so a written entry never
-    matches (a masked-off load returns neither mark)."""
-    return ((key == EMPTY_KEY) | (s == EMPTY_SCORE)).to(tl.int32)
-
-
-@triton.jit
-def _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7):
-    """Whether any entry of the loaded lists (program-wide) holds an empty-slot mark."""
-    seen = _unwritten(k0, s0) | _unwritten(k1, s1) | _unwritten(k2, s2) | _unwritten(k3, s3)
-    seen = seen | _unwritten(k4, s4) | _unwritten(k5, s5) | _unwritten(k6, s6) | _unwritten(k7, s7)
-    return tl.max(tl.max(seen, axis=1), axis=0)
-
-
-@triton.jit
-def _settled_lists(cand_ptr, cand_s_ptr, slot, mask, NC_PAD: tl.constexpr, TOPK: tl.constexpr, counter_ptr,
-                   k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7, UNFENCED: tl.constexpr):
-    """The tile's lists as loaded (k, s) by its last arriver, unless an entry still holds the
-    empty-slot marks (the load raced that chunk's store): then read again, once after an
-    acquire on the ticket, or, UNFENCED, until no mark is left (as _settled_partials)."""
-    marked = _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7)
-    if marked > 0:
-        if UNFENCED:
-            tries = marked * 0  # loop-carried values are tensors from the start
-            while (marked > 0) & (tries < SPIN_LIMIT):
-                k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _list_entries(
-                    cand_ptr, cand_s_ptr, slot, mask, NC_PAD, TOPK, True)
-                marked = _any_unwritten(k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7)
-                tries += 1
-        else:
-            # After the acquire (whose result every thread waits for) the lists read whole.
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-            k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7 = _list_entries(
-                cand_ptr, cand_s_ptr, slot, mask & (seen >= 0), NC_PAD, TOPK)
-    return k0, k1, k2, k3, k4, k5, k6, k7, s0, s1, s2, s3, s4, s5, s6, s7
-
-
-@triton.jit
-def _marked(p0, p1, p2, p3):
-    """1 where any of four partial tiles holds PARTIAL_MARK's bits."""
-    return ((p0.to(tl.int32, bitcast=True) == PARTIAL_MARK) | (p1.to(tl.int32, bitcast=True) == PARTIAL_MARK)
-            | (p2.to(tl.int32, bitcast=True) == PARTIAL_MARK)
-            | (p3.to(tl.int32, bitcast=True) == PARTIAL_MARK)).to(tl.int32)
-
-
-@triton.jit
-def _any_marked(a0, a1, a2, a3, b0, b1, b2, b3):
-    """Whether any loaded partial (program-wide) still holds PARTIAL_MARK."""
-    return tl.max(tl.max(_marked(a0, a1, a2, a3) | _marked(b0, b1, b2, b3), axis=1), axis=0)
 
 
 @triton.jit
@@ -613,57 +516,19 @@ def _chunk_top8(packed, s, kcol, TOPK: tl.constexpr):
 
 
 @triton.jit
-def _l2_load(ptr, mask, other, VOLATILE: tl.constexpr):
-    """A load through L2 (.cg); VOLATILE: re-read from memory on every execution (polling)."""
-    if VOLATILE:
-        value = tl.load(ptr, mask=mask, other=other, volatile=True)
-    else:
-        value = tl.load(ptr, mask=mask, other=other, cache_modifier=".cg")
-    return value
-
-
-@triton.jit
-def _four_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live, VOLATILE: tl.constexpr = False):
+def _four_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live):
     """Partial tiles of splits first .. first + 3 at ``slot`` (split 0's tail rows).  Past the
     last split a valid slot is read (the last one: no split mask, so the loads batch) and its
-    value is dropped by _add_four.  VOLATILE: re-read from memory each time (polling)."""
-    p0 = _l2_load(slot + tl.minimum(first, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
-    p1 = _l2_load(slot + tl.minimum(first + 1, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
-    p2 = _l2_load(slot + tl.minimum(first + 2, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
-    p3 = _l2_load(slot + tl.minimum(first + 3, n_splits - 1) * TILE, tail_live[:, None], 0.0, VOLATILE)
+    value is dropped by _add_four."""
+    p0 = tl.load(slot + tl.minimum(first, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    p1 = tl.load(slot + tl.minimum(first + 1, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    p2 = tl.load(slot + tl.minimum(first + 2, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
+    p3 = tl.load(slot + tl.minimum(first + 3, n_splits - 1) * TILE, mask=tail_live[:, None], other=0.0,
+                 cache_modifier=".cg")
     return p0, p1, p2, p3
-
-
-@triton.jit
-def _settled_partials(slot, first, n_splits, TILE: tl.constexpr, tail_live, counter_ptr,
-                      p0, p1, p2, p3, p4, p5, p6, p7, UNFENCED: tl.constexpr):
-    """The partial tiles of splits first .. first + 7 as loaded (p0..p7) by the group's last
-    arriver, unless one still holds PARTIAL_MARK (the load raced its split's store): then read
-    again, either once after an acquire on the ticket (every split released its partial before
-    its ticket), or, UNFENCED (no release), until no mark is left.  The wait is for stores
-    already issued by programs that have arrived, which land without any program running
-    again, so it ends; SPIN_LIMIT only guards against a broken invariant (the marks would then
-    reach the scores as NaN rather than hang the launch)."""
-    # The reads again take their split index through a value only known at run time (always
-    # `first`): the first loads' addresses are then recomputed, not held across the mark test
-    # (sm_90, T = 64 tile with EARLY_PARTIALS: 96 -> 88 registers fenced, 85 unfenced).
-    marked = _any_marked(p0, p1, p2, p3, p4, p5, p6, p7)
-    if marked > 0:
-        if UNFENCED:
-            tries = marked * 0  # loop-carried values are tensors from the start
-            while (marked > 0) & (tries < SPIN_LIMIT):
-                again = first + tl.where(marked > 0, 0, 1)
-                p0, p1, p2, p3 = _four_partials(slot, again, n_splits, TILE, tail_live, True)
-                p4, p5, p6, p7 = _four_partials(slot, again + 4, n_splits, TILE, tail_live, True)
-                marked = _any_marked(p0, p1, p2, p3, p4, p5, p6, p7)
-                tries += 1
-        else:
-            # After the acquire (whose result every thread waits for) the step reads whole.
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-            again = first + tl.where(seen >= 0, 0, 1)
-            p0, p1, p2, p3 = _four_partials(slot, again, n_splits, TILE, tail_live)
-            p4, p5, p6, p7 = _four_partials(slot, again + 4, n_splits, TILE, tail_live)
-    return p0, p1, p2, p3, p4, p5, p6, p7
 
 
 @triton.jit
@@ -735,14 +600,12 @@ def _fixed_order_row_sum(w, K_PAD: tl.constexpr):
 
 @triton.jit
 def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_ptr, ids_ptr,
-                        partial_ptr, marked_partial_ptr, score_ptr, cand_ptr, cand_s_ptr, chunk_counter_ptr,
-                        tile_counter_ptr,
+                        partial_ptr, score_ptr, cand_ptr, cand_s_ptr, chunk_counter_ptr, tile_counter_ptr,
                         T, dim, n_experts, vocab, stride_x, stride_w, TOPK: tl.constexpr, route_scale, t_bucket,
                         HASH: tl.constexpr, HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         TAIL_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_BUDGET: tl.constexpr,
-                        MERGE_TREE: tl.constexpr, EARLY_LISTS: tl.constexpr, EARLY_PARTIALS: tl.constexpr,
-                        UNFENCED: tl.constexpr):
+                        MERGE_TREE: tl.constexpr):
     """Program (tile, chunk, split): the FP32 logits of BLOCK_T tokens x BLOCK_E experts over
     SPLIT_K of dim, written to its own slot of the partial workspace.  The last split of a
     (tile, chunk) to arrive sums the slots in split order, applies sqrt(softplus) and writes,
@@ -759,17 +622,6 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     ~620), but 3 + 1 dependent merge steps per selection instead of TOPK x (3 shuffle
     levels + the in-thread fold), which bound the single warp per scheduler that runs them.
 
-    Handing over (same results in every form): by default an arrival is an acq_rel ticket and
-    the last arriver loads after it (fence, ticket, loads: three dependent L2 round trips a
-    level).  EARLY_LISTS (tile level) and EARLY_PARTIALS (split level, first reduce step)
-    issue the loads before the ticket's result is known, after a release fence (fence, then
-    loads and ticket together); UNFENCED drops that fence too (loads and ticket at once).  A
-    load issued before an acquire may return the slot's old content, so the slots those forms
-    read hold marks between launches (EMPTY_KEY / EMPTY_SCORE, PARTIAL_MARK; every launch puts
-    them back) and the last arriver checks what it loaded: a mark left means a raced load,
-    read again after an acquire (fenced) or until the mark is gone (UNFENCED: the store was
-    issued before its program's ticket, so it lands without any program running again).
-
     The arrivers' work (the tail) covers the tile's first TAIL_T = min(BLOCK_T, TAIL_ROWS)
     rows: ``route_split`` passes TAIL_ROWS >= T (a power of two), so no live row is left out,
     and a decode step of 1 token reduces and selects 2 rows, not BLOCK_T.  Inputs the tail
@@ -784,9 +636,6 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     if MERGE_TREE:
         tl.static_assert(TOPK <= 8, "the merge tree holds lists of 8")
     TAIL_T: tl.constexpr = BLOCK_T if BLOCK_T <= TAIL_ROWS else TAIL_ROWS
-    # Hash routing has no lists (and its tile level reads scores, so it stays fenced).
-    EARLY_LOADS: tl.constexpr = (EARLY_LISTS or UNFENCED) and not HASH
-    MARKED: tl.constexpr = EARLY_PARTIALS  # partials read before an acquire: checked against marks
     # Partial tiles summed per step: 16 where they keep at most REDUCE_BUDGET floats of tail rows
     # in flight (32 per thread), else 8 (the loads past the last split are issued too).
     REDUCE_FIT: tl.constexpr = REDUCE_BUDGET // (TAIL_T * BLOCK_E)
@@ -826,71 +675,29 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
         table_ids = tl.load(table_ptr + table_row[:, None] * TOPK + kcol[None, :],
                             mask=tail_live[:, None] & out_col[None, :], other=0)
     # Slots of one (tile, chunk) are contiguous, one [BLOCK_T, BLOCK_E] tile per split.
-    if MARKED:
-        partials = marked_partial_ptr  # slots hold PARTIAL_MARK between launches
-    else:
-        partials = partial_ptr
     group = (tile * n_chunks + chunk).to(tl.int64)
     in_tile = rows[:, None] * BLOCK_E + cols[None, :]
     # Rows past T are neither written nor read back (T = 1 moves 1/16 of a 16-row tile).
-    tl.store(partials + (group * n_splits + split) * TILE + in_tile, acc, mask=live[:, None])
-    tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
-    slot = partials + group * n_splits * TILE + tail_in_tile
+    tl.store(partial_ptr + (group * n_splits + split) * TILE + in_tile, acc, mask=live[:, None])
 
     tl.debug_barrier()  # all threads' partials are written before the arrival is published
-    if EARLY_PARTIALS:
-        # The first reduce step's loads go out with the ticket (as EARLY_LISTS does for the
-        # lists, below): release, barrier, loads, relaxed ticket (UNFENCED: loads and ticket
-        # at once).  A load that raced a split's store still holds PARTIAL_MARK: see
-        # _settled_partials.
-        if not UNFENCED:
-            tl.atomic_add(chunk_counter_ptr + group, 0, sem="release")
-            tl.debug_barrier()
-        ea0, ea1, ea2, ea3 = _four_partials(slot, 0, n_splits, TILE, tail_live)
-        eb0, eb1, eb2, eb3 = _four_partials(slot, 4, n_splits, TILE, tail_live)
-        if REDUCE_UNROLL > 8:
-            ec0, ec1, ec2, ec3 = _four_partials(slot, 8, n_splits, TILE, tail_live)
-            ed0, ed1, ed2, ed3 = _four_partials(slot, 12, n_splits, TILE, tail_live)
-        arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="relaxed")
-    else:
-        arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
+    arrived = tl.atomic_add(chunk_counter_ptr + group, 1, sem="acq_rel")
     if arrived == n_splits - 1:
         tl.atomic_xchg(chunk_counter_ptr + group, 0, sem="relaxed")
+        tail_in_tile = tail_rows[:, None] * BLOCK_E + cols[None, :]
         # Fixed order (split 0, 1, ...), whichever program reduces: bit-identical run to run.
         # A step's loads all precede a barrier and its adds follow it, so every load of the step
         # is in flight at once whatever registers the rest of the kernel leaves the scheduler
         # (without it ptxas may issue them two at a time behind the adds).
+        slot = partial_ptr + group * n_splits * TILE + tail_in_tile
         z = tl.zeros([TAIL_T, BLOCK_E], dtype=tl.float32)
-        first_step = 0
-        if EARLY_PARTIALS:
-            ea0, ea1, ea2, ea3, eb0, eb1, eb2, eb3 = _settled_partials(
-                slot, 0, n_splits, TILE, tail_live, chunk_counter_ptr + group,
-                ea0, ea1, ea2, ea3, eb0, eb1, eb2, eb3, UNFENCED)
-            if REDUCE_UNROLL > 8:
-                ec0, ec1, ec2, ec3, ed0, ed1, ed2, ed3 = _settled_partials(
-                    slot, 8, n_splits, TILE, tail_live, chunk_counter_ptr + group,
-                    ec0, ec1, ec2, ec3, ed0, ed1, ed2, ed3, UNFENCED)
-            z = _add_four(z, ea0, ea1, ea2, ea3, 0, n_splits)
-            z = _add_four(z, eb0, eb1, eb2, eb3, 4, n_splits)
-            if REDUCE_UNROLL > 8:
-                z = _add_four(z, ec0, ec1, ec2, ec3, 8, n_splits)
-                z = _add_four(z, ed0, ed1, ed2, ed3, 12, n_splits)
-            first_step = REDUCE_UNROLL
-        for s0 in range(first_step, n_splits, REDUCE_UNROLL):
+        for s0 in range(0, n_splits, REDUCE_UNROLL):
             a0, a1, a2, a3 = _four_partials(slot, s0, n_splits, TILE, tail_live)
             b0, b1, b2, b3 = _four_partials(slot, s0 + 4, n_splits, TILE, tail_live)
             if REDUCE_UNROLL > 8:
                 c0, c1, c2, c3 = _four_partials(slot, s0 + 8, n_splits, TILE, tail_live)
                 d0, d1, d2, d3 = _four_partials(slot, s0 + 12, n_splits, TILE, tail_live)
             tl.debug_barrier()
-            if MARKED:  # no acquire orders these loads either: they are checked the same way
-                a0, a1, a2, a3, b0, b1, b2, b3 = _settled_partials(
-                    slot, s0, n_splits, TILE, tail_live, chunk_counter_ptr + group,
-                    a0, a1, a2, a3, b0, b1, b2, b3, UNFENCED)
-                if REDUCE_UNROLL > 8:
-                    c0, c1, c2, c3, d0, d1, d2, d3 = _settled_partials(
-                        slot, s0 + 8, n_splits, TILE, tail_live, chunk_counter_ptr + group,
-                        c0, c1, c2, c3, d0, d1, d2, d3, UNFENCED)
             if MERGE_TREE or REDUCE_UNROLL > 8:  # see _xor_bits
                 bits = _xor_bits(a0, a1, a2, a3) ^ _xor_bits(b0, b1, b2, b3)
                 if REDUCE_UNROLL > 8:
@@ -901,10 +708,6 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             if REDUCE_UNROLL > 8:
                 z = _add_four(z, c0, c1, c2, c3, s0 + 8, n_splits)
                 z = _add_four(z, d0, d1, d2, d3, s0 + 12, n_splits)
-        if MARKED:  # the slots read go back to PARTIAL_MARK for the next launch
-            mark = tl.full([TAIL_T, BLOCK_E], PARTIAL_MARK, tl.int32).to(tl.float32, bitcast=True)
-            for used in range(0, n_splits):
-                tl.store(slot + used * TILE, mark, mask=tail_live[:, None])
         s = _sqrt_softplus(z)
         if HASH:  # the tile's last arriver reads the scores at the table ids
             tl.store(score_ptr + tail_tok[:, None] * n_experts + e[None, :], s,
@@ -931,25 +734,7 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
             tl.store(cand_s_ptr + cand_slot, top_s, mask=tail_live[:, None] & out_col[None, :])
 
         tl.debug_barrier()  # scores and candidates are written before the arrival is published
-        if not HASH:
-            c = tl.arange(0, NC_PAD)
-            list_slot = tail_tok[:, None] * N_CAND + c[None, :]
-            has_list = tail_live[:, None] & (c < n_chunks)[None, :]
-        if EARLY_LOADS:
-            # The tile's lists are loaded before the arrival's result is known, in the same L2
-            # round trip as the ticket: the release (thread 0's fence, every warp held at the
-            # barrier until it is done; none when UNFENCED) publishes this chunk's list, then
-            # the loads and the ticket go out together.  A load that raced another chunk's
-            # store still holds the empty-slot marks: see _settled_lists.
-            if not UNFENCED:
-                tl.atomic_add(tile_counter_ptr + tile, 0, sem="release")
-                tl.debug_barrier()
-            (key0, key1, key2, key3, key4, key5, key6, key7,
-             val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(cand_ptr, cand_s_ptr, list_slot,
-                                                                               has_list, NC_PAD, TOPK)
-            done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="relaxed")
-        else:
-            done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
+        done = tl.atomic_add(tile_counter_ptr + tile, 1, sem="acq_rel")
         if done == n_chunks - 1:
             tl.atomic_xchg(tile_counter_ptr + tile, 0, sem="relaxed")
             out_mask = tail_live[:, None] & out_col[None, :]
@@ -960,81 +745,84 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
                 w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
                 w = w * route_scale
             else:
-                if EARLY_LOADS:
-                    (key0, key1, key2, key3, key4, key5, key6, key7,
-                     val0, val1, val2, val3, val4, val5, val6, val7) = _settled_lists(
-                        cand_ptr, cand_s_ptr, list_slot, has_list, NC_PAD, TOPK, tile_counter_ptr + tile,
-                        key0, key1, key2, key3, key4, key5, key6, key7,
-                        val0, val1, val2, val3, val4, val5, val6, val7, UNFENCED)
-                else:
-                    (key0, key1, key2, key3, key4, key5, key6, key7,
-                     val0, val1, val2, val3, val4, val5, val6, val7) = _list_entries(cand_ptr, cand_s_ptr, list_slot,
-                                                                                       has_list, NC_PAD, TOPK)
+                c = tl.arange(0, NC_PAD)
+                list_slot = tail_tok[:, None] * N_CAND + c[None, :]
+                has_list = tail_live[:, None] & (c < n_chunks)[None, :]
                 if MERGE_TREE:
                     # One reduction over the chunks whose combine merges two sorted lists
                     # (_merge_top8): log2(NC_PAD) dependent steps in all instead of one
                     # cross-lane reduction per pick.
-                    (pick0, pick1, pick2, pick3, pick4, pick5, pick6, pick7,
-                     pick_s0, pick_s1, pick_s2, pick_s3, pick_s4, pick_s5, pick_s6, pick_s7) = _merge_rows(
+                    key0, val0 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD, TOPK)
+                    key1, val1 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD, TOPK)
+                    key2, val2 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD, TOPK)
+                    key3, val3 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD, TOPK)
+                    key4, val4 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD, TOPK)
+                    key5, val5 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD, TOPK)
+                    key6, val6 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD, TOPK)
+                    key7, val7 = _list_entry(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD, TOPK)
+                    (key0, key1, key2, key3, key4, key5, key6, key7,
+                     val0, val1, val2, val3, val4, val5, val6, val7) = _merge_rows(
                         key0, key1, key2, key3, key4, key5, key6, key7,
                         val0, val1, val2, val3, val4, val5, val6, val7)
                     # The normalising sum from the picks' scores as they come (no [rows, K_PAD]
                     # round trip), in _fixed_order_row_sum's order: the same bits.
-                    total = _fixed_order_sum(pick_s0, pick_s1, pick_s2, pick_s3, pick_s4, pick_s5, pick_s6, pick_s7,
-                                             TOPK, K_PAD)
+                    total = _fixed_order_sum(val0, val1, val2, val3, val4, val5, val6, val7, TOPK, K_PAD)
                     scale = route_scale
-                    w = _place(pick_s0 / total * scale, pick_s1 / total * scale, pick_s2 / total * scale,
-                               pick_s3 / total * scale, pick_s4 / total * scale, pick_s5 / total * scale,
-                               pick_s6 / total * scale, pick_s7 / total * scale, kcol, TOPK)
-                    sel_id = _place(_packed_id(pick0), _packed_id(pick1), _packed_id(pick2), _packed_id(pick3),
-                                    _packed_id(pick4), _packed_id(pick5), _packed_id(pick6), _packed_id(pick7),
-                                    kcol, TOPK)
+                    w = _place(val0 / total * scale, val1 / total * scale, val2 / total * scale,
+                               val3 / total * scale, val4 / total * scale, val5 / total * scale,
+                               val6 / total * scale, val7 / total * scale, kcol, TOPK)
+                    sel_id = _place(_packed_id(key0), _packed_id(key1), _packed_id(key2), _packed_id(key3),
+                                    _packed_id(key4), _packed_id(key5), _packed_id(key6), _packed_id(key7), kcol, TOPK)
                 else:
-                    # Pick kk folds list positions 0..kk (positions past TOPK - 1 are neither
-                    # written nor read).
+                    # Positions past TOPK - 1 are neither written nor read.
+                    p0, q0 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 0, NC_PAD)
+                    if TOPK > 1:
+                        p1, q1 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 1, NC_PAD)
+                    if TOPK > 2:
+                        p2, q2 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 2, NC_PAD)
+                    if TOPK > 3:
+                        p3, q3 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 3, NC_PAD)
+                    if TOPK > 4:
+                        p4, q4 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 4, NC_PAD)
+                    if TOPK > 5:
+                        p5, q5 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 5, NC_PAD)
+                    if TOPK > 6:
+                        p6, q6 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 6, NC_PAD)
+                    if TOPK > 7:
+                        p7, q7 = _list_position(cand_ptr, cand_s_ptr, list_slot, has_list, 7, NC_PAD)
                     last = tl.full([TAIL_T], INT64_MAX, dtype=tl.int64)
                     w = tl.zeros([TAIL_T, K_PAD], dtype=tl.float32)
                     sel_id = tl.zeros([TAIL_T, K_PAD], dtype=tl.int32)
                     for kk in tl.static_range(K_PAD):
                         if kk < TOPK:  # TOPK <= E live candidates exist: every pick is found
-                            best, best_s = _below(key0, val0, last)
+                            best, best_s = _below(p0, q0, last)
                             if kk >= 1:
-                                best, best_s = _fold_position(best, best_s, key1, val1, last)
+                                best, best_s = _fold_position(best, best_s, p1, q1, last)
                             if kk >= 2:
-                                best, best_s = _fold_position(best, best_s, key2, val2, last)
+                                best, best_s = _fold_position(best, best_s, p2, q2, last)
                             if kk >= 3:
-                                best, best_s = _fold_position(best, best_s, key3, val3, last)
+                                best, best_s = _fold_position(best, best_s, p3, q3, last)
                             if kk >= 4:
-                                best, best_s = _fold_position(best, best_s, key4, val4, last)
+                                best, best_s = _fold_position(best, best_s, p4, q4, last)
                             if kk >= 5:
-                                best, best_s = _fold_position(best, best_s, key5, val5, last)
+                                best, best_s = _fold_position(best, best_s, p5, q5, last)
                             if kk >= 6:
-                                best, best_s = _fold_position(best, best_s, key6, val6, last)
+                                best, best_s = _fold_position(best, best_s, p6, q6, last)
                             if kk >= 7:
-                                best, best_s = _fold_position(best, best_s, key7, val7, last)
+                                best, best_s = _fold_position(best, best_s, p7, q7, last)
                             last, last_s = tl.reduce((best, best_s), 1, _larger_key)
                             w = tl.where(kcol[None, :] == kk, last_s[:, None], w)
                             sel_id = tl.where(kcol[None, :] == kk, _packed_id(last)[:, None], sel_id)
                     w = w / _fixed_order_row_sum(w, K_PAD)[:, None]
                     w = w * route_scale
-                # The slots read go back to the empty-slot marks for the next launch (which
-                # lists they hold then does not matter to any form; EARLY_LISTS relies on it).
-                for position in tl.static_range(TOPK):
-                    tl.store(cand_ptr + list_slot + position * NC_PAD, tl.full(list_slot.shape, EMPTY_KEY, tl.int64),
-                             mask=has_list)
-                    tl.store(cand_s_ptr + list_slot + position * NC_PAD,
-                             tl.full(list_slot.shape, EMPTY_SCORE, tl.float32), mask=has_list)
             out = tail_tok[:, None] * TOPK + kcol[None, :]
             tl.store(weights_ptr + out, w, mask=out_mask)
             tl.store(ids_ptr + out, sel_id, mask=out_mask)
 
 _route_split_tuned = autotune(
     configs=[triton.Config({"BLOCK_T": bt, "BLOCK_E": be, "BLOCK_K": bk, "SPLIT_K": sk,
-                            "REDUCE_BUDGET": _reduce_budget(w), "MERGE_TREE": tree, "EARLY_LISTS": lists,
-                            "EARLY_PARTIALS": partials, "UNFENCED": unfenced}, num_warps=w, num_stages=st)
-             for configs, tree, lists, partials, unfenced in (
-                 [(_SPLIT_CONFIGS, False, False, False, False), (_TREE_CONFIGS, True, False, False, False)]
-                 + [([tile], tree, True, partials, unfenced) for tile, tree, partials, unfenced in _EARLY_CONFIGS])
+                            "REDUCE_BUDGET": _reduce_budget(w), "MERGE_TREE": tree}, num_warps=w, num_stages=st)
+             for configs, tree in ((_SPLIT_CONFIGS, False), (_TREE_CONFIGS, True))
              for bt, be, bk, sk, w, st in configs],
     key=["n_experts", "dim", "t_bucket", "TOPK"], name="route_split",
     prune_configs_by={"early_config_prune": _split_prune},
@@ -1042,19 +830,15 @@ _route_split_tuned = autotune(
 
 
 class _SplitWorkspace:
-    """Partials (plain, and marked for EARLY_PARTIALS), scores, candidates (packed keys and their
-    scores) and the two counter arrays of the split path, for one (device, stream); grown to
-    the largest sizes seen, counters zeroed and marks set once (every launch restores them)."""
+    """Partials, scores, candidates (packed keys and their scores) and the two counter arrays
+    of the split path, for one (device, stream); grown to the largest sizes seen, counters
+    zeroed once (every launch leaves them zero)."""
 
     def __init__(self, device, n_partial, n_score, n_cand, n_chunk_counters, n_tile_counters):
         self.partial = torch.empty(n_partial, dtype=torch.float32, device=device)
-        self.marked_partial = torch.full((n_partial,), PARTIAL_MARK.value, dtype=torch.int32,
-                                         device=device).view(torch.float32)
         self.score = torch.empty(n_score, dtype=torch.float32, device=device)
-        # Every list slot starts with the empty-slot marks (EMPTY_KEY, EMPTY_SCORE), which each
-        # launch puts back in the slots it used: EARLY_LISTS tells a raced load by them.
-        self.cand = torch.full((n_cand,), EMPTY_KEY.value, dtype=torch.int64, device=device)
-        self.cand_s = torch.full((n_cand,), EMPTY_SCORE.value, dtype=torch.float32, device=device)
+        self.cand = torch.empty(n_cand, dtype=torch.int64, device=device)
+        self.cand_s = torch.empty(n_cand, dtype=torch.float32, device=device)
         counters = torch.zeros(n_chunk_counters + n_tile_counters, dtype=torch.int32, device=device)
         self.chunk_counters, self.tile_counters = counters[:n_chunk_counters], counters[n_chunk_counters:]
 
@@ -1083,9 +867,9 @@ def _split_workspace(device: torch.device, *sizes: int) -> _SplitWorkspace:
 
 
 def _check_split_config(config):
-    if len(config) not in (6, 7, 8, 9, 10):
+    if len(config) not in (6, 7):
         raise ValueError(f"config: expected (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, "
-                         f"MERGE_TREE[, EARLY_LISTS[, EARLY_PARTIALS[, UNFENCED]]]]), got {config}")
+                         f"MERGE_TREE]), got {config}")
     bt, be, bk, sk = config[:4]
     pow2 = all(v >= 16 and v & (v - 1) == 0 for v in (bt, be, bk, sk))
     if not pow2 or sk < bk or bt > MAX_TAIL_ROWS:
@@ -1096,9 +880,7 @@ def _check_split_config(config):
 def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tid2eid: Optional[torch.Tensor],
                 token_ids: Optional[torch.Tensor], topk: int, route_scale: float, config=None):
     """The decode path: one launch of ``_route_split_kernel`` (tuned per token bucket unless
-    ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages[, MERGE_TREE[,
-    EARLY_LISTS[, EARLY_PARTIALS[, UNFENCED]]]]) is given; the flags default to off and change
-    no result)."""
+    ``config`` = (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages) is given)."""
     weights, ids, x, weight = _outputs_and_operands(x, weight, topk)
     if x.shape[0] == 0:
         return weights, ids
@@ -1113,7 +895,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         n_splits, block_t, block_e = triton.cdiv(dim, MIN_SPLIT_K), MIN_BLOCK_E, MIN_BLOCK_E
     else:
         _check_split_config(config)
-        if len(config) >= 7 and config[6] and topk > TREE_MAX_TOPK:
+        if len(config) == 7 and config[6] and topk > TREE_MAX_TOPK:
             raise ValueError(f"config: MERGE_TREE holds top-k up to {TREE_MAX_TOPK}, got topk = {topk}")
         block_t, block_e = config[0], config[1]
         rows = triton.cdiv(room, block_t) * block_t
@@ -1123,9 +905,9 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ws = _split_workspace(x.device, rows * cols * n_splits, room * n_experts,
                           room * triton.cdiv(e_pad, block_e) * k_pad, n_tiles * triton.cdiv(n_experts, block_e),
                           n_tiles)
-    args = (x, weight, *optional, weights, ids, ws.partial, ws.marked_partial, ws.score, ws.cand, ws.cand_s,
-            ws.chunk_counters, ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0),
-            weight.stride(0), topk, route_scale, token_bucket(T))
+    args = (x, weight, *optional, weights, ids, ws.partial, ws.score, ws.cand, ws.cand_s, ws.chunk_counters,
+            ws.tile_counters, T, dim, n_experts, tid2eid.shape[0] if hash_mode else 1, x.stride(0), weight.stride(0),
+            topk, route_scale, token_bucket(T))
     meta = dict(HASH=hash_mode, HAS_BIAS=bias is not None, K_PAD=k_pad, E_PAD=e_pad,
                 TAIL_ROWS=min(MAX_TAIL_ROWS, max(2, triton.next_power_of_2(T))))
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n_experts, m["BLOCK_E"])
@@ -1136,9 +918,7 @@ def route_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         bt, be, bk, sk, w, st = config[:6]
         _route_split_kernel[grid(dict(BLOCK_T=bt, BLOCK_E=be, SPLIT_K=sk))](
             *args, **meta, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=_reduce_budget(w),
-            MERGE_TREE=len(config) >= 7 and bool(config[6]), EARLY_LISTS=len(config) >= 8 and bool(config[7]),
-            EARLY_PARTIALS=len(config) >= 9 and bool(config[8]), UNFENCED=len(config) == 10 and bool(config[9]),
-            num_warps=w, num_stages=st)
+            MERGE_TREE=bool(config[6]) if len(config) == 7 else False, num_warps=w, num_stages=st)
     return weights, ids
 
 

@@ -76,8 +76,7 @@ def test_oracle_ties_take_lower_indices_and_nan_ranks_first():
 
 def _run_triton(qi, w, keys, n_valid, k, splits=None):
     """``splits``: None = the registered op (its own plan), n = one program per row segment
-    and a merge (n segments), ("parts", n) = the row-parallel selection (n chunks per row),
-    ("parts", n, one_launch) = the same in one launch (True) or five (False)."""
+    and a merge (n segments), ("parts", n) = the row-parallel selection (n chunks per row)."""
     if splits is None:
         with use_backend("triton"):
             return ops.indexer_topk(qi, w, keys, n_valid, k)
@@ -86,7 +85,7 @@ def _run_triton(qi, w, keys, n_valid, k, splits=None):
     return kernels.indexer_topk_splits(qi, w, keys, n_valid, k, splits)
 
 
-PARTS = [("parts", 1), ("parts", 3), ("parts", 16), ("parts", 5), ("parts", 4, True), ("parts", 7, False)]
+PARTS = [("parts", 1), ("parts", 3), ("parts", 16), ("parts", 5)]
 
 
 def random_n_valid(g, bsz, seq, n_keys):
@@ -159,7 +158,7 @@ def test_kernel_scoring_pass_alone(device):
             assert torch.equal(got[b, t, :n], expected[b, t, :n])
 
 
-@pytest.mark.parametrize("splits", [1, 3, ("parts", 4, False), ("parts", 4, True)])
+@pytest.mark.parametrize("splits", [1, 3, ("parts", 4)])
 def test_kernel_nan_scores_rank_first(device, splits):
     g = torch.Generator().manual_seed(3)
     qi, w, keys = make_inputs(g, 2, 2, 4, 50, integer=True)
@@ -172,7 +171,7 @@ def test_kernel_nan_scores_rank_first(device, splits):
     assert got[1, 1].tolist() == [0, 1, 2, 3, 4, 5]  # all NaN: ties go to the lowest indices
 
 
-@pytest.mark.parametrize("splits", [None, 1, 2, ("parts", 3, False), ("parts", 3, True)])
+@pytest.mark.parametrize("splits", [None, 1, 2, ("parts", 3)])
 def test_kernel_edge_lengths(device, splits):
     """n_valid = 0, k > Nk, Nk = 0, and out-of-range n_valid clamped (unchecked mode)."""
     g = torch.Generator().manual_seed(4)
@@ -193,7 +192,7 @@ def test_kernel_strided_inputs(device):
     qi_buf, w_buf, cache = make_inputs(g, 2, 5, 6, 90, integer=True)
     qi, w, keys = qi_buf[:, 1:4, 1:5], w_buf[:, 1:4, 1:5], cache[:, 10:70]
     n_valid = torch.tensor([[60, 31, 7], [12, 60, 59]], dtype=torch.int32).t().contiguous().t()
-    for splits in (2, ("parts", 4, False), ("parts", 4, True)):
+    for splits in (2, ("parts", 4)):
         got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 9, splits).cpu()
         assert torch.equal(got, ref.indexer_topk(qi, w, keys, n_valid, 9))
 
@@ -228,22 +227,17 @@ def distinct_score_inputs(g, bsz, seq, n_keys, low, high, special):
 @given(bsz=st.integers(1, 2), seq=st.integers(1, 2), n_keys=st.integers(1, 700), k=st.integers(1, 80),
        spread=st.sampled_from([(-3000000, 3000000), (1000, 1800), (-2000, 2000), (2**20, 2**20 + 3000)]),
        special=st.booleans(),
-       parts=st.sampled_from([2, 7, 16, 4]), one_launch=st.booleans(),
+       parts=st.sampled_from([("parts", 2), ("parts", 7), ("parts", 16), ("parts", 4)]),
        block=st.sampled_from([kernels.ROW_PARALLEL_BLOCK, 64]), seed=st.integers(0, 2**31))
-def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spread, special, parts, one_launch, block,
-                                               seed):
+def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spread, special, parts, block, seed):
     """Distinct scores over many octaves, or packed into a few top-level digits (near 2^20
     consecutive integers differ in the key's low bits: every radix level), with +-Inf and
     +-0 among them: the selection equals the oracle's exactly, with chunks of one block or
-    (64-score blocks, five launches) of several, in five launches or one (chunks of one
-    block).  The interpreter warns of Inf * 0 in the padding heads' products; the kernel
-    masks those rows."""
+    (64-score blocks) of several.  The interpreter warns of Inf * 0 in the padding heads'
+    products; the kernel masks those rows."""
     g = torch.Generator().manual_seed(seed)
     low, high = spread
     n_keys = min(n_keys, high - low)
-    if one_launch:  # the one-launch form takes chunks of at most one block
-        parts = max(parts, -(-n_keys // block))
-    parts = ("parts", parts, one_launch)
     qi, w, keys = distinct_score_inputs(g, bsz, seq, n_keys, low, high, special)
     n_valid = random_n_valid(g, bsz, seq, n_keys)
     expected = ref.indexer_topk(qi, w, keys, n_valid, k)
@@ -259,9 +253,8 @@ def _workspace_counts():
                for zeroed, counts in kernels._workspaces.values())
 
 
-@given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), one_launch=st.booleans(),
-       seed=st.integers(0, 2**31))
-def test_row_parallel_writes_only_its_rows_k_slots(device, n_keys, k, parts, one_launch, seed):
+@given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), seed=st.integers(0, 2**31))
+def test_row_parallel_writes_only_its_rows_k_slots(device, n_keys, k, parts, seed):
     """Each chunk writes its selection at its offset and the last chunk pads: the output is the
     oracle's (ascending indices, ties to the lowest) and nothing lands past a row's k slots."""
     g = torch.Generator().manual_seed(seed)
@@ -271,59 +264,9 @@ def test_row_parallel_writes_only_its_rows_k_slots(device, n_keys, k, parts, one
     scores = kernels.indexer_scores(*args)
     # A guard row after the output: no write lands past the last row's k slots.
     out_buf = torch.full((3, k), -7, dtype=torch.int32, device=device)
-    kernels.select_parts(scores, args[3], out_buf[:2], 2, k, -(-n_keys // parts), one_launch)
+    kernels.select_parts(scores, args[3], out_buf[:2], 2, k, -(-n_keys // parts))
     assert torch.equal(out_buf[:2].view(1, 2, k).cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
     assert torch.all(out_buf[2] == -7)
-    assert _workspace_counts() == 0
-
-
-def digit_boundary_scores(g, rows, n_keys):
-    """FP32 scores drawn from a few values whose order keys share their top 1, 2 or 3 bytes
-    (a base value and its neighbours 1, 255, 256, 65535, 65536 key steps up and down, and
-    the other sign), with +-0, +-Inf and NaN: many ties, and cuts that fall on every radix
-    level's digit boundaries."""
-    base = torch.tensor([1.0, -3.5, 2.0 ** -20, 6.0e4], dtype=torch.float32).view(torch.int32)
-    steps = torch.tensor([0, 1, -1, 255, 256, -256, 65535, 65536, -65536])
-    pool = (base[:, None] + steps[None, :]).flatten().view(torch.float32)
-    pool = torch.cat([pool, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])])
-    return pool[torch.randint(0, pool.numel(), (rows, n_keys), generator=g)]
-
-
-@given(rows=st.integers(1, 3), n_keys=st.integers(1, 260), k=st.integers(1, 70), parts=st.integers(1, 9),
-       one_launch=st.booleans(), seed=st.integers(0, 2**31))
-def test_row_parallel_exact_at_digit_boundaries(device, rows, n_keys, k, parts, one_launch, seed):
-    """The selection over given FP32 scores (``select_parts``, both forms) equals the oracle's
-    when values tie across chunks and differ only below a digit boundary, with n_valid = 0,
-    k > n_valid and NaN/Inf among them; the workspace is left zeroed."""
-    g = torch.Generator().manual_seed(seed)
-    scores = digit_boundary_scores(g, rows, n_keys)
-    n_valid = random_n_valid(g, rows, 1, n_keys)
-    out = torch.full((rows, k), -7, dtype=torch.int32, device=device)
-    kernels.select_parts(scores.to(device), n_valid.to(device), out, 1, k, -(-n_keys // parts), one_launch)
-    assert torch.equal(out.cpu(), ref.select_topk(scores[:, None], n_valid, k)[:, 0])
-    assert _workspace_counts() == 0
-
-
-@pytest.mark.parametrize("one_launch", [True, False])
-@pytest.mark.parametrize("case", ["many digits", "few keys", "one digit"])
-def test_row_parallel_level_count_paths(device, case, one_launch):
-    """Below the first level a chunk adds its counts by the histogram (more than
-    SPARSE_MATCHES matching keys over several digits), one atomic a key (a few), or one
-    atomic in all (every match in one digit): each path, exact, in a chunk of one block."""
-    n_keys, k = 300, 40
-    if case == "many digits":  # 300 distinct values in one binade: level 1 spreads them
-        scores = 1024.0 + torch.randperm(n_keys).float() * 3.0
-    elif case == "few keys":  # 5 values per binade: a handful of keys in the k-th's digit
-        pos = torch.arange(n_keys)
-        scores = torch.ldexp(1.0 + (pos % 5).float() / 8, pos // 5 - 30).flip(0)
-    else:  # ties of one value below the cut, and distinct values above it
-        scores = torch.where(torch.arange(n_keys) % 3 == 0, 7.0, torch.arange(n_keys).float() + 100.0)
-    scores = scores[None].contiguous()
-    n_valid = torch.tensor([[n_keys]], dtype=torch.int32)
-    for kk in (k, 150, 205):
-        out = torch.empty(1, kk, dtype=torch.int32, device=device)
-        kernels.select_parts(scores.to(device), n_valid.to(device), out, 1, kk, n_keys, one_launch)
-        assert torch.equal(out.cpu(), ref.select_topk(scores[:, None], n_valid, kk)[:, 0])
     assert _workspace_counts() == 0
 
 
@@ -336,16 +279,12 @@ def test_row_parallel_chunk_count_bounded():
         kernels.select_parts(scores, n_valid, out, 1, 4, 1)
     with pytest.raises(ValueError, match="chunk"):
         kernels.select_parts(scores, n_valid, out, 1, 4, 0)
-    # The one-launch form holds a chunk in registers: at most one block.
-    with pytest.raises(ValueError, match="chunk"):
-        kernels.select_parts(scores, n_valid, out, 1, 4, kernels.ROW_PARALLEL_BLOCK + 1, True)
 
 
 def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
     """The level histograms and arrival counters are zero between calls (each level's last
-    arrival zeroes what the level used; in the one-launch form the write's last arrival
-    clears the level words): a sequence of calls with different rows, lengths, k, paths
-    (take-all, levels stopped early, tied cuts, n_valid = 0) and both forms stays exact."""
+    arrival zeroes what the level used): a sequence of calls with different rows, lengths, k and paths (take-all,
+    levels stopped early, tied cuts, n_valid = 0) stays exact."""
     g = torch.Generator().manual_seed(11)
     calls = [(2, 3, 4, 200, 17), (1, 1, 3, 90, 120), (1, 2, 16, 300, 9), (2, 2, 2, 150, 30), (1, 3, 5, 64, 64)]
     for bsz, seq, heads, n_keys, k in calls:
@@ -353,8 +292,8 @@ def test_row_parallel_calls_in_a_row_leave_the_workspace_zeroed(device):
         n_valid = random_n_valid(g, bsz, seq, n_keys)
         n_valid[0, 0] = 0
         args = [t.to(device) for t in (qi, w, keys, n_valid)]
-        for one_launch in (True, False, True):
-            got = kernels.indexer_topk_parts(*args, k, 5, one_launch)
+        for _ in range(2):
+            got = kernels.indexer_topk_parts(*args, k, 5)
             assert torch.equal(got.cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
             assert _workspace_counts() == 0
 
@@ -380,8 +319,6 @@ _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=1
     ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK),
      kernels.ROW_PARALLEL_WARPS),
     ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
-     kernels.ROW_PARALLEL_WARPS),
-    ("_row_select_kernel", dict(PARTS_P=256, BLOCK=kernels.ROW_PARALLEL_BLOCK, THREADS=32 * kernels.ROW_PARALLEL_WARPS),
      kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):
@@ -605,12 +542,11 @@ def test_fp4_keys_exact_on_integer_scores(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [None, 16, ("parts", 256, False), ("parts", 1024, True)])
+@pytest.mark.parametrize("splits", [None, 16])
 @pytest.mark.parametrize("bsz, n_keys, k", [(1, 262144, 1024), (4, 65536, 1024), (2, 40000, 512)])
 def test_kernel_decode_sizes(device, bsz, n_keys, k, splits):
-    """Decode: 64 heads, one query, long rows (the op's plan: the row-parallel selection, in
-    one launch at these sizes; 16: segments and a merge; the row-parallel selection in five
-    launches and, with more programs than fit at once, in one)."""
+    """Decode: 64 heads, one query, long rows (the op's plan: the row-parallel selection;
+    16: segments and a merge)."""
     g = torch.Generator().manual_seed(n_keys)
     qi, w, keys = make_inputs(g, bsz, 1, 64, n_keys, integer=True)
     n_valid = torch.randint(n_keys // 2, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)
@@ -629,41 +565,34 @@ def test_selection_plan(monkeypatch):
     assert kernels.plan_parts(64, 262144, 1024, cuda) == 17
     assert kernels.plan_parts(16384, 4096, 1024, cuda) == 0
     assert kernels.plan_parts(1, 4096, 1024, cuda) == 0
-    # One launch when every program of the five phases fits at once (decode B = 1, a few rows).
-    assert kernels.plan_one_launch(1, 256, 1024, cuda)
-    assert kernels.plan_one_launch(4, 64, 1024, cuda)
-    assert not kernels.plan_one_launch(32, 32, 1024, cuda)
-    assert not kernels.plan_one_launch(1, 8, 2048, cuda)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [True, False])
-def test_row_parallel_decode_equal_scores(device, one_launch):
+def test_row_parallel_decode_equal_scores(device):
     """Every score equal (zero keys): every level's digit holds the whole row, the cut is
     that score with k ties, taken lowest index first across the chunks: indices 0..k-1."""
     g = torch.Generator().manual_seed(12)
     qi, w, _ = make_inputs(g, 1, 1, 64, 1, integer=True)
     keys = torch.zeros(1, 262144, HEAD_DIM, dtype=torch.bfloat16)
     n_valid = torch.tensor([[262144]], dtype=torch.int32)
-    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 1024, ("parts", 256, one_launch))
+    got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 1024)
     assert got.cpu().flatten().tolist() == list(range(1024))
     assert _workspace_counts() == 0
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [True, False])
-def test_row_parallel_cuda_graph_replays(device, one_launch):
+def test_row_parallel_cuda_graph_replays(device):
     """Captured once, replayed on new inputs: every replay exact, and the capture stream's
-    workspace left zeroed by each replay (both forms of the row-parallel selection)."""
+    workspace left zeroed by each replay."""
     g = torch.Generator().manual_seed(13)
     bsz, n_keys, k = 2, 65536, 1024
     qi, w, keys = (t.to(device) for t in make_inputs(g, bsz, 1, 64, n_keys, integer=True))
     n_valid = torch.full((bsz, 1), n_keys, dtype=torch.int32, device=device)
-    run = lambda: kernels.indexer_topk_parts(qi, w, keys, n_valid, k, 64, one_launch)
-    run()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    with use_backend("triton"):
+        ops.indexer_topk(qi, w, keys, n_valid, k)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.indexer_topk(qi, w, keys, n_valid, k)
     for step in range(3):
         new_qi, new_w, new_keys = make_inputs(g, bsz, 1, 64, n_keys, integer=True)
         new_nv = torch.randint(0, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)

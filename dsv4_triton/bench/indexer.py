@@ -8,11 +8,10 @@ ridge (bf16 matmul rate / copy bandwidth ~ 240), and add an in-register decode p
 Its byte count: keys + qi + w read once, FP32 scores written once.
 End to end (score + exact top-k) is counted on the same bytes; the selection re-reads
 the scores (4 B/key, L2-resident for one row): few long rows by the row-parallel select
-(each row in chunks, one program each: four radix levels whose chunk histograms are
-summed by integer atomics, then a write where each chunk counts, publishes, sums the counts
-of the chunks before it and writes; one launch whose phases wait on each other when every
-program fits on the GPU at once, else five), many rows by one program per row segment (one
-or two launches).
+(each row in chunks, one program each: four radix-level launches whose chunk histograms
+are summed by integer atomics, then one launch where each chunk counts, publishes, sums
+the counts of the chunks before it and writes), many rows by one program per row segment
+(one or two launches).
 
 Prefill: 16k queries, causal (entry s valid for query t when s < (t+1)//4), 4096 entries;
 FLOP of the causal half: 2 * 64 * 128 per (query, valid entry) pair.
@@ -109,25 +108,9 @@ def _decode_cases(quick):
         cuda = torch.device("cuda")
         parts = kernels.plan_parts(bsz, n_keys, TOP_K, cuda)
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, cuda)
-        chunk = -(-n_keys // parts) if parts else 0
-        one_launch = bool(parts) and kernels.plan_one_launch(bsz, parts, chunk, cuda)
-        # Row-parallel: scores, then the selection in one launch or in five (4 radix levels,
-        # counts and write).
-        launches = (2 if one_launch else 6) if parts else 2 if splits == 1 else 3
-        plan = (f"row-parallel, {parts} chunks per row, {'one selection launch' if one_launch else '5 launches'}"
-                if parts else f"{splits} segment(s) per row")
-        if parts and chunk <= kernels.ROW_PARALLEL_BLOCK:
-            # The form the plan did not take, on the same chunks, for comparison.
-            other = not one_launch
-            out.append(Case(
-                op=f"indexer_topk[{'one selection launch' if other else '5 selection launches'}]",
-                shape=shape + f" k={TOP_K}", make_inputs=make,
-                run=lambda qi, w, keys, nv, parts=parts, other=other: kernels.indexer_topk_parts(
-                    qi, w, keys, nv, TOP_K, parts, other),
-                eager=None, oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
-                bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy",
-                launches=2 if other else 6,
-                notes=f"the row-parallel selection's other form ({parts} chunks per row); comparison only"))
+        # Row-parallel: scores, 4 radix levels, counts and write.
+        launches = 6 if parts else 2 if splits == 1 else 3
+        plan = f"row-parallel, {parts} chunks per row" if parts else f"{splits} segment(s) per row"
         out.append(Case(
             op="indexer_topk", shape=shape + f" k={TOP_K}", make_inputs=make,
             run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),

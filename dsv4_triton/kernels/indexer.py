@@ -12,15 +12,12 @@ score (up to four levels of one byte; a histogram pass per level finds the digit
 the k-th largest, and the levels stop once that digit is taken whole), then one pass that
 writes, in ascending index order, every index above the threshold and the lowest-index
 ones equal to it, and pads with -1.  Deterministic either way (integer sums only):
-- few long rows (decode): the row-parallel select with every SM busy: the scoring pass,
-  then each row cut into chunks, one program each: 4 radix levels (the chunks' histograms
-  summed by integer atomics into the row's; the row's last program to arrive makes the
-  level's pick), then a write that counts each chunk's keys above the threshold and tied with
-  it, publishes the counts, sums those of the chunks before it and writes the chunk's
-  selection at its offset.  5 selection launches, or one (2 launches in all) when every
-  program of the five phases fits on the GPU at once: each phase's programs load their chunk,
-  then wait for the previous phase's last arrival to store the row's state.  See
-  "Row-parallel selection" below.
+- few long rows (decode): the row-parallel select, 6 launches with every SM busy: the
+  scoring pass, then each row cut into chunks, one program each: 4 level launches (the
+  chunks' histograms summed by integer atomics into the row's; the row's last program to
+  arrive makes the level's pick), then one that counts each chunk's keys above the threshold
+  and tied with it, publishes the counts, sums those of the chunks before it and writes the
+  chunk's selection at its offset.  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -348,51 +345,12 @@ def _digit_histogram(key, ok, prefix, LEVEL: tl.constexpr):
     return tl.histogram(digit, RADIX_BINS, mask=match)
 
 
-# Below a level's first, a block's matching keys (those in the digit picked above) are few or
-# all tied in one digit, as a rule: more than this many in several digits take the histogram.
-SPARSE_MATCHES: tl.constexpr = tl.constexpr(16)
-
-
-@triton.jit
-def _add_digit_counts(hist_ptr, key, ok, prefix, LEVEL: tl.constexpr):
-    """Add the counts of ``_digit_histogram`` of one block (at most 1024 keys) to a row's
-    level histogram at ``hist_ptr`` by integer atomics.  Level 0 counts every key: the
-    histogram.  Below it (triton 3.6 lowers ``tl.histogram`` to ~600 instructions a thread
-    at 8 keys a thread, whatever the mask) one sum first gives the number of matching keys
-    and the sums of their digits and squared digits: none, nothing to add; all in one digit
-    (n * sum(d^2) == sum(d)^2), one atomic of n; at most ``SPARSE_MATCHES``, one atomic a
-    key; more, the histogram."""
-    bins = tl.arange(0, RADIX_BINS)
-    if LEVEL == 0:
-        hist = _digit_histogram(key, ok, prefix, LEVEL)
-        tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
-    else:
-        tl.static_assert(key.shape[0] <= 1024)  # the packed sums' field widths
-        DIGIT_SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
-        digit = (key >> DIGIT_SHIFT) & (RADIX_BINS - 1)
-        match = ok & ((key >> (DIGIT_SHIFT + RADIX_BITS)) == prefix)
-        # n (11 bits) << 45 | sum(d) (18 bits) << 27 | sum(d^2) (27 bits), per key d < 256.
-        wide = digit.to(tl.int64)
-        sums = tl.sum(tl.where(match, (1 << 45) | (wide << 27) | (wide * wide), 0), axis=0)
-        n = sums >> 45
-        digit_sum = (sums >> 27) & 0x3FFFF
-        if n * (sums & 0x7FFFFFF) == digit_sum * digit_sum:
-            one = bins == tl.where(n > 0, digit_sum // tl.maximum(n, 1), -1)  # no bin when n = 0
-            tl.atomic_add(hist_ptr + bins, tl.full([RADIX_BINS], 1, tl.int32) * n.to(tl.int32), mask=one,
-                          sem="relaxed")
-        elif n <= SPARSE_MATCHES:
-            tl.atomic_add(hist_ptr + digit, tl.full(digit.shape, 1, tl.int32), mask=match, sem="relaxed")
-        else:
-            hist = tl.histogram(digit, RADIX_BINS, mask=match)
-            tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
-
-
 @triton.jit
 def _pick_bin(hist, remaining, BINS: tl.constexpr):
     """The bin (of ``BINS``) holding the ``remaining``-th largest element, how many are still
     needed from it, and how many it holds."""
     bins = tl.arange(0, BINS)
-    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     digit = tl.max(tl.where(at_or_above >= remaining, bins, 0), axis=0)
     above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
     count = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
@@ -528,48 +486,21 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # (ascending index order, ties to the lowest indices as in one program).
 #
 # Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then the arrival
-# counter, then the one-launch form's counter per phase) is zero when a call starts;
-# allocated zeroed, and each level's last arrival zeroes that level's histogram and its
-# counter once it has made the pick (the write's, its counter).  The state slots after them
-# are written before they are read in every call.  ``counts`` (per row, per chunk: the
-# published counts; then the one-launch form's level words) is zero when a call starts too:
-# the write's last arrival clears it.
+# counter) is zero when a call starts; allocated zeroed, and each level's last arrival zeroes
+# that level's histogram and the counter once it has made the pick.  The state slots after
+# them are written before they are read in every call.  ``counts`` (per row, per chunk: the
+# published counts) is zero when a call starts too: the write launch's last arrival clears it.
 # One workspace per stream: calls on one stream run in order, so they never overlap on it.
-#
-# One-launch form (``_row_select_kernel``): the same phases as programs of one grid, phase-
-# major (phase p's programs have higher linear ids than phase p - 1's, so the GPU dispatches
-# them later), each phase with its own arrival counter.  The state a level's last arrival
-# stores is one int64 word per level (lowest key of the digits picked, how many are still
-# needed: ``_pack_state``; in ``STATE_COPIES`` copies), which the next phase's programs wait
-# for after issuing their chunk's loads; the write's last arrival clears the words, as it
-# clears the published counts.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)
 ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * RADIX_BINS)  # a row's histograms
 ARRIVALS: tl.constexpr = tl.constexpr(ROW_HIST)  # then the arrival counter
-PHASES: tl.constexpr = tl.constexpr(RADIX_LEVELS + 1)  # the one-launch form: 4 levels, then the write
-PHASE_ARRIVALS: tl.constexpr = tl.constexpr(ROW_HIST + 1)  # then its arrival counter per phase
 # Then the state after the last level picked: prefix, remaining, done, lowest key of the
 # prefix, take_all, and after the last level the threshold key and the ties taken.
-STATE: tl.constexpr = tl.constexpr(PHASE_ARRIVALS + PHASES)
-ROW_WORDS = STATE.value + 8
-# The one-launch form's level states after each row's published chunk counts in ``counts``:
-# per level ``STATE_COPIES`` copies of one int64 word, each on its own 128-byte line, so the
-# programs waiting for a word (a thousand at B = 1, Nk = 1M) poll many L2 lines, not one.
-LEVEL_WORDS: tl.constexpr = tl.constexpr(MAX_PARTS)
-STATE_COPIES: tl.constexpr = tl.constexpr(16)
-LINE_WORDS: tl.constexpr = tl.constexpr(16)  # int64 words a 128-byte line
-COUNTS_WORDS = MAX_PARTS.value + RADIX_LEVELS.value * STATE_COPIES.value * LINE_WORDS.value
-
-
-@triton.jit
-def _arrive_last_of(counter_ptr, count):
-    """Whether this program is the last of ``count`` to arrive at the counter ``counter_ptr``
-    (see ``_arrive_last``)."""
-    tl.debug_barrier()
-    return tl.atomic_add(counter_ptr, 1, sem="acq_rel") == count - 1
+STATE: tl.constexpr = tl.constexpr(ROW_HIST + 1)
+ROW_WORDS = ROW_HIST.value + 8
 
 
 @triton.jit
@@ -577,7 +508,8 @@ def _arrive_last(row_ws):
     """Whether this program is the last of its row's to arrive in this launch.  Every thread's
     accesses to the row's workspace precede the barrier, the barrier the (acq_rel) arrival:
     the last to arrive finds every other program's atomics and reads done."""
-    return _arrive_last_of(row_ws + ARRIVALS, tl.num_programs(1))
+    tl.debug_barrier()
+    return tl.atomic_add(row_ws + ARRIVALS, 1, sem="acq_rel") == tl.num_programs(1) - 1
 
 
 @triton.jit
@@ -659,33 +591,15 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_z
         counted = tl.where(tl.load(row_ws + STATE + 2) != 0, 0, n)
     if ONE_BLOCK:  # straight-line code: the block's loads are issued before n_valid arrives
         key, _, ok = _chunk_keys(vals, tl.arange(0, BLOCK), span, counted)
-        _add_digit_counts(row_ws + LEVEL * RADIX_BINS, key, ok, prefix, LEVEL)
+        hist = _digit_histogram(key, ok, prefix, LEVEL)
     else:
         hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
         for start in range(0, span, BLOCK):
             key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
             hist += _digit_histogram(key, ok, prefix, LEVEL)
-        tl.atomic_add(row_ws + _level_bins(LEVEL), hist, mask=hist > 0, sem="relaxed")
+    tl.atomic_add(row_ws + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
     if _arrive_last(row_ws):
         _pick_level(row_ws, k, LEVEL)
-
-
-@triton.jit
-def _publish_and_wait(row_counts, part, above, equal, ties, PARTS_P: tl.constexpr):
-    """Publish chunk ``part``'s counts (keys above the threshold, tied with it), wait for every
-    chunk before it to publish its own -> (output position of its first taken key, ties
-    before it)."""
-    # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
-    # other memory depends on its ordering.
-    tl.store(row_counts + part, ((above + 1).to(tl.int64) << 32) | equal.to(tl.int64))
-    p = tl.arange(0, PARTS_P)
-    before = p < part
-    published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
-    while tl.min(published, axis=0) == 0:
-        published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
-    above_before = tl.sum(tl.where(before, (published >> 32) - 1, 0), axis=0).to(tl.int32)
-    ties_before = tl.sum(tl.where(before, published & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
-    return above_before + tl.minimum(ties_before, ties), ties_before
 
 
 @triton.jit
@@ -715,9 +629,19 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
             key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
             above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
             equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
+    # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
+    # other memory depends on its ordering.
     row_counts = counts_ptr + row * s_counts
-    taken, ties_before = _publish_and_wait(row_counts, part, above, equal, ties, PARTS_P)
+    tl.store(row_counts + part, ((above + 1).to(tl.int64) << 32) | equal.to(tl.int64))
+    p = tl.arange(0, PARTS_P)
+    before = p < part
+    published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
+    while tl.min(published, axis=0) == 0:
+        published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
+    above_before = tl.sum(tl.where(before, (published >> 32) - 1, 0), axis=0).to(tl.int32)
+    ties_before = tl.sum(tl.where(before, published & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
     out_row = out_ptr + row * k
+    taken = above_before + tl.minimum(ties_before, ties)
     if ONE_BLOCK:
         taken, _ = _compact_block(key, key, ok, first + offs, threshold, ties, taken, ties_before, out_row, out_row,
                                   False)
@@ -727,143 +651,8 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
     if part == parts - 1:
         _pad(out_row, taken, k, BLOCK)
     if _arrive_last(row_ws):
-        p = tl.arange(0, PARTS_P)
         tl.store(row_counts + p, tl.zeros([PARTS_P], dtype=tl.int64), mask=p < parts)
         tl.store(row_ws + ARRIVALS, 0)
-
-
-@triton.jit
-def _pack_state(lowest, remaining):
-    """A level's state as one int64 word, nonzero once written (read whole: no other memory
-    depends on its ordering): (remaining + 1) << 32 | the 32 bits of ``lowest``."""
-    return ((remaining + 1).to(tl.int64) << 32) | (lowest.to(tl.int64) & 0xFFFFFFFF)
-
-
-@triton.jit
-def _state_word(row_counts, level, copy):
-    """Copy ``copy`` (0 .. STATE_COPIES - 1) of level ``level``'s state word in a row's ``counts``."""
-    return row_counts + LEVEL_WORDS + (level * STATE_COPIES + copy) * LINE_WORDS
-
-
-@triton.jit
-def _wait_state(word_ptr, THREADS: tl.constexpr):
-    """(lowest, remaining) of a level's state word, once its last arrival has stored it.  One
-    thread of the program polls (one L2 request a round, not one a warp); the word reaches
-    the others through the reduction."""
-    lane = tl.arange(0, THREADS)
-    word = tl.max(tl.load(word_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
-    while word == 0:
-        word = tl.max(tl.load(word_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
-    return (word & 0xFFFFFFFF).to(tl.int32), ((word >> 32) - 1).to(tl.int32)
-
-
-@triton.jit
-def _level_bins(level):
-    """Workspace offsets of level ``level``'s histogram in a row's."""
-    return level * RADIX_BINS + tl.arange(0, RADIX_BINS)
-
-
-@triton.jit
-def _pick_and_publish(row_ws, row_counts, lowest, remaining, k, LEVEL: tl.constexpr):
-    """The last arrival's step of level ``LEVEL`` in the one-launch form: the pick from the
-    complete histogram and the previous level's state (``lowest``, ``remaining``), the new
-    state stored in the level's word copies, the histogram zeroed.  The state: ``lowest``,
-    the digits picked so far shifted up to a full key (the lowest key they start);
-    ``remaining``, how many are still needed from that digit, 0 once a digit is taken whole
-    (``_select_segment``'s ``done``: the threshold is then ``lowest - 1``, no ties; INT32_MIN,
-    below every key, when the whole row is taken).  Each bin's lane forms the state the pick
-    would give if the digit were that bin and the digit's lane alone stores it: a scan and
-    one maximum, where ``_pick_bin`` needs three more cross-warp sums (the pick is on the
-    selection's critical path, and each cross-warp step costs barriers)."""
-    bins = tl.arange(0, RADIX_BINS)
-    hist = tl.load(row_ws + _level_bins(LEVEL), volatile=True)  # the atomics are in L2
-    tl.store(row_ws + _level_bins(LEVEL), tl.zeros([RADIX_BINS], dtype=tl.int32))
-    needed = k if LEVEL == 0 else remaining
-    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
-    digit = tl.max(tl.where(at_or_above >= needed, bins, 0), axis=0)
-    rest = needed - (at_or_above - hist)
-    if LEVEL == 0:
-        # Bin 0's lane sees the row's total: take all when it is at most k.  (A higher digit
-        # with exactly k at or above it is taken whole: the same selection.)
-        take_all = (bins == 0) & (at_or_above <= k)
-        new_lowest = tl.where(take_all, INT32_MIN, (bins - RADIX_BINS // 2) << 24)
-        new_remaining = tl.where(take_all | (hist == rest), 0, rest)
-    else:
-        was_done = remaining == 0
-        # The digit's bits are zero in lowest.
-        new_lowest = tl.where(was_done, lowest, lowest | (bins << (24 - RADIX_BITS * LEVEL)))
-        new_remaining = tl.where(was_done | (hist == rest), 0, rest)
-    word = _pack_state(new_lowest, new_remaining)
-    for copy in tl.static_range(STATE_COPIES):
-        tl.store(_state_word(row_counts, LEVEL, copy) + bins * 0, word, mask=bins == digit)
-
-
-@triton.jit
-def _row_select_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, parts,
-                       s_zero, s_counts, s_nb, s_ns, PARTS_P: tl.constexpr, BLOCK: tl.constexpr,
-                       THREADS: tl.constexpr):
-    """The row-parallel selection in one launch: program (row, phase * parts + part) runs
-    chunk ``part`` of phase ``phase``: radix level ``phase`` (0-3) as ``_row_level_kernel``,
-    or (phase 4) the counts and write of ``_row_write_kernel``; chunks of at most ``BLOCK``.
-    A program of phase p > 0 issues its chunk's loads, then waits for the state word that the
-    last arrival of phase p - 1 stores.  No deadlock: a program waits only on programs of lower
-    linear id (phase p - 1 of its row; in the write, lower parts of its row), which the GPU
-    dispatches before it.  The write's last arrival clears the row's published counts and
-    level words.  ``THREADS``: the program's threads (32 a warp)."""
-    row = tl.program_id(0).to(tl.int64)
-    phase = tl.program_id(1) // parts
-    part = tl.program_id(1) - phase * parts
-    b = row // seq
-    nv = tl.load(nv_ptr + b * s_nb + (row - b * seq) * s_ns)
-    nv = tl.minimum(tl.maximum(nv, 0), n_keys)
-    first = part * chunk
-    span = tl.maximum(tl.minimum(first + chunk, n_keys) - first, 0)
-    n = tl.maximum(tl.minimum(first + chunk, nv) - first, 0)
-    row_ws = zeroed_ptr + row * s_zero
-    row_counts = counts_ptr + row * s_counts
-    offs = tl.arange(0, BLOCK)
-    key, _, ok = _chunk_keys(scores_ptr + row * n_keys + first, offs, span, n)  # issued before the wait
-    if phase == 0:
-        _add_digit_counts(row_ws, key, ok, 0, 0)
-        if _arrive_last_of(row_ws + PHASE_ARRIVALS, parts):
-            tl.store(row_ws + PHASE_ARRIVALS, 0)
-            _pick_and_publish(row_ws, row_counts, 0, k, k, 0)
-    else:
-        lowest, remaining = _wait_state(_state_word(row_counts, phase - 1, part % STATE_COPIES), THREADS)
-        for level in tl.static_range(1, RADIX_LEVELS):
-            if phase == level:
-                # The previous digits as a prefix; once the row is done, the chunk counts nothing.
-                prefix = lowest >> (32 - RADIX_BITS * level)
-                counted = offs < tl.where(remaining == 0, 0, n)
-                _add_digit_counts(row_ws + level * RADIX_BINS, key, counted, prefix, level)
-                if _arrive_last_of(row_ws + PHASE_ARRIVALS + level, parts):
-                    tl.store(row_ws + PHASE_ARRIVALS + level, 0)
-                    _pick_and_publish(row_ws, row_counts, lowest, remaining, k, level)
-        if phase == RADIX_LEVELS:
-            threshold = tl.where(remaining == 0, tl.maximum(lowest, INT32_MIN + 1) - 1, lowest)
-            _write_chunk(key, ok, first + offs, threshold, remaining, row_counts, out_ptr + row * k, k, part, parts,
-                         PARTS_P, BLOCK)
-            if _arrive_last_of(row_ws + PHASE_ARRIVALS + RADIX_LEVELS, parts):
-                p = tl.arange(0, PARTS_P)
-                tl.store(row_counts + p, tl.zeros([PARTS_P], dtype=tl.int64), mask=p < parts)
-                for level in tl.static_range(RADIX_LEVELS):
-                    tl.store(_state_word(row_counts, level, tl.arange(0, STATE_COPIES)),
-                             tl.zeros([STATE_COPIES], dtype=tl.int64))
-                tl.store(row_ws + PHASE_ARRIVALS + RADIX_LEVELS, 0)
-
-
-@triton.jit
-def _write_chunk(key, ok, idx, threshold, ties, row_counts, out_row, k, part, parts, PARTS_P: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """The write of one chunk held in registers: count its keys above ``threshold`` and tied
-    with it, publish the counts, wait for every chunk before it to publish its own, write its
-    selection at the offset their sums give; the last part pads."""
-    above = tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
-    equal = tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
-    taken, ties_before = _publish_and_wait(row_counts, part, above, equal, ties, PARTS_P)
-    taken, _ = _compact_block(key, key, ok, idx, threshold, ties, taken, ties_before, out_row, out_row, False)
-    if part == parts - 1:
-        _pad(out_row, taken, k, BLOCK)
 
 
 _workspaces: dict = {}
@@ -871,16 +660,16 @@ _workspaces: dict = {}
 
 def _workspace(device: torch.device, rows: int):
     """(zeroed, counts) for the current stream of ``device``: ``zeroed`` int32
-    ``[rows, ROW_WORDS]`` (histograms and counters zero between calls, see the invariant
-    above; then the state), ``counts`` int64 ``[rows, COUNTS_WORDS]`` (the chunks' published
-    counts, then the one-launch form's level words; zero between calls).  Grown to the
-    largest call seen, never shrunk, so the decode hot path allocates nothing."""
+    ``[rows, ROW_WORDS]`` (histograms and counter zero between calls, see the invariant
+    above; then the state), ``counts`` int64 ``[rows, MAX_PARTS]`` (the chunks' published
+    counts, zero between calls).  Grown to the largest call seen, never shrunk, so the decode
+    hot path allocates nothing."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     have = _workspaces.get(key)
     if have is None or have[0].shape[0] < rows:
         have = (torch.zeros(rows, ROW_WORDS, dtype=torch.int32, device=device),
-                torch.zeros(rows, COUNTS_WORDS, dtype=torch.int64, device=device))
+                torch.zeros(rows, MAX_PARTS.value, dtype=torch.int64, device=device))
         _workspaces[key] = have
     return have
 
@@ -996,53 +785,26 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
 
 
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
-                       k: int, parts: int, one_launch: "bool | None" = None) -> torch.Tensor:
+                       k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
-    ``MAX_PARTS``): 6 launches (scores, 4 levels, counts and write), or 2 with ``one_launch``
-    (the selection in one launch; None: the plan's choice, see ``select_parts``)."""
+    ``MAX_PARTS``): 6 launches (scores, 4 levels, counts and write)."""
     out, scores = _output_and_scores(qi, w, keys, n_valid, k)
     if scores is not None:
         chunk = triton.cdiv(scores.shape[1], max(1, min(parts, scores.shape[1], MAX_PARTS.value)))
-        select_parts(scores, n_valid, out, qi.shape[1], k, chunk, one_launch)
+        select_parts(scores, n_valid, out, qi.shape[1], k, chunk)
     return out
 
 
-# Registers a thread of the one-launch selection: 10 programs of 4 warps a SM (65536
-# registers).  Triton 3.6's compile takes 56 unbounded (9 a SM), 48 with no spills when bounded.
-ONE_LAUNCH_REGISTERS = 48
-ONE_LAUNCH_PROGRAMS_PER_SM = 10
-
-
-def plan_one_launch(rows: int, parts: int, chunk: int, device: torch.device) -> bool:
-    """Whether the row-parallel selection runs in one launch: chunks of one block, and every
-    program of every phase resident at once, so the later phases' programs wait with their
-    chunks already loaded instead of queueing behind the waiting ones."""
-    return (chunk <= ROW_PARALLEL_BLOCK
-            and rows * parts * PHASES.value <= ONE_LAUNCH_PROGRAMS_PER_SM * _sm_count(device))
-
-
 def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
-                 chunk: int, one_launch: "bool | None" = None) -> None:
-    """The row-parallel selection over FP32 scores ``[rows, Nk]`` in chunks of ``chunk`` (at
-    most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32): 5 launches (4 levels, the
-    write), or with ``one_launch`` (chunks of at most ``ROW_PARALLEL_BLOCK``) one launch whose
-    phases wait on each other; None: ``plan_one_launch``.  Same result either way."""
+                 chunk: int) -> None:
+    """The row-parallel selection's 5 launches over FP32 scores ``[rows, Nk]`` in chunks of
+    ``chunk`` (at most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32)."""
     rows, n_keys = scores.shape
     if chunk < 1 or triton.cdiv(n_keys, chunk) > MAX_PARTS.value:
         raise ValueError(f"chunk: expected at least max(1, Nk / {MAX_PARTS.value}) = "
                          f"{max(1, triton.cdiv(n_keys, MAX_PARTS.value))}, got {chunk}")
     parts = triton.cdiv(n_keys, chunk)
-    if one_launch is None:
-        one_launch = plan_one_launch(rows, parts, chunk, scores.device)
-    elif one_launch and chunk > ROW_PARALLEL_BLOCK:
-        raise ValueError(f"chunk: expected at most {ROW_PARALLEL_BLOCK} for the one-launch selection, got {chunk}")
     zeroed, counts = _workspace(scores.device, rows)
-    if one_launch:
-        _row_select_kernel[(rows, PHASES.value * parts)](
-            scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, parts, zeroed.stride(0), counts.stride(0),
-            *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), BLOCK=ROW_PARALLEL_BLOCK,
-            THREADS=32 * ROW_PARALLEL_WARPS, num_warps=ROW_PARALLEL_WARPS, maxnreg=ONE_LAUNCH_REGISTERS)
-        return
     grid = (rows, parts)
     common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
     for level in range(RADIX_LEVELS.value):

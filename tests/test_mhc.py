@@ -243,6 +243,12 @@ def test_one_launch_decode_form(device, T, dim, decode_config):
         assert _decode_counters(X).tolist() == [0, 0]
 
 
+def test_decode_config_must_fit_one_partial_row_load():
+    X, fn, scale, base = _inputs(1, 16400, 1, "cpu")
+    with pytest.raises(ValueError, match="decode_config"):
+        kern.hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, decode_config=kern._DECODE_CONFIGS[0])
+
+
 def _check_head(X, fn, scale, base, y, eps=1e-6):
     y_r = ref.hc_head(X, fn, scale, base, eps, 1e-6)
     assert y.dtype == torch.bfloat16 and y.shape == y_r.shape

@@ -283,7 +283,7 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
 def _splits_after_wait(count_ptr, target, n_splits):
     """Waits until ``*count_ptr`` reaches ``target``, then returns ``n_splits`` computed from an
     acquire read of the count, so that the loads it bounds cannot move above that read.  One
-    thread polls (one L2 request a round)."""
+    lane of each warp polls (a 32-element tensor sits whole in every warp)."""
     lane = tl.arange(0, 32)
     seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
     while seen < target:
@@ -489,6 +489,9 @@ def _mix_launch(mix_kernel, y_kernel, decode_kernel, X, fn, scale, base, iters, 
 
 def _decode_launch(kernel, X, fn, scale, base, iters, eps, norm_eps, head, y, post, comb, n_mix, n_pad, config=None):
     T, _, dim = X.shape
+    if config is not None and HC_MULT * triton.cdiv(dim, config[1]) > MAX_DECODE_SPLITS.value:
+        raise ValueError(f"decode_config: slices of {config[1]} columns give more than {MAX_DECODE_SPLITS.value} "
+                         f"partial rows per token at dim {dim}")
     min_chunk = min(c[1] for c in _DECODE_CONFIGS) if config is None else config[1]
     part = _workspace(X.device, "partials", HC_MULT * triton.cdiv(dim, min_chunk) * T * n_pad, torch.float32)
     sync = _workspace(X.device, "decode_counters", 2, torch.int32)

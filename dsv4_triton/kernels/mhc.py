@@ -33,7 +33,7 @@ lower linear ids, which are dispatched first, so the wait always ends; a y progr
 go out before it waits, and one load after it brings every split's partial row of its token
 (``MAX_DECODE_SPLITS``).  The last program to finish zeroes the counters for the next launch.
 
-X is read twice (the second time partly from L2).  Two one-launch variants measured slower
+X is read twice (the second time partly from L2).  Two earlier one-launch forms measured slower
 (benchmarks/NOTES.md): all programs of a tile waiting for each other on a counter so that
 each re-reads its slice from L2 (programs sat waiting for siblings dispatched later), and,
 for decode sizes, the tile's last program writing all of the tile's y (one program's

@@ -302,7 +302,7 @@ _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32
                      zeroed_ptr="*i32", counts_ptr="*i64", out_ptr="*i32")
 
 
-_SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=128, TILES=2, PADDED=False, PDL=True)
+_SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=128, TILES=2, PADDED=False)
 
 
 # A check of the Triton the CPU CI installs (with triton 3.6's ptxas, _row_write_kernel keeps
@@ -312,13 +312,13 @@ _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=1
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=False), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=256, PADDED=True), 8),
-    ("_row_level_kernel", dict(LEVEL=0, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, PDL=True), kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, PDL=True), kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=2, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, PDL=True),
+    ("_row_level_kernel", dict(LEVEL=0, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=2, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
      kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, PDL=True),
+    ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK),
      kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, PDL=True),
+    ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
      kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):
@@ -578,33 +578,6 @@ def test_row_parallel_decode_equal_scores(device):
     got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), 1024)
     assert got.cpu().flatten().tolist() == list(range(1024))
     assert _workspace_counts() == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bsz, n_keys", [(1, 262144), (32, 32768), (3, 100000)])
-def test_row_parallel_dependent_launches_select_exactly(device, bsz, n_keys):
-    """The selection's launches as programmatic dependents and in plain stream order both
-    select the oracle's top-k, call after call: after the scoring launch, and on scores that
-    an elementwise kernel writes just before the first level launch (which must wait for it)."""
-    g = torch.Generator().manual_seed(bsz)
-    k = 1024
-    parts = kernels.plan_parts(bsz, n_keys, k, torch.device(device))
-    assert parts
-    for step in range(3):
-        qi, w, keys = make_inputs(g, bsz, 1, 64, n_keys, integer=True)
-        n_valid = torch.randint(0, n_keys + 1, (bsz, 1), generator=g, dtype=torch.int32)
-        expected = ref.indexer_topk(qi, w, keys, n_valid, k)
-        qi, w, keys, n_valid = (t.to(device) for t in (qi, w, keys, n_valid))
-        scores = kernels.indexer_scores(qi, w, keys, n_valid)
-        for dependent in (True, False):
-            got = kernels.indexer_topk_parts(qi, w, keys, n_valid, k, parts, dependent_launch=dependent)
-            assert torch.equal(got.cpu(), expected), (step, dependent)
-            written = torch.full_like(scores, float("nan"))
-            out = torch.empty(bsz, 1, k, dtype=torch.int32, device=device)
-            torch.mul(scores, 1.0, out=written)
-            kernels.select_parts(written, n_valid, out, 1, k, -(-n_keys // parts), dependent)
-            assert torch.equal(out.cpu(), expected), (step, dependent)
-            assert _workspace_counts() == 0
 
 
 @pytest.mark.gpu

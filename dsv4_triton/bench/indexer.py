@@ -119,14 +119,6 @@ def _decode_cases(quick):
             bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy",
             launches=launches,
             notes=f"score + exact FP32 top-k ({plan}); target within 2x of the scoring pass"))
-        if parts and bsz == 1:
-            out.append(Case(
-                op="indexer_topk[stream order]", shape=shape + f" k={TOP_K}", make_inputs=make,
-                run=lambda qi, w, keys, nv, parts=parts: kernels.indexer_topk_parts(qi, w, keys, nv, TOP_K, parts,
-                                                                                    dependent_launch=False),
-                eager=None, oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
-                bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy", launches=launches,
-                notes="the same launches, not programmatic dependents: what that saves"))
     return out
 
 

@@ -96,18 +96,14 @@ SCORE_CONFIGS = [triton.Config({"BLOCK_N": n, "TILES": t, "KEYS_AS_A": True}, nu
 def _scores_kernel(qi_ptr, w_ptr, keys_ptr, nv_ptr, scores_ptr, seq, heads, n_keys, KEYS_BUCKET,
                    s_qb, s_qs, s_qh, s_wb, s_ws, s_wh, s_kb, s_kn, s_nb, s_ns,
                    KEYS_FP4: tl.constexpr, HEADS_P: tl.constexpr, HEAD_BITS: tl.constexpr, QROWS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PADDED: tl.constexpr, TILES: tl.constexpr, KEYS_AS_A: tl.constexpr,
-                   PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PADDED: tl.constexpr, TILES: tl.constexpr, KEYS_AS_A: tl.constexpr):
     """Program (key tiles, query block, batch): the scores of ``QROWS`` queries (``HEADS_P =
-    2^HEAD_BITS`` rows each).  ``PDL``: let the selection's first launch start at once (see
-    "Row-parallel selection").  ``KEYS_AS_A`` picks the product's form: logits^T = keys @ q^T,
+    2^HEAD_BITS`` rows each).  ``KEYS_AS_A`` picks the product's form: logits^T = keys @ q^T,
     the key tile the MMA's A operand (registers: FP4 keys are decoded straight into its fragment
     layout; the tuned form), or logits = q @ keys^T, the key tile its B operand (through shared
     memory; benchmarks only, see the module doc).  ``PADDED``: some of the ``QROWS * HEADS_P`` rows are padding (heads not a
     power of two, or past the last query)."""
     M: tl.constexpr = QROWS * HEADS_P
-    if PDL:
-        _let_dependents_start()
     pid_n = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     t0 = tl.program_id(1) * QROWS
@@ -495,15 +491,6 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # them are written before they are read in every call.  ``counts`` (per row, per chunk: the
 # published counts) is zero when a call starts too: the write launch's last arrival clears it.
 # One workspace per stream: calls on one stream run in order, so they never overlap on it.
-#
-# Programmatic dependent launch (sm_90 on, ``PDL``): the scoring launch and each level launch
-# let the next launch's programs start before they finish (griddepcontrol.launch_dependents),
-# so its launch and ramp are hidden; each of those programs waits (griddepcontrol.wait) for
-# the launch before it to complete, with its writes visible, before it reads what that launch
-# wrote or writes anything.  A level launch lets the next one start only after its own wait,
-# so when a later launch starts the scoring launch has completed: the second to fifth launches
-# issue their chunk's score loads (at L2, ``.cg``) before they wait.  The first level launch
-# reads everything, even ``n_valid``, after its wait: its predecessor may be any kernel.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
@@ -514,22 +501,6 @@ ARRIVALS: tl.constexpr = tl.constexpr(ROW_HIST)  # then the arrival counter
 # prefix, take_all, and after the last level the threshold key and the ties taken.
 STATE: tl.constexpr = tl.constexpr(ROW_HIST + 1)
 ROW_WORDS = ROW_HIST.value + 8
-
-
-@triton.jit
-def _wait_for_previous_launch():
-    """griddepcontrol.wait; returns 0, which the accesses that must follow the wait add to
-    their addresses, so that no compiler stage moves them above it."""
-    return tl.inline_asm_elementwise("griddepcontrol.wait;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _let_dependents_start():
-    """griddepcontrol.launch_dependents: the next launch, if launched as a programmatic
-    dependent, may start once every program of this one has passed here."""
-    tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -598,49 +569,33 @@ def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
 
 
 @triton.jit
-def _chunk_scores(vals, offs, span):
-    """Chunk elements ``offs`` (see ``_row_chunk``), read at L2: some are read before the
-    wait on the previous launch (see "Programmatic dependent launch" above)."""
-    return tl.load(vals + offs, mask=offs < span, other=0.0, cache_modifier=".cg")
-
-
-@triton.jit
 def _chunk_keys(vals, offs, span, valid):
-    """Keys and validity of chunk elements ``offs`` (see ``_row_chunk``)."""
-    return _order_key(_chunk_scores(vals, offs, span)), offs < valid
+    """Keys, values and validity of chunk elements ``offs`` (see ``_row_chunk``)."""
+    v = tl.load(vals + offs, mask=offs < span, other=0.0)
+    return _order_key(v), v, offs < valid
 
 
 @triton.jit
 def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_zero, s_nb, s_ns,
-                      LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                      LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's; the last
-    to arrive makes the level's pick.  ``ONE_BLOCK``: chunks of at most ``BLOCK`` scores.
-    ``PDL``: launched as a programmatic dependent of the launch before."""
-    after = 0
-    if PDL and LEVEL == 0:
-        after = _wait_for_previous_launch()
-    row, first, span, n = _row_chunk(nv_ptr + after, seq, n_keys, chunk, s_nb, s_ns)
-    vals = scores_ptr + after + row * n_keys + first
-    if ONE_BLOCK:  # straight-line code: the block's loads are issued before n_valid arrives
-        offs = tl.arange(0, BLOCK)
-        v = _chunk_scores(vals, offs, span)
-    if PDL and LEVEL > 0:
-        after = _wait_for_previous_launch()
-    if PDL:
-        _let_dependents_start()
-    row_ws = zeroed_ptr + after + row * s_zero
+    to arrive makes the level's pick.  ``ONE_BLOCK``: chunks of at most ``BLOCK`` scores."""
+    row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    row_ws = zeroed_ptr + row * s_zero
+    vals = scores_ptr + row * n_keys + first
     if LEVEL == 0:
         prefix = 0
         counted = n
     else:  # once the row is done, the chunk counts nothing (its loads still go out: no wait)
         prefix = tl.load(row_ws + STATE)
         counted = tl.where(tl.load(row_ws + STATE + 2) != 0, 0, n)
-    if ONE_BLOCK:
-        hist = _digit_histogram(_order_key(v), offs < counted, prefix, LEVEL)
+    if ONE_BLOCK:  # straight-line code: the block's loads are issued before n_valid arrives
+        key, _, ok = _chunk_keys(vals, tl.arange(0, BLOCK), span, counted)
+        hist = _digit_histogram(key, ok, prefix, LEVEL)
     else:
         hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
         for start in range(0, span, BLOCK):
-            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
+            key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
             hist += _digit_histogram(key, ok, prefix, LEVEL)
     tl.atomic_add(row_ws + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
     if _arrive_last(row_ws):
@@ -649,42 +604,34 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_z
 
 @triton.jit
 def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
-                      s_nb, s_ns, PARTS_P: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-                      PDL: tl.constexpr):
+                      s_nb, s_ns, PARTS_P: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, part): count the chunk's keys above the threshold and tied with it,
     publish the counts, wait for every chunk before it to publish its own, then write the
     chunk's selection at its offset; the last part pads, the row's last arrival clears the
     published counts.  The wait cannot deadlock: a program waits only on programs of lower
-    linear id (same row, lower part), which the GPU dispatches before it.  ``PDL``: launched
-    as a programmatic dependent of the last level launch."""
+    linear id (same row, lower part), which the GPU dispatches before it."""
     row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
+    row_ws = zeroed_ptr + row * s_zero
+    threshold = tl.load(row_ws + STATE + 5)
+    ties = tl.load(row_ws + STATE + 6)
     vals = scores_ptr + row * n_keys + first
     if ONE_BLOCK:  # the block stays in registers for the write (see _row_level_kernel)
         offs = tl.arange(0, BLOCK)
-        v = _chunk_scores(vals, offs, span)
-    after = 0
-    if PDL:
-        after = _wait_for_previous_launch()
-    row_ws = zeroed_ptr + after + row * s_zero
-    threshold = tl.load(row_ws + STATE + 5)
-    ties = tl.load(row_ws + STATE + 6)
-    if ONE_BLOCK:
-        key = _order_key(v)
-        ok = offs < n
+        key, _, ok = _chunk_keys(vals, offs, span, n)
         above = tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
         equal = tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
     else:
         above = tl.zeros_like(n)
         equal = tl.zeros_like(n)
         for start in range(0, span, BLOCK):
-            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
+            key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
             above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
             equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
     # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
     # other memory depends on its ordering.
-    row_counts = counts_ptr + after + row * s_counts
+    row_counts = counts_ptr + row * s_counts
     tl.store(row_counts + part, ((above + 1).to(tl.int64) << 32) | equal.to(tl.int64))
     p = tl.arange(0, PARTS_P)
     before = p < part
@@ -725,12 +672,6 @@ def _workspace(device: torch.device, rows: int):
                 torch.zeros(rows, MAX_PARTS.value, dtype=torch.int64, device=device))
         _workspaces[key] = have
     return have
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl(device: torch.device) -> bool:
-    """Whether launches on ``device`` may be programmatic dependents (griddepcontrol: sm_90 on)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -793,7 +734,7 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
                  qi.stride(0), qi.stride(1), qi.stride(2), *w.stride(), keys.stride(0), keys.stride(1),
                  *n_valid.stride(), KEYS_FP4=keys.dtype == torch.uint8, HEADS_P=heads_p,
                  HEAD_BITS=heads_p.bit_length() - 1, QROWS=qrows, PADDED=heads != heads_p or seq % qrows != 0,
-                 PDL=_pdl(qi.device), enable_fp_fusion=False, **meta)
+                 enable_fp_fusion=False, **meta)
     return scores
 
 
@@ -844,23 +785,20 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
 
 
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
-                       k: int, parts: int, dependent_launch: bool = True) -> torch.Tensor:
+                       k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
-    ``MAX_PARTS``): 6 launches (scores, 4 levels, counts and write).  ``dependent_launch``:
-    see ``select_parts``."""
+    ``MAX_PARTS``): 6 launches (scores, 4 levels, counts and write)."""
     out, scores = _output_and_scores(qi, w, keys, n_valid, k)
     if scores is not None:
         chunk = triton.cdiv(scores.shape[1], max(1, min(parts, scores.shape[1], MAX_PARTS.value)))
-        select_parts(scores, n_valid, out, qi.shape[1], k, chunk, dependent_launch)
+        select_parts(scores, n_valid, out, qi.shape[1], k, chunk)
     return out
 
 
 def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
-                 chunk: int, dependent_launch: bool = True) -> None:
+                 chunk: int) -> None:
     """The row-parallel selection's 5 launches over FP32 scores ``[rows, Nk]`` in chunks of
-    ``chunk`` (at most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32).
-    ``dependent_launch``: launched as programmatic dependents where the GPU has them (sm_90
-    on; see "Programmatic dependent launch"), else in plain stream order (kept to compare)."""
+    ``chunk`` (at most ``MAX_PARTS`` per row) into ``out`` (``rows * k`` int32)."""
     rows, n_keys = scores.shape
     if chunk < 1 or triton.cdiv(n_keys, chunk) > MAX_PARTS.value:
         raise ValueError(f"chunk: expected at least max(1, Nk / {MAX_PARTS.value}) = "
@@ -868,9 +806,7 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     parts = triton.cdiv(n_keys, chunk)
     zeroed, counts = _workspace(scores.device, rows)
     grid = (rows, parts)
-    pdl = dependent_launch and _pdl(scores.device)
-    common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS,
-                  PDL=pdl, launch_pdl=pdl)
+    common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
     for level in range(RADIX_LEVELS.value):
         _row_level_kernel[grid](scores, n_valid, zeroed, seq, n_keys, k, chunk, zeroed.stride(0), *n_valid.stride(),
                                 LEVEL=level, **common)

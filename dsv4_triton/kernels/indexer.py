@@ -14,10 +14,10 @@ writes, in ascending index order, every index above the threshold and the lowest
 ones equal to it, and pads with -1.  Deterministic either way (integer sums only):
 - few long rows (decode): the row-parallel select, 6 launches with every SM busy: the
   scoring pass, then each row cut into chunks, one program each: 4 level launches (the
-  chunks' histograms summed by integer atomics into the row's; the row's last program to
-  arrive makes the level's pick), then one that counts each chunk's keys above the threshold
-  and tied with it, publishes the counts, sums those of the chunks before it and writes the
-  chunk's selection at its offset.  See "Row-parallel selection" below.
+  chunks' histograms summed by integer atomics into the row's; every program of the next
+  launch makes that level's pick from the complete histogram), then one that makes the last
+  pick, counts each chunk's keys above the threshold and tied with it, publishes the
+  counts, sums those of the chunks before it and writes the chunk's selection at its offset.  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -476,49 +476,49 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # --- Row-parallel selection (few long rows) -----------------------------------------------
 # After the scoring launch each row is cut into ``parts`` chunks, one program each, in every
 # launch: the radix levels of ``_select_segment``, but a level's histogram is the sum of the
-# chunks' (integer atomics: exact in any order), kept in the row's workspace.  The last of a
-# row's programs to arrive in a level launch (an arrival counter) makes the level's pick from
-# the complete histogram and stores the row's state (prefix, remaining, ...; after the last
-# level the threshold key and the ties taken), so the programs of the next launch load a few
-# scalars instead of replaying every level's pick.  In the last launch each chunk counts its
-# elements above the threshold and tied with it, publishes the counts, waits for the chunks
-# before it to publish theirs and writes its selection at the offset their sums give
-# (ascending index order, ties to the lowest indices as in one program).
+# chunks' (integer atomics: exact in any order), kept in the row's workspace.  Every program
+# of the next launch loads that complete histogram beside its chunk's scores and makes the
+# level's pick itself (one 256-bin pick: ~0.15 us), from the state after the level before,
+# which program 0 of the previous launch stored; its own program 0 stores the state after
+# this pick for the launch after.  No program waits for the others to arrive: a last-arrival
+# pick cost each level launch ~1.6 us on the H100 (an acq_rel arrival, then the histogram's
+# load and the pick on one program), the replayed pick ~0.15 us.  In the last launch each
+# chunk makes the last level's pick, counts its elements above the threshold and tied with
+# it, publishes the counts, waits for the chunks before it to publish theirs and writes its
+# selection at the offset their sums give (ascending index order, ties to the lowest
+# indices as in one program).
 #
-# Workspace invariant: ``zeroed`` (per row: the four levels' histograms, then the arrival
-# counter) is zero when a call starts; allocated zeroed, and each level's last arrival zeroes
-# that level's histogram and the counter once it has made the pick.  The state slots after
-# them are written before they are read in every call.  ``counts`` (per row, per chunk: the
-# published counts) is zero when a call starts too: the write launch's last arrival clears it.
-# One workspace per stream: calls on one stream run in order, so they never overlap on it.
+# Workspace invariant (per row): the histograms of levels 0, 1 and 2 are zero when a call
+# starts.  Each histogram is zeroed by program 0 of a launch after the last one that reads
+# it (level 0's by the level-2 launch, 1's by level 3's, 2's by the write launch), level 3's
+# (read by every write program) by the next call's level-0 launch, before the level-3 launch
+# adds to it; the level-0 launch also zeroes each chunk's published counts, which the write
+# launch's wait needs zero.  Allocated zeroed.  The state slots are written before they are
+# read in every call.  One workspace per stream: calls on one stream run in order, so they
+# never overlap on it.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)
 ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * RADIX_BINS)  # a row's histograms
-ARRIVALS: tl.constexpr = tl.constexpr(ROW_HIST)  # then the arrival counter
-# Then the state after the last level picked: prefix, remaining, done, lowest key of the
-# prefix, take_all, and after the last level the threshold key and the ties taken.
-STATE: tl.constexpr = tl.constexpr(ROW_HIST + 1)
-ROW_WORDS = ROW_HIST.value + 8
+# Then, per level, the state after its pick: prefix, remaining, done, lowest key of the
+# prefix, take_all.
+STATE: tl.constexpr = tl.constexpr(ROW_HIST)
+STATE_WORDS: tl.constexpr = tl.constexpr(8)
+ROW_WORDS = ROW_HIST.value + RADIX_LEVELS.value * STATE_WORDS.value
 
 
 @triton.jit
-def _arrive_last(row_ws):
-    """Whether this program is the last of its row's to arrive in this launch.  Every thread's
-    accesses to the row's workspace precede the barrier, the barrier the (acq_rel) arrival:
-    the last to arrive finds every other program's atomics and reads done."""
-    tl.debug_barrier()
-    return tl.atomic_add(row_ws + ARRIVALS, 1, sem="acq_rel") == tl.num_programs(1) - 1
-
-
-@triton.jit
-def _pick_level(row_ws, k, LEVEL: tl.constexpr):
-    """The last arrival's step of level ``LEVEL``: the pick from the complete histogram (as
-    ``_select_segment`` makes it), the row's state stored, the histogram and counter zeroed."""
+def _level_pick(row_ws, k, LEVEL: tl.constexpr):
+    """The row's state after level ``LEVEL``'s pick (as ``_select_segment`` makes it), from
+    that level's complete histogram and the state stored after the level before: (prefix,
+    remaining, done, lowest key of the prefix, take_all, threshold key, ties).  The last two
+    only after the last level (0 before): stopped before it, every key of the digit is taken
+    (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all."""
     bins = tl.arange(0, RADIX_BINS)
-    # Volatile: the other programs' atomics are in L2; no stale line from this SM's L1.
-    hist = tl.load(row_ws + LEVEL * RADIX_BINS + bins, volatile=True)
+    hist = tl.load(row_ws + LEVEL * RADIX_BINS + bins)
+    threshold = 0
+    ties = 0
     if LEVEL == 0:
         take_all = tl.sum(hist, axis=0) <= k
         d0, remaining, count = _pick_bin(hist, k, RADIX_BINS)
@@ -526,30 +526,37 @@ def _pick_level(row_ws, k, LEVEL: tl.constexpr):
         done = take_all | (count == remaining)
         lowest = prefix << 24
     else:
-        prefix = tl.load(row_ws + STATE)
-        remaining = tl.load(row_ws + STATE + 1)
-        was_done = tl.load(row_ws + STATE + 2) != 0
-        lowest = tl.load(row_ws + STATE + 3)
-        take_all = tl.load(row_ws + STATE + 4) != 0
+        before = row_ws + STATE + (LEVEL - 1) * STATE_WORDS
+        prefix = tl.load(before)
+        remaining = tl.load(before + 1)
+        was_done = tl.load(before + 2) != 0
+        lowest = tl.load(before + 3)
+        take_all = tl.load(before + 4) != 0
         digit, rest, count = _pick_bin(hist, remaining, RADIX_BINS)
         prefix = tl.where(was_done, prefix, prefix * RADIX_BINS + digit)
         remaining = tl.where(was_done, remaining, rest)
         done = was_done | (count == rest)
         lowest = tl.where(was_done, lowest, prefix << (24 - RADIX_BITS * LEVEL))
         if LEVEL == RADIX_LEVELS - 1:
-            # As in ``_select_segment``: stopped before the last level, every key of the digit
-            # is taken (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all.
             threshold = tl.where(take_all, INT32_MIN,
                                  tl.where(was_done, tl.maximum(lowest, INT32_MIN + 1) - 1, prefix))
-            tl.store(row_ws + STATE + 5, threshold)
-            tl.store(row_ws + STATE + 6, tl.where(was_done, 0, remaining))
-    tl.store(row_ws + STATE, prefix)
-    tl.store(row_ws + STATE + 1, remaining)
-    tl.store(row_ws + STATE + 2, done.to(tl.int32))
-    tl.store(row_ws + STATE + 3, lowest)
-    tl.store(row_ws + STATE + 4, take_all.to(tl.int32))
-    tl.store(row_ws + LEVEL * RADIX_BINS + bins, tl.zeros([RADIX_BINS], dtype=tl.int32))
-    tl.store(row_ws + ARRIVALS, 0)
+            ties = tl.where(was_done, 0, remaining)
+    return prefix, remaining, done, lowest, take_all, threshold, ties
+
+
+@triton.jit
+def _store_state(row_ws, prefix, remaining, done, lowest, take_all, LEVEL: tl.constexpr):
+    after = row_ws + STATE + LEVEL * STATE_WORDS
+    tl.store(after, prefix)
+    tl.store(after + 1, remaining)
+    tl.store(after + 2, done.to(tl.int32))
+    tl.store(after + 3, lowest)
+    tl.store(after + 4, take_all.to(tl.int32))
+
+
+@triton.jit
+def _zero_histogram(row_ws, LEVEL: tl.constexpr):
+    tl.store(row_ws + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), tl.zeros([RADIX_BINS], dtype=tl.int32))
 
 
 @triton.jit
@@ -569,64 +576,81 @@ def _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns):
 
 
 @triton.jit
-def _chunk_keys(vals, offs, span, valid):
-    """Keys, values and validity of chunk elements ``offs`` (see ``_row_chunk``)."""
-    v = tl.load(vals + offs, mask=offs < span, other=0.0)
-    return _order_key(v), v, offs < valid
+def _chunk_scores(vals, offs, span):
+    """Chunk elements ``offs`` (see ``_row_chunk``)."""
+    return tl.load(vals + offs, mask=offs < span, other=0.0)
 
 
 @triton.jit
-def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, seq, n_keys, k, chunk, s_zero, s_nb, s_ns,
+def _chunk_keys(vals, offs, span, valid):
+    """Keys and validity of chunk elements ``offs`` (see ``_row_chunk``)."""
+    return _order_key(_chunk_scores(vals, offs, span)), offs < valid
+
+
+@triton.jit
+def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, k, chunk, s_zero, s_counts, s_nb, s_ns,
                       LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): add the chunk's level-``LEVEL`` histogram to the row's; the last
-    to arrive makes the level's pick.  ``ONE_BLOCK``: chunks of at most ``BLOCK`` scores."""
+    """Program (row, part): the pick of level ``LEVEL - 1`` (see above), then add the chunk's
+    level-``LEVEL`` histogram to the row's.  ``ONE_BLOCK``: chunks of at most ``BLOCK`` scores."""
     row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
+    part = tl.program_id(1)
     row_ws = zeroed_ptr + row * s_zero
     vals = scores_ptr + row * n_keys + first
+    if ONE_BLOCK:  # straight-line code: the block's loads are issued before anything they wait on
+        offs = tl.arange(0, BLOCK)
+        v = _chunk_scores(vals, offs, span)
     if LEVEL == 0:
         prefix = 0
         counted = n
+        tl.store(counts_ptr + row * s_counts + part, tl.zeros_like(n).to(tl.int64))
+        if part == 0:
+            _zero_histogram(row_ws, RADIX_LEVELS - 1)
     else:  # once the row is done, the chunk counts nothing (its loads still go out: no wait)
-        prefix = tl.load(row_ws + STATE)
-        counted = tl.where(tl.load(row_ws + STATE + 2) != 0, 0, n)
-    if ONE_BLOCK:  # straight-line code: the block's loads are issued before n_valid arrives
-        key, _, ok = _chunk_keys(vals, tl.arange(0, BLOCK), span, counted)
-        hist = _digit_histogram(key, ok, prefix, LEVEL)
+        prefix, remaining, done, lowest, take_all, _, _ = _level_pick(row_ws, k, LEVEL - 1)
+        counted = tl.where(done, 0, n)
+        if part == 0:
+            _store_state(row_ws, prefix, remaining, done, lowest, take_all, LEVEL - 1)
+            if LEVEL >= 2:
+                _zero_histogram(row_ws, LEVEL - 2)
+    if ONE_BLOCK:
+        hist = _digit_histogram(_order_key(v), offs < counted, prefix, LEVEL)
     else:
         hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
         for start in range(0, span, BLOCK):
-            key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
+            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
             hist += _digit_histogram(key, ok, prefix, LEVEL)
     tl.atomic_add(row_ws + LEVEL * RADIX_BINS + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
-    if _arrive_last(row_ws):
-        _pick_level(row_ws, k, LEVEL)
 
 
 @triton.jit
 def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
                       s_nb, s_ns, PARTS_P: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): count the chunk's keys above the threshold and tied with it,
-    publish the counts, wait for every chunk before it to publish its own, then write the
-    chunk's selection at its offset; the last part pads, the row's last arrival clears the
-    published counts.  The wait cannot deadlock: a program waits only on programs of lower
-    linear id (same row, lower part), which the GPU dispatches before it."""
+    """Program (row, part): the last level's pick, then count the chunk's keys above the
+    threshold and tied with it, publish the counts, wait for every chunk before it to publish
+    its own, then write the chunk's selection at its offset; the last part pads.  The wait
+    cannot deadlock: a program waits only on programs of lower linear id (same row, lower
+    part), which the GPU dispatches before it."""
     row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     row_ws = zeroed_ptr + row * s_zero
-    threshold = tl.load(row_ws + STATE + 5)
-    ties = tl.load(row_ws + STATE + 6)
     vals = scores_ptr + row * n_keys + first
     if ONE_BLOCK:  # the block stays in registers for the write (see _row_level_kernel)
         offs = tl.arange(0, BLOCK)
-        key, _, ok = _chunk_keys(vals, offs, span, n)
+        v = _chunk_scores(vals, offs, span)
+    _, _, _, _, _, threshold, ties = _level_pick(row_ws, k, RADIX_LEVELS - 1)
+    if part == 0:
+        _zero_histogram(row_ws, RADIX_LEVELS - 2)
+    if ONE_BLOCK:
+        key = _order_key(v)
+        ok = offs < n
         above = tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
         equal = tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
     else:
         above = tl.zeros_like(n)
         equal = tl.zeros_like(n)
         for start in range(0, span, BLOCK):
-            key, _, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
+            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
             above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
             equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
     # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
@@ -650,9 +674,6 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
                          BLOCK)
     if part == parts - 1:
         _pad(out_row, taken, k, BLOCK)
-    if _arrive_last(row_ws):
-        tl.store(row_counts + p, tl.zeros([PARTS_P], dtype=tl.int64), mask=p < parts)
-        tl.store(row_ws + ARRIVALS, 0)
 
 
 _workspaces: dict = {}
@@ -660,9 +681,9 @@ _workspaces: dict = {}
 
 def _workspace(device: torch.device, rows: int):
     """(zeroed, counts) for the current stream of ``device``: ``zeroed`` int32
-    ``[rows, ROW_WORDS]`` (histograms and counter zero between calls, see the invariant
-    above; then the state), ``counts`` int64 ``[rows, MAX_PARTS]`` (the chunks' published
-    counts, zero between calls).  Grown to the largest call seen, never shrunk, so the decode
+    ``[rows, ROW_WORDS]`` (the histograms, levels 0-2 zero between calls, see the invariant
+    above; then the states), ``counts`` int64 ``[rows, MAX_PARTS]`` (the chunks' published
+    counts, zeroed by each call's first level launch).  Grown to the largest call seen, never shrunk, so the decode
     hot path allocates nothing."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
@@ -808,8 +829,8 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     grid = (rows, parts)
     common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
     for level in range(RADIX_LEVELS.value):
-        _row_level_kernel[grid](scores, n_valid, zeroed, seq, n_keys, k, chunk, zeroed.stride(0), *n_valid.stride(),
-                                LEVEL=level, **common)
+        _row_level_kernel[grid](scores, n_valid, zeroed, counts, seq, n_keys, k, chunk, zeroed.stride(0),
+                                counts.stride(0), *n_valid.stride(), LEVEL=level, **common)
     _row_write_kernel[grid](scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, zeroed.stride(0),
                             counts.stride(0), *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)
 

@@ -269,6 +269,29 @@ def test_row_parallel_writes_only_its_rows_k_slots(device, n_keys, k, parts, see
     assert _workspace_counts() == 0
 
 
+@pytest.mark.parametrize("chunk", [64, 300])
+@pytest.mark.parametrize("case", ["many digits", "few keys", "one digit"])
+def test_row_parallel_level_count_paths(device, case, chunk):
+    """Below the first level a chunk adds its counts by the histogram (more than
+    SPARSE_MATCHES matching keys over several digits), one atomic a key (a few), or one
+    atomic in all (every match in one digit): each path, exact, in chunks of one block."""
+    n_keys = 300
+    if case == "many digits":  # 300 distinct values in one binade: level 1 spreads them
+        scores = 1024.0 + torch.randperm(n_keys, generator=torch.Generator().manual_seed(3)).float() * 3.0
+    elif case == "few keys":  # 5 values per binade: a handful of keys in the k-th's digit
+        pos = torch.arange(n_keys)
+        scores = torch.ldexp(1.0 + (pos % 5).float() / 8, pos // 5 - 30).flip(0)
+    else:  # ties of one value below the cut, and distinct values above it
+        scores = torch.where(torch.arange(n_keys) % 3 == 0, 7.0, torch.arange(n_keys).float() + 100.0)
+    scores = scores[None].contiguous()
+    n_valid = torch.tensor([[n_keys]], dtype=torch.int32)
+    for k in (40, 150, 205):
+        out = torch.empty(1, k, dtype=torch.int32, device=device)
+        kernels.select_parts(scores.to(device), n_valid.to(device), out, 1, k, chunk)
+        assert torch.equal(out.cpu(), ref.select_topk(scores[:, None], n_valid, k)[:, 0])
+    assert _workspace_counts() == 0
+
+
 def test_row_parallel_chunk_count_bounded():
     """More chunks than the published-count workspace holds are refused, naming the argument."""
     scores = torch.zeros(1, kernels.MAX_PARTS.value + 1)

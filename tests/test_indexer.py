@@ -249,7 +249,7 @@ def test_row_parallel_exact_on_distinct_scores(device, bsz, seq, n_keys, k, spre
 def _workspace_counts():
     """Sum of every stream's level 0-2 histograms (zero between calls; level 3's and the
     published chunk counts are zeroed by each call's first level launch)."""
-    return sum(int(zeroed[:, :3 * kernels.RADIX_BINS.value].abs().sum()) for zeroed, _ in kernels._workspaces.values())
+    return sum(int(zeroed[:, :3 * kernels.LEVEL_WORDS.value].abs().sum()) for zeroed, _ in kernels._workspaces.values())
 
 
 @given(n_keys=st.integers(2, 400), k=st.integers(1, 60), parts=st.integers(2, 9), seed=st.integers(0, 2**31))

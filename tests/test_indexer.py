@@ -292,6 +292,21 @@ def test_row_parallel_level_count_paths(device, case, chunk):
     assert _workspace_counts() == 0
 
 
+@pytest.mark.parametrize("chunk", [1300, 2048])
+def test_row_parallel_chunks_of_several_blocks(device, chunk):
+    """Chunks longer than one block (the loop form of every launch: B = 32 at 1M tokens):
+    exact on tied integer scores, take-all and short rows included."""
+    g = torch.Generator().manual_seed(chunk)
+    n_keys = 3000
+    scores = torch.randint(-40, 40, (2, n_keys), generator=g).float()
+    n_valid = torch.tensor([[n_keys], [1700]], dtype=torch.int32)
+    for k in (1, 100, 2999, 4000):
+        out = torch.empty(2, k, dtype=torch.int32, device=device)
+        kernels.select_parts(scores.to(device), n_valid.to(device), out, 1, k, chunk)
+        assert torch.equal(out.cpu(), ref.select_topk(scores[:, None], n_valid, k)[:, 0]), k
+    assert _workspace_counts() == 0
+
+
 def test_row_parallel_chunk_count_bounded():
     """More chunks than the published-count workspace holds are refused, naming the argument."""
     scores = torch.zeros(1, kernels.MAX_PARTS.value + 1)
@@ -322,7 +337,7 @@ def test_row_parallel_calls_in_a_row_keep_the_workspace_invariant(device):
 
 
 _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32", scores_ptr="*fp32",
-                     zeroed_ptr="*i32", counts_ptr="*i64", out_ptr="*i32")
+                     zeroed_ptr="*i32", offsets_ptr="*i32", out_ptr="*i32")
 
 
 _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=128, TILES=2, PADDED=False)
@@ -335,13 +350,15 @@ _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=1
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=False), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=256, PADDED=True), 8),
-    ("_row_level_kernel", dict(LEVEL=0, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK), kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=2, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
+    ("_row_level_kernel", dict(LEVEL=0, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(LEVEL=2, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
      kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK),
+    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=1),
      kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK),
+    ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
+     kernels.ROW_PARALLEL_WARPS),
+    ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
      kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):

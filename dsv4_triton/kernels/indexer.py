@@ -16,8 +16,8 @@ ones equal to it, and pads with -1.  Deterministic either way (integer sums only
   scoring pass, then each row cut into chunks, one program each: 4 level launches (the
   chunks' histograms summed by integer atomics into the row's; every program of the next
   launch makes that level's pick from the complete histogram), then one that makes the last
-  pick, counts each chunk's keys above the threshold and tied with it, publishes the
-  counts, sums those of the chunks before it and writes the chunk's selection at its offset.  See "Row-parallel selection" below.
+  pick and writes each chunk's selection at the offset the chunks before it give (their
+  counts stored by the last level launch).  See "Row-parallel selection" below.
 - many rows (prefill): one program per row segment, all levels in one launch; a row cut
   into ``splits`` segments writes each segment's top-k with values and a second launch
   selects among those (exact: an element of the row's top-k is in its segment's top-k).
@@ -521,18 +521,23 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # which program 0 of the previous launch stored; its own program 0 stores the state after
 # this pick for the launch after.  No program waits for the others to arrive: a last-arrival
 # pick cost each level launch ~1.6 us on the H100 (an acq_rel arrival, then the histogram's
-# load and the pick on one program), the replayed pick ~0.15 us.  In the last launch each
-# chunk makes the last level's pick, counts its elements above the threshold and tied with
-# it, publishes the counts, waits for the chunks before it to publish theirs and writes its
-# selection at the offset their sums give (ascending index order, ties to the lowest
-# indices as in one program).
+# load and the pick on one program), the replayed pick ~0.15 us.
+#
+# The write launch needs, for each chunk, how many keys above the threshold and how many
+# tied with it the chunks before it hold.  The last level launch, which knows everything
+# but the last digit, stores per chunk the count of keys above the prefix (or above the
+# threshold itself, when the row is done before the last digit) and, for every last digit d,
+# the count of the prefix's keys with last digit d or more; each write program makes the last
+# pick and sums the counts of the chunks before it at its digit, then writes its selection at
+# that offset (ascending index order, ties to the lowest indices as in one program).  No
+# program waits on another: the counts published by the write programs themselves and
+# polled by the later ones cost 2.4 of the write launch's 6.6 us on the H100.
 #
 # Workspace invariant (per row): the histograms of levels 0, 1 and 2 are zero when a call
 # starts.  Each histogram is zeroed by program 0 of a launch after the last one that reads
 # it (level 0's by the level-2 launch, 1's by level 3's, 2's by the write launch), level 3's
 # (read by every write program) by the next call's level-0 launch, before the level-3 launch
-# adds to it; the level-0 launch also zeroes each chunk's published counts, which the write
-# launch's wait needs zero.  Allocated zeroed.  The state slots are written before they are
+# adds to it.  Allocated zeroed.  The state slots are written before they are
 # read in every call.  One workspace per stream: calls on one stream run in order, so they
 # never overlap on it.
 
@@ -551,17 +556,20 @@ ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * LEVEL_WORDS)  # a row's his
 STATE: tl.constexpr = tl.constexpr(ROW_HIST)
 STATE_WORDS: tl.constexpr = tl.constexpr(8)
 ROW_WORDS = ROW_HIST.value + RADIX_LEVELS.value * STATE_WORDS.value
+# Per row and chunk, written by the last level launch: the count above the prefix, then the
+# counts at or above each last digit 0..256 (the last all zero).
+OFFSET_ROWS = RADIX_BINS.value + 2
 
 
 @triton.jit
-def _level_pick(row_ws, k, LEVEL: tl.constexpr):
+def _level_pick(row_ws, k, LEVEL: tl.constexpr, COPIES: tl.constexpr):
     """The row's state after level ``LEVEL``'s pick (as ``_select_segment`` makes it), from
     that level's complete histogram and the state stored after the level before: (prefix,
     remaining, done, lowest key of the prefix, take_all, threshold key, ties).  The last two
     only after the last level (0 before): stopped before it, every key of the digit is taken
     (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all."""
     bins = tl.arange(0, RADIX_BINS)
-    copies = tl.arange(0, HIST_COPIES)
+    copies = tl.arange(0, COPIES)
     hist = tl.sum(tl.load(row_ws + LEVEL * LEVEL_WORDS + copies[:, None] * RADIX_BINS + bins[None, :]), axis=0)
     threshold = 0
     ties = 0
@@ -634,12 +642,51 @@ def _chunk_keys(vals, offs, span, valid):
 
 
 @triton.jit
-def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, k, chunk, s_zero, s_counts, s_nb, s_ns,
-                      LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+def _last_level_counts(hist_ptr, key, ok, prefix):
+    """``_add_digit_counts`` of the last level, which also returns the chunk's counts of each
+    digit and above (``S[d]``: matching keys whose last digit is ``d`` or more), for the write
+    launch's offsets.  The same paths: none, all in one digit, or the histogram."""
+    LEVEL: tl.constexpr = RADIX_LEVELS - 1
+    bins = tl.arange(0, RADIX_BINS)
+    digit = key & (RADIX_BINS - 1)
+    match = ok & ((key >> RADIX_BITS) == prefix)
+    wide = digit.to(tl.int64)
+    sums = tl.sum(tl.where(match, (1 << 45) | (wide << 27) | (wide * wide), 0), axis=0)
+    n = sums >> 45
+    digit_sum = (sums >> 27) & 0x3FFFF
+    if n * (sums & 0x7FFFFFF) == digit_sum * digit_sum:  # none, or all in one digit
+        one = tl.where(n > 0, digit_sum // tl.maximum(n, 1), -1)
+        tl.atomic_add(hist_ptr + bins, tl.full([RADIX_BINS], 1, tl.int32) * n.to(tl.int32), mask=bins == one,
+                      sem="relaxed")
+        at_or_above = tl.where(bins <= one, n.to(tl.int32), 0)
+    else:
+        hist = tl.histogram(digit, RADIX_BINS, mask=match)
+        tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    return at_or_above
+
+
+@triton.jit
+def _above_last_prefix(prefix, done, lowest, take_all):
+    """The key every key above which the write launch takes whatever the last digit: the
+    threshold itself when the row is done before the last level (see ``_level_pick``), else
+    the highest key of the prefix."""
+    return tl.where(take_all, INT32_MIN,
+                    tl.where(done, tl.maximum(lowest, INT32_MIN + 1) - 1, (prefix << RADIX_BITS) | (RADIX_BINS - 1)))
+
+
+@triton.jit
+def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, seq, n_keys, k, chunk, s_zero, s_offsets,
+                      s_nb, s_ns, LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                      COPIES: tl.constexpr):
     """Program (row, part): the pick of level ``LEVEL - 1`` (see above), then add the chunk's
-    level-``LEVEL`` histogram to the row's.  ``ONE_BLOCK``: chunks of at most ``BLOCK`` scores."""
+    level-``LEVEL`` histogram to the row's (into copy ``part % COPIES``).  The last level also
+    stores the chunk's counts the write launch's offsets are made of.  ``ONE_BLOCK``: chunks
+    of at most ``BLOCK`` scores."""
+    LAST: tl.constexpr = LEVEL == RADIX_LEVELS - 1
     row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
+    parts = tl.num_programs(1)
     row_ws = zeroed_ptr + row * s_zero
     vals = scores_ptr + row * n_keys + first
     if ONE_BLOCK:  # straight-line code: the block's loads are issued before anything they wait on
@@ -648,35 +695,55 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, seq, n_keys, k
     if LEVEL == 0:
         prefix = 0
         counted = n
-        tl.store(counts_ptr + row * s_counts + part, tl.zeros_like(n).to(tl.int64))
         if part == 0:
             _zero_histogram(row_ws, RADIX_LEVELS - 1)
     else:  # once the row is done, the chunk counts nothing (its loads still go out: no wait)
-        prefix, remaining, done, lowest, take_all, _, _ = _level_pick(row_ws, k, LEVEL - 1)
+        prefix, remaining, done, lowest, take_all, _, _ = _level_pick(row_ws, k, LEVEL - 1, COPIES)
         counted = tl.where(done, 0, n)
         if part == 0:
             _store_state(row_ws, prefix, remaining, done, lowest, take_all, LEVEL - 1)
             if LEVEL >= 2:
                 _zero_histogram(row_ws, LEVEL - 2)
-    hist_copy = row_ws + LEVEL * LEVEL_WORDS + (part % HIST_COPIES) * RADIX_BINS
+    hist_copy = row_ws + LEVEL * LEVEL_WORDS + (part % COPIES) * RADIX_BINS
+    if LAST:
+        above_key = _above_last_prefix(prefix, done, lowest, take_all)
     if ONE_BLOCK:
-        _add_digit_counts(hist_copy, _order_key(v), offs < counted, prefix, LEVEL)
+        key = _order_key(v)
+        if LAST:
+            at_or_above = _last_level_counts(hist_copy, key, offs < counted, prefix)
+            above = tl.sum(((offs < n) & (key > above_key)).to(tl.int32), axis=0)
+        else:
+            _add_digit_counts(hist_copy, key, offs < counted, prefix, LEVEL)
     else:
         hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
+        above = tl.zeros_like(n)
         for start in range(0, span, BLOCK):
-            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, counted)
-            hist += _digit_histogram(key, ok, prefix, LEVEL)
+            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
+            hist += _digit_histogram(key, ok & (start + tl.arange(0, BLOCK) < counted), prefix, LEVEL)
+            if LAST:
+                above += tl.sum((ok & (key > above_key)).to(tl.int32), axis=0)
         tl.atomic_add(hist_copy + tl.arange(0, RADIX_BINS), hist, mask=hist > 0, sem="relaxed")
+        if LAST:
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    if LAST:
+        # Row layout: the chunks' counts above the prefix, then for each digit d the chunks'
+        # counts at or above d (d = 0..256, the last all zero): the write launch reads each
+        # quantity of every chunk as one contiguous run.
+        row_off = offsets_ptr + row * s_offsets
+        tl.store(row_off + part, above)
+        bins = tl.arange(0, RADIX_BINS)
+        tl.store(row_off + (bins + 1) * parts + part, at_or_above)
+        tl.store(row_off + (RADIX_BINS + 1) * parts + part, tl.zeros_like(above))
 
 
 @triton.jit
-def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_counts,
-                      s_nb, s_ns, PARTS_P: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): the last level's pick, then count the chunk's keys above the
-    threshold and tied with it, publish the counts, wait for every chunk before it to publish
-    its own, then write the chunk's selection at its offset; the last part pads.  The wait
-    cannot deadlock: a program waits only on programs of lower linear id (same row, lower
-    part), which the GPU dispatches before it."""
+def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, out_ptr, seq, n_keys, k, chunk, s_zero, s_offsets,
+                      s_nb, s_ns, PARTS_P: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                      COPIES: tl.constexpr):
+    """Program (row, part): the last level's pick, then write the chunk's selection at its
+    offset: the keys above the threshold and the ties taken in the chunks before it, summed
+    from the counts the last level launch stored (no wait on other programs); the last part
+    pads."""
     row, first, span, n = _row_chunk(nv_ptr, seq, n_keys, chunk, s_nb, s_ns)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
@@ -685,37 +752,26 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
     if ONE_BLOCK:  # the block stays in registers for the write (see _row_level_kernel)
         offs = tl.arange(0, BLOCK)
         v = _chunk_scores(vals, offs, span)
-    _, _, _, _, _, threshold, ties = _level_pick(row_ws, k, RADIX_LEVELS - 1)
+    prefix, _, _, _, _, threshold, ties = _level_pick(row_ws, k, RADIX_LEVELS - 1, COPIES)
     if part == 0:
         _zero_histogram(row_ws, RADIX_LEVELS - 2)
-    if ONE_BLOCK:
-        key = _order_key(v)
-        ok = offs < n
-        above = tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
-        equal = tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
-    else:
-        above = tl.zeros_like(n)
-        equal = tl.zeros_like(n)
-        for start in range(0, span, BLOCK):
-            key, ok = _chunk_keys(vals, start + tl.arange(0, BLOCK), span, n)
-            above += tl.sum((ok & (key > threshold)).to(tl.int32), axis=0)
-            equal += tl.sum((ok & (key == threshold)).to(tl.int32), axis=0)
-    # One 64-bit word, (above + 1) << 32 | tied: nonzero once written and read whole, so no
-    # other memory depends on its ordering.
-    row_counts = counts_ptr + row * s_counts
-    tl.store(row_counts + part, ((above + 1).to(tl.int64) << 32) | equal.to(tl.int64))
+    # ties > 0: the row was not done before the last digit, which is then the prefix's last
+    # byte; keys above the threshold are those above the prefix and those of its higher digits.
+    digit = tl.where(ties > 0, prefix & (RADIX_BINS - 1), RADIX_BINS)
     p = tl.arange(0, PARTS_P)
     before = p < part
-    published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
-    while tl.min(published, axis=0) == 0:
-        published = tl.load(row_counts + p, mask=before, other=1, volatile=True)
-    above_before = tl.sum(tl.where(before, (published >> 32) - 1, 0), axis=0).to(tl.int32)
-    ties_before = tl.sum(tl.where(before, published & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
+    row_off = offsets_ptr + row * s_offsets
+    above_prefix = tl.load(row_off + p, mask=before, other=0)
+    at_or_above = tl.load(row_off + (digit + 1) * parts + p, mask=before, other=0)
+    higher = tl.load(row_off + tl.minimum(digit + 2, RADIX_BINS + 1) * parts + p, mask=before, other=0)
+    above_before = tl.sum(above_prefix + higher, axis=0)
+    ties_before = tl.sum(at_or_above - higher, axis=0)
     out_row = out_ptr + row * k
     taken = above_before + tl.minimum(ties_before, ties)
     if ONE_BLOCK:
-        taken, _ = _compact_block(key, key, ok, first + offs, threshold, ties, taken, ties_before, out_row, out_row,
-                                  False)
+        key = _order_key(v)
+        taken, _ = _compact_block(key, key, offs < n, first + offs, threshold, ties, taken, ties_before, out_row,
+                                  out_row, False)
     else:
         taken = _compact(vals, vals, n, first, threshold, ties, taken, ties_before, out_row, out_row, False, False,
                          BLOCK)
@@ -726,20 +782,21 @@ def _row_write_kernel(scores_ptr, nv_ptr, zeroed_ptr, counts_ptr, out_ptr, seq, 
 _workspaces: dict = {}
 
 
-def _workspace(device: torch.device, rows: int):
-    """(zeroed, counts) for the current stream of ``device``: ``zeroed`` int32
+def _workspace(device: torch.device, rows: int, parts: int):
+    """(zeroed, offsets) for the current stream of ``device``: ``zeroed`` int32
     ``[rows, ROW_WORDS]`` (the histograms, levels 0-2 zero between calls, see the invariant
-    above; then the states), ``counts`` int64 ``[rows, MAX_PARTS]`` (the chunks' published
-    counts, zeroed by each call's first level launch).  Grown to the largest call seen, never shrunk, so the decode
-    hot path allocates nothing."""
+    above; then the states), ``offsets`` int32, ``OFFSET_ROWS * parts`` a row (the last level
+    launch's per-chunk counts, all written by it every call).  Grown to the largest call seen,
+    never shrunk, so the decode hot path allocates nothing."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
-    have = _workspaces.get(key)
-    if have is None or have[0].shape[0] < rows:
-        have = (torch.zeros(rows, ROW_WORDS, dtype=torch.int32, device=device),
-                torch.zeros(rows, MAX_PARTS.value, dtype=torch.int64, device=device))
-        _workspaces[key] = have
-    return have
+    zeroed, offsets = _workspaces.get(key, (None, None))
+    if zeroed is None or zeroed.shape[0] < rows:
+        zeroed = torch.zeros(rows, ROW_WORDS, dtype=torch.int32, device=device)
+    if offsets is None or offsets.numel() < rows * OFFSET_ROWS * parts:
+        offsets = torch.empty(rows * OFFSET_ROWS * parts, dtype=torch.int32, device=device)
+    _workspaces[key] = (zeroed, offsets)
+    return zeroed, offsets
 
 
 @functools.lru_cache(maxsize=None)
@@ -855,7 +912,7 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
 def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                        k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
-    ``MAX_PARTS``): 6 launches (scores, 4 levels, counts and write)."""
+    ``MAX_PARTS``): 6 launches (scores, 4 levels, write)."""
     out, scores = _output_and_scores(qi, w, keys, n_valid, k)
     if scores is not None:
         chunk = triton.cdiv(scores.shape[1], max(1, min(parts, scores.shape[1], MAX_PARTS.value)))
@@ -872,14 +929,19 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
         raise ValueError(f"chunk: expected at least max(1, Nk / {MAX_PARTS.value}) = "
                          f"{max(1, triton.cdiv(n_keys, MAX_PARTS.value))}, got {chunk}")
     parts = triton.cdiv(n_keys, chunk)
-    zeroed, counts = _workspace(scores.device, rows)
+    zeroed, offsets = _workspace(scores.device, rows, parts)
     grid = (rows, parts)
-    common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, num_warps=ROW_PARALLEL_WARPS)
+    # Histogram copies: one per 32 chunks of a row, a power of two, at most HIST_COPIES (a
+    # copy's atomics contend only past a few dozen chunks; every copy is loaded by every pick).
+    copies = min(HIST_COPIES.value, 1 << (max(1, parts // 32).bit_length() - 1))
+    common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, COPIES=copies,
+                  num_warps=ROW_PARALLEL_WARPS)
+    row_offsets = OFFSET_ROWS * parts
     for level in range(RADIX_LEVELS.value):
-        _row_level_kernel[grid](scores, n_valid, zeroed, counts, seq, n_keys, k, chunk, zeroed.stride(0),
-                                counts.stride(0), *n_valid.stride(), LEVEL=level, **common)
-    _row_write_kernel[grid](scores, n_valid, zeroed, counts, out, seq, n_keys, k, chunk, zeroed.stride(0),
-                            counts.stride(0), *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)
+        _row_level_kernel[grid](scores, n_valid, zeroed, offsets, seq, n_keys, k, chunk, zeroed.stride(0), row_offsets,
+                                *n_valid.stride(), LEVEL=level, **common)
+    _row_write_kernel[grid](scores, n_valid, zeroed, offsets, out, seq, n_keys, k, chunk, zeroed.stride(0), row_offsets,
+                            *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)
 
 
 @register("indexer_topk", "triton")

@@ -68,9 +68,10 @@ FORM_TILES = {False: (128, 4, 4, 3), True: (128, 1, 8, 3)}  # BF16 / FP4 keys: t
 
 
 def _decode_cases(quick):
-    shapes = [(1, 262144, False), (32, 32768, False), (1, 262144, True), (32, 32768, True), (32, 262144, True)] \
+    shapes = [(1, 262144, False), (32, 32768, False), (1, 262144, True), (1, 32768, True), (32, 32768, True),
+              (32, 262144, True)] \
         if quick else [(1, 32768, False), (1, 262144, False), (32, 32768, False), (32, 262144, False),
-                       (1, 262144, True), (32, 32768, True), (32, 262144, True)]
+                       (1, 262144, True), (1, 32768, True), (32, 32768, True), (32, 262144, True)]
     out = []
     for bsz, n_keys, fp4 in shapes:
         n_valid = torch.full((bsz, 1), n_keys, dtype=torch.int32)

@@ -340,28 +340,23 @@ _KERNEL_TYPES = dict(qi_ptr="*bf16", w_ptr="*fp32", keys_ptr="*u8", nv_ptr="*i32
                      zeroed_ptr="*i32", offsets_ptr="*i32", out_ptr="*i32")
 
 
+_ROW_BLOCK = dict(BLOCK=kernels.ROW_PARALLEL_BLOCK)
 _SCORES_CONSTS = dict(KEYS_FP4=True, HEADS_P=64, HEAD_BITS=6, QROWS=1, BLOCK_N=128, TILES=2, PADDED=False)
 
 
-# A check of the Triton the CPU CI installs (with triton 3.6's ptxas, _row_write_kernel keeps
-# 8 bytes of stack); on a GPU machine the GPU tests compile and run the kernels instead.
+# A check of the Triton the CPU CI installs (triton 3.6's compile of the row-parallel kernels
+# has no stack either); on a GPU machine the GPU tests compile and run the kernels instead.
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("kernel, consts, warps", [
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=False), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True), 8),
     ("_scores_kernel", dict(_SCORES_CONSTS, KEYS_AS_A=True, BLOCK_N=256, PADDED=True), 8),
-    ("_row_level_kernel", dict(LEVEL=0, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
-     kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
-     kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=2, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
-     kernels.ROW_PARALLEL_WARPS),
-    ("_row_level_kernel", dict(LEVEL=3, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=1),
-     kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=256, ONE_BLOCK=True, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
-     kernels.ROW_PARALLEL_WARPS),
-    ("_row_write_kernel", dict(PARTS_P=64, ONE_BLOCK=False, BLOCK=kernels.ROW_PARALLEL_BLOCK, COPIES=8),
-     kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(_ROW_BLOCK, LEVEL=0, ONE_BLOCK=True, COPIES=8), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(_ROW_BLOCK, LEVEL=3, ONE_BLOCK=True, COPIES=8), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(_ROW_BLOCK, LEVEL=2, ONE_BLOCK=False, COPIES=8), kernels.ROW_PARALLEL_WARPS),
+    ("_row_level_kernel", dict(_ROW_BLOCK, LEVEL=3, ONE_BLOCK=False, COPIES=1), kernels.ROW_PARALLEL_WARPS),
+    ("_row_write_kernel", dict(_ROW_BLOCK, PARTS_P=256, ONE_BLOCK=True, COPIES=8), kernels.ROW_PARALLEL_WARPS),
+    ("_row_write_kernel", dict(_ROW_BLOCK, PARTS_P=64, ONE_BLOCK=False, COPIES=8), kernels.ROW_PARALLEL_WARPS),
 ])
 def test_row_parallel_kernels_compile_for_sm90_without_spills(kernel, consts, warps):
     """The interpreter accepts code the GPU compiler rejects (a loop variable changing shape):

@@ -351,6 +351,19 @@ SPARSE_MATCHES: tl.constexpr = tl.constexpr(16)
 
 
 @triton.jit
+def _digit_sums(digit, match):
+    """(n, sum d, whether all n share one digit) over the matching keys of a block of at most
+    1024: one int64 sum of n (11 bits) << 45 | sum(d) (18 bits) << 27 | sum(d^2) (27 bits),
+    per key d < 256; all in one digit when n * sum(d^2) == sum(d)^2."""
+    tl.static_assert(digit.shape[0] <= 1024)  # the packed sums' field widths
+    wide = digit.to(tl.int64)
+    sums = tl.sum(tl.where(match, (1 << 45) | (wide << 27) | (wide * wide), 0), axis=0)
+    n = sums >> 45
+    digit_sum = (sums >> 27) & 0x3FFFF
+    return n, digit_sum, n * (sums & 0x7FFFFFF) == digit_sum * digit_sum
+
+
+@triton.jit
 def _add_digit_counts(hist_ptr, key, ok, prefix, LEVEL: tl.constexpr):
     """Add the counts of ``_digit_histogram`` of one block (at most 1024 keys) to a row's
     level histogram at ``hist_ptr`` by integer atomics.  Level 0 counts every key: the
@@ -364,16 +377,11 @@ def _add_digit_counts(hist_ptr, key, ok, prefix, LEVEL: tl.constexpr):
         hist = _digit_histogram(key, ok, prefix, LEVEL)
         tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
     else:
-        tl.static_assert(key.shape[0] <= 1024)  # the packed sums' field widths
         DIGIT_SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
         digit = (key >> DIGIT_SHIFT) & (RADIX_BINS - 1)
         match = ok & ((key >> (DIGIT_SHIFT + RADIX_BITS)) == prefix)
-        # n (11 bits) << 45 | sum(d) (18 bits) << 27 | sum(d^2) (27 bits), per key d < 256.
-        wide = digit.to(tl.int64)
-        sums = tl.sum(tl.where(match, (1 << 45) | (wide << 27) | (wide * wide), 0), axis=0)
-        n = sums >> 45
-        digit_sum = (sums >> 27) & 0x3FFFF
-        if n * (sums & 0x7FFFFFF) == digit_sum * digit_sum:
+        n, digit_sum, one_digit = _digit_sums(digit, match)
+        if one_digit:
             one = bins == tl.where(n > 0, digit_sum // tl.maximum(n, 1), -1)  # no bin when n = 0
             tl.atomic_add(hist_ptr + bins, tl.full([RADIX_BINS], 1, tl.int32) * n.to(tl.int32), mask=one,
                           sem="relaxed")
@@ -537,9 +545,9 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # starts.  Each histogram is zeroed by program 0 of a launch after the last one that reads
 # it (level 0's by the level-2 launch, 1's by level 3's, 2's by the write launch), level 3's
 # (read by every write program) by the next call's level-0 launch, before the level-3 launch
-# adds to it.  Allocated zeroed.  The state slots are written before they are
-# read in every call.  One workspace per stream: calls on one stream run in order, so they
-# never overlap on it.
+# adds to it.  Allocated zeroed.  The state slots and the per-chunk counts are written before
+# they are read in every call.  One workspace per stream: calls on one stream run in order,
+# so they never overlap on it.
 
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
@@ -646,15 +654,11 @@ def _last_level_counts(hist_ptr, key, ok, prefix):
     """``_add_digit_counts`` of the last level, which also returns the chunk's counts of each
     digit and above (``S[d]``: matching keys whose last digit is ``d`` or more), for the write
     launch's offsets.  The same paths: none, all in one digit, or the histogram."""
-    LEVEL: tl.constexpr = RADIX_LEVELS - 1
     bins = tl.arange(0, RADIX_BINS)
     digit = key & (RADIX_BINS - 1)
     match = ok & ((key >> RADIX_BITS) == prefix)
-    wide = digit.to(tl.int64)
-    sums = tl.sum(tl.where(match, (1 << 45) | (wide << 27) | (wide * wide), 0), axis=0)
-    n = sums >> 45
-    digit_sum = (sums >> 27) & 0x3FFFF
-    if n * (sums & 0x7FFFFFF) == digit_sum * digit_sum:  # none, or all in one digit
+    n, digit_sum, one_digit = _digit_sums(digit, match)
+    if one_digit:  # none, or all in one digit
         one = tl.where(n > 0, digit_sum // tl.maximum(n, 1), -1)
         tl.atomic_add(hist_ptr + bins, tl.full([RADIX_BINS], 1, tl.int32) * n.to(tl.int32), mask=bins == one,
                       sem="relaxed")

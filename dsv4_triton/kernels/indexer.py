@@ -556,7 +556,10 @@ MAX_PARTS: tl.constexpr = tl.constexpr(1024)
 # all chunks adding into one copy serialised on the same L2 addresses (level 1 of the
 # benchmark's tied scores: 6.0 us, with 8 copies 3.8, with no atomics at all 3.6).  Its
 # readers load and sum every copy (8 KB, in the round trip they make anyway).
+# Levels 2 and 3 count only the keys of a 16-bit prefix, too few to contend: one copy
+# (loading 8 copies cost their picks ~0.4 us each).
 HIST_COPIES: tl.constexpr = tl.constexpr(8)
+COPIED_LEVELS: tl.constexpr = tl.constexpr(2)
 LEVEL_WORDS: tl.constexpr = tl.constexpr(HIST_COPIES * RADIX_BINS)
 ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * LEVEL_WORDS)  # a row's histograms
 # Then, per level, the state after its pick: prefix, remaining, done, lowest key of the
@@ -577,7 +580,7 @@ def _level_pick(row_ws, k, LEVEL: tl.constexpr, COPIES: tl.constexpr):
     only after the last level (0 before): stopped before it, every key of the digit is taken
     (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all."""
     bins = tl.arange(0, RADIX_BINS)
-    copies = tl.arange(0, COPIES)
+    copies = tl.arange(0, COPIES if LEVEL < COPIED_LEVELS else 1)
     hist = tl.sum(tl.load(row_ws + LEVEL * LEVEL_WORDS + copies[:, None] * RADIX_BINS + bins[None, :]), axis=0)
     threshold = 0
     ties = 0
@@ -684,7 +687,7 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, seq, n_keys, 
                       s_nb, s_ns, LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
                       COPIES: tl.constexpr):
     """Program (row, part): the pick of level ``LEVEL - 1`` (see above), then add the chunk's
-    level-``LEVEL`` histogram to the row's (into copy ``part % COPIES``).  The last level also
+    level-``LEVEL`` histogram to the row's (into copy ``part % COPIES`` at levels 0 and 1).  The last level also
     stores the chunk's counts the write launch's offsets are made of.  ``ONE_BLOCK``: chunks
     of at most ``BLOCK`` scores."""
     LAST: tl.constexpr = LEVEL == RADIX_LEVELS - 1
@@ -707,7 +710,7 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, seq, n_keys, 
             _store_state(row_ws, prefix, remaining, done, lowest, take_all, LEVEL - 1)
             if LEVEL >= 2:
                 _zero_histogram(row_ws, LEVEL - 2)
-    hist_copy = row_ws + LEVEL * LEVEL_WORDS + (part % COPIES) * RADIX_BINS
+    hist_copy = row_ws + LEVEL * LEVEL_WORDS + (part % (COPIES if LEVEL < COPIED_LEVELS else 1)) * RADIX_BINS
     if LAST:
         above_key = _above_last_prefix(prefix, done, lowest, take_all)
     if ONE_BLOCK:

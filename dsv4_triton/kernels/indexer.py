@@ -552,14 +552,15 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 ROW_PARALLEL_BLOCK = 1024
 ROW_PARALLEL_WARPS = 4
 MAX_PARTS: tl.constexpr = tl.constexpr(1024)
-# A level's histogram is kept in HIST_COPIES copies, chunk p adding into copy p % HIST_COPIES:
+# Level 1's histogram is kept in HIST_COPIES copies, chunk p adding into copy p % HIST_COPIES:
 # all chunks adding into one copy serialised on the same L2 addresses (level 1 of the
 # benchmark's tied scores: 6.0 us, with 8 copies 3.8, with no atomics at all 3.6).  Its
-# readers load and sum every copy (8 KB, in the round trip they make anyway).
-# Levels 2 and 3 count only the keys of a 16-bit prefix, too few to contend: one copy
-# (loading 8 copies cost their picks ~0.4 us each).
+# readers load and sum every copy (8 KB, in the round trip they make anyway).  The other
+# levels keep one: level 0's keys fall in a few top bytes, but copies did not make it faster
+# (2.9 us either way), and levels 2 and 3 count only the keys of a 16-bit prefix, too few to
+# contend; loading 8 copies cost a pick ~0.4 us.
 HIST_COPIES: tl.constexpr = tl.constexpr(8)
-COPIED_LEVELS: tl.constexpr = tl.constexpr(2)
+COPIED_LEVEL: tl.constexpr = tl.constexpr(1)
 LEVEL_WORDS: tl.constexpr = tl.constexpr(HIST_COPIES * RADIX_BINS)
 ROW_HIST: tl.constexpr = tl.constexpr(RADIX_LEVELS * LEVEL_WORDS)  # a row's histograms
 # Then, per level, the state after its pick: prefix, remaining, done, lowest key of the
@@ -580,7 +581,7 @@ def _level_pick(row_ws, k, LEVEL: tl.constexpr, COPIES: tl.constexpr):
     only after the last level (0 before): stopped before it, every key of the digit is taken
     (threshold its lowest key - 1, no ties); INT32_MIN, no ties, takes all."""
     bins = tl.arange(0, RADIX_BINS)
-    copies = tl.arange(0, COPIES if LEVEL < COPIED_LEVELS else 1)
+    copies = tl.arange(0, COPIES if LEVEL == COPIED_LEVEL else 1)
     hist = tl.sum(tl.load(row_ws + LEVEL * LEVEL_WORDS + copies[:, None] * RADIX_BINS + bins[None, :]), axis=0)
     threshold = 0
     ties = 0
@@ -687,7 +688,7 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, seq, n_keys, 
                       s_nb, s_ns, LEVEL: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
                       COPIES: tl.constexpr):
     """Program (row, part): the pick of level ``LEVEL - 1`` (see above), then add the chunk's
-    level-``LEVEL`` histogram to the row's (into copy ``part % COPIES`` at levels 0 and 1).  The last level also
+    level-``LEVEL`` histogram to the row's (into copy ``part % COPIES`` at level 1).  The last level also
     stores the chunk's counts the write launch's offsets are made of.  ``ONE_BLOCK``: chunks
     of at most ``BLOCK`` scores."""
     LAST: tl.constexpr = LEVEL == RADIX_LEVELS - 1
@@ -710,7 +711,7 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, seq, n_keys, 
             _store_state(row_ws, prefix, remaining, done, lowest, take_all, LEVEL - 1)
             if LEVEL >= 2:
                 _zero_histogram(row_ws, LEVEL - 2)
-    hist_copy = row_ws + LEVEL * LEVEL_WORDS + (part % (COPIES if LEVEL < COPIED_LEVELS else 1)) * RADIX_BINS
+    hist_copy = row_ws + LEVEL * LEVEL_WORDS + (part % (COPIES if LEVEL == COPIED_LEVEL else 1)) * RADIX_BINS
     if LAST:
         above_key = _above_last_prefix(prefix, done, lowest, take_all)
     if ONE_BLOCK:

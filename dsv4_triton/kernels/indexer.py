@@ -942,8 +942,9 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
     parts = triton.cdiv(n_keys, chunk)
     zeroed, offsets = _workspace(scores.device, rows, parts)
     grid = (rows, parts)
-    # Histogram copies: one per 32 chunks of a row, a power of two, at most HIST_COPIES (a
-    # copy's atomics contend only past a few dozen chunks; every copy is loaded by every pick).
+    # Level 1's histogram copies: one per 32 chunks of a row, a power of two, at most
+    # HIST_COPIES (a copy's atomics contend only past a few dozen chunks; the level-1 pick loads
+    # every copy).
     copies = min(HIST_COPIES.value, 1 << (max(1, parts // 32).bit_length() - 1))
     common = dict(ONE_BLOCK=chunk <= ROW_PARALLEL_BLOCK, BLOCK=ROW_PARALLEL_BLOCK, COPIES=copies,
                   num_warps=ROW_PARALLEL_WARPS)

@@ -9,9 +9,10 @@ Its byte count: keys + qi + w read once, FP32 scores written once.
 End to end (score + exact top-k) is counted on the same bytes; the selection re-reads
 the scores (4 B/key, L2-resident for one row): few long rows by the row-parallel select
 (each row in chunks, one program each: four radix-level launches whose chunk histograms
-are summed by integer atomics, then one launch where each chunk counts, publishes, sums
-the counts of the chunks before it and writes), many rows by one program per row segment
-(one or two launches).
+are summed by integer atomics, each launch making the previous level's pick, then one
+launch where each chunk makes the last pick, sums the counts the last level stored for the
+chunks before it and writes), many rows by one program per row segment (one or two
+launches).
 
 Prefill: 16k queries, causal (entry s valid for query t when s < (t+1)//4), 4096 entries;
 FLOP of the causal half: 2 * 64 * 128 per (query, valid entry) pair.
@@ -109,7 +110,7 @@ def _decode_cases(quick):
         cuda = torch.device("cuda")
         parts = kernels.plan_parts(bsz, n_keys, TOP_K, cuda)
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, cuda)
-        # Row-parallel: scores, 4 radix levels, counts and write.
+        # Row-parallel: scores, 4 radix levels, write.
         launches = 6 if parts else 2 if splits == 1 else 3
         plan = f"row-parallel, {parts} chunks per row" if parts else f"{splits} segment(s) per row"
         out.append(Case(

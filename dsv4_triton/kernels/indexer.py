@@ -528,7 +528,7 @@ def _merge_kernel(cand_val_ptr, cand_idx_ptr, out_ptr, k, n_cand, N_BUCKET, K_BU
 # level's pick itself (one 256-bin pick: ~0.15 us), from the state after the level before,
 # which program 0 of the previous launch stored; its own program 0 stores the state after
 # this pick for the launch after.  No program waits for the others to arrive: a last-arrival
-# pick cost each level launch ~1.6 us on the H100 (an acq_rel arrival, then the histogram's
+# pick cost each level launch ~1.4 us on the H100 (an acq_rel arrival, then the histogram's
 # load and the pick on one program), the replayed pick ~0.15 us.
 #
 # The write launch needs, for each chunk, how many keys above the threshold and how many
@@ -657,7 +657,8 @@ def _chunk_keys(vals, offs, span, valid):
 def _last_level_counts(hist_ptr, key, ok, prefix):
     """``_add_digit_counts`` of the last level, which also returns the chunk's counts of each
     digit and above (``S[d]``: matching keys whose last digit is ``d`` or more), for the write
-    launch's offsets.  The same paths: none, all in one digit, or the histogram."""
+    launch's offsets.  The none and one-digit paths, else the histogram (the offsets need
+    every digit's count, so no atomic-a-key path)."""
     bins = tl.arange(0, RADIX_BINS)
     digit = key & (RADIX_BINS - 1)
     match = ok & ((key >> RADIX_BITS) == prefix)
@@ -734,9 +735,9 @@ def _row_level_kernel(scores_ptr, nv_ptr, zeroed_ptr, offsets_ptr, seq, n_keys, 
             at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     if LAST:
         # The chunk's OFFSET_ROWS words: its count above the prefix, then its counts at or
-        # above each digit d = 0..256 (the last zero).  One contiguous run a chunk (stored
-        # across the chunks, one word a digit, the stores took 1.6 us on the H100; the write
-        # launch's gathers of a few words a chunk cost less).
+        # above each digit d = 0..256 (the last zero).  One contiguous run a chunk: stored
+        # across the chunks, one word a digit, the stores cost the launch 1.2 us on the H100;
+        # the write launch's gathers of a few words a chunk cost less.
         chunk_off = offsets_ptr + row * s_offsets + part * OFFSET_ROWS
         tl.store(chunk_off, above)
         tl.store(chunk_off + 1 + tl.arange(0, RADIX_BINS), at_or_above)

@@ -49,6 +49,12 @@ def extension(device: torch.device):
 
 
 @functools.lru_cache(maxsize=None)
+def extension_at(device_index: int):
+    """``extension`` for ``cuda:<device_index>``, cached: the per-call lookup of the backends."""
+    return extension(torch.device("cuda", device_index))
+
+
+@functools.lru_cache(maxsize=None)
 def extension_status(device_index: int = 0) -> Tuple[bool, str]:
     """(usable, reason) for the extension on this device; never raises."""
     try:

@@ -75,3 +75,25 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     explanation = torch._dynamo.explain(f)(x, w)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_backend_covering_some_arguments_hands_the_rest_to_the_next():
+    name = "test_partial_cover"
+    calls = []
+    registry.register(name, "triton", covers=lambda x: "" if x < 10 else f"x = {x} is too large")(
+        lambda x: calls.append("triton") or x)
+    registry.register(name, "reference")(lambda x: calls.append("reference") or x)
+    gpu = torch.device("cuda")  # Triton counts as available on any CUDA device: no GPU needed to resolve
+    try:
+        fn = registry.dispatch(name, gpu)
+        assert fn(3) == 3 and fn(12) == 12
+        assert calls == ["triton", "reference"]
+        assert registry.selected_backend(name, gpu) == "triton, else reference"
+        with dsv4_triton.use_backend("triton", ops=[name]):
+            assert registry.dispatch(name, gpu)(4) == 4
+            with pytest.raises(BackendUnavailableError, match="does not cover these arguments: x = 12 is too large"):
+                registry.dispatch(name, gpu)(12)
+        assert registry.selected_backend(name, torch.device("cpu")) == "reference"
+    finally:
+        registry._OPS.pop(name)
+        registry._cache.clear()

@@ -22,6 +22,20 @@ int64_t built_arch() {
 
 }  // namespace
 
+// mxfp4_decode_gemm.cu
+torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w,
+                                torch::Tensor w_scale, int64_t stream_handle);
+// moe_decode.cu
+void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w13, torch::Tensor w13_scale,
+                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor route_w, torch::Tensor hq,
+                    torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle);
+void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
+                   torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_arch", &built_arch, "SM version of the kernel image used on the current device");
+  m.def("mxfp4_decode_gemm", &mxfp4_decode_gemm,
+        "MXFP4 weight GEMM for up to 8 activation rows (FP8 codes + scales in, bf16 out)");
+  m.def("moe_decode_w13", &moe_decode_w13, "routed experts at decode: w13 GEMM, SwiGLU, routing weight, act_quant");
+  m.def("moe_decode_w2", &moe_decode_w2, "routed experts at decode: w2 GEMM into per-pair FP32 rows");
 }

@@ -5,6 +5,10 @@ the widest projection; prefill M = 4096 (tensor-core bound: ceiling = the FP8 ma
 of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling = copy
 bandwidth, bytes = the weight and its scales read once + x + y).
 
+``fp4_linear`` runs what dispatch picks: at decode sizes with MXFP4 weights the ``cuda``
+backend where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
+``fp4_linear[triton]`` times the Triton GEMM at the same shapes.
+
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
 the block-scaled kernel's cost of its per-128 promotion can be read off as a ratio (target:
 ``fp8_linear`` >= 70% of it at M = 4096).  ``eager`` is what a user writes in torch for the
@@ -13,7 +17,7 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 
 import torch
 
-from .. import ops
+from .. import ops, use_backend
 from ..reference import gemm as ref
 from .case import Case
 
@@ -78,6 +82,11 @@ def _fp4_eager(x, w, w_scale, global_scale):
     return _act_dequant_bf16(x) @ wd.to(torch.bfloat16).t()
 
 
+def _fp4_triton(x, w, s, gs, fmt):
+    with use_backend("triton", ops=["fp4_linear"]):
+        return ops.fp4_linear(x, w, s, fmt, gs)
+
+
 def _scaled_mm_inputs(m, n, k):
     def make(seed):
         g = _gen(seed)
@@ -109,12 +118,20 @@ def cases(quick: bool):
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
+                oracle = lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs)  # noqa: E731
+                cuda_decode = fmt == "mxfp4" and not prefill
                 out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}",
                                 make_inputs=_fp4_inputs(m, n, k, fmt),
                                 run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),
-                                eager=_fp4_eager, oracle=lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs),
-                                bytes=fp4_bytes, flops=flops, ceiling="fp8" if prefill else "copy",
-                                launches=1 if m <= 16 else 2))
+                                eager=_fp4_eager, oracle=oracle, bytes=fp4_bytes, flops=flops,
+                                ceiling="fp8" if prefill else "copy",
+                                launches=2 if cuda_decode or m > 16 else 1,
+                                notes="cuda backend where built (pre-pass + decode GEMM)" if cuda_decode else ""))
+                if cuda_decode:
+                    out.append(Case(op="fp4_linear[triton]", shape=f"M={m} N={n} K={k} {fmt}",
+                                    make_inputs=_fp4_inputs(m, n, k, fmt),
+                                    run=lambda x, w, s, gs, f=fmt: _fp4_triton(x, w, s, gs, f), oracle=oracle,
+                                    bytes=fp4_bytes, flops=flops, ceiling="copy", launches=1 if m <= 16 else 2))
         out.append(Case(op="scaled_mm per-tensor (cuBLAS)", shape=f"M={PREFILL_M} N={n} K={k}",
                         make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
                         bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",

@@ -12,13 +12,16 @@ picks k distinct experts at random, weights in [0.05, 2].
 * prefill (T = 8192): FLOP = 2 T k 3 dim inter; ceiling = the FP8 matmul rate.  Target
   >= 60% of it.
 
+Decode runs what dispatch picks (the ``cuda`` backend where it is built); ``moe_experts[triton]``
+times the Triton path on the same inputs.
+
 ``eager`` (decode only) is the per-expert loop a user writes: for each expert, its tokens,
 dequantised weights, three matmuls; prefill has none (it dequantises all 12.7 GB per call).
 """
 
 import torch
 
-from .. import ops
+from .. import ops, use_backend
 from ..reference import moe as ref
 from .case import Case
 
@@ -54,6 +57,11 @@ def _make(name, t):
     return make
 
 
+def _triton_moe(*args):
+    with use_backend("triton", ops=["moe_experts"]):
+        return ops.moe_experts(*args)
+
+
 def _expert_bytes(dim, inter):
     return 3 * dim * inter // 2 + 3 * dim * inter // 32
 
@@ -72,6 +80,9 @@ def cases(quick: bool):
                         flops=2 * t * TOPK * 3 * dim * inter, ceiling="copy",
                         launches=7,  # activation pre-pass, align (count, scan, scatter), w13, w2, combine
                         notes=f"bytes: the ~{touched:.0f} experts touched (expected); target >= 71% of copy"))
+        out.append(Case(op="moe_experts[triton]", shape=out[-1].shape, make_inputs=_make(name, t), run=_triton_moe,
+                        oracle=lambda *a: ref.moe_experts(*a, 10.0, "mxfp4"), bytes=out[-1].bytes,
+                        flops=out[-1].flops, ceiling="copy", launches=7))
         t = 8192
         out.append(Case(op="moe_experts", shape=f"{name} prefill T={t} k={TOPK} E={n_experts} dim={dim} inter={inter}",
                         make_inputs=_make(name, t), run=ops.moe_experts,

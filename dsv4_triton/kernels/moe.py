@@ -403,6 +403,15 @@ def _combine_kernel(part_ptr, ids_ptr, y_ptr, n_experts, N, TOPK: tl.constexpr, 
     tl.store(y_ptr + t * N + cols, cast_rne(acc, tl.bfloat16), mask=col_ok)
 
 
+def combine(part: torch.Tensor, ids: torch.Tensor, n_experts: int, y: torch.Tensor) -> None:
+    """``y[t] = sum_j part[t * k + j]`` in slot order, FP32, one rounding to bf16; the rows of
+    pairs with an id outside ``[0, E)`` were never written and are skipped."""
+    t, dim = y.shape
+    block = 1024
+    _combine_kernel[(t, triton.cdiv(dim, block))](part, ids, y, n_experts, dim, TOPK=ids.shape[1], BLOCK=block,
+                                                 num_warps=4)
+
+
 @register("moe_experts", "triton")
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, limit: float,
@@ -437,7 +446,5 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, lut, sorted_pair, block_expert, part, n_experts, dim, inter,
                          w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
                          BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, SCALE_WORDS=mxfp4_scale_words(w2s, inter))
-    block = 1024
-    _combine_kernel[(t, triton.cdiv(dim, block))](part, ids, y, n_experts, dim, TOPK=topk, BLOCK=block,
-                                                 num_warps=4)
+    combine(part, ids, n_experts, y)
     return y

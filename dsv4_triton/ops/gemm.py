@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from cuda_fallback import gemm as _cuda  # noqa: F401  (registers the cuda backend of fp4_linear)
+
 from .. import validate as V
 from ..kernels import gemm as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import gemm as _reference  # noqa: F401  (registers the reference backend)

@@ -10,6 +10,8 @@ from typing import List, Tuple
 
 import torch
 
+from cuda_fallback import moe as _cuda  # noqa: F401  (registers the cuda backend at decode sizes)
+
 from .. import validate as V
 from ..kernels import moe as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import moe as _reference  # noqa: F401  (registers the reference backend)

@@ -9,7 +9,11 @@ Every public op has named implementations, one per backend:
 
 Dispatch picks, per op and tensor device, the first available backend in
 ``PREFERENCE`` order (on the CPU only ``reference`` is picked automatically: the
-interpreter is for testing, not for speed).  A backend can be forced globally with
+interpreter is for testing, not for speed).  An implementation may cover only some
+arguments (a decode-sized CUDA kernel, say): it is registered with ``covers``, a function
+of the op's arguments that returns ``""`` when it handles them and otherwise the reason it
+does not; such calls go to the next available backend in the order, as a rule of the op
+stated where the implementation is registered.  A backend can be forced globally with
 the environment variable ``DSV4_BACKEND`` (read at import) or with the
 ``use_backend`` context manager, for all ops or a chosen subset.  Forcing a backend
 that an op lacks or that cannot run on the device raises ``BackendUnavailableError``:
@@ -69,6 +73,7 @@ class Implementation:
     fn: Callable
     backend: str
     archs: Tuple[str, ...] = ()  # for the cuda backend: e.g. ("sm90a", "sm100a")
+    covers: Optional[Callable[..., str]] = None  # "" for the arguments it handles, else why not
 
     def available(self, device: torch.device) -> Tuple[bool, str]:
         if self.backend == "reference":
@@ -102,12 +107,16 @@ def _check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def register(name: str, backend: str, archs: Iterable[str] = ()) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` implements op ``name`` for ``backend``. Returns ``fn`` unchanged."""
+def register(name: str, backend: str, archs: Iterable[str] = (),
+             covers: Optional[Callable[..., str]] = None) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements op ``name`` for ``backend``. Returns ``fn`` unchanged.
+
+    ``covers(*args)``: ``""`` when ``fn`` handles these arguments, else the reason it does
+    not (then dispatch takes the next backend; a forced backend raises with the reason)."""
     _check_backend_name(backend)
 
     def deco(fn: Callable) -> Callable:
-        _op(name).impls[backend] = Implementation(fn, backend, tuple(archs))
+        _op(name).impls[backend] = Implementation(fn, backend, tuple(archs), covers)
         _cache.clear()
         return fn
 
@@ -156,6 +165,25 @@ def call(name: str, device: torch.device, *args):
     return fn(*args)
 
 
+def _forced_partial(name: str, impl: Implementation) -> Callable:
+    def run(*args):
+        why = impl.covers(*args)
+        if why:
+            raise BackendUnavailableError(f"op {name!r}: backend {impl.backend!r} does not cover these arguments: {why}")
+        return impl.fn(*args)
+
+    run.backends = (impl.backend,)
+    return run
+
+
+def _first_covering(impl: Implementation, rest: Callable, rest_backends: Tuple[str, ...]) -> Callable:
+    def run(*args):
+        return rest(*args) if impl.covers(*args) else impl.fn(*args)
+
+    run.backends = (impl.backend, *rest_backends)
+    return run
+
+
 def _resolve(name: str, device: torch.device) -> Callable:
     op = _OPS.get(name)
     if op is None:
@@ -169,13 +197,23 @@ def _resolve(name: str, device: torch.device) -> Callable:
         ok, why = impl.available(device)
         if not ok:
             raise BackendUnavailableError(f"op {name!r}: backend {forced!r} unavailable on {device}: {why}")
-        return impl.fn
+        return impl.fn if impl.covers is None else _forced_partial(name, impl)
     order = ("reference",) if device.type == "cpu" else PREFERENCE
+    partial = []  # available implementations that cover some arguments only, in order
     for backend in order:
         impl = op.impls.get(backend)
-        if impl is not None and impl.available(device)[0]:
-            return impl.fn
-    raise BackendUnavailableError(f"op {name!r}: no implementation runs on {device}")
+        if impl is None or not impl.available(device)[0]:
+            continue
+        if impl.covers is not None:
+            partial.append(impl)
+            continue
+        fn, backends = impl.fn, (impl.backend,)
+        for covering in reversed(partial):
+            fn = _first_covering(covering, fn, backends)
+            backends = fn.backends
+        return fn
+    raise BackendUnavailableError(f"op {name!r}: no implementation runs on {device}"
+                                  + (" for every argument" if partial else ""))
 
 
 def dispatch(name: str, device: torch.device) -> Callable:
@@ -188,7 +226,14 @@ def dispatch(name: str, device: torch.device) -> Callable:
 
 
 def selected_backend(name: str, device: torch.device) -> str:
+    """The backend that runs op ``name`` on ``device``; where one covers only some arguments,
+    e.g. ``"cuda, else triton"``."""
     fn = dispatch(name, device)
+    backends = getattr(fn, "backends", None)
+    if backends is not None and len(backends) > 1:
+        return ", else ".join(backends)
+    if backends is not None:
+        return backends[0]
     for backend, impl in _OPS[name].impls.items():
         if impl.fn is fn:
             return backend

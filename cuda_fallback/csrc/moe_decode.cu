@@ -1,0 +1,303 @@
+// The two grouped MXFP4 GEMMs of the routed experts at decode sizes (16-row expert blocks).
+// targets: sm90a sm100a
+//
+// Same data flow as the Triton path (dsv4_triton/kernels/moe.py), which also provides the
+// align, the activation pre-pass and the combine: the (token, slot) pairs sorted by expert in
+// blocks of 16 padded rows, then
+//   w13: per block and 128 columns of inter, the block's rows times the expert's gate and up
+//        rows, the clamped SwiGLU and the routing weight in registers, and act_quant of the
+//        128 outputs per row (exactly one block of the w2 input) to FP8 codes + scale;
+//   w2:  per block and 128 rows of dim, the FP32 result of each pair into its own row.
+// The weights are streamed with the mma.sync decode of mxfp4_mma.cuh: at decode a block has
+// one or two real rows, so these GEMMs are weight streams, and every warp owns its 16-row
+// tiles over the whole of K (no K split, no reduction).
+
+#include <cuda_runtime.h>
+
+#include <torch/extension.h>
+
+#include "mxfp4_mma.cuh"
+
+using namespace dsv4;
+
+namespace {
+
+constexpr int kBlockRows = 16;                   // rows of an expert block
+constexpr int kGroups = kBlockRows / kGroup;     // MMA column groups of a block
+constexpr int kWarps = 8;                        // w13: a warp per 16 of the CTA's 128 columns
+constexpr int kPack = kWarps * kTileRows;        // 128: w13's gate/up interleave
+constexpr int kW2Warps = 4;                      // w2: 64 rows of dim per CTA
+constexpr int kCodesPerQuant = kBlockK;          // act_quant block of the w2 input
+// Weight blocks requested ahead of use: w13 streams two tiles a warp (gate and up) one block
+// ahead within 128 registers; w2 one tile two blocks ahead.
+constexpr int kW13Depth = 1;
+constexpr int kW2Depth = 2;
+
+// w13's gate and up tiles of a warp, streamed together.
+struct GateUpBlock {
+  WeightBlock gate, up;
+};
+struct GateUpRows {
+  WeightRows gate, up;
+  __device__ __forceinline__ GateUpBlock load(int kb) const { return {gate.load(kb), up.load(kb)}; }
+};
+
+__device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
+  return x != x ? x : fminf(fmaxf(x, lo), hi);
+}
+
+__device__ __forceinline__ float exp2i(int e) { return __int_as_float((e + 127) << 23); }
+
+// ceil(log2(v)) for a positive normal float, exactly.
+__device__ __forceinline__ int ceil_log2(float v) {
+  const int bits = __float_as_int(v);
+  return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0);
+}
+
+// |v| for the amax, NaN taken as +inf: either makes the row's scale NaN (act_quant's rule).
+__device__ __forceinline__ float magnitude(float v) { return v != v ? __int_as_float(0x7F800000) : fabsf(v); }
+
+__global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
+    const uint8_t* __restrict__ xq, const float* __restrict__ xs, int64_t stride_xq, int64_t stride_xs,
+    const uint8_t* __restrict__ w13, const uint8_t* __restrict__ w13s, int64_t stride_we, int64_t stride_wn,
+    int64_t stride_se, int64_t stride_sn, const int* __restrict__ sorted_pair, const int* __restrict__ block_expert,
+    const float* __restrict__ route_w, uint8_t* __restrict__ hq, float* __restrict__ hs, int n_experts, int n_kb,
+    int inter, int topk, float limit) {
+  __shared__ float amax_part[kWarps][kBlockRows];
+  const int blk = blockIdx.x, j = blockIdx.y;
+  const int expert = block_expert[blk];
+  if (expert >= n_experts) return;  // past the last block
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const uint8_t* we = w13 + expert * stride_we;
+  const uint8_t* wse = w13s + expert * stride_se;
+  // Warp w: gate rows 256j + 16w .. and the up rows 128 below them (the packed interleave),
+  // i.e. inter columns 128j + 16w + (g, g + 8) of both.
+  const int64_t gate = int64_t(j) * 2 * kPack + warp * kTileRows;
+  const WeightRows gate_rows(we, wse, gate + g, gate + g + 8, stride_wn, stride_sn, q);
+  const WeightRows up_rows(we, wse, gate + kPack + g, gate + kPack + g + 8, stride_wn, stride_sn, q);
+  const int row0 = blk * kBlockRows;
+  const uint8_t* x_row[kGroups];
+  bool has_row[kGroups], live[kGroups];
+  int pair_col[kGroups][2];  // the pairs of this lane's D columns (block rows 8t + 2q, + 1)
+#pragma unroll
+  for (int t = 0; t < kGroups; ++t) {
+    const int p = sorted_pair[row0 + t * kGroup + g];
+    has_row[t] = p >= 0;
+    live[t] = __any_sync(0xFFFFFFFFu, p >= 0);  // a group of padding rows only is skipped (zeros)
+    x_row[t] = xq + (p >= 0 ? p / topk : 0) * stride_xq + q * 32;
+    pair_col[t][0] = sorted_pair[row0 + t * kGroup + 2 * q];
+    pair_col[t][1] = sorted_pair[row0 + t * kGroup + 2 * q + 1];
+  }
+  float acc_g[kGroups][4] = {}, acc_u[kGroups][4] = {};
+  const GateUpRows tiles{gate_rows, up_rows};
+  stream_blocks<kW13Depth>(tiles, 0, 1, n_kb, [&](const GateUpBlock& block, int kb) {
+    uint4 x0[kGroups], x1[kGroups];
+    float sx[kGroups][2];
+#pragma unroll
+    for (int t = 0; t < kGroups; ++t) {
+      load_codes(x_row[t] + kb * kBlockK, live[t] && has_row[t], x0[t], x1[t]);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int p = pair_col[t][c];
+        sx[t][c] = p >= 0 ? __ldg(xs + (p / topk) * stride_xs + kb) : 0.f;
+      }
+    }
+    {
+      const WeightOperand a(block.gate, q);
+#pragma unroll
+      for (int t = 0; t < kGroups; ++t) {
+        if (!live[t]) continue;
+        float d[4];
+        block_products(a, x0[t], x1[t], d);
+        promote(acc_g[t], d, sx[t][0], sx[t][1], a);
+      }
+    }
+    {
+      const WeightOperand a(block.up, q);
+#pragma unroll
+      for (int t = 0; t < kGroups; ++t) {
+        if (!live[t]) continue;
+        float d[4];
+        block_products(a, x0[t], x1[t], d);
+        promote(acc_u[t], d, sx[t][0], sx[t][1], a);
+      }
+    }
+  });
+
+  // SwiGLU with the clamp, times the routing weight (0 for padding rows: zeros out).
+  float h[kGroups][4];
+#pragma unroll
+  for (int t = 0; t < kGroups; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float gv = clamp_keep_nan(acc_g[t][r], -__int_as_float(0x7F800000), limit);
+      const float uv = clamp_keep_nan(acc_u[t][r], -limit, limit);
+      const int p = pair_col[t][r & 1];
+      h[t][r] = __fdiv_rn(gv, 1.f + __expf(-gv)) * uv * (p >= 0 ? __ldg(route_w + p) : 0.f);
+    }
+  }
+  // act_quant per block row over the CTA's 128 columns: the warp's 16 rows by shuffles over g,
+  // then the 8 warps through shared memory.
+  float amax[kGroups][2];
+#pragma unroll
+  for (int t = 0; t < kGroups; ++t) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float m = fmaxf(magnitude(h[t][c]), magnitude(h[t][c + 2]));
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+      amax[t][c] = m;
+      if (g == 0) amax_part[warp][t * kGroup + 2 * q + c] = m;
+    }
+  }
+  __syncthreads();
+  const int64_t n_quant = inter / kCodesPerQuant;
+#pragma unroll
+  for (int t = 0; t < kGroups; ++t) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = t * kGroup + 2 * q + c;
+      float m = amax[t][c];
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v) m = fmaxf(m, amax_part[v][col]);
+      m = fmaxf(m, 1e-4f);
+      const bool finite = m < __int_as_float(0x7F800000);
+      const int e = finite ? ceil_log2(__fdiv_rn(m, 448.f)) : 0;
+      const float inv = finite ? exp2i(-e) : 0.f;
+      uint8_t* out = hq + int64_t(row0 + col) * inter + int64_t(j) * kPack + warp * kTileRows + g;
+      out[0] = __nv_cvt_float_to_fp8(h[t][c] * inv, __NV_SATFINITE, __NV_E4M3);
+      out[8] = __nv_cvt_float_to_fp8(h[t][c + 2] * inv, __NV_SATFINITE, __NV_E4M3);
+      if (warp == 0 && g == 0) hs[int64_t(row0 + col) * n_quant + j] = finite ? exp2i(e) : __int_as_float(0x7FC00000);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kW2Warps * 32, 5) moe_w2_kernel(
+    const uint8_t* __restrict__ hq, const float* __restrict__ hs, int64_t stride_hq, int64_t stride_hs,
+    const uint8_t* __restrict__ w2, const uint8_t* __restrict__ w2s, int64_t stride_we, int64_t stride_wn,
+    int64_t stride_se, int64_t stride_sn, const int* __restrict__ sorted_pair, const int* __restrict__ block_expert,
+    float* __restrict__ part, int n_experts, int n_rows, int n_kb) {
+  const int blk = blockIdx.x;
+  const int expert = block_expert[blk];
+  if (expert >= n_experts) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n0 = (blockIdx.y * kW2Warps + warp) * kTileRows;
+  if (n0 >= n_rows) return;
+  // Rows past N read row N - 1 (in bounds) and are never stored.
+  const WeightRows rows(w2 + expert * stride_we, w2s + expert * stride_se, min(n0 + g, n_rows - 1),
+                        min(n0 + g + 8, n_rows - 1), stride_wn, stride_sn, q);
+  const int row0 = blk * kBlockRows;  // every row of a block holds defined codes (zeros for padding)
+  bool live[kGroups];  // a group of padding rows only is skipped: none of its results is stored
+#pragma unroll
+  for (int t = 0; t < kGroups; ++t) live[t] = __any_sync(0xFFFFFFFFu, sorted_pair[row0 + t * kGroup + g] >= 0);
+  float acc[kGroups][4] = {};
+  stream_blocks<kW2Depth>(rows, 0, 1, n_kb, [&](const WeightBlock& block, int kb) {
+    const WeightOperand a(block, q);
+#pragma unroll
+    for (int t = 0; t < kGroups; ++t) {
+      if (!live[t]) continue;
+      uint4 x0, x1;
+      load_codes(hq + int64_t(row0 + t * kGroup + g) * stride_hq + kb * kBlockK + q * 32, true, x0, x1);
+      const int col = row0 + t * kGroup + 2 * q;
+      float d[4];
+      block_products(a, x0, x1, d);
+      promote(acc[t], d, __ldg(hs + int64_t(col) * stride_hs + kb), __ldg(hs + int64_t(col + 1) * stride_hs + kb), a);
+    }
+  });
+#pragma unroll
+  for (int t = 0; t < kGroups; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int pair = sorted_pair[row0 + t * kGroup + 2 * q + (r & 1)];
+      const int n = n0 + g + (r >= 2 ? 8 : 0);
+      if (pair >= 0 && n < n_rows) part[int64_t(pair) * n_rows + n] = acc[t][r];
+    }
+  }
+}
+
+void check_blocks(const torch::Tensor& sorted_pair, const torch::Tensor& block_expert, const torch::Tensor& like) {
+  TORCH_CHECK(sorted_pair.scalar_type() == torch::kInt32 && sorted_pair.dim() == 1 && sorted_pair.is_contiguous(),
+              "sorted_pair: expected contiguous int32 [blocks * 16]");
+  TORCH_CHECK(block_expert.scalar_type() == torch::kInt32 && block_expert.dim() == 1 && block_expert.is_contiguous(),
+              "block_expert: expected contiguous int32 [blocks]");
+  TORCH_CHECK(sorted_pair.size(0) == block_expert.size(0) * kBlockRows, "sorted_pair: expected ",
+              block_expert.size(0) * kBlockRows, " rows (16 per block), got ", sorted_pair.size(0));
+  TORCH_CHECK(sorted_pair.device() == like.device() && block_expert.device() == like.device(),
+              "sorted_pair, block_expert: expected the weights' device");
+}
+
+}  // namespace
+
+// x_codes uint8 [T, dim] and x_scales fp32 [T, dim/128]: act_quant of the tokens; w13 uint8
+// [E, 2*inter, dim/2] and w13_scale uint8 [E, 2*inter, dim/32] (moe_pack_experts' layout);
+// sorted_pair / block_expert: the align's lists for 16-row blocks; route_w fp32 [T * topk].
+// Writes hq uint8 [blocks * 16, inter] and hs fp32 [blocks * 16, inter/128].
+void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w13, torch::Tensor w13_scale,
+                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor route_w, torch::Tensor hq,
+                    torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle) {
+  check_weight_rows("w13", w13, "w13_scale", w13_scale);
+  TORCH_CHECK(w13.dim() == 3 && w13.size(1) % (2 * kPack) == 0, "w13: expected [E, 2*inter, dim/2] with inter a "
+              "multiple of 128, got ", w13.sizes());
+  check_blocks(sorted_pair, block_expert, w13);
+  const int64_t dim = 2 * w13.size(2), inter = w13.size(1) / 2, blocks = block_expert.size(0);
+  TORCH_CHECK(x_codes.scalar_type() == torch::kUInt8 && x_codes.dim() == 2 && x_codes.size(1) == dim &&
+                  x_codes.stride(1) == 1 && x_codes.stride(0) % 16 == 0 && aligned(x_codes, 16),
+              "x_codes: expected uint8 [T, ", dim, "] with 16-byte aligned contiguous rows");
+  TORCH_CHECK(x_scales.scalar_type() == torch::kFloat32 && x_scales.dim() == 2 && x_scales.size(0) == x_codes.size(0) &&
+                  x_scales.size(1) == dim / kBlockK && x_scales.stride(1) == 1,
+              "x_scales: expected fp32 [T, ", dim / kBlockK, "]");
+  TORCH_CHECK(topk >= 1 && route_w.scalar_type() == torch::kFloat32 && route_w.is_contiguous() &&
+                  route_w.numel() == x_codes.size(0) * topk,
+              "route_w: expected contiguous fp32 [T * topk]");
+  TORCH_CHECK(hq.scalar_type() == torch::kUInt8 && hq.is_contiguous() && hq.dim() == 2 &&
+                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter,
+              "hq: expected contiguous uint8 [", blocks * kBlockRows, ", ", inter, "]");
+  TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
+                  hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
+              "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
+  for (const torch::Tensor* t : {&x_codes, &x_scales, &route_w, &hq, &hs}) {
+    TORCH_CHECK(t->device() == w13.device(), "moe_decode_w13: every tensor on the weights' device");
+  }
+  if (blocks == 0) return;
+  const DeviceScope scope(w13.get_device());
+  const dim3 grid(unsigned(blocks), unsigned(inter / kPack));
+  moe_w13_kernel<<<grid, kWarps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
+      x_codes.data_ptr<uint8_t>(), x_scales.data_ptr<float>(), x_codes.stride(0), x_scales.stride(0),
+      w13.data_ptr<uint8_t>(), w13_scale.data_ptr<uint8_t>(), w13.stride(0), w13.stride(1), w13_scale.stride(0),
+      w13_scale.stride(1), sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), route_w.data_ptr<float>(),
+      hq.data_ptr<uint8_t>(), hs.data_ptr<float>(), int(w13.size(0)), int(dim / kBlockK), int(inter), int(topk),
+      float(limit));
+  check_launch("moe_decode_w13");
+}
+
+// hq / hs as moe_decode_w13 writes them; w2 uint8 [E, dim, inter/2], w2_scale uint8
+// [E, dim, inter/32].  Writes part fp32 [T * topk, dim], row p for pair p (placed pairs only).
+void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
+                   torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle) {
+  check_weight_rows("w2", w2, "w2_scale", w2_scale);
+  TORCH_CHECK(w2.dim() == 3, "w2: expected [E, dim, inter/2], got ", w2.sizes());
+  check_blocks(sorted_pair, block_expert, w2);
+  const int64_t dim = w2.size(1), inter = 2 * w2.size(2), blocks = block_expert.size(0);
+  TORCH_CHECK(hq.scalar_type() == torch::kUInt8 && hq.is_contiguous() && hq.dim() == 2 &&
+                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
+              "hq: expected contiguous uint8 [", blocks * kBlockRows, ", ", inter, "]");
+  TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
+                  hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
+              "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
+  TORCH_CHECK(part.scalar_type() == torch::kFloat32 && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
+              "part: expected contiguous fp32 [pairs, ", dim, "]");
+  for (const torch::Tensor* t : {&hq, &hs, &part}) {
+    TORCH_CHECK(t->device() == w2.device(), "moe_decode_w2: every tensor on the weights' device");
+  }
+  if (blocks == 0) return;
+  const DeviceScope scope(w2.get_device());
+  const dim3 grid(unsigned(blocks), unsigned((dim + kW2Warps * kTileRows - 1) / (kW2Warps * kTileRows)));
+  moe_w2_kernel<<<grid, kW2Warps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
+      hq.data_ptr<uint8_t>(), hs.data_ptr<float>(), hq.stride(0), hs.stride(0), w2.data_ptr<uint8_t>(),
+      w2_scale.data_ptr<uint8_t>(), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
+      sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), part.data_ptr<float>(), int(w2.size(0)), int(dim),
+      int(inter / kBlockK));
+  check_launch("moe_decode_w2");
+}

@@ -1,0 +1,253 @@
+// Device pieces shared by the MXFP4 decode GEMMs (mxfp4_decode_gemm.cu, moe_decode.cu): MXFP4
+// weight rows decoded straight into mma.sync's A fragment, FP8 activation codes as its B.
+//
+// One step multiplies a 16-row weight tile (the MMA's M) by groups of 8 activation rows (its
+// N) over one 128-wide K block: one activation scale block, four E8M0 weight blocks.  Lane
+// (g, q) of a warp holds weight rows g and g + 8 and activation row g of each group, all in
+// 32-block q of the 128: the k slots of the MMAs are a fixed permutation of physical k, the
+// same for both operands, so no byte moves between lanes and no shared memory is involved.
+//
+// Exactness.  Inside a row's 128-block the four exponents e_j are folded relative to their
+// maximum: the A operand is fp16(lut[code] * 2^(e_j - e_max)), the promotion multiplies the
+// block's FP32 sums by the activation scale and then by 2^(e_max - 127).  lut values have two
+// significant bits, so the folded value is exact in fp16 (normal or subnormal) while
+// e_max - e_j <= 23; a wider span rounds to nearest-even in fp16, an error of at most
+// 2^(e_max - 127 - 25) per element.  FP8 E4M3 codes are exact in fp16, every product is
+// exact, and the MMA sums in FP32: results equal the oracle's up to FP32 summation order.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <torch/extension.h>
+
+namespace dsv4 {
+
+constexpr int kTileRows = 16;  // weight rows of an MMA tile
+constexpr int kBlockK = 128;   // K of one step
+constexpr int kGroup = 8;      // activation rows of an MMA
+
+// 16 bytes of weight codes, read once: no L1 allocation.
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// D += A (16x16, fp16) * B (16x8, fp16), FP32 accumulation.
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two E4M3 codes (low, high byte) -> fp16x2 (low, high half), exact.
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_codes) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_codes & 0xFFFFu), __NV_E4M3);
+  return uint32_t(h.x) | (uint32_t(h.y) << 16);
+}
+
+// A 16-row tile's codes and scale words for one 128-block, as loaded: rows g and g + 8.
+struct WeightBlock {
+  uint4 lo, hi;
+  uint32_t s_lo, s_hi;
+};
+
+// Where lane (g, q) reads its rows: codes of 32-block q, scale words (one per 128-block).
+struct WeightRows {
+  const uint8_t* lo;
+  const uint8_t* hi;
+  const uint32_t* s_lo;
+  const uint32_t* s_hi;
+
+  // rows r_lo, r_hi of a weight [rows, K/2] with E8M0 scales [rows, K/32] (both in bounds).
+  __device__ __forceinline__ WeightRows(const uint8_t* w, const uint8_t* ws, int64_t r_lo, int64_t r_hi,
+                                        int64_t stride_w, int64_t stride_ws, int q)
+      : lo(w + r_lo * stride_w + q * 16),
+        hi(w + r_hi * stride_w + q * 16),
+        s_lo(reinterpret_cast<const uint32_t*>(ws + r_lo * stride_ws)),
+        s_hi(reinterpret_cast<const uint32_t*>(ws + r_hi * stride_ws)) {}
+
+  __device__ __forceinline__ WeightBlock load(int kb) const {
+    return {load_stream(lo + kb * (kBlockK / 2)), load_stream(hi + kb * (kBlockK / 2)), __ldg(s_lo + kb),
+            __ldg(s_hi + kb)};
+  }
+};
+
+// Runs body(block, kb) for kb = first, first + step, ... < n_kb, with each weight block
+// requested DEPTH steps before its use: at decode a warp has little else to hide the
+// memory latency behind, so the bytes in flight per multiprocessor are what sets the rate.
+// Rows: anything with load(kb) (one tile's WeightBlock, or several tiles' together).
+template <int DEPTH, class Rows, class Body>
+__device__ __forceinline__ void stream_blocks(const Rows& rows, int first, int step, int n_kb, Body&& body) {
+  static_assert(DEPTH == 1 || DEPTH == 2, "one or two blocks ahead");
+  using Block = decltype(rows.load(0));
+  Block ahead[DEPTH];
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) {
+    if (first + i * step < n_kb) ahead[i] = rows.load(first + i * step);
+  }
+  for (int kb = first; kb < n_kb; kb += DEPTH * step) {
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) {
+      const int at = kb + i * step;
+      if (at < n_kb) {
+        const Block cur = ahead[i];
+        if (at + DEPTH * step < n_kb) ahead[i] = rows.load(at + DEPTH * step);
+        body(cur, at);
+      }
+    }
+  }
+}
+
+// A row's four E8M0 bytes of one 128-block (byte j: 32-block j) -> the fp16x2 factor that
+// folds block q relative to the largest exponent, 2^(14 - (e_max - e_q)) in both halves (the
+// decoded codes carry 2^-14), and the row's FP32 scale 2^(e_max - 127) (NaN for the E8M0 NaN).
+__device__ __forceinline__ void fold_scales(uint32_t word, int q, uint32_t& fold, float& row_scale) {
+  uint32_t m = __vmaxu4(word, word >> 16);
+  m = __vmaxu4(m, m >> 8);
+  const int e_max = int(m & 0xFFu);
+  const int d = e_max - int((word >> (8 * q)) & 0xFFu);
+  // fp16 2^(14 - d): normal while d <= 28, subnormal down to 2^-24 (d = 38); below that every
+  // folded value rounds to zero anyway (|lut| <= 6 < 2^3).
+  const uint32_t h = d <= 28 ? uint32_t(29 - d) << 10 : (d <= 38 ? 1u << (38 - d) : 0u);
+  fold = h | (h << 16);
+  row_scale = e_max == 255 ? __int_as_float(0x7FC00000) : __int_as_float(e_max == 0 ? 0x00400000 : e_max << 23);
+}
+
+// Eight E2M1 codes of one word (nibble n = element n) -> four fp16x2 registers, register j
+// holding elements (j, j + 4).  The code's bits shifted into an fp16 pattern are
+// lut[code] * 2^-14 exactly (code 1 is the subnormal 2^-15); the fold makes them
+// lut[code] * 2^(e_q - e_max).
+__device__ __forceinline__ void decode_word(uint32_t word, uint32_t fold, uint32_t* out) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t v = word >> (4 * j);
+    out[j] = hmul2(((v & 0x00070007u) << 9) | ((v & 0x00080008u) << 12), fold);
+  }
+}
+
+// The A operand of one block: a_lo[4i + j] word i of row g, elements (8i + j, 8i + 4 + j) of
+// 32-block q; a_hi the same for row g + 8; and the two rows' FP32 scales.
+struct WeightOperand {
+  uint32_t lo[16], hi[16];
+  float scale_lo, scale_hi;
+
+  __device__ __forceinline__ WeightOperand(const WeightBlock& b, int q) {
+    uint32_t fold_lo, fold_hi;
+    fold_scales(b.s_lo, q, fold_lo, scale_lo);
+    fold_scales(b.s_hi, q, fold_hi, scale_hi);
+    decode_word(b.lo.x, fold_lo, lo + 0);
+    decode_word(b.lo.y, fold_lo, lo + 4);
+    decode_word(b.lo.z, fold_lo, lo + 8);
+    decode_word(b.lo.w, fold_lo, lo + 12);
+    decode_word(b.hi.x, fold_hi, hi + 0);
+    decode_word(b.hi.y, fold_hi, hi + 4);
+    decode_word(b.hi.z, fold_hi, hi + 8);
+    decode_word(b.hi.w, fold_hi, hi + 12);
+  }
+};
+
+// The 32 activation codes of 32-block q of the lane's activation row (zeros for no row).
+__device__ __forceinline__ void load_codes(const uint8_t* row_block, bool valid, uint4& x0, uint4& x1) {
+  x0 = make_uint4(0, 0, 0, 0);
+  x1 = x0;
+  if (valid) {
+    const uint4* p = reinterpret_cast<const uint4*>(row_block);
+    x0 = __ldg(p);
+    x1 = __ldg(p + 1);
+  }
+}
+
+// d = the block's products of one group, before promotion: d[0], d[1] weight row g and
+// activation rows 2q, 2q + 1 of the group; d[2], d[3] weight row g + 8.
+__device__ __forceinline__ void block_products(const WeightOperand& a, const uint4& x0, const uint4& x1,
+                                               float (&d)[4]) {
+  const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    // MMA s takes word i = s / 2, pairs p and p + 1 (p = 0 or 2): k slots (2q, 2q + 1) hold
+    // elements (8i + p, 8i + 4 + p), slots (2q + 8, 2q + 9) elements (8i + p + 1, 8i + 5 + p).
+    const int i = s >> 1, p = (s & 1) * 2;
+    const uint32_t bytes = __byte_perm(xw[2 * i], xw[2 * i + 1], p == 0 ? 0x5140 : 0x7362);
+    mma_16816(d, a.lo[4 * i + p], a.hi[4 * i + p], a.lo[4 * i + p + 1], a.hi[4 * i + p + 1],
+              e4m3x2_to_f16x2(bytes), e4m3x2_to_f16x2(bytes >> 16));
+  }
+}
+
+// acc += (d * activation scale) * weight row scale, as the Triton GEMMs promote.
+__device__ __forceinline__ void promote(float (&acc)[4], const float (&d)[4], float sx0, float sx1,
+                                        const WeightOperand& a) {
+  acc[0] += (d[0] * sx0) * a.scale_lo;
+  acc[1] += (d[1] * sx1) * a.scale_lo;
+  acc[2] += (d[2] * sx0) * a.scale_hi;
+  acc[3] += (d[3] * sx1) * a.scale_hi;
+}
+
+// --- host side --------------------------------------------------------------------------
+
+// Makes a device current for a launch (torch's CUDA headers are not part of a CPU build of
+// torch, where these sources are still compiled as a check, so no c10 guard).
+struct DeviceScope {
+  int saved = -1;
+  explicit DeviceScope(int device) {
+    cudaGetDevice(&saved);
+    if (saved != device) cudaSetDevice(device);
+  }
+  ~DeviceScope() {
+    int now = -1;
+    cudaGetDevice(&now);
+    if (now != saved) cudaSetDevice(saved);
+  }
+};
+
+inline int multiprocessors(int device) {
+  int sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+              "cudaDeviceGetAttribute failed");
+  return sms;
+}
+
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
+}
+
+inline bool aligned(const torch::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+}
+
+// MXFP4 weight rows [..., N, K/2] (uint8) and E8M0 scales [..., N, K/32] (uint8) as the kernels
+// read them: contiguous rows, codes 16-byte and scale words 4-byte aligned.
+inline void check_weight_rows(const char* name, const torch::Tensor& w, const char* scale_name,
+                              const torch::Tensor& ws) {
+  const int64_t d = w.dim();
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && d >= 2, name, ": expected uint8 [..., N, K/2]");
+  TORCH_CHECK(ws.scalar_type() == torch::kUInt8 && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/32]");
+  const int64_t k = 2 * w.size(d - 1);
+  TORCH_CHECK(k % kBlockK == 0 && k >= kBlockK, name, ": K must be a positive multiple of 128, got ", k);
+  TORCH_CHECK(ws.size(d - 2) == w.size(d - 2) && ws.size(d - 1) == k / 32, scale_name, ": expected [..., ",
+              w.size(d - 2), ", ", k / 32, "], got ", ws.sizes());
+  TORCH_CHECK(w.stride(d - 1) == 1 && aligned(w, 16), name, ": expected contiguous 16-byte aligned rows");
+  TORCH_CHECK(ws.stride(d - 1) == 1 && aligned(ws, 4), scale_name, ": expected contiguous 4-byte aligned rows");
+  for (int64_t i = 0; i < d - 1; ++i) {
+    TORCH_CHECK(w.stride(i) % 16 == 0, name, ": expected 16-byte aligned rows");
+    TORCH_CHECK(ws.stride(i) % 4 == 0, scale_name, ": expected 4-byte aligned rows");
+  }
+  TORCH_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
+}
+
+}  // namespace dsv4

@@ -1,0 +1,170 @@
+"""The cuda backend of moe_experts at decode sizes (cuda_fallback/csrc/moe_decode.cu) against the
+oracle with the same allowances as the Triton path, and the registry rule that sends it the
+batches of 16-row expert blocks only.  GPU only."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from dsv4_triton import ops, registry, use_backend
+from dsv4_triton.registry import BackendUnavailableError
+from test_moe import (DIM, EXPERTS, INTER, _gen, assert_moe_close, flash_inputs, integer_activations, random_experts,
+                      routing)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_backend(device):
+    ok, why = registry.ops()["moe_experts"].impls["cuda"].available(device)
+    if not ok:
+        pytest.skip(why)
+
+
+def _cuda_moe(*args):
+    with use_backend("cuda", ops=["moe_experts"]):
+        return ops.moe_experts(*args)
+
+
+def _packed(n_experts, dim, inter, g, device):
+    return [p.to(device) for p in ops.moe_pack_experts(*random_experts(n_experts, dim, inter, g))]
+
+
+@given(t=st.integers(1, 40), k=st.integers(1, 3), limit=st.sampled_from([10.0, 0.05]), integer_x=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_matches_oracle(device, t, k, limit, integer_x, seed):
+    # Up to 120 pairs over 8 experts: blocks of several real rows, in both MMA column groups.
+    g = _gen(seed)
+    packed = _packed(EXPERTS, DIM, INTER, g, device)
+    x = integer_activations(t, DIM, g) if integer_x else torch.randn(t, DIM, generator=g).to(torch.bfloat16)
+    w, ids = routing(t, k, EXPERTS, g)
+    x, w, ids = x.to(device), w.to(device), ids.to(device)
+    y = _cuda_moe(x, w, ids, *packed, limit)
+    assert y.dtype == torch.bfloat16 and y.shape == (t, DIM)
+    assert_moe_close(y, x, w, ids, packed, limit)
+
+
+@pytest.mark.parametrize("case", ["one_expert_takes_all", "t1", "duplicates", "out_of_range", "nan_token",
+                                  "nan_scale"])
+def test_routing_edge_cases(device, case):
+    g = _gen(11)
+    experts = random_experts(EXPERTS, DIM, INTER, g)
+    if case == "nan_scale":  # an E8M0 NaN in expert 2's w2: its pairs' outputs NaN
+        experts[5][2].view(torch.uint8)[7, 1] = 0xFF
+    packed = [p.to(device) for p in ops.moe_pack_experts(*experts)]
+    t, k = (1, 2) if case == "t1" else (6, 2)
+    x = torch.randn(t, DIM, generator=g).to(torch.bfloat16)
+    w, ids = routing(t, k, EXPERTS, g)
+    if case == "one_expert_takes_all":
+        ids[:, 0] = 3
+        ids[:, 1] = torch.where(ids[:, 1] == 3, 5, ids[:, 1])
+    elif case == "duplicates":  # unchecked: listed twice, contributes twice
+        ids[0] = torch.tensor([6, 6])
+    elif case == "out_of_range":  # unchecked: contributes nothing
+        ids[1, 0], ids[2, 1] = -1, EXPERTS
+    elif case == "nan_token":
+        x[4, 17] = float("nan")
+    elif case == "nan_scale":
+        ids[0, 0] = 2
+    x, w, ids = x.to(device), w.to(device), ids.to(device)
+    expect = assert_moe_close(_cuda_moe(x, w, ids, *packed), x, w, ids, packed)
+    if case == "nan_token":
+        assert bool(torch.isnan(expect[4]).all()) and not bool(torch.isnan(expect[3]).any())
+    if case == "nan_scale":
+        assert bool(torch.isnan(expect[0, 7]))
+
+
+def test_model_sized_rows(device):
+    # dim 1024 / inter 512 (8 and 4 K blocks, 4 w13 column tiles, 8 w2 row tiles of a CTA),
+    # 64 tokens x 6 of 64 experts: blocks with up to 16 real rows, experts with none.
+    g = _gen(21)
+    packed = _packed(64, 1024, 512, g, device)
+    x = torch.randn(64, 1024, generator=g).to(torch.bfloat16)
+    w, ids = routing(64, 6, 64, g)
+    x, w, ids = x.to(device), w.to(device), ids.to(device)
+    assert_moe_close(_cuda_moe(x, w, ids, *packed), x, w, ids, packed)
+
+
+def test_pro_decode_shape(device):
+    # Pro's decode step (dim 7168, inter 3072, 6 experts of a token, 64 tokens), with 32 experts
+    # so the weights stay small; the oracle (reference backend, FP32) on the GPU.
+    g = torch.Generator(device=device).manual_seed(5)
+    e, dim, inter = 32, 7168, 3072
+    w13 = torch.randint(0, 256, (e, 2 * inter, dim // 2), device=device, generator=g, dtype=torch.uint8)
+    w2 = torch.randint(0, 256, (e, dim, inter // 2), device=device, generator=g, dtype=torch.uint8)
+    s13 = (torch.randint(-10, -6, (e, 2 * inter, dim // 32), device=device, generator=g) + 127).to(torch.uint8)
+    s2 = (torch.randint(-10, -6, (e, dim, inter // 32), device=device, generator=g) + 127).to(torch.uint8)
+    s13, s2 = s13.view(torch.float8_e8m0fnu), s2.view(torch.float8_e8m0fnu)
+    x = torch.randn(64, dim, device=device, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, device=device, generator=g)[:6] for _ in range(64)]).to(torch.int32)
+    w = torch.rand(64, 6, device=device, generator=g) + 0.1
+    y = _cuda_moe(x, w, ids, w13, s13, w2, s2)
+    with use_backend("reference", ops=["moe_experts"]):
+        oracle = ops.moe_experts(x, w, ids, w13, s13, w2, s2)
+    # Relative Frobenius error, as the Triton path's test at Flash sizes: FP32 summation order and
+    # a few flipped FP8 codes of the w2 input, far less than one bf16 rounding.
+    err = (y.float() - oracle.float()).norm() / oracle.float().norm()
+    assert err < 2.0 ** -8, f"relative error {err:.3g}"
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The backends moe_experts calls run, in order (dispatch resolved again around the test)."""
+    impls = registry.ops()["moe_experts"].impls
+    ran = []
+    for backend in ("cuda", "triton"):
+        fn = impls[backend].fn
+        monkeypatch.setattr(impls[backend], "fn", lambda *a, _fn=fn, _b=backend: ran.append(_b) or _fn(*a))
+    registry.set_backend(None, ops=["moe_experts"])  # clears the dispatch cache
+    yield ran
+    monkeypatch.undo()
+    registry.set_backend(None, ops=["moe_experts"])
+
+
+def test_dispatch_sends_16_row_blocks_to_cuda_and_the_rest_to_triton(device, counted):
+    assert registry.selected_backend("moe_experts", device) == "cuda, else triton"
+    g = _gen(3)
+    packed = _packed(EXPERTS, DIM, INTER, g, device)
+    for t, expect in ((1, ["cuda"]), (64, ["cuda"]), (65, ["triton"]), (0, ["triton"])):
+        counted.clear()
+        w, ids = routing(t, 2, EXPERTS, g)
+        ops.moe_experts(torch.randn(t, DIM, generator=g).to(torch.bfloat16).to(device), w.to(device), ids.to(device),
+                        *packed)
+        assert counted == expect, (t, counted)
+
+
+def test_forcing_cuda_on_a_prefill_batch_is_an_error(device):
+    g = _gen(4)
+    packed = _packed(EXPERTS, DIM, INTER, g, device)
+    w, ids = routing(70, 2, EXPERTS, g)
+    with pytest.raises(BackendUnavailableError, match="more than 16 an expert"):
+        _cuda_moe(torch.randn(70, DIM, generator=g).to(torch.bfloat16).to(device), w.to(device), ids.to(device),
+                  *packed)
+
+
+def test_cuda_graph_replay(device):
+    g = _gen(9)
+    packed = _packed(EXPERTS, DIM, INTER, g, device)
+    w, ids = routing(8, 2, EXPERTS, g)
+    x = torch.randn(8, DIM, generator=g).to(torch.bfloat16).to(device)
+    w, ids = w.to(device), ids.to(device)
+    ops.moe_experts(x, w, ids, *packed)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.moe_experts(x, w, ids, *packed)
+    x.copy_(torch.randn(8, DIM, generator=g).to(torch.bfloat16))
+    ids.copy_(routing(8, 2, EXPERTS, g)[1].to(device))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, _cuda_moe(x, w, ids, *packed))
+    assert_moe_close(y, x, w, ids, packed)
+
+
+@pytest.mark.parametrize("t", [1, 64])
+def test_flash_shapes(device, t):
+    x, w, ids, w13, w13s, w2, w2s = flash_inputs(t, device)
+    y = _cuda_moe(x, w, ids, w13, w13s, w2, w2s)
+    with use_backend("reference", ops=["moe_experts"]):
+        oracle = ops.moe_experts(x, w, ids, w13, w13s, w2, w2s)
+    err = (y.float() - oracle.float()).norm() / oracle.float().norm()
+    assert err < 2.0 ** -8, f"relative error {err:.3g}"

@@ -113,34 +113,37 @@ __device__ __forceinline__ void stream_blocks(const Rows& rows, int first, int s
 }
 
 // A row's four E8M0 bytes of one 128-block (byte j: 32-block j) -> the fp16x2 factor that
-// folds block q relative to the largest exponent, 2^(14 - (e_max - e_q)) in both halves (the
-// decoded codes carry 2^-14), and the row's FP32 scale 2^(e_max - 127) (NaN for the E8M0 NaN).
+// folds block q relative to the largest exponent, 2^(6 - (e_max - e_q)) in both halves (the
+// decoded codes carry 2^-6), and the row's FP32 scale 2^(e_max - 127) (NaN for the E8M0 NaN).
 __device__ __forceinline__ void fold_scales(uint32_t word, int q, uint32_t& fold, float& row_scale) {
   uint32_t m = __vmaxu4(word, word >> 16);
   m = __vmaxu4(m, m >> 8);
   const int e_max = int(m & 0xFFu);
   const int d = e_max - int((word >> (8 * q)) & 0xFFu);
-  // fp16 2^(14 - d): normal while d <= 28, subnormal down to 2^-24 (d = 38); below that every
+  // fp16 2^(6 - d): normal while d <= 20, subnormal down to 2^-24 (d = 30); below that every
   // folded value rounds to zero anyway (|lut| <= 6 < 2^3).
-  const uint32_t h = d <= 28 ? uint32_t(29 - d) << 10 : (d <= 38 ? 1u << (38 - d) : 0u);
+  const uint32_t h = d <= 20 ? uint32_t(21 - d) << 10 : (d <= 30 ? 1u << (30 - d) : 0u);
   fold = h | (h << 16);
   row_scale = e_max == 255 ? __int_as_float(0x7FC00000) : __int_as_float(e_max == 0 ? 0x00400000 : e_max << 23);
 }
 
-// Eight E2M1 codes of one word (nibble n = element n) -> four fp16x2 registers, register j
-// holding elements (j, j + 4).  The code's bits shifted into an fp16 pattern are
-// lut[code] * 2^-14 exactly (code 1 is the subnormal 2^-15); the fold makes them
-// lut[code] * 2^(e_q - e_max).
+// Eight E2M1 codes of one word (byte b: element 2b in the low nibble, 2b + 1 in the high one)
+// -> four fp16x2 registers: (0, 2), (4, 6), (1, 3), (5, 7), each lut[code] * 2^(e_q - e_max).
+// A code's bits moved into an FP8 E4M3 byte are lut[code] * 2^-6 exactly (code 1 is the E4M3
+// subnormal 2^-7), four bytes a word in three integer instructions, then one conversion per
+// pair (exact) and the fold (see fold_scales).  Integer instructions are what bind at decode:
+// this form needs 9 a word where shifting each pair into fp16 bits needed 16.
 __device__ __forceinline__ void decode_word(uint32_t word, uint32_t fold, uint32_t* out) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t v = word >> (4 * j);
-    out[j] = hmul2(((v & 0x00070007u) << 9) | ((v & 0x00080008u) << 12), fold);
-  }
+  const uint32_t even = ((word << 2) & 0x1C1C1C1Cu) | ((word << 4) & 0x80808080u);
+  const uint32_t odd = ((word >> 2) & 0x1C1C1C1Cu) | (word & 0x80808080u);
+  out[0] = hmul2(e4m3x2_to_f16x2(even), fold);
+  out[1] = hmul2(e4m3x2_to_f16x2(even >> 16), fold);
+  out[2] = hmul2(e4m3x2_to_f16x2(odd), fold);
+  out[3] = hmul2(e4m3x2_to_f16x2(odd >> 16), fold);
 }
 
-// The A operand of one block: a_lo[4i + j] word i of row g, elements (8i + j, 8i + 4 + j) of
-// 32-block q; a_hi the same for row g + 8; and the two rows' FP32 scales.
+// The A operand of one block: lo[4i .. 4i + 3] word i of row g (elements 8i + (0, 2), (4, 6),
+// (1, 3), (5, 7) of 32-block q, see decode_word); hi the same for row g + 8; the rows' scales.
 struct WeightOperand {
   uint32_t lo[16], hi[16];
   float scale_lo, scale_hi;
@@ -179,11 +182,11 @@ __device__ __forceinline__ void block_products(const WeightOperand& a, const uin
   d[0] = d[1] = d[2] = d[3] = 0.f;
 #pragma unroll
   for (int s = 0; s < 8; ++s) {
-    // MMA s takes word i = s / 2, pairs p and p + 1 (p = 0 or 2): k slots (2q, 2q + 1) hold
-    // elements (8i + p, 8i + 4 + p), slots (2q + 8, 2q + 9) elements (8i + p + 1, 8i + 5 + p).
-    const int i = s >> 1, p = (s & 1) * 2;
-    const uint32_t bytes = __byte_perm(xw[2 * i], xw[2 * i + 1], p == 0 ? 0x5140 : 0x7362);
-    mma_16816(d, a.lo[4 * i + p], a.hi[4 * i + p], a.lo[4 * i + p + 1], a.hi[4 * i + p + 1],
+    // MMA s takes half p = s % 2 of word i = s / 2: k slots (2q, 2q + 1) hold its elements
+    // (0, 2), slots (2q + 8, 2q + 9) its elements (1, 3) (elements 8i + 4p + ...), A and B alike.
+    const int i = s >> 1, p = s & 1;
+    const uint32_t bytes = __byte_perm(xw[2 * i + p], 0, 0x3120);
+    mma_16816(d, a.lo[4 * i + p], a.hi[4 * i + p], a.lo[4 * i + 2 + p], a.hi[4 * i + 2 + p],
               e4m3x2_to_f16x2(bytes), e4m3x2_to_f16x2(bytes >> 16));
   }
 }

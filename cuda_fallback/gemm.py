@@ -9,8 +9,8 @@ rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took 218 us against
 Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).
 
 The activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``:
-FP8 codes and power-of-two scales, bit-identical to the oracle's), then the kernel streams
-the weights once.
+FP8 codes and power-of-two scales, bit-identical to the oracle's; the codes' values written
+as fp16 in the kernel's operand order), then the kernel streams the weights once.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 
 @register("fp4_linear", "cuda", archs=CUDA_ARCHS, covers=mxfp4_decode_covers)
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> torch.Tensor:
-    codes, scales = act_quant_rows(as_rows(x))
+    codes, scales = act_quant_rows(as_rows(x), fp16_pairs=True)
     index = x.device.index
     y = extension_at(index).mxfp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8),
                                          torch._C._cuda_getCurrentRawStream(index))

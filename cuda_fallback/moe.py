@@ -53,8 +53,8 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     ids = topk_ids.contiguous()
     sorted_pair, block_expert = align(ids, n_experts, DECODE_BLOCK_M)
     rows = sorted_pair.shape[0]
-    codes, scales = act_quant_rows(x if x.stride(-1) == 1 else x.contiguous())
-    hq = torch.empty((rows, inter), dtype=torch.uint8, device=x.device)
+    codes, scales = act_quant_rows(x if x.stride(-1) == 1 else x.contiguous(), fp16_pairs=True)
+    hq = torch.empty((rows, inter), dtype=torch.float16, device=x.device)  # FP8 codes' values (exact)
     hs = torch.empty((rows, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)
     part = torch.empty((ids.numel(), dim), dtype=torch.float32, device=x.device)
     module = extension_at(x.device.index)

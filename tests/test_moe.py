@@ -664,7 +664,10 @@ def test_moe_experts_flash_shapes(device, t):
     y = _triton_moe(x, w, ids, w13, w13s, w2, w2s)
     with use_backend("reference", ops=["moe_experts"]):
         oracle = ops.moe_experts(x, w, ids, w13, w13s, w2, w2s)
-    # Relative Frobenius error: FP32 order, the FP8 dot and a few flipped FP8 codes of the
-    # w2 input move it by far less than one bf16 rounding.
+    # Relative Frobenius error against the oracle.  The FP8 tensor-core dot keeps about 14
+    # significant bits of each 128-block sum (sum_tolerance in test_gemm.py); with the
+    # cancellation of random signs that is 0.3-0.5% of the result here (measured on the H100 at
+    # T = 64: 0.29% and 0.54% in two processes), so the bound is 2^-7, not one bf16 rounding.
+    # (The cuda path, whose fp16 MMA sums in FP32, meets 2^-8: test_cuda_moe.py.)
     err = (y.float() - oracle.float()).norm() / oracle.float().norm()
-    assert err < 2.0 ** -8, f"relative error {err:.3g}"
+    assert err < 2.0 ** -7, f"relative error {err:.3g}"

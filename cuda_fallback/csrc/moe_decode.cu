@@ -46,6 +46,12 @@ __device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
   return x != x ? x : fminf(fmaxf(x, lo), hi);
 }
 
+// act_quant's FP8 E4M3 code of v (round to nearest even; v is within +-448 or NaN), as the fp16
+// bits of its value (exact).
+__device__ __forceinline__ uint16_t fp8_value_as_fp16(float v) {
+  return __nv_cvt_fp8_to_halfraw(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3), __NV_E4M3).x;
+}
+
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((e + 127) << 23); }
 
 // ceil(log2(v)) for a positive normal float, exactly.
@@ -58,10 +64,10 @@ __device__ __forceinline__ int ceil_log2(float v) {
 __device__ __forceinline__ float magnitude(float v) { return v != v ? __int_as_float(0x7F800000) : fabsf(v); }
 
 __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
-    const uint8_t* __restrict__ xq, const float* __restrict__ xs, int64_t stride_xq, int64_t stride_xs,
+    const uint16_t* __restrict__ xq, const float* __restrict__ xs, int64_t stride_xq, int64_t stride_xs,
     const uint8_t* __restrict__ w13, const uint8_t* __restrict__ w13s, int64_t stride_we, int64_t stride_wn,
     int64_t stride_se, int64_t stride_sn, const int* __restrict__ sorted_pair, const int* __restrict__ block_expert,
-    const float* __restrict__ route_w, uint8_t* __restrict__ hq, float* __restrict__ hs, int n_experts, int n_kb,
+    const float* __restrict__ route_w, uint16_t* __restrict__ hq, float* __restrict__ hs, int n_experts, int n_kb,
     int inter, int topk, float limit) {
   __shared__ float amax_part[kWarps][kBlockRows];
   const int blk = blockIdx.x, j = blockIdx.y;
@@ -77,7 +83,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
   const WeightRows gate_rows(we, wse, gate + g, gate + g + 8, stride_wn, stride_sn, q);
   const WeightRows up_rows(we, wse, gate + kPack + g, gate + kPack + g + 8, stride_wn, stride_sn, q);
   const int row0 = blk * kBlockRows;
-  const uint8_t* x_row[kGroups];
+  const uint16_t* x_row[kGroups];
   bool has_row[kGroups], live[kGroups];
   int pair_col[kGroups][2];  // the pairs of this lane's D columns (block rows 8t + 2q, + 1)
 #pragma unroll
@@ -92,24 +98,26 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
   float acc_g[kGroups][4] = {}, acc_u[kGroups][4] = {};
   const GateUpRows tiles{gate_rows, up_rows};
   stream_blocks<kW13Depth>(tiles, 0, 1, n_kb, [&](const GateUpBlock& block, int kb) {
-    uint4 x0[kGroups], x1[kGroups];
     float sx[kGroups][2];
 #pragma unroll
     for (int t = 0; t < kGroups; ++t) {
-      load_codes(x_row[t] + kb * kBlockK, live[t] && has_row[t], x0[t], x1[t]);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int p = pair_col[t][c];
         sx[t][c] = p >= 0 ? __ldg(xs + (p / topk) * stride_xs + kb) : 0.f;
       }
     }
+    // One group's B operand at a time (read again for the up tile, from L1): both groups' at
+    // once would not fit beside the two decoded tiles in 128 registers.
     {
       const WeightOperand a(block.gate, q);
 #pragma unroll
       for (int t = 0; t < kGroups; ++t) {
         if (!live[t]) continue;
+        uint32_t b[16];
+        load_activation(x_row[t] + kb * kBlockK, has_row[t], b);
         float d[4];
-        block_products(a, x0[t], x1[t], d);
+        block_products(a, b, d);
         promote(acc_g[t], d, sx[t][0], sx[t][1], a);
       }
     }
@@ -118,8 +126,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
 #pragma unroll
       for (int t = 0; t < kGroups; ++t) {
         if (!live[t]) continue;
+        uint32_t b[16];
+        load_activation(x_row[t] + kb * kBlockK, has_row[t], b);
         float d[4];
-        block_products(a, x0[t], x1[t], d);
+        block_products(a, b, d);
         promote(acc_u[t], d, sx[t][0], sx[t][1], a);
       }
     }
@@ -165,16 +175,19 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
       const bool finite = m < __int_as_float(0x7F800000);
       const int e = finite ? ceil_log2(__fdiv_rn(m, 448.f)) : 0;
       const float inv = finite ? exp2i(-e) : 0.f;
-      uint8_t* out = hq + int64_t(row0 + col) * inter + int64_t(j) * kPack + warp * kTileRows + g;
-      out[0] = __nv_cvt_float_to_fp8(h[t][c] * inv, __NV_SATFINITE, __NV_E4M3);
-      out[8] = __nv_cvt_float_to_fp8(h[t][c + 2] * inv, __NV_SATFINITE, __NV_E4M3);
+      // The codes' fp16 values in pair order (elements 1 and 2 of every four swapped: g and
+      // g + 8 move together), as w2 takes its B operand.
+      const int at = warp * kTileRows + ((g & ~3) | ((g & 1) << 1) | ((g >> 1) & 1));
+      uint16_t* out = hq + int64_t(row0 + col) * inter + int64_t(j) * kPack + at;
+      out[0] = fp8_value_as_fp16(h[t][c] * inv);
+      out[8] = fp8_value_as_fp16(h[t][c + 2] * inv);
       if (warp == 0 && g == 0) hs[int64_t(row0 + col) * n_quant + j] = finite ? exp2i(e) : __int_as_float(0x7FC00000);
     }
   }
 }
 
 __global__ void __launch_bounds__(kW2Warps * 32, 5) moe_w2_kernel(
-    const uint8_t* __restrict__ hq, const float* __restrict__ hs, int64_t stride_hq, int64_t stride_hs,
+    const uint16_t* __restrict__ hq, const float* __restrict__ hs, int64_t stride_hq, int64_t stride_hs,
     const uint8_t* __restrict__ w2, const uint8_t* __restrict__ w2s, int64_t stride_we, int64_t stride_wn,
     int64_t stride_se, int64_t stride_sn, const int* __restrict__ sorted_pair, const int* __restrict__ block_expert,
     float* __restrict__ part, int n_experts, int n_rows, int n_kb) {
@@ -198,11 +211,11 @@ __global__ void __launch_bounds__(kW2Warps * 32, 5) moe_w2_kernel(
 #pragma unroll
     for (int t = 0; t < kGroups; ++t) {
       if (!live[t]) continue;
-      uint4 x0, x1;
-      load_codes(hq + int64_t(row0 + t * kGroup + g) * stride_hq + kb * kBlockK + q * 32, true, x0, x1);
+      uint32_t b[16];
+      load_activation(hq + int64_t(row0 + t * kGroup + g) * stride_hq + kb * kBlockK + q * 32, true, b);
       const int col = row0 + t * kGroup + 2 * q;
       float d[4];
-      block_products(a, x0, x1, d);
+      block_products(a, b, d);
       promote(acc[t], d, __ldg(hs + int64_t(col) * stride_hs + kb), __ldg(hs + int64_t(col + 1) * stride_hs + kb), a);
     }
   });
@@ -230,10 +243,12 @@ void check_blocks(const torch::Tensor& sorted_pair, const torch::Tensor& block_e
 
 }  // namespace
 
-// x_codes uint8 [T, dim] and x_scales fp32 [T, dim/128]: act_quant of the tokens; w13 uint8
+// x_codes fp16 [T, dim] (the FP8 codes' values in pair order, act_quant_rows(fp16_pairs=True))
+// and x_scales fp32 [T, dim/128]: act_quant of the tokens; w13 uint8
 // [E, 2*inter, dim/2] and w13_scale uint8 [E, 2*inter, dim/32] (moe_pack_experts' layout);
 // sorted_pair / block_expert: the align's lists for 16-row blocks; route_w fp32 [T * topk].
-// Writes hq uint8 [blocks * 16, inter] and hs fp32 [blocks * 16, inter/128].
+// Writes hq fp16 [blocks * 16, inter] (the FP8 codes' values, pair order) and hs fp32
+// [blocks * 16, inter/128].
 void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w13, torch::Tensor w13_scale,
                     torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor route_w, torch::Tensor hq,
                     torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle) {
@@ -242,18 +257,18 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
               "multiple of 128, got ", w13.sizes());
   check_blocks(sorted_pair, block_expert, w13);
   const int64_t dim = 2 * w13.size(2), inter = w13.size(1) / 2, blocks = block_expert.size(0);
-  TORCH_CHECK(x_codes.scalar_type() == torch::kUInt8 && x_codes.dim() == 2 && x_codes.size(1) == dim &&
-                  x_codes.stride(1) == 1 && x_codes.stride(0) % 16 == 0 && aligned(x_codes, 16),
-              "x_codes: expected uint8 [T, ", dim, "] with 16-byte aligned contiguous rows");
+  TORCH_CHECK(x_codes.scalar_type() == torch::kHalf && x_codes.dim() == 2 && x_codes.size(1) == dim &&
+                  x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0 && aligned(x_codes, 16),
+              "x_codes: expected fp16 [T, ", dim, "] with 16-byte aligned contiguous rows");
   TORCH_CHECK(x_scales.scalar_type() == torch::kFloat32 && x_scales.dim() == 2 && x_scales.size(0) == x_codes.size(0) &&
                   x_scales.size(1) == dim / kBlockK && x_scales.stride(1) == 1,
               "x_scales: expected fp32 [T, ", dim / kBlockK, "]");
   TORCH_CHECK(topk >= 1 && route_w.scalar_type() == torch::kFloat32 && route_w.is_contiguous() &&
                   route_w.numel() == x_codes.size(0) * topk,
               "route_w: expected contiguous fp32 [T * topk]");
-  TORCH_CHECK(hq.scalar_type() == torch::kUInt8 && hq.is_contiguous() && hq.dim() == 2 &&
-                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter,
-              "hq: expected contiguous uint8 [", blocks * kBlockRows, ", ", inter, "]");
+  TORCH_CHECK(hq.scalar_type() == torch::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
+                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
+              "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
   TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
                   hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
               "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
@@ -264,10 +279,10 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
   const DeviceScope scope(w13.get_device());
   const dim3 grid(unsigned(blocks), unsigned(inter / kPack));
   moe_w13_kernel<<<grid, kWarps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
-      x_codes.data_ptr<uint8_t>(), x_scales.data_ptr<float>(), x_codes.stride(0), x_scales.stride(0),
+      reinterpret_cast<const uint16_t*>(x_codes.data_ptr()), x_scales.data_ptr<float>(), x_codes.stride(0), x_scales.stride(0),
       w13.data_ptr<uint8_t>(), w13_scale.data_ptr<uint8_t>(), w13.stride(0), w13.stride(1), w13_scale.stride(0),
       w13_scale.stride(1), sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), route_w.data_ptr<float>(),
-      hq.data_ptr<uint8_t>(), hs.data_ptr<float>(), int(w13.size(0)), int(dim / kBlockK), int(inter), int(topk),
+      reinterpret_cast<uint16_t*>(hq.data_ptr()), hs.data_ptr<float>(), int(w13.size(0)), int(dim / kBlockK), int(inter), int(topk),
       float(limit));
   check_launch("moe_decode_w13");
 }
@@ -280,9 +295,9 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
   TORCH_CHECK(w2.dim() == 3, "w2: expected [E, dim, inter/2], got ", w2.sizes());
   check_blocks(sorted_pair, block_expert, w2);
   const int64_t dim = w2.size(1), inter = 2 * w2.size(2), blocks = block_expert.size(0);
-  TORCH_CHECK(hq.scalar_type() == torch::kUInt8 && hq.is_contiguous() && hq.dim() == 2 &&
+  TORCH_CHECK(hq.scalar_type() == torch::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
                   hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
-              "hq: expected contiguous uint8 [", blocks * kBlockRows, ", ", inter, "]");
+              "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
   TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
                   hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
               "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
@@ -295,7 +310,7 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
   const DeviceScope scope(w2.get_device());
   const dim3 grid(unsigned(blocks), unsigned((dim + kW2Warps * kTileRows - 1) / (kW2Warps * kTileRows)));
   moe_w2_kernel<<<grid, kW2Warps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
-      hq.data_ptr<uint8_t>(), hs.data_ptr<float>(), hq.stride(0), hs.stride(0), w2.data_ptr<uint8_t>(),
+      reinterpret_cast<const uint16_t*>(hq.data_ptr()), hs.data_ptr<float>(), hq.stride(0), hs.stride(0), w2.data_ptr<uint8_t>(),
       w2_scale.data_ptr<uint8_t>(), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
       sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), part.data_ptr<float>(), int(w2.size(0)), int(dim),
       int(inter / kBlockK));

@@ -25,8 +25,8 @@ using namespace dsv4;
 namespace {
 
 template <int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) mxfp4_decode_gemm_kernel(
-    const uint8_t* __restrict__ xq, const float* __restrict__ xs, const uint8_t* __restrict__ w,
+__global__ void __launch_bounds__(WARPS * 32, 256 / WARPS) mxfp4_decode_gemm_kernel(
+    const uint16_t* __restrict__ xq, const float* __restrict__ xs, const uint8_t* __restrict__ w,
     const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int m_rows, int n_rows, int n_kb,
     int64_t stride_xq, int64_t stride_xs, int64_t stride_w, int64_t stride_ws, int64_t stride_y) {
   __shared__ float partial[WARPS][4][32];
@@ -37,17 +37,17 @@ __global__ void __launch_bounds__(WARPS * 32) mxfp4_decode_gemm_kernel(
   // Rows past N read row N - 1 (in bounds) and are never stored.
   const WeightRows rows(w, ws, min(n0 + g, n_rows - 1), min(n0 + g + 8, n_rows - 1), stride_w, stride_ws, q);
   const bool has_row = g < m_rows;
-  const uint8_t* x_row = xq + g * stride_xq + q * 32;
+  const uint16_t* x_row = xq + g * stride_xq + q * 32;
   const int col = 2 * q;  // the D columns of this lane: activation rows col, col + 1
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   // One block ahead: two ahead measured slower on the H100 (51.4 against 48.4 us at N = 24576,
   // K = 7168): it takes 80 registers a thread, 24 resident warps a multiprocessor instead of 32.
   stream_blocks<1>(rows, warp, WARPS, n_kb, [&](const WeightBlock& block, int kb) {
     const WeightOperand a(block, q);
-    uint4 x0, x1;
-    load_codes(x_row + kb * kBlockK, has_row, x0, x1);
+    uint32_t b[16];
+    load_activation(x_row + kb * kBlockK, has_row, b);
     float d[4];
-    block_products(a, x0, x1, d);
+    block_products(a, b, d);
     const float sx0 = col < m_rows ? __ldg(xs + col * stride_xs + kb) : 0.f;
     const float sx1 = col + 1 < m_rows ? __ldg(xs + (col + 1) * stride_xs + kb) : 0.f;
     promote(acc, d, sx0, sx1, a);
@@ -68,14 +68,15 @@ __global__ void __launch_bounds__(WARPS * 32) mxfp4_decode_gemm_kernel(
 
 }  // namespace
 
-// x_codes: uint8 [M, 128 * n_kb] FP8 E4M3 activation codes, x_scales: fp32 [M, n_kb] (act_quant
+// x_codes: fp16 [M, 128 * n_kb], the FP8 E4M3 activation codes' values in pair order
+// (act_quant_rows(fp16_pairs=True)), x_scales: fp32 [M, n_kb] (act_quant
 // with 1x128 power-of-two scales); w: uint8 [N, K/2] MXFP4 codes; w_scale: uint8 [N, K/32] E8M0.
 // K = 128 * n_kb.  stream: the raw cudaStream_t to launch on (the caller's current stream).
 // Returns bf16 [M, N].
 torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w,
                                 torch::Tensor w_scale, int64_t stream_handle) {
-  TORCH_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == torch::kUInt8 && x_codes.dim() == 2,
-              "x_codes: expected a CUDA uint8 [M, K] tensor");
+  TORCH_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == torch::kHalf && x_codes.dim() == 2,
+              "x_codes: expected a CUDA fp16 [M, K] tensor");
   TORCH_CHECK(x_scales.scalar_type() == torch::kFloat32 && x_scales.dim() == 2, "x_scales: expected fp32 [M, K/128]");
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2, "w: expected uint8 [N, K/2]");
   TORCH_CHECK(w_scale.scalar_type() == torch::kUInt8 && w_scale.dim() == 2, "w_scale: expected uint8 [N, K/32]");
@@ -84,7 +85,7 @@ torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, t
   TORCH_CHECK(n >= 1 && n < (int64_t(1) << 31), "w: expected 1 to 2^31 - 1 rows, got ", n);
   TORCH_CHECK(k % kBlockK == 0 && k >= kBlockK, "w: K must be a positive multiple of 128, got ", k);
   const int64_t n_kb = k / kBlockK;
-  TORCH_CHECK(x_codes.size(1) == k && x_codes.stride(1) == 1 && x_codes.stride(0) % 16 == 0,
+  TORCH_CHECK(x_codes.size(1) == k && x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0,
               "x_codes: expected [M, ", k, "] with 16-byte aligned contiguous rows");
   TORCH_CHECK(x_scales.size(0) == m && x_scales.size(1) == n_kb && x_scales.stride(1) == 1,
               "x_scales: expected [M, ", n_kb, "] with contiguous rows");
@@ -101,11 +102,11 @@ torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, t
   auto* out = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
   const int mi = int(m), ni = int(n), kbi = int(n_kb);
   if (int(grid.x) < 4 * multiprocessors(x_codes.get_device())) {
-    mxfp4_decode_gemm_kernel<8><<<grid, 256, 0, stream>>>(x_codes.data_ptr<uint8_t>(), x_scales.data_ptr<float>(),
+    mxfp4_decode_gemm_kernel<8><<<grid, 256, 0, stream>>>(reinterpret_cast<const uint16_t*>(x_codes.data_ptr()), x_scales.data_ptr<float>(),
         w.data_ptr<uint8_t>(), w_scale.data_ptr<uint8_t>(), out, mi, ni, kbi, x_codes.stride(0), x_scales.stride(0),
         w.stride(0), w_scale.stride(0), n);
   } else {
-    mxfp4_decode_gemm_kernel<4><<<grid, 128, 0, stream>>>(x_codes.data_ptr<uint8_t>(), x_scales.data_ptr<float>(),
+    mxfp4_decode_gemm_kernel<4><<<grid, 128, 0, stream>>>(reinterpret_cast<const uint16_t*>(x_codes.data_ptr()), x_scales.data_ptr<float>(),
         w.data_ptr<uint8_t>(), w_scale.data_ptr<uint8_t>(), out, mi, ni, kbi, x_codes.stride(0), x_scales.stride(0),
         w.stride(0), w_scale.stride(0), n);
   }

@@ -116,14 +116,13 @@ __device__ __forceinline__ void stream_blocks(const Rows& rows, int first, int s
 // folds block q relative to the largest exponent, 2^(6 - (e_max - e_q)) in both halves (the
 // decoded codes carry 2^-6), and the row's FP32 scale 2^(e_max - 127) (NaN for the E8M0 NaN).
 __device__ __forceinline__ void fold_scales(uint32_t word, int q, uint32_t& fold, float& row_scale) {
-  uint32_t m = __vmaxu4(word, word >> 16);
-  m = __vmaxu4(m, m >> 8);
-  const int e_max = int(m & 0xFFu);
+  const int e_max = max(max(int(word & 0xFFu), int((word >> 8) & 0xFFu)),
+                        max(int((word >> 16) & 0xFFu), int(word >> 24)));
   const int d = e_max - int((word >> (8 * q)) & 0xFFu);
   // fp16 2^(6 - d): normal while d <= 20, subnormal down to 2^-24 (d = 30); below that every
   // folded value rounds to zero anyway (|lut| <= 6 < 2^3).
   const uint32_t h = d <= 20 ? uint32_t(21 - d) << 10 : (d <= 30 ? 1u << (30 - d) : 0u);
-  fold = h | (h << 16);
+  fold = h * 0x10001u;
   row_scale = e_max == 255 ? __int_as_float(0x7FC00000) : __int_as_float(e_max == 0 ? 0x00400000 : e_max << 23);
 }
 
@@ -163,31 +162,35 @@ struct WeightOperand {
   }
 };
 
-// The 32 activation codes of 32-block q of the lane's activation row (zeros for no row).
-__device__ __forceinline__ void load_codes(const uint8_t* row_block, bool valid, uint4& x0, uint4& x1) {
-  x0 = make_uint4(0, 0, 0, 0);
-  x1 = x0;
+// The B operand of one block: the 32 activation values of 32-block q of the lane's activation
+// row, as fp16 in pair order (act_quant_rows(fp16_pairs=True): elements (0, 2) then (1, 3) of
+// every four), 16 registers; zeros for no row.
+__device__ __forceinline__ void load_activation(const uint16_t* row_block, bool valid, uint32_t (&b)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) b[i] = 0;
   if (valid) {
     const uint4* p = reinterpret_cast<const uint4*>(row_block);
-    x0 = __ldg(p);
-    x1 = __ldg(p + 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(p + i);
+      b[4 * i] = v.x;
+      b[4 * i + 1] = v.y;
+      b[4 * i + 2] = v.z;
+      b[4 * i + 3] = v.w;
+    }
   }
 }
 
 // d = the block's products of one group, before promotion: d[0], d[1] weight row g and
 // activation rows 2q, 2q + 1 of the group; d[2], d[3] weight row g + 8.
-__device__ __forceinline__ void block_products(const WeightOperand& a, const uint4& x0, const uint4& x1,
-                                               float (&d)[4]) {
-  const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+__device__ __forceinline__ void block_products(const WeightOperand& a, const uint32_t (&b)[16], float (&d)[4]) {
   d[0] = d[1] = d[2] = d[3] = 0.f;
 #pragma unroll
   for (int s = 0; s < 8; ++s) {
-    // MMA s takes half p = s % 2 of word i = s / 2: k slots (2q, 2q + 1) hold its elements
-    // (0, 2), slots (2q + 8, 2q + 9) its elements (1, 3) (elements 8i + 4p + ...), A and B alike.
+    // MMA s takes half p = s % 2 of word i = s / 2, i.e. elements 4s .. 4s + 3 of the block: k
+    // slots (2q, 2q + 1) hold its elements (0, 2), slots (2q + 8, 2q + 9) its (1, 3), A and B alike.
     const int i = s >> 1, p = s & 1;
-    const uint32_t bytes = __byte_perm(xw[2 * i + p], 0, 0x3120);
-    mma_16816(d, a.lo[4 * i + p], a.hi[4 * i + p], a.lo[4 * i + 2 + p], a.hi[4 * i + 2 + p],
-              e4m3x2_to_f16x2(bytes), e4m3x2_to_f16x2(bytes >> 16));
+    mma_16816(d, a.lo[4 * i + p], a.hi[4 * i + p], a.lo[4 * i + 2 + p], a.hi[4 * i + 2 + p], b[2 * s], b[2 * s + 1]);
   }
 }
 

@@ -442,7 +442,8 @@ def scaled_dot_t(acc_t, a, a_scale, w, w_scale):
 # --- activation pre-pass ---------------------------------------------------------------------
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                      FP16_PAIRS: tl.constexpr = False):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     kb = tl.program_id(1)
     row_ok = rows < M
@@ -450,8 +451,13 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.const
     x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & (k[None, :] < K),
                 other=0.0).to(tl.float32)
     q, s = quantise_act_tile(x)
-    tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], q.to(tl.uint8, bitcast=True),
-             mask=row_ok[:, None])
+    if FP16_PAIRS:  # elements 1 and 2 of every 4 swapped: (0, 2) and (1, 3) are the fp16 pairs
+        c = tl.arange(0, BLOCK_K)
+        col = kb * BLOCK_K + ((c & ~3) | ((c & 1) << 1) | ((c >> 1) & 1))
+        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + col[None, :], q.to(tl.float16), mask=row_ok[:, None])
+    else:
+        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], q.to(tl.uint8, bitcast=True),
+                 mask=row_ok[:, None])
     tl.store(s_ptr + rows * n_kb + kb, s, mask=row_ok)
 
 
@@ -461,16 +467,19 @@ def as_fp8_operand(codes: torch.Tensor) -> torch.Tensor:
     return codes if INTERPRET else codes.view(torch.float8_e4m3fn)
 
 
-def act_quant_rows(x2: torch.Tensor):
+def act_quant_rows(x2: torch.Tensor, fp16_pairs: bool = False):
     """``[M, K]`` -> (FP8 codes as bytes ``[M, 128 * ceil(K/128)]``, zero-padded; scales
-    ``[M, ceil(K/128)]``): the GEMMs' activation pre-pass."""
+    ``[M, ceil(K/128)]``): the GEMMs' activation pre-pass.
+
+    ``fp16_pairs``: the codes' values as fp16 instead (exact), elements 1 and 2 of every four
+    swapped, the order in which the CUDA decode GEMMs take them as mma.sync B fragments."""
     m, k = x2.shape
     n_kb = triton.cdiv(k, ACT_BLOCK)
-    q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.uint8, device=x2.device)
+    q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.float16 if fp16_pairs else torch.uint8, device=x2.device)
     s = torch.empty((m, n_kb), dtype=torch.float32, device=x2.device)
     rows = 16
     _act_quant_kernel[(triton.cdiv(m, rows), n_kb)](x2, q, s, m, k, x2.stride(0), n_kb, ROWS=rows,
-                                                    BLOCK_K=ACT_BLOCK, num_warps=4)
+                                                    BLOCK_K=ACT_BLOCK, FP16_PAIRS=fp16_pairs, num_warps=4)
     return q, s
 
 

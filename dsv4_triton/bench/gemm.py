@@ -5,8 +5,8 @@ the widest projection; prefill M = 4096 (tensor-core bound: ceiling = the FP8 ma
 of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling = copy
 bandwidth, bytes = the weight and its scales read once + x + y).
 
-``fp4_linear`` runs what dispatch picks: at decode sizes with MXFP4 weights the ``cuda``
-backend where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
+``fp4_linear`` runs what dispatch picks: up to 8 rows with MXFP4 weights the ``cuda`` backend
+where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
 ``fp4_linear[triton]`` times the Triton GEMM at the same shapes.
 
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
@@ -16,6 +16,8 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 """
 
 import torch
+
+from cuda_fallback.gemm import DECODE_MAX_ROWS
 
 from .. import ops, use_backend
 from ..reference import gemm as ref
@@ -119,7 +121,7 @@ def cases(quick: bool):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
                 oracle = lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs)  # noqa: E731
-                cuda_decode = fmt == "mxfp4" and not prefill
+                cuda_decode = fmt == "mxfp4" and m <= DECODE_MAX_ROWS
                 out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}",
                                 make_inputs=_fp4_inputs(m, n, k, fmt),
                                 run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),

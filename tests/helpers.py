@@ -36,6 +36,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
                              f"{int((err > bound).sum())} of {err.numel()} elements out of tolerance")
 
 
+def backends_called(monkeypatch, op: str, backends=("cuda", "triton")) -> list:
+    """From here on, the backends that op ``op`` runs, one entry a call, in order (the
+    registry's dispatch resolved again with the counting functions in place)."""
+    from dsv4_triton import registry
+
+    impls = registry.ops()[op].impls
+    ran = []
+    for backend in backends:
+        fn = impls[backend].fn
+        monkeypatch.setattr(impls[backend], "fn", lambda *a, _fn=fn, _b=backend: ran.append(_b) or _fn(*a))
+    registry.set_backend(None, ops=[op])  # clears the dispatch cache
+    return ran
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||a - e|| / ||e|| over finite elements (the metric the benchmarks report)."""
     a, e = actual.float(), expected.float()

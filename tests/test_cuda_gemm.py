@@ -9,7 +9,8 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from test_gemm import SPEC_FP4, _gen, _mxfp4_spread_error, assert_gemm_close, random_e8m0, random_fp4
+from helpers import backends_called
+from test_gemm import SPEC_FP4, _gen, assert_gemm_close, random_e8m0, random_fp4, spread_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -63,15 +64,8 @@ def test_exponent_spread_within_a_block(device, m, n, spread, seed):
     # Exact (up to FP32 summation order) while the four exponents of a 128-block span <= 23
     # binades; beyond, fp16 rounding of the smaller blocks' values, within the bound the
     # Triton kernel's FP8 expansion is held to (2^(e_max - 16) per element).
-    g = _gen(seed)
-    k = 256
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
-    w, _, _ = random_fp4(n, k, g, device)
-    e = torch.randint(0, spread + 1, (n, k // 32), generator=g) - spread // 2 - 5
-    ws = (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu).to(device)
-    xd = ref.dequant_activation(x)
-    extra = None if spread <= 23 else xd.double().abs() @ _mxfp4_spread_error(ws, k).to(device).t()
-    _check(_cuda(x, w, ws), x, w, ws, extra=extra, what=f"spread {spread}")
+    x, w, ws, _, extra = spread_inputs(m, n, spread, seed, device)
+    _check(_cuda(x, w, ws), x, w, ws, extra=None if spread <= 23 else extra, what=f"spread {spread}")
 
 
 @pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1e3)])
@@ -123,13 +117,7 @@ def test_leading_dims_and_strided_activation(device):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """The backends fp4_linear calls run, in order (dispatch resolved again around the test)."""
-    impls = registry.ops()["fp4_linear"].impls
-    ran = []
-    for backend in ("cuda", "triton"):
-        fn = impls[backend].fn
-        monkeypatch.setattr(impls[backend], "fn", lambda *a, _fn=fn, _b=backend: ran.append(_b) or _fn(*a))
-    registry.set_backend(None, ops=["fp4_linear"])  # clears the dispatch cache
+    ran = backends_called(monkeypatch, "fp4_linear")
     yield ran
     monkeypatch.undo()
     registry.set_backend(None, ops=["fp4_linear"])

@@ -8,8 +8,9 @@ from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.registry import BackendUnavailableError
-from test_moe import (DIM, EXPERTS, INTER, _gen, assert_moe_close, flash_inputs, integer_activations, random_experts,
-                      routing)
+from helpers import backends_called
+from test_moe import (DIM, EDGE_CASES, EXPERTS, INTER, _gen, assert_moe_close, edge_case_routing, flash_error,
+                      integer_activations, random_experts, routing)
 
 pytestmark = pytest.mark.gpu
 
@@ -44,27 +45,15 @@ def test_matches_oracle(device, t, k, limit, integer_x, seed):
     assert_moe_close(y, x, w, ids, packed, limit)
 
 
-@pytest.mark.parametrize("case", ["one_expert_takes_all", "t1", "duplicates", "out_of_range", "nan_token",
-                                  "nan_scale"])
+@pytest.mark.parametrize("case", EDGE_CASES + ["nan_scale"])
 def test_routing_edge_cases(device, case):
     g = _gen(11)
     experts = random_experts(EXPERTS, DIM, INTER, g)
-    if case == "nan_scale":  # an E8M0 NaN in expert 2's w2: its pairs' outputs NaN
+    if case == "nan_scale":  # an E8M0 NaN in expert 2's w2: its pairs' outputs NaN in column 7
         experts[5][2].view(torch.uint8)[7, 1] = 0xFF
     packed = [p.to(device) for p in ops.moe_pack_experts(*experts)]
-    t, k = (1, 2) if case == "t1" else (6, 2)
-    x = torch.randn(t, DIM, generator=g).to(torch.bfloat16)
-    w, ids = routing(t, k, EXPERTS, g)
-    if case == "one_expert_takes_all":
-        ids[:, 0] = 3
-        ids[:, 1] = torch.where(ids[:, 1] == 3, 5, ids[:, 1])
-    elif case == "duplicates":  # unchecked: listed twice, contributes twice
-        ids[0] = torch.tensor([6, 6])
-    elif case == "out_of_range":  # unchecked: contributes nothing
-        ids[1, 0], ids[2, 1] = -1, EXPERTS
-    elif case == "nan_token":
-        x[4, 17] = float("nan")
-    elif case == "nan_scale":
+    x, w, ids = edge_case_routing(case, g)
+    if case == "nan_scale":
         ids[0, 0] = 2
     x, w, ids = x.to(device), w.to(device), ids.to(device)
     expect = assert_moe_close(_cuda_moe(x, w, ids, *packed), x, w, ids, packed)
@@ -109,13 +98,7 @@ def test_pro_decode_shape(device):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """The backends moe_experts calls run, in order (dispatch resolved again around the test)."""
-    impls = registry.ops()["moe_experts"].impls
-    ran = []
-    for backend in ("cuda", "triton"):
-        fn = impls[backend].fn
-        monkeypatch.setattr(impls[backend], "fn", lambda *a, _fn=fn, _b=backend: ran.append(_b) or _fn(*a))
-    registry.set_backend(None, ops=["moe_experts"])  # clears the dispatch cache
+    ran = backends_called(monkeypatch, "moe_experts")
     yield ran
     monkeypatch.undo()
     registry.set_backend(None, ops=["moe_experts"])
@@ -162,9 +145,5 @@ def test_cuda_graph_replay(device):
 
 @pytest.mark.parametrize("t", [1, 64])
 def test_flash_shapes(device, t):
-    x, w, ids, w13, w13s, w2, w2s = flash_inputs(t, device)
-    y = _cuda_moe(x, w, ids, w13, w13s, w2, w2s)
-    with use_backend("reference", ops=["moe_experts"]):
-        oracle = ops.moe_experts(x, w, ids, w13, w13s, w2, w2s)
-    err = (y.float() - oracle.float()).norm() / oracle.float().norm()
+    err = flash_error("cuda", t, device)
     assert err < 2.0 ** -8, f"relative error {err:.3g}"

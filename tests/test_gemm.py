@@ -270,19 +270,25 @@ def _mxfp4_spread_error(ws: torch.Tensor, k: int) -> torch.Tensor:
     return err.reshape(n, -1)[:, :nsub].repeat_interleave(32, 1)[:, :k]
 
 
-@given(m=st.integers(1, 40), n=st.integers(1, 40), spread=st.integers(0, 30), seed=st.integers(0, 2**31))
-def test_mxfp4_exponent_spread_within_a_block(device, m, n, spread, seed):
-    # Exact (up to FP32 summation order) while the four 32-block exponents of a 128-block span
-    # <= 14 binades; beyond, the small blocks' values are off by at most 2^(e_max - 16) each.
+def spread_inputs(m, n, spread, seed, device):
+    """(x, w, w_scale, dequantised x, per-output error allowed by _mxfp4_spread_error) for
+    MXFP4 weights whose 32-block exponents spread over ``spread`` binades (K = 256)."""
     g = _gen(seed)
     k = 256
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, _, _ = random_fp4(n, k, g, device)
     e = torch.randint(0, spread + 1, (n, k // 32), generator=g) - spread // 2 - 5
     ws = (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu).to(device)
-    y = _triton(ops.fp4_linear, x, w, ws)
     xd = ref.dequant_activation(x)
-    extra = xd.double().abs() @ _mxfp4_spread_error(ws, k).to(device).t()
+    return x, w, ws, xd, xd.double().abs() @ _mxfp4_spread_error(ws, k).to(device).t()
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 40), spread=st.integers(0, 30), seed=st.integers(0, 2**31))
+def test_mxfp4_exponent_spread_within_a_block(device, m, n, spread, seed):
+    # Exact (up to FP32 summation order) while the four 32-block exponents of a 128-block span
+    # <= 14 binades; beyond, the small blocks' values are off by at most 2^(e_max - 16) each.
+    x, w, ws, xd, extra = spread_inputs(m, n, spread, seed, device)
+    y = _triton(ops.fp4_linear, x, w, ws)
     if spread <= 14:
         assert float(extra.max()) == 0.0
     assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), xd, ref.dequant_fp4_weight(w, ws, "mxfp4", None),

@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
     }
     // One group's B operand at a time (read again for the up tile, from L1): both groups' at
     // once would not fit beside the two decoded tiles in 128 registers.
-    {
-      const WeightOperand a(block.gate, q);
+    const auto tile_step = [&](const WeightBlock& tile, float (&acc)[kGroups][4]) {
+      const WeightOperand a(tile, q);
 #pragma unroll
       for (int t = 0; t < kGroups; ++t) {
         if (!live[t]) continue;
@@ -118,21 +118,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
         load_activation(x_row[t] + kb * kBlockK, has_row[t], b);
         float d[4];
         block_products(a, b, d);
-        promote(acc_g[t], d, sx[t][0], sx[t][1], a);
+        promote(acc[t], d, sx[t][0], sx[t][1], a);
       }
-    }
-    {
-      const WeightOperand a(block.up, q);
-#pragma unroll
-      for (int t = 0; t < kGroups; ++t) {
-        if (!live[t]) continue;
-        uint32_t b[16];
-        load_activation(x_row[t] + kb * kBlockK, has_row[t], b);
-        float d[4];
-        block_products(a, b, d);
-        promote(acc_u[t], d, sx[t][0], sx[t][1], a);
-      }
-    }
+    };
+    tile_step(block.gate, acc_g);
+    tile_step(block.up, acc_u);
   });
 
   // SwiGLU with the clamp, times the routing weight (0 for padding rows: zeros out).
@@ -241,6 +231,16 @@ void check_blocks(const torch::Tensor& sorted_pair, const torch::Tensor& block_e
               "sorted_pair, block_expert: expected the weights' device");
 }
 
+// The w2 input as moe_decode_w13 writes it: hq fp16 [blocks * 16, inter], hs fp32 [.., inter/128].
+void check_w2_input(const torch::Tensor& hq, const torch::Tensor& hs, int64_t blocks, int64_t inter) {
+  TORCH_CHECK(hq.scalar_type() == torch::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
+                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
+              "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
+  TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
+                  hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
+              "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
+}
+
 }  // namespace
 
 // x_codes fp16 [T, dim] (the FP8 codes' values in pair order, act_quant_rows(fp16_pairs=True))
@@ -266,12 +266,7 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
   TORCH_CHECK(topk >= 1 && route_w.scalar_type() == torch::kFloat32 && route_w.is_contiguous() &&
                   route_w.numel() == x_codes.size(0) * topk,
               "route_w: expected contiguous fp32 [T * topk]");
-  TORCH_CHECK(hq.scalar_type() == torch::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
-                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
-              "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
-  TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
-                  hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
-              "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
+  check_w2_input(hq, hs, blocks, inter);
   for (const torch::Tensor* t : {&x_codes, &x_scales, &route_w, &hq, &hs}) {
     TORCH_CHECK(t->device() == w13.device(), "moe_decode_w13: every tensor on the weights' device");
   }
@@ -295,12 +290,7 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
   TORCH_CHECK(w2.dim() == 3, "w2: expected [E, dim, inter/2], got ", w2.sizes());
   check_blocks(sorted_pair, block_expert, w2);
   const int64_t dim = w2.size(1), inter = 2 * w2.size(2), blocks = block_expert.size(0);
-  TORCH_CHECK(hq.scalar_type() == torch::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
-                  hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
-              "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
-  TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
-                  hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
-              "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
+  check_w2_input(hq, hs, blocks, inter);
   TORCH_CHECK(part.scalar_type() == torch::kFloat32 && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
               "part: expected contiguous fp32 [pairs, ", dim, "]");
   for (const torch::Tensor* t : {&hq, &hs, &part}) {

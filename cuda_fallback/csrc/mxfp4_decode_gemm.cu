@@ -25,7 +25,7 @@ using namespace dsv4;
 namespace {
 
 template <int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 256 / WARPS) mxfp4_decode_gemm_kernel(
+__global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kernel(
     const uint16_t* __restrict__ xq, const float* __restrict__ xs, const uint8_t* __restrict__ w,
     const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int m_rows, int n_rows, int n_kb,
     int64_t stride_xq, int64_t stride_xs, int64_t stride_w, int64_t stride_ws, int64_t stride_y) {

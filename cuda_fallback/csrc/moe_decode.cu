@@ -273,12 +273,13 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
   if (blocks == 0) return;
   const DeviceScope scope(w13.get_device());
   const dim3 grid(unsigned(blocks), unsigned(inter / kPack));
+  const auto* xq = reinterpret_cast<const uint16_t*>(x_codes.data_ptr());
+  auto* hq16 = reinterpret_cast<uint16_t*>(hq.data_ptr());
   moe_w13_kernel<<<grid, kWarps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
-      reinterpret_cast<const uint16_t*>(x_codes.data_ptr()), x_scales.data_ptr<float>(), x_codes.stride(0), x_scales.stride(0),
-      w13.data_ptr<uint8_t>(), w13_scale.data_ptr<uint8_t>(), w13.stride(0), w13.stride(1), w13_scale.stride(0),
-      w13_scale.stride(1), sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), route_w.data_ptr<float>(),
-      reinterpret_cast<uint16_t*>(hq.data_ptr()), hs.data_ptr<float>(), int(w13.size(0)), int(dim / kBlockK), int(inter), int(topk),
-      float(limit));
+      xq, x_scales.data_ptr<float>(), x_codes.stride(0), x_scales.stride(0), w13.data_ptr<uint8_t>(),
+      w13_scale.data_ptr<uint8_t>(), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1),
+      sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), route_w.data_ptr<float>(), hq16, hs.data_ptr<float>(),
+      int(w13.size(0)), int(dim / kBlockK), int(inter), int(topk), float(limit));
   check_launch("moe_decode_w13");
 }
 
@@ -299,8 +300,9 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
   if (blocks == 0) return;
   const DeviceScope scope(w2.get_device());
   const dim3 grid(unsigned(blocks), unsigned((dim + kW2Warps * kTileRows - 1) / (kW2Warps * kTileRows)));
+  const auto* hq16 = reinterpret_cast<const uint16_t*>(hq.data_ptr());
   moe_w2_kernel<<<grid, kW2Warps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
-      reinterpret_cast<const uint16_t*>(hq.data_ptr()), hs.data_ptr<float>(), hq.stride(0), hs.stride(0), w2.data_ptr<uint8_t>(),
+      hq16, hs.data_ptr<float>(), hq.stride(0), hs.stride(0), w2.data_ptr<uint8_t>(),
       w2_scale.data_ptr<uint8_t>(), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
       sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), part.data_ptr<float>(), int(w2.size(0)), int(dim),
       int(inter / kBlockK));

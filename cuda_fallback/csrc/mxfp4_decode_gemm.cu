@@ -100,15 +100,16 @@ torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, t
   // Few row tiles: eight warps split K, so enough bytes are in flight on every multiprocessor.
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   auto* out = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
-  const int mi = int(m), ni = int(n), kbi = int(n_kb);
+  const auto* xq = reinterpret_cast<const uint16_t*>(x_codes.data_ptr());
+  const auto launch = [&](auto kernel, int warps) {
+    kernel<<<grid, warps * 32, 0, stream>>>(xq, x_scales.data_ptr<float>(), w.data_ptr<uint8_t>(),
+                                            w_scale.data_ptr<uint8_t>(), out, int(m), int(n), int(n_kb),
+                                            x_codes.stride(0), x_scales.stride(0), w.stride(0), w_scale.stride(0), n);
+  };
   if (int(grid.x) < 4 * multiprocessors(x_codes.get_device())) {
-    mxfp4_decode_gemm_kernel<8><<<grid, 256, 0, stream>>>(reinterpret_cast<const uint16_t*>(x_codes.data_ptr()), x_scales.data_ptr<float>(),
-        w.data_ptr<uint8_t>(), w_scale.data_ptr<uint8_t>(), out, mi, ni, kbi, x_codes.stride(0), x_scales.stride(0),
-        w.stride(0), w_scale.stride(0), n);
+    launch(mxfp4_decode_gemm_kernel<8>, 8);
   } else {
-    mxfp4_decode_gemm_kernel<4><<<grid, 128, 0, stream>>>(reinterpret_cast<const uint16_t*>(x_codes.data_ptr()), x_scales.data_ptr<float>(),
-        w.data_ptr<uint8_t>(), w_scale.data_ptr<uint8_t>(), out, mi, ni, kbi, x_codes.stride(0), x_scales.stride(0),
-        w.stride(0), w_scale.stride(0), n);
+    launch(mxfp4_decode_gemm_kernel<4>, 4);
   }
   check_launch("mxfp4_decode_gemm");
   return y;

@@ -169,7 +169,8 @@ def _forced_partial(name: str, impl: Implementation) -> Callable:
     def run(*args):
         why = impl.covers(*args)
         if why:
-            raise BackendUnavailableError(f"op {name!r}: backend {impl.backend!r} does not cover these arguments: {why}")
+            raise BackendUnavailableError(
+                f"op {name!r}: backend {impl.backend!r} does not cover these arguments: {why}")
         return impl.fn(*args)
 
     run.backends = (impl.backend,)
@@ -230,10 +231,8 @@ def selected_backend(name: str, device: torch.device) -> str:
     e.g. ``"cuda, else triton"``."""
     fn = dispatch(name, device)
     backends = getattr(fn, "backends", None)
-    if backends is not None and len(backends) > 1:
-        return ", else ".join(backends)
     if backends is not None:
-        return backends[0]
+        return ", else ".join(backends)
     for backend, impl in _OPS[name].impls.items():
         if impl.fn is fn:
             return backend

@@ -1,5 +1,6 @@
 // Device pieces shared by the MXFP4 decode GEMMs (mxfp4_decode_gemm.cu, moe_decode.cu): MXFP4
-// weight rows decoded straight into mma.sync's A fragment, FP8 activation codes as its B.
+// weight rows decoded straight into mma.sync's A fragment; the FP8 activation codes' values,
+// as fp16, its B.
 //
 // One step multiplies a 16-row weight tile (the MMA's M) by groups of 8 activation rows (its
 // N) over one 128-wide K block: one activation scale block, four E8M0 weight blocks.  Lane
@@ -87,8 +88,8 @@ struct WeightRows {
 };
 
 // Runs body(block, kb) for kb = first, first + step, ... < n_kb, with each weight block
-// requested DEPTH steps before its use: at decode a warp has little else to hide the
-// memory latency behind, so the bytes in flight per multiprocessor are what sets the rate.
+// requested DEPTH steps before its use (at decode a warp has little else to hide the memory
+// latency behind; two ahead measured faster for w2 only, the others are short of registers).
 // Rows: anything with load(kb) (one tile's WeightBlock, or several tiles' together).
 template <int DEPTH, class Rows, class Body>
 __device__ __forceinline__ void stream_blocks(const Rows& rows, int first, int step, int n_kb, Body&& body) {

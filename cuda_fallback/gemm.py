@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from dsv4_triton.kernels.gemm import act_quant_rows
+from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
 from dsv4_triton.kernels.norm import as_rows
 from dsv4_triton.registry import register
 
 from .loader import extension_at
 
 CUDA_ARCHS = ("sm90a", "sm100a")
-DECODE_BLOCK_K = 128
 DECODE_MAX_ROWS = 8
+
+
+def rows_aligned(t: torch.Tensor, nbytes: int) -> bool:
+    """Rows contiguous, the data pointer and every row stride a multiple of ``nbytes``."""
+    return t.stride(-1) == 1 and t.data_ptr() % nbytes == 0 and all(s % nbytes == 0 for s in t.stride()[:-1])
 
 
 def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
@@ -34,14 +38,14 @@ def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     if fmt != "mxfp4":
         return f"fmt {fmt!r} (the kernel reads MXFP4 only)"
     k = x.shape[-1]
-    if k % DECODE_BLOCK_K:
-        return f"K = {k} is not a multiple of {DECODE_BLOCK_K}"
+    if k % ACT_BLOCK:
+        return f"K = {k} is not a multiple of {ACT_BLOCK}"
     m = x.numel() // k if k else 0
     if not 1 <= m <= DECODE_MAX_ROWS:
         return f"{m} activation rows (it takes 1 to {DECODE_MAX_ROWS})"
-    if w.stride(-1) != 1 or w.stride(0) % 16 or w.data_ptr() % 16:
+    if not rows_aligned(w, 16):
         return "weight rows are not contiguous and 16-byte aligned"
-    if w_scale.stride(-1) != 1 or w_scale.stride(0) % 4 or w_scale.data_ptr() % 4:
+    if not rows_aligned(w_scale, 4):
         return "scale rows are not contiguous and 4-byte aligned"
     return ""
 

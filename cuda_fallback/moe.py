@@ -18,14 +18,10 @@ from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
 from dsv4_triton.kernels.moe import align, block_m_for, combine
 from dsv4_triton.registry import register
 
-from .gemm import CUDA_ARCHS
+from .gemm import CUDA_ARCHS, rows_aligned
 from .loader import extension_at
 
 DECODE_BLOCK_M = 16
-
-
-def _rows_aligned(w: torch.Tensor, bytes_: int) -> bool:
-    return w.stride(-1) == 1 and w.data_ptr() % bytes_ == 0 and all(s % bytes_ == 0 for s in w.stride()[:-1])
 
 
 def moe_decode_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, limit, fmt) -> str:
@@ -37,9 +33,9 @@ def moe_decode_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, l
         return "no tokens"
     if block_m_for(pairs, n_experts) != DECODE_BLOCK_M:
         return f"{pairs} pairs over {n_experts} experts (more than {DECODE_BLOCK_M} an expert on average)"
-    if not (_rows_aligned(w13, 16) and _rows_aligned(w2, 16)):
+    if not (rows_aligned(w13, 16) and rows_aligned(w2, 16)):
         return "weight rows are not contiguous and 16-byte aligned"
-    if not (_rows_aligned(w13_scale, 4) and _rows_aligned(w2_scale, 4)):
+    if not (rows_aligned(w13_scale, 4) and rows_aligned(w2_scale, 4)):
         return "scale rows are not contiguous and 4-byte aligned"
     return ""
 

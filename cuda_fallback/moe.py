@@ -2,8 +2,9 @@
 ``csrc/moe_decode.cu`` between the Triton path's align, activation pre-pass and combine.
 
 It covers the batches whose expert blocks have 16 rows (``block_m_for``: on average at most
-16 pairs an expert, e.g. up to 1024 tokens x 6 of 384 experts) with weights laid out by
-``moe_pack_experts`` (contiguous rows, codes 16-byte and scales 4-byte aligned).  Larger
+16 pairs an expert, e.g. up to 1024 tokens x 6 of 384 experts) with weights as
+``moe_pack_experts`` lays them out (tiled, contiguous; codes 16-byte and scales 4-byte
+aligned, as every allocation of torch's is).  Larger
 batches go to the Triton path, whose warp-group MMA tiles win once many rows share each weight
 tile; forcing ``cuda`` on them raises ``BackendUnavailableError``.  Same launches as the
 Triton path (align 3, pre-pass, w13, w2, combine), same block lists, same act_quant of the
@@ -16,9 +17,10 @@ import torch
 
 from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
 from dsv4_triton.kernels.moe import align, block_m_for, combine
+from dsv4_triton.reference.moe import TILE_ROWS
 from dsv4_triton.registry import register
 
-from .gemm import CUDA_ARCHS, rows_aligned
+from .gemm import CUDA_ARCHS
 from .loader import extension_at
 
 DECODE_BLOCK_M = 16
@@ -33,10 +35,10 @@ def moe_decode_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, l
         return "no tokens"
     if block_m_for(pairs, n_experts) != DECODE_BLOCK_M:
         return f"{pairs} pairs over {n_experts} experts (more than {DECODE_BLOCK_M} an expert on average)"
-    if not (rows_aligned(w13, 16) and rows_aligned(w2, 16)):
-        return "weight rows are not contiguous and 16-byte aligned"
-    if not (rows_aligned(w13_scale, 4) and rows_aligned(w2_scale, 4)):
-        return "scale rows are not contiguous and 4-byte aligned"
+    if w13.data_ptr() % 16 or w2.data_ptr() % 16:
+        return "weights not 16-byte aligned"
+    if w13_scale.data_ptr() % 4 or w2_scale.data_ptr() % 4:
+        return "scales not 4-byte aligned"
     return ""
 
 
@@ -45,7 +47,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
                 w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, limit: float,
                 fmt: str) -> torch.Tensor:
     t, dim = x.shape
-    n_experts, inter = w13.shape[0], w13.shape[1] // 2
+    n_experts, inter = w13.shape[0], w13.shape[1] * TILE_ROWS // 2
     ids = topk_ids.contiguous()
     sorted_pair, block_expert = align(ids, n_experts, DECODE_BLOCK_M)
     rows = sorted_pair.shape[0]

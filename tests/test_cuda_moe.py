@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, registry, use_backend
+from dsv4_triton.reference import moe as ref
 from dsv4_triton.registry import BackendUnavailableError
 from helpers import backends_called
 from test_moe import (DIM, EDGE_CASES, EXPERTS, INTER, _gen, assert_moe_close, edge_case_routing, flash_error,
@@ -79,10 +80,11 @@ def test_pro_decode_shape(device):
     # so the weights stay small; the oracle (reference backend, FP32) on the GPU.
     g = torch.Generator(device=device).manual_seed(5)
     e, dim, inter = 32, 7168, 3072
-    w13 = torch.randint(0, 256, (e, 2 * inter, dim // 2), device=device, generator=g, dtype=torch.uint8)
-    w2 = torch.randint(0, 256, (e, dim, inter // 2), device=device, generator=g, dtype=torch.uint8)
-    s13 = (torch.randint(-10, -6, (e, 2 * inter, dim // 32), device=device, generator=g) + 127).to(torch.uint8)
-    s2 = (torch.randint(-10, -6, (e, dim, inter // 32), device=device, generator=g) + 127).to(torch.uint8)
+    (codes13, scales13), (codes2, scales2) = ref.packed_shapes(e, 2 * inter, dim), ref.packed_shapes(e, dim, inter)
+    w13 = torch.randint(0, 256, codes13, device=device, generator=g, dtype=torch.uint8)
+    w2 = torch.randint(0, 256, codes2, device=device, generator=g, dtype=torch.uint8)
+    s13 = (torch.randint(-10, -6, scales13, device=device, generator=g) + 127).to(torch.uint8)
+    s2 = (torch.randint(-10, -6, scales2, device=device, generator=g) + 127).to(torch.uint8)
     s13, s2 = s13.view(torch.float8_e8m0fnu), s2.view(torch.float8_e8m0fnu)
     x = torch.randn(64, dim, device=device, generator=g).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(e, device=device, generator=g)[:6] for _ in range(64)]).to(torch.int32)

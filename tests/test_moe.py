@@ -83,23 +83,28 @@ def fp32_bound(expect, mag, n_terms):
 
 # --- packing and the oracle ----------------------------------------------------------------
 
-def test_pack_interleaves_w1_w3_in_blocks_and_unpacks_back():
+def test_pack_interleaves_w1_w3_in_blocks_tiles_and_unpacks_back():
     g = _gen(0)
     experts = random_experts(3, DIM, 2 * 128, g)
     w13, w13s, w2, w2s = ops.moe_pack_experts(*experts)
-    assert w13.shape == (3, 4 * 128, DIM // 2) and w13.dtype == torch.uint8
-    assert w13s.shape == (3, 4 * 128, DIM // 32) and w13s.dtype == torch.float8_e8m0fnu
-    assert w2.shape == (3, DIM, 128) and w2s.shape == (3, DIM, 256 // 32)
+    assert w13.shape == (3, 4 * 128 // 16, DIM // 128, 16, 64) and w13.dtype == torch.uint8
+    assert w13s.shape == (3, 4 * 128 // 16, DIM // 128, 16, 4) and w13s.dtype == torch.float8_e8m0fnu
+    assert w2.shape == (3, DIM // 16, 256 // 128, 16, 64) and w2s.shape == (3, DIM // 16, 256 // 128, 16, 4)
+    assert all(t.is_contiguous() for t in (w13, w13s, w2, w2s))
+    # A tile: rows 16i .. 16i + 15, bytes 64b .. 64b + 63 of each (codes of K block b).
+    assert torch.equal(w13[1, 9, 1, 5], experts[2][1][16 + 5, 64:128])  # w13 row 149 = w3 row 21
+    assert torch.equal(w13s[2, 17, 0, 15].view(torch.uint8), experts[1][2][159, 0:4].view(torch.uint8))  # w1 row 159
+    rows13, rows13s, rows2, rows2s = (ref.row_major(t) for t in (w13, w13s, w2, w2s))
     for e in range(3):
-        assert torch.equal(w13[e, 128:256], experts[2][e][:128])  # w3 rows 0..127 second
-        assert torch.equal(w13[e, 256:384], experts[0][e][128:])  # w1 rows 128..255 third
-        w1, w3 = ref.unpack_w13(w13[e])
+        assert torch.equal(rows13[e, 128:256], experts[2][e][:128])  # w3 rows 0..127 second
+        assert torch.equal(rows13[e, 256:384], experts[0][e][128:])  # w1 rows 128..255 third
+        w1, w3 = ref.unpack_w13(rows13[e])
         assert torch.equal(w1, experts[0][e]) and torch.equal(w3, experts[2][e])
-        s1, s3 = ref.unpack_w13(w13s[e])
+        s1, s3 = ref.unpack_w13(rows13s[e])
         assert torch.equal(s1.view(torch.uint8), experts[1][e].view(torch.uint8))
         assert torch.equal(s3.view(torch.uint8), experts[3][e].view(torch.uint8))
-        assert torch.equal(w2[e], experts[4][e])
-        assert torch.equal(w2s[e].view(torch.uint8), experts[5][e].view(torch.uint8))
+        assert torch.equal(rows2[e], experts[4][e])
+        assert torch.equal(rows2s[e].view(torch.uint8), experts[5][e].view(torch.uint8))
 
 
 @given(t=st.integers(1, 6), k=st.integers(1, 3), seed=st.integers(0, 2**31))
@@ -147,10 +152,14 @@ def test_duplicate_and_out_of_range_ids_rejected_in_checked_mode():
     (1, torch.ones(2, 2, dtype=torch.float64), TypeError, "topk_weights"),
     (2, torch.zeros(2, 2, dtype=torch.int64), TypeError, "topk_ids"),
     (2, torch.zeros(3, 2, dtype=torch.int32), ValueError, "topk_ids"),
-    (3, torch.zeros(4, 2 * INTER, DIM // 2, dtype=torch.int8), TypeError, "w13"),
-    (4, torch.zeros(4, 2 * INTER, DIM // 16, dtype=torch.float8_e8m0fnu), ValueError, "w13_scale"),
-    (5, torch.zeros(4, DIM, INTER, dtype=torch.uint8), ValueError, "w2"),
-    (6, torch.zeros(4, DIM, INTER // 32, dtype=torch.float8_e4m3fn), TypeError, "w2_scale"),
+    (3, torch.zeros(4, 2 * INTER // 16, DIM // 128, 16, 64, dtype=torch.int8), TypeError, "w13"),
+    (3, torch.zeros(4, 2 * INTER, DIM // 2, dtype=torch.uint8), ValueError, "w13"),  # row-major, not tiled
+    (3, torch.zeros(4, INTER // 16, DIM // 128, 16, 64, dtype=torch.uint8), ValueError, "w13"),  # inter 64
+    (3, torch.zeros(4, 2 * INTER // 16, 16, DIM // 128, 64, dtype=torch.uint8).transpose(2, 3), ValueError, "w13"),
+    (4, torch.zeros(4, 2 * INTER // 16, DIM // 128, 16, 2, dtype=torch.float8_e8m0fnu), ValueError, "w13_scale"),
+    (5, torch.zeros(4, DIM // 16, INTER // 64, 16, 64, dtype=torch.uint8), ValueError, "w2"),
+    (5, torch.zeros(3, DIM // 16, INTER // 128, 16, 64, dtype=torch.uint8), ValueError, "w2"),
+    (6, torch.zeros(4, DIM // 16, INTER // 128, 16, 4, dtype=torch.float8_e4m3fn), TypeError, "w2_scale"),
     (7, 0.0, ValueError, "limit"),
     (8, "nvfp4", ValueError, "fmt"),
 ])
@@ -195,7 +204,7 @@ def oracle_with_allowance(x, weights, ids, packed, limit, gemm_rel):
     ulps of the SwiGLU (exp and division of another library) plus the effect of the gate/up
     sums' error (``gemm_rel`` of their sum of |terms|).  Typically no code qualifies and the
     allowance is 0; it keeps the test exact without making it flaky."""
-    w13, w13s, w2, w2s = packed
+    w13, w13s, w2, w2s = (ref.row_major(p) for p in packed)
     xd = ref_gemm.dequant_activation(x).double()
     n_experts = w13.shape[0]
     out = torch.zeros(x.shape, dtype=torch.float64)
@@ -249,7 +258,7 @@ def moe_excess(y, x, weights, ids, packed, limit=10.0):
     gemm_rel = (x.shape[1] * 2.0 ** -23 + (2.0 ** -11 if device.type == "cuda" else 0.0))
     expect, mag, allow = oracle_with_allowance(x.cpu(), weights.cpu(), ids.cpu(), [p.cpu() for p in packed],
                                                limit, gemm_rel)
-    inter = packed[2].shape[2] * 2
+    inter = ref.row_major(packed[2]).shape[2] * 2
     k = ids.shape[1]
     bound = fp32_bound(expect, mag, inter + k) + (2.0 ** -11 if device.type == "cuda" else 0.0) * mag + allow
     a = y.double().cpu()
@@ -601,12 +610,11 @@ def test_k_loops_wait_on_no_load_of_their_own_step(kernel, block_m, warps, stage
         types = dict(MOE_TYPES, x_ptr="*bf16", a_ptr="*fp8e4nv", hq_ptr="*u8", limit="fp32")
         consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, TWO_BLOCKS=False, BLOCK_M=block_m, BLOCK_K=128,
                       PACK=128)
-        aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
-                   "stride_sn"]
+        aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_se"]
     else:
         types = dict(MOE_TYPES, hq_ptr="*fp8e4nv")
         consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, TWO_BLOCKS=joint)  # w2: two K blocks a step
-        aligned = ["N", "K", "stride_we", "stride_wn", "stride_se", "stride_sn"]
+        aligned = ["N", "K", "stride_we", "stride_se"]
     loads, waited = k_loop_waits("dsv4_triton.kernels.moe", f"_moe_{kernel}_kernel", types,
                                  dict(consts, SCALE_WORDS=True, COMPUTED_TABLE=True), aligned, warps, stages)
     assert waited == [] and len(loads) == (0 if fused else 1), loads
@@ -623,8 +631,7 @@ def test_decode_w13_compiles_to_warp_group_mma(fused, joint, two_blocks, warps):
                  sorted_pair_ptr="*i32", block_expert_ptr="*i32", hq_ptr="*u8", limit="fp32")
     consts = dict(TOPK=6, FUSED_QUANT=fused, JOINT_TILE=joint, TWO_BLOCKS=two_blocks, BLOCK_M=16, BLOCK_K=128,
                   PACK=128, SCALE_WORDS=True, COMPUTED_TABLE=True)
-    aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_wn", "stride_se",
-               "stride_sn"]
+    aligned = ["K", "N_INTER", "stride_xm", "stride_am", "stride_sm", "stride_we", "stride_se"]
     usage = compile_for_sm90("dsv4_triton.kernels.moe", "_moe_w13_kernel", types, consts, aligned, warps, 3)
     assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 
@@ -635,9 +642,10 @@ def flash_inputs(t, device):
     n_experts, dim, inter, k = 256, 4096, 2048, 6
     gdev = torch.Generator(device=device).manual_seed(t)
 
-    def fp4(rows, cols):
-        packed = torch.randint(0, 256, (n_experts, rows, cols // 2), generator=gdev, device=device, dtype=torch.uint8)
-        e = torch.randint(-9, -5, (n_experts, rows, cols // 32), generator=gdev, device=device, dtype=torch.int32)
+    def fp4(rows, cols):  # random bytes, in the packed layout
+        codes, scales = ref.packed_shapes(n_experts, rows, cols)
+        packed = torch.randint(0, 256, codes, generator=gdev, device=device, dtype=torch.uint8)
+        e = torch.randint(-9, -5, scales, generator=gdev, device=device, dtype=torch.int32)
         return packed, (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
     w13, w13s = fp4(2 * inter, dim)

@@ -10,7 +10,10 @@
 //   w2:  per block and 128 rows of dim, the FP32 result of each pair into its own row.
 // The weights are streamed with the mma.sync decode of mxfp4_mma.cuh: at decode a block has
 // one or two real rows, so these GEMMs are weight streams, and every warp owns its 16-row
-// tiles over the whole of K (no K split, no reduction).
+// tiles over the whole of K (no K split, no reduction).  moe_pack_experts stores each 16-row
+// tile's K blocks as one contiguous run (WeightRows::tiled), so a warp streams its tile front
+// to back: read from row-major rows (64 bytes of 16 rows a K step) the same bytes came from
+// HBM at two thirds of the rate.
 
 #include <cuda_runtime.h>
 
@@ -65,10 +68,9 @@ __device__ __forceinline__ float magnitude(float v) { return v != v ? __int_as_f
 
 __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
     const uint16_t* __restrict__ xq, const float* __restrict__ xs, int64_t stride_xq, int64_t stride_xs,
-    const uint8_t* __restrict__ w13, const uint8_t* __restrict__ w13s, int64_t stride_we, int64_t stride_wn,
-    int64_t stride_se, int64_t stride_sn, const int* __restrict__ sorted_pair, const int* __restrict__ block_expert,
-    const float* __restrict__ route_w, uint16_t* __restrict__ hq, float* __restrict__ hs, int n_experts, int n_kb,
-    int inter, int topk, float limit) {
+    const uint8_t* __restrict__ w13, const uint8_t* __restrict__ w13s, int64_t stride_we, int64_t stride_se,
+    const int* __restrict__ sorted_pair, const int* __restrict__ block_expert, const float* __restrict__ route_w,
+    uint16_t* __restrict__ hq, float* __restrict__ hs, int n_experts, int n_kb, int inter, int topk, float limit) {
   __shared__ float amax_part[kWarps][kBlockRows];
   const int blk = blockIdx.x, j = blockIdx.y;
   const int expert = block_expert[blk];
@@ -79,9 +81,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
   const uint8_t* wse = w13s + expert * stride_se;
   // Warp w: gate rows 256j + 16w .. and the up rows 128 below them (the packed interleave),
   // i.e. inter columns 128j + 16w + (g, g + 8) of both.
-  const int64_t gate = int64_t(j) * 2 * kPack + warp * kTileRows;
-  const WeightRows gate_rows(we, wse, gate + g, gate + g + 8, stride_wn, stride_sn, q);
-  const WeightRows up_rows(we, wse, gate + kPack + g, gate + kPack + g + 8, stride_wn, stride_sn, q);
+  const int64_t gate_tile = (int64_t(j) * 2 * kPack + warp * kTileRows) / kTileRows;
+  const WeightRows gate_rows = WeightRows::tiled(we, wse, gate_tile, n_kb, g, q);
+  const WeightRows up_rows = WeightRows::tiled(we, wse, gate_tile + kPack / kTileRows, n_kb, g, q);
   const int row0 = blk * kBlockRows;
   const uint16_t* x_row[kGroups];
   bool has_row[kGroups], live[kGroups];
@@ -178,19 +180,18 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
 
 __global__ void __launch_bounds__(kW2Warps * 32, 5) moe_w2_kernel(
     const uint16_t* __restrict__ hq, const float* __restrict__ hs, int64_t stride_hq, int64_t stride_hs,
-    const uint8_t* __restrict__ w2, const uint8_t* __restrict__ w2s, int64_t stride_we, int64_t stride_wn,
-    int64_t stride_se, int64_t stride_sn, const int* __restrict__ sorted_pair, const int* __restrict__ block_expert,
-    float* __restrict__ part, int n_experts, int n_rows, int n_kb) {
+    const uint8_t* __restrict__ w2, const uint8_t* __restrict__ w2s, int64_t stride_we, int64_t stride_se,
+    const int* __restrict__ sorted_pair, const int* __restrict__ block_expert, float* __restrict__ part,
+    int n_experts, int n_rows, int n_kb) {
   const int blk = blockIdx.x;
   const int expert = block_expert[blk];
   if (expert >= n_experts) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int n0 = (blockIdx.y * kW2Warps + warp) * kTileRows;
-  if (n0 >= n_rows) return;
-  // Rows past N read row N - 1 (in bounds) and are never stored.
-  const WeightRows rows(w2 + expert * stride_we, w2s + expert * stride_se, min(n0 + g, n_rows - 1),
-                        min(n0 + g + 8, n_rows - 1), stride_wn, stride_sn, q);
+  if (n0 >= n_rows) return;  // n_rows is a multiple of 16: a tile is whole or absent
+  const WeightRows rows = WeightRows::tiled(w2 + expert * stride_we, w2s + expert * stride_se, n0 / kTileRows, n_kb,
+                                            g, q);
   const int row0 = blk * kBlockRows;  // every row of a block holds defined codes (zeros for padding)
   bool live[kGroups];  // a group of padding rows only is skipped: none of its results is stored
 #pragma unroll
@@ -214,8 +215,7 @@ __global__ void __launch_bounds__(kW2Warps * 32, 5) moe_w2_kernel(
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int pair = sorted_pair[row0 + t * kGroup + 2 * q + (r & 1)];
-      const int n = n0 + g + (r >= 2 ? 8 : 0);
-      if (pair >= 0 && n < n_rows) part[int64_t(pair) * n_rows + n] = acc[t][r];
+      if (pair >= 0) part[int64_t(pair) * n_rows + n0 + g + (r >= 2 ? 8 : 0)] = acc[t][r];
     }
   }
 }
@@ -244,19 +244,19 @@ void check_w2_input(const torch::Tensor& hq, const torch::Tensor& hs, int64_t bl
 }  // namespace
 
 // x_codes fp16 [T, dim] (the FP8 codes' values in pair order, act_quant_rows(fp16_pairs=True))
-// and x_scales fp32 [T, dim/128]: act_quant of the tokens; w13 uint8
-// [E, 2*inter, dim/2] and w13_scale uint8 [E, 2*inter, dim/32] (moe_pack_experts' layout);
+// and x_scales fp32 [T, dim/128]: act_quant of the tokens; w13 uint8 [E, 2*inter/16, dim/128,
+// 16, 64] and w13_scale uint8 [E, 2*inter/16, dim/128, 16, 4] (moe_pack_experts' tiled layout);
 // sorted_pair / block_expert: the align's lists for 16-row blocks; route_w fp32 [T * topk].
 // Writes hq fp16 [blocks * 16, inter] (the FP8 codes' values, pair order) and hs fp32
 // [blocks * 16, inter/128].
 void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w13, torch::Tensor w13_scale,
                     torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor route_w, torch::Tensor hq,
                     torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle) {
-  check_weight_rows("w13", w13, "w13_scale", w13_scale);
-  TORCH_CHECK(w13.dim() == 3 && w13.size(1) % (2 * kPack) == 0, "w13: expected [E, 2*inter, dim/2] with inter a "
-              "multiple of 128, got ", w13.sizes());
+  check_tiled_weight("w13", w13, "w13_scale", w13_scale);
+  TORCH_CHECK(w13.size(1) % (2 * kPack / kTileRows) == 0, "w13: expected 2*inter rows with inter a multiple of 128, "
+              "got ", w13.size(1) * kTileRows);
   check_blocks(sorted_pair, block_expert, w13);
-  const int64_t dim = 2 * w13.size(2), inter = w13.size(1) / 2, blocks = block_expert.size(0);
+  const int64_t dim = w13.size(2) * kBlockK, inter = w13.size(1) * kTileRows / 2, blocks = block_expert.size(0);
   TORCH_CHECK(x_codes.scalar_type() == torch::kHalf && x_codes.dim() == 2 && x_codes.size(1) == dim &&
                   x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0 && aligned(x_codes, 16),
               "x_codes: expected fp16 [T, ", dim, "] with 16-byte aligned contiguous rows");
@@ -277,20 +277,20 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
   auto* hq16 = reinterpret_cast<uint16_t*>(hq.data_ptr());
   moe_w13_kernel<<<grid, kWarps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
       xq, x_scales.data_ptr<float>(), x_codes.stride(0), x_scales.stride(0), w13.data_ptr<uint8_t>(),
-      w13_scale.data_ptr<uint8_t>(), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1),
+      w13_scale.data_ptr<uint8_t>(), w13.stride(0), w13_scale.stride(0),
       sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), route_w.data_ptr<float>(), hq16, hs.data_ptr<float>(),
       int(w13.size(0)), int(dim / kBlockK), int(inter), int(topk), float(limit));
   check_launch("moe_decode_w13");
 }
 
-// hq / hs as moe_decode_w13 writes them; w2 uint8 [E, dim, inter/2], w2_scale uint8
-// [E, dim, inter/32].  Writes part fp32 [T * topk, dim], row p for pair p (placed pairs only).
+// hq / hs as moe_decode_w13 writes them; w2 uint8 [E, dim/16, inter/128, 16, 64], w2_scale uint8
+// [E, dim/16, inter/128, 16, 4].  Writes part fp32 [T * topk, dim], row p for pair p (placed
+// pairs only).
 void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle) {
-  check_weight_rows("w2", w2, "w2_scale", w2_scale);
-  TORCH_CHECK(w2.dim() == 3, "w2: expected [E, dim, inter/2], got ", w2.sizes());
+  check_tiled_weight("w2", w2, "w2_scale", w2_scale);
   check_blocks(sorted_pair, block_expert, w2);
-  const int64_t dim = w2.size(1), inter = 2 * w2.size(2), blocks = block_expert.size(0);
+  const int64_t dim = w2.size(1) * kTileRows, inter = w2.size(2) * kBlockK, blocks = block_expert.size(0);
   check_w2_input(hq, hs, blocks, inter);
   TORCH_CHECK(part.scalar_type() == torch::kFloat32 && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
               "part: expected contiguous fp32 [pairs, ", dim, "]");
@@ -303,7 +303,7 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
   const auto* hq16 = reinterpret_cast<const uint16_t*>(hq.data_ptr());
   moe_w2_kernel<<<grid, kW2Warps * 32, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
       hq16, hs.data_ptr<float>(), hq.stride(0), hs.stride(0), w2.data_ptr<uint8_t>(),
-      w2_scale.data_ptr<uint8_t>(), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
+      w2_scale.data_ptr<uint8_t>(), w2.stride(0), w2_scale.stride(0),
       sorted_pair.data_ptr<int>(), block_expert.data_ptr<int>(), part.data_ptr<float>(), int(w2.size(0)), int(dim),
       int(inter / kBlockK));
   check_launch("moe_decode_w2");

@@ -35,7 +35,8 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
   const int g = lane >> 2, q = lane & 3;
   const int n0 = blockIdx.x * kTileRows;
   // Rows past N read row N - 1 (in bounds) and are never stored.
-  const WeightRows rows(w, ws, min(n0 + g, n_rows - 1), min(n0 + g + 8, n_rows - 1), stride_w, stride_ws, q);
+  const WeightRows rows =
+      WeightRows::row_major(w, ws, min(n0 + g, n_rows - 1), min(n0 + g + 8, n_rows - 1), stride_w, stride_ws, q);
   const bool has_row = g < m_rows;
   const uint16_t* x_row = xq + g * stride_xq + q * 32;
   const int col = 2 * q;  // the D columns of this lane: activation rows col, col + 1

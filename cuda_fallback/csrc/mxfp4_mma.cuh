@@ -66,24 +66,39 @@ struct WeightBlock {
   uint32_t s_lo, s_hi;
 };
 
-// Where lane (g, q) reads its rows: codes of 32-block q, scale words (one per 128-block).
+// Where lane (g, q) reads its rows: codes of 32-block q, scale words (one per 128-block), and
+// how far apart two K blocks are.
 struct WeightRows {
   const uint8_t* lo;
   const uint8_t* hi;
   const uint32_t* s_lo;
   const uint32_t* s_hi;
+  int code_step, scale_step;  // bytes / words from one K block to the next
 
-  // rows r_lo, r_hi of a weight [rows, K/2] with E8M0 scales [rows, K/32] (both in bounds).
-  __device__ __forceinline__ WeightRows(const uint8_t* w, const uint8_t* ws, int64_t r_lo, int64_t r_hi,
-                                        int64_t stride_w, int64_t stride_ws, int q)
-      : lo(w + r_lo * stride_w + q * 16),
-        hi(w + r_hi * stride_w + q * 16),
-        s_lo(reinterpret_cast<const uint32_t*>(ws + r_lo * stride_ws)),
-        s_hi(reinterpret_cast<const uint32_t*>(ws + r_hi * stride_ws)) {}
+  // Row-major: rows r_lo, r_hi of a weight [rows, K/2] with E8M0 scales [rows, K/32] (both in
+  // bounds).  A block is 64 bytes of each row, rows a row stride apart.
+  static __device__ __forceinline__ WeightRows row_major(const uint8_t* w, const uint8_t* ws, int64_t r_lo,
+                                                         int64_t r_hi, int64_t stride_w, int64_t stride_ws, int q) {
+    return {w + r_lo * stride_w + q * 16, w + r_hi * stride_w + q * 16,
+            reinterpret_cast<const uint32_t*>(ws + r_lo * stride_ws),
+            reinterpret_cast<const uint32_t*>(ws + r_hi * stride_ws), kBlockK / 2, 1};
+  }
+
+  // moe_pack_experts' tiled layout: 16-row tile `tile` of a matrix of n_kb K blocks, codes
+  // [tiles, n_kb, 16, 64] and scales [tiles, n_kb, 16, 4].  A block is the tile's 1 KB: lane
+  // (g, q) reads bytes 16 * lane (row g) and 512 + 16 * lane (row g + 8), one contiguous 512 B
+  // per load instruction of the warp.
+  static __device__ __forceinline__ WeightRows tiled(const uint8_t* w, const uint8_t* ws, int64_t tile, int n_kb,
+                                                     int g, int q) {
+    const int64_t unit = tile * n_kb * kTileRows + g;  // (row g, block 0): 64 code bytes, one scale word
+    const uint8_t* codes = w + unit * (kBlockK / 2) + q * 16;
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(ws) + unit;
+    return {codes, codes + 8 * (kBlockK / 2), words, words + 8, kTileRows * (kBlockK / 2), kTileRows};
+  }
 
   __device__ __forceinline__ WeightBlock load(int kb) const {
-    return {load_stream(lo + kb * (kBlockK / 2)), load_stream(hi + kb * (kBlockK / 2)), __ldg(s_lo + kb),
-            __ldg(s_hi + kb)};
+    return {load_stream(lo + kb * code_step), load_stream(hi + kb * code_step), __ldg(s_lo + kb * scale_step),
+            __ldg(s_hi + kb * scale_step)};
   }
 };
 
@@ -254,6 +269,23 @@ inline void check_weight_rows(const char* name, const torch::Tensor& w, const ch
     TORCH_CHECK(w.stride(i) % 16 == 0, name, ": expected 16-byte aligned rows");
     TORCH_CHECK(ws.stride(i) % 4 == 0, scale_name, ": expected 4-byte aligned rows");
   }
+  TORCH_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
+}
+
+// An expert stack in moe_pack_experts' tiled layout as WeightRows::tiled reads it: codes uint8
+// [E, rows/16, K/128, 16, 64] and E8M0 scales uint8 [E, rows/16, K/128, 16, 4], both
+// contiguous, codes 16-byte and scales 4-byte aligned.
+inline void check_tiled_weight(const char* name, const torch::Tensor& w, const char* scale_name,
+                               const torch::Tensor& ws) {
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 5 && w.size(3) == kTileRows && w.size(4) == kBlockK / 2,
+              name, ": expected uint8 [E, rows/16, K/128, 16, 64], got ", w.sizes());
+  TORCH_CHECK(ws.scalar_type() == torch::kUInt8 && ws.dim() == 5 && ws.size(0) == w.size(0) &&
+                  ws.size(1) == w.size(1) && ws.size(2) == w.size(2) && ws.size(3) == kTileRows &&
+                  ws.size(4) == kBlockK / 32,
+              scale_name, ": expected uint8 [", w.size(0), ", ", w.size(1), ", ", w.size(2), ", 16, 4], got ",
+              ws.sizes());
+  TORCH_CHECK(w.is_contiguous() && aligned(w, 16), name, ": expected a contiguous 16-byte aligned tensor");
+  TORCH_CHECK(ws.is_contiguous() && aligned(ws, 4), scale_name, ": expected a contiguous 4-byte aligned tensor");
   TORCH_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
 }
 

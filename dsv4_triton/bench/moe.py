@@ -36,9 +36,10 @@ def _weights(name):
         n_experts, dim, inter = SIZES[name]
         g = torch.Generator(device="cuda").manual_seed(0)
 
-        def fp4(rows, cols):
-            packed = torch.randint(0, 256, (n_experts, rows, cols // 2), device="cuda", generator=g, dtype=torch.uint8)
-            e = torch.randint(-9, -5, (n_experts, rows, cols // 32), device="cuda", generator=g, dtype=torch.int32)
+        def fp4(rows, cols):  # random bytes, in the packed layout
+            codes, scales = ref.packed_shapes(n_experts, rows, cols)
+            packed = torch.randint(0, 256, codes, device="cuda", generator=g, dtype=torch.uint8)
+            e = torch.randint(-9, -5, scales, device="cuda", generator=g, dtype=torch.int32)
             return packed, (e + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
         _WEIGHTS[name] = (*fp4(2 * inter, dim), *fp4(dim, inter))

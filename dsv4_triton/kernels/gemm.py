@@ -333,11 +333,14 @@ def fp4_expand(b, lut0, lut1):
 @triton.jit
 def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
                       W_FMT: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTED_TABLE: tl.constexpr = False,
-                      SCALE_WORDS: tl.constexpr = False):
+                      SCALE_WORDS: tl.constexpr = False, TILED: tl.constexpr = False):
     """K block ``kb`` of FP4 weight rows ``cols``: (operand ``[BN, BLOCK_K]``, column scale ``[BN]``).
 
     The operand is FP8 (MXFP4) or BF16 (NVFP4, column scale 1).  ``w_ptr`` points at the
-    packed bytes; scales are E8M0 (MXFP4) or E4M3 (NVFP4) bytes.
+    packed bytes; scales are E8M0 (MXFP4) or E4M3 (NVFP4) bytes.  Row-major rows (strides
+    ``stride_wn`` / ``stride_sn``), or with TILED (MXFP4, 128-wide K blocks) the layout of
+    ``moe_pack_experts``: 16-row tiles, each tile's K block its 16 rows of 64 code bytes, 1 KB,
+    and the scales the same way, 4 bytes a row (the strides are then unused).
 
     MXFP4 table rows (the same values either way): gathered from ``lut_ptr`` by scale gap, or,
     with COMPUTED_TABLE, computed from the gap (``fp4_table_row``).  A gather's address needs
@@ -351,7 +354,13 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
     HALF: tl.constexpr = BLOCK_K // 2
     kh = kb * HALF + tl.arange(0, HALF)
     mask = col_ok[:, None] & (kh[None, :] < K // 2)
-    b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
+    if TILED:
+        tl.static_assert(W_FMT == W_MXFP4 and BLOCK_K == 128)
+        # (row, block) unit: its codes at 64 * unit, its scale word at unit.
+        unit = (cols // 16) * (K // 8) + kb * 16 + cols % 16
+        b = tl.load(w_ptr + unit[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=mask, other=0)
+    else:
+        b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)
     if W_FMT == W_MXFP4:
         NSUB: tl.constexpr = BLOCK_K // 32
         if COMPUTED_TABLE and SCALE_WORDS:
@@ -362,13 +371,19 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
             # the column scale), and that twin would be a synchronous load in every K step.
             words = w_scale_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
             sub = tl.arange(0, NSUB)
-            word = tl.load(words + (cols * (stride_sn // 4) + kb)[:, None] + 0 * sub[None, :],
-                           mask=col_ok[:, None], other=0)
+            if TILED:
+                word_at = unit
+            else:
+                word_at = cols * (stride_sn // 4) + kb
+            word = tl.load(words + word_at[:, None] + 0 * sub[None, :], mask=col_ok[:, None], other=0)
             e = (word >> (8 * sub)[None, :]) & 0xFF
         else:
             j = kb * NSUB + tl.arange(0, NSUB)
-            e = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
-                        mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
+            if TILED:
+                byte_at = unit[:, None] * NSUB + tl.arange(0, NSUB)[None, :]
+            else:
+                byte_at = cols[:, None] * stride_sn + j[None, :]
+            e = tl.load(w_scale_ptr + byte_at, mask=col_ok[:, None] & (j[None, :] < K // 32), other=0).to(tl.int32)
         e_max = tl.max(e, axis=1)
         # Table row of each 32-block: its values are lut * 2^(e - e_max + 6) rounded to FP8
         # (see fp4_fp8_table), so the column scale is 2^e_max and the 2^6 goes on the rows.
@@ -383,6 +398,7 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
         w = fp4_expand(b, lut0, lut1)
         s = e8m0_value(e_max)  # NaN if any byte is 0xFF
     else:
+        tl.static_assert(not TILED)
         codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
         NSUB16: tl.constexpr = BLOCK_K // 16
         j = kb * NSUB16 + tl.arange(0, NSUB16)

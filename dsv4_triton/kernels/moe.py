@@ -10,7 +10,8 @@
    never read on the host: the GEMM grids are sized for the worst case,
    ``ceil(T*k / BLOCK_M) + min(E, T*k)`` blocks, and programs past the end exit at once.
 2. w13 GEMM: program (block, j) multiplies the block's token rows by the expert's gate and
-   up rows ``128j .. 128j+127`` (one 256-row tile of the packed ``w13``), then in the
+   up rows ``128j .. 128j+127`` (one 256-row tile of the packed ``w13``, read in the packed
+   layout's 16-row x 128-K tiles: ``reference/moe.py``), then in the
    epilogue applies the clamped SwiGLU and the pair's routing weight and quantises the
    128 outputs per row (exactly one ``act_quant`` block of the w2 input) to FP8 + scale.
 3. w2 GEMM: the same block structure over ``dim``; each row's FP32 result goes to its
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import autotune
-from ..reference.moe import PACK_ROWS
+from ..reference.moe import PACK_ROWS, TILE_ROWS
 from ..registry import register
 from .formats import clamp_nan
 from .gemm import (ACT_BLOCK, FUSED_QUANT_MAX_ROWS, W_MXFP4, activation_operand, as_fp8_operand, fp4_fp8_table,
@@ -199,8 +200,8 @@ _W13_CONFIGS = [triton.Config(dict(c.kwargs, FUSED_QUANT=fused, JOINT_TILE=False
 # triton 3.6: 127-156 uncapped, no spills capped).
 _W13_CONFIGS += [triton.Config(dict(c.kwargs, JOINT_TILE=True), num_warps=c.num_warps, num_stages=c.num_stages,
                                maxnreg=128) for c in _W13_CONFIGS if c.num_warps == 8]
-# The joint tile over two K blocks per loop step (K a multiple of 256): each weight row is read
-# 128 contiguous bytes at a time instead of 64, the blocks expanded, multiplied and promoted one
+# The joint tile over two K blocks per loop step (K a multiple of 256): each 16-row weight tile is
+# read 2 KB at a time instead of 1 KB (two adjacent blocks of the packed layout), the blocks expanded, multiplied and promoted one
 # after the other in K order (the same operations).  Fused quantisation only: with the
 # pre-pass's scales carried for two blocks it spills (56 B); two stages of two blocks keep two
 # programs per SM (84-92 KB of shared memory).
@@ -233,7 +234,7 @@ def _prune_w2(configs, nargs, **kw):
 @triton.jit
 def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr,
                     route_w_ptr, hq_ptr, hs_ptr, n_experts, K, N_INTER, limit, stride_xm, stride_am, stride_sm,
-                    stride_we, stride_wn, stride_se, stride_sn, TOPK: tl.constexpr,
+                    stride_we, stride_se, TOPK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr, SCALE_WORDS: tl.constexpr,
                     COMPUTED_TABLE: tl.constexpr, FUSED_QUANT: tl.constexpr, JOINT_TILE: tl.constexpr,
                     TWO_BLOCKS: tl.constexpr):
@@ -274,20 +275,20 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
             a = load_fp8_codes(a_ptr, token, row_ok, kb, K, stride_am, BLOCK_K)
             a_scale = a_scale_next
         if JOINT_TILE:
-            w, ws = load_weight_block(w_base, s_base, lut_ptr, tile_rows, tile_rows < 2 * N_INTER, kb, K, stride_wn,
-                                      stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            w, ws = load_weight_block(w_base, s_base, lut_ptr, tile_rows, tile_rows < 2 * N_INTER, kb, K, 0, 0,
+                                      W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS, TILED=True)
             acc = scaled_dot_t(acc, a, a_scale, w, ws)
             if TWO_BLOCKS:  # block kb + 1 exists: these configs run only where K is a multiple of 256
                 tl.static_assert(FUSED_QUANT)
                 a, a_scale = load_act_block(x_ptr, x_ptr, token, row_ok, kb + 1, K, stride_xm, 0, True, BLOCK_K)
                 w, ws = load_weight_block(w_base, s_base, lut_ptr, tile_rows, tile_rows < 2 * N_INTER, kb + 1, K,
-                                          stride_wn, stride_sn, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+                                          0, 0, W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS, TILED=True)
                 acc = scaled_dot_t(acc, a, a_scale, w, ws)
         else:
-            wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                       W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
-            wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, stride_wn, stride_sn,
-                                       W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            wg, sg = load_weight_block(w_base, s_base, lut_ptr, gate_rows, all_rows, kb, K, 0, 0, W_MXFP4, BLOCK_K,
+                                       COMPUTED_TABLE, SCALE_WORDS, TILED=True)
+            wu, su = load_weight_block(w_base, s_base, lut_ptr, up_rows, all_rows, kb, K, 0, 0, W_MXFP4, BLOCK_K,
+                                       COMPUTED_TABLE, SCALE_WORDS, TILED=True)
             if SWAP:
                 acc_g = scaled_dot_t(acc_g, a, a_scale, wg, sg)
                 acc_u = scaled_dot_t(acc_u, a, a_scale, wu, su)
@@ -313,8 +314,8 @@ def _moe_w13_kernel(x_ptr, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, sort
 
 
 # Each with the table rows computed (first) and gathered; plus, under 64 rows, two K blocks
-# per loop step (as w13's TWO_BLOCKS: 128 contiguous bytes of each weight row per step, the
-# blocks promoted one after the other in K order).  Triton 3.6, BLOCK_N 64, 4 warps: 535
+# per loop step (as w13's TWO_BLOCKS: 2 KB of each 16-row weight tile per step, the blocks
+# promoted one after the other in K order).  Triton 3.6, BLOCK_N 64, 4 warps: 535
 # instructions per two-block step (308 per block), 103-106 registers (four programs per SM).
 _W2_CONFIGS = [triton.Config({"BLOCK_N": bn, "COMPUTED_TABLE": computed, "TWO_BLOCKS": False}, num_warps=w,
                              num_stages=s)
@@ -329,7 +330,7 @@ _W2_CONFIGS += [triton.Config({"BLOCK_N": bn, "COMPUTED_TABLE": computed, "TWO_B
           prune_configs_by={"early_config_prune": _prune_w2})
 @triton.jit
 def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
-                   n_experts, N, K, stride_we, stride_wn, stride_se, stride_sn,
+                   n_experts, N, K, stride_we, stride_se,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SCALE_WORDS: tl.constexpr, COMPUTED_TABLE: tl.constexpr, TWO_BLOCKS: tl.constexpr):
     blk = tl.program_id(0)
@@ -365,16 +366,16 @@ def _moe_w2_kernel(hq_ptr, hs_ptr, w_ptr, w_scale_ptr, lut_ptr, sorted_pair_ptr,
             a_scale, a_scale1 = tl.split(scales_next)
         else:
             a_scale = a_scale_next
-        w, w_scale = load_weight_block(w_base, s_base, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn, W_MXFP4,
-                                       BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+        w, w_scale = load_weight_block(w_base, s_base, lut_ptr, cols, col_ok, kb, K, 0, 0, W_MXFP4, BLOCK_K,
+                                       COMPUTED_TABLE, SCALE_WORDS, TILED=True)
         if SWAP:
             acc = scaled_dot_t(acc, a, a_scale, w, w_scale)
         else:
             acc = scaled_dot(acc, a, a_scale, w, w_scale, W_MXFP4)
         if TWO_BLOCKS:  # block kb + 1, after block kb: the same operations in K order
             a = load_fp8_codes(hq_ptr, rows, row_ok, kb + 1, K, K, BLOCK_K)
-            w, w_scale = load_weight_block(w_base, s_base, lut_ptr, cols, col_ok, kb + 1, K, stride_wn, stride_sn,
-                                           W_MXFP4, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
+            w, w_scale = load_weight_block(w_base, s_base, lut_ptr, cols, col_ok, kb + 1, K, 0, 0, W_MXFP4,
+                                           BLOCK_K, COMPUTED_TABLE, SCALE_WORDS, TILED=True)
             if SWAP:
                 acc = scaled_dot_t(acc, a, a_scale1, w, w_scale)
             else:
@@ -418,8 +419,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
                 fmt: str) -> torch.Tensor:
     t, dim = x.shape
     topk = topk_ids.shape[1]
-    n_experts, two_inter = w13.shape[0], w13.shape[1]
-    inter = two_inter // 2
+    n_experts, inter = w13.shape[0], w13.shape[1] * TILE_ROWS // 2
     y = torch.empty((t, dim), dtype=torch.bfloat16, device=x.device)
     if t == 0:
         return y
@@ -438,13 +438,13 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     hs = torch.empty((max_blocks * block_m, inter // ACT_BLOCK), dtype=torch.float32, device=x.device)
     _moe_w13_kernel[(max_blocks, inter // PACK_ROWS)](
         x2, a, a_scale, w13, w13s, lut, sorted_pair, block_expert, route_w, hq, hs, n_experts, dim, inter, limit,
-        x2.stride(0), stride_am, stride_sm, w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
+        x2.stride(0), stride_am, stride_sm, w13.stride(0), w13s.stride(0),
         TOPK=topk, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, PACK=PACK_ROWS,
         SCALE_WORDS=mxfp4_scale_words(w13s, dim))
     part = torch.empty((pairs, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (max_blocks, triton.cdiv(dim, meta["BLOCK_N"]))
     _moe_w2_kernel[grid](as_fp8_operand(hq), hs, w2, w2s, lut, sorted_pair, block_expert, part, n_experts, dim, inter,
-                         w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1),
+                         w2.stride(0), w2s.stride(0),
                          BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, SCALE_WORDS=mxfp4_scale_words(w2s, inter))
     combine(part, ids, n_experts, y)
     return y

@@ -15,7 +15,7 @@ from cuda_fallback import moe as _cuda  # noqa: F401  (registers the cuda backen
 from .. import validate as V
 from ..kernels import moe as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import moe as _reference  # noqa: F401  (registers the reference backend)
-from ..reference.moe import PACK_ROWS, pack_experts
+from ..reference.moe import CODE_BYTES, PACK_ROWS, SCALE_BYTES, TILE_K, TILE_ROWS, pack_experts
 from ..registry import call, define_op
 from .gemm import check_fp4_weight
 
@@ -39,8 +39,9 @@ def moe_pack_experts(w1: List[torch.Tensor], w1_scale: List[torch.Tensor], w3: L
     Lists with one tensor per expert, as in the checkpoint: w1/w3 packed FP4 ``[inter, dim/2]``
     (uint8/int8/float4_e2m1fn_x2) with float8_e8m0fnu scales ``[inter, dim/32]``; w2
     ``[dim, inter/2]`` with scales ``[dim, inter/32]``.  ``inter`` and ``dim`` must be multiples
-    of 128.  Returns ``(w13, w13_scale, w2, w2_scale)``: uint8 ``[E, 2*inter, dim/2]``, e8m0
-    ``[E, 2*inter, dim/32]``, uint8 ``[E, dim, inter/2]``, e8m0 ``[E, dim, inter/32]`` (w1 and
+    of 128.  Returns ``(w13, w13_scale, w2, w2_scale)`` in 16-row x 128-K tiles: uint8
+    ``[E, 2*inter/16, dim/128, 16, 64]``, e8m0 ``[E, 2*inter/16, dim/128, 16, 4]``, uint8
+    ``[E, dim/16, inter/128, 16, 64]``, e8m0 ``[E, dim/16, inter/128, 16, 4]``, contiguous (w1 and
     w3 interleaved in blocks of 128 rows; see ``reference/moe.py``).
     """
     _check_list("w1", w1, len(w1))
@@ -95,6 +96,33 @@ def _check_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
                          f"{topk_ids[t].tolist()} at token {t}")
 
 
+def _check_tiled(name: str, w: torch.Tensor, scale_name: str, w_scale: torch.Tensor, lead, k: int,
+                 what: str = "rows", row_multiple: int = TILE_ROWS):
+    """A packed expert matrix (``moe_pack_experts``'s tiled layout, contiguous) with K = ``k``,
+    rows a multiple of ``row_multiple`` and, if given, ``lead = (E, rows)``; returns
+    ``(E, rows)``."""
+    V.tensor(name, w, (torch.uint8,), ndim=5)
+    e, tiles, blocks = w.shape[:3]
+    rows = tiles * TILE_ROWS
+    if lead is not None and (e, rows) != tuple(lead):
+        raise ValueError(f"{name}: expected {lead[0]} experts of {lead[1]} rows (shape [{lead[0]}, {lead[1]} / "
+                         f"{TILE_ROWS}, K / {TILE_K}, {TILE_ROWS}, {CODE_BYTES}]), got {tuple(w.shape)}")
+    if blocks * TILE_K != k:
+        raise ValueError(f"{name}: expected K = {k} ([E, rows / {TILE_ROWS}, {k / TILE_K:g}, {TILE_ROWS}, "
+                         f"{CODE_BYTES}]), got {blocks} blocks of {TILE_K} (shape {tuple(w.shape)})")
+    V.shape(name, w, (e, tiles, blocks, TILE_ROWS, CODE_BYTES))
+    if rows % row_multiple:
+        raise ValueError(f"{name}: expected {what} a multiple of {row_multiple}, got {rows} rows "
+                         f"(shape {tuple(w.shape)})")
+    V.tensor(scale_name, w_scale, (torch.float8_e8m0fnu,), ndim=5)
+    V.shape(scale_name, w_scale, (e, tiles, k // TILE_K, TILE_ROWS, SCALE_BYTES))
+    for n, t in ((name, w), (scale_name, w_scale)):
+        if not t.is_contiguous():
+            raise ValueError(f"{n}: expected a contiguous tensor (as moe_pack_experts returns), got strides "
+                             f"{t.stride()}")
+    return e, rows
+
+
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, limit: float = 10.0,
                 fmt: str = "mxfp4") -> torch.Tensor:
@@ -103,7 +131,8 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     accumulates in FP32 and the k expert outputs are summed in FP32; bf16 out (SPEC 8).
 
     x: bf16 ``[T, dim]``; topk_weights: fp32 ``[T, k]``; topk_ids: int32 ``[T, k]``;
-    w13, w13_scale, w2, w2_scale: as ``moe_pack_experts`` returns; limit: the SwiGLU clamp.
+    w13, w13_scale, w2, w2_scale: as ``moe_pack_experts`` returns (tiled, contiguous); limit:
+    the SwiGLU clamp.
     Expert ids must lie in ``[0, E)`` and be distinct within a row: checked (ValueError) only
     in checked mode (``DSV4_CHECKS=1``), because it reads values.  Unchecked, an id outside
     ``[0, E)`` contributes nothing and never causes an out-of-bounds access, and an expert
@@ -118,17 +147,10 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     V.shape("topk_weights", topk_weights, topk_ids.shape)
     if fmt not in MOE_FORMATS:
         raise ValueError(f"fmt: expected one of {MOE_FORMATS}, got {fmt!r}")
-    V.tensor("w13", w13, (torch.uint8,), ndim=3)
-    n_experts = w13.shape[0]
-    if w13.shape[1] % (2 * PACK_ROWS) or w13.shape[2] * 2 != dim:
-        raise ValueError(f"w13: expected [E, 2*inter, dim/2 = {dim // 2}] with inter a multiple of "
-                         f"{PACK_ROWS}, got {tuple(w13.shape)}")
-    inter = w13.shape[1] // 2
-    V.divisible("x", dim, 128, what="dim")
-    check_fp4_weight("w13", w13, "w13_scale", w13_scale, fmt, k=dim, lead=(n_experts,))
-    V.tensor("w2", w2, (torch.uint8,), ndim=3)
-    V.shape("w2", w2, (n_experts, dim, inter // 2))
-    check_fp4_weight("w2", w2, "w2_scale", w2_scale, fmt, k=inter, lead=(n_experts,))
+    n_experts, two_inter = _check_tiled("w13", w13, "w13_scale", w13_scale, None, dim,
+                                        what=f"2*inter rows, inter a multiple of {PACK_ROWS}: rows",
+                                        row_multiple=2 * PACK_ROWS)
+    _check_tiled("w2", w2, "w2_scale", w2_scale, (n_experts, dim), two_inter // 2)
     for name, tensor in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w13", w13),
                          ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):
         V.same_device(name, tensor, "x", x)

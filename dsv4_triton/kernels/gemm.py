@@ -356,8 +356,10 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
     mask = col_ok[:, None] & (kh[None, :] < K // 2)
     if TILED:
         tl.static_assert(W_FMT == W_MXFP4 and BLOCK_K == 128)
-        # (row, block) unit: its codes at 64 * unit, its scale word at unit.
-        unit = (cols // 16) * (K // 8) + kb * 16 + cols % 16
+        # (row, block) unit: its codes at 64 * unit, its scale word at unit (int32: a tiled
+        # matrix is one expert's, under 2 GB).
+        r = cols.to(tl.int32)
+        unit = (r >> 4) * (K // 8) + kb * 16 + (r & 15)
         b = tl.load(w_ptr + unit[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=mask, other=0)
     else:
         b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=mask, other=0)

@@ -111,6 +111,9 @@ def _check_tiled(name: str, w: torch.Tensor, scale_name: str, w_scale: torch.Ten
         raise ValueError(f"{name}: expected K = {k} ([E, rows / {TILE_ROWS}, {k / TILE_K:g}, {TILE_ROWS}, "
                          f"{CODE_BYTES}]), got {blocks} blocks of {TILE_K} (shape {tuple(w.shape)})")
     V.shape(name, w, (e, tiles, blocks, TILE_ROWS, CODE_BYTES))
+    if rows * k // 2 >= 2 ** 31:
+        raise ValueError(f"{name}: expected under 2**31 bytes an expert (the kernels address one expert's tiles "
+                         f"with int32), got {rows} rows x K = {k}")
     if rows % row_multiple:
         raise ValueError(f"{name}: expected {what} a multiple of {row_multiple}, got {rows} rows "
                          f"(shape {tuple(w.shape)})")

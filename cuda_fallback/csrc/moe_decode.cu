@@ -88,14 +88,20 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
   const uint16_t* x_row[kGroups];
   bool has_row[kGroups], live[kGroups];
   int pair_col[kGroups][2];  // the pairs of this lane's D columns (block rows 8t + 2q, + 1)
+  // Their tokens' activation scale rows (-1: no pair), divided once here: a division by the
+  // run-time topk is ~20 instructions and would sit in front of every K step's scale loads.
+  int64_t scale_row[kGroups][2];
 #pragma unroll
   for (int t = 0; t < kGroups; ++t) {
     const int p = sorted_pair[row0 + t * kGroup + g];
     has_row[t] = p >= 0;
     live[t] = __any_sync(0xFFFFFFFFu, p >= 0);  // a group of padding rows only is skipped (zeros)
     x_row[t] = xq + (p >= 0 ? p / topk : 0) * stride_xq + q * 32;
-    pair_col[t][0] = sorted_pair[row0 + t * kGroup + 2 * q];
-    pair_col[t][1] = sorted_pair[row0 + t * kGroup + 2 * q + 1];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      pair_col[t][c] = sorted_pair[row0 + t * kGroup + 2 * q + c];
+      scale_row[t][c] = pair_col[t][c] >= 0 ? (pair_col[t][c] / topk) * stride_xs : -1;
+    }
   }
   float acc_g[kGroups][4] = {}, acc_u[kGroups][4] = {};
   const GateUpRows tiles{gate_rows, up_rows};
@@ -104,10 +110,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
 #pragma unroll
     for (int t = 0; t < kGroups; ++t) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int p = pair_col[t][c];
-        sx[t][c] = p >= 0 ? __ldg(xs + (p / topk) * stride_xs + kb) : 0.f;
-      }
+      for (int c = 0; c < 2; ++c) sx[t][c] = scale_row[t][c] >= 0 ? __ldg(xs + scale_row[t][c] + kb) : 0.f;
     }
     // One group's B operand at a time (read again for the up tile, from L1): both groups' at
     // once would not fit beside the two decoded tiles in 128 registers.

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   // One block ahead: two ahead measured slower on the H100 (51.4 against 48.4 us at N = 24576,
   // K = 7168): it takes 80 registers a thread, 24 resident warps a multiprocessor instead of 32.
-  stream_blocks<1>(rows, warp, WARPS, n_kb, [&](const WeightBlock& block, int kb) {
+  stream_blocks(rows, warp, WARPS, n_kb, [&](const WeightBlock& block, int kb) {
     const WeightOperand a(block, q);
     uint32_t b[16];
     load_activation(x_row + kb * kBlockK, has_row, b);

@@ -103,28 +103,19 @@ struct WeightRows {
 };
 
 // Runs body(block, kb) for kb = first, first + step, ... < n_kb, with each weight block
-// requested DEPTH steps before its use (at decode a warp has little else to hide the memory
-// latency behind; two ahead measured faster for w2 only, the others are short of registers).
+// requested one step before its use (at decode a warp has little else to hide the memory
+// latency behind; two ahead, or three in shared-memory stages, measured slower: the registers
+// or the copies cost more warps or issue than the latency they hide).
 // Rows: anything with load(kb) (one tile's WeightBlock, or several tiles' together).
-template <int DEPTH, class Rows, class Body>
+template <class Rows, class Body>
 __device__ __forceinline__ void stream_blocks(const Rows& rows, int first, int step, int n_kb, Body&& body) {
-  static_assert(DEPTH == 1 || DEPTH == 2, "one or two blocks ahead");
   using Block = decltype(rows.load(0));
-  Block ahead[DEPTH];
-#pragma unroll
-  for (int i = 0; i < DEPTH; ++i) {
-    if (first + i * step < n_kb) ahead[i] = rows.load(first + i * step);
-  }
-  for (int kb = first; kb < n_kb; kb += DEPTH * step) {
-#pragma unroll
-    for (int i = 0; i < DEPTH; ++i) {
-      const int at = kb + i * step;
-      if (at < n_kb) {
-        const Block cur = ahead[i];
-        if (at + DEPTH * step < n_kb) ahead[i] = rows.load(at + DEPTH * step);
-        body(cur, at);
-      }
-    }
+  Block ahead;
+  if (first < n_kb) ahead = rows.load(first);
+  for (int kb = first; kb < n_kb; kb += step) {
+    const Block cur = ahead;
+    if (kb + step < n_kb) ahead = rows.load(kb + step);
+    body(cur, kb);
   }
 }
 

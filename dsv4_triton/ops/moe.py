@@ -97,7 +97,7 @@ def _check_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
 
 
 def _check_tiled(name: str, w: torch.Tensor, scale_name: str, w_scale: torch.Tensor, lead, k: int,
-                 what: str = "rows", row_multiple: int = TILE_ROWS):
+                 row_multiple: int = TILE_ROWS):
     """A packed expert matrix (``moe_pack_experts``'s tiled layout, contiguous) with K = ``k``,
     rows a multiple of ``row_multiple`` and, if given, ``lead = (E, rows)``; returns
     ``(E, rows)``."""
@@ -115,7 +115,7 @@ def _check_tiled(name: str, w: torch.Tensor, scale_name: str, w_scale: torch.Ten
         raise ValueError(f"{name}: expected under 2**31 bytes an expert (the kernels address one expert's tiles "
                          f"with int32), got {rows} rows x K = {k}")
     if rows % row_multiple:
-        raise ValueError(f"{name}: expected {what} a multiple of {row_multiple}, got {rows} rows "
+        raise ValueError(f"{name}: expected rows a multiple of {row_multiple}, got {rows} rows "
                          f"(shape {tuple(w.shape)})")
     V.tensor(scale_name, w_scale, (torch.float8_e8m0fnu,), ndim=5)
     V.shape(scale_name, w_scale, (e, tiles, k // TILE_K, TILE_ROWS, SCALE_BYTES))
@@ -150,9 +150,8 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     V.shape("topk_weights", topk_weights, topk_ids.shape)
     if fmt not in MOE_FORMATS:
         raise ValueError(f"fmt: expected one of {MOE_FORMATS}, got {fmt!r}")
-    n_experts, two_inter = _check_tiled("w13", w13, "w13_scale", w13_scale, None, dim,
-                                        what=f"2*inter rows, inter a multiple of {PACK_ROWS}: rows",
-                                        row_multiple=2 * PACK_ROWS)
+    # 2*inter rows, inter a multiple of PACK_ROWS (w1/w3 interleave in whole blocks)
+    n_experts, two_inter = _check_tiled("w13", w13, "w13_scale", w13_scale, None, dim, row_multiple=2 * PACK_ROWS)
     _check_tiled("w2", w2, "w2_scale", w2_scale, (n_experts, dim), two_inter // 2)
     for name, tensor in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w13", w13),
                          ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):

@@ -92,36 +92,44 @@ def _check_route(x, weight, bias, topk, route_scale, out):
     if E > topk:
         edge = (head[:, topk - 1] - head[:, topk]) > 2 * (head_tol[:, topk - 1] + head_tol[:, topk])
         assert torch.equal(ids[edge].sort(1).values, ids_ref.long()[edge].sort(1).values), "expert set differs"
-    # Weights: the oracle's scores at the kernel's ids, normalised.  Each selected s errs by
-    # tol_s; w_j = s_j / S changes by at most route_scale * (tol_j + w_j * sum tol) / S; plus
-    # 8 FP32 ulps for the divisions.
-    sel = s.gather(1, ids)
-    total = sel.sum(1, keepdim=True)
-    expected = sel / total * route_scale
-    t = tol_s.gather(1, ids)
-    bound = abs(route_scale) * (t + expected.abs() / abs(route_scale) * t.sum(1, keepdim=True)) / total \
-        + 8 * FP32_EPS * expected.abs()
-    fin = torch.isfinite(expected)
-    assert bool(((w - expected).abs()[fin] <= bound[fin]).all()), f"weights: err {(w - expected).abs()[fin].max()}"
-    assert torch.equal(torch.isnan(w), torch.isnan(expected)), "weights: NaN mismatch"
-    # Rows sum to route_scale (topk rounded terms).
-    rows = torch.isfinite(w).all(1)
-    assert bool(((w[rows].sum(1) - route_scale).abs() <= 4 * topk * FP32_EPS * abs(route_scale)).all())
+    _check_weights(w, s.gather(1, ids), tol_s.gather(1, ids), route_scale)
     return w_ref
 
 
+def _check_weights(w, sel, t, route_scale):
+    """Routing weights against the oracle's scores ``sel`` at the kernel's ids (FP64 [T, k]),
+    each erring by at most ``t`` in the kernel.
+
+    w_j = s_j / S changes by at most route_scale * (t_j + w_j * sum t) / S, plus 8 FP32 ulps
+    for the division and the scaling.  Where S <= sum t the kernel's sum may be 0 where the
+    oracle's is not (or the reverse), so such a row is checked only for what holds either way:
+    all NaN (0 / 0), or weights in [0, route_scale] that sum to it.
+    """
+    w = w.cpu().double()
+    topk = w.shape[1]
+    total = sel.sum(1, keepdim=True)
+    expected = sel / total * route_scale
+    bound = abs(route_scale) * (t + expected.abs() / abs(route_scale) * t.sum(1, keepdim=True)) / total \
+        + 8 * FP32_EPS * expected.abs()
+    vague = (total <= t.sum(1, keepdim=True)).squeeze(1)
+    sure = ~vague
+    fin = torch.isfinite(expected) & sure[:, None]
+    assert bool(((w - expected).abs()[fin] <= bound[fin]).all()), f"weights: err {(w - expected).abs()[fin].max()}"
+    assert torch.equal(torch.isnan(w[sure]), torch.isnan(expected[sure])), "weights: NaN mismatch"
+    nan_rows = torch.isnan(w).all(1)
+    assert bool((torch.isnan(w).any(1) == nan_rows)[vague].all()), "weights: a row partly NaN where S ~ 0"
+    in_range = ((w >= min(0.0, route_scale)) & (w <= max(0.0, route_scale))).all(1)
+    assert bool((nan_rows | in_range)[vague].all()), "weights: out of [0, route_scale] where S ~ 0"
+    # Rows sum to route_scale (topk rounded terms).
+    rows = torch.isfinite(w).all(1)
+    assert bool(((w[rows].sum(1) - route_scale).abs() <= 4 * topk * FP32_EPS * abs(route_scale)).all())
+
+
 def _check_hash_weights(x, weight, ids, w, route_scale):
-    """Weights of given ids: the oracle's scores there, normalised.  Each selected score errs
-    by at most _score_tolerance; w_j = s_j / S then moves by route_scale * (t_j + w_j * sum t) / S,
-    plus 8 FP32 ulps for the division and the scaling."""
+    """Weights of the table's ids: the oracle's scores there, normalised."""
     ids = ids.cpu().long()
     s = ref.router_scores(x.cpu(), weight.cpu()).double()
-    sel = s.gather(1, ids)
-    total = sel.sum(1, keepdim=True)
-    t = _score_tolerance(x, weight).gather(1, ids)
-    expected = sel / total * route_scale
-    bound = route_scale * (t + sel / total * t.sum(1, keepdim=True)) / total + 8 * FP32_EPS * expected
-    assert bool(((w.cpu().double() - expected).abs() <= bound).all()), "hash weights out of tolerance"
+    _check_weights(w, s.gather(1, ids), _score_tolerance(x, weight).gather(1, ids), route_scale)
 
 
 @given(T=st.sampled_from([1, 2, 5, 17, 40]), E=st.sampled_from([8, 16, 24, 64, 100]),
@@ -193,6 +201,27 @@ def test_route_hash_mode(device, T, E, dim, k, vocab, seed):
     w, ids = _triton(x, weight, tid2eid=table, token_ids=token_ids, topk=k, route_scale=1.5)
     assert torch.equal(ids.cpu(), table[token_ids].cpu())
     _check_hash_weights(x, weight, ids, w, 1.5)
+
+
+@pytest.mark.parametrize("kernel", ["route", "split"])
+def test_route_hash_scores_that_underflow_give_nan_weights(device, kernel):
+    # A token whose selected logits are all below about -104: softplus underflows to 0 in FP32,
+    # so w = s / sum(s) is 0 / 0 = NaN, as SPEC 8 computes it; a row with one normal score
+    # beside an underflowed one keeps exact weights (route_scale and 0).
+    x = torch.ones(3, 64, dtype=torch.bfloat16, device=device)
+    weight = torch.full((4, 64), -200 / 64, dtype=torch.bfloat16, device=device)
+    weight[2] = 1 / 64
+    table = torch.tensor([[0, 1], [2, 3], [3, 0]], dtype=torch.int32, device=device)
+    token_ids = torch.tensor([0, 1, 2], device=device)
+    if kernel == "route":
+        w, ids = _triton(x, weight, tid2eid=table, token_ids=token_ids, topk=2, route_scale=2.5)
+    else:
+        w, ids = _split(x, weight, None, table, token_ids, 2, 2.5, _SMALL_SPLIT_CONFIGS[0])
+    w_ref, _ = ref.route(x.cpu(), weight.cpu(), None, table.cpu(), token_ids.cpu(), 2, 2.5)
+    assert torch.isnan(w_ref[[0, 2]]).all() and w_ref[1].tolist() == [2.5, 0.0]
+    assert torch.equal(w.cpu().isnan(), w_ref.isnan())
+    assert w.cpu()[1].tolist() == [2.5, 0.0]
+    _check_hash_weights(x, weight, ids, w, 2.5)
 
 
 def test_route_hash_out_of_range_ids(device):

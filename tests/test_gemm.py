@@ -459,6 +459,65 @@ def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused, comp
                       ref.dequant_fp4_weight(w, ws, "mxfp4", None))
 
 
+def _force_config(monkeypatch, tuner, **kwargs):
+    warps = kwargs.pop("num_warps", 4)
+    monkeypatch.setattr(tuner, "configs", [triton.Config(dict(GROUP_M=8, **kwargs), num_warps=warps, num_stages=3)])
+    monkeypatch.setattr(tuner, "cache", {})
+
+
+@pytest.mark.parametrize("m, n, k, fused, bm, bn, transposed", [
+    (1, 64, 128, True, 16, 64, True), (5, 70, 300, True, 16, 64, True), (17, 130, 384, False, 16, 128, True),
+    (40, 64, 256, False, 64, 64, True), (3, 300, 200, True, 16, 128, True)])
+def test_fp8_few_rows_run_transposed(device, monkeypatch, m, n, k, fused, bm, bn, transposed):
+    # FP8_T: the weight tile is the MMA's A side, the accumulator [BLOCK_N, BLOCK_M]; masked
+    # rows and columns on both sides of the transposed store, K not a multiple of 128.
+    _force_config(monkeypatch, kern._scaled_gemm_kernel, BLOCK_M=bm, BLOCK_N=bn, FP8_T=transposed)
+    g = _gen(m + n + k)
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((_cdiv(n, 128), _cdiv(k, 128)), g, device)
+    y = kern.scaled_gemm(x, w, ws, "fp8", None, fused_quant=fused)
+    assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
+
+
+@pytest.mark.parametrize("fmt, m, n, k, fused, bm, bn, transposed, split", [
+    ("fp8", 1, 64, 384, True, 16, 64, True, 2),     # 3 K blocks over 2 splits: 2 + 1
+    ("fp8", 5, 70, 300, True, 16, 32, False, 4),    # 3 K blocks over 4 splits: the last one empty
+    ("fp8", 3, 200, 256, True, 16, 128, True, 8),   # 2 K blocks over 8 splits: six empty
+    ("fp8", 40, 130, 1000, False, 64, 64, False, 8),
+    ("nvfp4", 7, 96, 512, True, 16, 32, False, 2)])  # the global scale applied once, after the sum
+def test_split_k_matches_oracle_and_leaves_counters_zero(device, monkeypatch, fmt, m, n, k, fused, bm, bn,
+                                                         transposed, split):
+    # Split K: every split stores its partial tile and the last to arrive adds them in split
+    # order, so two calls give the same bits, and the arrival counters are zero after each call.
+    kwargs = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split)
+    if transposed:
+        kwargs["FP8_T"] = True
+    _force_config(monkeypatch, kern._scaled_gemm_kernel, **kwargs)
+    g = _gen(m + n + k + split)
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    if fmt == "fp8":
+        w = random_fp8((n, k), g, device)
+        ws = random_e8m0((_cdiv(n, 128), _cdiv(k, 128)), g, device)
+        gs, oracle, wd = None, ref.fp8_linear(x, w, ws), ref.dequant_fp8_weight(w, ws)
+    else:
+        w, ws, gs = random_fp4(n, k, g, device, fmt)
+        oracle, wd = ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_fp4_weight(w, ws, fmt, gs)
+    y = kern.scaled_gemm(x, w, ws, fmt, gs, fused_quant=fused)
+    assert_gemm_close(y, oracle, ref.dequant_activation(x), wd)
+    counters = kern._split_workspaces[next(iter(kern._split_workspaces))][1]
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(kern.scaled_gemm(x, w, ws, fmt, gs, fused_quant=fused), y)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_split_k_is_tried_only_for_few_rows_and_few_column_tiles():
+    configs = kern._fp8_gemm_configs()  # (the interpreter's tuner keeps the first one only)
+    kept = lambda m, n: {c.kwargs.get("SPLIT_K", 1) for c in kern._prune_gemm(configs, {"M_BUCKET": m, "N": n})}
+    assert kept(1, 1536) == {1, 2, 4, 8} and kept(64, 512) == {1, 2, 4, 8}
+    assert kept(128, 1536) == {1} and kept(1, 24576) == {1}
+
+
 @pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1e3)])
 def test_fp4_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
     # Tiny and huge E8M0 scales, down to byte 0 (2^-127, an FP32 subnormal); the products and
@@ -560,9 +619,9 @@ def test_grouped_linear_matches_oracle(device, t, grp, n, k, transposed, seed):
 # The block-scaled GEMM at the prefill configs, with the launcher's argument types (FP8 codes
 # typed FP8): both operands must go from the asynchronous copies straight to the tensor cores.
 GEMM_CONSTS = dict(A_QUANT=False, W_FMT=0, SCALE_FP32=False, HAS_GLOBAL=False, BLOCK_K=128, GROUP_M=8,
-                   SCALE_WORDS=False, COMPUTED_TABLE=False)
+                   SCALE_WORDS=False, COMPUTED_TABLE=False, FP8_T=False, SPLIT_K=1)
 GEMM_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*u8",
-                  global_scale_ptr="*u8", y_ptr="*bf16")
+                  global_scale_ptr="*u8", y_ptr="*bf16", count_ptr="*i32")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
@@ -577,6 +636,17 @@ def test_fp8_gemm_compiles_for_sm90_with_operands_in_shared_memory(config):
     # The promotion: one FMA per accumulator element per K block, and nothing else per element.
     per_thread = bm * bn // (32 * warps)
     assert usage["fma"] == per_thread and usage["mul"] < per_thread, usage
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("bn, split", [(64, 1), (128, 1), (64, 4)])
+def test_fp8_transposed_decode_gemm_compiles_to_warp_group_mma(bn, split):
+    # 16 rows, fused activation quantisation, FP8_T: an FP8 warp-group MMA with the weight
+    # tile from shared memory as its A side (the rows were an FP16 mma.sync before), split or not.
+    usage = compile_for_sm90("dsv4_triton.kernels.gemm", "_scaled_gemm_kernel", dict(GEMM_TYPES, a_ptr="*bf16"),
+                             dict(GEMM_CONSTS, A_QUANT=True, BLOCK_M=16, BLOCK_N=bn, FP8_T=True, SPLIT_K=split),
+                             ["K", "N", "stride_am", "stride_wn", "stride_ym"], 4, 4)
+    assert usage["stack"] == 0 and usage["pipelined"] and usage["tensor_core_dot"], usage
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
@@ -656,6 +726,48 @@ def test_fp8_linear_real_shapes(device, m, n, k):
     ws = random_e8m0((_cdiv(n, 128), _cdiv(k, 128)), g, device)
     y = _triton(ops.fp8_linear, x, w, ws)
     assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=64, FP8_T=True), dict(BLOCK_M=16, BLOCK_N=128, FP8_T=True),
+                                    dict(BLOCK_M=16, BLOCK_N=64, FP8_T=True, SPLIT_K=8),
+                                    dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=8),
+                                    dict(BLOCK_M=64, BLOCK_N=64, FP8_T=True, SPLIT_K=4)])
+@pytest.mark.parametrize("m", [1, 16, 40])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (1536, 7168), (512, 7168)])
+def test_fp8_decode_configs_real_shapes(device, monkeypatch, config, m, n, k):
+    # The decode configs the tuner may pick beyond the first one (the suite otherwise runs
+    # the first config only): transposed tiles and split K, fused and pre-pass activations.
+    if config["BLOCK_M"] > max(16, m):
+        pytest.skip("the tuner tries this tile from 17 rows on")
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((_cdiv(n, 128), _cdiv(k, 128)), g, device)
+    _force_config(monkeypatch, kern._scaled_gemm_kernel, **config)
+    for fused in (True, False) if m <= 16 else (False,):
+        y = kern.scaled_gemm(x, w, ws, "fp8", None, fused_quant=fused)
+        assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws),
+                          what=f"fused={fused}")
+
+
+@pytest.mark.gpu
+def test_fp8_split_k_replays_in_a_cuda_graph(device, monkeypatch):
+    # The split path's counters are left zero by every launch, so graph replays (new inputs
+    # in the same buffers) give the eager results bit for bit.
+    _force_config(monkeypatch, kern._scaled_gemm_kernel, BLOCK_M=16, BLOCK_N=64, FP8_T=True, SPLIT_K=8)
+    g = _gen(7)
+    x = torch.randn(3, 7168, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((1536, 7168), g, device)
+    ws = random_e8m0((12, 56), g, device)
+    kern.scaled_gemm(x, w, ws, "fp8", None)  # compiles and sizes the workspace outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kern.scaled_gemm(x, w, ws, "fp8", None)
+    for i in range(3):
+        x.copy_(torch.randn(3, 7168, generator=_gen(i)).to(torch.bfloat16))
+        graph.replay()
+        assert torch.equal(y, kern.scaled_gemm(x, w, ws, "fp8", None)), f"replay {i}"
 
 
 @pytest.mark.gpu

@@ -24,6 +24,9 @@ from ..reference import gemm as ref
 from .case import Case
 
 PRO_SHAPES = ((7168, 1536), (1536, 7168), (24576, 7168))
+# Few output rows against a long K (wq_a, wkv): at decode only column tiles would leave
+# most SMs idle, which is what the split-K configs are for.
+NARROW_SHAPES = ((1536, 7168), (512, 7168))
 DECODE_M = (1, 16, 64)
 PREFILL_M = 4096
 
@@ -103,6 +106,15 @@ def _scaled_mm(a, b, sa, sb):
     return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
 
 
+def _fp8_case(m, n, k, notes=""):
+    act_bytes = m * k * 2 + m * n * 2
+    fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
+    return Case(op="fp8_linear", shape=f"M={m} N={n} K={k}", make_inputs=_fp8_inputs(m, n, k),
+                run=ops.fp8_linear, eager=_fp8_eager, oracle=ref.fp8_linear, bytes=fp8_bytes,
+                flops=2 * m * n * k, ceiling="fp8" if m == PREFILL_M else "copy", launches=1 if m <= 16 else 2,
+                notes=notes)
+
+
 def cases(quick: bool):
     out = []
     shapes = PRO_SHAPES[:1] + PRO_SHAPES[2:] if quick else PRO_SHAPES
@@ -112,11 +124,7 @@ def cases(quick: bool):
             prefill = m == PREFILL_M
             flops = 2 * m * n * k
             act_bytes = m * k * 2 + m * n * 2
-            fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
-            out.append(Case(op="fp8_linear", shape=f"M={m} N={n} K={k}", make_inputs=_fp8_inputs(m, n, k),
-                            run=ops.fp8_linear, eager=_fp8_eager, oracle=ref.fp8_linear, bytes=fp8_bytes,
-                            flops=flops, ceiling="fp8" if prefill else "copy", launches=1 if m <= 16 else 2,
-                            notes="M > 16: act_quant pre-pass + GEMM" if prefill and n == shapes[0][0] else ""))
+            out.append(_fp8_case(m, n, k, "M > 16: act_quant pre-pass + GEMM" if prefill and n == shapes[0][0] else ""))
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
@@ -138,6 +146,10 @@ def cases(quick: bool):
                         make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
                         bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",
                         notes="baseline for fp8_linear at the same shape (no block scales)"))
+
+    for n, k in NARROW_SHAPES:
+        if (n, k) not in shapes:
+            out.extend(_fp8_case(m, n, k) for m in decode_ms)
 
     # wo_a of V4-Pro: 16 groups, [1024, 4096] each; x is the attention output viewed [T, G, K].
     g_, n, k = 16, 1024, 4096

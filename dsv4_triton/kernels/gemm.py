@@ -44,13 +44,21 @@ Weights:
 NaN/Inf: a non-finite activation block gives scale NaN, so its row of the output is NaN (as
 the oracle's dequantised NaN block); an E8M0 NaN scale byte (0xFF) makes its columns NaN.
 
+Split K (decode, a config choice): a weight with few column tiles (N = 1536 or 512 rows
+against K = 7168: 12-48 programs) cannot keep enough bytes in flight to stream at the copy
+rate, so up to ``SPLIT_MAX_ROWS`` rows the tuner may also split the K blocks over
+``SPLIT_K`` programs per tile.  Each writes its FP32 partial tile to a workspace and counts
+its arrival; the last to arrive adds the partials in split order (the same bits whatever
+the arrival order), rounds once to BF16, stores, and resets the counter.  One launch, no
+atomics on data.
+
 Out-of-bounds: rows, columns and K are masked on every load and store; any M, N >= 1 and
 any K (FP8) or K a multiple of 32 (MXFP4) / 16 (NVFP4) is accepted.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -71,6 +79,11 @@ FORMAT_CODES = {"fp8": 0, "mxfp4": 1, "nvfp4": 2}
 # re-quantises its rows, about 12 * BLOCK_M / BLOCK_N operations per weight byte: negligible
 # for 16 rows, as costly as the weight stream itself for 64; then the pre-pass wins.
 FUSED_QUANT_MAX_ROWS = 16
+# Split-K configs are tried up to this many rows and only where the column tiles alone leave
+# SMs idle; the workspace holds SPLIT_MAX partial [M, N] tiles.
+SPLIT_MAX_ROWS = 64
+SPLIT_MAX = 8
+_SPLIT_BELOW_TILES = 128
 
 
 # --- device functions shared with the MoE kernels -------------------------------------------
@@ -153,9 +166,11 @@ def load_fp8_codes(w_ptr, cols, col_ok, kb, K, stride_wn, BLOCK_K: tl.constexpr)
 
 @triton.jit
 def fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_at, cols, col_ok, kb, K, stride_wn,
-                  SCALE_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SCALE_FP32: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """``acc + dot(a, w^T) * (a_scale * w_scale)[:, None]`` for FP8 weight rows ``cols`` that
     share the one block scale at ``w_scale_at``: one FMA per accumulator element.
+    ``TRANSPOSED``: the same on ``acc^T`` (``[BN, BM]``), the weight as the MMA's A side (see
+    ``scaled_dot_t``).
 
     ``a_scale`` is a power of two in ``[2^-22, 2^120]`` (``act_quant``'s amax floor 1e-4 and
     BF16's largest value), so ``a_scale * w_scale`` is exact, like the two multiplications
@@ -170,7 +185,11 @@ def fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_at, cols, col_ok, kb, K, strid
         w_scale = tl.load(w_scale_at)
     else:
         w_scale = e8m0_value(tl.load(w_scale_at))
-    return acc + tl.dot(a, tl.trans(w)) * (a_scale * w_scale)[:, None]
+    if TRANSPOSED:
+        acc = acc + tl.dot(w, tl.trans(a)) * (a_scale * w_scale)[None, :]
+    else:
+        acc = acc + tl.dot(a, tl.trans(w)) * (a_scale * w_scale)[:, None]
+    return acc
 
 
 # --- MXFP4 -> FP8 expansion -----------------------------------------------------------------
@@ -517,6 +536,16 @@ def _gemm_configs():
             for bm, bn, w, s in small + large]
 
 
+def _fp8_gemm_configs():
+    # FP8 weights, besides the shared tiles: decode tiles with the weight as the MMA's A side
+    # (FP8_T, see fp8_tile_step) and tiles whose K blocks are split over SPLIT_K programs.
+    transposed = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "FP8_T": True}, num_warps=4,
+                                num_stages=4) for bm, bn in ((16, 64), (16, 128), (64, 64), (64, 128))]
+    split = [triton.Config(dict(c.kwargs, SPLIT_K=sk), num_warps=4, num_stages=4) for sk in (2, 4, 8)
+             for c in [_gemm_configs()[1], _gemm_configs()[2]] + transposed[:3]]
+    return _gemm_configs() + transposed + split
+
+
 def _mxfp4_gemm_configs():
     # Each tile shape with the table rows computed (first: the interpreter's config) and
     # gathered (see load_weight_block): the same values, so the tuner keeps the faster.  Plus
@@ -530,19 +559,27 @@ def _mxfp4_gemm_configs():
             for computed in (True, False) for c in _gemm_configs()] + wide
 
 
+def _split_useful(c, m: int, n: int) -> bool:
+    """Split K only for few rows and where the column tiles alone leave SMs idle."""
+    split = c.kwargs.get("SPLIT_K", 1)
+    return split == 1 or (m <= SPLIT_MAX_ROWS and triton.cdiv(n, c.kwargs["BLOCK_N"]) < _SPLIT_BELOW_TILES)
+
+
 def _prune_gemm(configs, nargs, **kw):
     m = nargs["M_BUCKET"]
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= max(16, m) if m <= 64 else c.kwargs["BLOCK_M"] >= 64)]
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= max(16, m) if m <= 64 else c.kwargs["BLOCK_M"] >= 64)
+            and _split_useful(c, m, nargs["N"])]
     return keep or configs[:1]
 
 
 @triton.jit
-def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_ptr, y_ptr, M, N, K,
+def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_ptr, y_ptr, part_ptr, count_ptr,
+                 M, N, K,
                  stride_am, stride_sm, stride_wn, stride_sn, stride_ym, M_BUCKET,
                  A_QUANT: tl.constexpr, W_FMT: tl.constexpr, SCALE_FP32: tl.constexpr,
                  HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SCALE_WORDS: tl.constexpr = False,
-                 COMPUTED_TABLE: tl.constexpr = False):
+                 COMPUTED_TABLE: tl.constexpr = False, FP8_T: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -559,7 +596,9 @@ def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_p
     col_ok = cols < N
     # MXFP4 weights with few rows: the accumulator is [BLOCK_N, BLOCK_M] (see scaled_dot_t).
     # (NVFP4's BF16 operands have an mma.sync form, and its transposed tiles would spill.)
-    SWAP: tl.constexpr = (W_FMT == W_MXFP4) * (BLOCK_M < 64) * (BLOCK_N >= 64)
+    # FP8 weights: transposed where the config says (FP8_T), so that a few activation rows
+    # meet the weight tile in an FP8 warp-group MMA instead of an FP16 mma.sync.
+    SWAP: tl.constexpr = ((W_FMT == W_MXFP4) * (BLOCK_M < 64) * (BLOCK_N >= 64)) | ((W_FMT == W_FP8) * FP8_T)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -570,11 +609,18 @@ def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_p
         tl.static_assert(128 % BLOCK_N == 0)
     w_scale_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_sn
     n_kb = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K == 1:
+        kb_lo = 0
+        kb_hi = n_kb
+    else:
+        per_split = tl.cdiv(n_kb, SPLIT_K)
+        kb_lo = tl.program_id(1) * per_split
+        kb_hi = tl.minimum(kb_lo + per_split, n_kb)
     # FP4 weights from the pre-pass: activation scales one K step ahead (load_act_scales).
     SCALES_AHEAD: tl.constexpr = (not A_QUANT) and (W_FMT != W_FP8)
     if SCALES_AHEAD:
-        a_scale_next = load_act_scales(a_scale_ptr, rows, row_ok, 0, n_kb, stride_sm)
-    for kb in range(0, n_kb):
+        a_scale_next = load_act_scales(a_scale_ptr, rows, row_ok, kb_lo, n_kb, stride_sm)
+    for kb in range(kb_lo, kb_hi):
         if SCALES_AHEAD:
             a = load_fp8_codes(a_ptr, rows, row_ok, kb, K, stride_am, BLOCK_K)
             a_scale = a_scale_next
@@ -583,7 +629,7 @@ def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_p
                                         A_QUANT, BLOCK_K)
         if W_FMT == W_FP8:
             acc = fp8_tile_step(acc, a, a_scale, w_ptr, w_scale_row + kb, cols, col_ok, kb, K, stride_wn,
-                                SCALE_FP32, BLOCK_K)
+                                SCALE_FP32, BLOCK_K, SWAP)
         else:
             w, w_scale = load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_wn, stride_sn,
                                            W_FMT, BLOCK_K, COMPUTED_TABLE, SCALE_WORDS)
@@ -593,20 +639,37 @@ def _scaled_gemm(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lut_ptr, global_scale_p
                 acc = scaled_dot(acc, a, a_scale, w, w_scale, W_FMT)
         if SCALES_AHEAD:
             a_scale_next = load_act_scales(a_scale_ptr, rows, row_ok, kb + 1, n_kb, stride_sm)
-    if HAS_GLOBAL:
-        acc = acc * tl.load(global_scale_ptr)
     if SWAP:
-        tl.store(y_ptr + rows[None, :] * stride_ym + cols[:, None], cast_rne(acc, tl.bfloat16),
-                 mask=col_ok[:, None] & row_ok[None, :])
+        y_offs = rows[None, :] * stride_ym + cols[:, None]
+        part_offs = rows[None, :] * N + cols[:, None]
+        out_ok = col_ok[:, None] & row_ok[None, :]
     else:
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rne(acc, tl.bfloat16),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        y_offs = rows[:, None] * stride_ym + cols[None, :]
+        part_offs = rows[:, None] * N + cols[None, :]
+        out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K > 1:
+        part_size = M * N  # < 2^23: split only below SPLIT_MAX_ROWS rows and 128 column tiles
+        tl.store(part_ptr + tl.program_id(1) * part_size + part_offs, acc, mask=out_ok)
+        tl.debug_barrier()  # all threads' partials are written before the arrival is published
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split to finish adds them all, in split order
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")
+            acc = tl.load(part_ptr + part_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+            for sk in tl.static_range(1, SPLIT_K):
+                acc += tl.load(part_ptr + sk * part_size + part_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+            if HAS_GLOBAL:
+                acc = acc * tl.load(global_scale_ptr)
+            tl.store(y_ptr + y_offs, cast_rne(acc, tl.bfloat16), mask=out_ok)
+    else:
+        if HAS_GLOBAL:
+            acc = acc * tl.load(global_scale_ptr)
+        tl.store(y_ptr + y_offs, cast_rne(acc, tl.bfloat16), mask=out_ok)
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "W_FMT", "A_QUANT"]
 # FP8 and NVFP4 weights; MXFP4 weights have their own tuner, whose configs also choose how
 # the table rows are made (a separate tuner keeps the other formats' stored choices valid).
-_scaled_gemm_kernel = autotune(configs=_gemm_configs(), key=_GEMM_KEY, name="scaled_gemm",
+_scaled_gemm_kernel = autotune(configs=_fp8_gemm_configs(), key=_GEMM_KEY, name="scaled_gemm",
                                prune_configs_by={"early_config_prune": _prune_gemm})(_scaled_gemm)
 _mxfp4_gemm_kernel = autotune(configs=_mxfp4_gemm_configs(), key=_GEMM_KEY, name="scaled_gemm_mxfp4",
                               prune_configs_by={"early_config_prune": _prune_gemm})(_scaled_gemm)
@@ -617,6 +680,27 @@ def mxfp4_scale_words(scales: torch.Tensor, k: int) -> bool:
     128-wide K block: K a multiple of 128, the last dim contiguous, every row 4-byte aligned."""
     return (k % ACT_BLOCK == 0 and scales.stride(-1) == 1 and scales.data_ptr() % 4 == 0
             and all(st % 4 == 0 for st in scales.stride()[:-1]))
+
+
+_split_workspaces: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+# Outgrown workspaces stay allocated: a CUDA graph captured with one keeps its addresses.
+_outgrown: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _split_workspace(device: torch.device, n_partial: int, n_counters: int):
+    """(FP32 partial tiles, int32 arrival counters) of the split-K path for the current stream of
+    ``device``, grown to the largest call seen: no allocation per call once warm (allocate
+    before capturing a CUDA graph).  The counters are zeroed once; every launch leaves them zero."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    ws = _split_workspaces.get(key)
+    if ws is None or ws[0].numel() < n_partial or ws[1].numel() < n_counters:
+        if ws is not None:
+            _outgrown.append(ws)
+            n_partial, n_counters = max(n_partial, ws[0].numel()), max(n_counters, ws[1].numel())
+        ws = _split_workspaces[key] = (torch.empty(n_partial, dtype=torch.float32, device=device),
+                                       torch.zeros(n_counters, dtype=torch.int32, device=device))
+    return ws
 
 
 def m_bucket(m: int) -> int:
@@ -658,11 +742,16 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     if ws.stride(-1) != 1 or w_bytes.stride(-1) != 1:
         ws, w_bytes = ws.contiguous(), w_bytes.contiguous()
     y2 = y.view(m, n)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))
+    # Split-K workspace where a split config may be chosen (_split_useful), else unused.
+    if fmt != "mxfp4" and m <= SPLIT_MAX_ROWS and n < _SPLIT_BELOW_TILES * 128:
+        part, counts = _split_workspace(x.device, SPLIT_MAX * m * n, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+    else:
+        part = counts = y2
     # None for the other formats: no table argument, so their tuning keys stay as stored.
     lut = fp4_fp8_table(x.device) if fmt == "mxfp4" else None
     kernel = _mxfp4_gemm_kernel if fmt == "mxfp4" else _scaled_gemm_kernel
-    kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2,
+    kernel[grid](a, a_scale, w_bytes, ws, lut, global_scale if global_scale is not None else ws, y2, part, counts,
                  m, n, k, stride_am, stride_sm, w_bytes.stride(0), ws.stride(0), y2.stride(0),
                  m_bucket(m), A_QUANT=fused_quant, W_FMT=FORMAT_CODES[fmt], SCALE_FP32=scale_fp32,
                  HAS_GLOBAL=global_scale is not None, BLOCK_K=ACT_BLOCK,

@@ -32,11 +32,24 @@ def targets_of(source: str) -> Tuple[str, ...]:
     raise ValueError(f"{source}: missing a '// targets: ...' line naming its architectures")
 
 
+def sources_for(arch: str) -> list:
+    """The sources that target ``arch`` (``extension.cu`` targets every one)."""
+    return [s for s in sources() if arch in targets_of(s)]
+
+
+def source_macro(source: str) -> str:
+    """``DSV4_WITH_<STEM>``: defined in a build that includes ``source``, so ``extension.cu``
+    binds only the entry points of the sources built for that architecture."""
+    return "DSV4_WITH_" + Path(source).stem.upper()
+
+
 @functools.lru_cache(maxsize=None)
 def _build(arch: str):
     from torch.utils.cpp_extension import load
 
-    return load(name=f"dsv4_cuda_{arch}", sources=sources(), extra_cuda_cflags=["-O3", ARCH_FLAGS[arch]],
+    srcs = sources_for(arch)
+    return load(name=f"dsv4_cuda_{arch}", sources=srcs,
+                extra_cuda_cflags=["-O3", ARCH_FLAGS[arch], *(f"-D{source_macro(s)}" for s in srcs)],
                 verbose=os.environ.get("DSV4_CUDA_VERBOSE") == "1")
 
 

@@ -1,6 +1,8 @@
 // The dsv4_triton CUDA extension module: hand-written kernels register their entry points
-// here. It also reports the machine-code architecture it was built for, so the loader can
-// refuse a build that does not match the device instead of failing at the first launch.
+// here; a source that targets only some architectures is bound under its DSV4_WITH_<STEM>
+// macro, which the loader defines in the builds that include it.  It also reports the
+// machine-code architecture it was built for, so the loader can refuse a build that does not
+// match the device instead of failing at the first launch.
 // targets: sm90a sm100a
 
 #include <cuda_runtime.h>
@@ -31,11 +33,21 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
                     torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle);
 void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle);
+#ifdef DSV4_WITH_SM90_SPARSE_ATTENTION  // sm_90a only
+void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink, torch::Tensor idx, torch::Tensor out,
+                          torch::Tensor freqs, torch::Tensor positions, int64_t half_r, torch::Tensor part_o,
+                          torch::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
+                          int64_t stream_handle);
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_arch", &built_arch, "SM version of the kernel image used on the current device");
   m.def("mxfp4_decode_gemm", &mxfp4_decode_gemm,
         "MXFP4 weight GEMM for up to 8 activation rows (FP8 codes + scales in, bf16 out)");
   m.def("moe_decode_w13", &moe_decode_w13, "routed experts at decode: w13 GEMM, SwiGLU, routing weight, act_quant");
+#ifdef DSV4_WITH_SM90_SPARSE_ATTENTION
+  m.def("sparse_attention_fp8", &sparse_attention_fp8,
+        "sparse MQA attention with sink over FP8 cache rows, head dim 512, sm_90a (+ slice merge when split)");
+#endif
   m.def("moe_decode_w2", &moe_decode_w2, "routed experts at decode: w2 GEMM into per-pair FP32 rows");
 }

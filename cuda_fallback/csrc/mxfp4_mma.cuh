@@ -24,6 +24,8 @@
 
 #include <torch/extension.h>
 
+#include "host.cuh"
+
 namespace dsv4 {
 
 constexpr int kTileRows = 16;  // weight rows of an MMA tile
@@ -211,37 +213,6 @@ __device__ __forceinline__ void promote(float (&acc)[4], const float (&d)[4], fl
 }
 
 // --- host side --------------------------------------------------------------------------
-
-// Makes a device current for a launch (torch's CUDA headers are not part of a CPU build of
-// torch, where these sources are still compiled as a check, so no c10 guard).
-struct DeviceScope {
-  int saved = -1;
-  explicit DeviceScope(int device) {
-    cudaGetDevice(&saved);
-    if (saved != device) cudaSetDevice(device);
-  }
-  ~DeviceScope() {
-    int now = -1;
-    cudaGetDevice(&now);
-    if (now != saved) cudaSetDevice(saved);
-  }
-};
-
-inline int multiprocessors(int device) {
-  int sms = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
-              "cudaDeviceGetAttribute failed");
-  return sms;
-}
-
-inline void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
-}
-
-inline bool aligned(const torch::Tensor& t, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
-}
 
 // MXFP4 weight rows [..., N, K/2] (uint8) and E8M0 scales [..., N, K/32] (uint8) as the kernels
 // read them: contiguous rows, codes 16-byte and scale words 4-byte aligned.

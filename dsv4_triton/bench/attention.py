@@ -17,13 +17,19 @@ it (tiles, K split, tuned config of the full case, which runs first), with one s
 or done twice (``kernels.attention.STAGE_VARIANTS``), to measure where the time goes.  Their
 FLOP and byte counts are the full op's, so the rates compare directly; the error column is
 against what the variant computes (``stage_variant_oracle``).
+
+Backends: ``sparse_attention`` runs what the registry picks (on sm_90 the CUDA kernel for
+small-batch decode over the FP8 cache, which with a K split is two launches: the slices, then
+their merge); ``sparse_attention[triton]`` forces the Triton kernel on the same inputs, so
+the two are compared in one run where they differ.  The stage variants are the Triton
+kernel's.
 """
 
 from functools import partial
 
 import torch
 
-from .. import ops
+from .. import ops, use_backend
 from ..kernels import attention as kernels
 from ..reference import attention as ref
 from .case import Case
@@ -99,7 +105,12 @@ def _make(bsz, seq, heads, k, n, fp8):
     return make
 
 
-def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant=None):
+def _on_backend(backend, *args):
+    with use_backend(backend, ops=["sparse_attention"]):
+        return ops.sparse_attention(*args)
+
+
+def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant=None, backend=None):
     tokens = bsz * seq
     valid = k - len(range(0, k, HOLE_EVERY))
     row_bytes = ref.fp8_row_bytes(HEAD_DIM) if fp8 else 2 * HEAD_DIM
@@ -109,8 +120,13 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
     splits = kernels._choose_splits(programs, k, kernels._num_sms(torch.device("cuda")))
     cache = "FP8" if fp8 else "BF16"
     notes = f"{flops / nbytes:.0f} FLOP/B" + (f"; K split in {splits}" if splits > 1 else "")
+    launches = 1
     if variant is None:
         op, run, eager = "sparse_attention", ops.sparse_attention, _attention_eager
+        if backend is not None:
+            op, run, eager = f"sparse_attention[{backend}]", partial(_on_backend, backend), None
+        elif fp8 and splits > 1 and _runs_cuda(tokens, heads):
+            launches = 2
         oracle = lambda q, kv, sink, idx, scale: ref.sparse_attention(q, kv, sink, idx, scale, None, None)  # noqa: E731
     else:
         op, run, eager = f"sparse_attention[{variant}]", partial(kernels.run_stage_variant, variant), None
@@ -118,8 +134,19 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
         notes = f"stage variant (not the op): {_VARIANT_NOTES[variant]}; counts of the full op"
     return Case(op=op, shape=f"{name} B={bsz} S={seq} H={heads} K={k} N={n} {cache}",
                 make_inputs=_make(bsz, seq, heads, k, n, fp8), run=run, eager=eager, compile_eager=compile_eager,
-                oracle=oracle, bytes=nbytes, flops=flops, ceiling=ceiling, launches=1,
+                oracle=oracle, bytes=nbytes, flops=flops, ceiling=ceiling, launches=launches,
                 notes=notes)
+
+
+def _runs_cuda(tokens, heads):
+    """Whether the registry sends an FP8, D = 512 case of this size to the CUDA kernel here."""
+    from cuda_fallback import attention as cuda_attention
+    from dsv4_triton import registry
+
+    impl = registry.ops()["sparse_attention"].impls["cuda"]
+    pairs = tokens * (heads // cuda_attention.HEADS_PER_CTA)
+    return (impl.available(torch.device("cuda"))[0] and heads % cuda_attention.HEADS_PER_CTA == 0
+            and pairs <= cuda_attention.MAX_HEAD_BLOCKS)
 
 
 _VARIANT_NOTES = {
@@ -149,13 +176,17 @@ def cases(quick: bool):
         *_variants("decode Flash", 64, 1, 64, 640, n_decode, True, "copy", decode_variants),
         _case("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, False, "bf16", compile_eager=False),
         *_variants("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, False, "bf16", ("QK-only", "QK-twice")),
+        # Small-batch decode: the CUDA kernel where the registry picks it, beside the Triton kernel.
+        *(_case(name, bsz, 1, heads, k, n_decode, True, ceiling, backend=backend)
+          for name, bsz, heads, k, ceiling in (("decode Pro", 1, 128, 1152, "bf16"), ("decode Pro", 8, 128, 1152, "bf16"),
+                                               ("decode Flash", 1, 64, 640, "copy"),
+                                               ("decode Flash", 16, 64, 640, "copy"))
+          for backend in (None, "triton")),
     ]
     if not quick:
         out += [
             _case("decode Pro", 64, 1, 128, 1152, n_decode, False, "bf16"),
             _case("decode Flash", 64, 1, 64, 640, n_decode, False, "copy"),
-            _case("decode Pro", 1, 1, 128, 1152, n_decode, True, "copy"),
-            _case("decode Pro", 8, 1, 128, 1152, n_decode, True, "bf16"),
             _case("prefill Pro", 1, 8192, 128, 1152, 8192 + 2048, True, "bf16", compile_eager=False),
             _case("prefill Flash", 1, 8192, 64, 640, 8192 + 2048, False, "bf16", compile_eager=False),
         ]

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from cuda_fallback import attention as _cuda  # noqa: F401  (registers the cuda backend: FP8 cache, D = 512)
+
 from .. import validate as V
 from ..kernels import attention as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import attention as _reference  # noqa: F401  (registers the reference backend)

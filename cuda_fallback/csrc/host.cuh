@@ -1,0 +1,42 @@
+// Host-side helpers of the extension's entry points.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <torch/extension.h>
+
+namespace dsv4 {
+
+// Makes a device current for a launch (torch's CUDA headers are not part of a CPU build of
+// torch, where these sources are still compiled as a check, so no c10 guard).
+struct DeviceScope {
+  int saved = -1;
+  explicit DeviceScope(int device) {
+    cudaGetDevice(&saved);
+    if (saved != device) cudaSetDevice(device);
+  }
+  ~DeviceScope() {
+    int now = -1;
+    cudaGetDevice(&now);
+    if (now != saved) cudaSetDevice(saved);
+  }
+};
+
+inline int multiprocessors(int device) {
+  int sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+              "cudaDeviceGetAttribute failed");
+  return sms;
+}
+
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
+}
+
+inline bool aligned(const torch::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+}
+
+}  // namespace dsv4

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import triton
 
-from dsv4_triton.kernels.attention import LOG2E, _choose_splits, _num_sms, _split_workspace
+from dsv4_triton.kernels.attention import LOG2E, _choose_splits, _num_sms, _split_workspace, new_output
 from dsv4_triton.registry import register
 
 from .loader import extension_at
@@ -67,12 +67,10 @@ def _rows_aligned(t: torch.Tensor, nbytes: int) -> bool:
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                      freqs: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> torch.Tensor:
     bsz, seq, heads, d = q.shape
-    out = torch.empty(bsz, seq, heads, d, dtype=torch.bfloat16, device=q.device)
     tokens, k = bsz * seq, idx.shape[2]
-    if out.numel() == 0:
+    out, done = new_output(q, idx)
+    if done:
         return out
-    if k == 0:  # no candidate anywhere: only the sink in every denominator
-        return out.zero_()
     if not _rows_aligned(q, 16):
         q = q.contiguous()
     if not _rows_aligned(kv, 8):

@@ -539,14 +539,21 @@ def run_stage_variant(variant: str, q: torch.Tensor, kv: torch.Tensor, sink: tor
     return _launch(q, kv, sink, idx, scale, None, None, STAGE_VARIANTS[variant])
 
 
+def new_output(q: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """The bf16 output shaped like ``q``, and whether it is already final: no element, or no
+    candidate anywhere (only the sink in every denominator: zeros)."""
+    out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
+    if out.numel() == 0 or idx.shape[2] == 0:
+        return out.zero_(), True
+    return out, False
+
+
 def _launch(q, kv, sink, idx, scale, freqs, positions, variant):
     bsz, seq, heads, d = q.shape
-    out = torch.empty(bsz, seq, heads, d, dtype=torch.bfloat16, device=q.device)
     tokens, k = bsz * seq, idx.shape[2]
-    if out.numel() == 0:
+    out, done = new_output(q, idx)
+    if done:
         return out
-    if k == 0:  # no candidate anywhere: only the sink in every denominator
-        return out.zero_()
     if q.stride(3) != 1:
         q = q.contiguous()
     if kv.stride(2) != 1 or kv.stride(1) % 8 or kv.stride(0) % 8 or kv.storage_offset() % 8:

@@ -5,9 +5,10 @@ in whole blocks of 64 (the wgmma's M: Flash's 64 and Pro's 128, and tensor-paral
 of them), with or without the inverse RoPE of up to the last 256 output columns, for calls
 of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs: small-batch decode,
 where it splits the candidates over the machine and beats the Triton kernel (H100, Pro:
-19.8 against 37.9 us at one token, 30.5 against 41.8 at 8).  With more pairs each CTA runs
-many tiles back to back and the Triton kernel is faster (Pro, 64 tokens: 103 against 88
-us; benchmarks/NOTES.md says where the time goes), so those calls, the BF16 cache, head dim
+19.7 against 37.8 us at one token, 30.5 against 39.2 at 8; Flash: 18.7 against 28.2 at one,
+24.9 against 35.0 at 16).  With more pairs each CTA runs many tiles back to back and the
+Triton kernel is faster (Pro, 64 tokens: 103 against 88 us; benchmarks/NOTES.md says where
+the time goes), so those calls, the BF16 cache, head dim
 128 and other head counts go to the next backend in the registry's order, the Triton
 kernel; forcing ``cuda`` on them raises ``BackendUnavailableError``.  Only sm_90a runs it
 (wgmma does not exist on sm_100).

@@ -482,6 +482,20 @@ void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink,
   TORCH_CHECK(idx.scalar_type() == torch::kInt && idx.dim() == 3 && idx.stride(2) == 1,
               "idx: expected int32 [B, S, K] with a contiguous last dim");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(), "out: expected a contiguous tensor shaped like q");
+  // The kernel reads q rows as 16-byte vectors and cache rows as 8-byte words.
+  TORCH_CHECK(aligned(q, 16) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0,
+              "q: expected 16-byte aligned rows");
+  TORCH_CHECK(aligned(kv, 8) && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0, "kv: expected 8-byte aligned rows");
+  TORCH_CHECK(sink.scalar_type() == torch::kFloat32 && sink.is_contiguous() && sink.numel() == q.size(2),
+              "sink: expected contiguous fp32 [H]");
+  TORCH_CHECK(n_splits >= 1 && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
+              "n_splits / k_per_split: expected slices that cover the K candidates");
+  if (n_splits > 1) {
+    const int64_t slots = q.size(0) * q.size(1) * q.size(2) * n_splits;
+    TORCH_CHECK(part_o.scalar_type() == torch::kFloat32 && part_o.numel() >= slots * kDim &&
+                    part_ml.scalar_type() == torch::kFloat32 && part_ml.numel() >= 2 * slots,
+                "part_o / part_ml: expected fp32 workspaces of tokens * H * n_splits * (512 | 2) floats");
+  }
   Params p{};
   p.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   p.kv = kv.data_ptr<uint8_t>();

@@ -31,6 +31,7 @@ import triton
 from dsv4_triton.kernels.attention import LOG2E, _choose_splits, _num_sms, _split_workspace, new_output
 from dsv4_triton.registry import register
 
+from .gemm import rows_aligned
 from .loader import extension_at
 
 HEAD_DIM = 512
@@ -58,12 +59,6 @@ def sparse_attention_covers(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     return ""
 
 
-def _rows_aligned(t: torch.Tensor, nbytes: int) -> bool:
-    size = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % nbytes == 0
-            and all((s * size) % nbytes == 0 for s in t.stride()[:-1]))
-
-
 @register("sparse_attention", "cuda", archs=("sm90a",), covers=sparse_attention_covers)
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                      freqs: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> torch.Tensor:
@@ -72,9 +67,9 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     out, done = new_output(q, idx)
     if done:
         return out
-    if not _rows_aligned(q, 16):
+    if not rows_aligned(q, 16):
         q = q.contiguous()
-    if not _rows_aligned(kv, 8):
+    if not rows_aligned(kv, 8):
         kv = kv.contiguous()  # 8-byte loads of the 584-byte rows
     if idx.stride(2) != 1:
         idx = idx.contiguous()

@@ -28,8 +28,9 @@ DECODE_MAX_ROWS = 8
 
 
 def rows_aligned(t: torch.Tensor, nbytes: int) -> bool:
-    """Rows contiguous, the data pointer and every row stride a multiple of ``nbytes``."""
-    return t.stride(-1) == 1 and t.data_ptr() % nbytes == 0 and all(s % nbytes == 0 for s in t.stride()[:-1])
+    """Rows contiguous, the data pointer and every row stride (in bytes) a multiple of ``nbytes``."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % nbytes == 0 and all((s * size) % nbytes == 0 for s in t.stride()[:-1])
 
 
 def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,

@@ -604,11 +604,9 @@ def test_pack_kv_fp8_kernel_any_leading_shape(device):
 # Release shapes (GPU)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads, k, bsz, seq", [(128, 1152, 4, 1), (64, 640, 4, 1), (128, 1152, 1, 1),
-                                                (64, 640, 1, 37), (128, 1152, 1, 300)])
-@pytest.mark.parametrize("fp8", [True, False])
-def test_release_shapes(device, heads, k, bsz, seq, fp8):
+def release_inputs(heads, k, bsz, seq, fp8, pos_dtype=torch.int32):
+    """(q, cache, sinks, idx, freqs, positions) at a release shape (D = 512): K distinct
+    candidates of a 4096-row cache with every 97th slot -1, positions up to 70000."""
     g = torch.Generator().manual_seed(heads + k + seq)
     d, n = 512, 4096
     q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
@@ -617,11 +615,18 @@ def test_release_shapes(device, heads, k, bsz, seq, fp8):
     idx[..., ::97] = -1
     sinks = torch.randn(heads, generator=g)
     freqs = _rope_table(70000)
-    positions = torch.randint(0, 70000, (bsz, seq), generator=g, dtype=torch.int32)
-    cache = ops.pack_kv_fp8(kv) if fp8 else kv
-    args = [t.to(device) for t in (q, cache, sinks, idx)]
-    _check(*args, what="release shape")
-    _check(*args, freqs.to(device), positions.to(device), what="release shape, inverse rope")
+    positions = torch.randint(0, 70000, (bsz, seq), generator=g, dtype=pos_dtype)
+    return q, ops.pack_kv_fp8(kv) if fp8 else kv, sinks, idx, freqs, positions
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, k, bsz, seq", [(128, 1152, 4, 1), (64, 640, 4, 1), (128, 1152, 1, 1),
+                                                (64, 640, 1, 37), (128, 1152, 1, 300)])
+@pytest.mark.parametrize("fp8", [True, False])
+def test_release_shapes(device, heads, k, bsz, seq, fp8):
+    q, cache, sinks, idx, freqs, positions = (t.to(device) for t in release_inputs(heads, k, bsz, seq, fp8))
+    _check(q, cache, sinks, idx, what="release shape")
+    _check(q, cache, sinks, idx, freqs, positions, what="release shape, inverse rope")
 
 
 @pytest.mark.gpu

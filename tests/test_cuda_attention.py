@@ -11,7 +11,7 @@ from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import attention as ref
 from dsv4_triton.registry import BackendUnavailableError
 from helpers import assert_close, backends_called
-from test_attention import _rope_table, _tol, make_idx, make_kv
+from test_attention import _rope_table, _tol, make_idx, make_kv, release_inputs
 
 pytestmark = pytest.mark.gpu
 D = 512
@@ -66,16 +66,7 @@ def test_matches_oracle(device, bsz, seq, heads, n, k, rope, num_sms, magnitude,
 @pytest.mark.parametrize("heads, k, bsz, seq", [(128, 1152, 8, 1), (64, 640, 16, 1), (64, 640, 1, 1),
                                                 (128, 1152, 1, 5)])
 def test_release_shapes(device, heads, k, bsz, seq):
-    g = torch.Generator().manual_seed(heads + k)
-    n = 4096
-    q = torch.randn(bsz, seq, heads, D, generator=g).to(torch.bfloat16)
-    kv = make_kv(g, bsz, n, D)
-    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(bsz * seq)]).view(bsz, seq, k).int()
-    idx[..., ::97] = -1
-    sinks = torch.randn(heads, generator=g)
-    freqs = _rope_table(70000)
-    positions = torch.randint(0, 70000, (bsz, seq), generator=g, dtype=torch.int64)
-    cache = ops.pack_kv_fp8(kv)
+    q, cache, sinks, idx, freqs, positions = release_inputs(heads, k, bsz, seq, True, pos_dtype=torch.int64)
     _check(device, q, cache, sinks, idx, what="release shape")
     _check(device, q, cache, sinks, idx, freqs, positions, what="release shape, inverse rope")
 

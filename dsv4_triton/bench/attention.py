@@ -125,7 +125,7 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
         op, run, eager = "sparse_attention", ops.sparse_attention, _attention_eager
         if backend is not None:
             op, run, eager = f"sparse_attention[{backend}]", partial(_on_backend, backend), None
-        elif fp8 and splits > 1 and _runs_cuda(tokens, heads):
+        elif fp8 and splits > 1 and _runs_cuda(bsz, seq, heads, k, n):
             launches = 2
         oracle = lambda q, kv, sink, idx, scale: ref.sparse_attention(q, kv, sink, idx, scale, None, None)  # noqa: E731
     else:
@@ -138,15 +138,19 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
                 notes=notes)
 
 
-def _runs_cuda(tokens, heads):
-    """Whether the registry sends an FP8, D = 512 case of this size to the CUDA kernel here."""
-    from cuda_fallback import attention as cuda_attention
+def _runs_cuda(bsz, seq, heads, k, n):
+    """Whether the registry sends an FP8 case of these sizes to the CUDA kernel here (its own
+    ``covers`` asked, on meta tensors of the case's shapes)."""
     from dsv4_triton import registry
 
     impl = registry.ops()["sparse_attention"].impls["cuda"]
-    pairs = tokens * (heads // cuda_attention.HEADS_PER_CTA)
-    return (impl.available(torch.device("cuda"))[0] and heads % cuda_attention.HEADS_PER_CTA == 0
-            and pairs <= cuda_attention.MAX_HEAD_BLOCKS)
+    if not impl.available(torch.device("cuda"))[0]:
+        return False
+    meta = partial(torch.empty, device="meta")
+    q = meta(bsz, seq, heads, HEAD_DIM, dtype=torch.bfloat16)
+    kv = meta(bsz, n, ref.fp8_row_bytes(HEAD_DIM), dtype=torch.uint8)
+    idx = meta(bsz, seq, k, dtype=torch.int32)
+    return impl.covers(q, kv, meta(heads), idx, HEAD_DIM ** -0.5, None, None) == ""
 
 
 _VARIANT_NOTES = {

@@ -33,6 +33,10 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
                     torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle);
 void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle);
+#ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
+void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
+                        torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);
+#endif
 #ifdef DSV4_WITH_SM90_SPARSE_ATTENTION  // sm_90a only
 void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink, torch::Tensor idx, torch::Tensor out,
                           torch::Tensor freqs, torch::Tensor positions, int64_t half_r, torch::Tensor part_o,
@@ -45,6 +49,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_decode_gemm", &mxfp4_decode_gemm,
         "MXFP4 weight GEMM for up to 8 activation rows (FP8 codes + scales in, bf16 out)");
   m.def("moe_decode_w13", &moe_decode_w13, "routed experts at decode: w13 GEMM, SwiGLU, routing weight, act_quant");
+#ifdef DSV4_WITH_SM90_INDEXER_SCORES
+  m.def("indexer_scores_fp4", &indexer_scores_fp4, "lightning-indexer scores over FP4 key rows, 64 heads, sm_90a");
+#endif
 #ifdef DSV4_WITH_SM90_SPARSE_ATTENTION
   m.def("sparse_attention_fp8", &sparse_attention_fp8,
         "sparse MQA attention with sink over FP8 cache rows, head dim 512, sm_90a (+ slice merge when split)");

@@ -22,7 +22,11 @@ scores are exact in FP32 and the error column compares the selection itself (0 =
 oracle's indices exactly); timing does not depend on the values.
 """
 
+from functools import partial
+
 import torch
+
+from cuda_fallback import indexer as cuda_indexer
 
 from .. import ops
 from ..kernels import indexer as kernels
@@ -95,6 +99,13 @@ def _decode_cases(quick):
             oracle=scores_oracle,
             bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
             notes=f"scoring pass alone over {layout}/key; target >= 70% of copy"))
+        if fp4 and _runs_cuda(bsz, n_keys):
+            out.append(Case(
+                op="indexer_scores[cuda]", shape=shape, make_inputs=make,
+                run=lambda qi, w, keys, nv: cuda_indexer.indexer_scores(qi, w, keys, nv),
+                eager=None, oracle=scores_oracle,
+                bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
+                notes="scoring pass alone, the sm_90a CUDA kernel (the registry's choice for these FP4 keys)"))
         if bsz == 32:
             block_n, tiles, warps, stages = FORM_TILES[fp4]
             for keys_as_a in (True, False):
@@ -122,6 +133,20 @@ def _decode_cases(quick):
             launches=launches,
             notes=f"score + exact FP32 top-k ({plan}); target within 2x of the scoring pass"))
     return out
+
+
+def _runs_cuda(bsz, n_keys):
+    """Whether the registry sends a decode case of FP4 keys to the CUDA scoring kernel here (its
+    own ``covers`` asked, on meta tensors of the case's shapes)."""
+    from dsv4_triton import registry
+
+    impl = registry.ops()["indexer_topk"].impls["cuda"]
+    if not impl.available(torch.device("cuda"))[0]:
+        return False
+    meta = partial(torch.empty, device="meta")
+    qi = meta(bsz, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    keys = meta(bsz, n_keys, ref.FP4_KEY_BYTES, dtype=torch.uint8)
+    return impl.covers(qi, meta(bsz, 1, HEADS), keys, meta(bsz, 1, dtype=torch.int32), TOP_K) == ""
 
 
 def _prefill_case():

@@ -875,8 +875,9 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
     return scores
 
 
-def _output_and_scores(qi, w, keys, n_valid, k: int):
-    """The [B, S, k] index output and the FP32 scores [B*S, Nk]; scores is None when there is
+def output_and_scores(qi, w, keys, n_valid, k: int, scorer=indexer_scores):
+    """The [B, S, k] index output and the FP32 scores [B*S, Nk] of ``scorer`` (this module's
+    scoring pass, or another backend's with the same contract); scores is None when there is
     nothing to select (no rows: the empty output; no keys: every slot -1)."""
     bsz, seq = qi.shape[:2]
     out = torch.empty(bsz, seq, k, dtype=torch.int32, device=qi.device)
@@ -884,28 +885,32 @@ def _output_and_scores(qi, w, keys, n_valid, k: int):
         return out, None
     if keys.shape[1] == 0:
         return out.fill_(-1), None
-    return out, indexer_scores(qi, w, keys, n_valid)
+    return out, scorer(qi, w, keys, n_valid)
 
 
-def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
-                        k: int, splits: int) -> torch.Tensor:
-    """``indexer_topk`` with an explicit number of segments per row (1 = no merge launch)."""
-    out, scores = _output_and_scores(qi, w, keys, n_valid, k)
-    if scores is None:
-        return out
+def select_splits(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
+                  splits: int) -> None:
+    """The top-k of each score row into ``out`` by row segments: ``splits`` per row (1 = no merge launch)."""
     rows, n_keys = scores.shape
-    seq = qi.shape[1]
     splits = max(1, min(splits, triton.cdiv(n_keys, k)))
     chunk = triton.cdiv(n_keys, splits)
     if splits == 1:
         _select_kernel[(rows, 1)](scores, n_valid, out, out, seq, n_keys, k, chunk, _bucket(chunk), _bucket(k),
                                   *n_valid.stride(), WRITE_VALS=False)
-        return out
-    cand_idx = torch.empty(rows, splits * k, dtype=torch.int32, device=qi.device)
-    cand_val = torch.empty(rows, splits * k, dtype=torch.float32, device=qi.device)
+        return
+    cand_idx = torch.empty(rows, splits * k, dtype=torch.int32, device=scores.device)
+    cand_val = torch.empty(rows, splits * k, dtype=torch.float32, device=scores.device)
     _select_kernel[(rows, splits)](scores, n_valid, cand_idx, cand_val, seq, n_keys, k, chunk, _bucket(chunk),
                                    _bucket(k), *n_valid.stride(), WRITE_VALS=True)
     _merge_kernel[(rows,)](cand_val, cand_idx, out, k, splits * k, _bucket(splits * k), _bucket(k))
+
+
+def indexer_topk_splits(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
+                        k: int, splits: int) -> torch.Tensor:
+    """``indexer_topk`` with an explicit number of segments per row (1 = no merge launch)."""
+    out, scores = output_and_scores(qi, w, keys, n_valid, k)
+    if scores is not None:
+        select_splits(scores, n_valid, out, qi.shape[1], k, splits)
     return out
 
 
@@ -925,11 +930,14 @@ def indexer_topk_parts(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_
                        k: int, parts: int) -> torch.Tensor:
     """``indexer_topk`` by the row-parallel selection with ``parts`` chunks per row (at most
     ``MAX_PARTS``): 6 launches (scores, 4 levels, write)."""
-    out, scores = _output_and_scores(qi, w, keys, n_valid, k)
+    out, scores = output_and_scores(qi, w, keys, n_valid, k)
     if scores is not None:
-        chunk = triton.cdiv(scores.shape[1], max(1, min(parts, scores.shape[1], MAX_PARTS.value)))
-        select_parts(scores, n_valid, out, qi.shape[1], k, chunk)
+        select_parts(scores, n_valid, out, qi.shape[1], k, _chunk(scores.shape[1], parts))
     return out
+
+
+def _chunk(n_keys: int, parts: int) -> int:
+    return triton.cdiv(n_keys, max(1, min(parts, n_keys, MAX_PARTS.value)))
 
 
 def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int,
@@ -957,14 +965,24 @@ def select_parts(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor,
                             *n_valid.stride(), PARTS_P=triton.next_power_of_2(parts), **common)
 
 
+def select_top_k(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, seq: int, k: int) -> None:
+    """The selection of every backend's scores: the row-parallel launches for few long rows
+    (decode), else row segments."""
+    rows, n_keys = scores.shape
+    parts = plan_parts(rows, n_keys, k, scores.device)
+    if parts:
+        select_parts(scores, n_valid, out, seq, k, _chunk(n_keys, parts))
+    else:
+        select_splits(scores, n_valid, out, seq, k, plan_splits(rows, n_keys, k, scores.device))
+
+
 @register("indexer_topk", "triton")
 def indexer_topk(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                  k: int) -> torch.Tensor:
-    rows = qi.shape[0] * qi.shape[1]
-    parts = plan_parts(rows, keys.shape[1], k, qi.device)
-    if parts:
-        return indexer_topk_parts(qi, w, keys, n_valid, k, parts)
-    return indexer_topk_splits(qi, w, keys, n_valid, k, plan_splits(rows, keys.shape[1], k, qi.device))
+    out, scores = output_and_scores(qi, w, keys, n_valid, k)
+    if scores is not None:
+        select_top_k(scores, n_valid, out, qi.shape[1], k)
+    return out
 
 
 @triton.jit

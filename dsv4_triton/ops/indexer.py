@@ -3,6 +3,8 @@
 
 import torch
 
+from cuda_fallback import indexer as _cuda  # noqa: F401  (registers the cuda backend: FP4 keys at decode)
+
 from .. import validate as V
 from ..kernels import indexer as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import indexer as _reference  # noqa: F401  (registers the reference backend)

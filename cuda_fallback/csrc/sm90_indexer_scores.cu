@@ -1,0 +1,401 @@
+// Lightning-indexer scores over FP4 key rows on Hopper (wgmma with the keys in registers).
+// targets: sm90a
+//
+// I[q, s] = sum_h w_h relu(qi_h . K_s) for 64 heads of head dim 128, the keys as the release
+// stores them: 64 bytes of E2M1 codes and 4 E8M0 scales (one per 32 values) a 68-byte row.
+// The Triton kernel (dsv4_triton/kernels/indexer.py) runs the same product; what this one
+// changes is the overlap, which Triton does not generate for this loop: the tensor cores run
+// one tile's product while the warps decode the next tile and reduce the previous one.
+//
+// One CTA = one warpgroup = one query x a run of 64-key tiles.  Per tile, logits^T [64 keys,
+// 64 heads] = keys [64, 128] @ qi^T by 8 wgmma m64n64k16 with the key tile as the A operand,
+// decoded from the code words straight into the A fragments, and qi^T as the B operand in
+// 128-byte-swizzled shared memory, loaded once.  Key rows reach shared memory by asynchronous
+// copies two tiles ahead.  Two register sets for the fragments and accumulators: tile i's
+// product is in flight while tile i+1 is decoded and tile i-1 is reduced (relu, times w,
+// summed over the heads in a fixed order) and stored.
+//
+// The product's reduction axis is permuted: lane t of a quad owns the 32 values of scale
+// block t of its two key rows, so it reads 16 contiguous bytes a row, applies one scale, and
+// its k-slots are filled in the order its code words decode cheapest; qi is stored in shared
+// memory in the same order.  Decoding is exact: each code lands on BF16 E2M1 x 2^-126 (codes
+// 0 and 1 on 0 and the subnormal 2^-127), then packed BF16 multiplies by 2^126 and the block
+// scale (one multiply by their product when it is a BF16 number) are exact, as in the Triton
+// kernel.  The FP32 sums over the 128 values run in another order than the Triton kernel's,
+// so scores agree with it within FP32 rounding, not bit for bit.
+//
+// Measured on the H100 (benchmarks/NOTES.md, fifteenth round): 1.3x the Triton kernel at
+// B = 32 (387 against 511 us at 262144 keys), 48-50% of the copy bandwidth, not the 70%
+// aimed at.  Probes leaving parts out: without the decode 273 us, without the MMAs 264,
+// without either 259, without the loads 334; the decode and the register-operand MMAs cost
+// together far more than apart.  Staging the decoded tile in shared memory for an all-smem
+// MMA instead measured slower (529 us).
+//
+// wgmma exists on sm_90a only: the file is built for that target alone (its line above).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <torch/extension.h>
+
+#include "host.cuh"
+
+using namespace dsv4;
+
+namespace {
+
+constexpr int kHeads = 64;      // the N of every wgmma
+constexpr int kDim = 128;       // the indexer's head dim: 8 k-steps of 16
+constexpr int kRowBytes = 68;   // 64 code bytes + 4 E8M0 scales
+constexpr int kTile = 64;       // keys a tile: the M of every wgmma
+constexpr int kThreads = 128;
+constexpr int kPanelBytes = kHeads * 128;  // qi^T: 64 heads x 64 values of one 128-byte swizzled panel
+constexpr int kQBytes = 2 * kPanelBytes;
+// Key tiles staged in shared memory by 4-byte asynchronous copies (a warp's copy is 128
+// contiguous bytes of the tile), a row every 192 bytes: each scale block's 16 bytes are then
+// one aligned 128-bit read, and the two rows of a quarter-warp's reads fall on disjoint
+// banks (192 = 64 mod 128).  Three stages: two tiles in flight while one is decoded (six
+// stages of 80-byte rows kept the loads alone faster but the whole kernel 3% slower).
+constexpr int kStageRow = 192;
+constexpr int kStageBytes = kTile * kStageRow;
+constexpr int kStages = 3;
+constexpr int kTileWords = kTile * kRowBytes / 4;                   // 1088
+constexpr int kCopiesPerThread = (kTileWords + kThreads - 1) / kThreads;  // 9
+constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;  // + realignment to 1024
+constexpr uint32_t kTwoPow126 = 0x7E807E80u;  // BF16 2^126 in both halves
+
+struct Params {
+  const __nv_bfloat16* q;
+  const float* w;
+  const uint8_t* keys;
+  const int32_t* n_valid;
+  float* scores;
+  int64_t stride_qb, stride_qs, stride_qh, stride_wb, stride_ws, stride_wh, stride_kb, stride_kn, stride_nb,
+      stride_ns;
+  int seq, n_keys, tiles_per_cta;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+// Keeps a register's value where it is until this point (accumulators read after a wait,
+// A fragments still read by an MMA in flight).
+__device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)); }
+__device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)); }
+
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Until at most the N most recent tiles' copies are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+
+// D[64 keys x 64 heads] (+)= A[64 x 16] (registers) B[16 x 64] (K-major, shared memory).
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                   int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+// Reduction slot of value e (0..127) of a head: (k-step j, position kk 0..15 within it).
+// Lane t of a quad holds positions 2t, 2t+1 (register pair lo) and 8+2t, 9+2t (hi) of each
+// k-step for its rows; those are values 32t + 8m + c with m = j / 2 the code word and c the
+// nibble: c = 2 (j % 2) + hi + 4u for position 2t + u (+8 hi), so that one register is
+// nibble p of both 16-bit halves of a word (see `code_pair`).
+__device__ __forceinline__ void slot_of(int e, int& j, int& kk) {
+  const int t = e >> 5, m = (e >> 3) & 3, c = e & 7;
+  const int u = c >> 2, odd = (c >> 1) & 1, hi = c & 1;
+  j = 2 * m + odd;
+  kk = 8 * hi + 2 * t + u;
+}
+
+// Nibble P of each 16-bit half of `w` -> BF16 E2M1 x 2^-126 in that half: sign to bit 15, the
+// three magnitude bits to 8..6 (the exponent's two low bits and the mantissa's top bit, so
+// code 1 is the subnormal 2^-127 and code 0 is 0).
+template <int P>
+__device__ __forceinline__ uint32_t code_pair(uint32_t w) {
+  const uint32_t mag = P == 0 ? w << 6 : P == 1 ? w << 2 : P == 2 ? w >> 2 : w >> 6;
+  const uint32_t sgn = P == 0 ? w << 12 : P == 1 ? w << 8 : P == 2 ? w << 4 : w;
+  return (mag & 0x01C001C0u) | (sgn & 0x80008000u);
+}
+
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// E8M0 byte -> BF16 2^(b - 127) in both halves; 0 -> 2^-127 (subnormal), 0xFF -> NaN.
+__device__ __forceinline__ uint32_t scale_pair(uint32_t b) {
+  const uint32_t bits = b == 0 ? 0x0040u : b == 0xFF ? 0x7FC0u : b << 7;
+  return bits | (bits << 16);
+}
+
+// 2^126 * 2^(b - 127) = 2^(b - 1) in both halves, a BF16 number for b <= 128: one multiply
+// takes a code from E2M1 x 2^-126 to its value (exact: a power of two, no overflow).
+__device__ __forceinline__ uint32_t folded_scale_pair(uint32_t b) {
+  const uint32_t bits = (b + 126) << 7;
+  return bits | (bits << 16);
+}
+
+__device__ __forceinline__ float relu_keep_nan(float x) {
+  float r;
+  asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// Starts the copy of key tile `tile` into a stage: thread `tid` copies words tid + 128 i.
+// Rows past the keys, and every row of a tile past the CTA's run (`end`), are zero-filled
+// instead of read.
+__device__ __forceinline__ void copy_tile(uint32_t stage, const uint8_t* keys_b, int tile, int end, int n_keys,
+                                          int tid) {
+  const uint8_t* src = keys_b + static_cast<int64_t>(tile) * kTile * kRowBytes;
+  const int rows_left = tile < end ? n_keys - tile * kTile : 0;
+#pragma unroll
+  for (int i = 0; i < kCopiesPerThread; ++i) {
+    const int word = tid + kThreads * i;
+    if (i + 1 < kCopiesPerThread || word < kTileWords) {
+      const int row = word / 17, col = word % 17;
+      cp_async4(stage + row * kStageRow + 4 * col, src + 4 * word, row < rows_left);
+    }
+  }
+  cp_async_commit();
+}
+
+// A fragments of the 8 k-steps from a thread's two rows of a staged tile (see `slot_of`):
+// rows `row` and `row` + 8, scale block `block`.  One packed multiply a pair when the warp's
+// scales allow it (E8M0 <= 128, values below 2^2 * 6), else two.
+__device__ __forceinline__ void decode(uint32_t (&a)[8][4], const uint8_t* stage, int row, int block) {
+  uint4 words[2];
+  uint32_t scale[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* src = stage + (row + 8 * h) * kStageRow;
+    words[h] = *reinterpret_cast<const uint4*>(src + 16 * block);
+    scale[h] = src[64 + block];
+  }
+  const bool one_multiply = __all_sync(0xFFFFFFFFu, max(scale[0], scale[1]) <= 128);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t w4[4] = {words[h].x, words[h].y, words[h].z, words[h].w};
+    if (one_multiply) {
+      const uint32_t s = folded_scale_pair(scale[h]);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        a[2 * m][h] = mul_bf16x2(code_pair<0>(w4[m]), s);
+        a[2 * m][2 + h] = mul_bf16x2(code_pair<1>(w4[m]), s);
+        a[2 * m + 1][h] = mul_bf16x2(code_pair<2>(w4[m]), s);
+        a[2 * m + 1][2 + h] = mul_bf16x2(code_pair<3>(w4[m]), s);
+      }
+    } else {
+      const uint32_t s = scale_pair(scale[h]);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        a[2 * m][h] = mul_bf16x2(mul_bf16x2(code_pair<0>(w4[m]), kTwoPow126), s);
+        a[2 * m][2 + h] = mul_bf16x2(mul_bf16x2(code_pair<1>(w4[m]), kTwoPow126), s);
+        a[2 * m + 1][h] = mul_bf16x2(mul_bf16x2(code_pair<2>(w4[m]), kTwoPow126), s);
+        a[2 * m + 1][2 + h] = mul_bf16x2(mul_bf16x2(code_pair<3>(w4[m]), kTwoPow126), s);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void issue_mma(float (&d)[32], uint32_t (&a)[8][4], uint32_t q_base) {
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    wgmma_m64n64k16_rs(d, a[j], smem_desc(q_base + (j >> 2) * kPanelBytes + (j & 3) * 32), j != 0);
+  wgmma_commit();
+}
+
+// relu, times w, summed over the 64 heads (a thread's 16 in order, then across the quad),
+// stored for the keys below n_valid.
+__device__ __forceinline__ void reduce_store(float (&d)[32], uint32_t (&a)[8][4], const float (&wv)[16],
+                                             float* out, int tile, int row_in_tile, int lane, int nv) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pin(d[i]);
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pin(a[j][i]);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      s = __fmaf_rn(relu_keep_nan(d[4 * i + 2 * h]), wv[2 * i], s);
+      s = __fmaf_rn(relu_keep_nan(d[4 * i + 2 * h + 1]), wv[2 * i + 1], s);
+    }
+    s += __shfl_xor_sync(0xFFFFFFFFu, s, 1);
+    s += __shfl_xor_sync(0xFFFFFFFFu, s, 2);
+    const int row = tile * kTile + row_in_tile + 8 * h;
+    if ((lane & 3) == h && row < nv) out[row] = s;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const __grid_constant__ Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* q_tile = smem;
+  uint8_t* stages = smem + kQBytes;
+  const int query = blockIdx.y;
+  const int b = query / p.seq, t = query % p.seq;
+  const int nv = min(max(p.n_valid[b * p.stride_nb + t * p.stride_ns], 0), p.n_keys);
+  const int first = blockIdx.x * p.tiles_per_cta;
+  const int n_tiles = min(first + p.tiles_per_cta, (nv + kTile - 1) / kTile) - first;
+  if (n_tiles <= 0) return;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int row_in_tile = 16 * warp + (lane >> 2);  // rows row_in_tile and row_in_tile + 8
+  const int block = lane & 3;                        // the scale block (32 values) this lane decodes
+  const uint8_t* keys_b = p.keys + b * p.stride_kb;
+  const uint32_t stage0 = smem_addr(stages);
+
+  const int end = first + n_tiles;
+#pragma unroll
+  for (int s = 0; s + 1 < kStages; ++s) copy_tile(stage0 + s * kStageBytes, keys_b, first + s, end, p.n_keys, tid);
+
+  // qi^T into shared memory in the permuted reduction order: thread -> (head, half row).
+  {
+    const int h = tid >> 1;
+    const __nv_bfloat16* src = p.q + b * p.stride_qb + t * p.stride_qs + h * p.stride_qh + 64 * (tid & 1);
+#pragma unroll
+    for (int v = 0; v < 8; ++v) {
+      const uint4 vals = __ldg(reinterpret_cast<const uint4*>(src) + v);
+      const uint16_t* e16 = reinterpret_cast<const uint16_t*>(&vals);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        int j, kk;
+        slot_of(64 * (tid & 1) + 8 * v + i, j, kk);
+        const int chunk = 2 * (j & 3) + (kk >> 3);
+        *reinterpret_cast<uint16_t*>(q_tile + (j >> 2) * kPanelBytes + h * 128 + ((chunk ^ (h & 7)) << 4) +
+                                     2 * (kk & 7)) = e16[i];
+      }
+    }
+  }
+  float wv[16];  // w of the heads (accumulator columns) 8i + 2 (lane % 4) + u
+  {
+    const float* wq = p.w + b * p.stride_wb + t * p.stride_ws;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) wv[2 * i + u] = __ldg(wq + (8 * i + 2 * block + u) * p.stride_wh);
+  }
+  fence_async_shared();
+
+  const uint32_t q_base = smem_addr(q_tile);
+  float* out = p.scores + static_cast<int64_t>(query) * p.n_keys;
+  uint32_t a0[8][4], a1[8][4];
+  float d0[32], d1[32];
+  // Tile i: wait for its copy, start the copy of tile i + 2 into the stage tile i - 1 used
+  // (every thread is past reading it: the barrier), decode, issue its product, then retire
+  // the previous product and reduce its tile.  Two tiles a round, one register set each.
+  int stage = 0;
+  auto start = [&](uint32_t(&a)[8][4], float(&d)[32], int tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    copy_tile(stage0 + (stage == 0 ? kStages - 1 : stage - 1) * kStageBytes, keys_b, tile + kStages - 1, end,
+              p.n_keys, tid);
+    decode(a, stages + stage * kStageBytes, row_in_tile, block);
+    stage = stage == kStages - 1 ? 0 : stage + 1;
+    issue_mma(d, a, q_base);
+  };
+  for (int i = 0; i < n_tiles; i += 2) {
+    start(a0, d0, first + i);
+    if (i > 0) {
+      wgmma_wait<1>();
+      reduce_store(d1, a1, wv, out, first + i - 1, row_in_tile, lane, nv);
+    }
+    if (i + 1 < n_tiles) {
+      start(a1, d1, first + i + 1);
+      wgmma_wait<1>();
+      reduce_store(d0, a0, wv, out, first + i, row_in_tile, lane, nv);
+    } else {
+      wgmma_wait<0>();
+      reduce_store(d0, a0, wv, out, first + i, row_in_tile, lane, nv);
+      return;
+    }
+  }
+  wgmma_wait<0>();
+  reduce_store(d1, a1, wv, out, end - 1, row_in_tile, lane, nv);
+}
+
+}  // namespace
+
+// qi: bf16 [B, S, 64, 128] (rows 16-byte aligned, last dim contiguous); w: fp32 [B, S, 64];
+// keys: uint8 [B, Nk, 68] FP4 rows (contiguous rows, 4-byte aligned); n_valid: int32
+// [B, S]; scores: fp32 [B * S, Nk] contiguous (entries at or past a query's n_valid are not
+// written).  The grid: tiles_per_cta 64-key tiles a CTA, one grid row per query.
+void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
+                        torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle) {
+  TORCH_CHECK(qi.scalar_type() == torch::kBFloat16 && qi.dim() == 4 && qi.size(2) == kHeads && qi.size(3) == kDim &&
+                  qi.stride(3) == 1,
+              "qi: expected bf16 [B, S, 64, 128] with a contiguous last dim");
+  TORCH_CHECK(aligned(qi, 16) && qi.stride(0) % 8 == 0 && qi.stride(1) % 8 == 0 && qi.stride(2) % 8 == 0,
+              "qi: expected 16-byte aligned rows");
+  const int64_t bsz = qi.size(0), seq = qi.size(1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 3 && w.size(0) == bsz && w.size(1) == seq &&
+                  w.size(2) == kHeads,
+              "w: expected fp32 [B, S, 64]");
+  TORCH_CHECK(keys.scalar_type() == torch::kUInt8 && keys.dim() == 3 && keys.size(0) == bsz &&
+                  keys.size(2) == kRowBytes && keys.stride(2) == 1,
+              "keys: expected uint8 [B, Nk, 68] FP4 rows");
+  TORCH_CHECK(aligned(keys, 4) && keys.stride(0) % 4 == 0 && keys.stride(1) == kRowBytes,
+              "keys: expected contiguous rows, 4-byte aligned");
+  TORCH_CHECK(n_valid.scalar_type() == torch::kInt && n_valid.dim() == 2 && n_valid.size(0) == bsz &&
+                  n_valid.size(1) == seq,
+              "n_valid: expected int32 [B, S]");
+  const int64_t n_keys = keys.size(1);
+  TORCH_CHECK(scores.scalar_type() == torch::kFloat32 && scores.is_contiguous() && scores.dim() == 2 &&
+                  scores.size(0) == bsz * seq && scores.size(1) == n_keys,
+              "scores: expected contiguous fp32 [B * S, Nk]");
+  TORCH_CHECK(tiles_per_cta >= 1, "tiles_per_cta: expected at least 1, got ", tiles_per_cta);
+  TORCH_CHECK(n_keys < (int64_t{1} << 31) - kTile && bsz * seq < 65536, "indexer_scores_fp4: too many keys or queries");
+  if (bsz * seq == 0 || n_keys == 0) return;
+  Params p{};
+  p.q = reinterpret_cast<const __nv_bfloat16*>(qi.data_ptr());
+  p.w = w.data_ptr<float>();
+  p.keys = keys.data_ptr<uint8_t>();
+  p.n_valid = n_valid.data_ptr<int32_t>();
+  p.scores = scores.data_ptr<float>();
+  p.stride_qb = qi.stride(0);
+  p.stride_qs = qi.stride(1);
+  p.stride_qh = qi.stride(2);
+  p.stride_wb = w.stride(0);
+  p.stride_ws = w.stride(1);
+  p.stride_wh = w.stride(2);
+  p.stride_kb = keys.stride(0);
+  p.stride_kn = keys.stride(1);
+  p.stride_nb = n_valid.stride(0);
+  p.stride_ns = n_valid.stride(1);
+  p.seq = static_cast<int>(seq);
+  p.n_keys = static_cast<int>(n_keys);
+  p.tiles_per_cta = static_cast<int>(tiles_per_cta);
+  const int64_t tiles = (n_keys + kTile - 1) / kTile;
+  const dim3 grid(static_cast<unsigned>((tiles + tiles_per_cta - 1) / tiles_per_cta), static_cast<unsigned>(bsz * seq));
+  const DeviceScope scope(qi.get_device());
+  TORCH_CHECK(cudaFuncSetAttribute(indexer_scores_fp4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   kSmemBytes) == cudaSuccess, "indexer_scores_fp4: cannot raise the shared-memory limit");
+  indexer_scores_fp4_kernel<<<grid, kThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream_handle)>>>(p);
+  check_launch("indexer_scores_fp4");
+}

@@ -1,0 +1,203 @@
+"""The cuda backend of indexer_topk (cuda_fallback/csrc/sm90_indexer_scores.cu: FP4 key rows,
+64 heads, decode sizes, sm_90a): its scoring pass against the oracle, its exact FP4 decode,
+the selection it feeds, and the registry rule that sends it only those arguments.  GPU only."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from cuda_fallback import indexer as cuda_indexer
+from cuda_fallback.loader import extension_at
+from dsv4_triton import ops, registry, use_backend
+from dsv4_triton.kernels import indexer as kernels
+from dsv4_triton.reference import indexer as ref
+from dsv4_triton.reference import quant as ref_quant
+from dsv4_triton.registry import BackendUnavailableError
+from helpers import backends_called
+from test_indexer import make_inputs, random_n_valid
+
+pytestmark = pytest.mark.gpu
+HEADS = 64
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_backend(device):
+    ok, why = registry.ops()["indexer_topk"].impls["cuda"].available(device)
+    if not ok:
+        pytest.skip(why)
+
+
+def _cuda_topk(*args):
+    """The cuda backend's function itself: these tests run it on sizes its registry rule
+    (``covers``) leaves to Triton too."""
+    return registry.ops()["indexer_topk"].impls["cuda"].fn(*args)
+
+
+def _scores_over(args, fill):
+    """The scoring kernel's output written over a tensor filled with ``fill``."""
+    qi, w, keys, n_valid = args
+    queries, n_keys = qi.shape[0] * qi.shape[1], keys.shape[1]
+    scores = torch.full((queries, n_keys), fill, device=qi.device)
+    extension_at(qi.device.index).indexer_scores_fp4(qi, w, keys, n_valid, scores,
+                                                     cuda_indexer.tiles_per_cta(queries, n_keys, qi.device),
+                                                     torch.cuda.current_stream(qi.device).cuda_stream)
+    return scores
+
+
+def _packed_inputs(seed, bsz, seq, n_keys, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    qi, w, keys = make_inputs(g, bsz, seq, HEADS, n_keys, integer=integer)
+    packed = ref.pack_indexer_keys(keys if integer else ref_quant.qat4(keys, 32))
+    return g, qi, w, packed
+
+
+@given(bsz=st.integers(1, 3), seq=st.integers(1, 2), n_keys=st.integers(1, 700), k=st.integers(1, 80),
+       sms=st.sampled_from([1, 3, 1000]), seed=st.integers(0, 2**31))
+def test_scores_and_selection_match_oracle(device, bsz, seq, n_keys, k, sms, seed):
+    """Gaussian inputs (QAT'd keys): the scores below each query's n_valid equal the oracle's
+    within FP32 summation order (relative 1e-5 of the row's largest magnitude), nothing past
+    it is written; the selection is a top-k of the oracle's scores up to that tolerance.  The
+    SM count sets the tiles a CTA runs (1 SM: every tile of a query in one CTA, an odd or even
+    number of them; 1000: one tile a CTA)."""
+    g, qi, w, packed = _packed_inputs(seed, bsz, seq, n_keys)
+    n_valid = random_n_valid(g, bsz, seq, n_keys)
+    args = [t.to(device) for t in (qi, w, packed, n_valid)]
+    sentinel = 12345.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_indexer, "_sm_count", lambda device: sms)
+        scores = _scores_over(args, sentinel).cpu().reshape(bsz, seq, n_keys)
+        got = _cuda_topk(*args, k).cpu()
+    expected = ref.indexer_scores(qi, w, packed)
+    for b in range(bsz):
+        for t in range(seq):
+            n = int(n_valid[b, t])
+            assert torch.all(scores[b, t, n:] == sentinel), "written past n_valid"
+            row, want = scores[b, t, :n], expected[b, t, :n]
+            tol = 1e-5 * (float(want.abs().max()) + 1.0) if n else 0.0
+            torch.testing.assert_close(row, want, rtol=0, atol=tol)
+            take = min(k, n)
+            chosen = got[b, t, :take].long()
+            assert torch.all(got[b, t, take:] == -1)
+            assert torch.all(chosen[1:] > chosen[:-1]) and (take == 0 or 0 <= int(chosen[0]) <= int(chosen[-1]) < n)
+            if take:
+                kth = float(torch.topk(want, take).values[-1])
+                assert float(want[chosen].min()) >= kth - tol
+                rest = torch.ones(n, dtype=torch.bool)
+                rest[chosen] = False
+                if rest.any():
+                    assert float(want[rest].max()) <= kth + tol
+
+
+@pytest.mark.parametrize("bsz, n_keys, k", [(1, 32768, 1024), (4, 5000, 512), (32, 2048, 1024), (3, 63, 16)])
+def test_integer_scores_select_exactly(device, bsz, n_keys, k):
+    """Small integers: every score is exact in FP32 whatever the summation order, so the
+    selection equals the oracle's index for index (decode sizes of the release and odd ones)."""
+    g, qi, w, packed = _packed_inputs(7, bsz, 1, n_keys, integer=True)
+    n_valid = random_n_valid(g, bsz, 1, n_keys)
+    args = [t.to(device) for t in (qi, w, packed, n_valid)]
+    assert torch.equal(cuda_indexer.indexer_scores(*args).cpu().reshape(bsz, 1, n_keys)[n_valid[..., None] >
+                                                                                       torch.arange(n_keys)],
+                       ref.indexer_scores(qi, w, packed)[n_valid[..., None] > torch.arange(n_keys)])
+    assert torch.equal(_cuda_topk(*args, k).cpu(), ref.indexer_topk(qi, w, packed, n_valid, k))
+
+
+def test_fp4_decode_every_code_and_scale(device):
+    """Every key value alone: query b is 1.0 in value b of every head (0 elsewhere) and w keeps
+    head 0 only, so score (b, s) is key s's value b (one product, nothing summed) whatever
+    the order of the sums.  Random codes (all 16 in row 0) under E8M0 scales 2^-127 .. 2^127
+    and the NaN byte: the CUDA decode gives what the Triton kernel gives on the BF16 keys
+    they decode to, bit for bit (NaN and Inf included), and the oracle's value where finite."""
+    n_rows = 600
+    g = torch.Generator().manual_seed(3)
+    scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
+    codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
+    codes[0, :8] = torch.arange(0, 8, dtype=torch.uint8) * 0x11 + 0x80
+    scales = torch.stack([scale_bytes.roll(-r)[:4] for r in range(n_rows)])
+    row = torch.cat((codes, scales), dim=1)
+    packed = row[None].expand(128, -1, -1).contiguous()
+    decoded = ref.key_values(packed).to(torch.bfloat16)
+    qi = torch.zeros(128, 1, HEADS, 128, dtype=torch.bfloat16)
+    qi[torch.arange(128), 0, :, torch.arange(128)] = 1.0
+    w = torch.zeros(128, 1, HEADS)
+    w[:, 0, 0] = 1.0
+    n_valid = torch.full((128, 1), n_rows, dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w)]
+    got = cuda_indexer.indexer_scores(*args, packed.to(device), n_valid.to(device)).cpu()
+    triton_bf16 = kernels.indexer_scores(*args, decoded.to(device), n_valid.to(device)).cpu()
+    torch.testing.assert_close(got, triton_bf16, rtol=0, atol=0, equal_nan=True)
+    finite = ref.indexer_scores(qi, w, packed).reshape(128, n_rows)
+    ok = finite.isfinite()
+    assert torch.equal(got[ok], finite[ok]) and got.isnan().any() and (got[ok] != 0).any()
+
+
+def test_empty_and_clamped_lengths(device):
+    """n_valid 0 (nothing written, all -1), past Nk (clamped: every key), and no keys at all."""
+    _, qi, w, packed = _packed_inputs(4, 3, 1, 300, integer=True)
+    n_valid = torch.tensor([[0], [300], [1000]], dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w, packed, n_valid)]
+    got = _cuda_topk(*args, 8).cpu()
+    assert torch.all(got[0] == -1)
+    assert torch.equal(got[1:], ref.indexer_topk(qi[1:], w[1:], packed[1:], n_valid[1:].clamp(max=300), 8))
+    none = _cuda_topk(args[0], args[1], args[2][:, :0], args[3], 8).cpu()
+    assert torch.all(none == -1)
+
+
+def test_strided_and_misaligned_inputs(device):
+    """Non-contiguous qi / w / n_valid and key rows that are not 4-byte aligned (copied first)."""
+    _, qi, w, packed = _packed_inputs(5, 2, 1, 777, integer=True)
+    n_valid = torch.tensor([[777], [400]], dtype=torch.int32)
+    want = ref.indexer_topk(qi, w, packed, n_valid, 64)
+    qi_s = torch.zeros(2, 1, HEADS, 256, dtype=qi.dtype, device=device)[..., :128]  # rows 512 bytes apart
+    qi_s.copy_(qi)
+    w_s = torch.zeros(2, 1, 2 * HEADS, device=device)[..., ::2]
+    w_s.copy_(w)
+    nv_s = torch.zeros(2, 2, dtype=torch.int32, device=device)[:, ::2]
+    nv_s.copy_(n_valid)
+    keys_odd = torch.zeros(2, 777 * 68 + 1, dtype=torch.uint8)
+    keys_odd[:, 1:] = packed.reshape(2, -1)
+    keys_odd = keys_odd.to(device)[:, 1:].view(2, 777, 68)
+    assert torch.equal(_cuda_topk(qi_s, w_s, keys_odd, nv_s, 64).cpu(), want)
+
+
+def test_cuda_graph_replays(device):
+    _, qi, w, packed = _packed_inputs(6, 2, 1, 4000, integer=True)
+    n_valid = torch.tensor([[4000], [1234]], dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w, packed, n_valid)]
+    eager = _cuda_topk(*args, 256)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        _cuda_topk(*args, 256)  # warm: build, tune the selection
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = _cuda_topk(*args, 256)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    args[3].fill_(100)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), ref.indexer_topk(qi, w, packed, torch.full_like(n_valid, 100), 256))
+
+
+def test_registry_rule(device, monkeypatch):
+    """FP4 keys, 64 heads, up to MAX_QUERIES queries with runs of MIN_TILES_PER_CTA tiles a CTA go
+    to the CUDA kernel by default; BF16 keys, other head counts, short runs and prefill sizes go
+    to Triton, and forcing cuda on them raises."""
+    monkeypatch.setattr(cuda_indexer, "_sm_count", lambda device: 1)  # 2 CTAs: 500 keys are 4 tiles a CTA
+    monkeypatch.setattr(cuda_indexer, "MIN_TILES_PER_CTA", 4)
+    _, qi, w, packed = _packed_inputs(8, 1, 1, 500, integer=True)
+    n_valid = torch.tensor([[500]], dtype=torch.int32)
+    args = [t.to(device) for t in (qi, w, packed, n_valid)]
+    ran = backends_called(monkeypatch, "indexer_topk")
+    ops.indexer_topk(*args, 16)
+    bf16_keys = ref.key_values(packed).to(torch.bfloat16).to(device)
+    ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)
+    ops.indexer_topk(args[0], args[1], args[2][:, :200], args[3], 16)  # 4 tiles: 2 a CTA
+    assert ran == ["cuda", "triton", "triton"]
+    covers = registry.ops()["indexer_topk"].impls["cuda"].covers
+    many = qi.to(device).expand(1, cuda_indexer.MAX_QUERIES + 1, HEADS, 128)
+    assert "queries" in covers(many, args[1], args[2], args[3], 16)
+    assert "heads" in covers(args[0][:, :, :32], args[1][:, :, :32], args[2], args[3], 16)
+    assert "tiles a CTA" in covers(args[0], args[1], args[2][:, :200], args[3], 16)
+    with use_backend("cuda", ops=["indexer_topk"]), pytest.raises(BackendUnavailableError, match="BF16 keys"):
+        ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)

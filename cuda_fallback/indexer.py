@@ -5,8 +5,8 @@ It covers the FP4 key rows (``pack_indexer_keys``, 68 bytes a key) with the mode
 indexer heads, for up to ``MAX_QUERIES`` queries a call (decode, where every query streams
 its own request's keys) whose keys give each CTA at least ``MIN_TILES_PER_CTA`` tiles: a
 CTA's fixed cost (qi into shared memory, the first loads) is then paid back.  H100, scoring
-pass alone: B = 32, 262144 keys 387 against 511 us, 32768 keys 53 against 71; B = 1, 262144
-keys 17 against 20; B = 1, 32768 keys (2 tiles a CTA) 6.0 against 4.5, left to Triton.
+pass alone: B = 32, 262144 keys 390 against 512 us, 32768 keys 53 against 71; B = 1, 262144
+keys 17 against 21; B = 1, 32768 keys (2 tiles a CTA) 6.0 against 4.6, left to Triton.
 Prefill (many queries over the same keys) stays on the Triton kernel, whose programs share
 each decoded key tile among a block of queries; BF16 keys and other head counts go there
 too, and forcing ``cuda`` on them raises ``BackendUnavailableError``.  Only sm_90a runs it

@@ -25,8 +25,8 @@
 // so scores agree with it within FP32 rounding, not bit for bit.
 //
 // Measured on the H100 (benchmarks/NOTES.md, fifteenth round): 1.3x the Triton kernel at
-// B = 32 (387 against 511 us at 262144 keys), 48-50% of the copy bandwidth, not the 70%
-// aimed at.  Probes leaving parts out: without the decode 273 us, without the MMAs 264,
+// B = 32 (390 against 512 us at 262144 keys), 52% of the copy bandwidth, not the 70% aimed
+// at.  Probes leaving parts out: without the decode 273 us, without the MMAs 264,
 // without either 259, without the loads 334; the decode and the register-operand MMAs cost
 // together far more than apart.  Staging the decoded tile in shared memory for an all-smem
 // MMA instead measured slower (529 us).

@@ -36,6 +36,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
                              f"{int((err > bound).sum())} of {err.numel()} elements out of tolerance")
 
 
+def needs_cuda_backend(op: str):
+    """An autouse fixture for a test module of op ``op``'s cuda backend: skips its tests, with
+    the reason, where that backend cannot run (no GPU, another architecture, no build)."""
+    from dsv4_triton import registry
+
+    @pytest.fixture(autouse=True)
+    def _needs_cuda_backend(device):
+        ok, why = registry.ops()[op].impls["cuda"].available(device)
+        if not ok:
+            pytest.skip(why)
+
+    return _needs_cuda_backend
+
+
 def backends_called(monkeypatch, op: str, backends=("cuda", "triton")) -> list:
     """From here on, the backends that op ``op`` runs, one entry a call, in order (the
     registry's dispatch resolved again with the counting functions in place)."""

@@ -7,21 +7,17 @@ import torch
 from hypothesis import given, strategies as st
 
 from cuda_fallback import attention as cuda_attention
-from dsv4_triton import ops, registry, use_backend
+from dsv4_triton import ops, use_backend
 from dsv4_triton.reference import attention as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import assert_close, backends_called
+from helpers import assert_close, backends_called, needs_cuda_backend
 from test_attention import _rope_table, _tol, make_idx, make_kv, release_inputs
 
 pytestmark = pytest.mark.gpu
 D = 512
 
 
-@pytest.fixture(autouse=True)
-def _needs_cuda_backend(device):
-    ok, why = registry.ops()["sparse_attention"].impls["cuda"].available(device)
-    if not ok:
-        pytest.skip(why)
+_needs_cuda_backend = needs_cuda_backend("sparse_attention")
 
 
 def _cuda(*args):

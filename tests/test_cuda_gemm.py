@@ -9,17 +9,13 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import backends_called
+from helpers import backends_called, needs_cuda_backend
 from test_gemm import SPEC_FP4, _gen, assert_gemm_close, random_e8m0, random_fp4, spread_inputs
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _needs_cuda_backend(device):
-    ok, why = registry.ops()["fp4_linear"].impls["cuda"].available(device)
-    if not ok:
-        pytest.skip(why)
+_needs_cuda_backend = needs_cuda_backend("fp4_linear")
 
 
 def _cuda(*args):

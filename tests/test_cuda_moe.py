@@ -9,18 +9,14 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import moe as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import backends_called
+from helpers import backends_called, needs_cuda_backend
 from test_moe import (DIM, EDGE_CASES, EXPERTS, INTER, _gen, assert_moe_close, edge_case_routing, flash_error,
                       integer_activations, random_experts, routing)
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _needs_cuda_backend(device):
-    ok, why = registry.ops()["moe_experts"].impls["cuda"].available(device)
-    if not ok:
-        pytest.skip(why)
+_needs_cuda_backend = needs_cuda_backend("moe_experts")
 
 
 def _cuda_moe(*args):

@@ -126,22 +126,33 @@ def test_kernel_selects_a_true_top_k_of_real_scores(device, seq, heads, n_keys, 
     got = _run_triton(*(t.to(device) for t in (qi, w, keys, n_valid)), k, splits).cpu()
     scores = ref.indexer_scores(qi, w, keys)
     for t in range(seq):
-        n = int(n_valid[0, t])
-        take = min(k, n)
-        row = got[0, t]
-        assert torch.all(row[take:] == -1)
-        chosen = row[:take].long()
-        assert torch.all(chosen[1:] > chosen[:-1]) and (take == 0 or (0 <= int(chosen[0]) and int(chosen[-1]) < n))
-        if take == 0:
-            continue
-        valid = scores[0, t, :n]
-        tol = 1e-5 * (float(valid.abs().max()) + 1.0)
-        kth = float(torch.topk(valid, take).values[-1])
-        assert float(valid[chosen].min()) >= kth - tol
-        rest = torch.ones(n, dtype=torch.bool)
-        rest[chosen] = False
-        if rest.any():
-            assert float(valid[rest].max()) <= kth + tol
+        assert_a_top_k(got[0, t], scores[0, t, :int(n_valid[0, t])], k)
+
+
+def scores_tolerance(valid: torch.Tensor) -> float:
+    """FP32 summation-order tolerance of a row of scores: relative 1e-5 of its largest magnitude."""
+    return 1e-5 * (float(valid.abs().max()) + 1.0) if valid.numel() else 0.0
+
+
+def assert_a_top_k(row: torch.Tensor, valid: torch.Tensor, k: int) -> None:
+    """``row`` (a query's k output slots) is a top-k of the oracle's ``valid`` scores (those below
+    its n_valid) up to ``scores_tolerance``: min(k, n) distinct valid indices in ascending order,
+    then -1; none scoring below the k-th largest minus the tolerance, no unselected one above
+    it plus the tolerance."""
+    n = valid.numel()
+    take = min(k, n)
+    assert torch.all(row[take:] == -1)
+    chosen = row[:take].long()
+    assert torch.all(chosen[1:] > chosen[:-1]) and (take == 0 or (0 <= int(chosen[0]) and int(chosen[-1]) < n))
+    if take == 0:
+        return
+    tol = scores_tolerance(valid)
+    kth = float(torch.topk(valid, take).values[-1])
+    assert float(valid[chosen].min()) >= kth - tol
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[chosen] = False
+    if rest.any():
+        assert float(valid[rest].max()) <= kth + tol
 
 
 def test_kernel_scoring_pass_alone(device):

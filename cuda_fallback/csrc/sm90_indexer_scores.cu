@@ -39,6 +39,7 @@
 #include <torch/extension.h>
 
 #include "host.cuh"
+#include "sm90_wgmma.cuh"
 
 using namespace dsv4;
 
@@ -75,18 +76,8 @@ struct Params {
   int seq, n_keys, tiles_per_cta;
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// Keeps a register's value where it is until this point (accumulators read after a wait,
-// A fragments still read by an MMA in flight).
-__device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)); }
-__device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)); }
+// K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t k_major_desc(uint32_t addr) { return smem_desc(addr, 16, 1024); }
 
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool ok) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0) : "memory");
@@ -95,12 +86,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Until at most the N most recent tiles' copies are in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (1ull << 62);
-}
 
 // D[64 keys x 64 heads] (+)= A[64 x 16] (registers) B[16 x 64] (K-major, shared memory).
 __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
@@ -224,7 +209,7 @@ __device__ __forceinline__ void issue_mma(float (&d)[32], uint32_t (&a)[8][4], u
   wgmma_fence();
 #pragma unroll
   for (int j = 0; j < 8; ++j)
-    wgmma_m64n64k16_rs(d, a[j], smem_desc(q_base + (j >> 2) * kPanelBytes + (j & 3) * 32), j != 0);
+    wgmma_m64n64k16_rs(d, a[j], k_major_desc(q_base + (j >> 2) * kPanelBytes + (j & 3) * 32), j != 0);
   wgmma_commit();
 }
 

@@ -36,6 +36,7 @@
 #include <torch/extension.h>
 
 #include "host.cuh"
+#include "sm90_wgmma.cuh"
 
 using namespace dsv4;
 
@@ -59,29 +60,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 // consumer's Q tile.
 constexpr int kBarFull = 1, kBarEmpty = 3, kBarExch = 5, kBarQ = 6;
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 __device__ __forceinline__ void bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-// Generic-proxy stores to shared memory that wgmma (the async proxy) reads next.
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Pins an accumulator register between the wgmma that writes it and the code that reads it.
-__device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-
-// Shared-memory matrix descriptor, 128-byte swizzle.  K-major operands (Q, KV as the key):
-// rows of 128 bytes, 8-row groups 1024 bytes apart (SBO), LBO unused.  MN-major (KV as the
-// value, columns contiguous): 64-column panels LBO apart, 8-row groups SBO apart.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
 }
 
 // S[64 x 64] (+)= A[64 x 16] B[16 x 64]: A and B K-major in shared memory.
@@ -323,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
       }
     }
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 32; ++i) pin(sc[i]);
 
@@ -389,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
       wgmma_m64n256k16_rs(o, pa[kk], smem_desc(kv_base + kk * 16 * 128, kPanelBytes, 1024));
     }
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; ++i) pin(o[i]);
     if (t + kStages < n_tiles) bar_arrive(kBarEmpty + st, kThreads);

@@ -2,7 +2,9 @@
 targets with nvcc (object files only: no GPU needed). Exits non-zero on any error.
 
 One nvcc run a source, with all its targets: the host side (torch's headers, most of the
-time) is compiled once, not once a target.  Every ``DSV4_WITH_<STEM>`` macro is defined, so
+time) is compiled once, not once a target.  Only the binding file includes
+``<torch/extension.h>``; the kernel sources include ATen's core tensor header alone
+(``csrc/host.cuh``), which took the whole check on 2 cores from 5.8 to 2.4 min.  Every ``DSV4_WITH_<STEM>`` macro is defined, so
 the binding file is checked with all the entry points it can bind."""
 
 from __future__ import annotations

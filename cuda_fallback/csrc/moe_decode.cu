@@ -17,8 +17,6 @@
 
 #include <cuda_runtime.h>
 
-#include <torch/extension.h>
-
 #include "mxfp4_mma.cuh"
 
 using namespace dsv4;
@@ -222,10 +220,10 @@ __global__ void __launch_bounds__(kW2Warps * 32, 6) moe_w2_kernel(
   }
 }
 
-void check_blocks(const torch::Tensor& sorted_pair, const torch::Tensor& block_expert, const torch::Tensor& like) {
-  TORCH_CHECK(sorted_pair.scalar_type() == torch::kInt32 && sorted_pair.dim() == 1 && sorted_pair.is_contiguous(),
+void check_blocks(const at::Tensor& sorted_pair, const at::Tensor& block_expert, const at::Tensor& like) {
+  TORCH_CHECK(sorted_pair.scalar_type() == at::kInt && sorted_pair.dim() == 1 && sorted_pair.is_contiguous(),
               "sorted_pair: expected contiguous int32 [blocks * 16]");
-  TORCH_CHECK(block_expert.scalar_type() == torch::kInt32 && block_expert.dim() == 1 && block_expert.is_contiguous(),
+  TORCH_CHECK(block_expert.scalar_type() == at::kInt && block_expert.dim() == 1 && block_expert.is_contiguous(),
               "block_expert: expected contiguous int32 [blocks]");
   TORCH_CHECK(sorted_pair.size(0) == block_expert.size(0) * kBlockRows, "sorted_pair: expected ",
               block_expert.size(0) * kBlockRows, " rows (16 per block), got ", sorted_pair.size(0));
@@ -234,11 +232,11 @@ void check_blocks(const torch::Tensor& sorted_pair, const torch::Tensor& block_e
 }
 
 // The w2 input as moe_decode_w13 writes it: hq fp16 [blocks * 16, inter], hs fp32 [.., inter/128].
-void check_w2_input(const torch::Tensor& hq, const torch::Tensor& hs, int64_t blocks, int64_t inter) {
-  TORCH_CHECK(hq.scalar_type() == torch::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
+void check_w2_input(const at::Tensor& hq, const at::Tensor& hs, int64_t blocks, int64_t inter) {
+  TORCH_CHECK(hq.scalar_type() == at::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
                   hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
               "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
-  TORCH_CHECK(hs.scalar_type() == torch::kFloat32 && hs.is_contiguous() && hs.dim() == 2 &&
+  TORCH_CHECK(hs.scalar_type() == at::kFloat && hs.is_contiguous() && hs.dim() == 2 &&
                   hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
               "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
 }
@@ -251,25 +249,25 @@ void check_w2_input(const torch::Tensor& hq, const torch::Tensor& hs, int64_t bl
 // sorted_pair / block_expert: the align's lists for 16-row blocks; route_w fp32 [T * topk].
 // Writes hq fp16 [blocks * 16, inter] (the FP8 codes' values, pair order) and hs fp32
 // [blocks * 16, inter/128].
-void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w13, torch::Tensor w13_scale,
-                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor route_w, torch::Tensor hq,
-                    torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle) {
+void moe_decode_w13(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w13, at::Tensor w13_scale,
+                    at::Tensor sorted_pair, at::Tensor block_expert, at::Tensor route_w, at::Tensor hq,
+                    at::Tensor hs, int64_t topk, double limit, int64_t stream_handle) {
   check_tiled_weight("w13", w13, "w13_scale", w13_scale);
   TORCH_CHECK(w13.size(1) % (2 * kPack / kTileRows) == 0, "w13: expected 2*inter rows with inter a multiple of 128, "
               "got ", w13.size(1) * kTileRows);
   check_blocks(sorted_pair, block_expert, w13);
   const int64_t dim = w13.size(2) * kBlockK, inter = w13.size(1) * kTileRows / 2, blocks = block_expert.size(0);
-  TORCH_CHECK(x_codes.scalar_type() == torch::kHalf && x_codes.dim() == 2 && x_codes.size(1) == dim &&
+  TORCH_CHECK(x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2 && x_codes.size(1) == dim &&
                   x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0 && aligned(x_codes, 16),
               "x_codes: expected fp16 [T, ", dim, "] with 16-byte aligned contiguous rows");
-  TORCH_CHECK(x_scales.scalar_type() == torch::kFloat32 && x_scales.dim() == 2 && x_scales.size(0) == x_codes.size(0) &&
+  TORCH_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2 && x_scales.size(0) == x_codes.size(0) &&
                   x_scales.size(1) == dim / kBlockK && x_scales.stride(1) == 1,
               "x_scales: expected fp32 [T, ", dim / kBlockK, "]");
-  TORCH_CHECK(topk >= 1 && route_w.scalar_type() == torch::kFloat32 && route_w.is_contiguous() &&
+  TORCH_CHECK(topk >= 1 && route_w.scalar_type() == at::kFloat && route_w.is_contiguous() &&
                   route_w.numel() == x_codes.size(0) * topk,
               "route_w: expected contiguous fp32 [T * topk]");
   check_w2_input(hq, hs, blocks, inter);
-  for (const torch::Tensor* t : {&x_codes, &x_scales, &route_w, &hq, &hs}) {
+  for (const at::Tensor* t : {&x_codes, &x_scales, &route_w, &hq, &hs}) {
     TORCH_CHECK(t->device() == w13.device(), "moe_decode_w13: every tensor on the weights' device");
   }
   if (blocks == 0) return;
@@ -288,15 +286,15 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
 // hq / hs as moe_decode_w13 writes them; w2 uint8 [E, dim/16, inter/128, 16, 64], w2_scale uint8
 // [E, dim/16, inter/128, 16, 4].  Writes part fp32 [T * topk, dim], row p for pair p (placed
 // pairs only).
-void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
-                   torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle) {
+void moe_decode_w2(at::Tensor hq, at::Tensor hs, at::Tensor w2, at::Tensor w2_scale,
+                   at::Tensor sorted_pair, at::Tensor block_expert, at::Tensor part, int64_t stream_handle) {
   check_tiled_weight("w2", w2, "w2_scale", w2_scale);
   check_blocks(sorted_pair, block_expert, w2);
   const int64_t dim = w2.size(1) * kTileRows, inter = w2.size(2) * kBlockK, blocks = block_expert.size(0);
   check_w2_input(hq, hs, blocks, inter);
-  TORCH_CHECK(part.scalar_type() == torch::kFloat32 && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
+  TORCH_CHECK(part.scalar_type() == at::kFloat && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
               "part: expected contiguous fp32 [pairs, ", dim, "]");
-  for (const torch::Tensor* t : {&hq, &hs, &part}) {
+  for (const at::Tensor* t : {&hq, &hs, &part}) {
     TORCH_CHECK(t->device() == w2.device(), "moe_decode_w2: every tensor on the weights' device");
   }
   if (blocks == 0) return;

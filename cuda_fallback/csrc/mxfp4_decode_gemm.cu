@@ -16,7 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <torch/extension.h>
+#include <ATen/ops/empty.h>
 
 #include "mxfp4_mma.cuh"
 
@@ -74,13 +74,13 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
 // with 1x128 power-of-two scales); w: uint8 [N, K/2] MXFP4 codes; w_scale: uint8 [N, K/32] E8M0.
 // K = 128 * n_kb.  stream: the raw cudaStream_t to launch on (the caller's current stream).
 // Returns bf16 [M, N].
-torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w,
-                                torch::Tensor w_scale, int64_t stream_handle) {
-  TORCH_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == torch::kHalf && x_codes.dim() == 2,
+at::Tensor mxfp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w,
+                                at::Tensor w_scale, int64_t stream_handle) {
+  TORCH_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2,
               "x_codes: expected a CUDA fp16 [M, K] tensor");
-  TORCH_CHECK(x_scales.scalar_type() == torch::kFloat32 && x_scales.dim() == 2, "x_scales: expected fp32 [M, K/128]");
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2, "w: expected uint8 [N, K/2]");
-  TORCH_CHECK(w_scale.scalar_type() == torch::kUInt8 && w_scale.dim() == 2, "w_scale: expected uint8 [N, K/32]");
+  TORCH_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2, "x_scales: expected fp32 [M, K/128]");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "w: expected uint8 [N, K/2]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kByte && w_scale.dim() == 2, "w_scale: expected uint8 [N, K/32]");
   const int64_t m = x_codes.size(0), n = w.size(0), k = 2 * w.size(1);
   TORCH_CHECK(m >= 1 && m <= kGroup, "x_codes: expected 1 to ", kGroup, " rows, got ", m);
   TORCH_CHECK(n >= 1 && n < (int64_t(1) << 31), "w: expected 1 to 2^31 - 1 rows, got ", n);
@@ -96,7 +96,7 @@ torch::Tensor mxfp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, t
                   w_scale.device() == x_codes.device(),
               "all tensors must be on one CUDA device");
   const DeviceScope scope(x_codes.get_device());
-  auto y = torch::empty({m, n}, x_codes.options().dtype(torch::kBFloat16));
+  auto y = at::empty({m, n}, x_codes.options().dtype(at::kBFloat16));
   const dim3 grid(unsigned((n + kTileRows - 1) / kTileRows));
   // Few row tiles: eight warps split K, so enough bytes are in flight on every multiprocessor.
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);

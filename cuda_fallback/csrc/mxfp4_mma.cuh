@@ -22,8 +22,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <torch/extension.h>
-
 #include "host.cuh"
 
 namespace dsv4 {
@@ -216,11 +214,11 @@ __device__ __forceinline__ void promote(float (&acc)[4], const float (&d)[4], fl
 
 // MXFP4 weight rows [..., N, K/2] (uint8) and E8M0 scales [..., N, K/32] (uint8) as the kernels
 // read them: contiguous rows, codes 16-byte and scale words 4-byte aligned.
-inline void check_weight_rows(const char* name, const torch::Tensor& w, const char* scale_name,
-                              const torch::Tensor& ws) {
+inline void check_weight_rows(const char* name, const at::Tensor& w, const char* scale_name,
+                              const at::Tensor& ws) {
   const int64_t d = w.dim();
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && d >= 2, name, ": expected uint8 [..., N, K/2]");
-  TORCH_CHECK(ws.scalar_type() == torch::kUInt8 && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/32]");
+  TORCH_CHECK(w.scalar_type() == at::kByte && d >= 2, name, ": expected uint8 [..., N, K/2]");
+  TORCH_CHECK(ws.scalar_type() == at::kByte && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/32]");
   const int64_t k = 2 * w.size(d - 1);
   TORCH_CHECK(k % kBlockK == 0 && k >= kBlockK, name, ": K must be a positive multiple of 128, got ", k);
   TORCH_CHECK(ws.size(d - 2) == w.size(d - 2) && ws.size(d - 1) == k / 32, scale_name, ": expected [..., ",
@@ -237,11 +235,11 @@ inline void check_weight_rows(const char* name, const torch::Tensor& w, const ch
 // An expert stack in moe_pack_experts' tiled layout as WeightRows::tiled reads it: codes uint8
 // [E, rows/16, K/128, 16, 64] and E8M0 scales uint8 [E, rows/16, K/128, 16, 4], both
 // contiguous, codes 16-byte and scales 4-byte aligned.
-inline void check_tiled_weight(const char* name, const torch::Tensor& w, const char* scale_name,
-                               const torch::Tensor& ws) {
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 5 && w.size(3) == kTileRows && w.size(4) == kBlockK / 2,
+inline void check_tiled_weight(const char* name, const at::Tensor& w, const char* scale_name,
+                               const at::Tensor& ws) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 5 && w.size(3) == kTileRows && w.size(4) == kBlockK / 2,
               name, ": expected uint8 [E, rows/16, K/128, 16, 64], got ", w.sizes());
-  TORCH_CHECK(ws.scalar_type() == torch::kUInt8 && ws.dim() == 5 && ws.size(0) == w.size(0) &&
+  TORCH_CHECK(ws.scalar_type() == at::kByte && ws.dim() == 5 && ws.size(0) == w.size(0) &&
                   ws.size(1) == w.size(1) && ws.size(2) == w.size(2) && ws.size(3) == kTileRows &&
                   ws.size(4) == kBlockK / 32,
               scale_name, ": expected uint8 [", w.size(0), ", ", w.size(1), ", ", w.size(2), ", 16, 4], got ",

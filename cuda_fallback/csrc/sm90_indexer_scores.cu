@@ -36,8 +36,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <torch/extension.h>
-
 #include "host.cuh"
 #include "sm90_wgmma.cuh"
 
@@ -331,27 +329,27 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const _
 // keys: uint8 [B, Nk, 68] FP4 rows (contiguous rows, 4-byte aligned); n_valid: int32
 // [B, S]; scores: fp32 [B * S, Nk] contiguous (entries at or past a query's n_valid are not
 // written).  The grid: tiles_per_cta 64-key tiles a CTA, one grid row per query.
-void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
-                        torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle) {
-  TORCH_CHECK(qi.scalar_type() == torch::kBFloat16 && qi.dim() == 4 && qi.size(2) == kHeads && qi.size(3) == kDim &&
+void indexer_scores_fp4(at::Tensor qi, at::Tensor w, at::Tensor keys, at::Tensor n_valid,
+                        at::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle) {
+  TORCH_CHECK(qi.scalar_type() == at::kBFloat16 && qi.dim() == 4 && qi.size(2) == kHeads && qi.size(3) == kDim &&
                   qi.stride(3) == 1,
               "qi: expected bf16 [B, S, 64, 128] with a contiguous last dim");
   TORCH_CHECK(aligned(qi, 16) && qi.stride(0) % 8 == 0 && qi.stride(1) % 8 == 0 && qi.stride(2) % 8 == 0,
               "qi: expected 16-byte aligned rows");
   const int64_t bsz = qi.size(0), seq = qi.size(1);
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 3 && w.size(0) == bsz && w.size(1) == seq &&
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(0) == bsz && w.size(1) == seq &&
                   w.size(2) == kHeads,
               "w: expected fp32 [B, S, 64]");
-  TORCH_CHECK(keys.scalar_type() == torch::kUInt8 && keys.dim() == 3 && keys.size(0) == bsz &&
+  TORCH_CHECK(keys.scalar_type() == at::kByte && keys.dim() == 3 && keys.size(0) == bsz &&
                   keys.size(2) == kRowBytes && keys.stride(2) == 1,
               "keys: expected uint8 [B, Nk, 68] FP4 rows");
   TORCH_CHECK(aligned(keys, 4) && keys.stride(0) % 4 == 0 && keys.stride(1) == kRowBytes,
               "keys: expected contiguous rows, 4-byte aligned");
-  TORCH_CHECK(n_valid.scalar_type() == torch::kInt && n_valid.dim() == 2 && n_valid.size(0) == bsz &&
+  TORCH_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.size(0) == bsz &&
                   n_valid.size(1) == seq,
               "n_valid: expected int32 [B, S]");
   const int64_t n_keys = keys.size(1);
-  TORCH_CHECK(scores.scalar_type() == torch::kFloat32 && scores.is_contiguous() && scores.dim() == 2 &&
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() && scores.dim() == 2 &&
                   scores.size(0) == bsz * seq && scores.size(1) == n_keys,
               "scores: expected contiguous fp32 [B * S, Nk]");
   TORCH_CHECK(tiles_per_cta >= 1, "tiles_per_cta: expected at least 1, got ", tiles_per_cta);

@@ -33,8 +33,6 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
-#include <torch/extension.h>
-
 #include "host.cuh"
 #include "sm90_wgmma.cuh"
 
@@ -449,34 +447,34 @@ __global__ void __launch_bounds__(128) merge_slices_kernel(const __grid_constant
 // (last dim contiguous); out: bf16 [B, S, H, 512] contiguous; freqs: fp32 [max_pos, half_r, 2]
 // and positions int32/int64 [B, S] when half_r > 0 (any tensors otherwise); part_o / part_ml:
 // the split workspace (>= tokens * H * n_splits * 512 / * 2 floats) when n_splits > 1.
-void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink, torch::Tensor idx, torch::Tensor out,
-                          torch::Tensor freqs, torch::Tensor positions, int64_t half_r, torch::Tensor part_o,
-                          torch::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
+void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tensor idx, at::Tensor out,
+                          at::Tensor freqs, at::Tensor positions, int64_t half_r, at::Tensor part_o,
+                          at::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
                           int64_t stream_handle) {
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device());
   TORCH_CHECK(major == 9 && minor == 0, "sparse_attention_fp8: needs an sm_90 device, got sm_", major, minor);
-  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && q.dim() == 4 && q.size(3) == kDim && q.stride(3) == 1,
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kDim && q.stride(3) == 1,
               "q: expected bf16 [B, S, H, 512] with a contiguous last dim");
   TORCH_CHECK(q.size(2) % kHeads == 0, "q: expected a multiple of 64 heads, got ", q.size(2));
-  TORCH_CHECK(kv.scalar_type() == torch::kUInt8 && kv.dim() == 3 && kv.size(2) == kRowBytes && kv.stride(2) == 1,
+  TORCH_CHECK(kv.scalar_type() == at::kByte && kv.dim() == 3 && kv.size(2) == kRowBytes && kv.stride(2) == 1,
               "kv: expected uint8 [B, N, 584] FP8 cache rows");
-  TORCH_CHECK(idx.scalar_type() == torch::kInt && idx.dim() == 3 && idx.stride(2) == 1,
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 3 && idx.stride(2) == 1,
               "idx: expected int32 [B, S, K] with a contiguous last dim");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(), "out: expected a contiguous tensor shaped like q");
   // The kernel reads q rows as 16-byte vectors and cache rows as 8-byte words.
   TORCH_CHECK(aligned(q, 16) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0,
               "q: expected 16-byte aligned rows");
   TORCH_CHECK(aligned(kv, 8) && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0, "kv: expected 8-byte aligned rows");
-  TORCH_CHECK(sink.scalar_type() == torch::kFloat32 && sink.is_contiguous() && sink.numel() == q.size(2),
+  TORCH_CHECK(sink.scalar_type() == at::kFloat && sink.is_contiguous() && sink.numel() == q.size(2),
               "sink: expected contiguous fp32 [H]");
   TORCH_CHECK(n_splits >= 1 && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
               "n_splits / k_per_split: expected slices that cover the K candidates");
   if (n_splits > 1) {
     const int64_t slots = q.size(0) * q.size(1) * q.size(2) * n_splits;
-    TORCH_CHECK(part_o.scalar_type() == torch::kFloat32 && part_o.numel() >= slots * kDim &&
-                    part_ml.scalar_type() == torch::kFloat32 && part_ml.numel() >= 2 * slots,
+    TORCH_CHECK(part_o.scalar_type() == at::kFloat && part_o.numel() >= slots * kDim &&
+                    part_ml.scalar_type() == at::kFloat && part_ml.numel() >= 2 * slots,
                 "part_o / part_ml: expected fp32 workspaces of tokens * H * n_splits * (512 | 2) floats");
   }
   Params p{};
@@ -487,7 +485,7 @@ void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink,
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
   p.freqs = freqs.data_ptr<float>();
   p.pos = positions.data_ptr();
-  p.pos64 = positions.scalar_type() == torch::kLong;
+  p.pos64 = positions.scalar_type() == at::kLong;
   p.part_o = part_o.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
   p.stride_qb = q.stride(0);

@@ -32,6 +32,8 @@ from .loader import extension_at
 HEADS = 64
 TILE = 64  # keys a tile
 CTAS_PER_SM = 2  # the kernel's launch bounds: every CTA of a one-wave grid is resident at once
+# About one wave of one-query CTAs on an H100 (264 slots); sizes between this and prefill's
+# thousands of queries were not measured.
 MAX_QUERIES = 256
 MIN_TILES_PER_CTA = 8
 

@@ -14,7 +14,8 @@ from dsv4_triton.reference import indexer as ref
 from dsv4_triton.reference import quant as ref_quant
 from dsv4_triton.registry import BackendUnavailableError
 from helpers import backends_called, needs_cuda_backend
-from test_indexer import assert_a_top_k, make_inputs, random_n_valid, scores_tolerance
+from test_indexer import (assert_a_top_k, fp4_rows_every_code_and_scale, make_inputs, random_n_valid,
+                          scores_tolerance)
 
 pytestmark = pytest.mark.gpu
 HEADS = 64
@@ -93,13 +94,8 @@ def test_fp4_decode_every_code_and_scale(device):
     and the NaN byte: the CUDA decode gives what the Triton kernel gives on the BF16 keys
     they decode to, bit for bit (NaN and Inf included), and the oracle's value where finite."""
     n_rows = 600
-    g = torch.Generator().manual_seed(3)
-    scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
-    codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
-    codes[0, :8] = torch.arange(0, 8, dtype=torch.uint8) * 0x11 + 0x80
-    scales = torch.stack([scale_bytes.roll(-r)[:4] for r in range(n_rows)])
-    row = torch.cat((codes, scales), dim=1)
-    packed = row[None].expand(128, -1, -1).contiguous()
+    rows = fp4_rows_every_code_and_scale(torch.Generator().manual_seed(3), n_rows)
+    packed = rows[None].expand(128, -1, -1).contiguous()
     decoded = ref.key_values(packed).to(torch.bfloat16)
     qi = torch.zeros(128, 1, HEADS, 128, dtype=torch.bfloat16)
     qi[torch.arange(128), 0, :, torch.arange(128)] = 1.0

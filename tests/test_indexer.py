@@ -422,17 +422,23 @@ def test_fp4_keys_select_exactly_like_bf16_keys(device, seq, heads, n_keys, k, s
     assert torch.equal(fp4, bf16)
 
 
+def fp4_rows_every_code_and_scale(g, n_rows):
+    """uint8 ``[n_rows, 68]`` FP4 key rows: random codes (all 16 in row 0) under E8M0 scales
+    from 2^-127 to 2^127 and the NaN byte, four different ones a row (a window of the list, so
+    each block reads its own scale)."""
+    scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
+    codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
+    codes[0, :8] = torch.arange(0, 8, dtype=torch.uint8) * 0x11 + 0x80
+    scales = torch.stack([scale_bytes.roll(-r)[:4] for r in range(n_rows)])
+    return torch.cat((codes, scales), dim=1)
+
+
 def check_fp4_decode(device, n_rows, heads, seed):
     """FP4 rows with random codes (all 16 in row 0) under E8M0 scales from 2^-127 to 2^127 and
     the NaN byte score exactly as the BF16 keys they decode to (both through the same
     tensor-core product; NaN scores included)."""
     g = torch.Generator().manual_seed(seed)
-    scale_bytes = torch.tensor([0, 1, 2, 60, 126, 127, 128, 200, 252, 253, 254, 255], dtype=torch.uint8)
-    codes = torch.randint(0, 256, (n_rows, 64), generator=g, dtype=torch.uint8)
-    codes[0, :8] = torch.arange(0, 8, dtype=torch.uint8) * 0x11 + 0x80
-    # Row r: four different scales, a window of the list (so each block reads its own scale).
-    scales = torch.stack([scale_bytes.roll(-r)[:4] for r in range(n_rows)])
-    packed = torch.cat((codes, scales), dim=1)[None]
+    packed = fp4_rows_every_code_and_scale(g, n_rows)[None]
     decoded = ref.key_values(packed).to(torch.bfloat16)
     qi = (torch.randn(1, 2, heads, HEAD_DIM, generator=g) * 2.0 ** -40).to(torch.bfloat16)
     w = torch.randn(1, 2, heads, generator=g)

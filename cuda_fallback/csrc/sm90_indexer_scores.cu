@@ -270,8 +270,7 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const _
       for (int i = 0; i < 8; ++i) {
         int j, kk;
         slot_of(64 * (tid & 1) + 8 * v + i, j, kk);
-        const int chunk = 2 * (j & 3) + (kk >> 3);
-        *reinterpret_cast<uint16_t*>(q_tile + (j >> 2) * kPanelBytes + h * 128 + ((chunk ^ (h & 7)) << 4) +
+        *reinterpret_cast<uint16_t*>(q_tile + (j >> 2) * kPanelBytes + swizzled(h, 2 * (j & 3) + (kk >> 3)) +
                                      2 * (kk & 7)) = e16[i];
       }
     }

@@ -85,10 +85,6 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
 }
 
-// Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte-swizzled panel.
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-  return row * 128 + ((chunk ^ (row & 7)) << 4);
-}
 
 // E8M0 byte -> float 2^(b - 127); 0 -> 2^-127 (subnormal), 0xFF -> NaN (as the Triton kernel).
 __device__ __forceinline__ float e8m0_value(uint32_t b) {

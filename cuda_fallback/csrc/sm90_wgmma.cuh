@@ -24,6 +24,12 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
 
+// Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte-swizzled panel
+// (rows of 128 bytes): the layout `smem_desc` describes.
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
 // Shared-memory matrix descriptor, 128-byte swizzle.  K-major operands: rows of 128 bytes,
 // 8-row groups 1024 bytes apart (SBO), LBO unused.  MN-major (columns contiguous): 64-column
 // panels LBO apart, 8-row groups SBO apart.

@@ -32,7 +32,7 @@ import torch
 from .. import ops, use_backend
 from ..kernels import attention as kernels
 from ..reference import attention as ref
-from .case import Case
+from .case import Case, runs_cuda
 
 HEAD_DIM = 512
 HOLE_EVERY = 64  # every 64th candidate slot is -1
@@ -139,18 +139,12 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
 
 
 def _runs_cuda(bsz, seq, heads, k, n):
-    """Whether the registry sends an FP8 case of these sizes to the CUDA kernel here (its own
-    ``covers`` asked, on meta tensors of the case's shapes)."""
-    from dsv4_triton import registry
-
-    impl = registry.ops()["sparse_attention"].impls["cuda"]
-    if not impl.available(torch.device("cuda"))[0]:
-        return False
+    """Whether the registry sends an FP8 case of these sizes to the CUDA kernel here."""
     meta = partial(torch.empty, device="meta")
     q = meta(bsz, seq, heads, HEAD_DIM, dtype=torch.bfloat16)
     kv = meta(bsz, n, ref.fp8_row_bytes(HEAD_DIM), dtype=torch.uint8)
     idx = meta(bsz, seq, k, dtype=torch.int32)
-    return impl.covers(q, kv, meta(heads), idx, HEAD_DIM ** -0.5, None, None) == ""
+    return runs_cuda("sparse_attention", q, kv, meta(heads), idx, HEAD_DIM ** -0.5, None, None)
 
 
 _VARIANT_NOTES = {

@@ -33,3 +33,15 @@ class Case:
     launches: Optional[int] = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def runs_cuda(op: str, *meta_args) -> bool:
+    """Whether the registry sends op ``op`` with arguments of these shapes to its ``cuda``
+    backend on this GPU: the backend is available here and its own ``covers`` takes them
+    (asked on meta tensors, so no case has to allocate its inputs to know)."""
+    import torch
+
+    from .. import registry
+
+    impl = registry.ops()[op].impls["cuda"]
+    return impl.available(torch.device("cuda"))[0] and impl.covers(*meta_args) == ""

@@ -31,7 +31,7 @@ from cuda_fallback import indexer as cuda_indexer
 from .. import ops
 from ..kernels import indexer as kernels
 from ..reference import indexer as ref
-from .case import Case
+from .case import Case, runs_cuda
 
 HEADS = 64
 HEAD_DIM = 128
@@ -136,17 +136,11 @@ def _decode_cases(quick):
 
 
 def _runs_cuda(bsz, n_keys):
-    """Whether the registry sends a decode case of FP4 keys to the CUDA scoring kernel here (its
-    own ``covers`` asked, on meta tensors of the case's shapes)."""
-    from dsv4_triton import registry
-
-    impl = registry.ops()["indexer_topk"].impls["cuda"]
-    if not impl.available(torch.device("cuda"))[0]:
-        return False
+    """Whether the registry sends a decode case of FP4 keys to the CUDA scoring kernel here."""
     meta = partial(torch.empty, device="meta")
     qi = meta(bsz, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16)
     keys = meta(bsz, n_keys, ref.FP4_KEY_BYTES, dtype=torch.uint8)
-    return impl.covers(qi, meta(bsz, 1, HEADS), keys, meta(bsz, 1, dtype=torch.int32), TOP_K) == ""
+    return runs_cuda("indexer_topk", qi, meta(bsz, 1, HEADS), keys, meta(bsz, 1, dtype=torch.int32), TOP_K)
 
 
 def _prefill_case():

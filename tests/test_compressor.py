@@ -4,6 +4,7 @@ store_window_kv) byte for byte against pack_kv_fp8 / pack_indexer_keys of the BF
 
 import pytest
 import torch
+import triton
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
@@ -427,6 +428,35 @@ def test_encoded_rows_at_model_size(device, ratio, kind, d):
     assert not cache[0].any() and not cache[1, :128].any()
     assert torch.equal(rows_only, cache)
     assert_matches_oracle(values, a, z, ape, norm_w, freqs, entry_idx, ratio, kind)
+
+
+@pytest.mark.parametrize("ratio, kind, d", [(4, "indexer", 128), (4, "indexer", 64),
+                                           pytest.param(128, "indexer", 256, marks=pytest.mark.gpu),
+                                           pytest.param(4, "kv", 192, marks=pytest.mark.gpu)])
+def test_every_config_matches_oracle_and_packs(device, ratio, kind, d):
+    """Each config the tuner may pick for the shape (entries a program, slots a step, warps,
+    pipeline depth), so a tuned choice other than the tests' first config is covered too:
+    the entries against the oracle, the rows pack_* of the values.  37 entries: a last
+    program with padding rows whatever its entry count.  The interpreter ignores warps and
+    stages, so on the CPU one config per entry count.  (FP4 key rows exist for d = 128 only.)"""
+    from dsv4_triton.kernels import compressor as kern
+
+    g = torch.Generator().manual_seed(d + ratio)
+    n_entries = 37
+    args = [t.to(device) for t in _entry_inputs(g, ratio, d, n_entries, z_scale=4.0)]
+    slots = 2 * ratio if ratio == 4 else ratio
+    configs = [cfg for cfg in kern.CONFIGS if kern.config_fits(cfg, triton.next_power_of_2(d), slots, kind == "kv")]
+    if device == "cpu":
+        configs = list({cfg.kwargs["ROWS"]: cfg for cfg in configs}.values())
+    with_rows = kind == "kv" or d == 128
+    rows = torch.arange(n_entries, device=device) if with_rows else None
+    for cfg in configs:
+        values = torch.empty(n_entries, d, dtype=torch.bfloat16, device=device)
+        cache = torch.zeros(n_entries, _row_bytes(kind, d), dtype=torch.uint8, device=device) if with_rows else None
+        kern._compress(*args, ratio, kind, 1e-6, values, rows, cache, config=cfg)
+        if with_rows:
+            assert torch.equal(cache.cpu(), _reference_rows(values, kind)), f"rows of {cfg}"
+        assert_matches_oracle(values, *args, ratio, kind)
 
 
 def _window_expected(kv, freqs, positions, backend):

@@ -13,7 +13,7 @@ from dsv4_triton import ops, use_backend
 from dsv4_triton.formats import FP4_VALUES, e8m0_to_float, exp2_int, fp4_decode, fp4_encode, fp4_unpack
 from dsv4_triton.formats import div_rn
 from dsv4_triton.kernels.formats import cast_rne, fp4_code, fp4_round_in_range, fp4_value, to_f32
-from dsv4_triton.kernels.quant import fp4_scale_exponent
+from dsv4_triton.kernels.quant import fp4_scale_exponent, hadamard_butterfly
 from dsv4_triton.reference import quant as ref
 from helpers import ULP
 
@@ -402,6 +402,46 @@ def test_hadamard_strided_input(device):
     for x in (base[..., ::2], base.transpose(0, 1)[..., :256]):
         err = (_triton(ops.hadamard, x).cpu() - ref.hadamard(x).cpu()).abs()
         assert bool((err <= _hadamard_bound(x, ref.hadamard(x))).all())
+
+
+@triton.jit
+def _butterfly_kernel(x_ptr, y_ptr, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
+    offs = tl.arange(0, R)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(y_ptr + offs, hadamard_butterfly(tl.load(x_ptr + offs), LOG_N))
+
+
+def _butterfly(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(x)
+    _butterfly_kernel[(1,)](x, y, R=x.shape[0], N=x.shape[1], LOG_N=x.shape[1].bit_length() - 1)
+    return y.cpu()
+
+
+@given(rows=st.sampled_from([1, 2, 16]), log_n=st.integers(1, 9), scale=st.sampled_from([1e-20, 1.0, 1e20]),
+       seed=st.integers(0, 2**31))
+def test_hadamard_butterfly_within_fp32_rounding_of_the_product(device, rows, log_n, scale, seed):
+    """The compressor's CUDA-core Hadamard against x @ H_N in FP64.  Each output is a
+    balanced tree of log2 N FP32 additions, each rounding by at most 2^-24 of a partial sum
+    whose magnitude is at most sum|x|: |error| <= log2(N) 2^-24 sum|x| (first order; the
+    factor 1.001 covers the rest)."""
+    n = 1 << log_n
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)) * scale
+    exact = x.double() @ ref.sylvester(n, torch.device("cpu")).double()
+    err = (_butterfly(x.to(device)).double() - exact).abs()
+    bound = 1.001 * log_n * 2.0 ** -24 * x.double().abs().sum(-1, keepdim=True)
+    assert bool((err <= bound).all()), f"max err {err.max().item():.3g}, bound {bound.max().item():.3g}"
+
+
+@pytest.mark.parametrize("n", [2, 128, 512])
+def test_hadamard_butterfly_exact_on_integers_and_non_finite(device, n):
+    x = torch.randint(-100, 100, (4, n), generator=torch.Generator().manual_seed(n)).float()
+    h = ref.sylvester(n, torch.device("cpu")).double()
+    assert torch.equal(_butterfly(x.to(device)), (x.double() @ h).float())
+    x[1, 1] = float("inf")  # one Inf: every output +-Inf
+    x[2, 0] = float("nan")
+    x[3, 0] = x[3, 1] = float("inf")  # two Infs: Inf - Inf = NaN in half the outputs
+    y, expected = _butterfly(x.to(device)), (x.double() @ h).float()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y[~y.isnan()], expected[~y.isnan()])
+    assert torch.isinf(y[1]).all() and torch.isnan(y[2]).all()
 
 
 @triton.jit

@@ -9,9 +9,11 @@ finishes the rows in registers and writes them once as BF16:
 * RoPE on the last 64 dims at position ``ratio * i`` (``rotate_interleaved`` of the rope
   family, applied to the row viewed as 64-wide blocks, kept on the last block only);
 * kind "kv": qat8 (block 64, power-of-two scales) on the other blocks, ``fp8_quantise``
-  of the quant family; kind "indexer": the Hadamard rotation (``hadamard_rows``: +-1
-  products on tensor cores, exact) and qat4 (``fp4_quantise``).  The Hadamard product
-  needs at least 16 rows per program, so indexer entries go 16 per program.
+  of the quant family; kind "indexer": the Hadamard rotation (``hadamard_butterfly``: FP32
+  butterflies on CUDA cores) and qat4 (``fp4_quantise``).  The butterflies work at any row
+  count, so small programs (one entry, one warp) can keep many loads in flight per SM while
+  others finish; the tensor-core product would need 16 entries a program, whose finishing
+  steps then run with the memory idle (all programs of the one wave finish together).
 
 The result matches the oracle to FP32 rounding before the encode step; the quantised
 channels then agree except where a value lies within that rounding of a quantisation
@@ -40,12 +42,10 @@ from ..autotune import autotune
 from ..registry import register
 from ..reference.attention import fp8_row_bytes
 from .formats import amax_nan, cast_rne, ceil_log2, clamp_nan, exp2i, to_f32, to_fp8
-from .quant import (FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_quantise, hadamard_rows, hadamard_scale,
-                    kron_split, sylvester)
+from .quant import FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_quantise, hadamard_butterfly, hadamard_scale
 from .rope import clamp_position, rotate_interleaved
 
 ROPE_DIM = 64
-HADAMARD_ROWS = 16  # tl.dot needs 16 rows
 OVERLAP_RATIO = 4
 # The same numbers as constants the kernel can read.
 _ROPE: tl.constexpr = tl.constexpr(ROPE_DIM)
@@ -59,28 +59,32 @@ MAX_TILE = 8192
 MAX_STAGED_BYTES = 200 * 1024
 
 
+def config_fits(config: triton.Config, block_d: int, slots: int, kind_kv: bool) -> bool:
+    """Tiles must fit registers and their pipeline stages shared memory; programs of one or
+    two warps are for the narrow indexer entries only."""
+    rows, slot_block, stages = config.kwargs["ROWS"], config.kwargs["SLOT_BLOCK"], config.kwargs["STAGES"]
+    tile = slot_block * rows * block_d
+    staged = (2 * tile + slot_block * block_d) * 4 * stages
+    return ((not kind_kv or config.num_warps >= 4) and slot_block <= slots and tile <= MAX_TILE
+            and staged <= MAX_STAGED_BYTES)
+
+
 def _prune(configs, nargs, **kw):
-    """Indexer entries need 16 rows per program (the Hadamard product); tiles must fit
-    registers and their pipeline stages shared memory."""
-    keep = []
-    for c in configs:
-        rows, slot_block, stages = c.kwargs["ROWS"], c.kwargs["SLOT_BLOCK"], c.kwargs["STAGES"]
-        tile = slot_block * rows * kw["BLOCK_D"]
-        staged = (2 * tile + slot_block * kw["BLOCK_D"]) * 4 * stages
-        if ((kw["KIND_KV"] or rows == HADAMARD_ROWS) and slot_block <= kw["SLOTS"] and tile <= MAX_TILE
-                and staged <= MAX_STAGED_BYTES):
-            keep.append(c)
-    return keep or configs[:1]
+    return [c for c in configs if config_fits(c, kw["BLOCK_D"], kw["SLOTS"], kw["KIND_KV"])] or configs[:1]
 
 
 # The first config is the one the interpreter runs: valid for both kinds.  STAGES: depth of
 # the software pipeline over the slot blocks (the loads are not matmul operands, so the
 # loop asks for it explicitly; 1 = no pipelining).
+CONFIGS = [triton.Config({"ROWS": r, "SLOT_BLOCK": s, "STAGES": st}, num_warps=w) for r, s, w, st in
+           ((16, 4, 4, 1), (16, 1, 4, 3), (16, 2, 4, 2), (16, 2, 8, 2), (16, 4, 8, 1), (16, 8, 8, 1),
+            (1, 4, 4, 3), (1, 8, 4, 3), (1, 8, 8, 3), (1, 16, 8, 2), (1, 16, 16, 2), (1, 8, 4, 1),
+            (2, 4, 4, 2), (2, 4, 8, 1), (2, 8, 8, 1), (4, 4, 8, 1),
+            (1, 8, 1, 2), (1, 8, 1, 1), (1, 4, 1, 3), (2, 2, 1, 3), (2, 4, 1, 2), (4, 1, 2, 3), (8, 1, 8, 3))]
+
+
 @autotune(
-    configs=[triton.Config({"ROWS": r, "SLOT_BLOCK": s, "STAGES": st}, num_warps=w) for r, s, w, st in
-             ((16, 4, 4, 1), (16, 1, 4, 3), (16, 2, 4, 2), (16, 2, 8, 2), (16, 4, 8, 1), (16, 8, 8, 1),
-              (1, 4, 4, 3), (1, 8, 4, 3), (1, 8, 8, 3), (1, 16, 8, 2), (1, 16, 16, 2), (1, 8, 4, 1),
-              (2, 4, 4, 2), (2, 4, 8, 1), (2, 8, 8, 1), (4, 4, 8, 1))],
+    configs=CONFIGS,
     key=["D", "SLOTS", "KIND_KV"],
     name="compress_entries",
     prune_configs_by={"early_config_prune": _prune},
@@ -90,7 +94,7 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
                      n_entries, n_cache_rows, max_pos, eps, h_scale,
                      stride_an, stride_al, stride_zn, stride_zl, stride_ape, stride_idx, stride_dest,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, RATIO: tl.constexpr, SLOTS: tl.constexpr,
-                     KIND_KV: tl.constexpr, KRON_A: tl.constexpr, WRITE_VALUES: tl.constexpr,
+                     KIND_KV: tl.constexpr, LOG_D: tl.constexpr, WRITE_VALUES: tl.constexpr,
                      WRITE_ROWS: tl.constexpr, ROW_BYTES: tl.constexpr, ROWS: tl.constexpr,
                      SLOT_BLOCK: tl.constexpr, STAGES: tl.constexpr):
     OVERLAP: tl.constexpr = RATIO == _OVERLAP
@@ -166,15 +170,7 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
             blk_ok = tl.reshape(tl.broadcast_to(dest_ok[:, None], [ROWS, NB]), [ROWS * NB]) & (blk < D // _ROPE)
             store_fp8_row_blocks(cache_ptr, blk_dest * ROW_BYTES, blk, blk_ok, is_rope, yb, D, ROW_BYTES)
     else:
-        if KRON_A == 0:
-            h_n = sylvester(D, tl.bfloat16)
-            h_a = h_n
-            h_16 = h_n
-        else:
-            h_a = sylvester(KRON_A, tl.bfloat16)
-            h_16 = sylvester(16, tl.bfloat16)
-            h_n = h_a
-        xh = hadamard_rows(tl.reshape(xb, [ROWS, BLOCK_D]), h_scale, ROWS, D, KRON_A, h_a, h_16, h_n)
+        xh = hadamard_butterfly(tl.reshape(xb, [ROWS, BLOCK_D]), LOG_D) * h_scale
         codes, e, invalid = fp4_quantise(tl.reshape(xh, [ROWS * BLOCK_D // 32, 32]))
         yq = fp4_qat_values(codes, e, invalid)
         y = tl.reshape(yq, [ROWS, BLOCK_D])
@@ -294,9 +290,10 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows, cache):
+def _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows, cache, config=None):
     """One launch: writes ``out`` (BF16 entries) if given, and the encoded rows into the flat
-    ``cache`` rows ``rows`` if given."""
+    ``cache`` rows ``rows`` if given.  ``config``: one of ``CONFIGS`` to launch instead of the
+    tuned choice (to test each form)."""
     n_entries, slots, width = a.shape
     d = width // 2 if ratio == OVERLAP_RATIO else width
     a, z, ape = _last_dim_unit(a), _last_dim_unit(z), _last_dim_unit(ape)
@@ -310,13 +307,17 @@ def _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows, 
         rows, cache = _dummy(a.device, torch.int64), _dummy(a.device, torch.uint8)
     row_bytes = cache.shape[-1]
     grid = lambda meta: (triton.cdiv(n_entries, meta["ROWS"]),)
-    _compress_kernel[grid](
+    kernel, meta = _compress_kernel, {}
+    if config is not None:
+        kernel = _compress_kernel.fn
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](
         a, z, ape, norm_w, table, entry_idx, out, rows, cache, n_entries, cache.numel() // row_bytes,
         table.shape[0], eps, hadamard_scale(d), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
         ape.stride(0), entry_idx.stride(0), rows.stride(0),
         D=d, BLOCK_D=triton.next_power_of_2(d), RATIO=ratio, SLOTS=slots, KIND_KV=kind_kv,
-        KRON_A=0 if kind_kv else kron_split(d), WRITE_VALUES=write_values, WRITE_ROWS=write_rows,
-        ROW_BYTES=row_bytes)
+        LOG_D=0 if kind_kv else d.bit_length() - 1, WRITE_VALUES=write_values, WRITE_ROWS=write_rows,
+        ROW_BYTES=row_bytes, **meta)
 
 
 @register("compress_entries", "triton")

@@ -337,6 +337,24 @@ def hadamard_rows(x, scale, ROWS: tl.constexpr, N: tl.constexpr, KRON_A: tl.cons
     return y * scale
 
 
+@triton.jit
+def hadamard_butterfly(x, LOG_N: tl.constexpr):
+    """``x @ H_N`` (unscaled) for FP32 rows ``[R, N = 2^LOG_N]``, by LOG_N radix-2 stages on
+    CUDA cores: stage j replaces each pair of elements whose indices differ in bit j by
+    their sum and difference.  Any R works (the tensor-core form needs 16 rows), and a
+    stage moves data between threads through shared memory at most once.  Each output is
+    its 2^LOG_N signed inputs added as a balanced tree, one FP32 rounding a level, so it
+    lies within FP32 rounding of the exact sum, as the tensor-core form does; exact when
+    every partial sum is representable (integers, say)."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    for j in tl.static_range(LOG_N):
+        # [R, N / 2^(j+1), 2^j, 2]: the pair (bit j = 0, 1) as the last, size-2 axis.
+        a, b = tl.split(tl.permute(tl.reshape(x, [R, N // (2 << j), 2, 1 << j]), (0, 1, 3, 2)))
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [R, N])
+    return x
+
+
 _HADAMARD_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
                      ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
 

@@ -53,6 +53,8 @@ constexpr int kStageBytes = 8 * kPanelBytes;        // KV tile [64, 512] bf16
 constexpr int kExchFloats = kHeads * kTile;         // one consumer's partial scores
 constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 2 * kExchFloats * 4 + kStages * kTile * 4 + 1024;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxSplits = 128;    // slices the merge takes: one (m, l) pair a merging thread
+constexpr int kMergeBatch = 8;     // partial rows a merging thread has in flight
 
 // Named barriers (0 is __syncthreads): a stage filled / emptied, the score exchange, and each
 // consumer's Q tile.
@@ -407,27 +409,40 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
 }
 
 // The slices of one (token, head) in split order: one CTA of 128 threads, 4 columns each.
+// Every slice's (m, l) is loaded at once into shared memory and the partial rows kMergeBatch
+// at a time, so the merge waits on ~1 + n_splits / kMergeBatch round trips, not 3 n_splits;
+// the arithmetic and its order are those of a plain loop over the slices.
 __global__ void __launch_bounds__(128) merge_slices_kernel(const __grid_constant__ Params p) {
+  __shared__ float2 ml[kMaxSplits];
   const int64_t head_row = blockIdx.x;
   const int h = static_cast<int>(head_row % p.heads);
   const int tok = static_cast<int>(head_row / p.heads);
   const int b = tok / p.seq, s = tok % p.seq;
   const int64_t slot0 = head_row * p.n_splits;
+  if (threadIdx.x < p.n_splits) ml[threadIdx.x] = reinterpret_cast<const float2*>(p.part_ml)[slot0 + threadIdx.x];
+  __syncthreads();
   const float sink = p.sink[h] * kLog2e;
   float m_fin = sink;
-  for (int i = 0; i < p.n_splits; ++i) m_fin = fmaxf(m_fin, p.part_ml[2 * (slot0 + i)]);
+  for (int i = 0; i < p.n_splits; ++i) m_fin = fmaxf(m_fin, ml[i].x);
   float den = fast_exp2(sink - m_fin);
-  for (int i = 0; i < p.n_splits; ++i)
-    den += p.part_ml[2 * (slot0 + i) + 1] * fast_exp2(p.part_ml[2 * (slot0 + i)] - m_fin);
+  for (int i = 0; i < p.n_splits; ++i) den += ml[i].y * fast_exp2(ml[i].x - m_fin);
   const int col = 4 * threadIdx.x;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int i = 0; i < p.n_splits; ++i) {
-    const float w = fast_exp2(p.part_ml[2 * (slot0 + i)] - m_fin) / den;
-    const float4 v = *reinterpret_cast<const float4*>(p.part_o + (slot0 + i) * kDim + col);
-    acc.x += w * v.x;
-    acc.y += w * v.y;
-    acc.z += w * v.z;
-    acc.w += w * v.w;
+  for (int i0 = 0; i0 < p.n_splits; i0 += kMergeBatch) {
+    float4 v[kMergeBatch];
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j)
+      if (i0 + j < p.n_splits) v[j] = *reinterpret_cast<const float4*>(p.part_o + (slot0 + i0 + j) * kDim + col);
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      if (i0 + j < p.n_splits) {
+        const float w = fast_exp2(ml[i0 + j].x - m_fin) / den;
+        acc.x += w * v[j].x;
+        acc.y += w * v[j].y;
+        acc.z += w * v[j].z;
+        acc.w += w * v[j].w;
+      }
+    }
   }
   int64_t pos = 0;
   if (p.half_r > 0) pos = query_position(p.pos, p.pos64, b * p.stride_pb + s * p.stride_ps, p.max_pos);
@@ -465,8 +480,8 @@ void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tens
   TORCH_CHECK(aligned(kv, 8) && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0, "kv: expected 8-byte aligned rows");
   TORCH_CHECK(sink.scalar_type() == at::kFloat && sink.is_contiguous() && sink.numel() == q.size(2),
               "sink: expected contiguous fp32 [H]");
-  TORCH_CHECK(n_splits >= 1 && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
-              "n_splits / k_per_split: expected slices that cover the K candidates");
+  TORCH_CHECK(n_splits >= 1 && n_splits <= kMaxSplits && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
+              "n_splits / k_per_split: expected at most ", kMaxSplits, " slices that cover the K candidates");
   if (n_splits > 1) {
     const int64_t slots = q.size(0) * q.size(1) * q.size(2) * n_splits;
     TORCH_CHECK(part_o.scalar_type() == at::kFloat && part_o.numel() >= slots * kDim &&

@@ -455,45 +455,43 @@ def _rope_qat8_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_per_slot, m
     tl.store(y_row[:, None] + NOPE + c[None, :], cast_rne(yr, out_dtype), mask=mask)
 
 
-@autotune(configs=_HADAMARD_CONFIGS, key=["HEAD_DIM", "ROPE_DIM"], name="rope_hadamard_qat4")
+# Butterflies work at any row count, so tiles stay small enough that many programs share an
+# SM and one's loads run under another's arithmetic (H100, [4096, 64, 128] bf16: 16 rows on
+# 4 warps 63.7 us; the tensor-core product, which needs 16+ rows, 88 us in its best form).
+_ROPE_HADAMARD_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
+                          ((16, 4), (8, 4), (32, 4), (8, 2), (4, 1), (64, 8))]
+
+
+@autotune(configs=_ROPE_HADAMARD_CONFIGS, key=["HEAD_DIM", "ROPE_DIM"], name="rope_hadamard_qat4")
 @triton.jit
 def _rope_hadamard_qat4_kernel(x_ptr, y_ptr, table_ptr, pos_ptr, n_rows, rows_per_slot, max_pos,
                                stride_xs, stride_xm, stride_xd, stride_pos, scale,
-                               HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, KRON_A: tl.constexpr,
-                               MMA_DTYPE: tl.constexpr, ROWS: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, LOG_N: tl.constexpr,
+                               ROWS: tl.constexpr):
     CHUNKS: tl.constexpr = HEAD_DIM // ROPE_DIM
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    if KRON_A == 0:
-        h_n = sylvester(HEAD_DIM, MMA_DTYPE)
-        h_a = h_n
-        h_16 = h_n
-    else:
-        h_a = sylvester(KRON_A, MMA_DTYPE)
-        h_16 = sylvester(16, tl.bfloat16)
-        h_n = h_a
     cols = tl.arange(0, HEAD_DIM)
     c = tl.arange(0, ROPE_DIM)
     last_chunk = (tl.arange(0, CHUNKS) == CHUNKS - 1)[None, :, None]
-    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        # Row, slot and index in the slot in 32 bits (n_rows < 2^31: a cheap division); the
-        # offsets from them in 64 bits.
-        row = tile * ROWS + tl.arange(0, ROWS)
-        row_ok = row < n_rows
-        slot = row // rows_per_slot
-        inner = row - slot * rows_per_slot
-        x_row = x_ptr + slot.to(tl.int64) * stride_xs + inner.to(tl.int64) * stride_xm
-        x = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xd, mask=row_ok[:, None], other=0.0))
-        # RoPE on the last chunk of R dims (reloaded from L1), merged back into the row.
-        pos = clamp_position(tl.load(pos_ptr + slot.to(tl.int64) * stride_pos, mask=row_ok, other=0), max_pos)
-        xr = to_f32(tl.load(x_row[:, None] + (HEAD_DIM - ROPE_DIM + c)[None, :] * stride_xd,
-                            mask=row_ok[:, None], other=0.0))
-        yr = rotate_interleaved(xr, table_ptr, pos, ROPE_DIM, False)
-        r = tl.where(last_chunk, yr[:, None, :], tl.reshape(x, [ROWS, CHUNKS, ROPE_DIM]))
-        # Each step rounds to x's dtype, as the chain apply_rope -> hadamard -> qat4 does.
-        r = cast_rne(tl.reshape(r, [ROWS, HEAD_DIM]), dtype)
-        h = to_f32(cast_rne(hadamard_rows(r, scale, ROWS, HEAD_DIM, KRON_A, h_a, h_16, h_n), dtype))
-        y = tl.reshape(fp4_qat(tl.reshape(h, [ROWS * HEAD_DIM // 32, 32])), [ROWS, HEAD_DIM])
-        tl.store(y_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], cast_rne(y, dtype), mask=row_ok[:, None])
+    # Row, slot and index in the slot in 32 bits (n_rows < 2^31: a cheap division); the
+    # offsets from them in 64 bits.
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < n_rows
+    slot = row // rows_per_slot
+    inner = row - slot * rows_per_slot
+    x_row = x_ptr + slot.to(tl.int64) * stride_xs + inner.to(tl.int64) * stride_xm
+    x = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xd, mask=row_ok[:, None], other=0.0))
+    # RoPE on the last chunk of R dims (reloaded from L1), merged back into the row.
+    pos = clamp_position(tl.load(pos_ptr + slot.to(tl.int64) * stride_pos, mask=row_ok, other=0), max_pos)
+    xr = to_f32(tl.load(x_row[:, None] + (HEAD_DIM - ROPE_DIM + c)[None, :] * stride_xd,
+                        mask=row_ok[:, None], other=0.0))
+    yr = rotate_interleaved(xr, table_ptr, pos, ROPE_DIM, False)
+    r = tl.where(last_chunk, yr[:, None, :], tl.reshape(x, [ROWS, CHUNKS, ROPE_DIM]))
+    # Each step rounds to x's dtype, as the chain apply_rope -> hadamard -> qat4 does.
+    r = to_f32(cast_rne(tl.reshape(r, [ROWS, HEAD_DIM]), dtype))
+    h = to_f32(cast_rne(hadamard_butterfly(r, LOG_N) * scale, dtype))
+    y = tl.reshape(fp4_qat(tl.reshape(h, [ROWS * HEAD_DIM // 32, 32])), [ROWS, HEAD_DIM])
+    tl.store(y_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], cast_rne(y, dtype), mask=row_ok[:, None])
 
 
 def _slots(x: torch.Tensor, positions: torch.Tensor):
@@ -530,10 +528,9 @@ def rope_hadamard_qat4(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Te
     n_rows = x3.shape[0] * x3.shape[1]
     head_dim = x.shape[-1]
     table = freqs.contiguous()
-    progs = max_programs(x.device)
-    grid = lambda meta: (min(triton.cdiv(n_rows, meta["ROWS"]), progs),)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
     _rope_hadamard_qat4_kernel[grid](x3, y, table, pos, n_rows, x3.shape[1], table.shape[0], *x3.stride(),
                                      pos.stride(0), hadamard_scale(head_dim), HEAD_DIM=head_dim,
-                                     ROPE_DIM=2 * freqs.shape[1], KRON_A=kron_split(head_dim),
-                                     MMA_DTYPE=mma_dtype(x.dtype), enable_fp_fusion=False)
+                                     ROPE_DIM=2 * freqs.shape[1], LOG_N=head_dim.bit_length() - 1,
+                                     enable_fp_fusion=False)
     return y

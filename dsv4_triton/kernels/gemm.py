@@ -772,11 +772,14 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
 
 # --- grouped BF16 GEMM ---------------------------------------------------------------------
 
+GROUPED_LINEAR_BAND = 8  # row tiles a band of the tile order covers
+
 @autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in ((64, 64, 64, 4, 3), (16, 64, 64, 4, 3), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                      (64, 64, 64, 4, 4))],
+                                      (64, 64, 64, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 4),
+                                      (128, 128, 128, 8, 3), (256, 128, 64, 8, 3))],
     key=["M_BUCKET", "N", "K"], name="grouped_linear",
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
         c for c in configs if c.kwargs["BLOCK_M"] <= max(16, nargs["M_BUCKET"])] or configs[:1]},
@@ -784,10 +787,18 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
 @triton.jit
 def _grouped_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xg, stride_xk,
                            stride_wg, stride_wn, stride_ym, stride_yg, M_BUCKET,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    grp = tl.program_id(2).to(tl.int64)
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+    # Tiles of one group in column bands of GROUP_M row tiles: the programs in flight share
+    # a few weight tiles and a band of activation rows in L2.
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    band = pid // (GROUP_M * n_n)
+    band_m = tl.minimum(n_m - band * GROUP_M, GROUP_M)
+    pid_m = band * GROUP_M + (pid % (GROUP_M * n_n)) % band_m
+    pid_n = (pid % (GROUP_M * n_n)) // band_m
+    grp = tl.program_id(1).to(tl.int64)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -816,7 +827,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return y.zero_()
     if w.stride(-1) != 1:
         w = w.contiguous()
-    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), g)
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), g)
     _grouped_linear_kernel[grid](x, w, y, t, n, k, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(1),
-                                 y.stride(0), y.stride(1), m_bucket(t))
+                                 y.stride(0), y.stride(1), m_bucket(t), GROUP_M=GROUPED_LINEAR_BAND)
     return y

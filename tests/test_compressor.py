@@ -504,6 +504,29 @@ def test_window_rows_equal_pack_of_rope_qat8(device, backend, d, window, batch, 
     assert torch.equal(cache.cpu(), expected)
 
 
+def test_window_write_every_config(device):
+    """Each config the tuner may pick (tokens a program, warps), with a last program that is
+    partly padding: the same bytes as pack_kv_fp8(rope_qat8(kv)).  On the CPU one config per
+    token count (the interpreter ignores warps)."""
+    from dsv4_triton.kernels import compressor as kern
+
+    g = torch.Generator().manual_seed(9)
+    batch, seq, window, d = 3, 7, 16, 512
+    kv = torch.randn(batch, seq, d, generator=g).to(torch.bfloat16)
+    positions = torch.randint(0, 20, (batch, 1), generator=g) + torch.arange(seq)
+    freqs = rope_table(64)
+    configs = kern.WINDOW_CONFIGS
+    if device == "cpu":
+        configs = list({cfg.kwargs["ROWS"]: cfg for cfg in configs}.values())
+    expected = torch.zeros(batch, window, ref_attention.fp8_row_bytes(d), dtype=torch.uint8)
+    for b in range(batch):
+        expected[b, positions[b] % window] = _window_expected(kv[b], freqs, positions[b], "reference")
+    for cfg in configs:
+        cache = torch.zeros_like(expected).to(device)
+        kern.store_window(kv.to(device), freqs.to(device), positions.to(device), cache, window, None, config=cfg)
+        assert torch.equal(cache.cpu(), expected), cfg
+
+
 def test_window_write_nan_and_negative_positions(device):
     """A NaN or Inf token encodes as pack_kv_fp8 encodes it (NaN codes, scale byte 0xFF); a
     negative position writes nothing."""

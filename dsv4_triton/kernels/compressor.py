@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autotune import autotune
+from ..autotune import autotune, token_bucket
 from ..registry import register
 from ..reference.attention import fp8_row_bytes
 from .formats import amax_nan, cast_rne, ceil_log2, clamp_nan, exp2i, to_f32, to_fp8
@@ -231,9 +231,16 @@ def store_fp4_row_blocks(cache_ptr, row_start, blk, blk_ok, yq, D: tl.constexpr)
     tl.store(cache_ptr + row_start + D // 2 + blk, tl.where(invalid, 255, e + 127).to(tl.uint8), mask=blk_ok)
 
 
+# Tokens a program and warps: small programs keep more of them in flight per SM (a decode step
+# has B tokens, a prefill B x S).
+WINDOW_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
+                  ((4, 4), (1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (8, 4), (16, 8))]
+
+
+@autotune(configs=WINDOW_CONFIGS, key=["D", "TOKEN_BUCKET"], name="store_window_kv")
 @triton.jit
 def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, seq, window, max_pos,
-                      stride_kb, stride_ks, stride_pb, stride_ps, stride_cb, stride_cn,
+                      stride_kb, stride_ks, stride_pb, stride_ps, stride_cb, stride_cn, TOKEN_BUCKET,
                       D: tl.constexpr, ROW_BYTES: tl.constexpr, HAS_LENGTHS: tl.constexpr, ROWS: tl.constexpr):
     """``ROWS`` tokens per program: RoPE + qat8 of each (``rope_qat8``'s arithmetic, each
     part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``."""
@@ -352,12 +359,15 @@ def compress_entries_to_cache(a: torch.Tensor, z: torch.Tensor, ape: torch.Tenso
         _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, None, rows, cache)
 
 
-WINDOW_ROWS = 4  # tokens per program of the window write (a decode step has B of them)
-
-
 @register("store_window_kv", "triton")
 def store_window_kv(kv: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
                     window: int, lengths) -> None:
+    store_window(kv, freqs, positions, cache, window, lengths)
+
+
+def store_window(kv, freqs, positions, cache, window, lengths, config=None) -> None:
+    """``store_window_kv``'s launch; ``config``: one of ``WINDOW_CONFIGS`` instead of the tuned
+    choice (to test each)."""
     if kv.dim() == 2:
         kv, positions = kv[:, None], positions[:, None]
     bsz, seq, d = kv.shape
@@ -366,8 +376,12 @@ def store_window_kv(kv: torch.Tensor, freqs: torch.Tensor, positions: torch.Tens
     kv = _last_dim_unit(kv)
     table = freqs.contiguous()
     has_lengths = lengths is not None
-    _window_kv_kernel[(triton.cdiv(bsz * seq, WINDOW_ROWS),)](
+    kernel, meta = _window_kv_kernel, {}
+    if config is not None:
+        kernel = _window_kv_kernel.fn
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[lambda m: (triton.cdiv(bsz * seq, m["ROWS"]),)](
         kv, table, positions, lengths if has_lengths else positions, cache, bsz * seq, seq, window, table.shape[0],
         kv.stride(0), kv.stride(1), positions.stride(0), positions.stride(1), cache.stride(0), cache.stride(1),
-        D=d, ROW_BYTES=fp8_row_bytes(d), HAS_LENGTHS=has_lengths, ROWS=WINDOW_ROWS, num_warps=4,
-        enable_fp_fusion=False)
+        token_bucket(bsz * seq), D=d, ROW_BYTES=fp8_row_bytes(d), HAS_LENGTHS=has_lengths,
+        enable_fp_fusion=False, **meta)

@@ -341,8 +341,9 @@ def hadamard_rows(x, scale, ROWS: tl.constexpr, N: tl.constexpr, KRON_A: tl.cons
 def hadamard_butterfly(x, LOG_N: tl.constexpr):
     """``x @ H_N`` (unscaled) for FP32 rows ``[R, N = 2^LOG_N]``, by LOG_N radix-2 stages on
     CUDA cores: stage j replaces each pair of elements whose indices differ in bit j by
-    their sum and difference.  Any R works (the tensor-core form needs 16 rows), and a
-    stage moves data between threads through shared memory at most once.  Each output is
+    their sum and difference.  Any R works (the tensor-core form needs 16 rows); the
+    compiler moves data between threads (through shared memory) where a stage's pairs sit
+    in different threads.  Each output is
     its 2^LOG_N signed inputs added as a balanced tree, one FP32 rounding a level, so it
     lies within FP32 rounding of the exact sum, as the tensor-core form does; exact when
     every partial sum is representable (integers, say)."""

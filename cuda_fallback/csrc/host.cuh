@@ -33,6 +33,14 @@ inline int multiprocessors(int device) {
   return sms;
 }
 
+// The wgmma kernels are built for sm_90a alone: say so rather than fail at launch elsewhere.
+inline void require_sm90(int device, const char* what) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  TORCH_CHECK(major == 9 && minor == 0, what, ": needs an sm_90 device, got sm_", major, minor);
+}
+
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));

@@ -330,6 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const _
 // written).  The grid: tiles_per_cta 64-key tiles a CTA, one grid row per query.
 void indexer_scores_fp4(at::Tensor qi, at::Tensor w, at::Tensor keys, at::Tensor n_valid,
                         at::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle) {
+  require_sm90(qi.get_device(), "indexer_scores_fp4");
   TORCH_CHECK(qi.scalar_type() == at::kBFloat16 && qi.dim() == 4 && qi.size(2) == kHeads && qi.size(3) == kDim &&
                   qi.stride(3) == 1,
               "qi: expected bf16 [B, S, 64, 128] with a contiguous last dim");

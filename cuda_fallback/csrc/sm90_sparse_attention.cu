@@ -462,10 +462,7 @@ void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tens
                           at::Tensor freqs, at::Tensor positions, int64_t half_r, at::Tensor part_o,
                           at::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
                           int64_t stream_handle) {
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device());
-  TORCH_CHECK(major == 9 && minor == 0, "sparse_attention_fp8: needs an sm_90 device, got sm_", major, minor);
+  require_sm90(q.get_device(), "sparse_attention_fp8");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kDim && q.stride(3) == 1,
               "q: expected bf16 [B, S, H, 512] with a contiguous last dim");
   TORCH_CHECK(q.size(2) % kHeads == 0, "q: expected a multiple of 64 heads, got ", q.size(2));

@@ -97,6 +97,14 @@ def autotune(configs: List["triton.Config"], key: List[str], name: str | None = 
     return deco
 
 
+def launcher(tuner, config: "triton.Config | None" = None):
+    """(kernel, launch kwargs) to run ``tuner``'s kernel with its tuned choice (``config`` None)
+    or with ``config`` given explicitly (to test or time one form): ``kernel[grid](..., **kw)``."""
+    if config is None:
+        return tuner, {}
+    return tuner.fn, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def disable_tuning() -> None:
     """From now on, a shape with no stored choice runs its kernel's first config instead of
     timing every config (as ``DSV4_AUTOTUNE=0`` does from import); stored choices still apply.

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autotune import autotune, token_bucket
+from ..autotune import autotune, launcher, token_bucket
 from ..registry import register
 from ..reference.attention import fp8_row_bytes
 from .formats import amax_nan, cast_rne, ceil_log2, clamp_nan, exp2i, to_f32, to_fp8
@@ -314,10 +314,7 @@ def _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows, 
         rows, cache = _dummy(a.device, torch.int64), _dummy(a.device, torch.uint8)
     row_bytes = cache.shape[-1]
     grid = lambda meta: (triton.cdiv(n_entries, meta["ROWS"]),)
-    kernel, meta = _compress_kernel, {}
-    if config is not None:
-        kernel = _compress_kernel.fn
-        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel, meta = launcher(_compress_kernel, config)
     kernel[grid](
         a, z, ape, norm_w, table, entry_idx, out, rows, cache, n_entries, cache.numel() // row_bytes,
         table.shape[0], eps, hadamard_scale(d), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
@@ -376,10 +373,7 @@ def store_window(kv, freqs, positions, cache, window, lengths, config=None) -> N
     kv = _last_dim_unit(kv)
     table = freqs.contiguous()
     has_lengths = lengths is not None
-    kernel, meta = _window_kv_kernel, {}
-    if config is not None:
-        kernel = _window_kv_kernel.fn
-        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel, meta = launcher(_window_kv_kernel, config)
     kernel[lambda m: (triton.cdiv(bsz * seq, m["ROWS"]),)](
         kv, table, positions, lengths if has_lengths else positions, cache, bsz * seq, seq, window, table.shape[0],
         kv.stride(0), kv.stride(1), positions.stride(0), positions.stride(1), cache.stride(0), cache.stride(1),

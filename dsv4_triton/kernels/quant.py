@@ -14,7 +14,9 @@ BF16 parts (8 + 8 + 8 significant bits) and multiplied three times.  For n <= 12
 over 16) replace one of size n: A + 3 * 16 MACs per element instead of n (16-bit x; the
 second product's operand is FP32, hence three parts).  The matrices
 are built in registers from ``H[i, j] = (-1)^popcount(i & j)``; programs loop over row
-tiles so each builds them once.
+tiles so each builds them once.  That is the standalone ``hadamard`` op.  Kernels that
+rotate a few rows a program (``rope_hadamard_qat4`` here, the compressor's indexer entries)
+use ``hadamard_butterfly`` instead: log2(n) FP32 add/subtract stages at any row count.
 
 Fused finishing steps (one launch each, x read once): ``rope_qat8`` (RoPE on the last R
 dims, qat8 on the rest) and ``rope_hadamard_qat4`` (RoPE, Hadamard, qat4, each step rounded

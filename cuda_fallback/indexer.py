@@ -1,20 +1,26 @@
-"""The ``cuda`` backend of ``indexer_topk``: ``csrc/sm90_indexer_scores.cu`` scores FP4 key rows
-(wgmma, sm_90a); the selection is the Triton kernels' (``select_top_k``), unchanged.
+"""The ``cuda`` backend of ``indexer_topk`` at decode sizes: the CUDA kernels where they beat
+Triton, the Triton launches for the rest of the op.
 
-It covers the FP4 key rows (``pack_indexer_keys``, 68 bytes a key) with the model's 64
-indexer heads, for up to ``MAX_QUERIES`` queries a call (decode, where every query streams
-its own request's keys) whose keys give each CTA at least ``MIN_TILES_PER_CTA`` tiles: a
-CTA's fixed cost (qi into shared memory, the first loads) is then paid back.  H100, scoring
-pass alone: B = 32, 262144 keys 390 against 512 us, 32768 keys 53 against 71; B = 1, 262144
-keys 17 against 21; B = 1, 32768 keys (2 tiles a CTA) 6.0 against 4.6, left to Triton.
-Prefill (many queries over the same keys) stays on the Triton kernel, whose programs share
-each decoded key tile among a block of queries; BF16 keys and other head counts go there
-too, and forcing ``cuda`` on them raises ``BackendUnavailableError``.  Only sm_90a runs it
-(wgmma does not exist on sm_100).
+* Scoring: ``csrc/sm90_indexer_scores.cu`` (wgmma, sm_90a) for FP4 key rows
+  (``pack_indexer_keys``, 68 bytes a key) with the model's 64 indexer heads, when each CTA
+  gets at least ``MIN_TILES_PER_CTA`` key tiles (its fixed cost, qi into shared memory and
+  the first loads, is then paid back).  H100, scoring pass alone: B = 32, 262144 keys 390
+  against 512 us, 32768 keys 53 against 71; B = 1, 262144 keys 17 against 21; B = 1, 32768
+  keys (2 tiles a CTA) 6.0 against 4.6, left to Triton, as are BF16 keys and other head counts.
+* Selection: ``csrc/row_topk.cu``, one launch with a CTA cluster a row, for rows of up to
+  ``MAX_ROW_KEYS`` keys except where the Triton selection (``select_top_k``) measured faster
+  (``selection_covers``).  H100, selection alone: B = 32, 262144 keys 96 against 235 us; B = 1,
+  32768 keys 11 against 14.
 
-The scores are the Triton kernel's math (FP4 decoded exactly to BF16, FP32 accumulation,
+Both need at most ``MAX_QUERIES`` queries a call (decode, where every query streams its own
+request's keys).  Prefill (many queries over the same keys) stays on Triton, whose scoring
+programs share each decoded key tile among a block of queries; arguments that neither kernel
+takes go to Triton too, and forcing ``cuda`` on them raises ``BackendUnavailableError``.
+
+The CUDA scores are the Triton kernel's math (FP4 decoded exactly to BF16, FP32 accumulation,
 relu keeping NaN, times w, summed over the heads in a fixed order), summed in another order,
-so they agree with it within FP32 rounding and near-ties may select differently.
+so they agree with it within FP32 rounding and near-ties may select differently.  The CUDA
+selection is exact: the same indices as the Triton selection and the oracle on the same scores.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import triton
 
 from dsv4_triton.kernels.indexer import _sm_count, output_and_scores, select_top_k
+from dsv4_triton.kernels.indexer import indexer_scores as triton_indexer_scores
 from dsv4_triton.reference.indexer import FP4_KEY_BYTES
 from dsv4_triton.registry import register
 
@@ -36,22 +43,50 @@ CTAS_PER_SM = 2  # the kernel's launch bounds: every CTA of a one-wave grid is r
 # thousands of queries were not measured.
 MAX_QUERIES = 256
 MIN_TILES_PER_CTA = 8
+MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: kCluster CTAs of kThreads threads, kMaxItems keys a thread
+# Where the Triton selection is faster (H100, selection alone, k = 1024; benchmarks/NOTES.md):
+# one row longer than this (262144 keys: 17 against 32 us: its row-parallel launches use every
+# SM, a cluster 8 of them) and more rows than MAX_SHORT_ROWS shorter than SHORT_ROW_KEYS (128
+# rows of 4096: 29 against 68 us).
+ONE_ROW_MAX_KEYS = 65536
+MAX_SHORT_ROWS, SHORT_ROW_KEYS = 32, 16384
 
 
 def indexer_topk_covers(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor, k: int) -> str:
-    """``""`` when the sm_90a scoring kernel handles these ``indexer_topk`` arguments, else why not."""
-    if keys.dtype != torch.uint8:
-        return "BF16 keys (the kernel reads FP4 key rows)"
-    if qi.shape[2] != HEADS:
-        return f"{qi.shape[2]} heads (the kernel takes {HEADS})"
+    """``""`` when the CUDA scoring or selection kernel handles these ``indexer_topk``
+    arguments, else why neither does."""
     queries = qi.shape[0] * qi.shape[1]
     if queries > MAX_QUERIES:
-        return (f"{queries} queries (it takes up to {MAX_QUERIES}: with more, the Triton kernel shares each decoded "
-                "key tile among a block of queries)")
+        return (f"{queries} queries (the kernels take up to {MAX_QUERIES}: with more, the Triton scoring shares each "
+                "decoded key tile among a block of queries)")
+    scoring, selection = scoring_covers(qi, keys), selection_covers(queries, keys.shape[1])
+    return f"{scoring}; {selection}" if scoring and selection else ""
+
+
+def scoring_covers(qi: torch.Tensor, keys: torch.Tensor) -> str:
+    """``""`` when the sm_90a scoring kernel scores these keys (at most ``MAX_QUERIES`` queries), else why not."""
+    if keys.dtype != torch.uint8:
+        return "scoring: BF16 keys (the kernel reads FP4 key rows)"
+    if qi.shape[2] != HEADS:
+        return f"scoring: {qi.shape[2]} heads (the kernel takes {HEADS})"
+    queries = qi.shape[0] * qi.shape[1]
     tiles = tiles_per_cta(queries, keys.shape[1], qi.device)
     if tiles < MIN_TILES_PER_CTA:
-        return (f"{tiles} key tiles a CTA for {queries} queries of {keys.shape[1]} keys (it takes runs of at least "
-                f"{MIN_TILES_PER_CTA}: shorter ones do not pay back a CTA's fixed cost)")
+        return (f"scoring: {tiles} key tiles a CTA for {queries} queries of {keys.shape[1]} keys (the kernel takes "
+                f"runs of at least {MIN_TILES_PER_CTA}: shorter ones do not pay back a CTA's fixed cost)")
+    return ""
+
+
+def selection_covers(rows: int, n_keys: int) -> str:
+    """``""`` when the cluster selection takes ``rows`` rows of ``n_keys`` scores, else why not."""
+    if n_keys > MAX_ROW_KEYS:
+        return f"selection: rows of {n_keys} keys (the kernel holds up to {MAX_ROW_KEYS} in a cluster's registers)"
+    if rows == 1 and n_keys > ONE_ROW_MAX_KEYS:
+        return (f"selection: one row of {n_keys} keys (more than {ONE_ROW_MAX_KEYS}: the Triton selection spreads it "
+                "over every SM)")
+    if rows > MAX_SHORT_ROWS and n_keys < SHORT_ROW_KEYS:
+        return (f"selection: {rows} rows of {n_keys} keys (more than {MAX_SHORT_ROWS} rows under {SHORT_ROW_KEYS} keys: "
+                "the Triton selection's row segments are faster)")
     return ""
 
 
@@ -62,6 +97,15 @@ def tiles_per_cta(queries: int, n_keys: int, device: torch.device) -> int:
         device = torch.device("cuda")
     ctas_per_query = max(1, CTAS_PER_SM * _sm_count(device) // max(queries, 1))
     return triton.cdiv(triton.cdiv(n_keys, TILE), ctas_per_query)
+
+
+def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, k: int) -> None:
+    """The top-k of every FP32 score row ``[B*S, Nk]`` (Nk at most ``MAX_ROW_KEYS``) below its
+    query's ``n_valid`` into ``out`` (``[B, S, k]`` int32), by ``row_topk.cu``: one launch."""
+    if scores.shape[1] > MAX_ROW_KEYS:
+        raise ValueError(f"scores: expected rows of at most {MAX_ROW_KEYS} keys, got {scores.shape[1]}")
+    extension_at(scores.device.index).row_topk(scores, n_valid, out, k,
+                                               torch._C._cuda_getCurrentRawStream(scores.device.index))
 
 
 def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
@@ -85,7 +129,12 @@ def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vali
 @register("indexer_topk", "cuda", archs=("sm90a",), covers=indexer_topk_covers)
 def indexer_topk(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor,
                  k: int) -> torch.Tensor:
-    out, scores = output_and_scores(qi, w, keys, n_valid, k, indexer_scores)
-    if scores is not None:
+    scorer = triton_indexer_scores if scoring_covers(qi, keys) else indexer_scores
+    out, scores = output_and_scores(qi, w, keys, n_valid, k, scorer)
+    if scores is None:
+        return out
+    if selection_covers(*scores.shape):
         select_top_k(scores, n_valid, out, qi.shape[1], k)
+    else:
+        select_rows(scores, n_valid, out, k)
     return out

@@ -1,6 +1,8 @@
-"""The cuda backend of indexer_topk (cuda_fallback/csrc/sm90_indexer_scores.cu: FP4 key rows,
-64 heads, decode sizes, sm_90a): its scoring pass against the oracle, its exact FP4 decode,
-the selection it feeds, and the registry rule that sends it only those arguments.  GPU only."""
+"""The cuda backend of indexer_topk at decode sizes (cuda_fallback/csrc/sm90_indexer_scores.cu:
+FP4 key rows, 64 heads, sm_90a; cuda_fallback/csrc/row_topk.cu: the selection of rows up to
+MAX_ROW_KEYS): the scoring pass against the oracle, its exact FP4 decode, the selection
+against the oracle's on the same scores, and the registry rule that sends the backend only
+those arguments.  GPU only."""
 
 import pytest
 import torch
@@ -160,25 +162,80 @@ def test_cuda_graph_replays(device):
     assert torch.equal(out.cpu(), ref.indexer_topk(qi, w, packed, torch.full_like(n_valid, 100), 256))
 
 
+def _special_scores(g, rows, n_keys, kind):
+    """FP32 score rows of one kind: Gaussian over many octaves; small integers (many ties);
+    distinct values of one binade (the top digits shared: every radix level decides); one value
+    everywhere; Gaussian with NaN, +-Inf, +-0, subnormals and huge values scattered in."""
+    if kind == "gaussian":
+        return torch.randn(rows, n_keys, generator=g) * torch.exp2(torch.randint(-20, 20, (rows, 1), generator=g))
+    if kind == "integers":
+        return torch.randint(-3, 4, (rows, n_keys), generator=g).float()
+    if kind == "one binade":
+        return torch.stack([1024.0 + torch.randperm(n_keys, generator=g).float() * (1024.0 / max(n_keys, 1024))
+                            for _ in range(rows)])
+    if kind == "equal":
+        return torch.full((rows, n_keys), -2.5)
+    scores = torch.randn(rows, n_keys, generator=g)
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45,
+                             3e38, -3e38])
+    where = torch.rand(rows, n_keys, generator=g) < 0.05
+    pick = torch.randint(0, len(specials), (rows, n_keys), generator=g)
+    return torch.where(where, specials[pick], scores)
+
+
+@pytest.mark.parametrize("row_keys", [None, 8192, 8193, 16385, 32769, 65537, 131073, cuda_indexer.MAX_ROW_KEYS])
+@given(bsz=st.integers(1, 3), seq=st.integers(1, 2), short_keys=st.integers(1, 3000), k=st.integers(1, 2100),
+       kind=st.sampled_from(["gaussian", "integers", "one binade", "equal", "special"]), seed=st.integers(0, 2**31))
+def test_row_selection_equals_oracle(device, row_keys, bsz, seq, short_keys, k, kind, seed):
+    """The cluster selection on given scores: the oracle's indices exactly (ascending, ties to
+    the lower index, NaN first, -0.0 == +0.0, -1 padding), for every keys-a-thread size (rows
+    just past each power of two up to MAX_ROW_KEYS, and short ones), n_valid 0 / Nk / between,
+    k above and below both; no write lands past a row's k slots."""
+    n_keys = row_keys or short_keys
+    g = torch.Generator().manual_seed(seed)
+    rows = bsz * seq
+    scores = _special_scores(g, rows, n_keys, kind)
+    n_valid = random_n_valid(g, bsz, seq, n_keys)
+    out = torch.full((rows + 1, k), -7, dtype=torch.int32, device=device)  # the last row guards
+    cuda_indexer.select_rows(scores.to(device), n_valid.to(device), out[:rows], k)
+    assert torch.equal(out[:rows].cpu().view(bsz, seq, k), ref.select_topk(scores.view(bsz, seq, n_keys), n_valid, k))
+    assert torch.all(out[rows] == -7)
+
+
+def test_row_selection_rejects_long_rows(device):
+    scores = torch.zeros(1, cuda_indexer.MAX_ROW_KEYS + 1, device=device)
+    n_valid = torch.ones(1, 1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="scores: expected rows of at most"):
+        cuda_indexer.select_rows(scores, n_valid, torch.empty(1, 4, dtype=torch.int32, device=device), 4)
+
+
 def test_registry_rule(device, monkeypatch):
-    """FP4 keys, 64 heads, up to MAX_QUERIES queries with runs of MIN_TILES_PER_CTA tiles a CTA go
-    to the CUDA kernel by default; BF16 keys, other head counts, short runs and prefill sizes go
-    to Triton, and forcing cuda on them raises."""
+    """Up to MAX_QUERIES queries go to the cuda backend by default when its scoring kernel
+    takes them (FP4 keys, 64 heads, runs of MIN_TILES_PER_CTA tiles a CTA) or its selection
+    does (rows of up to MAX_ROW_KEYS keys); the rest, and prefill sizes, go to Triton, and
+    forcing cuda on them raises with both reasons."""
     monkeypatch.setattr(cuda_indexer, "_sm_count", lambda device: 1)  # 2 CTAs: 500 keys are 4 tiles a CTA
     monkeypatch.setattr(cuda_indexer, "MIN_TILES_PER_CTA", 4)
+    monkeypatch.setattr(cuda_indexer, "MAX_ROW_KEYS", 300)
     _, qi, w, packed = _packed_inputs(8, 1, 1, 500, integer=True)
     n_valid = torch.tensor([[500]], dtype=torch.int32)
     args = [t.to(device) for t in (qi, w, packed, n_valid)]
     ran = backends_called(monkeypatch, "indexer_topk")
-    ops.indexer_topk(*args, 16)
     bf16_keys = ref.key_values(packed).to(torch.bfloat16).to(device)
-    ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)
-    ops.indexer_topk(args[0], args[1], args[2][:, :200], args[3], 16)  # 4 tiles: 2 a CTA
-    assert ran == ["cuda", "triton", "triton"]
+    ops.indexer_topk(*args, 16)  # scored and selected by CUDA
+    ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)  # neither: 500 keys a row
+    ops.indexer_topk(args[0], args[1], args[2][:, :200], args[3], 16)  # selected only (2 tiles a CTA)
+    ops.indexer_topk(args[0], args[1], bf16_keys[:, :300], args[3], 16)  # selected only (BF16 keys)
+    assert ran == ["cuda", "triton", "cuda", "cuda"]
     covers = registry.ops()["indexer_topk"].impls["cuda"].covers
     many = qi.to(device).expand(1, cuda_indexer.MAX_QUERIES + 1, HEADS, 128)
     assert "queries" in covers(many, args[1], args[2], args[3], 16)
     assert "heads" in covers(args[0][:, :, :32], args[1][:, :, :32], args[2], args[3], 16)
-    assert "tiles a CTA" in covers(args[0], args[1], args[2][:, :200], args[3], 16)
-    with use_backend("cuda", ops=["indexer_topk"]), pytest.raises(BackendUnavailableError, match="BF16 keys"):
+    assert "tiles a CTA" in covers(args[0], args[1], args[2][:, :350], args[3], 16)  # 3 tiles a CTA, 350 keys
+    with use_backend("cuda", ops=["indexer_topk"]), pytest.raises(BackendUnavailableError, match="BF16 keys.*500"):
         ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)
+    monkeypatch.setattr(cuda_indexer, "MAX_ROW_KEYS", 10**6)
+    assert "one row" in cuda_indexer.selection_covers(1, cuda_indexer.ONE_ROW_MAX_KEYS + 1)
+    assert cuda_indexer.selection_covers(2, cuda_indexer.ONE_ROW_MAX_KEYS + 1) == ""
+    assert "rows of" in cuda_indexer.selection_covers(cuda_indexer.MAX_SHORT_ROWS + 1, cuda_indexer.SHORT_ROW_KEYS - 1)
+    assert cuda_indexer.selection_covers(cuda_indexer.MAX_SHORT_ROWS, cuda_indexer.SHORT_ROW_KEYS - 1) == ""

@@ -33,6 +33,8 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
                     torch::Tensor hs, int64_t topk, double limit, int64_t stream_handle);
 void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle);
+// row_topk.cu
+void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, int64_t k, int64_t stream_handle);
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
 void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
                         torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);
@@ -57,4 +59,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sparse MQA attention with sink over FP8 cache rows, head dim 512, sm_90a (+ slice merge when split)");
 #endif
   m.def("moe_decode_w2", &moe_decode_w2, "routed experts at decode: w2 GEMM into per-pair FP32 rows");
+  m.def("row_topk", &row_topk, "exact top-k of FP32 score rows (indexer conventions), one CTA cluster a row");
 }

@@ -28,7 +28,7 @@ import torch
 
 from cuda_fallback import indexer as cuda_indexer
 
-from .. import ops
+from .. import ops, registry
 from ..kernels import indexer as kernels
 from ..reference import indexer as ref
 from .case import Case, runs_cuda
@@ -99,7 +99,8 @@ def _decode_cases(quick):
             oracle=scores_oracle,
             bytes=key_bytes + small + bsz * n_keys * 4, flops=flops, ceiling="copy", launches=1,
             notes=f"scoring pass alone over {layout}/key; target >= 70% of copy"))
-        if fp4 and _runs_cuda(bsz, n_keys):
+        if fp4 and cuda_indexer.scoring_covers(_meta_qi(bsz), _meta_keys(bsz, n_keys, fp4)) == "" \
+                and _runs_cuda(bsz, n_keys, fp4):
             out.append(Case(
                 op="indexer_scores[cuda]", shape=shape, make_inputs=make,
                 run=lambda qi, w, keys, nv: cuda_indexer.indexer_scores(qi, w, keys, nv),
@@ -122,25 +123,42 @@ def _decode_cases(quick):
         parts = kernels.plan_parts(bsz, n_keys, TOP_K, cuda)
         splits = kernels.plan_splits(bsz, n_keys, TOP_K, cuda)
         # Row-parallel: scores, 4 radix levels, write.
-        launches = 6 if parts else 2 if splits == 1 else 3
-        plan = f"row-parallel, {parts} chunks per row" if parts else f"{splits} segment(s) per row"
+        triton_launches = 6 if parts else 2 if splits == 1 else 3
+        triton_plan = f"row-parallel, {parts} chunks per row" if parts else f"{splits} segment(s) per row"
+        cuda_selects = _runs_cuda(bsz, n_keys, fp4) and cuda_indexer.selection_covers(bsz, n_keys) == ""
+        topk = dict(shape=shape + f" k={TOP_K}", make_inputs=make,
+                    oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
+                    bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy")
         out.append(Case(
-            op="indexer_topk", shape=shape + f" k={TOP_K}", make_inputs=make,
-            run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),
+            op="indexer_topk", run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),
             eager=lambda qi, w, keys, nv, ek=eager_keys: _eager_topk(qi, w, ek(keys), nv, TOP_K),
-            oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
-            bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy",
-            launches=launches,
-            notes=f"score + exact FP32 top-k ({plan}); target within 2x of the scoring pass"))
+            launches=2 if cuda_selects else triton_launches,
+            notes=("score + exact FP32 top-k (" + ("one launch, a CTA cluster a row" if cuda_selects else triton_plan)
+                   + "); target within 2x of the scoring pass"), **topk))
+        if cuda_selects:
+            triton_topk = registry.ops()["indexer_topk"].impls["triton"].fn
+            out.append(Case(
+                op="indexer_topk[triton]", run=lambda qi, w, keys, nv, fn=triton_topk: fn(qi, w, keys, nv, TOP_K),
+                eager=None, launches=triton_launches,
+                notes=f"the Triton backend, for comparison ({triton_plan})", **topk))
     return out
 
 
-def _runs_cuda(bsz, n_keys):
-    """Whether the registry sends a decode case of FP4 keys to the CUDA scoring kernel here."""
+def _meta_qi(bsz):
+    return torch.empty(bsz, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="meta")
+
+
+def _meta_keys(bsz, n_keys, fp4):
+    return torch.empty(bsz, n_keys, *((ref.FP4_KEY_BYTES,) if fp4 else (HEAD_DIM,)),
+                       dtype=torch.uint8 if fp4 else torch.bfloat16, device="meta")
+
+
+def _runs_cuda(bsz, n_keys, fp4):
+    """Whether the registry sends a decode case to the cuda backend here (its scoring kernel,
+    its selection kernel or both take it)."""
     meta = partial(torch.empty, device="meta")
-    qi = meta(bsz, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    keys = meta(bsz, n_keys, ref.FP4_KEY_BYTES, dtype=torch.uint8)
-    return runs_cuda("indexer_topk", qi, meta(bsz, 1, HEADS), keys, meta(bsz, 1, dtype=torch.int32), TOP_K)
+    return runs_cuda("indexer_topk", _meta_qi(bsz), meta(bsz, 1, HEADS), _meta_keys(bsz, n_keys, fp4),
+                     meta(bsz, 1, dtype=torch.int32), TOP_K)
 
 
 def _prefill_case():

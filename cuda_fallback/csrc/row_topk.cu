@@ -1,0 +1,266 @@
+// Exact top-k of FP32 score rows at decode sizes: one thread-block cluster a row, one launch.
+// targets: sm90a sm100a
+//
+// The selection of indexer_topk's cuda backend, with the conventions of the oracle
+// (dsv4_triton/reference/indexer.py): the indices of the min(k, n_valid) largest scores below
+// n_valid, ascending, then -1; ties at the k-th score go to the lower indices; NaN ranks above
+// every number; -0.0 equals +0.0.
+//
+// A row is split into kCluster contiguous slices, one a CTA, held in registers (ITEMS keys a
+// thread, key j of thread t at slice offset j * kThreads + t, so a warp's loads are 128
+// contiguous bytes).  Scores become order keys (unsigned, same order; 0 marks a key past
+// n_valid, which no score maps to) and a radix select picks the k-th key's digits, 8 bits a
+// level from the top: each CTA counts its slice per digit in shared memory and stores the
+// counts into every CTA's shared memory (distributed shared memory: stores do not wait for a
+// round trip, loads would), one cluster barrier, and every CTA sums the kCluster histograms
+// and makes the same pick.  A level ends the search early when all the keys left in the
+// picked digit are taken.  The compaction ranks the selected keys in index order: per item
+// and warp a ballot's count, one block scan over those counts, and the totals of the CTAs
+// before this one, stored by them.
+//
+// Why a cluster: the row-parallel Triton selection pays five launches of a few microseconds
+// each; one CTA a row would do all the counting on one SM.  H100 (graph replays, selection
+// alone): see benchmarks/NOTES.md, "indexer, seventeenth round".
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "host.cuh"
+
+using namespace dsv4;
+namespace cg = cooperative_groups;
+
+namespace {
+
+constexpr int kCluster = 8;  // the portable maximum: every H100 GPC holds such a cluster
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxItems = 32;  // keys a thread: 64 registers a thread at most with 1024 threads
+constexpr int kBins = 256;
+constexpr int kLevels = 4;
+constexpr int64_t kMaxRowKeys = int64_t{kCluster} * kThreads * kMaxItems;
+
+struct Params {
+  const float* scores;  // [rows, n_keys], contiguous
+  const int32_t* n_valid;
+  int32_t* out;  // [rows, k], contiguous
+  int64_t stride_nb, stride_ns;
+  int seq, n_keys, k;
+};
+
+struct Shared {
+  int hist[kLevels][kBins];                      // this slice's counts
+  int cluster_hist[kLevels][kCluster][kBins];  // every slice's counts, stored by the slice's CTA
+  // Per (item, warp) the counts of selected keys above the threshold (low 16 bits) and tied
+  // with it (high 16 bits); after the scan, the counts before that (item, warp) in the slice.
+  uint32_t counts[kMaxItems * kWarps];
+  uint32_t warp_sums[kWarps];
+  uint32_t slice_totals[kCluster];  // the counts of the slices before this one, stored by their CTAs
+  int pick[3];           // digit, keys above it, keys in it
+};
+
+__device__ __forceinline__ uint32_t order_key(float v) {
+  int32_t bits = v == 0.0f ? 0 : __float_as_int(v);  // -0.0 as +0.0
+  bits = bits < 0 ? bits ^ 0x7FFFFFFF : bits;
+  if (v != v) bits = 0x7FFFFFFF;  // NaN of either sign above +Inf
+  return static_cast<uint32_t>(bits) ^ 0x80000000u;  // -Inf is 0x007FFFFF: 0 is free for "not a key"
+}
+
+// Adds one to bin `digit` of `hist` for each lane with `match`.  The lanes sharing the first
+// matching lane's digit add as one: a row's scores crowd a few digits of the top levels, and
+// same-address atomics of one instruction are serialised.  The others add one each.
+__device__ __forceinline__ void count_digit(int* hist, bool match, uint32_t digit, int lane) {
+  const unsigned active = __ballot_sync(~0u, match);
+  if (active == 0) return;
+  const int first = __ffs(active) - 1;
+  const uint32_t lead = __shfl_sync(~0u, digit, first);
+  const unsigned same = __ballot_sync(~0u, match && digit == lead);
+  if (lane == first) {
+    atomicAdd(&hist[lead], __popc(same));
+  } else if (match && digit != lead) {
+    atomicAdd(&hist[digit], 1);
+  }
+}
+
+__device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const uint32_t up = __shfl_up_sync(~0u, v, offset);
+    if (lane >= offset) v += up;
+  }
+  return v;
+}
+
+// Threads 0..255 only: the digit (of the level's summed histograms) that holds the
+// `remaining`-th largest key among those matching the prefix, into sh.pick.
+__device__ __forceinline__ void pick_digit(Shared& sh, int level, int remaining, int tid, int lane, int warp) {
+  const int bin = kBins - 1 - tid;  // thread 0 holds the highest digit
+  int in_bin = 0;
+#pragma unroll
+  for (int r = 0; r < kCluster; ++r) in_bin += sh.cluster_hist[level][r][bin];
+  uint32_t at_or_above = warp_inclusive_sum(static_cast<uint32_t>(in_bin), lane);
+  if (lane == 31) sh.warp_sums[warp] = at_or_above;
+  asm volatile("bar.sync 1, %0;" ::"n"(kBins));  // the 8 warps of the pick only
+  for (int w = 0; w < warp; ++w) at_or_above += sh.warp_sums[w];
+  const int above = static_cast<int>(at_or_above) - in_bin;
+  if (above < remaining && static_cast<int>(at_or_above) >= remaining) {
+    sh.pick[0] = bin;
+    sh.pick[1] = above;
+    sh.pick[2] = in_bin;
+  }
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+template <int ITEMS>
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
+  __shared__ Shared sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t row = blockIdx.x / kCluster;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t b = row / p.seq, s = row % p.seq;
+  const int n = min(max(p.n_valid[b * p.stride_nb + s * p.stride_ns], 0), p.n_keys);
+  const int take = min(p.k, n);
+  int32_t* out = p.out + row * p.k;
+  for (int pos = take + rank * kThreads + tid; pos < p.k; pos += kCluster * kThreads) out[pos] = -1;
+  constexpr int kSlice = ITEMS * kThreads;
+  const int first = rank * kSlice;
+  if (take == n) {  // every valid key is selected (uniform over the cluster: no barrier passed yet)
+    for (int i = first + tid; i < min(n, first + kSlice); i += kThreads) out[i] = i;
+    return;
+  }
+  // Arrived here, waited for before the first store into another CTA: by then every CTA of
+  // the cluster has started (the rule for distributed shared memory), without a round trip now.
+  cluster_arrive_relaxed();
+
+  uint32_t key[ITEMS];
+  const float* src = p.scores + row * p.n_keys;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const int i = first + j * kThreads + tid;
+    key[j] = i < n ? order_key(src[i]) : 0u;
+  }
+  for (int i = tid; i < kLevels * kBins; i += kThreads) (&sh.hist[0][0])[i] = 0;
+
+  // The radix select: after it, the selected keys are those whose top bits (key >> shift) are
+  // above `prefix`, and the first `remaining` (in index order) of those equal to it.
+  uint32_t prefix = 0;
+  int remaining = take;
+  int shift = 0;
+  for (int level = 0; level < kLevels; ++level) {
+    const int level_shift = 24 - 8 * level;
+    __syncthreads();  // the histograms' zeroing (level 0), the last pick read (later levels)
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+      const bool match = key[j] != 0 && (level == 0 || (key[j] >> (level_shift + 8)) == prefix);
+      count_digit(sh.hist[level], match, (key[j] >> level_shift) & (kBins - 1), lane);
+    }
+    __syncthreads();
+    if (level == 0) cluster_wait();
+    for (int i = tid; i < kCluster * kBins; i += kThreads) {
+      cluster.map_shared_rank(&sh.cluster_hist[level][rank][0], i / kBins)[i % kBins] = sh.hist[level][i % kBins];
+    }
+    cluster.sync();  // every slice's histogram of this level stored and visible
+    if (tid < kBins) pick_digit(sh, level, remaining, tid, lane, warp);
+    __syncthreads();
+    remaining -= sh.pick[1];
+    prefix = (prefix << 8) | static_cast<uint32_t>(sh.pick[0]);
+    if (sh.pick[2] == remaining) {  // the digit's keys are all taken
+      shift = level_shift;
+      break;
+    }
+  }
+
+  // Counts per (item, warp), then their exclusive scan in index order (item-major).
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const uint32_t top = key[j] >> shift;
+    const unsigned above = __ballot_sync(~0u, key[j] != 0 && top > prefix);
+    const unsigned tied = __ballot_sync(~0u, key[j] != 0 && top == prefix);
+    if (lane == 0) sh.counts[j * kWarps + warp] = __popc(above) | (__popc(tied) << 16);
+  }
+  __syncthreads();
+  // Each field stays below 2^16: at most kSlice = 32768 keys a slice.
+  const uint32_t mine = tid < ITEMS * kWarps ? sh.counts[tid] : 0u;
+  const uint32_t inclusive = warp_inclusive_sum(mine, lane);
+  if (lane == 31) sh.warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) sh.warp_sums[lane] = warp_inclusive_sum(sh.warp_sums[lane], lane);
+  __syncthreads();
+  if (tid < ITEMS * kWarps) sh.counts[tid] = inclusive - mine + (warp > 0 ? sh.warp_sums[warp - 1] : 0u);
+  if (tid > rank && tid < kCluster) *cluster.map_shared_rank(&sh.slice_totals[rank], tid) = sh.warp_sums[kWarps - 1];
+  cluster.sync();  // the counts, and the totals of the slices before this one
+  int above_before = 0, tied_before = 0;
+  for (int r = 0; r < rank; ++r) {
+    above_before += static_cast<int>(sh.slice_totals[r] & 0xFFFFu);
+    tied_before += static_cast<int>(sh.slice_totals[r] >> 16);
+  }
+  const unsigned lanes_below = (1u << lane) - 1u;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const uint32_t top = key[j] >> shift;
+    const bool is_above = key[j] != 0 && top > prefix;
+    const bool is_tied = key[j] != 0 && top == prefix;
+    const unsigned above = __ballot_sync(~0u, is_above);
+    const unsigned tied = __ballot_sync(~0u, is_tied);
+    const uint32_t before = sh.counts[j * kWarps + warp];
+    const int a = above_before + static_cast<int>(before & 0xFFFFu) + __popc(above & lanes_below);
+    const int t = tied_before + static_cast<int>(before >> 16) + __popc(tied & lanes_below);
+    if (is_above) {
+      out[a + min(t, remaining)] = first + j * kThreads + tid;
+    } else if (is_tied && t < remaining) {
+      out[a + t] = first + j * kThreads + tid;
+    }
+  }
+  // No barrier to leave: nothing reads or writes another CTA's shared memory after the last one.
+}
+
+template <int ITEMS>
+void launch(const Params& p, int64_t rows, cudaStream_t stream) {
+  row_topk_kernel<ITEMS><<<static_cast<unsigned>(rows * kCluster), kThreads, 0, stream>>>(p);
+}
+
+}  // namespace
+
+// scores: fp32 [rows, Nk] contiguous, Nk <= kMaxRowKeys; n_valid: int32 [B, S] with B * S =
+// rows (row r is query (r / S, r % S)); out: int32, rows * k contiguous.
+void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, int64_t stream_handle) {
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && scores.is_contiguous(),
+              "scores: expected contiguous fp32 [rows, Nk], got ", scores.scalar_type(), " ", scores.sizes());
+  const int64_t rows = scores.size(0), n_keys = scores.size(1);
+  const int64_t max_keys = kMaxRowKeys;  // a copy: c10::str takes references
+  TORCH_CHECK(n_keys <= max_keys, "scores: expected at most ", max_keys, " keys a row, got ", n_keys);
+  TORCH_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.numel() == rows,
+              "n_valid: expected int32 [B, S] with B * S = ", rows, " rows, got ", n_valid.scalar_type(), " ",
+              n_valid.sizes());
+  TORCH_CHECK(k >= 1 && k < (int64_t{1} << 31), "k: expected a positive int32, got ", k);
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.numel() == rows * k,
+              "out: expected contiguous int32 with rows * k = ", rows * k, " elements, got ", out.sizes());
+  TORCH_CHECK(rows * kCluster < (int64_t{1} << 31), "row_topk: too many rows (", rows, ")");
+  if (rows == 0) return;
+  Params p{};
+  p.scores = scores.data_ptr<float>();
+  p.n_valid = n_valid.data_ptr<int32_t>();
+  p.out = out.data_ptr<int32_t>();
+  p.stride_nb = n_valid.stride(0);
+  p.stride_ns = n_valid.stride(1);
+  p.seq = static_cast<int>(n_valid.size(1));
+  p.n_keys = static_cast<int>(n_keys);
+  p.k = static_cast<int>(k);
+  const DeviceScope scope(scores.get_device());
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int64_t per_thread = (n_keys + kCluster * kThreads - 1) / (kCluster * kThreads);
+  if (per_thread <= 1) launch<1>(p, rows, stream);
+  else if (per_thread <= 2) launch<2>(p, rows, stream);
+  else if (per_thread <= 4) launch<4>(p, rows, stream);
+  else if (per_thread <= 8) launch<8>(p, rows, stream);
+  else if (per_thread <= 16) launch<16>(p, rows, stream);
+  else launch<32>(p, rows, stream);
+  check_launch("row_topk");
+}

@@ -9,8 +9,8 @@ Triton, the Triton launches for the rest of the op.
   keys (2 tiles a CTA) 6.0 against 4.6, left to Triton, as are BF16 keys and other head counts.
 * Selection: ``csrc/row_topk.cu``, one launch with a CTA cluster a row, for rows of up to
   ``MAX_ROW_KEYS`` keys except where the Triton selection (``select_top_k``) measured faster
-  (``selection_covers``).  H100, selection alone: B = 32, 262144 keys 96 against 235 us; B = 1,
-  32768 keys 11 against 14.
+  (``selection_covers``).  H100, selection alone: B = 32, 262144 keys 61 against 233 us, 32768
+  keys 29 against 33; B = 1, 32768 keys 10.4 against 14.4.
 
 Both need at most ``MAX_QUERIES`` queries a call (decode, where every query streams its own
 request's keys).  Prefill (many queries over the same keys) stays on Triton, whose scoring
@@ -24,6 +24,8 @@ selection is exact: the same indices as the Triton selection and the oracle on t
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -45,11 +47,15 @@ MAX_QUERIES = 256
 MIN_TILES_PER_CTA = 8
 MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: kCluster CTAs of kThreads threads, kMaxItems keys a thread
 # Where the Triton selection is faster (H100, selection alone, k = 1024; benchmarks/NOTES.md):
-# one row longer than this (262144 keys: 17 against 32 us: its row-parallel launches use every
-# SM, a cluster 8 of them) and more rows than MAX_SHORT_ROWS shorter than SHORT_ROW_KEYS (128
-# rows of 4096: 29 against 68 us).
-ONE_ROW_MAX_KEYS = 65536
+# one row longer than this (262144 keys: 16.8 against 18.6 us: its row-parallel launches use
+# every SM, a cluster 16 of them) and more rows than MAX_SHORT_ROWS shorter than
+# SHORT_ROW_KEYS (64 rows of 4096: 23 against 37 us).
+ONE_ROW_MAX_KEYS = 131072
 MAX_SHORT_ROWS, SHORT_ROW_KEYS = 32, 16384
+# 16 CTAs a row for up to MAX_WIDE_ROWS rows longer than WIDE_ROW_KEYS (H100, one row of
+# 262144 keys: 18.6 against 23.4 us with 8), else 8 (more clusters at once; 8 rows of 32768
+# keys: 10.4 against 18.0 us).
+MAX_WIDE_ROWS, WIDE_ROW_KEYS = 4, 65536
 
 
 def indexer_topk_covers(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor, k: int) -> str:
@@ -85,8 +91,8 @@ def selection_covers(rows: int, n_keys: int) -> str:
         return (f"selection: one row of {n_keys} keys (more than {ONE_ROW_MAX_KEYS}: the Triton selection spreads it "
                 "over every SM)")
     if rows > MAX_SHORT_ROWS and n_keys < SHORT_ROW_KEYS:
-        return (f"selection: {rows} rows of {n_keys} keys (more than {MAX_SHORT_ROWS} rows under {SHORT_ROW_KEYS} keys: "
-                "the Triton selection's row segments are faster)")
+        return (f"selection: {rows} rows of {n_keys} keys (more than {MAX_SHORT_ROWS} rows under {SHORT_ROW_KEYS} "
+                "keys: the Triton selection's row segments are faster)")
     return ""
 
 
@@ -99,12 +105,20 @@ def tiles_per_cta(queries: int, n_keys: int, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(n_keys, TILE), ctas_per_query)
 
 
-def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, k: int) -> None:
+def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, k: int,
+                cluster: Optional[int] = None) -> None:
     """The top-k of every FP32 score row ``[B*S, Nk]`` (Nk at most ``MAX_ROW_KEYS``) below its
-    query's ``n_valid`` into ``out`` (``[B, S, k]`` int32), by ``row_topk.cu``: one launch."""
-    if scores.shape[1] > MAX_ROW_KEYS:
-        raise ValueError(f"scores: expected rows of at most {MAX_ROW_KEYS} keys, got {scores.shape[1]}")
-    extension_at(scores.device.index).row_topk(scores, n_valid, out, k,
+    query's ``n_valid`` into ``out`` (``[B, S, k]`` int32), by ``row_topk.cu``: one launch of
+    ``cluster`` CTAs a row (8 or 16; default: 16 for at most ``MAX_WIDE_ROWS`` rows longer
+    than ``WIDE_ROW_KEYS``, else 8)."""
+    rows, n_keys = scores.shape
+    if n_keys > MAX_ROW_KEYS:
+        raise ValueError(f"scores: expected rows of at most {MAX_ROW_KEYS} keys, got {n_keys}")
+    if cluster is None:
+        cluster = 16 if rows <= MAX_WIDE_ROWS and n_keys > WIDE_ROW_KEYS else 8
+    if cluster not in (8, 16):
+        raise ValueError(f"cluster: expected 8 or 16 CTAs a row, got {cluster}")
+    extension_at(scores.device.index).row_topk(scores, n_valid, out, k, cluster,
                                                torch._C._cuda_getCurrentRawStream(scores.device.index))
 
 

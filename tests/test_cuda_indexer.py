@@ -185,19 +185,20 @@ def _special_scores(g, rows, n_keys, kind):
 
 @pytest.mark.parametrize("row_keys", [None, 8192, 8193, 16385, 32769, 65537, 131073, cuda_indexer.MAX_ROW_KEYS])
 @given(bsz=st.integers(1, 3), seq=st.integers(1, 2), short_keys=st.integers(1, 3000), k=st.integers(1, 2100),
-       kind=st.sampled_from(["gaussian", "integers", "one binade", "equal", "special"]), seed=st.integers(0, 2**31))
-def test_row_selection_equals_oracle(device, row_keys, bsz, seq, short_keys, k, kind, seed):
+       kind=st.sampled_from(["gaussian", "integers", "one binade", "equal", "special"]),
+       cluster=st.sampled_from([8, 16]), seed=st.integers(0, 2**31))
+def test_row_selection_equals_oracle(device, row_keys, bsz, seq, short_keys, k, kind, cluster, seed):
     """The cluster selection on given scores: the oracle's indices exactly (ascending, ties to
     the lower index, NaN first, -0.0 == +0.0, -1 padding), for every keys-a-thread size (rows
     just past each power of two up to MAX_ROW_KEYS, and short ones), n_valid 0 / Nk / between,
-    k above and below both; no write lands past a row's k slots."""
+    k above and below both, clusters of 8 and 16 CTAs; no write lands past a row's k slots."""
     n_keys = row_keys or short_keys
     g = torch.Generator().manual_seed(seed)
     rows = bsz * seq
     scores = _special_scores(g, rows, n_keys, kind)
     n_valid = random_n_valid(g, bsz, seq, n_keys)
     out = torch.full((rows + 1, k), -7, dtype=torch.int32, device=device)  # the last row guards
-    cuda_indexer.select_rows(scores.to(device), n_valid.to(device), out[:rows], k)
+    cuda_indexer.select_rows(scores.to(device), n_valid.to(device), out[:rows], k, cluster)
     assert torch.equal(out[:rows].cpu().view(bsz, seq, k), ref.select_topk(scores.view(bsz, seq, n_keys), n_valid, k))
     assert torch.all(out[rows] == -7)
 
@@ -207,6 +208,8 @@ def test_row_selection_rejects_long_rows(device):
     n_valid = torch.ones(1, 1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="scores: expected rows of at most"):
         cuda_indexer.select_rows(scores, n_valid, torch.empty(1, 4, dtype=torch.int32, device=device), 4)
+    with pytest.raises(ValueError, match="cluster: expected 8 or 16"):
+        cuda_indexer.select_rows(scores[:, :8], n_valid, torch.empty(1, 4, dtype=torch.int32, device=device), 4, 4)
 
 
 def test_registry_rule(device, monkeypatch):

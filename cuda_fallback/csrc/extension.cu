@@ -34,7 +34,8 @@ void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor
 void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::Tensor w2_scale,
                    torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor part, int64_t stream_handle);
 // row_topk.cu
-void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, int64_t k, int64_t stream_handle);
+void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, int64_t k, int64_t cluster,
+              int64_t stream_handle);
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
 void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
                         torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);

@@ -6,13 +6,13 @@
 // n_valid, ascending, then -1; ties at the k-th score go to the lower indices; NaN ranks above
 // every number; -0.0 equals +0.0.
 //
-// A row is split into kCluster contiguous slices, one a CTA, held in registers (ITEMS keys a
-// thread, key j of thread t at slice offset j * kThreads + t, so a warp's loads are 128
-// contiguous bytes).  Scores become order keys (unsigned, same order; 0 marks a key past
-// n_valid, which no score maps to) and a radix select picks the k-th key's digits, 8 bits a
-// level from the top: each CTA counts its slice per digit in shared memory and stores the
+// A row is split into CLUSTER (8 or 16) contiguous slices, one a CTA, held in registers
+// (ITEMS keys a thread, key j of thread t at slice offset j * kThreads + t, so a warp's loads
+// are 128 contiguous bytes).  Scores become order keys (unsigned, same order; 0 marks a key
+// past n_valid, which no score maps to) and a radix select picks the k-th key's digits, 8 bits
+// a level from the top: each CTA counts its slice per digit in shared memory and stores the
 // counts into every CTA's shared memory (distributed shared memory: stores do not wait for a
-// round trip, loads would), one cluster barrier, and every CTA sums the kCluster histograms
+// round trip, loads would), one cluster barrier, and every CTA sums the CLUSTER histograms
 // and makes the same pick.  A level ends the search early when all the keys left in the
 // picked digit are taken.  The compaction ranks the selected keys in index order: per item
 // and warp a ballot's count, one block scan over those counts, and the totals of the CTAs
@@ -33,13 +33,16 @@ namespace cg = cooperative_groups;
 
 namespace {
 
-constexpr int kCluster = 8;  // the portable maximum: every H100 GPC holds such a cluster
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxItems = 32;  // keys a thread: 64 registers a thread at most with 1024 threads
 constexpr int kBins = 256;
 constexpr int kLevels = 4;
-constexpr int64_t kMaxRowKeys = int64_t{kCluster} * kThreads * kMaxItems;
+// Copies of a level's histogram, lane l counting into copy l % kCopies: lanes of one atomic
+// instruction that share a digit then mostly hit different addresses (a row's scores crowd a
+// few digits of the top levels, and same-address atomics of one instruction are serialised).
+// Rows of kBins + 1 words put a digit's copies in different banks.
+constexpr int kCopies = 16;
 
 struct Params {
   const float* scores;  // [rows, n_keys], contiguous
@@ -49,15 +52,19 @@ struct Params {
   int seq, n_keys, k;
 };
 
+template <int CLUSTER>
 struct Shared {
-  int hist[kLevels][kBins];                      // this slice's counts
-  int cluster_hist[kLevels][kCluster][kBins];  // every slice's counts, stored by the slice's CTA
+  int hist[kCopies][kBins + 1];  // this slice's counts of the current level
+  // Every slice's counts, stored by the slice's CTA; two levels' worth, alternating: a CTA
+  // stores level L + 2 only after every CTA has passed level L + 1's barrier, so after its
+  // pick of level L.
+  int cluster_hist[2][CLUSTER][kBins];
   // Per (item, warp) the counts of selected keys above the threshold (low 16 bits) and tied
   // with it (high 16 bits); after the scan, the counts before that (item, warp) in the slice.
   uint32_t counts[kMaxItems * kWarps];
   uint32_t warp_sums[kWarps];
-  uint32_t slice_totals[kCluster];  // the counts of the slices before this one, stored by their CTAs
-  int pick[3];           // digit, keys above it, keys in it
+  uint32_t slice_totals[CLUSTER];  // the counts of the slices before this one, stored by their CTAs
+  int pick[3];                     // digit, keys above it, keys in it
 };
 
 __device__ __forceinline__ uint32_t order_key(float v) {
@@ -65,22 +72,6 @@ __device__ __forceinline__ uint32_t order_key(float v) {
   bits = bits < 0 ? bits ^ 0x7FFFFFFF : bits;
   if (v != v) bits = 0x7FFFFFFF;  // NaN of either sign above +Inf
   return static_cast<uint32_t>(bits) ^ 0x80000000u;  // -Inf is 0x007FFFFF: 0 is free for "not a key"
-}
-
-// Adds one to bin `digit` of `hist` for each lane with `match`.  The lanes sharing the first
-// matching lane's digit add as one: a row's scores crowd a few digits of the top levels, and
-// same-address atomics of one instruction are serialised.  The others add one each.
-__device__ __forceinline__ void count_digit(int* hist, bool match, uint32_t digit, int lane) {
-  const unsigned active = __ballot_sync(~0u, match);
-  if (active == 0) return;
-  const int first = __ffs(active) - 1;
-  const uint32_t lead = __shfl_sync(~0u, digit, first);
-  const unsigned same = __ballot_sync(~0u, match && digit == lead);
-  if (lane == first) {
-    atomicAdd(&hist[lead], __popc(same));
-  } else if (match && digit != lead) {
-    atomicAdd(&hist[digit], 1);
-  }
 }
 
 __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v, int lane) {
@@ -94,11 +85,13 @@ __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v, int lane) {
 
 // Threads 0..255 only: the digit (of the level's summed histograms) that holds the
 // `remaining`-th largest key among those matching the prefix, into sh.pick.
-__device__ __forceinline__ void pick_digit(Shared& sh, int level, int remaining, int tid, int lane, int warp) {
+template <int CLUSTER>
+__device__ __forceinline__ void pick_digit(Shared<CLUSTER>& sh, int buffer, int remaining, int tid, int lane,
+                                           int warp) {
   const int bin = kBins - 1 - tid;  // thread 0 holds the highest digit
   int in_bin = 0;
 #pragma unroll
-  for (int r = 0; r < kCluster; ++r) in_bin += sh.cluster_hist[level][r][bin];
+  for (int r = 0; r < CLUSTER; ++r) in_bin += sh.cluster_hist[buffer][r][bin];
   uint32_t at_or_above = warp_inclusive_sum(static_cast<uint32_t>(in_bin), lane);
   if (lane == 31) sh.warp_sums[warp] = at_or_above;
   asm volatile("bar.sync 1, %0;" ::"n"(kBins));  // the 8 warps of the pick only
@@ -117,18 +110,19 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
-template <int ITEMS>
-__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
-  __shared__ Shared sh;
+template <int CLUSTER, int ITEMS>
+__global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared<CLUSTER>& sh = *reinterpret_cast<Shared<CLUSTER>*>(smem);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
-  const int64_t row = blockIdx.x / kCluster;
+  const int64_t row = blockIdx.x / CLUSTER;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t b = row / p.seq, s = row % p.seq;
   const int n = min(max(p.n_valid[b * p.stride_nb + s * p.stride_ns], 0), p.n_keys);
   const int take = min(p.k, n);
   int32_t* out = p.out + row * p.k;
-  for (int pos = take + rank * kThreads + tid; pos < p.k; pos += kCluster * kThreads) out[pos] = -1;
+  for (int pos = take + rank * kThreads + tid; pos < p.k; pos += CLUSTER * kThreads) out[pos] = -1;
   constexpr int kSlice = ITEMS * kThreads;
   const int first = rank * kSlice;
   if (take == n) {  // every valid key is selected (uniform over the cluster: no barrier passed yet)
@@ -146,28 +140,37 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1) 
     const int i = first + j * kThreads + tid;
     key[j] = i < n ? order_key(src[i]) : 0u;
   }
-  for (int i = tid; i < kLevels * kBins; i += kThreads) (&sh.hist[0][0])[i] = 0;
+  for (int i = tid; i < kCopies * (kBins + 1); i += kThreads) (&sh.hist[0][0])[i] = 0;
 
   // The radix select: after it, the selected keys are those whose top bits (key >> shift) are
   // above `prefix`, and the first `remaining` (in index order) of those equal to it.
   uint32_t prefix = 0;
   int remaining = take;
   int shift = 0;
+  int* my_copy = sh.hist[lane % kCopies];
   for (int level = 0; level < kLevels; ++level) {
     const int level_shift = 24 - 8 * level;
-    __syncthreads();  // the histograms' zeroing (level 0), the last pick read (later levels)
+    __syncthreads();  // the histogram zeroed, the last pick read
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
-      const bool match = key[j] != 0 && (level == 0 || (key[j] >> (level_shift + 8)) == prefix);
-      count_digit(sh.hist[level], match, (key[j] >> level_shift) & (kBins - 1), lane);
+      if (key[j] != 0 && (level == 0 || (key[j] >> (level_shift + 8)) == prefix)) {
+        atomicAdd(&my_copy[(key[j] >> level_shift) & (kBins - 1)], 1);
+      }
     }
     __syncthreads();
     if (level == 0) cluster_wait();
-    for (int i = tid; i < kCluster * kBins; i += kThreads) {
-      cluster.map_shared_rank(&sh.cluster_hist[level][rank][0], i / kBins)[i % kBins] = sh.hist[level][i % kBins];
+    if (tid < kBins) {
+      int in_bin = 0;
+#pragma unroll
+      for (int c = 0; c < kCopies; ++c) {
+        in_bin += sh.hist[c][tid];
+        sh.hist[c][tid] = 0;  // for the next level
+      }
+#pragma unroll
+      for (int r = 0; r < CLUSTER; ++r) cluster.map_shared_rank(&sh.cluster_hist[level & 1][rank][0], r)[tid] = in_bin;
     }
     cluster.sync();  // every slice's histogram of this level stored and visible
-    if (tid < kBins) pick_digit(sh, level, remaining, tid, lane, warp);
+    if (tid < kBins) pick_digit(sh, level & 1, remaining, tid, lane, warp);
     __syncthreads();
     remaining -= sh.pick[1];
     prefix = (prefix << 8) | static_cast<uint32_t>(sh.pick[0]);
@@ -177,13 +180,18 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1) 
     }
   }
 
-  // Counts per (item, warp), then their exclusive scan in index order (item-major).
+  // Counts per (item, warp), then their exclusive scan in index order (item-major).  Most
+  // (item, warp) pairs hold no selected key: one ballot tells.
 #pragma unroll
   for (int j = 0; j < ITEMS; ++j) {
     const uint32_t top = key[j] >> shift;
-    const unsigned above = __ballot_sync(~0u, key[j] != 0 && top > prefix);
-    const unsigned tied = __ballot_sync(~0u, key[j] != 0 && top == prefix);
-    if (lane == 0) sh.counts[j * kWarps + warp] = __popc(above) | (__popc(tied) << 16);
+    const unsigned selected = __ballot_sync(~0u, key[j] != 0 && top >= prefix);
+    uint32_t count = 0;
+    if (selected != 0) {
+      const unsigned above = __ballot_sync(~0u, key[j] != 0 && top > prefix);
+      count = __popc(above) | (__popc(selected & ~above) << 16);
+    }
+    if (lane == 0) sh.counts[j * kWarps + warp] = count;
   }
   __syncthreads();
   // Each field stays below 2^16: at most kSlice = 32768 keys a slice.
@@ -194,7 +202,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1) 
   if (warp == 0) sh.warp_sums[lane] = warp_inclusive_sum(sh.warp_sums[lane], lane);
   __syncthreads();
   if (tid < ITEMS * kWarps) sh.counts[tid] = inclusive - mine + (warp > 0 ? sh.warp_sums[warp - 1] : 0u);
-  if (tid > rank && tid < kCluster) *cluster.map_shared_rank(&sh.slice_totals[rank], tid) = sh.warp_sums[kWarps - 1];
+  if (tid > rank && tid < CLUSTER) *cluster.map_shared_rank(&sh.slice_totals[rank], tid) = sh.warp_sums[kWarps - 1];
   cluster.sync();  // the counts, and the totals of the slices before this one
   int above_before = 0, tied_before = 0;
   for (int r = 0; r < rank; ++r) {
@@ -205,36 +213,72 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1) 
 #pragma unroll
   for (int j = 0; j < ITEMS; ++j) {
     const uint32_t top = key[j] >> shift;
-    const bool is_above = key[j] != 0 && top > prefix;
-    const bool is_tied = key[j] != 0 && top == prefix;
+    const bool is_selected = key[j] != 0 && top >= prefix;
+    const unsigned selected = __ballot_sync(~0u, is_selected);
+    if (selected == 0) continue;
+    const bool is_above = is_selected && top > prefix;
     const unsigned above = __ballot_sync(~0u, is_above);
-    const unsigned tied = __ballot_sync(~0u, is_tied);
     const uint32_t before = sh.counts[j * kWarps + warp];
     const int a = above_before + static_cast<int>(before & 0xFFFFu) + __popc(above & lanes_below);
-    const int t = tied_before + static_cast<int>(before >> 16) + __popc(tied & lanes_below);
+    const int t = tied_before + static_cast<int>(before >> 16) + __popc(selected & ~above & lanes_below);
     if (is_above) {
       out[a + min(t, remaining)] = first + j * kThreads + tid;
-    } else if (is_tied && t < remaining) {
+    } else if (is_selected && t < remaining) {
       out[a + t] = first + j * kThreads + tid;
     }
   }
   // No barrier to leave: nothing reads or writes another CTA's shared memory after the last one.
 }
 
-template <int ITEMS>
+template <int CLUSTER, int ITEMS>
 void launch(const Params& p, int64_t rows, cudaStream_t stream) {
-  row_topk_kernel<ITEMS><<<static_cast<unsigned>(rows * kCluster), kThreads, 0, stream>>>(p);
+  const auto kernel = row_topk_kernel<CLUSTER, ITEMS>;
+  const int smem = static_cast<int>(sizeof(Shared<CLUSTER>));
+  TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
+              "row_topk: cannot raise the shared-memory limit");
+  if (CLUSTER > 8) {  // past the portable cluster size: sm_90 takes 16
+    TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess,
+                "row_topk: clusters of ", CLUSTER, " CTAs are not supported here");
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(rows * CLUSTER));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
+  TORCH_CHECK(err == cudaSuccess, "row_topk launch failed: ", cudaGetErrorString(err));
+}
+
+template <int CLUSTER>
+void launch_items(const Params& p, int64_t rows, cudaStream_t stream) {
+  const int64_t per_thread = (int64_t{p.n_keys} + CLUSTER * kThreads - 1) / (CLUSTER * kThreads);
+  if (per_thread <= 1) launch<CLUSTER, 1>(p, rows, stream);
+  else if (per_thread <= 2) launch<CLUSTER, 2>(p, rows, stream);
+  else if (per_thread <= 4) launch<CLUSTER, 4>(p, rows, stream);
+  else if (per_thread <= 8) launch<CLUSTER, 8>(p, rows, stream);
+  else if (per_thread <= 16) launch<CLUSTER, 16>(p, rows, stream);
+  else launch<CLUSTER, 32>(p, rows, stream);
 }
 
 }  // namespace
 
-// scores: fp32 [rows, Nk] contiguous, Nk <= kMaxRowKeys; n_valid: int32 [B, S] with B * S =
-// rows (row r is query (r / S, r % S)); out: int32, rows * k contiguous.
-void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, int64_t stream_handle) {
+// scores: fp32 [rows, Nk] contiguous, Nk <= cluster * 1024 * 32; n_valid: int32 [B, S] with
+// B * S = rows (row r is query (r / S, r % S)); out: int32, rows * k contiguous; cluster: CTAs a
+// row, 8 or 16.
+void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, int64_t cluster,
+              int64_t stream_handle) {
+  TORCH_CHECK(cluster == 8 || cluster == 16, "cluster: expected 8 or 16 CTAs a row, got ", cluster);
   TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && scores.is_contiguous(),
               "scores: expected contiguous fp32 [rows, Nk], got ", scores.scalar_type(), " ", scores.sizes());
   const int64_t rows = scores.size(0), n_keys = scores.size(1);
-  const int64_t max_keys = kMaxRowKeys;  // a copy: c10::str takes references
+  const int64_t max_keys = cluster * kThreads * kMaxItems;
   TORCH_CHECK(n_keys <= max_keys, "scores: expected at most ", max_keys, " keys a row, got ", n_keys);
   TORCH_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.numel() == rows,
               "n_valid: expected int32 [B, S] with B * S = ", rows, " rows, got ", n_valid.scalar_type(), " ",
@@ -242,7 +286,7 @@ void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, 
   TORCH_CHECK(k >= 1 && k < (int64_t{1} << 31), "k: expected a positive int32, got ", k);
   TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.numel() == rows * k,
               "out: expected contiguous int32 with rows * k = ", rows * k, " elements, got ", out.sizes());
-  TORCH_CHECK(rows * kCluster < (int64_t{1} << 31), "row_topk: too many rows (", rows, ")");
+  TORCH_CHECK(rows * cluster < (int64_t{1} << 31), "row_topk: too many rows (", rows, ")");
   if (rows == 0) return;
   Params p{};
   p.scores = scores.data_ptr<float>();
@@ -255,12 +299,9 @@ void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, 
   p.k = static_cast<int>(k);
   const DeviceScope scope(scores.get_device());
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const int64_t per_thread = (n_keys + kCluster * kThreads - 1) / (kCluster * kThreads);
-  if (per_thread <= 1) launch<1>(p, rows, stream);
-  else if (per_thread <= 2) launch<2>(p, rows, stream);
-  else if (per_thread <= 4) launch<4>(p, rows, stream);
-  else if (per_thread <= 8) launch<8>(p, rows, stream);
-  else if (per_thread <= 16) launch<16>(p, rows, stream);
-  else launch<32>(p, rows, stream);
-  check_launch("row_topk");
+  if (cluster == 16) {
+    launch_items<16>(p, rows, stream);
+  } else {
+    launch_items<8>(p, rows, stream);
+  }
 }

@@ -9,8 +9,8 @@ Triton, the Triton launches for the rest of the op.
   keys (2 tiles a CTA) 6.0 against 4.6, left to Triton, as are BF16 keys and other head counts.
 * Selection: ``csrc/row_topk.cu``, one launch with a CTA cluster a row, for rows of up to
   ``MAX_ROW_KEYS`` keys except where the Triton selection (``select_top_k``) measured faster
-  (``selection_covers``).  H100, selection alone: B = 32, 262144 keys 61 against 233 us, 32768
-  keys 29 against 33; B = 1, 32768 keys 10.4 against 14.4.
+  (``selection_covers``).  H100, selection alone: B = 32, 262144 keys 53 against 233 us, 32768
+  keys 23 against 33; B = 1, 262144 keys 15.2 against 16.9, 32768 keys 8.4 against 14.4.
 
 Both need at most ``MAX_QUERIES`` queries a call (decode, where every query streams its own
 request's keys).  Prefill (many queries over the same keys) stays on Triton, whose scoring
@@ -45,16 +45,14 @@ CTAS_PER_SM = 2  # the kernel's launch bounds: every CTA of a one-wave grid is r
 # thousands of queries were not measured.
 MAX_QUERIES = 256
 MIN_TILES_PER_CTA = 8
-MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: kCluster CTAs of kThreads threads, kMaxItems keys a thread
-# Where the Triton selection is faster (H100, selection alone, k = 1024; benchmarks/NOTES.md):
-# one row longer than this (262144 keys: 16.8 against 18.6 us: its row-parallel launches use
-# every SM, a cluster 16 of them) and more rows than MAX_SHORT_ROWS shorter than
-# SHORT_ROW_KEYS (64 rows of 4096: 23 against 37 us).
-ONE_ROW_MAX_KEYS = 131072
+MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: a cluster of 8 CTAs (16 take twice as many), 1024 threads, 32 keys each
+# More rows than MAX_SHORT_ROWS shorter than SHORT_ROW_KEYS go to the Triton selection's row
+# segments, faster there (H100, selection alone, k = 1024: 64 rows of 4096 keys 22.8 against
+# 26.1 us; benchmarks/NOTES.md).
 MAX_SHORT_ROWS, SHORT_ROW_KEYS = 32, 16384
 # 16 CTAs a row for up to MAX_WIDE_ROWS rows longer than WIDE_ROW_KEYS (H100, one row of
-# 262144 keys: 18.6 against 23.4 us with 8), else 8 (more clusters at once; 8 rows of 32768
-# keys: 10.4 against 18.0 us).
+# 262144 keys: 15.2 against 20.3 us with 8), else 8 (more clusters at once; 8 rows of 32768
+# keys: 8.5 against 14.2 us).
 MAX_WIDE_ROWS, WIDE_ROW_KEYS = 4, 65536
 
 
@@ -87,9 +85,6 @@ def selection_covers(rows: int, n_keys: int) -> str:
     """``""`` when the cluster selection takes ``rows`` rows of ``n_keys`` scores, else why not."""
     if n_keys > MAX_ROW_KEYS:
         return f"selection: rows of {n_keys} keys (the kernel holds up to {MAX_ROW_KEYS} in a cluster's registers)"
-    if rows == 1 and n_keys > ONE_ROW_MAX_KEYS:
-        return (f"selection: one row of {n_keys} keys (more than {ONE_ROW_MAX_KEYS}: the Triton selection spreads it "
-                "over every SM)")
     if rows > MAX_SHORT_ROWS and n_keys < SHORT_ROW_KEYS:
         return (f"selection: {rows} rows of {n_keys} keys (more than {MAX_SHORT_ROWS} rows under {SHORT_ROW_KEYS} "
                 "keys: the Triton selection's row segments are faster)")

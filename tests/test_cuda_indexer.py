@@ -238,7 +238,6 @@ def test_registry_rule(device, monkeypatch):
     with use_backend("cuda", ops=["indexer_topk"]), pytest.raises(BackendUnavailableError, match="BF16 keys.*500"):
         ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)
     monkeypatch.setattr(cuda_indexer, "MAX_ROW_KEYS", 10**6)
-    assert "one row" in cuda_indexer.selection_covers(1, cuda_indexer.ONE_ROW_MAX_KEYS + 1)
-    assert cuda_indexer.selection_covers(2, cuda_indexer.ONE_ROW_MAX_KEYS + 1) == ""
+    assert cuda_indexer.selection_covers(1, cuda_indexer.MAX_ROW_KEYS) == ""
     assert "rows of" in cuda_indexer.selection_covers(cuda_indexer.MAX_SHORT_ROWS + 1, cuda_indexer.SHORT_ROW_KEYS - 1)
     assert cuda_indexer.selection_covers(cuda_indexer.MAX_SHORT_ROWS, cuda_indexer.SHORT_ROW_KEYS - 1) == ""

@@ -10,13 +10,13 @@
 // (ITEMS keys a thread, key j of thread t at slice offset j * kThreads + t, so a warp's loads
 // are 128 contiguous bytes).  Scores become order keys (unsigned, same order; 0 marks a key
 // past n_valid, which no score maps to) and a radix select picks the k-th key's digits, 8 bits
-// a level from the top: each CTA counts its slice per digit in shared memory and stores the
-// counts into every CTA's shared memory (distributed shared memory: stores do not wait for a
-// round trip, loads would), one cluster barrier, and every CTA sums the CLUSTER histograms
-// and makes the same pick.  A level ends the search early when all the keys left in the
-// picked digit are taken.  The compaction ranks the selected keys in index order: per item
-// and warp a ballot's count, one block scan over those counts, and the totals of the CTAs
-// before this one, stored by them.
+// a level from the top: each CTA counts its slice per digit in shared memory and sends the
+// counts to every CTA of the cluster (st.async into their shared memory, each receiver waiting
+// on its own mbarrier for the bytes: one way, no cluster-wide barrier), and every CTA sums the
+// CLUSTER histograms and makes the same pick.  A level ends the search early when all the
+// keys left in the picked digit are taken.  The compaction ranks the selected keys in index
+// order: per item and warp a ballot's count, one block scan over those counts, and the totals
+// of the slices before this one, sent by their CTAs.
 //
 // Why a cluster: the row-parallel Triton selection pays five launches of a few microseconds
 // each; one CTA a row would do all the counting on one SM.  H100 (graph replays, selection
@@ -55,15 +55,15 @@ struct Params {
 template <int CLUSTER>
 struct Shared {
   int hist[kCopies][kBins + 1];  // this slice's counts of the current level
-  // Every slice's counts, stored by the slice's CTA; two levels' worth, alternating: a CTA
-  // stores level L + 2 only after every CTA has passed level L + 1's barrier, so after its
-  // pick of level L.
-  int cluster_hist[2][CLUSTER][kBins];
+  int cluster_hist[kLevels][CLUSTER][kBins];  // every slice's counts, sent by the slice's CTA
+  // Completed when every CTA's counts of a level (kLevels of them), and the totals of the
+  // slices before this one (the last), have landed here.
+  uint64_t arrived[kLevels + 1];
   // Per (item, warp) the counts of selected keys above the threshold (low 16 bits) and tied
   // with it (high 16 bits); after the scan, the counts before that (item, warp) in the slice.
   uint32_t counts[kMaxItems * kWarps];
   uint32_t warp_sums[kWarps];
-  uint32_t slice_totals[CLUSTER];  // the counts of the slices before this one, stored by their CTAs
+  uint32_t slice_totals[CLUSTER];  // the counts of the slices before this one, sent by their CTAs
   int pick[3];                     // digit, keys above it, keys in it
 };
 
@@ -86,12 +86,12 @@ __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v, int lane) {
 // Threads 0..255 only: the digit (of the level's summed histograms) that holds the
 // `remaining`-th largest key among those matching the prefix, into sh.pick.
 template <int CLUSTER>
-__device__ __forceinline__ void pick_digit(Shared<CLUSTER>& sh, int buffer, int remaining, int tid, int lane,
+__device__ __forceinline__ void pick_digit(Shared<CLUSTER>& sh, int level, int remaining, int tid, int lane,
                                            int warp) {
   const int bin = kBins - 1 - tid;  // thread 0 holds the highest digit
   int in_bin = 0;
 #pragma unroll
-  for (int r = 0; r < CLUSTER; ++r) in_bin += sh.cluster_hist[buffer][r][bin];
+  for (int r = 0; r < CLUSTER; ++r) in_bin += sh.cluster_hist[level][r][bin];
   uint32_t at_or_above = warp_inclusive_sum(static_cast<uint32_t>(in_bin), lane);
   if (lane == 31) sh.warp_sums[warp] = at_or_above;
   asm volatile("bar.sync 1, %0;" ::"n"(kBins));  // the 8 warps of the pick only
@@ -109,6 +109,40 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 }
 
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The address of the same shared-memory word in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t in_rank(uint32_t address, int rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(address), "r"(rank));
+  return mapped;
+}
+
+// One barrier phase that completes when `bytes` have been sent to it (one arrival: this call's).
+__device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(barrier)) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void wait_bytes(uint64_t* barrier) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
+      "@!done bra wait_%=;\n}" ::"r"(shared_address(barrier))
+      : "memory");
+}
+
+// Stores `value` at `address` of another CTA (mapped) and counts its 4 bytes on that CTA's
+// `barrier` (mapped): the receiver waits on its own barrier, no round trip through the sender.
+__device__ __forceinline__ void send(uint32_t address, uint32_t value, uint32_t barrier) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];" ::"r"(address), "r"(value),
+               "r"(barrier)
+               : "memory");
+}
 
 template <int CLUSTER, int ITEMS>
 __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
@@ -129,8 +163,14 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
     for (int i = first + tid; i < min(n, first + kSlice); i += kThreads) out[i] = i;
     return;
   }
-  // Arrived here, waited for before the first store into another CTA: by then every CTA of
-  // the cluster has started (the rule for distributed shared memory), without a round trip now.
+  if (tid == 0) {
+    for (int level = 0; level < kLevels; ++level) expect_bytes(&sh.arrived[level], CLUSTER * kBins * 4);
+    expect_bytes(&sh.arrived[kLevels], rank * 4);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // the barriers, to the cluster
+  }
+  // Arrived here, waited for before the first send to another CTA: by then every CTA of the
+  // cluster has started and set up its barriers (the rule for distributed shared memory),
+  // without a round trip now.
   cluster_arrive_relaxed();
 
   uint32_t key[ITEMS];
@@ -166,11 +206,13 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
         in_bin += sh.hist[c][tid];
         sh.hist[c][tid] = 0;  // for the next level
       }
+      const uint32_t slot = shared_address(&sh.cluster_hist[level][rank][tid]);
+      const uint32_t barrier = shared_address(&sh.arrived[level]);
 #pragma unroll
-      for (int r = 0; r < CLUSTER; ++r) cluster.map_shared_rank(&sh.cluster_hist[level & 1][rank][0], r)[tid] = in_bin;
+      for (int r = 0; r < CLUSTER; ++r) send(in_rank(slot, r), static_cast<uint32_t>(in_bin), in_rank(barrier, r));
+      wait_bytes(&sh.arrived[level]);  // every slice's histogram of this level
+      pick_digit(sh, level, remaining, tid, lane, warp);
     }
-    cluster.sync();  // every slice's histogram of this level stored and visible
-    if (tid < kBins) pick_digit(sh, level & 1, remaining, tid, lane, warp);
     __syncthreads();
     remaining -= sh.pick[1];
     prefix = (prefix << 8) | static_cast<uint32_t>(sh.pick[0]);
@@ -202,8 +244,12 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
   if (warp == 0) sh.warp_sums[lane] = warp_inclusive_sum(sh.warp_sums[lane], lane);
   __syncthreads();
   if (tid < ITEMS * kWarps) sh.counts[tid] = inclusive - mine + (warp > 0 ? sh.warp_sums[warp - 1] : 0u);
-  if (tid > rank && tid < CLUSTER) *cluster.map_shared_rank(&sh.slice_totals[rank], tid) = sh.warp_sums[kWarps - 1];
-  cluster.sync();  // the counts, and the totals of the slices before this one
+  if (tid > rank && tid < CLUSTER) {
+    send(in_rank(shared_address(&sh.slice_totals[rank]), tid), sh.warp_sums[kWarps - 1],
+         in_rank(shared_address(&sh.arrived[kLevels]), tid));
+  }
+  if (rank > 0) wait_bytes(&sh.arrived[kLevels]);  // the totals of the slices before this one
+  __syncthreads();  // the counts
   int above_before = 0, tied_before = 0;
   for (int r = 0; r < rank; ++r) {
     above_before += static_cast<int>(sh.slice_totals[r] & 0xFFFFu);
@@ -227,7 +273,8 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
       out[a + t] = first + j * kThreads + tid;
     }
   }
-  // No barrier to leave: nothing reads or writes another CTA's shared memory after the last one.
+  // Free to leave: every send to this CTA has landed (each was waited for), and this CTA's
+  // sends land before their receivers' waits end.
 }
 
 template <int CLUSTER, int ITEMS>

@@ -89,6 +89,19 @@ def test_integer_scores_select_exactly(device, bsz, n_keys, k):
     assert torch.equal(_cuda_topk(*args, k).cpu(), ref.indexer_topk(qi, w, packed, n_valid, k))
 
 
+@pytest.mark.parametrize("bsz, n_keys, k", [(1, 32768, 1024), (32, 4096, 512), (2, 70000, 100)])
+def test_bf16_keys_scored_by_triton_selected_by_cluster(device, bsz, n_keys, k):
+    """BF16 keys: the backend scores them with the Triton kernel and selects with the cluster
+    kernel (8 CTAs a row, and 16 for the two long rows); small integers make every score
+    exact, so the result is the oracle's index for index."""
+    g = torch.Generator().manual_seed(11)
+    qi, w, keys = make_inputs(g, bsz, 1, HEADS, n_keys, integer=True)
+    n_valid = random_n_valid(g, bsz, 1, n_keys)
+    assert cuda_indexer.selection_covers(bsz, n_keys) == ""
+    args = [t.to(device) for t in (qi, w, keys, n_valid)]
+    assert torch.equal(_cuda_topk(*args, k).cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
+
+
 def test_fp4_decode_every_code_and_scale(device):
     """Every key value alone: query b is 1.0 in value b of every head (0 elsewhere) and w keeps
     head 0 only, so score (b, s) is key s's value b (one product, nothing summed) whatever

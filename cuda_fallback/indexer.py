@@ -25,6 +25,7 @@ selection is exact: the same indices as the Triton selection and the oracle on t
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -105,16 +106,24 @@ def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, 
     """The top-k of every FP32 score row ``[B*S, Nk]`` (Nk at most ``MAX_ROW_KEYS``) below its
     query's ``n_valid`` into ``out`` (``[B, S, k]`` int32), by ``row_topk.cu``: one launch of
     ``cluster`` CTAs a row (8 or 16; default: 16 for at most ``MAX_WIDE_ROWS`` rows longer
-    than ``WIDE_ROW_KEYS``, else 8)."""
+    than ``WIDE_ROW_KEYS`` where the GPU places clusters of 16, else 8)."""
     rows, n_keys = scores.shape
     if n_keys > MAX_ROW_KEYS:
         raise ValueError(f"scores: expected rows of at most {MAX_ROW_KEYS} keys, got {n_keys}")
     if cluster is None:
-        cluster = 16 if rows <= MAX_WIDE_ROWS and n_keys > WIDE_ROW_KEYS else 8
+        wide = rows <= MAX_WIDE_ROWS and n_keys > WIDE_ROW_KEYS and _runs_clusters_of_16(scores.device.index)
+        cluster = 16 if wide else 8
     if cluster not in (8, 16):
         raise ValueError(f"cluster: expected 8 or 16 CTAs a row, got {cluster}")
     extension_at(scores.device.index).row_topk(scores, n_valid, out, k, cluster,
                                                torch._C._cuda_getCurrentRawStream(scores.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_clusters_of_16(device_index: int) -> bool:
+    """Whether this GPU places clusters of 16 CTAs (non-portable: an sm_90 part needs a GPC
+    with 16 free SMs; 8, the portable size, runs everywhere)."""
+    return extension_at(device_index).row_topk_max_clusters(16, device_index) > 0
 
 
 def indexer_scores(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:

@@ -36,3 +36,25 @@ def test_extension_builds_and_matches_device():
     assert ok, why
     major, minor = torch.cuda.get_device_capability()
     assert loader.extension(torch.device("cuda")).built_arch() == 10 * major + minor
+
+
+@pytest.mark.gpu
+def test_host_checks_raise_with_their_message():
+    """A failed check in a kernel's host entry raises RuntimeError with the message, values
+    included (it must not take the process down: run in a child so a crash fails the test)."""
+    arch = loader.arch_of(torch.device("cuda"))
+    if arch not in loader.ARCH_FLAGS:
+        pytest.skip(f"no CUDA kernels target {arch}")
+    code = (
+        "import torch\n"
+        "from cuda_fallback.loader import extension_at\n"
+        "e = extension_at(0)\n"
+        "x = torch.zeros(0, 128, dtype=torch.half, device='cuda')\n"
+        "w = torch.zeros(4, 64, dtype=torch.uint8, device='cuda')\n"
+        "try:\n"
+        "    e.mxfp4_decode_gemm(x, torch.zeros(0, 1, device='cuda'), w, w[:, :4].contiguous(), 0)\n"
+        "except RuntimeError as err:\n"
+        "    print(str(err).splitlines()[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x_codes: expected 1 to 8 rows, got 0" in proc.stdout

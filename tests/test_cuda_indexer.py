@@ -225,6 +225,17 @@ def test_row_selection_rejects_long_rows(device):
         cuda_indexer.select_rows(scores[:, :8], n_valid, torch.empty(1, 4, dtype=torch.int32, device=device), 4, 4)
 
 
+def test_cluster_occupancy_query(device):
+    """Clusters of 8 (the portable size) run on every sm_90 part; 16 where a GPC holds them
+    (an H100 SXM does), and the default choice follows the answer; other sizes raise."""
+    index = torch.cuda.current_device()
+    ext = extension_at(index)
+    assert ext.row_topk_max_clusters(8, index) > 0
+    assert cuda_indexer._runs_clusters_of_16(index) == (ext.row_topk_max_clusters(16, index) > 0)
+    with pytest.raises(RuntimeError, match="cluster: expected 8 or 16"):
+        ext.row_topk_max_clusters(4, index)
+
+
 def test_registry_rule(device, monkeypatch):
     """Up to MAX_QUERIES queries go to the cuda backend by default when its scoring kernel
     takes them (FP4 keys, 64 heads, runs of MIN_TILES_PER_CTA tiles a CTA) or its selection

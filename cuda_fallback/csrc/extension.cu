@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include "host.cuh"
+
 namespace {
 
 __global__ void arch_marker_kernel() {}
@@ -17,7 +19,7 @@ __global__ void arch_marker_kernel() {}
 int64_t built_arch() {
   cudaFuncAttributes attr{};
   cudaError_t err = cudaFuncGetAttributes(&attr, arch_marker_kernel);
-  TORCH_CHECK(err == cudaSuccess, "dsv4 CUDA extension has no kernel image for this device: ",
+  DSV4_CHECK(err == cudaSuccess, "dsv4 CUDA extension has no kernel image for this device: ",
               cudaGetErrorString(err));
   return attr.binaryVersion;
 }
@@ -36,6 +38,7 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
 // row_topk.cu
 void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, int64_t k, int64_t cluster,
               int64_t stream_handle);
+int64_t row_topk_max_clusters(int64_t cluster, int64_t device);
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
 void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
                         torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);
@@ -61,4 +64,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("moe_decode_w2", &moe_decode_w2, "routed experts at decode: w2 GEMM into per-pair FP32 rows");
   m.def("row_topk", &row_topk, "exact top-k of FP32 score rows (indexer conventions), one CTA cluster a row");
+  m.def("row_topk_max_clusters", &row_topk_max_clusters, "clusters of the row_topk kernel the device runs at once");
 }

@@ -221,22 +221,22 @@ __global__ void __launch_bounds__(kW2Warps * 32, 6) moe_w2_kernel(
 }
 
 void check_blocks(const at::Tensor& sorted_pair, const at::Tensor& block_expert, const at::Tensor& like) {
-  TORCH_CHECK(sorted_pair.scalar_type() == at::kInt && sorted_pair.dim() == 1 && sorted_pair.is_contiguous(),
+  DSV4_CHECK(sorted_pair.scalar_type() == at::kInt && sorted_pair.dim() == 1 && sorted_pair.is_contiguous(),
               "sorted_pair: expected contiguous int32 [blocks * 16]");
-  TORCH_CHECK(block_expert.scalar_type() == at::kInt && block_expert.dim() == 1 && block_expert.is_contiguous(),
+  DSV4_CHECK(block_expert.scalar_type() == at::kInt && block_expert.dim() == 1 && block_expert.is_contiguous(),
               "block_expert: expected contiguous int32 [blocks]");
-  TORCH_CHECK(sorted_pair.size(0) == block_expert.size(0) * kBlockRows, "sorted_pair: expected ",
+  DSV4_CHECK(sorted_pair.size(0) == block_expert.size(0) * kBlockRows, "sorted_pair: expected ",
               block_expert.size(0) * kBlockRows, " rows (16 per block), got ", sorted_pair.size(0));
-  TORCH_CHECK(sorted_pair.device() == like.device() && block_expert.device() == like.device(),
+  DSV4_CHECK(sorted_pair.device() == like.device() && block_expert.device() == like.device(),
               "sorted_pair, block_expert: expected the weights' device");
 }
 
 // The w2 input as moe_decode_w13 writes it: hq fp16 [blocks * 16, inter], hs fp32 [.., inter/128].
 void check_w2_input(const at::Tensor& hq, const at::Tensor& hs, int64_t blocks, int64_t inter) {
-  TORCH_CHECK(hq.scalar_type() == at::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
+  DSV4_CHECK(hq.scalar_type() == at::kHalf && hq.is_contiguous() && hq.dim() == 2 &&
                   hq.size(0) == blocks * kBlockRows && hq.size(1) == inter && aligned(hq, 16),
               "hq: expected contiguous fp16 [", blocks * kBlockRows, ", ", inter, "]");
-  TORCH_CHECK(hs.scalar_type() == at::kFloat && hs.is_contiguous() && hs.dim() == 2 &&
+  DSV4_CHECK(hs.scalar_type() == at::kFloat && hs.is_contiguous() && hs.dim() == 2 &&
                   hs.size(0) == blocks * kBlockRows && hs.size(1) == inter / kCodesPerQuant,
               "hs: expected contiguous fp32 [", blocks * kBlockRows, ", ", inter / kCodesPerQuant, "]");
 }
@@ -253,22 +253,22 @@ void moe_decode_w13(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w13, at:
                     at::Tensor sorted_pair, at::Tensor block_expert, at::Tensor route_w, at::Tensor hq,
                     at::Tensor hs, int64_t topk, double limit, int64_t stream_handle) {
   check_tiled_weight("w13", w13, "w13_scale", w13_scale);
-  TORCH_CHECK(w13.size(1) % (2 * kPack / kTileRows) == 0, "w13: expected 2*inter rows with inter a multiple of 128, "
+  DSV4_CHECK(w13.size(1) % (2 * kPack / kTileRows) == 0, "w13: expected 2*inter rows with inter a multiple of 128, "
               "got ", w13.size(1) * kTileRows);
   check_blocks(sorted_pair, block_expert, w13);
   const int64_t dim = w13.size(2) * kBlockK, inter = w13.size(1) * kTileRows / 2, blocks = block_expert.size(0);
-  TORCH_CHECK(x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2 && x_codes.size(1) == dim &&
+  DSV4_CHECK(x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2 && x_codes.size(1) == dim &&
                   x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0 && aligned(x_codes, 16),
               "x_codes: expected fp16 [T, ", dim, "] with 16-byte aligned contiguous rows");
-  TORCH_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2 && x_scales.size(0) == x_codes.size(0) &&
+  DSV4_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2 && x_scales.size(0) == x_codes.size(0) &&
                   x_scales.size(1) == dim / kBlockK && x_scales.stride(1) == 1,
               "x_scales: expected fp32 [T, ", dim / kBlockK, "]");
-  TORCH_CHECK(topk >= 1 && route_w.scalar_type() == at::kFloat && route_w.is_contiguous() &&
+  DSV4_CHECK(topk >= 1 && route_w.scalar_type() == at::kFloat && route_w.is_contiguous() &&
                   route_w.numel() == x_codes.size(0) * topk,
               "route_w: expected contiguous fp32 [T * topk]");
   check_w2_input(hq, hs, blocks, inter);
   for (const at::Tensor* t : {&x_codes, &x_scales, &route_w, &hq, &hs}) {
-    TORCH_CHECK(t->device() == w13.device(), "moe_decode_w13: every tensor on the weights' device");
+    DSV4_CHECK(t->device() == w13.device(), "moe_decode_w13: every tensor on the weights' device");
   }
   if (blocks == 0) return;
   const DeviceScope scope(w13.get_device());
@@ -292,10 +292,10 @@ void moe_decode_w2(at::Tensor hq, at::Tensor hs, at::Tensor w2, at::Tensor w2_sc
   check_blocks(sorted_pair, block_expert, w2);
   const int64_t dim = w2.size(1) * kTileRows, inter = w2.size(2) * kBlockK, blocks = block_expert.size(0);
   check_w2_input(hq, hs, blocks, inter);
-  TORCH_CHECK(part.scalar_type() == at::kFloat && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
+  DSV4_CHECK(part.scalar_type() == at::kFloat && part.is_contiguous() && part.dim() == 2 && part.size(1) == dim,
               "part: expected contiguous fp32 [pairs, ", dim, "]");
   for (const at::Tensor* t : {&hq, &hs, &part}) {
-    TORCH_CHECK(t->device() == w2.device(), "moe_decode_w2: every tensor on the weights' device");
+    DSV4_CHECK(t->device() == w2.device(), "moe_decode_w2: every tensor on the weights' device");
   }
   if (blocks == 0) return;
   const DeviceScope scope(w2.get_device());

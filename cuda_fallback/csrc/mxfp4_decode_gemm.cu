@@ -76,23 +76,23 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
 // Returns bf16 [M, N].
 at::Tensor mxfp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w,
                                 at::Tensor w_scale, int64_t stream_handle) {
-  TORCH_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2,
+  DSV4_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2,
               "x_codes: expected a CUDA fp16 [M, K] tensor");
-  TORCH_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2, "x_scales: expected fp32 [M, K/128]");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "w: expected uint8 [N, K/2]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kByte && w_scale.dim() == 2, "w_scale: expected uint8 [N, K/32]");
+  DSV4_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2, "x_scales: expected fp32 [M, K/128]");
+  DSV4_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "w: expected uint8 [N, K/2]");
+  DSV4_CHECK(w_scale.scalar_type() == at::kByte && w_scale.dim() == 2, "w_scale: expected uint8 [N, K/32]");
   const int64_t m = x_codes.size(0), n = w.size(0), k = 2 * w.size(1);
-  TORCH_CHECK(m >= 1 && m <= kGroup, "x_codes: expected 1 to ", kGroup, " rows, got ", m);
-  TORCH_CHECK(n >= 1 && n < (int64_t(1) << 31), "w: expected 1 to 2^31 - 1 rows, got ", n);
-  TORCH_CHECK(k % kBlockK == 0 && k >= kBlockK, "w: K must be a positive multiple of 128, got ", k);
+  DSV4_CHECK(m >= 1 && m <= kGroup, "x_codes: expected 1 to ", kGroup, " rows, got ", m);
+  DSV4_CHECK(n >= 1 && n < (int64_t(1) << 31), "w: expected 1 to 2^31 - 1 rows, got ", n);
+  DSV4_CHECK(k % kBlockK == 0 && k >= kBlockK, "w: K must be a positive multiple of 128, got ", k);
   const int64_t n_kb = k / kBlockK;
-  TORCH_CHECK(x_codes.size(1) == k && x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0,
+  DSV4_CHECK(x_codes.size(1) == k && x_codes.stride(1) == 1 && x_codes.stride(0) % 8 == 0,
               "x_codes: expected [M, ", k, "] with 16-byte aligned contiguous rows");
-  TORCH_CHECK(x_scales.size(0) == m && x_scales.size(1) == n_kb && x_scales.stride(1) == 1,
+  DSV4_CHECK(x_scales.size(0) == m && x_scales.size(1) == n_kb && x_scales.stride(1) == 1,
               "x_scales: expected [M, ", n_kb, "] with contiguous rows");
   check_weight_rows("w", w, "w_scale", w_scale);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x_codes.data_ptr()) % 16 == 0, "x_codes: expected 16-byte alignment");
-  TORCH_CHECK(x_scales.device() == x_codes.device() && w.device() == x_codes.device() &&
+  DSV4_CHECK(reinterpret_cast<uintptr_t>(x_codes.data_ptr()) % 16 == 0, "x_codes: expected 16-byte alignment");
+  DSV4_CHECK(x_scales.device() == x_codes.device() && w.device() == x_codes.device() &&
                   w_scale.device() == x_codes.device(),
               "all tensors must be on one CUDA device");
   const DeviceScope scope(x_codes.get_device());

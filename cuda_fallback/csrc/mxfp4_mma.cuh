@@ -217,19 +217,19 @@ __device__ __forceinline__ void promote(float (&acc)[4], const float (&d)[4], fl
 inline void check_weight_rows(const char* name, const at::Tensor& w, const char* scale_name,
                               const at::Tensor& ws) {
   const int64_t d = w.dim();
-  TORCH_CHECK(w.scalar_type() == at::kByte && d >= 2, name, ": expected uint8 [..., N, K/2]");
-  TORCH_CHECK(ws.scalar_type() == at::kByte && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/32]");
+  DSV4_CHECK(w.scalar_type() == at::kByte && d >= 2, name, ": expected uint8 [..., N, K/2]");
+  DSV4_CHECK(ws.scalar_type() == at::kByte && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/32]");
   const int64_t k = 2 * w.size(d - 1);
-  TORCH_CHECK(k % kBlockK == 0 && k >= kBlockK, name, ": K must be a positive multiple of 128, got ", k);
-  TORCH_CHECK(ws.size(d - 2) == w.size(d - 2) && ws.size(d - 1) == k / 32, scale_name, ": expected [..., ",
+  DSV4_CHECK(k % kBlockK == 0 && k >= kBlockK, name, ": K must be a positive multiple of 128, got ", k);
+  DSV4_CHECK(ws.size(d - 2) == w.size(d - 2) && ws.size(d - 1) == k / 32, scale_name, ": expected [..., ",
               w.size(d - 2), ", ", k / 32, "], got ", ws.sizes());
-  TORCH_CHECK(w.stride(d - 1) == 1 && aligned(w, 16), name, ": expected contiguous 16-byte aligned rows");
-  TORCH_CHECK(ws.stride(d - 1) == 1 && aligned(ws, 4), scale_name, ": expected contiguous 4-byte aligned rows");
+  DSV4_CHECK(w.stride(d - 1) == 1 && aligned(w, 16), name, ": expected contiguous 16-byte aligned rows");
+  DSV4_CHECK(ws.stride(d - 1) == 1 && aligned(ws, 4), scale_name, ": expected contiguous 4-byte aligned rows");
   for (int64_t i = 0; i < d - 1; ++i) {
-    TORCH_CHECK(w.stride(i) % 16 == 0, name, ": expected 16-byte aligned rows");
-    TORCH_CHECK(ws.stride(i) % 4 == 0, scale_name, ": expected 4-byte aligned rows");
+    DSV4_CHECK(w.stride(i) % 16 == 0, name, ": expected 16-byte aligned rows");
+    DSV4_CHECK(ws.stride(i) % 4 == 0, scale_name, ": expected 4-byte aligned rows");
   }
-  TORCH_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
+  DSV4_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
 }
 
 // An expert stack in moe_pack_experts' tiled layout as WeightRows::tiled reads it: codes uint8
@@ -237,16 +237,16 @@ inline void check_weight_rows(const char* name, const at::Tensor& w, const char*
 // contiguous, codes 16-byte and scales 4-byte aligned.
 inline void check_tiled_weight(const char* name, const at::Tensor& w, const char* scale_name,
                                const at::Tensor& ws) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 5 && w.size(3) == kTileRows && w.size(4) == kBlockK / 2,
+  DSV4_CHECK(w.scalar_type() == at::kByte && w.dim() == 5 && w.size(3) == kTileRows && w.size(4) == kBlockK / 2,
               name, ": expected uint8 [E, rows/16, K/128, 16, 64], got ", w.sizes());
-  TORCH_CHECK(ws.scalar_type() == at::kByte && ws.dim() == 5 && ws.size(0) == w.size(0) &&
+  DSV4_CHECK(ws.scalar_type() == at::kByte && ws.dim() == 5 && ws.size(0) == w.size(0) &&
                   ws.size(1) == w.size(1) && ws.size(2) == w.size(2) && ws.size(3) == kTileRows &&
                   ws.size(4) == kBlockK / 32,
               scale_name, ": expected uint8 [", w.size(0), ", ", w.size(1), ", ", w.size(2), ", 16, 4], got ",
               ws.sizes());
-  TORCH_CHECK(w.is_contiguous() && aligned(w, 16), name, ": expected a contiguous 16-byte aligned tensor");
-  TORCH_CHECK(ws.is_contiguous() && aligned(ws, 4), scale_name, ": expected a contiguous 4-byte aligned tensor");
-  TORCH_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
+  DSV4_CHECK(w.is_contiguous() && aligned(w, 16), name, ": expected a contiguous 16-byte aligned tensor");
+  DSV4_CHECK(ws.is_contiguous() && aligned(ws, 4), scale_name, ": expected a contiguous 4-byte aligned tensor");
+  DSV4_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
 }
 
 }  // namespace dsv4

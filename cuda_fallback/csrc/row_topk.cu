@@ -277,14 +277,15 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
   // sends land before their receivers' waits end.
 }
 
+// The kernel's attributes and its launch configuration (a cluster of CLUSTER CTAs a row).
 template <int CLUSTER, int ITEMS>
-void launch(const Params& p, int64_t rows, cudaStream_t stream) {
+cudaLaunchConfig_t configure(int64_t rows, cudaStream_t stream, cudaLaunchAttribute* attr) {
   const auto kernel = row_topk_kernel<CLUSTER, ITEMS>;
   const int smem = static_cast<int>(sizeof(Shared<CLUSTER>));
-  TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
+  DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
               "row_topk: cannot raise the shared-memory limit");
-  if (CLUSTER > 8) {  // past the portable cluster size: sm_90 takes 16
-    TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess,
+  if (CLUSTER > 8) {  // past the portable cluster size: sm_90 takes 16 where a GPC holds them
+    DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess,
                 "row_topk: clusters of ", CLUSTER, " CTAs are not supported here");
   }
   cudaLaunchConfig_t config = {};
@@ -292,15 +293,21 @@ void launch(const Params& p, int64_t rows, cudaStream_t stream) {
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = CLUSTER;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
-  TORCH_CHECK(err == cudaSuccess, "row_topk launch failed: ", cudaGetErrorString(err));
+  return config;
+}
+
+template <int CLUSTER, int ITEMS>
+void launch(const Params& p, int64_t rows, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = configure<CLUSTER, ITEMS>(rows, stream, attr);
+  const cudaError_t err = cudaLaunchKernelEx(&config, row_topk_kernel<CLUSTER, ITEMS>, p);
+  DSV4_CHECK(err == cudaSuccess, "row_topk launch failed: ", cudaGetErrorString(err));
 }
 
 template <int CLUSTER>
@@ -321,19 +328,19 @@ void launch_items(const Params& p, int64_t rows, cudaStream_t stream) {
 // row, 8 or 16.
 void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, int64_t cluster,
               int64_t stream_handle) {
-  TORCH_CHECK(cluster == 8 || cluster == 16, "cluster: expected 8 or 16 CTAs a row, got ", cluster);
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && scores.is_contiguous(),
+  DSV4_CHECK(cluster == 8 || cluster == 16, "cluster: expected 8 or 16 CTAs a row, got ", cluster);
+  DSV4_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && scores.is_contiguous(),
               "scores: expected contiguous fp32 [rows, Nk], got ", scores.scalar_type(), " ", scores.sizes());
   const int64_t rows = scores.size(0), n_keys = scores.size(1);
   const int64_t max_keys = cluster * kThreads * kMaxItems;
-  TORCH_CHECK(n_keys <= max_keys, "scores: expected at most ", max_keys, " keys a row, got ", n_keys);
-  TORCH_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.numel() == rows,
+  DSV4_CHECK(n_keys <= max_keys, "scores: expected at most ", max_keys, " keys a row, got ", n_keys);
+  DSV4_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.numel() == rows,
               "n_valid: expected int32 [B, S] with B * S = ", rows, " rows, got ", n_valid.scalar_type(), " ",
               n_valid.sizes());
-  TORCH_CHECK(k >= 1 && k < (int64_t{1} << 31), "k: expected a positive int32, got ", k);
-  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.numel() == rows * k,
+  DSV4_CHECK(k >= 1 && k < (int64_t{1} << 31), "k: expected a positive int32, got ", k);
+  DSV4_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.numel() == rows * k,
               "out: expected contiguous int32 with rows * k = ", rows * k, " elements, got ", out.sizes());
-  TORCH_CHECK(rows * cluster < (int64_t{1} << 31), "row_topk: too many rows (", rows, ")");
+  DSV4_CHECK(rows * cluster < (int64_t{1} << 31), "row_topk: too many rows (", rows, ")");
   if (rows == 0) return;
   Params p{};
   p.scores = scores.data_ptr<float>();
@@ -352,3 +359,25 @@ void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, 
     launch_items<8>(p, rows, stream);
   }
 }
+
+// How many clusters of `cluster` CTAs (8 or 16) of the selection kernel the current device runs
+// at once: 0 where it cannot place one (clusters of 16 need a GPC with 16 free SMs; parts with
+// smaller GPCs have none).  Every keys-a-thread variant has the same shared memory and at most
+// the registers of the largest, which is asked.
+int64_t row_topk_max_clusters(int64_t cluster, int64_t device) {
+  DSV4_CHECK(cluster == 8 || cluster == 16, "cluster: expected 8 or 16 CTAs a row, got ", cluster);
+  const DeviceScope scope(static_cast<int>(device));
+  cudaLaunchAttribute attr[1];
+  int clusters = 0;
+  cudaError_t err;
+  if (cluster == 16) {
+    const cudaLaunchConfig_t config = configure<16, kMaxItems>(1, nullptr, attr);
+    err = cudaOccupancyMaxActiveClusters(&clusters, row_topk_kernel<16, kMaxItems>, &config);
+  } else {
+    const cudaLaunchConfig_t config = configure<8, kMaxItems>(1, nullptr, attr);
+    err = cudaOccupancyMaxActiveClusters(&clusters, row_topk_kernel<8, kMaxItems>, &config);
+  }
+  DSV4_CHECK(err == cudaSuccess, "row_topk: cluster occupancy query failed: ", cudaGetErrorString(err));
+  return clusters;
+}
+

@@ -331,29 +331,29 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const _
 void indexer_scores_fp4(at::Tensor qi, at::Tensor w, at::Tensor keys, at::Tensor n_valid,
                         at::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle) {
   require_sm90(qi.get_device(), "indexer_scores_fp4");
-  TORCH_CHECK(qi.scalar_type() == at::kBFloat16 && qi.dim() == 4 && qi.size(2) == kHeads && qi.size(3) == kDim &&
+  DSV4_CHECK(qi.scalar_type() == at::kBFloat16 && qi.dim() == 4 && qi.size(2) == kHeads && qi.size(3) == kDim &&
                   qi.stride(3) == 1,
               "qi: expected bf16 [B, S, 64, 128] with a contiguous last dim");
-  TORCH_CHECK(aligned(qi, 16) && qi.stride(0) % 8 == 0 && qi.stride(1) % 8 == 0 && qi.stride(2) % 8 == 0,
+  DSV4_CHECK(aligned(qi, 16) && qi.stride(0) % 8 == 0 && qi.stride(1) % 8 == 0 && qi.stride(2) % 8 == 0,
               "qi: expected 16-byte aligned rows");
   const int64_t bsz = qi.size(0), seq = qi.size(1);
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(0) == bsz && w.size(1) == seq &&
+  DSV4_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(0) == bsz && w.size(1) == seq &&
                   w.size(2) == kHeads,
               "w: expected fp32 [B, S, 64]");
-  TORCH_CHECK(keys.scalar_type() == at::kByte && keys.dim() == 3 && keys.size(0) == bsz &&
+  DSV4_CHECK(keys.scalar_type() == at::kByte && keys.dim() == 3 && keys.size(0) == bsz &&
                   keys.size(2) == kRowBytes && keys.stride(2) == 1,
               "keys: expected uint8 [B, Nk, 68] FP4 rows");
-  TORCH_CHECK(aligned(keys, 4) && keys.stride(0) % 4 == 0 && keys.stride(1) == kRowBytes,
+  DSV4_CHECK(aligned(keys, 4) && keys.stride(0) % 4 == 0 && keys.stride(1) == kRowBytes,
               "keys: expected contiguous rows, 4-byte aligned");
-  TORCH_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.size(0) == bsz &&
+  DSV4_CHECK(n_valid.scalar_type() == at::kInt && n_valid.dim() == 2 && n_valid.size(0) == bsz &&
                   n_valid.size(1) == seq,
               "n_valid: expected int32 [B, S]");
   const int64_t n_keys = keys.size(1);
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() && scores.dim() == 2 &&
+  DSV4_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() && scores.dim() == 2 &&
                   scores.size(0) == bsz * seq && scores.size(1) == n_keys,
               "scores: expected contiguous fp32 [B * S, Nk]");
-  TORCH_CHECK(tiles_per_cta >= 1, "tiles_per_cta: expected at least 1, got ", tiles_per_cta);
-  TORCH_CHECK(n_keys < (int64_t{1} << 31) - kTile && bsz * seq < 65536, "indexer_scores_fp4: too many keys or queries");
+  DSV4_CHECK(tiles_per_cta >= 1, "tiles_per_cta: expected at least 1, got ", tiles_per_cta);
+  DSV4_CHECK(n_keys < (int64_t{1} << 31) - kTile && bsz * seq < 65536, "indexer_scores_fp4: too many keys or queries");
   if (bsz * seq == 0 || n_keys == 0) return;
   Params p{};
   p.q = reinterpret_cast<const __nv_bfloat16*>(qi.data_ptr());
@@ -377,7 +377,7 @@ void indexer_scores_fp4(at::Tensor qi, at::Tensor w, at::Tensor keys, at::Tensor
   const int64_t tiles = (n_keys + kTile - 1) / kTile;
   const dim3 grid(static_cast<unsigned>((tiles + tiles_per_cta - 1) / tiles_per_cta), static_cast<unsigned>(bsz * seq));
   const DeviceScope scope(qi.get_device());
-  TORCH_CHECK(cudaFuncSetAttribute(indexer_scores_fp4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  DSV4_CHECK(cudaFuncSetAttribute(indexer_scores_fp4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    kSmemBytes) == cudaSuccess, "indexer_scores_fp4: cannot raise the shared-memory limit");
   indexer_scores_fp4_kernel<<<grid, kThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream_handle)>>>(p);
   check_launch("indexer_scores_fp4");

@@ -463,25 +463,25 @@ void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tens
                           at::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
                           int64_t stream_handle) {
   require_sm90(q.get_device(), "sparse_attention_fp8");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kDim && q.stride(3) == 1,
+  DSV4_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kDim && q.stride(3) == 1,
               "q: expected bf16 [B, S, H, 512] with a contiguous last dim");
-  TORCH_CHECK(q.size(2) % kHeads == 0, "q: expected a multiple of 64 heads, got ", q.size(2));
-  TORCH_CHECK(kv.scalar_type() == at::kByte && kv.dim() == 3 && kv.size(2) == kRowBytes && kv.stride(2) == 1,
+  DSV4_CHECK(q.size(2) % kHeads == 0, "q: expected a multiple of 64 heads, got ", q.size(2));
+  DSV4_CHECK(kv.scalar_type() == at::kByte && kv.dim() == 3 && kv.size(2) == kRowBytes && kv.stride(2) == 1,
               "kv: expected uint8 [B, N, 584] FP8 cache rows");
-  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 3 && idx.stride(2) == 1,
+  DSV4_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 3 && idx.stride(2) == 1,
               "idx: expected int32 [B, S, K] with a contiguous last dim");
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(), "out: expected a contiguous tensor shaped like q");
+  DSV4_CHECK(out.is_contiguous() && out.sizes() == q.sizes(), "out: expected a contiguous tensor shaped like q");
   // The kernel reads q rows as 16-byte vectors and cache rows as 8-byte words.
-  TORCH_CHECK(aligned(q, 16) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0,
+  DSV4_CHECK(aligned(q, 16) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0,
               "q: expected 16-byte aligned rows");
-  TORCH_CHECK(aligned(kv, 8) && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0, "kv: expected 8-byte aligned rows");
-  TORCH_CHECK(sink.scalar_type() == at::kFloat && sink.is_contiguous() && sink.numel() == q.size(2),
+  DSV4_CHECK(aligned(kv, 8) && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0, "kv: expected 8-byte aligned rows");
+  DSV4_CHECK(sink.scalar_type() == at::kFloat && sink.is_contiguous() && sink.numel() == q.size(2),
               "sink: expected contiguous fp32 [H]");
-  TORCH_CHECK(n_splits >= 1 && n_splits <= kMaxSplits && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
+  DSV4_CHECK(n_splits >= 1 && n_splits <= kMaxSplits && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
               "n_splits / k_per_split: expected at most ", kMaxSplits, " slices that cover the K candidates");
   if (n_splits > 1) {
     const int64_t slots = q.size(0) * q.size(1) * q.size(2) * n_splits;
-    TORCH_CHECK(part_o.scalar_type() == at::kFloat && part_o.numel() >= slots * kDim &&
+    DSV4_CHECK(part_o.scalar_type() == at::kFloat && part_o.numel() >= slots * kDim &&
                     part_ml.scalar_type() == at::kFloat && part_ml.numel() >= 2 * slots,
                 "part_o / part_ml: expected fp32 workspaces of tokens * H * n_splits * (512 | 2) floats");
   }
@@ -519,7 +519,7 @@ void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tens
   const DeviceScope scope(q.get_device());
   // The dynamic shared-memory limit is a per-device attribute of the kernel: set it on every call
   // (a host-side call, no device work).
-  TORCH_CHECK(cudaFuncSetAttribute(sparse_attention_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  DSV4_CHECK(cudaFuncSetAttribute(sparse_attention_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    kSmemBytes) == cudaSuccess, "sparse_attention_fp8: cannot raise the shared-memory limit");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const dim3 grid(static_cast<unsigned>(tokens * (p.heads / kHeads)), static_cast<unsigned>(n_splits));

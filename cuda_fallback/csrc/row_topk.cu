@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "host.cuh"
+#include "shared_memory.cuh"
 
 using namespace dsv4;
 namespace cg = cooperative_groups;
@@ -110,10 +111,6 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // The address of the same shared-memory word in CTA `rank` of the cluster.
 __device__ __forceinline__ uint32_t in_rank(uint32_t address, int rank) {
   uint32_t mapped;
@@ -123,8 +120,8 @@ __device__ __forceinline__ uint32_t in_rank(uint32_t address, int rank) {
 
 // One barrier phase that completes when `bytes` have been sent to it (one arrival: this call's).
 __device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(barrier)) : "memory");
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(barrier)) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(barrier)), "r"(bytes)
                : "memory");
 }
 
@@ -132,7 +129,7 @@ __device__ __forceinline__ void wait_bytes(uint64_t* barrier) {
   asm volatile(
       "{\n.reg .pred done;\nwait_%=:\n"
       "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
-      "@!done bra wait_%=;\n}" ::"r"(shared_address(barrier))
+      "@!done bra wait_%=;\n}" ::"r"(smem_addr(barrier))
       : "memory");
 }
 
@@ -206,8 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
         in_bin += sh.hist[c][tid];
         sh.hist[c][tid] = 0;  // for the next level
       }
-      const uint32_t slot = shared_address(&sh.cluster_hist[level][rank][tid]);
-      const uint32_t barrier = shared_address(&sh.arrived[level]);
+      const uint32_t slot = smem_addr(&sh.cluster_hist[level][rank][tid]);
+      const uint32_t barrier = smem_addr(&sh.arrived[level]);
 #pragma unroll
       for (int r = 0; r < CLUSTER; ++r) send(in_rank(slot, r), static_cast<uint32_t>(in_bin), in_rank(barrier, r));
       wait_bytes(&sh.arrived[level]);  // every slice's histogram of this level
@@ -245,8 +242,8 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
   __syncthreads();
   if (tid < ITEMS * kWarps) sh.counts[tid] = inclusive - mine + (warp > 0 ? sh.warp_sums[warp - 1] : 0u);
   if (tid > rank && tid < CLUSTER) {
-    send(in_rank(shared_address(&sh.slice_totals[rank]), tid), sh.warp_sums[kWarps - 1],
-         in_rank(shared_address(&sh.arrived[kLevels]), tid));
+    send(in_rank(smem_addr(&sh.slice_totals[rank]), tid), sh.warp_sums[kWarps - 1],
+         in_rank(smem_addr(&sh.arrived[kLevels]), tid));
   }
   if (rank > 0) wait_bytes(&sh.arrived[kLevels]);  // the totals of the slices before this one
   __syncthreads();  // the counts

@@ -1,14 +1,12 @@
-// Hopper (sm_90a) warpgroup-MMA helpers shared by the sm90_* kernels: shared-memory addresses
-// and matrix descriptors, the proxy fence, and the wgmma fence / commit / wait.
+// Hopper (sm_90a) warpgroup-MMA helpers shared by the sm90_* kernels: matrix descriptors,
+// the proxy fence, and the wgmma fence / commit / wait.
 #pragma once
 
 #include <stdint.h>
 
-namespace dsv4 {
+#include "shared_memory.cuh"
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace dsv4 {
 
 // Generic-proxy stores to shared memory that wgmma (the async proxy) reads next.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }

@@ -31,7 +31,7 @@ import triton
 from dsv4_triton.kernels.attention import LOG2E, _choose_splits, _num_sms, _split_workspace, new_output
 from dsv4_triton.registry import register
 
-from .gemm import rows_aligned
+from .layout import rows_aligned
 from .loader import extension_at
 
 HEAD_DIM = 512

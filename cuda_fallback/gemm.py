@@ -1,4 +1,5 @@
-"""The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 weights at decode sizes.
+"""The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 weights at decode sizes,
+``fp8_linear`` at prefill sizes on Hopper.
 
 ``csrc/mxfp4_decode_gemm.cu`` covers MXFP4 weights with K a multiple of 128 (every
 DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte
@@ -17,20 +18,22 @@ from __future__ import annotations
 
 import torch
 
+from dsv4_triton.kernels.attention import _num_sms
 from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
 from dsv4_triton.kernels.norm import as_rows
 from dsv4_triton.registry import register
 
-from .loader import extension_at
+from .layout import rows_aligned
+from .loader import CUDA_ARCHS, extension_at
 
-CUDA_ARCHS = ("sm90a", "sm100a")
 DECODE_MAX_ROWS = 8
-
-
-def rows_aligned(t: torch.Tensor, nbytes: int) -> bool:
-    """Rows contiguous, the data pointer and every row stride (in bytes) a multiple of ``nbytes``."""
-    size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % nbytes == 0 and all((s * size) % nbytes == 0 for s in t.stride()[:-1])
+# fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
+# PREFILL_MIN_K and at least one 128 x 128 output tile an SM.  Measured on the H100 against the
+# Triton GEMM (benchmarks/NOTES.md, eighteenth round): faster from those sizes at K = 7168
+# (N = 24576: 1.26-1.29x from 512 rows; N = 1536: 1.04-1.2x from 2048 rows), no faster at
+# K = 1536 (12 K blocks a tile: its start and its output stores are not hidden) or with
+# fewer tiles than SMs.
+PREFILL_MIN_K = 2048
 
 
 def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
@@ -57,4 +60,53 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
     index = x.device.index
     y = extension_at(index).mxfp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8),
                                          torch._C._cuda_getCurrentRawStream(index))
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
+    """``""`` when the prefill kernel handles these ``fp8_linear`` arguments, else why not."""
+    n, k = w.shape
+    if k % ACT_BLOCK or n % ACT_BLOCK:
+        return f"N = {n}, K = {k}: the kernel takes multiples of {ACT_BLOCK} (whole scale blocks)"
+    if k < PREFILL_MIN_K:
+        return f"K = {k} (it takes {PREFILL_MIN_K} or more: shorter K stays on Triton)"
+    m = x.numel() // k
+    tiles, sms = _cdiv(m, ACT_BLOCK) * (n // ACT_BLOCK), _num_sms(x.device)
+    if tiles < sms:
+        return f"{tiles} output tiles of 128 x 128 for {sms} SMs (it takes one an SM or more: smaller calls stay on Triton)"
+    if not rows_aligned(w, 16):
+        return "weight rows are not contiguous and 16-byte aligned"
+    if w_scale.stride(-1) != 1:
+        return "scale rows are not contiguous"
+    return ""
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fp8_tile_rows(m: int, n: int, device: torch.device) -> int:
+    """128 or 256 rows an output tile, whichever finishes first: each CTA runs ceil(tiles / SMs)
+    tiles, and a 256-row tile takes ~0.93x two 128-row ones (a third less L2 traffic per MMA;
+    measured at K = 7168)."""
+    sms, col_tiles = _num_sms(device), n // ACT_BLOCK
+    rounds = lambda rows: _cdiv(_cdiv(m, rows) * col_tiles, sms)  # noqa: E731
+    return 256 if rounds(256) * 2 * 0.93 < rounds(128) else 128
+
+
+def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """``act_quant(x2) @ dequant(w).T`` for rows ``x2 [M, K]`` by the kernel with ``tile_rows``-row
+    output tiles (any M; N and K multiples of 128)."""
+    codes, scales = act_quant_rows(x2)
+    index = x2.device.index
+    y = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.bfloat16, device=x2.device)
+    scale = w_scale if w_scale.dtype == torch.float32 else w_scale.view(torch.uint8)
+    extension_at(index).fp8_gemm(codes, scales, w, scale, y, tile_rows, torch._C._cuda_getCurrentRawStream(index))
+    return y
+
+
+@register("fp8_linear", "cuda", archs=("sm90a",), covers=fp8_prefill_covers)
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    x2 = as_rows(x)
+    y = fp8_gemm(x2, w, w_scale, fp8_tile_rows(x2.shape[0], w.shape[0], x.device))
     return y.view(*x.shape[:-1], w.shape[0])

@@ -36,7 +36,7 @@ from dsv4_triton.kernels.indexer import indexer_scores as triton_indexer_scores
 from dsv4_triton.reference.indexer import FP4_KEY_BYTES
 from dsv4_triton.registry import register
 
-from .gemm import rows_aligned
+from .layout import rows_aligned
 from .loader import extension_at
 
 HEADS = 64

@@ -13,6 +13,8 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 # Architecture-specific targets (the 'a' variants unlock wgmma / tcgen05).
 ARCH_FLAGS = {"sm90a": "-gencode=arch=compute_90a,code=sm_90a",
               "sm100a": "-gencode=arch=compute_100a,code=sm_100a"}
+# The architectures of the backends whose sources target every one of them.
+CUDA_ARCHS = tuple(ARCH_FLAGS)
 
 
 def arch_of(device: torch.device) -> str:

@@ -20,8 +20,7 @@ from dsv4_triton.kernels.moe import align, block_m_for, combine
 from dsv4_triton.reference.moe import TILE_ROWS
 from dsv4_triton.registry import register
 
-from .gemm import CUDA_ARCHS
-from .loader import extension_at
+from .loader import CUDA_ARCHS, extension_at
 
 DECODE_BLOCK_M = 16
 

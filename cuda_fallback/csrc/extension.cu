@@ -39,6 +39,10 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
 void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, int64_t k, int64_t cluster,
               int64_t stream_handle);
 int64_t row_topk_max_clusters(int64_t cluster, int64_t device);
+#ifdef DSV4_WITH_SM90_FP8_GEMM  // sm_90a only
+void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,
+              int64_t tile_rows, int64_t stream_handle);
+#endif
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
 void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
                         torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);
@@ -55,6 +59,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_decode_gemm", &mxfp4_decode_gemm,
         "MXFP4 weight GEMM for up to 8 activation rows (FP8 codes + scales in, bf16 out)");
   m.def("moe_decode_w13", &moe_decode_w13, "routed experts at decode: w13 GEMM, SwiGLU, routing weight, act_quant");
+#ifdef DSV4_WITH_SM90_FP8_GEMM
+  m.def("fp8_gemm", &fp8_gemm, "FP8 x FP8 block-scaled GEMM (act_quant codes + scales in, bf16 out), TMA + wgmma, sm_90a");
+#endif
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES
   m.def("indexer_scores_fp4", &indexer_scores_fp4, "lightning-indexer scores over FP4 key rows, 64 heads, sm_90a");
 #endif

@@ -7,7 +7,10 @@ bandwidth, bytes = the weight and its scales read once + x + y).
 
 ``fp4_linear`` runs what dispatch picks: up to 8 rows with MXFP4 weights the ``cuda`` backend
 where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
-``fp4_linear[triton]`` times the Triton GEMM at the same shapes.
+``fp4_linear[triton]`` times the Triton GEMM at the same shapes.  ``fp8_linear`` at prefill size
+likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
+GEMM of ``sm90_fp8_gemm.cu``; K >= 2048 and a 128 x 128 tile an SM), beside which
+``fp8_linear[triton]`` times the Triton GEMM.
 
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
 the block-scaled kernel's cost of its per-128 promotion can be read off as a ratio (target:
@@ -17,7 +20,7 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 
 import torch
 
-from cuda_fallback.gemm import DECODE_MAX_ROWS
+from cuda_fallback.gemm import DECODE_MAX_ROWS, PREFILL_MIN_K
 
 from .. import ops, use_backend
 from ..reference import gemm as ref
@@ -106,11 +109,17 @@ def _scaled_mm(a, b, sa, sb):
     return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
 
 
-def _fp8_case(m, n, k, notes=""):
+def _fp8_triton(x, w, s):
+    with use_backend("triton", ops=["fp8_linear"]):
+        return ops.fp8_linear(x, w, s)
+
+
+def _fp8_case(m, n, k, notes="", triton=False):
     act_bytes = m * k * 2 + m * n * 2
     fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
-    return Case(op="fp8_linear", shape=f"M={m} N={n} K={k}", make_inputs=_fp8_inputs(m, n, k),
-                run=ops.fp8_linear, eager=_fp8_eager, oracle=ref.fp8_linear, bytes=fp8_bytes,
+    return Case(op="fp8_linear[triton]" if triton else "fp8_linear", shape=f"M={m} N={n} K={k}",
+                make_inputs=_fp8_inputs(m, n, k), run=_fp8_triton if triton else ops.fp8_linear,
+                eager=None if triton else _fp8_eager, oracle=ref.fp8_linear, bytes=fp8_bytes,
                 flops=2 * m * n * k, ceiling="fp8" if m == PREFILL_M else "copy", launches=1 if m <= 16 else 2,
                 notes=notes)
 
@@ -124,7 +133,10 @@ def cases(quick: bool):
             prefill = m == PREFILL_M
             flops = 2 * m * n * k
             act_bytes = m * k * 2 + m * n * 2
-            out.append(_fp8_case(m, n, k, "M > 16: act_quant pre-pass + GEMM" if prefill and n == shapes[0][0] else ""))
+            out.append(_fp8_case(m, n, k, "cuda backend where built (pre-pass + TMA/wgmma GEMM)"
+                                 if prefill and k >= PREFILL_MIN_K else ""))
+            if prefill:
+                out.append(_fp8_case(m, n, k, "the Triton GEMM (pre-pass + GEMM)", triton=True))
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes

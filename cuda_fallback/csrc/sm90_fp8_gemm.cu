@@ -1,0 +1,421 @@
+// fp8_linear at prefill sizes on Hopper: FP8 x FP8 warpgroup MMAs fed by TMA, with the
+// 128 x 128 block scales applied once a K block (the promotion of SPEC 3).
+// targets: sm90a
+//
+// y[M, N] = sum over K blocks kb of (A_kb W_kb^T) * a_scale[m, kb] * w_scale[n / 128, kb], where
+// A holds the activation's FP8 codes and power-of-two scales from the act_quant pre-pass and
+// W the FP8 weight with one scale per 128 x 128 block.  The Triton GEMM does the same sum; what
+// Triton cannot express here is the structure:
+//
+// * Persistent CTAs (one an SM) walk the output tiles (128 or 256 rows x 128 columns, chosen
+//   by the caller) in a grouped order: 8 row tiles sweep the columns together, so a weight
+//   tile is read from L2 by all 8.
+// * Warp 0 is the producer: for every K block it asks the tensor-memory accelerator for the
+//   A tile and the 128 x 128 W tile (128-byte swizzled by the copy itself, rows past M filled
+//   with zeros) into one of 6 (4) stages and moves on; a stage is handed over by an mbarrier
+//   that completes when its bytes have landed.  It runs ahead across tile boundaries, so the
+//   next tile's first stages load while the consumers write the last tile's output.
+// * Warpgroups 1 and 2 each own half of the tile's rows: per K block and 64 rows 4 wgmma
+//   m64n128k32 (FP8 x FP8, FP32 result) into a temporary accumulator, then one FMA per
+//   element adds it to the running accumulator times the block's scale product (exact: two
+//   powers of two, see fp8_tile_step in dsv4_triton/kernels/gemm.py).  While one warpgroup
+//   promotes, the other's MMAs keep the tensor cores busy; with 128-row tiles a warpgroup
+//   also issues the next block's MMAs before promoting (two temporaries).
+//
+// Measured on the H100 (benchmarks/NOTES.md, eighteenth round): ~1000 TFLOP/s at K = 7168
+// (cuBLAS's per-tensor FP8 GEMM: ~1300-1440), 0.75-0.85x cuBLAS with the pre-pass at
+// N = 24576; at K = 1536 no faster than the Triton GEMM, where the registry keeps it.
+//
+// wgmma exists on sm_90a only: the file is built for that target alone (its line above).
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+
+#include "host.cuh"
+#include "sm90_wgmma.cuh"
+
+using namespace dsv4;
+
+namespace {
+
+constexpr int kBlock = 128;                     // tile columns and K block (the scale block)
+constexpr int kThreads = 384;                   // producer warpgroup + 2 consumer warpgroups
+constexpr int kGroupRows = 8;                   // row tiles that sweep the columns together
+constexpr int kWTileBytes = kBlock * kBlock;    // the W tile of a stage: [128 columns, 128 K] FP8
+
+// A tile of 128 * HALVES rows: each consumer warpgroup owns 64 * HALVES of them, as HALVES
+// m64 accumulators.  Two halves (256-row tiles) read 48 KB a stage for 4M multiply-adds
+// where one half reads 32 KB for 2M: the larger tile needs a third less L2 traffic per MMA.
+template <int HALVES>
+struct Tiling {
+  static constexpr int kRows = 128 * HALVES;
+  static constexpr int kATileBytes = kRows * kBlock;
+  static constexpr int kStageBytes = kATileBytes + kWTileBytes;  // A tile, then W tile
+  static constexpr int kStages = HALVES == 1 ? 6 : 4;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+};
+
+struct Params {
+  const float* a_scale;     // [M, n_kb] fp32 powers of two
+  const void* w_scale;      // [N / 128, n_kb] fp32 or E8M0 bytes
+  __nv_bfloat16* y;         // [M, N]
+  int64_t stride_as, stride_ws, stride_y;
+  int m, n, n_kb, tiles_m, tiles_n;
+  bool w_scale_fp32;
+};
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// Until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as done).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// The [128, 128] box at (column x, row y) of a 2-D tensor map into shared memory; its bytes
+// count on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// D[64 x 128] (+)= A[64 x 32] B[32 x 128]: FP8 E4M3 operands, K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
+      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, "
+      "1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// E8M0 byte -> 2^(b - 127); 0 -> 2^-127 (subnormal), 0xFF -> NaN (as the Triton GEMM).
+__device__ __forceinline__ float e8m0_value(uint32_t b) {
+  const uint32_t special = ((b + 1) & 0xFE) == 0 ? 0x400000u : 0u;
+  return __uint_as_float((b << 23) | special);
+}
+
+// A position in the ring of stages: the stage and the parity of its barriers' current phase.
+struct Ring {
+  int stage;
+  uint32_t phase;
+  __device__ __forceinline__ void next(int stages) {
+    if (++stage == stages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// d = A[64 x 128] W[128 x 128]^T over one K block: 4 wgmma m64n128k32, committed as one group.
+__device__ __forceinline__ void mma_block(float (&d)[64], uint32_t a_base, uint32_t w_base) {
+  wgmma_fence();
+#pragma unroll
+  for (int k32 = 0; k32 < 4; ++k32)
+    wgmma_m64n128k32_e4m3(d, smem_desc(a_base + 32 * k32, 16, 1024), smem_desc(w_base + 32 * k32, 16, 1024),
+                          k32 != 0);
+  wgmma_commit();
+}
+
+// acc += d * (the block's scale product) for rows row0 (f0) and row0 + 8 (f1).
+__device__ __forceinline__ void promote(float (&acc)[64], const float (&d)[64], float f0, float f1) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    acc[4 * j] = fmaf(d[4 * j], f0, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(d[4 * j + 1], f0, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(d[4 * j + 2], f1, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(d[4 * j + 3], f1, acc[4 * j + 3]);
+  }
+}
+
+__device__ __forceinline__ void tile_coords(int tile, const Params& p, int& tm, int& tn) {
+  const int per_group = kGroupRows * p.tiles_n;
+  const int first_m = (tile / per_group) * kGroupRows;
+  const int rows = min(p.tiles_m - first_m, kGroupRows);
+  tm = first_m + (tile % per_group) % rows;
+  tn = (tile % per_group) / rows;
+}
+
+template <int HALVES>
+__global__ void __launch_bounds__(kThreads, 1)
+    fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
+                    const __grid_constant__ Params p) {
+  using T = Tiling<HALVES>;
+  extern __shared__ uint8_t smem_raw[];
+  // 128-byte swizzled tiles need 1024-byte aligned bases.
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kStages * T::kStageBytes);
+  uint64_t* empty = full + T::kStages;
+  const int wg = threadIdx.x >> 7;
+  const int n_tiles = p.tiles_m * p.tiles_n;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < T::kStages; ++s) {
+      mbar_init(&full[s], 1);   // the producer's arrival (with the bytes it expects)
+      mbar_init(&empty[s], 8);  // one arrival a consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x != 0) return;
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_w)) : "memory");
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+      int tm, tn;
+      tile_coords(tile, p, tm, tn);
+      for (int kb = 0; kb < p.n_kb; ++kb) {
+        mbar_wait(&empty[stage], phase ^ 1);
+        uint8_t* dst = smem + stage * T::kStageBytes;
+        mbar_expect_bytes(&full[stage], T::kStageBytes);
+        tma_load(dst, &map_a, kb * kBlock, tm * T::kRows, &full[stage]);
+        tma_load(dst + T::kATileBytes, &map_w, kb * kBlock, tn * kBlock, &full[stage]);
+        if (++stage == T::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup c owns rows 64 HALVES c .. 64 HALVES (c + 1) - 1 of every tile ----
+  // 168 registers a thread at launch; 40 for the producer leaves 232 for each consumer.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int c = wg - 1;
+  const int ct = threadIdx.x - 128 * wg;
+  const int lane = ct & 31;
+  // This thread's rows: row0 + 64 h and row0 + 64 h + 8 for each half h.
+  const int row0 = 64 * HALVES * c + (ct >> 5) * 16 + (lane >> 2);
+  const int cq = 2 * (lane & 3);  // its columns in each 8-column group: cq, cq + 1
+  const float* w_scale_f = static_cast<const float*>(p.w_scale);
+  const uint8_t* w_scale_b = static_cast<const uint8_t*>(p.w_scale);
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    int tm, tn;
+    tile_coords(tile, p, tm, tn);
+    const int gm0 = tm * T::kRows + row0;
+    const float* as[2 * HALVES];  // rows gm0 + 64 h (+ 8): past M, the last row (its codes are zeros)
+#pragma unroll
+    for (int r = 0; r < 2 * HALVES; ++r)
+      as[r] = p.a_scale + static_cast<int64_t>(min(gm0 + 64 * (r >> 1) + 8 * (r & 1), p.m - 1)) * p.stride_as;
+    const int64_t ws_row = static_cast<int64_t>(tn) * p.stride_ws;
+    auto w_scale_at = [&](int kb) {
+      return p.w_scale_fp32 ? __ldg(w_scale_f + ws_row + kb) : e8m0_value(__ldg(w_scale_b + ws_row + kb));
+    };
+    auto a_base = [&](int st) { return smem_addr(smem + st * T::kStageBytes) + 64 * HALVES * c * 128; };
+    auto w_base = [&](int st) { return smem_addr(smem + st * T::kStageBytes + T::kATileBytes); };
+    float acc[HALVES][64];
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
+    }
+    if constexpr (HALVES == 1) {
+      // K blocks in pairs, both groups issued before the first is promoted: the tensor cores
+      // run this warpgroup's second group under its first promotion.  (Carrying a group in
+      // flight across the loop's back edge instead makes ptxas serialize every wgmma.)  A
+      // block's scales are loaded when its MMAs are issued, used when it is promoted.
+      Ring issue{stage, phase}, release{stage, phase};
+      float t0[64], t1[64];
+      float f0[3], f1[3];  // (row0 scale, row0 + 8 scale, weight scale) of the block in t0 / t1
+      auto start = [&](float(&t)[64], float(&f)[3], int kb) {
+        mbar_wait(&full[issue.stage], issue.phase);
+        mma_block(t, a_base(issue.stage), w_base(issue.stage));
+        f[0] = __ldg(as[0] + kb);
+        f[1] = __ldg(as[1] + kb);
+        f[2] = w_scale_at(kb);
+        issue.next(T::kStages);
+      };
+      auto finish = [&](float(&t)[64], const float(&f)[3]) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) pin(t[i]);
+        if (lane == 0) mbar_arrive(&empty[release.stage]);
+        release.next(T::kStages);
+        promote(acc[0], t, f[0] * f[2], f[1] * f[2]);
+      };
+      for (int kb = 0; kb < p.n_kb; kb += 2) {
+        start(t0, f0, kb);
+        if (kb + 1 < p.n_kb) {
+          start(t1, f1, kb + 1);
+          wgmma_wait<1>();
+          finish(t0, f0);
+          wgmma_wait<0>();
+          finish(t1, f1);
+        } else {
+          wgmma_wait<0>();
+          finish(t0, f0);
+        }
+      }
+      stage = release.stage;
+      phase = release.phase;
+    } else {
+      // 256-row tiles: two m64 accumulators leave registers for one MMA result, so each
+      // half's group is waited for before it is promoted; the other warpgroup's MMAs fill
+      // the tensor cores meanwhile.
+      float sa[2 * HALVES], sw = w_scale_at(0);
+#pragma unroll
+      for (int r = 0; r < 2 * HALVES; ++r) sa[r] = __ldg(as[r]);
+      for (int kb = 0; kb < p.n_kb; ++kb) {
+        mbar_wait(&full[stage], phase);
+        // The next block's scales, in flight under the MMAs.
+        const int kn = min(kb + 1, p.n_kb - 1);
+        float na[2 * HALVES];
+#pragma unroll
+        for (int r = 0; r < 2 * HALVES; ++r) na[r] = __ldg(as[r] + kn);
+        const float nw = w_scale_at(kn);
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+          float d[64];
+          mma_block(d, a_base(stage) + h * 64 * 128, w_base(stage));
+          wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < 64; ++i) pin(d[i]);
+          if (h == HALVES - 1 && lane == 0) mbar_arrive(&empty[stage]);
+          promote(acc[h], d, sa[2 * h] * sw, sa[2 * h + 1] * sw);
+        }
+        if (++stage == T::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+#pragma unroll
+        for (int r = 0; r < 2 * HALVES; ++r) sa[r] = na[r];
+        sw = nw;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2 * HALVES; ++r) {
+      const int gm = gm0 + 64 * (r >> 1) + 8 * (r & 1);
+      if (gm >= p.m) continue;
+      __nv_bfloat16* yr = p.y + static_cast<int64_t>(gm) * p.stride_y + tn * kBlock + cq;
+      const float* a = acc[r >> 1] + 2 * (r & 1);
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        *reinterpret_cast<__nv_bfloat162*>(yr + 8 * j) = __floats2bfloat162_rn(a[4 * j], a[4 * j + 1]);
+    }
+  }
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+    DSV4_CHECK(err == cudaSuccess && found == cudaDriverEntryPointSuccess && fn != nullptr,
+               "fp8_gemm: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// [box_rows, 128] boxes of an FP8 matrix [rows, cols] (row stride in bytes), 128-byte swizzle.
+CUtensorMap fp8_rows_map(const at::Tensor& t, int box_rows, const char* what) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(t.size(1)), static_cast<cuuint64_t>(t.size(0))};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(t.stride(0))};
+  const cuuint32_t box[2] = {kBlock, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult res = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, t.data_ptr(), dims, strides, box,
+                                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  DSV4_CHECK(res == CUDA_SUCCESS, what, ": cuTensorMapEncodeTiled failed with error ", static_cast<int>(res));
+  return map;
+}
+
+}  // namespace
+
+// a_codes: uint8 [M, K] FP8 codes (the act_quant pre-pass), a_scale: fp32 [M, K / 128];
+// w: float8_e4m3fn or uint8 [N, K]; w_scale: fp32 or uint8 (E8M0) [N / 128, K / 128];
+// y: bf16 [M, N], rows contiguous.  N and K multiples of 128; every operand's rows 16-byte
+// aligned (the tensor maps' rule).  tile_rows: 128 or 256 rows an output tile.
+void fp8_gemm(at::Tensor a_codes, at::Tensor a_scale, at::Tensor w, at::Tensor w_scale, at::Tensor y,
+              int64_t tile_rows, int64_t stream_handle) {
+  require_sm90(a_codes.get_device(), "fp8_gemm");
+  DSV4_CHECK(a_codes.scalar_type() == at::kByte && a_codes.dim() == 2 && a_codes.stride(1) == 1,
+             "a_codes: expected uint8 [M, K] with a contiguous last dim, got ", a_codes.scalar_type(), " ",
+             a_codes.sizes());
+  const int64_t m = a_codes.size(0), k = a_codes.size(1);
+  DSV4_CHECK(w.dim() == 2 && w.size(1) == k && w.stride(1) == 1 && w.element_size() == 1,
+             "w: expected FP8 [N, ", k, "] with a contiguous last dim, got ", w.sizes());
+  const int64_t n = w.size(0);
+  DSV4_CHECK(k % kBlock == 0 && n % kBlock == 0, "fp8_gemm: N and K must be multiples of 128, got N = ", n, ", K = ", k);
+  const int64_t n_kb = k / kBlock;
+  DSV4_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.dim() == 2 && a_scale.size(0) == m &&
+                 a_scale.size(1) == n_kb && a_scale.stride(1) == 1,
+             "a_scale: expected fp32 [", m, ", ", n_kb, "], got ", a_scale.sizes());
+  DSV4_CHECK((w_scale.scalar_type() == at::kFloat || w_scale.scalar_type() == at::kByte) && w_scale.dim() == 2 &&
+                 w_scale.size(0) == n / kBlock && w_scale.size(1) == n_kb && w_scale.stride(1) == 1,
+             "w_scale: expected fp32 or E8M0 bytes [", n / kBlock, ", ", n_kb, "], got ", w_scale.sizes());
+  DSV4_CHECK(y.scalar_type() == at::kBFloat16 && y.dim() == 2 && y.size(0) == m && y.size(1) == n && y.stride(1) == 1 &&
+                 aligned(y, 4) && y.stride(0) % 2 == 0,
+             "y: expected bf16 [", m, ", ", n, "] with 4-byte aligned rows, got ", y.sizes());
+  DSV4_CHECK(aligned(a_codes, 16) && a_codes.stride(0) % 16 == 0 && aligned(w, 16) && w.stride(0) % 16 == 0,
+             "fp8_gemm: a_codes and w need 16-byte aligned rows");
+  DSV4_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31), "fp8_gemm: too many rows");
+  DSV4_CHECK(tile_rows == 128 || tile_rows == 256, "tile_rows: expected 128 or 256, got ", tile_rows);
+  if (m == 0) return;
+  Params p{};
+  p.a_scale = a_scale.data_ptr<float>();
+  p.w_scale = w_scale.data_ptr();
+  p.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
+  p.stride_as = a_scale.stride(0);
+  p.stride_ws = w_scale.stride(0);
+  p.stride_y = y.stride(0);
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.n_kb = static_cast<int>(n_kb);
+  p.tiles_m = static_cast<int>((m + tile_rows - 1) / tile_rows);
+  p.tiles_n = static_cast<int>(n / kBlock);
+  p.w_scale_fp32 = w_scale.scalar_type() == at::kFloat;
+  const int device = a_codes.get_device();
+  const DeviceScope scope(device);
+  const CUtensorMap map_a = fp8_rows_map(a_codes, static_cast<int>(tile_rows), "a_codes");
+  const CUtensorMap map_w = fp8_rows_map(w, kBlock, "w");
+  const int64_t tiles = static_cast<int64_t>(p.tiles_m) * p.tiles_n;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessors(device)));
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  auto launch = [&](auto kernel, int smem_bytes) {
+    DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess,
+               "fp8_gemm: cannot raise the shared-memory limit");
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(map_a, map_w, p);
+  };
+  if (tile_rows == 256)
+    launch(fp8_gemm_kernel<2>, Tiling<2>::kSmemBytes);
+  else
+    launch(fp8_gemm_kernel<1>, Tiling<1>::kSmemBytes);
+  check_launch("fp8_gemm");
+}

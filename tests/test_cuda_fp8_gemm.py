@@ -1,0 +1,168 @@
+"""The cuda backend of fp8_linear (cuda_fallback/csrc/sm90_fp8_gemm.cu) against the oracle, both
+tile heights, and the registry rule that sends it prefill-sized calls with whole 128 x 128
+scale blocks and a long K.  GPU only: the source is compiled on the CPU by test_cuda_fallback."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from dsv4_triton import ops, registry, use_backend
+from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
+from dsv4_triton.reference import gemm as ref
+from dsv4_triton.registry import BackendUnavailableError
+from helpers import backends_called, needs_cuda_backend
+from test_gemm import _gen, assert_gemm_close, random_e8m0, random_fp8
+
+pytestmark = pytest.mark.gpu
+
+
+_needs_cuda_backend = needs_cuda_backend("fp8_linear")
+
+
+def _cuda(*args):
+    with use_backend("cuda", ops=["fp8_linear"]):
+        return ops.fp8_linear(*args)
+
+
+TILE_ROWS = pytest.mark.parametrize("tile_rows", [128, 256])
+
+
+def _check(y, x, w, ws, what=""):
+    assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws),
+                      what=what)
+
+
+@TILE_ROWS
+@given(m=st.integers(1, 700), nb=st.integers(1, 5), kb=st.integers(1, 9), fp32_scale=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_matches_oracle(device, tile_rows, m, nb, kb, fp32_scale, seed):
+    # The kernel at any size (the registry sends it large calls only): rows past a whole tile
+    # (the copies fill them with zeros, the stores skip them), an odd K block count (the last
+    # pair of blocks is a single one), fewer blocks than pipeline stages and more, fp32 scales
+    # that are not powers of two.
+    g = _gen(seed)
+    n, k = 128 * nb, 128 * kb
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((nb, kb), g, device)
+    if fp32_scale:
+        ws = ref.scale_to_float(ws) * (1 + torch.rand(ws.shape, generator=g)).to(device)
+    y = cuda_gemm.fp8_gemm(x, w, ws, tile_rows)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    _check(y, x, w, ws)
+
+
+@TILE_ROWS
+@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-100, -96, 1.0), (90, 94, 1.0), (-127, -127, 1e3)])
+def test_extreme_scale_exponents(device, tile_rows, e_lo, e_hi, x_scale):
+    g = _gen(6)
+    x = (torch.randn(300, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
+    w = random_fp8((256, 256), g, device)
+    ws = random_e8m0((2, 2), g, device, e_lo, e_hi)
+    _check(cuda_gemm.fp8_gemm(x, w, ws, tile_rows), x, w, ws, what=f"exponents {e_lo}..{e_hi}")
+
+
+@TILE_ROWS
+def test_nan_inf_zero_blocks_propagate_like_oracle(device, tile_rows):
+    g = _gen(7)
+    x = torch.randn(260, 256, generator=g).to(torch.bfloat16)
+    x[0, 3] = float("nan")  # a NaN block: row 0 NaN
+    x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
+    x[2] = 0.0  # an all-zero row: zeros (NaN only in poisoned columns)
+    x[259, 5] = float("nan")  # in the partial last row tile
+    x = x.to(device)
+    w = random_fp8((256, 256), g, "cpu")
+    w.view(torch.uint8)[7, 9] = 0x7F  # a NaN weight: column 7 NaN
+    ws = random_e8m0((2, 2), g, "cpu")
+    ws.view(torch.uint8)[1, 1] = 0xFF  # an E8M0 NaN: columns 128.. NaN
+    w, ws = w.to(device), ws.to(device)
+    y = cuda_gemm.fp8_gemm(x, w, ws, tile_rows)
+    _check(y, x, w, ws)
+    assert bool(torch.isnan(y[[0, 1, 259]]).all()) and bool(torch.isnan(y[:, 7]).all())
+    assert bool(torch.isnan(y[:, 128:]).all())
+    assert bool((y[2, :7] == 0).all()) and bool((y[2, 8:128] == 0).all())
+
+
+@TILE_ROWS
+@pytest.mark.parametrize("m", [300, 1000])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (1536, 7168), (24576, 7168)])
+def test_real_shapes(device, tile_rows, m, n, k):
+    # More tiles than SMs: each CTA walks several, the producer crossing tile boundaries.
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((n // 128, k // 128), g, device)
+    _check(cuda_gemm.fp8_gemm(x, w, ws, tile_rows), x, w, ws, what=f"{m} x {n} x {k}, {tile_rows}-row tiles")
+
+
+def test_public_op_leading_dims_and_strided_activation(device):
+    g = _gen(11)
+    base = torch.randn(2, 400, 2 * 2048, generator=g).to(torch.bfloat16).to(device)
+    x = base[..., ::2]
+    w = random_fp8((3072, 2048), g, device)
+    ws = random_e8m0((24, 16), g, device)
+    y = _cuda(x, w, ws)
+    assert y.shape == (2, 400, 3072)
+    _check(y.reshape(-1, 3072), x.reshape(-1, 2048), w, ws)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    ran = backends_called(monkeypatch, "fp8_linear")
+    yield ran
+    monkeypatch.undo()
+    registry.set_backend(None, ops=["fp8_linear"])
+
+
+def test_dispatch_sends_prefill_with_whole_blocks_to_cuda(device, counted):
+    assert registry.selected_backend("fp8_linear", device) == "cuda, else triton"
+    ran = counted
+    g = _gen(3)
+    w = random_fp8((256, 256), g, device)
+    ws = random_e8m0((2, 2), g, device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n, k = 3072, 2048  # 24 column tiles: a tile an SM from ceil(sms / 24) row tiles
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((n // 128, k // 128), g, device)
+    enough = 128 * -(-sms // 24)
+    for m, expect in ((enough - 128, "triton"), (enough, "cuda"), (4096, "cuda")):
+        ran.clear()
+        ops.fp8_linear(torch.randn(m, k, generator=g).to(torch.bfloat16).to(device), w, ws)
+        assert ran == [expect], (m, ran)
+    for n2, k2 in ((3000, 2048), (3072, 2000), (3072, 1536)):  # N or K not a multiple of 128, K short
+        ran.clear()
+        w2 = random_fp8((n2, k2), g, device)
+        ws2 = random_e8m0((-(-n2 // 128), -(-k2 // 128)), g, device)
+        ops.fp8_linear(torch.randn(4096, k2, generator=g).to(torch.bfloat16).to(device), w2, ws2)
+        assert ran == ["triton"], (n2, k2)
+    ran.clear()
+    wide = torch.zeros(n, k + 1, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    ops.fp8_linear(torch.randn(4096, k, generator=g).to(torch.bfloat16).to(device), wide[:, 1:], ws)
+    assert ran == ["triton"]  # weight rows not 16-byte aligned
+
+
+def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
+    g = _gen(4)
+    w = random_fp8((256, 2048), g, device)
+    ws = random_e8m0((2, 16), g, device)
+    x = torch.randn(8, 2048, generator=g).to(torch.bfloat16).to(device)
+    with pytest.raises(BackendUnavailableError, match="2 output tiles"):
+        _cuda(x, w, ws)
+    with pytest.raises(BackendUnavailableError, match="K = 256"):
+        _cuda(x[:, :256], w[:, :256], ws[:, :2])
+
+
+def test_cuda_graph_replay(device):
+    g = _gen(9)
+    w = random_fp8((3072, 2048), g, device)
+    ws = random_e8m0((24, 16), g, device)
+    x = torch.randn(1024, 2048, generator=g).to(torch.bfloat16).to(device)
+    y = _cuda(x, w, ws)  # warm-up (builds the extension) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.fp8_linear(x, w, ws)
+    x.copy_(torch.randn(1024, 2048, generator=g).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, _cuda(x, w, ws))
+    _check(y, x, w, ws)

@@ -29,11 +29,10 @@ from .loader import CUDA_ARCHS, extension_at
 DECODE_MAX_ROWS = 8
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
 # PREFILL_MIN_K and at least one 128 x 128 output tile an SM.  Measured on the H100 against the
-# Triton GEMM (benchmarks/NOTES.md, eighteenth round): faster from those sizes at K = 7168
-# (N = 24576: 1.26-1.29x from 512 rows; N = 1536: 1.04-1.2x from 2048 rows), no faster at
-# K = 1536 (12 K blocks a tile: its start and its output stores are not hidden) or with
-# fewer tiles than SMs.
-PREFILL_MIN_K = 2048
+# Triton GEMM (benchmarks/NOTES.md, eighteenth round), both with the same pre-pass: 1.14-1.42x
+# at the Pro shapes from 1024 rows, K = 1536 to 7168; fewer tiles than SMs were slower
+# (N = 1536 or 3072 at 512 rows: 0.8x) and shorter K was not measured.
+PREFILL_MIN_K = 1536
 
 
 def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,

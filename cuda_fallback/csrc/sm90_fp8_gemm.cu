@@ -20,11 +20,13 @@
 //   element adds it to the running accumulator times the block's scale product (exact: two
 //   powers of two, see fp8_tile_step in dsv4_triton/kernels/gemm.py).  While one warpgroup
 //   promotes, the other's MMAs keep the tensor cores busy; with 128-row tiles a warpgroup
-//   also issues the next block's MMAs before promoting (two temporaries).
+//   also issues the next block's MMAs before promoting (two temporaries).  A finished tile
+//   goes through a shared-memory buffer a warpgroup and out by TMA stores, which drain
+//   while the next tile's MMAs run.
 //
-// Measured on the H100 (benchmarks/NOTES.md, eighteenth round): ~1000 TFLOP/s at K = 7168
-// (cuBLAS's per-tensor FP8 GEMM: ~1300-1440), 0.75-0.85x cuBLAS with the pre-pass at
-// N = 24576; at K = 1536 no faster than the Triton GEMM, where the registry keeps it.
+// Measured on the H100 (benchmarks/NOTES.md, eighteenth round): ~900-1070 TFLOP/s at the Pro
+// projections' shapes (cuBLAS's per-tensor FP8 GEMM: ~1200-1400), 1.14-1.42x the Triton GEMM
+// with the same activation pre-pass.
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
 
@@ -46,6 +48,11 @@ constexpr int kBlock = 128;                     // tile columns and K block (the
 constexpr int kThreads = 384;                   // producer warpgroup + 2 consumer warpgroups
 constexpr int kGroupRows = 8;                   // row tiles that sweep the columns together
 constexpr int kWTileBytes = kBlock * kBlock;    // the W tile of a stage: [128 columns, 128 K] FP8
+// A consumer warpgroup's output buffer: 64 rows x 128 bf16 columns as two 128-byte swizzled
+// panels of 64 columns, written by the threads and stored by TMA while the next tile runs.
+constexpr int kOutPanelBytes = 64 * 128;
+constexpr int kOutBytes = 2 * kOutPanelBytes;
+constexpr int kBarOut = 1;                      // named barriers 1, 2: a consumer warpgroup's buffer
 
 // A tile of 128 * HALVES rows: each consumer warpgroup owns 64 * HALVES of them, as HALVES
 // m64 accumulators.  Two halves (256-row tiles) read 48 KB a stage for 4M multiply-adds
@@ -56,15 +63,15 @@ struct Tiling {
   static constexpr int kATileBytes = kRows * kBlock;
   static constexpr int kStageBytes = kATileBytes + kWTileBytes;  // A tile, then W tile
   static constexpr int kStages = HALVES == 1 ? 6 : 4;
-  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+  static constexpr int kOutOffset = kStages * kStageBytes;
+  static constexpr int kSmemBytes = kOutOffset + 2 * kOutBytes + 2 * kStages * 8 + 1024;
 };
 
 struct Params {
   const float* a_scale;     // [M, n_kb] fp32 powers of two
   const void* w_scale;      // [N / 128, n_kb] fp32 or E8M0 bytes
-  __nv_bfloat16* y;         // [M, N]
-  int64_t stride_as, stride_ws, stride_y;
-  int m, n, n_kb, tiles_m, tiles_n;
+  int64_t stride_as, stride_ws;
+  int m, n_kb, tiles_m, tiles_n;
   bool w_scale_fp32;
 };
 
@@ -95,6 +102,21 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
           smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
       : "memory");
+}
+
+// The [64, 64] box of a 2-D tensor map at (column x, row y) from shared memory (a bulk group).
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int x, int y) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(x), "r"(y), "r"(smem_addr(src))
+               : "memory");
+}
+
+// Until this thread's committed bulk stores have read their shared memory.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
 // D[64 x 128] (+)= A[64 x 32] B[32 x 128]: FP8 E4M3 operands, K-major in shared memory.
@@ -167,12 +189,12 @@ __device__ __forceinline__ void tile_coords(int tile, const Params& p, int& tm, 
 template <int HALVES>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
-                    const __grid_constant__ Params p) {
+                    const __grid_constant__ CUtensorMap map_y, const __grid_constant__ Params p) {
   using T = Tiling<HALVES>;
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzled tiles need 1024-byte aligned bases.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kStages * T::kStageBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOutOffset + 2 * kOutBytes);
   uint64_t* empty = full + T::kStages;
   const int wg = threadIdx.x >> 7;
   const int n_tiles = p.tiles_m * p.tiles_n;
@@ -316,17 +338,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         sw = nw;
       }
     }
+    // Epilogue: each 64-row half through this warpgroup's buffer and out by TMA (rows past M
+    // are clipped by the copy).  The buffer is reused once the previous store has read it,
+    // so a tile's stores drain under the next tile's MMAs.
+    uint8_t* out = smem + T::kOutOffset + c * kOutBytes;
+    const int wr = (ct >> 5) * 16 + (lane >> 2);  // this thread's rows in a half: wr, wr + 8
 #pragma unroll
-    for (int r = 0; r < 2 * HALVES; ++r) {
-      const int gm = gm0 + 64 * (r >> 1) + 8 * (r & 1);
-      if (gm >= p.m) continue;
-      __nv_bfloat16* yr = p.y + static_cast<int64_t>(gm) * p.stride_y + tn * kBlock + cq;
-      const float* a = acc[r >> 1] + 2 * (r & 1);
+    for (int h = 0; h < HALVES; ++h) {
+      if (ct == 0) bulk_wait_read();
+      bar_sync(kBarOut + c, 128);
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
-        *reinterpret_cast<__nv_bfloat162*>(yr + 8 * j) = __floats2bfloat162_rn(a[4 * j], a[4 * j + 1]);
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = wr + 8 * e;
+          *reinterpret_cast<__nv_bfloat162*>(out + (j >> 3) * kOutPanelBytes + swizzled(row, j & 7) + 2 * cq) =
+              __floats2bfloat162_rn(acc[h][4 * j + 2 * e], acc[h][4 * j + 2 * e + 1]);
+        }
+      }
+      fence_async_shared();
+      bar_sync(kBarOut + c, 128);
+      if (ct == 0) {
+        const int y_row = tm * T::kRows + 64 * HALVES * c + 64 * h;
+        tma_store(&map_y, out, tn * kBlock, y_row);
+        tma_store(&map_y, out + kOutPanelBytes, tn * kBlock + 64, y_row);
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      }
     }
   }
+  // The last stores have read the buffers (and written) before the CTA's shared memory goes.
+  if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -342,15 +383,16 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// [box_rows, 128] boxes of an FP8 matrix [rows, cols] (row stride in bytes), 128-byte swizzle.
-CUtensorMap fp8_rows_map(const at::Tensor& t, int box_rows, const char* what) {
+// [box_rows, box_cols] boxes of a row-major matrix (rows 128 bytes of the box wide at most),
+// 128-byte swizzle; reads past the edge give zeros, writes past it are dropped.
+CUtensorMap tile_map(const at::Tensor& t, CUtensorMapDataType type, int box_cols, int box_rows, const char* what) {
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(t.size(1)), static_cast<cuuint64_t>(t.size(0))};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(t.stride(0))};
-  const cuuint32_t box[2] = {kBlock, static_cast<cuuint32_t>(box_rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(t.stride(0) * t.element_size())};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult res = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, t.data_ptr(), dims, strides, box,
-                                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  const CUresult res = tensor_map_encoder()(&map, type, 2, t.data_ptr(), dims, strides, box, elem_strides,
+                                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   DSV4_CHECK(res == CUDA_SUCCESS, what, ": cuTensorMapEncodeTiled failed with error ", static_cast<int>(res));
   return map;
@@ -381,8 +423,8 @@ void fp8_gemm(at::Tensor a_codes, at::Tensor a_scale, at::Tensor w, at::Tensor w
                  w_scale.size(0) == n / kBlock && w_scale.size(1) == n_kb && w_scale.stride(1) == 1,
              "w_scale: expected fp32 or E8M0 bytes [", n / kBlock, ", ", n_kb, "], got ", w_scale.sizes());
   DSV4_CHECK(y.scalar_type() == at::kBFloat16 && y.dim() == 2 && y.size(0) == m && y.size(1) == n && y.stride(1) == 1 &&
-                 aligned(y, 4) && y.stride(0) % 2 == 0,
-             "y: expected bf16 [", m, ", ", n, "] with 4-byte aligned rows, got ", y.sizes());
+                 aligned(y, 16) && y.stride(0) % 8 == 0,
+             "y: expected bf16 [", m, ", ", n, "] with 16-byte aligned rows, got ", y.sizes());
   DSV4_CHECK(aligned(a_codes, 16) && a_codes.stride(0) % 16 == 0 && aligned(w, 16) && w.stride(0) % 16 == 0,
              "fp8_gemm: a_codes and w need 16-byte aligned rows");
   DSV4_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31), "fp8_gemm: too many rows");
@@ -391,27 +433,25 @@ void fp8_gemm(at::Tensor a_codes, at::Tensor a_scale, at::Tensor w, at::Tensor w
   Params p{};
   p.a_scale = a_scale.data_ptr<float>();
   p.w_scale = w_scale.data_ptr();
-  p.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
   p.stride_as = a_scale.stride(0);
   p.stride_ws = w_scale.stride(0);
-  p.stride_y = y.stride(0);
   p.m = static_cast<int>(m);
-  p.n = static_cast<int>(n);
   p.n_kb = static_cast<int>(n_kb);
   p.tiles_m = static_cast<int>((m + tile_rows - 1) / tile_rows);
   p.tiles_n = static_cast<int>(n / kBlock);
   p.w_scale_fp32 = w_scale.scalar_type() == at::kFloat;
   const int device = a_codes.get_device();
   const DeviceScope scope(device);
-  const CUtensorMap map_a = fp8_rows_map(a_codes, static_cast<int>(tile_rows), "a_codes");
-  const CUtensorMap map_w = fp8_rows_map(w, kBlock, "w");
+  const CUtensorMap map_a = tile_map(a_codes, CU_TENSOR_MAP_DATA_TYPE_UINT8, kBlock, static_cast<int>(tile_rows), "a_codes");
+  const CUtensorMap map_w = tile_map(w, CU_TENSOR_MAP_DATA_TYPE_UINT8, kBlock, kBlock, "w");
+  const CUtensorMap map_y = tile_map(y, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, 64, "y");
   const int64_t tiles = static_cast<int64_t>(p.tiles_m) * p.tiles_n;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessors(device)));
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   auto launch = [&](auto kernel, int smem_bytes) {
     DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess,
                "fp8_gemm: cannot raise the shared-memory limit");
-    kernel<<<grid, kThreads, smem_bytes, stream>>>(map_a, map_w, p);
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(map_a, map_w, map_y, p);
   };
   if (tile_rows == 256)
     launch(fp8_gemm_kernel<2>, Tiling<2>::kSmemBytes);

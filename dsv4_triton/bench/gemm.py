@@ -9,7 +9,7 @@ bandwidth, bytes = the weight and its scales read once + x + y).
 where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
 ``fp4_linear[triton]`` times the Triton GEMM at the same shapes.  ``fp8_linear`` at prefill size
 likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
-GEMM of ``sm90_fp8_gemm.cu``; K >= 2048 and a 128 x 128 tile an SM), beside which
+GEMM of ``sm90_fp8_gemm.cu``; K >= 1536 and a 128 x 128 tile an SM), beside which
 ``fp8_linear[triton]`` times the Triton GEMM.
 
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so

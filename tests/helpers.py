@@ -64,6 +64,22 @@ def backends_called(monkeypatch, op: str, backends=("cuda", "triton")) -> list:
     return ran
 
 
+def counting_backends(op: str):
+    """A fixture for a test module of op ``op``'s cuda backend: the backends that op runs, one
+    entry a call (``backends_called``); afterwards the counting is undone and the dispatch
+    cache cleared."""
+    from dsv4_triton import registry
+
+    @pytest.fixture
+    def counted(monkeypatch):
+        ran = backends_called(monkeypatch, op)
+        yield ran
+        monkeypatch.undo()
+        registry.set_backend(None, ops=[op])
+
+    return counted
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||a - e|| / ||e|| over finite elements (the metric the benchmarks report)."""
     a, e = actual.float(), expected.float()

@@ -10,7 +10,7 @@ from dsv4_triton import ops, registry, use_backend
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import backends_called, needs_cuda_backend
+from helpers import counting_backends, needs_cuda_backend
 from test_gemm import _gen, assert_gemm_close, random_e8m0, random_fp8
 
 pytestmark = pytest.mark.gpu
@@ -106,12 +106,7 @@ def test_public_op_leading_dims_and_strided_activation(device):
     _check(y.reshape(-1, 3072), x.reshape(-1, 2048), w, ws)
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    ran = backends_called(monkeypatch, "fp8_linear")
-    yield ran
-    monkeypatch.undo()
-    registry.set_backend(None, ops=["fp8_linear"])
+counted = counting_backends("fp8_linear")
 
 
 def test_dispatch_sends_prefill_with_whole_blocks_to_cuda(device, counted):

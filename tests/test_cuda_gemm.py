@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import backends_called, needs_cuda_backend
+from helpers import counting_backends, needs_cuda_backend
 from test_gemm import SPEC_FP4, _gen, assert_gemm_close, random_e8m0, random_fp4, spread_inputs
 
 pytestmark = pytest.mark.gpu
@@ -111,12 +111,7 @@ def test_leading_dims_and_strided_activation(device):
     _check(y.reshape(-1, 72), x.reshape(-1, 384), w, ws)
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    ran = backends_called(monkeypatch, "fp4_linear")
-    yield ran
-    monkeypatch.undo()
-    registry.set_backend(None, ops=["fp4_linear"])
+counted = counting_backends("fp4_linear")
 
 
 def test_dispatch_sends_decode_mxfp4_to_cuda_and_the_rest_to_triton(device, counted):

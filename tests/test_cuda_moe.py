@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import moe as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import backends_called, needs_cuda_backend
+from helpers import counting_backends, needs_cuda_backend
 from test_moe import (DIM, EDGE_CASES, EXPERTS, INTER, _gen, assert_moe_close, edge_case_routing, flash_error,
                       integer_activations, random_experts, routing)
 
@@ -94,12 +94,7 @@ def test_pro_decode_shape(device):
     assert err < 2.0 ** -8, f"relative error {err:.3g}"
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    ran = backends_called(monkeypatch, "moe_experts")
-    yield ran
-    monkeypatch.undo()
-    registry.set_backend(None, ops=["moe_experts"])
+counted = counting_backends("moe_experts")
 
 
 def test_dispatch_sends_16_row_blocks_to_cuda_and_the_rest_to_triton(device, counted):

@@ -115,10 +115,6 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* sr
 // Until this thread's committed bulk stores have read their shared memory.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 
-__device__ __forceinline__ void bar_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-
 // D[64 x 128] (+)= A[64 x 32] B[32 x 128]: FP8 E4M3 operands, K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   asm volatile(

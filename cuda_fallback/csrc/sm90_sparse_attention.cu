@@ -60,13 +60,6 @@ constexpr int kMergeBatch = 8;     // partial rows a merging thread has in fligh
 // consumer's Q tile.
 constexpr int kBarFull = 1, kBarEmpty = 3, kBarExch = 5, kBarQ = 6;
 
-__device__ __forceinline__ void bar_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-
 // S[64 x 64] (+)= A[64 x 16] B[16 x 64]: A and B K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   asm volatile(

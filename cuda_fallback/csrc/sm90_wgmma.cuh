@@ -1,5 +1,6 @@
 // Hopper (sm_90a) warpgroup-MMA helpers shared by the sm90_* kernels: matrix descriptors,
-// the proxy fence, and the wgmma fence / commit / wait.
+// the proxy fence, the wgmma fence / commit / wait, and the named barriers that hand work
+// between warpgroups.
 #pragma once
 
 #include <stdint.h>
@@ -17,6 +18,14 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Named barrier `id` (1-15; 0 is __syncthreads) over `count` threads: wait, or only arrive.
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
 // Pins a register between the wgmma that uses it and the code after its wait: an accumulator
 // read after the wait, an A fragment the MMA still reads until then.
 __device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }

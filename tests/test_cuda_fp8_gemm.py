@@ -106,6 +106,16 @@ def test_public_op_leading_dims_and_strided_activation(device):
     _check(y.reshape(-1, 3072), x.reshape(-1, 2048), w, ws)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_public_op_other_activation_dtypes(device, dtype):
+    # fp16 and fp32 rows take the same pre-pass (it quantises from FP32), so the same oracle.
+    g = _gen(12)
+    x = (torch.randn(1024, 2048, generator=g) * 3).to(dtype).to(device)
+    w = random_fp8((3072, 2048), g, device)
+    ws = random_e8m0((24, 16), g, device)
+    _check(_cuda(x, w, ws), x, w, ws, what=str(dtype))
+
+
 counted = counting_backends("fp8_linear")
 
 

@@ -17,12 +17,12 @@
 //   next tile's first stages load while the consumers write the last tile's output.
 // * Warpgroups 1 and 2 each own half of the tile's rows: per K block and 64 rows 4 wgmma
 //   m64n128k32 (FP8 x FP8, FP32 result) into a temporary accumulator, then one FMA per
-//   element adds it to the running accumulator times the block's scale product (exact: two
-//   powers of two, see fp8_tile_step in dsv4_triton/kernels/gemm.py).  While one warpgroup
-//   promotes, the other's MMAs keep the tensor cores busy; with 128-row tiles a warpgroup
-//   also issues the next block's MMAs before promoting (two temporaries).  A finished tile
-//   goes through a shared-memory buffer a warpgroup and out by TMA stores, which drain
-//   while the next tile's MMAs run.
+//   element adds it to the running accumulator times the block's scale product (exact with
+//   E8M0 weight scales: two powers of two; see fp8_tile_step in dsv4_triton/kernels/gemm.py).
+//   While one warpgroup promotes, the other's MMAs keep the tensor cores busy; with 128-row
+//   tiles a warpgroup also issues the next block's MMAs before promoting (two temporaries).
+//   A finished tile goes through a shared-memory buffer a warpgroup and out by TMA stores,
+//   which drain while the next tile's MMAs run.
 //
 // Measured on the H100 (benchmarks/NOTES.md, eighteenth round): ~900-1070 TFLOP/s at the Pro
 // projections' shapes (cuBLAS's per-tensor FP8 GEMM: ~1200-1400), 1.14-1.42x the Triton GEMM
@@ -56,7 +56,7 @@ constexpr int kBarOut = 1;                      // named barriers 1, 2: a consum
 
 // A tile of 128 * HALVES rows: each consumer warpgroup owns 64 * HALVES of them, as HALVES
 // m64 accumulators.  Two halves (256-row tiles) read 48 KB a stage for 4M multiply-adds
-// where one half reads 32 KB for 2M: the larger tile needs a third less L2 traffic per MMA.
+// where one half reads 32 KB for 2M: the larger tile needs a quarter less L2 traffic per MMA.
 template <int HALVES>
 struct Tiling {
   static constexpr int kRows = 128 * HALVES;

@@ -30,8 +30,9 @@ DECODE_MAX_ROWS = 8
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
 # PREFILL_MIN_K and at least one 128 x 128 output tile an SM.  Measured on the H100 against the
 # Triton GEMM (benchmarks/NOTES.md, eighteenth round), both with the same pre-pass: 1.14-1.42x
-# at the Pro shapes from 1024 rows, K = 1536 to 7168; fewer tiles than SMs were slower
-# (N = 1536 or 3072 at 512 rows: 0.8x) and shorter K was not measured.
+# at the Pro shapes from 1024 rows, K = 1536 to 7168; with fewer tiles than SMs it was slower
+# (N = 1536 or 3072 at 512 rows: 0.8x, measured before its TMA-store epilogue), and shorter K
+# was not measured.
 PREFILL_MIN_K = 1536
 
 
@@ -70,7 +71,9 @@ def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
     if k < PREFILL_MIN_K:
         return f"K = {k} (it takes {PREFILL_MIN_K} or more: shorter K stays on Triton)"
     m = x.numel() // k
-    tiles, sms = _cdiv(m, ACT_BLOCK) * (n // ACT_BLOCK), _num_sms(x.device)
+    # (On meta tensors, which the benchmarks ask with, the current GPU's SMs.)
+    sms = _num_sms(x.device if x.device.type == "cuda" else torch.device("cuda"))
+    tiles = _cdiv(m, ACT_BLOCK) * (n // ACT_BLOCK)
     if tiles < sms:
         return f"{tiles} output tiles of 128 x 128 for {sms} SMs (it takes one an SM or more: smaller calls stay on Triton)"
     if not rows_aligned(w, 16):

@@ -9,8 +9,7 @@ bandwidth, bytes = the weight and its scales read once + x + y).
 where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
 ``fp4_linear[triton]`` times the Triton GEMM at the same shapes.  ``fp8_linear`` at prefill size
 likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
-GEMM of ``sm90_fp8_gemm.cu``; K >= 1536 and a 128 x 128 tile an SM), beside which
-``fp8_linear[triton]`` times the Triton GEMM.
+GEMM of ``sm90_fp8_gemm.cu``), beside which ``fp8_linear[triton]`` times the Triton GEMM.
 
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
 the block-scaled kernel's cost of its per-128 promotion can be read off as a ratio (target:
@@ -20,11 +19,11 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 
 import torch
 
-from cuda_fallback.gemm import DECODE_MAX_ROWS, PREFILL_MIN_K
+from cuda_fallback.gemm import DECODE_MAX_ROWS
 
 from .. import ops, use_backend
 from ..reference import gemm as ref
-from .case import Case
+from .case import Case, runs_cuda
 
 PRO_SHAPES = ((7168, 1536), (1536, 7168), (24576, 7168))
 # Few output rows against a long K (wq_a, wkv): at decode only column tiles would leave
@@ -114,6 +113,12 @@ def _fp8_triton(x, w, s):
         return ops.fp8_linear(x, w, s)
 
 
+def _fp8_runs_cuda(m, n, k):
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    return runs_cuda("fp8_linear", meta(m, k, dtype=torch.bfloat16), meta(n, k, dtype=torch.float8_e4m3fn),
+                     meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu))
+
+
 def _fp8_case(m, n, k, notes="", triton=False):
     act_bytes = m * k * 2 + m * n * 2
     fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
@@ -133,8 +138,8 @@ def cases(quick: bool):
             prefill = m == PREFILL_M
             flops = 2 * m * n * k
             act_bytes = m * k * 2 + m * n * 2
-            out.append(_fp8_case(m, n, k, "cuda backend where built (pre-pass + TMA/wgmma GEMM)"
-                                 if prefill and k >= PREFILL_MIN_K else ""))
+            out.append(_fp8_case(m, n, k, "cuda backend (pre-pass + TMA/wgmma GEMM)"
+                                 if prefill and _fp8_runs_cuda(m, n, k) else ""))
             if prefill:
                 out.append(_fp8_case(m, n, k, "the Triton GEMM (pre-pass + GEMM)", triton=True))
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):

@@ -69,3 +69,20 @@ def test_fp8_tile_rows_choose_the_fewer_rounds(monkeypatch, n, m, rows):
 
     monkeypatch.setattr(cuda_gemm, "_num_sms", lambda device: 132)
     assert cuda_gemm.fp8_tile_rows(m, n, torch.device("cuda", 0)) == rows
+
+
+def test_fp8_prefill_covers_says_why_not(monkeypatch):
+    # The registry rule on meta tensors (no GPU needed), for a machine of 132 SMs.
+    from cuda_fallback import gemm as cuda_gemm
+
+    monkeypatch.setattr(cuda_gemm, "_num_sms", lambda device: 132)
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+
+    def covers(m, n, k):
+        return cuda_gemm.fp8_prefill_covers(meta(m, k, dtype=torch.bfloat16), meta(n, k, dtype=torch.float8_e4m3fn),
+                                            meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu))
+
+    assert covers(4096, 1536, 7168) == "" and covers(1024, 24576, 1536) == ""
+    assert covers(1024, 1536, 7168).startswith("96 output tiles")  # 8 x 12 < 132
+    assert covers(4096, 1536, 1024).startswith("K = 1024")
+    assert "multiples of 128" in covers(4096, 1000, 7168) and "multiples of 128" in covers(4096, 1536, 7000)

@@ -61,10 +61,15 @@ def test_host_checks_raise_with_their_message():
 
 
 @pytest.mark.parametrize("n, m, rows", [
-    (24576, 256, 128), (24576, 512, 256), (24576, 4096, 256),  # 384 tiles of 128 rows: 3 rounds either way
-    (1536, 2048, 256), (1536, 4096, 128), (1536, 8192, 256)])  # 192 tiles of 256 rows: 2 rounds, 1.45 full
+    (24576, 256, 128),  # 3 rounds of 128-row tiles against 2 of 256-row ones (~3.7 in 128-row time)
+    (24576, 512, 256),  # 6 against 3 (~5.6)
+    (24576, 4096, 256),
+    (1536, 2048, 256),  # 2 against 1 (~1.9)
+    (1536, 4096, 128),  # 3 against 2 (~3.7): 192 tiles of 256 rows leave the second round 45% full
+    (1536, 8192, 256)])
 def test_fp8_tile_rows_choose_the_fewer_rounds(monkeypatch, n, m, rows):
-    # The choices measured fastest on the H100 (132 SMs) for the Pro shapes at K = 7168.
+    # The choices measured fastest on the H100 (132 SMs) for the Pro shapes at K = 7168
+    # (benchmarks/NOTES.md, eighteenth round).
     from cuda_fallback import gemm as cuda_gemm
 
     monkeypatch.setattr(cuda_gemm, "_num_sms", lambda device: 132)

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 import triton
 
-from dsv4_triton.kernels.attention import LOG2E, _choose_splits, _num_sms, _split_workspace, new_output
+from dsv4_triton.kernels.attention import LOG2E, _choose_splits, _split_workspace, new_output
+from dsv4_triton.kernels.device import sm_count
 from dsv4_triton.registry import register
 
 from .layout import rows_aligned
@@ -80,7 +81,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     else:
         freqs = positions = sink  # unused by the kernel
     n_hblk = heads // HEADS_PER_CTA
-    splits = _choose_splits(tokens * n_hblk, k, _num_sms(q.device))
+    splits = _choose_splits(tokens * n_hblk, k, sm_count(q.device))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), TILE) * TILE
     splits = triton.cdiv(k, k_per_split)
     if splits > 1:

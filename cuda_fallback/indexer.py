@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import triton
 
-from dsv4_triton.kernels.indexer import _sm_count, output_and_scores, select_top_k
+from dsv4_triton.kernels.device import sm_count
+from dsv4_triton.kernels.indexer import output_and_scores, select_top_k
 from dsv4_triton.kernels.indexer import indexer_scores as triton_indexer_scores
 from dsv4_triton.reference.indexer import FP4_KEY_BYTES
 from dsv4_triton.registry import register
@@ -97,7 +98,7 @@ def tiles_per_cta(queries: int, n_keys: int, device: torch.device) -> int:
     (a second, partial wave would leave most of the machine idle at its end)."""
     if device.type == "meta":  # shapes only (the benchmarks ask covers on meta tensors): the current GPU
         device = torch.device("cuda")
-    ctas_per_query = max(1, CTAS_PER_SM * _sm_count(device) // max(queries, 1))
+    ctas_per_query = max(1, CTAS_PER_SM * sm_count(device) // max(queries, 1))
     return triton.cdiv(triton.cdiv(n_keys, TILE), ctas_per_query)
 
 

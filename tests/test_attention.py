@@ -208,7 +208,7 @@ def test_sparse_attention_head_blocks_and_splits_match_oracle(device, bsz, seq, 
         positions = torch.randint(0, 50, (bsz, seq), generator=g, dtype=torch.int32)
     cache = ops.pack_kv_fp8(kv) if fp8 else kv
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "_num_sms", lambda device: num_sms)
+        mp.setattr(kernels, "sm_count", lambda device: num_sms)
         got = _check(*(None if t is None else t.to(device) for t in (q, cache, sinks, idx, freqs, positions)),
                      what=f"H={heads} D={d} fp8={fp8} rope={rope} sms={num_sms}")
     if empty_row:
@@ -220,7 +220,7 @@ def test_sparse_attention_head_dim_512_fp8_rope_split_or_not(device, monkeypatch
     """D = 512 (the release's), FP8 rows, inverse RoPE; a machine of 1000 SMs makes the
     launcher split the 288 candidates (the last slice to finish merges and applies the RoPE),
     of 1 SM not."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
     g = torch.Generator().manual_seed(7)
     bsz, seq, heads, d, n, k = 1, 1, 16, 512, 300, 288
     q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
@@ -258,7 +258,7 @@ def test_fp8_cache_matches_bf16_cache_on_qat_values(device):
 def test_stage_variants_compute_what_they_claim(device, monkeypatch, variant, num_sms):
     """The benchmarks' stage variants (one stage left out or doubled) against a torch model of
     each: their timings are only meaningful if they run the op's tiles and split."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
     g = torch.Generator().manual_seed(15)
     bsz, seq, heads, d, n, k = 2, 2, 16, 128, 300, 290  # 290 > 2 * 128 candidates: split on 1000 SMs
     q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
@@ -303,7 +303,7 @@ def test_split_over_k_matches_unsplit(device, monkeypatch):
     sinks = torch.randn(8, generator=g).to(device)
     outs = []
     for num_sms in (1, 1000):
-        monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+        monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
         outs.append(_check(q, kv, sinks, idx, what=f"{num_sms} SMs"))
     assert_close(outs[1], outs[0], **_tol(kv))
     # The last slice to arrive merges in split order: the same bits whichever arrives last,
@@ -391,7 +391,7 @@ def test_split_merge_keeps_nan_and_large_scores(device, monkeypatch):
     """The merge of K slices (by the last to finish) with scores of several hundred, sinks of
     +-50 and NaN: a NaN query head, and a NaN KV row that only token 1 reads (in its second
     slice), propagate exactly as in the oracle; everything else stays finite."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: 1000)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 1000)
     g = torch.Generator().manual_seed(16)
     q = (torch.randn(1, 3, 16, 128, generator=g) * 30).to(torch.bfloat16)
     kv = make_kv(g, 1, 320, 128, magnitude=3.0)
@@ -430,7 +430,7 @@ def test_lazy_rescale_matches_oracle(device, heads, fp8, num_sms, steep, lead_ho
     without a max for the first blocks; holes; split or not."""
     with pytest.MonkeyPatch.context() as mp:
         _run_lazy_rescale(mp)
-        mp.setattr(kernels, "_num_sms", lambda device: num_sms)
+        mp.setattr(kernels, "sm_count", lambda device: num_sms)
         g = torch.Generator().manual_seed(seed)
         n, k, d = 300, 290, 128
         q = (torch.randn(1, 2, heads, d, generator=g) * (8 if steep else 1)).to(torch.bfloat16)
@@ -463,7 +463,7 @@ def test_lazy_rescale_keeps_nan_empty_rows_and_large_scores(device, monkeypatch)
     idx[0, 1, 200] = 310
     sinks = torch.tensor([50.0, -50.0] * 8)
     for num_sms in (1, 1000):
-        monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+        monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
         _assert_nan_in_head_5_and_token_1(device, q, kv, sinks, idx, f"lazy, nan, sms={num_sms}")
     idx[0, 2] = -1
     out = _check(*(t.to(device) for t in (q, kv, sinks, idx)), what="lazy, empty row")
@@ -477,7 +477,7 @@ def test_wide_merge_matches_narrow_merge_and_oracle(device, monkeypatch, num_sms
     slices (an odd count: the last slice read again must weigh 0) and MAX_SPLITS (the whole
     register row of weights); D = 512 with the inverse RoPE across the last column block, NaN,
     large scores and sinks, an empty row; run-to-run identical."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
     g = torch.Generator().manual_seed(18)
     q = torch.randn(1, 3, 8, 512, generator=g).to(torch.bfloat16)
     q[0, 1] *= 16  # token 1: scores of several hundred; token 0: weights spread over the slices
@@ -509,7 +509,7 @@ def test_32_and_64_bit_row_offsets_agree_bit_for_bit(device, monkeypatch, d, fp8
     """The gathers address rows with 32-bit products where the cache allows: the same bytes
     are read, so the outputs are the same bits as with 64-bit products (NaN included), split
     or not, with the inverse RoPE."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
     g = torch.Generator().manual_seed(19)
     q = torch.randn(2, 2, 16, d, generator=g).to(torch.bfloat16)
     kv = make_kv(g, 2, 300, d)

@@ -55,7 +55,7 @@ def test_matches_oracle(device, bsz, seq, heads, n, k, rope, num_sms, magnitude,
     """Partial tiles, holes, duplicates, both ends of the cache, one or two head blocks, and the
     K split (1 SM never splits; 6 or 1000 split up to 400 candidates into merged slices)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda_attention, "_num_sms", lambda device: num_sms)
+        mp.setattr(cuda_attention, "sm_count", lambda device: num_sms)
         _check(device, *_inputs(seed, bsz, seq, heads, n, k, magnitude, rope), what=f"sms={num_sms} rope={rope}")
 
 
@@ -71,7 +71,7 @@ def test_release_shapes(device, heads, k, bsz, seq):
 def test_empty_rows_nan_and_large_scores(device, monkeypatch, num_sms):
     """Rows of only -1 (and out-of-range indices) give exactly 0; scores of several hundred and
     sinks of +-50 stay finite; a NaN query head and a NaN KV row propagate as in the oracle."""
-    monkeypatch.setattr(cuda_attention, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(cuda_attention, "sm_count", lambda device: num_sms)
     q, cache, sinks, idx, _, _ = _inputs(5, 1, 4, 64, 300, 260, magnitude=8.0)
     idx[0, 0] = -1
     idx[0, 1, ::2] = 300  # == N: masked like -1 outside checked mode
@@ -102,7 +102,7 @@ def test_agrees_with_triton(device):
 
 @pytest.mark.parametrize("num_sms", [1, 1000])
 def test_replays_in_a_cuda_graph(device, monkeypatch, num_sms):
-    monkeypatch.setattr(cuda_attention, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(cuda_attention, "sm_count", lambda device: num_sms)
     q, cache, sinks, idx, freqs, positions = (t.to(device) for t in _inputs(3, 2, 1, 128, 700, 640, rope=True))
     eager = _cuda(q, cache, sinks, idx, D ** -0.5, freqs, positions)
     graph = torch.cuda.CUDAGraph()

@@ -72,7 +72,7 @@ def test_fp8_tile_rows_choose_the_fewer_rounds(monkeypatch, n, m, rows):
     # (benchmarks/NOTES.md, eighteenth round).
     from cuda_fallback import gemm as cuda_gemm
 
-    monkeypatch.setattr(cuda_gemm, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(cuda_gemm, "sm_count", lambda device: 132)
     assert cuda_gemm.fp8_tile_rows(m, n, torch.device("cuda", 0)) == rows
 
 
@@ -80,7 +80,7 @@ def test_fp8_prefill_covers_says_why_not(monkeypatch):
     # The registry rule on meta tensors (no GPU needed), for a machine of 132 SMs.
     from cuda_fallback import gemm as cuda_gemm
 
-    monkeypatch.setattr(cuda_gemm, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(cuda_gemm, "sm_count", lambda device: 132)
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
 
     def covers(m, n, k):

@@ -63,7 +63,7 @@ def test_scores_and_selection_match_oracle(device, bsz, seq, n_keys, k, sms, see
     args = [t.to(device) for t in (qi, w, packed, n_valid)]
     sentinel = 12345.0
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda_indexer, "_sm_count", lambda device: sms)
+        mp.setattr(cuda_indexer, "sm_count", lambda device: sms)
         scores = _scores_over(args, sentinel).cpu().reshape(bsz, seq, n_keys)
         got = _cuda_topk(*args, k).cpu()
     expected = ref.indexer_scores(qi, w, packed)
@@ -242,7 +242,7 @@ def test_registry_rule(device, monkeypatch):
     takes them (FP4 keys, 64 heads, runs of MIN_TILES_PER_CTA tiles a CTA) or its selection
     does (rows of up to MAX_ROW_KEYS keys); the rest, and prefill sizes, go to Triton, and
     forcing cuda on them raises with both reasons."""
-    monkeypatch.setattr(cuda_indexer, "_sm_count", lambda device: 1)  # 2 CTAs: 500 keys are 4 tiles a CTA
+    monkeypatch.setattr(cuda_indexer, "sm_count", lambda device: 1)  # 2 CTAs: 500 keys are 4 tiles a CTA
     monkeypatch.setattr(cuda_indexer, "MIN_TILES_PER_CTA", 4)
     monkeypatch.setattr(cuda_indexer, "MAX_ROW_KEYS", 300)
     _, qi, w, packed = _packed_inputs(8, 1, 1, 500, integer=True)

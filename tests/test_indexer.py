@@ -612,7 +612,7 @@ def test_selection_plan(monkeypatch):
     """Few long rows take the row-parallel selection (one block per chunk, up to about 8
     programs per SM, at most MAX_PARTS chunks); many rows or rows under 8k, one program per
     segment (and a merge when a row is split)."""
-    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert kernels.plan_parts(1, 262144, 1024, cuda) == 256
     assert kernels.plan_parts(32, 32768, 1024, cuda) == 32

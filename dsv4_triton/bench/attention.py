@@ -31,6 +31,7 @@ import torch
 
 from .. import ops, use_backend
 from ..kernels import attention as kernels
+from ..kernels.device import sm_count
 from ..reference import attention as ref
 from .case import Case, runs_cuda
 
@@ -117,7 +118,7 @@ def _case(name, bsz, seq, heads, k, n, fp8, ceiling, compile_eager=True, variant
     flops = 4 * heads * HEAD_DIM * valid * tokens
     nbytes = tokens * (valid * row_bytes + 2 * 2 * heads * HEAD_DIM + 4 * k)
     programs = tokens * -(-heads // kernels._block_h(heads))
-    splits = kernels._choose_splits(programs, k, kernels._num_sms(torch.device("cuda")))
+    splits = kernels._choose_splits(programs, k, sm_count(torch.device("cuda")))
     cache = "FP8" if fp8 else "BF16"
     notes = f"{flops / nbytes:.0f} FLOP/B" + (f"; K split in {splits}" if splits > 1 else "")
     launches = 1

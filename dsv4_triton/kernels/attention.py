@@ -78,6 +78,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
+from .device import sm_count
 from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, to_fp8
 from .quant import FP8_AMAX_FLOOR
 from .norm import as_rows
@@ -460,18 +461,6 @@ def _sparse_attention_kernel(
         _finish(o, out_ptr, (tok * H + heads) * D, h_ok, freqs_ptr, pos, 0, D, HALF_R, BLOCK_H, D)
 
 
-_sm_count: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a small nominal machine, so the tests exercise the split path
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _sm_count:
-        _sm_count[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _sm_count[key]
-
-
 def _choose_splits(programs: int, k: int, num_sms: int, min_slice: int = 128) -> int:
     """Slices of the candidate list per (token, head block).
 
@@ -568,7 +557,7 @@ def _launch(q, kv, sink, idx, scale, freqs, positions, variant):
     pos = positions if positions is not None else idx  # any tensor; unused without freqs
     block_h = _block_h(heads)
     n_hblk = triton.cdiv(heads, block_h)
-    splits = _choose_splits(tokens * n_hblk, k, _num_sms(q.device))
+    splits = _choose_splits(tokens * n_hblk, k, sm_count(q.device))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), 64) * 64
     splits = triton.cdiv(k, k_per_split)
     if splits > 1:

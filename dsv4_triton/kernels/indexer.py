@@ -34,7 +34,6 @@ from the tuned form's in the last bits there (the tensor cores' FP32 summation d
 operand role), so the tuner never picks it and every tuned config gives the same scores.
 """
 
-import functools
 import math
 
 import torch
@@ -44,6 +43,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..reference.indexer import FP4_KEY_BYTES
 from ..registry import register
+from .device import sm_count
 from .formats import INTERPRET, cast_rne, e8m0_value, to_f32
 from .norm import as_rows
 from .quant import fp4_quantise
@@ -807,20 +807,13 @@ def _workspace(device: torch.device, rows: int, parts: int):
     return zeroed, offsets
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: enough to exercise split rows in tests
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def plan_splits(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     """Segments per row: enough programs to fill the GPU, but a segment at least ~sqrt(Nk k)
     long, which balances the segment pass (Nk / splits) against the merge (splits * k)."""
     if n_keys <= 2 * k:
         return 1
     by_balance = int(math.sqrt(n_keys / k))
-    by_occupancy = -(-2 * _sm_count(device) // rows)
+    by_occupancy = -(-2 * sm_count(device) // rows)
     return max(1, min(by_balance, by_occupancy, MAX_SPLITS))
 
 
@@ -920,7 +913,7 @@ def plan_parts(rows: int, n_keys: int, k: int, device: torch.device) -> int:
     second round of load latency) up to about eight programs per SM in all (30 registers a
     thread: all resident at once): the five selection launches then cost a few microseconds
     each, where one program per row segment would run a whole segment's levels on one SM."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if rows >= sms or n_keys < 8 * k:
         return 0
     return max(2, min(triton.cdiv(n_keys, ROW_PARALLEL_BLOCK), triton.cdiv(8 * sms, rows), MAX_PARTS.value))

@@ -25,7 +25,6 @@ to x's dtype like the chain of public ops).  The rotation is ``kernels/rope.py``
 values are bit-identical to it.
 """
 
-import functools
 import math
 
 import torch
@@ -34,6 +33,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
+from .device import sm_count
 from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code_in_range,
                       fp4_round_in_range, fp4_value, to_f32, to_fp8)
 from .norm import as_rows
@@ -392,12 +392,9 @@ def mma_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
-@functools.lru_cache(maxsize=None)
 def max_programs(device: torch.device) -> int:
     """Programs for row-looping kernels: a few per SM (the interpreter runs them one by one)."""
-    if device.type != "cuda":
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * sm_count(device) if device.type == "cuda" else 4
 
 
 def hadamard_scale(n: int) -> float:

@@ -238,6 +238,14 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _overhead_line(overhead: Dict[str, float]) -> str:
+    what = "Per-call overhead of the public op over a bare kernel launch (rms_norm, tiny input): "
+    if "overhead_us" not in overhead:
+        return what + "not in these results (each run's own figure, where it measured one, is in merged_runs above)."
+    return (what + f"{overhead['overhead_us']:.2f} us (public {overhead['public_op_us']:.2f} us, "
+            f"bare launch {overhead['bare_launch_us']:.2f} us).")
+
+
 def to_markdown(device: str, ceilings: Dict[str, float], rows: List[Row], overhead: Dict[str, float],
                 env: Dict[str, str]) -> str:
     lines = [f"# Benchmark results: {device}", "",
@@ -247,10 +255,7 @@ def to_markdown(device: str, ceilings: Dict[str, float], rows: List[Row], overhe
              "Ceilings measured in the same run: "
              f"copy {ceilings['copy']:.0f} GB/s (read + write), bf16 matmul {ceilings['bf16']:.0f} TFLOP/s, "
              f"fp8 matmul {ceilings['fp8']:.0f} TFLOP/s (torch._scaled_mm, per-tensor scales).", "",
-             f"Per-call overhead of the public op over a bare kernel launch (rms_norm, tiny input): "
-             f"{overhead.get('overhead_us', float('nan')):.2f} us "
-             f"(public {overhead.get('public_op_us', float('nan')):.2f} us, "
-             f"bare launch {overhead.get('bare_launch_us', float('nan')):.2f} us).", "",
+             _overhead_line(overhead), "",
              "Times are GPU time per call from CUDA-graph replays (marked * where the op could not be "
              "captured and a plain timed call was used); 'with launch' is one eager call including "
              "host launch cost. Eager and compiled are the torch versions a user would write.", "",
@@ -295,17 +300,20 @@ def write_results(device: str, ceilings, rows: List[Row], overhead, env, out_dir
 
 def merge_results(paths: List[Path]):
     """Combine result JSONs of several partial runs on one device: later files replace rows
-    of the same (family, op, shape); ceilings and overhead are those of the last file."""
+    of the same (family, op, shape); the ceilings are those of the last file, the dispatch
+    overhead that of the last file that measured it."""
     rows: Dict[tuple, Row] = {}
-    data, runs = {}, []
+    data, runs, overhead = {}, [], {}
     for path in paths:
         data = json.loads(Path(path).read_text())
+        overhead = data["dispatch_overhead"] or overhead
         c = data["ceilings"]
         families = sorted({r["family"] for r in data["rows"]})
         # A file that is itself a merge keeps the list of the runs it was made from.
+        measured = data["dispatch_overhead"].get("overhead_us")
         runs.append(data["env"].get("merged_runs") or
                     f"[{', '.join(families)}: copy {c['copy']:.0f} GB/s, bf16 {c['bf16']:.0f}, fp8 {c['fp8']:.0f} "
-                    f"TFLOP/s, overhead {data['dispatch_overhead'].get('overhead_us', float('nan')):.1f} us]")
+                    f"TFLOP/s, overhead {'not measured' if measured is None else f'{measured:.1f} us'}]")
         for r in data["rows"]:
             row = Row(**r)
             key = (row.family, row.op, row.shape)
@@ -315,7 +323,7 @@ def merge_results(paths: List[Path]):
                 row.compiled_ms = row.compiled_ms if row.compiled_ms is not None else old.compiled_ms
             rows[key] = row
     env = dict(data["env"], merged_runs=" ".join(runs))  # each row's % is of its own run's ceiling
-    return data["device"], data["ceilings"], list(rows.values()), data["dispatch_overhead"], env
+    return data["device"], data["ceilings"], list(rows.values()), overhead, env
 
 
 def environment() -> Dict[str, str]:

@@ -17,6 +17,7 @@ as fp16 in the kernel's operand order), then the kernel streams the weights once
 from __future__ import annotations
 
 import torch
+import triton
 
 from dsv4_triton.kernels.device import sm_count
 from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
@@ -73,7 +74,7 @@ def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
     m = x.numel() // k
     # (On meta tensors, which the benchmarks ask with, the current GPU's SMs.)
     sms = sm_count(x.device if x.device.type == "cuda" else torch.device("cuda"))
-    tiles = _cdiv(m, ACT_BLOCK) * (n // ACT_BLOCK)
+    tiles = triton.cdiv(m, ACT_BLOCK) * (n // ACT_BLOCK)
     if tiles < sms:
         return f"{tiles} output tiles of 128 x 128 for {sms} SMs (it takes one an SM or more: smaller calls stay on Triton)"
     if not rows_aligned(w, 16):
@@ -83,16 +84,12 @@ def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
     return ""
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def fp8_tile_rows(m: int, n: int, device: torch.device) -> int:
     """128 or 256 rows an output tile, whichever finishes first: each CTA runs ceil(tiles / SMs)
     tiles, and a 256-row tile takes ~0.93x two 128-row ones (a quarter less L2 traffic per MMA;
     measured at K = 7168)."""
     sms, col_tiles = sm_count(device), n // ACT_BLOCK
-    rounds = lambda rows: _cdiv(_cdiv(m, rows) * col_tiles, sms)  # noqa: E731
+    rounds = lambda rows: triton.cdiv(triton.cdiv(m, rows) * col_tiles, sms)  # noqa: E731
     return 256 if rounds(256) * 2 * 0.93 < rounds(128) else 128
 
 

@@ -80,6 +80,20 @@ def counting_backends(op: str):
     return counted
 
 
+def replayed_and_eager(call, eager, x: torch.Tensor, fresh: torch.Tensor):
+    """``call()`` captured in a CUDA graph (after a warm-up call outside the capture, which builds
+    what it needs), ``x`` refilled with ``fresh`` and the graph replayed: (the graph's output,
+    ``eager()`` on the new ``x``)."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = call()
+    x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    return y, eager()
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||a - e|| / ||e|| over finite elements (the metric the benchmarks report)."""
     a, e = actual.float(), expected.float()

@@ -10,7 +10,7 @@ from dsv4_triton import ops, registry, use_backend
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import counting_backends, needs_cuda_backend
+from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
 from test_gemm import _gen, assert_gemm_close, random_e8m0, random_fp8
 
 pytestmark = pytest.mark.gpu
@@ -162,12 +162,7 @@ def test_cuda_graph_replay(device):
     w = random_fp8((3072, 2048), g, device)
     ws = random_e8m0((24, 16), g, device)
     x = torch.randn(1024, 2048, generator=g).to(torch.bfloat16).to(device)
-    y = _cuda(x, w, ws)  # warm-up (builds the extension) outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = ops.fp8_linear(x, w, ws)
-    x.copy_(torch.randn(1024, 2048, generator=g).to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, _cuda(x, w, ws))
+    y, again = replayed_and_eager(lambda: ops.fp8_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
+                                  torch.randn(1024, 2048, generator=g).to(torch.bfloat16))
+    assert torch.equal(y, again)
     _check(y, x, w, ws)

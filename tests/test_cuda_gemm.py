@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import counting_backends, needs_cuda_backend
+from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
 from test_gemm import SPEC_FP4, _gen, assert_gemm_close, random_e8m0, random_fp4, spread_inputs
 
 pytestmark = pytest.mark.gpu
@@ -149,12 +149,7 @@ def test_cuda_graph_replay(device):
     g = _gen(9)
     w, ws, _ = random_fp4(3072, 7168, g, device)
     x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
-    y = ops.fp4_linear(x, w, ws)  # warm-up (builds the extension) outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = ops.fp4_linear(x, w, ws)
-    x.copy_(torch.randn(4, 7168, generator=g).to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, _cuda(x, w, ws))
+    y, again = replayed_and_eager(lambda: ops.fp4_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
+                                  torch.randn(4, 7168, generator=g).to(torch.bfloat16))
+    assert torch.equal(y, again)
     _check(y, x, w, ws)

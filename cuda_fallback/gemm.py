@@ -1,17 +1,24 @@
-"""The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 weights at decode sizes,
-``fp8_linear`` at prefill sizes on Hopper.
+"""The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 weights at decode and
+prefill sizes, ``fp8_linear`` at prefill sizes on Hopper.
 
-``csrc/mxfp4_decode_gemm.cu`` covers MXFP4 weights with K a multiple of 128 (every
+Decode: ``csrc/mxfp4_decode_gemm.cu`` covers MXFP4 weights with K a multiple of 128 (every
 DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte
-aligned scale rows.  Other arguments (NVFP4, more rows) go to the next backend in the
-registry's order, the Triton GEMM; forcing ``cuda`` on them raises ``BackendUnavailableError``.
-Why 8 rows: every 16-row tile of the kernel reads all its activation rows from L2, so at 64
-rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took 218 us against the
-Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).
+aligned scale rows.  Why 8 rows: every 16-row tile of the kernel reads all its activation rows
+from L2, so at 64 rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took 218 us
+against the Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).  The
+activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``: FP8
+codes and power-of-two scales, bit-identical to the oracle's; the codes' values written as
+fp16 in the kernel's operand order), then the kernel streams the weights once.
 
-The activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``:
-FP8 codes and power-of-two scales, bit-identical to the oracle's; the codes' values written
-as fp16 in the kernel's operand order), then the kernel streams the weights once.
+Prefill (sm90a): from ``FP4_PREFILL_MIN_ROWS`` rows an MXFP4 weight is re-encoded as FP8 with
+one E8M0 scale per 128 x 128 block (``mxfp4_to_fp8_blocks``: one memory-bound pass, exact
+while a block's exponents span at most 14 binades, see ``reference.gemm.mxfp4_as_fp8_blocks``)
+and multiplied by the FP8 prefill kernel (``csrc/sm90_fp8_gemm.cu``) at the FP8 tensor-core
+rate; the Triton GEMM's in-register expansion reaches about 30% of that rate.
+
+Other arguments (NVFP4, row counts between the two ranges, shapes the FP8 kernel does not
+take) go to the next backend in the registry's order, the Triton GEMM; forcing ``cuda`` on
+them raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
@@ -20,12 +27,12 @@ import torch
 import triton
 
 from dsv4_triton.kernels.device import sm_count
-from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
+from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows, mxfp4_to_fp8_blocks
 from dsv4_triton.kernels.norm import as_rows
 from dsv4_triton.registry import register
 
 from .layout import rows_aligned
-from .loader import CUDA_ARCHS, extension_at
+from .loader import CUDA_ARCHS, arch_of, extension_at
 
 DECODE_MAX_ROWS = 8
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
@@ -35,46 +42,76 @@ DECODE_MAX_ROWS = 8
 # (N = 1536 or 3072 at 512 rows: 0.8x, measured before its TMA-store epilogue), and shorter K
 # was not measured.
 PREFILL_MIN_K = 1536
+# fp4_linear: from this many rows the re-encoding pass (~2.3 TB/s: 118 us for N = 24576,
+# K = 7168) is repaid by the FP8 kernel's rate.  Measured on the H100 against the Triton GEMM
+# (benchmarks/NOTES.md, twentieth round), at N x K = 7168 x 1536, 24576 x 7168, 1536 x 7168
+# and 3072 x 7168: 0.81-0.94x at 128 rows, 1.12-1.26x at 256, 1.3-1.7x at 384-512 and 2.1-2.4x
+# at 4096, with fewer output tiles than SMs too (the Triton FP4 GEMM is the slower of the two
+# at any size past 256 rows, unlike the Triton FP8 GEMM).
+FP4_PREFILL_MIN_ROWS = 256
 
 
-def mxfp4_decode_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
-                        global_scale) -> str:
-    """``""`` when the decode kernel handles these ``fp4_linear`` arguments, else why not."""
+def fp8_kernel_takes(n: int, k: int) -> str:
+    """``""`` when the FP8 prefill kernel takes a weight of ``[n, k]``, else why not."""
+    if k % ACT_BLOCK or n % ACT_BLOCK:
+        return f"N = {n}, K = {k}: the kernel takes multiples of {ACT_BLOCK} (whole scale blocks)"
+    if k < PREFILL_MIN_K:
+        return f"K = {k} (it takes {PREFILL_MIN_K} or more: shorter K stays on Triton)"
+    return ""
+
+
+def _gpu(device: torch.device) -> torch.device:
+    # (On meta tensors, which the benchmarks ask with, the current GPU.)
+    return device if device.type == "cuda" else torch.device("cuda")
+
+
+def mxfp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> str:
+    """``""`` when the decode kernel or the prefill path handles these ``fp4_linear`` arguments,
+    else why not."""
     if fmt != "mxfp4":
-        return f"fmt {fmt!r} (the kernel reads MXFP4 only)"
+        return f"fmt {fmt!r} (the kernels read MXFP4 only)"
     k = x.shape[-1]
     if k % ACT_BLOCK:
         return f"K = {k} is not a multiple of {ACT_BLOCK}"
-    m = x.numel() // k if k else 0
-    if not 1 <= m <= DECODE_MAX_ROWS:
-        return f"{m} activation rows (it takes 1 to {DECODE_MAX_ROWS})"
     if not rows_aligned(w, 16):
         return "weight rows are not contiguous and 16-byte aligned"
     if not rows_aligned(w_scale, 4):
         return "scale rows are not contiguous and 4-byte aligned"
-    return ""
+    m = x.numel() // k if k else 0
+    if 1 <= m <= DECODE_MAX_ROWS:
+        return ""
+    rows = f"{m} activation rows (it takes 1 to {DECODE_MAX_ROWS}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
+    if m < FP4_PREFILL_MIN_ROWS:
+        return rows
+    device = _gpu(x.device)
+    if arch_of(device) != "sm90a":
+        return f"{rows}: the FP8 prefill kernel targets sm90a, this GPU is {arch_of(device)}"
+    return fp8_kernel_takes(w.shape[0], k)
 
 
-@register("fp4_linear", "cuda", archs=CUDA_ARCHS, covers=mxfp4_decode_covers)
+@register("fp4_linear", "cuda", archs=CUDA_ARCHS, covers=mxfp4_covers)
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> torch.Tensor:
-    codes, scales = act_quant_rows(as_rows(x), fp16_pairs=True)
-    index = x.device.index
-    y = extension_at(index).mxfp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8),
-                                         torch._C._cuda_getCurrentRawStream(index))
-    return y.view(*x.shape[:-1], w.shape[0])
+    x2 = as_rows(x)
+    m, n = x2.shape[0], w.shape[0]
+    if m <= DECODE_MAX_ROWS:
+        codes, scales = act_quant_rows(x2, fp16_pairs=True)
+        index = x.device.index
+        y = extension_at(index).mxfp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8),
+                                                  torch._C._cuda_getCurrentRawStream(index))
+    else:
+        w8, s8 = mxfp4_to_fp8_blocks(w, w_scale)
+        y = fp8_gemm(x2, w8, s8, fp8_tile_rows(m, n, x.device))
+    return y.view(*x.shape[:-1], n)
 
 
 def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
     """``""`` when the prefill kernel handles these ``fp8_linear`` arguments, else why not."""
     n, k = w.shape
-    if k % ACT_BLOCK or n % ACT_BLOCK:
-        return f"N = {n}, K = {k}: the kernel takes multiples of {ACT_BLOCK} (whole scale blocks)"
-    if k < PREFILL_MIN_K:
-        return f"K = {k} (it takes {PREFILL_MIN_K} or more: shorter K stays on Triton)"
-    m = x.numel() // k
-    # (On meta tensors, which the benchmarks ask with, the current GPU's SMs.)
-    sms = sm_count(x.device if x.device.type == "cuda" else torch.device("cuda"))
-    tiles = triton.cdiv(m, ACT_BLOCK) * (n // ACT_BLOCK)
+    why = fp8_kernel_takes(n, k)
+    if why:
+        return why
+    sms = sm_count(_gpu(x.device))
+    tiles = triton.cdiv(x.numel() // k, ACT_BLOCK) * (n // ACT_BLOCK)
     if tiles < sms:
         return f"{tiles} output tiles of 128 x 128 for {sms} SMs (it takes one an SM or more: smaller calls stay on Triton)"
     if not rows_aligned(w, 16):

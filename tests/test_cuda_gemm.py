@@ -1,5 +1,7 @@
-"""The cuda backend of fp4_linear (cuda_fallback/csrc/mxfp4_decode_gemm.cu) against the oracle,
-and the registry rule that sends it decode-sized MXFP4 calls only.  GPU only: the source is
+"""The cuda backend of fp4_linear against the oracle: the decode kernel
+(cuda_fallback/csrc/mxfp4_decode_gemm.cu) and the prefill path (the weight re-encoded as FP8
+blocks, then the FP8 kernel of sm90_fp8_gemm.cu), and the registry rule that sends it
+decode-sized and prefill-sized MXFP4 calls only.  GPU only: the source is
 compiled on the CPU by test_cuda_fallback."""
 
 import pytest
@@ -7,10 +9,13 @@ import torch
 from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, registry, use_backend
+from dsv4_triton.kernels import gemm as kern
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
-from test_gemm import SPEC_FP4, _gen, assert_gemm_close, random_e8m0, random_fp4, spread_inputs
+from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
+from test_gemm import (SPEC_FP4, _gen, assert_gemm_close, block_spread_error, random_block_exponents, random_e8m0,
+                       random_fp4, spread_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -114,15 +119,27 @@ def test_leading_dims_and_strided_activation(device):
 counted = counting_backends("fp4_linear")
 
 
-def test_dispatch_sends_decode_mxfp4_to_cuda_and_the_rest_to_triton(device, counted):
+def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(device, counted):
     assert registry.selected_backend("fp4_linear", device) == "cuda, else triton"
     ran = counted
     g = _gen(3)
     w, ws, _ = random_fp4(64, 256, g, device)
-    for m, expect in ((1, "cuda"), (8, "cuda"), (9, "triton")):
+    for m, expect in ((1, "cuda"), (8, "cuda"), (9, "triton"), (4096, "triton")):  # 4096: K = 256 is short
         ran.clear()
         ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), w, ws)
         assert ran == [expect], (m, ran)
+    n, k = 1536, 1536  # fewer output tiles than SMs: the row count alone decides
+    wp, wsp, _ = random_fp4(n, k, g, device)
+    first = cuda_gemm.FP4_PREFILL_MIN_ROWS
+    for m, expect in ((first - 1, "triton"), (first, "cuda")):
+        ran.clear()
+        ops.fp4_linear(torch.randn(m, k, generator=g).to(torch.bfloat16).to(device), wp, wsp)
+        assert ran == [expect], (m, ran)
+    for n2, k2 in ((n - 64, k), (n, 1024)):  # N not a multiple of 128, K short
+        ran.clear()
+        ops.fp4_linear(torch.randn(first, k2, generator=g).to(torch.bfloat16).to(device), wp[:n2, :k2 // 2],
+                       wsp[:n2, :k2 // 32])
+        assert ran == ["triton"], (n2, k2)
     ran.clear()
     w96, ws96, _ = random_fp4(8, 96, g, device)  # K not a multiple of 128
     ops.fp4_linear(torch.randn(4, 96, generator=g).to(torch.bfloat16).to(device), w96, ws96)
@@ -151,5 +168,100 @@ def test_cuda_graph_replay(device):
     x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
     y, again = replayed_and_eager(lambda: ops.fp4_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
                                   torch.randn(4, 7168, generator=g).to(torch.bfloat16))
+    assert torch.equal(y, again)
+    _check(y, x, w, ws)
+
+
+# --- prefill: the weight re-encoded as FP8 blocks, then the FP8 kernel ----------------------
+
+def _prefill(x, w, ws):
+    # The backend's function itself, past the registry's size rule: more than 8 rows take the
+    # prefill path at any size.
+    return cuda_gemm.fp4_linear(x, w, ws, "mxfp4", None)
+
+
+@given(m=st.integers(9, 700), nb=st.integers(1, 5), kb=st.integers(1, 9), seed=st.integers(0, 2**31))
+def test_prefill_matches_oracle(device, m, nb, kb, seed):
+    g = _gen(seed)
+    n, k = 128 * nb, 128 * kb
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
+    w, ws, _ = random_fp4(n, k, g, device)
+    y = _prefill(x, w, ws)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    _check(y, x, w, ws)
+
+
+@given(spread=st.integers(0, 40), base=st.sampled_from([0, 4, 100]), seed=st.integers(0, 2**31))
+def test_prefill_exponent_spread_within_a_block(device, spread, base, seed):
+    # Exact (up to FP32 summation order) while each 128 x 128 block's exponents span <= 14
+    # binades; beyond, the small values are rounded to the block's E4M3 step
+    # (test_gemm.block_spread_error), the only error this path adds.
+    g = _gen(seed)
+    x = torch.randn(200, 256, generator=g).to(torch.bfloat16).to(device)
+    w = torch.randint(0, 256, (256, 128), generator=g, dtype=torch.int32).to(torch.uint8).to(device)
+    ws = random_block_exponents(2, 2, g, spread, base).to(device)
+    xd = ref.dequant_activation(x)
+    extra = xd.double().abs() @ block_spread_error(ws).to(device).t()
+    _check(_prefill(x, w, ws), x, w, ws, extra=extra, what=f"spread {spread} base {base}")
+
+
+@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-127, -122, 1e3), (-104, -100, 1e3), (96, 100, 1e-3)])
+def test_prefill_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
+    # -127..-122: the block byte clamps at 0 (the FP8 values then carry the whole exponent).
+    g = _gen(5)
+    x = (torch.randn(40, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
+    w, _, _ = random_fp4(256, 256, g, device)
+    ws = random_e8m0((256, 8), g, device, e_lo, e_hi)
+    _check(_prefill(x, w, ws), x, w, ws, what=f"exponents {e_lo}..{e_hi}")
+
+
+def test_prefill_nan_inf_zero_blocks_propagate_like_oracle(device):
+    g = _gen(7)
+    x = torch.randn(300, 256, generator=g).to(torch.bfloat16)
+    x[0, 3] = float("nan")  # a NaN block: row 0 NaN
+    x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
+    x[2] = 0.0  # an all-zero row: zeros (NaN only in the poisoned column)
+    x = x.to(device)
+    w, ws, _ = random_fp4(256, 256, g, "cpu")
+    w[:, 64:80] = 0  # an all-zero 32-block ...
+    ws.view(torch.uint8)[:, 4] = 1  # ... with the tiniest scale
+    ws.view(torch.uint8)[11, 6] = 0xFF  # an E8M0 NaN: column 11 NaN, its block's other rows not
+    w, ws = w.to(device), ws.to(device)
+    y = _prefill(x, w, ws)
+    _check(y, x, w, ws)
+    assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11]).all())
+    assert not bool(torch.isnan(y[2:, 12:]).any())
+    assert bool((y[2, :11] == 0).all()) and bool((y[2, 12:] == 0).all())
+
+
+@pytest.mark.parametrize("n, k", [(7168, 1536), (24576, 7168)])
+def test_prefill_real_shapes(device, n, k):
+    m = 600
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, _ = random_fp4(n, k, g, device)
+    y = _cuda(x, w, ws)  # through the registry: these sizes are the prefill path's
+    _check(y, x, w, ws, what=f"{m} x {n} x {k}")
+
+
+def test_prefill_reencoding_on_the_gpu_is_bit_exact(device):
+    # The PTX table rows (the CPU tests run the interpreter's table reads) on spreads past 19
+    # binades (rounding to zero), tiny exponents and NaN bytes.
+    g = _gen(8)
+    w = torch.randint(0, 256, (384, 320), generator=g, dtype=torch.int32).to(torch.uint8)
+    for spread, base in ((40, 0), (25, 150), (4, 0), (14, 240)):
+        ws = random_block_exponents(3, 5, g, spread, base, nan_blocks=3)
+        codes, scales = kern.mxfp4_to_fp8_blocks(w.to(device), ws.to(device))
+        want_codes, want_scales = ref.mxfp4_as_fp8_blocks(w, ws)
+        assert torch.equal(scales.view(torch.uint8).cpu(), want_scales.view(torch.uint8)), (spread, base)
+        assert torch.equal(codes.view(torch.uint8).cpu(), want_codes.view(torch.uint8)), (spread, base)
+
+
+def test_prefill_cuda_graph_replay(device):
+    g = _gen(10)
+    w, ws, _ = random_fp4(24576, 1536, g, device)
+    x = torch.randn(600, 1536, generator=g).to(torch.bfloat16).to(device)
+    y, again = replayed_and_eager(lambda: ops.fp4_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
+                                  torch.randn(600, 1536, generator=g).to(torch.bfloat16))
     assert torch.equal(y, again)
     _check(y, x, w, ws)

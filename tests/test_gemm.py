@@ -835,3 +835,64 @@ def test_grouped_linear_real_shapes(device, t):
     oracle = ref.grouped_linear(x, w)
     for j in (0, 15):
         assert_gemm_close(y[:, j], oracle[:, j], x[:, j].float(), w[j].float(), what=f"group {j}")
+
+
+# --- MXFP4 re-encoded as FP8 blocks (the operands of the CUDA prefill path) -----------------
+
+def random_block_exponents(nb, kb, g, spread, base, nan_blocks=0):
+    """E8M0 bytes ``[128 nb, 4 kb]``: per 128 x 128 block, exponents in [b, b + spread] around a
+    block's own ``base`` offset (so blocks differ), ``nan_blocks`` random 32-blocks 0xFF."""
+    e = torch.randint(0, spread + 1, (128 * nb, 4 * kb), generator=g)
+    offsets = torch.randint(0, 12, (nb, kb), generator=g).repeat_interleave(128, 0).repeat_interleave(4, 1)
+    e = (e + offsets + base).clamp(0, 254)
+    for _ in range(nan_blocks):
+        e[torch.randint(0, 128 * nb, (1,), generator=g), torch.randint(0, 4 * kb, (1,), generator=g)] = 0xFF
+    return e.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def block_spread_error(ws: torch.Tensor) -> torch.Tensor:
+    """Per weight element, the largest error of the FP8-block re-encoding: 0 where the element's
+    exponent is within 14 binades of its 128 x 128 block's largest (exact), else half the E4M3
+    step at the block scale: 2^(b - 127 - 10) with the block byte b = max(e_max - 6, 0)."""
+    e = ws.view(torch.uint8).long().cpu()
+    e = torch.where(e == 0xFF, torch.zeros_like(e), e)
+    n, nsub = e.shape
+    e_max = e.reshape(n // 128, 128, nsub // 4, 4).amax(dim=(1, 3))
+    b = (e_max - 6).clamp(min=0)
+    e_max_at = e_max.repeat_interleave(128, 0).repeat_interleave(4, 1)
+    b_at = b.repeat_interleave(128, 0).repeat_interleave(4, 1)
+    err = torch.where(e_max_at - e > 14, torch.pow(2.0, (b_at - 137).double()), torch.zeros(()).double())
+    return err.repeat_interleave(32, 1)
+
+
+def test_fp8_block_reencoding_oracle_is_exact_within_14_binades():
+    # The oracle against the MXFP4 dequantisation: equal element for element while every
+    # block's exponents span <= 14 binades (with tiny exponents: the block byte clamps at 0),
+    # off by at most half an E4M3 step at the block scale beyond; NaN scale bytes give NaN.
+    g = _gen(1)
+    for spread, base in ((0, 120), (14, 100), (14, 0), (3, 0), (30, 90)):
+        w = torch.randint(0, 256, (256, 192), generator=g, dtype=torch.int32).to(torch.uint8)
+        ws = random_block_exponents(2, 3, g, spread, base, nan_blocks=2)
+        codes, scales = ref.mxfp4_as_fp8_blocks(w, ws)
+        got = ref.dequant_fp8_weight(codes, scales).double()
+        want = ref.dequant_fp4_weight(w, ws, "mxfp4", None).double()
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        err = (got - want).nan_to_num().abs()
+        bound = block_spread_error(ws)
+        assert bool((err <= bound).all()), (spread, base)
+        if spread <= 14 - 11:  # offsets add up to 11 binades between a block's rows
+            assert float(err.max()) == 0.0
+
+
+@given(nb=st.integers(1, 3), kb=st.integers(1, 3), spread=st.sampled_from([0, 5, 14, 20, 40]),
+       base=st.sampled_from([0, 3, 60, 110, 200]), seed=st.integers(0, 2**31))
+def test_mxfp4_to_fp8_blocks_is_bit_exact(device, nb, kb, spread, base, seed):
+    g = _gen(seed)
+    w = torch.randint(0, 256, (128 * nb, 64 * kb), generator=g, dtype=torch.int32).to(torch.uint8)
+    ws = random_block_exponents(nb, kb, g, spread, base, nan_blocks=seed % 3)
+    codes, scales = kern.mxfp4_to_fp8_blocks(w.to(device), ws.to(device))
+    want_codes, want_scales = ref.mxfp4_as_fp8_blocks(w, ws)
+    assert codes.shape == (128 * nb, 128 * kb) and scales.dtype == torch.float8_e8m0fnu
+    assert torch.equal(scales.view(torch.uint8).cpu(), want_scales.view(torch.uint8))
+    got = codes.view(torch.uint8).cpu()
+    assert torch.equal(got, want_codes.view(torch.uint8)), (got != want_codes.view(torch.uint8)).nonzero()[:5].tolist()

@@ -5,9 +5,11 @@ the widest projection; prefill M = 4096 (tensor-core bound: ceiling = the FP8 ma
 of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling = copy
 bandwidth, bytes = the weight and its scales read once + x + y).
 
-``fp4_linear`` runs what dispatch picks: up to 8 rows with MXFP4 weights the ``cuda`` backend
-where it is built (act_quant pre-pass + ``mxfp4_decode_gemm.cu``), beside which
-``fp4_linear[triton]`` times the Triton GEMM at the same shapes.  ``fp8_linear`` at prefill size
+``fp4_linear`` runs what dispatch picks: with MXFP4 weights the ``cuda`` backend where it is
+built, up to 8 rows the act_quant pre-pass + ``mxfp4_decode_gemm.cu``, at prefill size on
+sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
+``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
+shapes.  ``fp8_linear`` at prefill size
 likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
 GEMM of ``sm90_fp8_gemm.cu``), beside which ``fp8_linear[triton]`` times the Triton GEMM.
 
@@ -119,6 +121,12 @@ def _fp8_runs_cuda(m, n, k):
                      meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu))
 
 
+def _fp4_runs_cuda(m, n, k):
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    return runs_cuda("fp4_linear", meta(m, k, dtype=torch.bfloat16), meta(n, k // 2, dtype=torch.uint8),
+                     meta(n, k // 32, dtype=torch.float8_e8m0fnu), "mxfp4", None)
+
+
 def _fp8_case(m, n, k, notes="", triton=False):
     act_bytes = m * k * 2 + m * n * 2
     fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
@@ -146,19 +154,24 @@ def cases(quick: bool):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
                 oracle = lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs)  # noqa: E731
-                cuda_decode = fmt == "mxfp4" and m <= DECODE_MAX_ROWS
+                cuda = fmt == "mxfp4" and _fp4_runs_cuda(m, n, k)
+                if not cuda:
+                    launches, notes = (1 if m <= 16 else 2), ""
+                elif m <= DECODE_MAX_ROWS:
+                    launches, notes = 2, "cuda backend (pre-pass + decode GEMM)"
+                else:
+                    launches, notes = 3, "cuda backend (pre-pass + weight as FP8 blocks + TMA/wgmma GEMM)"
                 out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}",
                                 make_inputs=_fp4_inputs(m, n, k, fmt),
                                 run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),
                                 eager=_fp4_eager, oracle=oracle, bytes=fp4_bytes, flops=flops,
-                                ceiling="fp8" if prefill else "copy",
-                                launches=2 if cuda_decode or m > 16 else 1,
-                                notes="cuda backend where built (pre-pass + decode GEMM)" if cuda_decode else ""))
-                if cuda_decode:
+                                ceiling="fp8" if prefill else "copy", launches=launches, notes=notes))
+                if cuda:
                     out.append(Case(op="fp4_linear[triton]", shape=f"M={m} N={n} K={k} {fmt}",
                                     make_inputs=_fp4_inputs(m, n, k, fmt),
                                     run=lambda x, w, s, gs, f=fmt: _fp4_triton(x, w, s, gs, f), oracle=oracle,
-                                    bytes=fp4_bytes, flops=flops, ceiling="copy", launches=1 if m <= 16 else 2))
+                                    bytes=fp4_bytes, flops=flops, ceiling="fp8" if prefill else "copy",
+                                    launches=1 if m <= 16 else 2))
         out.append(Case(op="scaled_mm per-tensor (cuBLAS)", shape=f"M={PREFILL_M} N={n} K={k}",
                         make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
                         bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",

@@ -178,6 +178,9 @@ def run_case(family: str, case: Case, ceilings: Dict[str, float], compile_baseli
     if case.eager is not None and baselines:
         eager_ms = _graph_timed(case.eager, sets) or _timed(case.eager, sets)
         if compile_baselines and case.compile_eager:
+            # Cases share their eager functions across shapes; past dynamo's recompile limit
+            # (8 shapes of one function) torch.compile would quietly run it eagerly.
+            torch._dynamo.reset()
             compiled = torch.compile(case.eager, dynamic=False)
             compiled(*sets[0])
             compiled_ms = _graph_timed(compiled, sets) or _timed(compiled, sets)

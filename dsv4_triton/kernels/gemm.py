@@ -520,6 +520,51 @@ def act_quant_rows(x2: torch.Tensor, fp16_pairs: bool = False):
     return q, s
 
 
+# --- MXFP4 weight re-encoded as FP8 blocks ----------------------------------------------------
+#
+# The CUDA prefill path of fp4_linear multiplies an MXFP4 weight on the FP8 tensor cores by
+# re-encoding it first (reference.gemm.mxfp4_as_fp8_blocks): FP8 codes with one E8M0 scale per
+# 128 x 128 block, the FP8 GEMM's operands.  One program per block: the block byte
+# b = max(e_max - 6, 0) from its 512 exponents, then each 32-block's table row for the gap
+# b + 6 - e (the rounding of lut * 2^(e - b), see fp4_fp8_table) through fp4_expand.
+
+@triton.jit
+def _mxfp4_to_fp8_kernel(w_ptr, w_scale_ptr, lut_ptr, q_ptr, s_ptr, stride_wn, stride_sn, stride_qn, n_kb,
+                         BLOCK: tl.constexpr):
+    nb = tl.program_id(0)
+    kb = tl.program_id(1)
+    HALF: tl.constexpr = BLOCK // 2
+    NSUB: tl.constexpr = BLOCK // 32
+    rows = nb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + kb * HALF + tl.arange(0, HALF)[None, :])
+    e = tl.load(w_scale_ptr + rows[:, None] * stride_sn + kb * NSUB + tl.arange(0, NSUB)[None, :]).to(tl.int32)
+    nan = e == 0xFF
+    e = tl.where(nan, 0, e)
+    block = tl.maximum(tl.max(tl.max(e, axis=1), axis=0) - 6, 0)
+    lut0, lut1 = fp4_table_row(block + 6 - e, lut_ptr)
+    lut0 = tl.reshape(tl.broadcast_to(lut0[:, :, None], (BLOCK, NSUB, 16)), (BLOCK, HALF))
+    lut1 = tl.reshape(tl.broadcast_to(lut1[:, :, None], (BLOCK, NSUB, 16)), (BLOCK, HALF))
+    q = fp4_expand(b, lut0, lut1).to(tl.uint8, bitcast=True)
+    nan = tl.reshape(tl.broadcast_to(nan[:, :, None], (BLOCK, NSUB, 32)), (BLOCK, BLOCK))
+    q = tl.where(nan, 0x7F, q)
+    tl.store(q_ptr + rows[:, None] * stride_qn + kb * BLOCK + tl.arange(0, BLOCK)[None, :], q)
+    tl.store(s_ptr + nb * n_kb + kb, block.to(tl.uint8))
+
+
+def mxfp4_to_fp8_blocks(w: torch.Tensor, w_scale: torch.Tensor):
+    """Packed MXFP4 ``[N, K/2]`` + E8M0 ``[N, K/32]`` (N, K multiples of 128, rows contiguous)
+    -> (FP8 codes ``[N, K]`` typed for the GEMMs, E8M0 ``[N/128, K/128]``), bit-equal to
+    ``reference.gemm.mxfp4_as_fp8_blocks``."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    q = torch.empty((n, k), dtype=torch.uint8, device=w.device)
+    s = torch.empty((n // ACT_BLOCK, k // ACT_BLOCK), dtype=torch.uint8, device=w.device)
+    sb = w_scale.view(torch.uint8)
+    _mxfp4_to_fp8_kernel[(n // ACT_BLOCK, k // ACT_BLOCK)](
+        w.view(torch.uint8), sb, fp4_fp8_table(w.device), q, s, w.stride(0), sb.stride(0), q.stride(0),
+        k // ACT_BLOCK, BLOCK=ACT_BLOCK, num_warps=4)
+    return as_fp8_operand(q), s.view(torch.float8_e8m0fnu)
+
+
 # --- dense block-scaled GEMM --------------------------------------------------------------------
 
 def _gemm_configs():

@@ -96,3 +96,26 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
 def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # [T, G, K] x [G, N, K] -> [T, G, N]: group g of every token through its own weight.
     return torch.einsum("tgk,gnk->tgn", x.float(), w.float()).to(torch.bfloat16)
+
+
+def mxfp4_as_fp8_blocks(w: torch.Tensor, w_scale: torch.Tensor):
+    """An MXFP4 weight ``[N, K/2]`` (N, K multiples of 128) re-encoded as FP8 codes ``[N, K]``
+    with one E8M0 scale per 128 x 128 block, the operands of ``fp8_linear``.
+
+    Per block, with ``e_max`` the largest of its 512 finite exponent bytes, the block byte is
+    ``b = max(e_max - 6, 0)`` and each element the FP8 rounding (to nearest even) of
+    ``lut[code] * 2^(e - b)``: at most ``6 * 2^6 = 384 < 448``, and exact whenever ``e_max - e
+    <= 14`` (two significant bits down to E4M3's smallest step 2^-9); ``b`` is never below 0
+    so the block scale stays an E8M0 value.  A NaN scale byte (0xFF) makes its 32 elements
+    FP8 NaN (0x7F) and takes no part in ``e_max``.  Returns (codes, scales)."""
+    n, k = w.shape[0], w.shape[1] * 2
+    e = w_scale.view(torch.uint8).long()
+    nan = e == 0xFF
+    e = torch.where(nan, torch.zeros_like(e), e)
+    e_max = e.reshape(n // FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK, k // FP8_WEIGHT_BLOCK, -1).amax(dim=(1, 3))
+    b = (e_max - 6).clamp(min=0)
+    b_at = b.repeat_interleave(FP8_WEIGHT_BLOCK, 0).repeat_interleave(FP8_WEIGHT_BLOCK // MXFP4_BLOCK, 1)
+    shift = torch.pow(2.0, (e - b_at).double()).repeat_interleave(MXFP4_BLOCK, 1)
+    codes = (fp4_decode(fp4_unpack(w)).double() * shift).to(torch.float8_e4m3fn).view(torch.uint8)
+    codes = torch.where(nan.repeat_interleave(MXFP4_BLOCK, 1), torch.full_like(codes, 0x7F), codes)
+    return codes.view(torch.float8_e4m3fn), b.to(torch.uint8).view(torch.float8_e8m0fnu)

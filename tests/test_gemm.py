@@ -896,3 +896,49 @@ def test_mxfp4_to_fp8_blocks_is_bit_exact(device, nb, kb, spread, base, seed):
     assert torch.equal(scales.view(torch.uint8).cpu(), want_scales.view(torch.uint8))
     got = codes.view(torch.uint8).cpu()
     assert torch.equal(got, want_codes.view(torch.uint8)), (got != want_codes.view(torch.uint8)).nonzero()[:5].tolist()
+
+
+# --- NVFP4 at prefill sizes: the weight expanded to BF16, then a BF16 GEMM ---------------
+
+def test_nvfp4_to_bf16_is_exact(device):
+    g = _gen(2)
+    w, s, _ = random_fp4(70, 160, g, device, "nvfp4")
+    s = s.view(torch.uint8).clone()
+    s[3, 2] = 0x7F  # an E4M3 NaN scale
+    s[4, 0] = 0x01  # the smallest subnormal scale
+    s[5, 1] = 0x7E  # the largest, 448
+    s = s.view(torch.float8_e4m3fn)
+    got = kern.nvfp4_to_bf16(w, s).float().cpu()
+    want = ref.dequant_fp4_weight(w.cpu(), s.cpu(), "nvfp4", torch.tensor(1.0))
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@given(m=st.integers(1, 70), n=st.integers(1, 100), k16=st.integers(1, 20), seed=st.integers(0, 2**31))
+def test_nvfp4_expanded_gemm_matches_oracle(device, m, n, k16, seed):
+    # K any multiple of 16 (the activation blocks' last one short), odd M and N.
+    g = _gen(seed)
+    k = 16 * k16
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
+    w, s, gs = random_fp4(n, k, g, device, "nvfp4")
+    if seed % 2:
+        x[0, 0] = float("nan")  # row 0 NaN, as the oracle's
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+    kern.nvfp4_expanded_gemm(x, w, s, gs, y)
+    assert_gemm_close(y, ref.fp4_linear(x, w, s, "nvfp4", gs), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w, s, "nvfp4", gs))
+
+
+def test_nvfp4_prefill_rows_take_the_bf16_route(device, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kern, "NVFP4_EXPAND_MIN_ROWS", 20)
+    real = kern.nvfp4_expanded_gemm
+    monkeypatch.setattr(kern, "nvfp4_expanded_gemm", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    g = _gen(3)
+    w, s, gs = random_fp4(40, 128, g, device, "nvfp4")
+    for m in (19, 20):
+        x = torch.randn(m, 128, generator=g).to(torch.bfloat16).to(device)
+        y = _triton(ops.fp4_linear, x, w, s, "nvfp4", gs)
+        assert_gemm_close(y, ref.fp4_linear(x, w, s, "nvfp4", gs), ref.dequant_activation(x),
+                          ref.dequant_fp4_weight(w, s, "nvfp4", gs))
+    assert calls == [20]

@@ -9,7 +9,8 @@ bandwidth, bytes = the weight and its scales read once + x + y).
 built, up to 8 rows the act_quant pre-pass + ``mxfp4_decode_gemm.cu``, at prefill size on
 sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
 ``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
-shapes.  ``fp8_linear`` at prefill size
+shapes.  NVFP4 at prefill size: the dequantised activation and the weight expanded to BF16,
+then the Triton BF16 GEMM of ``grouped_linear`` (``kernels/gemm.py``).  ``fp8_linear`` at prefill size
 likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
 GEMM of ``sm90_fp8_gemm.cu``), beside which ``fp8_linear[triton]`` times the Triton GEMM.
 
@@ -24,6 +25,7 @@ import torch
 from cuda_fallback.gemm import DECODE_MAX_ROWS
 
 from .. import ops, use_backend
+from ..kernels.gemm import NVFP4_EXPAND_MIN_ROWS
 from ..reference import gemm as ref
 from .case import Case, runs_cuda
 
@@ -155,7 +157,9 @@ def cases(quick: bool):
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
                 oracle = lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs)  # noqa: E731
                 cuda = fmt == "mxfp4" and _fp4_runs_cuda(m, n, k)
-                if not cuda:
+                if fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS:
+                    launches, notes = 3, "act dequant + weight expanded to BF16 + BF16 GEMM"
+                elif not cuda:
                     launches, notes = (1 if m <= 16 else 2), ""
                 elif m <= DECODE_MAX_ROWS:
                     launches, notes = 2, "cuda backend (pre-pass + decode GEMM)"

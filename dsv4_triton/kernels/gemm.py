@@ -39,7 +39,9 @@ Weights:
   expanded in registers, never materialised.
 * NVFP4: ``lut[code] * s16`` (E4M3 scale per 16) has at most 6 significant bits and is
   exact in BF16, so the weight is expanded to BF16 and the activation codes (exact in
-  BF16) meet it in a BF16 dot; the FP32 global scale multiplies the result once.
+  BF16) meet it in a BF16 dot; the FP32 global scale multiplies the result once.  From
+  ``NVFP4_EXPAND_MIN_ROWS`` rows the expansion is a pass of its own and the product a plain
+  BF16 GEMM (``nvfp4_expanded_gemm``): the same values, the same single rounding.
 
 NaN/Inf: a non-finite activation block gives scale NaN, so its row of the output is NaN (as
 the oracle's dequantised NaN block); an E8M0 NaN scale byte (0xFF) makes its columns NaN.
@@ -82,6 +84,11 @@ FUSED_QUANT_MAX_ROWS = 16
 # Split-K configs are tried up to this many rows and only where the column tiles alone leave
 # SMs idle; the workspace holds SPLIT_MAX partial [M, N] tiles.
 SPLIT_MAX_ROWS = 64
+# NVFP4 weights from this many rows: expanded to BF16 once per call, then a BF16 GEMM
+# (nvfp4_expanded_gemm).  Measured on the H100 against the in-loop expansion
+# (benchmarks/NOTES.md, twentieth round): 1.25-1.33x at 256 rows, 1.8-1.9x at 512, 2.4-2.6x at
+# 4096 (N x K = 7168 x 1536 and 24576 x 7168).
+NVFP4_EXPAND_MIN_ROWS = 256
 SPLIT_MAX = 8
 _SPLIT_BELOW_TILES = 128
 
@@ -480,7 +487,7 @@ def scaled_dot_t(acc_t, a, a_scale, w, w_scale):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                      FP16_PAIRS: tl.constexpr = False):
+                      FP16_PAIRS: tl.constexpr = False, DEQUANT: tl.constexpr = False):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     kb = tl.program_id(1)
     row_ok = rows < M
@@ -488,6 +495,10 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.const
     x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & (k[None, :] < K),
                 other=0.0).to(tl.float32)
     q, s = quantise_act_tile(x)
+    if DEQUANT:  # q * s: an FP8 value times a power of two, exact in BF16
+        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], (q.to(tl.float32) * s[:, None]).to(tl.bfloat16),
+                 mask=row_ok[:, None])
+        return
     if FP16_PAIRS:  # elements 1 and 2 of every 4 swapped: (0, 2) and (1, 3) are the fp16 pairs
         c = tl.arange(0, BLOCK_K)
         col = kb * BLOCK_K + ((c & ~3) | ((c & 1) << 1) | ((c >> 1) & 1))
@@ -563,6 +574,69 @@ def mxfp4_to_fp8_blocks(w: torch.Tensor, w_scale: torch.Tensor):
         w.view(torch.uint8), sb, fp4_fp8_table(w.device), q, s, w.stride(0), sb.stride(0), q.stride(0),
         k // ACT_BLOCK, BLOCK=ACT_BLOCK, num_warps=4)
     return as_fp8_operand(q), s.view(torch.float8_e8m0fnu)
+
+
+def act_dequant_rows(x2: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` -> BF16 ``[M, 128 * ceil(K/128)]`` (zero-padded): ``act_quant(x2, 128, pow2)``
+    dequantised, ``q * s`` (exact in BF16: four significant bits times a power of two)."""
+    m, k = x2.shape
+    n_kb = triton.cdiv(k, ACT_BLOCK)
+    out = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.bfloat16, device=x2.device)
+    rows = 16
+    _act_quant_kernel[(triton.cdiv(m, rows), n_kb)](x2, out, out, m, k, x2.stride(0), n_kb, ROWS=rows,
+                                                    BLOCK_K=ACT_BLOCK, DEQUANT=True, num_warps=4)
+    return out
+
+
+# --- NVFP4 weight expanded to BF16 -----------------------------------------------------------
+#
+# At prefill sizes fp4_linear with NVFP4 weights multiplies in BF16 on the tensor cores at the
+# rate of a plain BF16 GEMM: the weight is expanded once per call, lut[code] * s16 (at most
+# six significant bits: exact in BF16), the activation dequantised (exact too), and the
+# grouped BF16 GEMM kernel applies the FP32 global scale to the FP32 sums before the one
+# rounding to BF16.  The in-loop expansion of the block-scaled GEMM costs more than the
+# dots themselves at these sizes (~16% of the FP8 rate against ~45% for this route).
+
+@triton.jit
+def _nvfp4_to_bf16_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_K // 2
+    kh = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    ok = (cols[:, None] < N) & (kh[None, :] < K // 2)
+    b = tl.load(w_ptr + cols[:, None] * stride_wn + kh[None, :], mask=ok, other=0)
+    codes = tl.interleave(b & 15, b >> 4)  # element 2k: low nibble, 2k+1: high nibble
+    NSUB: tl.constexpr = BLOCK_K // 16
+    j = tl.program_id(1) * NSUB + tl.arange(0, NSUB)
+    sb = tl.load(s_ptr + cols[:, None] * stride_sn + j[None, :], mask=(cols[:, None] < N) & (j[None, :] < K // 16),
+                 other=0)
+    # (0x7F / 0xFF is NaN, spelled out: the interpreter's FP8 conversion reads it as 480.)
+    s16 = tl.where((sb & 0x7F) == 0x7F, float("nan"), sb.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+    s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (BLOCK_N, NSUB, 16)), (BLOCK_N, BLOCK_K))
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + cols[:, None] * K + k[None, :], (fp4_value_2m14(codes) * (s16 * 16384.0)).to(tl.bfloat16),
+             mask=(cols[:, None] < N) & (k[None, :] < K))
+
+
+def nvfp4_to_bf16(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Packed NVFP4 ``[N, K/2]`` + E4M3 ``[N, K/16]`` -> BF16 ``[N, K]``, ``lut[code] * s16``
+    (without the global scale), exact."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    out = torch.empty((n, k), dtype=torch.bfloat16, device=w.device)
+    sb = w_scale.view(torch.uint8)
+    block_n, block_k = 64, 128
+    _nvfp4_to_bf16_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        w.view(torch.uint8), sb, out, n, k, w.stride(0), sb.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def nvfp4_expanded_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, global_scale: torch.Tensor,
+                        y2: torch.Tensor) -> None:
+    """``y2 = act_quant(x2) @ dequant(w).T`` for NVFP4 weights through BF16 operands."""
+    k = x2.shape[1]
+    a = act_dequant_rows(x2)
+    wb = nvfp4_to_bf16(w, w_scale)
+    grouped_gemm(a[:, None, :k], wb[None], y2[:, None, :], global_scale)
 
 
 # --- dense block-scaled GEMM --------------------------------------------------------------------
@@ -768,7 +842,9 @@ def activation_operand(x2: torch.Tensor, fused_quant: bool):
 def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
                 global_scale: Optional[torch.Tensor], fused_quant: Optional[bool] = None) -> torch.Tensor:
     """``act_quant(x) @ dequant(w).T`` -> bf16 ``[..., N]``.  ``fused_quant`` forces the
-    activation path (None: fused up to ``FUSED_QUANT_MAX_ROWS`` rows, else the pre-pass)."""
+    activation path of the block-scaled kernel (None: fused up to ``FUSED_QUANT_MAX_ROWS`` rows,
+    else the pre-pass; NVFP4 weights from ``NVFP4_EXPAND_MIN_ROWS`` rows take the BF16 route,
+    ``nvfp4_expanded_gemm``)."""
     n = w.shape[0]
     k = x.shape[-1]
     y = torch.empty((*x.shape[:-1], n), dtype=torch.bfloat16, device=x.device)
@@ -778,6 +854,10 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
         return y.zero_()
     x2 = as_rows(x)
     m = x2.shape[0]
+    y2 = y.view(m, n)
+    if fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS and fused_quant is None:
+        nvfp4_expanded_gemm(x2, w, w_scale, global_scale, y2)
+        return y
     if fused_quant is None:
         fused_quant = m <= FUSED_QUANT_MAX_ROWS
     a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
@@ -786,7 +866,6 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     ws = w_scale if scale_fp32 else w_scale.view(torch.uint8)
     if ws.stride(-1) != 1 or w_bytes.stride(-1) != 1:
         ws, w_bytes = ws.contiguous(), w_bytes.contiguous()
-    y2 = y.view(m, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))
     # Split-K workspace where a split config may be chosen (_split_useful), else unused.
     if fmt != "mxfp4" and m <= SPLIT_MAX_ROWS and n < _SPLIT_BELOW_TILES * 128:
@@ -830,10 +909,10 @@ GROUPED_LINEAR_BAND = 8  # row tiles a band of the tile order covers
         c for c in configs if c.kwargs["BLOCK_M"] <= max(16, nargs["M_BUCKET"])] or configs[:1]},
 )
 @triton.jit
-def _grouped_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xg, stride_xk,
+def _grouped_linear_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, K, stride_xm, stride_xg, stride_xk,
                            stride_wg, stride_wn, stride_ym, stride_yg, M_BUCKET,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr):
+                           GROUP_M: tl.constexpr, HAS_SCALE: tl.constexpr = False):
     # Tiles of one group in column bands of GROUP_M row tiles: the programs in flight share
     # a few weight tiles and a band of activation rows in L2.
     n_m = tl.cdiv(M, BLOCK_M)
@@ -857,6 +936,8 @@ def _grouped_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xg, s
         a = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = dot_bf16(a, tl.trans(b), acc)
+    if HAS_SCALE:  # one FP32 scale for the whole product (NVFP4's global scale), before the rounding
+        acc = acc * tl.load(scale_ptr)
     tl.store(y_ptr + rows[:, None] * stride_ym + grp * stride_yg + cols[None, :], cast_rne(acc, tl.bfloat16),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -870,9 +951,19 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return y
     if k == 0:
         return y.zero_()
+    grouped_gemm(x, w, y)
+    return y
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
+    """``y[:, g] = x[:, g] @ w[g].T`` (times the FP32 one-element ``scale``) for BF16 ``x [T, G, K]``
+    (any strides), ``w [G, N, K]``, ``y [T, G, N]`` (unit last stride); K >= 1."""
+    t, g, k = x.shape
+    n = w.shape[1]
     if w.stride(-1) != 1:
         w = w.contiguous()
-    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), g)
-    _grouped_linear_kernel[grid](x, w, y, t, n, k, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(1),
-                                 y.stride(0), y.stride(1), m_bucket(t), GROUP_M=GROUPED_LINEAR_BAND)
-    return y
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), g)  # noqa: E731
+    # (No scale: None, so the stored tuning keys of plain grouped_linear calls stay as they are.)
+    _grouped_linear_kernel[grid](x, w, y, scale, t, n, k, x.stride(0), x.stride(1),
+                                 x.stride(2), w.stride(0), w.stride(1), y.stride(0), y.stride(1), m_bucket(t),
+                                 GROUP_M=GROUPED_LINEAR_BAND, HAS_SCALE=scale is not None)

@@ -1,5 +1,6 @@
 """The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 weights at decode and
-prefill sizes, ``fp8_linear`` at prefill sizes on Hopper.
+prefill sizes and for NVFP4 weights at prefill sizes, ``fp8_linear`` and ``grouped_linear`` at
+prefill sizes on Hopper.
 
 Decode: ``csrc/mxfp4_decode_gemm.cu`` covers MXFP4 weights with K a multiple of 128 (every
 DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte
@@ -16,18 +17,26 @@ while a block's exponents span at most 14 binades, see ``reference.gemm.mxfp4_as
 and multiplied by the FP8 prefill kernel (``csrc/sm90_fp8_gemm.cu``) at the FP8 tensor-core
 rate; the Triton GEMM's in-register expansion reaches about 30% of that rate.
 
-Other arguments (NVFP4, row counts between the two ranges, shapes the FP8 kernel does not
-take) go to the next backend in the registry's order, the Triton GEMM; forcing ``cuda`` on
-them raises ``BackendUnavailableError``.
+BF16 (sm90a): ``csrc/sm90_bf16_gemm.cu`` runs ``grouped_linear`` from ``GROUPED_MIN_ROWS``
+tokens, and NVFP4 weights from ``NVFP4_EXPAND_MIN_ROWS`` rows through the Triton backend's
+BF16 route (the weight expanded to BF16, the activation dequantised, both exact; the global
+scale on the FP32 sums): ~0.95x of cuBLAS's batched GEMM where the Triton GEMM reaches ~0.77x.
+
+Other arguments (row counts between the ranges, shapes the kernels do not take) go to the next
+backend in the registry's order, the Triton GEMM; forcing ``cuda`` on them raises
+``BackendUnavailableError``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 
 from dsv4_triton.kernels.device import sm_count
-from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows, mxfp4_to_fp8_blocks
+from dsv4_triton.kernels.gemm import (ACT_BLOCK, NVFP4_EXPAND_MIN_ROWS, act_dequant_rows, act_quant_rows,
+                                      mxfp4_to_fp8_blocks, nvfp4_to_bf16)
 from dsv4_triton.kernels.norm import as_rows
 from dsv4_triton.registry import register
 
@@ -49,6 +58,9 @@ PREFILL_MIN_K = 1536
 # at 4096, with fewer output tiles than SMs too (the Triton FP4 GEMM is the slower of the two
 # at any size past 256 rows, unlike the Triton FP8 GEMM).
 FP4_PREFILL_MIN_ROWS = 256
+# grouped_linear: from this many tokens the BF16 kernel (256-row tiles) runs in place of the
+# Triton GEMM; measured on the H100 (benchmarks/NOTES.md, twentieth round).
+GROUPED_MIN_ROWS = 256
 
 
 def fp8_kernel_takes(n: int, k: int) -> str:
@@ -65,35 +77,49 @@ def _gpu(device: torch.device) -> torch.device:
     return device if device.type == "cuda" else torch.device("cuda")
 
 
-def mxfp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> str:
-    """``""`` when the decode kernel or the prefill path handles these ``fp4_linear`` arguments,
+def _on_sm90(rows: str, device: torch.device) -> str:
+    arch = arch_of(device)
+    return "" if arch == "sm90a" else f"{rows}: the prefill kernels target sm90a, this GPU is {arch}"
+
+
+def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> str:
+    """``""`` when the decode kernel or a prefill path handles these ``fp4_linear`` arguments,
     else why not."""
-    if fmt != "mxfp4":
-        return f"fmt {fmt!r} (the kernels read MXFP4 only)"
     k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    n = w.shape[0]
+    if fmt == "nvfp4":
+        rows = f"{m} activation rows (NVFP4 from {NVFP4_EXPAND_MIN_ROWS} on sm90a)"
+        if m < NVFP4_EXPAND_MIN_ROWS:
+            return rows
+        if n % 8:
+            return f"N = {n} (the BF16 kernel's output rows need a multiple of 8)"
+        return _on_sm90(rows, _gpu(x.device))
     if k % ACT_BLOCK:
         return f"K = {k} is not a multiple of {ACT_BLOCK}"
     if not rows_aligned(w, 16):
         return "weight rows are not contiguous and 16-byte aligned"
     if not rows_aligned(w_scale, 4):
         return "scale rows are not contiguous and 4-byte aligned"
-    m = x.numel() // k if k else 0
     if 1 <= m <= DECODE_MAX_ROWS:
         return ""
     rows = f"{m} activation rows (it takes 1 to {DECODE_MAX_ROWS}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
     if m < FP4_PREFILL_MIN_ROWS:
         return rows
-    device = _gpu(x.device)
-    if arch_of(device) != "sm90a":
-        return f"{rows}: the FP8 prefill kernel targets sm90a, this GPU is {arch_of(device)}"
-    return fp8_kernel_takes(w.shape[0], k)
+    return _on_sm90(rows, _gpu(x.device)) or fp8_kernel_takes(n, k)
 
 
-@register("fp4_linear", "cuda", archs=CUDA_ARCHS, covers=mxfp4_covers)
+@register("fp4_linear", "cuda", archs=CUDA_ARCHS, covers=fp4_covers)
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> torch.Tensor:
     x2 = as_rows(x)
-    m, n = x2.shape[0], w.shape[0]
-    if m <= DECODE_MAX_ROWS:
+    m, n, k = x2.shape[0], w.shape[0], x2.shape[1]
+    if fmt == "nvfp4":
+        # The BF16 route of the Triton backend (kernels/gemm.py, nvfp4_expanded_gemm) on the
+        # hand-written BF16 GEMM.
+        a = act_dequant_rows(x2)
+        y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+        bf16_gemm(a[:, None, :k], nvfp4_to_bf16(w, w_scale)[None], y[:, None, :], global_scale)
+    elif m <= DECODE_MAX_ROWS:
         codes, scales = act_quant_rows(x2, fp16_pairs=True)
         index = x.device.index
         y = extension_at(index).mxfp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8),
@@ -102,6 +128,39 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
         w8, s8 = mxfp4_to_fp8_blocks(w, w_scale)
         y = fp8_gemm(x2, w8, s8, fp8_tile_rows(m, n, x.device))
     return y.view(*x.shape[:-1], n)
+
+
+# --- BF16: grouped_linear at prefill sizes ---------------------------------------------------
+
+def bf16_gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
+    """``y[:, g] = scale * x[:, g] @ w[g].T`` by ``csrc/sm90_bf16_gemm.cu`` (BF16 ``[T, G, K]``,
+    ``[G, N, K]``, ``[T, G, N]``, unit last strides, 16-byte aligned rows)."""
+    index = x.device.index
+    extension_at(index).bf16_gemm(x, w, y, scale, torch._C._cuda_getCurrentRawStream(index))
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """A BF16 operand the kernel's 3-D tensor maps take: unit last stride, 16-byte aligned rows."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+
+
+def grouped_covers(x: torch.Tensor, w: torch.Tensor) -> str:
+    """``""`` when the BF16 kernel handles these ``grouped_linear`` arguments, else why not."""
+    t, n = x.shape[0], w.shape[1]
+    if t < GROUPED_MIN_ROWS:
+        return f"{t} tokens (it takes {GROUPED_MIN_ROWS} or more: decode sizes stay on Triton)"
+    if n % 8:
+        return f"N = {n} (the output rows need a multiple of 8)"
+    if not (_tma_rows(x) and _tma_rows(w)):
+        return "x or w: rows not 16-byte aligned with a unit last stride"
+    return ""
+
+
+@register("grouped_linear", "cuda", archs=("sm90a",), covers=grouped_covers)
+def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y = torch.empty((x.shape[0], x.shape[1], w.shape[1]), dtype=torch.bfloat16, device=x.device)
+    bf16_gemm(x, w, y)
+    return y
 
 
 def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:

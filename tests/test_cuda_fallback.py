@@ -94,9 +94,10 @@ def test_fp8_prefill_covers_says_why_not(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["sm90a", "sm100a"])
-def test_mxfp4_covers_says_why_not(monkeypatch, arch):
-    # The fp4_linear rule on meta tensors: decode rows on either architecture, prefill rows on
-    # sm90a only (the FP8 kernel there), whatever the output tile count.
+def test_fp4_covers_says_why_not(monkeypatch, arch):
+    # The fp4_linear rule on meta tensors: MXFP4 decode rows on either architecture, MXFP4 and
+    # NVFP4 prefill rows on sm90a only (the FP8 and BF16 kernels there), whatever the output
+    # tile count.
     from cuda_fallback import gemm as cuda_gemm
 
     monkeypatch.setattr(cuda_gemm, "sm_count", lambda device: 132)
@@ -105,17 +106,20 @@ def test_mxfp4_covers_says_why_not(monkeypatch, arch):
 
     def covers(m, n, k, fmt="mxfp4"):
         scale = meta(n, k // 32, dtype=torch.float8_e8m0fnu)
-        return cuda_gemm.mxfp4_covers(meta(m, k, dtype=torch.bfloat16), meta(n, k // 2, dtype=torch.uint8),
-                                      scale, fmt, None)
+        return cuda_gemm.fp4_covers(meta(m, k, dtype=torch.bfloat16), meta(n, k // 2, dtype=torch.uint8),
+                                    scale, fmt, None)
 
     first = cuda_gemm.FP4_PREFILL_MIN_ROWS
     assert covers(1, 24576, 7168) == "" and covers(8, 512, 7168) == ""
     assert covers(9, 1536, 7168).startswith("9 activation rows") and covers(first - 1, 1536, 7168) != ""
-    assert covers(4096, 1536, 7168, "nvfp4").startswith("fmt 'nvfp4'")
+    assert covers(4, 1536, 7168, "nvfp4").startswith("4 activation rows")
+    assert covers(4096, 1540, 7168, "nvfp4").startswith("N = 1540")
     assert covers(4, 1536, 7000).startswith("K = 7000")
     if arch == "sm90a":
         assert covers(first, 1536, 7168) == "" and covers(4096, 24576, 7168) == ""
         assert covers(4096, 1536, 1024).startswith("K = 1024")
         assert "multiples of 128" in covers(4096, 1000, 7168)
+        assert covers(4096, 1536, 7168, "nvfp4") == "" and covers(256, 24, 160, "nvfp4") == ""
     else:
-        assert "targets sm90a" in covers(4096, 24576, 7168)
+        assert "target sm90a" in covers(4096, 24576, 7168)
+        assert "target sm90a" in covers(4096, 1536, 7168, "nvfp4")

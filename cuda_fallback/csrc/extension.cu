@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include <optional>
+
 #include "host.cuh"
 
 namespace {
@@ -39,6 +41,10 @@ void moe_decode_w2(torch::Tensor hq, torch::Tensor hs, torch::Tensor w2, torch::
 void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, int64_t k, int64_t cluster,
               int64_t stream_handle);
 int64_t row_topk_max_clusters(int64_t cluster, int64_t device);
+#ifdef DSV4_WITH_SM90_BF16_GEMM  // sm_90a only
+void bf16_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor y, std::optional<torch::Tensor> scale,
+               int64_t stream_handle);
+#endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM  // sm_90a only
 void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,
               int64_t tile_rows, int64_t stream_handle);
@@ -59,6 +65,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_decode_gemm", &mxfp4_decode_gemm,
         "MXFP4 weight GEMM for up to 8 activation rows (FP8 codes + scales in, bf16 out)");
   m.def("moe_decode_w13", &moe_decode_w13, "routed experts at decode: w13 GEMM, SwiGLU, routing weight, act_quant");
+#ifdef DSV4_WITH_SM90_BF16_GEMM
+  m.def("bf16_gemm", &bf16_gemm, "grouped BF16 GEMM with an optional FP32 scale, TMA + wgmma, sm_90a");
+#endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM
   m.def("fp8_gemm", &fp8_gemm, "FP8 x FP8 block-scaled GEMM (act_quant codes + scales in, bf16 out), TMA + wgmma, sm_90a");
 #endif

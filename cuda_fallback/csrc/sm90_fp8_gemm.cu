@@ -38,6 +38,7 @@
 #include <algorithm>
 
 #include "host.cuh"
+#include "sm90_tma.cuh"
 #include "sm90_wgmma.cuh"
 
 using namespace dsv4;
@@ -75,46 +76,6 @@ struct Params {
   bool w_scale_fp32;
 };
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-// Until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as done).
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-
-// The [128, 128] box at (column x, row y) of a 2-D tensor map into shared memory; its bytes
-// count on `bar`.
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
-      : "memory");
-}
-
-// The [64, 64] box of a 2-D tensor map at (column x, row y) from shared memory (a bulk group).
-__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int x, int y) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(x), "r"(y), "r"(smem_addr(src))
-               : "memory");
-}
-
-// Until this thread's committed bulk stores have read their shared memory.
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-
 // D[64 x 128] (+)= A[64 x 32] B[32 x 128]: FP8 E4M3 operands, K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   asm volatile(
@@ -140,18 +101,6 @@ __device__ __forceinline__ float e8m0_value(uint32_t b) {
   const uint32_t special = ((b + 1) & 0xFE) == 0 ? 0x400000u : 0u;
   return __uint_as_float((b << 23) | special);
 }
-
-// A position in the ring of stages: the stage and the parity of its barriers' current phase.
-struct Ring {
-  int stage;
-  uint32_t phase;
-  __device__ __forceinline__ void next(int stages) {
-    if (++stage == stages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
 
 // d = A[64 x 128] W[128 x 128]^T over one K block: 4 wgmma m64n128k32, committed as one group.
 __device__ __forceinline__ void mma_block(float (&d)[64], uint32_t a_base, uint32_t w_base) {
@@ -364,34 +313,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // The last stores have read the buffers (and written) before the CTA's shared memory goes.
   if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-}
-
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    const cudaError_t err =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
-    DSV4_CHECK(err == cudaSuccess && found == cudaDriverEntryPointSuccess && fn != nullptr,
-               "fp8_gemm: the driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// [box_rows, box_cols] boxes of a row-major matrix (rows 128 bytes of the box wide at most),
-// 128-byte swizzle; reads past the edge give zeros, writes past it are dropped.
-CUtensorMap tile_map(const at::Tensor& t, CUtensorMapDataType type, int box_cols, int box_rows, const char* what) {
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(t.size(1)), static_cast<cuuint64_t>(t.size(0))};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(t.stride(0) * t.element_size())};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult res = tensor_map_encoder()(&map, type, 2, t.data_ptr(), dims, strides, box, elem_strides,
-                                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  DSV4_CHECK(res == CUDA_SUCCESS, what, ": cuTensorMapEncodeTiled failed with error ", static_cast<int>(res));
-  return map;
 }
 
 }  // namespace

@@ -10,7 +10,8 @@ built, up to 8 rows the act_quant pre-pass + ``mxfp4_decode_gemm.cu``, at prefil
 sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
 ``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
 shapes.  NVFP4 at prefill size: the dequantised activation and the weight expanded to BF16,
-then the Triton BF16 GEMM of ``grouped_linear`` (``kernels/gemm.py``).  ``fp8_linear`` at prefill size
+then a BF16 GEMM, on sm_90 the ``cuda`` backend's ``sm90_bf16_gemm.cu`` (elsewhere the Triton
+GEMM of ``grouped_linear``).  ``grouped_linear`` from 256 tokens on sm_90: the same kernel.  ``fp8_linear`` at prefill size
 likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
 GEMM of ``sm90_fp8_gemm.cu``), beside which ``fp8_linear[triton]`` times the Triton GEMM.
 
@@ -123,10 +124,14 @@ def _fp8_runs_cuda(m, n, k):
                      meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu))
 
 
-def _fp4_runs_cuda(m, n, k):
+def _fp4_runs_cuda(m, n, k, fmt="mxfp4"):
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    return runs_cuda("fp4_linear", meta(m, k, dtype=torch.bfloat16), meta(n, k // 2, dtype=torch.uint8),
-                     meta(n, k // 32, dtype=torch.float8_e8m0fnu), "mxfp4", None)
+    if fmt == "mxfp4":
+        scale, global_scale = meta(n, k // 32, dtype=torch.float8_e8m0fnu), None
+    else:
+        scale, global_scale = meta(n, k // 16, dtype=torch.float8_e4m3fn), meta(1, dtype=torch.float32)
+    return runs_cuda("fp4_linear", meta(m, k, dtype=torch.bfloat16), meta(n, k // 2, dtype=torch.uint8), scale,
+                     fmt, global_scale)
 
 
 def _fp8_case(m, n, k, notes="", triton=False):
@@ -158,7 +163,9 @@ def cases(quick: bool):
                 oracle = lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs)  # noqa: E731
                 cuda = fmt == "mxfp4" and _fp4_runs_cuda(m, n, k)
                 if fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS:
-                    launches, notes = 3, "act dequant + weight expanded to BF16 + BF16 GEMM"
+                    launches = 3
+                    notes = ("cuda backend (act dequant + weight expanded to BF16 + TMA/wgmma BF16 GEMM)"
+                             if _fp4_runs_cuda(m, n, k, fmt) else "act dequant + weight expanded to BF16 + BF16 GEMM")
                 elif not cuda:
                     launches, notes = (1 if m <= 16 else 2), ""
                 elif m <= DECODE_MAX_ROWS:
@@ -192,10 +199,13 @@ def cases(quick: bool):
             gen = _gen(seed)
             x = torch.randn(g_, t, k, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
             return x, (torch.randn(g_, n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        meta_x = torch.empty(g_, t, k, dtype=torch.bfloat16, device="meta").transpose(0, 1)
+        cuda = runs_cuda("grouped_linear", meta_x, torch.empty(g_, n, k, dtype=torch.bfloat16, device="meta"))
         out.append(Case(op="grouped_linear", shape=f"T={t} G={g_} N={n} K={k}", make_inputs=make,
                         run=ops.grouped_linear, eager=lambda x, w: torch.einsum("tgk,gnk->tgn", x, w),
                         oracle=ref.grouped_linear, bytes=2 * (t * g_ * k + g_ * n * k + t * g_ * n),
-                        flops=2 * t * g_ * n * k, ceiling="bf16" if t >= 1024 else "copy", launches=1))
+                        flops=2 * t * g_ * n * k, ceiling="bf16" if t >= 1024 else "copy", launches=1,
+                        notes="cuda backend (TMA/wgmma BF16 GEMM)" if cuda else ""))
 
     # linear: the reference backend (cuBLAS with an FP32 output); the LM head at decode.
     vocab, dim = 129280, 7168

@@ -624,6 +624,8 @@ def nvfp4_to_bf16(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     n, k = w.shape[0], 2 * w.shape[1]
     out = torch.empty((n, k), dtype=torch.bfloat16, device=w.device)
     sb = w_scale.view(torch.uint8)
+    if w.stride(-1) != 1 or sb.stride(-1) != 1:
+        w, sb = w.contiguous(), sb.contiguous()
     block_n, block_k = 64, 128
     _nvfp4_to_bf16_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         w.view(torch.uint8), sb, out, n, k, w.stride(0), sb.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)

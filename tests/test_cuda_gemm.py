@@ -69,33 +69,6 @@ def test_exponent_spread_within_a_block(device, m, n, spread, seed):
     _check(_cuda(x, w, ws), x, w, ws, extra=None if spread <= 23 else extra, what=f"spread {spread}")
 
 
-@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-104, -100, 1e3), (96, 100, 1e-3), (-127, -127, 1e3)])
-def test_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
-    g = _gen(5)
-    x = (torch.randn(8, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
-    w, _, _ = random_fp4(24, 256, g, device)
-    ws = random_e8m0((24, 8), g, device, e_lo, e_hi)
-    _check(_cuda(x, w, ws), x, w, ws, what=f"exponents {e_lo}..{e_hi}")
-
-
-def test_nan_inf_zero_blocks_propagate_like_oracle(device):
-    g = _gen(7)
-    x = torch.randn(5, 256, generator=g).to(torch.bfloat16)
-    x[0, 3] = float("nan")  # a NaN block: row 0 NaN
-    x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
-    x[2] = 0.0  # an all-zero row: zeros (NaN only in poisoned columns)
-    x = x.to(device)
-    w, ws, _ = random_fp4(40, 256, g, "cpu")
-    w[:, 64:80] = 0  # an all-zero 32-block ...
-    ws.view(torch.uint8)[:, 4] = 1  # ... with the tiniest scale
-    ws.view(torch.uint8)[11, 6] = 0xFF  # an E8M0 NaN: column 11 NaN
-    w, ws = w.to(device), ws.to(device)
-    y = _cuda(x, w, ws)
-    _check(y, x, w, ws)
-    assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11]).all())
-    assert bool((y[2, :11] == 0).all())
-
-
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (3072, 7168), (512, 7168)])
 def test_real_shapes(device, m, n, k):
@@ -205,19 +178,27 @@ def test_prefill_exponent_spread_within_a_block(device, spread, base, seed):
     _check(_prefill(x, w, ws), x, w, ws, extra=extra, what=f"spread {spread} base {base}")
 
 
-@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-127, -122, 1e3), (-104, -100, 1e3), (96, 100, 1e-3)])
-def test_prefill_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
-    # -127..-122: the block byte clamps at 0 (the FP8 values then carry the whole exponent).
+# Both paths: 8 rows (the decode kernel, forced) and 300 (the prefill path).
+PATHS = pytest.mark.parametrize("m, run", [(8, _cuda), (300, _prefill)], ids=["decode", "prefill"])
+
+
+@PATHS
+@pytest.mark.parametrize("e_lo, e_hi, x_scale", [(-127, -127, 1e3), (-127, -122, 1e3), (-104, -100, 1e3),
+                                                 (96, 100, 1e-3)])
+def test_extreme_scale_exponents(device, m, run, e_lo, e_hi, x_scale):
+    # -127..-122 on the prefill path: the block byte clamps at 0 (the FP8 values then carry the
+    # whole exponent).
     g = _gen(5)
-    x = (torch.randn(40, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
+    x = (torch.randn(m, 256, generator=g) * x_scale).to(torch.bfloat16).to(device)
     w, _, _ = random_fp4(256, 256, g, device)
     ws = random_e8m0((256, 8), g, device, e_lo, e_hi)
-    _check(_prefill(x, w, ws), x, w, ws, what=f"exponents {e_lo}..{e_hi}")
+    _check(run(x, w, ws), x, w, ws, what=f"exponents {e_lo}..{e_hi}")
 
 
-def test_prefill_nan_inf_zero_blocks_propagate_like_oracle(device):
+@PATHS
+def test_nan_inf_zero_blocks_propagate_like_oracle(device, m, run):
     g = _gen(7)
-    x = torch.randn(300, 256, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, 256, generator=g).to(torch.bfloat16)
     x[0, 3] = float("nan")  # a NaN block: row 0 NaN
     x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
     x[2] = 0.0  # an all-zero row: zeros (NaN only in the poisoned column)
@@ -225,9 +206,9 @@ def test_prefill_nan_inf_zero_blocks_propagate_like_oracle(device):
     w, ws, _ = random_fp4(256, 256, g, "cpu")
     w[:, 64:80] = 0  # an all-zero 32-block ...
     ws.view(torch.uint8)[:, 4] = 1  # ... with the tiniest scale
-    ws.view(torch.uint8)[11, 6] = 0xFF  # an E8M0 NaN: column 11 NaN, its block's other rows not
+    ws.view(torch.uint8)[11, 6] = 0xFF  # an E8M0 NaN: column 11 NaN (on the prefill path its block's other rows not)
     w, ws = w.to(device), ws.to(device)
-    y = _prefill(x, w, ws)
+    y = run(x, w, ws)
     _check(y, x, w, ws)
     assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11]).all())
     assert not bool(torch.isnan(y[2:, 12:]).any())

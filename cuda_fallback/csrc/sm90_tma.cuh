@@ -32,6 +32,17 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// A ring of pipeline stages' barriers (thread 0, before the block's first __syncthreads):
+// full[s] completes on the producer's one arrival with the bytes it expects, empty[s] on one
+// arrival from each of `consumer_warps` warps.
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int stages, int consumer_warps) {
+  for (int s = 0; s < stages; ++s) {
+    mbar_init(&full[s], 1);
+    mbar_init(&empty[s], consumer_warps);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
 // The box at (column x, row y) of a 2-D tensor map into shared memory; its bytes count on `bar`.
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
   asm volatile(

@@ -3,6 +3,7 @@
 // between warpgroups.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 #include "shared_memory.cuh"
@@ -43,6 +44,38 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
          (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// The accumulator operands of an m64n128 wgmma with FP32 results, `d` a float[64]: the
+// register list "{%0, ..., %63}" of the instruction and the matching asm outputs, so that
+// operands %64 and up are the instruction's other inputs.
+#define DSV4_WGMMA_D64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define DSV4_WGMMA_D64_OUT(d)                                                                                     \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),       \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),       \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),      \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),      \
+      "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),      \
+      "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),      \
+      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),      \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// A warpgroup's m64n128 accumulator fragment (this thread's rows wr, wr + 8 and columns cq,
+// cq + 1 of every 8-column group), times `scale`, as BF16 into `out`: two 128-byte swizzled
+// panels of 64 rows x 64 columns, 8 KB apart, the layout a TMA store of 64 x 64 boxes reads.
+__device__ __forceinline__ void stage_bf16_fragment(uint8_t* out, const float (&acc)[64], float scale, int wr,
+                                                    int cq) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      *reinterpret_cast<__nv_bfloat162*>(out + (j >> 3) * (64 * 128) + swizzled(wr + 8 * e, j & 7) + 2 * cq) =
+          __floats2bfloat162_rn(acc[4 * j + 2 * e] * scale, acc[4 * j + 2 * e + 1] * scale);
+    }
+  }
 }
 
 }  // namespace dsv4

@@ -126,17 +126,21 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
                                                   torch._C._cuda_getCurrentRawStream(index))
     else:
         w8, s8 = mxfp4_to_fp8_blocks(w, w_scale)
-        y = fp8_gemm(x2, w8, s8, fp8_tile_rows(m, n, x.device))
+        y = fp8_gemm(x2, w8, s8, tile_rows_for(m, n // ACT_BLOCK, x.device))
     return y.view(*x.shape[:-1], n)
 
 
 # --- BF16: grouped_linear at prefill sizes ---------------------------------------------------
 
-def bf16_gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
+def bf16_gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: Optional[torch.Tensor] = None,
+              tile_rows: Optional[int] = None) -> None:
     """``y[:, g] = scale * x[:, g] @ w[g].T`` by ``csrc/sm90_bf16_gemm.cu`` (BF16 ``[T, G, K]``,
-    ``[G, N, K]``, ``[T, G, N]``, unit last strides, 16-byte aligned rows)."""
+    ``[G, N, K]``, ``[T, G, N]``, unit last strides, 16-byte aligned rows); output tiles of
+    ``tile_rows`` rows (None: ``tile_rows_for``)."""
     index = x.device.index
-    extension_at(index).bf16_gemm(x, w, y, scale, torch._C._cuda_getCurrentRawStream(index))
+    if tile_rows is None:
+        tile_rows = tile_rows_for(x.shape[0], x.shape[1] * triton.cdiv(w.shape[1], ACT_BLOCK), x.device)
+    extension_at(index).bf16_gemm(x, w, y, scale, tile_rows, torch._C._cuda_getCurrentRawStream(index))
 
 
 def _tma_rows(t: torch.Tensor) -> bool:
@@ -180,13 +184,14 @@ def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
     return ""
 
 
-def fp8_tile_rows(m: int, n: int, device: torch.device) -> int:
-    """128 or 256 rows an output tile, whichever finishes first: each CTA runs ceil(tiles / SMs)
-    tiles, and a 256-row tile takes ~0.93x two 128-row ones (a quarter less L2 traffic per MMA;
-    measured at K = 7168)."""
-    sms, col_tiles = sm_count(device), n // ACT_BLOCK
+def tile_rows_for(m: int, col_tiles: int, device: torch.device) -> int:
+    """128 or 256 rows an output tile of the FP8 and BF16 kernels, whichever finishes first:
+    each CTA runs ceil(tiles / SMs) tiles, and a 256-row tile takes ~0.93x two 128-row ones (a
+    quarter less L2 traffic per MMA; measured for the FP8 kernel at K = 7168)."""
+    sms = sm_count(device)
     rounds = lambda rows: triton.cdiv(triton.cdiv(m, rows) * col_tiles, sms)  # noqa: E731
     return 256 if rounds(256) * 2 * 0.93 < rounds(128) else 128
+
 
 
 def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows: int) -> torch.Tensor:
@@ -203,5 +208,5 @@ def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows
 @register("fp8_linear", "cuda", archs=("sm90a",), covers=fp8_prefill_covers)
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     x2 = as_rows(x)
-    y = fp8_gemm(x2, w, w_scale, fp8_tile_rows(x2.shape[0], w.shape[0], x.device))
+    y = fp8_gemm(x2, w, w_scale, tile_rows_for(x2.shape[0], w.shape[0] // ACT_BLOCK, x.device))
     return y.view(*x.shape[:-1], w.shape[0])

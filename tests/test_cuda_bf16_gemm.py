@@ -28,18 +28,19 @@ def _check(y, x, w, scale=None, what=""):
         assert_gemm_close(y[:, g], oracle, xd, wd * abs(s), what=f"{what} group {g}")
 
 
+@pytest.mark.parametrize("tile_rows", [128, 256])
 @given(t=st.integers(1, 700), g=st.integers(1, 3), n8=st.integers(1, 40), k8=st.integers(1, 60),
        scaled=st.booleans(), seed=st.integers(0, 2**31))
-def test_matches_oracle(device, t, g, n8, k8, scaled, seed):
-    # Any multiple of 8 for N and K: partial 256-row, 128-column and 64-wide K tiles (the
-    # copies fill them with zeros, the stores clip them), one K block and many.
+def test_matches_oracle(device, tile_rows, t, g, n8, k8, scaled, seed):
+    # Any multiple of 8 for N and K: partial row, 128-column and 64-wide K tiles (the copies
+    # fill them with zeros, the stores clip them), one K block and many.
     gen = _gen(seed)
     n, k = 8 * n8, 8 * k8
     x = torch.randn(t, g, k, generator=gen).to(torch.bfloat16).to(device)
     w = (torch.randn(g, n, k, generator=gen) * 0.1).to(torch.bfloat16).to(device)
     scale = torch.tensor(0.37, device=device) if scaled else None
     y = torch.full((t, g, n), float("nan"), dtype=torch.bfloat16, device=device)
-    cuda_gemm.bf16_gemm(x, w, y, scale)
+    cuda_gemm.bf16_gemm(x, w, y, scale, tile_rows)
     _check(y, x, w, scale)
 
 
@@ -78,6 +79,8 @@ def test_rejects_bad_operands(device):
         cuda_gemm.bf16_gemm(torch.zeros(300, 2, 65, dtype=torch.bfloat16, device=device)[:, :, 1:], w, y)
     with pytest.raises(RuntimeError, match="scale"):
         cuda_gemm.bf16_gemm(x, w, y, torch.ones(2, device=device))
+    with pytest.raises(RuntimeError, match="tile_rows"):
+        cuda_gemm.bf16_gemm(x, w, y, None, 64)
 
 
 counted = counting_backends("grouped_linear")

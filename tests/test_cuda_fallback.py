@@ -67,13 +67,13 @@ def test_host_checks_raise_with_their_message():
     (1536, 2048, 256),  # 2 against 1 (~1.9)
     (1536, 4096, 128),  # 3 against 2 (~3.7): 192 tiles of 256 rows leave the second round 45% full
     (1536, 8192, 256)])
-def test_fp8_tile_rows_choose_the_fewer_rounds(monkeypatch, n, m, rows):
+def test_tile_rows_choose_the_fewer_rounds(monkeypatch, n, m, rows):
     # The choices measured fastest on the H100 (132 SMs) for the Pro shapes at K = 7168
     # (benchmarks/NOTES.md, eighteenth round).
     from cuda_fallback import gemm as cuda_gemm
 
     monkeypatch.setattr(cuda_gemm, "sm_count", lambda device: 132)
-    assert cuda_gemm.fp8_tile_rows(m, n, torch.device("cuda", 0)) == rows
+    assert cuda_gemm.tile_rows_for(m, n // 128, torch.device("cuda", 0)) == rows
 
 
 def test_fp8_prefill_covers_says_why_not(monkeypatch):

@@ -43,7 +43,7 @@ void row_topk(torch::Tensor scores, torch::Tensor n_valid, torch::Tensor out, in
 int64_t row_topk_max_clusters(int64_t cluster, int64_t device);
 #ifdef DSV4_WITH_SM90_BF16_GEMM  // sm_90a only
 void bf16_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor y, std::optional<torch::Tensor> scale,
-               int64_t stream_handle);
+               int64_t tile_rows, int64_t stream_handle);
 #endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM  // sm_90a only
 void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,

@@ -6,18 +6,18 @@
 // The structure of sm90_fp8_gemm.cu without its per-block promotion: the sums stay in the
 // MMAs' own accumulators for the whole K, so the consumers only issue MMAs.
 //
-// * Persistent CTAs (one an SM) walk the output tiles (256 rows x 128 columns of one group)
-//   group by group, in each the grouped order of the FP8 kernel (8 row tiles sweep the
-//   columns together).
+// * Persistent CTAs (one an SM) walk the output tiles (256 or 128 rows, chosen by the
+//   caller, x 128 columns of one group) group by group, in each the grouped order of the FP8
+//   kernel (8 row tiles sweep the columns together).
 // * Warp 0 is the producer: per K block of 64 (128 bytes of a row, 128-byte swizzled by the
-//   copy) it asks the tensor-memory accelerator for the [256, 64] activation tile and the
+//   copy) it asks the tensor-memory accelerator for the [rows, 64] activation tile and the
 //   [128, 64] weight tile of the group (3-D tensor maps, so any row strides and the group's
 //   offset are the copy's business, and rows, columns or K past the edge arrive as zeros)
-//   into one of 4 stages; an mbarrier hands a stage over when its bytes have landed.
-// * Warpgroups 1 and 2 each own 128 of the tile's rows as two m64 accumulators: per K block
-//   8 wgmma m64n128k16 (FP32 sums), committed as one group; a stage is released once the
-//   next block's group has been issued and the previous one has finished (one group in
-//   flight under the wait).  A finished tile goes through a shared-memory buffer and out by
+//   into one of 4 (6) stages; an mbarrier hands a stage over when its bytes have landed.
+// * Warpgroups 1 and 2 each own half of the tile's rows as m64 accumulators: per K block
+//   4 wgmma m64n128k16 an accumulator (FP32 sums), committed as one group; a stage is
+//   released once the next block's group has been issued and the previous one has finished
+//   (one group in flight under the wait).  A finished tile goes through a shared-memory buffer and out by
 //   TMA stores (clipped at the edges), which drain under the next tile's MMAs.
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
@@ -38,20 +38,27 @@ using namespace dsv4;
 namespace {
 
 constexpr int kBlockK = 64;                       // K elements a stage: one 128-byte row
-constexpr int kRows = 256;                        // tile rows: 2 consumer warpgroups x 2 halves x 64
 constexpr int kCols = 128;                        // tile columns
 constexpr int kThreads = 384;                     // producer warpgroup + 2 consumer warpgroups
 constexpr int kGroupRows = 8;                     // row tiles that sweep the columns together
-constexpr int kATileBytes = kRows * 128;
-constexpr int kStageBytes = kATileBytes + kCols * 128;  // A tile, then W tile
-constexpr int kStages = 4;
 // A consumer warpgroup's output buffer: 64 rows x 128 bf16 columns as two 128-byte swizzled
 // panels of 64 columns.
 constexpr int kOutPanelBytes = 64 * 128;
 constexpr int kOutBytes = 2 * kOutPanelBytes;
-constexpr int kOutOffset = kStages * kStageBytes;
-constexpr int kSmemBytes = kOutOffset + 2 * kOutBytes + 2 * kStages * 8 + 1024;
 constexpr int kBarOut = 1;                        // named barriers 1, 2: a consumer warpgroup's buffer
+
+// A tile of 128 * HALVES rows: each consumer warpgroup owns 64 * HALVES of them, as HALVES
+// m64 accumulators.  256-row tiles read a quarter less per MMA; 128-row tiles split a matrix
+// into twice as many, for shapes whose 256-row tiles leave SMs idle in the last round.
+template <int HALVES>
+struct Tiling {
+  static constexpr int kRows = 128 * HALVES;
+  static constexpr int kATileBytes = kRows * 128;
+  static constexpr int kStageBytes = kATileBytes + kCols * 128;  // A tile, then W tile
+  static constexpr int kStages = HALVES == 1 ? 6 : 4;
+  static constexpr int kOutOffset = kStages * kStageBytes;
+  static constexpr int kSmemBytes = kOutOffset + 2 * kOutBytes + 2 * kStages * 8 + 1024;
+};
 
 struct Params {
   const float* scale;  // one FP32 factor on every sum, or null
@@ -79,18 +86,20 @@ __device__ __forceinline__ void tile_coords(int tile, const Params& p, int& grp,
   tn = (t % per_band) / rows;
 }
 
+template <int HALVES>
 __global__ void __launch_bounds__(kThreads, 1)
     bf16_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                      const __grid_constant__ CUtensorMap map_y, const __grid_constant__ Params p) {
+  using T = Tiling<HALVES>;
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzled tiles need 1024-byte aligned bases.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOutOffset + 2 * kOutBytes);
-  uint64_t* empty = full + kStages;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOutOffset + 2 * kOutBytes);
+  uint64_t* empty = full + T::kStages;
   const int wg = threadIdx.x >> 7;
   const int n_tiles = p.groups * p.tiles_m * p.tiles_n;
 
-  if (threadIdx.x == 0) init_stage_barriers(full, empty, kStages, 8);
+  if (threadIdx.x == 0) init_stage_barriers(full, empty, T::kStages, 8);
   __syncthreads();
 
   if (wg == 0) {
@@ -104,11 +113,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_coords(tile, p, grp, tm, tn);
       for (int kb = 0; kb < p.n_kb; ++kb) {
         mbar_wait(&empty[ring.stage], ring.phase ^ 1);
-        uint8_t* dst = smem + ring.stage * kStageBytes;
-        mbar_expect_bytes(&full[ring.stage], kStageBytes);
-        tma_load(dst, &map_a, kb * kBlockK, grp, tm * kRows, &full[ring.stage]);
-        tma_load(dst + kATileBytes, &map_w, kb * kBlockK, tn * kCols, grp, &full[ring.stage]);
-        ring.next(kStages);
+        uint8_t* dst = smem + ring.stage * T::kStageBytes;
+        mbar_expect_bytes(&full[ring.stage], T::kStageBytes);
+        tma_load(dst, &map_a, kb * kBlockK, grp, tm * T::kRows, &full[ring.stage]);
+        tma_load(dst + T::kATileBytes, &map_w, kb * kBlockK, tn * kCols, grp, &full[ring.stage]);
+        ring.next(T::kStages);
       }
     }
     return;
@@ -127,32 +136,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     int grp, tm, tn;
     tile_coords(tile, p, grp, tm, tn);
-    float acc[2][64];
+    float acc[HALVES][64];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
     }
     Ring release = ring;
     for (int kb = 0; kb < p.n_kb; ++kb) {
       mbar_wait(&full[ring.stage], ring.phase);
-      const uint32_t a_base = smem_addr(smem + ring.stage * kStageBytes) + 128 * c * 128;
-      const uint32_t w_base = smem_addr(smem + ring.stage * kStageBytes + kATileBytes);
+      const uint32_t a_base = smem_addr(smem + ring.stage * T::kStageBytes) + 64 * HALVES * c * 128;
+      const uint32_t w_base = smem_addr(smem + ring.stage * T::kStageBytes + T::kATileBytes);
       wgmma_fence();
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
         for (int k16 = 0; k16 < 4; ++k16)
           wgmma_m64n128k16_bf16(acc[h], smem_desc(a_base + h * 64 * 128 + 32 * k16, 16, 1024),
                                 smem_desc(w_base + 32 * k16, 16, 1024));
       }
       wgmma_commit();
-      ring.next(kStages);
+      ring.next(T::kStages);
       // The previous block's group has read its stage: hand that stage back.
       wgmma_wait<1>();
       if (kb > 0) {
         if (lane == 0) mbar_arrive(&empty[release.stage]);
-        release.next(kStages);
+        release.next(T::kStages);
       }
     }
     wgmma_wait<0>();
@@ -160,22 +169,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) mbar_arrive(&empty[release.stage]);
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) pin(acc[h][i]);
     }
     // Epilogue: each 64-row half through this warpgroup's buffer and out by TMA.  The buffer
     // is reused once the previous store has read it.
-    uint8_t* out = smem + kOutOffset + c * kOutBytes;
+    uint8_t* out = smem + T::kOutOffset + c * kOutBytes;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < HALVES; ++h) {
       if (ct == 0) bulk_wait_read();
       bar_sync(kBarOut + c, 128);
       stage_bf16_fragment(out, acc[h], scale, wr, cq);
       fence_async_shared();
       bar_sync(kBarOut + c, 128);
       if (ct == 0) {
-        const int y_row = tm * kRows + 128 * c + 64 * h;
+        const int y_row = tm * T::kRows + 64 * HALVES * c + 64 * h;
         tma_store(&map_y, out, tn * kCols, grp, y_row);
         tma_store(&map_y, out + kOutPanelBytes, tn * kCols + 64, grp, y_row);
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
@@ -205,8 +214,10 @@ void check_operand(const at::Tensor& t, const char* what) {
 }  // namespace
 
 // y[t, g, :] = scale * x[t, g, :] @ w[g]^T: x bf16 [T, G, K], w bf16 [G, N, K], y bf16 [T, G, N],
-// each with a unit last stride and 16-byte aligned rows; scale: one fp32 element or None.
-void bf16_gemm(at::Tensor x, at::Tensor w, at::Tensor y, std::optional<at::Tensor> scale, int64_t stream_handle) {
+// each with a unit last stride and 16-byte aligned rows; scale: one fp32 element or None;
+// tile_rows: 128 or 256 rows an output tile.
+void bf16_gemm(at::Tensor x, at::Tensor w, at::Tensor y, std::optional<at::Tensor> scale, int64_t tile_rows,
+               int64_t stream_handle) {
   require_sm90(x.get_device(), "bf16_gemm");
   check_operand(x, "x");
   check_operand(w, "w");
@@ -219,6 +230,7 @@ void bf16_gemm(at::Tensor x, at::Tensor w, at::Tensor y, std::optional<at::Tenso
   if (scale.has_value())
     DSV4_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == 1 && scale->get_device() == x.get_device(),
                "scale: expected one fp32 element on the device of x");
+  DSV4_CHECK(tile_rows == 128 || tile_rows == 256, "tile_rows: expected 128 or 256, got ", tile_rows);
   if (t == 0 || g == 0 || n == 0) return;
   if (k == 0) {  // empty sums (a tensor map cannot have an empty dimension)
     y.zero_();
@@ -228,20 +240,25 @@ void bf16_gemm(at::Tensor x, at::Tensor w, at::Tensor y, std::optional<at::Tenso
   p.scale = scale.has_value() ? scale->data_ptr<float>() : nullptr;
   p.groups = static_cast<int>(g);
   p.n_kb = static_cast<int>((k + kBlockK - 1) / kBlockK);
-  p.tiles_m = static_cast<int>((t + kRows - 1) / kRows);
+  p.tiles_m = static_cast<int>((t + tile_rows - 1) / tile_rows);
   p.tiles_n = static_cast<int>((n + kCols - 1) / kCols);
   const int device = x.get_device();
   const DeviceScope device_scope(device);
-  const CUtensorMap map_a = map_3d(x, kBlockK, 1, kRows, "x");
+  const CUtensorMap map_a = map_3d(x, kBlockK, 1, static_cast<int>(tile_rows), "x");
   const CUtensorMap map_w = map_3d(w, kBlockK, kCols, 1, "w");
   const CUtensorMap map_y = map_3d(y, 64, 1, 64, "y");
   const int64_t tiles = static_cast<int64_t>(p.groups) * p.tiles_m * p.tiles_n;
   DSV4_CHECK(tiles < (int64_t{1} << 31), "bf16_gemm: too many tiles");
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessors(device)));
-  DSV4_CHECK(cudaFuncSetAttribute(bf16_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) ==
-                 cudaSuccess,
-             "bf16_gemm: cannot raise the shared-memory limit");
-  bf16_gemm_kernel<<<grid, kThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream_handle)>>>(map_a, map_w,
-                                                                                                  map_y, p);
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  auto launch = [&](auto kernel, int smem_bytes) {
+    DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess,
+               "bf16_gemm: cannot raise the shared-memory limit");
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(map_a, map_w, map_y, p);
+  };
+  if (tile_rows == 256)
+    launch(bf16_gemm_kernel<2>, Tiling<2>::kSmemBytes);
+  else
+    launch(bf16_gemm_kernel<1>, Tiling<1>::kSmemBytes);
   check_launch("bf16_gemm");
 }

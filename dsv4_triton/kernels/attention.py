@@ -79,7 +79,7 @@ from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
 from .device import sm_count
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, to_fp8
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, fp8_value, to_fp8
 from .quant import FP8_AMAX_FLOOR
 from .norm import as_rows
 
@@ -101,21 +101,6 @@ RESCALE_MARGIN = tl.constexpr(8.0)
 FULL, NO_DEQUANT, QK_ONLY, CONTIGUOUS_ROWS, QK_TWICE, NO_MAX = (tl.constexpr(v) for v in range(6))
 STAGE_VARIANTS = {"no-dequant": NO_DEQUANT.value, "QK-only": QK_ONLY.value, "contiguous": CONTIGUOUS_ROWS.value,
                   "QK-twice": QK_TWICE.value, "no-max": NO_MAX.value}
-
-
-@triton.jit
-def _fp8_value(code):
-    """FP8-E4M3 byte (uint8 tensor) -> float32.  The hardware conversion on a GPU; an exact
-    integer decoder under the interpreter (whose numpy path flushes subnormals)."""
-    if INTERPRET:
-        c = code.to(tl.int32)
-        e = (c >> 3) & 15
-        m = (c & 7).to(tl.float32)
-        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * exp2i(e - 10))
-        mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
-        return tl.where((c & 0x80) != 0, -mag, mag)
-    else:
-        return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -176,7 +161,7 @@ def _gather_kv(kv_ptr, kv16_ptr, kv64_ptr, rows, valid, stride8, D: tl.constexpr
         # scales + pad for D = 512, 1 scale + pad for D = 128); byte j is block j's scale.
         words = tl.load(kv64_ptr + rows * stride8 + (DN + 128) // 8, mask=valid, other=0x7F7F7F7F7F7F7F7F)
         sbytes = (words[:, None] >> (8 * j[None, :]).to(tl.int64)) & 0xFF
-        nope = _fp8_value(codes) * _e8m0_scale(sbytes)[:, :, None]
+        nope = fp8_value(codes) * _e8m0_scale(sbytes)[:, :, None]
         rope = tl.load(rope_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
         tile = tl.where(is_nope[None, :, None], nope, rope[:, None, :])
         return tl.reshape(tile, [rows.shape[0], D]).to(tl.bfloat16)

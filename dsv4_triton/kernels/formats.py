@@ -144,6 +144,21 @@ def fp4_value(code):
 
 
 @triton.jit
+def fp8_value(code):
+    """FP8-E4M3 byte (uint8 tensor) -> float32.  The hardware conversion on a GPU; an exact
+    integer decoder under the interpreter (whose numpy path flushes subnormals)."""
+    if INTERPRET:
+        c = code.to(tl.int32)
+        e = (c >> 3) & 15
+        m = (c & 7).to(tl.float32)
+        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * exp2i(e - 10))
+        mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+        return tl.where((c & 0x80) != 0, -mag, mag)
+    else:
+        return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def e8m0_value(byte):
     """E8M0 byte (int) -> float32 2**(b-127); 0xFF -> NaN."""
     b = byte.to(tl.int32)

@@ -68,7 +68,7 @@ import triton.language as tl
 
 from ..autotune import autotune
 from ..registry import register
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, to_fp8
+from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, fp8_value, to_fp8
 from .norm import as_rows
 from .rope import cast_rne
 
@@ -432,7 +432,7 @@ def load_weight_block(w_ptr, w_scale_ptr, lut_ptr, cols, col_ok, kb, K, stride_w
         j = kb * NSUB16 + tl.arange(0, NSUB16)
         s16 = tl.load(w_scale_ptr + cols[:, None] * stride_sn + j[None, :],
                       mask=col_ok[:, None] & (j[None, :] < K // 16), other=0)
-        s16 = s16.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        s16 = fp8_value(s16)
         s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (s16.shape[0], NSUB16, 16)),
                          (s16.shape[0], BLOCK_K))
         # lut * s16 has at most 6 significant bits: exact in FP32 and in BF16
@@ -515,20 +515,34 @@ def as_fp8_operand(codes: torch.Tensor) -> torch.Tensor:
     return codes if INTERPRET else codes.view(torch.float8_e4m3fn)
 
 
+def _act_pre_pass(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor, **forms) -> None:
+    m, k = x2.shape
+    n_kb = triton.cdiv(k, ACT_BLOCK)
+    rows = 16
+    _act_quant_kernel[(triton.cdiv(m, rows), n_kb)](x2, q, s, m, k, x2.stride(0), n_kb, ROWS=rows,
+                                                    BLOCK_K=ACT_BLOCK, num_warps=4, **forms)
+
+
 def act_quant_rows(x2: torch.Tensor, fp16_pairs: bool = False):
     """``[M, K]`` -> (FP8 codes as bytes ``[M, 128 * ceil(K/128)]``, zero-padded; scales
     ``[M, ceil(K/128)]``): the GEMMs' activation pre-pass.
 
     ``fp16_pairs``: the codes' values as fp16 instead (exact), elements 1 and 2 of every four
     swapped, the order in which the CUDA decode GEMMs take them as mma.sync B fragments."""
-    m, k = x2.shape
-    n_kb = triton.cdiv(k, ACT_BLOCK)
+    m, n_kb = x2.shape[0], triton.cdiv(x2.shape[1], ACT_BLOCK)
     q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.float16 if fp16_pairs else torch.uint8, device=x2.device)
     s = torch.empty((m, n_kb), dtype=torch.float32, device=x2.device)
-    rows = 16
-    _act_quant_kernel[(triton.cdiv(m, rows), n_kb)](x2, q, s, m, k, x2.stride(0), n_kb, ROWS=rows,
-                                                    BLOCK_K=ACT_BLOCK, FP16_PAIRS=fp16_pairs, num_warps=4)
+    _act_pre_pass(x2, q, s, FP16_PAIRS=fp16_pairs)
     return q, s
+
+
+def act_dequant_rows(x2: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` -> BF16 ``[M, 128 * ceil(K/128)]`` (zero-padded): ``act_quant(x2, 128, pow2)``
+    dequantised, ``q * s`` (exact in BF16: four significant bits times a power of two)."""
+    out = torch.empty((x2.shape[0], triton.cdiv(x2.shape[1], ACT_BLOCK) * ACT_BLOCK), dtype=torch.bfloat16,
+                      device=x2.device)
+    _act_pre_pass(x2, out, out, DEQUANT=True)
+    return out
 
 
 # --- MXFP4 weight re-encoded as FP8 blocks ----------------------------------------------------
@@ -576,18 +590,6 @@ def mxfp4_to_fp8_blocks(w: torch.Tensor, w_scale: torch.Tensor):
     return as_fp8_operand(q), s.view(torch.float8_e8m0fnu)
 
 
-def act_dequant_rows(x2: torch.Tensor) -> torch.Tensor:
-    """``[M, K]`` -> BF16 ``[M, 128 * ceil(K/128)]`` (zero-padded): ``act_quant(x2, 128, pow2)``
-    dequantised, ``q * s`` (exact in BF16: four significant bits times a power of two)."""
-    m, k = x2.shape
-    n_kb = triton.cdiv(k, ACT_BLOCK)
-    out = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.bfloat16, device=x2.device)
-    rows = 16
-    _act_quant_kernel[(triton.cdiv(m, rows), n_kb)](x2, out, out, m, k, x2.stride(0), n_kb, ROWS=rows,
-                                                    BLOCK_K=ACT_BLOCK, DEQUANT=True, num_warps=4)
-    return out
-
-
 # --- NVFP4 weight expanded to BF16 -----------------------------------------------------------
 #
 # At prefill sizes fp4_linear with NVFP4 weights multiplies in BF16 on the tensor cores at the
@@ -611,8 +613,7 @@ def _nvfp4_to_bf16_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, BLO
     j = tl.program_id(1) * NSUB + tl.arange(0, NSUB)
     sb = tl.load(s_ptr + cols[:, None] * stride_sn + j[None, :], mask=(cols[:, None] < N) & (j[None, :] < K // 16),
                  other=0)
-    # (0x7F / 0xFF is NaN, spelled out: the interpreter's FP8 conversion reads it as 480.)
-    s16 = tl.where((sb & 0x7F) == 0x7F, float("nan"), sb.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+    s16 = fp8_value(sb)
     s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (BLOCK_N, NSUB, 16)), (BLOCK_N, BLOCK_K))
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + cols[:, None] * K + k[None, :], (fp4_value_2m14(codes) * (s16 * 16384.0)).to(tl.bfloat16),

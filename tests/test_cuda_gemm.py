@@ -135,12 +135,13 @@ def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
         _cuda(x, w, ws)
 
 
-def test_cuda_graph_replay(device):
+@pytest.mark.parametrize("m, n, k", [(4, 3072, 7168), (600, 24576, 1536)], ids=["decode", "prefill"])
+def test_cuda_graph_replay(device, m, n, k):
     g = _gen(9)
-    w, ws, _ = random_fp4(3072, 7168, g, device)
-    x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
+    w, ws, _ = random_fp4(n, k, g, device)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     y, again = replayed_and_eager(lambda: ops.fp4_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
-                                  torch.randn(4, 7168, generator=g).to(torch.bfloat16))
+                                  torch.randn(m, k, generator=g).to(torch.bfloat16))
     assert torch.equal(y, again)
     _check(y, x, w, ws)
 
@@ -236,13 +237,3 @@ def test_prefill_reencoding_on_the_gpu_is_bit_exact(device):
         want_codes, want_scales = ref.mxfp4_as_fp8_blocks(w, ws)
         assert torch.equal(scales.view(torch.uint8).cpu(), want_scales.view(torch.uint8)), (spread, base)
         assert torch.equal(codes.view(torch.uint8).cpu(), want_codes.view(torch.uint8)), (spread, base)
-
-
-def test_prefill_cuda_graph_replay(device):
-    g = _gen(10)
-    w, ws, _ = random_fp4(24576, 1536, g, device)
-    x = torch.randn(600, 1536, generator=g).to(torch.bfloat16).to(device)
-    y, again = replayed_and_eager(lambda: ops.fp4_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
-                                  torch.randn(600, 1536, generator=g).to(torch.bfloat16))
-    assert torch.equal(y, again)
-    _check(y, x, w, ws)

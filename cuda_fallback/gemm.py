@@ -1,10 +1,9 @@
-"""The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 weights at decode and
-prefill sizes and for NVFP4 weights at prefill sizes, ``fp8_linear`` and ``grouped_linear`` at
-prefill sizes on Hopper.
+"""The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 and NVFP4 weights at decode
+and prefill sizes, ``fp8_linear`` and ``grouped_linear`` at prefill sizes on Hopper.
 
-Decode: ``csrc/mxfp4_decode_gemm.cu`` covers MXFP4 weights with K a multiple of 128 (every
-DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte
-aligned scale rows.  Why 8 rows: every 16-row tile of the kernel reads all its activation rows
+Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128
+(every DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte
+(MXFP4) or 2-byte (NVFP4) aligned scale rows.  Why 8 rows: every 16-row tile of the kernel reads all its activation rows
 from L2, so at 64 rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took 218 us
 against the Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).  The
 activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``: FP8
@@ -88,21 +87,21 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
     k = x.shape[-1]
     m = x.numel() // k if k else 0
     n = w.shape[0]
-    if fmt == "nvfp4":
-        rows = f"{m} activation rows (NVFP4 from {NVFP4_EXPAND_MIN_ROWS} on sm90a)"
-        if m < NVFP4_EXPAND_MIN_ROWS:
-            return rows
+    if fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS:
         if n % 8:
             return f"N = {n} (the BF16 kernel's output rows need a multiple of 8)"
-        return _on_sm90(rows, _gpu(x.device))
+        return _on_sm90(f"{m} activation rows", _gpu(x.device))
     if k % ACT_BLOCK:
         return f"K = {k} is not a multiple of {ACT_BLOCK}"
     if not rows_aligned(w, 16):
         return "weight rows are not contiguous and 16-byte aligned"
-    if not rows_aligned(w_scale, 4):
-        return "scale rows are not contiguous and 4-byte aligned"
+    scale_align = 2 if fmt == "nvfp4" else 4
+    if not rows_aligned(w_scale, scale_align):
+        return f"scale rows are not contiguous and {scale_align}-byte aligned"
     if 1 <= m <= DECODE_MAX_ROWS:
         return ""
+    if fmt == "nvfp4":
+        return f"{m} activation rows (NVFP4: 1 to {DECODE_MAX_ROWS}, or {NVFP4_EXPAND_MIN_ROWS} or more on sm90a)"
     rows = f"{m} activation rows (it takes 1 to {DECODE_MAX_ROWS}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
     if m < FP4_PREFILL_MIN_ROWS:
         return rows
@@ -113,17 +112,17 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> torch.Tensor:
     x2 = as_rows(x)
     m, n, k = x2.shape[0], w.shape[0], x2.shape[1]
-    if fmt == "nvfp4":
+    if m <= DECODE_MAX_ROWS:
+        codes, scales = act_quant_rows(x2, fp16_pairs=True)
+        index = x.device.index
+        y = extension_at(index).fp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8), global_scale,
+                                                torch._C._cuda_getCurrentRawStream(index))
+    elif fmt == "nvfp4":
         # The BF16 route of the Triton backend (kernels/gemm.py, nvfp4_expanded_gemm) on the
         # hand-written BF16 GEMM.
         a = act_dequant_rows(x2)
         y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
         bf16_gemm(a[:, None, :k], nvfp4_to_bf16(w, w_scale)[None], y[:, None, :], global_scale)
-    elif m <= DECODE_MAX_ROWS:
-        codes, scales = act_quant_rows(x2, fp16_pairs=True)
-        index = x.device.index
-        y = extension_at(index).mxfp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8),
-                                                  torch._C._cuda_getCurrentRawStream(index))
     else:
         w8, s8 = mxfp4_to_fp8_blocks(w, w_scale)
         y = fp8_gemm(x2, w8, s8, tile_rows_for(m, n // ACT_BLOCK, x.device))

@@ -52,7 +52,7 @@ def test_host_checks_raise_with_their_message():
         "x = torch.zeros(0, 128, dtype=torch.half, device='cuda')\n"
         "w = torch.zeros(4, 64, dtype=torch.uint8, device='cuda')\n"
         "try:\n"
-        "    e.mxfp4_decode_gemm(x, torch.zeros(0, 1, device='cuda'), w, w[:, :4].contiguous(), 0)\n"
+        "    e.fp4_decode_gemm(x, torch.zeros(0, 1, device='cuda'), w, w[:, :4].contiguous(), None, 0)\n"
         "except RuntimeError as err:\n"
         "    print(str(err).splitlines()[0])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -95,9 +95,9 @@ def test_fp8_prefill_covers_says_why_not(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["sm90a", "sm100a"])
 def test_fp4_covers_says_why_not(monkeypatch, arch):
-    # The fp4_linear rule on meta tensors: MXFP4 decode rows on either architecture, MXFP4 and
-    # NVFP4 prefill rows on sm90a only (the FP8 and BF16 kernels there), whatever the output
-    # tile count.
+    # The fp4_linear rule on meta tensors: MXFP4 and NVFP4 decode rows on either architecture,
+    # MXFP4 and NVFP4 prefill rows on sm90a only (the FP8 and BF16 kernels there), whatever the
+    # output tile count.
     from cuda_fallback import gemm as cuda_gemm
 
     monkeypatch.setattr(cuda_gemm, "sm_count", lambda device: 132)
@@ -105,14 +105,17 @@ def test_fp4_covers_says_why_not(monkeypatch, arch):
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
 
     def covers(m, n, k, fmt="mxfp4"):
-        scale = meta(n, k // 32, dtype=torch.float8_e8m0fnu)
+        scale = (meta(n, k // 32, dtype=torch.float8_e8m0fnu) if fmt == "mxfp4"
+                 else meta(n, k // 16, dtype=torch.float8_e4m3fn))
         return cuda_gemm.fp4_covers(meta(m, k, dtype=torch.bfloat16), meta(n, k // 2, dtype=torch.uint8),
                                     scale, fmt, None)
 
     first = cuda_gemm.FP4_PREFILL_MIN_ROWS
     assert covers(1, 24576, 7168) == "" and covers(8, 512, 7168) == ""
     assert covers(9, 1536, 7168).startswith("9 activation rows") and covers(first - 1, 1536, 7168) != ""
-    assert covers(4, 1536, 7168, "nvfp4").startswith("4 activation rows")
+    assert covers(4, 1536, 7168, "nvfp4") == "" and covers(8, 24576, 7168, "nvfp4") == ""
+    assert covers(9, 1536, 7168, "nvfp4").startswith("9 activation rows (NVFP4")
+    assert covers(4, 1536, 7000, "nvfp4").startswith("K = 7000")
     assert covers(4096, 1540, 7168, "nvfp4").startswith("N = 1540")
     assert covers(4, 1536, 7000).startswith("K = 7000")
     if arch == "sm90a":

@@ -1,8 +1,8 @@
 """The cuda backend of fp4_linear against the oracle: the decode kernel
-(cuda_fallback/csrc/mxfp4_decode_gemm.cu) and the prefill path (the weight re-encoded as FP8
-blocks, then the FP8 kernel of sm90_fp8_gemm.cu), and the registry rule that sends it
-decode-sized and prefill-sized MXFP4 calls only.  GPU only: the source is
-compiled on the CPU by test_cuda_fallback."""
+(cuda_fallback/csrc/fp4_decode_gemm.cu, MXFP4 and NVFP4) and the MXFP4 prefill path (the weight
+re-encoded as FP8 blocks, then the FP8 kernel of sm90_fp8_gemm.cu), and the registry rule that
+sends it decode-sized calls and prefill-sized MXFP4 calls (NVFP4 prefill: test_cuda_bf16_gemm).
+GPU only: the source is compiled on the CPU by test_cuda_fallback."""
 
 import pytest
 import torch
@@ -117,9 +117,14 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
     w96, ws96, _ = random_fp4(8, 96, g, device)  # K not a multiple of 128
     ops.fp4_linear(torch.randn(4, 96, generator=g).to(torch.bfloat16).to(device), w96, ws96)
     assert ran == ["triton"]
-    ran.clear()
     wn, wsn, gs = random_fp4(8, 256, g, device, "nvfp4")
-    ops.fp4_linear(torch.randn(4, 256, generator=g).to(torch.bfloat16).to(device), wn, wsn, "nvfp4", gs)
+    for m, expect in ((1, "cuda"), (8, "cuda"), (9, "triton")):
+        ran.clear()
+        ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), wn, wsn, "nvfp4", gs)
+        assert ran == [expect], (m, ran)
+    ran.clear()
+    odd = torch.zeros(8, 17, dtype=torch.float8_e4m3fn, device=device)[:, 1:]  # scale rows 1-byte aligned
+    ops.fp4_linear(torch.randn(4, 256, generator=g).to(torch.bfloat16).to(device), wn, odd, "nvfp4", gs)
     assert ran == ["triton"]
     ran.clear()
     wide = torch.zeros(64, 129, dtype=torch.uint8, device=device)
@@ -133,6 +138,82 @@ def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
     x = torch.randn(9, 256, generator=g).to(torch.bfloat16).to(device)
     with pytest.raises(BackendUnavailableError, match="9 activation rows"):
         _cuda(x, w, ws)
+
+
+# --- NVFP4 at decode: E4M3 scales per 16 and the FP32 global scale --------------------------
+
+def _check_nvfp4(y, x, w, ws, gs, what=""):
+    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "nvfp4", gs), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w, ws, "nvfp4", gs), what=what)
+
+
+@given(m=st.integers(1, 8), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
+def test_nvfp4_matches_oracle(device, m, n, kb, seed):
+    g = _gen(seed)
+    k = 128 * kb
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
+    y = _cuda(x, w, ws, "nvfp4", gs)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    _check_nvfp4(y, x, w, ws, gs)
+
+
+def test_nvfp4_decodes_every_code_and_scale_byte_exactly(device):
+    # Unit activation rows (act_quant exact) and a power-of-two global scale: y is the decoded
+    # weight times it, bit for bit.  Every code byte in both orders, and the 254 finite E4M3
+    # scale bytes (subnormal, negative, +-0, 448) with 0x00 and 0x80 again, 32 per row.
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    w = torch.stack([packed, packed.flip(0)] * 4).to(device)  # [8, 256] -> K = 512
+    finite = [b for b in range(256) if b & 0x7F != 0x7F] + [0x00, 0x80]
+    ws = torch.tensor(finite, dtype=torch.uint8).reshape(8, 32).view(torch.float8_e4m3fn).to(device)
+    gs = torch.tensor(0.25, device=device)
+    eye = torch.eye(512, dtype=torch.bfloat16, device=device)
+    y = torch.cat([_cuda(eye[i:i + 8], w, ws, "nvfp4", gs) for i in range(0, 512, 8)])
+    want = ref.dequant_fp4_weight(w.cpu(), ws.cpu(), "nvfp4", gs.cpu()).t()
+    assert torch.equal(y.float().cpu(), want)
+
+
+def test_nvfp4_nan_and_inf_propagate_like_oracle(device):
+    g = _gen(12)
+    x = torch.randn(6, 256, generator=g).to(torch.bfloat16)
+    x[0, 3] = float("nan")  # row 0 NaN
+    x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
+    x[2] = 0.0
+    w, ws, gs = random_fp4(40, 256, g, "cpu", "nvfp4")
+    ws.view(torch.uint8)[11, 5] = 0x7F  # an E4M3 NaN scale: column 11 NaN
+    ws.view(torch.uint8)[12, 9] = 0xFF  # the negative NaN: column 12
+    ws.view(torch.uint8)[13] = 0  # a whole row of zero scales: zeros
+    y = _cuda(x.to(device), w.to(device), ws.to(device), "nvfp4", gs.to(device))
+    _check_nvfp4(y, x.to(device), w.to(device), ws.to(device), gs.to(device))
+    assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11:13]).all())
+    assert not bool(torch.isnan(y[2:, 13:]).any()) and bool((y[2:, 13] == 0).all())
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (1536, 7168)])
+def test_nvfp4_real_shapes(device, m, n, k):
+    g = _gen(m + n + 1)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
+    _check_nvfp4(_cuda(x, w, ws, "nvfp4", gs), x, w, ws, gs, what=f"{m} x {n} x {k}")
+
+
+def test_nvfp4_graph_replay_reads_the_global_scale_on_the_device(device):
+    # A new activation and a new global scale written after capture: the replay uses both.
+    g = _gen(13)
+    w, ws, gs = random_fp4(3072, 7168, g, device, "nvfp4")
+    x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
+    call = lambda: ops.fp4_linear(x, w, ws, "nvfp4", gs)  # noqa: E731
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = call()
+    x.copy_(torch.randn(4, 7168, generator=g).to(torch.bfloat16))
+    gs.fill_(-3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, _cuda(x, w, ws, "nvfp4", gs))
+    _check_nvfp4(y, x, w, ws, gs)
 
 
 @pytest.mark.parametrize("m, n, k", [(4, 3072, 7168), (600, 24576, 1536)], ids=["decode", "prefill"])

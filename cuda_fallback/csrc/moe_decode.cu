@@ -8,7 +8,7 @@
 //        rows, the clamped SwiGLU and the routing weight in registers, and act_quant of the
 //        128 outputs per row (exactly one block of the w2 input) to FP8 codes + scale;
 //   w2:  per block and 128 rows of dim, the FP32 result of each pair into its own row.
-// The weights are streamed with the mma.sync decode of mxfp4_mma.cuh: at decode a block has
+// The weights are streamed with the mma.sync decode of fp4_mma.cuh: at decode a block has
 // one or two real rows, so these GEMMs are weight streams, and every warp owns its 16-row
 // tiles over the whole of K (no K split, no reduction).  moe_pack_experts stores each 16-row
 // tile's K blocks as one contiguous run (WeightRows::tiled), so a warp streams its tile front
@@ -17,7 +17,7 @@
 
 #include <cuda_runtime.h>
 
-#include "mxfp4_mma.cuh"
+#include "fp4_mma.cuh"
 
 using namespace dsv4;
 

@@ -5,8 +5,8 @@ the widest projection; prefill M = 4096 (tensor-core bound: ceiling = the FP8 ma
 of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling = copy
 bandwidth, bytes = the weight and its scales read once + x + y).
 
-``fp4_linear`` runs what dispatch picks: with MXFP4 weights the ``cuda`` backend where it is
-built, up to 8 rows the act_quant pre-pass + ``mxfp4_decode_gemm.cu``, at prefill size on
+``fp4_linear`` runs what dispatch picks: the ``cuda`` backend where it is built, up to 8 rows
+(MXFP4 and NVFP4) the act_quant pre-pass + ``fp4_decode_gemm.cu``, for MXFP4 at prefill size on
 sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
 ``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
 shapes.  NVFP4 at prefill size: the dequantised activation and the weight expanded to BF16,
@@ -161,11 +161,12 @@ def cases(quick: bool):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
                 oracle = lambda x, w, s, gs, f=fmt: ref.fp4_linear(x, w, s, f, gs)  # noqa: E731
-                cuda = fmt == "mxfp4" and _fp4_runs_cuda(m, n, k)
-                if fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS:
+                cuda = _fp4_runs_cuda(m, n, k, fmt)
+                nvfp4_bf16 = fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS
+                if nvfp4_bf16:
                     launches = 3
                     notes = ("cuda backend (act dequant + weight expanded to BF16 + TMA/wgmma BF16 GEMM)"
-                             if _fp4_runs_cuda(m, n, k, fmt) else "act dequant + weight expanded to BF16 + BF16 GEMM")
+                             if cuda else "act dequant + weight expanded to BF16 + BF16 GEMM")
                 elif not cuda:
                     launches, notes = (1 if m <= 16 else 2), ""
                 elif m <= DECODE_MAX_ROWS:
@@ -177,7 +178,7 @@ def cases(quick: bool):
                                 run=lambda x, w, s, gs, f=fmt: ops.fp4_linear(x, w, s, f, gs),
                                 eager=_fp4_eager, oracle=oracle, bytes=fp4_bytes, flops=flops,
                                 ceiling="fp8" if prefill else "copy", launches=launches, notes=notes))
-                if cuda:
+                if cuda and not nvfp4_bf16:
                     out.append(Case(op="fp4_linear[triton]", shape=f"M={m} N={n} K={k} {fmt}",
                                     make_inputs=_fp4_inputs(m, n, k, fmt),
                                     run=lambda x, w, s, gs, f=fmt: _fp4_triton(x, w, s, gs, f), oracle=oracle,

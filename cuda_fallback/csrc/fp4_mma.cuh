@@ -1,20 +1,27 @@
-// Device pieces shared by the MXFP4 decode GEMMs (mxfp4_decode_gemm.cu, moe_decode.cu): MXFP4
-// weight rows decoded straight into mma.sync's A fragment; the FP8 activation codes' values,
-// as fp16, its B.
+// Device pieces shared by the FP4 decode GEMMs (fp4_decode_gemm.cu, moe_decode.cu): FP4 weight
+// rows decoded straight into mma.sync's A fragment; the FP8 activation codes' values, as fp16,
+// its B.
 //
 // One step multiplies a 16-row weight tile (the MMA's M) by groups of 8 activation rows (its
-// N) over one 128-wide K block: one activation scale block, four E8M0 weight blocks.  Lane
-// (g, q) of a warp holds weight rows g and g + 8 and activation row g of each group, all in
-// 32-block q of the 128: the k slots of the MMAs are a fixed permutation of physical k, the
-// same for both operands, so no byte moves between lanes and no shared memory is involved.
+// N) over one 128-wide K block: one activation scale block, four MXFP4 (eight NVFP4) weight
+// scale blocks.  Lane (g, q) of a warp holds weight rows g and g + 8 and activation row g of
+// each group, all in 32-block q of the 128: the k slots of the MMAs are a fixed permutation of
+// physical k, the same for both operands, so no byte moves between lanes and no shared memory
+// is involved.
 //
-// Exactness.  Inside a row's 128-block the four exponents e_j are folded relative to their
-// maximum: the A operand is fp16(lut[code] * 2^(e_j - e_max)), the promotion multiplies the
-// block's FP32 sums by the activation scale and then by 2^(e_max - 127).  lut values have two
-// significant bits, so the folded value is exact in fp16 (normal or subnormal) while
+// Exactness, MXFP4.  Inside a row's 128-block the four exponents e_j are folded relative to
+// their maximum: the A operand is fp16(lut[code] * 2^(e_j - e_max)), the promotion multiplies
+// the block's FP32 sums by the activation scale and then by 2^(e_max - 127).  lut values have
+// two significant bits, so the folded value is exact in fp16 (normal or subnormal) while
 // e_max - e_j <= 23; a wider span rounds to nearest-even in fp16, an error of at most
-// 2^(e_max - 127 - 25) per element.  FP8 E4M3 codes are exact in fp16, every product is
-// exact, and the MMA sums in FP32: results equal the oracle's up to FP32 summation order.
+// 2^(e_max - 127 - 25) per element.
+// Exactness, NVFP4.  The A operand is lut[code] * 2^-6 * s, s the 16-block's E4M3 scale: at
+// most 2 x 4 significant bits, magnitudes from 2^-16 (2^-7 * the smallest subnormal scale
+// 2^-9) to 42 (1.5 * 2^-4 * 448), so every value is exact in fp16 with no fold; the promotion
+// multiplies by 2^6 and the kernel's sum by the FP32 global scale once, at the end.
+// FP8 E4M3 activation codes are exact in fp16, every product is exact, and the MMA sums in
+// FP32: results equal the oracle's up to FP32 summation order (and, NVFP4, the one rounding
+// of the global scale's product, taken on the sum rather than on each weight).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -148,6 +155,15 @@ __device__ __forceinline__ void decode_word(uint32_t word, uint32_t fold, uint32
   out[3] = hmul2(e4m3x2_to_f16x2(odd >> 16), fold);
 }
 
+// Words x, y of 16 code bytes (elements 0-15 of a 32-block) times `first`, words z, w (16-31)
+// times `second`, as decode_word lays them out: out[4i .. 4i + 3] from word i.
+__device__ __forceinline__ void decode_codes(const uint4& codes, uint32_t first, uint32_t second, uint32_t* out) {
+  decode_word(codes.x, first, out + 0);
+  decode_word(codes.y, first, out + 4);
+  decode_word(codes.z, second, out + 8);
+  decode_word(codes.w, second, out + 12);
+}
+
 // The A operand of one block: lo[4i .. 4i + 3] word i of row g (elements 8i + (0, 2), (4, 6),
 // (1, 3), (5, 7) of 32-block q, see decode_word); hi the same for row g + 8; the rows' scales.
 struct WeightOperand {
@@ -158,14 +174,44 @@ struct WeightOperand {
     uint32_t fold_lo, fold_hi;
     fold_scales(b.s_lo, q, fold_lo, scale_lo);
     fold_scales(b.s_hi, q, fold_hi, scale_hi);
-    decode_word(b.lo.x, fold_lo, lo + 0);
-    decode_word(b.lo.y, fold_lo, lo + 4);
-    decode_word(b.lo.z, fold_lo, lo + 8);
-    decode_word(b.lo.w, fold_lo, lo + 12);
-    decode_word(b.hi.x, fold_hi, hi + 0);
-    decode_word(b.hi.y, fold_hi, hi + 4);
-    decode_word(b.hi.z, fold_hi, hi + 8);
-    decode_word(b.hi.w, fold_hi, hi + 12);
+    decode_codes(b.lo, fold_lo, fold_lo, lo);
+    decode_codes(b.hi, fold_hi, fold_hi, hi);
+  }
+};
+
+// NVFP4 rows, row-major (one E4M3 scale per 16 elements, scales [rows, K/16]): lane q's
+// 32-block q of a 128-block is 16-blocks 2q and 2q + 1, whose scale bytes are 16-bit word q of
+// the row's 8 scale bytes of the block (WeightBlock::s_lo, s_hi hold that word).
+struct Nvfp4Rows {
+  const uint8_t* lo;
+  const uint8_t* hi;
+  const uint16_t* s_lo;
+  const uint16_t* s_hi;
+
+  static __device__ __forceinline__ Nvfp4Rows row_major(const uint8_t* w, const uint8_t* ws, int64_t r_lo,
+                                                        int64_t r_hi, int64_t stride_w, int64_t stride_ws, int q) {
+    return {w + r_lo * stride_w + q * 16, w + r_hi * stride_w + q * 16,
+            reinterpret_cast<const uint16_t*>(ws + r_lo * stride_ws) + q,
+            reinterpret_cast<const uint16_t*>(ws + r_hi * stride_ws) + q};
+  }
+
+  __device__ __forceinline__ WeightBlock load(int kb) const {
+    return {load_stream(lo + kb * (kBlockK / 2)), load_stream(hi + kb * (kBlockK / 2)), __ldg(s_lo + kb * 4),
+            __ldg(s_hi + kb * 4)};
+  }
+};
+
+// The NVFP4 A operand of one block, laid out as WeightOperand's: each 16-block's codes times its
+// E4M3 scale (converted to fp16 exactly, one conversion for both); the 2^-6 the decoded codes
+// carry comes back in the promotion.
+struct Nvfp4Operand {
+  uint32_t lo[16], hi[16];
+  float scale_lo = 64.f, scale_hi = 64.f;
+
+  __device__ __forceinline__ Nvfp4Operand(const WeightBlock& b, int) {
+    const uint32_t s_lo = e4m3x2_to_f16x2(b.s_lo), s_hi = e4m3x2_to_f16x2(b.s_hi);
+    decode_codes(b.lo, __byte_perm(s_lo, 0, 0x1010), __byte_perm(s_lo, 0, 0x3232), lo);
+    decode_codes(b.hi, __byte_perm(s_hi, 0, 0x1010), __byte_perm(s_hi, 0, 0x3232), hi);
   }
 };
 
@@ -190,7 +236,8 @@ __device__ __forceinline__ void load_activation(const uint16_t* row_block, bool 
 
 // d = the block's products of one group, before promotion: d[0], d[1] weight row g and
 // activation rows 2q, 2q + 1 of the group; d[2], d[3] weight row g + 8.
-__device__ __forceinline__ void block_products(const WeightOperand& a, const uint32_t (&b)[16], float (&d)[4]) {
+template <class Operand>
+__device__ __forceinline__ void block_products(const Operand& a, const uint32_t (&b)[16], float (&d)[4]) {
   d[0] = d[1] = d[2] = d[3] = 0.f;
 #pragma unroll
   for (int s = 0; s < 8; ++s) {
@@ -202,8 +249,9 @@ __device__ __forceinline__ void block_products(const WeightOperand& a, const uin
 }
 
 // acc += (d * activation scale) * weight row scale, as the Triton GEMMs promote.
+template <class Operand>
 __device__ __forceinline__ void promote(float (&acc)[4], const float (&d)[4], float sx0, float sx1,
-                                        const WeightOperand& a) {
+                                        const Operand& a) {
   acc[0] += (d[0] * sx0) * a.scale_lo;
   acc[1] += (d[1] * sx1) * a.scale_lo;
   acc[2] += (d[2] * sx0) * a.scale_hi;
@@ -212,22 +260,27 @@ __device__ __forceinline__ void promote(float (&acc)[4], const float (&d)[4], fl
 
 // --- host side --------------------------------------------------------------------------
 
-// MXFP4 weight rows [..., N, K/2] (uint8) and E8M0 scales [..., N, K/32] (uint8) as the kernels
-// read them: contiguous rows, codes 16-byte and scale words 4-byte aligned.
-inline void check_weight_rows(const char* name, const at::Tensor& w, const char* scale_name,
-                              const at::Tensor& ws) {
+// FP4 weight rows [..., N, K/2] (uint8) and their scales [..., N, K/scale_block] (uint8: E8M0
+// per 32 for MXFP4, E4M3 per 16 for NVFP4) as the kernels read them: contiguous rows, codes
+// 16-byte aligned, scale rows 4-byte (MXFP4: one word a block) or 2-byte (NVFP4: one 16-bit
+// word a lane) aligned.
+inline void check_weight_rows(const char* name, const at::Tensor& w, const char* scale_name, const at::Tensor& ws,
+                              int scale_block = 32) {
   const int64_t d = w.dim();
+  const int align = scale_block == 32 ? 4 : 2;
   DSV4_CHECK(w.scalar_type() == at::kByte && d >= 2, name, ": expected uint8 [..., N, K/2]");
-  DSV4_CHECK(ws.scalar_type() == at::kByte && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/32]");
+  DSV4_CHECK(ws.scalar_type() == at::kByte && ws.dim() == d, scale_name, ": expected uint8 [..., N, K/",
+              scale_block, "]");
   const int64_t k = 2 * w.size(d - 1);
   DSV4_CHECK(k % kBlockK == 0 && k >= kBlockK, name, ": K must be a positive multiple of 128, got ", k);
-  DSV4_CHECK(ws.size(d - 2) == w.size(d - 2) && ws.size(d - 1) == k / 32, scale_name, ": expected [..., ",
-              w.size(d - 2), ", ", k / 32, "], got ", ws.sizes());
+  DSV4_CHECK(ws.size(d - 2) == w.size(d - 2) && ws.size(d - 1) == k / scale_block, scale_name, ": expected [..., ",
+              w.size(d - 2), ", ", k / scale_block, "], got ", ws.sizes());
   DSV4_CHECK(w.stride(d - 1) == 1 && aligned(w, 16), name, ": expected contiguous 16-byte aligned rows");
-  DSV4_CHECK(ws.stride(d - 1) == 1 && aligned(ws, 4), scale_name, ": expected contiguous 4-byte aligned rows");
+  DSV4_CHECK(ws.stride(d - 1) == 1 && aligned(ws, align), scale_name, ": expected contiguous ", align,
+              "-byte aligned rows");
   for (int64_t i = 0; i < d - 1; ++i) {
     DSV4_CHECK(w.stride(i) % 16 == 0, name, ": expected 16-byte aligned rows");
-    DSV4_CHECK(ws.stride(i) % 4 == 0, scale_name, ": expected 4-byte aligned rows");
+    DSV4_CHECK(ws.stride(i) % align == 0, scale_name, ": expected ", align, "-byte aligned rows");
   }
   DSV4_CHECK(ws.device() == w.device(), scale_name, ": expected the device of ", name);
 }

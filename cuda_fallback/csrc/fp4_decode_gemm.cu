@@ -1,11 +1,11 @@
-// MXFP4 weight GEMM for up to 8 activation rows (decode): y = x_q @ dequant(w)^T.
+// FP4 weight GEMM (MXFP4 or NVFP4) for up to 8 activation rows (decode): y = x_q @ dequant(w)^T.
 // targets: sm90a sm100a
 //
 // Why CUDA: at decode sizes the GEMM is a weight stream (each weight byte meets a handful of
 // activation rows), so what matters is how few instructions a weight byte costs and how many
 // bytes are in flight.  The Triton kernel expands FP4 to FP8 through shared memory for a
 // warp-group MMA and waits for it every K step; here the codes go from global memory straight
-// into the registers of mma.sync's A fragment (mxfp4_mma.cuh), with no shared memory and no
+// into the registers of mma.sync's A fragment (fp4_mma.cuh), with no shared memory and no
 // barrier in the loop.
 //
 // A CTA owns 16 weight rows and its warps split K in 128-wide blocks (block kb goes to warp
@@ -18,25 +18,30 @@
 
 #include <ATen/ops/empty.h>
 
-#include "mxfp4_mma.cuh"
+#include <optional>
+
+#include "fp4_mma.cuh"
 
 using namespace dsv4;
 
 namespace {
 
-template <int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kernel(
+// Rows, Operand: WeightRows, WeightOperand (MXFP4) or Nvfp4Rows, Nvfp4Operand; global_scale:
+// NVFP4's one FP32 value (read on the device: no host sync), nullptr for MXFP4.
+template <int WARPS, class Rows, class Operand>
+__global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) fp4_decode_gemm_kernel(
     const uint16_t* __restrict__ xq, const float* __restrict__ xs, const uint8_t* __restrict__ w,
-    const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int m_rows, int n_rows, int n_kb,
-    int64_t stride_xq, int64_t stride_xs, int64_t stride_w, int64_t stride_ws, int64_t stride_y) {
+    const uint8_t* __restrict__ ws, const float* __restrict__ global_scale, __nv_bfloat16* __restrict__ y,
+    int m_rows, int n_rows, int n_kb, int64_t stride_xq, int64_t stride_xs, int64_t stride_w, int64_t stride_ws,
+    int64_t stride_y) {
   __shared__ float partial[WARPS][4][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int n0 = blockIdx.x * kTileRows;
   // Rows past N read row N - 1 (in bounds) and are never stored.
-  const WeightRows rows =
-      WeightRows::row_major(w, ws, min(n0 + g, n_rows - 1), min(n0 + g + 8, n_rows - 1), stride_w, stride_ws, q);
+  const Rows rows =
+      Rows::row_major(w, ws, min(n0 + g, n_rows - 1), min(n0 + g + 8, n_rows - 1), stride_w, stride_ws, q);
   const bool has_row = g < m_rows;
   const uint16_t* x_row = xq + g * stride_xq + q * 32;
   const int col = 2 * q;  // the D columns of this lane: activation rows col, col + 1
@@ -44,7 +49,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
   // One block ahead: two ahead measured slower on the H100 (51.4 against 48.4 us at N = 24576,
   // K = 7168): it takes 80 registers a thread, 24 resident warps a multiprocessor instead of 32.
   stream_blocks(rows, warp, WARPS, n_kb, [&](const WeightBlock& block, int kb) {
-    const WeightOperand a(block, q);
+    const Operand a(block, q);
     uint32_t b[16];
     load_activation(x_row + kb * kBlockK, has_row, b);
     float d[4];
@@ -56,6 +61,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
 #pragma unroll
   for (int r = 0; r < 4; ++r) partial[warp][r][lane] = acc[r];
   __syncthreads();
+  const float scale = global_scale == nullptr ? 1.f : __ldg(global_scale);
   for (int idx = threadIdx.x; idx < 4 * 32; idx += WARPS * 32) {
     const int l = idx & 31, r = idx >> 5;
     float sum = 0.f;
@@ -63,24 +69,27 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) mxfp4_decode_gemm_kern
     for (int v = 0; v < WARPS; ++v) sum += partial[v][r][l];
     const int n = n0 + (l >> 2) + (r >= 2 ? 8 : 0);
     const int m = 2 * (l & 3) + (r & 1);
-    if (n < n_rows && m < m_rows) y[m * stride_y + n] = __float2bfloat16_rn(sum);
+    if (n < n_rows && m < m_rows) y[m * stride_y + n] = __float2bfloat16_rn(sum * scale);
   }
 }
 
 }  // namespace
 
 // x_codes: fp16 [M, 128 * n_kb], the FP8 E4M3 activation codes' values in pair order
-// (act_quant_rows(fp16_pairs=True)), x_scales: fp32 [M, n_kb] (act_quant
-// with 1x128 power-of-two scales); w: uint8 [N, K/2] MXFP4 codes; w_scale: uint8 [N, K/32] E8M0.
+// (act_quant_rows(fp16_pairs=True)), x_scales: fp32 [M, n_kb] (act_quant with 1x128
+// power-of-two scales); w: uint8 [N, K/2] FP4 codes.  MXFP4 (no global_scale): w_scale uint8
+// [N, K/32] E8M0.  NVFP4: w_scale uint8 [N, K/16] E4M3 and global_scale fp32 of one element.
 // K = 128 * n_kb.  stream: the raw cudaStream_t to launch on (the caller's current stream).
 // Returns bf16 [M, N].
-at::Tensor mxfp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w,
-                                at::Tensor w_scale, int64_t stream_handle) {
+at::Tensor fp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w, at::Tensor w_scale,
+                           std::optional<at::Tensor> global_scale, int64_t stream_handle) {
   DSV4_CHECK(x_codes.is_cuda() && x_codes.scalar_type() == at::kHalf && x_codes.dim() == 2,
               "x_codes: expected a CUDA fp16 [M, K] tensor");
   DSV4_CHECK(x_scales.scalar_type() == at::kFloat && x_scales.dim() == 2, "x_scales: expected fp32 [M, K/128]");
+  const bool nvfp4 = global_scale.has_value();
   DSV4_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "w: expected uint8 [N, K/2]");
-  DSV4_CHECK(w_scale.scalar_type() == at::kByte && w_scale.dim() == 2, "w_scale: expected uint8 [N, K/32]");
+  DSV4_CHECK(w_scale.scalar_type() == at::kByte && w_scale.dim() == 2,
+              nvfp4 ? "w_scale: expected uint8 [N, K/16]" : "w_scale: expected uint8 [N, K/32]");
   const int64_t m = x_codes.size(0), n = w.size(0), k = 2 * w.size(1);
   DSV4_CHECK(m >= 1 && m <= kGroup, "x_codes: expected 1 to ", kGroup, " rows, got ", m);
   DSV4_CHECK(n >= 1 && n < (int64_t(1) << 31), "w: expected 1 to 2^31 - 1 rows, got ", n);
@@ -90,28 +99,38 @@ at::Tensor mxfp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor
               "x_codes: expected [M, ", k, "] with 16-byte aligned contiguous rows");
   DSV4_CHECK(x_scales.size(0) == m && x_scales.size(1) == n_kb && x_scales.stride(1) == 1,
               "x_scales: expected [M, ", n_kb, "] with contiguous rows");
-  check_weight_rows("w", w, "w_scale", w_scale);
+  check_weight_rows("w", w, "w_scale", w_scale, nvfp4 ? 16 : 32);
   DSV4_CHECK(reinterpret_cast<uintptr_t>(x_codes.data_ptr()) % 16 == 0, "x_codes: expected 16-byte alignment");
   DSV4_CHECK(x_scales.device() == x_codes.device() && w.device() == x_codes.device() &&
                   w_scale.device() == x_codes.device(),
               "all tensors must be on one CUDA device");
+  const float* gs = nullptr;
+  if (nvfp4) {
+    const at::Tensor& t = *global_scale;
+    DSV4_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1 && t.device() == x_codes.device(),
+                "global_scale: expected one fp32 element on the device of x_codes");
+    gs = t.data_ptr<float>();
+  }
   const DeviceScope scope(x_codes.get_device());
   auto y = at::empty({m, n}, x_codes.options().dtype(at::kBFloat16));
   const dim3 grid(unsigned((n + kTileRows - 1) / kTileRows));
-  // Few row tiles: eight warps split K, so enough bytes are in flight on every multiprocessor.
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   auto* out = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
   const auto* xq = reinterpret_cast<const uint16_t*>(x_codes.data_ptr());
   const auto launch = [&](auto kernel, int warps) {
     kernel<<<grid, warps * 32, 0, stream>>>(xq, x_scales.data_ptr<float>(), w.data_ptr<uint8_t>(),
-                                            w_scale.data_ptr<uint8_t>(), out, int(m), int(n), int(n_kb),
+                                            w_scale.data_ptr<uint8_t>(), gs, out, int(m), int(n), int(n_kb),
                                             x_codes.stride(0), x_scales.stride(0), w.stride(0), w_scale.stride(0), n);
   };
-  if (int(grid.x) < 4 * multiprocessors(x_codes.get_device())) {
-    launch(mxfp4_decode_gemm_kernel<8>, 8);
+  // Few row tiles: eight warps split K, so enough bytes are in flight on every multiprocessor.
+  const bool few_tiles = int(grid.x) < 4 * multiprocessors(x_codes.get_device());
+  if (nvfp4) {
+    few_tiles ? launch(fp4_decode_gemm_kernel<8, Nvfp4Rows, Nvfp4Operand>, 8)
+              : launch(fp4_decode_gemm_kernel<4, Nvfp4Rows, Nvfp4Operand>, 4);
   } else {
-    launch(mxfp4_decode_gemm_kernel<4>, 4);
+    few_tiles ? launch(fp4_decode_gemm_kernel<8, WeightRows, WeightOperand>, 8)
+              : launch(fp4_decode_gemm_kernel<4, WeightRows, WeightOperand>, 4);
   }
-  check_launch("mxfp4_decode_gemm");
+  check_launch("fp4_decode_gemm");
   return y;
 }

@@ -11,7 +11,7 @@ from dsv4_triton import ops, registry, use_backend
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
 from dsv4_triton.reference import gemm as ref
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
-from test_gemm import _gen, assert_gemm_close, random_fp4
+from test_gemm import _gen, assert_fp4_close, assert_gemm_close, random_fp4
 
 pytestmark = pytest.mark.gpu
 
@@ -135,8 +135,7 @@ def test_nvfp4_prefill_matches_oracle(device, m, n8, k16, seed):
         x[0, 0] = float("nan")  # row 0 NaN, as the oracle's
     y = _nvfp4_cuda(x, w, s, gs)
     assert y.shape == (m, n)
-    assert_gemm_close(y, ref.fp4_linear(x, w, s, "nvfp4", gs), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, s, "nvfp4", gs))
+    assert_fp4_close(y, x, w, s, "nvfp4", gs)
 
 
 counted_fp4 = counting_backends("fp4_linear")
@@ -151,5 +150,4 @@ def test_nvfp4_prefill_dispatch_and_real_shape(device, counted_fp4):
         x = torch.randn(m, 1536, generator=gen).to(torch.bfloat16).to(device)
         y = ops.fp4_linear(x, w, s, "nvfp4", gs)
         assert ran == [expect], (m, ran)
-        assert_gemm_close(y, ref.fp4_linear(x, w, s, "nvfp4", gs), ref.dequant_activation(x),
-                          ref.dequant_fp4_weight(w, s, "nvfp4", gs), what=f"{m} rows")
+        assert_fp4_close(y, x, w, s, "nvfp4", gs, what=f"{m} rows")

@@ -14,7 +14,7 @@ from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
-from test_gemm import (SPEC_FP4, _gen, assert_gemm_close, block_spread_error, random_block_exponents, random_e8m0,
+from test_gemm import (SPEC_FP4, _gen, assert_fp4_close, block_spread_error, random_block_exponents, random_e8m0,
                        random_fp4, spread_inputs)
 
 pytestmark = pytest.mark.gpu
@@ -29,8 +29,7 @@ def _cuda(*args):
 
 
 def _check(y, x, w, ws, extra=None, what=""):
-    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, ws, "mxfp4", None), extra=extra, what=what)
+    assert_fp4_close(y, x, w, ws, "mxfp4", None, extra=extra, what=what)
 
 
 @given(m=st.integers(1, 8), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
@@ -143,8 +142,7 @@ def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
 # --- NVFP4 at decode: E4M3 scales per 16 and the FP32 global scale --------------------------
 
 def _check_nvfp4(y, x, w, ws, gs, what=""):
-    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "nvfp4", gs), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, ws, "nvfp4", gs), what=what)
+    assert_fp4_close(y, x, w, ws, "nvfp4", gs, what=what)
 
 
 @given(m=st.integers(1, 8), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))

@@ -218,6 +218,12 @@ def assert_gemm_close(y, oracle, xd, wd, extra=None, what=""):
                             f"{(err - bound).max().item():.3g}")
 
 
+def assert_fp4_close(y, x, w, ws, fmt, gs, extra=None, what=""):
+    """assert_gemm_close against the fp4_linear oracle of these arguments."""
+    assert_gemm_close(y, ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_activation(x),
+                      ref.dequant_fp4_weight(w, ws, fmt, gs), extra=extra, what=what)
+
+
 @given(m=st.integers(1, 300), n=st.integers(1, 160), k=st.integers(1, 300), fused=st.booleans(),
        fp32_scale=st.booleans(), seed=st.integers(0, 2**31))
 def test_fp8_linear_matches_oracle(device, m, n, k, fused, fp32_scale, seed):
@@ -254,8 +260,7 @@ def test_fp4_linear_matches_oracle(device, m, n, kb, fmt, fused, seed):
     w, ws, gs = random_fp4(n, k, g, device, fmt)
     y = kern.scaled_gemm(x, w, ws, fmt, gs, fused_quant=fused)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    assert_gemm_close(y, ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, ws, fmt, gs))
+    assert_fp4_close(y, x, w, ws, fmt, gs)
 
 
 def _mxfp4_spread_error(ws: torch.Tensor, k: int) -> torch.Tensor:
@@ -455,8 +460,7 @@ def test_mxfp4_few_rows_run_transposed(device, monkeypatch, m, n, k, fused, comp
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, ws, _ = random_fp4(n, k, g, device)
     y = kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused)
-    assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, ws, "mxfp4", None))
+    assert_fp4_close(y, x, w, ws, "mxfp4", None)
 
 
 def _force_config(monkeypatch, tuner, **kwargs):
@@ -528,8 +532,7 @@ def test_fp4_extreme_scale_exponents(device, e_lo, e_hi, x_scale):
     ws = random_e8m0((24, 8), g, device, e_lo, e_hi)
     for fused in (True, False):
         y = kern.scaled_gemm(x, w, ws, "mxfp4", None, fused_quant=fused)
-        assert_gemm_close(y, ref.fp4_linear(x, w, ws, "mxfp4", None), ref.dequant_activation(x),
-                          ref.dequant_fp4_weight(w, ws, "mxfp4", None), what=f"exponents {e_lo}..{e_hi}")
+        assert_fp4_close(y, x, w, ws, "mxfp4", None, what=f"exponents {e_lo}..{e_hi}")
 
 
 @pytest.mark.parametrize("e_lo, e_hi", [(-100, -96), (90, 94)])
@@ -565,8 +568,7 @@ def test_nan_inf_zero_blocks_propagate_like_oracle(device, fused):
     ws4.view(torch.uint8)[11, 6] = 0xFF  # an E8M0 NaN: column 11 NaN
     w4, ws4 = w4.to(device), ws4.to(device)
     y = kern.scaled_gemm(x, w4, ws4, "mxfp4", None, fused_quant=fused)
-    assert_gemm_close(y, ref.fp4_linear(x, w4, ws4, "mxfp4", None), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w4, ws4, "mxfp4", None))
+    assert_fp4_close(y, x, w4, ws4, "mxfp4", None)
     assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11]).all())
     assert bool((y[2, :11] == 0).all())
 
@@ -794,8 +796,7 @@ def test_fp4_linear_real_shapes(device, fmt, m, n, k):
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, ws, gs = random_fp4(n, k, g, device, fmt)
     y = _triton(ops.fp4_linear, x, w, ws, fmt, gs)
-    assert_gemm_close(y, ref.fp4_linear(x, w, ws, fmt, gs), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, ws, fmt, gs))
+    assert_fp4_close(y, x, w, ws, fmt, gs)
 
 
 @pytest.mark.gpu
@@ -925,8 +926,7 @@ def test_nvfp4_expanded_gemm_matches_oracle(device, m, n, k16, seed):
         x[0, 0] = float("nan")  # row 0 NaN, as the oracle's
     y = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     kern.nvfp4_expanded_gemm(x, w, s, gs, y)
-    assert_gemm_close(y, ref.fp4_linear(x, w, s, "nvfp4", gs), ref.dequant_activation(x),
-                      ref.dequant_fp4_weight(w, s, "nvfp4", gs))
+    assert_fp4_close(y, x, w, s, "nvfp4", gs)
 
 
 def test_nvfp4_prefill_rows_take_the_bf16_route(device, monkeypatch):
@@ -939,6 +939,5 @@ def test_nvfp4_prefill_rows_take_the_bf16_route(device, monkeypatch):
     for m in (19, 20):
         x = torch.randn(m, 128, generator=g).to(torch.bfloat16).to(device)
         y = _triton(ops.fp4_linear, x, w, s, "nvfp4", gs)
-        assert_gemm_close(y, ref.fp4_linear(x, w, s, "nvfp4", gs), ref.dequant_activation(x),
-                          ref.dequant_fp4_weight(w, s, "nvfp4", gs))
+        assert_fp4_close(y, x, w, s, "nvfp4", gs)
     assert calls == [20]

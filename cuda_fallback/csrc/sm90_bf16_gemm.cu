@@ -3,8 +3,9 @@
 // warpgroup MMAs fed by TMA.
 // targets: sm90a
 //
-// The structure of sm90_fp8_gemm.cu without its per-block promotion: the sums stay in the
-// MMAs' own accumulators for the whole K, so the consumers only issue MMAs.
+// The structure of sm90_fp8_gemm.cu (the frame of sm90_gemm_tiles.cuh) without its per-block
+// promotion: the sums stay in the MMAs' own accumulators for the whole K, so the consumers only
+// issue MMAs.
 //
 // * Persistent CTAs (one an SM) walk the output tiles (256 or 128 rows, chosen by the
 //   caller, x 128 columns of one group) group by group, in each the grouped order of the FP8
@@ -17,8 +18,8 @@
 // * Warpgroups 1 and 2 each own half of the tile's rows as m64 accumulators: per K block
 //   4 wgmma m64n128k16 an accumulator (FP32 sums), committed as one group; a stage is
 //   released once the next block's group has been issued and the previous one has finished
-//   (one group in flight under the wait).  A finished tile goes through a shared-memory buffer and out by
-//   TMA stores (clipped at the edges), which drain under the next tile's MMAs.
+//   (one group in flight under the wait).  A finished tile goes through a shared-memory buffer
+//   and out by TMA stores (clipped at the edges), which drain under the next tile's MMAs.
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
 
@@ -26,39 +27,17 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "host.cuh"
-#include "sm90_tma.cuh"
-#include "sm90_wgmma.cuh"
+#include "sm90_gemm_tiles.cuh"
 
 using namespace dsv4;
+using namespace dsv4::sm90_gemm;
 
 namespace {
 
-constexpr int kBlockK = 64;                       // K elements a stage: one 128-byte row
-constexpr int kCols = 128;                        // tile columns
-constexpr int kThreads = 384;                     // producer warpgroup + 2 consumer warpgroups
-constexpr int kGroupRows = 8;                     // row tiles that sweep the columns together
-// A consumer warpgroup's output buffer: 64 rows x 128 bf16 columns as two 128-byte swizzled
-// panels of 64 columns.
-constexpr int kOutPanelBytes = 64 * 128;
-constexpr int kOutBytes = 2 * kOutPanelBytes;
-constexpr int kBarOut = 1;                        // named barriers 1, 2: a consumer warpgroup's buffer
-
-// A tile of 128 * HALVES rows: each consumer warpgroup owns 64 * HALVES of them, as HALVES
-// m64 accumulators.  256-row tiles read a quarter less per MMA; 128-row tiles split a matrix
-// into twice as many, for shapes whose 256-row tiles leave SMs idle in the last round.
-template <int HALVES>
-struct Tiling {
-  static constexpr int kRows = 128 * HALVES;
-  static constexpr int kATileBytes = kRows * 128;
-  static constexpr int kStageBytes = kATileBytes + kCols * 128;  // A tile, then W tile
-  static constexpr int kStages = HALVES == 1 ? 6 : 4;
-  static constexpr int kOutOffset = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kOutOffset + 2 * kOutBytes + 2 * kStages * 8 + 1024;
-};
+constexpr int kBlockK = 64;  // K elements a stage: one 128-byte row
 
 struct Params {
   const float* scale;  // one FP32 factor on every sum, or null
@@ -73,69 +52,34 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b));
 }
 
-// Tile index -> (group, row tile, column tile): groups one after the other, in each 8 row
-// tiles sweeping the columns together.
-__device__ __forceinline__ void tile_coords(int tile, const Params& p, int& grp, int& tm, int& tn) {
-  const int per_matrix = p.tiles_m * p.tiles_n;
-  grp = tile / per_matrix;
-  const int t = tile % per_matrix;
-  const int per_band = kGroupRows * p.tiles_n;
-  const int first_m = (t / per_band) * kGroupRows;
-  const int rows = min(p.tiles_m - first_m, kGroupRows);
-  tm = first_m + (t % per_band) % rows;
-  tn = (t % per_band) / rows;
-}
-
 template <int HALVES>
 __global__ void __launch_bounds__(kThreads, 1)
     bf16_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                      const __grid_constant__ CUtensorMap map_y, const __grid_constant__ Params p) {
   using T = Tiling<HALVES>;
   extern __shared__ uint8_t smem_raw[];
-  // 128-byte swizzled tiles need 1024-byte aligned bases.
-  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOutOffset + 2 * kOutBytes);
-  uint64_t* empty = full + T::kStages;
-  const int wg = threadIdx.x >> 7;
+  const Smem<HALVES> s(smem_raw);
   const int n_tiles = p.groups * p.tiles_m * p.tiles_n;
-
-  if (threadIdx.x == 0) init_stage_barriers(full, empty, T::kStages, 8);
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x != 0) return;
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_w)) : "memory");
-    Ring ring{0, 0};
-    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-      int grp, tm, tn;
-      tile_coords(tile, p, grp, tm, tn);
-      for (int kb = 0; kb < p.n_kb; ++kb) {
-        mbar_wait(&empty[ring.stage], ring.phase ^ 1);
-        uint8_t* dst = smem + ring.stage * T::kStageBytes;
-        mbar_expect_bytes(&full[ring.stage], T::kStageBytes);
-        tma_load(dst, &map_a, kb * kBlockK, grp, tm * T::kRows, &full[ring.stage]);
-        tma_load(dst + T::kATileBytes, &map_w, kb * kBlockK, tn * kCols, grp, &full[ring.stage]);
-        ring.next(T::kStages);
-      }
+  init_barriers(s);
+  if (threadIdx.x < 128) {
+    if (become_producer(&map_a, &map_w)) {
+      produce(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
+        tma_load(dst, &map_a, kb * kBlockK, at.grp, at.tm * T::kRows, bar);
+        tma_load(dst + T::kATileBytes, &map_w, kb * kBlockK, at.tn * kCols, at.grp, bar);
+      });
     }
     return;
   }
+  become_consumer();
 
-  // ---- consumers: warpgroup c owns rows 128 c .. 128 c + 127 of every tile ----
-  // 168 registers a thread at launch; 40 for the producer leaves 232 for each consumer.
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  const int c = wg - 1;
-  const int ct = threadIdx.x - 128 * wg;
+  // ---- consumers: warpgroup c owns rows 64 HALVES c .. 64 HALVES (c + 1) - 1 of every tile ----
+  const int c = (threadIdx.x >> 7) - 1;
+  const int ct = threadIdx.x & 127;
   const int lane = ct & 31;
-  const int cq = 2 * (lane & 3);                 // its columns in each 8-column group: cq, cq + 1
-  const int wr = (ct >> 5) * 16 + (lane >> 2);   // its rows in a 64-row half: wr, wr + 8
   const float scale = p.scale != nullptr ? __ldg(p.scale) : 1.f;
   Ring ring{0, 0};
   for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    int grp, tm, tn;
-    tile_coords(tile, p, grp, tm, tn);
+    const TileAt at = tile_at(tile, p.tiles_m, p.tiles_n);
     float acc[HALVES][64];
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
@@ -144,9 +88,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     Ring release = ring;
     for (int kb = 0; kb < p.n_kb; ++kb) {
-      mbar_wait(&full[ring.stage], ring.phase);
-      const uint32_t a_base = smem_addr(smem + ring.stage * T::kStageBytes) + 64 * HALVES * c * 128;
-      const uint32_t w_base = smem_addr(smem + ring.stage * T::kStageBytes + T::kATileBytes);
+      mbar_wait(&s.full[ring.stage], ring.phase);
+      const uint32_t a_base = s.a_tile(ring.stage) + 64 * HALVES * c * 128;
+      const uint32_t w_base = s.w_tile(ring.stage);
       wgmma_fence();
 #pragma unroll
       for (int h = 0; h < HALVES; ++h) {
@@ -160,39 +104,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The previous block's group has read its stage: hand that stage back.
       wgmma_wait<1>();
       if (kb > 0) {
-        if (lane == 0) mbar_arrive(&empty[release.stage]);
+        if (lane == 0) mbar_arrive(&s.empty[release.stage]);
         release.next(T::kStages);
       }
     }
     wgmma_wait<0>();
     if (p.n_kb > 0) {
-      if (lane == 0) mbar_arrive(&empty[release.stage]);
+      if (lane == 0) mbar_arrive(&s.empty[release.stage]);
     }
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) pin(acc[h][i]);
     }
-    // Epilogue: each 64-row half through this warpgroup's buffer and out by TMA.  The buffer
-    // is reused once the previous store has read it.
-    uint8_t* out = smem + T::kOutOffset + c * kOutBytes;
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h) {
-      if (ct == 0) bulk_wait_read();
-      bar_sync(kBarOut + c, 128);
-      stage_bf16_fragment(out, acc[h], scale, wr, cq);
-      fence_async_shared();
-      bar_sync(kBarOut + c, 128);
-      if (ct == 0) {
-        const int y_row = tm * T::kRows + 64 * HALVES * c + 64 * h;
-        tma_store(&map_y, out, tn * kCols, grp, y_row);
-        tma_store(&map_y, out + kOutPanelBytes, tn * kCols + 64, grp, y_row);
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-      }
-    }
+    store_tile(s, c, ct, acc, scale, [&](const uint8_t* panel0, const uint8_t* panel1, int h) {
+      const int y_row = at.tm * T::kRows + 64 * HALVES * c + 64 * h;
+      tma_store(&map_y, panel0, at.tn * kCols, at.grp, y_row);
+      tma_store(&map_y, panel1, at.tn * kCols + 64, at.grp, y_row);
+    });
   }
-  // The last stores have read the buffers (and written) before the CTA's shared memory goes.
-  if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  drain_stores(ct);
 }
 
 // A 3-D BF16 tensor [d2, d1, d0] (unit innermost stride) as a tensor map with [b2, b1, b0] boxes.
@@ -249,16 +180,9 @@ void bf16_gemm(at::Tensor x, at::Tensor w, at::Tensor y, std::optional<at::Tenso
   const CUtensorMap map_y = map_3d(y, 64, 1, 64, "y");
   const int64_t tiles = static_cast<int64_t>(p.groups) * p.tiles_m * p.tiles_n;
   DSV4_CHECK(tiles < (int64_t{1} << 31), "bf16_gemm: too many tiles");
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessors(device)));
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  auto launch = [&](auto kernel, int smem_bytes) {
-    DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess,
-               "bf16_gemm: cannot raise the shared-memory limit");
-    kernel<<<grid, kThreads, smem_bytes, stream>>>(map_a, map_w, map_y, p);
-  };
   if (tile_rows == 256)
-    launch(bf16_gemm_kernel<2>, Tiling<2>::kSmemBytes);
+    launch(bf16_gemm_kernel<2>, Tiling<2>::kSmemBytes, tiles, device, stream, "bf16_gemm", map_a, map_w, map_y, p);
   else
-    launch(bf16_gemm_kernel<1>, Tiling<1>::kSmemBytes);
-  check_launch("bf16_gemm");
+    launch(bf16_gemm_kernel<1>, Tiling<1>::kSmemBytes, tiles, device, stream, "bf16_gemm", map_a, map_w, map_y, p);
 }

@@ -5,7 +5,8 @@
 // y[M, N] = sum over K blocks kb of (A_kb W_kb^T) * a_scale[m, kb] * w_scale[n / 128, kb], where
 // A holds the activation's FP8 codes and power-of-two scales from the act_quant pre-pass and
 // W the FP8 weight with one scale per 128 x 128 block.  The Triton GEMM does the same sum; what
-// Triton cannot express here is the structure:
+// Triton cannot express here is the structure (its frame is sm90_gemm_tiles.cuh, shared with
+// the BF16 GEMM):
 //
 // * Persistent CTAs (one an SM) walk the output tiles (128 or 256 rows x 128 columns, chosen
 //   by the caller) in a grouped order: 8 row tiles sweep the columns together, so a weight
@@ -35,38 +36,15 @@
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
-#include <algorithm>
-
 #include "host.cuh"
-#include "sm90_tma.cuh"
-#include "sm90_wgmma.cuh"
+#include "sm90_gemm_tiles.cuh"
 
 using namespace dsv4;
+using namespace dsv4::sm90_gemm;
 
 namespace {
 
-constexpr int kBlock = 128;                     // tile columns and K block (the scale block)
-constexpr int kThreads = 384;                   // producer warpgroup + 2 consumer warpgroups
-constexpr int kGroupRows = 8;                   // row tiles that sweep the columns together
-constexpr int kWTileBytes = kBlock * kBlock;    // the W tile of a stage: [128 columns, 128 K] FP8
-// A consumer warpgroup's output buffer: 64 rows x 128 bf16 columns as two 128-byte swizzled
-// panels of 64 columns, written by the threads and stored by TMA while the next tile runs.
-constexpr int kOutPanelBytes = 64 * 128;
-constexpr int kOutBytes = 2 * kOutPanelBytes;
-constexpr int kBarOut = 1;                      // named barriers 1, 2: a consumer warpgroup's buffer
-
-// A tile of 128 * HALVES rows: each consumer warpgroup owns 64 * HALVES of them, as HALVES
-// m64 accumulators.  Two halves (256-row tiles) read 48 KB a stage for 4M multiply-adds
-// where one half reads 32 KB for 2M: the larger tile needs a quarter less L2 traffic per MMA.
-template <int HALVES>
-struct Tiling {
-  static constexpr int kRows = 128 * HALVES;
-  static constexpr int kATileBytes = kRows * kBlock;
-  static constexpr int kStageBytes = kATileBytes + kWTileBytes;  // A tile, then W tile
-  static constexpr int kStages = HALVES == 1 ? 6 : 4;
-  static constexpr int kOutOffset = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kOutOffset + 2 * kOutBytes + 2 * kStages * 8 + 1024;
-};
+constexpr int kBlock = 128;  // K block (the scale block); also the tile's columns (kCols)
 
 struct Params {
   const float* a_scale;     // [M, n_kb] fp32 powers of two
@@ -112,82 +90,47 @@ __device__ __forceinline__ void promote(float (&acc)[64], const float (&d)[64], 
   }
 }
 
-__device__ __forceinline__ void tile_coords(int tile, const Params& p, int& tm, int& tn) {
-  const int per_group = kGroupRows * p.tiles_n;
-  const int first_m = (tile / per_group) * kGroupRows;
-  const int rows = min(p.tiles_m - first_m, kGroupRows);
-  tm = first_m + (tile % per_group) % rows;
-  tn = (tile % per_group) / rows;
-}
-
 template <int HALVES>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_y, const __grid_constant__ Params p) {
   using T = Tiling<HALVES>;
   extern __shared__ uint8_t smem_raw[];
-  // 128-byte swizzled tiles need 1024-byte aligned bases.
-  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOutOffset + 2 * kOutBytes);
-  uint64_t* empty = full + T::kStages;
-  const int wg = threadIdx.x >> 7;
+  const Smem<HALVES> s(smem_raw);
   const int n_tiles = p.tiles_m * p.tiles_n;
-
-  if (threadIdx.x == 0) init_stage_barriers(full, empty, T::kStages, 8);
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x != 0) return;
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_w)) : "memory");
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-      int tm, tn;
-      tile_coords(tile, p, tm, tn);
-      for (int kb = 0; kb < p.n_kb; ++kb) {
-        mbar_wait(&empty[stage], phase ^ 1);
-        uint8_t* dst = smem + stage * T::kStageBytes;
-        mbar_expect_bytes(&full[stage], T::kStageBytes);
-        tma_load(dst, &map_a, kb * kBlock, tm * T::kRows, &full[stage]);
-        tma_load(dst + T::kATileBytes, &map_w, kb * kBlock, tn * kBlock, &full[stage]);
-        if (++stage == T::kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
-      }
+  init_barriers(s);
+  if (threadIdx.x < 128) {
+    if (become_producer(&map_a, &map_w)) {
+      produce(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
+        tma_load(dst, &map_a, kb * kBlock, at.tm * T::kRows, bar);
+        tma_load(dst + T::kATileBytes, &map_w, kb * kBlock, at.tn * kCols, bar);
+      });
     }
     return;
   }
+  become_consumer();
 
   // ---- consumers: warpgroup c owns rows 64 HALVES c .. 64 HALVES (c + 1) - 1 of every tile ----
-  // 168 registers a thread at launch; 40 for the producer leaves 232 for each consumer.
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  const int c = wg - 1;
-  const int ct = threadIdx.x - 128 * wg;
+  const int c = (threadIdx.x >> 7) - 1;
+  const int ct = threadIdx.x & 127;
   const int lane = ct & 31;
   // This thread's rows: row0 + 64 h and row0 + 64 h + 8 for each half h.
   const int row0 = 64 * HALVES * c + (ct >> 5) * 16 + (lane >> 2);
-  const int cq = 2 * (lane & 3);  // its columns in each 8-column group: cq, cq + 1
   const float* w_scale_f = static_cast<const float*>(p.w_scale);
   const uint8_t* w_scale_b = static_cast<const uint8_t*>(p.w_scale);
-  int stage = 0;
-  uint32_t phase = 0;
+  Ring ring{0, 0};
   for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    int tm, tn;
-    tile_coords(tile, p, tm, tn);
-    const int gm0 = tm * T::kRows + row0;
+    const TileAt at = tile_at(tile, p.tiles_m, p.tiles_n);
+    const int gm0 = at.tm * T::kRows + row0;
     const float* as[2 * HALVES];  // rows gm0 + 64 h (+ 8): past M, the last row (its codes are zeros)
 #pragma unroll
     for (int r = 0; r < 2 * HALVES; ++r)
       as[r] = p.a_scale + static_cast<int64_t>(min(gm0 + 64 * (r >> 1) + 8 * (r & 1), p.m - 1)) * p.stride_as;
-    const int64_t ws_row = static_cast<int64_t>(tn) * p.stride_ws;
+    const int64_t ws_row = static_cast<int64_t>(at.tn) * p.stride_ws;
     auto w_scale_at = [&](int kb) {
       return p.w_scale_fp32 ? __ldg(w_scale_f + ws_row + kb) : e8m0_value(__ldg(w_scale_b + ws_row + kb));
     };
-    auto a_base = [&](int st) { return smem_addr(smem + st * T::kStageBytes) + 64 * HALVES * c * 128; };
-    auto w_base = [&](int st) { return smem_addr(smem + st * T::kStageBytes + T::kATileBytes); };
+    auto a_base = [&](int st) { return s.a_tile(st) + 64 * HALVES * c * 128; };
     float acc[HALVES][64];
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
@@ -199,12 +142,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       // run this warpgroup's second group under its first promotion.  (Carrying a group in
       // flight across the loop's back edge instead makes ptxas serialize every wgmma.)  A
       // block's scales are loaded when its MMAs are issued, used when it is promoted.
-      Ring issue{stage, phase}, release{stage, phase};
+      Ring issue = ring, release = ring;
       float t0[64], t1[64];
       float f0[3], f1[3];  // (row0 scale, row0 + 8 scale, weight scale) of the block in t0 / t1
       auto start = [&](float(&t)[64], float(&f)[3], int kb) {
-        mbar_wait(&full[issue.stage], issue.phase);
-        mma_block(t, a_base(issue.stage), w_base(issue.stage));
+        mbar_wait(&s.full[issue.stage], issue.phase);
+        mma_block(t, a_base(issue.stage), s.w_tile(issue.stage));
         f[0] = __ldg(as[0] + kb);
         f[1] = __ldg(as[1] + kb);
         f[2] = w_scale_at(kb);
@@ -213,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto finish = [&](float(&t)[64], const float(&f)[3]) {
 #pragma unroll
         for (int i = 0; i < 64; ++i) pin(t[i]);
-        if (lane == 0) mbar_arrive(&empty[release.stage]);
+        if (lane == 0) mbar_arrive(&s.empty[release.stage]);
         release.next(T::kStages);
         promote(acc[0], t, f[0] * f[2], f[1] * f[2]);
       };
@@ -230,8 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           finish(t0, f0);
         }
       }
-      stage = release.stage;
-      phase = release.phase;
+      ring = release;
     } else {
       // 256-row tiles: two m64 accumulators leave registers for one MMA result, so each
       // half's group is waited for before it is promoted; the other warpgroup's MMAs fill
@@ -240,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2 * HALVES; ++r) sa[r] = __ldg(as[r]);
       for (int kb = 0; kb < p.n_kb; ++kb) {
-        mbar_wait(&full[stage], phase);
+        mbar_wait(&s.full[ring.stage], ring.phase);
         // The next block's scales, in flight under the MMAs.
         const int kn = min(kb + 1, p.n_kb - 1);
         float na[2 * HALVES];
@@ -250,44 +192,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int h = 0; h < HALVES; ++h) {
           float d[64];
-          mma_block(d, a_base(stage) + h * 64 * 128, w_base(stage));
+          mma_block(d, a_base(ring.stage) + h * 64 * 128, s.w_tile(ring.stage));
           wgmma_wait<0>();
 #pragma unroll
           for (int i = 0; i < 64; ++i) pin(d[i]);
-          if (h == HALVES - 1 && lane == 0) mbar_arrive(&empty[stage]);
+          if (h == HALVES - 1 && lane == 0) mbar_arrive(&s.empty[ring.stage]);
           promote(acc[h], d, sa[2 * h] * sw, sa[2 * h + 1] * sw);
         }
-        if (++stage == T::kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
+        ring.next(T::kStages);
 #pragma unroll
         for (int r = 0; r < 2 * HALVES; ++r) sa[r] = na[r];
         sw = nw;
       }
     }
-    // Epilogue: each 64-row half through this warpgroup's buffer and out by TMA (rows past M
-    // are clipped by the copy).  The buffer is reused once the previous store has read it,
-    // so a tile's stores drain under the next tile's MMAs.
-    uint8_t* out = smem + T::kOutOffset + c * kOutBytes;
-    const int wr = (ct >> 5) * 16 + (lane >> 2);  // this thread's rows in a half: wr, wr + 8
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h) {
-      if (ct == 0) bulk_wait_read();
-      bar_sync(kBarOut + c, 128);
-      stage_bf16_fragment(out, acc[h], 1.f, wr, cq);
-      fence_async_shared();
-      bar_sync(kBarOut + c, 128);
-      if (ct == 0) {
-        const int y_row = tm * T::kRows + 64 * HALVES * c + 64 * h;
-        tma_store(&map_y, out, tn * kBlock, y_row);
-        tma_store(&map_y, out + kOutPanelBytes, tn * kBlock + 64, y_row);
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-      }
-    }
+    // Rows past M are clipped by the stores.
+    store_tile(s, c, ct, acc, 1.f, [&](const uint8_t* panel0, const uint8_t* panel1, int h) {
+      const int y_row = at.tm * T::kRows + 64 * HALVES * c + 64 * h;
+      tma_store(&map_y, panel0, at.tn * kCols, y_row);
+      tma_store(&map_y, panel1, at.tn * kCols + 64, y_row);
+    });
   }
-  // The last stores have read the buffers (and written) before the CTA's shared memory goes.
-  if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  drain_stores(ct);
 }
 
 }  // namespace
@@ -334,20 +259,14 @@ void fp8_gemm(at::Tensor a_codes, at::Tensor a_scale, at::Tensor w, at::Tensor w
   p.w_scale_fp32 = w_scale.scalar_type() == at::kFloat;
   const int device = a_codes.get_device();
   const DeviceScope scope(device);
-  const CUtensorMap map_a = tile_map(a_codes, CU_TENSOR_MAP_DATA_TYPE_UINT8, kBlock, static_cast<int>(tile_rows), "a_codes");
+  const CUtensorMap map_a =
+      tile_map(a_codes, CU_TENSOR_MAP_DATA_TYPE_UINT8, kBlock, static_cast<int>(tile_rows), "a_codes");
   const CUtensorMap map_w = tile_map(w, CU_TENSOR_MAP_DATA_TYPE_UINT8, kBlock, kBlock, "w");
   const CUtensorMap map_y = tile_map(y, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, 64, "y");
   const int64_t tiles = static_cast<int64_t>(p.tiles_m) * p.tiles_n;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessors(device)));
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  auto launch = [&](auto kernel, int smem_bytes) {
-    DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess,
-               "fp8_gemm: cannot raise the shared-memory limit");
-    kernel<<<grid, kThreads, smem_bytes, stream>>>(map_a, map_w, map_y, p);
-  };
   if (tile_rows == 256)
-    launch(fp8_gemm_kernel<2>, Tiling<2>::kSmemBytes);
+    launch(fp8_gemm_kernel<2>, Tiling<2>::kSmemBytes, tiles, device, stream, "fp8_gemm", map_a, map_w, map_y, p);
   else
-    launch(fp8_gemm_kernel<1>, Tiling<1>::kSmemBytes);
-  check_launch("fp8_gemm");
+    launch(fp8_gemm_kernel<1>, Tiling<1>::kSmemBytes, tiles, device, stream, "fp8_gemm", map_a, map_w, map_y, p);
 }

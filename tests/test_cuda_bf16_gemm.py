@@ -9,7 +9,6 @@ from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, registry, use_backend
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
-from dsv4_triton.reference import gemm as ref
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
 from test_gemm import _gen, assert_fp4_close, assert_gemm_close, random_fp4
 

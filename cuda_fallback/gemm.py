@@ -192,7 +192,6 @@ def tile_rows_for(m: int, col_tiles: int, device: torch.device) -> int:
     return 256 if rounds(256) * 2 * 0.93 < rounds(128) else 128
 
 
-
 def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows: int) -> torch.Tensor:
     """``act_quant(x2) @ dequant(w).T`` for rows ``x2 [M, K]`` by the kernel with ``tile_rows``-row
     output tiles (any M; N and K multiples of 128)."""

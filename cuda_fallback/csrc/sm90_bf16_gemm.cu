@@ -63,10 +63,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   init_barriers(s);
   if (threadIdx.x < 128) {
     if (become_producer(&map_a, &map_w)) {
-      produce(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
+      const auto load = [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
         tma_load(dst, &map_a, kb * kBlockK, at.grp, at.tm * T::kRows, bar);
         tma_load(dst + T::kATileBytes, &map_w, kb * kBlockK, at.tn * kCols, at.grp, bar);
-      });
+      };
+      produce<true>(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, load);
     }
     return;
   }
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale = p.scale != nullptr ? __ldg(p.scale) : 1.f;
   Ring ring{0, 0};
   for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const TileAt at = tile_at(tile, p.tiles_m, p.tiles_n);
+    const TileAt at = tile_at<true>(tile, p.tiles_m, p.tiles_n);
     float acc[HALVES][64];
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {

@@ -101,10 +101,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   init_barriers(s);
   if (threadIdx.x < 128) {
     if (become_producer(&map_a, &map_w)) {
-      produce(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
+      const auto load = [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
         tma_load(dst, &map_a, kb * kBlock, at.tm * T::kRows, bar);
         tma_load(dst + T::kATileBytes, &map_w, kb * kBlock, at.tn * kCols, bar);
-      });
+      };
+      produce<false>(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, load);
     }
     return;
   }
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint8_t* w_scale_b = static_cast<const uint8_t*>(p.w_scale);
   Ring ring{0, 0};
   for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const TileAt at = tile_at(tile, p.tiles_m, p.tiles_n);
+    const TileAt at = tile_at<false>(tile, p.tiles_m, p.tiles_n);
     const int gm0 = at.tm * T::kRows + row0;
     const float* as[2 * HALVES];  // rows gm0 + 64 h (+ 8): past M, the last row (its codes are zeros)
 #pragma unroll

@@ -46,13 +46,16 @@ struct TileAt {
   int grp, tm, tn;
 };
 
-// Tile t of `groups` matrices of tiles_m x tiles_n tiles each: the matrices one after the
-// other, in each bands of 8 row tiles sweeping the columns together, so a weight tile is read
-// from L2 by all 8.
+// Tile t of one matrix (GROUPED false) or of several (true) of tiles_m x tiles_n tiles each:
+// the matrices one after the other, in each bands of 8 row tiles sweeping the columns
+// together, so a weight tile is read from L2 by all 8.
+template <bool GROUPED>
 __device__ __forceinline__ TileAt tile_at(int t, int tiles_m, int tiles_n) {
-  const int per_matrix = tiles_m * tiles_n;
-  const int grp = t / per_matrix;
-  t %= per_matrix;
+  int grp = 0;
+  if constexpr (GROUPED) {
+    grp = t / (tiles_m * tiles_n);
+    t %= tiles_m * tiles_n;
+  }
   const int per_band = kGroupRows * tiles_n;
   const int first_m = (t / per_band) * kGroupRows;
   const int rows = min(tiles_m - first_m, kGroupRows);
@@ -100,16 +103,16 @@ __device__ __forceinline__ bool become_producer(const CUtensorMap* map_a, const 
 // 168 registers a thread at launch; 40 for the producer leaves 232 for each consumer.
 __device__ __forceinline__ void become_consumer() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n"); }
 
-// The producer: for every tile of this CTA and K block, wait for a free stage and ask for its
+// The producer: for every tile of this CTA (tile_at<GROUPED>) and K block, wait for a free stage and ask for its
 // bytes (load(the tile's TileAt, kb, stage pointer, its barrier)).  It runs ahead across tile
 // boundaries, so a tile's first stages load under the last one's epilogue.
-template <int HALVES, class Load>
+template <bool GROUPED, int HALVES, class Load>
 __device__ __forceinline__ void produce(const Smem<HALVES>& s, int tiles_m, int tiles_n, int n_tiles, int n_kb,
                                         Load&& load) {
   using T = Tiling<HALVES>;
   Ring ring{0, 0};
   for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const TileAt at = tile_at(tile, tiles_m, tiles_n);
+    const TileAt at = tile_at<GROUPED>(tile, tiles_m, tiles_n);
     for (int kb = 0; kb < n_kb; ++kb) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       mbar_expect_bytes(&s.full[ring.stage], T::kStageBytes);

@@ -1,14 +1,14 @@
 """The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 and NVFP4 weights at decode
 and prefill sizes, ``fp8_linear`` and ``grouped_linear`` at prefill sizes on Hopper.
 
-Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128
-(every DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte
-(MXFP4) or 2-byte (NVFP4) aligned scale rows.  Why 8 rows: every 16-row tile of the kernel reads all its activation rows
-from L2, so at 64 rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took 218 us
-against the Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).  The
-activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``: FP8
-codes and power-of-two scales, bit-identical to the oracle's; the codes' values written as
-fp16 in the kernel's operand order), then the kernel streams the weights once.
+Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128 (every
+DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte (MXFP4) or
+2-byte (NVFP4) aligned scale rows.  Why 8 rows: every 16-row tile of the kernel reads all its
+activation rows from L2, so at 64 rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took
+218 us against the Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).  The
+activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``: FP8 codes
+and power-of-two scales, bit-identical to the oracle's; the codes' values written as fp16 in the
+kernel's operand order), then the kernel streams the weights once.
 
 Prefill (sm90a): from ``FP4_PREFILL_MIN_ROWS`` rows an MXFP4 weight is re-encoded as FP8 with
 one E8M0 scale per 128 x 128 block (``mxfp4_to_fp8_blocks``: one memory-bound pass, exact

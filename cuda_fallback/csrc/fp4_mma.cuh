@@ -141,10 +141,11 @@ __device__ __forceinline__ void fold_scales(uint32_t word, int q, uint32_t& fold
 }
 
 // Eight E2M1 codes of one word (byte b: element 2b in the low nibble, 2b + 1 in the high one)
-// -> four fp16x2 registers: (0, 2), (4, 6), (1, 3), (5, 7), each lut[code] * 2^(e_q - e_max).
+// -> four fp16x2 registers: (0, 2), (4, 6), (1, 3), (5, 7), each lut[code] * 2^-6 * factor
+// (MXFP4: the fold 2^(6 - (e_max - e_q)) of fold_scales; NVFP4: the 16-block's scale).
 // A code's bits moved into an FP8 E4M3 byte are lut[code] * 2^-6 exactly (code 1 is the E4M3
 // subnormal 2^-7), four bytes a word in three integer instructions, then one conversion per
-// pair (exact) and the fold (see fold_scales).  Integer instructions are what bind at decode:
+// pair (exact) and the multiply by the factor.  Integer instructions are what bind at decode:
 // this form needs 9 a word where shifting each pair into fp16 bits needed 16.
 __device__ __forceinline__ void decode_word(uint32_t word, uint32_t fold, uint32_t* out) {
   const uint32_t even = ((word << 2) & 0x1C1C1C1Cu) | ((word << 4) & 0x80808080u);

@@ -42,7 +42,7 @@ from dsv4_triton.registry import register
 from .layout import rows_aligned
 from .loader import CUDA_ARCHS, arch_of, extension_at
 
-DECODE_MAX_ROWS = 8
+DECODE_MAX_ROWS = 16
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
 # PREFILL_MIN_K and at least one 128 x 128 output tile an SM.  Measured on the H100 against the
 # Triton GEMM (benchmarks/NOTES.md, eighteenth round), both with the same pre-pass: 1.14-1.42x

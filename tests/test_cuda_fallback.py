@@ -57,7 +57,7 @@ def test_host_checks_raise_with_their_message():
         "    print(str(err).splitlines()[0])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "x_codes: expected 1 to 8 rows, got 0" in proc.stdout
+    assert "x_codes: expected 1 to 16 rows, got 0" in proc.stdout
 
 
 @pytest.mark.parametrize("n, m, rows", [
@@ -112,9 +112,10 @@ def test_fp4_covers_says_why_not(monkeypatch, arch):
 
     first = cuda_gemm.FP4_PREFILL_MIN_ROWS
     assert covers(1, 24576, 7168) == "" and covers(8, 512, 7168) == ""
-    assert covers(9, 1536, 7168).startswith("9 activation rows") and covers(first - 1, 1536, 7168) != ""
+    assert covers(17, 1536, 7168).startswith("17 activation rows") and covers(first - 1, 1536, 7168) != ""
     assert covers(4, 1536, 7168, "nvfp4") == "" and covers(8, 24576, 7168, "nvfp4") == ""
-    assert covers(9, 1536, 7168, "nvfp4").startswith("9 activation rows (NVFP4")
+    assert covers(16, 1536, 7168, "nvfp4") == ""
+    assert covers(17, 1536, 7168, "nvfp4").startswith("17 activation rows (NVFP4")
     assert covers(4, 1536, 7000, "nvfp4").startswith("K = 7000")
     assert covers(4096, 1540, 7168, "nvfp4").startswith("N = 1540")
     assert covers(4, 1536, 7000).startswith("K = 7000")

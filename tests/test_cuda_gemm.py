@@ -32,9 +32,9 @@ def _check(y, x, w, ws, extra=None, what=""):
     assert_fp4_close(y, x, w, ws, "mxfp4", None, extra=extra, what=what)
 
 
-@given(m=st.integers(1, 8), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
+@given(m=st.integers(1, 16), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
 def test_matches_oracle(device, m, n, kb, seed):
-    # Odd N (a partial 16-row tile), 1 to 8 rows (the MMA's 8 columns, some unused),
+    # Odd N (a partial 16-row tile), 1 to 16 rows (one or two groups of the MMA's 8 columns),
     # K from one 128-block up (fewer blocks than warps included).
     g = _gen(seed)
     k = 128 * kb
@@ -59,7 +59,7 @@ def test_decodes_every_byte_exactly(device):
         assert torch.equal(y[:, row].float().cpu(), torch.tensor(SPEC_FP4)[codes] * 8.0), row
 
 
-@given(m=st.integers(1, 8), n=st.integers(1, 40), spread=st.integers(0, 40), seed=st.integers(0, 2**31))
+@given(m=st.integers(1, 16), n=st.integers(1, 40), spread=st.integers(0, 40), seed=st.integers(0, 2**31))
 def test_exponent_spread_within_a_block(device, m, n, spread, seed):
     # Exact (up to FP32 summation order) while the four exponents of a 128-block span <= 23
     # binades; beyond, fp16 rounding of the smaller blocks' values, within the bound the
@@ -96,7 +96,8 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
     ran = counted
     g = _gen(3)
     w, ws, _ = random_fp4(64, 256, g, device)
-    for m, expect in ((1, "cuda"), (8, "cuda"), (9, "triton"), (4096, "triton")):  # 4096: K = 256 is short
+    last = cuda_gemm.DECODE_MAX_ROWS
+    for m, expect in ((1, "cuda"), (last, "cuda"), (last + 1, "triton"), (4096, "triton")):  # 4096: K = 256 is short
         ran.clear()
         ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), w, ws)
         assert ran == [expect], (m, ran)
@@ -117,7 +118,7 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
     ops.fp4_linear(torch.randn(4, 96, generator=g).to(torch.bfloat16).to(device), w96, ws96)
     assert ran == ["triton"]
     wn, wsn, gs = random_fp4(8, 256, g, device, "nvfp4")
-    for m, expect in ((1, "cuda"), (8, "cuda"), (9, "triton")):
+    for m, expect in ((1, "cuda"), (last, "cuda"), (last + 1, "triton")):
         ran.clear()
         ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), wn, wsn, "nvfp4", gs)
         assert ran == [expect], (m, ran)
@@ -134,8 +135,9 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
 def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
     g = _gen(4)
     w, ws, _ = random_fp4(16, 256, g, device)
-    x = torch.randn(9, 256, generator=g).to(torch.bfloat16).to(device)
-    with pytest.raises(BackendUnavailableError, match="9 activation rows"):
+    m = cuda_gemm.DECODE_MAX_ROWS + 1
+    x = torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device)
+    with pytest.raises(BackendUnavailableError, match=f"{m} activation rows"):
         _cuda(x, w, ws)
 
 
@@ -145,7 +147,7 @@ def _check_nvfp4(y, x, w, ws, gs, what=""):
     assert_fp4_close(y, x, w, ws, "nvfp4", gs, what=what)
 
 
-@given(m=st.integers(1, 8), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
+@given(m=st.integers(1, 16), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
 def test_nvfp4_matches_oracle(device, m, n, kb, seed):
     g = _gen(seed)
     k = 128 * kb
@@ -228,12 +230,12 @@ def test_cuda_graph_replay(device, m, n, k):
 # --- prefill: the weight re-encoded as FP8 blocks, then the FP8 kernel ----------------------
 
 def _prefill(x, w, ws):
-    # The backend's function itself, past the registry's size rule: more than 8 rows take the
+    # The backend's function itself, past the registry's size rule: more than 16 rows take the
     # prefill path at any size.
     return cuda_gemm.fp4_linear(x, w, ws, "mxfp4", None)
 
 
-@given(m=st.integers(9, 700), nb=st.integers(1, 5), kb=st.integers(1, 9), seed=st.integers(0, 2**31))
+@given(m=st.integers(17, 700), nb=st.integers(1, 5), kb=st.integers(1, 9), seed=st.integers(0, 2**31))
 def test_prefill_matches_oracle(device, m, nb, kb, seed):
     g = _gen(seed)
     n, k = 128 * nb, 128 * kb
@@ -258,8 +260,10 @@ def test_prefill_exponent_spread_within_a_block(device, spread, base, seed):
     _check(_prefill(x, w, ws), x, w, ws, extra=extra, what=f"spread {spread} base {base}")
 
 
-# Both paths: 8 rows (the decode kernel, forced) and 300 (the prefill path).
-PATHS = pytest.mark.parametrize("m, run", [(8, _cuda), (300, _prefill)], ids=["decode", "prefill"])
+# Both paths: 8 and 16 rows (the decode kernel, one and two row groups, forced) and 300 (the
+# prefill path).
+PATHS = pytest.mark.parametrize("m, run", [(8, _cuda), (16, _cuda), (300, _prefill)],
+                                ids=["decode", "decode-two-groups", "prefill"])
 
 
 @PATHS

@@ -1,4 +1,4 @@
-// FP4 weight GEMM (MXFP4 or NVFP4) for up to 8 activation rows (decode): y = x_q @ dequant(w)^T.
+// FP4 weight GEMM (MXFP4 or NVFP4) for up to 16 activation rows (decode): y = x_q @ dequant(w)^T.
 // targets: sm90a sm100a
 //
 // Why CUDA: at decode sizes the GEMM is a weight stream (each weight byte meets a handful of
@@ -26,15 +26,18 @@ using namespace dsv4;
 
 namespace {
 
-// Rows, Operand: WeightRows, WeightOperand (MXFP4) or Nvfp4Rows, Nvfp4Operand; global_scale:
+// Rows, Operand: WeightRows, WeightOperand (MXFP4) or Nvfp4Rows, Nvfp4Operand; GROUPS: groups
+// of 8 activation rows, each block's decoded A operand serving all of them; global_scale:
 // NVFP4's one FP32 value (read on the device: no host sync), nullptr for MXFP4.
-template <int WARPS, class Rows, class Operand>
-__global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) fp4_decode_gemm_kernel(
+// 32 resident warps a multiprocessor (64 registers a thread) with one group; 24 with two, whose
+// second B operand and accumulators spill at 64.
+template <int WARPS, int GROUPS, class Rows, class Operand>
+__global__ void __launch_bounds__(WARPS * 32, (GROUPS == 1 ? 32 : 24) / WARPS) fp4_decode_gemm_kernel(
     const uint16_t* __restrict__ xq, const float* __restrict__ xs, const uint8_t* __restrict__ w,
     const uint8_t* __restrict__ ws, const float* __restrict__ global_scale, __nv_bfloat16* __restrict__ y,
     int m_rows, int n_rows, int n_kb, int64_t stride_xq, int64_t stride_xs, int64_t stride_w, int64_t stride_ws,
     int64_t stride_y) {
-  __shared__ float partial[WARPS][4][32];
+  __shared__ float partial[WARPS][GROUPS * 4][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -42,35 +45,52 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) fp4_decode_gemm_kernel
   // Rows past N read row N - 1 (in bounds) and are never stored.
   const Rows rows =
       Rows::row_major(w, ws, min(n0 + g, n_rows - 1), min(n0 + g + 8, n_rows - 1), stride_w, stride_ws, q);
-  const bool has_row = g < m_rows;
-  const uint16_t* x_row = xq + g * stride_xq + q * 32;
-  const int col = 2 * q;  // the D columns of this lane: activation rows col, col + 1
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const int col = 2 * q;  // the D columns of this lane: activation rows col, col + 1 of each group
+  float acc[GROUPS][4] = {};
   // One block ahead: two ahead measured slower on the H100 (51.4 against 48.4 us at N = 24576,
   // K = 7168): it takes 80 registers a thread, 24 resident warps a multiprocessor instead of 32.
   stream_blocks(rows, warp, WARPS, n_kb, [&](const WeightBlock& block, int kb) {
     const Operand a(block, q);
-    uint32_t b[16];
-    load_activation(x_row + kb * kBlockK, has_row, b);
-    float d[4];
-    block_products(a, b, d);
-    const float sx0 = col < m_rows ? __ldg(xs + col * stride_xs + kb) : 0.f;
-    const float sx1 = col + 1 < m_rows ? __ldg(xs + (col + 1) * stride_xs + kb) : 0.f;
-    promote(acc, d, sx0, sx1, a);
+#pragma unroll
+    for (int t = 0; t < GROUPS; ++t) {
+      const int row = 8 * t + g, c0 = 8 * t + col;
+      uint32_t b[16];
+      load_activation(xq + row * stride_xq + q * 32 + kb * kBlockK, row < m_rows, b);
+      float d[4];
+      block_products(a, b, d);
+      const float sx0 = c0 < m_rows ? __ldg(xs + c0 * stride_xs + kb) : 0.f;
+      const float sx1 = c0 + 1 < m_rows ? __ldg(xs + (c0 + 1) * stride_xs + kb) : 0.f;
+      promote(acc[t], d, sx0, sx1, a);
+    }
   });
 #pragma unroll
-  for (int r = 0; r < 4; ++r) partial[warp][r][lane] = acc[r];
+  for (int t = 0; t < GROUPS; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) partial[warp][4 * t + r][lane] = acc[t][r];
+  }
   __syncthreads();
   const float scale = global_scale == nullptr ? 1.f : __ldg(global_scale);
-  for (int idx = threadIdx.x; idx < 4 * 32; idx += WARPS * 32) {
-    const int l = idx & 31, r = idx >> 5;
+  for (int idx = threadIdx.x; idx < GROUPS * 4 * 32; idx += WARPS * 32) {
+    const int l = idx & 31, r = (idx >> 5) & 3, t = idx >> 7;
     float sum = 0.f;
 #pragma unroll
-    for (int v = 0; v < WARPS; ++v) sum += partial[v][r][l];
+    for (int v = 0; v < WARPS; ++v) sum += partial[v][4 * t + r][l];
     const int n = n0 + (l >> 2) + (r >= 2 ? 8 : 0);
-    const int m = 2 * (l & 3) + (r & 1);
+    const int m = 8 * t + 2 * (l & 3) + (r & 1);
     if (n < n_rows && m < m_rows) y[m * stride_y + n] = __float2bfloat16_rn(sum * scale);
   }
+}
+
+// launch(kernel, warps) with the kernel of these rows and operand, one or two row groups, 8 warps
+// for few row tiles or 4.
+template <class Rows, class Operand, class Launch>
+void launch_variant(bool two_groups, bool few_tiles, Launch&& launch) {
+  if (two_groups)
+    few_tiles ? launch(fp4_decode_gemm_kernel<8, 2, Rows, Operand>, 8)
+              : launch(fp4_decode_gemm_kernel<4, 2, Rows, Operand>, 4);
+  else
+    few_tiles ? launch(fp4_decode_gemm_kernel<8, 1, Rows, Operand>, 8)
+              : launch(fp4_decode_gemm_kernel<4, 1, Rows, Operand>, 4);
 }
 
 }  // namespace
@@ -91,7 +111,7 @@ at::Tensor fp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w
   DSV4_CHECK(w_scale.scalar_type() == at::kByte && w_scale.dim() == 2,
               nvfp4 ? "w_scale: expected uint8 [N, K/16]" : "w_scale: expected uint8 [N, K/32]");
   const int64_t m = x_codes.size(0), n = w.size(0), k = 2 * w.size(1);
-  DSV4_CHECK(m >= 1 && m <= kGroup, "x_codes: expected 1 to ", kGroup, " rows, got ", m);
+  DSV4_CHECK(m >= 1 && m <= 2 * kGroup, "x_codes: expected 1 to ", 2 * kGroup, " rows, got ", m);
   DSV4_CHECK(n >= 1 && n < (int64_t(1) << 31), "w: expected 1 to 2^31 - 1 rows, got ", n);
   DSV4_CHECK(k % kBlockK == 0 && k >= kBlockK, "w: K must be a positive multiple of 128, got ", k);
   const int64_t n_kb = k / kBlockK;
@@ -124,13 +144,10 @@ at::Tensor fp4_decode_gemm(at::Tensor x_codes, at::Tensor x_scales, at::Tensor w
   };
   // Few row tiles: eight warps split K, so enough bytes are in flight on every multiprocessor.
   const bool few_tiles = int(grid.x) < 4 * multiprocessors(x_codes.get_device());
-  if (nvfp4) {
-    few_tiles ? launch(fp4_decode_gemm_kernel<8, Nvfp4Rows, Nvfp4Operand>, 8)
-              : launch(fp4_decode_gemm_kernel<4, Nvfp4Rows, Nvfp4Operand>, 4);
-  } else {
-    few_tiles ? launch(fp4_decode_gemm_kernel<8, WeightRows, WeightOperand>, 8)
-              : launch(fp4_decode_gemm_kernel<4, WeightRows, WeightOperand>, 4);
-  }
+  if (nvfp4)
+    launch_variant<Nvfp4Rows, Nvfp4Operand>(m > kGroup, few_tiles, launch);
+  else
+    launch_variant<WeightRows, WeightOperand>(m > kGroup, few_tiles, launch);
   check_launch("fp4_decode_gemm");
   return y;
 }

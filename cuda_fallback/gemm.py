@@ -2,13 +2,14 @@
 and prefill sizes, ``fp8_linear`` and ``grouped_linear`` at prefill sizes on Hopper.
 
 Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128 (every
-DeepSeek-V4 projection), 1 to 8 activation rows, 16-byte aligned weight rows and 4-byte (MXFP4) or
-2-byte (NVFP4) aligned scale rows.  Why 8 rows: every 16-row tile of the kernel reads all its
-activation rows from L2, so at 64 rows (H100, N = 24576, K = 7168) it read ~700 MB from L2 and took
-218 us against the Triton GEMM's 84; at one row it took 51 us against 82 (benchmarks/NOTES.md).  The
-activation is quantised by the same pre-pass as the Triton GEMM's (``act_quant_rows``: FP8 codes
-and power-of-two scales, bit-identical to the oracle's; the codes' values written as fp16 in the
-kernel's operand order), then the kernel streams the weights once.
+DeepSeek-V4 projection), 1 to 8 activation rows (up to 16 where K >= 4096), 16-byte aligned weight
+rows and 4-byte (MXFP4) or 2-byte (NVFP4) aligned scale rows.  Why so few rows: every 16-row tile
+of the kernel reads all its activation rows from L2, so at 64 rows (H100, N = 24576, K = 7168) it
+read ~700 MB from L2 and took 218 us against the Triton GEMM's 84; at one row it took 51 us
+against 82, at 16 rows (two groups of 8 sharing each decoded weight block) 72 against 84
+(benchmarks/NOTES.md).  The activation is quantised by the same pre-pass as the Triton GEMM's
+(``act_quant_rows``: FP8 codes and power-of-two scales, bit-identical to the oracle's; the codes'
+values written as fp16 in the kernel's operand order), then the kernel streams the weights once.
 
 Prefill (sm90a): from ``FP4_PREFILL_MIN_ROWS`` rows an MXFP4 weight is re-encoded as FP8 with
 one E8M0 scale per 128 x 128 block (``mxfp4_to_fp8_blocks``: one memory-bound pass, exact
@@ -42,7 +43,14 @@ from dsv4_triton.registry import register
 from .layout import rows_aligned
 from .loader import CUDA_ARCHS, arch_of, extension_at
 
-DECODE_MAX_ROWS = 16
+# The decode kernel runs 1 to DECODE_KERNEL_ROWS rows (one or two groups of 8 sharing each decoded
+# weight block); the registry sends it 1 to DECODE_MAX_ROWS, and up to DECODE_KERNEL_ROWS where
+# K >= DECODE_TWO_GROUP_MIN_K.  Measured on the H100 at 16 rows against the Triton GEMM
+# (benchmarks/NOTES.md, twenty-first round): K = 7168 1.2-2.6x, K = 1536 0.89x (MXFP4) and
+# 0.99x (NVFP4); the threshold sits between the two measured K.
+DECODE_MAX_ROWS = 8
+DECODE_KERNEL_ROWS = 16
+DECODE_TWO_GROUP_MIN_K = 4096
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
 # PREFILL_MIN_K and at least one 128 x 128 output tile an SM.  Measured on the H100 against the
 # Triton GEMM (benchmarks/NOTES.md, eighteenth round), both with the same pre-pass: 1.14-1.42x
@@ -81,6 +89,11 @@ def _on_sm90(rows: str, device: torch.device) -> str:
     return "" if arch == "sm90a" else f"{rows}: the prefill kernels target sm90a, this GPU is {arch}"
 
 
+def decode_takes(m: int, k: int) -> bool:
+    """Whether the registry sends ``m`` activation rows of length ``k`` to the decode kernel."""
+    return 1 <= m <= DECODE_MAX_ROWS or (m <= DECODE_KERNEL_ROWS and k >= DECODE_TWO_GROUP_MIN_K)
+
+
 def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> str:
     """``""`` when the decode kernel or a prefill path handles these ``fp4_linear`` arguments,
     else why not."""
@@ -98,11 +111,12 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
     scale_align = 2 if fmt == "nvfp4" else 4
     if not rows_aligned(w_scale, scale_align):
         return f"scale rows are not contiguous and {scale_align}-byte aligned"
-    if 1 <= m <= DECODE_MAX_ROWS:
+    if decode_takes(m, k):
         return ""
+    decode = f"1 to {DECODE_MAX_ROWS}, to {DECODE_KERNEL_ROWS} with K >= {DECODE_TWO_GROUP_MIN_K}"
     if fmt == "nvfp4":
-        return f"{m} activation rows (NVFP4: 1 to {DECODE_MAX_ROWS}, or {NVFP4_EXPAND_MIN_ROWS} or more on sm90a)"
-    rows = f"{m} activation rows (it takes 1 to {DECODE_MAX_ROWS}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
+        return f"{m} activation rows (NVFP4: {decode}, or {NVFP4_EXPAND_MIN_ROWS} or more on sm90a)"
+    rows = f"{m} activation rows (it takes {decode}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
     if m < FP4_PREFILL_MIN_ROWS:
         return rows
     return _on_sm90(rows, _gpu(x.device)) or fp8_kernel_takes(n, k)
@@ -112,7 +126,7 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> torch.Tensor:
     x2 = as_rows(x)
     m, n, k = x2.shape[0], w.shape[0], x2.shape[1]
-    if m <= DECODE_MAX_ROWS:
+    if m <= DECODE_KERNEL_ROWS:
         codes, scales = act_quant_rows(x2, fp16_pairs=True)
         index = x.device.index
         y = extension_at(index).fp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8), global_scale,

@@ -112,9 +112,10 @@ def test_fp4_covers_says_why_not(monkeypatch, arch):
 
     first = cuda_gemm.FP4_PREFILL_MIN_ROWS
     assert covers(1, 24576, 7168) == "" and covers(8, 512, 7168) == ""
-    assert covers(17, 1536, 7168).startswith("17 activation rows") and covers(first - 1, 1536, 7168) != ""
+    assert covers(16, 1536, 7168) == "" and covers(17, 1536, 7168).startswith("17 activation rows")
+    assert covers(9, 7168, 1536).startswith("9 activation rows") and covers(first - 1, 1536, 7168) != ""
     assert covers(4, 1536, 7168, "nvfp4") == "" and covers(8, 24576, 7168, "nvfp4") == ""
-    assert covers(16, 1536, 7168, "nvfp4") == ""
+    assert covers(16, 1536, 7168, "nvfp4") == "" and covers(9, 7168, 1536, "nvfp4").startswith("9 activation rows")
     assert covers(17, 1536, 7168, "nvfp4").startswith("17 activation rows (NVFP4")
     assert covers(4, 1536, 7000, "nvfp4").startswith("K = 7000")
     assert covers(4096, 1540, 7168, "nvfp4").startswith("N = 1540")

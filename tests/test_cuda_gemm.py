@@ -28,6 +28,12 @@ def _cuda(*args):
         return ops.fp4_linear(*args)
 
 
+def _decode(x, w, ws, fmt="mxfp4", gs=None):
+    # The backend's function itself, past the registry's size rule: up to 16 rows take the
+    # decode kernel at any K (the registry sends 9-16 rows there on long K only).
+    return cuda_gemm.fp4_linear(x, w, ws, fmt, gs)
+
+
 def _check(y, x, w, ws, extra=None, what=""):
     assert_fp4_close(y, x, w, ws, "mxfp4", None, extra=extra, what=what)
 
@@ -40,7 +46,7 @@ def test_matches_oracle(device, m, n, kb, seed):
     k = 128 * kb
     x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
     w, ws, _ = random_fp4(n, k, g, device)
-    y = _cuda(x, w, ws)
+    y = _decode(x, w, ws)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     _check(y, x, w, ws)
 
@@ -65,17 +71,17 @@ def test_exponent_spread_within_a_block(device, m, n, spread, seed):
     # binades; beyond, fp16 rounding of the smaller blocks' values, within the bound the
     # Triton kernel's FP8 expansion is held to (2^(e_max - 16) per element).
     x, w, ws, _, extra = spread_inputs(m, n, spread, seed, device)
-    _check(_cuda(x, w, ws), x, w, ws, extra=None if spread <= 23 else extra, what=f"spread {spread}")
+    _check(_decode(x, w, ws), x, w, ws, extra=None if spread <= 23 else extra, what=f"spread {spread}")
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
 @pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (3072, 7168), (512, 7168)])
 def test_real_shapes(device, m, n, k):
-    # Both launch forms: many row tiles (4 warps split K) and few (8 warps).
+    # Both launch forms: many row tiles (4 warps split K) and few (8 warps), one and two groups.
     g = _gen(m + n)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, ws, _ = random_fp4(n, k, g, device)
-    _check(_cuda(x, w, ws), x, w, ws, what=f"{m} x {n} x {k}")
+    _check(_decode(x, w, ws), x, w, ws, what=f"{m} x {n} x {k}")
 
 
 def test_leading_dims_and_strided_activation(device):
@@ -100,6 +106,13 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
     for m, expect in ((1, "cuda"), (last, "cuda"), (last + 1, "triton"), (4096, "triton")):  # 4096: K = 256 is short
         ran.clear()
         ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), w, ws)
+        assert ran == [expect], (m, ran)
+    k_long = cuda_gemm.DECODE_TWO_GROUP_MIN_K
+    wl, wsl, _ = random_fp4(64, k_long, g, device)
+    for m, expect in ((last + 1, "cuda"), (cuda_gemm.DECODE_KERNEL_ROWS, "cuda"),
+                      (cuda_gemm.DECODE_KERNEL_ROWS + 1, "triton")):
+        ran.clear()
+        ops.fp4_linear(torch.randn(m, k_long, generator=g).to(torch.bfloat16).to(device), wl, wsl)
         assert ran == [expect], (m, ran)
     n, k = 1536, 1536  # fewer output tiles than SMs: the row count alone decides
     wp, wsp, _ = random_fp4(n, k, g, device)
@@ -153,7 +166,7 @@ def test_nvfp4_matches_oracle(device, m, n, kb, seed):
     k = 128 * kb
     x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
     w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
-    y = _cuda(x, w, ws, "nvfp4", gs)
+    y = _decode(x, w, ws, "nvfp4", gs)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     _check_nvfp4(y, x, w, ws, gs)
 
@@ -189,13 +202,13 @@ def test_nvfp4_nan_and_inf_propagate_like_oracle(device):
     assert not bool(torch.isnan(y[2:, 13:]).any()) and bool((y[2:, 13] == 0).all())
 
 
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 8, 16])
 @pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (1536, 7168)])
 def test_nvfp4_real_shapes(device, m, n, k):
     g = _gen(m + n + 1)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
-    _check_nvfp4(_cuda(x, w, ws, "nvfp4", gs), x, w, ws, gs, what=f"{m} x {n} x {k}")
+    _check_nvfp4(_decode(x, w, ws, "nvfp4", gs), x, w, ws, gs, what=f"{m} x {n} x {k}")
 
 
 def test_nvfp4_graph_replay_reads_the_global_scale_on_the_device(device):
@@ -262,7 +275,7 @@ def test_prefill_exponent_spread_within_a_block(device, spread, base, seed):
 
 # Both paths: 8 and 16 rows (the decode kernel, one and two row groups, forced) and 300 (the
 # prefill path).
-PATHS = pytest.mark.parametrize("m, run", [(8, _cuda), (16, _cuda), (300, _prefill)],
+PATHS = pytest.mark.parametrize("m, run", [(8, _cuda), (16, _decode), (300, _prefill)],
                                 ids=["decode", "decode-two-groups", "prefill"])
 
 

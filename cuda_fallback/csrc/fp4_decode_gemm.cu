@@ -10,8 +10,9 @@
 //
 // A CTA owns 16 weight rows and its warps split K in 128-wide blocks (block kb goes to warp
 // kb % WARPS); the partial sums meet once, in shared memory, in warp order.  The activation
-// rows are the MMA's 8 columns.  Every CTA reads all activation rows of its K blocks from L2,
-// which is why the backend stops at 8 rows (cuda_fallback/gemm.py).
+// rows are the MMA's 8 columns, one or two groups of them.  Every CTA reads all activation rows
+// of its K blocks from L2, which is why the backend stops at 8 rows, or 16 on long K
+// (cuda_fallback/gemm.py).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -5,8 +5,8 @@ the widest projection; prefill M = 4096 (tensor-core bound: ceiling = the FP8 ma
 of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling = copy
 bandwidth, bytes = the weight and its scales read once + x + y).
 
-``fp4_linear`` runs what dispatch picks: the ``cuda`` backend where it is built, up to 8 rows
-(MXFP4 and NVFP4) the act_quant pre-pass + ``fp4_decode_gemm.cu``, for MXFP4 at prefill size on
+``fp4_linear`` runs what dispatch picks: the ``cuda`` backend where it is built, up to 8 rows (16
+where K >= 4096; MXFP4 and NVFP4) the act_quant pre-pass + ``fp4_decode_gemm.cu``, for MXFP4 at prefill size on
 sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
 ``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
 shapes.  NVFP4 at prefill size: the dequantised activation and the weight expanded to BF16,
@@ -23,7 +23,7 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 
 import torch
 
-from cuda_fallback.gemm import DECODE_MAX_ROWS
+from cuda_fallback.gemm import decode_takes
 
 from .. import ops, use_backend
 from ..kernels.gemm import NVFP4_EXPAND_MIN_ROWS
@@ -169,7 +169,7 @@ def cases(quick: bool):
                              if cuda else "act dequant + weight expanded to BF16 + BF16 GEMM")
                 elif not cuda:
                     launches, notes = (1 if m <= 16 else 2), ""
-                elif m <= DECODE_MAX_ROWS:
+                elif decode_takes(m, k):
                     launches, notes = 2, "cuda backend (pre-pass + decode GEMM)"
                 else:
                     launches, notes = 3, "cuda backend (pre-pass + weight as FP8 blocks + TMA/wgmma GEMM)"

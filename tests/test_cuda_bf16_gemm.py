@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from dsv4_triton import ops, registry, use_backend
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
-from test_gemm import _gen, assert_fp4_close, assert_gemm_close, random_fp4
+from test_gemm import _gen, assert_fp4_close, assert_gemm_close, random_fp4, random_fp4_linear_case
 
 pytestmark = pytest.mark.gpu
 
@@ -126,12 +126,8 @@ def _nvfp4_cuda(x, w, s, gs):
 
 @given(m=st.integers(256, 700), n8=st.integers(1, 40), k16=st.integers(1, 30), seed=st.integers(0, 2**31))
 def test_nvfp4_prefill_matches_oracle(device, m, n8, k16, seed):
-    gen = _gen(seed)
-    n, k = 8 * n8, 16 * k16
-    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16).to(device)
-    w, s, gs = random_fp4(n, k, gen, device, "nvfp4")
-    if seed % 2:
-        x[0, 0] = float("nan")  # row 0 NaN, as the oracle's
+    n = 8 * n8
+    x, w, s, gs = random_fp4_linear_case(m, n, 16 * k16, seed, device, "nvfp4")
     y = _nvfp4_cuda(x, w, s, gs)
     assert y.shape == (m, n)
     assert_fp4_close(y, x, w, s, "nvfp4", gs)

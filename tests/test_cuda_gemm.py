@@ -15,7 +15,7 @@ from dsv4_triton.registry import BackendUnavailableError
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
 from test_gemm import (SPEC_FP4, _gen, assert_fp4_close, block_spread_error, random_block_exponents, random_e8m0,
-                       random_fp4, spread_inputs)
+                       random_fp4, random_fp4_linear_case, spread_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -38,17 +38,15 @@ def _check(y, x, w, ws, extra=None, what=""):
     assert_fp4_close(y, x, w, ws, "mxfp4", None, extra=extra, what=what)
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @given(m=st.integers(1, 16), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_matches_oracle(device, m, n, kb, seed):
+def test_matches_oracle(device, fmt, m, n, kb, seed):
     # Odd N (a partial 16-row tile), 1 to 16 rows (one or two groups of the MMA's 8 columns),
-    # K from one 128-block up (fewer blocks than warps included).
-    g = _gen(seed)
-    k = 128 * kb
-    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
-    w, ws, _ = random_fp4(n, k, g, device)
-    y = _decode(x, w, ws)
+    # K from one 128-block up (fewer blocks than warps included), a NaN row for odd seeds.
+    x, w, ws, gs = random_fp4_linear_case(m, n, 128 * kb, seed, device, fmt)
+    y = _decode(x, w, ws, fmt, gs)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    _check(y, x, w, ws)
+    assert_fp4_close(y, x, w, ws, fmt, gs)
 
 
 def test_decodes_every_byte_exactly(device):
@@ -74,14 +72,15 @@ def test_exponent_spread_within_a_block(device, m, n, spread, seed):
     _check(_decode(x, w, ws), x, w, ws, extra=None if spread <= 23 else extra, what=f"spread {spread}")
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
-@pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (3072, 7168), (512, 7168)])
-def test_real_shapes(device, m, n, k):
+@pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (1536, 7168), (512, 7168)])
+def test_real_shapes(device, fmt, m, n, k):
     # Both launch forms: many row tiles (4 warps split K) and few (8 warps), one and two groups.
     g = _gen(m + n)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
-    w, ws, _ = random_fp4(n, k, g, device)
-    _check(_decode(x, w, ws), x, w, ws, what=f"{m} x {n} x {k}")
+    w, ws, gs = random_fp4(n, k, g, device, fmt)
+    assert_fp4_close(_decode(x, w, ws, fmt, gs), x, w, ws, fmt, gs, what=f"{fmt} {m} x {n} x {k}")
 
 
 def test_leading_dims_and_strided_activation(device):
@@ -160,17 +159,6 @@ def _check_nvfp4(y, x, w, ws, gs, what=""):
     assert_fp4_close(y, x, w, ws, "nvfp4", gs, what=what)
 
 
-@given(m=st.integers(1, 16), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_nvfp4_matches_oracle(device, m, n, kb, seed):
-    g = _gen(seed)
-    k = 128 * kb
-    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
-    w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
-    y = _decode(x, w, ws, "nvfp4", gs)
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    _check_nvfp4(y, x, w, ws, gs)
-
-
 def test_nvfp4_decodes_every_code_and_scale_byte_exactly(device):
     # Unit activation rows (act_quant exact) and a power-of-two global scale: y is the decoded
     # weight times it, bit for bit.  Every code byte in both orders, and the 254 finite E4M3
@@ -200,15 +188,6 @@ def test_nvfp4_nan_and_inf_propagate_like_oracle(device):
     _check_nvfp4(y, x.to(device), w.to(device), ws.to(device), gs.to(device))
     assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11:13]).all())
     assert not bool(torch.isnan(y[2:, 13:]).any()) and bool((y[2:, 13] == 0).all())
-
-
-@pytest.mark.parametrize("m", [1, 8, 16])
-@pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536), (1536, 7168)])
-def test_nvfp4_real_shapes(device, m, n, k):
-    g = _gen(m + n + 1)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
-    w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
-    _check_nvfp4(_decode(x, w, ws, "nvfp4", gs), x, w, ws, gs, what=f"{m} x {n} x {k}")
 
 
 def test_nvfp4_graph_replay_reads_the_global_scale_on_the_device(device):
@@ -250,10 +229,8 @@ def _prefill(x, w, ws):
 
 @given(m=st.integers(17, 700), nb=st.integers(1, 5), kb=st.integers(1, 9), seed=st.integers(0, 2**31))
 def test_prefill_matches_oracle(device, m, nb, kb, seed):
-    g = _gen(seed)
-    n, k = 128 * nb, 128 * kb
-    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
-    w, ws, _ = random_fp4(n, k, g, device)
+    n = 128 * nb
+    x, w, ws, _ = random_fp4_linear_case(m, n, 128 * kb, seed, device)
     y = _prefill(x, w, ws)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     _check(y, x, w, ws)

@@ -55,6 +55,16 @@ def random_fp4(n, k, g, device, fmt="mxfp4", exp_lo=-8, exp_hi=4):
     return packed, s, torch.tensor(0.37, device=device)
 
 
+def random_fp4_linear_case(m, n, k, seed, device, fmt="mxfp4"):
+    """(x, packed codes, scales, global scale) for ``fp4_linear`` at [m, k] x [n, k]: activation
+    rows of N(0, 9) in bf16, row 0 NaN for odd seeds (the oracle's NaN row)."""
+    g = _gen(seed)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    if seed % 2:
+        x[0, 0] = float("nan")
+    return (x.to(device),) + random_fp4(n, k, g, device, fmt)
+
+
 # --- the oracles against SPEC ------------------------------------------------------------
 
 def test_fp4_oracle_decodes_every_byte_in_spec_nibble_order():
@@ -918,12 +928,7 @@ def test_nvfp4_to_bf16_is_exact(device):
 @given(m=st.integers(1, 70), n=st.integers(1, 100), k16=st.integers(1, 20), seed=st.integers(0, 2**31))
 def test_nvfp4_expanded_gemm_matches_oracle(device, m, n, k16, seed):
     # K any multiple of 16 (the activation blocks' last one short), odd M and N.
-    g = _gen(seed)
-    k = 16 * k16
-    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
-    w, s, gs = random_fp4(n, k, g, device, "nvfp4")
-    if seed % 2:
-        x[0, 0] = float("nan")  # row 0 NaN, as the oracle's
+    x, w, s, gs = random_fp4_linear_case(m, n, 16 * k16, seed, device, "nvfp4")
     y = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     kern.nvfp4_expanded_gemm(x, w, s, gs, y)
     assert_fp4_close(y, x, w, s, "nvfp4", gs)

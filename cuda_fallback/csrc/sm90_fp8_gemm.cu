@@ -98,18 +98,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const Smem<HALVES> s(smem_raw);
   const int n_tiles = p.tiles_m * p.tiles_n;
-  init_barriers(s);
-  if (threadIdx.x < 128) {
-    if (become_producer(&map_a, &map_w)) {
-      const auto load = [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
-        tma_load(dst, &map_a, kb * kBlock, at.tm * T::kRows, bar);
-        tma_load(dst + T::kATileBytes, &map_w, kb * kBlock, at.tn * kCols, bar);
-      };
-      produce<false>(s, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, load);
-    }
-    return;
-  }
-  become_consumer();
+  const auto load = [&](const TileAt& at, int kb, uint8_t* dst, uint64_t* bar) {
+    tma_load(dst, &map_a, kb * kBlock, at.tm * T::kRows, bar);
+    tma_load(dst + T::kATileBytes, &map_w, kb * kBlock, at.tn * kCols, bar);
+  };
+  if (!start_roles<false>(s, &map_a, &map_w, p.tiles_m, p.tiles_n, n_tiles, p.n_kb, load)) return;
 
   // ---- consumers: warpgroup c owns rows 64 HALVES c .. 64 HALVES (c + 1) - 1 of every tile ----
   const int c = (threadIdx.x >> 7) - 1;

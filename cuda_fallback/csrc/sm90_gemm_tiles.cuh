@@ -81,30 +81,8 @@ struct Smem {
   __device__ __forceinline__ uint8_t* out(int c) const { return base + T::kOutOffset + c * kOutBytes; }
 };
 
-// Thread 0 sets up the stages' barriers (each stage released by the 8 consumer warps), before
-// any thread uses them.
-template <int HALVES>
-__device__ __forceinline__ void init_barriers(const Smem<HALVES>& s) {
-  if (threadIdx.x == 0) init_stage_barriers(s.full, s.empty, Tiling<HALVES>::kStages, 8);
-  __syncthreads();
-}
-
-// The roles, called by the kernel in two branches that never meet again (ptxas allocates the
-// code after each setmaxnreg for its count, so the consumers' code must not be reachable from
-// the producer's): warpgroup 0 gives its registers up and all but thread 0 leave (true for the
-// producer thread), warpgroups 1 and 2 take them.
-__device__ __forceinline__ bool become_producer(const CUtensorMap* map_a, const CUtensorMap* map_w) {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-  if (threadIdx.x != 0) return false;
-  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map_a)) : "memory");
-  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map_w)) : "memory");
-  return true;
-}
-// 168 registers a thread at launch; 40 for the producer leaves 232 for each consumer.
-__device__ __forceinline__ void become_consumer() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n"); }
-
-// The producer: for every tile of this CTA (tile_at<GROUPED>) and K block, wait for a free stage and ask for its
-// bytes (load(the tile's TileAt, kb, stage pointer, its barrier)).  It runs ahead across tile
+// The producer: for every tile of this CTA (tile_at<GROUPED>) and K block, wait for a free
+// stage and ask for its bytes (load(the tile's TileAt, kb, stage pointer, its barrier)).  It runs ahead across tile
 // boundaries, so a tile's first stages load under the last one's epilogue.
 template <bool GROUPED, int HALVES, class Load>
 __device__ __forceinline__ void produce(const Smem<HALVES>& s, int tiles_m, int tiles_n, int n_tiles, int n_kb,
@@ -120,6 +98,32 @@ __device__ __forceinline__ void produce(const Smem<HALVES>& s, int tiles_m, int 
       ring.next(T::kStages);
     }
   }
+}
+
+// The CTA's start: thread 0 sets up the stages' barriers (each released by the 8 consumer warps);
+// warpgroup 0 gives its registers up, its thread 0 runs the producer (produce) and the rest of
+// it leaves; warpgroups 1 and 2 take the registers.  Returns true for the consumer threads,
+// which go on with the tiles.  The producer's branch returns from inside itself: ptxas
+// allocates the code after each setmaxnreg for its count, so no consumer code may be reachable
+// from after the producer's (a role returned and branched on after a join made ptxas spill
+// 616 bytes in the FP8 kernel).  168 registers a thread at launch; 40 for the producer leaves
+// 232 for each consumer.
+template <bool GROUPED, int HALVES, class Load>
+__device__ __forceinline__ bool start_roles(const Smem<HALVES>& s, const CUtensorMap* map_a, const CUtensorMap* map_w,
+                                            int tiles_m, int tiles_n, int n_tiles, int n_kb, Load&& load) {
+  if (threadIdx.x == 0) init_stage_barriers(s.full, s.empty, Tiling<HALVES>::kStages, 8);
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map_a)) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map_w)) : "memory");
+      produce<GROUPED>(s, tiles_m, tiles_n, n_tiles, n_kb, load);
+    }
+    return false;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  return true;
 }
 
 // The epilogue of consumer warpgroup c (ct: the thread's index in it): each 64-row half of its

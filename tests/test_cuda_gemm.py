@@ -1,4 +1,4 @@
-"""The cuda backend of fp4_linear against the oracle: the decode kernel
+"""The cuda backend of fp4_linear against the oracle: the decode kernels
 (cuda_fallback/csrc/fp4_decode_gemm.cu, MXFP4 and NVFP4) and the MXFP4 prefill path (the weight
 re-encoded as FP8 blocks, then the FP8 kernel of sm90_fp8_gemm.cu), and the registry rule that
 sends it decode-sized calls and prefill-sized MXFP4 calls (NVFP4 prefill: test_cuda_bf16_gemm).
@@ -28,23 +28,31 @@ def _cuda(*args):
         return ops.fp4_linear(*args)
 
 
-def _decode(x, w, ws, fmt="mxfp4", gs=None):
-    # The backend's function itself, past the registry's size rule: up to 16 rows take the
-    # decode kernel at any K (the registry sends 9-16 rows there on long K only).
-    return cuda_gemm.fp4_linear(x, w, ws, fmt, gs)
+def _decode(x, w, ws, fmt="mxfp4", gs=None, tiles=0):
+    # One decode kernel, past the registry's size rule: tiles 0 the kernel whose warps read the
+    # activation rows from L2 (1-16 rows), 4 or 8 the staged kernel (1-64 rows).
+    return cuda_gemm.fp4_decode(x, w, ws, gs, tiles)
 
 
 def _check(y, x, w, ws, extra=None, what=""):
     assert_fp4_close(y, x, w, ws, "mxfp4", None, extra=extra, what=what)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-@given(m=st.integers(1, 16), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_matches_oracle(device, fmt, m, n, kb, seed):
-    # Odd N (a partial 16-row tile), 1 to 16 rows (one or two groups of the MMA's 8 columns),
-    # K from one 128-block up (fewer blocks than warps included), a NaN row for odd seeds.
+# Each decode kernel form with the formats and the most rows it takes.
+KERNELS = pytest.mark.parametrize("tiles, rows, fmt", [(0, 16, "mxfp4"), (0, 16, "nvfp4"), (4, 64, "nvfp4"),
+                                                       (8, 64, "nvfp4")],
+                                  ids=["mxfp4", "nvfp4", "nvfp4-staged-4", "nvfp4-staged-8"])
+
+
+@KERNELS
+@given(data=st.data(), n=st.integers(1, 300), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
+def test_matches_oracle(device, tiles, rows, fmt, data, n, kb, seed):
+    # Odd N (a partial 16-row tile, CTAs with tiles past N), any row count the kernel takes (a
+    # partial group of the MMA's 8 columns), K from one 128-block up (fewer blocks than warps
+    # splitting K, fewer than the staged kernel's stages), a NaN row for odd seeds.
+    m = data.draw(st.integers(1, rows), label="m")
     x, w, ws, gs = random_fp4_linear_case(m, n, 128 * kb, seed, device, fmt)
-    y = _decode(x, w, ws, fmt, gs)
+    y = _decode(x, w, ws, fmt, gs, tiles)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert_fp4_close(y, x, w, ws, fmt, gs)
 
@@ -83,6 +91,41 @@ def test_real_shapes(device, fmt, m, n, k):
     assert_fp4_close(_decode(x, w, ws, fmt, gs), x, w, ws, fmt, gs, what=f"{fmt} {m} x {n} x {k}")
 
 
+@pytest.mark.parametrize("m", [17, 64])
+def test_nvfp4_staged_real_shape(device, m):
+    # The registry's pick at the widest projection: four tiles a CTA up to 32 rows, eight beyond.
+    n, k = 24576, 7168
+    assert cuda_gemm.decode_tiles(m, n, k, "nvfp4", device) == (4 if m <= 32 else 8)
+    g = _gen(m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
+    assert_fp4_close(_cuda(x, w, ws, "nvfp4", gs), x, w, ws, "nvfp4", gs, what=f"{m} x {n} x {k}")
+
+
+@KERNELS
+def test_every_kernel_form_at_a_real_shape(device, tiles, rows, fmt):
+    g = _gen(rows + tiles)
+    x = torch.randn(rows, 7168, generator=g).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(3072, 7168, g, device, fmt)
+    assert_fp4_close(_decode(x, w, ws, fmt, gs, tiles), x, w, ws, fmt, gs, what=f"{fmt} tiles {tiles}")
+
+
+def test_decode_kernels_reject_bad_forms(device):
+    g = _gen(14)
+    w, ws, gs = random_fp4(32, 256, g, device, "nvfp4")
+    x = torch.randn(17, 256, generator=g).to(torch.bfloat16).to(device)
+    with pytest.raises(RuntimeError, match="x_codes: expected 1 to 16 rows with tiles = 0, got 17"):
+        _decode(x, w, ws, "nvfp4", gs, tiles=0)
+    x65 = torch.randn(65, 256, generator=g).to(torch.bfloat16).to(device)
+    with pytest.raises(RuntimeError, match="x_codes: expected 1 to 64 rows with tiles = 8, got 65"):
+        _decode(x65, w, ws, "nvfp4", gs, tiles=8)
+    with pytest.raises(RuntimeError, match="tiles: expected 0, 4 or 8, got 3"):
+        _decode(x, w, ws, "nvfp4", gs, tiles=3)
+    wm, wsm, _ = random_fp4(32, 256, g, device)
+    with pytest.raises(RuntimeError, match="tiles: the staged kernel takes NVFP4 weights only"):
+        _decode(x, wm, wsm, tiles=4)
+
+
 def test_leading_dims_and_strided_activation(device):
     g = _gen(11)
     base = torch.randn(2, 2, 2 * 384, generator=g).to(torch.bfloat16).to(device)
@@ -113,6 +156,15 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
         ran.clear()
         ops.fp4_linear(torch.randn(m, k_long, generator=g).to(torch.bfloat16).to(device), wl, wsl)
         assert ran == [expect], (m, ran)
+    # NVFP4 at 17-64 rows: the staged kernel on wide N only.
+    wide = cuda_gemm.staged_min_n(device)
+    wv, wsv, gsv = random_fp4(wide, 256, g, device, "nvfp4")
+    for n_rows, m, expect in ((wide, 17, "cuda"), (wide, cuda_gemm.STAGED_MAX_ROWS, "cuda"),
+                              (wide, cuda_gemm.STAGED_MAX_ROWS + 1, "triton"), (wide - 16, 17, "triton")):
+        ran.clear()
+        ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), wv[:n_rows], wsv[:n_rows],
+                       "nvfp4", gsv)
+        assert ran == [expect], (n_rows, m, ran)
     n, k = 1536, 1536  # fewer output tiles than SMs: the row count alone decides
     wp, wsp, _ = random_fp4(n, k, g, device)
     first = cuda_gemm.FP4_PREFILL_MIN_ROWS
@@ -174,7 +226,8 @@ def test_nvfp4_decodes_every_code_and_scale_byte_exactly(device):
     assert torch.equal(y.float().cpu(), want)
 
 
-def test_nvfp4_nan_and_inf_propagate_like_oracle(device):
+@pytest.mark.parametrize("tiles", [0, 4, 8])
+def test_nvfp4_nan_and_inf_propagate_like_oracle(device, tiles):
     g = _gen(12)
     x = torch.randn(6, 256, generator=g).to(torch.bfloat16)
     x[0, 3] = float("nan")  # row 0 NaN
@@ -184,7 +237,7 @@ def test_nvfp4_nan_and_inf_propagate_like_oracle(device):
     ws.view(torch.uint8)[11, 5] = 0x7F  # an E4M3 NaN scale: column 11 NaN
     ws.view(torch.uint8)[12, 9] = 0xFF  # the negative NaN: column 12
     ws.view(torch.uint8)[13] = 0  # a whole row of zero scales: zeros
-    y = _cuda(x.to(device), w.to(device), ws.to(device), "nvfp4", gs.to(device))
+    y = _decode(x.to(device), w.to(device), ws.to(device), "nvfp4", gs.to(device), tiles)
     _check_nvfp4(y, x.to(device), w.to(device), ws.to(device), gs.to(device))
     assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11:13]).all())
     assert not bool(torch.isnan(y[2:, 13:]).any()) and bool((y[2:, 13] == 0).all())
@@ -222,9 +275,8 @@ def test_cuda_graph_replay(device, m, n, k):
 # --- prefill: the weight re-encoded as FP8 blocks, then the FP8 kernel ----------------------
 
 def _prefill(x, w, ws):
-    # The backend's function itself, past the registry's size rule: more than 16 rows take the
-    # prefill path at any size.
-    return cuda_gemm.fp4_linear(x, w, ws, "mxfp4", None)
+    # The prefill path itself, past the registry's size rule.
+    return cuda_gemm.mxfp4_prefill(x, w, ws)
 
 
 @given(m=st.integers(17, 700), nb=st.integers(1, 5), kb=st.integers(1, 9), seed=st.integers(0, 2**31))

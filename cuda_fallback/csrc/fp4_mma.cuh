@@ -156,28 +156,76 @@ __device__ __forceinline__ void decode_word(uint32_t word, uint32_t fold, uint32
   out[3] = hmul2(e4m3x2_to_f16x2(odd >> 16), fold);
 }
 
-// Words x, y of 16 code bytes (elements 0-15 of a 32-block) times `first`, words z, w (16-31)
-// times `second`, as decode_word lays them out: out[4i .. 4i + 3] from word i.
-__device__ __forceinline__ void decode_codes(const uint4& codes, uint32_t first, uint32_t second, uint32_t* out) {
-  decode_word(codes.x, first, out + 0);
-  decode_word(codes.y, first, out + 4);
-  decode_word(codes.z, second, out + 8);
-  decode_word(codes.w, second, out + 12);
-}
+// One block's codes of rows g and g + 8 with the fp16x2 factors that decode them (words 0-1:
+// elements 0-15 of 32-block q, words 2-3: 16-31) and the rows' scales for the promotion.
+// word(i) decodes word i of both rows: what an operand holds at lo[4i .. 4i + 3] and
+// hi[4i .. 4i + 3].  A kernel that runs many MMAs per word decodes as it goes, four registers a
+// row live instead of sixteen.
+struct BlockWords {
+  uint4 lo, hi;
+  uint32_t first_lo, second_lo, first_hi, second_hi;
+  float scale_lo, scale_hi;
 
-// The A operand of one block: lo[4i .. 4i + 3] word i of row g (elements 8i + (0, 2), (4, 6),
-// (1, 3), (5, 7) of 32-block q, see decode_word); hi the same for row g + 8; the rows' scales.
-struct WeightOperand {
+  // MXFP4: one fold for the whole 32-block, relative to the row's largest exponent.
+  static __device__ __forceinline__ BlockWords mxfp4(const WeightBlock& b, int q) {
+    BlockWords w;
+    w.lo = b.lo;
+    w.hi = b.hi;
+    fold_scales(b.s_lo, q, w.first_lo, w.scale_lo);
+    fold_scales(b.s_hi, q, w.first_hi, w.scale_hi);
+    w.second_lo = w.first_lo;
+    w.second_hi = w.first_hi;
+    return w;
+  }
+
+  // NVFP4: each 16-block's E4M3 scale (converted to fp16 exactly, one conversion for both);
+  // the 2^-6 the decoded codes carry comes back in the promotion.
+  static __device__ __forceinline__ BlockWords nvfp4(const WeightBlock& b) {
+    BlockWords w;
+    w.lo = b.lo;
+    w.hi = b.hi;
+    const uint32_t s_lo = e4m3x2_to_f16x2(b.s_lo), s_hi = e4m3x2_to_f16x2(b.s_hi);
+    w.first_lo = __byte_perm(s_lo, 0, 0x1010);
+    w.second_lo = __byte_perm(s_lo, 0, 0x3232);
+    w.first_hi = __byte_perm(s_hi, 0, 0x1010);
+    w.second_hi = __byte_perm(s_hi, 0, 0x3232);
+    w.scale_lo = w.scale_hi = 64.f;
+    return w;
+  }
+
+  __device__ __forceinline__ void word(int i, uint32_t (&lo4)[4], uint32_t (&hi4)[4]) const {
+    const uint32_t c_lo = i == 0 ? lo.x : i == 1 ? lo.y : i == 2 ? lo.z : lo.w;
+    const uint32_t c_hi = i == 0 ? hi.x : i == 1 ? hi.y : i == 2 ? hi.z : hi.w;
+    decode_word(c_lo, i < 2 ? first_lo : second_lo, lo4);
+    decode_word(c_hi, i < 2 ? first_hi : second_hi, hi4);
+  }
+};
+
+// The A operand of one block decoded whole: lo[4i .. 4i + 3] word i of row g (elements
+// 8i + (0, 2), (4, 6), (1, 3), (5, 7) of 32-block q, see decode_word); hi the same for row
+// g + 8; the rows' scales.  Words: BlockWords::mxfp4 or nvfp4 of the block.
+struct DecodedOperand {
   uint32_t lo[16], hi[16];
   float scale_lo, scale_hi;
 
-  __device__ __forceinline__ WeightOperand(const WeightBlock& b, int q) {
-    uint32_t fold_lo, fold_hi;
-    fold_scales(b.s_lo, q, fold_lo, scale_lo);
-    fold_scales(b.s_hi, q, fold_hi, scale_hi);
-    decode_codes(b.lo, fold_lo, fold_lo, lo);
-    decode_codes(b.hi, fold_hi, fold_hi, hi);
+  __device__ __forceinline__ explicit DecodedOperand(const BlockWords& w) : scale_lo(w.scale_lo), scale_hi(w.scale_hi) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t l[4], h[4];
+      w.word(i, l, h);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        lo[4 * i + r] = l[r];
+        hi[4 * i + r] = h[r];
+      }
+    }
   }
+};
+
+// MXFP4 operand of one block.
+struct WeightOperand : DecodedOperand {
+  static __device__ __forceinline__ BlockWords words(const WeightBlock& b, int q) { return BlockWords::mxfp4(b, q); }
+  __device__ __forceinline__ WeightOperand(const WeightBlock& b, int q) : DecodedOperand(words(b, q)) {}
 };
 
 // NVFP4 rows, row-major (one E4M3 scale per 16 elements, scales [rows, K/16]): lane q's
@@ -202,18 +250,10 @@ struct Nvfp4Rows {
   }
 };
 
-// The NVFP4 A operand of one block, laid out as WeightOperand's: each 16-block's codes times its
-// E4M3 scale (converted to fp16 exactly, one conversion for both); the 2^-6 the decoded codes
-// carry comes back in the promotion.
-struct Nvfp4Operand {
-  uint32_t lo[16], hi[16];
-  float scale_lo = 64.f, scale_hi = 64.f;
-
-  __device__ __forceinline__ Nvfp4Operand(const WeightBlock& b, int) {
-    const uint32_t s_lo = e4m3x2_to_f16x2(b.s_lo), s_hi = e4m3x2_to_f16x2(b.s_hi);
-    decode_codes(b.lo, __byte_perm(s_lo, 0, 0x1010), __byte_perm(s_lo, 0, 0x3232), lo);
-    decode_codes(b.hi, __byte_perm(s_hi, 0, 0x1010), __byte_perm(s_hi, 0, 0x3232), hi);
-  }
+// NVFP4 operand of one block, laid out as WeightOperand's.
+struct Nvfp4Operand : DecodedOperand {
+  static __device__ __forceinline__ BlockWords words(const WeightBlock& b, int) { return BlockWords::nvfp4(b); }
+  __device__ __forceinline__ Nvfp4Operand(const WeightBlock& b, int q) : DecodedOperand(words(b, q)) {}
 };
 
 // The B operand of one block: the 32 activation values of 32-block q of the lane's activation

@@ -500,9 +500,11 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.const
                  mask=row_ok[:, None])
         return
     if FP16_PAIRS:  # elements 1 and 2 of every 4 swapped: (0, 2) and (1, 3) are the fp16 pairs
-        c = tl.arange(0, BLOCK_K)
-        col = kb * BLOCK_K + ((c & ~3) | ((c & 1) << 1) | ((c >> 1) & 1))
-        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + col[None, :], q.to(tl.float16), mask=row_ok[:, None])
+        # Swapped in registers (element 4j + 2a + b to position 4j + 2b + a), so the store is
+        # contiguous: addresses permuted per element measured ~3x slower (scalar stores).
+        v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 4, 2, 2))
+        v = tl.reshape(tl.permute(v, (0, 1, 3, 2)), (ROWS, BLOCK_K))
+        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], v, mask=row_ok[:, None])
     else:
         tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], q.to(tl.uint8, bitcast=True),
                  mask=row_ok[:, None])

@@ -52,10 +52,10 @@ from .loader import CUDA_ARCHS, arch_of, extension_at
 # 0.99x (NVFP4); the threshold sits between the two measured K.
 # The staged kernel (activation rows copied once a CTA into shared memory) takes NVFP4 weights
 # at 17 to STAGED_MAX_ROWS rows where its CTAs of 128 weight rows fill the SMs: measured
-# (twenty-second round, with the pre-pass) 1.2-1.3x the Triton GEMM at N = 24576, K = 7168,
-# 0.8-0.9x at N = 7168 and 3072 (too few CTAs, or a pre-pass as long as the GEMM), and slower
-# than Triton's FP8 warp-group MMAs for MXFP4 at every shape.  Four tiles a CTA up to 32 rows,
-# eight beyond (measured: 0.91-0.98x and 1.05x the other's time).
+# (twenty-second round, with the pre-pass) 1.2-1.5x the Triton GEMM at N = 24576, K = 7168,
+# 0.8-1.0x at N = 7168 and slower at N = 3072 (too few CTAs, or a pre-pass as long as the
+# GEMM), and slower than Triton's FP8 warp-group MMAs for MXFP4 at every shape.  Four tiles a
+# CTA up to 32 rows (0.91-0.98x the time of eight there), eight beyond (0.95x of four at 64).
 DECODE_MAX_ROWS = 8
 DECODE_KERNEL_ROWS = 16
 DECODE_TWO_GROUP_MIN_K = 4096

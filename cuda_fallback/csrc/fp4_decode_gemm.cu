@@ -18,7 +18,7 @@
 //   them in step, KSPLIT blocks at a time; the activation rows of those blocks are copied once
 //   a CTA into shared memory (cp.async, three stages) and read from there by all its warps,
 //   TILES times fewer L2 reads, for one barrier a step.  On the H100 it beats the Triton GEMM
-//   for NVFP4 weights at 17-64 rows on wide N only (1.2-1.3x at N = 24576, K = 7168; slower at
+//   for NVFP4 weights at 17-64 rows on wide N only (1.2-1.5x at N = 24576, K = 7168; slower at
 //   N <= 7168, and for MXFP4, whose Triton GEMM runs FP8 warp-group MMAs): the barrier holds
 //   every warp to the slowest weight load of its step, and mma.sync runs at a fraction of the
 //   warp-group MMA's rate (benchmarks/NOTES.md).
@@ -133,9 +133,8 @@ struct StageLayout {
 // tile w % TILES, blocks kb = KSPLIT * j + w / TILES).  Each step's activation rows arrive by
 // cp.async, kStages - 1 steps ahead; a warp's weight blocks come straight into its registers,
 // as in fp4_decode_gemm_kernel (staged in shared memory too, four stages, they measured
-// slower: 1.3-1.5x the time at 1-64 rows).  A warp decodes its block a word at a time and runs that word's MMAs for every
-// group before the next: the groups' accumulators are independent, so the MMAs of one word do
-// not wait for each other.
+// slower: 1.1-1.5x the time at 1-64 rows).  A warp decodes its block a word at a time and runs
+// that word's MMAs for every group before the next, each group with its own accumulators.
 // Rows past m_rows are neither copied nor stored: their MMA columns hold whatever the stage
 // held, and no column mixes into another.  Dynamic shared memory: staged_smem_bytes.
 template <int TILES, int KSPLIT, int GROUPS, class Rows, class Operand>

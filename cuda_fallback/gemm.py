@@ -2,9 +2,9 @@
 and prefill sizes, ``fp8_linear`` and ``grouped_linear`` at prefill sizes on Hopper.
 
 Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128 (every
-DeepSeek-V4 projection), 1 to 8 activation rows (up to 16 where K >= 4096; NVFP4 up to 64 where N
-is wide, see ``decode_tiles``), 16-byte aligned weight rows and 4-byte (MXFP4) or 2-byte (NVFP4)
-aligned scale rows.  Why so few rows: every 16-row tile
+DeepSeek-V4 projection), 1 to 8 activation rows (up to 16 where K >= 4096), 16-byte aligned weight
+rows and 4-byte (MXFP4) or 2-byte (NVFP4) aligned scale rows; on sm90a NVFP4 weights at 17 to 64
+rows go to ``csrc/sm90_nvfp4_decode_gemm.cu`` where N is wide (``wgmma_covers``).  Why so few rows: every 16-row tile
 of the kernel reads all its activation rows from L2, so at 64 rows (H100, N = 24576, K = 7168) it
 read ~700 MB from L2 and took 218 us against the Triton GEMM's 84; at one row it took 51 us
 against 82, at 16 rows (two groups of 8 sharing each decoded weight block) 72 against 84
@@ -30,6 +30,7 @@ backend in the registry's order, the Triton GEMM; forcing ``cuda`` on them raise
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -50,16 +51,17 @@ from .loader import CUDA_ARCHS, arch_of, extension_at
 # K >= DECODE_TWO_GROUP_MIN_K.  Measured on the H100 at 16 rows against the Triton GEMM
 # (benchmarks/NOTES.md, twenty-first round): K = 7168 1.2-2.6x, K = 1536 0.89x (MXFP4) and
 # 0.99x (NVFP4); the threshold sits between the two measured K.
-# The staged kernel (activation rows copied once a CTA into shared memory) takes NVFP4 weights
-# at 17 to STAGED_MAX_ROWS rows where its CTAs of 128 weight rows fill the SMs: measured
-# (twenty-second round, with the pre-pass) 1.2-1.5x the Triton GEMM at N = 24576, K = 7168,
-# 0.8-1.0x at N = 7168 and slower at N = 3072 (too few CTAs, or a pre-pass as long as the
-# GEMM), and slower than Triton's FP8 warp-group MMAs for MXFP4 at every shape.  Four tiles a
-# CTA up to 32 rows (0.91-0.98x the time of eight there), eight beyond (0.95x of four at 64).
 DECODE_MAX_ROWS = 8
 DECODE_KERNEL_ROWS = 16
 DECODE_TWO_GROUP_MIN_K = 4096
-STAGED_MAX_ROWS = 64
+# NVFP4 at 17 to WGMMA_MAX_ROWS rows on sm90a: csrc/sm90_nvfp4_decode_gemm.cu (the warp-group
+# MMA, the weight decoded into its A registers, 64 weight rows a CTA) where its CTAs number at
+# least WGMMA_MIN_CTAS_PER_SM an SM.  Measured on the H100 with its pre-pass against the Triton
+# GEMM (benchmarks/NOTES.md, twenty-second round): N = 24576, K = 7168 1.6-2.2x; N = 7168,
+# K = 1536 (112 CTAs) 1.1-1.2x; N = 3072 (48 CTAs) 0.6x.  MXFP4 stays on the Triton GEMM, whose
+# FP8 warp-group MMAs take it faster (86 against 106 us at 64 rows, N = 24576).
+WGMMA_MAX_ROWS = 64
+WGMMA_MIN_CTAS_PER_SM = 0.75
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least
 # PREFILL_MIN_K and at least one 128 x 128 output tile an SM.  Measured on the H100 against the
 # Triton GEMM (benchmarks/NOTES.md, eighteenth round), both with the same pre-pass: 1.14-1.42x
@@ -98,30 +100,42 @@ def _on_sm90(rows: str, device: torch.device) -> str:
     return "" if arch == "sm90a" else f"{rows}: the prefill kernels target sm90a, this GPU is {arch}"
 
 
-def decode_tiles(m: int, n: int, k: int, fmt: str, device: torch.device) -> Optional[int]:
-    """The decode kernel for ``m`` activation rows of a ``[n, k]`` weight: 0 for the one whose warps
-    read the activation rows from L2, the staged kernel's 16-row tiles a CTA (4 or 8), or None
-    where the registry sends the call elsewhere."""
-    if 1 <= m <= DECODE_MAX_ROWS or (m <= DECODE_KERNEL_ROWS and k >= DECODE_TWO_GROUP_MIN_K):
-        return 0
-    if fmt == "nvfp4" and DECODE_KERNEL_ROWS < m <= STAGED_MAX_ROWS and n >= staged_min_n(device):
-        return 8 if m > 4 * 8 else 4
-    return None
+def decode_takes(m: int, k: int) -> bool:
+    """Whether the registry sends ``m`` activation rows of length ``k`` to the decode kernel."""
+    return 1 <= m <= DECODE_MAX_ROWS or (m <= DECODE_KERNEL_ROWS and k >= DECODE_TWO_GROUP_MIN_K)
 
 
-def staged_min_n(device: torch.device) -> int:
-    """The fewest weight rows for which the staged kernel runs: one CTA of 128 rows an SM."""
-    return 128 * sm_count(_gpu(device))
+def wgmma_min_n(device: torch.device) -> int:
+    """The fewest weight rows for which the NVFP4 warp-group MMA kernel runs (64 a CTA)."""
+    return 64 * math.ceil(WGMMA_MIN_CTAS_PER_SM * sm_count(_gpu(device)))
 
 
-def fp4_decode(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, global_scale: Optional[torch.Tensor],
-               tiles: int) -> torch.Tensor:
-    """``act_quant(x2) @ dequant(w).T`` for rows ``x2 [M, K]`` by the decode kernels: ``tiles`` 0
-    (1-16 rows) or 4, 8 (the staged kernel: NVFP4, 1-64 rows)."""
+def wgmma_covers(m: int, n: int, w_scale: torch.Tensor, device: torch.device) -> str:
+    """``""`` when the NVFP4 warp-group MMA kernel takes ``m`` rows of an ``[n, K]`` weight, else why not."""
+    if not DECODE_KERNEL_ROWS < m <= WGMMA_MAX_ROWS or n < wgmma_min_n(device):
+        return f"{m} rows of a {n}-row weight (it takes {DECODE_KERNEL_ROWS + 1} to {WGMMA_MAX_ROWS} with N >= {wgmma_min_n(device)})"
+    if not rows_aligned(w_scale, 4):
+        return "scale rows are not contiguous and 4-byte aligned"
+    arch = arch_of(_gpu(device))
+    return "" if arch == "sm90a" else f"the warp-group MMA kernel targets sm90a, this GPU is {arch}"
+
+
+def fp4_decode(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               global_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``act_quant(x2) @ dequant(w).T`` for 1-16 rows ``x2 [M, K]`` by the decode kernel."""
     codes, scales = act_quant_rows(x2, fp16_pairs=True)
     index = x2.device.index
-    return extension_at(index).fp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8), global_scale, tiles,
+    return extension_at(index).fp4_decode_gemm(codes, scales, w, w_scale.view(torch.uint8), global_scale,
                                                torch._C._cuda_getCurrentRawStream(index))
+
+
+def nvfp4_wgmma(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """``act_quant(x2) @ dequant(w).T`` for 1-64 rows ``x2 [M, K]`` and an NVFP4 weight by the
+    warp-group MMA kernel (sm90a)."""
+    codes, scales = act_quant_rows(x2, mma_slots=True)
+    index = x2.device.index
+    return extension_at(index).nvfp4_wgmma_gemm(codes, scales, w, w_scale.view(torch.uint8), global_scale,
+                                                torch._C._cuda_getCurrentRawStream(index))
 
 
 def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> str:
@@ -141,12 +155,12 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
     scale_align = 2 if fmt == "nvfp4" else 4
     if not rows_aligned(w_scale, scale_align):
         return f"scale rows are not contiguous and {scale_align}-byte aligned"
-    if decode_tiles(m, n, k, fmt, x.device) is not None:
+    if decode_takes(m, k):
         return ""
     decode = f"1 to {DECODE_MAX_ROWS}, to {DECODE_KERNEL_ROWS} with K >= {DECODE_TWO_GROUP_MIN_K}"
     if fmt == "nvfp4":
-        staged = f"to {STAGED_MAX_ROWS} with N >= {staged_min_n(x.device)}"
-        return f"{m} activation rows (NVFP4: {decode}, {staged}, or {NVFP4_EXPAND_MIN_ROWS} or more on sm90a)"
+        why = wgmma_covers(m, n, w_scale, x.device)
+        return why and f"{m} activation rows (NVFP4: {decode}, or {NVFP4_EXPAND_MIN_ROWS} or more on sm90a; {why})"
     rows = f"{m} activation rows (it takes {decode}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
     if m < FP4_PREFILL_MIN_ROWS:
         return rows
@@ -157,9 +171,10 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str, global_scale) -> torch.Tensor:
     x2 = as_rows(x)
     m, n, k = x2.shape[0], w.shape[0], x2.shape[1]
-    tiles = decode_tiles(m, n, k, fmt, x.device)
-    if tiles is not None:
-        y = fp4_decode(x2, w, w_scale, global_scale, tiles)
+    if decode_takes(m, k):
+        y = fp4_decode(x2, w, w_scale, global_scale)
+    elif fmt == "nvfp4" and m <= WGMMA_MAX_ROWS:
+        y = nvfp4_wgmma(x2, w, w_scale, global_scale)
     elif fmt == "nvfp4":
         # The BF16 route of the Triton backend (kernels/gemm.py, nvfp4_expanded_gemm) on the
         # hand-written BF16 GEMM.

@@ -1,5 +1,6 @@
-"""The cuda backend of fp4_linear against the oracle: the decode kernels
-(cuda_fallback/csrc/fp4_decode_gemm.cu, MXFP4 and NVFP4) and the MXFP4 prefill path (the weight
+"""The cuda backend of fp4_linear against the oracle: the decode kernel
+(cuda_fallback/csrc/fp4_decode_gemm.cu, MXFP4 and NVFP4), the NVFP4 warp-group MMA kernel
+(cuda_fallback/csrc/sm90_nvfp4_decode_gemm.cu, 17-64 rows on sm90a) and the MXFP4 prefill path (the weight
 re-encoded as FP8 blocks, then the FP8 kernel of sm90_fp8_gemm.cu), and the registry rule that
 sends it decode-sized calls and prefill-sized MXFP4 calls (NVFP4 prefill: test_cuda_bf16_gemm).
 GPU only: the source is compiled on the CPU by test_cuda_fallback."""
@@ -14,6 +15,7 @@ from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
 from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
+from cuda_fallback.loader import arch_of
 from test_gemm import (SPEC_FP4, _gen, assert_fp4_close, block_spread_error, random_block_exponents, random_e8m0,
                        random_fp4, random_fp4_linear_case, spread_inputs)
 
@@ -28,31 +30,31 @@ def _cuda(*args):
         return ops.fp4_linear(*args)
 
 
-def _decode(x, w, ws, fmt="mxfp4", gs=None, tiles=0):
-    # One decode kernel, past the registry's size rule: tiles 0 the kernel whose warps read the
-    # activation rows from L2 (1-16 rows), 4 or 8 the staged kernel (1-64 rows).
-    return cuda_gemm.fp4_decode(x, w, ws, gs, tiles)
+def _decode(x, w, ws, fmt="mxfp4", gs=None):
+    # The decode kernel itself, past the registry's size rule: it takes up to 16 rows at any K
+    # (the registry sends 9-16 rows there on long K only).
+    return cuda_gemm.fp4_decode(x, w, ws, gs)
+
+
+def _wgmma(x, w, ws, gs):
+    # The NVFP4 warp-group MMA kernel itself, at any N and 1-64 rows (the registry sends it
+    # 17-64 rows of wide weights); sm90a only.
+    if arch_of(x.device) != "sm90a":
+        pytest.skip(f"the warp-group MMA kernel targets sm90a, this GPU is {arch_of(x.device)}")
+    return cuda_gemm.nvfp4_wgmma(x, w, ws, gs)
 
 
 def _check(y, x, w, ws, extra=None, what=""):
     assert_fp4_close(y, x, w, ws, "mxfp4", None, extra=extra, what=what)
 
 
-# Each decode kernel form with the formats and the most rows it takes.
-KERNELS = pytest.mark.parametrize("tiles, rows, fmt", [(0, 16, "mxfp4"), (0, 16, "nvfp4"), (4, 64, "nvfp4"),
-                                                       (8, 64, "nvfp4")],
-                                  ids=["mxfp4", "nvfp4", "nvfp4-staged-4", "nvfp4-staged-8"])
-
-
-@KERNELS
-@given(data=st.data(), n=st.integers(1, 300), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_matches_oracle(device, tiles, rows, fmt, data, n, kb, seed):
-    # Odd N (a partial 16-row tile, CTAs with tiles past N), any row count the kernel takes (a
-    # partial group of the MMA's 8 columns), K from one 128-block up (fewer blocks than warps
-    # splitting K, fewer than the staged kernel's stages), a NaN row for odd seeds.
-    m = data.draw(st.integers(1, rows), label="m")
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@given(m=st.integers(1, 16), n=st.integers(1, 100), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
+def test_matches_oracle(device, fmt, m, n, kb, seed):
+    # Odd N (a partial 16-row tile), 1 to 16 rows (one or two groups of the MMA's 8 columns),
+    # K from one 128-block up (fewer blocks than warps included), a NaN row for odd seeds.
     x, w, ws, gs = random_fp4_linear_case(m, n, 128 * kb, seed, device, fmt)
-    y = _decode(x, w, ws, fmt, gs, tiles)
+    y = _decode(x, w, ws, fmt, gs)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert_fp4_close(y, x, w, ws, fmt, gs)
 
@@ -91,39 +93,34 @@ def test_real_shapes(device, fmt, m, n, k):
     assert_fp4_close(_decode(x, w, ws, fmt, gs), x, w, ws, fmt, gs, what=f"{fmt} {m} x {n} x {k}")
 
 
-@pytest.mark.parametrize("m", [17, 64])
-def test_nvfp4_staged_real_shape(device, m):
-    # The registry's pick at the widest projection: four tiles a CTA up to 32 rows, eight beyond.
-    n, k = 24576, 7168
-    assert cuda_gemm.decode_tiles(m, n, k, "nvfp4", device) == (4 if m <= 32 else 8)
-    g = _gen(m)
+@given(m=st.integers(1, 64), n=st.integers(1, 300), kb=st.integers(1, 6), seed=st.integers(0, 2**31))
+def test_nvfp4_wgmma_matches_oracle(device, m, n, kb, seed):
+    # Odd N (a partial 64-row CTA), 1 to 64 rows (the MMA's N is always 64: rows past M are
+    # never copied nor stored), K from one block up (fewer blocks than stages), a NaN row for
+    # odd seeds.
+    x, w, ws, gs = random_fp4_linear_case(m, n, 128 * kb, seed, device, "nvfp4")
+    y = _wgmma(x, w, ws, gs)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert_fp4_close(y, x, w, ws, "nvfp4", gs)
+
+
+@pytest.mark.parametrize("m", [17, 40, 64])
+@pytest.mark.parametrize("n, k", [(24576, 7168), (7168, 1536)])
+def test_nvfp4_wgmma_real_shapes(device, m, n, k):
+    g = _gen(m + n)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     w, ws, gs = random_fp4(n, k, g, device, "nvfp4")
-    assert_fp4_close(_cuda(x, w, ws, "nvfp4", gs), x, w, ws, "nvfp4", gs, what=f"{m} x {n} x {k}")
+    assert_fp4_close(_wgmma(x, w, ws, gs), x, w, ws, "nvfp4", gs, what=f"{m} x {n} x {k}")
 
 
-@KERNELS
-def test_every_kernel_form_at_a_real_shape(device, tiles, rows, fmt):
-    g = _gen(rows + tiles)
-    x = torch.randn(rows, 7168, generator=g).to(torch.bfloat16).to(device)
-    w, ws, gs = random_fp4(3072, 7168, g, device, fmt)
-    assert_fp4_close(_decode(x, w, ws, fmt, gs, tiles), x, w, ws, fmt, gs, what=f"{fmt} tiles {tiles}")
-
-
-def test_decode_kernels_reject_bad_forms(device):
+def test_nvfp4_wgmma_rejects_bad_arguments(device):
     g = _gen(14)
-    w, ws, gs = random_fp4(32, 256, g, device, "nvfp4")
-    x = torch.randn(17, 256, generator=g).to(torch.bfloat16).to(device)
-    with pytest.raises(RuntimeError, match="x_codes: expected 1 to 16 rows with tiles = 0, got 17"):
-        _decode(x, w, ws, "nvfp4", gs, tiles=0)
-    x65 = torch.randn(65, 256, generator=g).to(torch.bfloat16).to(device)
-    with pytest.raises(RuntimeError, match="x_codes: expected 1 to 64 rows with tiles = 8, got 65"):
-        _decode(x65, w, ws, "nvfp4", gs, tiles=8)
-    with pytest.raises(RuntimeError, match="tiles: expected 0, 4 or 8, got 3"):
-        _decode(x, w, ws, "nvfp4", gs, tiles=3)
-    wm, wsm, _ = random_fp4(32, 256, g, device)
-    with pytest.raises(RuntimeError, match="tiles: the staged kernel takes NVFP4 weights only"):
-        _decode(x, wm, wsm, tiles=4)
+    w, ws, gs = random_fp4(64, 256, g, device, "nvfp4")
+    with pytest.raises(RuntimeError, match="x_codes: expected 1 to 64 rows, got 65"):
+        _wgmma(torch.randn(65, 256, generator=g).to(torch.bfloat16).to(device), w, ws, gs)
+    odd = torch.zeros(64, 18, dtype=torch.float8_e4m3fn, device=device)[:, 2:]  # scale rows 2-byte aligned
+    with pytest.raises(RuntimeError, match="w_scale: expected 4-byte aligned rows"):
+        _wgmma(torch.randn(17, 256, generator=g).to(torch.bfloat16).to(device), w, odd, gs)
 
 
 def test_leading_dims_and_strided_activation(device):
@@ -156,15 +153,6 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
         ran.clear()
         ops.fp4_linear(torch.randn(m, k_long, generator=g).to(torch.bfloat16).to(device), wl, wsl)
         assert ran == [expect], (m, ran)
-    # NVFP4 at 17-64 rows: the staged kernel on wide N only.
-    wide = cuda_gemm.staged_min_n(device)
-    wv, wsv, gsv = random_fp4(wide, 256, g, device, "nvfp4")
-    for n_rows, m, expect in ((wide, 17, "cuda"), (wide, cuda_gemm.STAGED_MAX_ROWS, "cuda"),
-                              (wide, cuda_gemm.STAGED_MAX_ROWS + 1, "triton"), (wide - 16, 17, "triton")):
-        ran.clear()
-        ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), wv[:n_rows], wsv[:n_rows],
-                       "nvfp4", gsv)
-        assert ran == [expect], (n_rows, m, ran)
     n, k = 1536, 1536  # fewer output tiles than SMs: the row count alone decides
     wp, wsp, _ = random_fp4(n, k, g, device)
     first = cuda_gemm.FP4_PREFILL_MIN_ROWS
@@ -186,6 +174,17 @@ def test_dispatch_sends_decode_and_prefill_mxfp4_to_cuda_and_the_rest_to_triton(
         ran.clear()
         ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), wn, wsn, "nvfp4", gs)
         assert ran == [expect], (m, ran)
+    # NVFP4 at 17-64 rows: the warp-group MMA kernel on wide weights, sm90a only.
+    wide = cuda_gemm.wgmma_min_n(device)
+    wv, wsv, gsv = random_fp4(wide, 256, g, device, "nvfp4")
+    on_sm90 = arch_of(device) == "sm90a"
+    for n_rows, m, expect in ((wide, 17, "cuda" if on_sm90 else "triton"),
+                              (wide, cuda_gemm.WGMMA_MAX_ROWS, "cuda" if on_sm90 else "triton"),
+                              (wide, cuda_gemm.WGMMA_MAX_ROWS + 1, "triton"), (wide - 64, 17, "triton")):
+        ran.clear()
+        ops.fp4_linear(torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device), wv[:n_rows], wsv[:n_rows],
+                       "nvfp4", gsv)
+        assert ran == [expect], (n_rows, m, ran)
     ran.clear()
     odd = torch.zeros(8, 17, dtype=torch.float8_e4m3fn, device=device)[:, 1:]  # scale rows 1-byte aligned
     ops.fp4_linear(torch.randn(4, 256, generator=g).to(torch.bfloat16).to(device), wn, odd, "nvfp4", gs)
@@ -226,8 +225,8 @@ def test_nvfp4_decodes_every_code_and_scale_byte_exactly(device):
     assert torch.equal(y.float().cpu(), want)
 
 
-@pytest.mark.parametrize("tiles", [0, 4, 8])
-def test_nvfp4_nan_and_inf_propagate_like_oracle(device, tiles):
+@pytest.mark.parametrize("kernel", ["decode", "wgmma"])
+def test_nvfp4_nan_and_inf_propagate_like_oracle(device, kernel):
     g = _gen(12)
     x = torch.randn(6, 256, generator=g).to(torch.bfloat16)
     x[0, 3] = float("nan")  # row 0 NaN
@@ -237,8 +236,9 @@ def test_nvfp4_nan_and_inf_propagate_like_oracle(device, tiles):
     ws.view(torch.uint8)[11, 5] = 0x7F  # an E4M3 NaN scale: column 11 NaN
     ws.view(torch.uint8)[12, 9] = 0xFF  # the negative NaN: column 12
     ws.view(torch.uint8)[13] = 0  # a whole row of zero scales: zeros
-    y = _decode(x.to(device), w.to(device), ws.to(device), "nvfp4", gs.to(device), tiles)
-    _check_nvfp4(y, x.to(device), w.to(device), ws.to(device), gs.to(device))
+    args = x.to(device), w.to(device), ws.to(device)
+    y = _decode(*args, "nvfp4", gs.to(device)) if kernel == "decode" else _wgmma(*args, gs.to(device))
+    _check_nvfp4(y, *args, gs.to(device))
     assert bool(torch.isnan(y[:2]).all()) and bool(torch.isnan(y[:, 11:13]).all())
     assert not bool(torch.isnan(y[2:, 13:]).any()) and bool((y[2:, 13] == 0).all())
 

@@ -30,7 +30,7 @@ int64_t built_arch() {
 
 // fp4_decode_gemm.cu
 torch::Tensor fp4_decode_gemm(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w, torch::Tensor w_scale,
-                              std::optional<torch::Tensor> global_scale, int64_t tiles, int64_t stream_handle);
+                              std::optional<torch::Tensor> global_scale, int64_t stream_handle);
 // moe_decode.cu
 void moe_decode_w13(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w13, torch::Tensor w13_scale,
                     torch::Tensor sorted_pair, torch::Tensor block_expert, torch::Tensor route_w, torch::Tensor hq,
@@ -44,6 +44,10 @@ int64_t row_topk_max_clusters(int64_t cluster, int64_t device);
 #ifdef DSV4_WITH_SM90_BF16_GEMM  // sm_90a only
 void bf16_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor y, std::optional<torch::Tensor> scale,
                int64_t tile_rows, int64_t stream_handle);
+#endif
+#ifdef DSV4_WITH_SM90_NVFP4_DECODE_GEMM  // sm_90a only
+torch::Tensor nvfp4_wgmma_gemm(torch::Tensor x_codes, torch::Tensor x_scales, torch::Tensor w, torch::Tensor w_scale,
+                               torch::Tensor global_scale, int64_t stream_handle);
 #endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM  // sm_90a only
 void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,
@@ -63,10 +67,14 @@ void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_arch", &built_arch, "SM version of the kernel image used on the current device");
   m.def("fp4_decode_gemm", &fp4_decode_gemm,
-        "MXFP4 or NVFP4 weight GEMM for up to 64 activation rows (FP8 codes + scales in, bf16 out)");
+        "MXFP4 or NVFP4 weight GEMM for up to 16 activation rows (FP8 codes + scales in, bf16 out)");
   m.def("moe_decode_w13", &moe_decode_w13, "routed experts at decode: w13 GEMM, SwiGLU, routing weight, act_quant");
 #ifdef DSV4_WITH_SM90_BF16_GEMM
   m.def("bf16_gemm", &bf16_gemm, "grouped BF16 GEMM with an optional FP32 scale, TMA + wgmma, sm_90a");
+#endif
+#ifdef DSV4_WITH_SM90_NVFP4_DECODE_GEMM
+  m.def("nvfp4_wgmma_gemm", &nvfp4_wgmma_gemm,
+        "NVFP4 weight GEMM for up to 64 activation rows on the warp-group MMA (FP8 codes + scales in, bf16 out), sm_90a");
 #endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM
   m.def("fp8_gemm", &fp8_gemm, "FP8 x FP8 block-scaled GEMM (act_quant codes + scales in, bf16 out), TMA + wgmma, sm_90a");

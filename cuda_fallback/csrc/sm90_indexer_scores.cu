@@ -77,21 +77,6 @@ struct Params {
 // K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t k_major_desc(uint32_t addr) { return smem_desc(addr, 16, 1024); }
 
-// D[64 keys x 64 heads] (+)= A[64 x 16] (registers) B[16 x 64] (K-major, shared memory).
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
-                                                   int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
-}
-
 // Reduction slot of value e (0..127) of a head: (k-step j, position kk 0..15 within it).
 // Lane t of a quad holds positions 2t, 2t+1 (register pair lo) and 8+2t, 9+2t (hi) of each
 // k-step for its rows; those are values 32t + 8m + c with m = j / 2 the code word and c the
@@ -199,7 +184,7 @@ __device__ __forceinline__ void issue_mma(float (&d)[32], uint32_t (&a)[8][4], u
   wgmma_fence();
 #pragma unroll
   for (int j = 0; j < 8; ++j)
-    wgmma_m64n64k16_rs(d, a[j], k_major_desc(q_base + (j >> 2) * kPanelBytes + (j & 3) * 32), j != 0);
+    wgmma_m64n64k16_rs_bf16(d, a[j], k_major_desc(q_base + (j >> 2) * kPanelBytes + (j & 3) * 32), j != 0);
   wgmma_commit();
 }
 

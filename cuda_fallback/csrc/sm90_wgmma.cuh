@@ -46,6 +46,26 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
 }
 
+// D[64 x 64] (+)= A[64 x 16] (registers) B[16 x 64] (K-major, shared memory), FP32 D, BF16 or
+// FP16 operands; `accumulate` 0 overwrites D.
+#define DSV4_WGMMA_M64N64K16_RS(name, type)                                                                      \
+  __device__ __forceinline__ void name(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) { \
+    asm volatile(                                                                                                 \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                             \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " "                                           \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "   \
+        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"          \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),              \
+          "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),              \
+          "+f"(d[30]), "+f"(d[31])                                                                                \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));                             \
+  }
+DSV4_WGMMA_M64N64K16_RS(wgmma_m64n64k16_rs_bf16, "bf16")
+DSV4_WGMMA_M64N64K16_RS(wgmma_m64n64k16_rs_f16, "f16")
+#undef DSV4_WGMMA_M64N64K16_RS
+
 // The accumulator operands of an m64n128 wgmma with FP32 results, `d` a float[64]: the
 // register list "{%0, ..., %63}" of the instruction and the matching asm outputs, so that
 // operands %64 and up are the instruction's other inputs.

@@ -6,8 +6,8 @@ of ``torch._scaled_mm``), decode M in {1, 16, 64} (weight-stream bound: ceiling 
 bandwidth, bytes = the weight and its scales read once + x + y).
 
 ``fp4_linear`` runs what dispatch picks: the ``cuda`` backend where it is built, up to 8 rows (16
-where K >= 4096; NVFP4 up to 64 on wide N) the act_quant pre-pass + one of ``fp4_decode_gemm.cu``'s
-kernels, for MXFP4 at prefill size on
+where K >= 4096; MXFP4 and NVFP4) the act_quant pre-pass + ``fp4_decode_gemm.cu``, NVFP4 at 17-64
+rows of a wide weight on sm_90 the pre-pass + ``sm90_nvfp4_decode_gemm.cu``, for MXFP4 at prefill size on
 sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
 ``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
 shapes.  NVFP4 at prefill size: the dequantised activation and the weight expanded to BF16,
@@ -24,7 +24,7 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 
 import torch
 
-from cuda_fallback.gemm import decode_tiles
+from cuda_fallback.gemm import WGMMA_MAX_ROWS, decode_takes
 
 from .. import ops, use_backend
 from ..kernels.gemm import NVFP4_EXPAND_MIN_ROWS
@@ -170,10 +170,10 @@ def cases(quick: bool):
                              if cuda else "act dequant + weight expanded to BF16 + BF16 GEMM")
                 elif not cuda:
                     launches, notes = (1 if m <= 16 else 2), ""
-                elif decode_tiles(m, n, k, fmt, torch.device("cuda")) == 0:
+                elif decode_takes(m, k):
                     launches, notes = 2, "cuda backend (pre-pass + decode GEMM)"
-                elif decode_tiles(m, n, k, fmt, torch.device("cuda")) is not None:
-                    launches, notes = 2, "cuda backend (pre-pass + staged decode GEMM)"
+                elif fmt == "nvfp4" and m <= WGMMA_MAX_ROWS:
+                    launches, notes = 2, "cuda backend (pre-pass + warp-group MMA decode GEMM)"
                 else:
                     launches, notes = 3, "cuda backend (pre-pass + weight as FP8 blocks + TMA/wgmma GEMM)"
                 out.append(Case(op="fp4_linear", shape=f"M={m} N={n} K={k} {fmt}",

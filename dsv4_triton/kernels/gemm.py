@@ -487,7 +487,8 @@ def scaled_dot_t(acc_t, a, a_scale, w, w_scale):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                      FP16_PAIRS: tl.constexpr = False, DEQUANT: tl.constexpr = False):
+                      FP16_PAIRS: tl.constexpr = False, MMA_SLOTS: tl.constexpr = False,
+                      DEQUANT: tl.constexpr = False):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     kb = tl.program_id(1)
     row_ok = rows < M
@@ -504,6 +505,10 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.const
         # contiguous: addresses permuted per element measured ~3x slower (scalar stores).
         v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 4, 2, 2))
         v = tl.reshape(tl.permute(v, (0, 1, 3, 2)), (ROWS, BLOCK_K))
+        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], v, mask=row_ok[:, None])
+    elif MMA_SLOTS:  # element 32q + 4s + 2r1 + r0 to position 16s + 8r0 + 2q + r1
+        v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 32, 8, 2, 2))
+        v = tl.reshape(tl.permute(v, (0, 2, 4, 1, 3)), (ROWS, BLOCK_K))
         tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], v, mask=row_ok[:, None])
     else:
         tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], q.to(tl.uint8, bitcast=True),
@@ -525,16 +530,20 @@ def _act_pre_pass(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor, **forms) -
                                                     BLOCK_K=ACT_BLOCK, num_warps=4, **forms)
 
 
-def act_quant_rows(x2: torch.Tensor, fp16_pairs: bool = False):
+def act_quant_rows(x2: torch.Tensor, fp16_pairs: bool = False, mma_slots: bool = False):
     """``[M, K]`` -> (FP8 codes as bytes ``[M, 128 * ceil(K/128)]``, zero-padded; scales
     ``[M, ceil(K/128)]``): the GEMMs' activation pre-pass.
 
-    ``fp16_pairs``: the codes' values as fp16 instead (exact), elements 1 and 2 of every four
-    swapped, the order in which the CUDA decode GEMMs take them as mma.sync B fragments."""
+    The codes' values as fp16 instead (exact), in the order a CUDA decode GEMM reads them:
+    ``fp16_pairs``, elements 1 and 2 of every four swapped (mma.sync B fragments read by each
+    lane); ``mma_slots``, each 128-block as eight runs of 16, run s holding elements
+    32q + 4s + (0, 2) at 2q and 32q + 4s + (1, 3) at 8 + 2q (the k slots of a warp-group MMA's
+    B operand in shared memory, csrc/sm90_fp4_decode_gemm.cu)."""
     m, n_kb = x2.shape[0], triton.cdiv(x2.shape[1], ACT_BLOCK)
-    q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.float16 if fp16_pairs else torch.uint8, device=x2.device)
+    fp16 = fp16_pairs or mma_slots
+    q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.float16 if fp16 else torch.uint8, device=x2.device)
     s = torch.empty((m, n_kb), dtype=torch.float32, device=x2.device)
-    _act_pre_pass(x2, q, s, FP16_PAIRS=fp16_pairs)
+    _act_pre_pass(x2, q, s, FP16_PAIRS=fp16_pairs, MMA_SLOTS=mma_slots)
     return q, s
 
 

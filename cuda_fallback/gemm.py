@@ -57,9 +57,10 @@ DECODE_TWO_GROUP_MIN_K = 4096
 # NVFP4 at 17 to WGMMA_MAX_ROWS rows on sm90a: csrc/sm90_nvfp4_decode_gemm.cu (the warp-group
 # MMA, the weight decoded into its A registers, 64 weight rows a CTA) where its CTAs number at
 # least WGMMA_MIN_CTAS_PER_SM an SM.  Measured on the H100 with its pre-pass against the Triton
-# GEMM (benchmarks/NOTES.md, twenty-second round): N = 24576, K = 7168 1.6-2.2x; N = 7168,
-# K = 1536 (112 CTAs) 1.1-1.2x; N = 3072 (48 CTAs) 0.6x.  MXFP4 stays on the Triton GEMM, whose
-# FP8 warp-group MMAs take it faster (86 against 106 us at 64 rows, N = 24576).
+# GEMM (benchmarks/NOTES.md, twenty-second round): N = 24576, K = 7168 1.7-2.3x; N = 7168,
+# K = 1536 (112 CTAs) 1.2-1.5x; N = 3072 (48 CTAs) ~0.6x (an earlier five-stage form).  MXFP4
+# stays on the Triton GEMM, whose FP8 warp-group MMAs take it faster (86 against 106 us at 64
+# rows, N = 24576).
 WGMMA_MAX_ROWS = 64
 WGMMA_MIN_CTAS_PER_SM = 0.75
 # fp8_linear: the TMA + wgmma kernel (``csrc/sm90_fp8_gemm.cu``) takes calls with K of at least

@@ -28,8 +28,6 @@
 
 #include <ATen/ops/empty.h>
 
-#include <optional>
-
 #include "fp4_mma.cuh"
 #include "sm90_wgmma.cuh"
 

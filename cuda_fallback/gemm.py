@@ -3,14 +3,18 @@ and prefill sizes, ``fp8_linear`` and ``grouped_linear`` at prefill sizes on Hop
 
 Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128 (every
 DeepSeek-V4 projection), 1 to 8 activation rows (up to 16 where K >= 4096), 16-byte aligned weight
-rows and 4-byte (MXFP4) or 2-byte (NVFP4) aligned scale rows; on sm90a NVFP4 weights at 17 to 64
-rows go to ``csrc/sm90_nvfp4_decode_gemm.cu`` where N is wide (``wgmma_covers``).  Why so few rows: every 16-row tile
+rows and 4-byte (MXFP4) or 2-byte (NVFP4) aligned scale rows.  Why so few rows: every 16-row tile
 of the kernel reads all its activation rows from L2, so at 64 rows (H100, N = 24576, K = 7168) it
 read ~700 MB from L2 and took 218 us against the Triton GEMM's 84; at one row it took 51 us
 against 82, at 16 rows (two groups of 8 sharing each decoded weight block) 72 against 84
 (benchmarks/NOTES.md).  The activation is quantised by the same pre-pass as the Triton GEMM's
 (``act_quant_rows``: FP8 codes and power-of-two scales, bit-identical to the oracle's; the codes'
 values written as fp16 in the kernel's operand order), then the kernel streams the weights once.
+
+Decode, NVFP4 at 17-64 rows (sm90a): ``csrc/sm90_nvfp4_decode_gemm.cu``, the warp-group MMA with
+the weight decoded into its A registers and the activation rows (in its k-slot order) as its
+shared-memory B operand, where the weight is wide enough for its 64-row CTAs to fill the SMs
+(``wgmma_covers``; scale rows 4-byte aligned).
 
 Prefill (sm90a): from ``FP4_PREFILL_MIN_ROWS`` rows an MXFP4 weight is re-encoded as FP8 with
 one E8M0 scale per 128 x 128 block (``mxfp4_to_fp8_blocks``: one memory-bound pass, exact
@@ -112,9 +116,11 @@ def wgmma_min_n(device: torch.device) -> int:
 
 
 def wgmma_covers(m: int, n: int, w_scale: torch.Tensor, device: torch.device) -> str:
-    """``""`` when the NVFP4 warp-group MMA kernel takes ``m`` rows of an ``[n, K]`` weight, else why not."""
+    """``""`` when the NVFP4 warp-group MMA kernel takes ``m`` rows of an ``[n, K]`` weight, else
+    why not."""
     if not DECODE_KERNEL_ROWS < m <= WGMMA_MAX_ROWS or n < wgmma_min_n(device):
-        return f"{m} rows of a {n}-row weight (it takes {DECODE_KERNEL_ROWS + 1} to {WGMMA_MAX_ROWS} with N >= {wgmma_min_n(device)})"
+        takes = f"{DECODE_KERNEL_ROWS + 1} to {WGMMA_MAX_ROWS} with N >= {wgmma_min_n(device)}"
+        return f"{m} rows of a {n}-row weight (the warp-group MMA kernel takes {takes})"
     if not rows_aligned(w_scale, 4):
         return "scale rows are not contiguous and 4-byte aligned"
     arch = arch_of(_gpu(device))
@@ -161,7 +167,8 @@ def fp4_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str
     decode = f"1 to {DECODE_MAX_ROWS}, to {DECODE_KERNEL_ROWS} with K >= {DECODE_TWO_GROUP_MIN_K}"
     if fmt == "nvfp4":
         why = wgmma_covers(m, n, w_scale, x.device)
-        return why and f"{m} activation rows (NVFP4: {decode}, or {NVFP4_EXPAND_MIN_ROWS} or more on sm90a; {why})"
+        prefill = f"{NVFP4_EXPAND_MIN_ROWS} or more on sm90a"
+        return why and f"{m} activation rows (NVFP4: {decode}, or {prefill}; {why})"
     rows = f"{m} activation rows (it takes {decode}, or {FP4_PREFILL_MIN_ROWS} or more on sm90a)"
     if m < FP4_PREFILL_MIN_ROWS:
         return rows

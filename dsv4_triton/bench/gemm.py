@@ -7,8 +7,8 @@ bandwidth, bytes = the weight and its scales read once + x + y).
 
 ``fp4_linear`` runs what dispatch picks: the ``cuda`` backend where it is built, up to 8 rows (16
 where K >= 4096; MXFP4 and NVFP4) the act_quant pre-pass + ``fp4_decode_gemm.cu``, NVFP4 at 17-64
-rows of a wide weight on sm_90 the pre-pass + ``sm90_nvfp4_decode_gemm.cu``, for MXFP4 at prefill size on
-sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
+rows of a wide weight on sm_90 the pre-pass + ``sm90_nvfp4_decode_gemm.cu``, for MXFP4 at
+prefill size on sm_90 the pre-pass + the re-encoding of the weight as FP8 blocks + the FP8 GEMM of
 ``sm90_fp8_gemm.cu``; beside those ``fp4_linear[triton]`` times the Triton GEMM at the same
 shapes.  NVFP4 at prefill size: the dequantised activation and the weight expanded to BF16,
 then a BF16 GEMM, on sm_90 the ``cuda`` backend's ``sm90_bf16_gemm.cu`` (elsewhere the Triton

@@ -243,21 +243,23 @@ def test_nvfp4_nan_and_inf_propagate_like_oracle(device, kernel):
     assert not bool(torch.isnan(y[2:, 13:]).any()) and bool((y[2:, 13] == 0).all())
 
 
-def test_nvfp4_graph_replay_reads_the_global_scale_on_the_device(device):
-    # A new activation and a new global scale written after capture: the replay uses both.
+@pytest.mark.parametrize("m", [4, 17], ids=["decode", "wgmma"])
+def test_nvfp4_graph_replay_reads_the_global_scale_on_the_device(device, m):
+    # A new activation and a new global scale written after capture: the replay uses both.  17
+    # rows of a weight just wide enough: the warp-group MMA kernel on sm90a.
     g = _gen(13)
-    w, ws, gs = random_fp4(3072, 7168, g, device, "nvfp4")
-    x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
+    w, ws, gs = random_fp4(3072 if m == 4 else cuda_gemm.wgmma_min_n(device), 7168, g, device, "nvfp4")
+    x = torch.randn(m, 7168, generator=g).to(torch.bfloat16).to(device)
     call = lambda: ops.fp4_linear(x, w, ws, "nvfp4", gs)  # noqa: E731
     call()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = call()
-    x.copy_(torch.randn(4, 7168, generator=g).to(torch.bfloat16))
+    x.copy_(torch.randn(m, 7168, generator=g).to(torch.bfloat16))
     gs.fill_(-3.0)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(y, _cuda(x, w, ws, "nvfp4", gs))
+    assert torch.equal(y, call())
     _check_nvfp4(y, x, w, ws, gs)
 
 

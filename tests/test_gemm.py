@@ -583,23 +583,39 @@ def test_nan_inf_zero_blocks_propagate_like_oracle(device, fused):
     assert bool((y[2, :11] == 0).all())
 
 
+# Position p of a 128-block -> the element it holds, for each fp16 order of the pre-pass.
+FP16_ORDERS = {
+    # elements 1 and 2 of every four swapped (mma.sync B fragments)
+    "fp16_pairs": [4 * (p // 4) + [0, 2, 1, 3][p % 4] for p in range(128)],
+    # run s = p // 16 of a warp-group MMA's k slots: slot 2q + r1 holds element 32q + 4s + 2r1,
+    # slot 8 + 2q + r1 element 32q + 4s + 1 + 2r1
+    "mma_slots": [32 * ((p % 8) // 2) + 4 * (p // 16) + 2 * (p % 2) + (p % 16) // 8 for p in range(128)],
+}
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy: the FP8 NaN byte
-def test_act_quant_fp16_pairs_are_the_codes_in_pair_order(device):
-    # The pre-pass form the CUDA decode GEMMs read: each code's value as fp16 (exact), elements
-    # 1 and 2 of every four swapped; the same scales.  (The interpreter reads the FP8 NaN byte
-    # as a number, so NaN codes are compared on a GPU only; their block's scale is NaN anyway.)
+@pytest.mark.parametrize("order", sorted(FP16_ORDERS))
+def test_act_quant_fp16_orders_are_the_codes_reordered(device, order):
+    # The pre-pass forms the CUDA decode GEMMs read: each code's value as fp16 (exact), in the
+    # kernel's order; the same scales.  (The interpreter reads the FP8 NaN byte as a number,
+    # so NaN codes are compared on a GPU only; their block's scale is NaN anyway.)
     x = (torch.randn(3, 300, generator=_gen(12)) * 5).to(torch.bfloat16)
     x[1, 7] = float("nan")
     x = x.to(device)
     q, s = kern.act_quant_rows(x)
-    q16, s16 = kern.act_quant_rows(x, fp16_pairs=True)
+    q16, s16 = kern.act_quant_rows(x, **{order: True})
     assert q16.dtype == torch.float16 and q16.shape == q.shape
     assert torch.equal(s16.isnan(), s.isnan()) and torch.equal(s16[~s.isnan()], s[~s.isnan()])
-    expect = q.view(torch.float8_e4m3fn).to(torch.float16).view(3, -1, 4)[:, :, [0, 2, 1, 3]].reshape(q.shape)
+    expect = q.view(torch.float8_e4m3fn).to(torch.float16).view(3, -1, 128)[:, :, FP16_ORDERS[order]].reshape(q.shape)
     known = ~expect.isnan() if device.type == "cpu" else torch.ones_like(expect, dtype=torch.bool)
     assert torch.equal(q16.view(torch.int16)[known], expect.view(torch.int16)[known]) or \
         torch.equal(q16[known].isnan(), expect[known].isnan()) and \
         torch.equal(q16[known].nan_to_num(), expect[known].nan_to_num())
+
+
+def test_act_quant_takes_one_fp16_order():
+    with pytest.raises(ValueError, match="fp16_pairs and mma_slots"):
+        kern.act_quant_rows(torch.zeros(1, 128, dtype=torch.bfloat16), fp16_pairs=True, mma_slots=True)
 
 
 def test_zero_rows_return_empty(device):

@@ -21,7 +21,7 @@
 // promotion are a few hundred dependent instructions a thread, so the time is set by how many
 // warps a multiprocessor holds.  With five stages, three blocks ahead and two CTAs a
 // multiprocessor it took 132-157 us at 1-64 rows; with three stages, one block ahead and three
-// CTAs (135 registers) 84-102 us (benchmarks/NOTES.md).
+// CTAs (136 registers) 84-102 us (benchmarks/NOTES.md).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -45,7 +45,7 @@ constexpr int kScaleBytes = kBlockK / 16;      // E4M3 scales a row and block
 constexpr int kStageBytes = 21504;             // act + codes + scales + act scales, a 1 KB multiple
 constexpr int kStages = 3;
 constexpr int kAhead = 1;       // blocks in flight; the stage of block j - 1 stays intact until j's promotion
-constexpr int kCtasPerSm = 3;   // 135 registers a thread
+constexpr int kCtasPerSm = 3;   // 136 registers a thread (<= 168)
 constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + realignment to 1024
 static_assert(kActBytes + kCodeBytes + kRows * kScaleBytes + kTokens * 4 <= kStageBytes, "stage layout");
 static_assert(kAhead + 2 <= kStages, "a stage is refilled only after the promotion that reads it");

@@ -500,16 +500,17 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_kb, ROWS: tl.const
         tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], (q.to(tl.float32) * s[:, None]).to(tl.bfloat16),
                  mask=row_ok[:, None])
         return
-    if FP16_PAIRS:  # elements 1 and 2 of every 4 swapped: (0, 2) and (1, 3) are the fp16 pairs
-        # Swapped in registers (element 4j + 2a + b to position 4j + 2b + a), so the store is
-        # contiguous: addresses permuted per element measured ~3x slower (scalar stores).
-        v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 4, 2, 2))
-        v = tl.reshape(tl.permute(v, (0, 1, 3, 2)), (ROWS, BLOCK_K))
-        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], v, mask=row_ok[:, None])
-    elif MMA_SLOTS:  # element 32q + 4s + 2r1 + r0 to position 16s + 8r0 + 2q + r1
-        v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 32, 8, 2, 2))
-        v = tl.reshape(tl.permute(v, (0, 2, 4, 1, 3)), (ROWS, BLOCK_K))
-        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], v, mask=row_ok[:, None])
+    if FP16_PAIRS or MMA_SLOTS:
+        # Reordered in registers, so the store is contiguous: addresses permuted per element
+        # measured ~3x slower (scalar stores).
+        if FP16_PAIRS:  # element 4j + 2a + b to position 4j + 2b + a
+            v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 4, 2, 2))
+            v = tl.permute(v, (0, 1, 3, 2))
+        else:  # element 32q + 4s + 2r1 + r0 to position 16s + 8r0 + 2q + r1
+            v = tl.reshape(q.to(tl.float16), (ROWS, BLOCK_K // 32, 8, 2, 2))
+            v = tl.permute(v, (0, 2, 4, 1, 3))
+        tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], tl.reshape(v, (ROWS, BLOCK_K)),
+                 mask=row_ok[:, None])
     else:
         tl.store(q_ptr + rows[:, None] * (n_kb * BLOCK_K) + k[None, :], q.to(tl.uint8, bitcast=True),
                  mask=row_ok[:, None])
@@ -538,7 +539,9 @@ def act_quant_rows(x2: torch.Tensor, fp16_pairs: bool = False, mma_slots: bool =
     ``fp16_pairs``, elements 1 and 2 of every four swapped (mma.sync B fragments read by each
     lane); ``mma_slots``, each 128-block as eight runs of 16, run s holding elements
     32q + 4s + (0, 2) at 2q and 32q + 4s + (1, 3) at 8 + 2q (the k slots of a warp-group MMA's
-    B operand in shared memory, csrc/sm90_fp4_decode_gemm.cu)."""
+    B operand in shared memory, csrc/sm90_nvfp4_decode_gemm.cu)."""
+    if fp16_pairs and mma_slots:
+        raise ValueError("act_quant_rows: fp16_pairs and mma_slots are two orders; expected at most one, got both")
     m, n_kb = x2.shape[0], triton.cdiv(x2.shape[1], ACT_BLOCK)
     fp16 = fp16_pairs or mma_slots
     q = torch.empty((m, n_kb * ACT_BLOCK), dtype=torch.float16 if fp16 else torch.uint8, device=x2.device)

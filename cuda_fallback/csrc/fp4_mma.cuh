@@ -158,9 +158,9 @@ __device__ __forceinline__ void decode_word(uint32_t word, uint32_t fold, uint32
 
 // One block's codes of rows g and g + 8 with the fp16x2 factors that decode them (words 0-1:
 // elements 0-15 of 32-block q, words 2-3: 16-31) and the rows' scales for the promotion.
-// word(i) decodes word i of both rows: what an operand holds at lo[4i .. 4i + 3] and
-// hi[4i .. 4i + 3].  A kernel that runs many MMAs per word decodes as it goes, four registers a
-// row live instead of sixteen.
+// word(i) decodes word i of both rows: what DecodedOperand holds at lo[4i .. 4i + 3] and
+// hi[4i .. 4i + 3], and what the warp-group MMA kernel (sm90_nvfp4_decode_gemm.cu) places in
+// the A fragments of k steps 2i and 2i + 1.
 struct BlockWords {
   uint4 lo, hi;
   uint32_t first_lo, second_lo, first_hi, second_hi;

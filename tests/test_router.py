@@ -265,8 +265,6 @@ def test_route_tiled_explicit_configs(device, config):
 # Small explicit split configs, so that CPU shapes have several token tiles, expert chunks
 # (a partial last one) and dim splits (a partial last one): (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, warps, stages).
 _SMALL_SPLIT_CONFIGS = [(16, 16, 32, 64, 4, 2), (32, 16, 16, 32, 4, 2), (16, 32, 16, 16, 4, 2)]
-# The same tiles with MERGE_TREE on (the selections as one merge of sorted lists): a 7th field.
-_SMALL_TREE_CONFIGS = [(16, 16, 32, 64, 4, 2, True), (32, 16, 16, 32, 4, 2, True)]
 
 
 def _split(x, weight, bias, table, token_ids, topk, route_scale, config):
@@ -280,12 +278,12 @@ def _split_counters_are_zero(device):
 
     for ws in kern._split_workspaces.values():
         if ws.partial.device.type == torch.device(device).type:
-            assert not bool(ws.chunk_counters.any()) and not bool(ws.tile_counters.any()), "arrival counters left set"
+            assert not bool(ws.sync.any()), "arrival counters left set"
 
 
 @given(T=st.sampled_from([1, 2, 5, 17, 33, 64]), E=st.sampled_from([6, 16, 40, 100]),
        dim=st.sampled_from([16, 100, 200]), k=st.integers(1, 8), biased=st.booleans(),
-       config=st.sampled_from(_SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
+       config=st.sampled_from(_SMALL_SPLIT_CONFIGS), logit_std=st.sampled_from([1.0, 30.0]),
        seed=st.integers(0, 2**31))
 def test_route_split_matches_oracle(device, T, E, dim, k, biased, config, logit_std, seed):
     k = min(k, E)
@@ -303,9 +301,10 @@ def test_route_split_matches_oracle(device, T, E, dim, k, biased, config, logit_
 
 @pytest.mark.parametrize("config", _SMALL_SPLIT_CONFIGS)
 def test_route_split_is_deterministic_and_resets_its_counters(device, config):
-    # Several dim splits per expert chunk: the partial sums are added in split order whichever
-    # program arrives last, so repeated calls give the same bits; each call leaves the arrival
-    # counters zero (a stale count would make the next call reduce too early).
+    # Several dim splits per expert chunk: each token's program adds the partial sums in one
+    # order whichever programs finish first, so repeated calls give the same bits; each call
+    # leaves the counters zero (a stale count would let the next call's token programs start
+    # before the partials are written).
     x, weight, bias = _inputs(33, 40, 200, 73, device)
     first = _split(x, weight, bias, None, None, 6, 2.5, config)
     _split_counters_are_zero(device)
@@ -325,7 +324,7 @@ def test_route_split_infinite_and_tied_keys(device):
     bias = torch.zeros(40, device=device)
     bias[[30, 7]] = float("inf")
     bias[[2]] = float("-inf")
-    for config in _SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS[1:]:
+    for config in _SMALL_SPLIT_CONFIGS:
         w, ids = _split(x, weight, bias, None, None, 5, 1.0, config)
         w_ref, ids_ref = ref.route(x, weight, bias, None, None, 5, 1.0)
         assert ids[:, :4].tolist() == [[7, 30, 17, 35]] * 5
@@ -341,21 +340,20 @@ def test_route_split_nan_in_a_later_split(device):
     x, weight, bias = _inputs(4, 40, 200, 97, device)
     x[2, 190] = float("nan")
     w_ref, ids_ref = ref.route(x, weight, bias, None, None, 3, 1.0)
-    for config in _SMALL_SPLIT_CONFIGS + _SMALL_TREE_CONFIGS[:1]:
+    for config in _SMALL_SPLIT_CONFIGS:
         w, ids = _split(x, weight, bias, None, None, 3, 1.0, config)
         assert ids[2].tolist() == [0, 1, 2] and torch.equal(ids.cpu(), ids_ref.cpu())
         assert bool(torch.isnan(w[2]).all()) and not bool(torch.isnan(w[[0, 1, 3]]).any())
 
 
 @pytest.mark.parametrize("topk", [4, 8])
-def test_route_split_picks_deep_in_one_chunk_list(device, topk):
-    # The final selection scans list positions 0..kk for pick kk (each chunk's list is
-    # sorted), or merges whole lists (the tree form, second config).  Biases of 33..40
-    # (scores are ~1) fix every token's order: first all picks from chunk 0's list (experts
-    # 0..7), so pick kk is that list's entry kk; then picks alternating between two chunks
-    # (experts 0, 32, 1, 33, ...: chunks 0 and 2 of 16 experts, 0 and 1 of 32).
+def test_route_split_picks_from_one_chunk_or_alternating(device, topk):
+    # Biases of 33..40 (scores are ~1) fix every token's order: first all picks from the
+    # first expert chunk (experts 0..7), then picks alternating between two chunks (experts 0,
+    # 32, 1, 33, ...: chunks 0 and 2 of 16 experts, 0 and 1 of 32), whose logits come from
+    # different GEMM programs.
     x, weight, _ = _inputs(3, 40, 64, 109, device)
-    for config in [(16, 16, 32, 64, 4, 2), (16, 32, 16, 16, 4, 2, True)]:
+    for config in [(16, 16, 32, 64, 4, 2), (16, 32, 16, 16, 4, 2)]:
         for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 32, 1, 33, 2, 34, 3, 35]):
             bias = torch.zeros(40, device=device)
             bias[rows] = torch.linspace(40.0, 33.0, 8, device=device)
@@ -365,11 +363,11 @@ def test_route_split_picks_deep_in_one_chunk_list(device, topk):
 
 
 @pytest.mark.parametrize("T, topk, config", [(33, 8, (32, 16, 16, 32, 4, 2)), (5, 5, (16, 32, 16, 16, 4, 2))])
-def test_route_split_merge_tree_equals_picks(device, T, topk, config):
-    # The tree form selects the same keys in the same order, each with its score: ids and
-    # weights equal the pick form's bit for bit.  Ties across chunks (identical weight rows),
-    # a NaN token, +-inf biases, and a chunk with fewer live experts than topk (E = 40 in
-    # chunks of 16 or 32).
+def test_route_split_ties_nan_and_infinite_keys(device, T, topk, config):
+    # Ties across chunks (identical weight rows), a NaN token, +-inf biases, and a chunk with
+    # fewer live experts than topk (E = 40 in chunks of 16 or 32): the oracle's ids, and
+    # the expected ones: the NaN token's keys all rank first (ids 0, 1, ...), every other
+    # token's first two are the +inf keys, the lower id first.
     x, weight, bias = _inputs(T, 40, 48, 113 + T, device)
     weight[[3, 19, 36]] = weight[5].clone()
     bias[[3, 19, 36]] = bias[5] + 1.0  # tied keys, high enough to be picked
@@ -377,23 +375,20 @@ def test_route_split_merge_tree_equals_picks(device, T, topk, config):
     x[T // 2, 7] = float("nan")
     bias[[4, 37]] = float("inf")
     bias[[0]] = float("-inf")
-    picks = _split(x, weight, bias, None, None, topk, 2.5, config)
-    tree = _split(x, weight, bias, None, None, topk, 2.5, config + (True,))
-    assert torch.equal(tree[1], picks[1]) and torch.equal(torch.isnan(tree[0]), torch.isnan(picks[0]))
-    assert torch.equal(tree[0].nan_to_num(), picks[0].nan_to_num())
-    # And they are the right picks: the NaN token's keys all rank first (ids 0, 1, ...), every
-    # other token's first two are the +inf keys, the lower id first.
-    ids = tree[1].cpu()
-    assert ids[T // 2].tolist() == list(range(topk))
+    w, ids = _split(x, weight, bias, None, None, topk, 2.5, config)
+    w_ref, ids_ref = ref.route(x, weight, bias, None, None, topk, 2.5)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())
+    ids = ids.cpu()
+    assert ids[T // 2].tolist() == list(range(topk)) and bool(torch.isnan(w[T // 2]).all())
     assert all(row[:2] == [4, 37] for t, row in enumerate(ids.tolist()) if t != T // 2)
     _split_counters_are_zero(device)
 
 
 @pytest.mark.parametrize("T", [1, 3, 5, 31, 32, 33])
-def test_route_split_tail_rows(device, T):
-    # The arrivers reduce and select only the tile's first TAIL_T = min(BLOCK_T, pow2 >= T)
-    # rows: with 32-row tiles, T = 1, 3, 5 use 2, 4, 8 tail rows (every live row among them),
-    # T = 31, 32 one full tile, T = 33 a full tile and a tile with one live row.
+def test_route_split_partial_tiles(device, T):
+    # 32-row tiles: T = 1, 3, 5 leave most rows of the tile dead (never stored, never waited
+    # for), T = 31, 32 one tile, T = 33 a full tile and a tile with one live row (the token
+    # program of token 32 waits on the second tile's counter).
     config = (32, 16, 16, 32, 4, 2)
     x, weight, bias = _inputs(T, 40, 64, 101 + T, device)
     _check_route(x, weight, bias, 6, 2.5, _split(x, weight, bias, None, None, 6, 2.5, config))
@@ -420,14 +415,12 @@ def test_route_dispatch_by_token_count(device, monkeypatch, T):
 
 def test_route_split_bad_config(device):
     x, weight, bias = _inputs(3, 8, 64, 0, device)
-    # SPLIT_K < BLOCK_K; BLOCK_E not a power of two; a missing field; BLOCK_T above the tail cap.
-    for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4), (128, 16, 32, 64, 4, 2)]:
+    # SPLIT_K < BLOCK_K; BLOCK_E not a power of two; a missing field; a field below 16; a
+    # seventh field.
+    for config in [(16, 16, 64, 32, 4, 2), (16, 24, 32, 64, 4, 2), (16, 16, 32, 64, 4), (8, 16, 32, 64, 4, 2),
+                   (16, 16, 32, 64, 4, 2, True)]:
         with pytest.raises(ValueError, match="config"):
             _split(x, weight, bias, None, None, 2, 1.0, config)
-    # The merge tree holds lists of 8: a larger top-k is refused, not truncated.
-    x, weight, bias = _inputs(3, 16, 64, 0, device)
-    with pytest.raises(ValueError, match="MERGE_TREE"):
-        _split(x, weight, bias, None, None, 9, 1.0, (16, 16, 32, 64, 4, 2, True))
 
 
 def test_route_many_tokens(device):
@@ -505,27 +498,22 @@ def test_route_kernel_compiles_for_sm90_without_spills(hash_mode, config):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("hash_mode, config, tail_rows", [
-    (False, (64, 32, 128, 256, 8, 3), 64), (True, (16, 32, 128, 256, 4, 3), 2), (False, (32, 64, 128, 512, 16, 3), 64),
-    (False, (16, 32, 128, 512, 4, 3), 16), (False, (16, 32, 128, 512, 4, 3, True), 64),
+@pytest.mark.parametrize("hash_mode, config", [
+    (False, (64, 32, 128, 512, 8, 3)), (True, (16, 32, 128, 256, 4, 3)), (False, (16, 32, 128, 512, 4, 3)),
+    (False, (32, 64, 128, 256, 4, 3)),
 ])
-def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config, tail_rows):
+def test_route_split_kernel_compiles_for_sm90_without_spills(hash_mode, config):
     from dsv4_triton.kernels import router as kern
 
-    bt, be, bk, sk, warps, stages = config[:6]
-    tree = len(config) == 7
-    assert config[:6] in (kern._TREE_CONFIGS if tree else kern._SPLIT_CONFIGS)
-    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, TAIL_ROWS=tail_rows, BLOCK_T=bt,
-                  BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, REDUCE_BUDGET=kern._reduce_budget(warps), MERGE_TREE=tree)
+    bt, be, bk, sk, warps, stages = config
+    assert config in kern._SPLIT_CONFIGS
+    consts = dict(HASH=hash_mode, HAS_BIAS=not hash_mode, K_PAD=8, TOPK=6, E_PAD=512, BLOCK_T=bt, BLOCK_E=be,
+                  BLOCK_K=bk, SPLIT_K=sk)
     types = dict(x_ptr="*bf16", w_ptr="*bf16", table_ptr="*i32", tok_ids_ptr="*i64", ids_ptr="*i32",
-                 cand_ptr="*i64", chunk_counter_ptr="*i32", tile_counter_ptr="*i32", route_scale="fp32")
+                 sync_ptr="*i32", route_scale="fp32")
     usage = compile_for_sm90("dsv4_triton.kernels.router", "_route_split_kernel", types, consts,
                              ["dim", "stride_x", "stride_w"], warps, stages)
     assert usage["stack"] == 0 and usage["pipelined"], usage
-    if config[:6] == (16, 32, 128, 512, 4, 3):
-        # The Pro T = 64 choice: 672 programs are one wave only if 6 fit per SM (132 SMs), which
-        # 65536 registers allow up to 80 per thread at 4 warps (88 put the last 12 in a second wave).
-        assert usage["reg"] <= 80, usage
 
 
 # ---------------------------------------------------------------- GPU: model sizes, every config
@@ -577,9 +565,6 @@ def test_route_split_every_config_gpu(T, E, dim):
         _check_route(x, weight, bias, 6, 2.5, first)
         again = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), config
-        if config in kern._TREE_CONFIGS:  # the merge-tree form: the same bits as the picks
-            tree = kern.route_split(x, weight, bias, None, None, 6, 2.5, config=config + (True,))
-            assert torch.equal(tree[0], first[0]) and torch.equal(tree[1], first[1]), config
         w, ids = kern.route_split(x, weight, None, table, token_ids, 6, 2.5, config=config)
         assert torch.equal(ids, table[token_ids])
         _check_hash_weights(x, weight, ids, w, 2.5)
@@ -590,8 +575,8 @@ def test_route_split_every_config_gpu(T, E, dim):
 @pytest.mark.parametrize("T", [1, 64, 200])
 def test_route_split_cuda_graph_replay_gpu(T):
     # Captured once, replayed: the workspace and its counters persist across replays, and
-    # every replay gives the eager call's bits (T = 1: 2 tail rows; T = 200: a workspace
-    # grown past its first 64-token room).
+    # every replay gives the eager call's bits (T = 200: a workspace grown past its first
+    # 64-token room).
     x, weight, bias = _inputs(T, 384, 7168, 89, "cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -58,6 +58,7 @@ import triton.language as tl
 from ..autotune import autotune, token_bucket
 from ..registry import register
 from .formats import cast_rne, dot_bf16, to_f32
+from .sync import splits_after_wait
 
 HC_MULT = 4
 STREAMS = tl.constexpr(HC_MULT)  # the same, readable inside kernels
@@ -280,18 +281,6 @@ def _finalise_y_kernel(x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
 
 
 @triton.jit
-def _splits_after_wait(count_ptr, target, n_splits):
-    """Waits until ``*count_ptr`` reaches ``target``, then returns ``n_splits`` computed from an
-    acquire read of the count, so that the loads it bounds cannot move above that read.  One
-    lane of each warp polls (a 32-element tensor sits whole in every warp)."""
-    lane = tl.arange(0, 32)
-    seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
-    while seen < target:
-        seen = tl.max(tl.load(count_ptr + lane * 0, mask=lane == 0, other=0, volatile=True), axis=0)
-    return tl.minimum(n_splits, tl.atomic_add(count_ptr, 0, sem="acquire") - target + n_splits)
-
-
-@triton.jit
 def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                    T, dim, stride_xt, stride_xs, iters, eps, norm_eps, t_bucket,
                    HEAD: tl.constexpr, N_MIX: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -317,7 +306,7 @@ def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr
         s = tl.arange(0, MAX_DECODE_SPLITS)
         row = part_ptr + (s.to(tl.int64) * T + tok)[:, None] * N_PAD
         if d_block < 0:
-            s_ok = (s < _splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
+            s_ok = (s < splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
             cols = tl.arange(0, N_PAD)
             mixes = tl.sum(tl.load(row + cols[None, :], mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
             rs = tl.rsqrt(_entry(mixes, SSQ_COL) / (STREAMS * dim) + norm_eps)
@@ -336,7 +325,7 @@ def _decode_kernel(x_ptr, fn_ptr, part_ptr, sync_ptr, scale_ptr, base_ptr, y_ptr
             x1 = tl.load(x_row + stride_xs, mask=d_ok, other=0.0)
             x2 = tl.load(x_row + 2 * stride_xs, mask=d_ok, other=0.0)
             x3 = tl.load(x_row + 3 * stride_xs, mask=d_ok, other=0.0)
-            s_ok = (s < _splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
+            s_ok = (s < splits_after_wait(sync_ptr, n_mix, n_splits))[:, None]
             # Columns 0..3 are the pre mixes and column SSQ_COL = 4 the sum of squares: one sector.
             acc = tl.sum(tl.load(row + tl.arange(0, 8)[None, :], mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
             # Scalars before meeting the X blocks (a [1, 8] operand would drag its layout into them).

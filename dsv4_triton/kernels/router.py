@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..autotune import autotune, token_bucket
 from ..registry import register
-from .formats import INTERPRET, dot_bf16
+from .formats import dot_bf16
 from .sync import splits_after_wait
 
 MIN_BLOCK_E = 16

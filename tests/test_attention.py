@@ -193,7 +193,7 @@ def test_sparse_attention_head_blocks_and_splits_match_oracle(device, bsz, seq, 
                                                              empty_row, seed):
     """Every head-block size (H in 8..128: one or two blocks of 64, or one masked block), both
     head dims, and the K split (a machine of 6 or 1000 SMs splits up to 300 candidates into
-    slices merged by the last to finish; 1 SM never splits), with holes, duplicates and rows
+    slices merged by the merge programs; 1 SM never splits), with holes, duplicates and rows
     of only -1."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(bsz, seq, heads, d, generator=g).to(torch.bfloat16)
@@ -218,7 +218,7 @@ def test_sparse_attention_head_blocks_and_splits_match_oracle(device, bsz, seq, 
 @pytest.mark.parametrize("num_sms", [1, 1000])
 def test_sparse_attention_head_dim_512_fp8_rope_split_or_not(device, monkeypatch, num_sms):
     """D = 512 (the release's), FP8 rows, inverse RoPE; a machine of 1000 SMs makes the
-    launcher split the 288 candidates (the last slice to finish merges and applies the RoPE),
+    launcher split the 288 candidates (the merge programs apply the RoPE),
     of 1 SM not."""
     monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
     g = torch.Generator().manual_seed(7)
@@ -306,8 +306,8 @@ def test_split_over_k_matches_unsplit(device, monkeypatch):
         monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
         outs.append(_check(q, kv, sinks, idx, what=f"{num_sms} SMs"))
     assert_close(outs[1], outs[0], **_tol(kv))
-    # The last slice to arrive merges in split order: the same bits whichever arrives last,
-    # and the arrival counters are left zero for the next call.
+    # The merge programs sum in split order: the same bits whichever slice finishes last,
+    # and the counters are left zero for the next call.
     assert torch.equal(_triton(q, kv, sinks, idx, 128 ** -0.5), outs[1])
     for _, _, counters in kernels._workspaces.values():
         assert not counters.any()
@@ -471,12 +471,12 @@ def test_lazy_rescale_keeps_nan_empty_rows_and_large_scores(device, monkeypatch)
 
 
 @pytest.mark.parametrize("num_sms, k, splits", [(9, 400, 3), (1000, 2200, kernels.MAX_SPLITS)])
-def test_wide_merge_matches_narrow_merge_and_oracle(device, monkeypatch, num_sms, k, splits):
-    """The MERGE_W = 256 form of the split merge (every slice's (m, l) in one batch, weights
-    kept in registers, 256 columns a round trip) against the oracle and the 128 form: 3
-    slices (an odd count: the last slice read again must weigh 0) and MAX_SPLITS (the whole
-    register row of weights); D = 512 with the inverse RoPE across the last column block, NaN,
-    large scores and sinks, an empty row; run-to-run identical."""
+def test_merge_forms_match_each_other_and_oracle(device, monkeypatch, num_sms, k, splits):
+    """The split merge's forms, merge programs of 128, 256 or 64 columns (MERGE_W), against
+    the oracle and bit for bit against each other (one weighting code path, each element
+    summed in split order): 3 slices (an odd count: the last slice read again must weigh 0)
+    and MAX_SPLITS (the whole register row of weights); D = 512 with the inverse RoPE across
+    the last column block, NaN, large scores and sinks, an empty row; run-to-run identical."""
     monkeypatch.setattr(kernels, "sm_count", lambda device: num_sms)
     g = torch.Generator().manual_seed(18)
     q = torch.randn(1, 3, 8, 512, generator=g).to(torch.bfloat16)
@@ -490,11 +490,14 @@ def test_wide_merge_matches_narrow_merge_and_oracle(device, monkeypatch, num_sms
     assert kernels._choose_splits(3, k, num_sms) == splits
     args = [t.to(device) for t in (q, ops.pack_kv_fp8(kv), sinks, idx, freqs, positions)]
     narrow = _check(*args, what=f"merge 128, {splits} slices")
-    _run_config(monkeypatch, MERGE_W=256)
-    wide = _check(*args, what=f"merge 256, {splits} slices")
-    assert_close(wide, narrow, **_tol(kv, rope=True), what="merge 256 vs 128")
-    assert torch.equal(_triton(*args[:4], 512 ** -0.5, *args[4:]).view(torch.int16), wide.view(torch.int16))
-    assert not wide[0, 2].any()
+    for form in (dict(MERGE_W=256), dict(MERGE_W=64)):
+        _run_config(monkeypatch, **form)
+        other = _check(*args, what=f"merge {form}, {splits} slices")
+        assert torch.equal(other.view(torch.int16), narrow.view(torch.int16)), form
+        assert torch.equal(_triton(*args[:4], 512 ** -0.5, *args[4:]).view(torch.int16), other.view(torch.int16))
+        assert not other[0, 2].any()
+        for _, _, counters in kernels._workspaces.values():  # every form leaves its counters zero
+            assert not counters.any()
 
 
 def test_row_offsets_fit_int32():

@@ -40,11 +40,15 @@ Flash-decoding split.  Decode has few programs (B * ceil(H / BLOCK_H)): B = 1, H
 2 programs for 132 SMs.  When that leaves at least half the SMs idle, the K candidates are
 cut into ``splits`` slices (``_choose_splits``: as many as fit in one wave, each at least
 two blocks of candidates); every slice writes its unnormalised partial output and (m, l)
-to an fp32 workspace, then counts its arrival on a per-(token, head block) counter; the
-last slice to arrive merges all of them in split order (deterministic), with the sink and
-the inverse RoPE, and resets the counter.  One launch either way; the workspace (tokens *
-H * splits * (D + 2) floats + one int32 per (token, head block)) is kept per device and
-stream, grown to the largest call, so a warm call allocates only its output.
+to an fp32 workspace, then counts itself on a per-(token, head block) counter.  Programs
+after all the slices (grid rows past them, so dispatched later: their wait always ends) each
+merge one MERGE_W-wide block of output columns once the count is complete, in split order
+(deterministic), with the sink and the inverse RoPE; the last to finish resets the counter.
+The merge used to be the last slice's job: one program reading every slice's [64, 512] FP32
+partial (1.2 MB at Pro B = 1) while the rest of the GPU idled (benchmarks/NOTES.md,
+"attention, twenty-third round").  One launch either way; the workspace (tokens * H *
+splits * (D + 2) floats + one int32 per (token, head block)) is kept per device and stream,
+grown to the largest call, so a warm call allocates only its output.
 
 What bounds it.  Per candidate and token: 4 * H * D FLOP against 584 B (FP8) or 1024 B
 (BF16) of KV, ~450 FLOP/B at H = 128: the tensor cores, if the gathers are hidden.  In
@@ -82,11 +86,12 @@ from .device import sm_count
 from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, fp8_value, to_fp8
 from .quant import FP8_AMAX_FLOOR
 from .norm import as_rows
+from .sync import splits_after_wait
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 SPLIT_SLOTS = tl.constexpr(MAX_SPLITS)  # the merge's register row of per-slice weights
-MERGE_UNROLL = tl.constexpr(2)  # slices read per round trip by the merging program
+MERGE_ROUND_COLS = tl.constexpr(512)  # a merge program reads 512 / W slices of W columns per round trip
 # Lazy rescale (the ``LAZY_RESCALE`` configs): the running max of a row moves only when a score
 # passes it by more than this many doublings, so the exponents stay <= 2^8 (P in bf16 and the
 # sums in fp32 keep their relative precision; the result is the same function: the final
@@ -202,64 +207,51 @@ def _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D: tl.constexpr, HA
 
 
 @triton.jit
-def _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, tok, heads, h_ok, H, n_splits,
-                  D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_H: tl.constexpr, W: tl.constexpr):
-    """Combine the slices' (m, l, O) of one (token, head block) with the sink and store the
-    output (inverse RoPE included).  Slices are read in split order, whichever program merges:
-    the result is the same run to run.  It runs at the end of the last slice, on the critical
-    path, so the reads are batched: MERGE_UNROLL slices per L2 round trip (past the last
-    slice, the last slice is read again and dropped: no mask, so the loads go together), and
-    ``W`` columns at a time.  Its time is the bytes one SM reads from L2 in dependent round
-    trips: 2 slices of [64, 512] fp32 at Flash decode, 256 KB, so the unroll is 2 (with 4,
-    half of them were the repeated last slice).
+def _position(pos_ptr, b, s, stride_pb, stride_ps, max_pos, HALF_R: tl.constexpr):
+    """The token's RoPE position, clamped into the table (0 without RoPE)."""
+    if HALF_R > 0:
+        pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
+        return tl.minimum(tl.maximum(pos, 0), max_pos - 1)
+    else:
+        return 0
 
-    ``W = 128`` (32 registers a thread per slice): the maxima, the denominators and each
-    column block are separate round trips, 2 + D / 128.  ``W = 256`` (the ``MERGE_W``
-    configs): every slice's (m, l) in one batch of loads, the slice weights kept in
-    registers, and 256 columns a round trip: 1 + D / 256 (6 -> 3 at D = 512)."""
-    UNROLL: tl.constexpr = MERGE_UNROLL
+
+@triton.jit
+def _merge_block(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, counter_ptr, pos, tok, heads, h_ok, H, n_splits,
+                 col0, D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_H: tl.constexpr, W: tl.constexpr):
+    """Output columns ``col0 .. col0 + W`` of one (token, head block): waits until its
+    ``n_splits`` slices have counted themselves (acquire), then combines their (m, l, O) with
+    the sink and stores (inverse RoPE included).  Every slice's (m, l) comes in one batch of
+    loads; the partial columns 512 / W slices per L2 round trip (past the last slice the
+    last is read again and weighs 0: no mask, so the loads go together), each element summed
+    in split order: the same bits whichever slice finished last and whatever W."""
+    n_ok = splits_after_wait(counter_ptr, n_splits, n_splits)  # bounds the loads below the acquire
     base = (tok * H + heads) * n_splits
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
     j = tl.arange(0, SPLIT_SLOTS)
-    if W == 128:
-        m_fin = sink
-        for s0 in range(0, n_splits, UNROLL):
-            for u in tl.static_range(UNROLL):
-                i = tl.minimum(s0 + u, n_splits - 1)
-                m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-                m_fin = tl.maximum(m_fin, m)  # a slice read twice changes no max
-        den = tl.exp2(sink - m_fin)
-        for s0 in range(0, n_splits, UNROLL):
-            for u in tl.static_range(UNROLL):
-                i = tl.minimum(s0 + u, n_splits - 1)
-                m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-                l_part = tl.load(part_ml_ptr + 2 * (base + i) + 1, mask=h_ok, other=0.0, cache_modifier=".cg")
-                den += tl.where(s0 + u < n_splits, l_part * tl.exp2(m - m_fin), 0.0)
-    else:
-        ml_ptrs = part_ml_ptr + 2 * (base[:, None] + j[None, :])
-        ml_mask = h_ok[:, None] & (j < n_splits)[None, :]
-        m_all = tl.load(ml_ptrs, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
-        l_all = tl.load(ml_ptrs + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
-        m_fin = tl.maximum(sink, tl.max(m_all, axis=1))
-        scale_all = tl.exp2(m_all - m_fin[:, None])  # 0 for the slots past the last slice
-        den = tl.exp2(sink - m_fin) + tl.sum(l_all * scale_all, axis=1)
-        w_all = scale_all / den[:, None]
+    ml_ptrs = part_ml_ptr + 2 * (base[:, None] + j[None, :])
+    ml_mask = h_ok[:, None] & (j < n_ok)[None, :]
+    m_all = tl.load(ml_ptrs, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+    l_all = tl.load(ml_ptrs + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+    m_fin = tl.maximum(sink, tl.max(m_all, axis=1))
+    scale_all = tl.exp2(m_all - m_fin[:, None])  # 0 for the slots past the last slice
+    den = tl.exp2(sink - m_fin) + tl.sum(l_all * scale_all, axis=1)
+    w_all = scale_all / den[:, None]
+    c = col0 + tl.arange(0, W)
+    o = tl.zeros([BLOCK_H, W], tl.float32)
+    UNROLL: tl.constexpr = MERGE_ROUND_COLS // W
+    for s0 in range(0, n_ok, UNROLL):
+        for u in tl.static_range(UNROLL):
+            i = tl.minimum(s0 + u, n_ok - 1)
+            part = tl.load(part_o_ptr + (base + i)[:, None] * D + c[None, :], mask=h_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            w = tl.sum(tl.where(j[None, :] == s0 + u, w_all, 0.0), axis=1)  # slice s0 + u's weight
+            o += w[:, None] * part
     row_off = (tok * H + heads) * D
-    c = tl.arange(0, W)
-    for col0 in tl.static_range(0, D, W):
-        o = tl.zeros([BLOCK_H, W], tl.float32)
-        for s0 in range(0, n_splits, UNROLL):
-            for u in tl.static_range(UNROLL):
-                i = tl.minimum(s0 + u, n_splits - 1)
-                part = tl.load(part_o_ptr + (base + i)[:, None] * D + col0 + c[None, :], mask=h_ok[:, None],
-                               other=0.0, cache_modifier=".cg")
-                if W == 128:
-                    m = tl.load(part_ml_ptr + 2 * (base + i), mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.where(s0 + u < n_splits, tl.exp2(m - m_fin) / den, 0.0)
-                else:  # slice s0 + u's weight (0 past the last slice)
-                    w = tl.sum(tl.where(j[None, :] == s0 + u, w_all, 0.0), axis=1)
-                o += w[:, None] * part
-        _finish(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D, HALF_R, BLOCK_H, W)
+    if HALF_R > 0:
+        _inverse_rope_store(o, out_ptr, row_off, h_ok, freqs_ptr, pos, col0, D, HALF_R, BLOCK_H, W)
+    else:
+        tl.store(out_ptr + row_off[:, None] + c[None, :], _to_bf16(o), mask=h_ok[:, None])
 
 
 @triton.jit
@@ -290,20 +282,21 @@ def _attention_configs():
     # Lazy rescale (``LAZY_RESCALE``): sm_90 compile of (64, 8, 3) by triton 3.6, FP8 D = 512:
     # the loop's common path 1107 -> 1053 instructions a warp (130 multiplies fewer, the Q
     # descriptors reloaded from the stack instead of rebuilt: ~60 more), barriers 6 -> 6, so
-    # the tuner decides.  ``MERGE_W`` (the split merge's form, see ``_merge_slices``) only
+    # the tuner decides.  ``MERGE_W`` (the merge programs' column block, see ``_merge_block``) only
     # differs where the candidates are split; elsewhere its 256 configs are pruned.
     shapes = ((32, 8, 2, False, 128), (64, 8, 2, False, 128), (64, 8, 3, False, 128), (16, 8, 2, False, 128),
               (32, 8, 3, False, 128), (16, 8, 3, False, 128), (64, 8, 1, False, 128), (32, 4, 2, False, 128),
               (64, 4, 2, False, 128), (64, 4, 3, False, 128),
-              (64, 8, 3, True, 128), (64, 8, 2, True, 128), (64, 8, 3, False, 256), (64, 8, 3, True, 256))
+              (64, 8, 3, True, 128), (64, 8, 2, True, 128), (64, 8, 3, False, 256), (64, 8, 3, True, 256),
+              (64, 8, 3, False, 64), (32, 8, 2, False, 64))
     return [triton.Config({"BLOCK_K": bk, "LAZY_RESCALE": lazy, "MERGE_W": mw}, num_warps=w, num_stages=st)
             for bk, w, st, lazy, mw in shapes]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose fp32 [BLOCK_H, D] accumulator alone needs > 128 registers a thread
-    (4 warps at D = 512 spill heavily), and the wide-merge ones where nothing is merged (the
-    same kernel as their 128 twins); configs whose shared memory does not fit are skipped
+    (4 warps at D = 512 spill heavily), and the merge forms where nothing is merged (the
+    same kernel as their twins); configs whose shared memory does not fit are skipped
     by the tuner itself."""
     keep = [c for c in configs if kwargs["BLOCK_H"] * kwargs["D"] <= 128 * 32 * c.num_warps
             and (kwargs["SPLIT"] or c.kwargs["MERGE_W"] == 128)]
@@ -327,10 +320,22 @@ def _sparse_attention_kernel(
     h_ok = heads < H
     b = tok // S
     s = tok % S
+    split = tl.program_id(1)
+    MW: tl.constexpr = MERGE_W if MERGE_W <= D else D
+    if SPLIT:
+        # Programs past the slices merge one column block each (see _merge_block).
+        n_splits = tl.num_programs(1) - D // MW
+        if split >= n_splits:
+            _merge_block(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, counter_ptr + pid,
+                         _position(pos_ptr, b, s, stride_pb, stride_ps, max_pos, HALF_R), tok, heads, h_ok, H,
+                         n_splits, (split - n_splits) * MW, D, HALF_R, BLOCK_H, MW)
+            # The last merge program to finish leaves the counter zero for the next launch.
+            if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == n_splits + D // MW - 1:
+                tl.store(counter_ptr + pid, 0)
+            return
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qb + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
                 mask=h_ok[:, None], other=0.0)
-    split = tl.program_id(1)
     k_lo = split * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     idx_row = idx_ptr + b * stride_ib + s * stride_is
@@ -420,24 +425,15 @@ def _sparse_attention_kernel(
             acc = dot_bf16(_to_bf16(p), kv, acc_in)
     l_i = tl.sum(l_acc, axis=1)
 
-    if HALF_R > 0:
-        pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
-        pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
-    else:
-        pos = 0
     if SPLIT:
-        n_splits = tl.num_programs(1)
         slot = (tok * H + heads) * n_splits + split
         tl.store(part_o_ptr + slot[:, None] * D + d[None, :], acc, mask=h_ok[:, None])
         tl.store(part_ml_ptr + 2 * slot, m_i, mask=h_ok)
         tl.store(part_ml_ptr + 2 * slot + 1, l_i, mask=h_ok)
-        tl.debug_barrier()  # all threads' partials are written before the arrival is published
-        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-        if arrived == n_splits - 1:  # the last slice to finish merges them all, and resets the counter
-            tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed")
-            _merge_slices(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, freqs_ptr, pos, tok, heads, h_ok, H, n_splits,
-                          D, HALF_R, BLOCK_H, MERGE_W)
+        tl.debug_barrier()  # all threads' partials are written before the count is published
+        tl.atomic_add(counter_ptr + pid, 1, sem="release")
     else:
+        pos = _position(pos_ptr, b, s, stride_pb, stride_ps, max_pos, HALF_R)
         sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0) * 1.4426950408889634
         m_fin = tl.maximum(m_i, sink)
         alpha = tl.exp2(m_i - m_fin)
@@ -553,7 +549,9 @@ def _launch(q, kv, sink, idx, scale, freqs, positions, variant):
     k_bucket = triton.next_power_of_2(k_per_split)
     grid_bucket = min(triton.next_power_of_2(tokens * n_hblk * splits), 4096)
     kv16, kv64 = (kv.view(torch.bfloat16), kv.view(torch.int64)) if fp8 else (kv, kv)
-    _sparse_attention_kernel[(tokens * n_hblk, splits)](
+    # Past the slices, one merge program per column block (MERGE_W wide, at most D).
+    grid = lambda m: (tokens * n_hblk, splits + (d // min(m["MERGE_W"], d) if splits > 1 else 0))
+    _sparse_attention_kernel[grid](
         q, kv, kv16, kv64, sink, idx, out, freqs if freqs is not None else sink, pos, part_o, part_ml, counters,
         seq, heads, kv.shape[1], k, n_hblk, k_per_split, freqs.shape[0] if freqs is not None else 1,
         scale * LOG2E, k_bucket, grid_bucket,

@@ -286,7 +286,7 @@ _SPLIT_CONFIGS = [  # (BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps, num_stages
     # 64-row tiles: W read once at T = 64, the tile's partials stored by 8 warps.
     (64, 32, 128, 512, 8, 3), (64, 64, 128, 512, 8, 3), (64, 32, 128, 256, 8, 3),
 ]
-MIN_SPLIT_K = 128  # the tuned configs' narrowest split: the workspace has room for its partials
+MIN_SPLIT_K = min(c[3] for c in _SPLIT_CONFIGS)  # the narrowest tuned split: the workspace fits its partials
 MIN_SPLIT_T = 16  # the smallest BLOCK_T: one arrival counter per 16 tokens covers every config
 # Splits a selection program sums per step: one load of [SPLIT_BLOCK, E_PAD] partials.
 SPLIT_BLOCK = tl.constexpr(16)
@@ -366,8 +366,8 @@ def _route_split_kernel(x_ptr, w_ptr, bias_ptr, table_ptr, tok_ids_ptr, weights_
     split's [T, E] slab of the partial workspace, then counted on the tile's counter (release).
 
     The T programs after them, one token each: wait until the token's tile has counted all its
-    n_chunks * n_splits programs (acquire), sum the token's row of every slab (the same order
-    whichever config: blocks of SPLIT_BLOCK splits, each block reduced by one tl.sum), apply
+    n_chunks * n_splits programs (acquire), sum the token's row of every slab (blocks of
+    SPLIT_BLOCK splits in split order, each reduced by one tl.sum: the same bits run to run), apply
     sqrt(softplus) and select the top TOPK of all experts by packed key (key descending, ties to
     the lower id, NaN first), the weights from the picks' scores; for hash routing, the sums at
     the table's ids.  They wait only on lower linear ids, which are dispatched first, so the

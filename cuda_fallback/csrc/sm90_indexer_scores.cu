@@ -192,12 +192,7 @@ __device__ __forceinline__ void issue_mma(float (&d)[32], uint32_t (&a)[8][4], u
 // stored for the keys below n_valid.
 __device__ __forceinline__ void reduce_store(float (&d)[32], uint32_t (&a)[8][4], const float (&wv)[16],
                                              float* out, int tile, int row_in_tile, int lane, int nv) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) pin(d[i]);
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) pin(a[j][i]);
+  pin_product(d, a);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float s = 0.f;

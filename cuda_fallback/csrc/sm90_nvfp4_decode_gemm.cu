@@ -143,12 +143,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) nvfp4_wgmma_gemm_kernel(
   // acc += d * activation scale (column) * weight row scale, block kb's (its stage still holds
   // the activation scales).
   const auto promote = [&](float (&d)[32], uint32_t (&a)[8][4], float scale_lo, float scale_hi, int kb) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) pin(d[i]);
-#pragma unroll
-    for (int s = 0; s < 8; ++s)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pin(a[s][i]);
+    pin_product(d, a);
     const float* sx = reinterpret_cast<const float*>(smem + (kb % kStages) * kStageBytes + kActScales);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {

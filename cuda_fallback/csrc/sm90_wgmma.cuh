@@ -32,6 +32,17 @@ __device__ __forceinline__ void bar_arrive(int id, int count) {
 __device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
 
+// The same for a whole RS-form m64n64 product over eight k steps, once its wait has retired
+// it: its 32 accumulator registers and the A fragments it read.
+__device__ __forceinline__ void pin_product(float (&d)[32], uint32_t (&a)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pin(d[i]);
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pin(a[s][i]);
+}
+
 // Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte-swizzled panel
 // (rows of 128 bytes): the layout `smem_desc` describes.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {

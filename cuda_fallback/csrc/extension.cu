@@ -53,12 +53,6 @@ torch::Tensor nvfp4_wgmma_gemm(torch::Tensor x_codes, torch::Tensor x_scales, to
 void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,
               int64_t tile_rows, int64_t stream_handle);
 #endif
-#ifdef DSV4_WITH_SM90_HC_PRE  // sm_90a only
-void hc_pre_cluster(torch::Tensor x, torch::Tensor fn, torch::Tensor scale, torch::Tensor base, torch::Tensor y,
-                    torch::Tensor post, torch::Tensor comb, int64_t iters, double eps, double norm_eps,
-                    int64_t clusters, int64_t stream_handle);
-int64_t hc_pre_max_clusters(int64_t dim);
-#endif
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
 void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
                         torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);
@@ -84,11 +78,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM
   m.def("fp8_gemm", &fp8_gemm, "FP8 x FP8 block-scaled GEMM (act_quant codes + scales in, bf16 out), TMA + wgmma, sm_90a");
-#endif
-#ifdef DSV4_WITH_SM90_HC_PRE
-  m.def("hc_pre_cluster", &hc_pre_cluster,
-        "mHC pre-mix at prefill sizes, fn held by a cluster of 16 CTAs, X read once, sm_90a");
-  m.def("hc_pre_max_clusters", &hc_pre_max_clusters, "clusters of the hc_pre kernel the device runs at once");
 #endif
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES
   m.def("indexer_scores_fp4", &indexer_scores_fp4, "lightning-indexer scores over FP4 key rows, 64 heads, sm_90a");

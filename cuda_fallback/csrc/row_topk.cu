@@ -26,7 +26,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "cluster.cuh"
 #include "host.cuh"
 #include "shared_memory.cuh"
 
@@ -106,6 +105,42 @@ __device__ __forceinline__ void pick_digit(Shared<CLUSTER>& sh, int level, int r
   }
 }
 
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+// The address of the same shared-memory word in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t in_rank(uint32_t address, int rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(address), "r"(rank));
+  return mapped;
+}
+
+// One barrier phase that completes when `bytes` have been sent to it (one arrival: this call's).
+__device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(barrier)) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(barrier)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void wait_bytes(uint64_t* barrier) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
+      "@!done bra wait_%=;\n}" ::"r"(smem_addr(barrier))
+      : "memory");
+}
+
+// Stores `value` at `address` of another CTA (mapped) and counts its 4 bytes on that CTA's
+// `barrier` (mapped): the receiver waits on its own barrier, no round trip through the sender.
+__device__ __forceinline__ void send(uint32_t address, uint32_t value, uint32_t barrier) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];" ::"r"(address), "r"(value),
+               "r"(barrier)
+               : "memory");
+}
+
 template <int CLUSTER, int ITEMS>
 __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -126,9 +161,8 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
     return;
   }
   if (tid == 0) {
-    for (int level = 0; level <= kLevels; ++level) mbar_init(&sh.arrived[level], 1);
-    for (int level = 0; level < kLevels; ++level) mbar_expect_bytes(&sh.arrived[level], CLUSTER * kBins * 4);
-    mbar_expect_bytes(&sh.arrived[kLevels], rank * 4);
+    for (int level = 0; level < kLevels; ++level) expect_bytes(&sh.arrived[level], CLUSTER * kBins * 4);
+    expect_bytes(&sh.arrived[kLevels], rank * 4);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // the barriers, to the cluster
   }
   // Arrived here, waited for before the first send to another CTA: by then every CTA of the
@@ -173,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
       const uint32_t barrier = smem_addr(&sh.arrived[level]);
 #pragma unroll
       for (int r = 0; r < CLUSTER; ++r) send(in_rank(slot, r), static_cast<uint32_t>(in_bin), in_rank(barrier, r));
-      mbar_wait_cluster(&sh.arrived[level], 0);  // every slice's histogram of this level
+      wait_bytes(&sh.arrived[level]);  // every slice's histogram of this level
       pick_digit(sh, level, remaining, tid, lane, warp);
     }
     __syncthreads();
@@ -211,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
     send(in_rank(smem_addr(&sh.slice_totals[rank]), tid), sh.warp_sums[kWarps - 1],
          in_rank(smem_addr(&sh.arrived[kLevels]), tid));
   }
-  if (rank > 0) mbar_wait_cluster(&sh.arrived[kLevels], 0);  // the totals of the slices before this one
+  if (rank > 0) wait_bytes(&sh.arrived[kLevels]);  // the totals of the slices before this one
   __syncthreads();  // the counts
   int above_before = 0, tied_before = 0;
   for (int r = 0; r < rank; ++r) {

@@ -1,30 +1,25 @@
 """Benchmark cases: the mhc family (hc_pre, hc_post, hc_head) at V4-Pro / V4-Flash sizes.
 
 All three are memory bound (ceiling: copy bandwidth).  Bytes are the minimum traffic: X
-(and F) read once, outputs written once, fn read once.  The Triton hc_pre and hc_head read X
-twice (mix partials, then finalise + y; at decode sizes in one launch), the second time partly
-from L2, so their bound is ~55-65% of copy at T = 4096; on sm_90 hc_pre past decode sizes runs
-the cluster kernel (``cuda_fallback/mhc.py``), which reads X once, and ``hc_pre[triton]``
-times the Triton kernels on the same inputs.  hc_post targets >= 80%.  At decode hc_pre's
-bytes are mostly ``fn`` (24 x 4*dim FP32 = 2.75 MB at dim 7168), which the mix kernel spreads
-over dim / CHUNK programs.
+(and F) read once, outputs written once, fn read once.  hc_pre and hc_head read X twice (mix
+partials, then finalise + y; at decode sizes in one launch), the second time partly from L2,
+so their bound is ~55-65% of copy at T = 4096; hc_post targets >= 80%.  At decode hc_pre's bytes
+are mostly ``fn`` (24 x 4*dim FP32 = 2.75 MB at dim 7168), which the mix kernel spreads over
+dim / CHUNK programs.
 
 ``eager`` is the torch a user would write from the release's reference code (FP32 mixes
 with F.linear, Sinkhorn as a Python loop of tensor ops).
 """
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 
-from .. import ops, use_backend
+from .. import ops
 from ..kernels import mhc as kern
 from ..reference import mhc as ref
-from .case import Case, runs_cuda
+from .case import Case
 
 PREFILL_T = 4096
-MID_T = 512  # between decode and prefill: where the cluster kernel takes over from Triton
 DECODE_T = (1, 8, 64)
 DIMS = (7168, 4096)  # Pro, Flash
 
@@ -88,32 +83,8 @@ def _pre_bytes(T, dim, n_mix, with_post_comb=True):
 
 
 def _launches(T: int) -> int:
-    """Triton: one at decode sizes (mix and finalise in one launch); else fn split, mix, y."""
+    """One at decode sizes (mix and finalise in one launch); else fn split, mix, y."""
     return 1 if T <= kern.SPLIT_IN_LOOP_MAX_T else 3
-
-
-def _on_triton(*args):
-    with use_backend("triton", ops=["hc_pre"]):
-        return ops.hc_pre(*args)
-
-
-def _runs_cuda_pre(T, dim):
-    meta = partial(torch.empty, device="meta")
-    X = meta(T, 4, dim, dtype=torch.bfloat16)
-    return runs_cuda("hc_pre", X, meta(24, 4 * dim), meta(3), meta(24), 20, 1e-6, 1e-6)
-
-
-def _pre_cases(T, dim):
-    """hc_pre as the registry runs it, and where that is the cuda kernel the Triton kernels too."""
-    common = dict(shape=f"T={T} dim={dim}", make_inputs=_pre_inputs(T, dim, 24),
-                  oracle=lambda X, fn, s, b: ref.hc_pre(X, fn, s, b, 20, 1e-6, 1e-6),
-                  bytes=_pre_bytes(T, dim, 24), flops=2 * T * 24 * 4 * dim, ceiling="copy")
-    cuda = _runs_cuda_pre(T, dim)
-    out = [Case(op="hc_pre", run=ops.hc_pre, eager=_eager_pre, launches=1 if cuda else _launches(T),
-                notes="fn (2.75 MB at dim 7168) dominates the bytes" if T == 1 and dim == 7168 else "", **common)]
-    if cuda:
-        out.append(Case(op="hc_pre[triton]", run=_on_triton, launches=_launches(T), **common))
-    return out
 
 
 def cases(quick: bool):
@@ -121,10 +92,13 @@ def cases(quick: bool):
     dims = DIMS[:1] if quick else DIMS
     decode = (1, 64) if quick else DECODE_T
     for dim in dims:
-        for T in (PREFILL_T,) + ((MID_T,) + decode if dim == DIMS[0] else ()):
-            out.extend(_pre_cases(T, dim))
-            if T == MID_T:
-                continue
+        for T in (PREFILL_T,) + (decode if dim == DIMS[0] else ()):
+            out.append(Case(op="hc_pre", shape=f"T={T} dim={dim}", make_inputs=_pre_inputs(T, dim, 24),
+                            run=ops.hc_pre, eager=_eager_pre,
+                            oracle=lambda X, fn, s, b: ref.hc_pre(X, fn, s, b, 20, 1e-6, 1e-6),
+                            bytes=_pre_bytes(T, dim, 24), flops=2 * T * 24 * 4 * dim, ceiling="copy",
+                            launches=_launches(T),
+                            notes="fn (2.75 MB at dim 7168) dominates the bytes" if T == 1 and dim == 7168 else ""))
             out.append(Case(op="hc_post", shape=f"T={T} dim={dim}", make_inputs=_post_inputs(T, dim),
                             run=ops.hc_post, eager=_eager_post, oracle=ref.hc_post,
                             bytes=T * dim * 2 + 2 * T * 4 * dim * 2 + T * (16 + 64), ceiling="copy", launches=1))

@@ -5,8 +5,6 @@ from typing import Tuple
 
 import torch
 
-from cuda_fallback import mhc as _cuda  # noqa: F401  (registers the cuda backend of hc_pre at prefill sizes)
-
 from .. import validate as V
 from ..kernels import mhc as _kernels  # noqa: F401  (registers the triton backend)
 from ..reference import mhc as _reference  # noqa: F401  (registers the reference backend)

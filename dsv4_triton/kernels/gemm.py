@@ -680,7 +680,11 @@ def _fp8_gemm_configs():
                                 num_stages=4) for bm, bn in ((16, 64), (16, 128), (64, 64), (64, 128))]
     split = [triton.Config(dict(c.kwargs, SPLIT_K=sk), num_warps=4, num_stages=4) for sk in (2, 4, 8)
              for c in [_gemm_configs()[1], _gemm_configs()[2]] + transposed[:3]]
-    return _gemm_configs() + transposed + split
+    # Shallower transposed split tiles: a probe timed (7168, 1536) at one row 8.4 us with split 4
+    # and 3 stages against 9.2 for the tuned 4-stage choice (benchmarks/NOTES.md, thirteenth round).
+    split_shallow = [triton.Config(dict(c.kwargs, SPLIT_K=sk), num_warps=4, num_stages=3) for sk in (2, 4, 8)
+                     for c in transposed[:2]]
+    return _gemm_configs() + transposed + split + split_shallow
 
 
 def _mxfp4_gemm_configs():

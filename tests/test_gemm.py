@@ -774,6 +774,8 @@ def test_fp8_linear_real_shapes(device, m, n, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=64, FP8_T=True), dict(BLOCK_M=16, BLOCK_N=128, FP8_T=True),
                                     dict(BLOCK_M=16, BLOCK_N=64, FP8_T=True, SPLIT_K=8),
+                                    dict(BLOCK_M=16, BLOCK_N=64, FP8_T=True, SPLIT_K=4),
+                                    dict(BLOCK_M=16, BLOCK_N=128, FP8_T=True, SPLIT_K=2),
                                     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=8),
                                     dict(BLOCK_M=64, BLOCK_N=64, FP8_T=True, SPLIT_K=4)])
 @pytest.mark.parametrize("m", [1, 16, 40])

@@ -7,10 +7,12 @@ Triton, the Triton launches for the rest of the op.
   the first loads, is then paid back).  H100, scoring pass alone: B = 32, 262144 keys 390
   against 512 us, 32768 keys 53 against 71; B = 1, 262144 keys 17 against 21; B = 1, 32768
   keys (2 tiles a CTA) 6.0 against 4.6, left to Triton, as are BF16 keys and other head counts.
-* Selection: ``csrc/row_topk.cu``, one launch with a CTA cluster a row, for rows of up to
-  ``MAX_ROW_KEYS`` keys except where the Triton selection (``select_top_k``) measured faster
-  (``selection_covers``).  H100, selection alone: B = 32, 262144 keys 53 against 233 us, 32768
-  keys 23 against 33; B = 1, 262144 keys 15.2 against 16.9, 32768 keys 8.4 against 14.4.
+* Selection: ``csrc/row_topk.cu``, one launch with a CTA cluster a row (or one CTA a row for
+  many rows of up to ``ONE_CTA_ROW_KEYS``, ``select_rows``), for rows of up to
+  ``MAX_ROW_KEYS`` keys.  H100, selection alone against the Triton selection
+  (``select_top_k``): B = 32, 262144 keys 53 against 233 us, 32768 keys 23 against 33; B = 1,
+  262144 keys 15.2 against 16.9, 32768 keys 8.4 against 14.4; 128 rows of 4096 keys 8.5
+  against 27.7, of 32768 keys 22.7 against 135.
 
 Both need at most ``MAX_QUERIES`` queries a call (decode, where every query streams its own
 request's keys).  Prefill (many queries over the same keys) stays on Triton, whose scoring
@@ -48,10 +50,13 @@ CTAS_PER_SM = 2  # the kernel's launch bounds: every CTA of a one-wave grid is r
 MAX_QUERIES = 256
 MIN_TILES_PER_CTA = 8
 MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: a cluster of 8 CTAs (16 take twice as many), 1024 threads, 32 keys each
-# More rows than MAX_SHORT_ROWS shorter than SHORT_ROW_KEYS go to the Triton selection's row
-# segments, faster there (H100, selection alone, k = 1024: 64 rows of 4096 keys 22.8 against
-# 26.1 us; benchmarks/NOTES.md).
-MAX_SHORT_ROWS, SHORT_ROW_KEYS = 32, 16384
+ONE_CTA_ROW_KEYS = 1024 * 32  # the same kernel with one CTA a row
+# One CTA a row (no cluster exchange, each CTA counting its whole row) for at least
+# ONE_CTA_MIN_ROWS rows, or ONE_CTA_FEW_ROWS rows of at most ONE_CTA_FEW_ROW_KEYS: H100,
+# selection alone, k = 1024, one CTA / a cluster of 8 a row: 32 rows of 4096 keys 8.4 / 15.7 us,
+# of 32768 22.7 / 21.9, 256 rows of 16384 27.3 / 107.2, 16 rows of 4096 8.5 / 10.6, of 16384
+# 14.9 / 12.2, one row of 32768 20.6 / 8.3 (benchmarks/NOTES.md, "indexer, twenty-fourth round").
+ONE_CTA_MIN_ROWS, ONE_CTA_FEW_ROWS, ONE_CTA_FEW_ROW_KEYS = 32, 16, 4096
 # 16 CTAs a row for up to MAX_WIDE_ROWS rows longer than WIDE_ROW_KEYS (H100, one row of
 # 262144 keys: 15.2 against 20.3 us with 8), else 8 (more clusters at once; 8 rows of 32768
 # keys: 8.5 against 14.2 us).
@@ -65,7 +70,7 @@ def indexer_topk_covers(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n
     if queries > MAX_QUERIES:
         return (f"{queries} queries (the kernels take up to {MAX_QUERIES}: with more, the Triton scoring shares each "
                 "decoded key tile among a block of queries)")
-    scoring, selection = scoring_covers(qi, keys), selection_covers(queries, keys.shape[1])
+    scoring, selection = scoring_covers(qi, keys), selection_covers(keys.shape[1])
     return f"{scoring}; {selection}" if scoring and selection else ""
 
 
@@ -83,13 +88,10 @@ def scoring_covers(qi: torch.Tensor, keys: torch.Tensor) -> str:
     return ""
 
 
-def selection_covers(rows: int, n_keys: int) -> str:
-    """``""`` when the cluster selection takes ``rows`` rows of ``n_keys`` scores, else why not."""
+def selection_covers(n_keys: int) -> str:
+    """``""`` when the selection kernel takes rows of ``n_keys`` scores, else why not."""
     if n_keys > MAX_ROW_KEYS:
         return f"selection: rows of {n_keys} keys (the kernel holds up to {MAX_ROW_KEYS} in a cluster's registers)"
-    if rows > MAX_SHORT_ROWS and n_keys < SHORT_ROW_KEYS:
-        return (f"selection: {rows} rows of {n_keys} keys (more than {MAX_SHORT_ROWS} rows under {SHORT_ROW_KEYS} "
-                "keys: the Triton selection's row segments are faster)")
     return ""
 
 
@@ -107,15 +109,21 @@ def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, 
     """The top-k of every FP32 score row ``[B*S, Nk]`` (Nk at most ``MAX_ROW_KEYS``) below its
     query's ``n_valid`` into ``out`` (``[B, S, k]`` int32), by ``row_topk.cu``: one launch of
     ``cluster`` CTAs a row (8 or 16; default: 16 for at most ``MAX_WIDE_ROWS`` rows longer
-    than ``WIDE_ROW_KEYS`` where the GPU places clusters of 16, else 8)."""
+    than ``WIDE_ROW_KEYS`` where the GPU places clusters of 16; 1 for many rows of up to
+    ``ONE_CTA_ROW_KEYS``; else 8)."""
     rows, n_keys = scores.shape
     if n_keys > MAX_ROW_KEYS:
         raise ValueError(f"scores: expected rows of at most {MAX_ROW_KEYS} keys, got {n_keys}")
+    if cluster is None and n_keys <= ONE_CTA_ROW_KEYS and (
+            rows >= ONE_CTA_MIN_ROWS or (rows >= ONE_CTA_FEW_ROWS and n_keys <= ONE_CTA_FEW_ROW_KEYS)):
+        cluster = 1
     if cluster is None:
         wide = rows <= MAX_WIDE_ROWS and n_keys > WIDE_ROW_KEYS and _runs_clusters_of_16(scores.device.index)
         cluster = 16 if wide else 8
-    if cluster not in (8, 16):
-        raise ValueError(f"cluster: expected 8 or 16 CTAs a row, got {cluster}")
+    if cluster not in (1, 8, 16):
+        raise ValueError(f"cluster: expected 1, 8 or 16 CTAs a row, got {cluster}")
+    if cluster == 1 and n_keys > ONE_CTA_ROW_KEYS:
+        raise ValueError(f"scores: expected rows of at most {ONE_CTA_ROW_KEYS} keys for one CTA a row, got {n_keys}")
     extension_at(scores.device.index).row_topk(scores, n_valid, out, k, cluster,
                                                torch._C._cuda_getCurrentRawStream(scores.device.index))
 
@@ -152,7 +160,7 @@ def indexer_topk(qi: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_valid:
     out, scores = output_and_scores(qi, w, keys, n_valid, k, scorer)
     if scores is None:
         return out
-    if selection_covers(*scores.shape):
+    if selection_covers(scores.shape[1]):
         select_top_k(scores, n_valid, out, qi.shape[1], k)
     else:
         select_rows(scores, n_valid, out, k)

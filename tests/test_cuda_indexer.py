@@ -92,12 +92,12 @@ def test_integer_scores_select_exactly(device, bsz, n_keys, k):
 @pytest.mark.parametrize("bsz, n_keys, k", [(1, 32768, 1024), (32, 4096, 512), (2, 70000, 100)])
 def test_bf16_keys_scored_by_triton_selected_by_cluster(device, bsz, n_keys, k):
     """BF16 keys: the backend scores them with the Triton kernel and selects with the cluster
-    kernel (8 CTAs a row, and 16 for the two long rows); small integers make every score
-    exact, so the result is the oracle's index for index."""
+    kernel (8 CTAs a row, 16 for the two long rows, one CTA a row for the 32 short ones);
+    small integers make every score exact, so the result is the oracle's index for index."""
     g = torch.Generator().manual_seed(11)
     qi, w, keys = make_inputs(g, bsz, 1, HEADS, n_keys, integer=True)
     n_valid = random_n_valid(g, bsz, 1, n_keys)
-    assert cuda_indexer.selection_covers(bsz, n_keys) == ""
+    assert cuda_indexer.selection_covers(n_keys) == ""
     args = [t.to(device) for t in (qi, w, keys, n_valid)]
     assert torch.equal(_cuda_topk(*args, k).cpu(), ref.indexer_topk(qi, w, keys, n_valid, k))
 
@@ -199,13 +199,16 @@ def _special_scores(g, rows, n_keys, kind):
 @pytest.mark.parametrize("row_keys", [None, 8192, 8193, 16385, 32769, 65537, 131073, cuda_indexer.MAX_ROW_KEYS])
 @given(bsz=st.integers(1, 3), seq=st.integers(1, 2), short_keys=st.integers(1, 3000), k=st.integers(1, 2100),
        kind=st.sampled_from(["gaussian", "integers", "one binade", "equal", "special"]),
-       cluster=st.sampled_from([8, 16]), seed=st.integers(0, 2**31))
+       cluster=st.sampled_from([1, 8, 16]), seed=st.integers(0, 2**31))
 def test_row_selection_equals_oracle(device, row_keys, bsz, seq, short_keys, k, kind, cluster, seed):
     """The cluster selection on given scores: the oracle's indices exactly (ascending, ties to
     the lower index, NaN first, -0.0 == +0.0, -1 padding), for every keys-a-thread size (rows
     just past each power of two up to MAX_ROW_KEYS, and short ones), n_valid 0 / Nk / between,
-    k above and below both, clusters of 8 and 16 CTAs; no write lands past a row's k slots."""
+    k above and below both, one CTA a row and clusters of 8 and 16; no write lands past a row's
+    k slots."""
     n_keys = row_keys or short_keys
+    if cluster == 1 and n_keys > cuda_indexer.ONE_CTA_ROW_KEYS:
+        cluster = 8  # (one CTA holds up to ONE_CTA_ROW_KEYS; the longer rows' ValueError is tested below)
     g = torch.Generator().manual_seed(seed)
     rows = bsz * seq
     scores = _special_scores(g, rows, n_keys, kind)
@@ -221,8 +224,11 @@ def test_row_selection_rejects_long_rows(device):
     n_valid = torch.ones(1, 1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="scores: expected rows of at most"):
         cuda_indexer.select_rows(scores, n_valid, torch.empty(1, 4, dtype=torch.int32, device=device), 4)
-    with pytest.raises(ValueError, match="cluster: expected 8 or 16"):
+    with pytest.raises(ValueError, match="cluster: expected 1, 8 or 16"):
         cuda_indexer.select_rows(scores[:, :8], n_valid, torch.empty(1, 4, dtype=torch.int32, device=device), 4, 4)
+    with pytest.raises(ValueError, match="for one CTA a row"):
+        cuda_indexer.select_rows(scores[:, :cuda_indexer.ONE_CTA_ROW_KEYS + 1], n_valid,
+                                 torch.empty(1, 4, dtype=torch.int32, device=device), 4, 1)
 
 
 def test_cluster_occupancy_query(device):
@@ -262,7 +268,5 @@ def test_registry_rule(device, monkeypatch):
     assert "tiles a CTA" in covers(args[0], args[1], args[2][:, :350], args[3], 16)  # 3 tiles a CTA, 350 keys
     with use_backend("cuda", ops=["indexer_topk"]), pytest.raises(BackendUnavailableError, match="BF16 keys.*500"):
         ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)
-    monkeypatch.setattr(cuda_indexer, "MAX_ROW_KEYS", 10**6)
-    assert cuda_indexer.selection_covers(1, cuda_indexer.MAX_ROW_KEYS) == ""
-    assert "rows of" in cuda_indexer.selection_covers(cuda_indexer.MAX_SHORT_ROWS + 1, cuda_indexer.SHORT_ROW_KEYS - 1)
-    assert cuda_indexer.selection_covers(cuda_indexer.MAX_SHORT_ROWS, cuda_indexer.SHORT_ROW_KEYS - 1) == ""
+    assert cuda_indexer.selection_covers(cuda_indexer.MAX_ROW_KEYS) == ""
+    assert "rows of" in cuda_indexer.selection_covers(cuda_indexer.MAX_ROW_KEYS + 1)

@@ -6,7 +6,7 @@
 // n_valid, ascending, then -1; ties at the k-th score go to the lower indices; NaN ranks above
 // every number; -0.0 equals +0.0.
 //
-// A row is split into CLUSTER (8 or 16) contiguous slices, one a CTA, held in registers
+// A row is split into CLUSTER (1, 8 or 16) contiguous slices, one a CTA, held in registers
 // (ITEMS keys a thread, key j of thread t at slice offset j * kThreads + t, so a warp's loads
 // are 128 contiguous bytes).  Scores become order keys (unsigned, same order; 0 marks a key
 // past n_valid, which no score maps to) and a radix select picks the k-th key's digits, 8 bits
@@ -19,8 +19,10 @@
 // of the slices before this one, sent by their CTAs.
 //
 // Why a cluster: the row-parallel Triton selection pays five launches of a few microseconds
-// each; one CTA a row would do all the counting on one SM.  H100 (graph replays, selection
-// alone): see benchmarks/NOTES.md, "indexer, seventeenth round".
+// each; one CTA a row does all the counting on one SM (one row of 32768 keys: 20.6 us, against
+// 8.3 with 8 CTAs).  With many rows one CTA a row wins instead (32 or more rows: no exchange,
+// and the rows fill the machine).  H100 (graph replays, selection alone): see
+// benchmarks/NOTES.md, "indexer, seventeenth round" and "indexer, twenty-fourth round".
 
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -322,10 +324,10 @@ void launch_items(const Params& p, int64_t rows, cudaStream_t stream) {
 
 // scores: fp32 [rows, Nk] contiguous, Nk <= cluster * 1024 * 32; n_valid: int32 [B, S] with
 // B * S = rows (row r is query (r / S, r % S)); out: int32, rows * k contiguous; cluster: CTAs a
-// row, 8 or 16.
+// row, 1, 8 or 16.
 void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, int64_t cluster,
               int64_t stream_handle) {
-  DSV4_CHECK(cluster == 8 || cluster == 16, "cluster: expected 8 or 16 CTAs a row, got ", cluster);
+  DSV4_CHECK(cluster == 1 || cluster == 8 || cluster == 16, "cluster: expected 1, 8 or 16 CTAs a row, got ", cluster);
   DSV4_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && scores.is_contiguous(),
               "scores: expected contiguous fp32 [rows, Nk], got ", scores.scalar_type(), " ", scores.sizes());
   const int64_t rows = scores.size(0), n_keys = scores.size(1);
@@ -352,8 +354,10 @@ void row_topk(at::Tensor scores, at::Tensor n_valid, at::Tensor out, int64_t k, 
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (cluster == 16) {
     launch_items<16>(p, rows, stream);
-  } else {
+  } else if (cluster == 8) {
     launch_items<8>(p, rows, stream);
+  } else {
+    launch_items<1>(p, rows, stream);
   }
 }
 

@@ -125,7 +125,7 @@ def _decode_cases(quick):
         # Row-parallel: scores, 4 radix levels, write.
         triton_launches = 6 if parts else 2 if splits == 1 else 3
         triton_plan = f"row-parallel, {parts} chunks per row" if parts else f"{splits} segment(s) per row"
-        cuda_selects = _runs_cuda(bsz, n_keys, fp4) and cuda_indexer.selection_covers(bsz, n_keys) == ""
+        cuda_selects = _runs_cuda(bsz, n_keys, fp4) and cuda_indexer.selection_covers(n_keys) == ""
         topk = dict(shape=shape + f" k={TOP_K}", make_inputs=make,
                     oracle=lambda qi, w, keys, nv: ref.indexer_topk(qi, w, keys, nv, TOP_K),
                     bytes=key_bytes + small + bsz * TOP_K * 4, flops=flops, ceiling="copy")
@@ -133,7 +133,7 @@ def _decode_cases(quick):
             op="indexer_topk", run=lambda qi, w, keys, nv: ops.indexer_topk(qi, w, keys, nv, TOP_K),
             eager=lambda qi, w, keys, nv, ek=eager_keys: _eager_topk(qi, w, ek(keys), nv, TOP_K),
             launches=2 if cuda_selects else triton_launches,
-            notes=("score + exact FP32 top-k (" + ("one launch, a CTA cluster a row" if cuda_selects else triton_plan)
+            notes=("score + exact FP32 top-k (" + ("one launch, a CTA or a CTA cluster a row" if cuda_selects else triton_plan)
                    + "); target within 2x of the scoring pass"), **topk))
         if cuda_selects:
             triton_topk = registry.ops()["indexer_topk"].impls["triton"].fn

@@ -108,7 +108,7 @@ def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, 
                 cluster: Optional[int] = None) -> None:
     """The top-k of every FP32 score row ``[B*S, Nk]`` (Nk at most ``MAX_ROW_KEYS``) below its
     query's ``n_valid`` into ``out`` (``[B, S, k]`` int32), by ``row_topk.cu``: one launch of
-    ``cluster`` CTAs a row (8 or 16; default: 16 for at most ``MAX_WIDE_ROWS`` rows longer
+    ``cluster`` CTAs a row (1, 8 or 16; default: 16 for at most ``MAX_WIDE_ROWS`` rows longer
     than ``WIDE_ROW_KEYS`` where the GPU places clusters of 16; 1 for many rows of up to
     ``ONE_CTA_ROW_KEYS``; else 8)."""
     rows, n_keys = scores.shape

@@ -28,7 +28,7 @@ selection is exact: the same indices as the Triton selection and the oracle on t
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -114,18 +114,26 @@ def select_rows(scores: torch.Tensor, n_valid: torch.Tensor, out: torch.Tensor, 
     rows, n_keys = scores.shape
     if n_keys > MAX_ROW_KEYS:
         raise ValueError(f"scores: expected rows of at most {MAX_ROW_KEYS} keys, got {n_keys}")
-    if cluster is None and n_keys <= ONE_CTA_ROW_KEYS and (
-            rows >= ONE_CTA_MIN_ROWS or (rows >= ONE_CTA_FEW_ROWS and n_keys <= ONE_CTA_FEW_ROW_KEYS)):
-        cluster = 1
     if cluster is None:
-        wide = rows <= MAX_WIDE_ROWS and n_keys > WIDE_ROW_KEYS and _runs_clusters_of_16(scores.device.index)
-        cluster = 16 if wide else 8
+        cluster = default_cluster(rows, n_keys, lambda: _runs_clusters_of_16(scores.device.index))
     if cluster not in (1, 8, 16):
         raise ValueError(f"cluster: expected 1, 8 or 16 CTAs a row, got {cluster}")
     if cluster == 1 and n_keys > ONE_CTA_ROW_KEYS:
         raise ValueError(f"scores: expected rows of at most {ONE_CTA_ROW_KEYS} keys for one CTA a row, got {n_keys}")
     extension_at(scores.device.index).row_topk(scores, n_valid, out, k, cluster,
                                                torch._C._cuda_getCurrentRawStream(scores.device.index))
+
+
+def default_cluster(rows: int, n_keys: int, places_16: Callable[[], bool]) -> int:
+    """CTAs a row for ``rows`` rows of ``n_keys`` scores (the measured rule above);
+    ``places_16()`` says whether the GPU places clusters of 16, asked only where they would be
+    chosen."""
+    if n_keys <= ONE_CTA_ROW_KEYS and (
+            rows >= ONE_CTA_MIN_ROWS or (rows >= ONE_CTA_FEW_ROWS and n_keys <= ONE_CTA_FEW_ROW_KEYS)):
+        return 1
+    if rows <= MAX_WIDE_ROWS and n_keys > WIDE_ROW_KEYS and places_16():
+        return 16
+    return 8
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ those arguments.  GPU only."""
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from cuda_fallback import indexer as cuda_indexer
 from cuda_fallback.loader import extension_at
@@ -207,8 +207,7 @@ def test_row_selection_equals_oracle(device, row_keys, bsz, seq, short_keys, k, 
     k above and below both, one CTA a row and clusters of 8 and 16; no write lands past a row's
     k slots."""
     n_keys = row_keys or short_keys
-    if cluster == 1 and n_keys > cuda_indexer.ONE_CTA_ROW_KEYS:
-        cluster = 8  # (one CTA holds up to ONE_CTA_ROW_KEYS; the longer rows' ValueError is tested below)
+    assume(cluster != 1 or n_keys <= cuda_indexer.ONE_CTA_ROW_KEYS)  # longer rows: ValueError, tested below
     g = torch.Generator().manual_seed(seed)
     rows = bsz * seq
     scores = _special_scores(g, rows, n_keys, kind)

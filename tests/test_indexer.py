@@ -1,4 +1,5 @@
-"""indexer_topk: the oracle against SPEC 7 written out by hand, the Triton kernels against the oracle."""
+"""indexer_topk: the oracle against SPEC 7 written out by hand, the Triton kernels against the oracle,
+and the rule by which the cuda backend picks its selection kernel's CTAs a row."""
 
 from unittest import mock
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from cuda_fallback import indexer as cuda_indexer
 from dsv4_triton import ops, set_checks, use_backend
 from dsv4_triton.kernels import indexer as kernels
 from dsv4_triton.reference import indexer as ref
@@ -716,3 +718,13 @@ def test_checked_mode_rejects_n_valid_out_of_range(bad):
 def test_pack_bad_input(keys, err):
     with pytest.raises(err, match="keys"):
         ops.pack_indexer_keys(keys)
+
+
+@pytest.mark.parametrize("rows, n_keys, places_16, cluster", [
+    (1, 32768, True, 8), (1, 262144, True, 16), (1, 262144, False, 8), (8, 262144, True, 8),
+    (16, 4096, True, 1), (16, 16384, True, 8), (32, 32768, True, 1), (32, 32769, True, 8),
+    (256, 2048, True, 1), (31, 4097, True, 8)])
+def test_cuda_selection_ctas_a_row_follow_the_measured_rule(rows, n_keys, places_16, cluster):
+    # cuda_fallback.indexer's rule (its constants say what was measured): one CTA a row for
+    # many rows of up to 32768 keys, 16 for a few very long rows where the GPU places them.
+    assert cuda_indexer.default_cluster(rows, n_keys, lambda: places_16) == cluster

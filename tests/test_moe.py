@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 
 from dsv4_triton import ops, set_checks, use_backend
 from dsv4_triton.kernels import moe as kern
+from dsv4_triton.kernels.gemm import act_quant_rows
 from dsv4_triton.reference import activation as ref_act
 from dsv4_triton.reference import gemm as ref_gemm
 from dsv4_triton.reference import moe as ref
@@ -470,6 +471,39 @@ def assert_align(ids, n_experts, block_m):
     want_pair, want_expert = expected_align(ids.cpu(), n_experts, block_m)
     assert torch.equal(block_expert.cpu(), want_expert)
     assert torch.equal(sorted_pair.cpu(), want_pair)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_sorted_act_quant_matches_act_quant_in_slot_order(device, gather):
+    # The CUDA prefill GEMMs' activation: each live sorted row is act_quant of its token (or of
+    # its own row), bit for bit, with element 32q + 8s + 4h + b of a 128-block at slot
+    # 32s + 16h + 4q + b; padding rows zero codes; scales K block major.
+    g = _gen(31)
+    t, k, n_experts, block_m = 10, 2, 4, 16
+    w, ids = routing(t, k, n_experts, g)
+    sorted_pair, block_expert = kern.align(ids.to(device), n_experts, block_m)
+    rows = sorted_pair.shape[0]
+    x = torch.randn(t if gather else rows, DIM, generator=g) * torch.logspace(-3, 3, DIM)
+    x[3, 5] = float("nan")
+    x = x.to(torch.bfloat16 if gather else torch.float32)
+    q, s = kern.sorted_act_quant(x.to(device), sorted_pair, block_expert, n_experts, k, gather=gather)
+    codes, scales = act_quant_rows(x.to(device))
+    codes, scales, q, s = codes.cpu(), scales.cpu(), q.cpu(), s.cpu()
+    slot = torch.arange(128)
+    element = 32 * ((slot >> 2) & 3) + 8 * (slot >> 5) + 4 * ((slot >> 4) & 1) + (slot & 3)
+    order = (torch.arange(DIM // 128)[:, None] * 128 + element[None, :]).reshape(-1)
+    live = 0
+    for r, pair in enumerate(sorted_pair.cpu().tolist()):
+        if int(block_expert[r // block_m]) >= n_experts:
+            continue
+        live += 1
+        if pair < 0:
+            assert not q[r].any(), r
+            continue
+        src = pair // k if gather else r
+        assert torch.equal(q[r], codes[src, order]), r
+        torch.testing.assert_close(s[:, r], scales[src], rtol=0, atol=0, equal_nan=True)
+    assert live >= t * k
 
 
 def test_align_sorts_pairs_by_expert_with_padded_blocks(device):

@@ -53,6 +53,11 @@ torch::Tensor nvfp4_wgmma_gemm(torch::Tensor x_codes, torch::Tensor x_scales, to
 void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,
               int64_t tile_rows, int64_t stream_handle);
 #endif
+#ifdef DSV4_WITH_SM90_MOE_PREFILL  // sm_90a only
+void moe_prefill_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale,
+                      torch::Tensor sorted_pair, torch::Tensor block_expert, std::optional<torch::Tensor> route_w,
+                      torch::Tensor out, double limit, int64_t stream_handle);
+#endif
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES  // sm_90a only
 void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, torch::Tensor n_valid,
                         torch::Tensor scores, int64_t tiles_per_cta, int64_t stream_handle);
@@ -78,6 +83,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM
   m.def("fp8_gemm", &fp8_gemm, "FP8 x FP8 block-scaled GEMM (act_quant codes + scales in, bf16 out), TMA + wgmma, sm_90a");
+#endif
+#ifdef DSV4_WITH_SM90_MOE_PREFILL
+  m.def("moe_prefill_gemm", &moe_prefill_gemm,
+        "routed experts at prefill: a grouped MXFP4 GEMM (w13 with SwiGLU, or w2) on the warp-group MMA, sm_90a");
 #endif
 #ifdef DSV4_WITH_SM90_INDEXER_SCORES
   m.def("indexer_scores_fp4", &indexer_scores_fp4, "lightning-indexer scores over FP4 key rows, 64 heads, sm_90a");

@@ -413,6 +413,50 @@ def combine(part: torch.Tensor, ids: torch.Tensor, n_experts: int, y: torch.Tens
                                                  num_warps=4)
 
 
+# The activation of the CUDA prefill GEMMs (cuda_fallback/csrc/sm90_moe_prefill.cu): the sorted
+# rows' FP8 codes with each 128-block's columns in the MMA's k-slot order (element
+# 32q + 8s + 4h + b at slot 32s + 16h + 4q + b), and the scales K block major.
+SORTED_QUANT_ROWS = 16
+
+
+@triton.jit
+def _sorted_act_quant_kernel(x_ptr, q_ptr, s_ptr, sorted_pair_ptr, block_expert_ptr, n_experts, n_rows, K,
+                             stride_xm, TOPK: tl.constexpr, GATHER: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    kb = tl.program_id(1)
+    if tl.load(block_expert_ptr + pid // (BLOCK_M // ROWS)) >= n_experts:
+        return  # a block past the last expert's: the GEMMs skip it
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    pair = tl.load(sorted_pair_ptr + rows)
+    ok = pair >= 0
+    src = tl.where(ok, pair // TOPK, 0).to(tl.int64) if GATHER else rows
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + src[:, None] * stride_xm + k[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    q, s = quantise_act_tile(x)
+    v = tl.reshape(q.to(tl.uint8, bitcast=True), (ROWS, 4, 4, 2, 4))  # [row, q, s, h, b]
+    v = tl.reshape(tl.permute(v, (0, 2, 3, 1, 4)), (ROWS, BLOCK_K))  # [row, s, h, q, b]
+    tl.store(q_ptr + rows[:, None] * K + k[None, :], v)
+    tl.store(s_ptr + kb * n_rows + rows, s)
+
+
+def sorted_act_quant(x2: torch.Tensor, sorted_pair: torch.Tensor, block_expert: torch.Tensor, n_experts: int,
+                     topk: int, gather: bool):
+    """``act_quant`` of the sorted rows of an align of ``block_m``-row blocks: (codes uint8
+    ``[rows, K]`` in the k-slot order above, scales fp32 ``[K / 128, rows]``).  Row r is token
+    ``sorted_pair[r] // topk`` of ``x2`` (``gather``) or row r of ``x2`` itself; padding rows
+    get zero codes; the rows of blocks past the last expert's are not written.  K: a multiple
+    of 128."""
+    rows, k = sorted_pair.shape[0], x2.shape[1]
+    block_m = rows // block_expert.shape[0]
+    q = torch.empty((rows, k), dtype=torch.uint8, device=x2.device)
+    s = torch.empty((k // ACT_BLOCK, rows), dtype=torch.float32, device=x2.device)
+    _sorted_act_quant_kernel[(rows // SORTED_QUANT_ROWS, k // ACT_BLOCK)](
+        x2, q, s, sorted_pair, block_expert, n_experts, rows, k, x2.stride(0), TOPK=topk, GATHER=gather,
+        ROWS=SORTED_QUANT_ROWS, BLOCK_M=block_m, BLOCK_K=ACT_BLOCK, num_warps=4)
+    return q, s
+
+
 @register("moe_experts", "triton")
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, limit: float,

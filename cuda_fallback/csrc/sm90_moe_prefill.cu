@@ -21,8 +21,9 @@
 // * The activation tile (FP8 codes of the block's 128 sorted rows, zeros for padding rows,
 //   and their 128 scales) comes by TMA and one bulk copy from warp 0 of the first warpgroup,
 //   six stages deep, as in sm90_fp8_gemm.cu.
-// * Promotion per K block (SPEC 3): acc += (d * a_scale * 2^-6) * 2^(e_max - 127), the same
-//   operations per element as scaled_dot_t in kernels/gemm.py (2^-6: the table's factor).
+// * Promotion per K block (SPEC 3): acc += (d * a_scale) * (2^(e_max - 127) * 2^-6) (2^-6: the
+//   table's factor), the products of scaled_dot_t in kernels/gemm.py in another order: the
+//   same values unless a product leaves the FP32 range.
 //
 // Epilogues.  w13: the 128 weight rows of a tile are 64 gate rows and the 64 matching up rows
 // (columns hb .. hb + 63 of the SwiGLU output), arranged so that warp w's rows 16 w + g and
@@ -153,7 +154,7 @@ struct Raw {
   uint32_t s_lo, s_hi;
 };
 
-// The same rows as the four k32 steps' A fragments, and the rows' FP32 scales.
+// The same rows as the four k32 steps' A fragments, and the rows' FP32 scales times 2^-6.
 struct Frag {
   uint32_t a[4][4];
   float f_lo, f_hi;
@@ -167,7 +168,7 @@ __device__ __forceinline__ void expand_row(const uint4& codes, uint32_t word, in
   fp4_expand(codes.y, lut, a[1][slot], a[1][slot + 2]);
   fp4_expand(codes.z, lut, a[2][slot], a[2][slot + 2]);
   fp4_expand(codes.w, lut, a[3][slot], a[3][slot + 2]);
-  scale = e8m0_float(e_max);
+  scale = e8m0_float(e_max) * 0.015625f;  // exact (2^-133 is a subnormal); 2^-6 is the table's factor
 }
 
 // Fragment registers a0..a3 of a k32 step: (row g, k 4q..), (row g + 8, k 4q..),
@@ -279,6 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     Raw raw = rows.load(0);
     expand(raw, q, cur);
     if (p.n_kb > 1) raw = rows.load(1);
+#pragma unroll 2  // cur and nxt trade places without moves
     for (int kb = 0; kb < p.n_kb; ++kb) {
       mbar_wait(&full[ring.stage], ring.phase);
       const uint8_t* st = base + ring.stage * kStageBytes;
@@ -304,11 +306,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
         const float2 fa = *reinterpret_cast<const float2*>(a_scale + 8 * j);
-        const float a0 = fa.x * 0.015625f, a1 = fa.y * 0.015625f;
-        acc[4 * j] = fmaf(t[4 * j] * a0, cur.f_lo, acc[4 * j]);
-        acc[4 * j + 1] = fmaf(t[4 * j + 1] * a1, cur.f_lo, acc[4 * j + 1]);
-        acc[4 * j + 2] = fmaf(t[4 * j + 2] * a0, cur.f_hi, acc[4 * j + 2]);
-        acc[4 * j + 3] = fmaf(t[4 * j + 3] * a1, cur.f_hi, acc[4 * j + 3]);
+        acc[4 * j] = fmaf(t[4 * j] * fa.x, cur.f_lo, acc[4 * j]);
+        acc[4 * j + 1] = fmaf(t[4 * j + 1] * fa.y, cur.f_lo, acc[4 * j + 1]);
+        acc[4 * j + 2] = fmaf(t[4 * j + 2] * fa.x, cur.f_hi, acc[4 * j + 2]);
+        acc[4 * j + 3] = fmaf(t[4 * j + 3] * fa.y, cur.f_hi, acc[4 * j + 3]);
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[ring.stage]);

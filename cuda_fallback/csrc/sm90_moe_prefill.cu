@@ -25,6 +25,12 @@
 //   table's factor), the products of scaled_dot_t in kernels/gemm.py in another order: the
 //   same values unless a product leaves the FP32 range.
 //
+// Measured on the H100 (benchmarks/NOTES.md, twenty-fifth round), Pro prefill (T = 8192, 384
+// experts): w13 11.0 ms, w2 5.1 ms, ~390-430 TFLOP/s (the Triton GEMMs: 15.1, 8.7 ms).  What
+// binds is the consumers' own instruction stream (expansion and promotion, ~470 instructions a
+// warp a K block at two warps a scheduler): in a variant with the weights staged by bulk
+// copies, leaving every copy out still took 11.0 of its 13.4 ms, leaving the MMAs out 12.9.
+//
 // Epilogues.  w13: the 128 weight rows of a tile are 64 gate rows and the 64 matching up rows
 // (columns hb .. hb + 63 of the SwiGLU output), arranged so that warp w's rows 16 w + g and
 // 16 w + g + 8 are the gate and up rows of one output column: the thread applies the clamped

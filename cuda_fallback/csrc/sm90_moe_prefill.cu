@@ -27,7 +27,7 @@
 //
 // Measured on the H100 (benchmarks/NOTES.md, twenty-fifth round), Pro prefill (T = 8192, 384
 // experts): w13 11.0 ms, w2 5.1 ms, ~390-430 TFLOP/s (the Triton GEMMs: 15.1, 8.7 ms).  What
-// binds is the consumers' own instruction stream (expansion and promotion, ~470 instructions a
+// binds is the consumers' own instruction stream (expansion and promotion, ~450 instructions a
 // warp a K block at two warps a scheduler): in a variant with the weights staged by bulk
 // copies, leaving every copy out still took 11.0 of its 13.4 ms, leaving the MMAs out 12.9.
 //

@@ -1,7 +1,7 @@
 """The ``cuda`` backend of ``moe_experts``: the Triton path's align and combine around two
 grouped MXFP4 GEMMs written in CUDA, one pair for decode sizes and one for prefill sizes.
 
-Decode (``csrc/moe_decode.cu``, any CUDA target): the batches whose expert blocks have 16 rows
+Decode (``csrc/moe_decode.cu``, sm90a and sm100a): the batches whose expert blocks have 16 rows
 (``block_m_for``: on average at most 16 pairs an expert, e.g. up to 1024 tokens x 6 of 384
 experts).  Same launches as the Triton path (align 3, pre-pass, w13, w2, combine), same block
 lists, same act_quant of the SwiGLU output; the GEMM sums differ from the Triton path's only

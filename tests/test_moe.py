@@ -473,18 +473,20 @@ def assert_align(ids, n_experts, block_m):
     assert torch.equal(sorted_pair.cpu(), want_pair)
 
 
-@pytest.mark.parametrize("gather", [True, False])
-def test_sorted_act_quant_matches_act_quant_in_slot_order(device, gather):
+@pytest.mark.parametrize("gather, block_m", [(True, 16), (False, 16), (True, 128)])
+def test_sorted_act_quant_matches_act_quant_in_slot_order(device, gather, block_m):
     # The CUDA prefill GEMMs' activation: each live sorted row is act_quant of its token (or of
     # its own row), bit for bit, with element 32q + 8s + 4h + b of a 128-block at slot
-    # 32s + 16h + 4q + b; padding rows zero codes; scales K block major.
+    # 32s + 16h + 4q + b; padding rows zero codes; scales K block major.  Blocks of 16 rows
+    # (one program a block) and of 128 (the GEMMs' own, eight programs a block).
     g = _gen(31)
-    t, k, n_experts, block_m = 10, 2, 4, 16
+    t, k, n_experts = 10, 2, 4
     w, ids = routing(t, k, n_experts, g)
     sorted_pair, block_expert = kern.align(ids.to(device), n_experts, block_m)
     rows = sorted_pair.shape[0]
     x = torch.randn(t if gather else rows, DIM, generator=g) * torch.logspace(-3, 3, DIM)
-    x[3, 5] = float("nan")
+    live_row = int((sorted_pair >= 0).nonzero()[0, 0])
+    x[int(sorted_pair[live_row]) // k if gather else live_row, 5] = float("nan")  # a row the GEMMs read
     x = x.to(torch.bfloat16 if gather else torch.float32)
     q, s = kern.sorted_act_quant(x.to(device), sorted_pair, block_expert, n_experts, k, gather=gather)
     codes, scales = act_quant_rows(x.to(device))

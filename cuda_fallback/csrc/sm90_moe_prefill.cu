@@ -28,8 +28,8 @@
 // Measured on the H100 (benchmarks/NOTES.md, twenty-fifth round), Pro prefill (T = 8192, 384
 // experts): w13 11.0 ms, w2 5.1 ms, ~390-430 TFLOP/s (the Triton GEMMs: 15.1, 8.7 ms).  What
 // binds is the consumers' own instruction stream (expansion and promotion, ~450 instructions a
-// warp a K block at two warps a scheduler): in a variant with the weights staged by bulk
-// copies, leaving every copy out still took 11.0 of its 13.4 ms, leaving the MMAs out 12.9.
+// warp a K block at two warps a scheduler), not the copies or the MMAs (NOTES has the
+// variants and the measurements that say so).
 //
 // Epilogues.  w13: the 128 weight rows of a tile are 64 gate rows and the 64 matching up rows
 // (columns hb .. hb + 63 of the SwiGLU output), arranged so that warp w's rows 16 w + g and
@@ -354,8 +354,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // a_codes: uint8 [rows, K], the sorted rows' FP8 codes in MMA slot order (sorted_act_quant);
 // a_scale: fp32 [K / 128, rows]; w / w_scale: one packed matrix of moe_pack_experts (uint8
 // [E, tiles, K / 128, 16, 64] and E8M0 bytes [E, tiles, K / 128, 16, 4]); sorted_pair,
-// block_expert: the align of 128-row blocks.  With route_w (fp32 [pairs]): w13, out fp32
-// [rows, inter] (the routed SwiGLU of each real row); without: w2, out fp32 [pairs, N].
+// block_expert: the align of 128-row blocks, whose pair ids must lie below the pair count
+// (route_w's length, out's rows for w2), as align writes them.  With route_w (fp32 [pairs]):
+// w13, out fp32 [rows, inter] (the routed SwiGLU of each real row); without: w2, out fp32
+// [pairs, N].
 void moe_prefill_gemm(at::Tensor a_codes, at::Tensor a_scale, at::Tensor w, at::Tensor w_scale,
                       at::Tensor sorted_pair, at::Tensor block_expert, std::optional<at::Tensor> route_w,
                       at::Tensor out, double limit, int64_t stream_handle) {
@@ -387,13 +389,23 @@ void moe_prefill_gemm(at::Tensor a_codes, at::Tensor a_scale, at::Tensor w, at::
              "block_expert: expected contiguous int32 [", rows / kBlockRows, "], got ", block_expert.sizes());
   const bool w13 = route_w.has_value();
   const int64_t out_cols = w13 ? w_rows / 2 : w_rows;
-  DSV4_CHECK(out_cols % (w13 ? 64 : kTileW) == 0, "w: rows must be a multiple of 128, got ", w_rows);
+  DSV4_CHECK(w13 ? w.size(1) % 16 == 0 : out_cols % kTileW == 0,
+             w13 ? "w: a w13 matrix needs whole 256-row blocks of gate and up rows (inter a multiple of 128), got "
+                 : "w: rows must be a multiple of 128, got ",
+             w_rows, " rows");
   DSV4_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(1) == out_cols && out.is_contiguous() &&
                  (!w13 || out.size(0) == rows),
              "out: expected contiguous fp32 [", w13 ? rows : -1, ", ", out_cols, "], got ", out.sizes());
   if (w13)
     DSV4_CHECK(route_w->scalar_type() == at::kFloat && route_w->dim() == 1 && route_w->is_contiguous(),
                "route_w: expected contiguous fp32 [pairs], got ", route_w->sizes());
+  DSV4_CHECK(aligned(a_codes, 16) && aligned(a_scale, 16) && aligned(w, 16) && aligned(w_scale, 4) &&
+                 aligned(sorted_pair, 8),
+             "moe_prefill_gemm: a_codes, a_scale and w need 16-byte, w_scale 4-byte and sorted_pair 8-byte aligned "
+             "data (the copies' and vector loads' rule)");
+  for (const at::Tensor* t : {&a_scale, &w, &w_scale, &sorted_pair, &block_expert, &out})
+    DSV4_CHECK(t->device() == a_codes.device(), "moe_prefill_gemm: every tensor on a_codes' device");
+  if (w13) DSV4_CHECK(route_w->device() == a_codes.device(), "moe_prefill_gemm: every tensor on a_codes' device");
   DSV4_CHECK(n_experts * w.size(1) * n_kb * kUnitBytes < (int64_t{1} << 62), "w: too large");
   Params p{};
   p.w = w.data_ptr<uint8_t>();

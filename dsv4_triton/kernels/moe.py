@@ -449,6 +449,10 @@ def sorted_act_quant(x2: torch.Tensor, sorted_pair: torch.Tensor, block_expert: 
     of 128."""
     rows, k = sorted_pair.shape[0], x2.shape[1]
     block_m = rows // block_expert.shape[0]
+    if x2.stride(1) != 1 or k % ACT_BLOCK or block_m % SORTED_QUANT_ROWS:
+        raise ValueError(f"sorted_act_quant: expected rows with a contiguous last dim of a multiple of {ACT_BLOCK} "
+                         f"and blocks of a multiple of {SORTED_QUANT_ROWS} rows, got x2 strides {x2.stride()}, "
+                         f"K = {k}, {block_m}-row blocks")
     q = torch.empty((rows, k), dtype=torch.uint8, device=x2.device)
     s = torch.empty((k // ACT_BLOCK, rows), dtype=torch.float32, device=x2.device)
     _sorted_act_quant_kernel[(rows // SORTED_QUANT_ROWS, k // ACT_BLOCK)](

@@ -27,8 +27,8 @@
 //
 // Measured on the H100 (benchmarks/NOTES.md, twenty-fifth round), Pro prefill (T = 8192, 384
 // experts): w13 11.0 ms, w2 5.1 ms, ~390-430 TFLOP/s (the Triton GEMMs: 15.1, 8.7 ms).  What
-// binds is the consumers' own instruction stream (expansion and promotion, ~450 instructions a
-// warp a K block at two warps a scheduler), not the copies or the MMAs (NOTES has the
+// binds is the consumers' own instruction stream (expansion and promotion, ~390 PTX instructions
+// a warp a K block at two warps a scheduler), not the copies or the MMAs (NOTES has the
 // variants and the measurements that say so).
 //
 // Epilogues.  w13: the 128 weight rows of a tile are 64 gate rows and the 64 matching up rows

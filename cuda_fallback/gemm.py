@@ -1,5 +1,6 @@
 """The ``cuda`` backend of the gemm family: ``fp4_linear`` for MXFP4 and NVFP4 weights at decode
-and prefill sizes, ``fp8_linear`` and ``grouped_linear`` at prefill sizes on Hopper.
+and prefill sizes, ``fp8_linear`` at decode and prefill sizes and ``grouped_linear`` at prefill
+sizes on Hopper.
 
 Decode: ``csrc/fp4_decode_gemm.cu`` covers MXFP4 and NVFP4 weights with K a multiple of 128 (every
 DeepSeek-V4 projection), 1 to 8 activation rows (up to 16 where K >= 4096), 16-byte aligned weight
@@ -22,6 +23,12 @@ while a block's exponents span at most 14 binades, see ``reference.gemm.mxfp4_as
 and multiplied by the FP8 prefill kernel (``csrc/sm90_fp8_gemm.cu``) at the FP8 tensor-core
 rate; the Triton GEMM's in-register expansion reaches about 30% of that rate.
 
+FP8 at decode (sm90a): ``csrc/sm90_fp8_decode_gemm.cu`` runs ``fp8_linear`` for 1 to
+``FP8_DECODE_MAX_ROWS`` BF16 activation rows of a weight up to ``FP8_DECODE_MAX_WEIGHT_BYTES`` in
+one launch: each CTA requests all of its weight
+bytes by bulk copies first and quantises its slice of the activation while they come
+(``fp8_decode_plan`` picks the CTA's rows and the K split).
+
 BF16 (sm90a): ``csrc/sm90_bf16_gemm.cu`` runs ``grouped_linear`` from ``GROUPED_MIN_ROWS``
 tokens, and NVFP4 weights from ``NVFP4_EXPAND_MIN_ROWS`` rows through the Triton backend's
 BF16 route (the weight expanded to BF16, the activation dequantised, both exact; the global
@@ -35,7 +42,7 @@ backend in the registry's order, the Triton GEMM; forcing ``cuda`` on them raise
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -74,6 +81,10 @@ WGMMA_MIN_CTAS_PER_SM = 0.75
 # (N = 1536 or 3072 at 512 rows: 0.8x, measured before its TMA-store epilogue), and shorter K
 # was not measured.
 PREFILL_MIN_K = 1536
+# ... and more than PREFILL_MIN_ROWS rows: at 64 rows of a wide weight (N = 24576, K = 7168), which
+# fills the SMs with half-empty 128-row tiles, it took 86.3 us against the Triton GEMM's 71.1
+# (benchmarks/NOTES.md, twenty-sixth round).
+PREFILL_MIN_ROWS = 64
 # fp4_linear: from this many rows the re-encoding pass (~2.3 TB/s: 118 us for N = 24576,
 # K = 7168) is repaid by the FP8 kernel's rate.  Measured on the H100 against the Triton GEMM
 # (benchmarks/NOTES.md, twentieth round), at N x K = 7168 x 1536, 24576 x 7168, 1536 x 7168
@@ -84,6 +95,100 @@ FP4_PREFILL_MIN_ROWS = 256
 # grouped_linear: from this many tokens the BF16 kernel (256-row tiles) runs in place of the
 # Triton GEMM; measured on the H100 (benchmarks/NOTES.md, twentieth round).
 GROUPED_MIN_ROWS = 256
+
+
+# fp8_linear at decode (csrc/sm90_fp8_decode_gemm.cu, which takes 1 to 16 BF16 rows): the registry
+# sends it 1 to FP8_DECODE_MAX_ROWS rows of weights up to FP8_DECODE_MAX_WEIGHT_BYTES, where it
+# measured faster than the Triton GEMM on the H100 (benchmarks/NOTES.md, twenty-sixth round; one
+# to four rows: 1.06-1.14x at 7168 x 1536, 1.00-1.04x at 1536 x 7168, 1.02-1.26x at 512 x 7168,
+# 1.03-1.07x at 7168 x 2048; at 8 rows 0.90-0.96x, where every CTA quantises more rows, and
+# 0.7x at 3072 x 7168 (22 MB), whose CTAs each hold ~170 KB).  Weight rows a CTA and the CTA
+# count along K by fp8_decode_plan, within the shared memory an sm_90 CTA may have.
+FP8_DECODE_MAX_ROWS = 4
+FP8_DECODE_MAX_WEIGHT_BYTES = 16 << 20
+FP8_DECODE_ROWS = (32, 16, 64)
+FP8_DECODE_SPLITS = (1, 2, 4, 8)
+SM90_CTA_SHARED_BYTES = 227 * 1024
+_DECODE_THREADS = 256
+
+
+def decode_shared_bytes(rows: int, m: int, k_blocks: int) -> int:
+    """Shared memory of a decode CTA (``shared_bytes`` in the kernel source): its weight rows and
+    activation codes of ``k_blocks`` K blocks, rows padded by 64 bytes, the activation scales, the
+    warps' partial sums, the CTA's sums, the BF16 activation as loaded and the mbarriers (one per
+    16 weight rows, one for the activation)."""
+    nt = 2 if m > 8 else 1
+    row_bytes = k_blocks * ACT_BLOCK + 64
+    return ((rows + m) * row_bytes + 4 * (m * k_blocks + 8 * nt * 4 * 32 + rows * 8 * nt)
+            + m * k_blocks * ACT_BLOCK * 2 + 8 * (rows // 16 + 1))
+
+
+def fp8_decode_plan(m: int, n: int, k: int, sms: int) -> Optional[Tuple[int, int]]:
+    """(weight rows a CTA, CTAs along K) for ``m`` rows of an ``[n, k]`` FP8 weight, or None when
+    no plan holds the weight in one wave of CTAs (the kernel requests each CTA's bytes at its
+    start, so every CTA must be resident).  The fewest CTAs along K that give every SM a CTA,
+    32 rows a CTA first, then 16 (more CTAs), then 64; measured on the H100 at one row
+    (benchmarks/NOTES.md, twenty-sixth round), where more splits or fewer CTAs than SMs were
+    slower.  Without a plan that reaches every SM, the one with the most CTAs."""
+    n_kb = k // ACT_BLOCK
+    fallback, fallback_ctas = None, 0
+    for rows in (32, 16, 64):
+        if n % rows:
+            continue
+        for split in FP8_DECODE_SPLITS:
+            if n_kb % split:
+                continue
+            smem = decode_shared_bytes(rows, m, n_kb // split)
+            if smem > SM90_CTA_SHARED_BYTES:
+                continue
+            ctas = n // rows * split
+            if ctas > min(SM90_CTA_SHARED_BYTES // smem, 2048 // _DECODE_THREADS) * sms:
+                continue
+            if ctas >= sms:
+                return rows, split
+            if ctas > fallback_ctas:
+                fallback, fallback_ctas = (rows, split), ctas
+    return fallback
+
+
+def fp8_decode_covers(m: int, n: int, k: int, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
+    """``""`` when the decode kernel takes these ``fp8_linear`` arguments (``m`` rows), else why not."""
+    if k % ACT_BLOCK:
+        return f"K = {k} is not a multiple of {ACT_BLOCK}"
+    if x.dtype != torch.bfloat16:
+        return f"x is {x.dtype} (the decode kernel reads bf16 rows)"
+    if n * k > FP8_DECODE_MAX_WEIGHT_BYTES:
+        return f"a {n * k / 2**20:.0f} MB weight (it takes up to {FP8_DECODE_MAX_WEIGHT_BYTES >> 20} MB)"
+    if not rows_aligned(w, 16):
+        return "weight rows are not contiguous and 16-byte aligned"
+    if w_scale.stride(-1) != 1:
+        return "scale rows are not contiguous"
+    if fp8_decode_plan(m, n, k, sm_count(_gpu(x.device))) is None:
+        return (f"[{n}, {k}]: no plan holds the weight in one wave of CTAs (N a multiple of "
+                f"{FP8_DECODE_ROWS[-1]}, at most ~{SM90_CTA_SHARED_BYTES // 1024} KB a CTA)")
+    return ""
+
+
+def fp8_decode(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, rows: Optional[int] = None,
+               split: Optional[int] = None) -> torch.Tensor:
+    """``act_quant(x2) @ dequant(w).T`` for 1-16 BF16 rows ``x2 [M, K]`` by the decode kernel (the
+    registry sends it up to ``FP8_DECODE_MAX_ROWS``),
+    with ``fp8_decode_plan``'s tiles unless ``rows`` and ``split`` are given."""
+    m, k = x2.shape
+    n = w.shape[0]
+    if rows is None or split is None:
+        plan = fp8_decode_plan(m, n, k, sm_count(x2.device))
+        if plan is None:
+            raise ValueError(f"w: no decode plan for N = {n}, K = {k} at {m} rows")
+        rows, split = plan
+    if not rows_aligned(x2, 16):  # the kernel's bulk copies take 16-byte aligned rows
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2.device)
+    scale = w_scale if w_scale.dtype == torch.float32 else w_scale.view(torch.uint8)
+    index = x2.device.index
+    extension_at(index).fp8_decode_gemm(x2, w.view(torch.uint8), scale, y, rows, split,
+                                        torch._C._cuda_getCurrentRawStream(index))
+    return y
 
 
 def fp8_kernel_takes(n: int, k: int) -> str:
@@ -244,6 +349,9 @@ def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
     why = fp8_kernel_takes(n, k)
     if why:
         return why
+    m = x.numel() // k
+    if m <= PREFILL_MIN_ROWS:
+        return f"{m} rows (it takes more than {PREFILL_MIN_ROWS}: decode sizes stay on Triton)"
     sms = sm_count(_gpu(x.device))
     tiles = triton.cdiv(x.numel() // k, ACT_BLOCK) * (n // ACT_BLOCK)
     if tiles < sms:
@@ -275,8 +383,21 @@ def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows
     return y
 
 
-@register("fp8_linear", "cuda", archs=("sm90a",), covers=fp8_prefill_covers)
+def fp8_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
+    """``""`` when the decode or the prefill kernel takes these ``fp8_linear`` arguments, else why not."""
+    n, k = w.shape
+    m = x.numel() // k if k else 0
+    if 1 <= m <= FP8_DECODE_MAX_ROWS:
+        why = fp8_decode_covers(m, n, k, x, w, w_scale)
+        return why and f"{m} activation rows (the decode kernel: {why})"
+    return fp8_prefill_covers(x, w, w_scale)
+
+
+@register("fp8_linear", "cuda", archs=("sm90a",), covers=fp8_covers)
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     x2 = as_rows(x)
-    y = fp8_gemm(x2, w, w_scale, tile_rows_for(x2.shape[0], w.shape[0] // ACT_BLOCK, x.device))
+    if x2.shape[0] <= FP8_DECODE_MAX_ROWS:
+        y = fp8_decode(x2, w, w_scale)
+    else:
+        y = fp8_gemm(x2, w, w_scale, tile_rows_for(x2.shape[0], w.shape[0] // ACT_BLOCK, x.device))
     return y.view(*x.shape[:-1], w.shape[0])

@@ -89,6 +89,7 @@ def test_fp8_prefill_covers_says_why_not(monkeypatch):
 
     assert covers(4096, 1536, 7168) == "" and covers(1024, 24576, 1536) == ""
     assert covers(1024, 1536, 7168).startswith("96 output tiles")  # 8 x 12 < 132
+    assert covers(64, 24576, 7168).startswith("64 rows")  # 192 half-empty tiles: measured slower
     assert covers(4096, 1536, 1024).startswith("K = 1024")
     assert "multiples of 128" in covers(4096, 1000, 7168) and "multiples of 128" in covers(4096, 1536, 7000)
 
@@ -134,3 +135,39 @@ def test_fp4_covers_says_why_not(monkeypatch, arch):
     else:
         assert "target sm90a" in covers(4096, 24576, 7168)
         assert "target sm90a" in covers(4096, 1536, 7168, "nvfp4")
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 16])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (1536, 7168), (512, 7168), (3072, 2048), (16, 128), (48, 896)])
+def test_fp8_decode_plan_fits_one_wave(m, n, k):
+    # Every plan: whole row tiles and K slices, the CTA's shared memory within an sm_90 CTA's,
+    # and all CTAs resident at once (the kernel streams each CTA's weight bytes in one go).
+    from cuda_fallback import gemm as cuda_gemm
+
+    sms = 132
+    rows, split = cuda_gemm.fp8_decode_plan(m, n, k, sms)
+    assert rows in cuda_gemm.FP8_DECODE_ROWS and split in cuda_gemm.FP8_DECODE_SPLITS
+    assert n % rows == 0 and (k // 128) % split == 0
+    smem = cuda_gemm.decode_shared_bytes(rows, m, k // 128 // split)
+    assert smem <= cuda_gemm.SM90_CTA_SHARED_BYTES
+    per_sm = min(cuda_gemm.SM90_CTA_SHARED_BYTES // smem, 8)
+    assert n // rows * split <= per_sm * sms
+
+
+def test_fp8_decode_covers_says_why_not(monkeypatch):
+    from cuda_fallback import gemm as cuda_gemm
+
+    monkeypatch.setattr(cuda_gemm, "sm_count", lambda device: 132)
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+
+    def covers(m, n, k, dtype=torch.bfloat16):
+        return cuda_gemm.fp8_covers(meta(m, k, dtype=dtype), meta(n, k, dtype=torch.float8_e4m3fn),
+                                    meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu))
+
+    assert covers(1, 7168, 1536) == "" and covers(4, 1536, 7168) == "" and covers(3, 512, 7168) == ""
+    assert covers(5, 1536, 7168).startswith("5 rows")  # 5-64 rows: the Triton GEMM
+    assert "a 168 MB weight" in covers(1, 24576, 7168) and "a 21 MB weight" in covers(1, 3072, 7168)
+    assert "no plan holds the weight" in covers(1, 1000, 7168)  # N not a multiple of 16
+    assert "torch.float16" in covers(1, 7168, 1536, torch.float16)
+    assert "multiple of 128" in covers(1, 7168, 1000)
+    assert covers(17, 7168, 1536).startswith("17 rows")

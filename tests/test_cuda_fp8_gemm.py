@@ -1,6 +1,8 @@
-"""The cuda backend of fp8_linear (cuda_fallback/csrc/sm90_fp8_gemm.cu) against the oracle, both
-tile heights, and the registry rule that sends it prefill-sized calls with whole 128 x 128
-scale blocks and a long K.  GPU only: the source is compiled on the CPU by test_cuda_fallback."""
+"""The cuda backend of fp8_linear against the oracle: the prefill kernel (cuda_fallback/csrc/
+sm90_fp8_gemm.cu) at both tile heights, the decode kernel (csrc/sm90_fp8_decode_gemm.cu) at every
+tile shape and K split, and the registry rules that send them prefill-sized calls with whole
+128 x 128 scale blocks and a long K, and 1-16 BF16 rows.  GPU only: the sources are compiled on
+the CPU by test_cuda_fallback."""
 
 import pytest
 import torch
@@ -150,7 +152,7 @@ def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
     g = _gen(4)
     w = random_fp8((256, 2048), g, device)
     ws = random_e8m0((2, 16), g, device)
-    x = torch.randn(8, 2048, generator=g).to(torch.bfloat16).to(device)
+    x = torch.randn(65, 2048, generator=g).to(torch.bfloat16).to(device)  # past decode sizes
     with pytest.raises(BackendUnavailableError, match="2 output tiles"):
         _cuda(x, w, ws)
     with pytest.raises(BackendUnavailableError, match="K = 256"):
@@ -164,5 +166,114 @@ def test_cuda_graph_replay(device):
     x = torch.randn(1024, 2048, generator=g).to(torch.bfloat16).to(device)
     y, again = replayed_and_eager(lambda: ops.fp8_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
                                   torch.randn(1024, 2048, generator=g).to(torch.bfloat16))
+    assert torch.equal(y, again)
+    _check(y, x, w, ws)
+
+
+# --- decode: 1 to 16 rows, one launch -------------------------------------------------------
+
+@given(m=st.integers(1, 16), groups=st.integers(1, 12), ks=st.integers(1, 12), rows=st.sampled_from([16, 32, 64]),
+       split=st.sampled_from([1, 2, 4, 8]), fp32_scale=st.booleans(), seed=st.integers(0, 2**31))
+def test_decode_matches_oracle(device, m, groups, ks, rows, split, fp32_scale, seed):
+    # Any tile shape and K split the kernel takes (the plan picks one): N a multiple of the
+    # CTA's rows, K blocks a multiple of the split (clusters of 1-8 CTAs, each taking ks blocks,
+    # fewer than its warps or more), one or two groups of 8 activation rows with the rows past
+    # m left out, a 16-row group inside a 128-row scale block at any offset, fp32 scales that
+    # are not powers of two.
+    kb = ks * split
+    g = _gen(seed)
+    n, k = rows * groups, 128 * kb
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((-(-n // 128), kb), g, device)
+    if fp32_scale:
+        ws = ref.scale_to_float(ws) * (1 + torch.rand(ws.shape, generator=g)).to(device)
+    y = cuda_gemm.fp8_decode(x, w, ws, rows, split)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    _check(y, x, w, ws, what=f"{rows} rows a CTA, split {split}")
+
+
+@pytest.mark.parametrize("rows, split", [(16, 1), (32, 4), (64, 2)])
+def test_decode_nan_inf_zero_blocks_propagate_like_oracle(device, rows, split):
+    g = _gen(17)
+    x = torch.randn(11, 512, generator=g).to(torch.bfloat16)
+    x[0, 3] = float("nan")  # a NaN block: row 0 NaN
+    x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
+    x[2] = 0.0  # an all-zero row: zeros (NaN only in poisoned columns)
+    x[10, 300] = float("nan")  # in the second group of 8 rows
+    x[4, :128] = 1e30  # a huge block (scale 2^92)
+    x[5, 128:256] = 1e-30  # a tiny block (the 1e-4 floor)
+    x = x.to(device)
+    w = random_fp8((256, 512), g, "cpu")
+    w.view(torch.uint8)[7, 9] = 0x7F  # a NaN weight: column 7 NaN
+    ws = random_e8m0((2, 4), g, "cpu")
+    ws.view(torch.uint8)[1, 3] = 0xFF  # an E8M0 NaN: columns 128.. NaN
+    ws.view(torch.uint8)[0, 1] = 0  # 2^-127, a subnormal scale
+    w, ws = w.to(device), ws.to(device)
+    _check(cuda_gemm.fp8_decode(x, w, ws, rows, split), x, w, ws)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n, k", [(7168, 1536), (1536, 7168), (512, 7168), (3072, 2048)])
+def test_decode_real_shapes_with_the_plan(device, m, n, k):
+    g = _gen(m + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((n // 128, k // 128), g, device)
+    plan = cuda_gemm.fp8_decode_plan(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+    _check(cuda_gemm.fp8_decode(x, w, ws), x, w, ws, what=f"{m} x {n} x {k}, plan {plan}")
+
+
+def test_decode_public_op_strided_and_misaligned_rows(device):
+    g = _gen(18)
+    base = torch.randn(3, 2 * 1536 + 1, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((7168, 1536), g, device)
+    ws = random_e8m0((56, 12), g, device)
+    for x in (base[:, :1536 * 2:2], base[:, 1:1537]):  # a strided view; rows 2 bytes off alignment
+        _check(_cuda(x, w, ws), x, w, ws)
+    x3 = base[:, :1536].reshape(1, 3, 1536)
+    assert _cuda(x3, w, ws).shape == (1, 3, 7168)
+
+
+def test_decode_bad_tiles_raise(device):
+    g = _gen(19)
+    x = torch.randn(2, 256, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((48, 256), g, device)
+    ws = random_e8m0((1, 2), g, device)
+    with pytest.raises(RuntimeError, match="N must be a positive multiple of rows"):
+        cuda_gemm.fp8_decode(x, w, ws, 32, 1)
+    with pytest.raises(RuntimeError, match="split: expected 1, 2, 4 or 8 dividing"):
+        cuda_gemm.fp8_decode(x, w, ws, 16, 4)
+    with pytest.raises(RuntimeError, match="expected 1 to 16 rows"):
+        cuda_gemm.fp8_decode(torch.randn(17, 256, generator=g).to(torch.bfloat16).to(device), w, ws, 16, 1)
+
+
+def test_dispatch_sends_one_to_four_rows_of_small_weights_to_cuda(device, counted):
+    ran = counted
+    g = _gen(20)
+    for n, k, m, expect in ((7168, 1536, 1, "cuda"), (1536, 7168, 4, "cuda"), (512, 7168, 3, "cuda"),
+                            (7168, 1536, 5, "triton"),  # 5-64 rows: measured slower
+                            (24576, 7168, 64, "triton"),
+                            (3072, 7168, 1, "triton"),  # 21 MB: past the decode kernel's weights
+                            (24576, 7168, 1, "triton")):
+        w = random_fp8((n, k), g, device)
+        ws = random_e8m0((n // 128, k // 128), g, device)
+        ran.clear()
+        ops.fp8_linear(torch.randn(m, k, generator=g).to(torch.bfloat16).to(device), w, ws)
+        assert ran == [expect], (n, k, m, ran)
+    w = random_fp8((7168, 1536), g, device)
+    ws = random_e8m0((56, 12), g, device)
+    ran.clear()
+    ops.fp8_linear(torch.randn(1, 1536, generator=g).to(torch.float16).to(device), w, ws)
+    assert ran == ["triton"]  # fp16 rows
+
+
+def test_decode_cuda_graph_replay(device):
+    g = _gen(21)
+    w = random_fp8((1536, 7168), g, device)
+    ws = random_e8m0((12, 56), g, device)
+    x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
+    y, again = replayed_and_eager(lambda: ops.fp8_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
+                                  torch.randn(4, 7168, generator=g).to(torch.bfloat16))
     assert torch.equal(y, again)
     _check(y, x, w, ws)

@@ -53,6 +53,10 @@ torch::Tensor nvfp4_wgmma_gemm(torch::Tensor x_codes, torch::Tensor x_scales, to
 void fp8_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y,
               int64_t tile_rows, int64_t stream_handle);
 #endif
+#ifdef DSV4_WITH_SM90_FP8_DECODE_GEMM  // sm_90a only
+void fp8_decode_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale, torch::Tensor y, int64_t rows,
+                     int64_t split, int64_t stream_handle);
+#endif
 #ifdef DSV4_WITH_SM90_MOE_PREFILL  // sm_90a only
 void moe_prefill_gemm(torch::Tensor a_codes, torch::Tensor a_scale, torch::Tensor w, torch::Tensor w_scale,
                       torch::Tensor sorted_pair, torch::Tensor block_expert, std::optional<torch::Tensor> route_w,
@@ -83,6 +87,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef DSV4_WITH_SM90_FP8_GEMM
   m.def("fp8_gemm", &fp8_gemm, "FP8 x FP8 block-scaled GEMM (act_quant codes + scales in, bf16 out), TMA + wgmma, sm_90a");
+#endif
+#ifdef DSV4_WITH_SM90_FP8_DECODE_GEMM
+  m.def("fp8_decode_gemm", &fp8_decode_gemm,
+        "FP8 weight GEMM for 1 to 16 bf16 activation rows, act_quant inside, one launch (bulk copies + mma.sync), sm_90a");
 #endif
 #ifdef DSV4_WITH_SM90_MOE_PREFILL
   m.def("moe_prefill_gemm", &moe_prefill_gemm,

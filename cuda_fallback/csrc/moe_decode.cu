@@ -17,6 +17,7 @@
 
 #include <cuda_runtime.h>
 
+#include "act_quant.cuh"
 #include "fp4_mma.cuh"
 
 using namespace dsv4;
@@ -51,17 +52,6 @@ __device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
 __device__ __forceinline__ uint16_t fp8_value_as_fp16(float v) {
   return __nv_cvt_fp8_to_halfraw(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3), __NV_E4M3).x;
 }
-
-__device__ __forceinline__ float exp2i(int e) { return __int_as_float((e + 127) << 23); }
-
-// ceil(log2(v)) for a positive normal float, exactly.
-__device__ __forceinline__ int ceil_log2(float v) {
-  const int bits = __float_as_int(v);
-  return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0);
-}
-
-// |v| for the amax, NaN taken as +inf: either makes the row's scale NaN (act_quant's rule).
-__device__ __forceinline__ float magnitude(float v) { return v != v ? __int_as_float(0x7F800000) : fabsf(v); }
 
 __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
     const uint16_t* __restrict__ xq, const float* __restrict__ xs, int64_t stride_xq, int64_t stride_xs,
@@ -163,17 +153,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) moe_w13_kernel(
       float m = amax[t][c];
 #pragma unroll
       for (int v = 0; v < kWarps; ++v) m = fmaxf(m, amax_part[v][col]);
-      m = fmaxf(m, 1e-4f);
-      const bool finite = m < __int_as_float(0x7F800000);
-      const int e = finite ? ceil_log2(__fdiv_rn(m, 448.f)) : 0;
-      const float inv = finite ? exp2i(-e) : 0.f;
+      const ActScale sa(m);
       // The codes' fp16 values in pair order (elements 1 and 2 of every four swapped: g and
       // g + 8 move together), as w2 takes its B operand.
       const int at = warp * kTileRows + ((g & ~3) | ((g & 1) << 1) | ((g >> 1) & 1));
       uint16_t* out = hq + int64_t(row0 + col) * inter + int64_t(j) * kPack + at;
-      out[0] = fp8_value_as_fp16(h[t][c] * inv);
-      out[8] = fp8_value_as_fp16(h[t][c + 2] * inv);
-      if (warp == 0 && g == 0) hs[int64_t(row0 + col) * n_quant + j] = finite ? exp2i(e) : __int_as_float(0x7FC00000);
+      out[0] = fp8_value_as_fp16(h[t][c] * sa.inv);
+      out[8] = fp8_value_as_fp16(h[t][c + 2] * sa.inv);
+      if (warp == 0 && g == 0) hs[int64_t(row0 + col) * n_quant + j] = sa.scale;
     }
   }
 }

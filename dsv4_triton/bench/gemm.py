@@ -14,7 +14,8 @@ shapes.  NVFP4 at prefill size: the dequantised activation and the weight expand
 then a BF16 GEMM, on sm_90 the ``cuda`` backend's ``sm90_bf16_gemm.cu`` (elsewhere the Triton
 GEMM of ``grouped_linear``).  ``grouped_linear`` from 256 tokens on sm_90: the same kernel.  ``fp8_linear`` at prefill size
 likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass + the TMA/wgmma
-GEMM of ``sm90_fp8_gemm.cu``), beside which ``fp8_linear[triton]`` times the Triton GEMM.
+GEMM of ``sm90_fp8_gemm.cu``; at 1-16 rows the one-launch ``sm90_fp8_decode_gemm.cu``), beside
+which ``fp8_linear[triton]`` times the Triton GEMM.
 
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
 the block-scaled kernel's cost of its per-128 promotion can be read off as a ratio (target:
@@ -24,7 +25,7 @@ block-scaled op: dequantise both operands to bf16 and ``torch.matmul``.
 
 import torch
 
-from cuda_fallback.gemm import WGMMA_MAX_ROWS, decode_takes
+from cuda_fallback.gemm import FP8_DECODE_MAX_ROWS, WGMMA_MAX_ROWS, decode_takes
 
 from .. import ops, use_backend
 from ..kernels.gemm import NVFP4_EXPAND_MIN_ROWS
@@ -145,6 +146,18 @@ def _fp8_case(m, n, k, notes="", triton=False):
                 notes=notes)
 
 
+def _fp8_cases(m, n, k):
+    """``fp8_linear`` as dispatched, and beside it the Triton GEMM where the ``cuda`` backend takes
+    the call."""
+    if not _fp8_runs_cuda(m, n, k):
+        return [_fp8_case(m, n, k)]
+    if m > FP8_DECODE_MAX_ROWS:
+        return [_fp8_case(m, n, k, "cuda backend (pre-pass + TMA/wgmma GEMM)"),
+                _fp8_case(m, n, k, "the Triton GEMM (pre-pass + GEMM)", triton=True)]
+    return [_fp8_case(m, n, k, "cuda backend (one launch: bulk copies, act_quant inside, mma.sync)"),
+            _fp8_case(m, n, k, "the Triton GEMM", triton=True)]
+
+
 def cases(quick: bool):
     out = []
     shapes = PRO_SHAPES[:1] + PRO_SHAPES[2:] if quick else PRO_SHAPES
@@ -154,10 +167,7 @@ def cases(quick: bool):
             prefill = m == PREFILL_M
             flops = 2 * m * n * k
             act_bytes = m * k * 2 + m * n * 2
-            out.append(_fp8_case(m, n, k, "cuda backend (pre-pass + TMA/wgmma GEMM)"
-                                 if prefill and _fp8_runs_cuda(m, n, k) else ""))
-            if prefill:
-                out.append(_fp8_case(m, n, k, "the Triton GEMM (pre-pass + GEMM)", triton=True))
+            out.extend(_fp8_cases(m, n, k))
             for fmt in ("mxfp4",) if quick else ("mxfp4", "nvfp4"):
                 per = 32 if fmt == "mxfp4" else 16
                 fp4_bytes = n * k // 2 + n * k // per + act_bytes
@@ -194,7 +204,8 @@ def cases(quick: bool):
 
     for n, k in NARROW_SHAPES:
         if (n, k) not in shapes:
-            out.extend(_fp8_case(m, n, k) for m in decode_ms)
+            for m in decode_ms:
+                out.extend(_fp8_cases(m, n, k))
 
     # wo_a of V4-Pro: 16 groups, [1024, 4096] each; x is the attention output viewed [T, G, K].
     g_, n, k = 16, 1024, 4096

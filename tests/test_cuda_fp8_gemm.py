@@ -159,13 +159,14 @@ def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):
         _cuda(x[:, :256], w[:, :256], ws[:, :2])
 
 
-def test_cuda_graph_replay(device):
+@pytest.mark.parametrize("m, n, k", [(1024, 3072, 2048), (4, 1536, 7168)])  # the prefill and the decode kernel
+def test_cuda_graph_replay(device, m, n, k):
     g = _gen(9)
-    w = random_fp8((3072, 2048), g, device)
-    ws = random_e8m0((24, 16), g, device)
-    x = torch.randn(1024, 2048, generator=g).to(torch.bfloat16).to(device)
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((n // 128, k // 128), g, device)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
     y, again = replayed_and_eager(lambda: ops.fp8_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
-                                  torch.randn(1024, 2048, generator=g).to(torch.bfloat16))
+                                  torch.randn(m, k, generator=g).to(torch.bfloat16))
     assert torch.equal(y, again)
     _check(y, x, w, ws)
 
@@ -266,14 +267,3 @@ def test_dispatch_sends_one_to_four_rows_of_small_weights_to_cuda(device, counte
     ran.clear()
     ops.fp8_linear(torch.randn(1, 1536, generator=g).to(torch.float16).to(device), w, ws)
     assert ran == ["triton"]  # fp16 rows
-
-
-def test_decode_cuda_graph_replay(device):
-    g = _gen(21)
-    w = random_fp8((1536, 7168), g, device)
-    ws = random_e8m0((12, 56), g, device)
-    x = torch.randn(4, 7168, generator=g).to(torch.bfloat16).to(device)
-    y, again = replayed_and_eager(lambda: ops.fp8_linear(x, w, ws), lambda: _cuda(x, w, ws), x,
-                                  torch.randn(4, 7168, generator=g).to(torch.bfloat16))
-    assert torch.equal(y, again)
-    _check(y, x, w, ws)

@@ -25,9 +25,8 @@ rate; the Triton GEMM's in-register expansion reaches about 30% of that rate.
 
 FP8 at decode (sm90a): ``csrc/sm90_fp8_decode_gemm.cu`` runs ``fp8_linear`` for 1 to
 ``FP8_DECODE_MAX_ROWS`` BF16 activation rows of a weight up to ``FP8_DECODE_MAX_WEIGHT_BYTES`` in
-one launch: each CTA requests all of its weight
-bytes by bulk copies first and quantises its slice of the activation while they come
-(``fp8_decode_plan`` picks the CTA's rows and the K split).
+one launch: each CTA requests all of its weight bytes by bulk copies first and quantises its
+slice of the activation while they come (``fp8_decode_plan`` picks the CTA's rows and K split).
 
 BF16 (sm90a): ``csrc/sm90_bf16_gemm.cu`` runs ``grouped_linear`` from ``GROUPED_MIN_ROWS``
 tokens, and NVFP4 weights from ``NVFP4_EXPAND_MIN_ROWS`` rows through the Triton backend's
@@ -127,12 +126,13 @@ def fp8_decode_plan(m: int, n: int, k: int, sms: int) -> Optional[Tuple[int, int
     """(weight rows a CTA, CTAs along K) for ``m`` rows of an ``[n, k]`` FP8 weight, or None when
     no plan holds the weight in one wave of CTAs (the kernel requests each CTA's bytes at its
     start, so every CTA must be resident).  The fewest CTAs along K that give every SM a CTA,
-    32 rows a CTA first, then 16 (more CTAs), then 64; measured on the H100 at one row
-    (benchmarks/NOTES.md, twenty-sixth round), where more splits or fewer CTAs than SMs were
-    slower.  Without a plan that reaches every SM, the one with the most CTAs."""
+    32 rows a CTA first, then 16 (more CTAs), then 64; without a plan that reaches every SM, the
+    one with the most CTAs.  Fitted to the H100 at one to four rows (benchmarks/NOTES.md,
+    twenty-sixth round): splits past that cost 1-4 us (a cluster barrier and smaller copies),
+    and the plans that fill the SMs ran within ~0.5 us of the fastest measured one."""
     n_kb = k // ACT_BLOCK
     fallback, fallback_ctas = None, 0
-    for rows in (32, 16, 64):
+    for rows in FP8_DECODE_ROWS:
         if n % rows:
             continue
         for split in FP8_DECODE_SPLITS:
@@ -165,15 +165,15 @@ def fp8_decode_covers(m: int, n: int, k: int, x: torch.Tensor, w: torch.Tensor, 
         return "scale rows are not contiguous"
     if fp8_decode_plan(m, n, k, sm_count(_gpu(x.device))) is None:
         return (f"[{n}, {k}]: no plan holds the weight in one wave of CTAs (N a multiple of "
-                f"{FP8_DECODE_ROWS[-1]}, at most ~{SM90_CTA_SHARED_BYTES // 1024} KB a CTA)")
+                f"{min(FP8_DECODE_ROWS)}, at most ~{SM90_CTA_SHARED_BYTES // 1024} KB a CTA)")
     return ""
 
 
 def fp8_decode(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, rows: Optional[int] = None,
                split: Optional[int] = None) -> torch.Tensor:
     """``act_quant(x2) @ dequant(w).T`` for 1-16 BF16 rows ``x2 [M, K]`` by the decode kernel (the
-    registry sends it up to ``FP8_DECODE_MAX_ROWS``),
-    with ``fp8_decode_plan``'s tiles unless ``rows`` and ``split`` are given."""
+    registry sends it up to ``FP8_DECODE_MAX_ROWS``), with ``fp8_decode_plan``'s tiles unless
+    ``rows`` and ``split`` are given."""
     m, k = x2.shape
     n = w.shape[0]
     if rows is None or split is None:

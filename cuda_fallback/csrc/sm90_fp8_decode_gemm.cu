@@ -25,6 +25,12 @@
 // * Promotion per K block (SPEC 3): acc += (d * x_scale) * w_scale, the scales never multiplied
 //   with each other (their product could leave the FP32 range where the result does not).
 //
+// Measured on the H100 (benchmarks/NOTES.md, twenty-sixth round): 1.0-1.25x the Triton GEMM at
+// one to four rows of the narrow projections, still under half the copy rate at 11 MB: the
+// weight bytes alone land in ~5.5 us there, and the products and the sums after the last byte
+// add ~2.  From 8 rows it is slower (each CTA quantises its slice of every row), so the
+// registry sends it 1-4 rows (cuda_fallback/gemm.py).
+//
 // Bulk copies, clusters and mbarrier transaction counts are sm_90 features: built for sm_90a
 // only (the registry keeps other GPUs on the Triton GEMM).
 

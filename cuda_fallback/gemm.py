@@ -108,7 +108,7 @@ FP8_DECODE_MAX_WEIGHT_BYTES = 16 << 20
 FP8_DECODE_ROWS = (32, 16, 64)
 FP8_DECODE_SPLITS = (1, 2, 4, 8)
 SM90_CTA_SHARED_BYTES = 227 * 1024
-_DECODE_THREADS = 256
+FP8_DECODE_THREADS = 256  # the kernel's kThreads
 
 
 def decode_shared_bytes(rows: int, m: int, k_blocks: int) -> int:
@@ -118,7 +118,7 @@ def decode_shared_bytes(rows: int, m: int, k_blocks: int) -> int:
     16 weight rows, one for the activation)."""
     nt = 2 if m > 8 else 1
     row_bytes = k_blocks * ACT_BLOCK + 64
-    return ((rows + m) * row_bytes + 4 * (m * k_blocks + 8 * nt * 4 * 32 + rows * 8 * nt)
+    return ((rows + m) * row_bytes + 4 * (m * k_blocks + FP8_DECODE_THREADS // 32 * nt * 4 * 32 + rows * 8 * nt)
             + m * k_blocks * ACT_BLOCK * 2 + 8 * (rows // 16 + 1))
 
 
@@ -142,7 +142,7 @@ def fp8_decode_plan(m: int, n: int, k: int, sms: int) -> Optional[Tuple[int, int
             if smem > SM90_CTA_SHARED_BYTES:
                 continue
             ctas = n // rows * split
-            if ctas > min(SM90_CTA_SHARED_BYTES // smem, 2048 // _DECODE_THREADS) * sms:
+            if ctas > min(SM90_CTA_SHARED_BYTES // smem, 2048 // FP8_DECODE_THREADS) * sms:
                 continue
             if ctas >= sms:
                 return rows, split

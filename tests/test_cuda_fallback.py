@@ -150,7 +150,7 @@ def test_fp8_decode_plan_fits_one_wave(m, n, k):
     assert n % rows == 0 and (k // 128) % split == 0
     smem = cuda_gemm.decode_shared_bytes(rows, m, k // 128 // split)
     assert smem <= cuda_gemm.SM90_CTA_SHARED_BYTES
-    per_sm = min(cuda_gemm.SM90_CTA_SHARED_BYTES // smem, 8)
+    per_sm = min(cuda_gemm.SM90_CTA_SHARED_BYTES // smem, 2048 // cuda_gemm.FP8_DECODE_THREADS)
     assert n // rows * split <= per_sm * sms
 
 

@@ -40,6 +40,7 @@ backend in the registry's order, the Triton GEMM; forcing ``cuda`` on them raise
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -122,6 +123,7 @@ def decode_shared_bytes(rows: int, m: int, k_blocks: int) -> int:
             + m * k_blocks * ACT_BLOCK * 2 + 8 * (rows // 16 + 1))
 
 
+@functools.lru_cache(maxsize=None)  # asked by the rule and the call, on every decode step
 def fp8_decode_plan(m: int, n: int, k: int, sms: int) -> Optional[Tuple[int, int]]:
     """(weight rows a CTA, CTAs along K) for ``m`` rows of an ``[n, k]`` FP8 weight, or None when
     no plan holds the weight in one wave of CTAs (the kernel requests each CTA's bytes at its

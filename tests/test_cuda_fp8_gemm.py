@@ -202,7 +202,7 @@ def test_decode_nan_inf_zero_blocks_propagate_like_oracle(device, rows, split):
     x[1, 130] = float("-inf")  # an infinite block: row 1 NaN
     x[2] = 0.0  # an all-zero row: zeros (NaN only in poisoned columns)
     x[10, 300] = float("nan")  # in the second group of 8 rows
-    x[4, :128] = 1e30  # a huge block (scale 2^92)
+    x[4, :128] = 1e30  # a huge block (scale 2^91)
     x[5, 128:256] = 1e-30  # a tiny block (the 1e-4 floor)
     x = x.to(device)
     w = random_fp8((256, 512), g, "cpu")

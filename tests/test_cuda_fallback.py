@@ -27,6 +27,27 @@ def test_sources_compile_with_nvcc():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CI"),
+                    reason="nvcc not installed (CI always runs this)")
+def test_e8m0_decoder_matches_the_oracle(tmp_path):
+    # csrc/e8m0.cuh is the one E8M0 decoder of the CUDA kernels; its host form, built by nvcc
+    # and run here, against the oracle's value of every byte (2^-127 for 0, NaN for 0xFF).
+    from dsv4_triton.reference.gemm import scale_to_float
+
+    src = tmp_path / "e8m0.cu"
+    src.write_text('#include <cstdio>\n#include "e8m0.cuh"\n'
+                   "int main() { for (unsigned b = 0; b < 256; ++b) { const float v = dsv4::e8m0_value(b); "
+                   'unsigned bits; memcpy(&bits, &v, 4); std::printf("%u\\n", bits); } }\n')
+    csrc = os.path.join(os.path.dirname(loader.__file__), "csrc")
+    subprocess.run(["nvcc", str(src), "-o", str(tmp_path / "e8m0"), f"-I{csrc}"], check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "e8m0")], check=True, capture_output=True, text=True).stdout.split()
+    got = torch.tensor([int(v) for v in out], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    want = scale_to_float(torch.arange(256, dtype=torch.uint8).view(torch.float8_e8m0fnu))
+    assert got.shape == (256,)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[255])
+    assert torch.equal(got[:255], want[:255]) and got[0].item() == 2.0 ** -127
+
+
 @pytest.mark.gpu
 def test_extension_builds_and_matches_device():
     arch = loader.arch_of(torch.device("cuda"))

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "e8m0.cuh"
 #include "host.cuh"
 
 namespace dsv4 {
@@ -137,7 +138,7 @@ __device__ __forceinline__ void fold_scales(uint32_t word, int q, uint32_t& fold
   // folded value rounds to zero anyway (|lut| <= 6 < 2^3).
   const uint32_t h = d <= 20 ? uint32_t(21 - d) << 10 : (d <= 30 ? 1u << (30 - d) : 0u);
   fold = h * 0x10001u;
-  row_scale = e_max == 255 ? __int_as_float(0x7FC00000) : __int_as_float(e_max == 0 ? 0x00400000 : e_max << 23);
+  row_scale = e8m0_value(e_max);
 }
 
 // Eight E2M1 codes of one word (byte b: element 2b in the low nibble, 2b + 1 in the high one)

@@ -40,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include "act_quant.cuh"
+#include "e8m0.cuh"
 #include "fp4_mma.cuh"
 #include "sm90_tma.cuh"
 
@@ -67,8 +68,7 @@ __device__ __forceinline__ uint4 lds128(const uint8_t* p) { return *reinterpret_
 __device__ __forceinline__ float weight_scale(const Params& p, int64_t block_row, int kb) {
   const int64_t at = block_row * p.stride_ws + kb;
   if (p.fp32_scale) return __ldg(reinterpret_cast<const float*>(p.w_scale) + at);
-  const uint32_t b = __ldg(p.w_scale + at);  // E8M0: 2^(b - 127); 0 -> 2^-127, 0xFF -> NaN
-  return __uint_as_float(b == 0xFF ? 0x7FC00000u : (b == 0 ? 0x00400000u : b << 23));
+  return e8m0_value(__ldg(p.w_scale + at));
 }
 
 // One K block of an activation row (128 BF16 values in shared memory, lane l holding elements

@@ -36,6 +36,7 @@
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
+#include "e8m0.cuh"
 #include "host.cuh"
 #include "sm90_gemm_tiles.cuh"
 
@@ -63,11 +64,6 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// E8M0 byte -> 2^(b - 127); 0 -> 2^-127 (subnormal), 0xFF -> NaN (as the Triton GEMM).
-__device__ __forceinline__ float e8m0_value(uint32_t b) {
-  const uint32_t special = ((b + 1) & 0xFE) == 0 ? 0x400000u : 0u;
-  return __uint_as_float((b << 23) | special);
-}
 
 // d = A[64 x 128] W[128 x 128]^T over one K block: 4 wgmma m64n128k32, committed as one group.
 __device__ __forceinline__ void mma_block(float (&d)[64], uint32_t a_base, uint32_t w_base) {

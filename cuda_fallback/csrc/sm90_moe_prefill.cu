@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "e8m0.cuh"
 #include "host.cuh"
 #include "sm90_tma.cuh"
 #include "sm90_wgmma.cuh"
@@ -91,11 +92,6 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs_e4m3(float (&d)[64], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-// E8M0 byte -> 2^(b - 127); 0 -> 2^-127 (subnormal), 0xFF -> NaN (as e8m0_value in Triton).
-__device__ __forceinline__ float e8m0_float(uint32_t b) {
-  const uint32_t special = ((b + 1) & 0xFE) == 0 ? 0x400000u : 0u;
-  return __uint_as_float((b << 23) | special);
-}
 
 // The FP8 table row of a scale gap (FP4_TABLE_ROW_ASM in kernels/gemm.py): the E4M3 bytes of
 // lut[m] * 2^(6 - gap) for m = 0..3 (lo) and 4..7 (hi), every entry 0 from gap 19 on.
@@ -167,7 +163,7 @@ __device__ __forceinline__ void expand_row(const uint4& codes, uint32_t word, in
   fp4_expand(codes.y, lut, a[1][slot], a[1][slot + 2]);
   fp4_expand(codes.z, lut, a[2][slot], a[2][slot + 2]);
   fp4_expand(codes.w, lut, a[3][slot], a[3][slot + 2]);
-  scale = e8m0_float(e_max) * 0.015625f;  // exact (2^-133 is a subnormal); 2^-6 is the table's factor
+  scale = e8m0_value(e_max) * 0.015625f;  // exact (2^-133 is a subnormal); 2^-6 is the table's factor
 }
 
 // Fragment registers a0..a3 of a k32 step: (row g, k 4q..), (row g + 8, k 4q..),

@@ -33,6 +33,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "e8m0.cuh"
 #include "host.cuh"
 #include "sm90_wgmma.cuh"
 
@@ -81,11 +82,6 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
 }
 
 
-// E8M0 byte -> float 2^(b - 127); 0 -> 2^-127 (subnormal), 0xFF -> NaN (as the Triton kernel).
-__device__ __forceinline__ float e8m0_value(uint32_t b) {
-  const uint32_t special = ((b + 1) & 0xFE) == 0 ? 0x400000u : 0u;
-  return __uint_as_float((b << 23) | special);
-}
 
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t codes2, float scale) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes2), __NV_E4M3);

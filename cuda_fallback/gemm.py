@@ -178,7 +178,9 @@ def fp8_decode(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, rows: O
     ``rows`` and ``split`` are given."""
     m, k = x2.shape
     n = w.shape[0]
-    if rows is None or split is None:
+    if (rows is None) != (split is None):
+        raise ValueError(f"rows, split: give both or neither, got rows={rows}, split={split}")
+    if rows is None:
         plan = fp8_decode_plan(m, n, k, sm_count(x2.device))
         if plan is None:
             raise ValueError(f"w: no decode plan for N = {n}, K = {k} at {m} rows")

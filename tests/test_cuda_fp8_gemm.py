@@ -245,6 +245,8 @@ def test_decode_bad_tiles_raise(device):
         cuda_gemm.fp8_decode(x, w, ws, 32, 1)
     with pytest.raises(RuntimeError, match="split: expected 1, 2, 4 or 8 dividing"):
         cuda_gemm.fp8_decode(x, w, ws, 16, 4)
+    with pytest.raises(ValueError, match="rows, split: give both or neither"):
+        cuda_gemm.fp8_decode(x, w, ws, 16)
     with pytest.raises(RuntimeError, match="expected 1 to 16 rows"):
         cuda_gemm.fp8_decode(torch.randn(17, 256, generator=g).to(torch.bfloat16).to(device), w, ws, 16, 1)
 

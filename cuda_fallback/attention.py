@@ -2,16 +2,18 @@
 
 It covers the FP8 cache (``pack_kv_fp8`` rows of 584 bytes) at head dim 512 with the heads
 in whole blocks of 64 (the wgmma's M: Flash's 64 and Pro's 128, and tensor-parallel slices
-of them), with or without the inverse RoPE of up to the last 256 output columns, for calls
-of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs: small-batch decode,
-where it splits the candidates over the machine and beats the Triton kernel (H100, Pro:
-19.7 against 37.8 us at one token, 30.5 against 39.2 at 8; Flash: 18.7 against 28.2 at one,
-24.9 against 35.0 at 16).  With more pairs each CTA runs many tiles back to back and the
-Triton kernel is faster (Pro, 64 tokens: 103 against 88 us; benchmarks/NOTES.md says where
-the time goes), so those calls, the BF16 cache, head dim
-128 and other head counts go to the next backend in the registry's order, the Triton
-kernel; forcing ``cuda`` on them raises ``BackendUnavailableError``.  Only sm_90a runs it
-(wgmma does not exist on sm_100).
+of them), with or without the inverse RoPE of up to the last 256 output columns.  With the
+heads in pairs of 64-head blocks (Pro's 128) the two CTAs of a pair form a cluster and share
+every decoded tile (crossover: each decodes half the rows), which makes it faster than the
+Triton kernel at every batch size measured (H100, Pro decode: benchmarks/NOTES.md, "attention,
+twenty-seventh round").  Without crossover (an odd number of head blocks, e.g. Flash's 64
+heads) it takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs:
+small-batch decode, where it splits the candidates over the machine and beats the Triton
+kernel (Flash: 18.7 against 28.2 us at one token, 24.9 against 35.0 at 16); with more pairs
+each CTA decodes every row of many tiles and the Triton kernel is as fast or faster.  Those
+calls, the BF16 cache, head dim 128 and other head counts go to the next backend in the
+registry's order, the Triton kernel; forcing ``cuda`` on them raises
+``BackendUnavailableError``.  Only sm_90a runs it (wgmma does not exist on sm_100).
 
 Same math as the Triton kernel: exponents in base 2 against a running max, the sink in the
 final denominator, P rounded to BF16 for P @ KV, the FP8 rows decoded exactly to BF16.  The
@@ -39,7 +41,14 @@ HEAD_DIM = 512
 HEADS_PER_CTA = 64
 TILE = 64  # candidates a tile: split slices are whole tiles
 MAX_ROPE_COLUMNS = 256  # the inverse RoPE is applied by the warpgroup that owns the upper half
-MAX_HEAD_BLOCKS = 16  # (token, head block) pairs: measured faster than Triton at 2 and 16, slower at 64
+MAX_HEAD_BLOCKS = 16  # pairs without crossover: measured faster than Triton at 2 and 16, not at 64
+CROSSOVER = True  # head-block pairs share their decoded tiles (a cluster of two CTAs)
+
+
+def peers(heads: int) -> int:
+    """CTAs that share each decoded KV tile: 2 (crossover) when the heads come in pairs of
+    64-head blocks, else 1."""
+    return 2 if CROSSOVER and heads % (2 * HEADS_PER_CTA) == 0 else 1
 
 
 def sparse_attention_covers(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
@@ -52,9 +61,10 @@ def sparse_attention_covers(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     if q.shape[2] % HEADS_PER_CTA:
         return f"{q.shape[2]} heads (the kernel takes multiples of {HEADS_PER_CTA})"
     pairs = q.shape[0] * q.shape[1] * (q.shape[2] // HEADS_PER_CTA)
-    if pairs > MAX_HEAD_BLOCKS:
-        return (f"{pairs} (token, 64-head block) pairs (it takes up to {MAX_HEAD_BLOCKS}: with more, each CTA runs "
-                "its tiles back to back and the Triton kernel is faster)")
+    if pairs > MAX_HEAD_BLOCKS and peers(q.shape[2]) == 1:
+        return (f"{pairs} (token, 64-head block) pairs of an odd number of head blocks (without crossover it "
+                f"takes up to {MAX_HEAD_BLOCKS}: with more, each CTA decodes every row of many tiles and the "
+                "Triton kernel is as fast)")
     if freqs is not None and 2 * freqs.shape[1] > MAX_ROPE_COLUMNS:
         return f"inverse RoPE on {2 * freqs.shape[1]} columns (the kernel rotates up to {MAX_ROPE_COLUMNS})"
     return ""
@@ -90,5 +100,5 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
         part_o = part_ml = sink  # unused by the kernel
     extension_at(q.device.index).sparse_attention_fp8(
         q, kv, sink, idx, out, freqs, positions, half_r, part_o, part_ml, scale * LOG2E, splits, k_per_split,
-        torch._C._cuda_getCurrentRawStream(q.device.index))
+        peers(heads), torch._C._cuda_getCurrentRawStream(q.device.index))
     return out

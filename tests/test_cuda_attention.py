@@ -48,15 +48,29 @@ def _check(device, q, cache, sinks, idx, freqs=None, positions=None, what=""):
     return got
 
 
-@given(bsz=st.integers(1, 2), seq=st.integers(1, 4), heads=st.sampled_from([64, 128]), n=st.integers(1, 400),
-       k=st.integers(1, 400), rope=st.booleans(), num_sms=st.sampled_from([1, 6, 1000]),
-       magnitude=st.sampled_from([1.0, 8.0]), seed=st.integers(0, 2**31))
-def test_matches_oracle(device, bsz, seq, heads, n, k, rope, num_sms, magnitude, seed):
-    """Partial tiles, holes, duplicates, both ends of the cache, one or two head blocks, and the
-    K split (1 SM never splits; 6 or 1000 split up to 400 candidates into merged slices)."""
+@given(bsz=st.integers(1, 2), seq=st.integers(1, 4), heads=st.sampled_from([64, 128, 192, 256]),
+       n=st.integers(1, 400), k=st.integers(1, 400), rope=st.booleans(), num_sms=st.sampled_from([1, 6, 1000]),
+       magnitude=st.sampled_from([1.0, 8.0]), crossover=st.booleans(), seed=st.integers(0, 2**31))
+def test_matches_oracle(device, bsz, seq, heads, n, k, rope, num_sms, magnitude, crossover, seed):
+    """Partial tiles, holes, duplicates, both ends of the cache, one to four head blocks with and
+    without crossover (pairs of head blocks sharing decoded tiles), and the K split (1 SM never
+    splits; 6 or 1000 split up to 400 candidates into merged slices)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cuda_attention, "sm_count", lambda device: num_sms)
-        _check(device, *_inputs(seed, bsz, seq, heads, n, k, magnitude, rope), what=f"sms={num_sms} rope={rope}")
+        mp.setattr(cuda_attention, "CROSSOVER", crossover)
+        _check(device, *_inputs(seed, bsz, seq, heads, n, k, magnitude, rope),
+               what=f"sms={num_sms} rope={rope} peers={cuda_attention.peers(heads)}")
+
+
+def test_crossover_needs_head_block_pairs(device):
+    """The host entry refuses crossover over an odd number of 64-head blocks."""
+    from cuda_fallback.loader import extension_at
+
+    q, cache, sinks, idx, _, _ = (t.to(device) if t is not None else t for t in _inputs(1, 1, 1, 64, 70, 64))
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="peers: expected 1, or 2 with a multiple of 128 heads; got 2 with 64"):
+        extension_at(q.device.index).sparse_attention_fp8(q, cache, sinks, idx, out, sinks, sinks, 0, sinks, sinks,
+                                                        1.0, 1, 64, 2, torch.cuda.current_stream(q.device).cuda_stream)
 
 
 @pytest.mark.parametrize("heads, k, bsz, seq", [(128, 1152, 8, 1), (64, 640, 16, 1), (64, 640, 1, 1),
@@ -116,8 +130,9 @@ def test_replays_in_a_cuda_graph(device, monkeypatch, num_sms):
 
 
 def test_registry_sends_only_covered_arguments(device, monkeypatch):
-    """FP8 rows at D = 512 with 64 or 128 heads and up to 16 (token, head block) pairs run the
-    cuda kernel; a BF16 cache, 16 heads and 17 pairs run Triton, and forcing cuda on them raises."""
+    """FP8 rows at D = 512 with 64 heads and up to 16 (token, head block) pairs, or 128 heads
+    (crossover) at any count, run the cuda kernel; a BF16 cache, 16 heads and 17 pairs of 64
+    heads run Triton, and forcing cuda on them raises."""
     ran = backends_called(monkeypatch, "sparse_attention")
     q, cache, sinks, idx, _, _ = (None if t is None else t.to(device) for t in _inputs(1, 1, 16, 64, 100, 70))
     ops.sparse_attention(q, cache, sinks, idx, 0.05)
@@ -126,7 +141,9 @@ def test_registry_sends_only_covered_arguments(device, monkeypatch):
     ops.sparse_attention(q[:, :, :16].contiguous(), cache, sinks[:16].contiguous(), idx, 0.05)
     q17, cache17, sinks17, idx17, _, _ = (None if t is None else t.to(device) for t in _inputs(2, 1, 17, 64, 100, 70))
     ops.sparse_attention(q17, cache17, sinks17, idx17, 0.05)
-    assert ran == ["cuda", "triton", "triton", "triton"]
+    q34, cache34, sinks34, idx34 = (t.to(device) for t in _inputs(3, 1, 17, 128, 100, 70)[:4])
+    ops.sparse_attention(q34, cache34, sinks34, idx34, 0.05)
+    assert ran == ["cuda", "triton", "triton", "triton", "cuda"]
     with pytest.raises(BackendUnavailableError, match="BF16 cache"):
         _cuda(q, kv, sinks, idx, 0.05)
     with pytest.raises(BackendUnavailableError, match="17 .token, 64-head block. pairs"):

@@ -70,7 +70,7 @@ void indexer_scores_fp4(torch::Tensor qi, torch::Tensor w, torch::Tensor keys, t
 void sparse_attention_fp8(torch::Tensor q, torch::Tensor kv, torch::Tensor sink, torch::Tensor idx, torch::Tensor out,
                           torch::Tensor freqs, torch::Tensor positions, int64_t half_r, torch::Tensor part_o,
                           torch::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
-                          int64_t stream_handle);
+                          int64_t peers, int64_t stream_handle);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

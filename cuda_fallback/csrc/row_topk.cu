@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cluster.cuh"
 #include "host.cuh"
 #include "shared_memory.cuh"
 
@@ -107,19 +108,6 @@ __device__ __forceinline__ void pick_digit(Shared<CLUSTER>& sh, int level, int r
   }
 }
 
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-
-// The address of the same shared-memory word in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t in_rank(uint32_t address, int rank) {
-  uint32_t mapped;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(address), "r"(rank));
-  return mapped;
-}
-
 // One barrier phase that completes when `bytes` have been sent to it (one arrival: this call's).
 __device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(barrier)) : "memory");
@@ -133,14 +121,6 @@ __device__ __forceinline__ void wait_bytes(uint64_t* barrier) {
       "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
       "@!done bra wait_%=;\n}" ::"r"(smem_addr(barrier))
       : "memory");
-}
-
-// Stores `value` at `address` of another CTA (mapped) and counts its 4 bytes on that CTA's
-// `barrier` (mapped): the receiver waits on its own barrier, no round trip through the sender.
-__device__ __forceinline__ void send(uint32_t address, uint32_t value, uint32_t barrier) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];" ::"r"(address), "r"(value),
-               "r"(barrier)
-               : "memory");
 }
 
 template <int CLUSTER, int ITEMS>

@@ -21,10 +21,16 @@
 // applied where the output is written.  Empty or out-of-range candidates (-1, >= N) are not
 // read: their tile rows are zero and their scores -inf.
 //
-// Measured on the H100 (benchmarks/NOTES.md, fourteenth round): the producer sets the pace
-// (its decode and address arithmetic, ~2000 instructions a tile, share the schedulers with the
-// consumers), ~5.7 us a tile against the Triton kernel's ~5, so the registry sends this kernel
-// only small-batch decode, where the candidates are split over the machine and it wins.
+// Crossover (PEERS = 2, heads in pairs of 64-head blocks, e.g. Pro's 128): the two CTAs of a
+// token's head-block pair form a cluster and share every decoded tile.  Each producer gathers
+// and decodes half of the tile's rows and stores them into its own tile and, by st.async, into
+// the partner's, whose full barrier counts those bytes; a stage is free again once the
+// consumers of both CTAs are done with it.  So each SM decodes half the rows it multiplies.
+// The same trick is FlashMLA's ("crossover", its FP8 sparse decode kernel on Hopper).
+//
+// Measured on the H100 (benchmarks/NOTES.md, fourteenth round): without crossover the producer
+// sets the pace (its decode and address arithmetic, ~2000 instructions a tile, share the
+// schedulers with the consumers), ~5.7 us a tile against the Triton kernel's ~5.
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
 
@@ -33,8 +39,10 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "cluster.cuh"
 #include "e8m0.cuh"
 #include "host.cuh"
+#include "sm90_tma.cuh"
 #include "sm90_wgmma.cuh"
 
 using namespace dsv4;
@@ -52,14 +60,19 @@ constexpr int kPanelBytes = 64 * 128;               // 64 rows of one 128-byte s
 constexpr int kQBytes = 8 * kPanelBytes;            // Q [64, 512] bf16
 constexpr int kStageBytes = 8 * kPanelBytes;        // KV tile [64, 512] bf16
 constexpr int kExchFloats = kHeads * kTile;         // one consumer's partial scores
-constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 2 * kExchFloats * 4 + kStages * kTile * 4 + 1024;
+constexpr int kBarrierBytes = 2 * kStages * 8;
+constexpr int kSmemBytes =
+    kQBytes + kStages * kStageBytes + 2 * kExchFloats * 4 + kStages * kTile * 4 + kBarrierBytes + 1024;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxSplits = 128;    // slices the merge takes: one (m, l) pair a merging thread
 constexpr int kMergeBatch = 8;     // partial rows a merging thread has in flight
+constexpr int kConsumerWarps = 8;
 
-// Named barriers (0 is __syncthreads): a stage filled / emptied, the score exchange, and each
-// consumer's Q tile.
-constexpr int kBarFull = 1, kBarEmpty = 3, kBarExch = 5, kBarQ = 6;
+// Named barriers (0 is __syncthreads): the score exchange (written, free again) and each
+// consumer's Q tile.  The
+// stages are handed over by mbarriers (full: the producers' rows are in; empty: every
+// consumer, of this CTA and of the partner, is done with them).
+constexpr int kBarExchFree = 1, kBarExch = 5, kBarQ = 6;
 
 // S[64 x 64] (+)= A[64 x 16] B[16 x 64]: A and B K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
@@ -90,19 +103,37 @@ __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t codes2, float scale
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// Where a decoded row goes: this CTA's tile and, with crossover, the partner's copy of it (a
+// shared::cluster address) whose full barrier counts the bytes.
+template <int PEERS>
+struct TileSink {
+  uint8_t* tile;
+  uint32_t peer_tile, peer_full;
+  __device__ __forceinline__ void put(uint32_t off, uint4 v) const {
+    *reinterpret_cast<uint4*>(tile + off) = v;
+    if (PEERS == 2) send(peer_tile + off, v, peer_full);
+  }
+  __device__ __forceinline__ void put(uint32_t off, uint2 v) const {
+    *reinterpret_cast<uint2*>(tile + off) = v;
+    if (PEERS == 2) send(peer_tile + off, v, peer_full);
+  }
+};
+
 // 8 FP8 codes (word w of the row: columns 8w .. 8w + 7) -> BF16 into the tile.
-__device__ __forceinline__ void store_codes(uint8_t* tile, int row, int w, uint2 codes, float scale) {
+template <int PEERS>
+__device__ __forceinline__ void store_codes(const TileSink<PEERS>& out, int row, int w, uint2 codes, float scale) {
   uint4 v;
   v.x = fp8x2_to_bf16x2(codes.x & 0xFFFF, scale);
   v.y = fp8x2_to_bf16x2(codes.x >> 16, scale);
   v.z = fp8x2_to_bf16x2(codes.y & 0xFFFF, scale);
   v.w = fp8x2_to_bf16x2(codes.y >> 16, scale);
-  *reinterpret_cast<uint4*>(tile + (w >> 3) * kPanelBytes + swizzled(row, w & 7)) = v;
+  out.put((w >> 3) * kPanelBytes + swizzled(row, w & 7), v);
 }
 
 // 4 BF16 rope values (word m of the rope part: columns 448 + 4m .. 448 + 4m + 3) into panel 7.
-__device__ __forceinline__ void store_rope(uint8_t* tile, int row, int m, uint2 v) {
-  *reinterpret_cast<uint2*>(tile + 7 * kPanelBytes + swizzled(row, m >> 1) + ((m & 1) << 3)) = v;
+template <int PEERS>
+__device__ __forceinline__ void store_rope(const TileSink<PEERS>& out, int row, int m, uint2 v) {
+  out.put(7 * kPanelBytes + swizzled(row, m >> 1) + ((m & 1) << 3), v);
 }
 
 __device__ __forceinline__ uint2 load_word(const uint8_t* p, bool ok) {
@@ -158,19 +189,25 @@ struct Params {
   float qk_scale;  // softmax scale * log2(e)
 };
 
+template <int PEERS>
 __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const __grid_constant__ Params p) {
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzled panels need 1024-byte aligned bases.  Offsetting the array (not a
   // rebuilt integer address) keeps the accesses in the shared window (STS/LDS, not generic).
+  // The offset is the same in both CTAs of a cluster (same kernel, same dynamic layout), so a
+  // tile's offset names the partner's copy too.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* q_tile = smem;
   uint8_t* kv_tiles = smem + kQBytes;
   float* exch = reinterpret_cast<float*>(kv_tiles + kStages * kStageBytes);
   float* bias = exch + 2 * kExchFloats;
+  uint64_t* full = reinterpret_cast<uint64_t*>(bias + kStages * kTile);
+  uint64_t* empty = full + kStages;
 
   const int n_hblk = p.heads / kHeads;
   const int tok = blockIdx.x / n_hblk;
   const int h0 = (blockIdx.x % n_hblk) * kHeads;
+  const int rank = PEERS == 2 ? static_cast<int>(blockIdx.x & 1) : 0;  // the cluster spans x in pairs
   const int b = tok / p.seq, s = tok % p.seq;
   const int split = blockIdx.y;
   const int k_lo = split * p.k_per_split;
@@ -179,24 +216,45 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
   const int wg = threadIdx.x >> 7;
   const int lane = threadIdx.x & 31;
 
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(&full[st], 128);                       // this CTA's producer threads (+ the partner's bytes)
+      mbar_init(&empty[st], PEERS * kConsumerWarps);  // every consumer warp of the cluster
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // Both CTAs have started and set up their barriers before either signals the other.
+  if (PEERS == 2) {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+  } else {
+    __syncthreads();
+  }
+
   if (wg == 0) {
     // ---- producer: gather + decode, one tile ahead of the consumers ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 88;\n");
-    const int warp = threadIdx.x >> 5;  // rows 16 warp .. 16 warp + 15 of every tile
+    // Warp w decodes tile rows first .. first + kRows - 1 of every tile: with crossover this
+    // CTA takes half of the 64 rows and the partner the other half.
+    constexpr int kRows = 16 / PEERS;
+    const int warp = threadIdx.x >> 5;
+    const int first = rank * (kTile / PEERS) + warp * kRows;
     const int32_t* idx_row = p.idx + b * p.stride_ib + s * p.stride_is;
     const uint8_t* kv_b = p.kv + b * p.stride_kvb;
-    // Lane l (and l + 16) holds the cache row of tile row 16 warp + (l & 15).  Indices are
-    // loaded two tiles ahead and their rows prefetched into L2 then, so the gathers of a tile
-    // wait for L2, not for device memory, and the index load is off the chain.
+    const uint32_t peer = PEERS == 2 ? rank ^ 1 : 0;
+    // Lane l holds the cache row of tile row first + l % kRows.  Indices are loaded two tiles
+    // ahead and their rows prefetched into L2 then, so the gathers of a tile wait for L2, not
+    // for device memory, and the index load is off the chain.
     auto tile_row = [&](int t) {
-      const int kk = k_lo + t * kTile + warp * 16 + (lane & 15);
+      const int kk = k_lo + t * kTile + first + lane % kRows;
       return t < n_tiles && kk < k_hi ? __ldg(idx_row + kk) : -1;
     };
     auto prefetch_rows = [&](int row) {
       if (static_cast<unsigned>(row) < static_cast<unsigned>(p.n_rows)) {
-        // 5 lines of 128 bytes start inside the 584-byte row: lanes < 16 take lines 0, 2, 4.
-        const uint8_t* src = kv_b + static_cast<int64_t>(row) * p.stride_kvn + (lane >> 4) * 128;
-        for (int line = lane >> 4; line < 5; line += 2, src += 256)
+        // 5 lines of 128 bytes start inside the 584-byte row, spread over the lanes of a row.
+        constexpr int kLanesARow = 32 / kRows;
+        const uint8_t* src = kv_b + static_cast<int64_t>(row) * p.stride_kvn + (lane / kRows) * 128;
+        for (int line = lane / kRows; line < 5; line += kLanesARow, src += kLanesARow * 128)
           asm volatile("prefetch.global.L2 [%0];" ::"l"(src));
       }
     };
@@ -206,11 +264,22 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
     for (int t = 0; t < n_tiles; ++t) {
       const int st = t % kStages;
       const int rows_later = tile_row(t + 2);
-      if (t >= kStages) bar_sync(kBarEmpty + st, kThreads);
-      uint8_t* tile = kv_tiles + st * kStageBytes;
-      if (lane < 16) bias[st * kTile + warp * 16 + lane] = static_cast<unsigned>(rows_now) < static_cast<unsigned>(p.n_rows) ? 0.f : -INFINITY;
+      // Free once both CTAs' consumers are done with tile t - kStages (a fresh barrier's
+      // parity-1 phase counts as done: the first kStages tiles do not wait).
+      mbar_wait_cluster(smem_addr(&empty[st]), ((t / kStages) & 1) ^ 1);
+      TileSink<PEERS> sink{kv_tiles + st * kStageBytes, 0u, 0u};
+      if (PEERS == 2) {
+        sink.peer_tile = in_rank(smem_addr(sink.tile), peer);
+        sink.peer_full = in_rank(smem_addr(&full[st]), peer);
+      }
+      if (lane < kRows) {
+        const float v = static_cast<unsigned>(rows_now) < static_cast<unsigned>(p.n_rows) ? 0.f : -INFINITY;
+        float* slot = bias + st * kTile + first + lane;
+        *slot = v;
+        if (PEERS == 2) send(in_rank(smem_addr(slot), peer), __float_as_uint(v), sink.peer_full);
+      }
 #pragma unroll 1
-      for (int batch = 0; batch < 16 / kBatch; ++batch) {
+      for (int batch = 0; batch < kRows / kBatch; ++batch) {
         uint2 w0[kBatch], w1[kBatch], w2[kBatch];
 #pragma unroll
         for (int i = 0; i < kBatch; ++i) {
@@ -223,20 +292,22 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
         }
 #pragma unroll
         for (int i = 0; i < kBatch; ++i) {
-          const int r = warp * 16 + batch * kBatch + i;
+          const int r = first + batch * kBatch + i;
           const uint32_t sc_lo = __shfl_sync(0xffffffffu, w2[i].x, 8);
           const uint32_t sc_hi = __shfl_sync(0xffffffffu, w2[i].y, 8);
           const int b0 = lane >> 3, b1 = (lane + 32) >> 3;
           const uint32_t byte0 = (sc_lo >> (8 * b0)) & 0xFF;
           const uint32_t byte1 = (b1 < 4 ? sc_lo >> (8 * b1) : sc_hi >> (8 * (b1 - 4))) & 0xFF;
-          store_codes(tile, r, lane, w0[i], e8m0_value(byte0));
-          if (lane < 24) store_codes(tile, r, lane + 32, w1[i], e8m0_value(byte1));
-          else store_rope(tile, r, lane - 24, w1[i]);
-          if (lane < 8) store_rope(tile, r, lane + 8, w2[i]);
+          store_codes(sink, r, lane, w0[i], e8m0_value(byte0));
+          if (lane < 24) store_codes(sink, r, lane + 32, w1[i], e8m0_value(byte1));
+          else store_rope(sink, r, lane - 24, w1[i]);
+          if (lane < 8) store_rope(sink, r, lane + 8, w2[i]);
         }
       }
       fence_async_shared();
-      bar_arrive(kBarFull + st, kThreads);
+      // The partner's half: its rows' 1024 bytes and bias word each.
+      if (PEERS == 2 && threadIdx.x == 0) mbar_expect_bytes(&full[st], (kTile / PEERS) * (2 * kDim + 4));
+      else mbar_arrive(&full[st]);
       prefetch_rows(rows_later);
       rows_now = rows_next;
       rows_next = rows_later;
@@ -275,7 +346,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
 
   for (int t = 0; t < n_tiles; ++t) {
     const int st = t % kStages;
-    bar_sync(kBarFull + st, kThreads);
+    mbar_wait_cluster(smem_addr(&full[st]), (t / kStages) & 1);
+    if (PEERS == 2) fence_async_shared();  // the partner's rows came by st.async, read next by wgmma
     const uint32_t kv_base = smem_addr(kv_tiles + st * kStageBytes) + 4 * c * kPanelBytes;
     float sc[32];
 #pragma unroll
@@ -295,8 +367,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
 #pragma unroll
     for (int i = 0; i < 32; ++i) pin(sc[i]);
 
-    // S = S_0 + S_1 (the same sum in both warpgroups).  exch_mine is free again: the partner
-    // read it before it reached this tile's kBarFull, which needs both warpgroups.
+    // S = S_0 + S_1 (the same sum in both warpgroups).  exch_mine is free again once the
+    // partner has read the last tile's: both pass kBarExchFree first (the full barrier no
+    // longer syncs the two consumers).
+    if (t > 0) bar_sync(kBarExchFree, 256);
 #pragma unroll
     for (int i = 0; i < 32; ++i) exch_mine[i * 128 + ct] = sc[i];
     bar_sync(kBarExch, 256);
@@ -360,7 +434,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; ++i) pin(o[i]);
-    if (t + kStages < n_tiles) bar_arrive(kBarEmpty + st, kThreads);
+    if (t + kStages < n_tiles) {
+      // Every warp's reads of the stage are done (its wgmma wait): one arrival a warp, on this
+      // CTA's barrier and, with crossover, on the partner's.  No arrival for the last tiles:
+      // nobody waits for them, and the partner may have left.
+      __syncwarp();
+      if (lane == 0) {
+        mbar_arrive(&empty[st]);
+        if (PEERS == 2) mbar_arrive_remote(in_rank(smem_addr(&empty[st]), rank ^ 1));
+      }
+    }
   }
 
   // ---- epilogue ----
@@ -440,16 +523,42 @@ __global__ void __launch_bounds__(128) merge_slices_kernel(const __grid_constant
   store_pair(dst, col + 2, acc.z, acc.w, p.freqs, pos, p.half_r);
 }
 
+// The attention kernel over `grid`, in clusters of PEERS CTAs along x.  The dynamic
+// shared-memory limit is a per-device attribute of the kernel: set on every call (a host-side
+// call, no device work).
+template <int PEERS>
+void launch(const Params& p, dim3 grid, cudaStream_t stream) {
+  const auto kernel = sparse_attention_fp8_kernel<PEERS>;
+  DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) == cudaSuccess,
+             "sparse_attention_fp8: cannot raise the shared-memory limit");
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = PEERS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
+  DSV4_CHECK(err == cudaSuccess, "sparse_attention_fp8 launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 // q: bf16 [B, S, H, 512] (rows 16-byte aligned, last dim contiguous), H a multiple of 64;
 // kv: uint8 [B, N, 584] FP8 cache rows (8-byte aligned); sink: fp32 [H]; idx: int32 [B, S, K]
 // (last dim contiguous); out: bf16 [B, S, H, 512] contiguous; freqs: fp32 [max_pos, half_r, 2]
 // and positions int32/int64 [B, S] when half_r > 0 (any tensors otherwise); part_o / part_ml:
-// the split workspace (>= tokens * H * n_splits * 512 / * 2 floats) when n_splits > 1.
+// the split workspace (>= tokens * H * n_splits * 512 / * 2 floats) when n_splits > 1; peers:
+// 2 for crossover (the two CTAs of a head-block pair share the decoded tiles; H a multiple of
+// 128), else 1.
 void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tensor idx, at::Tensor out,
                           at::Tensor freqs, at::Tensor positions, int64_t half_r, at::Tensor part_o,
-                          at::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split,
+                          at::Tensor part_ml, double qk_scale, int64_t n_splits, int64_t k_per_split, int64_t peers,
                           int64_t stream_handle) {
   require_sm90(q.get_device(), "sparse_attention_fp8");
   DSV4_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kDim && q.stride(3) == 1,
@@ -466,6 +575,8 @@ void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tens
   DSV4_CHECK(aligned(kv, 8) && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0, "kv: expected 8-byte aligned rows");
   DSV4_CHECK(sink.scalar_type() == at::kFloat && sink.is_contiguous() && sink.numel() == q.size(2),
               "sink: expected contiguous fp32 [H]");
+  DSV4_CHECK(peers == 1 || (peers == 2 && q.size(2) % (2 * kHeads) == 0),
+              "peers: expected 1, or 2 with a multiple of 128 heads; got ", peers, " with ", q.size(2), " heads");
   DSV4_CHECK(n_splits >= 1 && n_splits <= kMaxSplits && k_per_split >= 1 && n_splits * k_per_split >= idx.size(2),
               "n_splits / k_per_split: expected at most ", kMaxSplits, " slices that cover the K candidates");
   if (n_splits > 1) {
@@ -506,14 +617,10 @@ void sparse_attention_fp8(at::Tensor q, at::Tensor kv, at::Tensor sink, at::Tens
   const int64_t tokens = q.size(0) * q.size(1);
   if (tokens == 0) return;
   const DeviceScope scope(q.get_device());
-  // The dynamic shared-memory limit is a per-device attribute of the kernel: set it on every call
-  // (a host-side call, no device work).
-  DSV4_CHECK(cudaFuncSetAttribute(sparse_attention_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   kSmemBytes) == cudaSuccess, "sparse_attention_fp8: cannot raise the shared-memory limit");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const dim3 grid(static_cast<unsigned>(tokens * (p.heads / kHeads)), static_cast<unsigned>(n_splits));
-  sparse_attention_fp8_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  check_launch("sparse_attention_fp8");
+  if (peers == 2) launch<2>(p, grid, stream);
+  else launch<1>(p, grid, stream);
   if (n_splits > 1) {
     merge_slices_kernel<<<static_cast<unsigned>(tokens * p.heads), 128, 0, stream>>>(p);
     check_launch("sparse_attention_fp8 merge");

@@ -80,6 +80,25 @@ inline void check_launch(const char* what) {
   DSV4_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
 }
 
+// The launch configuration of `grid` in thread-block clusters of `cluster` CTAs (for
+// cudaLaunchKernelEx and the cluster occupancy query); `attr` holds its one attribute and
+// must outlive the configuration.
+inline cudaLaunchConfig_t cluster_config(dim3 grid, dim3 cluster, int threads, int smem, cudaStream_t stream,
+                                         cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster.x;
+  attr[0].val.clusterDim.y = cluster.y;
+  attr[0].val.clusterDim.z = cluster.z;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 inline bool aligned(const at::Tensor& t, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
 }

@@ -267,18 +267,7 @@ cudaLaunchConfig_t configure(int64_t rows, cudaStream_t stream, cudaLaunchAttrib
     DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess,
                 "row_topk: clusters of ", CLUSTER, " CTAs are not supported here");
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(rows * CLUSTER));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CLUSTER;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return config;
+  return cluster_config(dim3(static_cast<unsigned>(rows * CLUSTER)), dim3(CLUSTER), kThreads, smem, stream, attr);
 }
 
 template <int CLUSTER, int ITEMS>

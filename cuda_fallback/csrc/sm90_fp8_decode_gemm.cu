@@ -233,18 +233,9 @@ void launch(const Params& p, int n_rows, int split, cudaStream_t stream) {
   const int smem = shared_bytes(16 * GROUPS, p.m, p.ks);
   DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
              "fp8_decode_gemm: cannot raise the shared-memory limit to ", smem, " bytes");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(n_rows / (16 * GROUPS), split, 1);
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = split;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  const cudaLaunchConfig_t config =
+      cluster_config(dim3(n_rows / (16 * GROUPS), split, 1), dim3(1, split, 1), kThreads, smem, stream, attr);
   DSV4_CHECK(cudaLaunchKernelEx(&config, kernel, p) == cudaSuccess, "fp8_decode_gemm: launch failed: ",
              cudaGetErrorString(cudaGetLastError()));
 }

@@ -531,18 +531,8 @@ void launch(const Params& p, dim3 grid, cudaStream_t stream) {
   const auto kernel = sparse_attention_fp8_kernel<PEERS>;
   DSV4_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) == cudaSuccess,
              "sparse_attention_fp8: cannot raise the shared-memory limit");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSmemBytes;
-  config.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = PEERS;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  const cudaLaunchConfig_t config = cluster_config(grid, dim3(PEERS), kThreads, kSmemBytes, stream, attr);
   const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
   DSV4_CHECK(err == cudaSuccess, "sparse_attention_fp8 launch failed: ", cudaGetErrorString(err));
 }

@@ -69,9 +69,8 @@ constexpr int kMergeBatch = 8;     // partial rows a merging thread has in fligh
 constexpr int kConsumerWarps = 8;
 
 // Named barriers (0 is __syncthreads): the score exchange (written, free again) and each
-// consumer's Q tile.  The
-// stages are handed over by mbarriers (full: the producers' rows are in; empty: every
-// consumer, of this CTA and of the partner, is done with them).
+// consumer's Q tile.  The stages are handed over by mbarriers (full: the producers' rows are
+// in; empty: every consumer, of this CTA and of the partner, is done with them).
 constexpr int kBarExchFree = 1, kBarExch = 5, kBarQ = 6;
 
 // S[64 x 64] (+)= A[64 x 16] B[16 x 64]: A and B K-major in shared memory.
@@ -224,12 +223,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   // Both CTAs have started and set up their barriers before either signals the other.
-  if (PEERS == 2) {
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-  } else {
-    __syncthreads();
-  }
+  if (PEERS == 2) cluster_sync();
+  else __syncthreads();
 
   if (wg == 0) {
     // ---- producer: gather + decode, one tile ahead of the consumers ----

@@ -9,7 +9,7 @@ Triton kernel at every batch size measured (H100, Pro decode: benchmarks/NOTES.m
 twenty-seventh round").  Without crossover (an odd number of head blocks, e.g. Flash's 64
 heads) it takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs:
 small-batch decode, where it splits the candidates over the machine and beats the Triton
-kernel (Flash: 18.7 against 28.2 us at one token, 24.9 against 35.0 at 16); with more pairs
+kernel (H100, Flash: 18.8 against 19.9 us at one token, 25.5 against 27.5 at 16); with more pairs
 each CTA decodes every row of many tiles and the Triton kernel is as fast or faster.  Those
 calls, the BF16 cache, head dim 128 and other head counts go to the next backend in the
 registry's order, the Triton kernel; forcing ``cuda`` on them raises

@@ -28,9 +28,10 @@
 // consumers of both CTAs are done with it.  So each SM decodes half the rows it multiplies.
 // The same trick is FlashMLA's ("crossover", its FP8 sparse decode kernel on Hopper).
 //
-// Measured on the H100 (benchmarks/NOTES.md, fourteenth round): without crossover the producer
-// sets the pace (its decode and address arithmetic, ~2000 instructions a tile, share the
-// schedulers with the consumers), ~5.7 us a tile against the Triton kernel's ~5.
+// Measured on the H100 (benchmarks/NOTES.md, fourteenth and twenty-seventh rounds): the
+// producer sets the pace, with crossover too: ~3.3 us a tile for its 32 decoded rows even with
+// idle consumers (loads, then per row shuffles, byte extraction, conversions and swizzle
+// arithmetic); the consumers' MMAs and score exchange add ~13 us at Pro's 64 tokens.
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
 

@@ -115,14 +115,6 @@ __device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) 
                : "memory");
 }
 
-__device__ __forceinline__ void wait_bytes(uint64_t* barrier) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
-      "@!done bra wait_%=;\n}" ::"r"(smem_addr(barrier))
-      : "memory");
-}
-
 template <int CLUSTER, int ITEMS>
 __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -189,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
       const uint32_t barrier = smem_addr(&sh.arrived[level]);
 #pragma unroll
       for (int r = 0; r < CLUSTER; ++r) send(in_rank(slot, r), static_cast<uint32_t>(in_bin), in_rank(barrier, r));
-      wait_bytes(&sh.arrived[level]);  // every slice's histogram of this level
+      mbar_wait_cluster(smem_addr(&sh.arrived[level]), 0);  // every slice's histogram of this level
       pick_digit(sh, level, remaining, tid, lane, warp);
     }
     __syncthreads();
@@ -227,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_topk_kernel(Params p) {
     send(in_rank(smem_addr(&sh.slice_totals[rank]), tid), sh.warp_sums[kWarps - 1],
          in_rank(smem_addr(&sh.arrived[kLevels]), tid));
   }
-  if (rank > 0) wait_bytes(&sh.arrived[kLevels]);  // the totals of the slices before this one
+  if (rank > 0) mbar_wait_cluster(smem_addr(&sh.arrived[kLevels]), 0);  // the totals of the slices before this one
   __syncthreads();  // the counts
   int above_before = 0, tied_before = 0;
   for (int r = 0; r < rank; ++r) {

@@ -5,9 +5,10 @@
 // structure, which Triton cannot express: three warpgroups with fixed roles.
 //
 // * Warpgroup 0 (the producer) gathers a tile of 64 candidate rows (584-byte FP8 cache rows,
-//   prefetched into L2 two tiles ahead, then 8-byte loads into registers), decodes them to
-//   BF16 (code * E8M0 scale, exact) and stores them into a 128-byte-swizzled shared-memory
-//   tile, two tiles deep, while the two math warpgroups run their MMAs on the other tile.
+//   prefetched into L2 two tiles ahead, then 8-byte loads into registers, one batch of rows
+//   in flight while the previous batch is decoded), decodes them to BF16 (code * E8M0 scale,
+//   exact) and stores them into a 128-byte-swizzled shared-memory tile, two tiles deep, while
+//   the two math warpgroups run their MMAs on the other tile.
 // * Warpgroups 1 and 2 (the consumers) each own half of the 512 columns, for both products:
 //   S_c = Q[:, half c] KV[:, half c]^T (a partial score, 16 wgmma m64n64k16) and
 //   O[:, half c] += P KV[:, half c] (4 wgmma m64n256k16, P from registers).  The two partial
@@ -28,10 +29,12 @@
 // consumers of both CTAs are done with it.  So each SM decodes half the rows it multiplies.
 // The same trick is FlashMLA's ("crossover", its FP8 sparse decode kernel on Hopper).
 //
-// Measured on the H100 (benchmarks/NOTES.md, fourteenth and twenty-seventh rounds): the
-// producer sets the pace, with crossover too: ~3.3 us a tile for its 32 decoded rows even with
-// idle consumers (loads, then per row shuffles, byte extraction, conversions and swizzle
-// arithmetic); the consumers' MMAs and score exchange add ~13 us at Pro's 64 tokens.
+// Measured on the H100 (benchmarks/NOTES.md, fourteenth, twenty-seventh and twenty-eighth
+// rounds): the producer sets the pace, with crossover too: ~3.3 us a tile for its 32 decoded
+// rows even with idle consumers (loads, then per row shuffles, byte extraction, conversions
+// and swizzle arithmetic); the consumers' MMAs and score exchange add ~13 us at Pro's 64
+// tokens.  Overlapping each batch's loads with the previous batch's decode took Pro B = 64
+// from 80.4 to 76.9 us.
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
 
@@ -55,7 +58,7 @@ constexpr int kRowBytes = 584;     // FP8 cache row: 448 codes, 64 BF16 rope val
 constexpr int kHeads = 64;         // query heads of a CTA: the M of every wgmma
 constexpr int kTile = 64;          // candidates a tile
 constexpr int kStages = 2;
-constexpr int kBatch = 4;          // rows a producer warp loads at once: its 88 registers hold 4
+constexpr int kBatch = 4;          // rows of a producer warp's batch: two batches' words in its registers
 constexpr int kThreads = 384;
 constexpr int kPanelBytes = 64 * 128;               // 64 rows of one 128-byte swizzled panel (64 columns)
 constexpr int kQBytes = 8 * kPanelBytes;            // Q [64, 512] bf16
@@ -229,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
 
   if (wg == 0) {
     // ---- producer: gather + decode, one tile ahead of the consumers ----
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 88;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 120;\n");
     // Warp w decodes tile rows first .. first + kRows - 1 of every tile: with crossover this
     // CTA takes half of the 64 rows and the partner the other half.
     constexpr int kRows = 16 / PEERS;
@@ -254,9 +257,43 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
           asm volatile("prefetch.global.L2 [%0];" ::"l"(src));
       }
     };
+    // Rows a batch: their three 8-byte words a lane (codes, codes or rope, rope or scales).
+    struct Words {
+      uint2 w0[kBatch], w1[kBatch], w2[kBatch];
+    };
+    constexpr int kBatches = kRows / kBatch;
+    static_assert(kBatches % 2 == 0, "the two word buffers alternate within a tile and restart with it");
+    auto load_batch = [&](Words& w, int rows, int batch) {
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int row = __shfl_sync(0xffffffffu, rows, batch * kBatch + i);
+        const bool ok = static_cast<unsigned>(row) < static_cast<unsigned>(p.n_rows);
+        const uint8_t* src = kv_b + static_cast<int64_t>(ok ? row : 0) * p.stride_kvn;
+        w.w0[i] = load_word(src + 8 * lane, ok);                     // codes, columns 8 lane ..
+        w.w1[i] = load_word(src + 8 * (lane + 32), ok);              // codes (lane < 24) or rope words 0..7
+        w.w2[i] = load_word(src + 8 * (lane + 64), ok && lane < 9);  // rope words 8..15, the scales (lane 8)
+      }
+    };
+    auto decode_batch = [&](const Words& w, const TileSink<PEERS>& sink, int batch) {
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int r = first + batch * kBatch + i;
+        const uint32_t sc_lo = __shfl_sync(0xffffffffu, w.w2[i].x, 8);
+        const uint32_t sc_hi = __shfl_sync(0xffffffffu, w.w2[i].y, 8);
+        const int b0 = lane >> 3, b1 = (lane + 32) >> 3;
+        const uint32_t byte0 = (sc_lo >> (8 * b0)) & 0xFF;
+        const uint32_t byte1 = (b1 < 4 ? sc_lo >> (8 * b1) : sc_hi >> (8 * (b1 - 4))) & 0xFF;
+        store_codes(sink, r, lane, w.w0[i], e8m0_value(byte0));
+        if (lane < 24) store_codes(sink, r, lane + 32, w.w1[i], e8m0_value(byte1));
+        else store_rope(sink, r, lane - 24, w.w1[i]);
+        if (lane < 8) store_rope(sink, r, lane + 8, w.w2[i]);
+      }
+    };
     int rows_now = tile_row(0), rows_next = tile_row(1);
     prefetch_rows(rows_now);
     prefetch_rows(rows_next);
+    Words words[2];
+    load_batch(words[0], rows_now, 0);
     for (int t = 0; t < n_tiles; ++t) {
       const int st = t % kStages;
       const int rows_later = tile_row(t + 2);
@@ -274,31 +311,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
         *slot = v;
         if (PEERS == 2) send(in_rank(smem_addr(slot), peer), __float_as_uint(v), sink.peer_full);
       }
+      // Batch j + 1's loads (the next tile's first batch after the last) are in flight
+      // while batch j is decoded: the gathers wait on L2 beside the decode, not before it.
 #pragma unroll 1
-      for (int batch = 0; batch < kRows / kBatch; ++batch) {
-        uint2 w0[kBatch], w1[kBatch], w2[kBatch];
-#pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-          const int row = __shfl_sync(0xffffffffu, rows_now, batch * kBatch + i);
-          const bool ok = static_cast<unsigned>(row) < static_cast<unsigned>(p.n_rows);
-          const uint8_t* src = kv_b + static_cast<int64_t>(ok ? row : 0) * p.stride_kvn;
-          w0[i] = load_word(src + 8 * lane, ok);                     // codes, columns 8 lane ..
-          w1[i] = load_word(src + 8 * (lane + 32), ok);              // codes (lane < 24) or rope words 0..7
-          w2[i] = load_word(src + 8 * (lane + 64), ok && lane < 9);  // rope words 8..15, the scales (lane 8)
-        }
-#pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-          const int r = first + batch * kBatch + i;
-          const uint32_t sc_lo = __shfl_sync(0xffffffffu, w2[i].x, 8);
-          const uint32_t sc_hi = __shfl_sync(0xffffffffu, w2[i].y, 8);
-          const int b0 = lane >> 3, b1 = (lane + 32) >> 3;
-          const uint32_t byte0 = (sc_lo >> (8 * b0)) & 0xFF;
-          const uint32_t byte1 = (b1 < 4 ? sc_lo >> (8 * b1) : sc_hi >> (8 * (b1 - 4))) & 0xFF;
-          store_codes(sink, r, lane, w0[i], e8m0_value(byte0));
-          if (lane < 24) store_codes(sink, r, lane + 32, w1[i], e8m0_value(byte1));
-          else store_rope(sink, r, lane - 24, w1[i]);
-          if (lane < 8) store_rope(sink, r, lane + 8, w2[i]);
-        }
+      for (int batch = 0; batch < kBatches; batch += 2) {
+        load_batch(words[1], rows_now, batch + 1);
+        decode_batch(words[0], sink, batch);
+        if (batch + 2 < kBatches) load_batch(words[0], rows_now, batch + 2);
+        else load_batch(words[0], rows_next, 0);
+        decode_batch(words[1], sink, batch + 1);
       }
       fence_async_shared();
       // The partner's half: its rows' 1024 bytes and bias word each.
@@ -312,9 +333,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fp8_kernel(const
   }
 
   // ---- consumers: warpgroup c owns columns 256 c .. 256 c + 255 ----
-  // Registers: 168 a thread at launch (__launch_bounds__), so 88 for the producer leaves
-  // 208 for each consumer (128 * 88 + 256 * 208 = 384 * 168): asking more would wait forever.
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n");
+  // Registers: 168 a thread at launch (__launch_bounds__), so 120 for the producer (two
+  // batches' words) leaves 192 for each consumer (128 * 120 + 256 * 192 = 384 * 168): asking
+  // more would wait forever.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 192;\n");
   const int c = wg - 1;
   const int ct = threadIdx.x - 128 * wg;
   const int warp = ct >> 5;

@@ -1,24 +1,25 @@
 """The ``cuda`` backend of ``sparse_attention``: ``csrc/sm90_sparse_attention.cu`` (wgmma, sm_90a).
 
-It covers the FP8 cache (``pack_kv_fp8`` rows of 584 bytes) at head dim 512 with the heads
-in whole blocks of 64 (the wgmma's M: Flash's 64 and Pro's 128, and tensor-parallel slices
-of them), with or without the inverse RoPE of up to the last 256 output columns.  With the
-heads in pairs of 64-head blocks (Pro's 128) the two CTAs of a pair form a cluster and share
-every decoded tile (crossover: each decodes half the rows), which makes it faster than the
-Triton kernel at every batch size measured (H100, Pro decode: benchmarks/NOTES.md, "attention,
-twenty-seventh round").  Without crossover (an odd number of head blocks, e.g. Flash's 64
-heads) it takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs:
-small-batch decode, where it splits the candidates over the machine and beats the Triton
-kernel (H100, Flash: 18.8 against 19.9 us at one token, 25.5 against 27.5 at 16); with more pairs
-each CTA decodes every row of many tiles and the Triton kernel is as fast or faster.  Those
-calls, the BF16 cache, head dim 128 and other head counts go to the next backend in the
-registry's order, the Triton kernel; forcing ``cuda`` on them raises
-``BackendUnavailableError``.  Only sm_90a runs it (wgmma does not exist on sm_100).
+It covers the FP8 cache (``pack_kv_fp8`` rows of 584 bytes) at head dim 512 with the heads in
+whole blocks of 64 (the wgmma's M: Flash's 64 and Pro's 128, and tensor-parallel slices of
+them), with or without the inverse RoPE of up to the last 256 output columns. With the heads in
+pairs of 64-head blocks (Pro's 128) the two CTAs of a pair form a cluster and share every
+decoded tile (crossover: each decodes half the rows), which makes it faster than the Triton
+kernel at every batch size measured (H100, Pro decode: benchmarks/NOTES.md, "attention,
+twenty-seventh round"). Without crossover (an odd number of head blocks, e.g. Flash's 64 heads) it
+takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs: small-batch
+decode, where it splits the candidates over the machine and beats the Triton kernel (H100,
+Flash: 19.1 against 20.0 us at one token, 23.8 against 27.3 at 16); with more pairs each CTA
+decodes every row of many tiles and the Triton kernel is about as fast (64 pairs: 44.8 against
+46.2 us, inside the run-to-run spread). Those calls, the BF16 cache, head dim 128 and other
+head counts go to the next backend in the registry's order, the Triton kernel; forcing ``cuda``
+on them raises ``BackendUnavailableError``. Only sm_90a runs it (wgmma does not exist on
+sm_100).
 
-Same math as the Triton kernel: exponents in base 2 against a running max, the sink in the
-final denominator, P rounded to BF16 for P @ KV, the FP8 rows decoded exactly to BF16.  The
-scores are summed in another order (two column halves, each a chain of wgmma), so results
-differ from the Triton kernel's within the FP32 summation tolerance of the tests.  The K
+Same math as the Triton kernel: exponents in base 2 against a lazily moved running max, the
+sink in the final denominator, P rounded to BF16 for P @ KV, the FP8 rows decoded exactly to
+BF16. The scores are summed in another order (two column halves, each a chain of wgmma), so
+results differ from the Triton kernel's within the FP32 summation tolerance of the tests. The K
 split (few CTAs for the machine) is the Triton kernel's rule and workspace; the slices are
 merged by a second launch, in split order.
 """

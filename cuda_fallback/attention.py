@@ -11,7 +11,8 @@ takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs: s
 decode, where it splits the candidates over the machine and beats the Triton kernel (H100,
 Flash: 19.1 against 20.0 us at one token, 23.8 against 27.3 at 16); with more pairs each CTA
 decodes every row of many tiles and the Triton kernel is about as fast (64 pairs: 44.8 against
-46.2 us, inside the run-to-run spread). Those calls, the BF16 cache, head dim 128 and other
+46.2 and 45.0 against 46.5 in
+probes, 46.8 against 45.9 in a bench run: a tie). Those calls, the BF16 cache, head dim 128 and other
 head counts go to the next backend in the registry's order, the Triton kernel; forcing ``cuda``
 on them raises ``BackendUnavailableError``. Only sm_90a runs it (wgmma does not exist on
 sm_100).

@@ -6,16 +6,15 @@ them), with or without the inverse RoPE of up to the last 256 output columns. Wi
 pairs of 64-head blocks (Pro's 128) the two CTAs of a pair form a cluster and share every
 decoded tile (crossover: each decodes half the rows), which makes it faster than the Triton
 kernel at every batch size measured (H100, Pro decode: benchmarks/NOTES.md, "attention,
-twenty-seventh round"). Without crossover (an odd number of head blocks, e.g. Flash's 64 heads) it
-takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs: small-batch
+twenty-seventh round"). Without crossover (an odd number of head blocks, e.g. Flash's 64 heads)
+it takes calls of at most ``MAX_HEAD_BLOCKS`` (query token, 64-head block) pairs: small-batch
 decode, where it splits the candidates over the machine and beats the Triton kernel (H100,
 Flash: 19.1 against 20.0 us at one token, 23.8 against 27.3 at 16); with more pairs each CTA
 decodes every row of many tiles and the Triton kernel is about as fast (64 pairs: 44.8 against
-46.2 and 45.0 against 46.5 in
-probes, 46.8 against 45.9 in a bench run: a tie). Those calls, the BF16 cache, head dim 128 and other
-head counts go to the next backend in the registry's order, the Triton kernel; forcing ``cuda``
-on them raises ``BackendUnavailableError``. Only sm_90a runs it (wgmma does not exist on
-sm_100).
+46.2 and 45.0 against 46.5 in probes, 46.8 against 45.9 in a bench run: a tie). Those calls,
+the BF16 cache, head dim 128 and other head counts go to the next backend in the registry's
+order, the Triton kernel; forcing ``cuda`` on them raises ``BackendUnavailableError``. Only
+sm_90a runs it (wgmma does not exist on sm_100).
 
 Same math as the Triton kernel: exponents in base 2 against a lazily moved running max, the
 sink in the final denominator, P rounded to BF16 for P @ KV, the FP8 rows decoded exactly to

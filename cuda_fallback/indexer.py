@@ -4,9 +4,9 @@ Triton, the Triton launches for the rest of the op.
 * Scoring: ``csrc/sm90_indexer_scores.cu`` (wgmma, sm_90a) for FP4 key rows
   (``pack_indexer_keys``, 68 bytes a key) with the model's 64 indexer heads, when each CTA
   gets at least ``MIN_TILES_PER_CTA`` key tiles (its fixed cost, qi into shared memory and
-  the first loads, is then paid back).  H100, scoring pass alone: B = 32, 262144 keys 390
-  against 512 us, 32768 keys 53 against 71; B = 1, 262144 keys 17 against 21; B = 1, 32768
-  keys (2 tiles a CTA) 6.0 against 4.6, left to Triton, as are BF16 keys and other head counts.
+  the first loads, is then paid back).  H100, scoring pass alone: B = 32, 262144 keys 354
+  against 508 us, 32768 keys 50 against 70; B = 1, 262144 keys 15.6 against 19; B = 1, 32768
+  keys (1-2 tiles a CTA) 5.5 against 4.1, left to Triton, as are BF16 keys and other head counts.
 * Selection: ``csrc/row_topk.cu``, one launch with a CTA cluster a row (or one CTA a row for
   many rows of up to ``ONE_CTA_ROW_KEYS``, ``select_rows``), for rows of up to
   ``MAX_ROW_KEYS`` keys.  H100, selection alone against the Triton selection
@@ -44,11 +44,14 @@ from .loader import extension_at
 
 HEADS = 64
 TILE = 64  # keys a tile
-CTAS_PER_SM = 2  # the kernel's launch bounds: every CTA of a one-wave grid is resident at once
-# About one wave of one-query CTAs on an H100 (264 slots); sizes between this and prefill's
+CTAS_PER_SM = 3  # the kernel's launch bounds: every CTA of a one-wave grid is resident at once
+# At most one wave of one-query CTAs on an H100 (396 slots); sizes between this and prefill's
 # thousands of queries were not measured.
 MAX_QUERIES = 256
-MIN_TILES_PER_CTA = 8
+# Runs shorter than this go to Triton.  Set when the kernel ran two CTAs an SM (8 tiles a CTA,
+# H100 measurements), kept at about the same tiles an SM for three (B = 1 from ~101k keys);
+# the crossover at three CTAs an SM was not re-measured.
+MIN_TILES_PER_CTA = 5
 MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: a cluster of 8 CTAs (16 take twice as many), 1024 threads, 32 keys each
 ONE_CTA_ROW_KEYS = 1024 * 32  # the same kernel with one CTA a row
 # One CTA a row (no cluster exchange, each CTA counting its whole row) for at least

@@ -247,8 +247,9 @@ def test_registry_rule(device, monkeypatch):
     takes them (FP4 keys, 64 heads, runs of MIN_TILES_PER_CTA tiles a CTA) or its selection
     does (rows of up to MAX_ROW_KEYS keys); the rest, and prefill sizes, go to Triton, and
     forcing cuda on them raises with both reasons."""
-    monkeypatch.setattr(cuda_indexer, "sm_count", lambda device: 1)  # 2 CTAs: 500 keys are 4 tiles a CTA
-    monkeypatch.setattr(cuda_indexer, "MIN_TILES_PER_CTA", 4)
+    monkeypatch.setattr(cuda_indexer, "sm_count", lambda device: 1)
+    monkeypatch.setattr(cuda_indexer, "CTAS_PER_SM", 3)  # 500 keys: 8 tiles, 3 a CTA
+    monkeypatch.setattr(cuda_indexer, "MIN_TILES_PER_CTA", 3)
     monkeypatch.setattr(cuda_indexer, "MAX_ROW_KEYS", 300)
     _, qi, w, packed = _packed_inputs(8, 1, 1, 500, integer=True)
     n_valid = torch.tensor([[500]], dtype=torch.int32)
@@ -264,7 +265,7 @@ def test_registry_rule(device, monkeypatch):
     many = qi.to(device).expand(1, cuda_indexer.MAX_QUERIES + 1, HEADS, 128)
     assert "queries" in covers(many, args[1], args[2], args[3], 16)
     assert "heads" in covers(args[0][:, :, :32], args[1][:, :, :32], args[2], args[3], 16)
-    assert "tiles a CTA" in covers(args[0], args[1], args[2][:, :350], args[3], 16)  # 3 tiles a CTA, 350 keys
+    assert "tiles a CTA" in covers(args[0], args[1], args[2][:, :350], args[3], 16)  # 2 tiles a CTA, 350 keys
     with use_backend("cuda", ops=["indexer_topk"]), pytest.raises(BackendUnavailableError, match="BF16 keys.*500"):
         ops.indexer_topk(args[0], args[1], bf16_keys, args[3], 16)
     assert cuda_indexer.selection_covers(cuda_indexer.MAX_ROW_KEYS) == ""

@@ -7,11 +7,11 @@
 // changes is the overlap, which Triton does not generate for this loop: the tensor cores run
 // one tile's product while the warps decode the next tile and reduce the previous one.
 //
-// One CTA = one warpgroup = one query x a run of 64-key tiles.  Per tile, logits^T [64 keys,
-// 64 heads] = keys [64, 128] @ qi^T by 8 wgmma m64n64k16 with the key tile as the A operand,
-// decoded from the code words straight into the A fragments, and qi^T as the B operand in
-// 128-byte-swizzled shared memory, loaded once.  Key rows reach shared memory by asynchronous
-// copies two tiles ahead.  Two register sets for the fragments and accumulators: tile i's
+// One CTA = one warpgroup = one query x a run of 64-key tiles, three CTAs an SM.  Per tile,
+// logits^T [64 keys, 64 heads] = keys [64, 128] @ qi^T by 8 wgmma m64n64k16 with the key tile
+// as the A operand, decoded from the code words straight into the A fragments, and qi^T as the
+// B operand in 128-byte-swizzled shared memory, loaded once.  Each key tile reaches shared
+// memory by one bulk copy two tiles ahead.  Two register sets for the fragments and accumulators: tile i's
 // product is in flight while tile i+1 is decoded and tile i-1 is reduced (relu, times w,
 // summed over the heads in a fixed order) and stored.
 //
@@ -24,12 +24,15 @@
 // kernel.  The FP32 sums over the 128 values run in another order than the Triton kernel's,
 // so scores agree with it within FP32 rounding, not bit for bit.
 //
-// Measured on the H100 (benchmarks/NOTES.md, fifteenth round): 1.3x the Triton kernel at
-// B = 32 (390 against 512 us at 262144 keys), 52% of the copy bandwidth, not the 70% aimed
-// at.  Probes leaving parts out: without the decode 273 us, without the MMAs 264,
-// without either 259, without the loads 334; the decode and the register-operand MMAs cost
-// together far more than apart.  Staging the decoded tile in shared memory for an all-smem
-// MMA instead measured slower (529 us).
+// Measured on the H100 (benchmarks/NOTES.md, fifteenth and twenty-ninth rounds): 1.4x the
+// Triton kernel at B = 32 (354 against 508 us at 262144 keys), 54% of the copy bandwidth, not
+// the 70% aimed at.  The warps' issue slots bind: the decode, the reduction and the loads share
+// them (probes leaving parts out: each alone is cheap, together they add up), which is why the
+// tile comes by one bulk copy (per-thread 4-byte copies cost ~90 instructions a thread and
+// tile) and why three CTAs an SM (168 registers) beat two (383 us with per-thread copies and
+// two).  A producer warpgroup decoding into shared memory for consumer warpgroups measured
+// slower (433 us with two producers), as did staging the decoded tile for an all-smem MMA in
+// these warps (529 us).
 //
 // wgmma exists on sm_90a only: the file is built for that target alone (its line above).
 
@@ -37,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include "host.cuh"
+#include "sm90_tma.cuh"
 #include "sm90_wgmma.cuh"
 
 using namespace dsv4;
@@ -50,17 +54,15 @@ constexpr int kTile = 64;       // keys a tile: the M of every wgmma
 constexpr int kThreads = 128;
 constexpr int kPanelBytes = kHeads * 128;  // qi^T: 64 heads x 64 values of one 128-byte swizzled panel
 constexpr int kQBytes = 2 * kPanelBytes;
-// Key tiles staged in shared memory by 4-byte asynchronous copies (a warp's copy is 128
-// contiguous bytes of the tile), a row every 192 bytes: each scale block's 16 bytes are then
-// one aligned 128-bit read, and the two rows of a quarter-warp's reads fall on disjoint
-// banks (192 = 64 mod 128).  Three stages: two tiles in flight while one is decoded (six
-// stages of 80-byte rows kept the loads alone faster but the whole kernel 3% slower).
-constexpr int kStageRow = 192;
-constexpr int kStageBytes = kTile * kStageRow;
-constexpr int kStages = 3;
-constexpr int kTileWords = kTile * kRowBytes / 4;                   // 1088
-constexpr int kCopiesPerThread = (kTileWords + kThreads - 1) / kThreads;  // 9
-constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;  // + realignment to 1024
+// A key tile (4352 contiguous bytes) comes into shared memory by one bulk copy, issued by one
+// thread: per-thread 4-byte copies cost each thread ~90 instructions a tile, and the warps'
+// issue slots are what the decode, the MMAs and the reduction share.  The copy starts at the
+// 16-byte boundary at or below the tile (request rows need not be 16-byte aligned), so a
+// stage holds up to 12 bytes more at each end.
+constexpr int kTileBytes = kTile * kRowBytes;
+constexpr int kStageBytes = kTileBytes + 16;
+constexpr int kStages = 3;  // two tiles in flight while one is decoded (4: the same, 6: 6% slower)
+constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 8 * kStages + 1024;  // + realignment to 1024
 constexpr uint32_t kTwoPow126 = 0x7E807E80u;  // BF16 2^126 in both halves
 
 struct Params {
@@ -69,8 +71,8 @@ struct Params {
   const uint8_t* keys;
   const int32_t* n_valid;
   float* scores;
-  int64_t stride_qb, stride_qs, stride_qh, stride_wb, stride_ws, stride_wh, stride_kb, stride_kn, stride_nb,
-      stride_ns;
+  int64_t stride_qb, stride_qs, stride_qh, stride_wb, stride_ws, stride_wh, stride_kb, stride_nb, stride_ns;
+  int64_t keys_extent;  // bytes from `keys` to the end of the last request's last row
   int seq, n_keys, tiles_per_cta;
 };
 
@@ -124,35 +126,60 @@ __device__ __forceinline__ float relu_keep_nan(float x) {
   return r;
 }
 
-// Starts the copy of key tile `tile` into a stage: thread `tid` copies words tid + 128 i.
-// Rows past the keys, and every row of a tile past the CTA's run (`end`), are zero-filled
-// instead of read.
-__device__ __forceinline__ void copy_tile(uint32_t stage, const uint8_t* keys_b, int tile, int end, int n_keys,
-                                          int tid) {
-  const uint8_t* src = keys_b + static_cast<int64_t>(tile) * kTile * kRowBytes;
-  const int rows_left = tile < end ? n_keys - tile * kTile : 0;
-#pragma unroll
-  for (int i = 0; i < kCopiesPerThread; ++i) {
-    const int word = tid + kThreads * i;
-    if (i + 1 < kCopiesPerThread || word < kTileWords) {
-      const int row = word / 17, col = word % 17;
-      cp_async4(stage + row * kStageRow + 4 * col, src + 4 * word, row < rows_left);
-    }
-  }
-  cp_async_commit();
+// Where tile `tile` of a request is copied from: `bytes` from the 16-byte boundary `src` at or
+// below the tile's first row (`skew` bytes before it) to the boundary at or past its last
+// row; `bytes` is 0 where that window leaves the tensor (the first tile of a tensor that
+// starts off a 16-byte boundary, the last of one that ends off it): those rows are read
+// directly from global memory.
+struct Window {
+  const uint8_t* src;
+  uint32_t bytes, skew;
+};
+
+__device__ __forceinline__ Window copy_window(const Params& p, const uint8_t* keys_b, int tile) {
+  const uint8_t* first = keys_b + static_cast<int64_t>(tile) * kTileBytes;
+  const int rows = min(kTile, p.n_keys - tile * kTile);
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(first) & ~uintptr_t{15};
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(first + rows * kRowBytes) + 15) & ~uintptr_t{15};
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p.keys);
+  const bool inside = lo >= start && hi <= start + static_cast<uintptr_t>(p.keys_extent);
+  return {reinterpret_cast<const uint8_t*>(lo), inside ? static_cast<uint32_t>(hi - lo) : 0u,
+          static_cast<uint32_t>(reinterpret_cast<uintptr_t>(first) - lo)};
 }
 
-// A fragments of the 8 k-steps from a thread's two rows of a staged tile (see `slot_of`):
-// rows `row` and `row` + 8, scale block `block`.  One packed multiply a pair when the warp's
-// scales allow it (E8M0 <= 128, values below 2^2 * 6), else two.
-__device__ __forceinline__ void decode(uint32_t (&a)[8][4], const uint8_t* stage, int row, int block) {
+// Thread 0: the copy of tile `tile` into a stage, completing `full` (at once, with no bytes,
+// for a tile whose rows are read directly).
+__device__ __forceinline__ void issue_tile(uint8_t* stage, uint64_t* full, const Params& p, const uint8_t* keys_b,
+                                           int tile) {
+  const Window win = copy_window(p, keys_b, tile);
+  if (win.bytes) {
+    mbar_expect_bytes(full, win.bytes);
+    bulk_load(stage, win.src, win.bytes, full);
+  } else {
+    mbar_arrive(full);
+  }
+}
+
+// A fragments of the 8 k-steps from a thread's two key rows (see `slot_of`): rows `row` and
+// `row` + 8 of a tile whose rows start at `rows` (68 bytes apart), scale block `block`.  DIRECT:
+// `rows` is global memory and rows from `rows_left` on are zeros, not read.  One packed multiply
+// a pair when the warp's scales allow it (E8M0 <= 128, values below 2^2 * 6), else two.
+template <bool DIRECT>
+__device__ __forceinline__ void decode(uint32_t (&a)[8][4], const uint8_t* rows, int row, int block, int rows_left) {
   uint4 words[2];
   uint32_t scale[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const uint8_t* src = stage + (row + 8 * h) * kStageRow;
-    words[h] = *reinterpret_cast<const uint4*>(src + 16 * block);
-    scale[h] = src[64 + block];
+    const uint8_t* src = rows + (row + 8 * h) * kRowBytes;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(src + 16 * block);
+    if (DIRECT) {
+      const bool ok = row + 8 * h < rows_left;
+      words[h] = ok ? make_uint4(__ldg(w), __ldg(w + 1), __ldg(w + 2), __ldg(w + 3)) : make_uint4(0, 0, 0, 0);
+      scale[h] = ok ? __ldg(src + 64 + block) : 0u;
+    } else {
+      words[h] = make_uint4(w[0], w[1], w[2], w[3]);
+      scale[h] = src[64 + block];
+    }
   }
   const bool one_multiply = __all_sync(0xFFFFFFFFu, max(scale[0], scale[1]) <= 128);
 #pragma unroll
@@ -208,11 +235,12 @@ __device__ __forceinline__ void reduce_store(float (&d)[32], uint32_t (&a)[8][4]
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(kThreads, 3) indexer_scores_fp4_kernel(const __grid_constant__ Params p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* q_tile = smem;
   uint8_t* stages = smem + kQBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages * kStageBytes);
   const int query = blockIdx.y;
   const int b = query / p.seq, t = query % p.seq;
   const int nv = min(max(p.n_valid[b * p.stride_nb + t * p.stride_ns], 0), p.n_keys);
@@ -224,11 +252,14 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const _
   const int row_in_tile = 16 * warp + (lane >> 2);  // rows row_in_tile and row_in_tile + 8
   const int block = lane & 3;                        // the scale block (32 values) this lane decodes
   const uint8_t* keys_b = p.keys + b * p.stride_kb;
-  const uint32_t stage0 = smem_addr(stages);
 
   const int end = first + n_tiles;
-#pragma unroll
-  for (int s = 0; s + 1 < kStages; ++s) copy_tile(stage0 + s * kStageBytes, keys_b, first + s, end, p.n_keys, tid);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s + 1 < kStages && first + s < end; ++s)
+      issue_tile(stages + s * kStageBytes, &full[s], p, keys_b, first + s);
+  }
 
   // qi^T into shared memory in the permuted reduction order: thread -> (head, half row).
   {
@@ -256,22 +287,32 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_fp4_kernel(const _
       for (int u = 0; u < 2; ++u) wv[2 * i + u] = __ldg(wq + (8 * i + 2 * block + u) * p.stride_wh);
   }
   fence_async_shared();
+  __syncthreads();  // qi^T and the barriers' initialisation, before any thread waits or multiplies
 
   const uint32_t q_base = smem_addr(q_tile);
   float* out = p.scores + static_cast<int64_t>(query) * p.n_keys;
   uint32_t a0[8][4], a1[8][4];
   float d0[32], d1[32];
-  // Tile i: wait for its copy, start the copy of tile i + 2 into the stage tile i - 1 used
-  // (every thread is past reading it: the barrier), decode, issue its product, then retire
-  // the previous product and reduce its tile.  Two tiles a round, one register set each.
+  // Tile i: wait for its copy, start the copy of tile i + kStages - 1 into the stage tile i - 1
+  // used (every thread is past reading it: the barrier), decode, issue its product, then
+  // retire the previous product and reduce its tile.  Two tiles a round, one register set each.
   int stage = 0;
+  uint32_t phase = 0;
   auto start = [&](uint32_t(&a)[8][4], float(&d)[32], int tile) {
-    cp_async_wait<kStages - 2>();
+    mbar_wait(&full[stage], phase);
     __syncthreads();
-    copy_tile(stage0 + (stage == 0 ? kStages - 1 : stage - 1) * kStageBytes, keys_b, tile + kStages - 1, end,
-              p.n_keys, tid);
-    decode(a, stages + stage * kStageBytes, row_in_tile, block);
-    stage = stage == kStages - 1 ? 0 : stage + 1;
+    const int prev = stage == 0 ? kStages - 1 : stage - 1;
+    if (tid == 0 && tile + kStages - 1 < end)
+      issue_tile(stages + prev * kStageBytes, &full[prev], p, keys_b, tile + kStages - 1);
+    const Window win = copy_window(p, keys_b, tile);
+    if (win.bytes)
+      decode<false>(a, stages + stage * kStageBytes + win.skew, row_in_tile, block, kTile);
+    else
+      decode<true>(a, keys_b + static_cast<int64_t>(tile) * kTileBytes, row_in_tile, block, p.n_keys - tile * kTile);
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
     issue_mma(d, a, q_base);
   };
   for (int i = 0; i < n_tiles; i += 2) {
@@ -340,7 +381,7 @@ void indexer_scores_fp4(at::Tensor qi, at::Tensor w, at::Tensor keys, at::Tensor
   p.stride_ws = w.stride(1);
   p.stride_wh = w.stride(2);
   p.stride_kb = keys.stride(0);
-  p.stride_kn = keys.stride(1);
+  p.keys_extent = (bsz - 1) * keys.stride(0) + n_keys * kRowBytes;
   p.stride_nb = n_valid.stride(0);
   p.stride_ns = n_valid.stride(1);
   p.seq = static_cast<int>(seq);

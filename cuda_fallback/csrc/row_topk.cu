@@ -31,6 +31,7 @@
 #include "cluster.cuh"
 #include "host.cuh"
 #include "shared_memory.cuh"
+#include "sm90_tma.cuh"  // the mbarrier helpers (sm_90 and later)
 
 using namespace dsv4;
 namespace cg = cooperative_groups;
@@ -110,9 +111,8 @@ __device__ __forceinline__ void pick_digit(Shared<CLUSTER>& sh, int level, int r
 
 // One barrier phase that completes when `bytes` have been sent to it (one arrival: this call's).
 __device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(barrier)) : "memory");
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(barrier)), "r"(bytes)
-               : "memory");
+  mbar_init(barrier, 1);
+  mbar_expect_bytes(barrier, bytes);
 }
 
 template <int CLUSTER, int ITEMS>

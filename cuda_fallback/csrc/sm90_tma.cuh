@@ -1,6 +1,7 @@
-// Hopper (sm_90a) tensor-memory-accelerator helpers shared by the TMA-fed sm90_* GEMMs:
-// mbarrier hand-over of pipeline stages, bulk tensor copies between global and shared memory,
-// and the host-side tensor maps (128-byte swizzle: the layout `smem_desc` describes).
+// Tensor-memory-accelerator helpers of the TMA-fed kernels (Hopper's sm_90a; the mbarrier and
+// bulk-copy ones also build for sm_100a): mbarrier hand-over of pipeline stages, bulk copies
+// between global and shared memory, and the host-side tensor maps (128-byte swizzle: the
+// layout `smem_desc` describes).
 #pragma once
 
 #include <cuda.h>

@@ -48,10 +48,11 @@ CTAS_PER_SM = 3  # the kernel's launch bounds: every CTA of a one-wave grid is r
 # At most one wave of one-query CTAs on an H100 (396 slots); sizes between this and prefill's
 # thousands of queries were not measured.
 MAX_QUERIES = 256
-# Runs shorter than this go to Triton.  Set when the kernel ran two CTAs an SM (8 tiles a CTA,
-# H100 measurements), kept at about the same tiles an SM for three (B = 1 from ~101k keys);
-# the crossover at three CTAs an SM was not re-measured.
-MIN_TILES_PER_CTA = 5
+# Shorter runs go to Triton.  H100, scoring pass alone, CUDA / Triton us by tiles a CTA: 3
+# (B = 1, 65536 keys) 7.7 / 6.7, (B = 4, 16384) 8.2 / 6.4; 4 (B = 1, 98304) 8.8 / 8.6; 6
+# (B = 1, 131072) 10.5 / 10.7, (B = 8, 16384) 11.1 / 10.1, (B = 16, 8192) 11.2 / 11.2; 7
+# (B = 1, 163840) 11.6 / 14.0 (benchmarks/NOTES.md, "indexer, twenty-ninth round").
+MIN_TILES_PER_CTA = 7
 MAX_ROW_KEYS = 8 * 1024 * 32  # row_topk.cu: a cluster of 8 CTAs (16 take twice as many), 1024 threads, 32 keys each
 ONE_CTA_ROW_KEYS = 1024 * 32  # the same kernel with one CTA a row
 # One CTA a row (no cluster exchange, each CTA counting its whole row) for at least

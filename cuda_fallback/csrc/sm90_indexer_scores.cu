@@ -11,9 +11,9 @@
 // logits^T [64 keys, 64 heads] = keys [64, 128] @ qi^T by 8 wgmma m64n64k16 with the key tile
 // as the A operand, decoded from the code words straight into the A fragments, and qi^T as the
 // B operand in 128-byte-swizzled shared memory, loaded once.  Each key tile reaches shared
-// memory by one bulk copy two tiles ahead.  Two register sets for the fragments and accumulators: tile i's
-// product is in flight while tile i+1 is decoded and tile i-1 is reduced (relu, times w,
-// summed over the heads in a fixed order) and stored.
+// memory by one bulk copy two tiles ahead.  Two register sets for the fragments and
+// accumulators: tile i's product is in flight while tile i+1 is decoded and tile i-1 is reduced
+// (relu, times w, summed over the heads in a fixed order) and stored.
 //
 // The product's reduction axis is permuted: lane t of a quad owns the 32 values of scale
 // block t of its two key rows, so it reads 16 contiguous bytes a row, applies one scale, and
@@ -25,12 +25,12 @@
 // so scores agree with it within FP32 rounding, not bit for bit.
 //
 // Measured on the H100 (benchmarks/NOTES.md, fifteenth and twenty-ninth rounds): 1.4x the
-// Triton kernel at B = 32 (354 against 508 us at 262144 keys), 54% of the copy bandwidth, not
-// the 70% aimed at.  The warps' issue slots bind: the decode, the reduction and the loads share
-// them (probes leaving parts out: each alone is cheap, together they add up), which is why the
-// tile comes by one bulk copy (per-thread 4-byte copies cost ~90 instructions a thread and
-// tile) and why three CTAs an SM (168 registers) beat two (383 us with per-thread copies and
-// two).  A producer warpgroup decoding into shared memory for consumer warpgroups measured
+// Triton kernel at B = 32 (354 against 508 us at 262144 keys), 54% of the copy bandwidth over
+// the key bytes, not the 70% aimed at.  The warps' issue slots bind: the decode, the reduction
+// and the loads share them (probes leaving parts out: each alone is cheap, together they add
+// up), which is why the tile comes by one bulk copy (per-thread 4-byte copies cost ~80
+// instructions a thread and tile) and why three CTAs an SM (168 registers) beat two (383 us
+// with per-thread copies and two).  A producer warpgroup decoding into shared memory for consumer warpgroups measured
 // slower (433 us with two producers), as did staging the decoded tile for an all-smem MMA in
 // these warps (529 us).
 //
@@ -55,7 +55,7 @@ constexpr int kThreads = 128;
 constexpr int kPanelBytes = kHeads * 128;  // qi^T: 64 heads x 64 values of one 128-byte swizzled panel
 constexpr int kQBytes = 2 * kPanelBytes;
 // A key tile (4352 contiguous bytes) comes into shared memory by one bulk copy, issued by one
-// thread: per-thread 4-byte copies cost each thread ~90 instructions a tile, and the warps'
+// thread: per-thread 4-byte copies cost each thread ~80 instructions a tile, and the warps'
 // issue slots are what the decode, the MMAs and the reduction share.  The copy starts at the
 // 16-byte boundary at or below the tile (request rows need not be 16-byte aligned), so a
 // stage holds up to 12 bytes more at each end.

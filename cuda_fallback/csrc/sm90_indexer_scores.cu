@@ -62,7 +62,8 @@ constexpr int kQBytes = 2 * kPanelBytes;
 constexpr int kTileBytes = kTile * kRowBytes;
 constexpr int kStageBytes = kTileBytes + 16;
 constexpr int kStages = 3;  // two tiles in flight while one is decoded (4: the same, 6: 6% slower)
-constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 8 * kStages + 1024;  // + realignment to 1024
+constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 12 * kStages + 1024;  // + realignment to 1024
+constexpr uint32_t kDirect = 0xFFFFFFFFu;  // a stage's skew word when its tile is read from global memory
 constexpr uint32_t kTwoPow126 = 0x7E807E80u;  // BF16 2^126 in both halves
 
 struct Params {
@@ -148,10 +149,12 @@ __device__ __forceinline__ Window copy_window(const Params& p, const uint8_t* ke
 }
 
 // Thread 0: the copy of tile `tile` into a stage, completing `full` (at once, with no bytes,
-// for a tile whose rows are read directly).
-__device__ __forceinline__ void issue_tile(uint8_t* stage, uint64_t* full, const Params& p, const uint8_t* keys_b,
-                                           int tile) {
+// for a tile whose rows are read directly), and where the tile's rows start in it (`skew`,
+// or kDirect), which every thread reads after the wait: the window is computed once a tile.
+__device__ __forceinline__ void issue_tile(uint8_t* stage, uint64_t* full, uint32_t* skew, const Params& p,
+                                           const uint8_t* keys_b, int tile) {
   const Window win = copy_window(p, keys_b, tile);
+  *skew = win.bytes ? win.skew : kDirect;
   if (win.bytes) {
     mbar_expect_bytes(full, win.bytes);
     bulk_load(stage, win.src, win.bytes, full);
@@ -241,6 +244,7 @@ __global__ void __launch_bounds__(kThreads, 3) indexer_scores_fp4_kernel(const _
   uint8_t* q_tile = smem;
   uint8_t* stages = smem + kQBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages * kStageBytes);
+  uint32_t* skews = reinterpret_cast<uint32_t*>(full + kStages);
   const int query = blockIdx.y;
   const int b = query / p.seq, t = query % p.seq;
   const int nv = min(max(p.n_valid[b * p.stride_nb + t * p.stride_ns], 0), p.n_keys);
@@ -258,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 3) indexer_scores_fp4_kernel(const _
     for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int s = 0; s + 1 < kStages && first + s < end; ++s)
-      issue_tile(stages + s * kStageBytes, &full[s], p, keys_b, first + s);
+      issue_tile(stages + s * kStageBytes, &full[s], &skews[s], p, keys_b, first + s);
   }
 
   // qi^T into shared memory in the permuted reduction order: thread -> (head, half row).
@@ -303,10 +307,10 @@ __global__ void __launch_bounds__(kThreads, 3) indexer_scores_fp4_kernel(const _
     __syncthreads();
     const int prev = stage == 0 ? kStages - 1 : stage - 1;
     if (tid == 0 && tile + kStages - 1 < end)
-      issue_tile(stages + prev * kStageBytes, &full[prev], p, keys_b, tile + kStages - 1);
-    const Window win = copy_window(p, keys_b, tile);
-    if (win.bytes)
-      decode<false>(a, stages + stage * kStageBytes + win.skew, row_in_tile, block, kTile);
+      issue_tile(stages + prev * kStageBytes, &full[prev], &skews[prev], p, keys_b, tile + kStages - 1);
+    const uint32_t skew = skews[stage];  // written before a barrier every thread has passed since
+    if (skew != kDirect)
+      decode<false>(a, stages + stage * kStageBytes + skew, row_in_tile, block, kTile);
     else
       decode<true>(a, keys_b + static_cast<int64_t>(tile) * kTileBytes, row_in_tile, block, p.n_keys - tile * kTile);
     if (++stage == kStages) {

@@ -469,7 +469,7 @@ def _window_expected(kv, freqs, positions, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @given(d=st.sampled_from([128, 512]), window=st.sampled_from([1, 4, 16]), batch=st.integers(1, 3),
-       seq=st.integers(1, 6), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       seq=st.integers(1, 6), dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
        with_lengths=st.booleans(), one_token=st.booleans(), scale=st.sampled_from([1e-6, 1.0, 1e4]),
        seed=st.integers(0, 2**31))
 def test_window_rows_equal_pack_of_rope_qat8(device, backend, d, window, batch, seq, dtype, with_lengths,
@@ -504,6 +504,32 @@ def test_window_rows_equal_pack_of_rope_qat8(device, backend, d, window, batch, 
                 continue
             expected[b, p % window] = _window_expected(kv[b, s][None], freqs, positions[b, s][None], "reference")[0]
     assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_window_block_whose_max_rounds_to_224_takes_half_the_scale(device, dtype):
+    """A block whose largest value quantises to 224 x 2^e (225 and 232, the tie, round down;
+    233 rounds up) is re-encoded by pack_kv_fp8 with 2^(e - 1): every code doubles, the
+    subnormal ones by their mantissa.  The bytes equal the oracle's, and the scale bytes show
+    that both cases occurred."""
+    g = torch.Generator().manual_seed(4)
+    d = 512
+    kv = torch.randn(2, 3, d, generator=g) * 40
+    kv[..., 1::7] = torch.randn(2, 3, d // 7 + 1, generator=g)[..., : kv[..., 1::7].shape[-1]] * 0.01
+    tops = torch.tensor([225.0, 232.0, 233.0, -225.0, 448.0, 100.0, 232.0])
+    kv[:, :, 5:448:64] = tops
+    kv[:, 1] *= 2.0 ** -20  # the same blocks at scales near the amax floor
+    kv = kv.to(dtype)
+    positions = torch.arange(3).repeat(2, 1) + 5
+    freqs = rope_table(16)
+    cache = torch.zeros(2, 8, ref_attention.fp8_row_bytes(d), dtype=torch.uint8, device=device)
+    with use_backend("triton"):
+        ops.store_window_kv(kv.to(device), freqs.to(device), positions.to(device), cache, 8)
+    expected = torch.zeros(2, 8, ref_attention.fp8_row_bytes(d), dtype=torch.uint8)
+    ref.store_window_kv(kv, freqs, positions, expected, 8, None)
+    assert torch.equal(cache.cpu(), expected)
+    scale_bytes = expected[0, 5, 576:583].int()
+    assert int(scale_bytes[0]) == 126 and int(scale_bytes[2]) == 127, scale_bytes
 
 
 def test_window_write_every_config(device):

@@ -105,6 +105,40 @@ def test_empty_rows_nan_and_large_scores(device, monkeypatch, num_sms):
     assert bool(nan[3].all()) and not bool(nan[:2].any())
 
 
+@pytest.mark.parametrize("heads, crossover", [(128, True), (64, False)])
+def test_decode_of_every_code_and_scale_is_exact(device, monkeypatch, heads, crossover):
+    """Each query has one candidate, a zero query and a sink of -1e4, so its output is that
+    row's values times exactly 1: every non-NaN E4M3 code under scales 2^-127 .. 2^113 must
+    come out as the oracle's BF16 value (-0 as +0: the P @ V sum adds the tile's empty rows).
+    A NaN code under a finite scale, and a NaN scale, make the output NaN."""
+    monkeypatch.setattr(cuda_attention, "CROSSOVER", crossover)
+    g = torch.Generator().manual_seed(11)
+    plain = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    scales = torch.tensor([0, 1, 2, 60, 120, 127, 133, 134, 135, 136, 150, 240], dtype=torch.uint8)
+    n = 48
+    rows = torch.zeros(n, ref.fp8_row_bytes(D), dtype=torch.uint8)
+    for r in range(n):
+        rows[r, :448] = plain[torch.randint(0, len(plain), (448,), generator=g)]
+        rows[r, 576:583] = scales[torch.randint(0, len(scales), (7,), generator=g)]
+    rows[:, 448:576] = torch.randn(n, 64, generator=g).to(torch.bfloat16).view(torch.uint8)
+    rows[n - 2, 100] = 0x7F  # NaN code, finite scale
+    rows[n - 1, 576 + 3] = 0xFF  # NaN scale
+    want = ref.unpack_kv_fp8(rows, D).to(torch.bfloat16)
+    # Without crossover the registry takes up to 16 (token, head block) pairs a call.
+    per_call = n if crossover else 16
+    for lo in range(0, n, per_call):
+        m = min(per_call, n - lo)
+        q = torch.zeros(1, m, heads, D, dtype=torch.bfloat16)
+        idx = torch.arange(lo, lo + m, dtype=torch.int32).view(1, m, 1)
+        sinks = torch.full((heads,), -1e4)
+        got = _cuda(q.to(device), rows[None].to(device), sinks.to(device), idx.to(device), D ** -0.5).cpu()
+        for r in range(lo, lo + m):
+            if r < n - 2:
+                assert torch.equal(got[0, r - lo], want[r].expand(heads, D)), f"row {r}"
+            else:
+                assert bool(torch.isnan(got[0, r - lo].float()).all()), f"row {r}"
+
+
 def test_agrees_with_triton(device):
     q, cache, sinks, idx, freqs, positions = _inputs(17, 2, 2, 128, 2000, 1152, rope=True)
     args = [t.to(device) for t in (q, cache, sinks, idx)]

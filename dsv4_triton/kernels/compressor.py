@@ -241,42 +241,111 @@ WINDOW_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
 @triton.jit
 def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, seq, window, max_pos,
                       stride_kb, stride_ks, stride_pb, stride_ps, stride_cb, stride_cn, TOKEN_BUCKET,
-                      D: tl.constexpr, ROW_BYTES: tl.constexpr, HAS_LENGTHS: tl.constexpr, ROWS: tl.constexpr):
+                      D: tl.constexpr, ROW_BYTES: tl.constexpr, HAS_LENGTHS: tl.constexpr, WORDS: tl.constexpr,
+                      ROWS: tl.constexpr):
     """``ROWS`` tokens per program: RoPE + qat8 of each (``rope_qat8``'s arithmetic, each
-    part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``."""
+    part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``.
+    ``WORDS``: the cache's rows start on 8-byte boundaries, so codes and rope values go out as
+    4-byte words (which the compiler can vectorise) instead of one byte a store."""
     NB: tl.constexpr = D // _ROPE
+    DN: tl.constexpr = D - _ROPE
     dtype: tl.constexpr = kv_ptr.dtype.element_ty
     tok = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     tok_ok = tok < n_tokens
     b = tok // seq
     s = tok - b * seq
+    # Every load that does not need the position comes first, so the position's round trip
+    # overlaps the row's.
     p = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=tok_ok, other=-1).to(tl.int64)
-    write = tok_ok & (p >= 0)
-    if HAS_LENGTHS:
-        length = tl.load(len_ptr + b, mask=tok_ok, other=0).to(tl.int64)
-        write = write & (p < length) & (p >= length - window)
-    slot = p % window
-    row_start = b * stride_cb + tl.where(write, slot, 0) * stride_cn
-
     blk = tl.arange(0, NB)
     e = tl.arange(0, _ROPE)
     kv_row = kv_ptr + b * stride_kb + s * stride_ks
     x = to_f32(tl.load(kv_row[:, None, None] + blk[None, :, None] * _ROPE + e[None, None, :],
-                       mask=write[:, None, None], other=0.0))
-    xb = tl.reshape(x, [ROWS * NB, _ROPE])
-    is_rope = tl.reshape(tl.broadcast_to((blk == NB - 1)[None, :], [ROWS, NB]), [ROWS * NB])
-    q, sc = fp8_quantise(xb, True)
-    nope = to_f32(cast_rne(q.to(tl.float32) * sc[:, None], dtype))
+                       mask=tok_ok[:, None, None], other=0.0))
     # The rope block again as [ROWS, 64] (from L1) for the rotation.
-    xr = to_f32(tl.load(kv_row[:, None] + (D - _ROPE) + e[None, :], mask=write[:, None], other=0.0))
+    xr = to_f32(tl.load(kv_row[:, None] + DN + e[None, :], mask=tok_ok[:, None], other=0.0))
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b, mask=tok_ok, other=0).to(tl.int64)
+    write = tok_ok & (p >= 0)
+    if HAS_LENGTHS:
+        write = write & (p < length) & (p >= length - window)
+    row_start = b * stride_cb + tl.where(write, p % window, 0) * stride_cn
+    # The rotation first: its table row is the one load that waits for the position.
     pos = clamp_position(tl.where(write, p, 0), max_pos)
     rope = to_f32(cast_rne(rotate_interleaved(xr, table_ptr, pos, _ROPE, False), dtype))
-    rope_b = tl.reshape(tl.broadcast_to(rope[:, None, :], [ROWS, NB, _ROPE]), [ROWS * NB, _ROPE])
-    yb = tl.where(is_rope[:, None], rope_b, nope)
+
+    xb = tl.reshape(x, [ROWS * NB, _ROPE])
     blk_flat = tl.reshape(tl.broadcast_to(blk[None, :], [ROWS, NB]), [ROWS * NB])
     blk_start = tl.reshape(tl.broadcast_to(row_start[:, None], [ROWS, NB]), [ROWS * NB])
     blk_ok = tl.reshape(tl.broadcast_to(write[:, None], [ROWS, NB]), [ROWS * NB])
-    store_fp8_row_blocks(cache_ptr, blk_start, blk_flat, blk_ok, is_rope, yb, D, ROW_BYTES)
+    is_rope = blk_flat == NB - 1
+    if dtype == tl.float16:
+        # qat8's values q 2^e may round in FP16 (up to 65536, down to 2^-31): the two
+        # quantisations as the oracle runs them.
+        q, sc = fp8_quantise(xb, True)
+        nope = to_f32(cast_rne(q.to(tl.float32) * sc[:, None], dtype))
+        rope_b = tl.reshape(tl.broadcast_to(rope[:, None, :], [ROWS, NB, _ROPE]), [ROWS * NB, _ROPE])
+        yb = tl.where(is_rope[:, None], rope_b, nope)
+        store_fp8_row_blocks(cache_ptr, blk_start, blk_flat, blk_ok, is_rope, yb, D, ROW_BYTES)
+    else:
+        # qat8 and the row's encoding in one quantisation.  In BF16 and FP32 qat8's values
+        # q 2^e are exact (q has four significant bits; e >= -22 from the amax floor), so the
+        # encoding sees max|q| 2^e and takes the scale 2^e again, or 2^(e - 1) when max|q| is
+        # 224 (then every |q| <= 224 and its code becomes that of 2q).  One FP8 conversion an
+        # element instead of five (the conversion unit is what the two-pass form waits on).
+        amax = amax_nan(xb, 1)
+        invalid = ~(amax < float("inf"))
+        ex = tl.where(invalid, 0, ceil_log2(tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), 448.0)))
+        code = to_fp8(clamp_nan(xb * exp2i(-ex)[:, None], -448.0, 448.0)).to(tl.uint8, bitcast=True).to(tl.int32)
+        mag = code & 0x7F
+        top = tl.max(mag, 1).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * exp2i(ex)
+        ex_row = ceil_log2(tl.math.div_rn(tl.maximum(top, FP8_AMAX_FLOOR), 448.0))
+        doubled = (code & 0x80) | (mag + tl.where(mag >= 8, 8, mag))  # E4M3 code of 2q, |q| <= 224
+        code = tl.where(invalid[:, None], FP8_NAN_CODE, tl.where((ex_row < ex)[:, None], doubled, code))
+        nope_ok = blk_ok & ~is_rope
+        if WORDS:
+            # Bytes 4w .. 4w + 3 of a block into word w (little-endian).
+            pairs, odds = tl.split(tl.reshape(code.to(tl.uint32), [ROWS * NB, _QBLOCK // 4, 2, 2]))
+            b0, b2 = tl.split(pairs)
+            b1, b3 = tl.split(odds)
+            words = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+            code_ptr = (cache_ptr + tl.multiple_of(blk_start, 8) + blk_flat * _QBLOCK).to(tl.pointer_type(tl.uint32))
+            tl.store(code_ptr[:, None] + tl.arange(0, _QBLOCK // 4)[None, :], words, mask=nope_ok[:, None])
+        else:
+            tl.store(cache_ptr + blk_start[:, None] + blk_flat[:, None] * _QBLOCK + e[None, :], code.to(tl.uint8),
+                     mask=nope_ok[:, None])
+        tl.store(cache_ptr + blk_start + DN + 2 * _ROPE + blk_flat,
+                 tl.where(invalid, 0xFF, ex_row + 127).to(tl.uint8), mask=nope_ok)
+        store_rope_and_pad(cache_ptr, row_start, write, rope, D, ROW_BYTES, WORDS)
+
+
+@triton.jit
+def store_rope_and_pad(cache_ptr, row_start, write, rope, D: tl.constexpr, ROW_BYTES: tl.constexpr,
+                       WORDS: tl.constexpr):
+    """A row's 64 rope values (FP32 ``[R, 64]``, stored as BF16) and its zero pad bytes, rows
+    starting at byte ``row_start`` ``[R]`` where ``write``."""
+    DN: tl.constexpr = D - _ROPE
+    NBLK: tl.constexpr = DN // _QBLOCK
+    PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
+    PAD_P2: tl.constexpr = 8
+    R: tl.constexpr = rope.shape[0]
+    bits = cast_rne(rope, tl.bfloat16).to(tl.uint16, bitcast=True)
+    if WORDS:
+        lo, hi = tl.split(tl.reshape(bits.to(tl.uint32), [R, _ROPE // 2, 2]))
+        rope_ptr = (cache_ptr + tl.multiple_of(row_start, 8) + DN).to(tl.pointer_type(tl.uint32))
+        tl.store(rope_ptr[:, None] + tl.arange(0, _ROPE // 2)[None, :], lo | (hi << 16), mask=write[:, None])
+    else:
+        rope_ptr = (cache_ptr + row_start[:, None] + DN + 2 * tl.arange(0, _ROPE)[None, :]).to(tl.pointer_type(tl.uint16))
+        tl.store(rope_ptr, bits, mask=write[:, None])
+    pad = tl.arange(0, PAD_P2)
+    tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
+             tl.zeros([R, PAD_P2], tl.uint8), mask=write[:, None] & (pad < PAD)[None, :])
+
+
+def rows_on_8_bytes(cache: torch.Tensor) -> bool:
+    """Whether every row of the byte tensor ``cache`` starts on an 8-byte boundary (all but its
+    last dim's strides and its address multiples of 8), as word stores into it need."""
+    return cache.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in cache.stride()[:-1])
 
 
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
@@ -378,4 +447,4 @@ def store_window(kv, freqs, positions, cache, window, lengths, config=None) -> N
         kv, table, positions, lengths if has_lengths else positions, cache, bsz * seq, seq, window, table.shape[0],
         kv.stride(0), kv.stride(1), positions.stride(0), positions.stride(1), cache.stride(0), cache.stride(1),
         token_bucket(bsz * seq), D=d, ROW_BYTES=fp8_row_bytes(d), HAS_LENGTHS=has_lengths,
-        enable_fp_fusion=False, **meta)
+        WORDS=rows_on_8_bytes(cache), enable_fp_fusion=False, **meta)

@@ -83,8 +83,8 @@ from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
 from .device import sm_count
-from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, dot_bf16, exp2i, fp8_value, to_fp8
-from .quant import FP8_AMAX_FLOOR
+from .formats import INTERPRET, amax_nan, clamp_nan, dot_bf16, exp2i, fp8_value, to_fp8
+from .quant import FP8_AMAX_FLOOR, fp8_scale_exponent
 from .norm import as_rows
 from .sync import splits_after_wait
 
@@ -583,8 +583,7 @@ def _pack_kv_fp8_kernel(kv_ptr, out_ptr, n_rows, stride_kv, ROW_BYTES: tl.conste
                 mask=blk_ok[:, :, None], other=0.0).to(tl.float32)
     amax = amax_nan(x, 2)
     invalid = (amax != amax) | (amax == float("inf"))
-    # IEEE division, as the oracle: an approximate one can land on the other side of a power of two.
-    ex = tl.where(invalid, 0, ceil_log2(tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), 448.0)))
+    ex = tl.where(invalid, 0, fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR)))
     v = clamp_nan(x * exp2i(-ex)[:, :, None], -448.0, 448.0)
     codes = tl.where(invalid[:, :, None], 0x7F, to_fp8(v).to(tl.uint8, bitcast=True))
     out_row = out_ptr + rows * ROW_BYTES

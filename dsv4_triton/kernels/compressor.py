@@ -41,8 +41,9 @@ import triton.language as tl
 from ..autotune import autotune, launcher, token_bucket
 from ..registry import register
 from ..reference.attention import fp8_row_bytes
-from .formats import amax_nan, cast_rne, ceil_log2, clamp_nan, exp2i, to_f32, to_fp8
-from .quant import FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_quantise, hadamard_butterfly, hadamard_scale
+from .formats import amax_nan, cast_rne, clamp_nan, exp2i, to_f32, to_fp8
+from .quant import (FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_quantise, fp8_scale_exponent, hadamard_butterfly,
+                    hadamard_scale)
 from .rope import clamp_position, rotate_interleaved
 
 ROPE_DIM = 64
@@ -201,7 +202,7 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
     nope_ok = blk_ok & ~is_rope
     amax = amax_nan(yb, 1)
     invalid = ~(amax < float("inf"))
-    ex = tl.where(invalid, 0, ceil_log2(tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), 448.0)))
+    ex = tl.where(invalid, 0, fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR)))
     v = clamp_nan(yb * exp2i(-ex)[:, None], -448.0, 448.0)
     codes = tl.where(invalid[:, None], FP8_NAN_CODE, to_fp8(v).to(tl.uint8, bitcast=True).to(tl.int32))
     tl.store(cache_ptr + row_start[:, None] + blk[:, None] * _QBLOCK + e[None, :], codes.to(tl.uint8),
@@ -241,19 +242,20 @@ WINDOW_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in
 @triton.jit
 def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, seq, window, max_pos,
                       stride_kb, stride_ks, stride_pb, stride_ps, stride_cb, stride_cn, TOKEN_BUCKET,
-                      D: tl.constexpr, ROW_BYTES: tl.constexpr, HAS_LENGTHS: tl.constexpr, WORDS: tl.constexpr,
+                      D: tl.constexpr, ROW_BYTES: tl.constexpr, HAS_LENGTHS: tl.constexpr, ALIGNED: tl.constexpr,
                       ROWS: tl.constexpr):
     """``ROWS`` tokens per program: RoPE + qat8 of each (``rope_qat8``'s arithmetic, each
     part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``.
-    ``WORDS``: the cache's rows start on 8-byte boundaries, so codes and rope values go out as
-    4-byte words (which the compiler can vectorise) instead of one byte a store."""
+    ``ALIGNED``: the cache's rows start on 8-byte boundaries; told so, the compiler stores
+    codes 8 bytes at a time instead of one."""
     NB: tl.constexpr = D // _ROPE
     DN: tl.constexpr = D - _ROPE
     dtype: tl.constexpr = kv_ptr.dtype.element_ty
-    tok = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    tok = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     tok_ok = tok < n_tokens
-    b = tok // seq
-    s = tok - b * seq
+    b32 = tok // seq
+    b = b32.to(tl.int64)
+    s = (tok - b32 * seq).to(tl.int64)
     # Every load that does not need the position comes first, so the position's round trip
     # overlaps the row's.
     p = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=tok_ok, other=-1).to(tl.int64)
@@ -291,55 +293,49 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
         # qat8 and the row's encoding in one quantisation.  In BF16 and FP32 qat8's values
         # q 2^e are exact (q has four significant bits; e >= -22 from the amax floor), so the
         # encoding sees max|q| 2^e and takes the scale 2^e again, or 2^(e - 1) when max|q| is
-        # 224 (then every |q| <= 224 and its code becomes that of 2q).  One FP8 conversion an
-        # element instead of five (the conversion unit is what the two-pass form waits on).
+        # 224 (then every |q| <= 224 and its code becomes that of 2q).  max|q| is the code of
+        # amax 2^-e (rounding is monotonic), so one FP8 conversion an element instead of five.
+        # No clamp: |x| 2^-e <= 448 in a finite block; a NaN or Inf block is multiplied by NaN,
+        # which encodes as the NaN code (0x7F), as pack_kv_fp8 writes every code of such a block.
         amax = amax_nan(xb, 1)
         invalid = ~(amax < float("inf"))
-        ex = tl.where(invalid, 0, ceil_log2(tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), 448.0)))
-        code = to_fp8(clamp_nan(xb * exp2i(-ex)[:, None], -448.0, 448.0)).to(tl.uint8, bitcast=True).to(tl.int32)
-        mag = code & 0x7F
-        top = tl.max(mag, 1).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * exp2i(ex)
-        ex_row = ceil_log2(tl.math.div_rn(tl.maximum(top, FP8_AMAX_FLOOR), 448.0))
-        doubled = (code & 0x80) | (mag + tl.where(mag >= 8, 8, mag))  # E4M3 code of 2q, |q| <= 224
-        code = tl.where(invalid[:, None], FP8_NAN_CODE, tl.where((ex_row < ex)[:, None], doubled, code))
-        nope_ok = blk_ok & ~is_rope
-        if WORDS:
-            # Bytes 4w .. 4w + 3 of a block into word w (little-endian).
-            pairs, odds = tl.split(tl.reshape(code.to(tl.uint32), [ROWS * NB, _QBLOCK // 4, 2, 2]))
-            b0, b2 = tl.split(pairs)
-            b1, b3 = tl.split(odds)
-            words = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
-            code_ptr = (cache_ptr + tl.multiple_of(blk_start, 8) + blk_flat * _QBLOCK).to(tl.pointer_type(tl.uint32))
-            tl.store(code_ptr[:, None] + tl.arange(0, _QBLOCK // 4)[None, :], words, mask=nope_ok[:, None])
-        else:
-            tl.store(cache_ptr + blk_start[:, None] + blk_flat[:, None] * _QBLOCK + e[None, :], code.to(tl.uint8),
-                     mask=nope_ok[:, None])
+        ex = fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR))
+        inv_scale = tl.where(invalid, float("nan"), exp2i(-ex))
+        code = to_fp8(xb * inv_scale[:, None]).to(tl.uint8, bitcast=True)
+        top = to_f32(to_fp8(amax * inv_scale)) * exp2i(ex)
+        ex_row = fp8_scale_exponent(tl.maximum(top, FP8_AMAX_FLOOR))
+        halve = (ex_row < ex) & ~invalid
+        if tl.max(halve.to(tl.int32), 0) > 0:  # ~5% of blocks halve: only their programs pay
+            mag = code & 0x7F
+            code = tl.where(halve[:, None], (code & 0x80) | (mag + tl.where(mag >= 8, 8, mag)), code)
+        if ALIGNED:
+            blk_start = tl.multiple_of(blk_start, 8)
+        tl.store(cache_ptr + blk_start[:, None] + blk_flat[:, None] * _QBLOCK + e[None, :], code,
+                 mask=(blk_ok & ~is_rope)[:, None])
         tl.store(cache_ptr + blk_start + DN + 2 * _ROPE + blk_flat,
-                 tl.where(invalid, 0xFF, ex_row + 127).to(tl.uint8), mask=nope_ok)
-        store_rope_and_pad(cache_ptr, row_start, write, rope, D, ROW_BYTES, WORDS)
+                 tl.where(invalid, 0xFF, ex_row + 127).to(tl.uint8), mask=blk_ok & ~is_rope)
+        store_rope_and_pad(cache_ptr, row_start, write, rope, D, ROW_BYTES, ALIGNED)
 
 
 @triton.jit
 def store_rope_and_pad(cache_ptr, row_start, write, rope, D: tl.constexpr, ROW_BYTES: tl.constexpr,
-                       WORDS: tl.constexpr):
+                       ALIGNED: tl.constexpr):
     """A row's 64 rope values (FP32 ``[R, 64]``, stored as BF16) and its zero pad bytes, rows
-    starting at byte ``row_start`` ``[R]`` where ``write``."""
+    starting at byte ``row_start`` ``[R]`` where ``write``; ``ALIGNED``: every ``row_start``
+    is a multiple of 8."""
     DN: tl.constexpr = D - _ROPE
     NBLK: tl.constexpr = DN // _QBLOCK
     PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
     PAD_P2: tl.constexpr = 8
-    R: tl.constexpr = rope.shape[0]
+    if ALIGNED:
+        row_start = tl.multiple_of(row_start, 8)
+    e = tl.arange(0, _ROPE)
     bits = cast_rne(rope, tl.bfloat16).to(tl.uint16, bitcast=True)
-    if WORDS:
-        lo, hi = tl.split(tl.reshape(bits.to(tl.uint32), [R, _ROPE // 2, 2]))
-        rope_ptr = (cache_ptr + tl.multiple_of(row_start, 8) + DN).to(tl.pointer_type(tl.uint32))
-        tl.store(rope_ptr[:, None] + tl.arange(0, _ROPE // 2)[None, :], lo | (hi << 16), mask=write[:, None])
-    else:
-        rope_ptr = (cache_ptr + row_start[:, None] + DN + 2 * tl.arange(0, _ROPE)[None, :]).to(tl.pointer_type(tl.uint16))
-        tl.store(rope_ptr, bits, mask=write[:, None])
+    tl.store((cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16)), bits,
+             mask=write[:, None])
     pad = tl.arange(0, PAD_P2)
     tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
-             tl.zeros([R, PAD_P2], tl.uint8), mask=write[:, None] & (pad < PAD)[None, :])
+             tl.zeros([rope.shape[0], PAD_P2], tl.uint8), mask=write[:, None] & (pad < PAD)[None, :])
 
 
 def rows_on_8_bytes(cache: torch.Tensor) -> bool:
@@ -447,4 +443,4 @@ def store_window(kv, freqs, positions, cache, window, lengths, config=None) -> N
         kv, table, positions, lengths if has_lengths else positions, cache, bsz * seq, seq, window, table.shape[0],
         kv.stride(0), kv.stride(1), positions.stride(0), positions.stride(1), cache.stride(0), cache.stride(1),
         token_bucket(bsz * seq), D=d, ROW_BYTES=fp8_row_bytes(d), HAS_LENGTHS=has_lengths,
-        WORDS=rows_on_8_bytes(cache), enable_fp_fusion=False, **meta)
+        ALIGNED=rows_on_8_bytes(cache), enable_fp_fusion=False, **meta)

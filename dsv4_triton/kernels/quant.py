@@ -34,7 +34,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..registry import register
 from .device import sm_count
-from .formats import (INTERPRET, amax_nan, cast_rne, ceil_log2, clamp_nan, e8m0_value, exp2i, fp4_code_in_range,
+from .formats import (INTERPRET, amax_nan, cast_rne, clamp_nan, e8m0_value, exp2i, fp4_code_in_range,
                       fp4_round_in_range, fp4_value, to_f32, to_fp8)
 from .norm import as_rows
 from .rope import clamp_position, rotate_interleaved
@@ -75,15 +75,28 @@ def fp8_quantise(x, POW2: tl.constexpr):
     """
     amax = amax_nan(x, 1)
     invalid = ~(amax < float("inf"))
-    s = tl.math.div_rn(tl.where(invalid, 1.0, tl.maximum(amax, FP8_AMAX_FLOOR)), 448.0)
+    floored = tl.where(invalid, 1.0, tl.maximum(amax, FP8_AMAX_FLOOR))
     if POW2:
-        e = ceil_log2(s)
+        e = fp8_scale_exponent(floored)
         v = x * exp2i(-e)[:, None]  # exact: x / 2^e
         s = exp2i(e)
     else:
+        s = tl.math.div_rn(floored, 448.0)
         v = tl.math.div_rn(x, s[:, None])
     v = tl.where(invalid[:, None], float("nan"), clamp_nan(v, -448.0, 448.0))
     return to_fp8(v), tl.where(invalid, float("nan"), s)
+
+
+@triton.jit
+def fp8_scale_exponent(amax):
+    """``ceil(log2(RN(amax / 448)))`` (int32) for FP32 ``amax`` >= 2^-100 (callers floor it at
+    ``FP8_AMAX_FLOOR``), exact and without a division (an IEEE division is ~20 instructions and
+    a slow-path call).  With amax = 2^k * m, m in [1, 2) and 448 = 1.75 * 2^8: the quotient
+    2^(k-8) * m / 1.75 lies above 2^(k-8) by more than half an ulp when m > 1.75 (e = k - 7),
+    is 2^(k-8) when m = 1.75, and below it by more than half an ulp when m < 1.75 (e = k - 8).
+    Adding 0x1FFFFF to the bits carries into the exponent exactly when the mantissa exceeds
+    1.75."""
+    return ((amax.to(tl.int32, bitcast=True) + 0x1FFFFF) >> 23) - 135
 
 
 @triton.jit

@@ -555,6 +555,30 @@ def test_window_write_every_config(device):
         assert torch.equal(cache.cpu(), expected), cfg
 
 
+def test_window_write_into_a_cache_off_8_byte_alignment(device):
+    """A cache view whose rows start one byte past an 8-byte boundary (strides still multiples
+    of 8, as the op requires) takes the byte stores, not the 8-byte ones, and gets the same
+    bytes as an aligned cache."""
+    from dsv4_triton.kernels import compressor as kern
+
+    g = torch.Generator().manual_seed(12)
+    batch, seq, window, d = 2, 5, 8, 512
+    row_bytes = ref_attention.fp8_row_bytes(d)
+    kv = torch.randn(batch, seq, d, generator=g).to(torch.bfloat16)
+    positions = torch.arange(seq).repeat(batch, 1) + 3
+    freqs = rope_table(16)
+    aligned = torch.zeros(batch, window, row_bytes, dtype=torch.uint8, device=device)
+    flat = torch.zeros(batch * window * row_bytes + 1, dtype=torch.uint8, device=device)
+    shifted = flat[1:].view(batch, window, row_bytes)
+    assert kern.rows_on_8_bytes(aligned) and not kern.rows_on_8_bytes(shifted)
+    with use_backend("triton"):
+        for cache in (aligned, shifted):
+            ops.store_window_kv(kv.to(device), freqs.to(device), positions.to(device), cache, window)
+    expected = torch.zeros(batch, window, row_bytes, dtype=torch.uint8)
+    ref.store_window_kv(kv, freqs, positions, expected, window, None)
+    assert torch.equal(aligned.cpu(), expected) and torch.equal(shifted.cpu(), expected)
+
+
 def test_window_write_nan_and_negative_positions(device):
     """A NaN or Inf token encodes as pack_kv_fp8 encodes it (NaN codes, scale byte 0xFF); a
     negative position writes nothing."""

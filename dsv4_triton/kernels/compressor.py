@@ -186,6 +186,27 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
 
 
 @triton.jit
+def store_rope_and_pad(cache_ptr, row_start, write, rope, D: tl.constexpr, ROW_BYTES: tl.constexpr,
+                       ALIGNED: tl.constexpr):
+    """A row's 64 rope values (FP32 ``[R, 64]``, stored as BF16) and its zero pad bytes, rows
+    starting at byte ``row_start`` ``[R]`` where ``write``; ``ALIGNED``: every ``row_start``
+    is a multiple of 8."""
+    DN: tl.constexpr = D - _ROPE
+    NBLK: tl.constexpr = DN // _QBLOCK
+    PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
+    PAD_P2: tl.constexpr = 8
+    if ALIGNED:
+        row_start = tl.multiple_of(row_start, 8)
+    e = tl.arange(0, _ROPE)
+    bits = cast_rne(rope, tl.bfloat16).to(tl.uint16, bitcast=True)
+    tl.store((cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16)), bits,
+             mask=write[:, None])
+    pad = tl.arange(0, PAD_P2)
+    tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
+             tl.zeros([rope.shape[0], PAD_P2], tl.uint8), mask=write[:, None] & (pad < PAD)[None, :])
+
+
+@triton.jit
 def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.constexpr, ROW_BYTES: tl.constexpr):
     """Writes blocks of 64 qat8-ed KV values into FP8 cache rows (``pack_kv_fp8``'s layout,
     ``reference/attention.py``): block ``blk`` of the row starting at byte ``row_start``;
@@ -195,9 +216,6 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
     ``pack_kv_fp8`` of the BF16 values.  The rope block also writes its row's zero pad
     bytes.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``, ``is_rope``: ``[R]``."""
     DN: tl.constexpr = D - _ROPE
-    NBLK: tl.constexpr = DN // _QBLOCK
-    PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
-    PAD_P2: tl.constexpr = 8
     e = tl.arange(0, _QBLOCK)
     nope_ok = blk_ok & ~is_rope
     amax = amax_nan(yb, 1)
@@ -209,13 +227,7 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
              mask=nope_ok[:, None])
     tl.store(cache_ptr + row_start + DN + 2 * _ROPE + blk, tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
              mask=nope_ok)
-    rope_ok = blk_ok & is_rope
-    bits = cast_rne(yb, tl.bfloat16).to(tl.uint16, bitcast=True)
-    rope_ptr = (cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16))
-    tl.store(rope_ptr, bits, mask=rope_ok[:, None])
-    pad = tl.arange(0, PAD_P2)
-    tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
-             tl.zeros([yb.shape[0], PAD_P2], tl.uint8), mask=rope_ok[:, None] & (pad < PAD)[None, :])
+    store_rope_and_pad(cache_ptr, row_start, blk_ok & is_rope, yb, D, ROW_BYTES, False)
 
 
 @triton.jit
@@ -315,27 +327,6 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
         tl.store(cache_ptr + blk_start + DN + 2 * _ROPE + blk_flat,
                  tl.where(invalid, 0xFF, ex_row + 127).to(tl.uint8), mask=blk_ok & ~is_rope)
         store_rope_and_pad(cache_ptr, row_start, write, rope, D, ROW_BYTES, ALIGNED)
-
-
-@triton.jit
-def store_rope_and_pad(cache_ptr, row_start, write, rope, D: tl.constexpr, ROW_BYTES: tl.constexpr,
-                       ALIGNED: tl.constexpr):
-    """A row's 64 rope values (FP32 ``[R, 64]``, stored as BF16) and its zero pad bytes, rows
-    starting at byte ``row_start`` ``[R]`` where ``write``; ``ALIGNED``: every ``row_start``
-    is a multiple of 8."""
-    DN: tl.constexpr = D - _ROPE
-    NBLK: tl.constexpr = DN // _QBLOCK
-    PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
-    PAD_P2: tl.constexpr = 8
-    if ALIGNED:
-        row_start = tl.multiple_of(row_start, 8)
-    e = tl.arange(0, _ROPE)
-    bits = cast_rne(rope, tl.bfloat16).to(tl.uint16, bitcast=True)
-    tl.store((cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16)), bits,
-             mask=write[:, None])
-    pad = tl.arange(0, PAD_P2)
-    tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
-             tl.zeros([rope.shape[0], PAD_P2], tl.uint8), mask=write[:, None] & (pad < PAD)[None, :])
 
 
 def rows_on_8_bytes(cache: torch.Tensor) -> bool:

@@ -402,6 +402,25 @@ def test_encoded_rows_of_nan_entries_and_out_of_range_rows(device, ratio, kind):
         set_checks(False)
 
 
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_encoded_kv_rows_into_a_cache_off_8_byte_alignment(device, ratio):
+    """A cache whose rows start one byte past an 8-byte boundary gets the same bytes as an
+    aligned one: the rope values go out a byte at a time there (a 2-byte store at an odd
+    address faults on a GPU)."""
+    g = torch.Generator().manual_seed(ratio + 5)
+    args = [t.to(device) for t in _entry_inputs(g, ratio, 512, 3)]
+    rows = torch.tensor([2, -1, 0], device=device)
+    rb = _row_bytes("kv", 512)
+    aligned = torch.zeros(4, rb, dtype=torch.uint8, device=device)
+    shifted = torch.zeros(4 * rb + 1, dtype=torch.uint8, device=device)[1:].view(4, rb)
+    with use_backend("triton"):
+        for cache in (aligned, shifted):
+            ops.compress_entries_to_cache(*args, cache, rows, ratio, "kv")
+        values = ops.compress_entries(*args, ratio, "kv")
+    assert_rows_written(aligned, torch.zeros(4, rb, dtype=torch.uint8), rows.cpu(), _reference_rows(values, "kv"))
+    assert torch.equal(shifted, aligned)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio, kind, d", [(4, "kv", 512), (128, "kv", 512), (4, "indexer", 128)])
 def test_encoded_rows_at_model_size(device, ratio, kind, d):

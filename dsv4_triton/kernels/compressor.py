@@ -96,7 +96,7 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
                      stride_an, stride_al, stride_zn, stride_zl, stride_ape, stride_idx, stride_dest,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, RATIO: tl.constexpr, SLOTS: tl.constexpr,
                      KIND_KV: tl.constexpr, LOG_D: tl.constexpr, WRITE_VALUES: tl.constexpr,
-                     WRITE_ROWS: tl.constexpr, ROW_BYTES: tl.constexpr, ROWS: tl.constexpr,
+                     WRITE_ROWS: tl.constexpr, ROW_BYTES: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
                      SLOT_BLOCK: tl.constexpr, STAGES: tl.constexpr):
     OVERLAP: tl.constexpr = RATIO == _OVERLAP
     NB: tl.constexpr = BLOCK_D // _ROPE  # 64-wide blocks of a row
@@ -169,7 +169,7 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
             blk = tl.reshape(tl.broadcast_to(tl.arange(0, NB)[None, :], [ROWS, NB]), [ROWS * NB])
             blk_dest = tl.reshape(tl.broadcast_to(dest[:, None], [ROWS, NB]), [ROWS * NB])
             blk_ok = tl.reshape(tl.broadcast_to(dest_ok[:, None], [ROWS, NB]), [ROWS * NB]) & (blk < D // _ROPE)
-            store_fp8_row_blocks(cache_ptr, blk_dest * ROW_BYTES, blk, blk_ok, is_rope, yb, D, ROW_BYTES)
+            store_fp8_row_blocks(cache_ptr, blk_dest * ROW_BYTES, blk, blk_ok, is_rope, yb, D, ROW_BYTES, ALIGNED)
     else:
         xh = hadamard_butterfly(tl.reshape(xb, [ROWS, BLOCK_D]), LOG_D) * h_scale
         codes, e, invalid = fp4_quantise(tl.reshape(xh, [ROWS * BLOCK_D // 32, 32]))
@@ -195,26 +195,32 @@ def store_rope_and_pad(cache_ptr, row_start, write, rope, D: tl.constexpr, ROW_B
     NBLK: tl.constexpr = DN // _QBLOCK
     PAD: tl.constexpr = ROW_BYTES - (DN + 2 * _ROPE + NBLK)
     PAD_P2: tl.constexpr = 8
-    if ALIGNED:
-        row_start = tl.multiple_of(row_start, 8)
     e = tl.arange(0, _ROPE)
     bits = cast_rne(rope, tl.bfloat16).to(tl.uint16, bitcast=True)
-    tl.store((cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16)), bits,
-             mask=write[:, None])
+    if ALIGNED:
+        row_start = tl.multiple_of(row_start, 8)
+        tl.store((cache_ptr + row_start[:, None] + DN + 2 * e[None, :]).to(tl.pointer_type(tl.uint16)), bits,
+                 mask=write[:, None])
+    else:  # a 2-byte store at an odd address faults: byte by byte
+        at = cache_ptr + row_start[:, None] + DN + 2 * e[None, :]
+        tl.store(at, (bits & 0xFF).to(tl.uint8), mask=write[:, None])
+        tl.store(at + 1, (bits >> 8).to(tl.uint8), mask=write[:, None])
     pad = tl.arange(0, PAD_P2)
     tl.store(cache_ptr + row_start[:, None] + (DN + 2 * _ROPE + NBLK) + pad[None, :],
              tl.zeros([rope.shape[0], PAD_P2], tl.uint8), mask=write[:, None] & (pad < PAD)[None, :])
 
 
 @triton.jit
-def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.constexpr, ROW_BYTES: tl.constexpr):
+def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.constexpr, ROW_BYTES: tl.constexpr,
+                         ALIGNED: tl.constexpr):
     """Writes blocks of 64 qat8-ed KV values into FP8 cache rows (``pack_kv_fp8``'s layout,
     ``reference/attention.py``): block ``blk`` of the row starting at byte ``row_start``;
     ``is_rope`` marks the row's last block (stored as BF16), the others are re-encoded with
     the scale ``pack_kv_fp8`` computes from them (a block whose largest value rounded down
     may take the next smaller power of two: same values, other codes), so the bytes equal
     ``pack_kv_fp8`` of the BF16 values.  The rope block also writes its row's zero pad
-    bytes.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``, ``is_rope``: ``[R]``."""
+    bytes.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``, ``is_rope``: ``[R]``;
+    ``ALIGNED``: as for ``store_rope_and_pad``."""
     DN: tl.constexpr = D - _ROPE
     e = tl.arange(0, _QBLOCK)
     nope_ok = blk_ok & ~is_rope
@@ -227,7 +233,7 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
              mask=nope_ok[:, None])
     tl.store(cache_ptr + row_start + DN + 2 * _ROPE + blk, tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
              mask=nope_ok)
-    store_rope_and_pad(cache_ptr, row_start, blk_ok & is_rope, yb, D, ROW_BYTES, False)
+    store_rope_and_pad(cache_ptr, row_start, blk_ok & is_rope, yb, D, ROW_BYTES, ALIGNED)
 
 
 @triton.jit
@@ -300,7 +306,7 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
         nope = to_f32(cast_rne(q.to(tl.float32) * sc[:, None], dtype))
         rope_b = tl.reshape(tl.broadcast_to(rope[:, None, :], [ROWS, NB, _ROPE]), [ROWS * NB, _ROPE])
         yb = tl.where(is_rope[:, None], rope_b, nope)
-        store_fp8_row_blocks(cache_ptr, blk_start, blk_flat, blk_ok, is_rope, yb, D, ROW_BYTES)
+        store_fp8_row_blocks(cache_ptr, blk_start, blk_flat, blk_ok, is_rope, yb, D, ROW_BYTES, ALIGNED)
     else:
         # qat8 and the row's encoding in one quantisation.  In BF16 and FP32 qat8's values
         # q 2^e are exact (q has four significant bits; e >= -22 from the amax floor), so the
@@ -377,7 +383,7 @@ def _compress(a, z, ape, norm_w, freqs, entry_idx, ratio, kind, eps, out, rows, 
         ape.stride(0), entry_idx.stride(0), rows.stride(0),
         D=d, BLOCK_D=triton.next_power_of_2(d), RATIO=ratio, SLOTS=slots, KIND_KV=kind_kv,
         LOG_D=0 if kind_kv else d.bit_length() - 1, WRITE_VALUES=write_values, WRITE_ROWS=write_rows,
-        ROW_BYTES=row_bytes, **meta)
+        ROW_BYTES=row_bytes, ALIGNED=rows_on_8_bytes(cache), **meta)
 
 
 @register("compress_entries", "triton")

@@ -83,8 +83,8 @@ from ..autotune import autotune
 from ..reference.attention import QUANT_BLOCK, ROPE_DIM, fp8_row_bytes
 from ..registry import register
 from .device import sm_count
-from .formats import INTERPRET, amax_nan, clamp_nan, dot_bf16, exp2i, fp8_value, to_fp8
-from .quant import FP8_AMAX_FLOOR, fp8_scale_exponent
+from .formats import INTERPRET, amax_nan, dot_bf16, fp8_value
+from .quant import fp8_block_codes
 from .norm import as_rows
 from .sync import splits_after_wait
 
@@ -581,14 +581,9 @@ def _pack_kv_fp8_kernel(kv_ptr, out_ptr, n_rows, stride_kv, ROW_BYTES: tl.conste
     blk_ok = row_ok[:, None] & (j < NBLK)[None, :]
     x = tl.load(kv_ptr + rows[:, None, None] * stride_kv + j[None, :, None] * 64 + e[None, None, :],
                 mask=blk_ok[:, :, None], other=0.0).to(tl.float32)
-    amax = amax_nan(x, 2)
-    invalid = (amax != amax) | (amax == float("inf"))
-    ex = tl.where(invalid, 0, fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR)))
-    v = clamp_nan(x * exp2i(-ex)[:, :, None], -448.0, 448.0)
-    codes = tl.where(invalid[:, :, None], 0x7F, to_fp8(v).to(tl.uint8, bitcast=True))
+    codes, ex, invalid, _ = fp8_block_codes(x, amax_nan(x, 2))
     out_row = out_ptr + rows * ROW_BYTES
-    tl.store(out_row[:, None, None] + j[None, :, None] * 64 + e[None, None, :], codes.to(tl.uint8),
-             mask=blk_ok[:, :, None])
+    tl.store(out_row[:, None, None] + j[None, :, None] * 64 + e[None, None, :], codes, mask=blk_ok[:, :, None])
     tl.store(out_row[:, None] + (DN + 128) + j[None, :], tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
              mask=blk_ok)
     rope = tl.load(kv_ptr + rows[:, None] * stride_kv + DN + e[None, :], mask=row_ok[:, None], other=0.0)

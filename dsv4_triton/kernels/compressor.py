@@ -41,9 +41,9 @@ import triton.language as tl
 from ..autotune import autotune, launcher, token_bucket
 from ..registry import register
 from ..reference.attention import fp8_row_bytes
-from .formats import amax_nan, cast_rne, clamp_nan, exp2i, to_f32, to_fp8
-from .quant import (FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_quantise, fp8_scale_exponent, hadamard_butterfly,
-                    hadamard_scale)
+from .formats import amax_nan, cast_rne, exp2i, to_f32, to_fp8
+from .quant import (FP8_AMAX_FLOOR, fp4_qat_values, fp4_quantise, fp8_block_codes, fp8_quantise, fp8_scale_exponent,
+                    hadamard_butterfly, hadamard_scale)
 from .rope import clamp_position, rotate_interleaved
 
 ROPE_DIM = 64
@@ -52,7 +52,6 @@ OVERLAP_RATIO = 4
 _ROPE: tl.constexpr = tl.constexpr(ROPE_DIM)
 _OVERLAP: tl.constexpr = tl.constexpr(OVERLAP_RATIO)
 _QBLOCK: tl.constexpr = tl.constexpr(64)  # qat8 / FP8 cache row block
-FP8_NAN_CODE: tl.constexpr = tl.constexpr(0x7F)
 
 # Elements of one [SLOT_BLOCK, ROWS, BLOCK_D] tile; larger tiles spill registers.
 MAX_TILE = 8192
@@ -224,13 +223,8 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
     DN: tl.constexpr = D - _ROPE
     e = tl.arange(0, _QBLOCK)
     nope_ok = blk_ok & ~is_rope
-    amax = amax_nan(yb, 1)
-    invalid = ~(amax < float("inf"))
-    ex = tl.where(invalid, 0, fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR)))
-    v = clamp_nan(yb * exp2i(-ex)[:, None], -448.0, 448.0)
-    codes = tl.where(invalid[:, None], FP8_NAN_CODE, to_fp8(v).to(tl.uint8, bitcast=True).to(tl.int32))
-    tl.store(cache_ptr + row_start[:, None] + blk[:, None] * _QBLOCK + e[None, :], codes.to(tl.uint8),
-             mask=nope_ok[:, None])
+    codes, ex, invalid, _ = fp8_block_codes(yb, amax_nan(yb, 1))
+    tl.store(cache_ptr + row_start[:, None] + blk[:, None] * _QBLOCK + e[None, :], codes, mask=nope_ok[:, None])
     tl.store(cache_ptr + row_start + DN + 2 * _ROPE + blk, tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
              mask=nope_ok)
     store_rope_and_pad(cache_ptr, row_start, blk_ok & is_rope, yb, D, ROW_BYTES, ALIGNED)
@@ -313,13 +307,8 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
         # encoding sees max|q| 2^e and takes the scale 2^e again, or 2^(e - 1) when max|q| is
         # 224 (then every |q| <= 224 and its code becomes that of 2q).  max|q| is the code of
         # amax 2^-e (rounding is monotonic), so one FP8 conversion an element instead of five.
-        # No clamp: |x| 2^-e <= 448 in a finite block; a NaN or Inf block is multiplied by NaN,
-        # which encodes as the NaN code (0x7F), as pack_kv_fp8 writes every code of such a block.
         amax = amax_nan(xb, 1)
-        invalid = ~(amax < float("inf"))
-        ex = fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR))
-        inv_scale = tl.where(invalid, float("nan"), exp2i(-ex))
-        code = to_fp8(xb * inv_scale[:, None]).to(tl.uint8, bitcast=True)
+        code, ex, invalid, inv_scale = fp8_block_codes(xb, amax)
         top = to_f32(to_fp8(amax * inv_scale)) * exp2i(ex)
         ex_row = fp8_scale_exponent(tl.maximum(top, FP8_AMAX_FLOOR))
         halve = (ex_row < ex) & ~invalid

@@ -100,6 +100,22 @@ def fp8_scale_exponent(amax):
 
 
 @triton.jit
+def fp8_block_codes(x, amax):
+    """FP8-E4M3 codes of blocks of FP32 ``x`` (a block is its last axis; ``amax`` the blocks'
+    ``amax_nan``, x's shape without that axis) with ``pack_kv_fp8``'s scale 2^e, e =
+    ``fp8_scale_exponent`` of the floored amax.  -> (codes uint8, e, invalid, 2^-e).  No
+    clamp: |x| 2^-e <= 448 in a finite block.  A NaN or Inf block (``invalid``) is multiplied
+    by NaN, which the E4M3 conversion writes as the NaN code 0x7F, the code ``pack_kv_fp8``
+    gives every element of such a block (checked on the GPU by the window write's NaN test);
+    its e is meaningless (the scale byte is 0xFF there)."""
+    invalid = ~(amax < float("inf"))
+    ex = fp8_scale_exponent(tl.maximum(amax, FP8_AMAX_FLOOR))
+    inv_scale = tl.where(invalid, float("nan"), exp2i(-ex))
+    codes = to_fp8(x * tl.expand_dims(inv_scale, len(x.shape) - 1)).to(tl.uint8, bitcast=True)
+    return codes, ex, invalid, inv_scale
+
+
+@triton.jit
 def fp4_scale_exponent(amax):
     """``ceil(log2(RN(amax / 6)))`` (int32) for positive normal FP32 ``amax``, exact and without
     a division.  With amax = 2^k * m, m in [1, 2): the quotient is 2^(k-2) * m / 1.5, which

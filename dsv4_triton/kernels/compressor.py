@@ -185,18 +185,6 @@ def _compress_kernel(a_ptr, z_ptr, ape_ptr, w_ptr, table_ptr, idx_ptr, out_ptr, 
 
 
 @triton.jit
-def store_fp8_blocks(cache_ptr, blk_start, blk, ok, codes, scale_byte, D: tl.constexpr, ALIGNED: tl.constexpr):
-    """FP8 codes (uint8 ``[R, 64]``) and E8M0 scale bytes (``[R]``) of nope blocks ``blk`` of
-    the rows starting at byte ``blk_start`` (``[R]`` each), where ``ok``; ``ALIGNED``: every
-    ``blk_start`` is a multiple of 8 (the codes then go out 8 bytes at a time)."""
-    if ALIGNED:
-        blk_start = tl.multiple_of(blk_start, 8)
-    tl.store(cache_ptr + blk_start[:, None] + blk[:, None] * _QBLOCK + tl.arange(0, _QBLOCK)[None, :], codes,
-             mask=ok[:, None])
-    tl.store(cache_ptr + blk_start + (D - _ROPE) + 2 * _ROPE + blk, scale_byte, mask=ok)
-
-
-@triton.jit
 def store_rope_and_pad(cache_ptr, row_start, write, rope, D: tl.constexpr, ROW_BYTES: tl.constexpr,
                        ALIGNED: tl.constexpr):
     """A row's 64 rope values (FP32 ``[R, 64]``, stored as BF16) and its zero pad bytes, rows
@@ -232,9 +220,13 @@ def store_fp8_row_blocks(cache_ptr, row_start, blk, blk_ok, is_rope, yb, D: tl.c
     ``pack_kv_fp8`` of the BF16 values.  The rope block also writes its row's zero pad
     bytes.  ``yb``: FP32 ``[R, 64]``; ``row_start``, ``blk``, ``blk_ok``, ``is_rope``: ``[R]``;
     ``ALIGNED``: as for ``store_rope_and_pad``."""
+    DN: tl.constexpr = D - _ROPE
+    e = tl.arange(0, _QBLOCK)
+    nope_ok = blk_ok & ~is_rope
     codes, ex, invalid, _ = fp8_block_codes(yb, amax_nan(yb, 1))
-    scale_byte = tl.where(invalid, 0xFF, ex + 127).to(tl.uint8)
-    store_fp8_blocks(cache_ptr, row_start, blk, blk_ok & ~is_rope, codes, scale_byte, D, ALIGNED)
+    tl.store(cache_ptr + row_start[:, None] + blk[:, None] * _QBLOCK + e[None, :], codes, mask=nope_ok[:, None])
+    tl.store(cache_ptr + row_start + DN + 2 * _ROPE + blk, tl.where(invalid, 0xFF, ex + 127).to(tl.uint8),
+             mask=nope_ok)
     store_rope_and_pad(cache_ptr, row_start, blk_ok & is_rope, yb, D, ROW_BYTES, ALIGNED)
 
 
@@ -267,7 +259,7 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
     """``ROWS`` tokens per program: RoPE + qat8 of each (``rope_qat8``'s arithmetic, each
     part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``.
     ``ALIGNED``: the cache's rows start on 8-byte boundaries; told so, the compiler stores
-    codes 8 bytes at a time and rope values 2 (else byte by byte: see ``store_rope_and_pad``)."""
+    codes 8 bytes at a time instead of one."""
     NB: tl.constexpr = D // _ROPE
     DN: tl.constexpr = D - _ROPE
     dtype: tl.constexpr = kv_ptr.dtype.element_ty
@@ -323,8 +315,12 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
         if tl.max(halve.to(tl.int32), 0) > 0:  # ~5% of blocks halve: only their programs pay
             mag = code & 0x7F
             code = tl.where(halve[:, None], (code & 0x80) | (mag + tl.where(mag >= 8, 8, mag)), code)
-        store_fp8_blocks(cache_ptr, blk_start, blk_flat, blk_ok & ~is_rope, code,
-                         tl.where(invalid, 0xFF, ex_row + 127).to(tl.uint8), D, ALIGNED)
+        if ALIGNED:
+            blk_start = tl.multiple_of(blk_start, 8)
+        tl.store(cache_ptr + blk_start[:, None] + blk_flat[:, None] * _QBLOCK + e[None, :], code,
+                 mask=(blk_ok & ~is_rope)[:, None])
+        tl.store(cache_ptr + blk_start + DN + 2 * _ROPE + blk_flat,
+                 tl.where(invalid, 0xFF, ex_row + 127).to(tl.uint8), mask=blk_ok & ~is_rope)
         store_rope_and_pad(cache_ptr, row_start, write, rope, D, ROW_BYTES, ALIGNED)
 
 

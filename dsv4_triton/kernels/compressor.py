@@ -259,7 +259,7 @@ def _window_kv_kernel(kv_ptr, table_ptr, pos_ptr, len_ptr, cache_ptr, n_tokens, 
     """``ROWS`` tokens per program: RoPE + qat8 of each (``rope_qat8``'s arithmetic, each
     part rounded to kv's dtype), then the FP8 cache row into ring slot ``p % window``.
     ``ALIGNED``: the cache's rows start on 8-byte boundaries; told so, the compiler stores
-    codes 8 bytes at a time instead of one."""
+    codes 8 bytes at a time and rope values 2 (else byte by byte: see ``store_rope_and_pad``)."""
     NB: tl.constexpr = D // _ROPE
     DN: tl.constexpr = D - _ROPE
     dtype: tl.constexpr = kv_ptr.dtype.element_ty

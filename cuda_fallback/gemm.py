@@ -50,7 +50,7 @@ import triton
 from dsv4_triton.kernels.device import sm_count
 from dsv4_triton.kernels.gemm import (ACT_BLOCK, NVFP4_EXPAND_MIN_ROWS, act_dequant_rows, act_quant_rows,
                                       mxfp4_to_fp8_blocks, nvfp4_to_bf16)
-from dsv4_triton.kernels.norm import as_rows
+from dsv4_triton.kernels.rows import as_rows
 from dsv4_triton.registry import register
 
 from .layout import rows_aligned
@@ -348,7 +348,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_prefill_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
-    """``""`` when the prefill kernel handles these ``fp8_linear`` arguments, else why not."""
+    """``""`` when the prefill kernel handles these ``fp8_linear`` arguments (x BF16 rows or
+    quantised codes: the kernel reads codes either way), else why not."""
     n, k = w.shape
     why = fp8_kernel_takes(n, k)
     if why:
@@ -376,10 +377,17 @@ def tile_rows_for(m: int, col_tiles: int, device: torch.device) -> int:
     return 256 if rounds(256) * 2 * 0.93 < rounds(128) else 128
 
 
-def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows: int) -> torch.Tensor:
+def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows: int,
+             x_scale2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act_quant(x2) @ dequant(w).T`` for rows ``x2 [M, K]`` by the kernel with ``tile_rows``-row
-    output tiles (any M; N and K multiples of 128)."""
-    codes, scales = act_quant_rows(x2)
+    output tiles (any M; N and K multiples of 128); with ``x_scale2 [M, K/128]``, x2 holds the
+    activation's FP8 codes and those are its scales."""
+    if x_scale2 is None:
+        codes, scales = act_quant_rows(x2)
+    else:
+        codes, scales = x2.view(torch.uint8), x_scale2
+        if not rows_aligned(codes, 16):  # the kernel's tensor map takes 16-byte aligned rows
+            codes = codes.clone(memory_format=torch.contiguous_format)
     index = x2.device.index
     y = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.bfloat16, device=x2.device)
     scale = w_scale if w_scale.dtype == torch.float32 else w_scale.view(torch.uint8)
@@ -387,8 +395,9 @@ def fp8_gemm(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, tile_rows
     return y
 
 
-def fp8_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
-    """``""`` when the decode or the prefill kernel takes these ``fp8_linear`` arguments, else why not."""
+def fp8_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, x_scale: Optional[torch.Tensor] = None) -> str:
+    """``""`` when the decode or the prefill kernel takes these ``fp8_linear`` arguments, else why not
+    (the decode kernel quantises BF16 rows itself, so quantised codes at 1-16 rows go to Triton)."""
     n, k = w.shape
     m = x.numel() // k if k else 0
     if 1 <= m <= FP8_DECODE_MAX_ROWS:
@@ -398,10 +407,13 @@ def fp8_covers(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> str:
 
 
 @register("fp8_linear", "cuda", archs=("sm90a",), covers=fp8_covers)
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     x2 = as_rows(x)
-    if x2.shape[0] <= FP8_DECODE_MAX_ROWS:
+    m = x2.shape[0]
+    if m <= FP8_DECODE_MAX_ROWS:
         y = fp8_decode(x2, w, w_scale)
     else:
-        y = fp8_gemm(x2, w, w_scale, tile_rows_for(x2.shape[0], w.shape[0] // ACT_BLOCK, x.device))
+        y = fp8_gemm(x2, w, w_scale, tile_rows_for(m, w.shape[0] // ACT_BLOCK, x.device),
+                     None if x_scale is None else as_rows(x_scale.reshape(m, -1)))
     return y.view(*x.shape[:-1], w.shape[0])

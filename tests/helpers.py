@@ -36,6 +36,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
                              f"{int((err > bound).sum())} of {err.numel()} elements out of tolerance")
 
 
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-identical, except that any NaN matches any NaN (torch and GPUs write different
+    NaN payloads into float outputs; codes and scale bytes are compared as plain bytes)."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    if a.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+        assert torch.equal(nan_a, nan_e), f"{what}: NaN mismatch at {(nan_a != nan_e).nonzero()[:5].tolist()}"
+        a, e = a.masked_fill(nan_a, 0), e.masked_fill(nan_e, 0)
+    ab, eb = a.contiguous().view(ints), e.contiguous().view(ints)
+    bad = (ab != eb).nonzero()
+    assert bad.numel() == 0, (f"{what}: {bad.shape[0]} of {ab.numel()} differ, first at {bad[0].tolist()}: "
+                              f"got {a[tuple(bad[0])].item()!r}, expected {e[tuple(bad[0])].item()!r}")
+
+
 def needs_cuda_backend(op: str):
     """An autouse fixture for a test module of op ``op``'s cuda backend: skips its tests, with
     the reason, where that backend cannot run (no GPU, another architecture, no build)."""

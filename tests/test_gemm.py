@@ -19,7 +19,7 @@ from dsv4_triton.formats import fp4_pack
 from dsv4_triton.kernels import gemm as kern
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.reference import quant as ref_quant
-from helpers import SM90_COMPILE, ULP, assert_close, compile_for_sm90
+from helpers import SM90_COMPILE, ULP, assert_close, assert_same_bits, compile_for_sm90
 
 # SPEC 2, written out again here so that the oracle's decoder is checked against the text.
 SPEC_FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -170,6 +170,13 @@ def _fp8_args(n=128, k=128):
     (ops.fp8_linear, _fp8_args()[:2] + (torch.zeros(2, 1),), ValueError, "w_scale"),
     (ops.fp8_linear, _fp8_args()[:2] + (torch.zeros(1, 1, dtype=torch.float16),), TypeError, "w_scale"),
     (ops.fp8_linear, (torch.zeros(2, 64, dtype=torch.bfloat16),) + _fp8_args()[1:], ValueError, "w"),
+    (ops.fp8_linear, _fp8_args() + (torch.ones(2, 1),), TypeError, "x"),  # a scale with BF16 rows
+    (ops.fp8_linear, (torch.zeros(2, 64, dtype=torch.float8_e4m3fn), torch.zeros(8, 64, dtype=torch.float8_e4m3fn),
+                      torch.zeros(1, 1), torch.ones(2, 1)), ValueError, "x"),  # codes of a partial block
+    (ops.fp8_linear, (torch.zeros(2, 128, dtype=torch.float8_e4m3fn),) + _fp8_args()[1:] + (torch.ones(2, 2),),
+     ValueError, "x_scale"),
+    (ops.fp8_linear, (torch.zeros(2, 128, dtype=torch.float8_e4m3fn),) + _fp8_args()[1:]
+     + (torch.ones(2, 1, dtype=torch.float64),), TypeError, "x_scale"),
     (ops.fp4_linear, (torch.zeros(2, 64), torch.zeros(4, 32, dtype=torch.uint8),
                       torch.zeros(4, 1, dtype=torch.uint8)), TypeError, "w_scale"),
     (ops.fp4_linear, (torch.zeros(2, 64), torch.zeros(4, 32, dtype=torch.uint8),
@@ -245,6 +252,27 @@ def test_fp8_linear_matches_oracle(device, m, n, k, fused, fp32_scale, seed):
         ws = ref.scale_to_float(ws) * (1 + torch.rand(ws.shape, generator=g)).to(device)  # not powers of two
     y = kern.scaled_gemm(x, w, ws, "fp8", None, fused_quant=fused)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
+
+
+@given(m=st.integers(1, 300), n=st.integers(1, 160), kb=st.integers(1, 3), fp32_scale=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_fp8_linear_of_quantised_codes_equals_the_pre_pass_path(device, m, n, kb, fp32_scale, seed):
+    """Codes and scales from act_quant give what the kernel computes from the BF16 rows through
+    its own pre-pass, bit for bit (the same operands reach the same MMAs), and the oracle's
+    result within its tolerance."""
+    g = _gen(seed)
+    k = 128 * kb
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    x[0, :3] = torch.tensor([float("nan"), 1e30, 0.0])  # a NaN block: NaN scale, NaN codes
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((_cdiv(n, 128), kb), g, device)
+    if fp32_scale:
+        ws = ref.scale_to_float(ws) * (1 + torch.rand(ws.shape, generator=g)).to(device)
+    q, s = _triton(ops.act_quant, x, 128, True)
+    y = _triton(ops.fp8_linear, q, w, ws, s)
+    assert_same_bits(y, kern.scaled_gemm(x, w, ws, "fp8", None, fused_quant=False), "codes against pre-pass")
+    assert_same_bits(ref.fp8_linear(q, w, ws, s), ref.fp8_linear(x, w, ws), "oracle of codes against oracle")
     assert_gemm_close(y, ref.fp8_linear(x, w, ws), ref.dequant_activation(x), ref.dequant_fp8_weight(w, ws))
 
 

@@ -15,7 +15,7 @@ from dsv4_triton.formats import div_rn
 from dsv4_triton.kernels.formats import cast_rne, fp4_code, fp4_round_in_range, fp4_value, to_f32
 from dsv4_triton.kernels.quant import fp4_scale_exponent, hadamard_butterfly
 from dsv4_triton.reference import quant as ref
-from helpers import ULP
+from helpers import ULP, assert_same_bits
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -197,23 +197,6 @@ def test_bad_input(fn, kwargs, err, match):
 def _triton(fn, *args, **kw):
     with use_backend("triton"):
         return fn(*args, **kw)
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Bit-identical, except that any NaN matches any NaN (torch and GPUs write different
-    NaN payloads into float outputs; codes and scale bytes are compared as plain bytes)."""
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().cpu(), expected.detach().cpu()
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-    if a.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        nan_a, nan_e = torch.isnan(a), torch.isnan(e)
-        assert torch.equal(nan_a, nan_e), f"{what}: NaN mismatch at {(nan_a != nan_e).nonzero()[:5].tolist()}"
-        a, e = a.masked_fill(nan_a, 0), e.masked_fill(nan_e, 0)
-    ab, eb = a.contiguous().view(ints), e.contiguous().view(ints)
-    bad = (ab != eb).nonzero()
-    assert bad.numel() == 0, (f"{what}: {bad.shape[0]} of {ab.numel()} differ, first at {bad[0].tolist()}: "
-                              f"got {a[tuple(bad[0])].item()!r}, expected {e[tuple(bad[0])].item()!r}")
 
 
 def _tie_blocks(g: torch.Generator, count: int, block: int, kind: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..registry import register
 from .formats import cast_rne, clamp_nan
-from .norm import as_rows
+from .rows import as_rows
 
 MAX_TILE = 8192
 MAX_GRID_Y = 65535  # column blocks go on grid axis 1

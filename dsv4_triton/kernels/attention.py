@@ -85,7 +85,7 @@ from ..registry import register
 from .device import sm_count
 from .formats import INTERPRET, amax_nan, dot_bf16, fp8_value
 from .quant import fp8_block_codes
-from .norm import as_rows
+from .rows import as_rows
 from .sync import splits_after_wait
 
 LOG2E = 1.4426950408889634

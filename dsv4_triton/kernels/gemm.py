@@ -69,7 +69,7 @@ import triton.language as tl
 from ..autotune import autotune
 from ..registry import register
 from .formats import INTERPRET, amax_nan, ceil_log2, clamp_nan, e8m0_value, exp2i, fp8_value, to_fp8
-from .norm import as_rows
+from .rows import as_rows
 from .rope import cast_rne
 
 ACT_BLOCK = 128
@@ -850,10 +850,13 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-def activation_operand(x2: torch.Tensor, fused_quant: bool):
+def activation_operand(x2: torch.Tensor, fused_quant: bool, x_scale2: Optional[torch.Tensor] = None):
     """The GEMM's A operand and its arguments: the BF16 rows themselves when the kernel
-    quantises them in its prologue, else FP8 rows + scales from the act_quant pre-pass.
-    Returns (a, a_scale, stride_am, stride_sm)."""
+    quantises them in its prologue, else FP8 rows + scales, from the act_quant pre-pass or as
+    given (``x2`` codes with ``x_scale2`` scales).  Returns (a, a_scale, stride_am, stride_sm)."""
+    if x_scale2 is not None:
+        a = as_fp8_operand(x2.view(torch.uint8))
+        return a, x_scale2, a.stride(0), x_scale2.stride(0)
     if fused_quant:
         return x2, x2, x2.stride(0), 0
     a, a_scale = act_quant_rows(x2)
@@ -862,11 +865,13 @@ def activation_operand(x2: torch.Tensor, fused_quant: bool):
 
 
 def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: str,
-                global_scale: Optional[torch.Tensor], fused_quant: Optional[bool] = None) -> torch.Tensor:
+                global_scale: Optional[torch.Tensor], fused_quant: Optional[bool] = None,
+                x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act_quant(x) @ dequant(w).T`` -> bf16 ``[..., N]``.  ``fused_quant`` forces the
     activation path of the block-scaled kernel (None: fused up to ``FUSED_QUANT_MAX_ROWS`` rows,
     else the pre-pass; NVFP4 weights from ``NVFP4_EXPAND_MIN_ROWS`` rows take the BF16 route,
-    ``nvfp4_expanded_gemm``)."""
+    ``nvfp4_expanded_gemm``).  With ``x_scale`` (FP8 weights only), x holds the activation's
+    codes and x_scale their scales: no quantisation."""
     n = w.shape[0]
     k = x.shape[-1]
     y = torch.empty((*x.shape[:-1], n), dtype=torch.bfloat16, device=x.device)
@@ -880,9 +885,12 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
     if fmt == "nvfp4" and m >= NVFP4_EXPAND_MIN_ROWS and fused_quant is None:
         nvfp4_expanded_gemm(x2, w, w_scale, global_scale, y2)
         return y
-    if fused_quant is None:
+    if x_scale is not None:
+        fused_quant = False
+    elif fused_quant is None:
         fused_quant = m <= FUSED_QUANT_MAX_ROWS
-    a, a_scale, stride_am, stride_sm = activation_operand(x2, fused_quant)
+    a, a_scale, stride_am, stride_sm = activation_operand(
+        x2, fused_quant, None if x_scale is None else as_rows(x_scale.reshape(m, -1)))
     w_bytes = as_fp8_operand(w.view(torch.uint8)) if fmt == "fp8" else w.view(torch.uint8)
     scale_fp32 = w_scale.dtype == torch.float32
     ws = w_scale if scale_fp32 else w_scale.view(torch.uint8)
@@ -906,8 +914,9 @@ def scaled_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, fmt: st
 
 
 @register("fp8_linear", "triton")
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    return scaled_gemm(x, w, w_scale, "fp8", None)
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return scaled_gemm(x, w, w_scale, "fp8", None, x_scale=x_scale)
 
 
 @register("fp4_linear", "triton")

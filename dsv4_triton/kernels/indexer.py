@@ -45,7 +45,7 @@ from ..reference.indexer import FP4_KEY_BYTES
 from ..registry import register
 from .device import sm_count
 from .formats import INTERPRET, cast_rne, e8m0_value, to_f32
-from .norm import as_rows
+from .rows import as_rows
 from .quant import fp4_quantise
 
 HEAD_DIM: tl.constexpr = tl.constexpr(128)

@@ -36,7 +36,7 @@ from ..registry import register
 from .device import sm_count
 from .formats import (INTERPRET, amax_nan, cast_rne, clamp_nan, e8m0_value, exp2i, fp4_code_in_range,
                       fp4_round_in_range, fp4_value, to_f32, to_fp8)
-from .norm import as_rows
+from .rows import as_rows
 from .rope import clamp_position, rotate_interleaved
 
 FP4_AMAX_FLOOR: tl.constexpr = tl.constexpr(6.0 * 2.0 ** -126)

@@ -60,21 +60,35 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = 
 
 # --- fp8_linear --------------------------------------------------------------------------
 
-def _fp8_linear_stub(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def _fp8_linear_stub(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                     x_scale: Optional[torch.Tensor]) -> torch.Tensor:
     raise NotImplementedError
 
 
-define_op("fp8_linear", _fp8_linear_stub, fake=lambda x, w, w_scale: torch.empty(
+define_op("fp8_linear", _fp8_linear_stub, fake=lambda x, w, w_scale, x_scale: torch.empty(
     _out_shape(x, w.shape[0]), dtype=torch.bfloat16, device=x.device))
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act_quant(x, 128, pow2) @ dequant(w).T`` with FP32 accumulation, bf16 out (SPEC 3).
 
     x: ``[..., K]`` bf16/fp16/fp32; w: float8_e4m3fn ``[N, K]``; w_scale: float8_e8m0fnu or
     fp32 ``[ceil(N/128), ceil(K/128)]``, one per 128 x 128 weight block.  Any N, K >= 1.
+
+    An activation already quantised (``act_quant(x, 128, pow2=True)`` or
+    ``rms_norm_act_quant``): x its float8_e4m3fn codes ``[..., K]`` and ``x_scale`` its fp32
+    scales ``[..., K/128]`` (K a multiple of 128); the result is the same as from the rows
+    those codes encode.  Projections that share one input then quantise it once.
     """
-    V.tensor("x", x, V.FLOAT_DTYPES, min_ndim=1)
+    if x_scale is None:
+        V.tensor("x", x, V.FLOAT_DTYPES, min_ndim=1)
+    else:
+        V.tensor("x", x, (torch.float8_e4m3fn,), min_ndim=1)
+        V.divisible("x", x.shape[-1], 128, what="K (the last dim of quantised codes)")
+        V.tensor("x_scale", x_scale, (torch.float32,), ndim=x.dim())
+        V.shape("x_scale", x_scale, (*x.shape[:-1], x.shape[-1] // 128))
+        V.same_device("x_scale", x_scale, "x", x)
     V.tensor("w", w, (torch.float8_e4m3fn,), ndim=2)
     n, k = w.shape
     if k != x.shape[-1]:
@@ -83,7 +97,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch
     V.shape("w_scale", w_scale, (_cdiv(n, 128), _cdiv(k, 128)))
     V.same_device("w", w, "x", x)
     V.same_device("w_scale", w_scale, "x", x)
-    return call("fp8_linear", x.device, x, w, w_scale)
+    return call("fp8_linear", x.device, x, w, w_scale, x_scale)
 
 
 # --- fp4_linear --------------------------------------------------------------------------

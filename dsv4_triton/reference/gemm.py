@@ -80,9 +80,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype]) -
     return (x.float() @ w.float().t()).to(out)
 
 
+def dequant_codes(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """Quantised activation codes ``[..., K]`` and their scales ``[..., K/128]`` -> FP32 ``q * s``."""
+    return (x.float().unflatten(-1, (-1, ACT_BLOCK)) * x_scale[..., None]).flatten(-2)
+
+
 @register("fp8_linear", "reference")
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    return (dequant_activation(x) @ dequant_fp8_weight(w, w_scale).t()).to(torch.bfloat16)
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    xd = dequant_activation(x) if x_scale is None else dequant_codes(x, x_scale)
+    return (xd @ dequant_fp8_weight(w, w_scale).t()).to(torch.bfloat16)
 
 
 @register("fp4_linear", "reference")

@@ -75,8 +75,25 @@ class FP8Linear(Weights):
         self.declare("weight", (out_features, in_features), FP8, "fp8", in_features, init_gain)
         self.declare("scale", (_cdiv(out_features, 128), _cdiv(in_features, 128)), E8M0, "fp8_scale")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.fp8_linear(x, self.weight, self.scale)
+    def forward(self, x: torch.Tensor, quantised: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """``x``'s BF16 rows, or with ``quantised`` the codes and scales of those rows (``normed``)."""
+        if quantised is None:
+            return ops.fp8_linear(x, self.weight, self.scale)
+        return ops.fp8_linear(quantised[0], self.weight, self.scale, quantised[1])
+
+
+Quantised = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def normed(x: torch.Tensor, weight: torch.Tensor, eps: float, quantise: bool) -> Tuple[torch.Tensor, Quantised]:
+    """``rms_norm(x, weight)`` and, with ``quantise``, the FP8 codes and scales of its rows from
+    the same pass (``rms_norm_act_quant``), which every FP8 projection reading those rows then
+    takes instead of quantising them again.  The model quantises so in prefill; at decode the
+    few BF16 rows go to the FP8 GEMMs as they are (the one-launch decode GEMM quantises inside)."""
+    if not quantise:
+        return ops.rms_norm(x, weight, eps), None
+    y, codes, scales = ops.rms_norm_act_quant(x, weight, eps)
+    return y, (codes, scales)
 
 
 class Linear(Weights):
@@ -194,7 +211,8 @@ class Indexer(Weights):
         # 128^-0.5 * 64^-0.5 for the releases (SPEC 7): head_dim^-0.5 * n_heads^-0.5.
         self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, step: Step, layer: int) -> Optional[torch.Tensor]:
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, step: Step, layer: int,
+                qr_quantised: Quantised = None) -> Optional[torch.Tensor]:
         """``[B, S, k]`` entry ids (-1 padded), or None when the prompt has no entry yet."""
         B, S, _ = x.shape
         if step.decode:
@@ -204,7 +222,7 @@ class Indexer(Weights):
             keys = self.compressor.prefill(x, step, layer, INDEX, "indexer")
             if keys.shape[1] == 0:
                 return None
-        qi = self.wq_b(qr).view(B, S, self.n_heads, self.head_dim)
+        qi = self.wq_b(qr, qr_quantised).view(B, S, self.n_heads, self.head_dim)
         qi = ops.rope_hadamard_qat4(qi, step.freqs_compressed, step.positions)
         w = ops.linear(x, self.weights_proj.weight, out_dtype=FP32) * self.weight_scale
         n_valid = ((step.positions + 1) // CSA_RATIO).to(torch.int32)
@@ -233,21 +251,22 @@ class Attention(Weights):
         self.compressor = Compressor(c.hidden_size, self.head_dim, ratio, self.eps) if ratio else None
         self.indexer = Indexer(c) if ratio == CSA_RATIO else None
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, layer: int, x_quantised: Quantised = None) -> torch.Tensor:
+        """``x``: the normed rows ``[B, S, dim]``; ``x_quantised``: their codes and scales, if made."""
         B, S, _ = x.shape
         H, D = self.n_heads, self.head_dim
         freqs = step.freqs_compressed if self.ratio else step.freqs_window
-        qr = ops.rms_norm(self.wq_a(x), self.q_norm.weight, self.eps)
-        q = ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps)
+        qr, qr_quantised = normed(self.wq_a(x, x_quantised), self.q_norm.weight, self.eps, x_quantised is not None)
+        q = ops.rms_norm(self.wq_b(qr, qr_quantised).view(B, S, H, D), None, self.eps)
         q = ops.apply_rope(q, freqs, step.positions)
-        kv = ops.rms_norm(self.wkv(x), self.kv_norm.weight, self.eps)
+        kv = ops.rms_norm(self.wkv(x, x_quantised), self.kv_norm.weight, self.eps)
         cache = step.cache
         if step.decode:
             # RoPE + qat8 + FP8 row into the ring slot, one launch; attention reads the rows.
             cache.store_window(layer, kv[:, 0], freqs, step.positions[:, 0])
             if self.compressor is not None:
                 self.compressor.decode(x, step, layer, MAIN, "kv")
-            topk = self.indexer(x, qr, step, layer) if self.indexer is not None else None
+            topk = self.indexer(x, qr, step, layer, qr_quantised) if self.indexer is not None else None
             idx = cache.decode_candidates(layer, step.positions[:, 0], topk)
             kv_all = cache.kv(layer, B)
         else:
@@ -259,7 +278,7 @@ class Attention(Weights):
                 n_entries = entries.shape[1]
                 if n_entries:
                     kv_all = torch.cat([kv, entries], dim=1)
-            topk = self.indexer(x, qr, step, layer) if self.indexer is not None else None
+            topk = self.indexer(x, qr, step, layer, qr_quantised) if self.indexer is not None else None
             idx = KVCache.prefill_candidates(S, self.window, self.ratio, n_entries, topk, x.device)
             idx = idx.expand(B, -1, -1)
         o = ops.sparse_attention(q, kv_all, self.attn_sink, idx, D ** -0.5, freqs, step.positions)
@@ -288,8 +307,8 @@ class SharedExpert(nn.Module):
         self.w2 = FP8Linear(inter, dim, RESIDUAL_OUT_GAIN)
         self.w3 = FP8Linear(dim, inter)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x), self.limit))
+    def forward(self, x: torch.Tensor, x_quantised: Quantised = None) -> torch.Tensor:
+        return self.w2(ops.swiglu(self.w1(x, x_quantised), self.w3(x, x_quantised), self.limit))
 
 
 class Gate(Weights):
@@ -322,14 +341,14 @@ class MoE(nn.Module):
             [x.w1.weight for x in e], [x.w1.scale for x in e], [x.w3.weight for x in e],
             [x.w3.scale for x in e], [x.w2.weight for x in e], [x.w2.scale for x in e])
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, x_quantised: Quantised = None) -> torch.Tensor:
         g = self.gate
         if g.hashed:
             weights, ids = ops.route(x, g.weight, None, g.tid2eid, token_ids, self.topk, self.route_scale)
         else:
             weights, ids = ops.route(x, g.weight, g.bias, None, None, self.topk, self.route_scale)
         routed = ops.moe_experts(x, weights, ids, *self.packed, limit=self.limit, fmt="mxfp4")
-        shared = self.shared_experts(x)
+        shared = self.shared_experts(x, x_quantised)
         return (routed.float() + shared.float()).to(BF16)  # the two sums meet in FP32 (SPEC 8)
 
 
@@ -356,12 +375,14 @@ class Block(Weights):
         B, S = step.positions.shape
         y, post, comb = ops.hc_pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                    self.iters, self.hc_eps, self.eps)
-        h = ops.rms_norm(y, self.attn_norm.weight, self.eps)
-        X = ops.hc_post(self.attn(h.view(B, S, -1), step, self.layer).view(B * S, -1), X, post, comb)
+        h, hq = normed(y, self.attn_norm.weight, self.eps, not step.decode)
+        if hq is not None:
+            hq = (hq[0].view(B, S, -1), hq[1].view(B, S, -1))
+        X = ops.hc_post(self.attn(h.view(B, S, -1), step, self.layer, hq).view(B * S, -1), X, post, comb)
         y, post, comb = ops.hc_pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                                    self.iters, self.hc_eps, self.eps)
-        h = ops.rms_norm(y, self.ffn_norm.weight, self.eps)
-        return ops.hc_post(self.ffn(h, step.token_ids), X, post, comb)
+        h, hq = normed(y, self.ffn_norm.weight, self.eps, not step.decode)
+        return ops.hc_post(self.ffn(h, step.token_ids, hq), X, post, comb)
 
 
 class MTPLayer(Block):

@@ -182,13 +182,15 @@ def test_fp8_decode_covers_says_why_not(monkeypatch):
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
 
     def covers(m, n, k, dtype=torch.bfloat16):
+        x_scale = meta(m, k // 128, dtype=torch.float32) if dtype == torch.float8_e4m3fn else None
         return cuda_gemm.fp8_covers(meta(m, k, dtype=dtype), meta(n, k, dtype=torch.float8_e4m3fn),
-                                    meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu))
+                                    meta(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu), x_scale)
 
     assert covers(1, 7168, 1536) == "" and covers(4, 1536, 7168) == "" and covers(3, 512, 7168) == ""
     assert covers(5, 1536, 7168).startswith("5 rows")  # 5-64 rows: the Triton GEMM
     assert "a 168 MB weight" in covers(1, 24576, 7168) and "a 21 MB weight" in covers(1, 3072, 7168)
     assert "no plan holds the weight" in covers(1, 1000, 7168)  # N not a multiple of 16
     assert "torch.float16" in covers(1, 7168, 1536, torch.float16)
+    assert "torch.float8_e4m3fn" in covers(4, 1536, 7168, torch.float8_e4m3fn)  # codes: the decode kernel quantises
     assert "multiple of 128" in covers(1, 7168, 1000)
     assert covers(17, 7168, 1536).startswith("17 rows")

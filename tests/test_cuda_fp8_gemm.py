@@ -12,7 +12,7 @@ from dsv4_triton import ops, registry, use_backend
 from cuda_fallback import gemm as cuda_gemm  # after dsv4_triton, which imports it while registering
 from dsv4_triton.reference import gemm as ref
 from dsv4_triton.registry import BackendUnavailableError
-from helpers import counting_backends, needs_cuda_backend, replayed_and_eager
+from helpers import assert_same_bits, counting_backends, needs_cuda_backend, replayed_and_eager
 from test_gemm import _gen, assert_gemm_close, random_e8m0, random_fp8
 
 pytestmark = pytest.mark.gpu
@@ -51,6 +51,28 @@ def test_matches_oracle(device, tile_rows, m, nb, kb, fp32_scale, seed):
         ws = ref.scale_to_float(ws) * (1 + torch.rand(ws.shape, generator=g)).to(device)
     y = cuda_gemm.fp8_gemm(x, w, ws, tile_rows)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    _check(y, x, w, ws)
+
+
+@TILE_ROWS
+@given(m=st.integers(1, 700), nb=st.integers(1, 3), kb=st.integers(1, 9), offset=st.sampled_from([0, 16, 8]),
+       seed=st.integers(0, 2**31))
+def test_codes_in_equal_the_pre_pass_path(device, tile_rows, m, nb, kb, offset, seed):
+    """Quantised codes and scales handed in give the product of the BF16 rows they encode, bit
+    for bit (the kernel reads the same operands); codes whose rows start off a 16-byte boundary
+    (offset 8) are copied for the tensor map, not read misaligned."""
+    g = _gen(seed)
+    n, k = 128 * nb, 128 * kb
+    x = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(device)
+    x[0, :2] = torch.tensor([float("nan"), 3e4])
+    w = random_fp8((n, k), g, device)
+    ws = random_e8m0((nb, kb), g, device)
+    q, s = ops.act_quant(x)
+    room = torch.empty(m * k + offset, dtype=torch.uint8, device=device)
+    q_at = room[offset:].view(m, k)
+    q_at.copy_(q.view(torch.uint8))
+    y = cuda_gemm.fp8_gemm(q_at.view(torch.float8_e4m3fn), w, ws, tile_rows, s)
+    assert_same_bits(y, cuda_gemm.fp8_gemm(x, w, ws, tile_rows))
     _check(y, x, w, ws)
 
 
@@ -146,6 +168,11 @@ def test_dispatch_sends_prefill_with_whole_blocks_to_cuda(device, counted):
     wide = torch.zeros(n, k + 1, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
     ops.fp8_linear(torch.randn(4096, k, generator=g).to(torch.bfloat16).to(device), wide[:, 1:], ws)
     assert ran == ["triton"]  # weight rows not 16-byte aligned
+    q, s = ops.act_quant(torch.randn(4096, k, generator=g).to(torch.bfloat16).to(device))
+    for m, expect in ((4096, "cuda"), (4, "triton")):  # codes: the decode kernel quantises BF16 rows itself
+        ran.clear()
+        ops.fp8_linear(q[:m], w, ws, s[:m])
+        assert ran == [expect], (m, ran)
 
 
 def test_forcing_cuda_on_arguments_it_does_not_cover_is_an_error(device):

@@ -44,8 +44,8 @@ DECIDED_MARGIN = 0.75
 
 # Every registry op a forward pass of the model runs (rope_freqs: when the model is built).
 MODEL_OPS = ("apply_rope", "compress_entries_cached", "compress_entries_to_cache", "fp8_linear", "grouped_linear",
-             "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "rms_norm", "rope_freqs",
-             "rope_hadamard_qat4", "rope_qat8", "route", "sparse_attention", "store_window_kv", "swiglu")
+             "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "rms_norm", "rms_norm_act_quant",
+             "rope_freqs", "rope_hadamard_qat4", "rope_qat8", "route", "sparse_attention", "store_window_kv", "swiglu")
 # Ops that write into a cache argument (its position): checked in place on the rows they write.
 CACHE_ARG = {"compress_entries_cached": 9, "compress_entries_to_cache": 6, "store_window_kv": 3}
 

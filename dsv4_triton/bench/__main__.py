@@ -1,4 +1,4 @@
-"""``python -m dsv4_triton.bench [family ...] [--quick] [--no-compile] [--out DIR]``
+"""``python -m dsv4_triton.bench [family ...] [--quick] [--no-compile] [--ops OP ...] [--out DIR]``
 
 Measures the device's ceilings, then each family's cases (all families by default),
 prints the table and writes it as markdown + JSON (default ``benchmarks/results/``).
@@ -21,7 +21,7 @@ FAMILIES = ("norm", "rope", "quant", "activation", "mhc", "router", "attention",
 
 
 def run_benchmarks(families, write_results: bool = True, out_dir: Path | None = None,
-                   compile_baselines: bool = True, baselines: bool = True) -> int:
+                   compile_baselines: bool = True, baselines: bool = True, ops=None) -> int:
     from . import harness
 
     families = list(families) or list(FAMILIES)
@@ -39,6 +39,8 @@ def run_benchmarks(families, write_results: bool = True, out_dir: Path | None = 
     for fam in families:
         module = importlib.import_module(f"dsv4_triton.bench.{fam}")
         for case in module.cases(quick):
+            if ops and not case.op.startswith(tuple(ops)):
+                continue
             try:
                 row = harness.run_case(fam, case, ceilings, compile_baselines, baselines)
             except Exception:  # one broken case must not hide the others' figures
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip eager and compiled torch (a re-run; --merge keeps earlier baselines)")
+    p.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                   help="only the cases whose op (as the table names it) starts with one of these")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="no timing: combine result JSONs of partial runs (later wins) into --out")
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
               "so nothing was measured. Run it on a GPU machine (see README).")
         return 0
     return run_benchmarks(args.families, out_dir=args.out, compile_baselines=not args.no_compile,
-                          baselines=not args.no_baselines)
+                          baselines=not args.no_baselines, ops=args.ops)
 
 
 if __name__ == "__main__":

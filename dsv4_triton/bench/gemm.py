@@ -17,6 +17,10 @@ likewise: the ``cuda`` backend where it is built and takes the shape (pre-pass +
 GEMM of ``sm90_fp8_gemm.cu``; at 1-16 rows the one-launch ``sm90_fp8_decode_gemm.cu``), beside
 which ``fp8_linear[triton]`` times the Triton GEMM.
 
+``fp8_linear (codes in)`` takes the activation already quantised (``act_quant`` codes and
+scales, as ``rms_norm_act_quant`` hands them to the model's projections), so it times the
+GEMM without the pre-pass; at M = 4096 for all three shapes, with cuBLAS beside each.
+
 ``scaled_mm per-tensor`` times cuBLAS FP8 with one scale per tensor at the same shapes, so
 the block-scaled kernel's cost of its per-128 promotion can be read off as a ratio (target:
 ``fp8_linear`` >= 70% of it at M = 4096).  ``eager`` is what a user writes in torch for the
@@ -136,6 +140,40 @@ def _fp4_runs_cuda(m, n, k, fmt="mxfp4"):
                      fmt, global_scale)
 
 
+def _fp8_codes_inputs(m, n, k):
+    def make(seed):
+        x, w, ws = _fp8_inputs(m, n, k)(seed)
+        q, s = ops.act_quant(x)
+        return q, w, ws, s
+    return make
+
+
+def _fp8_codes_eager(q, w, w_scale, x_scale):
+    x = (q.float().unflatten(-1, (-1, 128)) * x_scale[..., None]).flatten(-2).to(torch.bfloat16)
+    s = torch.exp2(w_scale.view(torch.uint8).float() - 127.0)
+    s = s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+    return x @ (w.float() * s).to(torch.bfloat16).t()
+
+
+def _fp8_codes_case(m, n, k):
+    cuda = runs_cuda("fp8_linear", *(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in (
+        ((m, k), torch.float8_e4m3fn), ((n, k), torch.float8_e4m3fn), ((n // 128, k // 128), torch.float8_e8m0fnu),
+        ((m, k // 128), torch.float32))))
+    return Case(op="fp8_linear (codes in)", shape=f"M={m} N={n} K={k}", make_inputs=_fp8_codes_inputs(m, n, k),
+                run=lambda q, w, ws, s: ops.fp8_linear(q, w, ws, s), eager=_fp8_codes_eager,
+                oracle=lambda q, w, ws, s: ref.fp8_linear(q, w, ws, s),
+                bytes=m * k + 4 * m * (k // 128) + n * k + 4 * (n // 128) * (k // 128) + 2 * m * n,
+                flops=2 * m * n * k, ceiling="fp8", launches=1,
+                notes="cuda backend (TMA/wgmma GEMM, no pre-pass)" if cuda else "the Triton GEMM, no pre-pass")
+
+
+def _scaled_mm_case(n, k):
+    return Case(op="scaled_mm per-tensor (cuBLAS)", shape=f"M={PREFILL_M} N={n} K={k}",
+                make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
+                bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",
+                notes="baseline for fp8_linear at the same shape (no block scales)")
+
+
 def _fp8_case(m, n, k, notes="", triton=False):
     act_bytes = m * k * 2 + m * n * 2
     fp8_bytes = n * k + 4 * ((n + 127) // 128) * ((k + 127) // 128) + act_bytes
@@ -197,10 +235,11 @@ def cases(quick: bool):
                                     run=lambda x, w, s, gs, f=fmt: _fp4_triton(x, w, s, gs, f), oracle=oracle,
                                     bytes=fp4_bytes, flops=flops, ceiling="fp8" if prefill else "copy",
                                     launches=1 if m <= 16 else 2))
-        out.append(Case(op="scaled_mm per-tensor (cuBLAS)", shape=f"M={PREFILL_M} N={n} K={k}",
-                        make_inputs=_scaled_mm_inputs(PREFILL_M, n, k), run=_scaled_mm,
-                        bytes=PREFILL_M * k + n * k + 2 * PREFILL_M * n, flops=2 * PREFILL_M * n * k, ceiling="fp8",
-                        notes="baseline for fp8_linear at the same shape (no block scales)"))
+        out.append(_scaled_mm_case(n, k))
+    for n, k in PRO_SHAPES:
+        out.append(_fp8_codes_case(PREFILL_M, n, k))
+        if (n, k) not in shapes:  # the quick set's third shape: its BF16-input rows and cuBLAS beside
+            out.extend(_fp8_cases(PREFILL_M, n, k) + [_scaled_mm_case(n, k)])
 
     for n, k in NARROW_SHAPES:
         if (n, k) not in shapes:

@@ -203,7 +203,7 @@ def dispatch_overhead_us(calls: int = 3000) -> Dict[str, float]:
     y = torch.empty_like(x)
 
     def bare():
-        kn._rms_norm_kernel[(1,)](x, x, y, 1, 256, 256, 1e-6, HAS_W=False, BLOCK=256)
+        kn._rms_norm_kernel[(1,)](x, x, y, y, y, 1, 256, 256, 1e-6, HAS_W=False, QUANT=False, BLOCK=256)
 
     def public():
         ops.rms_norm(x)

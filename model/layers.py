@@ -258,7 +258,7 @@ class Attention(Weights):
         freqs = step.freqs_compressed if self.ratio else step.freqs_window
         qr, qr_quantised = normed(self.wq_a(x, x_quantised), self.q_norm.weight, self.eps, x_quantised is not None)
         q = ops.rms_norm(self.wq_b(qr, qr_quantised).view(B, S, H, D), None, self.eps)
-        q = ops.apply_rope(q, freqs, step.positions)
+        q = ops.apply_rope_(q, freqs, step.positions)  # q is the norm's fresh output: rotate in place
         kv = ops.rms_norm(self.wkv(x, x_quantised), self.kv_norm.weight, self.eps)
         cache = step.cache
         if step.decode:

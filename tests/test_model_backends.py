@@ -43,11 +43,12 @@ LOGITS_RTOL = 0.12
 DECIDED_MARGIN = 0.75
 
 # Every registry op a forward pass of the model runs (rope_freqs: when the model is built).
-MODEL_OPS = ("apply_rope", "compress_entries_cached", "compress_entries_to_cache", "fp8_linear", "grouped_linear",
+MODEL_OPS = ("apply_rope_", "compress_entries_cached", "compress_entries_to_cache", "fp8_linear", "grouped_linear",
              "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "rms_norm", "rms_norm_act_quant",
              "rope_freqs", "rope_hadamard_qat4", "rope_qat8", "route", "sparse_attention", "store_window_kv", "swiglu")
-# Ops that write into a cache argument (its position): checked in place on the rows they write.
-CACHE_ARG = {"compress_entries_cached": 9, "compress_entries_to_cache": 6, "store_window_kv": 3}
+# Ops that write into an argument (its position): checked on that argument after the call,
+# against the reference writing into a copy of it as it was.
+IN_PLACE_ARG = {"apply_rope_": 0, "compress_entries_cached": 9, "compress_entries_to_cache": 6, "store_window_kv": 3}
 
 
 class Scenario:
@@ -192,11 +193,14 @@ def _output_error(name, args, got, expected):
     return worst
 
 
-def _cache_values(cache):
-    """FP32 values of encoded cache rows: FP4 indexer keys or FP8 KV rows."""
-    if cache.shape[-1] == FP4_KEY_BYTES:
-        return key_values(cache)
-    return unpack_kv_fp8(cache, head_dim_of_row_bytes(cache.shape[-1]))
+def _written_values(t):
+    """FP32 values of a written argument: encoded cache rows (FP4 indexer keys or FP8 KV rows)
+    decoded, anything else as it is."""
+    if t.dtype != torch.uint8:
+        return t.float()
+    if t.shape[-1] == FP4_KEY_BYTES:
+        return key_values(t)
+    return unpack_kv_fp8(t, head_dim_of_row_bytes(t.shape[-1]))
 
 
 @contextlib.contextmanager
@@ -217,17 +221,17 @@ def checking(name, backend, errors):
             out = fn(*args)
             errors.append(_moe_error(args, out))
             return out
-        if name not in CACHE_ARG:
+        if name not in IN_PLACE_ARG:
             out = fn(*args)
             errors.append(_output_error(name, args, out, reference(*args)))
             return out
-        # The reference writes into a copy of the cache as it was; both caches are compared
-        # as the values their rows decode to (FP8 codes one step apart count as such).
-        at = CACHE_ARG[name]
-        expected_cache = args[at].clone()
+        # The reference writes into a copy of the argument as it was; both are compared as
+        # the values they hold (cache rows decoded: FP8 codes one step apart count as such).
+        at = IN_PLACE_ARG[name]
+        expected_written = args[at].clone()
         out = fn(*args)
-        ref_out = reference(*args[:at], expected_cache, *args[at + 1:])
-        got, expected = (_cache_values(args[at]),), (_cache_values(expected_cache),)
+        ref_out = reference(*args[:at], expected_written, *args[at + 1:])
+        got, expected = (_written_values(args[at]),), (_written_values(expected_written),)
         if out is not None:
             got, expected = (out, *got), (ref_out, *expected)
         errors.append(_output_error(name, args, got, expected))

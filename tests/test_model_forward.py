@@ -144,6 +144,15 @@ def test_generate_greedy_and_eos(model):
     assert cut[1] == (out[1][:out[1].index(eos) + 1] if eos in out[1] else out[1])
 
 
+def test_bf16_add_is_the_fp32_sum_rounded_once(device):
+    """The MoE adds its routed and shared outputs as BF16 tensors (one pass) where SPEC 8 sums
+    them in FP32: that relies on torch computing a BF16 add in FP32 and rounding once."""
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randn(64, 4096, generator=g) * torch.logspace(-3, 3, 4096)).to(torch.bfloat16).to(device)
+    b = torch.randn(64, 4096, generator=g).to(torch.bfloat16).to(device)
+    assert torch.equal(a + b, (a.float() + b.float()).to(torch.bfloat16))
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager(model):
     """Replaying one captured decode step runs the very kernels of the eager step on the same

@@ -3,8 +3,10 @@
 Builds a model of one layer with the shapes of a preset (``pro`` or ``flash``; a CSA layer with
 score routing by default, random weights drawn on the GPU), prefills ``--tokens`` tokens of one
 request, and prints the GPU time of a whole forward call (embedding, the layer, the head on the
-last token; CUDA events over repeated calls after warm-up calls that also tune) and the kernels
-that take it (``torch.profiler``), grouped by kernel name, largest first.
+last token; CUDA events over repeated calls after warm-up calls that also tune), the host time
+to issue one call (when it exceeds the kernels' sum, the GPU waits for the host: a one-layer
+model has no later layer whose kernels would cover it) and the kernels that take the GPU time
+(``torch.profiler``), grouped by kernel name, largest first.
 
     PYTHONPATH=. python benchmarks/profile_layer.py --preset pro --tokens 4096
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import time
 
 import torch
 
@@ -36,6 +39,18 @@ def time_calls(fn, repeats: int) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_ms(fn, repeats: int) -> float:
+    """Median host milliseconds to issue ``fn()`` (the GPU idle and drained before each)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -77,7 +92,8 @@ def main() -> None:
     torch.cuda.synchronize()
     ms = time_calls(lambda: model(ids), args.repeats)
     print(f"{args.preset}, one layer (ratio {args.ratio}), prefill of {args.tokens} tokens: {ms:.2f} ms a forward "
-          f"call (median of {args.repeats}); {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak")
+          f"call (median of {args.repeats}), {host_ms(lambda: model(ids), args.repeats):.2f} ms of host time to issue "
+          f"it; {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak")
     print(kernel_table(lambda: model(ids), args.top))
 
 

@@ -7,8 +7,9 @@ experts).  Same launches as the Triton path (align 3, pre-pass, w13, w2, combine
 lists, same act_quant of the SwiGLU output; the GEMM sums differ from the Triton path's only
 in FP32 summation order.
 
-Prefill (``csrc/sm90_moe_prefill.cu``, sm90a): the batches whose expert blocks have 128 rows
-(more than 64 pairs an expert on average, e.g. from about 4096 tokens x 6 of 384 experts).
+Prefill (``csrc/sm90_moe_prefill.cu``, sm90a): every larger batch, in 128-row expert blocks
+(``cuda_block_m``), even where most of a block is empty (the Triton path's own rule gives it 32-
+or 64-row blocks up to 64 pairs an expert).
 The weight is the warp-group MMA's A operand, expanded from FP4 in registers, the sorted
 activation rows its B operand (``sorted_act_quant``: act_quant of each sorted row, in the
 MMA's k-slot order); w13 writes the routed SwiGLU in FP32 and ``sorted_act_quant`` quantises
@@ -16,9 +17,9 @@ it for w2 as the Triton w13 epilogue does, then w2 and the same combine.  The FP
 are the Triton path's, so again only the FP32 summation order differs.
 
 Both take weights as ``moe_pack_experts`` lays them out (tiled, contiguous; codes 16-byte
-and scales 4-byte aligned, as every allocation of torch's is).  Blocks of 32 or 64 rows, and
-128-row blocks on other GPUs than sm90a, go to the Triton path; forcing ``cuda`` on them
-raises ``BackendUnavailableError``.
+and scales 4-byte aligned, as every allocation of torch's is).  On other GPUs than sm90a the
+batches past decode sizes go to the Triton path; forcing ``cuda`` on them raises
+``BackendUnavailableError``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ DECODE_BLOCK_M = 16
 PREFILL_BLOCK_M = 128
 
 
+def cuda_block_m(pairs: int, n_experts: int) -> int:
+    """Rows an expert block of this backend: the decode kernels' 16 up to 16 pairs an expert on
+    average, else the prefill kernel's 128.  Past decode sizes the time goes into expanding each
+    block's FP4 weight, whatever the rows in it, so fewer blocks pay even when mostly empty:
+    measured on the H100 against the Triton path's 32- and 64-row blocks, Pro (384 experts)
+    at 2048 / 3072 / 4096 tokens 10.9 / 11.2 / 11.5 ms against 12.9 / 11.5 / 16.6, Flash (256)
+    at 1024 / 2048 tokens 3.38 / 3.43 against 3.30 / 3.59 (benchmarks/NOTES.md)."""
+    return DECODE_BLOCK_M if block_m_for(pairs, n_experts) == DECODE_BLOCK_M else PREFILL_BLOCK_M
+
+
 def moe_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, limit, fmt) -> str:
     """``""`` when the decode or prefill kernels handle these ``moe_experts`` arguments, else why not."""
     if fmt != "mxfp4":
@@ -43,15 +54,11 @@ def moe_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, limit, f
     pairs, n_experts = topk_ids.numel(), w13.shape[0]
     if pairs == 0:
         return "no tokens"
-    block_m = block_m_for(pairs, n_experts)
-    if block_m == PREFILL_BLOCK_M:
+    if cuda_block_m(pairs, n_experts) == PREFILL_BLOCK_M:
         device = x.device if x.device.type == "cuda" else torch.device("cuda")
         arch = arch_of(device)
         if arch != "sm90a":
             return f"{pairs} pairs over {n_experts} experts: the prefill kernels target sm90a, this GPU is {arch}"
-    elif block_m != DECODE_BLOCK_M:
-        return (f"{pairs} pairs over {n_experts} experts ({block_m}-row expert blocks; the kernels take "
-                f"{DECODE_BLOCK_M} or {PREFILL_BLOCK_M})")
     if w13.data_ptr() % 16 or w2.data_ptr() % 16:
         return "weights not 16-byte aligned"
     if w13_scale.data_ptr() % 4 or w2_scale.data_ptr() % 4:
@@ -66,7 +73,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     t, dim = x.shape
     n_experts, inter = w13.shape[0], w13.shape[1] * TILE_ROWS // 2
     ids = topk_ids.contiguous()
-    block_m = block_m_for(ids.numel(), n_experts)
+    block_m = cuda_block_m(ids.numel(), n_experts)
     sorted_pair, block_expert = align(ids, n_experts, block_m)
     rows = sorted_pair.shape[0]
     x2 = x if x.stride(-1) == 1 else x.contiguous()

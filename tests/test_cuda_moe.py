@@ -31,7 +31,7 @@ def _cuda_moe(*args):
 
 def _prefill_moe(*args):
     """The cuda backend with 128-row expert blocks (the prefill kernels) whatever the batch size."""
-    with mock.patch.object(cuda_moe, "block_m_for", lambda pairs, n_experts: cuda_moe.PREFILL_BLOCK_M):
+    with mock.patch.object(cuda_moe, "cuda_block_m", lambda pairs, n_experts: cuda_moe.PREFILL_BLOCK_M):
         return _cuda_moe(*args)
 
 
@@ -125,7 +125,7 @@ def test_model_sized_rows(device, t, n_experts, block_m):
     x = torch.randn(t, 1024, generator=g).to(torch.bfloat16)
     w, ids = routing(t, 6, n_experts, g)
     x, w, ids = x.to(device), w.to(device), ids.to(device)
-    assert cuda_moe.block_m_for(ids.numel(), n_experts) == block_m
+    assert cuda_moe.cuda_block_m(ids.numel(), n_experts) == block_m
     assert_moe_close(_cuda_moe(x, w, ids, *packed), x, w, ids, packed)
 
 
@@ -140,12 +140,12 @@ def test_pro_decode_shape(device):
 counted = counting_backends("moe_experts")
 
 
-def test_dispatch_sends_16_and_128_row_blocks_to_cuda_and_the_rest_to_triton(device, counted):
+def test_dispatch_sends_decode_sizes_to_cuda_and_larger_batches_on_sm90a(device, counted):
     assert registry.selected_backend("moe_experts", device) == "cuda, else triton"
     g = _gen(3)
     packed = _packed(EXPERTS, DIM, INTER, g, device)
     prefill = "cuda" if arch_of(device) == "sm90a" else "triton"
-    for t, expect in ((1, ["cuda"]), (64, ["cuda"]), (65, ["triton"]), (0, ["triton"]), (600, [prefill])):
+    for t, expect in ((1, ["cuda"]), (64, ["cuda"]), (65, [prefill]), (0, ["triton"]), (600, [prefill])):
         counted.clear()
         w, ids = routing(t, 2, EXPERTS, g)
         ops.moe_experts(torch.randn(t, DIM, generator=g).to(torch.bfloat16).to(device), w.to(device), ids.to(device),
@@ -153,11 +153,13 @@ def test_dispatch_sends_16_and_128_row_blocks_to_cuda_and_the_rest_to_triton(dev
         assert counted == expect, (t, counted)
 
 
-def test_forcing_cuda_on_32_row_blocks_is_an_error(device):
+@pytest.mark.skipif(not torch.cuda.is_available() or arch_of(torch.device("cuda")) == "sm90a",
+                    reason="on sm90a the prefill kernels take these batches")
+def test_forcing_cuda_past_decode_sizes_off_sm90a_is_an_error(device):
     g = _gen(4)
     packed = _packed(EXPERTS, DIM, INTER, g, device)
     w, ids = routing(70, 2, EXPERTS, g)
-    with pytest.raises(BackendUnavailableError, match="32-row expert blocks"):
+    with pytest.raises(BackendUnavailableError, match="the prefill kernels target sm90a"):
         _cuda_moe(torch.randn(70, DIM, generator=g).to(torch.bfloat16).to(device), w.to(device), ids.to(device),
                   *packed)
 

@@ -22,17 +22,21 @@ def _stub(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.
 define_op("rms_norm", _stub, fake=lambda x, weight, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
+def _check_weight_eps(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> None:
+    if weight is not None:
+        V.tensor("weight", weight, V.FLOAT_DTYPES, ndim=1)
+        V.shape("weight", weight, (x.shape[-1],))
+        V.same_device("weight", weight, "x", x)
+    V.number("eps", eps, positive=True)
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
     """``weight * x * rsqrt(mean(x^2, -1) + eps)`` in FP32, returned in ``x.dtype`` (SPEC 4).
 
     x: ``[..., n]`` bf16/fp16/fp32, any strides.  weight: ``[n]`` or None (unweighted).
     """
     V.tensor("x", x, V.FLOAT_DTYPES, min_ndim=1)
-    if weight is not None:
-        V.tensor("weight", weight, V.FLOAT_DTYPES, ndim=1)
-        V.shape("weight", weight, (x.shape[-1],))
-        V.same_device("weight", weight, "x", x)
-    V.number("eps", eps, positive=True)
+    _check_weight_eps(x, weight, eps)
     return call("rms_norm", x.device, x, weight, float(eps))
 
 
@@ -58,9 +62,5 @@ def rms_norm_act_quant(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     """
     V.tensor("x", x, V.FLOAT_DTYPES, min_ndim=1)
     V.divisible("x", x.shape[-1], ACT_BLOCK, what="the last dim (one FP8 scale per 128 values)")
-    if weight is not None:
-        V.tensor("weight", weight, V.FLOAT_DTYPES, ndim=1)
-        V.shape("weight", weight, (x.shape[-1],))
-        V.same_device("weight", weight, "x", x)
-    V.number("eps", eps, positive=True)
+    _check_weight_eps(x, weight, eps)
     return call("rms_norm_act_quant", x.device, x, weight, float(eps))

@@ -67,6 +67,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The FP8 codes and scales of an activation quantised once for the projections that read it.
+Quantised = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
 class FP8Linear(Weights):
     """FP8 weight ``[out, in]`` with E8M0 (or FP32) 128x128 block scales (SPEC 3)."""
 
@@ -75,14 +79,11 @@ class FP8Linear(Weights):
         self.declare("weight", (out_features, in_features), FP8, "fp8", in_features, init_gain)
         self.declare("scale", (_cdiv(out_features, 128), _cdiv(in_features, 128)), E8M0, "fp8_scale")
 
-    def forward(self, x: torch.Tensor, quantised: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quantised: Quantised = None) -> torch.Tensor:
         """``x``'s BF16 rows, or with ``quantised`` the codes and scales of those rows (``normed``)."""
         if quantised is None:
             return ops.fp8_linear(x, self.weight, self.scale)
         return ops.fp8_linear(quantised[0], self.weight, self.scale, quantised[1])
-
-
-Quantised = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def normed(x: torch.Tensor, weight: torch.Tensor, eps: float, quantise: bool) -> Tuple[torch.Tensor, Quantised]:

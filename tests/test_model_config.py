@@ -97,3 +97,20 @@ def test_bad_json_and_unknown_preset(tmp_path):
         DSV4Config.from_json(tmp_path / "config.json")
     with pytest.raises(ValueError, match="preset"):
         get_config("huge")
+
+
+@pytest.mark.parametrize("preset", ["pro", "flash"])
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_one_layer_config_of_the_layer_profile(preset, ratio):
+    """benchmarks/profile_layer.py's model: one layer of the preset's shapes, score routing."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "profile_layer.py"
+    spec = importlib.util.spec_from_file_location("profile_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c, full = module.one_layer_config(preset, ratio), get_config(preset)
+    assert (c.num_hidden_layers, c.num_nextn_predict_layers, c.num_hash_layers, c.compress_ratios) == (1, 0, 0, (ratio,))
+    assert (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size) == (full.hidden_size, full.n_routed_experts,
+                                                                             full.moe_intermediate_size)

@@ -7,7 +7,8 @@ experts).  Same launches as the Triton path (align 3, pre-pass, w13, w2, combine
 lists, same act_quant of the SwiGLU output; the GEMM sums differ from the Triton path's only
 in FP32 summation order.
 
-Prefill (``csrc/sm90_moe_prefill.cu``, sm90a): every larger batch, in 128-row expert blocks
+Prefill (``csrc/sm90_moe_prefill.cu``, sm90a): the batches of more than 24 pairs an expert on
+average (e.g. from about 1600 tokens x 6 of 384 experts), in 128-row expert blocks
 (``cuda_block_m``), even where most of a block is empty (the Triton path's own rule gives it 32-
 or 64-row blocks up to 64 pairs an expert).
 The weight is the warp-group MMA's A operand, expanded from FP4 in registers, the sorted
@@ -17,17 +18,19 @@ it for w2 as the Triton w13 epilogue does, then w2 and the same combine.  The FP
 are the Triton path's, so again only the FP32 summation order differs.
 
 Both take weights as ``moe_pack_experts`` lays them out (tiled, contiguous; codes 16-byte
-and scales 4-byte aligned, as every allocation of torch's is).  On other GPUs than sm90a the
-batches past decode sizes go to the Triton path; forcing ``cuda`` on them raises
-``BackendUnavailableError``.
+and scales 4-byte aligned, as every allocation of torch's is).  Batches of 17-24 pairs an
+expert, and on other GPUs than sm90a every batch past decode sizes, go to the Triton path;
+forcing ``cuda`` on them raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from dsv4_triton.kernels.gemm import ACT_BLOCK, act_quant_rows
-from dsv4_triton.kernels.moe import align, block_m_for, combine, sorted_act_quant
+from dsv4_triton.kernels.moe import align, combine, sorted_act_quant
 from dsv4_triton.reference.moe import TILE_ROWS
 from dsv4_triton.registry import register
 
@@ -37,14 +40,24 @@ DECODE_BLOCK_M = 16
 PREFILL_BLOCK_M = 128
 
 
-def cuda_block_m(pairs: int, n_experts: int) -> int:
+# Above this many pairs an expert on average the prefill kernel runs (at or below it, down to
+# decode sizes, the Triton path's 32-row blocks: a tie measured at 24, see cuda_block_m).
+PREFILL_MIN_MEAN = 24
+
+
+def cuda_block_m(pairs: int, n_experts: int) -> Optional[int]:
     """Rows an expert block of this backend: the decode kernels' 16 up to 16 pairs an expert on
-    average, else the prefill kernel's 128.  Past decode sizes the time goes into expanding each
-    block's FP4 weight, whatever the rows in it, so fewer blocks pay even when mostly empty:
-    measured on the H100 against the Triton path's 32- and 64-row blocks, Pro (384 experts)
-    at 2048 / 3072 / 4096 tokens 10.9 / 11.2 / 11.5 ms against 12.9 / 11.5 / 16.6, Flash (256)
-    at 1024 / 2048 tokens 3.38 / 3.43 against 3.30 / 3.59 (benchmarks/NOTES.md)."""
-    return DECODE_BLOCK_M if block_m_for(pairs, n_experts) == DECODE_BLOCK_M else PREFILL_BLOCK_M
+    average, the prefill kernel's 128 above ``PREFILL_MIN_MEAN``; None in between (the Triton
+    path).  Past decode sizes the time goes into expanding each block's FP4 weight, whatever
+    the rows in it, so fewer blocks pay even when mostly empty: measured on the H100 against
+    the Triton path's 32- and 64-row blocks, Pro (384 experts) at 2048 / 3072 / 4096 tokens
+    (32 / 48 / 64 an expert) 10.9 / 11.2 / 11.5 ms against 12.9 / 11.5 / 16.6, Flash (256) at
+    2048 tokens (48) 3.43 against 3.59 and at 1024 (24) 3.38 against 3.30, a tie, so the
+    Triton path keeps 24 and fewer (benchmarks/NOTES.md)."""
+    mean = pairs / n_experts
+    if mean <= DECODE_BLOCK_M:
+        return DECODE_BLOCK_M
+    return PREFILL_BLOCK_M if mean > PREFILL_MIN_MEAN else None
 
 
 def moe_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, limit, fmt) -> str:
@@ -54,7 +67,11 @@ def moe_covers(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, limit, f
     pairs, n_experts = topk_ids.numel(), w13.shape[0]
     if pairs == 0:
         return "no tokens"
-    if cuda_block_m(pairs, n_experts) == PREFILL_BLOCK_M:
+    block_m = cuda_block_m(pairs, n_experts)
+    if block_m is None:
+        return (f"{pairs} pairs over {n_experts} experts ({pairs / n_experts:.1f} an expert: from {DECODE_BLOCK_M} "
+                f"to {PREFILL_MIN_MEAN} the Triton path's 32-row blocks are as fast)")
+    if block_m == PREFILL_BLOCK_M:
         device = x.device if x.device.type == "cuda" else torch.device("cuda")
         arch = arch_of(device)
         if arch != "sm90a":

@@ -140,12 +140,14 @@ def test_pro_decode_shape(device):
 counted = counting_backends("moe_experts")
 
 
-def test_dispatch_sends_decode_sizes_to_cuda_and_larger_batches_on_sm90a(device, counted):
+def test_dispatch_sends_decode_sizes_and_past_24_an_expert_to_cuda(device, counted):
     assert registry.selected_backend("moe_experts", device) == "cuda, else triton"
     g = _gen(3)
     packed = _packed(EXPERTS, DIM, INTER, g, device)
     prefill = "cuda" if arch_of(device) == "sm90a" else "triton"
-    for t, expect in ((1, ["cuda"]), (64, ["cuda"]), (65, [prefill]), (0, ["triton"]), (600, [prefill])):
+    # 2 experts a token of 8: 16 pairs an expert at 64 tokens, 24 at 96
+    for t, expect in ((1, ["cuda"]), (64, ["cuda"]), (65, ["triton"]), (96, ["triton"]), (97, [prefill]),
+                      (0, ["triton"]), (600, [prefill])):
         counted.clear()
         w, ids = routing(t, 2, EXPERTS, g)
         ops.moe_experts(torch.randn(t, DIM, generator=g).to(torch.bfloat16).to(device), w.to(device), ids.to(device),
@@ -153,13 +155,11 @@ def test_dispatch_sends_decode_sizes_to_cuda_and_larger_batches_on_sm90a(device,
         assert counted == expect, (t, counted)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or arch_of(torch.device("cuda")) == "sm90a",
-                    reason="on sm90a the prefill kernels take these batches")
-def test_forcing_cuda_past_decode_sizes_off_sm90a_is_an_error(device):
+def test_forcing_cuda_on_17_to_24_pairs_an_expert_is_an_error(device):
     g = _gen(4)
     packed = _packed(EXPERTS, DIM, INTER, g, device)
     w, ids = routing(70, 2, EXPERTS, g)
-    with pytest.raises(BackendUnavailableError, match="the prefill kernels target sm90a"):
+    with pytest.raises(BackendUnavailableError, match="32-row blocks are as fast"):
         _cuda_moe(torch.randn(70, DIM, generator=g).to(torch.bfloat16).to(device), w.to(device), ids.to(device),
                   *packed)
 

@@ -82,10 +82,14 @@ def _act_dequant_bf16(x):
     return ((xb / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).flatten(-2).to(torch.bfloat16)
 
 
-def _fp8_eager(x, w, w_scale):
+def _fp8_weight_bf16(w, w_scale):
     s = torch.exp2(w_scale.view(torch.uint8).float() - 127.0)
     s = s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
-    return _act_dequant_bf16(x) @ (w.float() * s).to(torch.bfloat16).t()
+    return (w.float() * s).to(torch.bfloat16)
+
+
+def _fp8_eager(x, w, w_scale):
+    return _act_dequant_bf16(x) @ _fp8_weight_bf16(w, w_scale).t()
 
 
 def _fp4_eager(x, w, w_scale, global_scale):
@@ -150,9 +154,7 @@ def _fp8_codes_inputs(m, n, k):
 
 def _fp8_codes_eager(q, w, w_scale, x_scale):
     x = (q.float().unflatten(-1, (-1, 128)) * x_scale[..., None]).flatten(-2).to(torch.bfloat16)
-    s = torch.exp2(w_scale.view(torch.uint8).float() - 127.0)
-    s = s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
-    return x @ (w.float() * s).to(torch.bfloat16).t()
+    return x @ _fp8_weight_bf16(w, w_scale).t()
 
 
 def _fp8_codes_case(m, n, k):

@@ -17,8 +17,11 @@ import argparse
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from dsv4_triton import autotune
 
 from model import DSV4Model
 from model.config import get_config
@@ -80,6 +83,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--save-tuning", type=Path, default=None, metavar="DIR",
+                   help="after the warm-up calls, write the tuned configs (the committed ones and those "
+                        "the model's shapes added) to DIR/<gpu>.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_layer: needs a CUDA GPU")
@@ -90,11 +96,13 @@ def main() -> None:
     for _ in range(2):  # the first calls tune the kernels new shapes meet
         model(ids)
     torch.cuda.synchronize()
+    if args.save_tuning is not None:
+        print(f"tuned configs written to {autotune.save(args.save_tuning)}", flush=True)
     ms = time_calls(lambda: model(ids), args.repeats)
     print(f"{args.preset}, one layer (ratio {args.ratio}), prefill of {args.tokens} tokens: {ms:.2f} ms a forward "
           f"call (median of {args.repeats}), {host_ms(lambda: model(ids), args.repeats):.2f} ms of host time to issue "
-          f"it; {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak")
-    print(kernel_table(lambda: model(ids), args.top))
+          f"it; {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak", flush=True)
+    print(kernel_table(lambda: model(ids), args.top), flush=True)
 
 
 if __name__ == "__main__":

@@ -378,10 +378,8 @@ class Block(Weights):
         B, S = step.positions.shape
         y, post, comb = ops.hc_pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                    self.iters, self.hc_eps, self.eps)
-        h, hq = normed(y, self.attn_norm.weight, self.eps, not step.decode)
-        if hq is not None:
-            hq = (hq[0].view(B, S, -1), hq[1].view(B, S, -1))
-        X = ops.hc_post(self.attn(h.view(B, S, -1), step, self.layer, hq).view(B * S, -1), X, post, comb)
+        h, hq = normed(y.view(B, S, -1), self.attn_norm.weight, self.eps, not step.decode)
+        X = ops.hc_post(self.attn(h, step, self.layer, hq).view(B * S, -1), X, post, comb)
         y, post, comb = ops.hc_pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                                    self.iters, self.hc_eps, self.eps)
         h, hq = normed(y, self.ffn_norm.weight, self.eps, not step.decode)
